@@ -1,0 +1,82 @@
+"""The `backupfs` command: argument parsing and the one place errors are printed.
+
+Every subcommand is a function ``(args) -> exit code``. Errors the engine
+raises on purpose become one line on stderr and exit 1; anything unexpected
+becomes one line too (the traceback only with BACKUPFS_DEBUG=1), because a
+backup tool that answers a typo with forty lines of Python is not trusted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import resource
+import sys
+from collections.abc import Sequence
+
+from engine.errors import BackupfsError
+
+from backupfs import cli_image
+
+PROG = "backupfs"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Incremental backup chains of block devices, shown as files.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    cli_image.register(sub)
+    return parser
+
+
+def _raise_fd_limit() -> None:
+    """Deep chains keep one descriptor per image open; allow as many as we may."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass
+
+
+def _say(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _raise_fd_limit()
+    try:
+        return int(args.func(args) or 0)
+    except BackupfsError as e:
+        _say(f"error: {e}")
+        return 1
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 130
+    except BrokenPipeError:
+        # `backupfs image cat ... | head`: the reader left; not an error of ours.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except OSError:
+            pass
+        return 0
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        _say(f"error: {where}{e.strerror or errno.errorcode.get(e.errno or 0, str(e))}")
+        return 1
+    except Exception as e:  # noqa: BLE001 - the last line of defence
+        if os.environ.get("BACKUPFS_DEBUG"):
+            raise
+        _say(f"internal error: {type(e).__name__}: {e} (set BACKUPFS_DEBUG=1 for details)")
+        return 70
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,391 @@
+"""Structural check of one qcow2 image, like `qemu-img check` without repair.
+
+Counts every reference the image makes (header, L1/L2 tables, data and
+compressed clusters, refcount structures, internal snapshots, persistent
+bitmaps), compares the counts with the stored refcounts, and reports:
+errors (a cluster referenced more often than its refcount says, tables out
+of bounds or misaligned, overlapping metadata, wrong COPIED flags) and
+leaks (refcount > 0 but nothing references the cluster). Work and memory
+are bounded by the file size: one counter per host cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.qcow2.format import (
+    AUTOCLEAR_BITMAPS,
+    INCOMPAT_DIRTY,
+    L1E_RESERVED,
+    L2E_RESERVED,
+    OFFSET_MASK,
+    OFLAG_COMPRESSED,
+    OFLAG_COPIED,
+    OFLAG_ZERO,
+    REFT_RESERVED,
+)
+from engine.qcow2.layers import Qcow2Layer
+
+_MAX_MESSAGES = 50
+
+# Roles a cluster can play; metadata must never share a cluster.
+_HEADER, _L1, _L2, _REFTABLE, _REFBLOCK, _DATA, _COMPRESSED, _SNAPTABLE, _BITMAP_META, _BITMAP_DATA = range(1, 11)
+_ROLE_NAMES = {
+    _HEADER: "header",
+    _L1: "L1 table",
+    _L2: "L2 table",
+    _REFTABLE: "refcount table",
+    _REFBLOCK: "refcount block",
+    _DATA: "data cluster",
+    _COMPRESSED: "compressed data",
+    _SNAPTABLE: "snapshot table",
+    _BITMAP_META: "bitmap table",
+    _BITMAP_DATA: "bitmap data",
+}
+
+
+@dataclass
+class CheckReport:
+    path: str
+    cluster_size: int = 0
+    file_size: int = 0
+    errors: list[str] = field(default_factory=list)
+    leaks: list[str] = field(default_factory=list)
+    error_count: int = 0
+    leak_count: int = 0
+    allocated_clusters: int = 0
+    total_clusters: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.error_count and not self.leak_count
+
+    def error(self, message: str) -> None:
+        self.error_count += 1
+        if len(self.errors) < _MAX_MESSAGES:
+            self.errors.append(message)
+
+    def leak(self, message: str) -> None:
+        self.leak_count += 1
+        if len(self.leaks) < _MAX_MESSAGES:
+            self.leaks.append(message)
+
+    def render(self) -> str:
+        lines = [f"ERROR {m}" for m in self.errors]
+        if self.error_count > len(self.errors):
+            lines.append(f"... and {self.error_count - len(self.errors)} more errors")
+        lines += [f"Leaked cluster: {m}" for m in self.leaks]
+        if self.leak_count > len(self.leaks):
+            lines.append(f"... and {self.leak_count - len(self.leaks)} more leaked clusters")
+        lines += self.notes
+        if self.ok:
+            lines.append(f"No errors were found on {self.path}.")
+        else:
+            if self.error_count:
+                lines.append(f"{self.error_count} errors were found on {self.path}.")
+            if self.leak_count:
+                lines.append(f"{self.leak_count} leaked clusters were found on {self.path}.")
+        if self.total_clusters:
+            pct = 100.0 * self.allocated_clusters / self.total_clusters
+            lines.append(
+                f"{self.allocated_clusters}/{self.total_clusters} = {pct:.2f}% allocated"
+            )
+        lines.append(f"Image end offset: {self.file_size}")
+        return "\n".join(lines)
+
+
+class _Checker:
+    def __init__(self, layer: Qcow2Layer, report: CheckReport) -> None:
+        self.layer = layer
+        self.h = layer.header
+        self.cs = layer.cluster_size
+        self.report = report
+        self.nclusters = (layer.file_size + self.cs - 1) // self.cs
+        self.refs = np.zeros(self.nclusters, dtype=np.uint32)
+        self.roles = np.zeros(self.nclusters, dtype=np.uint8)
+        self.snapshots = bool(self.h.nb_snapshots)
+        self.walked_l2: set[int] = set()
+
+    def pread(self, length: int, offset: int) -> bytes:
+        return os.pread(self.layer.fd, length, offset)
+
+    def _shared_ok(self, role: int) -> bool:
+        """May two references of this role point at the same cluster?"""
+        return role == _COMPRESSED or (self.snapshots and role in (_DATA, _L2))
+
+    def inc(self, offset: int, length: int, role: int, what: str) -> bool:
+        """Count one reference to the clusters of [offset, offset+length)."""
+        if length <= 0:
+            return True
+        first = offset // self.cs
+        last = (offset + length - 1) // self.cs
+        if last >= self.nclusters:
+            self.report.error(f"{what} at {offset:#x} lies beyond the end of the file")
+            return False
+        self.refs[first : last + 1] += 1
+        prev = self.roles[first : last + 1]
+        clash = (prev != 0) & ~((prev == role) & self._shared_ok(role))
+        if np.any(clash):
+            other = int(prev[np.flatnonzero(clash)[0]])
+            if other == role:
+                self.report.error(f"{what} at {offset:#x} is referenced twice")
+            else:
+                self.report.error(f"{what} at {offset:#x} overlaps a {_ROLE_NAMES[other]}")
+        self.roles[first : last + 1] = np.where(prev == 0, role, prev)
+        return True
+
+    def table(self, offset: int, length: int, role: int, what: str) -> bytes | None:
+        if offset % self.cs:
+            self.report.error(f"{what} offset {offset:#x} is not cluster-aligned")
+            return None
+        if not self.inc(offset, length, role, what):
+            return None
+        return self.pread(length, offset)
+
+    # -- mapping tables -----------------------------------------------------
+
+    def walk_l1(self, l1_offset: int, l1_size: int, active: bool, what: str) -> list[tuple[int, int]]:
+        """Count an L1 table and everything below it; returns (entry, L2 offset) for COPIED checks."""
+        if not l1_size:
+            return []
+        raw = self.table(l1_offset, l1_size * 8, _L1, what)
+        if raw is None:
+            return []
+        l1 = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        out = []
+        for i in np.flatnonzero(l1).tolist():
+            e = int(l1[i])
+            if e & L1E_RESERVED:
+                self.report.error(f"{what} entry {i} has reserved bits set ({e:#x})")
+            off = e & OFFSET_MASK
+            if not off:
+                continue
+            l2 = self.table(off, self.cs, _L2, f"L2 table (L1 entry {i})")
+            if l2 is None:
+                continue
+            out.append((e, off))
+            self.walk_l2(l2, off, i, active)
+        return out
+
+    def walk_l2(self, raw: bytes, l2_offset: int, l1_index: int, active: bool) -> None:
+        h = self.h
+        cs = self.cs
+        words = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        entries = words[0::2] if h.extended_l2 else words
+        bitmaps = words[1::2] if h.extended_l2 else None
+        comp = (entries & np.uint64(OFLAG_COMPRESSED)) != 0
+        host = entries & np.uint64(OFFSET_MASK)
+        std = ~comp
+        where = f"L2 table at {l2_offset:#x}"
+        for i in np.flatnonzero(std & ((entries & np.uint64(L2E_RESERVED)) != 0))[:5].tolist():
+            self.report.error(f"{where} entry {i} has reserved bits set ({int(entries[i]):#x})")
+        if h.extended_l2 and bitmaps is not None:
+            alloc = bitmaps & np.uint64(0xFFFFFFFF)
+            zb = bitmaps >> np.uint64(32)
+            for i in np.flatnonzero(std & ((alloc & zb) != 0))[:5].tolist():
+                self.report.error(f"{where} entry {i}: subcluster both allocated and zero")
+            for i in np.flatnonzero(std & (alloc != 0) & (host == 0))[:5].tolist():
+                self.report.error(f"{where} entry {i}: allocated subclusters without a host cluster")
+        elif h.version == 2:
+            for i in np.flatnonzero(std & ((entries & np.uint64(OFLAG_ZERO)) != 0))[:5].tolist():
+                self.report.error(f"{where} entry {i}: zero flag in a version 2 image")
+        data_idx = np.flatnonzero(std & (host != 0))
+        if active:
+            self.report.allocated_clusters += int(data_idx.size + np.count_nonzero(comp))
+        misaligned = data_idx[(host[data_idx] % np.uint64(cs)) != 0]
+        for i in misaligned[:5].tolist():
+            self.report.error(f"{where} entry {i}: data offset {int(host[i]):#x} is not cluster-aligned")
+        aligned = data_idx[(host[data_idx] % np.uint64(cs)) == 0]
+        clusters = (host[aligned] // np.uint64(cs)).astype(np.int64)
+        beyond = clusters >= self.nclusters
+        for i in aligned[beyond][:5].tolist():
+            self.report.error(f"{where} entry {i}: data cluster {int(host[i]):#x} lies beyond the end of the file")
+        inside = clusters[~beyond]
+        np.add.at(self.refs, inside, 1)
+        self._roles_for(inside, _DATA, where)
+        if active:
+            copied = (entries[aligned[~beyond]] & np.uint64(OFLAG_COPIED)) != 0
+            self._copied_later.append((inside, copied, where, aligned[~beyond]))
+        for i in np.flatnonzero(comp).tolist():
+            coff, csize = self.layer.compressed_span(int(entries[i]))
+            self.inc(coff, csize, _COMPRESSED, f"compressed cluster ({where} entry {i})")
+            if int(entries[i]) & OFLAG_COPIED:
+                self.report.error(f"{where} entry {i}: compressed cluster with the COPIED flag")
+
+    def _roles_for(self, clusters: np.ndarray, role: int, where: str) -> None:
+        if clusters.size == 0:
+            return
+        prev = self.roles[clusters]
+        clash = (prev != 0) & ~((prev == role) & self._shared_ok(role))
+        for c in clusters[clash][:5].tolist():
+            other = _ROLE_NAMES[int(self.roles[c])]
+            self.report.error(f"data cluster {c * self.cs:#x} ({where}) overlaps a {other}")
+        if not self._shared_ok(role):
+            uniq, counts = np.unique(clusters, return_counts=True)
+            for c in uniq[counts > 1][:5].tolist():
+                self.report.error(f"data cluster {c * self.cs:#x} is mapped twice ({where})")
+        self.roles[clusters] = np.where(prev == 0, role, prev)
+
+    # -- the rest of the structures ---------------------------------------
+
+    def walk_snapshots(self) -> None:
+        h = self.h
+        if not h.nb_snapshots:
+            return
+        pos = h.snapshots_offset
+        start = pos
+        file_size = self.layer.file_size
+        for n in range(h.nb_snapshots):
+            fixed = self.pread(40, pos)
+            if len(fixed) < 40:
+                self.report.error(f"snapshot table entry {n} lies beyond the end of the file")
+                return
+            l1_off, l1_size, id_len, name_len, _s, _ns, _vm, _vms, extra = struct.unpack(">QIHHIIQII", fixed)
+            entry_len = 40 + extra + id_len + name_len
+            entry_len += (-entry_len) % 8
+            if pos + entry_len > file_size or extra > 1 << 20:
+                self.report.error(f"snapshot table entry {n} is truncated")
+                return
+            if l1_size * 8 > 32 * 1024 * 1024:
+                self.report.error(f"snapshot {n} L1 table of {l1_size} entries is too large")
+            else:
+                self.walk_l1(l1_off, l1_size, False, f"snapshot {n} L1 table")
+            pos += entry_len
+        self.inc(start, pos - start, _SNAPTABLE, "snapshot table")
+
+    def walk_bitmaps(self) -> None:
+        ext = self.h.bitmaps_ext
+        if ext is None:
+            return
+        if not self.h.autoclear_features & AUTOCLEAR_BITMAPS:
+            self.report.notes.append("Note: the bitmaps extension is marked inconsistent; its clusters are still counted.")
+        nb, dir_size, dir_off = ext
+        if dir_size > 64 * 1024 * 1024:
+            self.report.error(f"bitmap directory of {dir_size} bytes is too large")
+            return
+        raw = self.table(dir_off, dir_size, _BITMAP_META, "bitmap directory")
+        if raw is None:
+            return
+        pos = 0
+        for n in range(nb):
+            if pos + 24 > len(raw):
+                self.report.error(f"bitmap directory entry {n} is truncated")
+                return
+            t_off, t_size, _flags, _type, _gran, name_size, extra = struct.unpack_from(">QIIBBHI", raw, pos)
+            entry_len = 24 + extra + name_size
+            pos += entry_len + (-entry_len) % 8
+            if t_size * 8 > 64 * 1024 * 1024:
+                self.report.error(f"bitmap {n} table of {t_size} entries is too large")
+                continue
+            table = self.table(t_off, t_size * 8, _BITMAP_META, f"bitmap {n} table")
+            if table is None:
+                continue
+            for e in np.frombuffer(table, dtype=">u8").tolist():
+                off = e & OFFSET_MASK
+                if off:
+                    self.inc(off, self.cs, _BITMAP_DATA, f"bitmap {n} data")
+
+    def stored_refcounts(self) -> np.ndarray | None:
+        h = self.h
+        cs = self.cs
+        stored = np.zeros(self.nclusters, dtype=np.uint64)
+        if not h.refcount_table_clusters:
+            self.report.error("the image has no refcount table")
+            return None
+        raw = self.table(h.refcount_table_offset, h.refcount_table_clusters * cs, _REFTABLE, "refcount table")
+        if raw is None:
+            return None
+        bits = h.refcount_bits
+        per_block = cs * 8 // bits
+        reftable = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        for i in np.flatnonzero(reftable).tolist():
+            e = int(reftable[i])
+            if e & REFT_RESERVED:
+                self.report.error(f"refcount table entry {i} has reserved bits set ({e:#x})")
+            off = e & ~REFT_RESERVED
+            block = self.table(off, cs, _REFBLOCK, f"refcount block (table entry {i})")
+            if block is None:
+                continue
+            first = i * per_block
+            if first >= self.nclusters:
+                continue
+            counts = _decode_refcounts(block, bits)
+            n = min(per_block, self.nclusters - first)
+            stored[first : first + n] = counts[:n]
+        return stored
+
+    def compare(self, stored: np.ndarray) -> None:
+        refs = self.refs.astype(np.uint64)
+        diff = np.flatnonzero(refs != stored)
+        for c in diff.tolist():
+            if refs[c] == 0:
+                self.report.leak(f"cluster {c} (offset {c * self.cs:#x}) refcount={int(stored[c])} reference=0")
+            else:
+                self.report.error(
+                    f"cluster {c} (offset {c * self.cs:#x}) refcount={int(stored[c])} reference={int(refs[c])}"
+                )
+        self.report.total_clusters = int((self.h.size + self.cs - 1) // self.cs)
+
+    def check_copied(self, stored: np.ndarray, l1_entries: list[tuple[int, int]]) -> None:
+        for e, off in l1_entries:
+            rc = int(stored[off // self.cs]) if off // self.cs < self.nclusters else 0
+            has = bool(e & OFLAG_COPIED)
+            if has != (rc == 1):
+                self.report.error(f"OFLAG_COPIED L2 table at {off:#x}: L1 entry {e:#x} refcount={rc}")
+        for clusters, copied, where, idx in self._copied_later:
+            rc = stored[clusters]
+            wrong = copied != (rc == 1)
+            for k in np.flatnonzero(wrong)[:5].tolist():
+                self.report.error(
+                    f"OFLAG_COPIED data cluster {int(clusters[k]) * self.cs:#x} ({where} entry {int(idx[k])}) "
+                    f"refcount={int(rc[k])}"
+                )
+            extra = int(np.count_nonzero(wrong)) - 5
+            if extra > 0:
+                self.report.error_count += extra
+
+    def run(self) -> None:
+        h = self.h
+        self._copied_later: list[tuple[np.ndarray, np.ndarray, str, np.ndarray]] = []
+        self.inc(0, self.cs, _HEADER, "header")
+        if h.incompatible_features & INCOMPAT_DIRTY:
+            self.report.notes.append("Note: the image is marked dirty (lazy refcounts); refcounts may lag.")
+        active_l1 = self.walk_l1(h.l1_table_offset, h.l1_size, True, "L1 table")
+        self.walk_snapshots()
+        self.walk_bitmaps()
+        stored = self.stored_refcounts()
+        if stored is None:
+            return
+        self.compare(stored)
+        self.check_copied(stored, active_l1)
+
+
+def _decode_refcounts(block: bytes, bits: int) -> np.ndarray:
+    if bits >= 8:
+        dtype = {8: ">u1", 16: ">u2", 32: ">u4", 64: ">u8"}[bits]
+        return np.frombuffer(block, dtype=dtype).astype(np.uint64)
+    # Sub-byte widths: entry 0 in the least significant bits of byte 0.
+    unpacked = np.unpackbits(np.frombuffer(block, dtype=np.uint8), bitorder="little")
+    groups = unpacked.reshape(-1, bits).astype(np.uint64)
+    weights = (np.uint64(1) << np.arange(bits, dtype=np.uint64))
+    return (groups * weights).sum(axis=1).astype(np.uint64)
+
+
+def check_image(path: str) -> CheckReport:
+    """Check one image (not its backing files). Raises ImageError only if the
+    header itself is unreadable; everything else goes into the report."""
+    layer = Qcow2Layer(path)
+    try:
+        report = CheckReport(path, layer.cluster_size, layer.file_size)
+        _Checker(layer, report).run()
+        return report
+    finally:
+        layer.close()
+
+
+__all__ = ["CheckReport", "check_image"]

@@ -1,0 +1,401 @@
+"""One image of a chain, read on its own: what it holds, where, and how.
+
+A layer answers one question for the chain: for each guest range, is it
+data here (at which host offset), zeros here, compressed here, or not here
+at all (ask the backing file). ``allocation()`` answers it for the whole
+layer at once, as a sorted, coalesced list of extents, because the chain
+index is built from whole layers and a per-request walk of L1/L2 tables
+would make a read at depth 64 cost 64 table walks.
+
+Nothing here follows backing links; ``engine.qcow2.chain_open`` does.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import zlib
+from typing import NamedTuple
+
+import numpy as np
+import zstandard
+
+from engine.errors import ImageError
+from engine.qcow2.format import (
+    COMPRESSION_ZSTD,
+    L1E_RESERVED,
+    L2E_RESERVED,
+    MAGIC,
+    OFFSET_MASK,
+    OFLAG_COMPRESSED,
+    OFLAG_ZERO,
+    SUBCLUSTERS,
+    Header,
+    parse_header,
+)
+
+# Extent kinds, shared with the chain index.
+DATA = 0  # bytes stored in the layer file at a host offset
+ZERO = 1  # reads as zeros here, does not fall through
+COMPRESSED = 2  # one whole compressed cluster; host holds the L2 descriptor
+UNALLOC = 3  # not in this layer: ask the backing file (or zeros if none)
+
+KIND_NAMES = {DATA: "data", ZERO: "zero", COMPRESSED: "compressed", UNALLOC: "unallocated"}
+
+
+class Extent(NamedTuple):
+    start: int
+    end: int
+    kind: int
+    host: int  # DATA: host offset of `start`; COMPRESSED: the descriptor; else 0
+
+
+def coalesce(extents: list[Extent]) -> list[Extent]:
+    """Merge neighbours of the same kind (DATA only if host-contiguous)."""
+    out: list[Extent] = []
+    for ext in extents:
+        if out:
+            last = out[-1]
+            if (
+                last.end == ext.start
+                and last.kind == ext.kind
+                and ext.kind != COMPRESSED
+                and (ext.kind != DATA or last.host + (last.end - last.start) == ext.host)
+            ):
+                out[-1] = Extent(last.start, ext.end, last.kind, last.host)
+                continue
+        out.append(ext)
+    return out
+
+
+def _file_size(fd: int) -> int:
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        return os.lseek(fd, 0, os.SEEK_END)
+    return st.st_size
+
+
+class Layer:
+    """Common face of a qcow2 or raw layer."""
+
+    path: str
+    fd: int
+    size: int
+    file_size: int
+    format: str
+    backing_file: str | None = None
+    backing_format: str | None = None
+    cluster_size: int = 0
+
+    def allocation(self) -> list[Extent]:
+        raise NotImplementedError
+
+    def read_compressed(self, descriptor: int) -> bytes:
+        raise ImageError(self.path, "raw layers have no compressed clusters")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Layer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RawLayer(Layer):
+    """A raw file or block device as a layer: every byte is its own data.
+
+    Holes of sparse files are reported as zeros (SEEK_HOLE), as QEMU does,
+    so maps agree and reads skip them.
+    """
+
+    format = "raw"
+
+    def __init__(self, path: str, fd: int | None = None) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if fd is None else fd
+        self.size = self.file_size = _file_size(self.fd)
+        self._allocation: list[Extent] | None = None
+
+    def allocation(self) -> list[Extent]:
+        if self._allocation is None:
+            self._allocation = coalesce(self._scan_holes())
+        return self._allocation
+
+    def _scan_holes(self) -> list[Extent]:
+        out: list[Extent] = []
+        pos = 0
+        try:
+            while pos < self.size:
+                try:
+                    data = os.lseek(self.fd, pos, os.SEEK_DATA)
+                except OSError as e:
+                    if e.errno == 6:  # ENXIO: only a hole up to the end
+                        out.append(Extent(pos, self.size, ZERO, 0))
+                        return out
+                    raise
+                data = min(data, self.size)
+                if data > pos:
+                    out.append(Extent(pos, data, ZERO, 0))
+                if data >= self.size:
+                    return out
+                hole = min(os.lseek(self.fd, data, os.SEEK_HOLE), self.size)
+                out.append(Extent(data, hole, DATA, data))
+                pos = hole
+        except OSError:
+            # SEEK_DATA unsupported (block devices, some filesystems): all data.
+            return [Extent(0, self.size, DATA, 0)] if self.size else []
+        return out
+
+
+class Qcow2Layer(Layer):
+    """A qcow2 image (v2 or v3) opened read-only and validated."""
+
+    format = "qcow2"
+
+    def __init__(self, path: str, fd: int | None = None) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if fd is None else fd
+        try:
+            self.file_size = _file_size(self.fd)
+            first = os.pread(self.fd, 2 * 1024 * 1024, 0)
+            self.header: Header = parse_header(path, first, self.file_size)
+        except BaseException:
+            self.close()
+            raise
+        h = self.header
+        self.size = h.size
+        self.cluster_size = h.cluster_size
+        self.backing_file = h.backing_file
+        self.backing_format = h.backing_format
+        self._allocation: list[Extent] | None = None
+        self._zstd = zstandard.ZstdDecompressor() if h.compression_type == COMPRESSION_ZSTD else None
+
+    # -- tables ---------------------------------------------------------
+
+    def _pread_exact(self, length: int, offset: int, what: str) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) != length:
+            raise ImageError(self.path, f"{what} at {offset:#x} is truncated")
+        return data
+
+    def l1_table(self) -> np.ndarray:
+        """The active L1 entries that cover the virtual size."""
+        n = self.header.l1_entries_needed()
+        if n == 0:
+            return np.zeros(0, dtype=np.uint64)
+        raw = self._pread_exact(n * 8, self.header.l1_table_offset, "L1 table")
+        return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+
+    def l2_offsets(self) -> list[tuple[int, int]]:
+        """(l1 index, L2 table offset) for every allocated L2 table, validated.
+
+        A table referenced twice by the active L1 is refused: valid images
+        never do it, and it is how a small hostile file would make us walk
+        terabytes of mappings.
+        """
+        l1 = self.l1_table()
+        cs = self.cluster_size
+        bad = np.flatnonzero(l1 & np.uint64(L1E_RESERVED))
+        if bad.size:
+            i = int(bad[0])
+            raise ImageError(self.path, f"L1 entry {i} has reserved bits set ({int(l1[i]):#x})")
+        offsets = l1 & np.uint64(OFFSET_MASK)
+        used = np.flatnonzero(offsets)
+        out: list[tuple[int, int]] = []
+        seen: set[int] = set()
+        for i in used.tolist():
+            off = int(offsets[i])
+            if off % cs:
+                raise ImageError(self.path, f"L2 table offset {off:#x} (L1 entry {i}) is not cluster-aligned")
+            if off + cs > self.file_size:
+                raise ImageError(self.path, f"L2 table at {off:#x} (L1 entry {i}) lies outside the file")
+            if off in seen:
+                raise ImageError(self.path, f"L2 table at {off:#x} is referenced twice by the L1 table")
+            seen.add(off)
+            out.append((i, off))
+        return out
+
+    def decode_l2(self, l1_index: int, l2_offset: int) -> list[Extent]:
+        """Extents of one L2 table, clipped to the virtual size, validated."""
+        h = self.header
+        cs = self.cluster_size
+        n_entries = h.l2_entries
+        guest0 = l1_index * n_entries * cs
+        n_valid = min(n_entries, (self.size - guest0 + cs - 1) // cs)
+        raw = self._pread_exact(cs, l2_offset, "L2 table")
+        words = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        if h.extended_l2:
+            entries = words[0 : 2 * n_valid : 2]
+            bitmaps = words[1 : 2 * n_valid : 2]
+        else:
+            entries = words[:n_valid]
+            bitmaps = None
+        compressed = (entries & np.uint64(OFLAG_COMPRESSED)) != 0
+        std = ~compressed
+        host = entries & np.uint64(OFFSET_MASK)
+
+        def fail(mask: np.ndarray, problem: str) -> None:
+            idx = np.flatnonzero(mask)
+            if idx.size:
+                i = int(idx[0])
+                raise ImageError(
+                    self.path,
+                    f"{problem} (L2 table at {l2_offset:#x}, entry {i}, "
+                    f"guest offset {guest0 + i * cs:#x}: {int(entries[i]):#x})",
+                )
+
+        fail(std & ((entries & np.uint64(L2E_RESERVED)) != 0), "L2 entry has reserved bits set")
+        fail(std & ((host & np.uint64(cs - 1)) != 0), "data cluster offset is not cluster-aligned")
+        fail(std & (host != 0) & (host >= np.uint64(self.file_size)), "data cluster lies outside the file")
+        if compressed.any():
+            shift = h.csize_shift
+            coff = entries & np.uint64((1 << shift) - 1)
+            fail(compressed & (coff >= np.uint64(self.file_size)), "compressed cluster lies outside the file")
+            fail(compressed & (coff < np.uint64(cs)), "compressed cluster overlaps the header")
+
+        if bitmaps is None:
+            zero = std & ((entries & np.uint64(OFLAG_ZERO)) != 0)
+            kinds = np.full(n_valid, UNALLOC, dtype=np.uint8)
+            kinds[std & ~zero & (host != 0)] = DATA
+            kinds[zero] = ZERO
+            kinds[compressed] = COMPRESSED
+            hosts = np.where(compressed, entries, np.where(kinds == DATA, host, np.uint64(0)))
+            return _runs(kinds, hosts, guest0, cs, 1, self.size)
+
+        # Extended L2: 32 subclusters a cluster, each allocated, zero or absent.
+        fail(std & ((entries & np.uint64(OFLAG_ZERO)) != 0), "extended L2 entry has bit 0 set")
+        alloc = bitmaps & np.uint64(0xFFFFFFFF)
+        zbits = bitmaps >> np.uint64(32)
+        fail(std & ((alloc & zbits) != 0), "subcluster both allocated and zero")
+        fail(std & (alloc != 0) & (host == 0), "allocated subclusters without a host cluster")
+        sc = cs // SUBCLUSTERS
+        shifts = np.arange(SUBCLUSTERS, dtype=np.uint64)
+        a = ((alloc[:, None] >> shifts) & np.uint64(1)).astype(bool)
+        z = ((zbits[:, None] >> shifts) & np.uint64(1)).astype(bool)
+        kinds = np.full((n_valid, SUBCLUSTERS), UNALLOC, dtype=np.uint8)
+        kinds[a] = DATA
+        kinds[z] = ZERO
+        kinds[compressed, :] = COMPRESSED
+        hosts = np.where(
+            compressed[:, None],
+            entries[:, None],
+            np.where(a, host[:, None] + shifts * np.uint64(sc), np.uint64(0)),
+        )
+        return _runs(kinds.ravel(), hosts.ravel(), guest0, sc, SUBCLUSTERS, self.size)
+
+    def allocation(self) -> list[Extent]:
+        if self._allocation is None:
+            out: list[Extent] = []
+            pos = 0
+            per_l2 = self.header.l2_entries * self.cluster_size
+            for i, off in self.l2_offsets():
+                start = i * per_l2
+                if start > pos:
+                    out.append(Extent(pos, start, UNALLOC, 0))
+                out.extend(self.decode_l2(i, off))
+                pos = min(start + per_l2, self.size)
+            if pos < self.size:
+                out.append(Extent(pos, self.size, UNALLOC, 0))
+            self._allocation = coalesce(out)
+        return self._allocation
+
+    # -- data -------------------------------------------------------------
+
+    def compressed_span(self, descriptor: int) -> tuple[int, int]:
+        """Host offset and byte length of a compressed cluster's data."""
+        shift = self.header.csize_shift
+        coffset = descriptor & ((1 << shift) - 1)
+        nsectors = ((descriptor >> shift) & ((1 << (self.header.cluster_bits - 8)) - 1)) + 1
+        return coffset, nsectors * 512 - (coffset & 511)
+
+    def read_compressed(self, descriptor: int) -> bytes:
+        cs = self.cluster_size
+        coffset, csize = self.compressed_span(descriptor)
+        # The last sectors may lie past EOF (QEMU writes them that way).
+        buf = os.pread(self.fd, csize, coffset)
+        try:
+            if self._zstd is not None:
+                reader = self._zstd.stream_reader(buf, read_across_frames=False)
+                parts = []
+                got = 0
+                while got < cs:
+                    chunk = reader.read(cs - got)
+                    if not chunk:
+                        break
+                    parts.append(chunk)
+                    got += len(chunk)
+                out = b"".join(parts)
+            else:
+                out = zlib.decompressobj(-15).decompress(buf, cs)
+        except (zlib.error, zstandard.ZstdError) as e:
+            raise ImageError(self.path, f"compressed cluster at {coffset:#x} is corrupt: {e}") from None
+        if len(out) != cs:
+            raise ImageError(
+                self.path,
+                f"compressed cluster at {coffset:#x} decompresses to {len(out)} bytes, not {cs}",
+            )
+        return out
+
+
+def _runs(
+    kinds: np.ndarray, hosts: np.ndarray, guest0: int, unit: int, per_cluster: int, size: int
+) -> list[Extent]:
+    """Cut per-unit kinds/hosts into extents of equal kind and contiguous host."""
+    n = kinds.size
+    if n == 0:
+        return []
+    brk = np.ones(n, dtype=bool)
+    if n > 1:
+        same = kinds[1:] == kinds[:-1]
+        contiguous = hosts[1:] == hosts[:-1] + np.uint64(unit)
+        is_data = kinds[1:] == DATA
+        is_comp = kinds[1:] == COMPRESSED
+        cluster_start = (np.arange(1, n) % per_cluster) == 0
+        cont = same & np.where(
+            is_data,
+            contiguous,
+            np.where(is_comp, (hosts[1:] == hosts[:-1]) & ~cluster_start, True),
+        )
+        brk[1:] = ~cont
+    starts = np.flatnonzero(brk)
+    ends = np.append(starts[1:], n)
+    out = []
+    for s, e, k, hst in zip(
+        starts.tolist(), ends.tolist(), kinds[starts].tolist(), hosts[starts].tolist()
+    ):
+        a = guest0 + s * unit
+        b = min(guest0 + e * unit, size)
+        if a < b:
+            out.append(Extent(a, b, k, hst))
+    return out
+
+
+def probe_format(path: str) -> str:
+    """'qcow2' if the file starts with the qcow2 magic, else 'raw' (as QEMU probes)."""
+    with open(path, "rb") as f:
+        return "qcow2" if f.read(4) == MAGIC else "raw"
+
+
+def open_layer(path: str, fmt: str | None = None) -> Layer:
+    """Open one image as a layer; ``fmt`` None probes."""
+    try:
+        if fmt is None:
+            fmt = probe_format(path)
+        if fmt == "qcow2":
+            return Qcow2Layer(path)
+        if fmt == "raw":
+            return RawLayer(path)
+    except FileNotFoundError:
+        raise ImageError(path, "no such file") from None
+    except IsADirectoryError:
+        raise ImageError(path, "is a directory, not an image") from None
+    except PermissionError:
+        raise ImageError(path, "permission denied") from None
+    except OSError as e:
+        raise ImageError(path, f"cannot open: {e.strerror or e}") from None
+    raise ImageError(path, f"unsupported image format {fmt!r} (backupfs reads qcow2 and raw)")
+

@@ -1,0 +1,364 @@
+"""Writing a new qcow2 v3 image, cluster by cluster.
+
+The writer only ever creates images (backups are immutable), so allocation
+is an append: cluster 0 is reserved for the header, data and L2 tables are
+placed at the end of the file as they are needed, and at ``commit`` the L1
+table and the refcount structures go after them. Every host cluster below
+the end of the file is then referenced exactly once, which makes the
+refcounts a closed formula instead of bookkeeping, and guarantees
+`qemu-img check` finds no leaks.
+
+Durability order at commit: data and L2 tables, L1, refcounts, fsync; then
+the header, fsync. Until the header is written the first cluster is zeros,
+so a crash leaves a file that no reader mistakes for a valid image.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from array import array
+from collections import OrderedDict
+
+from engine.errors import ImageError, UsageError
+from engine.qcow2.format import (
+    MAX_CLUSTER_BITS,
+    MAX_L1_BYTES,
+    MAX_REFTABLE_BYTES,
+    MIN_CLUSTER_BITS,
+    OFFSET_MASK,
+    OFLAG_COPIED,
+    OFLAG_ZERO,
+    Header,
+    encode_header_cluster,
+    l1_entries_for,
+)
+
+_REFCOUNT_ORDER = 4  # 16-bit refcounts, QEMU's default
+_WRITE_CHUNK = 8 * 1024 * 1024
+_NATIVE_LE = sys.byteorder == "little"
+
+
+def _to_be(table: array) -> bytes:
+    out = array("Q", table)
+    if _NATIVE_LE:
+        out.byteswap()
+    return out.tobytes()
+
+
+def _from_be(raw: bytes) -> array:
+    out = array("Q")
+    out.frombytes(raw)
+    if _NATIVE_LE:
+        out.byteswap()
+    return out
+
+
+def validate_cluster_size(cluster_size: int) -> int:
+    """cluster_bits for a cluster size, or UsageError naming the rule."""
+    if cluster_size <= 0 or cluster_size & (cluster_size - 1):
+        raise UsageError(f"cluster size {cluster_size} is not a power of two")
+    bits = cluster_size.bit_length() - 1
+    if not MIN_CLUSTER_BITS <= bits <= MAX_CLUSTER_BITS:
+        raise UsageError(f"cluster size {cluster_size} out of range (512 B to 2 MiB)")
+    return bits
+
+
+class Qcow2Writer:
+    """Builds one image. Use as a context manager: leaving without commit aborts."""
+
+    def __init__(
+        self,
+        path: str,
+        size: int,
+        cluster_size: int = 65536,
+        backing_file: str | None = None,
+        backing_format: str | None = None,
+        *,
+        l2_cache_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        self.cluster_bits = validate_cluster_size(cluster_size)
+        if size < 0 or size % 512:
+            # QEMU counts disks in 512-byte sectors and would silently drop
+            # a partial last sector; refuse rather than lose bytes.
+            raise UsageError(f"virtual size {size} is not a multiple of 512 bytes")
+        self.path = path
+        self.size = size
+        self.cluster_size = cs = cluster_size
+        self.l2_entries = cs // 8
+        self.l1_size = l1_entries_for(size, self.cluster_bits)
+        if self.l1_size * 8 > MAX_L1_BYTES:
+            raise UsageError(
+                f"virtual size {size} needs an L1 table over 32 MiB with {cs}-byte "
+                "clusters; use a larger cluster size"
+            )
+        self.backing_file = backing_file
+        self.backing_format = (backing_format or "qcow2") if backing_file is not None else None
+        # Fail now, not at commit, if the header cannot hold the backing name.
+        try:
+            encode_header_cluster(self._header(0, 0, 0), cs, backing_file, self.backing_format)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        self._l1 = array("Q", bytes(8 * self.l1_size))
+        self._l2: OrderedDict[int, array] = OrderedDict()
+        self._l2_dirty: set[int] = set()
+        self._l2_cache_tables = max(4, l2_cache_bytes // cs)
+        self._next_free = cs  # cluster 0: the header, written last
+        self.data_clusters = 0
+        self._closed = False
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+
+    # -- context manager -------------------------------------------------
+
+    def __enter__(self) -> Qcow2Writer:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if not self._closed:
+            self.abort()
+
+    # -- allocation and tables ------------------------------------------
+
+    def _alloc(self, nclusters: int) -> int:
+        host = self._next_free
+        self._next_free += nclusters * self.cluster_size
+        return host
+
+    def _table(self, l1_index: int, create: bool) -> array | None:
+        table = self._l2.get(l1_index)
+        if table is not None:
+            self._l2.move_to_end(l1_index)
+            return table
+        offset = self._l1[l1_index]
+        if offset:
+            table = _from_be(self._pread(self.cluster_size, offset))
+        elif create:
+            table = array("Q", bytes(self.cluster_size))
+            self._l1[l1_index] = self._alloc(1)
+            self._l2_dirty.add(l1_index)
+        else:
+            return None
+        self._l2[l1_index] = table
+        while len(self._l2) > self._l2_cache_tables:
+            old, old_table = self._l2.popitem(last=False)
+            if old in self._l2_dirty:
+                self._pwrite(_to_be(old_table), self._l1[old])
+                self._l2_dirty.discard(old)
+        return table
+
+    def _entry(self, guest_cluster: int) -> int:
+        table = self._table(guest_cluster // self.l2_entries, create=False)
+        return 0 if table is None else table[guest_cluster % self.l2_entries]
+
+    def _set_entries(self, first_cluster: int, entries: list[int] | range) -> None:
+        """Set L2 entries for consecutive guest clusters, across tables."""
+        n = len(entries)
+        done = 0
+        while done < n:
+            g = first_cluster + done
+            l1i, l2i = divmod(g, self.l2_entries)
+            k = min(n - done, self.l2_entries - l2i)
+            table = self._table(l1i, create=True)
+            assert table is not None
+            table[l2i : l2i + k] = array("Q", entries[done : done + k])
+            self._l2_dirty.add(l1i)
+            done += k
+
+    # -- I/O ----------------------------------------------------------------
+
+    def _pwrite(self, data: bytes | memoryview, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.pwrite(self.fd, view, offset)
+            except OSError as e:
+                raise self._io_error("write", e) from None
+            view = view[n:]
+            offset += n
+
+    def _pread(self, length: int, offset: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    def _io_error(self, what: str, e: OSError) -> ImageError:
+        err = ImageError(self.path, f"cannot {what}: {e.strerror or e}")
+        err.errno = e.errno or errno.EIO
+        return err
+
+    def _check_range(self, offset: int, length: int) -> tuple[int, int]:
+        cs = self.cluster_size
+        if self._closed:
+            raise ValueError("image already committed or aborted")
+        if offset % cs:
+            raise ValueError(f"offset {offset} is not aligned to the {cs}-byte cluster")
+        end = offset + length
+        if offset < 0 or end > self.size:
+            raise ValueError(f"range {offset}+{length} is outside the virtual size {self.size}")
+        if length % cs and end != self.size:
+            raise ValueError(
+                "a write must cover whole clusters (only the disk's last cluster may be short)"
+            )
+        return offset // cs, (length + cs - 1) // cs
+
+    # -- public ---------------------------------------------------------
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Store whole clusters of guest data at a cluster-aligned offset.
+
+        A cluster already stored is overwritten in place; new clusters get
+        one contiguous host run, so a sequential copy reads back with one
+        read per run.
+        """
+        view = memoryview(data).cast("B")
+        first, count = self._check_range(offset, len(view))
+        if count == 0:
+            return
+        cs = self.cluster_size
+        existing = [self._entry(first + i) & OFFSET_MASK for i in range(count)]
+        if not any(existing):
+            host = self._alloc(count)
+            self._write_padded(view, host)
+            self._set_entries(first, range(host | OFLAG_COPIED, (host | OFLAG_COPIED) + count * cs, cs))
+            self.data_clusters += count
+            return
+        for i, old in enumerate(existing):
+            chunk = view[i * cs : (i + 1) * cs]
+            if old:
+                self._write_padded(chunk, old)
+                self._set_entries(first + i, [old | OFLAG_COPIED])
+            else:
+                host = self._alloc(1)
+                self._write_padded(chunk, host)
+                self._set_entries(first + i, [host | OFLAG_COPIED])
+                self.data_clusters += 1
+
+    def _write_padded(self, view: memoryview, host: int) -> None:
+        self._pwrite(view, host)
+        tail = len(view) % self.cluster_size
+        if tail:
+            self._pwrite(bytes(self.cluster_size - tail), host + len(view))
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Mark whole clusters as reading zeros (the L2 zero flag), storing nothing.
+
+        Unlike leaving them unallocated, this hides whatever the backing
+        file holds there: the way a backup says "this was zeroed".
+        """
+        first, count = self._check_range(offset, length)
+        entries = []
+        for i in range(count):
+            old = self._entry(first + i) & OFFSET_MASK
+            # A cluster that had data keeps its host cluster (QEMU's
+            # "zero, allocated"), so nothing leaks.
+            entries.append(old | OFLAG_COPIED | OFLAG_ZERO if old else OFLAG_ZERO)
+        self._set_entries(first, entries)
+
+    def stored_bytes(self) -> int:
+        """Bytes of guest data this image stores (not counting metadata)."""
+        return self.data_clusters * self.cluster_size
+
+    def _header(self, l1_offset: int, reftable_offset: int, reftable_clusters: int) -> Header:
+        return Header(
+            version=3,
+            cluster_bits=self.cluster_bits,
+            size=self.size,
+            l1_size=self.l1_size,
+            l1_table_offset=l1_offset,
+            refcount_table_offset=reftable_offset,
+            refcount_table_clusters=reftable_clusters,
+            nb_snapshots=0,
+            snapshots_offset=0,
+            refcount_order=_REFCOUNT_ORDER,
+        )
+
+    def commit(self) -> int:
+        """Make the image complete and durable; returns its file size."""
+        if self._closed:
+            raise ValueError("image already committed or aborted")
+        cs = self.cluster_size
+        try:
+            for l1i in sorted(self._l2_dirty):
+                self._pwrite(_to_be(self._l2[l1i]), self._l1[l1i])
+            self._l2_dirty.clear()
+
+            l1_offset = 0
+            if self.l1_size:
+                l1_clusters = (self.l1_size * 8 + cs - 1) // cs
+                l1_offset = self._alloc(l1_clusters)
+                l1 = array("Q", ((e | OFLAG_COPIED) if e else 0 for e in self._l1))
+                raw = _to_be(l1)
+                self._pwrite(raw + bytes(l1_clusters * cs - len(raw)), l1_offset)
+
+            reftable_offset, reftable_clusters = self._write_refcounts()
+            self._fsync()
+            header = encode_header_cluster(
+                self._header(l1_offset, reftable_offset, reftable_clusters),
+                cs,
+                self.backing_file,
+                self.backing_format,
+            )
+            self._pwrite(header, 0)
+            self._fsync()
+        except BaseException:
+            self.abort()
+            raise
+        os.close(self.fd)
+        self._closed = True
+        return self._next_free
+
+    def _write_refcounts(self) -> tuple[int, int]:
+        """Refcount blocks and table for clusters [0, end): every one is 1."""
+        cs = self.cluster_size
+        per_block = cs * 8 // (1 << _REFCOUNT_ORDER)
+        used = self._next_free // cs
+        blocks = table = 0
+        while True:
+            total = used + blocks + table
+            need_blocks = (total + per_block - 1) // per_block
+            need_table = (need_blocks * 8 + cs - 1) // cs
+            if (need_blocks, need_table) == (blocks, table):
+                break
+            blocks, table = need_blocks, need_table
+        if table * cs > MAX_REFTABLE_BYTES:
+            raise UsageError("image too large for QEMU's 8 MiB refcount table limit")
+        total = used + blocks + table
+        blocks_offset = self._alloc(blocks)
+        table_offset = self._alloc(table)
+        one = (1).to_bytes(2, "big")
+        full_block = one * per_block
+        # Refcount blocks, written in large sequential chunks.
+        buf = bytearray()
+        pos = blocks_offset
+        for b in range(blocks):
+            ones = min(per_block, total - b * per_block)
+            buf += full_block if ones == per_block else one * ones + bytes(2 * (per_block - ones))
+            if len(buf) >= _WRITE_CHUNK:
+                self._pwrite(buf, pos)
+                pos += len(buf)
+                buf = bytearray()
+        if buf:
+            self._pwrite(buf, pos)
+        reftable = array("Q", (blocks_offset + b * cs for b in range(blocks)))
+        raw = _to_be(reftable)
+        self._pwrite(raw + bytes(table * cs - len(raw)), table_offset)
+        assert self._next_free == total * cs
+        return table_offset, table
+
+    def _fsync(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            raise self._io_error("fsync", e) from None
+
+    def abort(self) -> None:
+        """Close and remove the unfinished image."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            os.close(self.fd)
+        finally:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass

@@ -1,0 +1,30 @@
+"""Sizes as people type them (``64K``, ``1.5G``) and as they like to read them."""
+
+from __future__ import annotations
+
+import re
+
+from engine.errors import UsageError
+
+_SUFFIX = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """Parse ``4096``, ``64K``, ``64KiB``, ``1.5G`` into bytes (binary units)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise UsageError(f"{what} {text!r} is not a size (examples: 4096, 64K, 1M, 2G)")
+    value = float(m.group(1)) * _SUFFIX[m.group(2).upper()]
+    if value != int(value):
+        raise UsageError(f"{what} {text!r} is not a whole number of bytes")
+    return int(value)
+
+
+def format_size(n: int) -> str:
+    """1536 -> '1.5 KiB'; exact values stay short ('64 KiB')."""
+    for unit, factor in (("PiB", 1 << 50), ("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= factor:
+            value = n / factor
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.3g} {unit}"
+    return f"{n} B"
