@@ -216,6 +216,10 @@ class Qcow2Writer:
         cs = self.cluster_size
         existing = [self._entry(first + i) & OFFSET_MASK for i in range(count)]
         if not any(existing):
+            # Tables first, so that consecutive writes get consecutive data
+            # clusters and a full backup reads back as one run per range.
+            for l1i in range(first // self.l2_entries, (first + count - 1) // self.l2_entries + 1):
+                self._table(l1i, create=True)
             host = self._alloc(count)
             self._write_padded(view, host)
             self._set_entries(first, range(host | OFLAG_COPIED, (host | OFLAG_COPIED) + count * cs, cs))
