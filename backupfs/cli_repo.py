@@ -1,0 +1,160 @@
+"""`backupfs init | device | backup | list | status`: the repository from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from engine.job import Progress
+from engine.repo import KINDS, Repository
+from engine.units import format_size, parse_size
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("init", help="create an empty repository")
+    p.add_argument("repo", metavar="REPO")
+    p.set_defaults(func=cmd_init)
+
+    dev = sub.add_parser("device", help="register, list or remove devices")
+    dsub = dev.add_subparsers(dest="device_command", metavar="ACTION")
+    dsub.required = True
+    p = dsub.add_parser("add", help="register a device: a raw image file or a block device")
+    p.add_argument("repo", metavar="REPO")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("--granularity", default="64K", help="dirty bitmap granularity (512 to 64M, default 64K)")
+    p.set_defaults(func=cmd_device_add)
+    p = dsub.add_parser("list", help="the registered devices")
+    p.add_argument("repo", metavar="REPO")
+    p.set_defaults(func=cmd_device_list)
+    p = dsub.add_parser("remove", help="forget a device and delete its backups")
+    p.add_argument("repo", metavar="REPO")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=cmd_device_remove)
+
+    p = sub.add_parser("backup", help="take a backup: full, incremental or differential")
+    p.add_argument("repo", metavar="REPO")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("kind", metavar="KIND", choices=KINDS)
+    p.add_argument("--cluster-size", default="64K", help="qcow2 cluster size of the new image (512 to 2M)")
+    p.add_argument("--scan", action="store_true", help="compare checksums instead of trusting the bitmap")
+    p.add_argument("--label", help="free text stored with the backup")
+    p.add_argument("--auto-full", action="store_true", help="take a full backup if there is none yet")
+    p.set_defaults(func=cmd_backup)
+
+    p = sub.add_parser("list", help="the backups (first column: the backup id)")
+    p.add_argument("repo", metavar="REPO")
+    p.add_argument("name", metavar="NAME", nargs="?")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("status", help="devices, bitmap state, recent jobs")
+    p.add_argument("repo", metavar="REPO")
+    p.set_defaults(func=cmd_status)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    Repository.init(args.repo)
+    print(f"initialised backupfs repository {args.repo}")
+    return 0
+
+
+def cmd_device_add(args: argparse.Namespace) -> int:
+    granularity = parse_size(args.granularity, "granularity")
+    with Repository.open(args.repo) as repo:
+        rec = repo.add_device(args.name, args.source, granularity)
+    print(f"device {rec.name}: {rec.source}, {format_size(rec.size)}, granularity {format_size(rec.granularity)}")
+    return 0
+
+
+def cmd_device_list(args: argparse.Namespace) -> int:
+    with Repository.open(args.repo) as repo:
+        for d in repo.devices():
+            print(f"{d.name}\t{d.source}\t{d.size}\t{d.granularity}")
+    return 0
+
+
+def cmd_device_remove(args: argparse.Namespace) -> int:
+    with Repository.open(args.repo) as repo:
+        repo.remove_device(args.name)
+    print(f"removed device {args.name} and its backups")
+    return 0
+
+
+@contextmanager
+def progress_reporter(enabled: bool, label: str) -> Iterator[Callable[[Progress], None] | None]:
+    """A tqdm bar on a terminal; nothing at all in scripts."""
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=label, file=sys.stderr, leave=False)
+    last = [0.0]
+
+    def update(p: Progress) -> None:
+        now = time.monotonic()
+        if now - last[0] < 0.1 and p.done < p.total:
+            return
+        last[0] = now
+        bar.total = p.total
+        bar.n = p.done
+        bar.set_description(f"{label} ({p.phase})", refresh=False)
+        bar.refresh()
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    cluster_size = parse_size(args.cluster_size, "cluster size")
+    with Repository.open(args.repo) as repo:
+        with progress_reporter(sys.stderr.isatty(), f"{args.name} {args.kind}") as progress:
+            result = repo.backup(
+                args.name,
+                args.kind,
+                cluster_size=cluster_size,
+                scan=args.scan,
+                label=args.label,
+                auto_full=args.auto_full,
+                on_progress=progress,
+            )
+    print(result.summary())
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with Repository.open(args.repo) as repo:
+        if args.name is not None:
+            repo.device(args.name)  # a clear error for an unknown name
+        rows = repo.backups(args.name)
+    print("ID\tDEVICE\tKIND\tPARENT\tCREATED\tCLUSTER\tSTORED\tLABEL")
+    for b in rows:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b.created))
+        print(
+            f"{b.id}\t{b.device}\t{b.kind}\t{b.parent or '-'}\t{created}\t"
+            f"{format_size(b.cluster_size)}\t{format_size(b.stored_bytes)}\t{b.label or ''}"
+        )
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with Repository.open(args.repo) as repo:
+        for d in repo.devices():
+            dev = repo.device(d.name)
+            latest = repo.catalog.latest_backup(d.name)
+            state = "trusted" if dev.trusted else f"untrusted ({dev.untrusted_reason})"
+            print(f"{d.name}: {d.source}, {format_size(d.size)}, granularity {format_size(d.granularity)}")
+            print(f"  bitmap: {state}; dirty since last backup {format_size(dev.since_last.active.dirty_bytes())}, "
+                  f"since last full {format_size(dev.since_full.active.dirty_bytes())}")
+            print(f"  latest backup: {latest.id if latest else 'none'}")
+            for j in repo.catalog.jobs(d.name, limit=3):
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.started_ns / 1e9))
+                extra = f": {j.error}" if j.error else ""
+                print(f"  job {j.id} {j.kind} {when} {j.state}{extra}")
+    return 0
+

@@ -1,0 +1,335 @@
+"""The repository's catalog: devices, backups and their lineage, job history.
+
+SQLite in WAL mode with synchronous=FULL: a backup exists for users exactly
+when its row is committed, and that commit is the last step of a job (after
+the image and its checksums are durable). One connection, shared by the
+threads of one process behind a lock; the repository lock keeps other
+processes out.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from engine.errors import BackupfsError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE devices (
+    name TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    granularity INTEGER NOT NULL,
+    created_ns INTEGER NOT NULL
+);
+CREATE TABLE backups (
+    id TEXT PRIMARY KEY,
+    device TEXT NOT NULL REFERENCES devices(name),
+    seq INTEGER NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('full', 'incremental', 'differential')),
+    parent TEXT REFERENCES backups(id),
+    created_ns INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    cluster_size INTEGER NOT NULL,
+    granularity INTEGER NOT NULL,
+    image TEXT NOT NULL,
+    checksums TEXT,
+    stored_bytes INTEGER NOT NULL,
+    state TEXT NOT NULL DEFAULT 'complete',
+    label TEXT,
+    scanned INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (device, seq)
+);
+CREATE TABLE jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    started_ns INTEGER NOT NULL,
+    finished_ns INTEGER,
+    state TEXT NOT NULL,
+    backup TEXT,
+    bytes_total INTEGER,
+    bytes_done INTEGER,
+    bytes_written INTEGER,
+    scanned INTEGER NOT NULL DEFAULT 0,
+    error TEXT
+);
+CREATE INDEX backups_by_device ON backups (device, seq);
+CREATE INDEX jobs_by_device ON jobs (device, id);
+"""
+
+
+class CatalogError(BackupfsError):
+    pass
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    name: str
+    source: str
+    size: int
+    granularity: int
+    created_ns: int
+
+
+@dataclass(frozen=True)
+class BackupRecord:
+    id: str
+    device: str
+    seq: int
+    kind: str
+    parent: str | None
+    created_ns: int
+    size: int
+    cluster_size: int
+    granularity: int
+    image: str  # relative to the repository
+    checksums: str | None
+    stored_bytes: int
+    label: str | None = None
+    scanned: bool = False
+    state: str = "complete"
+
+    @property
+    def created(self) -> float:
+        return self.created_ns / 1e9
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: int
+    device: str
+    kind: str
+    started_ns: int
+    finished_ns: int | None
+    state: str
+    backup: str | None
+    bytes_total: int | None
+    bytes_done: int | None
+    bytes_written: int | None
+    scanned: bool
+    error: str | None
+
+
+_BACKUP_COLUMNS = (
+    "id, device, seq, kind, parent, created_ns, size, cluster_size, granularity, "
+    "image, checksums, stored_bytes, label, scanned, state"
+)
+_JOB_COLUMNS = (
+    "id, device, kind, started_ns, finished_ns, state, backup, bytes_total, bytes_done, "
+    "bytes_written, scanned, error"
+)
+
+
+class Catalog:
+    def __init__(self, conn: sqlite3.Connection, path: str) -> None:
+        self._conn = conn
+        self.path = path
+        self._lock = threading.RLock()
+
+    # -- opening -------------------------------------------------------------
+
+    @staticmethod
+    def _connect(path: str) -> sqlite3.Connection:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        return conn
+
+    @classmethod
+    def create(cls, path: str) -> Catalog:
+        conn = cls._connect(path)
+        conn.executescript(
+            "BEGIN;\n"
+            + _SCHEMA
+            + f"INSERT INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}');\nCOMMIT;"
+        )
+        return cls(conn, path)
+
+    @classmethod
+    def open(cls, path: str) -> Catalog:
+        try:
+            conn = cls._connect(path)
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise CatalogError(f"{path}: not a backupfs catalog ({e})") from None
+        if row is None:
+            conn.close()
+            raise CatalogError(f"{path}: catalog has no schema version")
+        version = int(row[0])
+        if version > SCHEMA_VERSION:
+            conn.close()
+            raise CatalogError(
+                f"{path}: repository format {version} is newer than this backupfs understands "
+                f"({SCHEMA_VERSION}); upgrade backupfs"
+            )
+        return cls(conn, path)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._conn.execute(sql, args).fetchall()
+
+    # -- devices -----------------------------------------------------------------
+
+    def add_device(self, name: str, source: str, size: int, granularity: int) -> DeviceRecord:
+        rec = DeviceRecord(name, source, size, granularity, time.time_ns())
+        try:
+            with self.transaction() as c:
+                c.execute(
+                    "INSERT INTO devices VALUES (?, ?, ?, ?, ?)",
+                    (rec.name, rec.source, rec.size, rec.granularity, rec.created_ns),
+                )
+        except sqlite3.IntegrityError:
+            raise CatalogError(f"device {name!r} already exists") from None
+        return rec
+
+    def remove_device(self, name: str) -> None:
+        with self.transaction() as c:
+            c.execute("DELETE FROM jobs WHERE device = ?", (name,))
+            c.execute("DELETE FROM backups WHERE device = ?", (name,))
+            c.execute("DELETE FROM devices WHERE name = ?", (name,))
+
+    def device(self, name: str) -> DeviceRecord | None:
+        rows = self._query("SELECT name, source, size, granularity, created_ns FROM devices WHERE name = ?", (name,))
+        return DeviceRecord(*rows[0]) if rows else None
+
+    def devices(self) -> list[DeviceRecord]:
+        return [
+            DeviceRecord(*r)
+            for r in self._query("SELECT name, source, size, granularity, created_ns FROM devices ORDER BY name")
+        ]
+
+    # -- backups -------------------------------------------------------------------
+
+    def next_seq(self, device: str) -> int:
+        rows = self._query("SELECT COALESCE(MAX(seq), 0) FROM backups WHERE device = ?", (device,))
+        return int(rows[0][0]) + 1
+
+    def add_backup(self, rec: BackupRecord) -> None:
+        with self.transaction() as c:
+            c.execute(
+                f"INSERT INTO backups ({_BACKUP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    rec.id, rec.device, rec.seq, rec.kind, rec.parent, rec.created_ns, rec.size,
+                    rec.cluster_size, rec.granularity, rec.image, rec.checksums, rec.stored_bytes,
+                    rec.label, int(rec.scanned), rec.state,
+                ),
+            )
+
+    @staticmethod
+    def _backup(row: tuple) -> BackupRecord:
+        (bid, dev, seq, kind, parent, created, size, cs, gran, image, sums, stored, label, scanned, state) = row
+        return BackupRecord(bid, dev, seq, kind, parent, created, size, cs, gran, image, sums, stored,
+                            label, bool(scanned), state)
+
+    def backups(self, device: str | None = None) -> list[BackupRecord]:
+        if device is None:
+            rows = self._query(f"SELECT {_BACKUP_COLUMNS} FROM backups ORDER BY device, seq")
+        else:
+            rows = self._query(f"SELECT {_BACKUP_COLUMNS} FROM backups WHERE device = ? ORDER BY seq", (device,))
+        return [self._backup(r) for r in rows]
+
+    def backup(self, backup_id: str) -> BackupRecord | None:
+        rows = self._query(f"SELECT {_BACKUP_COLUMNS} FROM backups WHERE id = ?", (backup_id,))
+        return self._backup(rows[0]) if rows else None
+
+    def latest_backup(self, device: str) -> BackupRecord | None:
+        rows = self._query(
+            f"SELECT {_BACKUP_COLUMNS} FROM backups WHERE device = ? ORDER BY seq DESC LIMIT 1", (device,)
+        )
+        return self._backup(rows[0]) if rows else None
+
+    def last_full(self, device: str) -> BackupRecord | None:
+        rows = self._query(
+            f"SELECT {_BACKUP_COLUMNS} FROM backups WHERE device = ? AND kind = 'full' "
+            "ORDER BY seq DESC LIMIT 1",
+            (device,),
+        )
+        return self._backup(rows[0]) if rows else None
+
+    def lineage(self, backup_id: str) -> list[BackupRecord]:
+        """The backup and its ancestors, newest first."""
+        out: list[BackupRecord] = []
+        seen: set[str] = set()
+        current: str | None = backup_id
+        while current is not None:
+            if current in seen:
+                raise CatalogError(f"catalog lineage of {backup_id} loops at {current}")
+            seen.add(current)
+            rec = self.backup(current)
+            if rec is None:
+                raise CatalogError(f"backup {current} is missing from the catalog")
+            out.append(rec)
+            current = rec.parent
+        return out
+
+    # -- jobs --------------------------------------------------------------------------
+
+    def job_started(self, device: str, kind: str) -> int:
+        with self.transaction() as c:
+            cur = c.execute(
+                "INSERT INTO jobs (device, kind, started_ns, state) VALUES (?, ?, ?, 'running')",
+                (device, kind, time.time_ns()),
+            )
+            return int(cur.lastrowid or 0)
+
+    def job_finished(
+        self,
+        job_id: int,
+        state: str,
+        *,
+        backup: str | None = None,
+        total: int | None = None,
+        done: int | None = None,
+        written: int | None = None,
+        scanned: bool = False,
+        error: str | None = None,
+    ) -> None:
+        with self.transaction() as c:
+            c.execute(
+                "UPDATE jobs SET finished_ns = ?, state = ?, backup = ?, bytes_total = ?, bytes_done = ?, "
+                "bytes_written = ?, scanned = ?, error = ? WHERE id = ?",
+                (time.time_ns(), state, backup, total, done, written, int(scanned), error, job_id),
+            )
+
+    def jobs(self, device: str | None = None, limit: int = 20) -> list[JobRecord]:
+        if device is None:
+            rows = self._query(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
+        else:
+            rows = self._query(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE device = ? ORDER BY id DESC LIMIT ?", (device, limit)
+            )
+        return [JobRecord(*r[:10], bool(r[10]), r[11]) for r in rows]
+
+    def mark_interrupted_jobs(self) -> int:
+        """Jobs a crashed process left 'running' did not finish."""
+        with self.transaction() as c:
+            cur = c.execute(
+                "UPDATE jobs SET state = 'interrupted', finished_ns = ?, "
+                "error = 'the process stopped while the job ran' WHERE state = 'running'",
+                (time.time_ns(),),
+            )
+            return cur.rowcount

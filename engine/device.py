@@ -1,0 +1,222 @@
+"""A live device: reads and writes of the source, recorded in dirty bitmaps.
+
+Two bitmaps per device: ``since_last`` (dirty since the previous backup of
+any kind: what an incremental copies) and ``since_full`` (dirty since the
+last full: what a differential copies). Every write marks both.
+
+Writes and job starts are ordered by a gate: writes hold it shared (many
+at once), starting or ending a job holds it exclusive. So every write lands
+wholly before a backup's trigger instant (its bits are frozen into the job)
+or wholly after (copy-before-write saves what it overwrites).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from engine.bitmap import (
+    BitmapFileError,
+    DirtyBitmap,
+    SourceIdentity,
+    TrackedBitmap,
+    load_bitmap,
+    save_bitmap,
+)
+from engine.catalog import DeviceRecord
+from engine.errors import BackupfsError
+
+if TYPE_CHECKING:
+    from engine.job import BackupJob
+
+
+class DeviceError(BackupfsError):
+    def __init__(self, message: str, err: int = errno.EIO) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+class WriteGate:
+    """Shared for writers, exclusive for job start and end."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._writers = 0
+        self._exclusive = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            self._writers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writers -= 1
+                if self._writers == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            self._exclusive = True  # new writers wait from here on
+            while self._writers:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+def source_size(fd: int) -> int:
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        return os.lseek(fd, 0, os.SEEK_END)
+    return st.st_size
+
+
+class Device:
+    """One registered device, opened for I/O."""
+
+    def __init__(self, record: DeviceRecord, state_dir: str, has_backups: bool) -> None:
+        self.record = record
+        self.name = record.name
+        self.path = record.source
+        self.size = record.size
+        self.granularity = record.granularity
+        self.state_dir = state_dir
+        self.read_only = False
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except PermissionError:
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            self.read_only = True
+        except FileNotFoundError:
+            raise DeviceError(f"device {self.name}: source {self.path} does not exist", errno.ENOENT) from None
+        except OSError as e:
+            raise DeviceError(f"device {self.name}: cannot open source {self.path}: {e.strerror}") from None
+        actual = source_size(self.fd)
+        if actual != self.size:
+            os.close(self.fd)
+            raise DeviceError(
+                f"device {self.name}: source {self.path} is {actual} bytes, "
+                f"registered as {self.size}; it changed size behind backupfs's back",
+                errno.EIO,
+            )
+        self.gate = WriteGate()
+        self.job: BackupJob | None = None
+        self.untrusted_reason: str | None = None
+        self.since_last = self._load("since-last", has_backups)
+        self.since_full = self._load("since-full", has_backups)
+        self._persist(in_use=True)
+
+    # -- bitmaps ------------------------------------------------------------------
+
+    def _bitmap_path(self, which: str) -> str:
+        return os.path.join(self.state_dir, f"{which}.bitmap")
+
+    def identity(self) -> SourceIdentity:
+        return SourceIdentity.of(self.path, self.size)
+
+    def _load(self, which: str, has_backups: bool) -> TrackedBitmap:
+        path = self._bitmap_path(which)
+        fresh = DirtyBitmap(self.size, self.granularity)
+        try:
+            stored = load_bitmap(path)
+        except FileNotFoundError:
+            if has_backups:
+                self.untrusted_reason = "its bitmap file is missing"
+            return TrackedBitmap(fresh, trusted=not has_backups)
+        except BitmapFileError as e:
+            self.untrusted_reason = f"its bitmap is unreadable ({e})"
+            return TrackedBitmap(fresh, trusted=False)
+        bm = stored.bitmap
+        if (bm.size, bm.granularity) != (self.size, self.granularity):
+            self.untrusted_reason = "its bitmap does not match the device"
+            return TrackedBitmap(fresh, trusted=False)
+        trusted = stored.trusted
+        if stored.in_use:
+            trusted = False
+            self.untrusted_reason = "backupfs did not stop cleanly"
+        elif stored.identity != self.identity():
+            trusted = False
+            self.untrusted_reason = "the source changed behind backupfs's back"
+        elif not trusted and self.untrusted_reason is None:
+            self.untrusted_reason = "no backup has re-synchronised it since it became untrusted"
+        return TrackedBitmap(bm, trusted=trusted)
+
+    def _persist(self, in_use: bool) -> None:
+        identity = self.identity()
+        for which, tracked in (("since-last", self.since_last), ("since-full", self.since_full)):
+            save_bitmap(self._bitmap_path(which), tracked.pending(), identity, in_use, tracked.trusted)
+
+    @property
+    def trusted(self) -> bool:
+        return self.since_last.trusted and self.since_full.trusted
+
+    # -- I/O --------------------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset >= self.size or length <= 0:
+            return b""
+        length = min(length, self.size - offset)
+        try:
+            return os.pread(self.fd, length, offset)
+        except OSError as e:
+            raise DeviceError(f"device {self.name}: reading {self.path}: {e.strerror}", e.errno or errno.EIO) from None
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
+        """Write through to the source; returns bytes written (short at the end)."""
+        if self.read_only:
+            raise DeviceError(f"device {self.name}: source {self.path} is read-only", errno.EROFS)
+        if offset >= self.size:
+            raise DeviceError(f"device {self.name}: write at {offset} is past its end ({self.size})", errno.ENOSPC)
+        view = memoryview(data)[: self.size - offset]
+        length = len(view)
+        with self.gate.shared():
+            job = self.job
+            if job is not None:
+                job.before_write(offset, length)
+            # Mark first: a failed or short write may still have changed bytes.
+            self.since_last.active.mark(offset, length)
+            self.since_full.active.mark(offset, length)
+            done = 0
+            while done < length:
+                try:
+                    done += os.pwrite(self.fd, view[done:], offset + done)
+                except OSError as e:
+                    raise DeviceError(
+                        f"device {self.name}: writing {self.path}: {e.strerror}", e.errno or errno.EIO
+                    ) from None
+        return length
+
+    def fsync(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            raise DeviceError(f"device {self.name}: fsync {self.path}: {e.strerror}", e.errno or errno.EIO) from None
+
+    def close(self) -> None:
+        """Clean stop: sync the source, then persist the bitmaps as not in use."""
+        if self.fd < 0:
+            return
+        if self.job is not None:
+            self.job.cancel()
+        try:
+            if not self.read_only:
+                os.fsync(self.fd)
+            self._persist(in_use=False)
+        finally:
+            os.close(self.fd)
+            self.fd = -1

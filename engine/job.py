@@ -1,0 +1,393 @@
+"""The aligned copy: one backup job, with copy-before-write.
+
+The rule (QEMU's block/backup, 2016) lives in ``copy_cluster_size``; the
+rest of this module applies it: dirty runs are widened to whole copy
+clusters, clipped at the device end, and copied in large chunks; a copy
+cluster is the unit of everything (claiming, copy-before-write, progress),
+so a target cluster is never written in part.
+
+Threading: the job's main loop runs in one thread; ``before_write`` is
+called from whichever threads write to the device. Claims on copy clusters
+are made under one condition variable, so each cluster is read from the
+source exactly once, by whoever gets there first, and a writer waits for
+clusters another thread is copying. Everything else (reading the source,
+hashing) happens outside the lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from bitarray import bitarray
+
+from engine.checksums import ChecksumRecord, granule_hashes
+from engine.errors import BackupfsError
+from engine.qcow2.writer import Qcow2Writer
+
+CHUNK_BYTES = 8 * 1024 * 1024
+
+
+def copy_cluster_size(granularity: int, target_cluster_size: int) -> int:
+    """The unit a backup copies: max(bitmap granularity, target cluster size).
+
+    Why the max: a bit of the bitmap says only "something in this granule
+    changed", so a granule is copied whole; and a target cluster must be
+    written whole, because a qcow2 cluster allocated with part of its bytes
+    left unwritten reads those bytes as zeros, not from the backing file, and
+    such zeros cannot be told from real ones. Both are powers of two, so the
+    larger is a multiple of the smaller and one aligned unit satisfies both.
+    """
+    return max(granularity, target_cluster_size)
+
+
+def aligned_runs(runs: Iterable[tuple[int, int]], unit: int, size: int) -> list[tuple[int, int]]:
+    """Widen byte runs to ``unit`` alignment, clip at ``size``, merge neighbours."""
+    out: list[tuple[int, int]] = []
+    for start, end in runs:
+        if end <= start:
+            continue
+        a = start - start % unit
+        b = min(-(-end // unit) * unit, size)
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def units_of(runs: Iterable[tuple[int, int]], unit: int, size: int) -> bitarray:
+    """One bit per copy cluster: set where any run touches it."""
+    n = -(-size // unit)
+    bits = bitarray(n, endian="little")
+    bits.setall(0)
+    for start, end in runs:
+        if end > start:
+            bits[start // unit : min(-(-end // unit), n)] = 1
+    return bits
+
+
+# -- errors ------------------------------------------------------------------------
+
+
+class JobError(BackupfsError):
+    """A job that failed; ``errno`` says why (EIO source, ENOSPC target...)."""
+
+    def __init__(self, message: str, err: int = errno.EIO) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+class JobCancelled(JobError):
+    def __init__(self) -> None:
+        super().__init__("backup cancelled", errno.ECANCELED)
+
+
+# -- the source ----------------------------------------------------------------------
+
+
+class Source:
+    """Reads of the device being backed up. Tests substitute a faulty one."""
+
+    def __init__(self, fd: int, path: str, size: int) -> None:
+        self.fd = fd
+        self.path = path
+        self.size = size
+
+    def read(self, offset: int, length: int) -> bytearray:
+        buf = bytearray(length)
+        view = memoryview(buf)
+        done = 0
+        while done < length:
+            try:
+                n = os.preadv(self.fd, [view[done:]], offset + done)
+            except OSError as e:
+                raise JobError(
+                    f"reading source {self.path} at offset {offset + done}: {e.strerror}",
+                    e.errno or errno.EIO,
+                ) from None
+            if n == 0:
+                raise JobError(
+                    f"source {self.path} ended at {offset + done}, expected {self.size} bytes "
+                    "(did it shrink?)",
+                    errno.EIO,
+                )
+            done += n
+        return buf
+
+
+# -- progress ------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    total: int
+    done: int = 0
+    written: int = 0
+    started: float = field(default_factory=time.monotonic)
+    phase: str = "copying"
+
+    @property
+    def elapsed(self) -> float:
+        return max(time.monotonic() - self.started, 1e-9)
+
+    @property
+    def rate(self) -> float:
+        """Bytes per second processed so far."""
+        return self.done / self.elapsed
+
+    @property
+    def eta(self) -> float | None:
+        if self.done <= 0:
+            return None
+        return (self.total - self.done) / self.rate
+
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 1.0
+
+
+# -- the job ---------------------------------------------------------------------------
+
+
+@dataclass
+class JobPlan:
+    """What a job copies and how."""
+
+    size: int
+    granularity: int
+    cluster_size: int
+    units: bitarray  # one bit per copy cluster to process
+    zeros_explicit: bool  # False for a full (no backing): zero clusters stay unallocated
+    parent_hashes: np.ndarray | None = None  # scan mode: the parent chain's granule checksums
+
+    @property
+    def unit(self) -> int:
+        return copy_cluster_size(self.granularity, self.cluster_size)
+
+    @property
+    def scan(self) -> bool:
+        return self.parent_hashes is not None
+
+
+class BackupJob:
+    """Copies the planned copy clusters from ``source`` into ``writer``."""
+
+    def __init__(
+        self,
+        plan: JobPlan,
+        source: Source,
+        writer: Qcow2Writer,
+        checksums: ChecksumRecord,
+        *,
+        kind: str = "backup",
+        on_progress: Callable[[Progress], None] | None = None,
+        cancel: threading.Event | None = None,
+        chunk_bytes: int = CHUNK_BYTES,
+    ) -> None:
+        self.plan = plan
+        self.kind = kind
+        self.source = source
+        self.writer = writer
+        self.checksums = checksums
+        self.unit = plan.unit
+        self.chunk_units = max(1, chunk_bytes // self.unit)
+        self.on_progress = on_progress
+        self.cancel_event = cancel or threading.Event()
+        self._cond = threading.Condition()
+        self._todo = plan.units.copy()
+        self._inflight = bitarray(len(self._todo), endian="little")
+        self._inflight.setall(0)
+        self._writer_lock = threading.Lock()
+        self.error: BaseException | None = None
+        self.cbw_units = 0
+        total = self._todo.count(1) * self.unit
+        last = len(self._todo) - 1
+        if last >= 0 and self._todo[last]:
+            total -= last * self.unit + self.unit - plan.size  # the short last unit
+        self.progress = Progress(total=total, phase="scanning" if plan.scan else "copying")
+        self._gran = plan.granularity
+
+    # -- claims -------------------------------------------------------------
+
+    def _claim_next(self) -> tuple[int, int] | None:
+        """Claim the next run of pending units for the main loop."""
+        with self._cond:
+            first = self._todo.find(1)
+            if first < 0:
+                return None
+            stop = self._todo.find(0, first, first + self.chunk_units)
+            if stop < 0:
+                stop = min(first + self.chunk_units, len(self._todo))
+            self._todo[first:stop] = 0
+            self._inflight[first:stop] = 1
+            return first, stop
+
+    def _release(self, first: int, stop: int) -> None:
+        with self._cond:
+            self._inflight[first:stop] = 0
+            self._cond.notify_all()
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._cond:
+            if self.error is None:
+                self.error = exc
+            self._cond.notify_all()
+
+    # -- the main loop ----------------------------------------------------------
+
+    def run(self) -> None:
+        """Copy everything planned; raises JobError (or JobCancelled) on failure."""
+        try:
+            while True:
+                if self.cancel_event.is_set():
+                    raise JobCancelled()
+                if self.error is not None:
+                    raise self.error
+                claim = self._claim_next()
+                if claim is None:
+                    break
+                first, stop = claim
+                try:
+                    self._process(first, stop)
+                finally:
+                    self._release(first, stop)
+            # Wait for copy-before-write work still in flight in other threads.
+            with self._cond:
+                while self._inflight.any() and self.error is None:
+                    self._cond.wait()
+            if self.error is not None:
+                raise self.error
+        except BaseException as e:
+            self._fail(e)
+            raise
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+
+    # -- copy-before-write ------------------------------------------------------
+
+    def before_write(self, offset: int, length: int) -> None:
+        """Called before a write of [offset, offset+length) reaches the device.
+
+        Copies the old contents of the planned, not yet copied copy clusters
+        the write touches, and waits for those another thread is copying.
+        A failure fails the job, never the write: the guest keeps running.
+        """
+        if length <= 0 or self.error is not None:
+            return
+        first = offset // self.unit
+        stop = min(-(-(offset + length) // self.unit), len(self._todo))
+        if first >= stop:
+            return
+        with self._cond:
+            mine = self._todo[first:stop]
+            if mine.any():
+                self._todo[first:stop] = 0
+                self._inflight[first:stop] |= mine
+        if mine.any():
+            for a, b in _bit_runs(mine):
+                try:
+                    self._process(first + a, first + b)
+                    self.cbw_units += b - a
+                except BaseException as e:  # noqa: BLE001 - recorded, fails the job
+                    self._fail(e)
+                finally:
+                    self._release(first + a, first + b)
+        with self._cond:
+            while self.error is None and self._inflight.find(1, first, stop) >= 0:
+                self._cond.wait()
+
+    # -- copying one claimed run ---------------------------------------------------
+
+    def _process(self, first: int, stop: int) -> None:
+        unit = self.unit
+        size = self.plan.size
+        a = first * unit
+        b = min(stop * unit, size)
+        data = self.source.read(a, b - a)
+        view = memoryview(data)
+        gran = self._gran
+        if self.plan.scan:
+            hashes = granule_hashes(view, gran)
+            g0 = a // gran
+            parent = self.plan.parent_hashes[g0 : g0 + len(hashes)]  # type: ignore[index]
+            changed = np.asarray(hashes, dtype=np.uint64) != parent
+            per_unit = unit // gran
+            u = first
+            while u < stop:
+                # Runs of changed units are written together.
+                lo = (u - first) * per_unit
+                if not changed[lo : lo + per_unit].any():
+                    u += 1
+                    continue
+                v = u + 1
+                while v < stop and changed[(v - first) * per_unit : (v - first + 1) * per_unit].any():
+                    v += 1
+                s = (u - first) * unit
+                e = min((v - first) * unit, b - a)
+                self._store(a + s, view[s:e], hashes[s // gran : -(-e // gran)])
+                u = v
+        else:
+            self._store(a, view, granule_hashes(view, gran))
+        with self._cond:
+            self.progress.done += b - a
+        if self.on_progress is not None:
+            self.on_progress(self.progress)
+
+    def _store(self, offset: int, view: memoryview, hashes: list[int]) -> None:
+        """Write whole target clusters: data where non-zero, zeros per plan."""
+        cs = self.plan.cluster_size
+        n = len(view)
+        nclusters = -(-n // cs)
+        words = np.frombuffer(view[: n - n % 8], dtype=np.uint64)
+        full = n // cs
+        nonzero = np.empty(nclusters, dtype=bool)
+        if full:
+            nonzero[:full] = words[: full * cs // 8].reshape(full, cs // 8).any(axis=1)
+        if full < nclusters:
+            nonzero[full] = bool(words[full * cs // 8 :].any()) or any(view[n - n % 8 :])
+        with self._writer_lock:
+            i = 0
+            while i < nclusters:
+                j = i + 1
+                while j < nclusters and nonzero[j] == nonzero[i]:
+                    j += 1
+                s, e = i * cs, min(j * cs, n)
+                try:
+                    if nonzero[i]:
+                        self.writer.write(offset + s, view[s:e])
+                        self.progress.written += e - s
+                    elif self.plan.zeros_explicit:
+                        self.writer.write_zeroes(offset + s, e - s)
+                except OSError as exc:
+                    raise _target_error(self.writer.path, exc) from None
+                except BackupfsError as exc:
+                    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+                        raise JobError(f"repository disk full: {exc}", errno.ENOSPC) from None
+                    raise
+                i = j
+            self.checksums.set(offset // self._gran, hashes)
+
+
+def _target_error(path: str, exc: OSError) -> JobError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return JobError(f"repository disk full writing {path}", errno.ENOSPC)
+    return JobError(f"writing {path}: {exc.strerror}", exc.errno or errno.EIO)
+
+
+def _bit_runs(bits: bitarray) -> list[tuple[int, int]]:
+    out = []
+    pos = bits.find(1)
+    n = len(bits)
+    while pos >= 0:
+        stop = bits.find(0, pos)
+        if stop < 0:
+            stop = n
+        out.append((pos, stop))
+        pos = bits.find(1, stop) if stop < n else -1
+    return out

@@ -1,0 +1,473 @@
+"""The repository: the one facade the CLI and the filesystem call.
+
+Layout of a repository directory::
+
+    catalog.db              SQLite catalog (devices, backups, jobs)
+    lock                    fcntl lock, holds the owner's pid
+    devices/<name>/
+        <id>.qcow2          one image per backup; backing file = parent's image
+        <id>.sums           per-granule checksums of what the backup captured
+        since-last.bitmap   dirty since the previous backup
+        since-full.bitmap   dirty since the last full
+        .tmp-<id>.qcow2     a job's image until it is complete (removed at open)
+
+A backup becomes visible in four durable steps: image (data, tables,
+header, fsync), checksums (fsync), rename into place (fsync of the
+directory), catalog row (commit). A crash before the last leaves files the
+next open removes; the bitmap, persisted as in use, is then untrusted, so
+the next incremental compares checksums and copies whatever changed.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.bitmap import validate_granularity
+from engine.catalog import BackupRecord, Catalog, DeviceRecord
+from engine.chain import ChainView
+from engine.checksums import ChecksumRecord, granule_hashes, overlay
+from engine.device import Device, DeviceError, source_size
+from engine.errors import BackupfsError, ImageError, UsageError
+from engine.fsutil import fsync_dir
+from engine.job import BackupJob, JobError, JobPlan, Progress, Source, copy_cluster_size, units_of
+from engine.qcow2.writer import Qcow2Writer, validate_cluster_size
+
+KINDS = ("full", "incremental", "differential")
+DEFAULT_CLUSTER_SIZE = 64 * 1024
+DEFAULT_GRANULARITY = 64 * 1024
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+CATALOG = "catalog.db"
+
+
+class RepositoryError(BackupfsError):
+    def __init__(self, message: str, err: int = errno.EIO) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+class JobBusy(RepositoryError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, errno.EBUSY)
+
+
+def validate_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise UsageError(
+            f"invalid device name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (no '/', no '..')"
+        )
+    return name
+
+
+@dataclass
+class BackupResult:
+    record: BackupRecord
+    scanned: bool
+    bytes_total: int
+    bytes_written: int
+    cbw_units: int
+    seconds: float
+    scan_reason: str | None = None
+
+    def summary(self) -> str:
+        how = f"scanned ({self.scan_reason}), " if self.scanned else ""
+        return (
+            f"{self.record.id}: {self.record.kind}, {how}"
+            f"{self.bytes_written} bytes stored of {self.bytes_total} examined in {self.seconds:.2f} s"
+        )
+
+
+class Repository:
+    """An open repository, owned by this process until ``close``."""
+
+    def __init__(self, path: str, lock_fd: int, catalog: Catalog) -> None:
+        self.path = path
+        self._lock_fd = lock_fd
+        self.catalog = catalog
+        self._devices: dict[str, Device] = {}
+        self._devices_lock = threading.Lock()
+        self._running: dict[str, BackupJob] = {}
+        self._idle = threading.Condition()
+
+    # -- lifecycle --------------------------------------------------------------
+
+    @staticmethod
+    def init(path: str) -> None:
+        path = os.path.abspath(path)
+        if os.path.exists(os.path.join(path, CATALOG)):
+            raise RepositoryError(f"{path} is already a backupfs repository", errno.EEXIST)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise RepositoryError(f"{path} exists and is not a directory", errno.ENOTDIR)
+        if os.path.isdir(path) and os.listdir(path):
+            raise RepositoryError(f"{path} is not empty; give a new or empty directory", errno.ENOTEMPTY)
+        os.makedirs(os.path.join(path, "devices"), exist_ok=True)
+        Catalog.create(os.path.join(path, CATALOG)).close()
+        fsync_dir(path)
+
+    @classmethod
+    def open(cls, path: str) -> Repository:
+        path = os.path.abspath(path)
+        if not os.path.exists(os.path.join(path, CATALOG)):
+            raise RepositoryError(
+                f"{path} is not a backupfs repository (run 'backupfs init {path}')", errno.ENOENT
+            )
+        lock_fd = os.open(os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.pread(lock_fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(lock_fd)
+            raise RepositoryError(f"repository {path} is in use by pid {owner}", errno.EBUSY) from None
+        os.ftruncate(lock_fd, 0)
+        os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            catalog = Catalog.open(os.path.join(path, CATALOG))
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        repo = cls(path, lock_fd, catalog)
+        repo._recover()
+        return repo
+
+    def _recover(self) -> None:
+        """Remove what interrupted jobs left behind."""
+        self.catalog.mark_interrupted_jobs()
+        known = {b.image for b in self.catalog.backups()} | {
+            b.checksums for b in self.catalog.backups() if b.checksums
+        }
+        devroot = os.path.join(self.path, "devices")
+        for name in os.listdir(devroot):
+            d = os.path.join(devroot, name)
+            if not os.path.isdir(d):
+                continue
+            for f in os.listdir(d):
+                rel = f"devices/{name}/{f}"
+                leftover = f.startswith(".tmp-") or f.endswith(".tmp")
+                orphan = (f.endswith(".qcow2") or f.endswith(".sums")) and rel not in known
+                if leftover or orphan:
+                    os.unlink(os.path.join(d, f))
+            fsync_dir(d)
+
+    def close(self) -> None:
+        """Cancel running jobs, wait for them, persist bitmaps, release the lock."""
+        with self._idle:
+            for job in self._running.values():
+                job.cancel()
+            while self._running:
+                self._idle.wait()
+        with self._devices_lock:
+            for dev in self._devices.values():
+                dev.close()
+            self._devices.clear()
+        self.catalog.close()
+        os.close(self._lock_fd)
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- devices ---------------------------------------------------------------------
+
+    def add_device(self, name: str, source: str, granularity: int = DEFAULT_GRANULARITY) -> DeviceRecord:
+        validate_name(name)
+        validate_granularity(granularity)
+        source = os.path.abspath(source)
+        if os.path.commonpath([source, self.path]) == self.path:
+            raise UsageError(f"source {source} lies inside the repository {self.path}")
+        try:
+            fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise UsageError(f"source {source}: {e.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                raise UsageError(f"source {source} is not a regular file or block device")
+            size = source_size(fd)
+        finally:
+            os.close(fd)
+        if size <= 0 or size % 512:
+            raise UsageError(f"source {source} is {size} bytes; a device must be a non-zero multiple of 512")
+        if self.catalog.device(name) is not None:
+            raise UsageError(f"device {name!r} already exists")
+        os.makedirs(self._device_dir(name), exist_ok=True)
+        return self.catalog.add_device(name, source, size, granularity)
+
+    def remove_device(self, name: str) -> None:
+        if self.catalog.device(name) is None:
+            raise UsageError(f"no device named {name!r}")
+        with self._devices_lock:
+            dev = self._devices.pop(name, None)
+        if dev is not None:
+            if dev.job is not None:
+                raise JobBusy(f"device {name} has a backup running")
+            dev.close()
+        self.catalog.remove_device(name)
+        d = self._device_dir(name)
+        if os.path.isdir(d):
+            for f in os.listdir(d):
+                os.unlink(os.path.join(d, f))
+            os.rmdir(d)
+        fsync_dir(os.path.join(self.path, "devices"))
+
+    def devices(self) -> list[DeviceRecord]:
+        return self.catalog.devices()
+
+    def _device_dir(self, name: str) -> str:
+        return os.path.join(self.path, "devices", name)
+
+    def device(self, name: str) -> Device:
+        """The device opened for I/O (opened once, kept until close)."""
+        with self._devices_lock:
+            dev = self._devices.get(name)
+            if dev is None:
+                rec = self.catalog.device(name)
+                if rec is None:
+                    raise UsageError(f"no device named {name!r}")
+                has_backups = self.catalog.latest_backup(name) is not None
+                dev = Device(rec, self._device_dir(name), has_backups)
+                self._devices[name] = dev
+            return dev
+
+    # -- backups -------------------------------------------------------------------------
+
+    def backups(self, name: str | None = None) -> list[BackupRecord]:
+        return self.catalog.backups(name)
+
+    def image_path(self, rec: BackupRecord) -> str:
+        return os.path.join(self.path, rec.image)
+
+    def chain(self, backup_id: str) -> ChainView:
+        rec = self.catalog.backup(backup_id)
+        if rec is None:
+            raise UsageError(f"no backup {backup_id!r}")
+        return ChainView.open(self.image_path(rec))
+
+    def running_job(self, name: str) -> BackupJob | None:
+        with self._idle:
+            return self._running.get(name)
+
+    def chain_hashes(self, rec: BackupRecord) -> np.ndarray:
+        """Granule checksums of the device as backup ``rec`` captured it."""
+        lineage = list(reversed(self.catalog.lineage(rec.id)))  # oldest first
+        records = []
+        for b in lineage:
+            if b.checksums is None:
+                break
+            records.append(ChecksumRecord.load(os.path.join(self.path, b.checksums)))
+        if records and len(records) == len(lineage):
+            hashes, defined = overlay(records)
+            if defined.all():
+                return hashes
+        # Some layer has no checksums (imported from QEMU): read the chain.
+        with ChainView.open(self.image_path(rec)) as view:
+            out = np.zeros(-(-view.size // rec.granularity), dtype=np.uint64)
+            step = max(rec.granularity, 8 * 1024 * 1024 // rec.granularity * rec.granularity)
+            for off in range(0, view.size, step):
+                chunk = view.read(off, step)
+                g = off // rec.granularity
+                h = granule_hashes(chunk, rec.granularity)
+                out[g : g + len(h)] = h
+            return out
+
+    def backup(
+        self,
+        name: str,
+        kind: str,
+        *,
+        cluster_size: int = DEFAULT_CLUSTER_SIZE,
+        scan: bool = False,
+        label: str | None = None,
+        auto_full: bool = False,
+        on_progress: Callable[[Progress], None] | None = None,
+        cancel: threading.Event | None = None,
+        source_factory: Callable[[Device], Source] | None = None,
+    ) -> BackupResult:
+        """Run one backup to completion (in this thread) and return what it made."""
+        if kind not in KINDS:
+            raise UsageError(f"unknown backup kind {kind!r} (use {', '.join(KINDS)})")
+        validate_cluster_size(cluster_size)
+        dev = self.device(name)
+        started = time.monotonic()
+        created_ns = time.time_ns()
+
+        with dev.gate.exclusive():
+            if dev.job is not None:
+                p = dev.job.progress
+                raise JobBusy(
+                    f"a backup of {name} is already running: {p.done} of {p.total} bytes done "
+                    f"({100 * p.fraction():.0f}%)"
+                )
+            parent = self._parent_for(name, kind)
+            if parent is None and kind != "full":
+                if not auto_full:
+                    raise UsageError(f"device {name} has no full backup yet; take a full backup first")
+                kind = "full"
+            tracked = dev.since_full if kind == "differential" else dev.since_last
+            scan_reason = None
+            if kind != "full":
+                if scan:
+                    scan_reason = "requested"
+                elif not tracked.trusted:
+                    scan_reason = f"bitmap untrusted: {dev.untrusted_reason or 'unknown'}"
+            plan_scan = scan_reason is not None
+            parent_hashes = self.chain_hashes(parent) if plan_scan and parent else None
+
+            unit = copy_cluster_size(dev.granularity, cluster_size)
+            # Freeze the bitmaps this kind consumes; a differential reads
+            # since_full without consuming it (the next differential needs it).
+            frozen_last = dev.since_last.freeze()
+            frozen_full = dev.since_full.freeze() if kind == "full" else None
+            if kind == "full" or plan_scan:
+                units = units_of([(0, dev.size)], unit, dev.size)
+            elif kind == "incremental":
+                units = units_of(frozen_last.runs(), unit, dev.size)
+            else:
+                units = units_of(dev.since_full.active.runs(), unit, dev.size)
+
+            seq = self.catalog.next_seq(name)
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(created_ns / 1e9))
+            backup_id = f"{stamp}-{seq:04d}-{kind}"
+            ddir = self._device_dir(name)
+            final = os.path.join(ddir, f"{backup_id}.qcow2")
+            tmp = os.path.join(ddir, f".tmp-{backup_id}.qcow2")
+            sums_path = os.path.join(ddir, f"{backup_id}.sums")
+            try:
+                writer = Qcow2Writer(
+                    tmp,
+                    dev.size,
+                    cluster_size,
+                    backing_file=f"{parent.id}.qcow2" if parent else None,
+                    backing_format="qcow2" if parent else None,
+                )
+            except BaseException:
+                dev.since_last.reclaim()
+                if frozen_full is not None:
+                    dev.since_full.reclaim()
+                raise
+            plan = JobPlan(dev.size, dev.granularity, cluster_size, units, kind != "full", parent_hashes)
+            checksums = ChecksumRecord(dev.size, dev.granularity)
+            source = source_factory(dev) if source_factory else Source(dev.fd, dev.path, dev.size)
+            job = BackupJob(plan, source, writer, checksums, kind=kind, on_progress=on_progress, cancel=cancel)
+            dev.job = job
+            with self._idle:
+                self._running[name] = job
+        job_id = self.catalog.job_started(name, kind)
+
+        ok = False
+        try:
+            try:
+                job.run()
+                writer.commit()
+                checksums.save(sums_path)
+                os.rename(tmp, final)
+                fsync_dir(ddir)
+            except OSError as e:
+                raise _storage_error(e) from None
+            except ImageError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise RepositoryError(f"repository disk full: {e}", errno.ENOSPC) from None
+                raise
+            rec = BackupRecord(
+                id=backup_id,
+                device=name,
+                seq=seq,
+                kind=kind,
+                parent=parent.id if parent else None,
+                created_ns=created_ns,
+                size=dev.size,
+                cluster_size=cluster_size,
+                granularity=dev.granularity,
+                image=f"devices/{name}/{backup_id}.qcow2",
+                checksums=f"devices/{name}/{backup_id}.sums",
+                stored_bytes=writer.stored_bytes(),
+                label=label,
+                scanned=plan_scan,
+            )
+            self.catalog.add_backup(rec)
+            ok = True
+        except BaseException as e:
+            writer.abort()
+            for leftover in (tmp, final, sums_path):
+                try:
+                    os.unlink(leftover)
+                except FileNotFoundError:
+                    pass
+            state = "cancelled" if isinstance(e, JobError) and e.errno == errno.ECANCELED else "failed"
+            self.catalog.job_finished(
+                job_id, state, total=job.progress.total, done=job.progress.done,
+                written=job.progress.written, scanned=plan_scan, error=str(e),
+            )
+            raise
+        finally:
+            with dev.gate.exclusive():
+                dev.job = None
+                if ok:
+                    dev.since_last.abdicate()
+                    dev.since_last.trusted = True
+                    if frozen_full is not None:
+                        dev.since_full.abdicate()
+                        dev.since_full.trusted = True
+                    elif plan_scan and not dev.since_full.trusted:
+                        self._rebuild_since_full(dev, rec)
+                else:
+                    dev.since_last.reclaim()
+                    if frozen_full is not None:
+                        dev.since_full.reclaim()
+            with self._idle:
+                self._running.pop(name, None)
+                self._idle.notify_all()
+        self.catalog.job_finished(
+            job_id, "succeeded", backup=backup_id, total=job.progress.total, done=job.progress.done,
+            written=job.progress.written, scanned=plan_scan,
+        )
+        return BackupResult(
+            rec, plan_scan, job.progress.total, job.progress.written, job.cbw_units,
+            time.monotonic() - started, scan_reason,
+        )
+
+    def _rebuild_since_full(self, dev: Device, newest: BackupRecord) -> None:
+        """Make since_full trustworthy again after a checksum scan.
+
+        What changed since the last full is what the backups after it
+        defined (each copied at least the granules that differed) plus the
+        writes since the scan started, which since_full.active holds.
+        """
+        for b in self.catalog.lineage(newest.id):
+            if b.kind == "full":
+                break
+            if b.checksums is None:
+                return
+            defined = ChecksumRecord.load(os.path.join(self.path, b.checksums)).defined
+            dev.since_full.active.bits |= defined
+        else:
+            return  # no full in the lineage (imported chain): stay untrusted
+        dev.since_full.trusted = True
+
+    def _parent_for(self, name: str, kind: str) -> BackupRecord | None:
+        if kind == "full":
+            return None
+        if kind == "differential":
+            return self.catalog.last_full(name)
+        return self.catalog.latest_backup(name)
+
+
+def _storage_error(e: OSError) -> RepositoryError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return RepositoryError(f"repository disk full: {e.strerror}", errno.ENOSPC)
+    where = f" {e.filename}" if e.filename else ""
+    return RepositoryError(f"repository write failed{where}: {e.strerror}", e.errno or errno.EIO)
+
+
+__all__ = ["Repository", "RepositoryError", "JobBusy", "BackupResult", "DeviceError", "KINDS"]
