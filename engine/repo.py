@@ -39,7 +39,16 @@ from engine.checksums import ChecksumRecord, granule_hashes, overlay
 from engine.device import Device, DeviceError, source_size
 from engine.errors import BackupfsError, ImageError, UsageError
 from engine.fsutil import fsync_dir
-from engine.job import BackupJob, JobError, JobPlan, Progress, Source, copy_cluster_size, units_of
+from engine.job import (
+    CHUNK_BYTES,
+    BackupJob,
+    JobError,
+    JobPlan,
+    Progress,
+    Source,
+    copy_cluster_size,
+    units_of,
+)
 from engine.qcow2.writer import Qcow2Writer, validate_cluster_size
 
 KINDS = ("full", "incremental", "differential")
@@ -293,6 +302,7 @@ class Repository:
         on_progress: Callable[[Progress], None] | None = None,
         cancel: threading.Event | None = None,
         source_factory: Callable[[Device], Source] | None = None,
+        chunk_bytes: int = CHUNK_BYTES,
     ) -> BackupResult:
         """Run one backup to completion (in this thread) and return what it made."""
         if kind not in KINDS:
@@ -359,7 +369,10 @@ class Repository:
             plan = JobPlan(dev.size, dev.granularity, cluster_size, units, kind != "full", parent_hashes)
             checksums = ChecksumRecord(dev.size, dev.granularity)
             source = source_factory(dev) if source_factory else Source(dev.fd, dev.path, dev.size)
-            job = BackupJob(plan, source, writer, checksums, kind=kind, on_progress=on_progress, cancel=cancel)
+            job = BackupJob(
+                plan, source, writer, checksums, kind=kind, on_progress=on_progress, cancel=cancel,
+                chunk_bytes=chunk_bytes,
+            )
             dev.job = job
             with self._idle:
                 self._running[name] = job

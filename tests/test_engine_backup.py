@@ -1,0 +1,578 @@
+"""The backup engine end to end, without FUSE: every backup checked by QEMU.
+
+Each backup must `qemu-img compare` identical to a copy of the source taken
+at the instant the backup was triggered, and pass `qemu-img check`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import shutil
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.catalog import BackupRecord
+from engine.device import Device
+from engine.errors import BackupfsError, UsageError
+from engine.job import JobError, Progress, Source
+from engine.repo import JobBusy, Repository
+
+from conftest import qemu_check, qemu_compare, qemu_img, qemu_map
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+# -- fixtures and helpers ----------------------------------------------------------------
+
+
+def write_patterns(path: Path, patterns: list[tuple[int, int, int]]) -> None:
+    with open(path, "r+b") as f:
+        for byte, off, n in patterns:
+            f.seek(off)
+            f.write(bytes([byte]) * n)
+
+
+def make_source(path: Path, size: int, seed: int | None = None) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+        if seed is not None:
+            rng = random.Random(seed)
+            for _ in range(40):
+                off = rng.randrange(0, size - 256 * KiB) // 512 * 512
+                f.seek(off)
+                f.write(rng.randbytes(rng.randrange(512, 256 * KiB)))
+    return path
+
+
+class Snapshots:
+    """Copies of the source taken at trigger instants."""
+
+    def __init__(self, src: Path, where: Path) -> None:
+        self.src = src
+        self.where = where
+        self.n = 0
+
+    def take(self) -> Path:
+        self.n += 1
+        out = self.where / f"snap{self.n}.raw"
+        subprocess.run(["cp", "--sparse=always", str(self.src), str(out)], check=True)
+        return out
+
+
+@pytest.fixture
+def repo_path(tmp_path: Path) -> Path:
+    path = tmp_path / "repo"
+    Repository.init(str(path))
+    return path
+
+
+@pytest.fixture
+def repo(repo_path: Path) -> Iterator[Repository]:
+    r = Repository.open(str(repo_path))
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def assert_equals_snapshot(repo: Repository, rec: BackupRecord, snap: Path) -> None:
+    image = repo.image_path(rec)
+    qemu_check(image)
+    qemu_compare(image, snap)
+
+
+def visible_images(repo: Repository, name: str) -> list[str]:
+    d = Path(repo.path) / "devices" / name
+    return sorted(p.name for p in d.iterdir() if p.suffix == ".qcow2")
+
+
+class HookedSource(Source):
+    """The real source, with a hook before each read of the job's main thread."""
+
+    def __init__(self, dev: Device, hook: Callable[[int, int, int], None]) -> None:
+        super().__init__(dev.fd, dev.path, dev.size)
+        self.hook = hook
+        self.reads = 0
+        self.main = threading.get_ident()
+
+    def read(self, offset: int, length: int) -> bytearray:
+        if threading.get_ident() == self.main:
+            self.reads += 1
+            self.hook(self.reads, offset, length)
+        return super().read(offset, length)
+
+
+# -- the aligned copy -----------------------------------------------------------------------
+
+
+def test_seed_case_whole_target_cluster(repo: Repository, tmp_path: Path) -> None:
+    """64 KiB bitmap, 128 KiB clusters, 100 bytes changed in a cluster's second half."""
+    src = make_source(tmp_path / "src.img", 16 * MiB, seed=1)
+    repo.add_device("vm1", str(src), 64 * KiB)
+    snaps = Snapshots(src, tmp_path)
+    full = repo.backup("vm1", "full").record
+    dev = repo.device("vm1")
+    dev.write(3 * 128 * KiB + 64 * KiB + 1000, b"\xaa" * 100)
+    snap = snaps.take()
+    inc = repo.backup("vm1", "incremental", cluster_size=128 * KiB).record
+    assert inc.stored_bytes == 128 * KiB
+    assert_equals_snapshot(repo, inc, snap)
+    image = repo.image_path(inc)
+    extents = [e for e in qemu_map(image) if e["depth"] == 0 and e["present"]]
+    assert [(e["start"], e["length"]) for e in extents] == [(3 * 128 * KiB, 128 * KiB)]
+    # Without its backing file the cluster still reads whole and right.
+    qemu_img("rebase", "-u", "-b", "", image)
+    alone_map = qemu_map(image)
+    assert all(e["start"] % (128 * KiB) == 0 and e["length"] % (128 * KiB) == 0 for e in alone_map)
+    assert [(e["start"], e["length"]) for e in alone_map if e["data"]] == [(3 * 128 * KiB, 128 * KiB)]
+    alone = tmp_path / "alone.raw"
+    qemu_img("convert", "-O", "raw", image, str(alone))
+    with open(alone, "rb") as a, open(snap, "rb") as s:
+        a.seek(3 * 128 * KiB)
+        s.seek(3 * 128 * KiB)
+        assert a.read(128 * KiB) == s.read(128 * KiB)
+    qemu_img("rebase", "-u", "-b", f"{full.id}.qcow2", "-F", "qcow2", image)
+    assert_equals_snapshot(repo, inc, snap)
+
+
+IOTEST_124_ROUNDS = [
+    [(0xAB, 0, 512), (0xFE, 16 * MiB, 256 * KiB), (0x64, 32736 * KiB, 64 * KiB)],
+    [(0x9A, 0, 512), (0x55, 8 * MiB, 352 * KiB), (0x78, 15872 * KiB, 1 * MiB)],
+]
+
+
+@pytest.mark.parametrize("granularity", [32 * KiB, 64 * KiB, 128 * KiB])
+@pytest.mark.parametrize("cluster", [64 * KiB, 128 * KiB, 1 * MiB])
+def test_iotest_124_patterns(granularity: int, cluster: int, repo: Repository, tmp_path: Path) -> None:
+    src = make_source(tmp_path / "src.img", 64 * MiB)
+    write_patterns(src, [(0x41, 0, 512), (0xD5, 1 * MiB, 32 * KiB), (0xDC, 32 * MiB, 124 * KiB)])
+    repo.add_device("d", str(src), granularity)
+    snaps = Snapshots(src, tmp_path)
+    dev = repo.device("d")
+    checks = [(repo.backup("d", "full", cluster_size=cluster).record, snaps.take())]
+    hollow = repo.backup("d", "incremental", cluster_size=cluster)
+    assert hollow.record.stored_bytes == 0 and hollow.bytes_total == 0
+    checks.append((hollow.record, snaps.take()))
+    for round_ in IOTEST_124_ROUNDS:
+        for byte, off, n in round_:
+            dev.write(off, bytes([byte]) * n)
+        rec = repo.backup("d", "incremental", cluster_size=cluster).record
+        checks.append((rec, snaps.take()))
+        unit = max(granularity, cluster)
+        touched = {o // unit for _, off, n in round_ for o in range(off, off + n, 512)}
+        own = [e for e in qemu_map(repo.image_path(rec)) if e["depth"] == 0 and e["present"]]
+        assert sum(e["length"] for e in own) == len(touched) * unit
+        assert {e["start"] // unit for e in own} <= touched
+    for rec, snap in checks:
+        assert_equals_snapshot(repo, rec, snap)
+
+
+def test_zeroed_region_reads_zeros(repo: Repository, tmp_path: Path) -> None:
+    src = make_source(tmp_path / "src.img", 8 * MiB)
+    write_patterns(src, [(0x11, 0, 8 * MiB)])
+    repo.add_device("z", str(src))
+    repo.backup("z", "full")
+    repo.device("z").write(2 * MiB, bytes(1 * MiB))
+    snap = Snapshots(src, tmp_path).take()
+    inc = repo.backup("z", "incremental").record
+    assert_equals_snapshot(repo, inc, snap)
+    zeros = [e for e in qemu_map(repo.image_path(inc)) if e["depth"] == 0 and e["zero"]]
+    assert [(e["start"], e["length"], e["present"]) for e in zeros] == [(2 * MiB, 1 * MiB, True)]
+    assert inc.stored_bytes == 0
+
+
+def test_full_stores_no_zero_regions(repo: Repository, tmp_path: Path) -> None:
+    src = make_source(tmp_path / "src.img", 32 * MiB)
+    write_patterns(src, [(0x22, 1 * MiB, 3 * MiB), (0x23, 20 * MiB, 64 * KiB)])
+    repo.add_device("f", str(src))
+    full = repo.backup("f", "full").record
+    assert full.stored_bytes == 3 * MiB + 64 * KiB
+    data = [(e["start"], e["length"]) for e in qemu_map(repo.image_path(full)) if e["data"]]
+    assert data == [(1 * MiB, 3 * MiB), (20 * MiB, 64 * KiB)]
+    qemu_compare(repo.image_path(full), src)
+
+
+def test_differential_copies_everything_since_the_full(repo: Repository, tmp_path: Path) -> None:
+    src = make_source(tmp_path / "src.img", 16 * MiB, seed=3)
+    repo.add_device("v", str(src))
+    snaps = Snapshots(src, tmp_path)
+    dev = repo.device("v")
+    full = repo.backup("v", "full").record
+    dev.write(1 * MiB, b"\x01" * 4096)
+    inc = repo.backup("v", "incremental").record
+    dev.write(5 * MiB, b"\x02" * 4096)
+    snap_d1 = snaps.take()
+    d1 = repo.backup("v", "differential").record
+    assert d1.parent == full.id and inc.parent == full.id
+    assert d1.stored_bytes == 2 * 64 * KiB  # both changes since the full
+    assert_equals_snapshot(repo, d1, snap_d1)
+    dev.write(9 * MiB, b"\x03" * 4096)
+    snap_d2 = snaps.take()
+    d2 = repo.backup("v", "differential").record
+    assert d2.parent == full.id and d2.stored_bytes == 3 * 64 * KiB
+    assert_equals_snapshot(repo, d2, snap_d2)
+    dev.write(12 * MiB, b"\x04" * 4096)
+    snap_i = snaps.take()
+    i2 = repo.backup("v", "incremental").record
+    assert i2.parent == d2.id and i2.stored_bytes == 64 * KiB
+    assert_equals_snapshot(repo, i2, snap_i)
+
+
+def test_incremental_needs_a_full(repo: Repository, tmp_path: Path) -> None:
+    src = make_source(tmp_path / "src.img", 4 * MiB, seed=4)
+    repo.add_device("n", str(src))
+    with pytest.raises(UsageError, match="no full backup"):
+        repo.backup("n", "incremental")
+    assert repo.backups("n") == []
+    res = repo.backup("n", "incremental", auto_full=True)
+    assert res.record.kind == "full" and res.record.id.endswith("-0001-full")
+
+
+def test_ids_sort_by_time_within_one_second(repo: Repository, tmp_path: Path) -> None:
+    src = make_source(tmp_path / "src.img", 1 * MiB, seed=5)
+    repo.add_device("s", str(src))
+    ids = [repo.backup("s", "full" if i == 0 else "incremental").record.id for i in range(5)]
+    assert ids == sorted(ids) and len(set(ids)) == 5
+    assert [i.split("-")[-1] for i in ids] == ["full"] + ["incremental"] * 4
+
+
+# -- copy-before-write ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_copy_before_write_deterministic(seed: int, repo: Repository, tmp_path: Path) -> None:
+    """Before each main-loop read, another thread writes to clusters not yet
+    copied (and some already copied): the backup is still the trigger-time disk."""
+    size = 48 * MiB
+    src = make_source(tmp_path / "src.img", size, seed=seed)
+    repo.add_device("c", str(src), 64 * KiB)
+    dev = repo.device("c")
+    rng = random.Random(seed)
+    kind_cluster = [("full", 64 * KiB), ("incremental", 128 * KiB), ("differential", 1 * MiB)]
+    snaps = Snapshots(src, tmp_path)
+    written_during: list[tuple[int, int]] = []
+
+    def hook(n: int, offset: int, length: int) -> None:
+        def writer() -> None:
+            for _ in range(8):
+                off = rng.randrange(0, size - 200 * KiB) // 512 * 512
+                if offset <= off < offset + length or offset <= off + 200 * KiB < offset + length:
+                    continue  # the main loop holds those clusters; writing there would wait on us
+                n_bytes = rng.choice([512, 4096, 100 * KiB, 200 * KiB])
+                dev.write(off, rng.randbytes(n_bytes))
+                written_during.append((off, n_bytes))
+
+        t = threading.Thread(target=writer)
+        t.start()
+        t.join()
+
+    for kind, cluster in kind_cluster:
+        for _ in range(6):  # dirty some clusters so incrementals have work
+            off = rng.randrange(0, size - 64 * KiB)
+            dev.write(off, rng.randbytes(rng.randrange(1, 64 * KiB)))
+        snap = snaps.take()
+        written_during.clear()
+        res = repo.backup(
+            "c", kind, cluster_size=cluster, source_factory=lambda d: HookedSource(d, hook)
+        )
+        assert written_during, "the hook wrote nothing"
+        assert_equals_snapshot(repo, res.record, snap)
+        if kind == "full":
+            assert res.cbw_units > 0
+    # Nothing written during the jobs was lost: the next incremental has it all.
+    final = repo.backup("c", "incremental").record
+    assert_equals_snapshot(repo, final, snaps.take())
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13])
+def test_copy_before_write_free_running_writer(seed: int, repo: Repository, tmp_path: Path) -> None:
+    size = 64 * MiB
+    src = make_source(tmp_path / "src.img", size, seed=seed)
+    repo.add_device("w", str(src), 64 * KiB)
+    dev = repo.device("w")
+    snaps = Snapshots(src, tmp_path)
+    for cluster in (64 * KiB, 256 * KiB):
+        started = threading.Event()
+        stop = threading.Event()
+        rng = random.Random(seed * cluster)
+        count = [0]
+
+        def writer() -> None:
+            started.wait()
+            while not stop.is_set():
+                off = rng.randrange(0, size - 64 * KiB) // 512 * 512
+                dev.write(off, rng.randbytes(rng.choice([512, 8 * KiB, 64 * KiB])))
+                count[0] += 1
+
+        def on_first_read(n: int, offset: int, length: int) -> None:
+            started.set()
+
+        snap = snaps.take()
+        t = threading.Thread(target=writer)
+        t.start()
+        try:
+            kind = "full" if cluster == 64 * KiB else "incremental"
+            res = repo.backup("w", kind, cluster_size=cluster,
+                              source_factory=lambda d: HookedSource(d, on_first_read))
+        finally:
+            started.set()
+            stop.set()
+            t.join()
+        assert count[0] > 0
+        assert_equals_snapshot(repo, res.record, snap)
+    final = repo.backup("w", "incremental").record
+    assert_equals_snapshot(repo, final, snaps.take())
+
+
+# -- failures ----------------------------------------------------------------------------------
+
+
+def _state_after_failure(repo: Repository, name: str, before_images: list[str]) -> None:
+    assert visible_images(repo, name) == before_images
+    d = Path(repo.path) / "devices" / name
+    assert not [p for p in d.iterdir() if p.name.startswith(".tmp-") or p.suffix == ".sums" and
+                p.with_suffix(".qcow2").name not in before_images]
+    assert repo.running_job(name) is None
+
+
+def test_source_read_error_keeps_the_bitmap(repo: Repository, tmp_path: Path) -> None:
+    src = make_source(tmp_path / "src.img", 32 * MiB, seed=6)
+    repo.add_device("e", str(src), 64 * KiB)
+    dev = repo.device("e")
+    repo.backup("e", "full")
+    for off in (0, 10 * MiB, 20 * MiB, 30 * MiB):
+        dev.write(off, b"\x77" * 4096)
+    before = visible_images(repo, "e")
+    dirty_before = list(dev.since_last.active.runs())
+
+    def fail_third(n: int, offset: int, length: int) -> None:
+        if n == 2:
+            dev.write(25 * MiB, b"\x78" * 512)  # a write during the failing job
+        if n == 3:
+            raise JobError(f"reading source at offset {offset}: Input/output error", errno.EIO)
+
+    with pytest.raises(JobError) as info:
+        repo.backup("e", "incremental", chunk_bytes=64 * KiB,
+                    source_factory=lambda d: HookedSource(d, fail_third))
+    assert info.value.errno == errno.EIO and "Input/output error" in str(info.value)
+    _state_after_failure(repo, "e", before)
+    runs = list(dev.since_last.active.runs())
+    assert set(dirty_before) <= set(runs) and (25 * MiB, 25 * MiB + 64 * KiB) in runs
+    jobs = repo.catalog.jobs("e", limit=1)
+    assert jobs[0].state == "failed" and "Input/output error" in (jobs[0].error or "")
+    snap = Snapshots(src, tmp_path).take()
+    rec = repo.backup("e", "incremental").record
+    assert rec.stored_bytes == 5 * 64 * KiB
+    assert_equals_snapshot(repo, rec, snap)
+
+
+def test_cancel_midway(repo: Repository, tmp_path: Path) -> None:
+    src = make_source(tmp_path / "src.img", 32 * MiB, seed=7)
+    repo.add_device("k", str(src), 64 * KiB)
+    cancel = threading.Event()
+
+    def on_progress(p: Progress) -> None:
+        if p.done >= 4 * MiB:
+            cancel.set()
+
+    with pytest.raises(JobError) as info:
+        repo.backup("k", "full", on_progress=on_progress, cancel=cancel, chunk_bytes=1 * MiB)
+    assert info.value.errno == errno.ECANCELED
+    _state_after_failure(repo, "k", [])
+    assert repo.catalog.jobs("k", limit=1)[0].state == "cancelled"
+    snap = Snapshots(src, tmp_path).take()
+    assert_equals_snapshot(repo, repo.backup("k", "full").record, snap)
+
+
+def test_second_trigger_is_busy(repo: Repository, tmp_path: Path) -> None:
+    src = make_source(tmp_path / "src.img", 8 * MiB, seed=8)
+    repo.add_device("b", str(src))
+    seen: list[BackupfsError] = []
+
+    def nested(n: int, offset: int, length: int) -> None:
+        if n == 2:
+            try:
+                repo.backup("b", "full")
+            except JobBusy as e:
+                seen.append(e)
+
+    repo.backup("b", "full", chunk_bytes=1 * MiB, source_factory=lambda d: HookedSource(d, nested))
+    assert len(seen) == 1 and seen[0].errno == errno.EBUSY
+    assert "already running" in str(seen[0]) and "bytes done" in str(seen[0])
+    assert len(repo.backups("b")) == 1
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 24 MiB tmpfs: a repository disk that fills up."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_repository_disk_full(small_fs: Path, tmp_path: Path) -> None:
+    repo_dir = small_fs / "repo"
+    Repository.init(str(repo_dir))
+    src = tmp_path / "src.img"
+    with open(src, "wb") as f:
+        f.write(os.urandom(40 * MiB))
+    with Repository.open(str(repo_dir)) as repo:
+        repo.add_device("full", str(src))
+        with pytest.raises(BackupfsError) as info:
+            repo.backup("full", "full")
+        assert info.value.errno == errno.ENOSPC and "disk full" in str(info.value)
+        _state_after_failure(repo, "full", [])
+        dev = repo.device("full")
+        assert dev.since_last.frozen is None
+    # The space is given back.
+    assert shutil.disk_usage(small_fs).used < 1 * MiB
+
+
+# -- untrusted bitmaps -------------------------------------------------------------------------
+
+
+def test_source_changed_behind_our_back(repo_path: Path, tmp_path: Path) -> None:
+    src = make_source(tmp_path / "src.img", 16 * MiB, seed=9)
+    with Repository.open(str(repo_path)) as repo:
+        repo.add_device("u", str(src))
+        repo.backup("u", "full")
+    write_patterns(src, [(0x5A, 7 * MiB + 3, 10)])  # not through backupfs
+    snap = Snapshots(src, tmp_path).take()
+    with Repository.open(str(repo_path)) as repo:
+        dev = repo.device("u")
+        assert not dev.trusted and "behind" in (dev.untrusted_reason or "")
+        res = repo.backup("u", "incremental")
+        assert res.scanned and "untrusted" in (res.scan_reason or "")
+        assert res.record.stored_bytes == 64 * KiB and res.record.scanned
+        assert_equals_snapshot(repo, res.record, snap)
+        assert dev.trusted
+        dev.write(0, b"\x01")
+        res = repo.backup("u", "incremental")
+        assert not res.scanned and res.record.stored_bytes == 64 * KiB
+
+
+def test_unclean_stop_makes_the_bitmap_untrusted(repo_path: Path, tmp_path: Path) -> None:
+    src = make_source(tmp_path / "src.img", 16 * MiB, seed=10)
+    with Repository.open(str(repo_path)) as repo:
+        repo.add_device("x", str(src))
+        repo.backup("x", "full")
+    # A process writes through the engine and dies without closing.
+    code = textwrap.dedent(f"""
+        import os
+        from engine.repo import Repository
+        repo = Repository.open({str(repo_path)!r})
+        dev = repo.device("x")
+        dev.write(3 * 1024 * 1024, b"\\x66" * 70000)
+        os._exit(9)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr
+    snap = Snapshots(src, tmp_path).take()
+    with Repository.open(str(repo_path)) as repo:
+        dev = repo.device("x")
+        assert not dev.trusted and "did not stop cleanly" in (dev.untrusted_reason or "")
+        res = repo.backup("x", "differential")
+        assert res.scanned and res.record.stored_bytes == 2 * 64 * KiB
+        assert_equals_snapshot(repo, res.record, snap)
+        # The scan repaired both bitmaps: the next differential needs no scan.
+        assert dev.trusted
+        dev.write(10 * MiB, b"\x01")
+        res2 = repo.backup("x", "differential")
+        assert not res2.scanned and res2.record.stored_bytes == 3 * 64 * KiB
+        assert_equals_snapshot(repo, res2.record, Snapshots(src, tmp_path).take())
+
+
+def test_explicit_scan_finds_only_real_changes(repo: Repository, tmp_path: Path) -> None:
+    src = make_source(tmp_path / "src.img", 16 * MiB, seed=11)
+    repo.add_device("s", str(src))
+    dev = repo.device("s")
+    repo.backup("s", "full", cluster_size=128 * KiB)
+    old = dev.read(4 * MiB, 4096)
+    dev.write(4 * MiB, old)  # same bytes: dirty in the bitmap, unchanged in fact
+    dev.write(9 * MiB, b"\x42" * 10)
+    snap = Snapshots(src, tmp_path).take()
+    res = repo.backup("s", "incremental", scan=True)
+    assert res.scanned and res.scan_reason == "requested"
+    assert res.record.stored_bytes == 64 * KiB
+    assert_equals_snapshot(repo, res.record, snap)
+
+
+# -- the repository --------------------------------------------------------------------------------
+
+
+def test_second_process_gets_a_clear_lock_error(repo_path: Path) -> None:
+    with Repository.open(str(repo_path)):
+        code = f"from engine.repo import Repository\nRepository.open({str(repo_path)!r})"
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert proc.returncode != 0
+        assert f"is in use by pid {os.getpid()}" in proc.stderr
+
+
+def test_newer_catalog_is_refused(repo_path: Path) -> None:
+    db = sqlite3.connect(repo_path / "catalog.db")
+    db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    with pytest.raises(BackupfsError, match="newer than this backupfs"):
+        Repository.open(str(repo_path))
+
+
+def test_leftovers_of_a_crash_are_removed(repo_path: Path, tmp_path: Path) -> None:
+    src = make_source(tmp_path / "src.img", 4 * MiB, seed=12)
+    with Repository.open(str(repo_path)) as repo:
+        repo.add_device("l", str(src))
+        keep = repo.backup("l", "full").record
+    d = repo_path / "devices" / "l"
+    (d / ".tmp-20260101T000000Z-0009-full.qcow2").write_bytes(b"\0" * 4096)
+    (d / "20260101T000000Z-0009-full.qcow2").write_bytes(b"QFI\xfb")  # renamed, never committed
+    (d / "20260101T000000Z-0009-full.sums").write_bytes(b"x")
+    with Repository.open(str(repo_path)) as repo:
+        assert visible_images(repo, "l") == [f"{keep.id}.qcow2"]
+        assert sorted(p.name for p in d.iterdir() if "0009" in p.name) == []
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "", ".hidden", "x" * 65, "sp ace"])
+def test_device_names_cannot_escape(name: str, repo: Repository, tmp_path: Path) -> None:
+    src = make_source(tmp_path / "src.img", 1 * MiB)
+    with pytest.raises(UsageError, match="invalid device name"):
+        repo.add_device(name, str(src))
+
+
+def test_device_sources_are_checked(repo: Repository, tmp_path: Path) -> None:
+    odd = tmp_path / "odd.img"
+    odd.write_bytes(b"x" * 1000)
+    with pytest.raises(UsageError, match="multiple of 512"):
+        repo.add_device("odd", str(odd))
+    with pytest.raises(UsageError, match="No such file"):
+        repo.add_device("gone", str(tmp_path / "missing.img"))
+    with pytest.raises(UsageError, match="not a regular file"):
+        repo.add_device("dir", str(tmp_path))
+    with pytest.raises(UsageError, match="inside the repository"):
+        repo.add_device("inside", os.path.join(repo.path, "catalog.db"))
+
+
+def test_source_that_shrank_is_refused(repo_path: Path, tmp_path: Path) -> None:
+    src = make_source(tmp_path / "src.img", 4 * MiB, seed=13)
+    with Repository.open(str(repo_path)) as repo:
+        repo.add_device("sh", str(src))
+        repo.backup("sh", "full")
+    os.truncate(src, 2 * MiB)
+    with Repository.open(str(repo_path)) as repo:
+        with pytest.raises(BackupfsError, match="changed size"):
+            repo.backup("sh", "incremental")
+        assert len(repo.backups("sh")) == 1
+
