@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -91,12 +92,18 @@ def progress_reporter(enabled: bool, label: str) -> Iterator[Callable[[Progress]
         return
     from tqdm import tqdm
 
-    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=label, file=sys.stderr, leave=False)
+    # A terminal that reports no size (a fresh pty) makes tqdm draw nothing;
+    # shutil falls back to 80x24 there.
+    size = shutil.get_terminal_size()
+    bar = tqdm(
+        total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=label, file=sys.stderr,
+        leave=False, ncols=size.columns, nrows=size.lines,
+    )
     last = [0.0]
 
     def update(p: Progress) -> None:
         now = time.monotonic()
-        if now - last[0] < 0.1 and p.done < p.total:
+        if last[0] and now - last[0] < 0.1 and p.done < p.total:
             return
         last[0] = now
         bar.total = p.total

@@ -1,0 +1,116 @@
+"""`backupfs init | device | backup | list | status` from the shell, unmounted."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import backupfs_cmd, cli, qemu_check, qemu_compare
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    path = tmp_path / "vm1.img"
+    with open(path, "wb") as f:
+        f.truncate(16 * MiB)
+        f.seek(MiB)
+        f.write(os.urandom(3 * MiB))
+    return path
+
+
+def test_init_add_backup_list(tmp_path: Path, src: Path) -> None:
+    repo = tmp_path / "repo"
+    assert "initialised" in cli("init", repo).stdout.decode()
+    out = cli("device", "add", repo, "vm1", src, "--granularity", "32K").stdout.decode()
+    assert "vm1" in out and "32 KiB" in out
+    full = cli("backup", repo, "vm1", "full")
+    assert full.stderr == b""  # quiet in scripts: no progress bar
+    with open(src, "r+b") as f:
+        f.seek(8 * MiB)
+        f.write(b"\x01" * 100)
+    inc = cli("backup", repo, "vm1", "incremental", "--cluster-size", "128K", "--label", "nightly")
+    assert "scanned" in inc.stdout.decode()  # the source changed behind our back
+    lines = cli("list", repo, "vm1").stdout.decode().splitlines()
+    assert lines[0].split("\t")[0] == "ID"
+    ids = [line.split("\t")[0] for line in lines[1:]]
+    assert len(ids) == 2 and ids[0].endswith("-0001-full") and ids[1].endswith("-0002-incremental")
+    assert lines[2].split("\t")[3] == ids[0] and "nightly" in lines[2]
+    image = repo / "devices" / "vm1" / f"{ids[1]}.qcow2"
+    qemu_check(image)
+    qemu_compare(image, src)
+    status = cli("status", repo).stdout.decode()
+    assert "vm1" in status and "bitmap: trusted" in status and ids[1] in status
+    devices = cli("device", "list", repo).stdout.decode()
+    assert devices.split("\t")[0] == "vm1"
+
+
+def test_progress_bar_on_a_terminal(tmp_path: Path, src: Path) -> None:
+    repo = tmp_path / "repo"
+    cli("init", repo)
+    cli("device", "add", repo, "vm1", src)
+    cmd = " ".join(shlex.quote(c) for c in backupfs_cmd() + ["backup", str(repo), "vm1", "full"])
+    proc = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout
+    assert "vm1 full" in proc.stdout and "B/s" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def error_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One repository for all the error cases: none of them changes it."""
+    tmp = tmp_path_factory.mktemp("errors")
+    src = tmp / "vm1.img"
+    with open(src, "wb") as f:
+        f.truncate(MiB)
+    cli("init", tmp / "repo")
+    cli("device", "add", tmp / "repo", "vm1", src)
+    return tmp / "repo", src
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["backup", "{repo}", "vm1", "incremental"], "no full backup yet"),
+        (["backup", "{repo}", "nosuch", "full"], "no device named 'nosuch'"),
+        (["backup", "{repo}", "vm1", "full", "--cluster-size", "3K"], "not a power of two"),
+        (["backup", "{repo}", "vm1", "full", "--cluster-size", "4M"], "out of range"),
+        (["device", "add", "{repo}", "../x", "{src}"], "invalid device name"),
+        (["device", "add", "{repo}", "vm2", "{src}", "--granularity", "1G"], "out of range"),
+        (["device", "add", "{repo}", "vm2", "/nonexistent"], "No such file"),
+        (["device", "add", "{repo}", "vm1", "{src}"], "already exists"),
+        (["list", "{repo}", "nosuch"], "no device named"),
+        (["list", "{tmp}/notarepo"], "not a backupfs repository"),
+        (["init", "{repo}"], "already a backupfs repository"),
+    ],
+)
+def test_errors_are_one_clear_line(args: list[str], message: str, error_repo: tuple[Path, Path]) -> None:
+    repo, src = error_repo
+    argv = [a.format(repo=repo, src=src, tmp=repo.parent) for a in args]
+    proc = cli(*argv, check=False)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, err
+    assert message in err and err.count("\n") == 1 and err.startswith("backupfs: error: ")
+
+
+def test_repository_in_use(tmp_path: Path, src: Path) -> None:
+    repo = tmp_path / "repo"
+    cli("init", repo)
+    code = (
+        "import sys\nfrom engine.repo import Repository\n"
+        f"r = Repository.open({str(repo)!r})\nprint('ready', flush=True)\nsys.stdin.read()\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        proc = cli("list", repo, check=False)
+        assert proc.returncode == 1
+        assert f"is in use by pid {holder.pid}".encode() in proc.stderr
+    finally:
+        holder.kill()
+        holder.wait()
