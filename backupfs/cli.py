@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from engine.errors import BackupfsError
 
-from backupfs import cli_image, cli_repo
+from backupfs import cli_image, cli_mount, cli_repo
 
 PROG = "backupfs"
 
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     cli_repo.register(sub)
+    cli_mount.register(sub)
     cli_image.register(sub)
     return parser
 

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from backupfs.mount import MountRecord, read_mount_record
+from backupfs.trigger import TriggerCommand
+from engine.catalog import Catalog
+from engine.errors import BackupfsError, UsageError
 from engine.job import Progress
-from engine.repo import KINDS, Repository
+from engine.repo import CATALOG, KINDS, Repository, validate_name
 from engine.units import format_size, parse_size
 
 
@@ -71,8 +78,8 @@ def cmd_device_add(args: argparse.Namespace) -> int:
 
 
 def cmd_device_list(args: argparse.Namespace) -> int:
-    with Repository.open(args.repo) as repo:
-        for d in repo.devices():
+    with catalog_for_reading(args.repo) as catalog:
+        for d in catalog.devices():
             print(f"{d.name}\t{d.source}\t{d.size}\t{d.granularity}")
     return 0
 
@@ -119,6 +126,9 @@ def progress_reporter(enabled: bool, label: str) -> Iterator[Callable[[Progress]
 
 def cmd_backup(args: argparse.Namespace) -> int:
     cluster_size = parse_size(args.cluster_size, "cluster size")
+    record = read_mount_record(os.path.abspath(args.repo))
+    if record is not None:
+        return _backup_through_mount(record, args, cluster_size)
     with Repository.open(args.repo) as repo:
         with progress_reporter(sys.stderr.isatty(), f"{args.name} {args.kind}") as progress:
             result = repo.backup(
@@ -134,11 +144,86 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status_fields(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(": ")
+        if sep:
+            out[key] = value
+    return out
+
+
+def _backup_through_mount(record: MountRecord, args: argparse.Namespace, cluster_size: int) -> int:
+    """The repository is mounted: ask the daemon through the trigger file."""
+    validate_name(args.name)
+    snapshot = os.path.join(record.mountpoint, args.name, "snapshot")
+    if not os.path.exists(snapshot):
+        raise UsageError(f"no device named {args.name!r}")
+    cmd = TriggerCommand(args.kind, cluster_size, args.label, args.scan, args.auto_full)
+    done = threading.Event()
+
+    def show_progress() -> None:
+        with progress_reporter(True, f"{args.name} {args.kind}") as update:
+            assert update is not None
+            while not done.wait(0.2):
+                with open(snapshot, "rb") as f:
+                    fields = _status_fields(f.read().decode(errors="replace"))
+                if fields.get("state") == "running" and "bytes" in fields:
+                    done_b, _, total_b = fields["bytes"].partition(" / ")
+                    update(Progress(total=int(total_b), done=int(done_b), phase="via mount"))
+
+    watcher = threading.Thread(target=show_progress, daemon=True) if sys.stderr.isatty() else None
+    if watcher is not None:
+        watcher.start()
+    try:
+        fd = os.open(snapshot, os.O_WRONLY)
+        try:
+            os.write(fd, (cmd.line() + "\n").encode())
+            failure = None
+        except OSError as e:
+            failure = e
+        finally:
+            os.close(fd)
+    finally:
+        done.set()
+        if watcher is not None:
+            watcher.join()
+    with open(snapshot, "rb") as f:
+        fields = _status_fields(f.read().decode(errors="replace"))
+    if failure is not None:
+        message = fields.get("error") if fields.get("state") == "failed" else None
+        if failure.errno == errno.EBUSY:
+            message = f"a backup of {args.name} is already running ({fields.get('progress', 'in progress')})"
+        raise BackupfsError(message or f"backup failed: {failure.strerror}")
+    print(
+        f"{fields.get('backup')}: {fields.get('kind')}, "
+        f"{'scanned, ' if fields.get('scanned', 'no') != 'no' else ''}"
+        f"{fields.get('bytes stored')} bytes stored of {fields.get('bytes examined')} examined "
+        f"in {fields.get('duration')} (through the mount at {record.mountpoint})"
+    )
+    return 0
+
+
+@contextmanager
+def catalog_for_reading(repo_path: str) -> Iterator[Catalog]:
+    """The catalog, read beside a mount that owns the repository, or locked if not mounted."""
+    path = os.path.abspath(repo_path)
+    if read_mount_record(path) is not None:
+        catalog = Catalog.open(os.path.join(path, CATALOG), readonly=True)
+        try:
+            yield catalog
+        finally:
+            catalog.close()
+        return
+    with Repository.open(path) as repo:
+        yield repo.catalog
+
+
 def cmd_list(args: argparse.Namespace) -> int:
-    with Repository.open(args.repo) as repo:
-        if args.name is not None:
-            repo.device(args.name)  # a clear error for an unknown name
-        rows = repo.backups(args.name)
+    with catalog_for_reading(args.repo) as catalog:
+        if args.name is not None and catalog.device(args.name) is None:
+            raise UsageError(f"no device named {args.name!r}")
+        rows = catalog.backups(args.name)
     print("ID\tDEVICE\tKIND\tPARENT\tCREATED\tCLUSTER\tSTORED\tLABEL")
     for b in rows:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b.created))
@@ -150,7 +235,20 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    record = read_mount_record(os.path.abspath(args.repo))
+    if record is not None:
+        print(f"mounted at {record.mountpoint} (daemon pid {record.pid})")
+        with catalog_for_reading(args.repo) as catalog:
+            for d in catalog.devices():
+                base = os.path.join(record.mountpoint, d.name)
+                print(f"{d.name}: {d.source}, {format_size(d.size)}, granularity {format_size(d.granularity)}")
+                for name in ("bitmap", "snapshot"):
+                    with open(os.path.join(base, name)) as f:
+                        for line in f.read().splitlines():
+                            print(f"  {line}")
+        return 0
     with Repository.open(args.repo) as repo:
+        print("not mounted")
         for d in repo.devices():
             dev = repo.device(d.name)
             latest = repo.catalog.latest_backup(d.name)
@@ -164,4 +262,3 @@ def cmd_status(args: argparse.Namespace) -> int:
                 extra = f": {j.error}" if j.error else ""
                 print(f"  job {j.id} {j.kind} {when} {j.state}{extra}")
     return 0
-

@@ -137,7 +137,11 @@ class Catalog:
     # -- opening -------------------------------------------------------------
 
     @staticmethod
-    def _connect(path: str) -> sqlite3.Connection:
+    def _connect(path: str, readonly: bool = False) -> sqlite3.Connection:
+        if readonly:
+            # Another process owns the repository (a mount): read beside it.
+            uri = "file:" + path.replace("?", "%3f").replace("#", "%23") + "?mode=ro"
+            return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30)
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
@@ -155,9 +159,9 @@ class Catalog:
         return cls(conn, path)
 
     @classmethod
-    def open(cls, path: str) -> Catalog:
+    def open(cls, path: str, readonly: bool = False) -> Catalog:
         try:
-            conn = cls._connect(path)
+            conn = cls._connect(path, readonly)
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         except sqlite3.DatabaseError as e:
             raise CatalogError(f"{path}: not a backupfs catalog ({e})") from None

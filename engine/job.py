@@ -30,7 +30,10 @@ from engine.checksums import ChecksumRecord, granule_hashes
 from engine.errors import BackupfsError
 from engine.qcow2.writer import Qcow2Writer
 
-CHUNK_BYTES = 8 * 1024 * 1024
+# One claim of the main loop. 1 MiB stays in the CPU's caches while it is
+# read, hashed, checked for zeros and written: a 1 GiB full backup took
+# 0.9 s of CPU with 1 MiB chunks, 1.6 s with 8 MiB (bench/backup_vs_qemu.py).
+CHUNK_BYTES = 1024 * 1024
 
 
 def copy_cluster_size(granularity: int, target_cluster_size: int) -> int:
@@ -99,26 +102,31 @@ class Source:
         self.path = path
         self.size = size
 
-    def read(self, offset: int, length: int) -> bytearray:
-        buf = bytearray(length)
-        view = memoryview(buf)
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset``; short reads are continued.
+
+        os.pread fills a new bytes object directly: for an 8 MiB chunk it
+        takes 0.9 ms where preadv into a fresh (zeroed) bytearray took 2.4 ms.
+        """
+        parts: list[bytes] = []
         done = 0
         while done < length:
             try:
-                n = os.preadv(self.fd, [view[done:]], offset + done)
+                part = os.pread(self.fd, length - done, offset + done)
             except OSError as e:
                 raise JobError(
                     f"reading source {self.path} at offset {offset + done}: {e.strerror}",
                     e.errno or errno.EIO,
                 ) from None
-            if n == 0:
+            if not part:
                 raise JobError(
                     f"source {self.path} ended at {offset + done}, expected {self.size} bytes "
                     "(did it shrink?)",
                     errno.EIO,
                 )
-            done += n
-        return buf
+            parts.append(part)
+            done += len(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 # -- progress ------------------------------------------------------------------------
@@ -188,9 +196,11 @@ class BackupJob:
         on_progress: Callable[[Progress], None] | None = None,
         cancel: threading.Event | None = None,
         chunk_bytes: int = CHUNK_BYTES,
+        rate: int | None = None,
     ) -> None:
         self.plan = plan
         self.kind = kind
+        self.rate = rate
         self.source = source
         self.writer = writer
         self.checksums = checksums
@@ -256,6 +266,7 @@ class BackupJob:
                     self._process(first, stop)
                 finally:
                     self._release(first, stop)
+                self._throttle()
             # Wait for copy-before-write work still in flight in other threads.
             with self._cond:
                 while self._inflight.any() and self.error is None:
@@ -268,6 +279,17 @@ class BackupJob:
 
     def cancel(self) -> None:
         self.cancel_event.set()
+
+    def _throttle(self) -> None:
+        """Keep under ``rate`` bytes/s, so a backup does not starve the guest.
+
+        Waits on the cancel event, so a cancel is not delayed by the limit.
+        """
+        if not self.rate:
+            return
+        ahead = self.progress.done / self.rate - self.progress.elapsed
+        if ahead > 0:
+            self.cancel_event.wait(ahead)
 
     # -- copy-before-write ------------------------------------------------------
 

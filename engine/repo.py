@@ -167,6 +167,12 @@ class Repository:
                     os.unlink(os.path.join(d, f))
             fsync_dir(d)
 
+    def cancel_jobs(self) -> None:
+        """Ask every running job to stop (they fail with ECANCELED, bitmaps kept)."""
+        with self._idle:
+            for job in self._running.values():
+                job.cancel()
+
     def close(self) -> None:
         """Cancel running jobs, wait for them, persist bitmaps, release the lock."""
         with self._idle:
@@ -303,6 +309,7 @@ class Repository:
         cancel: threading.Event | None = None,
         source_factory: Callable[[Device], Source] | None = None,
         chunk_bytes: int = CHUNK_BYTES,
+        rate: int | None = None,
     ) -> BackupResult:
         """Run one backup to completion (in this thread) and return what it made."""
         if kind not in KINDS:
@@ -371,7 +378,7 @@ class Repository:
             source = source_factory(dev) if source_factory else Source(dev.fd, dev.path, dev.size)
             job = BackupJob(
                 plan, source, writer, checksums, kind=kind, on_progress=on_progress, cancel=cancel,
-                chunk_bytes=chunk_bytes,
+                chunk_bytes=chunk_bytes, rate=rate,
             )
             dev.job = job
             with self._idle:

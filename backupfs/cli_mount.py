@@ -1,0 +1,119 @@
+"""`backupfs mount | umount`: start and stop the filesystem daemon."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+
+from backupfs.mount import find_mount, parse_options, read_mount_record, serve, wait_for_exit
+from engine.errors import BackupfsError, UsageError
+
+LOG_FILE = "backupfs.log"
+UMOUNT_TIMEOUT = 600.0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("mount", help="mount a repository (returns once the mount is ready)")
+    p.add_argument("repo", metavar="REPO")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr")
+    p.add_argument("-o", dest="options", metavar="OPTIONS", help="mount options, e.g. allow_other")
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("umount", help="unmount; waits until the daemon has saved its bitmaps")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.set_defaults(func=cmd_umount)
+
+
+def _logging_to(stream_or_path: object) -> None:
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    root = logging.getLogger()
+    root.handlers.clear()
+    if isinstance(stream_or_path, str):
+        handler: logging.Handler = logging.FileHandler(stream_or_path)
+    else:
+        handler = logging.StreamHandler(stream_or_path)  # type: ignore[arg-type]
+    handler.setFormatter(logging.Formatter(fmt))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    options = parse_options(args.options)
+    repo = os.path.abspath(args.repo)
+    if args.foreground:
+        _logging_to(sys.stderr)
+        errors: list[str] = []
+        serve(repo, args.mountpoint, options, lambda msg: errors.append(msg) if msg else None)
+        if errors:
+            raise BackupfsError(errors[0])
+        return 0
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon: detach twice, then serve
+        os.close(r)
+        try:
+            os.setsid()
+            if os.fork() > 0:
+                os._exit(0)
+            _detach_stdio()
+            _logging_to(os.path.join(repo, LOG_FILE) if os.path.isdir(repo) else os.devnull)
+            told = [False]
+
+            def ready(message: str | None) -> None:
+                if told[0]:
+                    return
+                told[0] = True
+                os.write(w, b"OK\n" if message is None else f"ERR {message}\n".encode())
+                os.close(w)
+
+            try:
+                serve(repo, args.mountpoint, options, ready)
+            except BaseException as e:  # noqa: BLE001 - the daemon reports, then exits
+                logging.getLogger("backupfs").exception("daemon failed")
+                ready(f"internal error: {type(e).__name__}: {e}")
+                os._exit(1)
+            ready("the filesystem stopped before it was ready")
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    with os.fdopen(r, "rb") as f:
+        answer = f.readline().decode(errors="replace").strip()
+    if answer == "OK":
+        return 0
+    raise BackupfsError(answer[4:] if answer.startswith("ERR ") else "the mount daemon exited without a word")
+
+
+def _detach_stdio() -> None:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    if devnull > 2:
+        os.close(devnull)
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mp = os.path.normpath(os.path.abspath(args.mountpoint))
+    found = find_mount(mp)
+    if found is None:
+        mp = os.path.realpath(args.mountpoint)  # given through a symlink?
+        found = find_mount(mp)
+    if found is None:
+        raise UsageError(f"{args.mountpoint} is not a backupfs mount")
+    repo = found[0]
+    record = read_mount_record(repo)
+    proc = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
+    if proc.returncode != 0:
+        reason = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "fusermount3 failed"
+        raise BackupfsError(f"cannot unmount {args.mountpoint}: {reason}")
+    if record is not None and not wait_for_exit(record.pid, UMOUNT_TIMEOUT):
+        raise BackupfsError(
+            f"unmounted {args.mountpoint}, but daemon pid {record.pid} has not exited after "
+            f"{UMOUNT_TIMEOUT:.0f} s; its bitmaps may not be saved yet"
+        )
+    return 0

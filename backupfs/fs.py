@@ -1,0 +1,599 @@
+"""The mounted tree: pyfuse3 Operations, a thin face over the repository.
+
+::
+
+    MOUNT/<device>/device       rw  the live device (writes mark the bitmap)
+    MOUNT/<device>/snapshot     rw  write a trigger line; read the job status
+    MOUNT/<device>/chain        r   the chain, one line a backup
+    MOUNT/<device>/bitmap       r   dirty-bitmap summary
+    MOUNT/<device>/backups/<id> r   a backup, reconstructed through its chain
+    MOUNT/<device>/backups/latest -> the newest backup
+
+Concurrency rules: handlers run as trio tasks, and code between awaits is
+atomic; everything that blocks (source and image I/O, a whole backup job)
+runs in a worker thread. Every handler turns unexpected exceptions into EIO
+and logs them: one failing request must never take the mount down.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from backupfs.status import JobStatus, render_bitmap, render_chain, utc_text
+from backupfs.trigger import TriggerError, parse_trigger
+from engine.catalog import BackupRecord
+from engine.chain import ChainView
+from engine.errors import BackupfsError
+from engine.repo import Repository
+
+log = logging.getLogger("backupfs.fs")
+
+ROOT, DEVDIR, DEVICE, SNAPSHOT, CHAIN, BITMAP, BACKUPS, BACKUP, LATEST = (
+    "root", "devdir", "device", "snapshot", "chain", "bitmap", "backups", "backup", "latest",
+)
+DEVDIR_ENTRIES = (("device", DEVICE), ("snapshot", SNAPSHOT), ("chain", CHAIN), ("bitmap", BITMAP),
+                  ("backups", BACKUPS))
+XATTRS = ("kind", "parent", "cluster_size", "granularity", "stored_bytes", "created", "image")
+BACKUP_TIMEOUT = 3600.0  # backups never change while they exist
+BIG_BLKSIZE = 1024 * 1024  # tell tools to read in large blocks
+IDLE_CHAINS = 8  # chain views kept open after their last reader left
+
+
+@dataclass(frozen=True)
+class Node:
+    inode: int
+    kind: str
+    device: str | None = None
+    backup: str | None = None
+
+
+class InodeTable:
+    """Stable inode numbers for the names we show, for the life of the mount."""
+
+    def __init__(self) -> None:
+        root = Node(pyfuse3.ROOT_INODE, ROOT)
+        self._by_key: dict[tuple[str, str | None, str | None], Node] = {(ROOT, None, None): root}
+        self._by_inode: dict[int, Node] = {root.inode: root}
+        self._next = pyfuse3.ROOT_INODE + 1
+
+    def get(self, kind: str, device: str | None = None, backup: str | None = None) -> Node:
+        key = (kind, device, backup)
+        node = self._by_key.get(key)
+        if node is None:
+            node = Node(self._next, kind, device, backup)
+            self._next += 1
+            self._by_key[key] = node
+            self._by_inode[node.inode] = node
+        return node
+
+    def node(self, inode: int) -> Node:
+        node = self._by_inode.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+
+@dataclass
+class Handle:
+    node: Node
+    content: bytes = b""  # rendered text files, fixed at open
+    view: ChainView | None = None
+    entries: list[tuple[bytes, Node]] = field(default_factory=list)
+
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def handler(fn: F) -> F:
+    """Every request ends in a reply: FUSEError passes, the rest becomes an errno."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: BackupOperations, *args: Any, **kwargs: Any) -> Any:
+        try:
+            self._inject_fault(fn.__name__, args)
+            return await fn(self, *args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except BackupfsError as e:
+            log.info("%s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except OSError as e:
+            log.warning("%s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s failed", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class BackupOperations(pyfuse3.Operations):
+    """The filesystem. Built with its repository, so tests can call it unmounted."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, repo: Repository, faults: str | None = None) -> None:
+        super().__init__()
+        self.repo = repo
+        self.inodes = InodeTable()
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+        self._started_ns = time.time_ns()
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self._status: dict[str, JobStatus] = {}
+        self._io = trio.CapacityLimiter(32)
+        self._jobs = trio.CapacityLimiter(64)
+        self._views: dict[str, tuple[ChainView, int]] = {}  # backup id -> (view, open count)
+        self._idle_views: OrderedDict[str, ChainView] = OrderedDict()
+        self._views_lock = threading.Lock()
+        # Test hook: "handler" or "handler:kind" entries make those requests fail.
+        self._faults = {f.strip() for f in (faults or "").split(",") if f.strip()}
+
+    # -- helpers ----------------------------------------------------------------
+
+    def _inject_fault(self, name: str, args: tuple) -> None:
+        if not self._faults or name not in {f.split(":")[0] for f in self._faults}:
+            return
+        kind = None
+        if args and isinstance(args[0], int):
+            handle = self._handles.get(args[0]) if name in ("read", "write", "release", "fsync", "flush") else None
+            node = handle.node if handle else self.inodes._by_inode.get(args[0])
+            kind = node.kind if node else None
+        if name in self._faults or f"{name}:{kind}" in self._faults:
+            raise RuntimeError(f"injected fault in {name}")
+
+    def _device_names(self) -> list[str]:
+        return [d.name for d in self.repo.devices()]
+
+    def _backups(self, device: str) -> list[BackupRecord]:
+        return self.repo.backups(device)
+
+    def _backup(self, node: Node) -> BackupRecord:
+        assert node.backup is not None
+        rec = self.repo.catalog.backup(node.backup)
+        if rec is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return rec
+
+    def status(self, device: str) -> JobStatus:
+        st = self._status.get(device)
+        if st is None:
+            st = self._status[device] = JobStatus()
+        return st
+
+    def _text(self, node: Node) -> bytes:
+        assert node.device is not None
+        if node.kind == SNAPSHOT:
+            return self.status(node.device).render().encode()
+        if node.kind == CHAIN:
+            return render_chain(self._backups(node.device)).encode()
+        return render_bitmap(self.repo.device(node.device)).encode()
+
+    def _children(self, node: Node) -> list[tuple[bytes, Node]]:
+        if node.kind == ROOT:
+            return [(n.encode(), self.inodes.get(DEVDIR, n)) for n in self._device_names()]
+        if node.kind == DEVDIR:
+            return [(n.encode(), self.inodes.get(k, node.device)) for n, k in DEVDIR_ENTRIES]
+        if node.kind == BACKUPS:
+            assert node.device is not None
+            backups = self._backups(node.device)
+            out = [(b.id.encode(), self.inodes.get(BACKUP, node.device, b.id)) for b in backups]
+            if backups:
+                out.append((b"latest", self.inodes.get(LATEST, node.device)))
+            return out
+        raise pyfuse3.FUSEError(errno.ENOTDIR)
+
+    def _parent(self, node: Node) -> Node:
+        if node.kind in (ROOT, DEVDIR):
+            return self.inodes.get(ROOT)
+        if node.kind in (BACKUP, LATEST):
+            return self.inodes.get(BACKUPS, node.device)
+        return self.inodes.get(DEVDIR, node.device)
+
+    def _exists(self, node: Node) -> bool:
+        if node.kind == ROOT:
+            return True
+        if node.device is None or self.repo.catalog.device(node.device) is None:
+            return False
+        if node.kind == BACKUP:
+            return self.repo.catalog.backup(node.backup or "") is not None
+        if node.kind == LATEST:
+            return self.repo.catalog.latest_backup(node.device) is not None
+        return True
+
+    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.inode
+        a.st_uid = self.uid
+        a.st_gid = self.gid
+        a.st_nlink = 1
+        a.st_blksize = 4096
+        a.entry_timeout = 0
+        a.attr_timeout = 0
+        mtime = self._started_ns
+        if node.kind in (ROOT, DEVDIR, BACKUPS):
+            a.st_mode = stat.S_IFDIR | 0o755
+            a.st_nlink = 2
+            a.st_size = 0
+        elif node.kind == DEVICE:
+            assert node.device is not None
+            rec = self.repo.catalog.device(node.device)
+            assert rec is not None
+            a.st_mode = stat.S_IFREG | 0o600
+            a.st_size = rec.size
+            a.st_blocks = (rec.size + 511) // 512
+            a.st_blksize = BIG_BLKSIZE
+            try:
+                mtime = os.stat(rec.source).st_mtime_ns
+            except OSError:
+                pass
+        elif node.kind in (SNAPSHOT, CHAIN, BITMAP):
+            a.st_mode = stat.S_IFREG | (0o600 if node.kind == SNAPSHOT else 0o444)
+            a.st_size = len(self._text(node))
+        elif node.kind == BACKUP:
+            rec = self._backup(node)
+            a.st_mode = stat.S_IFREG | 0o440
+            a.st_size = rec.size
+            a.st_blocks = (rec.stored_bytes + 511) // 512
+            a.st_blksize = BIG_BLKSIZE
+            mtime = rec.created_ns
+            a.entry_timeout = BACKUP_TIMEOUT
+            a.attr_timeout = BACKUP_TIMEOUT
+        elif node.kind == LATEST:
+            latest = self.repo.catalog.latest_backup(node.device or "")
+            if latest is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            a.st_mode = stat.S_IFLNK | 0o777
+            a.st_size = len(latest.id)
+            mtime = latest.created_ns
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mtime
+        return a
+
+    def _new_handle(self, handle: Handle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = handle
+        return fh
+
+    def _handle(self, fh: int) -> Handle:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return handle
+
+    # -- chain views, shared between readers of a backup -----------------------
+
+    def _acquire_view(self, rec: BackupRecord) -> ChainView:
+        with self._views_lock:
+            entry = self._views.get(rec.id)
+            if entry is not None:
+                self._views[rec.id] = (entry[0], entry[1] + 1)
+                return entry[0]
+            view = self._idle_views.pop(rec.id, None)
+        if view is None:
+            view = ChainView.open(self.repo.image_path(rec))
+        with self._views_lock:
+            entry = self._views.get(rec.id)
+            if entry is not None:  # another opener won the race
+                view.close()
+                self._views[rec.id] = (entry[0], entry[1] + 1)
+                return entry[0]
+            self._views[rec.id] = (view, 1)
+            return view
+
+    def _release_view(self, backup_id: str) -> None:
+        to_close = []
+        with self._views_lock:
+            view, count = self._views[backup_id]
+            if count > 1:
+                self._views[backup_id] = (view, count - 1)
+                return
+            del self._views[backup_id]
+            self._idle_views[backup_id] = view
+            while len(self._idle_views) > IDLE_CHAINS:
+                to_close.append(self._idle_views.popitem(last=False)[1])
+        for v in to_close:
+            v.close()
+
+    def close_views(self) -> None:
+        with self._views_lock:
+            views = [v for v, _ in self._views.values()] + list(self._idle_views.values())
+            self._views.clear()
+            self._idle_views.clear()
+        for v in views:
+            v.close()
+
+    # -- lookups and attributes ---------------------------------------------------------
+
+    @handler
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self.inodes.node(parent_inode)
+        if name == b".":
+            return self._attrs(parent)
+        if name == b"..":
+            return self._attrs(self._parent(parent))
+        for child_name, child in self._children(parent):
+            if child_name == name:
+                return self._attrs(child)
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    @handler
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self.inodes.node(inode)
+        if not self._exists(node):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(node)
+
+    @handler
+    async def setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+        fh: int | None, ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        node = self.inodes.node(inode)
+        if node.kind == BACKUP:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if fields.update_size and node.kind not in (DEVICE, SNAPSHOT):
+            raise pyfuse3.FUSEError(errno.EACCES)
+        # A device has a fixed size, like a block device: truncation is
+        # ignored (plain `dd of=device` truncates first). O_TRUNC on the
+        # snapshot file (`echo full > snapshot`) is ignored too.
+        return self._attrs(node)
+
+    @handler
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self.inodes.node(inode)
+        if node.kind != LATEST:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        latest = self.repo.catalog.latest_backup(node.device or "")
+        if latest is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return latest.id.encode()
+
+    @handler
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self.inodes.node(inode)
+        values = self._xattrs(node)
+        value = values.get(name)
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    @handler
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return list(self._xattrs(self.inodes.node(inode)))
+
+    def _xattrs(self, node: Node) -> dict[bytes, bytes]:
+        if node.kind != BACKUP:
+            return {}
+        rec = self._backup(node)
+        values = {
+            "kind": rec.kind,
+            "parent": rec.parent or "",
+            "cluster_size": str(rec.cluster_size),
+            "granularity": str(rec.granularity),
+            "stored_bytes": str(rec.stored_bytes),
+            "created": utc_text(rec.created_ns),
+            "image": rec.image,
+        }
+        if rec.label:
+            values["label"] = rec.label
+        return {f"user.backupfs.{k}".encode(): v.encode() for k, v in values.items()}
+
+    @handler
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        node = self.inodes.node(inode)
+        raise pyfuse3.FUSEError(errno.EROFS if node.kind == BACKUP else errno.EPERM)
+
+    @handler
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        node = self.inodes.node(inode)
+        raise pyfuse3.FUSEError(errno.EROFS if node.kind == BACKUP else errno.EPERM)
+
+    @handler
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        sv = os.statvfs(self.repo.path)
+        out = pyfuse3.StatvfsData()
+        for f in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree",
+                  "f_favail", "f_namemax"):
+            setattr(out, f, getattr(sv, f))
+        return out
+
+    # -- directories ----------------------------------------------------------------------
+
+    @handler
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self.inodes.node(inode)
+        if not self._exists(node):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._new_handle(Handle(node, entries=self._children(node)))
+
+    @handler
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle = self._handle(fh)
+        for i, (name, node) in enumerate(handle.entries[start_id:], start_id):
+            try:
+                attrs = self._attrs(node)
+            except pyfuse3.FUSEError:
+                continue  # vanished since opendir
+            if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
+                break
+
+    @handler
+    async def releasedir(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    # -- files -------------------------------------------------------------------------------
+
+    @handler
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self.inodes.node(inode)
+        if not self._exists(node):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        writing = flags & os.O_ACCMODE != os.O_RDONLY
+        if node.kind == DEVICE:
+            assert node.device is not None
+            await trio.to_thread.run_sync(self.repo.device, node.device, limiter=self._io)
+            fh = self._new_handle(Handle(node))
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+        if node.kind == SNAPSHOT:
+            content = b"" if writing else self._text(node)
+            fh = self._new_handle(Handle(node, content=content))
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+        if node.kind in (CHAIN, BITMAP):
+            if writing:
+                raise pyfuse3.FUSEError(errno.EACCES)
+            content = await trio.to_thread.run_sync(self._text, node, limiter=self._io)
+            fh = self._new_handle(Handle(node, content=content))
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+        if node.kind == BACKUP:
+            if writing or flags & os.O_TRUNC:
+                raise pyfuse3.FUSEError(errno.EROFS)
+            rec = self._backup(node)
+            view = await trio.to_thread.run_sync(self._acquire_view, rec, limiter=self._io)
+            fh = self._new_handle(Handle(node, view=view))
+            # Immutable: let the page cache keep it, unless the reader asked
+            # for O_DIRECT (then 1 MiB requests go straight to us).
+            direct = bool(flags & os.O_DIRECT)
+            return pyfuse3.FileInfo(fh=fh, direct_io=direct, keep_cache=not direct)
+        raise pyfuse3.FUSEError(errno.EISDIR)
+
+    @handler
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
+        handle = self._handle(fh)
+        node = handle.node
+        if node.kind == BACKUP:
+            assert handle.view is not None
+            return await trio.to_thread.run_sync(handle.view.read, off, size, limiter=self._io)
+        if node.kind == DEVICE:
+            dev = self.repo.device(node.device or "")
+            return await trio.to_thread.run_sync(dev.read, off, size, limiter=self._io)
+        return handle.content[off : off + size]
+
+    @handler
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._handle(fh)
+        node = handle.node
+        if node.kind == DEVICE:
+            dev = self.repo.device(node.device or "")
+            return await trio.to_thread.run_sync(dev.write, off, buf, limiter=self._io)
+        if node.kind == SNAPSHOT:
+            await self._trigger(node.device or "", buf)
+            return len(buf)
+        raise pyfuse3.FUSEError(errno.EROFS if node.kind == BACKUP else errno.EACCES)
+
+    async def _trigger(self, device: str, line: bytes) -> None:
+        """Run the backup a trigger line asks for; return when it is durable."""
+        status = self.status(device)
+        try:
+            cmd = parse_trigger(line)
+        except TriggerError as e:
+            if status.state != "running":
+                status.begin(line.decode(errors="replace").strip()[:200])
+                status.fail(str(e), errno.EINVAL, bitmap_kept=False)
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        if status.state == "running":
+            raise pyfuse3.FUSEError(errno.EBUSY)
+        status.begin(cmd.line())
+
+        def progress(p: Any) -> None:
+            status.progress = p
+
+        run = functools.partial(
+            self.repo.backup, device, cmd.kind, cluster_size=cmd.cluster_size, scan=cmd.scan,
+            label=cmd.label, auto_full=cmd.auto_full, on_progress=progress, rate=cmd.rate,
+        )
+        try:
+            result = await trio.to_thread.run_sync(run, limiter=self._jobs)
+        except BackupfsError as e:
+            err = e.errno or errno.EIO
+            status.fail(str(e), err, bitmap_kept=err != errno.EINVAL)
+            log.info("backup of %s failed: %s", device, e)
+            raise pyfuse3.FUSEError(err) from None
+        except Exception as e:
+            log.exception("backup of %s failed", device)
+            status.fail(f"internal error: {type(e).__name__}: {e} (see the log)", errno.EIO)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        status.succeed(result)
+        log.info("%s", result.summary())
+
+    @handler
+    async def flush(self, fh: int) -> None:
+        self._handle(fh)  # writes go straight to the source: nothing buffered here
+
+    @handler
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self._handle(fh)
+        if handle.node.kind == DEVICE:
+            dev = self.repo.device(handle.node.device or "")
+            await trio.to_thread.run_sync(dev.fsync, limiter=self._io)
+
+    @handler
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is not None and handle.view is not None and handle.node.backup:
+            self._release_view(handle.node.backup)
+
+    # -- what the tree does not allow ----------------------------------------------------
+
+    def _refuse(self, parent_inode: int) -> pyfuse3.FUSEError:
+        parent = self.inodes.node(parent_inode)
+        return pyfuse3.FUSEError(errno.EROFS if parent.kind == BACKUPS else errno.EPERM)
+
+    @handler
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise self._refuse(parent_inode)
+
+    @handler
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise self._refuse(parent_inode)
+
+    @handler
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        raise self._refuse(parent_inode_old)
+
+    @handler
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        raise self._refuse(parent_inode)
+
+    @handler
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise self._refuse(parent_inode)
+
+    @handler
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise self._refuse(parent_inode)
+
+    @handler
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise self._refuse(parent_inode)
+
+    @handler
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise self._refuse(new_parent_inode)
+
+    @handler
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        pass  # inode numbers live as long as the mount

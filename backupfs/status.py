@@ -1,0 +1,152 @@
+"""What `cat MOUNT/<dev>/snapshot|chain|bitmap` print: text renderings.
+
+The filesystem keeps one ``JobStatus`` per device: the running job's
+progress, or how the last one ended (with the full error message, since the
+writer of the trigger only got an errno).
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from dataclasses import dataclass, field
+
+from engine.catalog import BackupRecord
+from engine.device import Device
+from engine.job import Progress
+from engine.repo import BackupResult
+from engine.units import format_size
+
+_MAX_RUNS_SHOWN = 20
+
+
+def utc_text(ns_or_s: float) -> str:
+    secs = ns_or_s / 1e9 if ns_or_s > 1e12 else ns_or_s
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(secs))
+
+
+@dataclass
+class JobStatus:
+    """The live or last job of one device, as the snapshot file shows it."""
+
+    state: str = "idle"  # idle | running | succeeded | failed
+    command: str = ""
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+    progress: Progress | None = None
+    result: BackupResult | None = None
+    error: str | None = None
+    errno: int | None = None
+    bitmap_kept: bool = True
+
+    def begin(self, command: str) -> None:
+        self.state = "running"
+        self.command = command
+        self.started = time.time()
+        self.finished = None
+        self.progress = None
+        self.result = None
+        self.error = None
+        self.errno = None
+
+    def succeed(self, result: BackupResult) -> None:
+        self.state = "succeeded"
+        self.finished = time.time()
+        self.result = result
+
+    def fail(self, message: str, err: int, bitmap_kept: bool = True) -> None:
+        self.state = "failed"
+        self.finished = time.time()
+        self.error = message
+        self.errno = err
+        self.bitmap_kept = bitmap_kept
+
+    def busy_message(self) -> str:
+        return f"busy: {self.command} is running ({self.progress_line()})"
+
+    def progress_line(self) -> str:
+        p = self.progress
+        if p is None:
+            return "starting"
+        pct = 100.0 * p.fraction()
+        eta = p.eta
+        eta_s = f", ETA {eta:.0f} s" if eta is not None else ""
+        return (
+            f"{p.phase} {format_size(p.done)} of {format_size(p.total)} ({pct:.0f}%), "
+            f"{format_size(int(p.rate))}/s{eta_s}"
+        )
+
+    def render(self) -> str:
+        if self.state == "idle":
+            return "state: idle\nno backup has been triggered since the mount\n"
+        lines = [f"state: {self.state}", f"command: {self.command}", f"started: {utc_text(self.started)}"]
+        if self.state == "running":
+            p = self.progress
+            lines.append(f"progress: {self.progress_line()}")
+            if p is not None:
+                lines.append(f"bytes: {p.done} / {p.total}")
+                lines.append(f"rate: {int(p.rate)} bytes/s")
+                lines.append(f"eta: {p.eta:.1f} s" if p.eta is not None else "eta: unknown")
+        elif self.state == "succeeded" and self.result is not None:
+            r = self.result
+            lines += [
+                f"finished: {utc_text(self.finished or time.time())}",
+                f"backup: {r.record.id}",
+                f"kind: {r.record.kind}",
+                f"parent: {r.record.parent or '-'}",
+                f"duration: {r.seconds:.2f} s",
+                f"bytes examined: {r.bytes_total}",
+                f"bytes stored: {r.bytes_written}",
+                f"copy-before-write clusters: {r.cbw_units}",
+                f"scanned: {'yes (' + (r.scan_reason or '') + ')' if r.scanned else 'no'}",
+            ]
+        elif self.state == "failed":
+            name = errno.errorcode.get(self.errno or errno.EIO, "EIO")
+            lines += [
+                f"finished: {utc_text(self.finished or time.time())}",
+                f"error: {name}: {self.error}",
+            ]
+            if self.bitmap_kept:
+                lines.append("bitmap: kept; the next backup copies these regions again")
+        return "\n".join(lines) + "\n"
+
+
+def render_chain(backups: list[BackupRecord]) -> str:
+    """One line a backup, oldest first, aligned for reading."""
+    header = ("ID", "KIND", "PARENT", "CLUSTER", "STORED", "CREATED", "LABEL")
+    rows = [
+        (
+            b.id,
+            b.kind,
+            b.parent or "-",
+            format_size(b.cluster_size).replace(" ", ""),
+            format_size(b.stored_bytes).replace(" ", ""),
+            utc_text(b.created_ns),
+            b.label or "",
+        )
+        for b in backups
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    out = []
+    for r in [header, *rows]:
+        out.append("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    return "\n".join(out) + "\n"
+
+
+def render_bitmap(dev: Device) -> str:
+    lines = [f"granularity: {dev.granularity}"]
+    for label, tracked in (("since last backup", dev.since_last), ("since last full", dev.since_full)):
+        bm = tracked.pending()
+        runs = list(bm.runs())
+        state = "trusted" if tracked.trusted else f"untrusted ({dev.untrusted_reason or 'unknown'})"
+        lines.append(
+            f"{label}: {bm.dirty_bytes()} bytes dirty in {len(runs)} runs, {state}"
+        )
+    lines.append("runs since last backup (start length):")
+    runs = list(dev.since_last.pending().runs())
+    for start, end in runs[:_MAX_RUNS_SHOWN]:
+        lines.append(f"  {start} {end - start}")
+    if len(runs) > _MAX_RUNS_SHOWN:
+        lines.append(f"  ... {len(runs) - _MAX_RUNS_SHOWN} more")
+    return "\n".join(lines) + "\n"
+

@@ -1,0 +1,114 @@
+"""The snapshot trigger's grammar: one line, ``KIND [key=value ...]``.
+
+Pure parsing, so it can be fuzzed without a mount. Every refusal says what
+was wrong and what is accepted, because the user only sees it through
+``cat MOUNT/dev/snapshot`` after their ``echo`` failed with EINVAL.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+
+from engine.errors import UsageError
+from engine.repo import KINDS
+from engine.units import parse_size
+from engine.qcow2.writer import validate_cluster_size
+
+MAX_LINE = 1024
+MAX_LABEL = 200
+KEYS = ("cluster_size", "label", "scan", "auto_full", "rate")
+USAGE = (
+    "accepted: 'full|incremental|differential [cluster_size=64K] [label=TEXT] "
+    "[scan=1] [auto_full=1] [rate=50M]'"
+)
+
+
+class TriggerError(UsageError):
+    """A trigger line we refuse (EINVAL)."""
+
+
+@dataclass(frozen=True)
+class TriggerCommand:
+    kind: str
+    cluster_size: int = 64 * 1024
+    label: str | None = None
+    scan: bool = False
+    auto_full: bool = False
+    rate: int | None = None  # bytes per second, None = as fast as possible
+
+    def line(self) -> str:
+        parts = [self.kind, f"cluster_size={self.cluster_size}"]
+        if self.label is not None:
+            parts.append("label=" + shlex.quote(self.label))
+        if self.scan:
+            parts.append("scan=1")
+        if self.auto_full:
+            parts.append("auto_full=1")
+        if self.rate:
+            parts.append(f"rate={self.rate}")
+        return " ".join(parts)
+
+
+def _flag(key: str, value: str) -> bool:
+    if value in ("1", "yes", "true", "on"):
+        return True
+    if value in ("0", "no", "false", "off"):
+        return False
+    raise TriggerError(f"{key}={value!r} is not a yes/no value (use {key}=1 or {key}=0)")
+
+
+def parse_trigger(data: bytes) -> TriggerCommand:
+    """Parse one write to a snapshot file."""
+    if len(data) > MAX_LINE:
+        raise TriggerError(f"line of {len(data)} bytes is too long (max {MAX_LINE}); {USAGE}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise TriggerError(f"line is not UTF-8 text; {USAGE}") from None
+    if text.endswith("\n"):
+        text = text[:-1]
+    if "\n" in text or "\r" in text:
+        raise TriggerError(f"one command per write, got several lines; {USAGE}")
+    if "\x00" in text:
+        raise TriggerError(f"line contains a NUL byte; {USAGE}")
+    try:
+        words = shlex.split(text)
+    except ValueError as e:
+        raise TriggerError(f"cannot parse {text!r}: {e}; {USAGE}") from None
+    if not words:
+        raise TriggerError(f"empty command; {USAGE}")
+    kind = words[0]
+    if kind not in KINDS:
+        raise TriggerError(f"unknown backup kind {kind!r}; {USAGE}")
+    opts: dict[str, object] = {}
+    for word in words[1:]:
+        key, sep, value = word.partition("=")
+        if not sep:
+            raise TriggerError(f"{word!r} is not key=value; {USAGE}")
+        if key not in KEYS:
+            raise TriggerError(f"unknown key {key!r}; {USAGE}")
+        if key in opts:
+            raise TriggerError(f"{key} given twice; {USAGE}")
+        if key == "cluster_size":
+            try:
+                size = parse_size(value, "cluster_size")
+                validate_cluster_size(size)
+            except UsageError as e:
+                raise TriggerError(f"{e}; accepted: a power of two from 512 to 2M, e.g. cluster_size=128K") from None
+            opts[key] = size
+        elif key == "label":
+            if len(value) > MAX_LABEL or not value.isprintable():
+                raise TriggerError(f"label must be printable text of at most {MAX_LABEL} characters")
+            opts[key] = value
+        elif key in ("scan", "auto_full"):
+            opts[key] = _flag(key, value)
+        else:  # rate
+            try:
+                rate = parse_size(value, "rate")
+            except UsageError as e:
+                raise TriggerError(f"{e}; accepted: bytes per second, e.g. rate=50M") from None
+            if rate < 1024 * 1024:
+                raise TriggerError("rate must be at least 1M (bytes per second)")
+            opts[key] = rate
+    return TriggerCommand(kind, **opts)  # type: ignore[arg-type]
