@@ -28,7 +28,7 @@ from engine.qcow2.format import (
     OFLAG_ZERO,
     REFT_RESERVED,
 )
-from engine.qcow2.layers import Qcow2Layer
+from engine.qcow2.layers import Qcow2Layer, open_layer
 
 _MAX_MESSAGES = 50
 
@@ -109,7 +109,11 @@ class _Checker:
         self.refs = np.zeros(self.nclusters, dtype=np.uint32)
         self.roles = np.zeros(self.nclusters, dtype=np.uint8)
         self.snapshots = bool(self.h.nb_snapshots)
-        self.walked_l2: set[int] = set()
+        # L2 tables are decoded once each, after every L1 table (active and
+        # snapshots) has been walked: offset -> references, and the tables
+        # in the order they were first met (offset, L1 index, active).
+        self.l2_refs: dict[int, int] = {}
+        self.l2_pending: list[tuple[int, int, bool]] = []
 
     def pread(self, length: int, offset: int) -> bytes:
         return os.pread(self.layer.fd, length, offset)
@@ -118,8 +122,15 @@ class _Checker:
         """May two references of this role point at the same cluster?"""
         return role == _COMPRESSED or (self.snapshots and role in (_DATA, _L2))
 
-    def inc(self, offset: int, length: int, role: int, what: str) -> bool:
-        """Count one reference to the clusters of [offset, offset+length)."""
+    def inc(self, offset: int, length: int, role: int, what: str, weight: int = 1) -> bool:
+        """Count ``weight`` references to the clusters of [offset, offset+length).
+
+        False if the range must not be walked: it lies beyond the end of the
+        file, or it was already counted in the same role where sharing is an
+        error. Walking such a table again would only repeat its errors, and
+        is how a small hostile file (a thousand snapshots naming one L1
+        table) would make the check run for hours.
+        """
         if length <= 0:
             return True
         first = offset // self.cs
@@ -127,17 +138,19 @@ class _Checker:
         if last >= self.nclusters:
             self.report.error(f"{what} at {offset:#x} lies beyond the end of the file")
             return False
-        self.refs[first : last + 1] += 1
+        self.refs[first : last + 1] += weight
         prev = self.roles[first : last + 1]
         clash = (prev != 0) & ~((prev == role) & self._shared_ok(role))
+        fresh = True
         if np.any(clash):
             other = int(prev[np.flatnonzero(clash)[0]])
             if other == role:
                 self.report.error(f"{what} at {offset:#x} is referenced twice")
             else:
                 self.report.error(f"{what} at {offset:#x} overlaps a {_ROLE_NAMES[other]}")
+            fresh = not np.any(prev[clash] == role)
         self.roles[first : last + 1] = np.where(prev == 0, role, prev)
-        return True
+        return fresh
 
     def table(self, offset: int, length: int, role: int, what: str) -> bytes | None:
         if offset % self.cs:
@@ -145,12 +158,23 @@ class _Checker:
             return None
         if not self.inc(offset, length, role, what):
             return None
-        return self.pread(length, offset)
+        raw = self.pread(length, offset)
+        if len(raw) != length:
+            # Inside the last, partial cluster of the file: cut short.
+            self.report.error(f"{what} at {offset:#x} is truncated by the end of the file")
+            return None
+        return raw
 
     # -- mapping tables -----------------------------------------------------
 
     def walk_l1(self, l1_offset: int, l1_size: int, active: bool, what: str) -> list[tuple[int, int]]:
-        """Count an L1 table and everything below it; returns (entry, L2 offset) for COPIED checks."""
+        """Count an L1 table and the L2 tables it references; returns (entry, L2 offset) for COPIED checks.
+
+        The L2 tables' entries are walked later, once per table, by
+        ``walk_l2_tables``: snapshots share L2 tables, and a hostile L1 can
+        name one table a million times; decoding it once per reference
+        would cost time quadratic in the file size.
+        """
         if not l1_size:
             return []
         raw = self.table(l1_offset, l1_size * 8, _L1, what)
@@ -165,14 +189,24 @@ class _Checker:
             off = e & OFFSET_MASK
             if not off:
                 continue
-            l2 = self.table(off, self.cs, _L2, f"L2 table (L1 entry {i})")
-            if l2 is None:
-                continue
+            if off in self.l2_refs:
+                self.inc(off, self.cs, _L2, f"L2 table (L1 entry {i})")
+                self.l2_refs[off] += 1
+            else:
+                if self.table(off, self.cs, _L2, f"L2 table (L1 entry {i})") is None:
+                    continue
+                self.l2_refs[off] = 1
+                self.l2_pending.append((off, i, active))
             out.append((e, off))
-            self.walk_l2(l2, off, i, active)
         return out
 
-    def walk_l2(self, raw: bytes, l2_offset: int, l1_index: int, active: bool) -> None:
+    def walk_l2_tables(self) -> None:
+        """Walk every L2 table met in the L1 tables once, counting what it
+        references once per reference to the table."""
+        for off, l1_index, active in self.l2_pending:
+            self.walk_l2(self.pread(self.cs, off), off, l1_index, active, self.l2_refs[off])
+
+    def walk_l2(self, raw: bytes, l2_offset: int, l1_index: int, active: bool, weight: int = 1) -> None:
         h = self.h
         cs = self.cs
         words = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
@@ -206,14 +240,14 @@ class _Checker:
         for i in aligned[beyond][:5].tolist():
             self.report.error(f"{where} entry {i}: data cluster {int(host[i]):#x} lies beyond the end of the file")
         inside = clusters[~beyond]
-        np.add.at(self.refs, inside, 1)
+        np.add.at(self.refs, inside, weight)
         self._roles_for(inside, _DATA, where)
         if active:
             copied = (entries[aligned[~beyond]] & np.uint64(OFLAG_COPIED)) != 0
             self._copied_later.append((inside, copied, where, aligned[~beyond]))
         for i in np.flatnonzero(comp).tolist():
             coff, csize = self.layer.compressed_span(int(entries[i]))
-            self.inc(coff, csize, _COMPRESSED, f"compressed cluster ({where} entry {i})")
+            self.inc(coff, csize, _COMPRESSED, f"compressed cluster ({where} entry {i})", weight)
             if int(entries[i]) & OFLAG_COPIED:
                 self.report.error(f"{where} entry {i}: compressed cluster with the COPIED flag")
 
@@ -357,6 +391,7 @@ class _Checker:
             self.report.notes.append("Note: the image is marked dirty (lazy refcounts); refcounts may lag.")
         active_l1 = self.walk_l1(h.l1_table_offset, h.l1_size, True, "L1 table")
         self.walk_snapshots()
+        self.walk_l2_tables()
         self.walk_bitmaps()
         stored = self.stored_refcounts()
         if stored is None:
@@ -379,7 +414,9 @@ def _decode_refcounts(block: bytes, bits: int) -> np.ndarray:
 def check_image(path: str) -> CheckReport:
     """Check one image (not its backing files). Raises ImageError only if the
     header itself is unreadable; everything else goes into the report."""
-    layer = Qcow2Layer(path)
+    # open_layer turns OS errors (no such file, a directory) into ImageError.
+    layer = open_layer(path, "qcow2")
+    assert isinstance(layer, Qcow2Layer)
     try:
         report = CheckReport(path, layer.cluster_size, layer.file_size)
         _Checker(layer, report).run()

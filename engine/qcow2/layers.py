@@ -381,8 +381,18 @@ def probe_format(path: str) -> str:
 
 
 def open_layer(path: str, fmt: str | None = None) -> Layer:
-    """Open one image as a layer; ``fmt`` None probes."""
+    """Open one image as a layer; ``fmt`` None probes.
+
+    Only regular files and block devices are opened: a backing name is
+    chosen by whoever wrote the image, and a FIFO would block the open
+    forever, while a directory or a character device is no disk.
+    """
     try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            raise ImageError(path, "is a directory, not an image")
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise ImageError(path, "is not a regular file or block device")
         if fmt is None:
             fmt = probe_format(path)
         if fmt == "qcow2":
