@@ -176,14 +176,18 @@ def _backup_through_mount(record: MountRecord, args: argparse.Namespace, cluster
     if watcher is not None:
         watcher.start()
     try:
-        fd = os.open(snapshot, os.O_WRONLY)
         try:
-            os.write(fd, (cmd.line() + "\n").encode())
-            failure = None
+            fd = os.open(snapshot, os.O_WRONLY)
         except OSError as e:
-            failure = e
-        finally:
-            os.close(fd)
+            failure: OSError | None = e
+        else:
+            try:
+                os.write(fd, (cmd.line() + "\n").encode())
+                failure = None
+            except OSError as e:
+                failure = e
+            finally:
+                os.close(fd)
     finally:
         done.set()
         if watcher is not None:

@@ -453,6 +453,11 @@ class BackupOperations(pyfuse3.Operations):
             fh = self._new_handle(Handle(node))
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         if node.kind == SNAPSHOT:
+            # The kernel serialises writes to one file, so a second trigger's
+            # write would wait for the running job and then start another.
+            # Its open is not serialised: refuse it here, as the spec asks.
+            if writing and self.status(node.device or "").state == "running":
+                raise pyfuse3.FUSEError(errno.EBUSY)
             content = b"" if writing else self._text(node)
             fh = self._new_handle(Handle(node, content=content))
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)

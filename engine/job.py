@@ -252,6 +252,8 @@ class BackupJob:
 
     def run(self) -> None:
         """Copy everything planned; raises JobError (or JobCancelled) on failure."""
+        if self.on_progress is not None:
+            self.on_progress(self.progress)  # the total is known from the start
         try:
             while True:
                 if self.cancel_event.is_set():

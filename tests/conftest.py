@@ -126,3 +126,89 @@ def cli(*args: str | os.PathLike[str], stdout: int | None = None, check: bool = 
     if check and proc.returncode != 0:
         pytest.fail(f"backupfs {' '.join(map(str, args))} exited {proc.returncode}: {err}")
     return proc
+
+
+# -- real mounts ------------------------------------------------------------------------
+
+
+class Mounted:
+    """A repository mounted by `backupfs mount` (the daemon), for one test."""
+
+    def __init__(self, repo: Path, mountpoint: Path, env: dict[str, str] | None = None,
+                 options: str | None = None) -> None:
+        self.repo = repo
+        self.mnt = mountpoint
+        self.env = env
+        self.options = options
+        self.pid: int | None = None
+
+    def start(self) -> None:
+        args = ["mount", str(self.repo), str(self.mnt)] + (["-o", self.options] if self.options else [])
+        proc = subprocess.run(backupfs_cmd() + args, capture_output=True, text=True, timeout=60,
+                              env={**os.environ, **(self.env or {})})
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr
+        self.pid = json.loads((self.repo / "mount.json").read_text())["pid"]
+
+    def stop(self) -> None:
+        """Unmount cleanly (the test's success path)."""
+        proc = subprocess.run(backupfs_cmd() + ["umount", str(self.mnt)], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        self.pid = None
+
+    def kill(self) -> None:
+        """SIGKILL the daemon we started, then clear the dead mount."""
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, 9)
+            except ProcessLookupError:
+                pass
+            _wait_gone(self.pid)
+            self.pid = None
+        subprocess.run(["fusermount3", "-uz", str(self.mnt)], capture_output=True)
+
+    def cleanup(self) -> None:
+        """Whatever happened: no mount and no daemon of ours left behind."""
+        if self.pid is not None or _is_mounted(self.mnt):
+            proc = subprocess.run(backupfs_cmd() + ["umount", str(self.mnt)], capture_output=True,
+                                  timeout=60)
+            if proc.returncode != 0 or _is_mounted(self.mnt):
+                self.kill()
+            self.pid = None
+
+    def path(self, *parts: str) -> Path:
+        return self.mnt.joinpath(*parts)
+
+    def log(self) -> str:
+        try:
+            return (self.repo / "backupfs.log").read_text()
+        except OSError:
+            return ""
+
+
+def _is_mounted(mnt: Path) -> bool:
+    target = os.path.abspath(mnt)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def _wait_gone(pid: int) -> None:
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        import select
+
+        select.select([fd], [], [], 30)
+    finally:
+        os.close(fd)
+
+
+def sh(command: str, check: bool = True, timeout: float = 120, **kw: object) -> subprocess.CompletedProcess:
+    """A shell command, as a user would type it."""
+    proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=timeout, **kw)
+    if check and proc.returncode != 0:
+        pytest.fail(f"`{command}` exited {proc.returncode}: {proc.stderr}{proc.stdout}")
+    return proc
