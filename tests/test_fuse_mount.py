@@ -413,3 +413,39 @@ def test_umount_waits_for_the_daemon(setup: Mounted) -> None:
     assert "bitmap: trusted; dirty since last backup 64 KiB" in out
 
 
+
+
+def test_foreground_mount_stops_cleanly_on_signals(tmp_path: Path) -> None:
+    """`mount -f` serves until SIGINT/SIGTERM, then unmounts and saves the bitmaps."""
+    import signal
+
+    src = tmp_path / "vm1.img"
+    _write_random(src, 8 * MiB, 3)
+    repo = tmp_path / "repo"
+    cli("init", repo)
+    cli("device", "add", repo, "vm1", src)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        proc = subprocess.Popen(backupfs_cmd() + ["mount", "-f", str(repo), str(mnt)],
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stderr is not None
+            for line in proc.stderr:  # the daemon logs to stderr in the foreground
+                if "serving" in line:
+                    break
+            else:
+                pytest.fail("the foreground mount never became ready")
+            sh(f"dd if=/dev/urandom of={mnt / 'vm1' / 'device'} bs=4k count=1 seek=100 conv=notrunc status=none")
+            proc.send_signal(sig)
+            rest = proc.stderr.read()
+            assert proc.wait(timeout=60) == 0, rest
+            assert "Traceback" not in rest and "bitmaps saved" in rest
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
+        assert not os.path.ismount(mnt)
+        out = cli("status", repo).stdout.decode()
+        assert "bitmap: trusted; dirty since last backup 64 KiB" in out
