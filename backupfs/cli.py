@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from engine.errors import BackupfsError
 
-from backupfs import cli_image, cli_mount, cli_repo
+from backupfs import cli_image, cli_mount, cli_ops, cli_repo
 
 PROG = "backupfs"
 
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     cli_repo.register(sub)
     cli_mount.register(sub)
+    cli_ops.register(sub)
     cli_image.register(sub)
     return parser
 

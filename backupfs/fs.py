@@ -33,13 +33,17 @@ import pyfuse3
 import trio
 
 from backupfs.status import JobStatus, render_bitmap, render_chain, utc_text
-from backupfs.trigger import TriggerError, parse_trigger
+from backupfs.trigger import PruneCommand, TriggerCommand, TriggerError, VerifyCommand, parse_trigger
 from engine.catalog import BackupRecord
 from engine.chain import ChainView
+from engine.integrity import VerifiedView
 from engine.errors import BackupfsError
+from engine.prune import RetentionPolicy
 from engine.repo import Repository
 
 log = logging.getLogger("backupfs.fs")
+
+BackupView = ChainView | VerifiedView  # checked reads when the backup has checksums
 
 ROOT, DEVDIR, DEVICE, SNAPSHOT, CHAIN, BITMAP, BACKUPS, BACKUP, LATEST = (
     "root", "devdir", "device", "snapshot", "chain", "bitmap", "backups", "backup", "latest",
@@ -90,7 +94,7 @@ class InodeTable:
 class Handle:
     node: Node
     content: bytes = b""  # rendered text files, fixed at open
-    view: ChainView | None = None
+    view: BackupView | None = None
     entries: list[tuple[bytes, Node]] = field(default_factory=list)
 
 
@@ -138,8 +142,8 @@ class BackupOperations(pyfuse3.Operations):
         self._status: dict[str, JobStatus] = {}
         self._io = trio.CapacityLimiter(32)
         self._jobs = trio.CapacityLimiter(64)
-        self._views: dict[str, tuple[ChainView, int]] = {}  # backup id -> (view, open count)
-        self._idle_views: OrderedDict[str, ChainView] = OrderedDict()
+        self._views: dict[str, tuple[BackupView, int]] = {}  # backup id -> (view, open count)
+        self._idle_views: OrderedDict[str, BackupView] = OrderedDict()
         self._views_lock = threading.Lock()
         # Test hook: "handler" or "handler:kind" entries make those requests fail.
         self._faults = {f.strip() for f in (faults or "").split(",") if f.strip()}
@@ -188,7 +192,13 @@ class BackupOperations(pyfuse3.Operations):
         if node.kind == ROOT:
             return [(n.encode(), self.inodes.get(DEVDIR, n)) for n in self._device_names()]
         if node.kind == DEVDIR:
-            return [(n.encode(), self.inodes.get(k, node.device)) for n, k in DEVDIR_ENTRIES]
+            rec = self.repo.catalog.device(node.device or "")
+            live = rec is not None and bool(rec.source)
+            return [
+                (n.encode(), self.inodes.get(k, node.device))
+                for n, k in DEVDIR_ENTRIES
+                if live or k not in (DEVICE, BITMAP)  # an imported archive has no live disk
+            ]
         if node.kind == BACKUPS:
             assert node.device is not None
             backups = self._backups(node.device)
@@ -278,7 +288,7 @@ class BackupOperations(pyfuse3.Operations):
 
     # -- chain views, shared between readers of a backup -----------------------
 
-    def _acquire_view(self, rec: BackupRecord) -> ChainView:
+    def _acquire_view(self, rec: BackupRecord) -> BackupView:
         with self._views_lock:
             entry = self._views.get(rec.id)
             if entry is not None:
@@ -286,7 +296,7 @@ class BackupOperations(pyfuse3.Operations):
                 return entry[0]
             view = self._idle_views.pop(rec.id, None)
         if view is None:
-            view = ChainView.open(self.repo.image_path(rec))
+            view = self.repo.open_backup(rec.id)
         with self._views_lock:
             entry = self._views.get(rec.id)
             if entry is not None:  # another opener won the race
@@ -504,7 +514,7 @@ class BackupOperations(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.EROFS if node.kind == BACKUP else errno.EACCES)
 
     async def _trigger(self, device: str, line: bytes) -> None:
-        """Run the backup a trigger line asks for; return when it is durable."""
+        """Run what a trigger line asks for; return when it is done (and durable)."""
         status = self.status(device)
         try:
             cmd = parse_trigger(line)
@@ -516,7 +526,26 @@ class BackupOperations(pyfuse3.Operations):
         if status.state == "running":
             raise pyfuse3.FUSEError(errno.EBUSY)
         status.begin(cmd.line())
+        try:
+            if isinstance(cmd, VerifyCommand):
+                await self._verify(device, cmd, status)
+            elif isinstance(cmd, PruneCommand):
+                await self._prune(device, cmd, status)
+            else:
+                await self._backup_job(device, cmd, status)
+        except pyfuse3.FUSEError:
+            raise
+        except BackupfsError as e:
+            err = e.errno or errno.EIO
+            status.fail(str(e), err, bitmap_kept=isinstance(cmd, TriggerCommand) and err != errno.EINVAL)
+            log.info("%s of %s failed: %s", cmd.line(), device, e)
+            raise pyfuse3.FUSEError(err) from None
+        except Exception as e:
+            log.exception("%s of %s failed", cmd.line(), device)
+            status.fail(f"internal error: {type(e).__name__}: {e} (see the log)", errno.EIO)
+            raise pyfuse3.FUSEError(errno.EIO) from None
 
+    async def _backup_job(self, device: str, cmd: TriggerCommand, status: JobStatus) -> None:
         def progress(p: Any) -> None:
             status.progress = p
 
@@ -524,19 +553,53 @@ class BackupOperations(pyfuse3.Operations):
             self.repo.backup, device, cmd.kind, cluster_size=cmd.cluster_size, scan=cmd.scan,
             label=cmd.label, auto_full=cmd.auto_full, on_progress=progress, rate=cmd.rate,
         )
-        try:
-            result = await trio.to_thread.run_sync(run, limiter=self._jobs)
-        except BackupfsError as e:
-            err = e.errno or errno.EIO
-            status.fail(str(e), err, bitmap_kept=err != errno.EINVAL)
-            log.info("backup of %s failed: %s", device, e)
-            raise pyfuse3.FUSEError(err) from None
-        except Exception as e:
-            log.exception("backup of %s failed", device)
-            status.fail(f"internal error: {type(e).__name__}: {e} (see the log)", errno.EIO)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        result = await trio.to_thread.run_sync(run, limiter=self._jobs)
         status.succeed(result)
         log.info("%s", result.summary())
+
+    async def _verify(self, device: str, cmd: VerifyCommand, status: JobStatus) -> None:
+        report = await trio.to_thread.run_sync(self.repo.verify, device, cmd.backup, limiter=self._jobs)
+        lines = [f"report: {line}" for line in report.render().splitlines()]
+        if not report.ok:
+            status.fail(f"verification found {len(report.problems)} problems", errno.EIO,
+                        bitmap_kept=False, lines=lines)
+            raise pyfuse3.FUSEError(errno.EIO)
+        status.succeed(lines=lines)
+
+    async def _prune(self, device: str, cmd: PruneCommand, status: JobStatus) -> None:
+        policy = RetentionPolicy(cmd.keep_last, cmd.keep_daily, cmd.keep_weekly, cmd.keep_monthly)
+        run = functools.partial(
+            self.repo.prune, device, None if policy.empty() else policy, cmd.remove, dry_run=cmd.dry_run
+        )
+        plans = await trio.to_thread.run_sync(run, limiter=self._jobs)
+        verb = "would remove" if cmd.dry_run else "removed"
+        status.succeed(lines=[f"{verb}: {p.describe()}" for p in plans] or ["removed: nothing"])
+        if cmd.dry_run:
+            return
+        # The kernel caches backup entries for long: tell it they are gone,
+        # and let new opens of rewritten backups see their new images.
+        # Done before the trigger returns, so the script that pruned sees it.
+        # (The kernel takes the backups directory's lock, not the snapshot
+        # file's, so this cannot wait on the request we are serving.)
+        backups_dir = self.inodes.get(BACKUPS, device).inode
+        for plan in plans:
+            await trio.to_thread.run_sync(self._invalidate, backups_dir, plan.removed.id.encode())
+        self._drop_idle_views()
+
+    @staticmethod
+    def _invalidate(parent: int, name: bytes) -> None:
+        try:
+            pyfuse3.invalidate_entry(parent, name)
+        except OSError as e:
+            if e.errno != errno.ENOENT:  # ENOENT: the kernel had not cached it
+                log.warning("cannot invalidate %r: %s", name, e)
+
+    def _drop_idle_views(self) -> None:
+        with self._views_lock:
+            idle = list(self._idle_views.values())
+            self._idle_views.clear()
+        for v in idle:
+            v.close()
 
     @handler
     async def flush(self, fh: int) -> None:

@@ -137,6 +137,8 @@ def serve(repo_path: str, mountpoint: str, options: list[str], ready: Callable[[
         return
     ops = BackupOperations(repo, faults=os.environ.get("BACKUPFS_TEST_FAULTS"))
     for d in repo.devices():
+        if not d.source:
+            continue  # an imported archive: nothing live to track
         try:
             repo.device(d.name)
         except BackupfsError as e:

@@ -38,6 +38,7 @@ class JobStatus:
     error: str | None = None
     errno: int | None = None
     bitmap_kept: bool = True
+    lines: list[str] = field(default_factory=list)  # results of verify and prune
 
     def begin(self, command: str) -> None:
         self.state = "running"
@@ -48,18 +49,21 @@ class JobStatus:
         self.result = None
         self.error = None
         self.errno = None
+        self.lines = []
 
-    def succeed(self, result: BackupResult) -> None:
+    def succeed(self, result: BackupResult | None = None, lines: list[str] | None = None) -> None:
         self.state = "succeeded"
         self.finished = time.time()
         self.result = result
+        self.lines = lines or []
 
-    def fail(self, message: str, err: int, bitmap_kept: bool = True) -> None:
+    def fail(self, message: str, err: int, bitmap_kept: bool = True, lines: list[str] | None = None) -> None:
         self.state = "failed"
         self.finished = time.time()
         self.error = message
         self.errno = err
         self.bitmap_kept = bitmap_kept
+        self.lines = lines or []
 
     def busy_message(self) -> str:
         return f"busy: {self.command} is running ({self.progress_line()})"
@@ -100,6 +104,8 @@ class JobStatus:
                 f"copy-before-write clusters: {r.cbw_units}",
                 f"scanned: {'yes (' + (r.scan_reason or '') + ')' if r.scanned else 'no'}",
             ]
+        elif self.state == "succeeded":
+            lines.append(f"finished: {utc_text(self.finished or time.time())}")
         elif self.state == "failed":
             name = errno.errorcode.get(self.errno or errno.EIO, "EIO")
             lines += [
@@ -108,6 +114,7 @@ class JobStatus:
             ]
             if self.bitmap_kept:
                 lines.append("bitmap: kept; the next backup copies these regions again")
+        lines += self.lines
         return "\n".join(lines) + "\n"
 
 

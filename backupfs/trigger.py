@@ -18,9 +18,11 @@ from engine.qcow2.writer import validate_cluster_size
 MAX_LINE = 1024
 MAX_LABEL = 200
 KEYS = ("cluster_size", "label", "scan", "auto_full", "rate")
+PRUNE_KEYS = ("keep_last", "keep_daily", "keep_weekly", "keep_monthly", "remove", "dry_run")
 USAGE = (
     "accepted: 'full|incremental|differential [cluster_size=64K] [label=TEXT] "
-    "[scan=1] [auto_full=1] [rate=50M]'"
+    "[scan=1] [auto_full=1] [rate=50M]', 'verify [backup=ID]', or "
+    "'prune keep_last=N|keep_daily=N|keep_weekly=N|keep_monthly=N|remove=ID [dry_run=1]'"
 )
 
 
@@ -50,6 +52,35 @@ class TriggerCommand:
         return " ".join(parts)
 
 
+@dataclass(frozen=True)
+class VerifyCommand:
+    backup: str | None = None
+
+    def line(self) -> str:
+        return "verify" + (f" backup={self.backup}" if self.backup else "")
+
+
+@dataclass(frozen=True)
+class PruneCommand:
+    keep_last: int | None = None
+    keep_daily: int | None = None
+    keep_weekly: int | None = None
+    keep_monthly: int | None = None
+    remove: str | None = None
+    dry_run: bool = False
+
+    def line(self) -> str:
+        parts = ["prune"]
+        for key in PRUNE_KEYS:
+            value = getattr(self, key)
+            if value not in (None, False):
+                parts.append(f"{key}={1 if value is True else value}")
+        return " ".join(parts)
+
+
+Command = TriggerCommand | VerifyCommand | PruneCommand
+
+
 def _flag(key: str, value: str) -> bool:
     if value in ("1", "yes", "true", "on"):
         return True
@@ -58,7 +89,7 @@ def _flag(key: str, value: str) -> bool:
     raise TriggerError(f"{key}={value!r} is not a yes/no value (use {key}=1 or {key}=0)")
 
 
-def parse_trigger(data: bytes) -> TriggerCommand:
+def parse_trigger(data: bytes) -> Command:
     """Parse one write to a snapshot file."""
     if len(data) > MAX_LINE:
         raise TriggerError(f"line of {len(data)} bytes is too long (max {MAX_LINE}); {USAGE}")
@@ -79,6 +110,10 @@ def parse_trigger(data: bytes) -> TriggerCommand:
     if not words:
         raise TriggerError(f"empty command; {USAGE}")
     kind = words[0]
+    if kind == "verify":
+        return _parse_verify(words[1:])
+    if kind == "prune":
+        return _parse_prune(words[1:])
     if kind not in KINDS:
         raise TriggerError(f"unknown backup kind {kind!r}; {USAGE}")
     opts: dict[str, object] = {}
@@ -112,3 +147,41 @@ def parse_trigger(data: bytes) -> TriggerCommand:
                 raise TriggerError("rate must be at least 1M (bytes per second)")
             opts[key] = rate
     return TriggerCommand(kind, **opts)  # type: ignore[arg-type]
+
+
+def _pairs(words: list[str], keys: tuple[str, ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for word in words:
+        key, sep, value = word.partition("=")
+        if not sep:
+            raise TriggerError(f"{word!r} is not key=value; {USAGE}")
+        if key not in keys:
+            raise TriggerError(f"unknown key {key!r}; {USAGE}")
+        if key in out:
+            raise TriggerError(f"{key} given twice; {USAGE}")
+        out[key] = value
+    return out
+
+
+def _parse_verify(words: list[str]) -> VerifyCommand:
+    opts = _pairs(words, ("backup",))
+    return VerifyCommand(opts.get("backup") or None)
+
+
+def _parse_prune(words: list[str]) -> PruneCommand:
+    opts = _pairs(words, PRUNE_KEYS)
+    values: dict[str, object] = {}
+    for key, value in opts.items():
+        if key == "remove":
+            values[key] = value
+        elif key == "dry_run":
+            values[key] = _flag(key, value)
+        else:
+            if not value.isdigit() or int(value) < 1:
+                raise TriggerError(f"{key}={value!r} must be a whole number of at least 1")
+            values[key] = int(value)
+    cmd = PruneCommand(**values)  # type: ignore[arg-type]
+    rules = [cmd.keep_last, cmd.keep_daily, cmd.keep_weekly, cmd.keep_monthly]
+    if (cmd.remove is None) == all(r is None for r in rules):
+        raise TriggerError(f"prune needs either keep_* rules or remove=ID; {USAGE}")
+    return cmd

@@ -274,6 +274,20 @@ class Catalog:
         )
         return self._backup(rows[0]) if rows else None
 
+    def children(self, backup_id: str) -> list[BackupRecord]:
+        rows = self._query(f"SELECT {_BACKUP_COLUMNS} FROM backups WHERE parent = ? ORDER BY seq", (backup_id,))
+        return [self._backup(r) for r in rows]
+
+    def apply_removal(self, removed: str, updates: list[tuple[str, str | None, str, int]]) -> None:
+        """In one transaction: re-point children (id, new parent, kind, stored bytes), drop ``removed``."""
+        with self.transaction() as c:
+            for child, parent, kind, stored in updates:
+                c.execute(
+                    "UPDATE backups SET parent = ?, kind = ?, stored_bytes = ? WHERE id = ?",
+                    (parent, kind, stored, child),
+                )
+            c.execute("DELETE FROM backups WHERE id = ?", (removed,))
+
     def lineage(self, backup_id: str) -> list[BackupRecord]:
         """The backup and its ancestors, newest first."""
         out: list[BackupRecord] = []

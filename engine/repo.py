@@ -35,10 +35,14 @@ import numpy as np
 from engine.bitmap import validate_granularity
 from engine.catalog import BackupRecord, Catalog, DeviceRecord
 from engine.chain import ChainView
-from engine.checksums import ChecksumRecord, granule_hashes, overlay
+from engine.checksums import ChecksumError, ChecksumRecord, granule_hashes, overlay
 from engine.device import Device, DeviceError, source_size
 from engine.errors import BackupfsError, ImageError, UsageError
 from engine.fsutil import fsync_dir
+from engine.integrity import VerifiedView, VerifyReport, verify_backup
+from engine.restore import RestoreResult, check_target, restore_to
+from engine.importer import import_chain
+from engine.prune import RemovalPlan, RetentionPolicy, remove_backup, select_for_removal
 from engine.job import (
     CHUNK_BYTES,
     BackupJob,
@@ -106,6 +110,7 @@ class Repository:
         self._devices: dict[str, Device] = {}
         self._devices_lock = threading.Lock()
         self._running: dict[str, BackupJob] = {}
+        self._maintenance: set[str] = set()  # devices being pruned
         self._idle = threading.Condition()
 
     # -- lifecycle --------------------------------------------------------------
@@ -219,6 +224,24 @@ class Repository:
         os.makedirs(self._device_dir(name), exist_ok=True)
         return self.catalog.add_device(name, source, size, granularity)
 
+    def import_chain(
+        self, name: str, tip: str, granularity: int = DEFAULT_GRANULARITY, source: str | None = None,
+        on_layer: Callable[[int, int, str], None] | None = None,
+    ) -> list[BackupRecord]:
+        """Adopt a QEMU/libvirt chain as the history of a new device ``name``."""
+        validate_name(name)
+        validate_granularity(granularity)
+        if self.catalog.device(name) is not None:
+            raise UsageError(f"device {name!r} already exists")
+        if os.path.commonpath([os.path.abspath(tip), self.path]) == self.path:
+            raise UsageError(f"{tip} lies inside the repository; import from outside it")
+        try:
+            return import_chain(self.path, self.catalog, name, tip, granularity, source, on_layer)
+        except BaseException:
+            if self.catalog.device(name) is not None and not self.catalog.backups(name):
+                self.catalog.remove_device(name)
+            raise
+
     def remove_device(self, name: str) -> None:
         if self.catalog.device(name) is None:
             raise UsageError(f"no device named {name!r}")
@@ -250,6 +273,12 @@ class Repository:
                 rec = self.catalog.device(name)
                 if rec is None:
                     raise UsageError(f"no device named {name!r}")
+                if not rec.source:
+                    raise DeviceError(
+                        f"device {name} has no live source (an imported archive); "
+                        "import it with --source to take new backups",
+                        errno.ENODEV,
+                    )
                 has_backups = self.catalog.latest_backup(name) is not None
                 dev = Device(rec, self._device_dir(name), has_backups)
                 self._devices[name] = dev
@@ -273,19 +302,27 @@ class Repository:
         with self._idle:
             return self._running.get(name)
 
+    def lineage_records(self, rec: BackupRecord) -> list[ChecksumRecord]:
+        """The checksum records of a backup's lineage, oldest first.
+
+        Raises ChecksumError when one is missing or unreadable.
+        """
+        out = []
+        for b in reversed(self.catalog.lineage(rec.id)):
+            if b.checksums is None:
+                raise ChecksumError(f"backup {b.id} has no checksum record")
+            out.append(ChecksumRecord.load(os.path.join(self.path, b.checksums)))
+        return out
+
     def chain_hashes(self, rec: BackupRecord) -> np.ndarray:
         """Granule checksums of the device as backup ``rec`` captured it."""
-        lineage = list(reversed(self.catalog.lineage(rec.id)))  # oldest first
-        records = []
-        for b in lineage:
-            if b.checksums is None:
-                break
-            records.append(ChecksumRecord.load(os.path.join(self.path, b.checksums)))
-        if records and len(records) == len(lineage):
-            hashes, defined = overlay(records)
+        try:
+            hashes, defined = overlay(self.lineage_records(rec))
             if defined.all():
                 return hashes
-        # Some layer has no checksums (imported from QEMU): read the chain.
+        except ChecksumError:
+            pass
+        # Some layer has no checksums: read the chain itself.
         with ChainView.open(self.image_path(rec)) as view:
             out = np.zeros(-(-view.size // rec.granularity), dtype=np.uint64)
             step = max(rec.granularity, 8 * 1024 * 1024 // rec.granularity * rec.granularity)
@@ -295,6 +332,142 @@ class Repository:
                 h = granule_hashes(chunk, rec.granularity)
                 out[g : g + len(h)] = h
             return out
+
+    def open_backup(self, backup_id: str) -> VerifiedView | ChainView:
+        """A backup for reading; checked against its checksums when it has them."""
+        rec = self.catalog.backup(backup_id)
+        if rec is None:
+            raise UsageError(f"no backup {backup_id!r}")
+        view = ChainView.open(self.image_path(rec))
+        try:
+            hashes, defined = overlay(self.lineage_records(rec))
+        except ChecksumError:
+            return view
+        except BaseException:
+            view.close()
+            raise
+        return VerifiedView(view, rec.id, rec.granularity, hashes, defined)
+
+    def resolve_backup(self, device: str, ident: str) -> BackupRecord:
+        """A backup of ``device`` by id, or 'latest'."""
+        if self.catalog.device(device) is None:
+            raise UsageError(f"no device named {device!r}")
+        rec = self.catalog.latest_backup(device) if ident == "latest" else self.catalog.backup(ident)
+        if rec is None or rec.device != device:
+            raise UsageError(f"device {device} has no backup {ident!r}")
+        return rec
+
+    def restore(
+        self,
+        device: str,
+        ident: str,
+        target: str,
+        *,
+        force: bool = False,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> RestoreResult:
+        """Write backup ``ident`` of ``device`` out to ``target``, checking checksums."""
+        rec = self.resolve_backup(device, ident)
+        real = os.path.realpath(target)
+        for d in self.catalog.devices():
+            if os.path.realpath(d.source) == real:
+                if not force:
+                    raise UsageError(
+                        f"{target} is the source of device {d.name}; restoring over it needs --force "
+                        "(its bitmap will be untrusted and the next backup will scan)"
+                    )
+                dev = self.device(d.name)
+                dev.since_last.trusted = dev.since_full.trusted = False
+                dev.untrusted_reason = "its source was overwritten by a restore"
+        block = check_target(target, rec.size, force)
+        with self.open_backup(rec.id) as view:
+            return restore_to(view.read, rec.size, target, block_device=block, on_progress=on_progress)
+
+    def prune(
+        self,
+        device: str,
+        policy: RetentionPolicy | None = None,
+        remove: str | None = None,
+        *,
+        dry_run: bool = False,
+        hook: Callable[[str], None] | None = None,
+    ) -> list[RemovalPlan]:
+        """Remove backups by retention policy or by id, merging each into its children."""
+        if self.catalog.device(device) is None:
+            raise UsageError(f"no device named {device!r}")
+        if (policy is None or policy.empty()) == (remove is None):
+            raise UsageError("give either a retention rule or --remove ID")
+        with self._idle:
+            if device in self._running:
+                raise JobBusy(f"a backup of {device} is running; prune when it is done")
+            if device in self._maintenance:
+                raise JobBusy(f"backups of {device} are already being pruned")
+            self._maintenance.add(device)
+        try:
+            if remove is not None:
+                candidates = [self.resolve_backup(device, remove)]
+            else:
+                assert policy is not None
+                candidates = select_for_removal(self.catalog.backups(device), policy)
+            plans = []
+            for x in candidates:
+                x = self.catalog.backup(x.id) or x  # parents change as earlier ones go
+                plan = RemovalPlan(x, self.catalog.children(x.id))
+                plans.append(plan)
+                if not dry_run:
+                    self._remove_one(device, plan, hook)
+            return plans
+        finally:
+            with self._idle:
+                self._maintenance.discard(device)
+
+    def _remove_one(self, device: str, plan: RemovalPlan, hook: Callable[[str], None] | None) -> None:
+        x = plan.removed
+        was_latest = (latest := self.catalog.latest_backup(device)) is not None and latest.id == x.id
+        was_last_full = (full := self.catalog.last_full(device)) is not None and full.id == x.id
+        x_defined = None
+        if was_latest and x.checksums:
+            x_defined = ChecksumRecord.load(os.path.join(self.path, x.checksums)).defined
+        remove_backup(
+            self.path, x, plan.children, lambda updates: self.catalog.apply_removal(x.id, updates), hook=hook
+        )
+        try:
+            dev = self.device(device)
+        except BackupfsError:
+            return  # no live source: no bitmap to keep right
+        with dev.gate.exclusive():
+            if was_latest:
+                # The next incremental backs onto x's parent: it must copy x's changes too.
+                if x_defined is not None:
+                    dev.since_last.active.bits |= x_defined
+                else:
+                    dev.since_last.trusted = False
+                    dev.untrusted_reason = "the latest backup was removed"
+            if was_last_full and not plan.children:
+                dev.since_full.trusted = False
+                dev.untrusted_reason = "the last full backup was removed"
+
+    def verify(
+        self,
+        device: str | None = None,
+        backup_id: str | None = None,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> VerifyReport:
+        """Check structure, links and stored data of the chosen backups."""
+        if backup_id is not None:
+            rec = self.catalog.backup(backup_id)
+            if rec is None or (device is not None and rec.device != device):
+                raise UsageError(f"no backup {backup_id!r}" + (f" of device {device}" if device else ""))
+            targets = [rec]
+        else:
+            if device is not None and self.catalog.device(device) is None:
+                raise UsageError(f"no device named {device!r}")
+            targets = self.catalog.backups(device)
+        report = VerifyReport()
+        for rec in targets:
+            parent = self.catalog.backup(rec.parent) if rec.parent else None
+            verify_backup(self.path, rec, parent, lambda r=rec: self.lineage_records(r), report, on_bytes)
+        return report
 
     def backup(
         self,
@@ -320,6 +493,9 @@ class Repository:
         created_ns = time.time_ns()
 
         with dev.gate.exclusive():
+            with self._idle:
+                if name in self._maintenance:
+                    raise JobBusy(f"backups of {name} are being pruned; try again when that is done")
             if dev.job is not None:
                 p = dev.job.progress
                 raise JobBusy(

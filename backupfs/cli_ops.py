@@ -1,0 +1,208 @@
+"""`backupfs verify | restore | prune | import`: operating a repository."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from backupfs.cli_repo import catalog_for_reading, progress_reporter
+from backupfs.mount import MountRecord, read_mount_record
+from engine.errors import BackupfsError, UsageError
+from engine.job import Progress
+from engine.prune import RetentionPolicy
+from engine.repo import DEFAULT_GRANULARITY, Repository
+from engine.restore import check_target, restore_to
+from engine.units import format_size, parse_size
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="check images, chain links and every stored cluster's checksum")
+    p.add_argument("repo", metavar="REPO")
+    p.add_argument("name", metavar="NAME", nargs="?")
+    p.add_argument("--backup", metavar="ID", help="only this backup")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("restore", help="write a backup out to a file (sparse) or a block device")
+    p.add_argument("repo", metavar="REPO")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("backup", metavar="ID", help="a backup id, or 'latest'")
+    p.add_argument("target", metavar="TARGET")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file or a block device")
+    p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("prune", help="remove backups, merging each into the backups that depend on it")
+    p.add_argument("repo", metavar="REPO")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--keep-last", type=int, metavar="N")
+    p.add_argument("--keep-daily", type=int, metavar="N")
+    p.add_argument("--keep-weekly", type=int, metavar="N")
+    p.add_argument("--keep-monthly", type=int, metavar="N")
+    p.add_argument("--remove", metavar="ID", help="remove this one backup")
+    p.add_argument("--dry-run", action="store_true", help="say what would be removed, change nothing")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("import", help="adopt a qcow2 chain made by QEMU or libvirt as a device's history")
+    p.add_argument("repo", metavar="REPO")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("tip", metavar="TIP")
+    p.add_argument("--source", metavar="PATH", help="the live disk, to continue the chain with new backups")
+    p.add_argument("--granularity", default="64K", help="bitmap and checksum granularity (default 64K)")
+    p.set_defaults(func=cmd_import)
+
+
+def _mounted(repo: str) -> MountRecord | None:
+    return read_mount_record(os.path.abspath(repo))
+
+
+def _trigger_through_mount(record: MountRecord, name: str, line: str) -> dict[str, str]:
+    """Write a command line to the device's snapshot file; return the status fields."""
+    from backupfs.cli_repo import _status_fields
+
+    snapshot = os.path.join(record.mountpoint, name, "snapshot")
+    if not os.path.exists(snapshot):
+        raise UsageError(f"no device named {name!r}")
+    failure: OSError | None = None
+    try:
+        fd = os.open(snapshot, os.O_WRONLY)
+        try:
+            os.write(fd, (line + "\n").encode())
+        finally:
+            os.close(fd)
+    except OSError as e:
+        failure = e
+    with open(snapshot, "rb") as f:
+        fields = _status_fields(f.read().decode(errors="replace"))
+    fields["_errno"] = str(failure.errno) if failure else ""
+    fields["_strerror"] = failure.strerror or "" if failure else ""
+    return fields
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    record = _mounted(args.repo)
+    if record is not None:
+        names = [args.name] if args.name else None
+        if names is None:
+            with catalog_for_reading(args.repo) as catalog:
+                names = [d.name for d in catalog.devices()]
+        ok = True
+        for name in names:
+            line = "verify" + (f" backup={args.backup}" if args.backup else "")
+            fields = _trigger_through_mount(record, name, line)
+            report = os.path.join(record.mountpoint, name, "snapshot")
+            with open(report) as f:
+                text = f.read()
+            print("\n".join(line[len("report: "):] for line in text.splitlines() if line.startswith("report: ")))
+            if fields["_errno"]:
+                ok = False
+                if fields.get("state") != "failed" or "report" not in text:
+                    raise BackupfsError(fields.get("error") or f"verify failed: {fields['_strerror']}")
+        return 0 if ok else 1
+    with Repository.open(args.repo) as repo:
+        total = sum(b.stored_bytes for b in repo.backups(args.name)) if not args.backup else 0
+        with progress_reporter(sys.stderr.isatty() and total > 0, "verify") as update:
+            progress = Progress(total=total, phase="verifying")
+
+            def on_bytes(n: int) -> None:
+                progress.done += n
+                if update is not None:
+                    update(progress)
+
+            report = repo.verify(args.name, args.backup, on_bytes)
+    print(report.render())
+    return 0 if report.ok else 1
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    record = _mounted(args.repo)
+    if record is not None:
+        return _restore_through_mount(record, args)
+    with Repository.open(args.repo) as repo:
+        with progress_reporter(sys.stderr.isatty(), f"restore {args.name}") as update:
+            result = repo.restore(args.name, args.backup, args.target, force=args.force, on_progress=update)
+    how = "sparse file" if result.sparse else "block device"
+    print(f"restored {args.backup} of {args.name} to {result.target} ({how}): "
+          f"{format_size(result.written)} written of {format_size(result.size)}")
+    return 0
+
+
+def _restore_through_mount(record: MountRecord, args: argparse.Namespace) -> int:
+    """Mounted: read the backup through the mount (the daemon checks checksums)."""
+    real = os.path.realpath(args.target)
+    with catalog_for_reading(args.repo) as catalog:
+        if catalog.device(args.name) is None:
+            raise UsageError(f"no device named {args.name!r}")
+        for d in catalog.devices():
+            if d.source and os.path.realpath(d.source) == real:
+                raise UsageError(
+                    f"{args.target} is the source of device {d.name}, which is mounted at "
+                    f"{record.mountpoint}; unmount before restoring over it"
+                )
+    path = os.path.join(record.mountpoint, args.name, "backups", args.backup)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise UsageError(f"device {args.name} has no backup {args.backup!r}") from None
+    try:
+        size = os.fstat(fd).st_size
+        block = check_target(args.target, size, args.force)
+
+        def read(offset: int, length: int) -> bytes:
+            try:
+                return os.pread(fd, length, offset)
+            except OSError as e:
+                raise BackupfsError(
+                    f"reading backup {args.backup} at offset {offset}: {e.strerror} "
+                    f"(see 'cat {os.path.join(record.mountpoint, args.name, 'snapshot')}' and the log)"
+                ) from None
+
+        with progress_reporter(sys.stderr.isatty(), f"restore {args.name}") as update:
+            result = restore_to(read, size, args.target, block_device=block, on_progress=update)
+    finally:
+        os.close(fd)
+    print(f"restored {args.backup} of {args.name} to {result.target} through the mount: "
+          f"{format_size(result.written)} written of {format_size(result.size)}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    policy = RetentionPolicy(args.keep_last, args.keep_daily, args.keep_weekly, args.keep_monthly)
+    record = _mounted(args.repo)
+    if record is not None:
+        parts = ["prune"]
+        for key in ("keep_last", "keep_daily", "keep_weekly", "keep_monthly"):
+            if getattr(args, key) is not None:
+                parts.append(f"{key}={getattr(args, key)}")
+        if args.remove:
+            parts.append(f"remove={args.remove}")
+        if args.dry_run:
+            parts.append("dry_run=1")
+        fields = _trigger_through_mount(record, args.name, " ".join(parts))
+        if fields["_errno"]:
+            raise BackupfsError(fields.get("error") or f"prune failed: {fields['_strerror']}")
+        with open(os.path.join(record.mountpoint, args.name, "snapshot")) as f:
+            for line in f.read().splitlines():
+                if line.startswith("removed: ") or line.startswith("would remove: "):
+                    print(line)
+        return 0
+    with Repository.open(args.repo) as repo:
+        plans = repo.prune(args.name, None if policy.empty() else policy, args.remove, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for plan in plans:
+        print(f"{verb}: {plan.describe()}")
+    if not plans:
+        print("nothing to remove")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    granularity = parse_size(args.granularity, "granularity")
+    with Repository.open(args.repo) as repo:
+        def on_layer(n: int, total: int, path: str) -> None:
+            if sys.stderr.isatty():
+                print(f"importing {n + 1}/{total}: {path}", file=sys.stderr)
+
+        records = repo.import_chain(args.name, args.tip, granularity or DEFAULT_GRANULARITY, args.source, on_layer)
+    for rec in records:
+        print(f"{rec.id}\t{rec.kind}\t{format_size(rec.stored_bytes)}\t{rec.label}")
+    return 0

@@ -1,0 +1,107 @@
+"""Adopting a chain QEMU or libvirt made as a device's history.
+
+Each image of the chain, base first, is rewritten into a backup of ours:
+the copy clusters it holds (widened to max(granularity, its cluster size))
+are copied from the chain as it read at that image, so compressed
+clusters, subclusters, version 2 images and raw bases all become plain
+qcow2 v3 images with checksums, and every later operation (verify,
+restore, prune, checksum-scan incrementals) works on them as on our own.
+The originals are only read.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+from engine.catalog import BackupRecord, Catalog
+from engine.chain import ChainView
+from engine.errors import UsageError
+from engine.fsutil import fsync_dir
+from engine.job import copy_cluster_size, units_of
+from engine.prune import held_ranges, rewrite_image
+from engine.qcow2.backing import open_chain
+from engine.qcow2.layers import COMPRESSED, DATA
+
+RAW_CLUSTER = 64 * 1024
+
+
+def import_chain(
+    repo_path: str,
+    catalog: Catalog,
+    name: str,
+    tip: str,
+    granularity: int,
+    source: str | None,
+    on_layer: Callable[[int, int, str], None] | None = None,
+) -> list[BackupRecord]:
+    """Import ``tip`` and its backing chain as backups of a new device ``name``."""
+    layers = open_chain(tip)
+    try:
+        size = layers[0].size
+        info = [
+            (layer.path, layer.format, layer.cluster_size or RAW_CLUSTER, os.fstat(layer.fd).st_mtime_ns)
+            for layer in layers
+        ]
+    finally:
+        for layer in layers:
+            layer.close()
+    if size <= 0 or size % 512:
+        raise UsageError(f"{tip}: virtual size {size} is not a non-zero multiple of 512")
+    if source is not None:
+        source = os.path.abspath(source)
+        try:
+            with open(source, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                src_size = f.tell()
+        except OSError as e:
+            raise UsageError(f"source {source}: {e.strerror}") from None
+        if src_size != size:
+            raise UsageError(f"source {source} is {src_size} bytes but the chain's disk is {size}")
+    ddir = os.path.join(repo_path, "devices", name)
+    os.makedirs(ddir, exist_ok=True)
+    catalog.add_device(name, source or "", size, granularity)
+    records: list[BackupRecord] = []
+    prev: BackupRecord | None = None
+    last_created = 0
+    for n, (path, fmt, cs, mtime_ns) in enumerate(reversed(info)):
+        if on_layer is not None:
+            on_layer(n, len(info), path)
+        kind = "full" if prev is None else "incremental"
+        seq = catalog.next_seq(name)
+        created = max(mtime_ns, last_created + 1)  # ids must sort in chain order
+        last_created = created
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(created / 1e9))
+        backup_id = f"{stamp}-{seq:04d}-{kind}"
+        unit = copy_cluster_size(granularity, cs)
+        with ChainView.open(path) as content:
+            own = content.layers[0]
+            ranges = held_ranges(own)
+            if prev is None:  # a full needs only what is not zero
+                ranges = [(e.start, e.end) for e in own.allocation() if e.kind in (DATA, COMPRESSED)]
+            held = units_of([(a, min(b, size)) for a, b in ranges if a < size], unit, size)
+            tmp = os.path.join(ddir, f".tmp-{backup_id}.qcow2")
+            writer, record = rewrite_image(
+                content, held, tmp, size, cs, granularity,
+                f"{prev.id}.qcow2" if prev else None,
+            )
+        try:
+            writer.commit()
+            record.save(os.path.join(ddir, f"{backup_id}.sums"))
+            os.rename(tmp, os.path.join(ddir, f"{backup_id}.qcow2"))
+            fsync_dir(ddir)
+        except BaseException:
+            writer.abort()
+            raise
+        rec = BackupRecord(
+            id=backup_id, device=name, seq=seq, kind=kind, parent=prev.id if prev else None,
+            created_ns=created, size=size, cluster_size=cs, granularity=granularity,
+            image=f"devices/{name}/{backup_id}.qcow2", checksums=f"devices/{name}/{backup_id}.sums",
+            stored_bytes=writer.stored_bytes(), label=f"imported from {os.path.basename(path)} ({fmt})",
+        )
+        catalog.add_backup(rec)
+        records.append(rec)
+        prev = rec
+    return records
+

@@ -1,0 +1,215 @@
+"""Retention: choosing backups to drop, and removing one by merging it down.
+
+Removing backup X from a chain rewrites each child C so that it no longer
+needs X: C' holds everything C held, plus what X held where C held nothing,
+widened to C's copy clusters (the aligned-copy rule) and read through C's
+chain; C' backs onto X's parent (or onto nothing: then C becomes a full).
+Every other point in time reads the same before and after.
+
+Crash safety, step by step:
+
+1. C' and its checksums are written under temporary names and fsynced.
+   A crash here leaves temporaries that the next open removes.
+2. C's checksums, then C's image, are replaced by rename. C' reads exactly
+   like C did, and its checksums cover a superset of C's, so in every
+   intermediate state each backup still reads right and verifies.
+3. One catalog transaction re-points the children and drops X's row.
+4. X's files are deleted (a crash leaves orphans the next open removes).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from bitarray import bitarray
+
+from engine.catalog import BackupRecord
+from engine.chain import ChainView
+from engine.checksums import ChecksumRecord
+from engine.errors import ImageError, UsageError
+from engine.fsutil import fsync_dir
+from engine.job import BackupJob, JobError, JobPlan, Source, copy_cluster_size, units_of
+from engine.qcow2.layers import UNALLOC, Layer, open_layer
+from engine.qcow2.writer import Qcow2Writer
+
+
+@dataclass
+class RetentionPolicy:
+    keep_last: int | None = None
+    keep_daily: int | None = None
+    keep_weekly: int | None = None
+    keep_monthly: int | None = None
+
+    def empty(self) -> bool:
+        return all(v is None for v in (self.keep_last, self.keep_daily, self.keep_weekly, self.keep_monthly))
+
+
+def select_for_removal(backups: list[BackupRecord], policy: RetentionPolicy) -> list[BackupRecord]:
+    """Backups the policy does not keep, oldest first. The newest is always kept.
+
+    keep_daily/weekly/monthly keep the newest backup of each of the last N
+    days/ISO weeks/months (local time) that have backups, as borg and
+    restic do; the union of all rules is kept.
+    """
+    if policy.empty():
+        raise UsageError("give a retention rule: --keep-last, --keep-daily, --keep-weekly or --keep-monthly")
+    for name in ("keep_last", "keep_daily", "keep_weekly", "keep_monthly"):
+        value = getattr(policy, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    newest_first = sorted(backups, key=lambda b: b.seq, reverse=True)
+    keep: set[str] = set()
+    if newest_first:
+        keep.add(newest_first[0].id)
+    if policy.keep_last:
+        keep.update(b.id for b in newest_first[: policy.keep_last])
+    for count, bucket in (
+        (policy.keep_daily, lambda t: time.strftime("%Y-%m-%d", t)),
+        (policy.keep_weekly, lambda t: "%d-W%02d" % tuple(time_iso_week(t))),
+        (policy.keep_monthly, lambda t: time.strftime("%Y-%m", t)),
+    ):
+        if not count:
+            continue
+        seen: list[str] = []
+        for b in newest_first:
+            key = bucket(time.localtime(b.created))
+            if key in seen:
+                continue
+            seen.append(key)
+            keep.add(b.id)
+            if len(seen) >= count:
+                break
+    return [b for b in sorted(backups, key=lambda b: b.seq) if b.id not in keep]
+
+
+def time_iso_week(t: time.struct_time) -> tuple[int, int]:
+    import datetime
+
+    year, week, _ = datetime.date(t.tm_year, t.tm_mon, t.tm_mday).isocalendar()
+    return year, week
+
+
+class ViewSource(Source):
+    """A chain view as the source of a job: rewriting images from their content.
+
+    Past the view's own end it reads zeros: an older image of a chain may
+    be smaller than the disk it now belongs to.
+    """
+
+    def __init__(self, view: ChainView, size: int) -> None:
+        super().__init__(-1, view.path, size)
+        self.view = view
+
+    def read(self, offset: int, length: int) -> bytearray:
+        try:
+            data = self.view.read(offset, length)
+        except ImageError as e:
+            raise JobError(f"reading {e}") from None
+        if len(data) < length:
+            data += bytes(length - len(data))
+        return data
+
+
+def held_ranges(layer: Layer) -> list[tuple[int, int]]:
+    """What one image itself holds (data, zeros or compressed), not its backing."""
+    return [(e.start, e.end) for e in layer.allocation() if e.kind != UNALLOC]
+
+
+def rewrite_image(
+    content: ChainView,
+    held: bitarray,
+    target: str,
+    size: int,
+    cluster_size: int,
+    granularity: int,
+    backing: str | None,
+    *,
+    on_progress: Callable[[object], None] | None = None,
+) -> tuple[Qcow2Writer, ChecksumRecord]:
+    """A new image holding the ``held`` copy clusters of ``content``; not yet committed."""
+    writer = Qcow2Writer(target, size, cluster_size, backing_file=backing, backing_format="qcow2" if backing else None)
+    record = ChecksumRecord(size, granularity)
+    plan = JobPlan(size, granularity, cluster_size, held, zeros_explicit=backing is not None)
+    try:
+        BackupJob(plan, ViewSource(content, size), writer, record, kind="rewrite", on_progress=on_progress).run()
+    except BaseException:
+        writer.abort()
+        raise
+    return writer, record
+
+
+@dataclass
+class RemovalPlan:
+    removed: BackupRecord
+    children: list[BackupRecord] = field(default_factory=list)
+
+    def describe(self) -> str:
+        if not self.children:
+            return f"remove {self.removed.id}"
+        into = ", ".join(c.id for c in self.children)
+        return f"remove {self.removed.id}, merging what it holds into {into}"
+
+
+def remove_backup(
+    repo_path: str,
+    x: BackupRecord,
+    children: list[BackupRecord],
+    apply_catalog: Callable[[list[tuple[str, str | None, str, int]]], None],
+    *,
+    hook: Callable[[str], None] | None = None,
+) -> None:
+    """Merge ``x`` into each child, then drop it. ``hook(step)`` is for tests."""
+    step = hook or (lambda _name: None)
+    ddir = os.path.join(repo_path, os.path.dirname(x.image))
+    x_image = os.path.join(repo_path, x.image)
+    new_parent = x.parent
+    staged: list[tuple[BackupRecord, str, str, int]] = []
+    try:
+        for c in children:
+            c_image = os.path.join(repo_path, c.image)
+            tmp_image = os.path.join(ddir, f".tmp-merge-{c.id}.qcow2")
+            tmp_sums = os.path.join(ddir, f".tmp-merge-{c.id}.sums")
+            unit = copy_cluster_size(c.granularity, c.cluster_size)
+            with open_layer(c_image, "qcow2") as c_layer, open_layer(x_image, "qcow2") as x_layer:
+                held = units_of(held_ranges(c_layer) + held_ranges(x_layer), unit, c.size)
+            with ChainView.open(c_image) as content:
+                writer, record = rewrite_image(
+                    content, held, tmp_image, c.size, c.cluster_size, c.granularity,
+                    f"{new_parent}.qcow2" if new_parent else None,
+                )
+            writer.commit()
+            record.save(tmp_sums)
+            staged.append((c, tmp_image, tmp_sums, writer.stored_bytes()))
+            step("staged")
+        # Every merged image is durable; now switch them in.
+        for c, tmp_image, tmp_sums, _stored in staged:
+            if c.checksums:
+                os.replace(tmp_sums, os.path.join(repo_path, c.checksums))
+            step("sums-replaced")
+            os.replace(tmp_image, os.path.join(repo_path, c.image))
+            step("image-replaced")
+        fsync_dir(ddir)
+    except BaseException:
+        for _c, tmp_image, tmp_sums, _s in staged:
+            for f in (tmp_image, tmp_sums):
+                try:
+                    os.unlink(f)
+                except FileNotFoundError:
+                    pass
+        raise
+    updates = [
+        (c.id, new_parent, c.kind if new_parent else "full", stored) for c, _i, _s, stored in staged
+    ]
+    apply_catalog(updates)
+    step("catalog")
+    for f in (x.image, x.checksums):
+        if f:
+            try:
+                os.unlink(os.path.join(repo_path, f))
+            except FileNotFoundError:
+                pass
+    fsync_dir(ddir)
+    step("deleted")
