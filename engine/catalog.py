@@ -61,6 +61,9 @@ CREATE TABLE jobs (
     scanned INTEGER NOT NULL DEFAULT 0,
     error TEXT
 );
+CREATE TABLE pending_removals (
+    backup TEXT PRIMARY KEY REFERENCES backups(id)
+);
 CREATE INDEX backups_by_device ON backups (device, seq);
 CREATE INDEX jobs_by_device ON jobs (device, id);
 """
@@ -278,6 +281,14 @@ class Catalog:
         rows = self._query(f"SELECT {_BACKUP_COLUMNS} FROM backups WHERE parent = ? ORDER BY seq", (backup_id,))
         return [self._backup(r) for r in rows]
 
+    def begin_removal(self, backup_id: str) -> None:
+        """Record the intent to remove a backup, before its children's images change."""
+        with self.transaction() as c:
+            c.execute("INSERT OR IGNORE INTO pending_removals VALUES (?)", (backup_id,))
+
+    def pending_removals(self) -> list[str]:
+        return [r[0] for r in self._query("SELECT backup FROM pending_removals")]
+
     def apply_removal(self, removed: str, updates: list[tuple[str, str | None, str, int]]) -> None:
         """In one transaction: re-point children (id, new parent, kind, stored bytes), drop ``removed``."""
         with self.transaction() as c:
@@ -286,6 +297,7 @@ class Catalog:
                     "UPDATE backups SET parent = ?, kind = ?, stored_bytes = ? WHERE id = ?",
                     (parent, kind, stored, child),
                 )
+            c.execute("DELETE FROM pending_removals WHERE backup = ?", (removed,))
             c.execute("DELETE FROM backups WHERE id = ?", (removed,))
 
     def lineage(self, backup_id: str) -> list[BackupRecord]:

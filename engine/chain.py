@@ -209,16 +209,28 @@ class ChainView:
         self._fill(offset, out, zeroed=False)
 
     def _fill(self, offset: int, out: memoryview, zeroed: bool) -> None:
+        # One pass per extent, and a 1 GiB disk at depth 64 has ~8000 of
+        # them: locals instead of attribute lookups, the first preadv
+        # inline (measured ~5 us per extent before, ~0.5-1 us less now;
+        # most of what remains is the syscall itself).
         end = offset + len(out)
         starts = self._starts
+        kinds = self._kinds
+        last = len(starts) - 1
         i = bisect_right(starts, offset) - 1
         pos = offset
         while pos < end:
-            stop = min(end, self._extent_end(i))
-            kind = self._kinds[i]
+            stop = starts[i + 1] if i < last else self.size
+            if stop > end:
+                stop = end
+            kind = kinds[i]
             if kind == DATA:
+                view = out[pos - offset : stop - offset]
+                fd = self._fds[self._depths[i]]
                 host = self._hosts[i] + (pos - starts[i])
-                self._pread_into(i, out[pos - offset : stop - offset], host)
+                n = os.preadv(fd, [view], host)
+                if n < len(view):
+                    self._pread_into(fd, view, host, n)
             elif kind == COMPRESSED:
                 cluster = self._compressed(i)
                 cs = self.layers[self._depths[i]].cluster_size
@@ -229,9 +241,9 @@ class ChainView:
             pos = stop
             i += 1
 
-    def _pread_into(self, i: int, view: memoryview, host: int) -> None:
-        fd = self._fds[self._depths[i]]
-        done = 0
+    @staticmethod
+    def _pread_into(fd: int, view: memoryview, host: int, done: int = 0) -> None:
+        """Finish filling ``view`` from ``host`` on, ``done`` bytes already read."""
         want = len(view)
         while done < want:
             n = os.preadv(fd, [view[done:]], host + done)

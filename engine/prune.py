@@ -9,12 +9,18 @@ Every other point in time reads the same before and after.
 Crash safety, step by step:
 
 1. C' and its checksums are written under temporary names and fsynced.
-   A crash here leaves temporaries that the next open removes.
-2. C's checksums, then C's image, are replaced by rename. C' reads exactly
+   A crash here leaves temporaries that the next open removes: the old chain.
+2. The removal is recorded as pending in the catalog.
+3. C's checksums, then C's image, are replaced by rename. C' reads exactly
    like C did, and its checksums cover a superset of C's, so in every
-   intermediate state each backup still reads right and verifies.
-3. One catalog transaction re-points the children and drops X's row.
-4. X's files are deleted (a crash leaves orphans the next open removes).
+   intermediate state each backup still reads right.
+4. One catalog transaction re-points the children, drops X's row and the
+   pending record.
+5. X's files are deleted (a crash leaves orphans the next open removes).
+
+A crash after step 2 is finished by the next open, which runs the removal
+again (merging X into a child that already holds it changes nothing): the
+new chain.
 """
 
 from __future__ import annotations
@@ -157,6 +163,7 @@ def remove_backup(
     repo_path: str,
     x: BackupRecord,
     children: list[BackupRecord],
+    begin: Callable[[], None],
     apply_catalog: Callable[[list[tuple[str, str | None, str, int]]], None],
     *,
     hook: Callable[[str], None] | None = None,
@@ -184,7 +191,10 @@ def remove_backup(
             record.save(tmp_sums)
             staged.append((c, tmp_image, tmp_sums, writer.stored_bytes()))
             step("staged")
-        # Every merged image is durable; now switch them in.
+        # Every merged image is durable. From here on the removal is
+        # recorded as pending: an interrupted one is finished at the next open.
+        begin()
+        step("pending")
         for c, tmp_image, tmp_sums, _stored in staged:
             if c.checksums:
                 os.replace(tmp_sums, os.path.join(repo_path, c.checksums))

@@ -171,6 +171,11 @@ class Repository:
                 if leftover or orphan:
                     os.unlink(os.path.join(d, f))
             fsync_dir(d)
+        for backup_id in self.catalog.pending_removals():
+            rec = self.catalog.backup(backup_id)
+            if rec is not None:
+                # An interrupted prune: finish it (see engine/prune.py).
+                self._remove_one(rec.device, RemovalPlan(rec, self.catalog.children(rec.id)), None)
 
     def cancel_jobs(self) -> None:
         """Ask every running job to stop (they fail with ECANCELED, bitmaps kept)."""
@@ -180,6 +185,8 @@ class Repository:
 
     def close(self) -> None:
         """Cancel running jobs, wait for them, persist bitmaps, release the lock."""
+        if self._lock_fd < 0:
+            return
         with self._idle:
             for job in self._running.values():
                 job.cancel()
@@ -191,6 +198,7 @@ class Repository:
             self._devices.clear()
         self.catalog.close()
         os.close(self._lock_fd)
+        self._lock_fd = -1
 
     def __enter__(self) -> Repository:
         return self
@@ -429,7 +437,10 @@ class Repository:
         if was_latest and x.checksums:
             x_defined = ChecksumRecord.load(os.path.join(self.path, x.checksums)).defined
         remove_backup(
-            self.path, x, plan.children, lambda updates: self.catalog.apply_removal(x.id, updates), hook=hook
+            self.path, x, plan.children,
+            lambda: self.catalog.begin_removal(x.id),
+            lambda updates: self.catalog.apply_removal(x.id, updates),
+            hook=hook,
         )
         try:
             dev = self.device(device)

