@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -73,6 +74,11 @@ def _trigger_through_mount(record: MountRecord, name: str, line: str) -> dict[st
         failure = e
     with open(snapshot, "rb") as f:
         fields = _status_fields(f.read().decode(errors="replace"))
+    if failure is not None and failure.errno == errno.EBUSY:
+        raise BackupfsError(
+            f"a job of {name} is already running ({fields.get('command', '?')}: "
+            f"{fields.get('progress', 'in progress')}); try again when it is done"
+        )
     fields["_errno"] = str(failure.errno) if failure else ""
     fields["_strerror"] = failure.strerror or "" if failure else ""
     return fields
