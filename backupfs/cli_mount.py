@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from backupfs.mount import find_mount, parse_options, read_mount_record, serve, wait_for_exit
+from backupfs.mountinfo import find_mount, parse_options, read_mount_record, wait_for_exit
 from engine.errors import BackupfsError, UsageError
 
 LOG_FILE = "backupfs.log"
@@ -42,6 +42,8 @@ def _logging_to(stream_or_path: object) -> None:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    from backupfs.mount import serve  # pyfuse3 and trio: only the daemon needs them
+
     options = parse_options(args.options)
     repo = os.path.abspath(args.repo)
     if args.foreground:

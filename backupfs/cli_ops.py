@@ -8,7 +8,7 @@ import os
 import sys
 
 from backupfs.cli_repo import catalog_for_reading, progress_reporter
-from backupfs.mount import MountRecord, read_mount_record
+from backupfs.mountinfo import MountRecord, read_mount_record
 from engine.errors import BackupfsError, UsageError
 from engine.job import Progress
 from engine.prune import RetentionPolicy

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from backupfs.mount import MountRecord, read_mount_record
+from backupfs.mountinfo import MountRecord, read_mount_record
 from backupfs.trigger import TriggerCommand
 from engine.catalog import Catalog
 from engine.errors import BackupfsError, UsageError

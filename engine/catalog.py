@@ -231,9 +231,19 @@ class Catalog:
 
     # -- backups -------------------------------------------------------------------
 
-    def next_seq(self, device: str) -> int:
-        rows = self._query("SELECT COALESCE(MAX(seq), 0) FROM backups WHERE device = ?", (device,))
-        return int(rows[0][0]) + 1
+    def next_seq(self) -> int:
+        """A sequence number no other backup of the repository has or will get.
+
+        Repository-wide (not per device) and allocated in a transaction, so
+        backups of two devices triggered in the same second never share an
+        id, and ids taken within one second still sort in order.
+        """
+        with self.transaction() as c:
+            row = c.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()
+            used = c.execute("SELECT COALESCE(MAX(seq), 0) FROM backups").fetchone()[0]
+            seq = max(int(row[0]) if row else 1, int(used) + 1)
+            c.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)", (str(seq + 1),))
+        return seq
 
     def add_backup(self, rec: BackupRecord) -> None:
         with self.transaction() as c:

@@ -69,7 +69,7 @@ def import_chain(
         if on_layer is not None:
             on_layer(n, len(info), path)
         kind = "full" if prev is None else "incremental"
-        seq = catalog.next_seq(name)
+        seq = catalog.next_seq()
         created = max(mtime_ns, last_created + 1)  # ids must sort in chain order
         last_created = created
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(created / 1e9))

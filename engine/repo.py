@@ -540,7 +540,7 @@ class Repository:
             else:
                 units = units_of(dev.since_full.active.runs(), unit, dev.size)
 
-            seq = self.catalog.next_seq(name)
+            seq = self.catalog.next_seq()
             stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(created_ns / 1e9))
             backup_id = f"{stamp}-{seq:04d}-{kind}"
             ddir = self._device_dir(name)

@@ -576,3 +576,16 @@ def test_source_that_shrank_is_refused(repo_path: Path, tmp_path: Path) -> None:
             repo.backup("sh", "incremental")
         assert len(repo.backups("sh")) == 1
 
+
+
+def test_two_devices_in_the_same_second_get_distinct_ids(repo: Repository, tmp_path: Path) -> None:
+    """Timers fire together: every backup id stays unique across devices."""
+    ids = []
+    for name in ("a", "b", "c"):
+        repo.add_device(name, str(make_source(tmp_path / f"{name}.img", 1 * MiB, seed=20)))
+    for name in ("a", "b", "c"):
+        ids.append(repo.backup(name, "full").record.id)
+    for name in ("a", "b", "c"):
+        ids.append(repo.backup(name, "incremental").record.id)
+    assert len(set(ids)) == 6 and ids == sorted(ids)
+    assert [len(repo.backups(n)) for n in ("a", "b", "c")] == [2, 2, 2]

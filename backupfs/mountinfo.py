@@ -1,0 +1,114 @@
+"""Where a repository is mounted, and the rules for mount points and options.
+
+Kept apart from the daemon (backupfs/mount.py) so that commands which only
+need to find a mount do not import pyfuse3 and trio.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+from dataclasses import dataclass
+
+from engine.errors import UsageError
+
+MOUNT_RECORD = "mount.json"
+ALLOWED_OPTIONS = {"allow_other", "allow_root", "default_permissions", "noatime", "ro", "rw", "nodev",
+                   "nosuid", "dev", "suid", "exec", "noexec", "auto", "noauto", "user", "nouser",
+                   "_netdev", "defaults"}
+# Options that mount(8)/fstab carry but that mean nothing to the filesystem.
+_FSTAB_ONLY = {"auto", "noauto", "user", "nouser", "_netdev", "defaults", "rw"}
+
+
+@dataclass(frozen=True)
+class MountRecord:
+    pid: int
+    mountpoint: str
+    repo: str
+
+
+def parse_options(text: str | None) -> list[str]:
+    """`-o a,b,c` into FUSE options; refuse what we do not know by name."""
+    out: list[str] = []
+    for opt in (text or "").split(","):
+        opt = opt.strip()
+        if not opt:
+            continue
+        name = opt.split("=", 1)[0]
+        if name not in ALLOWED_OPTIONS and not name.startswith("x-"):
+            raise UsageError(
+                f"unknown mount option {opt!r} (known: {', '.join(sorted(ALLOWED_OPTIONS))})"
+            )
+        if name in _FSTAB_ONLY or name.startswith("x-"):
+            continue
+        out.append(opt)
+    return out
+
+
+def check_mountpoint(repo_path: str, mountpoint: str) -> str:
+    repo_real = os.path.realpath(repo_path)
+    mp = os.path.realpath(mountpoint)
+    if not os.path.isdir(mp):
+        raise UsageError(f"mount point {mountpoint} is not a directory")
+    if os.path.commonpath([mp, repo_real]) == repo_real:
+        raise UsageError(f"mount point {mountpoint} lies inside the repository {repo_path}")
+    if os.path.ismount(mp):
+        raise UsageError(f"{mountpoint} is already a mount point")
+    return mp
+
+
+def read_mount_record(repo_path: str) -> MountRecord | None:
+    """Where the repository is mounted, if the daemon that mounted it lives."""
+    try:
+        with open(os.path.join(repo_path, MOUNT_RECORD)) as f:
+            data = json.load(f)
+        rec = MountRecord(int(data["pid"]), str(data["mountpoint"]), str(data["repo"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        os.kill(rec.pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return rec if find_mount(rec.mountpoint) is not None else None
+
+
+def find_mount(mountpoint: str) -> tuple[str, str] | None:
+    """(source, major:minor) of a backupfs mount at ``mountpoint``, from mountinfo.
+
+    Never stats the mount point: from inside the daemon that would wait for
+    the daemon itself, and a hung mount would hang the caller.
+    """
+    mp = os.path.normpath(os.path.abspath(mountpoint))
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.readlines()
+    except OSError:
+        return None
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        rfields = right.split()
+        if len(fields) < 5 or len(rfields) < 2:
+            continue
+        point = fields[4].encode().decode("unicode_escape")
+        if point == mp and rfields[0] in ("fuse.backupfs", "fuse"):
+            source = rfields[1].encode().decode("unicode_escape")
+            return source, fields[2]
+    return None
+
+
+def wait_for_exit(pid: int, timeout: float) -> bool:
+    """Wait until process ``pid`` is gone (pidfd: no polling)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        r, _, _ = select.select([fd], [], [], timeout)
+        return bool(r)
+    finally:
+        os.close(fd)
+
