@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from engine import durable
 from engine.errors import BackupfsError
 
 SCHEMA_VERSION = 1
@@ -194,6 +195,7 @@ class Catalog:
                 self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
+            durable.fs.catalog_committed(self.path)
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:

@@ -4,30 +4,28 @@ from __future__ import annotations
 
 import os
 
+from engine import durable
+
 
 def fsync_dir(path: str) -> None:
     """Make a rename or unlink in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    durable.fs.fsync_dir(path)
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view) :]
+        view = view[durable.fs.write(fd, view) :]
 
 
 def atomic_write(path: str, data: bytes | bytearray | memoryview, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data``: temp file, fsync, rename, fsync directory."""
     tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    fd = durable.fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         write_all(fd, data)
-        os.fsync(fd)
+        durable.fs.fsync(fd)
     finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        durable.fs.close(fd)
+    durable.fs.replace(tmp, path)
     fsync_dir(os.path.dirname(path) or ".")

@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable
 
+from engine import durable
 from engine.catalog import BackupRecord, Catalog
 from engine.chain import ChainView
 from engine.errors import UsageError
@@ -89,7 +90,7 @@ def import_chain(
         try:
             writer.commit()
             record.save(os.path.join(ddir, f"{backup_id}.sums"))
-            os.rename(tmp, os.path.join(ddir, f"{backup_id}.qcow2"))
+            durable.fs.replace(tmp, os.path.join(ddir, f"{backup_id}.qcow2"))
             fsync_dir(ddir)
         except BaseException:
             writer.abort()

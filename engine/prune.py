@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from bitarray import bitarray
 
+from engine import durable
 from engine.catalog import BackupRecord
 from engine.chain import ChainView
 from engine.checksums import ChecksumRecord
@@ -197,16 +198,16 @@ def remove_backup(
         step("pending")
         for c, tmp_image, tmp_sums, _stored in staged:
             if c.checksums:
-                os.replace(tmp_sums, os.path.join(repo_path, c.checksums))
+                durable.fs.replace(tmp_sums, os.path.join(repo_path, c.checksums))
             step("sums-replaced")
-            os.replace(tmp_image, os.path.join(repo_path, c.image))
+            durable.fs.replace(tmp_image, os.path.join(repo_path, c.image))
             step("image-replaced")
         fsync_dir(ddir)
     except BaseException:
         for _c, tmp_image, tmp_sums, _s in staged:
             for f in (tmp_image, tmp_sums):
                 try:
-                    os.unlink(f)
+                    durable.fs.unlink(f)
                 except FileNotFoundError:
                     pass
         raise
@@ -218,7 +219,7 @@ def remove_backup(
     for f in (x.image, x.checksums):
         if f:
             try:
-                os.unlink(os.path.join(repo_path, f))
+                durable.fs.unlink(os.path.join(repo_path, f))
             except FileNotFoundError:
                 pass
     fsync_dir(ddir)

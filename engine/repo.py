@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine import durable
 from engine.bitmap import validate_granularity
 from engine.catalog import BackupRecord, Catalog, DeviceRecord
 from engine.chain import ChainView
@@ -169,7 +170,7 @@ class Repository:
                 leftover = f.startswith(".tmp-") or f.endswith(".tmp")
                 orphan = (f.endswith(".qcow2") or f.endswith(".sums")) and rel not in known
                 if leftover or orphan:
-                    os.unlink(os.path.join(d, f))
+                    durable.fs.unlink(os.path.join(d, f))
             fsync_dir(d)
         for backup_id in self.catalog.pending_removals():
             rec = self.catalog.backup(backup_id)
@@ -578,7 +579,7 @@ class Repository:
                 job.run()
                 writer.commit()
                 checksums.save(sums_path)
-                os.rename(tmp, final)
+                durable.fs.replace(tmp, final)
                 fsync_dir(ddir)
             except OSError as e:
                 raise _storage_error(e) from None
@@ -608,7 +609,7 @@ class Repository:
             writer.abort()
             for leftover in (tmp, final, sums_path):
                 try:
-                    os.unlink(leftover)
+                    durable.fs.unlink(leftover)
                 except FileNotFoundError:
                     pass
             state = "cancelled" if isinstance(e, JobError) and e.errno == errno.ECANCELED else "failed"

@@ -26,6 +26,7 @@ import sys
 from array import array
 from collections import OrderedDict
 
+from engine import durable
 from engine.errors import ImageError, UsageError
 from engine.qcow2.format import (
     MAX_CLUSTER_BITS,
@@ -43,6 +44,7 @@ from engine.qcow2.format import (
 _REFCOUNT_ORDER = 4  # 16-bit refcounts, QEMU's default
 _WRITE_CHUNK = 8 * 1024 * 1024
 _WRITEBACK_BYTES = 8 * 1024 * 1024  # appended data handed to writeback at a time
+_fadvise = getattr(os, "posix_fadvise", None)  # not on macOS
 _NATIVE_LE = sys.byteorder == "little"
 
 
@@ -114,7 +116,7 @@ class Qcow2Writer:
         self._writeback_from = cs  # appended bytes from here on not yet handed to writeback
         self.data_clusters = 0
         self._closed = False
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self.fd = durable.fs.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
 
     # -- context manager -------------------------------------------------
 
@@ -178,7 +180,7 @@ class Qcow2Writer:
         view = memoryview(data)
         while view:
             try:
-                n = os.pwrite(self.fd, view, offset)
+                n = durable.fs.pwrite(self.fd, view, offset)
             except OSError as e:
                 raise self._io_error("write", e) from None
             view = view[n:]
@@ -253,15 +255,16 @@ class Qcow2Writer:
         clean: a backup has no reason to stay in the page cache). Without
         this the kernel holds everything until the fsync at commit, and the
         disk idles while the copy runs: a 1 GiB full backup took 3.7 s
-        instead of 2.7 s. Table clusters allocated but not yet written are
-        holes in the range; that is harmless.
+        instead of 2.7 s, a 100 MiB incremental 0.39 s instead of 0.27 s
+        (medians, bench/backup_vs_qemu.py's workload). Table clusters
+        allocated but not yet written are holes in the range; that is harmless.
         """
         end = self._next_free
         start = self._writeback_from
-        if end - start < _WRITEBACK_BYTES:
+        if end - start < _WRITEBACK_BYTES or _fadvise is None:
             return
         try:
-            os.posix_fadvise(self.fd, start, end - start, os.POSIX_FADV_DONTNEED)
+            _fadvise(self.fd, start, end - start, os.POSIX_FADV_DONTNEED)
         except OSError:
             pass  # advice only: a file system that refuses it loses nothing
         self._writeback_from = end
@@ -336,7 +339,7 @@ class Qcow2Writer:
         except BaseException:
             self.abort()
             raise
-        os.close(self.fd)
+        durable.fs.close(self.fd)
         self._closed = True
         return self._next_free
 
@@ -380,7 +383,7 @@ class Qcow2Writer:
 
     def _fsync(self) -> None:
         try:
-            os.fsync(self.fd)
+            durable.fs.fsync(self.fd)
         except OSError as e:
             raise self._io_error("fsync", e) from None
 
@@ -390,9 +393,9 @@ class Qcow2Writer:
             return
         self._closed = True
         try:
-            os.close(self.fd)
+            durable.fs.close(self.fd)
         finally:
             try:
-                os.unlink(self.path)
+                durable.fs.unlink(self.path)
             except FileNotFoundError:
                 pass
