@@ -13,6 +13,7 @@ cluster. Layers may have different cluster sizes; the index is in bytes.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from array import array
 from bisect import bisect_right
@@ -198,7 +199,7 @@ class ChainView:
         end = min(offset + length, self.size)
         if end <= offset:
             return bytearray()
-        buf = bytearray(end - offset)  # zero-filled: holes cost nothing
+        buf = _copy_friendly_bytearray(end - offset)  # zero-filled: holes cost nothing
         self._fill(offset, memoryview(buf), zeroed=True)
         return buf
 
@@ -306,6 +307,26 @@ class ChainView:
         for i in range(len(self._starts)):
             if self._kinds[i] in (DATA, COMPRESSED):
                 yield self._starts[i], self._extent_end(i)
+
+
+def _copy_friendly_bytearray(n: int) -> bytearray:
+    """A zeroed bytearray of ``n`` bytes that does not start 1-31 bytes into a page.
+
+    preadv copies page-cache pages (page-aligned) into it with ``rep movsb``,
+    which this machine's AMD EPYC runs 4x slower when the destination sits
+    1 to 31 bytes past the source's offset in its page (measured: 0.13 s
+    per GiB at offsets 0 or 32+, 0.45-0.59 s at 4-28). malloc hands out
+    large blocks 16 bytes into a page, so without this a process can read
+    every chunk at a quarter of the speed. Dropping a bytearray's first
+    bytes only advances its start in CPython (no copy).
+    """
+    buf = bytearray(n + 32)
+    if n:
+        page_offset = ctypes.addressof(ctypes.c_char.from_buffer(buf)) % 4096
+        if 0 < page_offset < 32:
+            del buf[: 32 - page_offset]
+    del buf[n:]
+    return buf
 
 
 def _mergeable(a: MapEntry, b: MapEntry) -> bool:

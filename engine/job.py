@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from bitarray import bitarray
 
-from engine.checksums import ChecksumRecord, granule_hashes
+from engine.checksums import ChecksumRecord, granule_hashes, zero_hash
 from engine.errors import BackupfsError
 from engine.qcow2.writer import Qcow2Writer
 
@@ -102,8 +102,9 @@ class Source:
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset``; short reads are continued.
 
-        os.pread fills a new bytes object directly: for an 8 MiB chunk it
-        takes 0.9 ms where preadv into a fresh (zeroed) bytearray took 2.4 ms.
+        os.pread fills a new bytes object directly: for an 8 MiB chunk from
+        the page cache it took 0.9-1.7 ms where preadv into a fresh bytearray
+        (zeroed first) took 2.2-2.4 ms.
         """
         parts: list[bytes] = []
         done = 0
@@ -363,24 +364,14 @@ class BackupJob:
     def _store(self, offset: int, view: memoryview, hashes: list[int]) -> None:
         """Write whole target clusters: data where non-zero, zeros per plan."""
         cs = self.plan.cluster_size
-        n = len(view)
-        nclusters = -(-n // cs)
-        words = np.frombuffer(view[: n - n % 8], dtype=np.uint64)
-        full = n // cs
-        nonzero = np.empty(nclusters, dtype=bool)
-        if full:
-            nonzero[:full] = words[: full * cs // 8].reshape(full, cs // 8).any(axis=1)
-        if full < nclusters:
-            nonzero[full] = bool(words[full * cs // 8 :].any()) or any(view[n - n % 8 :])
+        if self._gran <= cs and not _has_zero_granule(hashes, self._gran, len(view)):
+            runs = [(True, 0, len(view))]  # no zero granule, so no zero cluster
+        else:
+            runs = _cluster_runs(view, cs)
         with self._writer_lock:
-            i = 0
-            while i < nclusters:
-                j = i + 1
-                while j < nclusters and nonzero[j] == nonzero[i]:
-                    j += 1
-                s, e = i * cs, min(j * cs, n)
+            for nonzero, s, e in runs:
                 try:
-                    if nonzero[i]:
+                    if nonzero:
                         self.writer.write(offset + s, view[s:e])
                         self.progress.written += e - s
                     elif self.plan.zeros_explicit:
@@ -391,8 +382,45 @@ class BackupJob:
                     if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
                         raise JobError(f"repository disk full: {exc}", errno.ENOSPC) from None
                     raise
-                i = j
             self.checksums.set(offset // self._gran, hashes)
+
+
+def _has_zero_granule(hashes: list[int], granularity: int, length: int) -> bool:
+    """Whether a granule of a chunk may be all zeros, told by its checksum.
+
+    A zero granule always has the zero checksum; a data granule that
+    shares it only sends the chunk down the exact path. When granules are
+    no larger than target clusters, every cluster is whole granules, so a
+    chunk without a zero granule has no zero cluster, and the byte scan
+    (0.6 ms per 8 MiB chunk of data, 80 ms of CPU per GiB) is skipped.
+    """
+    if zero_hash(granularity) in hashes:
+        return True
+    tail = length % granularity
+    return bool(tail) and hashes[-1] == zero_hash(tail)
+
+
+def _cluster_runs(view: memoryview, cluster_size: int) -> list[tuple[bool, int, int]]:
+    """(non-zero, start, end) runs of whole clusters of ``view``; the last may be short."""
+    cs = cluster_size
+    n = len(view)
+    nclusters = -(-n // cs)
+    words = np.frombuffer(view[: n - n % 8], dtype=np.uint64)
+    full = n // cs
+    nonzero = np.empty(nclusters, dtype=bool)
+    if full:
+        nonzero[:full] = words[: full * cs // 8].reshape(full, cs // 8).any(axis=1)
+    if full < nclusters:
+        nonzero[full] = bool(words[full * cs // 8 :].any()) or any(view[n - n % 8 :])
+    runs = []
+    i = 0
+    while i < nclusters:
+        j = i + 1
+        while j < nclusters and nonzero[j] == nonzero[i]:
+            j += 1
+        runs.append((bool(nonzero[i]), i * cs, min(j * cs, n)))
+        i = j
+    return runs
 
 
 def _target_error(path: str, exc: OSError) -> JobError:
