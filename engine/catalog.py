@@ -186,16 +186,29 @@ class Catalog:
             self._conn.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self, flush: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction; ``flush=False`` for bookkeeping a crash may lose.
+
+        Without the flush the commit is ordered in the WAL but not fsynced;
+        the next flushed commit makes it durable too. Only what a backup's
+        visibility depends on pays for a disk flush.
+        """
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+            if not flush:
+                self._conn.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
-            durable.fs.catalog_committed(self.path)
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            finally:
+                if not flush:
+                    self._conn.execute("PRAGMA synchronous=FULL")
+            if flush:
+                durable.fs.catalog_committed(self.path)
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
@@ -240,15 +253,19 @@ class Catalog:
         backups of two devices triggered in the same second never share an
         id, and ids taken within one second still sort in order.
         """
-        with self.transaction() as c:
+        # No flush: if a crash loses this, it also lost the backup that used it.
+        with self.transaction(flush=False) as c:
             row = c.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()
             used = c.execute("SELECT COALESCE(MAX(seq), 0) FROM backups").fetchone()[0]
             seq = max(int(row[0]) if row else 1, int(used) + 1)
             c.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)", (str(seq + 1),))
         return seq
 
-    def add_backup(self, rec: BackupRecord) -> None:
+    def add_backup(self, rec: BackupRecord, job: tuple[int, dict] | None = None) -> None:
+        """Make a backup visible; ``job`` = (job id, job_finished fields) in the same commit."""
         with self.transaction() as c:
+            if job is not None:
+                self._finish_job(c, job[0], "succeeded", **job[1])
             c.execute(
                 f"INSERT INTO backups ({_BACKUP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -331,7 +348,7 @@ class Catalog:
     # -- jobs --------------------------------------------------------------------------
 
     def job_started(self, device: str, kind: str) -> int:
-        with self.transaction() as c:
+        with self.transaction(flush=False) as c:  # history: a crash may lose it
             cur = c.execute(
                 "INSERT INTO jobs (device, kind, started_ns, state) VALUES (?, ?, ?, 'running')",
                 (device, kind, time.time_ns()),
@@ -350,12 +367,20 @@ class Catalog:
         scanned: bool = False,
         error: str | None = None,
     ) -> None:
-        with self.transaction() as c:
-            c.execute(
-                "UPDATE jobs SET finished_ns = ?, state = ?, backup = ?, bytes_total = ?, bytes_done = ?, "
-                "bytes_written = ?, scanned = ?, error = ? WHERE id = ?",
-                (time.time_ns(), state, backup, total, done, written, int(scanned), error, job_id),
-            )
+        with self.transaction(flush=False) as c:
+            self._finish_job(c, job_id, state, backup=backup, total=total, done=done, written=written,
+                             scanned=scanned, error=error)
+
+    @staticmethod
+    def _finish_job(
+        c: sqlite3.Connection, job_id: int, state: str, *, backup: str | None = None, total: int | None = None,
+        done: int | None = None, written: int | None = None, scanned: bool = False, error: str | None = None,
+    ) -> None:
+        c.execute(
+            "UPDATE jobs SET finished_ns = ?, state = ?, backup = ?, bytes_total = ?, bytes_done = ?, "
+            "bytes_written = ?, scanned = ?, error = ? WHERE id = ?",
+            (time.time_ns(), state, backup, total, done, written, int(scanned), error, job_id),
+        )
 
     def jobs(self, device: str | None = None, limit: int = 20) -> list[JobRecord]:
         if device is None:

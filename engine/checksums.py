@@ -22,7 +22,7 @@ from bitarray import bitarray
 from bitarray.util import sc_decode, sc_encode
 
 from engine.errors import BackupfsError
-from engine.fsutil import atomic_write
+from engine.fsutil import atomic_write, write_new
 
 _MAGIC = b"BFSSUMS1"
 _HEAD = struct.Struct("<8sIQQQ")  # magic, granularity, device size, defined count, bitmap length
@@ -80,8 +80,12 @@ class ChecksumRecord:
         body = _HEAD.pack(_MAGIC, self.granularity, self.size, int(idx.sum()), len(bits)) + bits + values
         return body + xxhash.xxh3_64_digest(body)
 
-    def save(self, path: str) -> None:
-        atomic_write(path, self.encode(), 0o644)
+    def save(self, path: str, atomic: bool = True) -> None:
+        """Durable file; ``atomic=False`` writes in place (a new name the caller commits)."""
+        if atomic:
+            atomic_write(path, self.encode(), 0o644)
+        else:
+            write_new(path, self.encode(), 0o644)
 
     @classmethod
     def load(cls, path: str) -> ChecksumRecord:

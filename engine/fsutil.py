@@ -29,3 +29,13 @@ def atomic_write(path: str, data: bytes | bytearray | memoryview, mode: int = 0o
         durable.fs.close(fd)
     durable.fs.replace(tmp, path)
     fsync_dir(os.path.dirname(path) or ".")
+
+
+def write_new(path: str, data: bytes | bytearray | memoryview, mode: int = 0o600) -> None:
+    """Create ``path`` with ``data``, fsynced; the caller makes the name durable."""
+    fd = durable.fs.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        write_all(fd, data)
+        durable.fs.fsync(fd)
+    finally:
+        durable.fs.close(fd)

@@ -578,7 +578,10 @@ class Repository:
             try:
                 job.run()
                 writer.commit()
-                checksums.save(sums_path)
+                # Written in place (not renamed): until the catalog names it,
+                # a crash leaves an orphan that the next open removes. One
+                # directory fsync then covers it and the image's rename.
+                checksums.save(sums_path, atomic=False)
                 durable.fs.replace(tmp, final)
                 fsync_dir(ddir)
             except OSError as e:
@@ -603,7 +606,9 @@ class Repository:
                 label=label,
                 scanned=plan_scan,
             )
-            self.catalog.add_backup(rec)
+            finished = dict(backup=backup_id, total=job.progress.total, done=job.progress.done,
+                            written=job.progress.written, scanned=plan_scan)
+            self.catalog.add_backup(rec, job=(job_id, finished))  # the instant it becomes visible
             ok = True
         except BaseException as e:
             writer.abort()
@@ -636,10 +641,6 @@ class Repository:
             with self._idle:
                 self._running.pop(name, None)
                 self._idle.notify_all()
-        self.catalog.job_finished(
-            job_id, "succeeded", backup=backup_id, total=job.progress.total, done=job.progress.done,
-            written=job.progress.written, scanned=plan_scan,
-        )
         return BackupResult(
             rec, plan_scan, job.progress.total, job.progress.written, job.cbw_units,
             time.monotonic() - started, scan_reason,
