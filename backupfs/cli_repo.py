@@ -51,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scan", action="store_true", help="compare checksums instead of trusting the bitmap")
     p.add_argument("--label", help="free text stored with the backup")
     p.add_argument("--auto-full", action="store_true", help="take a full backup if there is none yet")
+    p.add_argument("--rate", help="limit the copy to this many bytes per second, e.g. 50M")
     p.set_defaults(func=cmd_backup)
 
     p = sub.add_parser("list", help="the backups (first column: the backup id)")
@@ -126,9 +127,12 @@ def progress_reporter(enabled: bool, label: str) -> Iterator[Callable[[Progress]
 
 def cmd_backup(args: argparse.Namespace) -> int:
     cluster_size = parse_size(args.cluster_size, "cluster size")
+    rate = parse_size(args.rate, "rate") if args.rate else None
+    if rate is not None and rate < 1024 * 1024:
+        raise UsageError("--rate must be at least 1M (bytes per second)")
     record = read_mount_record(os.path.abspath(args.repo))
     if record is not None:
-        return _backup_through_mount(record, args, cluster_size)
+        return _backup_through_mount(record, args, cluster_size, rate)
     with Repository.open(args.repo) as repo:
         with progress_reporter(sys.stderr.isatty(), f"{args.name} {args.kind}") as progress:
             result = repo.backup(
@@ -139,6 +143,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
                 label=args.label,
                 auto_full=args.auto_full,
                 on_progress=progress,
+                rate=rate,
             )
     print(result.summary())
     return 0
@@ -153,13 +158,15 @@ def _status_fields(text: str) -> dict[str, str]:
     return out
 
 
-def _backup_through_mount(record: MountRecord, args: argparse.Namespace, cluster_size: int) -> int:
+def _backup_through_mount(
+    record: MountRecord, args: argparse.Namespace, cluster_size: int, rate: int | None
+) -> int:
     """The repository is mounted: ask the daemon through the trigger file."""
     validate_name(args.name)
     snapshot = os.path.join(record.mountpoint, args.name, "snapshot")
     if not os.path.exists(snapshot):
         raise UsageError(f"no device named {args.name!r}")
-    cmd = TriggerCommand(args.kind, cluster_size, args.label, args.scan, args.auto_full)
+    cmd = TriggerCommand(args.kind, cluster_size, args.label, args.scan, args.auto_full, rate)
     done = threading.Event()
 
     def show_progress() -> None:
