@@ -146,8 +146,8 @@ def _chunk_buffer() -> memoryview:
     Reusing it saves an allocation and its page faults per chunk; page
     alignment avoids a slow kernel copy: a fresh ``bytearray`` this large
     starts 16 bytes into a page, and preadv from the page cache into it ran
-    4x slower on this machine's AMD EPYC (a copy whose destination sits 8 to
-    24 bytes past its source's page offset takes the CPU's slow path).
+    4x slower on this machine's AMD EPYC (a copy whose destination sits 1 to
+    31 bytes past its source's page offset takes the CPU's slow path).
     """
     return memoryview(mmap.mmap(-1, _CAT_CHUNK))
 

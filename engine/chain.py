@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from engine.qcow2.backing import open_chain
-from engine.qcow2.layers import COMPRESSED, DATA, UNALLOC, ZERO, Extent, Layer
+from engine.qcow2.layers import COMPRESSED, DATA, UNALLOC, ZERO, Layer
 
 _COMPRESSED_CACHE = 16
 
@@ -62,57 +62,63 @@ def flatten(layers: list[Layer]) -> list[tuple[int, int, int, int, int]]:
     A range nobody holds is UNALLOC with the depth of the last layer that
     was consulted: the bottom layer, or the layer whose backing file is too
     short to reach the range (both as `qemu-img map` reports them).
+
+    Work is linear in the extents of all layers plus the pieces produced:
+    each layer's extents are walked once against the sorted list of ranges
+    still unclaimed (two parallel lists, found with bisect), and only the
+    ranges an extent touches are split.
     """
     size = layers[0].size
     pieces: list[tuple[int, int, int, int, int]] = []
-    holes: list[tuple[int, int]] = [(0, size)] if size else []
+    hs: list[int] = [0] if size else []  # unclaimed ranges: starts...
+    he: list[int] = [size] if size else []  # ...and ends
     for depth, layer in enumerate(layers):
-        if not holes:
+        if not hs:
             break
-        alloc = layer.allocation()
-        starts = [e.start for e in alloc]
-        new_holes: list[tuple[int, int]] = []
-        for hs, he in holes:
-            if hs >= layer.size:
-                pieces.append((hs, he, UNALLOC, depth - 1, 0))
+        if he[-1] > layer.size:
+            # Beyond this layer's size nobody below is asked (as QEMU reads it).
+            j = bisect_right(he, layer.size)
+            if j < len(hs) and hs[j] < layer.size:
+                pieces.append((layer.size, he[j], UNALLOC, depth - 1, 0))
+                he[j] = layer.size
+                j += 1
+            pieces.extend((a, b, UNALLOC, depth - 1, 0) for a, b in zip(hs[j:], he[j:]))
+            del hs[j:], he[j:]
+            if not hs:
+                break
+        j = 0
+        for start, end, kind, host in layer.allocation():
+            if kind == UNALLOC:
                 continue
-            if he > layer.size:
-                pieces.append((layer.size, he, UNALLOC, depth - 1, 0))
-                he = layer.size
-            i = max(bisect_right(starts, hs) - 1, 0)
-            pos = hs
-            while pos < he and i < len(alloc):
-                ext: Extent = alloc[i]
-                a = max(pos, ext.start)
-                b = min(he, ext.end)
-                if a < b:
-                    if ext.kind == UNALLOC:
-                        new_holes.append((a, b))
-                    elif ext.kind == DATA:
-                        pieces.append((a, b, DATA, depth, ext.host + (a - ext.start)))
-                    elif ext.kind == COMPRESSED:
-                        # Compressed extents are whole clusters; keep the start
-                        # so the read knows where the cluster begins.
-                        pieces.append((a, b, COMPRESSED, depth, ext.host))
-                    else:
-                        pieces.append((a, b, ZERO, depth, 0))
-                    pos = b
-                i += 1
-        holes = _merge_ranges(new_holes)
+            j = bisect_right(he, start, j)  # the first unclaimed range ending after start
+            k = j
+            new_s: list[int] = []
+            new_e: list[int] = []
+            while k < len(hs) and hs[k] < end:
+                a = hs[k] if hs[k] > start else start
+                b = he[k] if he[k] < end else end
+                if kind == DATA:
+                    pieces.append((a, b, DATA, depth, host + (a - start)))
+                elif kind == COMPRESSED:
+                    # Compressed extents are whole clusters; the read finds
+                    # the cluster's start from the layer's cluster size.
+                    pieces.append((a, b, COMPRESSED, depth, host))
+                else:
+                    pieces.append((a, b, ZERO, depth, 0))
+                if hs[k] < a:
+                    new_s.append(hs[k])
+                    new_e.append(a)
+                if b < he[k]:
+                    new_s.append(b)
+                    new_e.append(he[k])
+                k += 1
+            if k > j:
+                hs[j:k] = new_s
+                he[j:k] = new_e
     last = len(layers) - 1
-    pieces.extend((hs, he, UNALLOC, last, 0) for hs, he in holes)
+    pieces.extend((a, b, UNALLOC, last, 0) for a, b in zip(hs, he))
     pieces.sort()
     return _coalesce_pieces(pieces)
-
-
-def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for a, b in ranges:
-        if out and out[-1][1] == a:
-            out[-1] = (out[-1][0], b)
-        else:
-            out.append((a, b))
-    return out
 
 
 def _coalesce_pieces(

@@ -161,7 +161,13 @@ class Qcow2Layer(Layer):
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if fd is None else fd
         try:
             self.file_size = _file_size(self.fd)
-            first = os.pread(self.fd, 2 * 1024 * 1024, 0)
+            # The header cluster only: 4 KiB tells its size (opening a chain
+            # of 64 images reads 64 headers, not 64 times 2 MiB).
+            first = os.pread(self.fd, 4096, 0)
+            if len(first) >= 24:
+                cluster_bits = int.from_bytes(first[20:24], "big")
+                if 12 < cluster_bits <= 21:
+                    first += os.pread(self.fd, (1 << cluster_bits) - 4096, 4096)
             self.header: Header = parse_header(path, first, self.file_size)
         except BaseException:
             self.close()

@@ -1,0 +1,78 @@
+"""The flattened index against a brute-force model, on random synthetic chains."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.chain import flatten
+from engine.qcow2.layers import COMPRESSED, DATA, UNALLOC, ZERO, Extent, Layer, coalesce
+
+UNIT = 512
+
+
+class FakeLayer(Layer):
+    def __init__(self, size: int, extents: list[Extent]) -> None:
+        self.path = "fake"
+        self.fd = -1
+        self.size = size
+        self._alloc = extents
+
+    def allocation(self) -> list[Extent]:
+        return self._alloc
+
+
+@st.composite
+def chains(draw: st.DrawFn) -> list[FakeLayer]:
+    depth = draw(st.integers(1, 6))
+    tip_units = draw(st.integers(0, 40))
+    layers = []
+    for d in range(depth):
+        units = tip_units if d == 0 else draw(st.integers(0, 48))
+        kinds = draw(st.lists(st.sampled_from([DATA, ZERO, COMPRESSED, UNALLOC, UNALLOC]), min_size=units,
+                              max_size=units))
+        extents = []
+        for i, k in enumerate(kinds):
+            host = (1000 + d * 100 + i) * UNIT if k == DATA else (7 << 40) + d * 100 + i if k == COMPRESSED else 0
+            extents.append(Extent(i * UNIT, (i + 1) * UNIT, k, host))
+        layers.append(FakeLayer(units * UNIT, coalesce(extents)))
+    return layers
+
+
+def model(layers: list[FakeLayer]) -> list[tuple[int, int, int, int]]:
+    """Per unit: (kind, depth, host at that unit) the slow, obvious way."""
+    out = []
+    for u in range(layers[0].size // UNIT):
+        pos = u * UNIT
+        answer = None
+        for d, layer in enumerate(layers):
+            if pos >= layer.size:
+                answer = (UNALLOC, d - 1, 0)
+                break
+            ext = next(e for e in layer.allocation() if e.start <= pos < e.end)
+            if ext.kind != UNALLOC:
+                host = ext.host + (pos - ext.start) if ext.kind == DATA else ext.host if ext.kind == COMPRESSED else 0
+                answer = (ext.kind, d, host)
+                break
+        out.append(answer or (UNALLOC, len(layers) - 1, 0))
+    return out
+
+
+@given(chains())
+@settings(max_examples=400, deadline=None)
+def test_flatten_matches_the_model(layers: list[FakeLayer]) -> None:
+    pieces = flatten(layers)
+    size = layers[0].size
+    # Pieces tile [0, size) in order, with no gaps and no overlaps.
+    assert [p[0] for p in pieces] == sorted(p[0] for p in pieces)
+    pos = 0
+    for start, end, *_ in pieces:
+        assert start == pos and end > start
+        pos = end
+    assert pos == size
+    expanded = []
+    for start, end, kind, depth, host in pieces:
+        for u in range(start // UNIT, end // UNIT):
+            h = host + (u * UNIT - start) if kind == DATA else host
+            expanded.append((kind, depth, h))
+    assert expanded == model(layers)
