@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
+from backupfs.mountinfo import find_mount, raise_read_ahead
 from backupfs.status import JobStatus, render_bitmap, render_chain, utc_text
 from backupfs.trigger import PruneCommand, TriggerCommand, TriggerError, VerifyCommand, parse_trigger
 from engine.catalog import BackupRecord
@@ -130,9 +131,10 @@ class BackupOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, repo: Repository, faults: str | None = None) -> None:
+    def __init__(self, repo: Repository, faults: str | None = None, mountpoint: str | None = None) -> None:
         super().__init__()
         self.repo = repo
+        self.mountpoint = mountpoint
         self.inodes = InodeTable()
         self.uid = os.getuid()
         self.gid = os.getgid()
@@ -141,6 +143,7 @@ class BackupOperations(pyfuse3.Operations):
         self._next_fh = 1
         self._status: dict[str, JobStatus] = {}
         self._io = trio.CapacityLimiter(32)
+        self._read_ahead_raised = False
         self._jobs = trio.CapacityLimiter(64)
         self._views: dict[str, tuple[BackupView, int]] = {}  # backup id -> (view, open count)
         self._idle_views: OrderedDict[str, BackupView] = OrderedDict()
@@ -320,6 +323,26 @@ class BackupOperations(pyfuse3.Operations):
         for v in to_close:
             v.close()
 
+    def _raise_read_ahead(self) -> None:
+        """Raise the kernel's read-ahead on our mount to READ_AHEAD_KB, once.
+
+        Done at the first open of a backup, not at mount time: the kernel
+        caps a FUSE mount's read-ahead to the max_readahead that the daemon
+        answers in FUSE INIT (libfuse echoes the kernel's offer, 128 KiB),
+        and INIT is answered only once serving starts, after the mount. A
+        value written before that is silently cut back to 128 KiB. By the
+        first open INIT is long done. Measured with bench/fuse_vs_qemu.py
+        (1 GiB backup at depth 8, caches dropped, buffered dd bs=1M): 235
+        MB/s and 3.7 daemon CPU s/GiB with 128 KiB requests, 511 MB/s and
+        1.2 CPU s/GiB with 1 MiB requests.
+        """
+        if self._read_ahead_raised or self.mountpoint is None:
+            return  # done, or not mounted (handlers called directly)
+        self._read_ahead_raised = True
+        found = find_mount(self.mountpoint)
+        if found is not None:
+            raise_read_ahead(found[1])
+
     def close_views(self) -> None:
         with self._views_lock:
             views = [v for v, _ in self._views.values()] + list(self._idle_views.values())
@@ -483,6 +506,7 @@ class BackupOperations(pyfuse3.Operations):
             rec = self._backup(node)
             view = await trio.to_thread.run_sync(self._acquire_view, rec, limiter=self._io)
             fh = self._new_handle(Handle(node, view=view))
+            self._raise_read_ahead()
             # Immutable: let the page cache keep it, unless the reader asked
             # for O_DIRECT (then 1 MiB requests go straight to us).
             direct = bool(flags & os.O_DIRECT)

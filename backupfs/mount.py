@@ -19,23 +19,11 @@ import pyfuse3
 import trio
 
 from backupfs.fs import BackupOperations
-from backupfs.mountinfo import MOUNT_RECORD, check_mountpoint, find_mount
+from backupfs.mountinfo import MOUNT_RECORD, check_mountpoint
 from engine.errors import BackupfsError
 from engine.repo import Repository
 
 log = logging.getLogger("backupfs.mount")
-
-READ_AHEAD_KB = 1024  # 1 MiB buffered read requests instead of 128 KiB
-
-
-def _raise_read_ahead(device: str) -> None:
-    path = f"/sys/class/bdi/{device}/read_ahead_kb"
-    try:
-        with open(path, "w") as f:
-            f.write(str(READ_AHEAD_KB))
-    except OSError as e:
-        log.info("cannot raise read-ahead (%s): %s", path, e)
-
 
 def serve(repo_path: str, mountpoint: str, options: list[str], ready: Callable[[str | None], None]) -> None:
     """Mount and serve until unmounted or signalled. ``ready(None)`` once
@@ -46,7 +34,10 @@ def serve(repo_path: str, mountpoint: str, options: list[str], ready: Callable[[
     except BackupfsError as e:
         ready(str(e))
         return
-    ops = BackupOperations(repo, faults=os.environ.get("BACKUPFS_TEST_FAULTS"))
+    # The read-ahead is raised at the first open of a backup, not here: the
+    # kernel caps it to what FUSE INIT negotiated, and INIT is answered only
+    # once serving starts (a value written now would be cut back to 128 KiB).
+    ops = BackupOperations(repo, faults=os.environ.get("BACKUPFS_TEST_FAULTS"), mountpoint=mp)
     for d in repo.devices():
         if not d.source:
             continue  # an imported archive: nothing live to track
@@ -65,9 +56,6 @@ def serve(repo_path: str, mountpoint: str, options: list[str], ready: Callable[[
     try:
         with open(record_path, "w") as f:
             json.dump({"pid": os.getpid(), "mountpoint": mp, "repo": repo.path}, f)
-        found = find_mount(mp)
-        if found is not None:
-            _raise_read_ahead(found[1])
         trio.run(_main, repo, ready)
     finally:
         try:

@@ -449,3 +449,16 @@ def test_foreground_mount_stops_cleanly_on_signals(tmp_path: Path) -> None:
         assert not os.path.ismount(mnt)
         out = cli("status", repo).stdout.decode()
         assert "bitmap: trusted; dirty since last backup 64 KiB" in out
+
+
+def test_read_ahead_is_raised_for_backups(setup: Mounted) -> None:
+    """Buffered reads of backups arrive as 1 MiB requests, not 128 KiB."""
+    from backupfs.mountinfo import find_mount
+
+    m = setup
+    assert trigger(m, "full").returncode == 0
+    with open(m.path("vm1", "backups", "latest"), "rb") as f:
+        f.read(4096)
+    found = find_mount(str(m.mnt))
+    assert found is not None
+    assert Path(f"/sys/class/bdi/{found[1]}/read_ahead_kb").read_text().strip() == "1024"

@@ -1,0 +1,676 @@
+"""Served I/O through the mount: backupfs's FUSE files against QEMU's FUSE export.
+
+What is measured
+    One chain built through backupfs itself, on a real disk: a SIZE-sized
+    device (default 1 GiB) of random, incompressible data in most of it
+    (about one 4 MiB chunk in eight left as zeros), ``echo full``, then
+    rounds of scattered 64 KiB writes through ``MNT/vm1/device`` (DIRTY % of
+    the disk each, default 2 %) each followed by ``echo incremental``, until
+    the chain is 64 deep. The tips at depth 1 (the full), 8 and 64 are kept.
+    For each of those tips, whole-disk sequential reads with
+    ``dd if=FILE of=/dev/null bs=1M`` by two contestants:
+
+    * ``ours``: the backup's file ``MNT/vm1/backups/<id>`` on the mount;
+    * ``qemu``: qemu-storage-daemon serving the *same* qcow2 file (it opens
+      the backing chain from the image headers, read-only) through its FUSE
+      export (``--export type=fuse,writable=off``) onto a regular file.
+
+    Two modes, both after ``sync; echo 3 > /proc/sys/vm/drop_caches`` (so
+    the image files come from the disk, and neither contestant's page cache
+    of the served file helps):
+
+    * ``cold``: plain buffered ``dd`` (kernel readahead decides the request
+      size; our mount raises its bdi read_ahead_kb to 1024, QEMU's export
+      keeps the kernel default, as each ships);
+    * ``direct``: ``dd iflag=direct`` (1 MiB requests where the file system
+      lets them through).
+
+    And writes (P5): a fresh (sparse) raw file of SIZE per contestant,
+    ``dd if=SRC of=TARGET bs=1M conv=fsync,notrunc`` from a random-data SRC
+    held in the page cache. ``ours``: TARGET is ``MNT/wr/device`` of a device
+    registered on a raw file; ``qemu``: a qemu-storage-daemon with file and
+    raw nodes on a raw file, exported writable over FUSE. Before every write
+    run both raw files get their blocks punched out (``fallocate
+    --punch-hole``), so each run writes into a fresh sparse file.
+
+Why
+    backupfs shows every backup as a file that ordinary tools read, and the
+    live device as a file they write; QEMU's FUSE export is the obvious
+    alternative for both. The goals from the issue, same run:
+
+    * P1: ours/qemu on the depth-8 tip >= 1.5 (cold) and >= 2.0 (direct);
+    * P2: ours at depth 64 / ours at depth 1 >= 0.95 (cold and direct);
+      QEMU's own depth-64/depth-1 is printed for context;
+    * P5: ours/qemu for the write >= 1.0.
+
+How (fairness)
+    Times are wall-clock around each ``dd`` process (open, I/O, fsync,
+    close), throughput in decimal MB/s of the SIZE bytes; ``dd`` must report
+    exactly SIZE bytes. Next to it, ``cpu``: the CPU seconds (user + system,
+    all threads, /proc/PID/stat) the serving process spent per GiB, which
+    other work on a shared machine disturbs much less than MB/s. Both contestants are long-lived (our mount and one
+    qemu-storage-daemon per tip, started once), so both keep their metadata
+    (our chain index, QEMU's L2 cache) across runs, and both read the image
+    files through the host page cache, which every read run empties first.
+    Contestants alternate (ours first on even rounds, qemu first on odd
+    ones), medians over --runs are reported with the spread. Correctness is
+    checked once per contestant before timing: for every tip, an xxh3 of the
+    whole served file, ours and QEMU's, must equal the xxh3 of the source
+    device taken at the instant of that backup; after the write runs, both
+    written raw files must equal SRC.
+
+Dropping caches is machine-wide: it also empties the page cache that any
+other benchmark running at the same time relies on. The header and the
+footer print the load and the CPU/IO pressure (PSI) to judge the noise.
+
+Run by hand (root: it drops caches and mounts):
+    /work/venv/bin/python bench/fuse_vs_qemu.py [--size 1G] [--runs 5]
+        [--workdir DIR] [--keep] [--dirty 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import xxhash
+
+from engine.units import format_size, parse_size
+
+MiB = 1 << 20
+MB = 1e6  # decimal MB/s, as dd prints it
+WRITE_SIZE = 64 * 1024  # one scattered write while building the chain
+FILL_CHUNK = 4 * MiB  # the source is written in chunks; 1 in ZERO_EVERY stays zero
+ZERO_EVERY = 8
+DEPTHS = (1, 8, 64)  # tips kept; the chain is built to the last
+CHAIN_DEVICE = "vm1"
+WRITE_DEVICE = "wr"
+MODES = ("cold", "direct")
+MOUNT_TIMEOUT = 30.0
+
+GOAL_P1 = {"cold": 1.5, "direct": 2.0}  # ours/qemu at depth 8
+GOAL_P2 = 0.95  # ours depth 64 / depth 1
+GOAL_P5 = 1.0  # ours/qemu, write
+P1_DEPTH = 8
+
+_DD_BYTES = re.compile(r"^(\d+) bytes", re.MULTILINE)
+
+
+# -- environment ---------------------------------------------------------------------
+
+
+def mountinfo() -> list[tuple[str, str, str]]:
+    """(mount point, major:minor, fs type) of every mount."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            point = fields[4].encode().decode("unicode_escape")
+            out.append((point, fields[2], right.split()[0]))
+    return out
+
+
+def fs_type(path: str) -> str:
+    """File system type of the mount that holds ``path``."""
+    path = os.path.realpath(path)
+    best, kind = "", "?"
+    for point, _, fstype in mountinfo():
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fstype
+    return kind
+
+
+def mounted_at(path: str) -> str | None:
+    """major:minor of the mount whose mount point is exactly ``path``."""
+    path = os.path.realpath(path)
+    for point, dev, _ in mountinfo():
+        if point == path:
+            return dev
+    return None
+
+
+def read_ahead_kb(path: str) -> str:
+    dev = mounted_at(path)
+    try:
+        with open(f"/sys/class/bdi/{dev}/read_ahead_kb") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def pressure() -> str:
+    """Load average and CPU/IO pressure: other work on the machine slows both sides."""
+    out = [f"load {os.getloadavg()[0]:.1f}"]
+    for kind in ("cpu", "io"):
+        try:
+            with open(f"/proc/pressure/{kind}") as f:
+                some = f.readline().split()[2]  # avg60=...
+            out.append(f"{kind} pressure {some.replace('avg60=', '')}% (60 s)")
+        except (OSError, IndexError):
+            pass
+    return ", ".join(out)
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def first_line(argv: list[str]) -> str:
+    out = subprocess.run(argv, capture_output=True, text=True)
+    return (out.stdout or out.stderr).splitlines()[0] if (out.stdout or out.stderr) else "?"
+
+
+def backupfs_command() -> list[str]:
+    script = os.path.join(os.path.dirname(sys.executable), "backupfs")
+    if os.access(script, os.X_OK):
+        return [script]
+    return [sys.executable, "-c", "import sys; from backupfs.cli import main; sys.exit(main())"]
+
+
+def run(argv: list[str]) -> str:
+    """Run a command; its stderr in the exception when it fails."""
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout
+
+
+# -- files ----------------------------------------------------------------------------
+
+
+def write_source(path: str, size: int, rng: np.random.Generator) -> None:
+    """A sparse file of ``size`` with random data in all but 1 in ZERO_EVERY chunks."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for i, off in enumerate(range(0, size, FILL_CHUNK)):
+            if i % ZERO_EVERY == ZERO_EVERY - 1:
+                continue
+            f.seek(off)
+            f.write(rng.bytes(min(FILL_CHUNK, size - off)))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def digest(path: str) -> str:
+    """xxh3-128 of a whole file, read in 4 MiB blocks."""
+    h = xxhash.xxh3_128()
+    buf = bytearray(4 * MiB)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def punch(path: str, size: int) -> None:
+    """Make a raw file fresh again: same size, no blocks."""
+    run(["fallocate", "--punch-hole", "--offset", "0", "--length", str(size), path])
+
+
+def cache_file(path: str) -> None:
+    """Read a file once so that it sits in the page cache."""
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(8 * MiB)
+        while f.readinto(buf):
+            pass
+
+
+# -- dd ---------------------------------------------------------------------------------
+
+
+def dd(argv: list[str], size: int) -> float:
+    """Seconds for one dd process (wall clock); it must move exactly ``size`` bytes."""
+    env = dict(os.environ, LC_ALL="C")
+    t0 = time.perf_counter()
+    proc = subprocess.run(["dd", *argv], capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"dd {' '.join(argv)} failed: {proc.stderr.strip()}")
+    moved = [int(m) for m in _DD_BYTES.findall(proc.stderr)]
+    if not moved or moved[-1] != size:
+        raise RuntimeError(f"dd {' '.join(argv)} moved {moved[-1] if moved else '?'} bytes, not {size}")
+    return seconds
+
+
+def dd_read(path: str, size: int, mode: str, server: int) -> tuple[float, float]:
+    """(seconds, server CPU seconds) of one whole-file read, caches dropped first."""
+    argv = [f"if={path}", "of=/dev/null", "bs=1M"]
+    if mode == "direct":
+        argv.append("iflag=direct")
+    drop_caches()
+    cpu = cpu_seconds(server)
+    seconds = dd(argv, size)
+    return seconds, cpu_seconds(server) - cpu
+
+
+def dd_write(src: str, target: str, size: int, server: int) -> tuple[float, float]:
+    cpu = cpu_seconds(server)
+    seconds = dd([f"if={src}", f"of={target}", "bs=1M", "conv=fsync,notrunc"], size)
+    return seconds, cpu_seconds(server) - cpu
+
+
+# -- the contestants' servers -------------------------------------------------------------
+
+
+class OurMount:
+    """`backupfs mount` of a repository; `backupfs umount` (or, failing that, our own
+    daemon's pid, then a lazy unmount) on stop."""
+
+    def __init__(self, repo: str, mnt: str) -> None:
+        self.repo = repo
+        self.mnt = mnt
+        self.pid: int | None = None
+
+    def start(self) -> None:
+        run(backupfs_command() + ["mount", self.repo, self.mnt])
+        with open(os.path.join(self.repo, "mount.json")) as f:
+            self.pid = int(json.load(f)["pid"])
+
+    def stop(self) -> None:
+        if self.pid is None and mounted_at(self.mnt) is None:
+            return
+        proc = subprocess.run(backupfs_command() + ["umount", self.mnt], capture_output=True, text=True)
+        if proc.returncode != 0 or mounted_at(self.mnt) is not None:
+            print(f"warning: backupfs umount failed: {proc.stderr.strip()}", file=sys.stderr)
+            if self.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGTERM)
+                _wait_gone(self.pid, 30.0)
+            if mounted_at(self.mnt) is not None:
+                subprocess.run(["fusermount3", "-uz", self.mnt], capture_output=True)
+        self.pid = None
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.mnt, *parts)
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+
+
+class QemuExport:
+    """One qemu-storage-daemon exporting one image over FUSE onto a regular file."""
+
+    def __init__(self, image: str, fmt: str, export_file: str, writable: bool, log_path: str) -> None:
+        self.image = image
+        self.fmt = fmt
+        self.export_file = os.path.realpath(export_file)
+        self.writable = writable
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def argv(self) -> list[str]:
+        ro = "off" if self.writable else "on"
+        return [
+            "qemu-storage-daemon",
+            "--blockdev", f"driver=file,filename={self.image},node-name=f,read-only={ro}",
+            # The qcow2 driver opens the backing chain named in the header.
+            "--blockdev", f"driver={self.fmt},file=f,node-name=n,read-only={ro}",
+            "--export", f"type=fuse,id=e,node-name=n,mountpoint={self.export_file},"
+                        f"writable={'on' if self.writable else 'off'}",
+        ]
+
+    def start(self) -> None:
+        if not os.path.exists(self.export_file):
+            open(self.export_file, "wb").close()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while mounted_at(self.export_file) is None:
+            if self.proc.poll() is not None:
+                with open(self.log_path) as f:
+                    raise RuntimeError(f"qemu-storage-daemon exited ({self.proc.returncode}): {f.read()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"qemu-storage-daemon did not export {self.export_file} in time")
+            time.sleep(0.02)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        """SIGTERM our daemon (it unmounts its export on exit); SIGKILL if it hangs."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if mounted_at(self.export_file) is not None:
+            subprocess.run(["fusermount3", "-uz", self.export_file], capture_output=True)
+
+
+# -- building the chain through the mount -------------------------------------------------
+
+
+def trigger(mount: OurMount, device: str, line: str) -> str:
+    """Run one backup through the snapshot file; returns the new backup's id."""
+    with open(mount.path(device, "snapshot"), "w") as f:
+        f.write(line + "\n")
+    return os.readlink(mount.path(device, "backups", "latest"))
+
+
+def scattered_writes(device_file: str, size: int, fraction: float, rng: np.random.Generator) -> None:
+    """Distinct random 64 KiB-aligned writes of random data, ``fraction`` of the disk."""
+    slots = size // WRITE_SIZE
+    count = max(1, int(slots * fraction))
+    offsets = np.sort(rng.choice(slots, size=count, replace=False)) * WRITE_SIZE
+    fd = os.open(device_file, os.O_WRONLY)
+    try:
+        for off in offsets:
+            data = rng.bytes(WRITE_SIZE)
+            if os.pwrite(fd, data, int(off)) != WRITE_SIZE:
+                raise RuntimeError(f"short write at {off} into {device_file}")
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Tip:
+    depth: int
+    backup_id: str
+    image: str  # the qcow2 file in the repository
+    ours: str  # MNT/vm1/backups/<id>
+    truth: str  # xxh3 of the source at the instant of the backup
+    qemu: str = ""  # QEMU's export file, once started
+    qemu_pid: int = 0
+
+
+def build_chain(mount: OurMount, repo: str, source: str, size: int, fraction: float,
+                rng: np.random.Generator) -> dict[int, Tip]:
+    """full + incrementals to the deepest DEPTHS; the kept tips by depth."""
+    tips: dict[int, Tip] = {}
+    device_file = mount.path(CHAIN_DEVICE, "device")
+    t0 = time.perf_counter()
+    for depth in range(1, max(DEPTHS) + 1):
+        if depth == 1:
+            backup_id = trigger(mount, CHAIN_DEVICE, "full")
+        else:
+            scattered_writes(device_file, size, fraction, rng)
+            backup_id = trigger(mount, CHAIN_DEVICE, "incremental")
+        if depth in DEPTHS:
+            ours = mount.path(CHAIN_DEVICE, "backups", backup_id)
+            image = os.getxattr(ours, "user.backupfs.image").decode()
+            if not os.path.isabs(image):
+                image = os.path.join(repo, image)
+            if not os.path.isfile(image):
+                raise RuntimeError(f"backup {backup_id}: image {image} not found")
+            tips[depth] = Tip(depth, backup_id, image, ours, digest(source))
+        if depth % 16 == 0 or depth == 1:
+            print(f"  chain depth {depth} in {time.perf_counter() - t0:.1f} s", flush=True)
+    return tips
+
+
+# -- samples and report --------------------------------------------------------------------
+
+
+@dataclass
+class Samples:
+    size: int
+    seconds: dict[tuple[str, ...], list[float]] = field(default_factory=dict)
+    cpu: dict[tuple[str, ...], list[float]] = field(default_factory=dict)
+
+    def add(self, key: tuple[str, ...], seconds: float, cpu: float) -> None:
+        self.seconds.setdefault(key, []).append(seconds)
+        self.cpu.setdefault(key, []).append(cpu)
+
+    def cpu_per_gib(self, key: tuple[str, ...]) -> float:
+        """Median CPU seconds the server spent per GiB moved."""
+        return statistics.median(self.cpu[key]) * (1 << 30) / self.size
+
+    def mbps(self, key: tuple[str, ...]) -> float:
+        """Median throughput in MB/s."""
+        return statistics.median(self.size / s / MB for s in self.seconds[key])
+
+    def spread(self, key: tuple[str, ...]) -> str:
+        rates = [self.size / s / MB for s in self.seconds[key]]
+        return f"{min(rates):.0f}-{max(rates):.0f}"
+
+
+def ordered(run_index: int, slot: int) -> tuple[str, str]:
+    """Which contestant goes first: alternates run by run and slot by slot."""
+    return ("ours", "qemu") if (run_index + slot) % 2 == 0 else ("qemu", "ours")
+
+
+def row(samples: Samples, case: tuple[str, ...], label: str) -> str:
+    o, q = ("ours", *case), ("qemu", *case)
+    return (f"{label}  {samples.mbps(o):>6.0f} {'[' + samples.spread(o) + ']':>11} {samples.cpu_per_gib(o):>5.2f}"
+            f"  {samples.mbps(q):>6.0f} {'[' + samples.spread(q) + ']':>11} {samples.cpu_per_gib(q):>5.2f}"
+            f"  {samples.mbps(o) / samples.mbps(q):>9.2f}")
+
+
+def verdict(ok: bool) -> str:
+    return "ok" if ok else "MISSED"
+
+
+def report(samples: Samples, runs: int) -> None:
+    """Print the tables and the goals."""
+    print()
+    print(f"Sequential read of a whole backup (dd bs=1M of {format_size(samples.size)}), "
+          f"MB/s, median of {runs} runs [min-max];")
+    print("cpu = the server process's CPU seconds (all threads) per GiB served, median:")
+    print(f"{'depth':>5}  {'mode':<6}  {'ours':>6} {'[spread]':>11} {'cpu':>5}  {'qemu':>6} {'[spread]':>11}"
+          f" {'cpu':>5}  {'ours/qemu':>9}")
+    for depth in DEPTHS:
+        for mode in MODES:
+            print(row(samples, (str(depth), mode), f"{depth:>5}  {mode:<6}"))
+    print()
+    print(f"Write of {format_size(samples.size)} (dd bs=1M conv=fsync,notrunc into a fresh raw file):")
+    print(row(samples, ("write",), f"{'':>5}  {'write':<6}"))
+
+    print()
+    print("Goals:")
+    for mode in MODES:
+        r = samples.mbps(("ours", str(P1_DEPTH), mode)) / samples.mbps(("qemu", str(P1_DEPTH), mode))
+        print(f"  P1 {mode:<6} depth {P1_DEPTH}, ours/qemu          = {r:5.2f}  (goal >= {GOAL_P1[mode]})"
+              f"  {verdict(r >= GOAL_P1[mode])}")
+    lo, hi = str(min(DEPTHS)), str(max(DEPTHS))
+    for mode in MODES:
+        r = samples.mbps(("ours", hi, mode)) / samples.mbps(("ours", lo, mode))
+        rq = samples.mbps(("qemu", hi, mode)) / samples.mbps(("qemu", lo, mode))
+        print(f"  P2 {mode:<6} ours depth {hi}/depth {lo}      = {r:5.2f}  (goal >= {GOAL_P2})"
+              f"  {verdict(r >= GOAL_P2)}   (qemu's: {rq:.2f})")
+    r = samples.mbps(("ours", "write")) / samples.mbps(("qemu", "write"))
+    print(f"  P5 write  ours/qemu                   = {r:5.2f}  (goal >= {GOAL_P5})  {verdict(r >= GOAL_P5)}")
+
+
+# -- phases --------------------------------------------------------------------------------
+
+
+def verify_reads(tips: dict[int, Tip]) -> None:
+    """Every served file, ours and QEMU's, equals the source at backup time."""
+    for tip in tips.values():
+        for who, path in (("ours", tip.ours), ("qemu", tip.qemu)):
+            got = digest(path)
+            if got != tip.truth:
+                raise RuntimeError(f"{who}'s depth-{tip.depth} file {path} differs from the source "
+                                   f"at backup time ({got} != {tip.truth}): not timing a wrong answer")
+        print(f"  depth {tip.depth:>2}: ours and qemu == source at backup {tip.backup_id}", flush=True)
+
+
+def bench_reads(tips: dict[int, Tip], our_pid: int, size: int, runs: int, samples: Samples) -> None:
+    for r in range(runs):
+        slot = 0
+        for mode in MODES:
+            for depth in DEPTHS:
+                tip = tips[depth]
+                for who in ordered(r, slot):
+                    path, pid = (tip.ours, our_pid) if who == "ours" else (tip.qemu, tip.qemu_pid)
+                    samples.add((who, str(depth), mode), *dd_read(path, size, mode, pid))
+                slot += 1
+        print(f"  read run {r + 1}/{runs} done ({pressure()})", flush=True)
+
+
+def bench_writes(src: str, targets: dict[str, tuple[str, str, int]], size: int, runs: int,
+                 samples: Samples) -> None:
+    """``targets``: contestant -> (the file dd writes, the raw file beneath it, server pid)."""
+    for r in range(runs):
+        for who in ordered(r, 0):
+            dest, raw, pid = targets[who]
+            punch(raw, size)
+            cache_file(src)
+            os.sync()
+            samples.add((who, "write"), *dd_write(src, dest, size, pid))
+        print(f"  write run {r + 1}/{runs} done", flush=True)
+    truth = digest(src)
+    for who, (_, raw, _) in targets.items():
+        drop_caches()
+        if digest(raw) != truth:
+            raise RuntimeError(f"{who}'s written raw file {raw} differs from the source it was written from")
+    print("  verify: both written raw files == SRC", flush=True)
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", default="1G", help="device size (default 1G)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per contestant and case (default 5)")
+    p.add_argument("--workdir", help="where to work (default: a new dir in /var/tmp); not tmpfs")
+    p.add_argument("--keep", action="store_true", help="keep the work directory afterwards")
+    p.add_argument("--dirty", type=float, default=2.0,
+                   help="percent of the disk each incremental's writes touch (default 2)")
+    p.add_argument("--seed", type=int, default=20241127)
+    return p.parse_args(argv)
+
+
+def check_environment(size: int, parent: str) -> None:
+    if os.geteuid() != 0:
+        raise SystemExit("run as root: the benchmark drops caches and mounts")
+    if size < 64 * MiB or size % MiB:
+        raise SystemExit("--size must be a multiple of 1 MiB and at least 64 MiB")
+    for tool in ("qemu-storage-daemon", "dd", "fallocate", "fusermount3"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} not found")
+    kind = fs_type(parent)
+    if kind in ("tmpfs", "ramfs"):
+        raise SystemExit(f"{parent} is on {kind}: cold reads need a real disk; pass --workdir")
+    free = shutil.disk_usage(parent).free
+    need = 6 * size + (1 << 30)
+    if free < need:
+        raise SystemExit(f"{parent} has {format_size(free)} free; this needs about {format_size(need)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    size = parse_size(args.size)
+    parent = args.workdir or "/var/tmp"
+    os.makedirs(parent, exist_ok=True)
+    check_environment(size, parent)
+    workdir = tempfile.mkdtemp(prefix="backupfs-fuse_vs_qemu-", dir=parent)
+    rng = np.random.default_rng(args.seed)
+
+    print(f"backupfs fuse_vs_qemu: {format_size(size)} device, {args.runs} runs, "
+          f"chain to depth {max(DEPTHS)} ({args.dirty}% scattered 64 KiB writes per incremental)")
+    print(f"python {platform.python_version()}, {first_line(['qemu-storage-daemon', '--version'])}, "
+          f"kernel {platform.release()}, {os.cpu_count()} CPUs")
+    print(f"work dir {workdir} ({fs_type(workdir)}); {pressure()}")
+
+    repo = os.path.join(workdir, "repo")
+    mnt = os.path.join(workdir, "mnt")
+    source = os.path.join(workdir, "vm1.img")
+    src = os.path.join(workdir, "src.raw")
+    raw_ours = os.path.join(workdir, "wr-ours.raw")
+    raw_qemu = os.path.join(workdir, "wr-qemu.raw")
+    os.mkdir(mnt)
+    mount = OurMount(repo, mnt)
+    exports: list[QemuExport] = []
+    try:
+        t0 = time.perf_counter()
+        write_source(source, size, rng)
+        write_source(src, size, rng)
+        for raw in (raw_ours, raw_qemu):
+            with open(raw, "wb") as f:
+                f.truncate(size)
+        run(backupfs_command() + ["init", repo])
+        run(backupfs_command() + ["device", "add", repo, CHAIN_DEVICE, source, "--granularity", "64K"])
+        run(backupfs_command() + ["device", "add", repo, WRITE_DEVICE, raw_ours])
+        mount.start()
+        print(f"files written in {time.perf_counter() - t0:.1f} s; mounted (daemon pid {mount.pid})",
+              flush=True)
+
+        tips = build_chain(mount, repo, source, size, args.dirty / 100, rng)
+        on_disk = sum(os.path.getsize(os.path.join(os.path.dirname(tips[1].image), n))
+                      for n in os.listdir(os.path.dirname(tips[1].image)) if n.endswith(".qcow2"))
+        print(f"chain built: {format_size(on_disk)} of qcow2; tips "
+              + ", ".join(f"depth {d} = {t.backup_id}" for d, t in tips.items()))
+
+        for tip in tips.values():
+            export = QemuExport(tip.image, "qcow2", os.path.join(workdir, f"qemu-depth{tip.depth}.raw"),
+                                writable=False, log_path=os.path.join(workdir, "qemu.log"))
+            exports.append(export)
+            export.start()
+            tip.qemu = export.export_file
+            tip.qemu_pid = export.pid
+        print("qemu exports up; verifying", flush=True)
+        verify_reads(tips)
+        print(f"kernel read-ahead (read_ahead_kb) after the first reads: ours {read_ahead_kb(mnt)}, "
+              f"qemu {read_ahead_kb(tips[1].qemu)}", flush=True)
+
+        samples = Samples(size)
+        assert mount.pid is not None
+        bench_reads(tips, mount.pid, size, args.runs, samples)
+        for export in exports:
+            export.stop()
+
+        writer = QemuExport(raw_qemu, "raw", os.path.join(workdir, "qemu-write.raw"), writable=True,
+                            log_path=os.path.join(workdir, "qemu.log"))
+        exports.append(writer)
+        writer.start()
+        bench_writes(src, {"ours": (mount.path(WRITE_DEVICE, "device"), raw_ours, mount.pid),
+                           "qemu": (writer.export_file, raw_qemu, writer.pid)}, size, args.runs, samples)
+        writer.stop()
+
+        print(f"after the runs: {pressure()}")
+        report(samples, args.runs)
+        return 0
+    finally:
+        for export in exports:
+            try:
+                export.stop()
+            except Exception as e:  # noqa: BLE001 - clean up the rest regardless
+                print(f"warning: stopping qemu-storage-daemon: {e}", file=sys.stderr)
+        mount.stop()
+        if args.keep:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
