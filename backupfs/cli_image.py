@@ -10,13 +10,13 @@ import os
 import stat
 import sys
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from engine.chain import ChainView
 from engine.errors import UsageError
-from engine.qcow2.check import check_image
-from engine.qcow2.info import describe_layer
 from engine.units import format_size
+
+if TYPE_CHECKING:
+    from engine.chain import ChainView
 
 _CAT_CHUNK = 4 * 1024 * 1024
 
@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from engine.chain import ChainView
+    from engine.qcow2.info import describe_layer
+
     with ChainView.open(args.tip) as view:
         infos: list[dict[str, Any]] = []
         for depth, layer in enumerate(view.layers):
@@ -102,6 +105,8 @@ def _human_info(info: dict[str, Any]) -> str:
 
 
 def cmd_map(args: argparse.Namespace) -> int:
+    from engine.chain import ChainView
+
     with ChainView.open(args.tip) as view:
         out = sys.stdout
         for entry in view.map():
@@ -111,6 +116,8 @@ def cmd_map(args: argparse.Namespace) -> int:
 
 def cmd_cat(args: argparse.Namespace) -> int:
     """Stream the disk; into a regular file, zero runs become holes."""
+    from engine.chain import ChainView
+
     if sys.stdout.isatty():
         raise UsageError("refusing to write a disk image to a terminal; redirect stdout to a file")
     fd = sys.stdout.fileno()
@@ -190,6 +197,8 @@ def _cat_sparse(view: ChainView, fd: int) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from engine.qcow2.check import check_image
+
     report = check_image(args.image)
     print(report.render())
     return 0 if report.ok else 1

@@ -10,10 +10,6 @@ import sys
 from backupfs.cli_repo import catalog_for_reading, progress_reporter
 from backupfs.mountinfo import MountRecord, read_mount_record
 from engine.errors import BackupfsError, UsageError
-from engine.job import Progress
-from engine.prune import RetentionPolicy
-from engine.repo import DEFAULT_GRANULARITY, Repository
-from engine.restore import check_target, restore_to
 from engine.units import format_size, parse_size
 
 
@@ -85,6 +81,9 @@ def _trigger_through_mount(record: MountRecord, name: str, line: str) -> dict[st
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from engine.job import Progress
+    from engine.repo import Repository
+
     record = _mounted(args.repo)
     if record is not None:
         names = [args.name] if args.name else None
@@ -120,6 +119,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    from engine.repo import Repository
+
     record = _mounted(args.repo)
     if record is not None:
         return _restore_through_mount(record, args)
@@ -134,6 +135,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 def _restore_through_mount(record: MountRecord, args: argparse.Namespace) -> int:
     """Mounted: read the backup through the mount (the daemon checks checksums)."""
+    from engine.restore import check_target, restore_to
+
     real = os.path.realpath(args.target)
     with catalog_for_reading(args.repo) as catalog:
         if catalog.device(args.name) is None:
@@ -172,6 +175,9 @@ def _restore_through_mount(record: MountRecord, args: argparse.Namespace) -> int
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from engine.prune import RetentionPolicy
+    from engine.repo import Repository
+
     policy = RetentionPolicy(args.keep_last, args.keep_daily, args.keep_weekly, args.keep_monthly)
     record = _mounted(args.repo)
     if record is not None:
@@ -202,6 +208,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from engine.repo import DEFAULT_GRANULARITY, Repository
+
     granularity = parse_size(args.granularity, "granularity")
     with Repository.open(args.repo) as repo:
         def on_layer(n: int, total: int, path: str) -> None:

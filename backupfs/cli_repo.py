@@ -11,14 +11,19 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from backupfs.mountinfo import MountRecord, read_mount_record
 from backupfs.trigger import TriggerCommand
-from engine.catalog import Catalog
+from engine.catalog import KINDS, Catalog
 from engine.errors import BackupfsError, UsageError
-from engine.job import Progress
-from engine.repo import CATALOG, KINDS, Repository, validate_name
 from engine.units import format_size, parse_size
+
+if TYPE_CHECKING:
+    from engine.job import Progress
+
+# The engine (numpy and all) is imported by the commands that use it, so
+# that `backupfs image ...` and --help start fast.
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -65,12 +70,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from engine.repo import Repository
+
     Repository.init(args.repo)
     print(f"initialised backupfs repository {args.repo}")
     return 0
 
 
 def cmd_device_add(args: argparse.Namespace) -> int:
+    from engine.repo import Repository
+
     granularity = parse_size(args.granularity, "granularity")
     with Repository.open(args.repo) as repo:
         rec = repo.add_device(args.name, args.source, granularity)
@@ -86,6 +95,8 @@ def cmd_device_list(args: argparse.Namespace) -> int:
 
 
 def cmd_device_remove(args: argparse.Namespace) -> int:
+    from engine.repo import Repository
+
     with Repository.open(args.repo) as repo:
         repo.remove_device(args.name)
     print(f"removed device {args.name} and its backups")
@@ -126,6 +137,8 @@ def progress_reporter(enabled: bool, label: str) -> Iterator[Callable[[Progress]
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
+    from engine.repo import Repository
+
     cluster_size = parse_size(args.cluster_size, "cluster size")
     rate = parse_size(args.rate, "rate") if args.rate else None
     if rate is not None and rate < 1024 * 1024:
@@ -162,6 +175,9 @@ def _backup_through_mount(
     record: MountRecord, args: argparse.Namespace, cluster_size: int, rate: int | None
 ) -> int:
     """The repository is mounted: ask the daemon through the trigger file."""
+    from engine.job import Progress
+    from engine.repo import validate_name
+
     validate_name(args.name)
     snapshot = os.path.join(record.mountpoint, args.name, "snapshot")
     if not os.path.exists(snapshot):
@@ -218,6 +234,8 @@ def _backup_through_mount(
 @contextmanager
 def catalog_for_reading(repo_path: str) -> Iterator[Catalog]:
     """The catalog, read beside a mount that owns the repository, or locked if not mounted."""
+    from engine.repo import CATALOG, Repository
+
     path = os.path.abspath(repo_path)
     if read_mount_record(path) is not None:
         catalog = Catalog.open(os.path.join(path, CATALOG), readonly=True)
@@ -246,6 +264,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from engine.repo import Repository
+
     record = read_mount_record(os.path.abspath(args.repo))
     if record is not None:
         print(f"mounted at {record.mountpoint} (daemon pid {record.pid})")

@@ -39,6 +39,7 @@ from engine.catalog import BackupRecord
 from engine.chain import ChainView
 from engine.integrity import VerifiedView
 from engine.errors import BackupfsError
+from engine.job import FailingSource, Source
 from engine.prune import RetentionPolicy
 from engine.repo import Repository
 
@@ -154,7 +155,7 @@ class BackupOperations(pyfuse3.Operations):
     # -- helpers ----------------------------------------------------------------
 
     def _inject_fault(self, name: str, args: tuple) -> None:
-        if not self._faults or name not in {f.split(":")[0] for f in self._faults}:
+        if not self._faults or name not in {f.split(":")[0] for f in self._faults if "@" not in f}:
             return
         kind = None
         if args and isinstance(args[0], int):
@@ -163,6 +164,14 @@ class BackupOperations(pyfuse3.Operations):
             kind = node.kind if node else None
         if name in self._faults or f"{name}:{kind}" in self._faults:
             raise RuntimeError(f"injected fault in {name}")
+
+    def _source_fault(self) -> Callable[[Any], Source] | None:
+        """Test hook: "source-eio@N" fails every backup's Nth source read with EIO."""
+        for f in self._faults:
+            if f.startswith("source-eio@"):
+                n = int(f.split("@", 1)[1])
+                return lambda dev: FailingSource(dev.fd, dev.path, dev.size, n)
+        return None
 
     def _device_names(self) -> list[str]:
         return [d.name for d in self.repo.devices()]
@@ -576,6 +585,7 @@ class BackupOperations(pyfuse3.Operations):
         run = functools.partial(
             self.repo.backup, device, cmd.kind, cluster_size=cmd.cluster_size, scan=cmd.scan,
             label=cmd.label, auto_full=cmd.auto_full, on_progress=progress, rate=cmd.rate,
+            source_factory=self._source_fault(),
         )
         result = await trio.to_thread.run_sync(run, limiter=self._jobs)
         status.succeed(result)

@@ -11,7 +11,7 @@ import shlex
 from dataclasses import dataclass
 
 from engine.errors import UsageError
-from engine.repo import KINDS
+from engine.catalog import KINDS
 from engine.units import parse_size
 from engine.qcow2.writer import validate_cluster_size
 

@@ -20,6 +20,7 @@ from engine import durable
 from engine.errors import BackupfsError
 
 SCHEMA_VERSION = 1
+KINDS = ("full", "incremental", "differential")
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

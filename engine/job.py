@@ -127,6 +127,24 @@ class Source:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
+class FailingSource(Source):
+    """A source whose reads fail with EIO from the ``fail_at``-th on: the test hook
+    for unreadable sources (BACKUPFS_TEST_FAULTS=source-eio@N in the daemon)."""
+
+    def __init__(self, fd: int, path: str, size: int, fail_at: int) -> None:
+        super().__init__(fd, path, size)
+        self.fail_at = fail_at
+        self.reads = 0
+
+    def read(self, offset: int, length: int) -> bytes:
+        self.reads += 1
+        if self.reads >= self.fail_at:
+            raise JobError(
+                f"reading source {self.path} at offset {offset}: Input/output error (injected)", errno.EIO
+            )
+        return super().read(offset, length)
+
+
 # -- progress ------------------------------------------------------------------------
 
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from engine import durable
 from engine.bitmap import validate_granularity
-from engine.catalog import BackupRecord, Catalog, DeviceRecord
+from engine.catalog import KINDS, BackupRecord, Catalog, DeviceRecord
 from engine.chain import ChainView
 from engine.checksums import ChecksumError, ChecksumRecord, granule_hashes, overlay
 from engine.device import Device, DeviceError, source_size
@@ -56,7 +56,6 @@ from engine.job import (
 )
 from engine.qcow2.writer import Qcow2Writer, validate_cluster_size
 
-KINDS = ("full", "incremental", "differential")
 DEFAULT_CLUSTER_SIZE = 64 * 1024
 DEFAULT_GRANULARITY = 64 * 1024
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

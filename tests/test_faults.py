@@ -1,0 +1,144 @@
+"""Faults through the mount: an unreadable source, a full repository disk, a
+source that shrinks or vanishes. Each fails cleanly: a clear message in the
+status, the right errno, the bitmap kept, no partial backup, and the
+filesystem keeps serving."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import Mounted, cli, qemu_compare, sh
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def _source(path: Path, size: int, seed: int, dense: bool = False) -> Path:
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        if dense:
+            f.write(rng.randbytes(size))
+            return path
+        f.truncate(size)
+        for _ in range(8):
+            f.seek(rng.randrange(0, size - 600 * KiB))
+            f.write(rng.randbytes(rng.randrange(4 * KiB, 512 * KiB)))
+    return path
+
+
+def _status(m: Mounted, dev: str = "vm1") -> str:
+    return m.path(dev, "snapshot").read_text()
+
+
+def _backups(m: Mounted, dev: str = "vm1") -> list[str]:
+    return sorted(p for p in os.listdir(m.path(dev, "backups")) if p != "latest")
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    cli("init", tmp_path / "repo")
+    cli("device", "add", tmp_path / "repo", "vm1", _source(tmp_path / "vm1.img", 16 * MiB, 1))
+    cli("device", "add", tmp_path / "repo", "vm2", _source(tmp_path / "vm2.img", 8 * MiB, 2))
+    (tmp_path / "mnt").mkdir()
+    return tmp_path / "repo"
+
+
+@pytest.fixture
+def mounts(repo: Path) -> Iterator[list[Mounted]]:
+    made: list[Mounted] = []
+    try:
+        yield made
+    finally:
+        for m in made:
+            m.cleanup()
+
+
+def _mount(repo: Path, mounts: list[Mounted], env: dict[str, str] | None = None) -> Mounted:
+    m = Mounted(repo, repo.parent / "mnt", env=env)
+    m.start()
+    mounts.append(m)
+    return m
+
+
+def test_unreadable_source_keeps_the_bitmap(repo: Path, mounts: list[Mounted]) -> None:
+    m = _mount(repo, mounts)
+    sh(f"echo full > {m.path('vm1', 'snapshot')}")
+    sh(f"dd if=/dev/urandom of={m.path('vm1', 'device')} bs=4k count=2 seek=1000 conv=notrunc status=none")
+    m.stop()
+    m = _mount(repo, mounts, env={"BACKUPFS_TEST_FAULTS": "source-eio@1"})
+    before = _backups(m)
+    proc = sh(f"echo incremental > {m.path('vm1', 'snapshot')}", check=False)
+    assert proc.returncode != 0
+    status = _status(m)
+    assert "error: EIO: reading source" in status and "Input/output error" in status
+    assert "bitmap: kept" in status
+    assert _backups(m) == before
+    assert "since last backup: 65536 bytes dirty in 1 runs" in m.path("vm1", "bitmap").read_text()
+    assert sorted(os.listdir(m.path("vm2"))) == ["backups", "bitmap", "chain", "device", "snapshot"]
+    assert not [f for f in os.listdir(repo / "devices" / "vm1") if f.startswith(".tmp")]
+    m.stop()
+    m = _mount(repo, mounts)
+    sh(f"echo incremental > {m.path('vm1', 'snapshot')}")
+    assert "bytes stored: 65536" in _status(m)
+    qemu_compare(repo / "devices" / "vm1" / f"{_backups(m)[-1]}.qcow2", repo.parent / "vm1.img")
+    m.stop()
+    assert "Traceback" not in m.log()
+
+
+def test_repository_disk_full_through_the_mount(tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(small)], check=True)
+    m = None
+    try:
+        repo = small / "repo"
+        cli("init", repo)
+        cli("device", "add", repo, "big", _source(tmp_path / "big.img", 32 * MiB, 3, dense=True))
+        (tmp_path / "mnt").mkdir()
+        m = Mounted(repo, tmp_path / "mnt")
+        m.start()
+        proc = sh(f"echo full > {m.path('big', 'snapshot')}", check=False)
+        assert proc.returncode != 0 and "No space left on device" in proc.stderr
+        status = _status(m, "big")
+        assert "error: ENOSPC: repository disk full" in status and "bitmap: kept" in status
+        assert _backups(m, "big") == []
+        assert not [f for f in os.listdir(repo / "devices" / "big") if f.endswith((".qcow2", ".sums"))]
+        # Still serving: the device reads, the tree lists.
+        with open(m.path("big", "device"), "rb") as f:
+            assert len(f.read(MiB)) == MiB
+        m.stop()
+        assert "Traceback" not in m.log()
+    finally:
+        if m is not None:
+            m.cleanup()
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_source_that_shrinks_or_vanishes(repo: Path, mounts: list[Mounted], tmp_path: Path) -> None:
+    m = _mount(repo, mounts)
+    sh(f"echo full > {m.path('vm1', 'snapshot')}")
+    os.truncate(tmp_path / "vm1.img", 4 * MiB)  # behind backupfs's back, while mounted
+    proc = sh(f"echo full > {m.path('vm1', 'snapshot')}", check=False)
+    assert proc.returncode != 0
+    status = _status(m)
+    assert "error: EIO" in status and "did it shrink?" in status
+    assert len(_backups(m)) == 1
+    m.stop()
+    m = _mount(repo, mounts)
+    proc = sh(f"echo incremental > {m.path('vm1', 'snapshot')}", check=False)
+    assert proc.returncode != 0 and "changed size behind backupfs's back" in _status(m)
+    sh(f"cmp -n {4 * MiB} {m.path('vm1', 'backups', 'latest')} {tmp_path / 'vm1.img'}")  # old backups serve
+    m.stop()
+    os.unlink(tmp_path / "vm2.img")
+    m = _mount(repo, mounts)
+    proc = sh(f"echo incremental > {m.path('vm2', 'snapshot')}", check=False)
+    assert proc.returncode != 0 and "does not exist" in _status(m, "vm2")
+    sh(f"cat {m.path('vm1', 'chain')}")  # the rest of the tree works
+    m.stop()
+    assert "Traceback" not in m.log()
