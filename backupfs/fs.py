@@ -36,7 +36,7 @@ from backupfs.mountinfo import find_mount, raise_read_ahead
 from backupfs.status import JobStatus, render_bitmap, render_chain, utc_text
 from backupfs.trigger import PruneCommand, TriggerCommand, TriggerError, VerifyCommand, parse_trigger
 from engine.catalog import BackupRecord
-from engine.chain import ChainView
+from engine.chain import ChainView, WouldBlock
 from engine.integrity import VerifiedView
 from engine.errors import BackupfsError
 from engine.job import FailingSource, Source
@@ -56,6 +56,12 @@ XATTRS = ("kind", "parent", "cluster_size", "granularity", "stored_bytes", "crea
 BACKUP_TIMEOUT = 3600.0  # backups never change while they exist
 BIG_BLKSIZE = 1024 * 1024  # tell tools to read in large blocks
 IDLE_CHAINS = 8  # chain views kept open after their last reader left
+# A sequential reader of a backup gets the layers' data read ahead: up to
+# READ_WINDOW beyond it, asked for in READ_STEP pieces (measured with
+# bench/fuse_vs_qemu.py: smaller steps fight the kernel's own read-ahead
+# on contiguous files, a smaller window starves deep chains).
+READ_WINDOW = 16 * 1024 * 1024
+READ_STEP = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,8 @@ class Handle:
     content: bytes = b""  # rendered text files, fixed at open
     view: BackupView | None = None
     entries: list[tuple[bytes, Node]] = field(default_factory=list)
+    next_off: int = 0  # where a sequential reader of a backup reads next
+    advised_to: int = 0  # how far ahead the kernel has been told to read
 
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -527,12 +535,31 @@ class BackupOperations(pyfuse3.Operations):
         handle = self._handle(fh)
         node = handle.node
         if node.kind == BACKUP:
-            assert handle.view is not None
-            return await trio.to_thread.run_sync(handle.view.read, off, size, limiter=self._io)
+            return await self._read_backup(handle, off, size)
         if node.kind == DEVICE:
             dev = self.repo.device(node.device or "")
             return await trio.to_thread.run_sync(dev.read, off, size, limiter=self._io)
         return handle.content[off : off + size]
+
+    async def _read_backup(self, handle: Handle, off: int, size: int) -> bytes | bytearray | memoryview:
+        """Read a backup: inline when the page cache has it, else in a thread.
+
+        A thread hop costs ~175 us, more than copying a cached MiB, so the
+        read is tried first without waiting (RWF_NOWAIT) right here; only
+        misses go to a worker. Sequential readers get read-ahead advice.
+        """
+        view = handle.view
+        assert view is not None
+        if off == handle.next_off and handle.advised_to - off < READ_WINDOW - READ_STEP:
+            start = max(handle.advised_to, off)
+            view.advise(start, off + READ_WINDOW - start)
+            handle.advised_to = off + READ_WINDOW
+        try:
+            data = view.read(off, size, nowait=True)
+        except WouldBlock:
+            data = await trio.to_thread.run_sync(view.read, off, size, limiter=self._io)
+        handle.next_off = off + len(data)
+        return data
 
     @handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:

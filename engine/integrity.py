@@ -67,14 +67,17 @@ class VerifiedView:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def read(self, offset: int, length: int) -> bytearray | memoryview:
+    def advise(self, offset: int, length: int) -> None:
+        self.view.advise(offset, length)
+
+    def read(self, offset: int, length: int, nowait: bool = False) -> bytearray | memoryview:
         end = min(offset + length, self.size)
         if end <= offset:
             return bytearray()
         g = self.granularity
         a = offset - offset % g
         b = min(-(-end // g) * g, self.size)
-        buf = self.view.read(a, b - a)
+        buf = self.view.read(a, b - a, nowait=nowait)
         self.check(a, memoryview(buf))
         if a == offset and b == end:
             return buf

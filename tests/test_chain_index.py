@@ -76,3 +76,31 @@ def test_flatten_matches_the_model(layers: list[FakeLayer]) -> None:
             h = host + (u * UNIT - start) if kind == DATA else host
             expanded.append((kind, depth, h))
     assert expanded == model(layers)
+
+
+def test_nowait_reads_and_advice(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Cached data reads without waiting; uncached data says WouldBlock, and
+    advice brings it in."""
+    import os
+
+    import pytest
+
+    from engine.chain import ChainView, WouldBlock
+    from engine.qcow2.writer import Qcow2Writer
+
+    path = tmp_path / "img.qcow2"
+    data = os.urandom(4 << 20)
+    with Qcow2Writer(str(path), 8 << 20, 65536) as w:
+        w.write(0, data)
+        w.commit()
+    with ChainView.open(str(path)) as view:
+        assert view.read(0, 1 << 20) == data[: 1 << 20]  # now cached
+        assert view.read(0, 1 << 20, nowait=True) == data[: 1 << 20]
+        assert view.read(6 << 20, 4096, nowait=True) == bytes(4096)  # holes need no disk
+        fd = view.layers[0].fd
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        with pytest.raises(WouldBlock):
+            view.read(2 << 20, 1 << 20, nowait=True)
+        view.advise(2 << 20, 1 << 20)
+        assert view.read(2 << 20, 1 << 20) == data[2 << 20 : 3 << 20]
