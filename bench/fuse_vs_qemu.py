@@ -488,6 +488,11 @@ def report(samples: Samples, runs: int) -> None:
     for depth in DEPTHS:
         for mode in MODES:
             print(row(samples, (str(depth), mode), f"{depth:>5}  {mode:<6}"))
+    raw = ", ".join(f"{mode} {samples.mbps(('raw', 'file', mode)):.0f} MB/s" for mode in MODES)
+    print(f"baseline, plain dd of a raw file of the same size on the same disk: {raw}")
+    for mode in MODES:
+        r = samples.mbps(("ours", str(P1_DEPTH), mode)) / samples.mbps(("raw", "file", mode))
+        print(f"  ours at depth {P1_DEPTH} / plain dd, {mode}: {r:.2f}")
     print()
     print(f"Write of {format_size(samples.size)} (dd bs=1M conv=fsync,notrunc into a fresh raw file):")
     print(row(samples, ("write",), f"{'':>5}  {'write':<6}"))
@@ -522,10 +527,13 @@ def verify_reads(tips: dict[int, Tip]) -> None:
         print(f"  depth {tip.depth:>2}: ours and qemu == source at backup {tip.backup_id}", flush=True)
 
 
-def bench_reads(tips: dict[int, Tip], our_pid: int, size: int, runs: int, samples: Samples) -> None:
+def bench_reads(tips: dict[int, Tip], our_pid: int, size: int, runs: int, samples: Samples,
+                raw_file: str) -> None:
     for r in range(runs):
         slot = 0
         for mode in MODES:
+            # The baseline: plain dd of a raw file of the same size on the same disk.
+            samples.add(("raw", "file", mode), *dd_read(raw_file, size, mode, os.getpid()))
             for depth in DEPTHS:
                 tip = tips[depth]
                 for who in ordered(r, slot):
@@ -644,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
 
         samples = Samples(size)
         assert mount.pid is not None
-        bench_reads(tips, mount.pid, size, args.runs, samples)
+        bench_reads(tips, mount.pid, size, args.runs, samples, source)
         for export in exports:
             export.stop()
 
