@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +29,7 @@ from engine.bitmap import (
 )
 from engine.catalog import DeviceRecord
 from engine.errors import BackupfsError
+from engine.fsutil import file_size
 
 if TYPE_CHECKING:
     from engine.job import BackupJob
@@ -79,13 +79,6 @@ class WriteGate:
                 self._cond.notify_all()
 
 
-def source_size(fd: int) -> int:
-    st = os.fstat(fd)
-    if stat.S_ISBLK(st.st_mode):
-        return os.lseek(fd, 0, os.SEEK_END)
-    return st.st_size
-
-
 class Device:
     """One registered device, opened for I/O."""
 
@@ -106,7 +99,7 @@ class Device:
             raise DeviceError(f"device {self.name}: source {self.path} does not exist", errno.ENOENT) from None
         except OSError as e:
             raise DeviceError(f"device {self.name}: cannot open source {self.path}: {e.strerror}") from None
-        actual = source_size(self.fd)
+        actual = file_size(self.fd)
         if actual != self.size:
             os.close(self.fd)
             raise DeviceError(

@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import os
+import stat
 
 from engine import durable
+
+
+def file_size(fd: int) -> int:
+    """Size of a regular file or a block device (whose st_size is 0)."""
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        return os.lseek(fd, 0, os.SEEK_END)
+    return st.st_size
 
 
 def fsync_dir(path: str) -> None:

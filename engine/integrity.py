@@ -19,6 +19,7 @@ import numpy as np
 import xxhash
 from bitarray import bitarray
 
+from engine.bitmap import bit_runs
 from engine.catalog import BackupRecord
 from engine.chain import ChainView
 from engine.checksums import ChecksumError, ChecksumRecord, overlay
@@ -193,7 +194,7 @@ def verify_backup(
     g = rec.granularity
     chunk = max(g, _VERIFY_CHUNK // g * g)
     try:
-        for first, stop in _runs(own.defined):
+        for first, stop in bit_runs(own.defined):
             pos = first * g
             end = min(stop * g, rec.size)
             while pos < end:
@@ -215,15 +216,3 @@ def verify_backup(
     finally:
         view.close()
 
-
-def _runs(bits: bitarray) -> list[tuple[int, int]]:
-    out = []
-    n = len(bits)
-    pos = bits.find(1)
-    while pos >= 0:
-        stop = bits.find(0, pos)
-        if stop < 0:
-            stop = n
-        out.append((pos, stop))
-        pos = bits.find(1, stop) if stop < n else -1
-    return out

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from bitarray import bitarray
 
+from engine.bitmap import bit_runs
 from engine.checksums import ChecksumRecord, granule_hashes, zero_hash
 from engine.errors import BackupfsError
 from engine.qcow2.writer import Qcow2Writer
@@ -330,7 +331,7 @@ class BackupJob:
                 self._todo[first:stop] = 0
                 self._inflight[first:stop] |= mine
         if mine.any():
-            for a, b in _bit_runs(mine):
+            for a, b in bit_runs(mine):
                 try:
                     self._process(first + a, first + b)
                     self.cbw_units += b - a
@@ -446,15 +447,3 @@ def _target_error(path: str, exc: OSError) -> JobError:
         return JobError(f"repository disk full writing {path}", errno.ENOSPC)
     return JobError(f"writing {path}: {exc.strerror}", exc.errno or errno.EIO)
 
-
-def _bit_runs(bits: bitarray) -> list[tuple[int, int]]:
-    out = []
-    pos = bits.find(1)
-    n = len(bits)
-    while pos >= 0:
-        stop = bits.find(0, pos)
-        if stop < 0:
-            stop = n
-        out.append((pos, stop))
-        pos = bits.find(1, stop) if stop < n else -1
-    return out

@@ -37,9 +37,9 @@ from engine.bitmap import validate_granularity
 from engine.catalog import KINDS, BackupRecord, Catalog, DeviceRecord
 from engine.chain import ChainView
 from engine.checksums import ChecksumError, ChecksumRecord, granule_hashes, overlay
-from engine.device import Device, DeviceError, source_size
+from engine.device import Device, DeviceError
 from engine.errors import BackupfsError, ImageError, UsageError
-from engine.fsutil import fsync_dir
+from engine.fsutil import file_size, fsync_dir
 from engine.integrity import VerifiedView, VerifyReport, verify_backup
 from engine.restore import RestoreResult, check_target, restore_to
 from engine.importer import import_chain
@@ -222,7 +222,7 @@ class Repository:
             st = os.fstat(fd)
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
                 raise UsageError(f"source {source} is not a regular file or block device")
-            size = source_size(fd)
+            size = file_size(fd)
         finally:
             os.close(fd)
         if size <= 0 or size % 512:

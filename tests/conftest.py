@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from backupfs.mountinfo import wait_for_exit
+
 
 def run(*cmd: str | os.PathLike[str], cwd: str | os.PathLike[str] | None = None) -> str:
     """Run a command; fail the test with its stderr if it fails."""
@@ -164,7 +166,7 @@ class Mounted:
                 os.kill(self.pid, 9)
             except ProcessLookupError:
                 pass
-            _wait_gone(self.pid)
+            wait_for_exit(self.pid, 60)
             self.pid = None
         subprocess.run(["fusermount3", "-uz", str(self.mnt)], capture_output=True)
 
@@ -191,19 +193,6 @@ def _is_mounted(mnt: Path) -> bool:
     target = os.path.abspath(mnt)
     with open("/proc/self/mountinfo") as f:
         return any(line.split()[4] == target for line in f)
-
-
-def _wait_gone(pid: int) -> None:
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        import select
-
-        select.select([fd], [], [], 30)
-    finally:
-        os.close(fd)
 
 
 def sh(command: str, check: bool = True, timeout: float = 120, **kw: object) -> subprocess.CompletedProcess:

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from backupfs.mountinfo import wait_for_exit
 from engine.repo import Repository
 
 KiB = 1024
@@ -174,26 +175,13 @@ class Lab:
             os.kill(pid, signal.SIGKILL)
             trigger.wait(timeout=60)
         finally:
-            _wait_gone(pid)
+            wait_for_exit(pid, 60)
             subprocess.run(["fusermount3", "-uz", str(self.mnt)], capture_output=True)
         tally.add(f"daemon-{kind}", self.check(before, kind))
 
     def cleanup(self) -> None:
         subprocess.run(["fusermount3", "-uz", str(self.mnt)], capture_output=True)
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _wait_gone(pid: int) -> None:
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        import select
-
-        select.select([fd], [], [], 60)
-    finally:
-        os.close(fd)
 
 
 def run_rounds(lab: Lab, kills: int, tally: Tally) -> Tally:

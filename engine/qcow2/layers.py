@@ -21,6 +21,7 @@ import numpy as np
 import zstandard
 
 from engine.errors import ImageError
+from engine.fsutil import file_size
 from engine.qcow2.format import (
     COMPRESSION_ZSTD,
     L1E_RESERVED,
@@ -68,13 +69,6 @@ def coalesce(extents: list[Extent]) -> list[Extent]:
     return out
 
 
-def _file_size(fd: int) -> int:
-    st = os.fstat(fd)
-    if stat.S_ISBLK(st.st_mode):
-        return os.lseek(fd, 0, os.SEEK_END)
-    return st.st_size
-
-
 class Layer:
     """Common face of a qcow2 or raw layer."""
 
@@ -117,7 +111,7 @@ class RawLayer(Layer):
     def __init__(self, path: str, fd: int | None = None) -> None:
         self.path = path
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if fd is None else fd
-        self.size = self.file_size = _file_size(self.fd)
+        self.size = self.file_size = file_size(self.fd)
         self._allocation: list[Extent] | None = None
 
     def allocation(self) -> list[Extent]:
@@ -160,7 +154,7 @@ class Qcow2Layer(Layer):
         self.path = path
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if fd is None else fd
         try:
-            self.file_size = _file_size(self.fd)
+            self.file_size = file_size(self.fd)
             # The header cluster only: 4 KiB tells its size (opening a chain
             # of 64 images reads 64 headers, not 64 times 2 MiB).
             first = os.pread(self.fd, 4096, 0)
