@@ -375,7 +375,7 @@ class _AllocationCache:
     ctime), so a changed file is decoded afresh; bounded by extents held.
     """
 
-    def __init__(self, max_extents: int = 2_000_000) -> None:
+    def __init__(self, max_extents: int = 500_000) -> None:  # ~50 MB of tuples at most
         self._entries: OrderedDict[tuple[int, ...], list[Extent]] = OrderedDict()
         self._held = 0
         self._max = max_extents
