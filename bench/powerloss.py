@@ -27,7 +27,9 @@ def main() -> int:
         cwd=ROOT, env=env, capture_output=True, text=True,
     )
     for line in proc.stdout.splitlines():
-        if line.startswith("powerloss ") or "passed" in line or "failed" in line:
+        if "powerloss " in line:
+            print(line[line.index("powerloss "):])
+        elif "passed" in line or "failed" in line:
             print(line)
     if proc.returncode:
         print(proc.stdout[-5000:], proc.stderr[-2000:])
