@@ -19,7 +19,10 @@ from array import array
 from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Iterator
+from itertools import chain
 from dataclasses import dataclass
+
+import numpy as np
 
 from engine.qcow2.backing import open_chain
 from engine.qcow2.layers import COMPRESSED, DATA, UNALLOC, ZERO, Layer
@@ -59,86 +62,105 @@ class MapEntry:
 def flatten(layers: list[Layer]) -> list[tuple[int, int, int, int, int]]:
     """(start, end, kind, depth, host) covering the tip's size, newest owner first.
 
-    A range nobody holds is UNALLOC with the depth of the last layer that
+    The tuple form of ``flatten_arrays``, for callers that walk the index.
+    """
+    starts, kinds, depths, hosts = flatten_arrays(layers)
+    ends = np.append(starts[1:], np.uint64(layers[0].size))
+    return list(zip(starts.tolist(), ends.tolist(), kinds.tolist(), depths.tolist(), hosts.tolist()))
+
+
+def flatten_arrays(layers: list[Layer]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The flattened index as arrays: extent starts, kinds, depths, hosts.
+
+    Extent ``i`` runs from ``starts[i]`` to ``starts[i + 1]`` (the last one
+    to the tip's size) and reads from the newest layer that holds it. A
+    range nobody holds is UNALLOC with the depth of the last layer that
     was consulted: the bottom layer, or the layer whose backing file is too
     short to reach the range (both as `qemu-img map` reports them).
 
-    Work is linear in the extents of all layers plus the pieces produced:
-    each layer's extents are walked once against the sorted list of ranges
-    still unclaimed (two parallel lists, found with bisect), and only the
-    ranges an extent touches are split.
+    Every layer boundary cuts the disk into elementary intervals, inside
+    which ownership cannot change; each layer, newest first, claims the
+    still unclaimed intervals its extents cover, then neighbours that
+    continue each other merge. Vectorised,
+    because the splicing of unclaimed ranges one extent at a time grew
+    faster than linearly: 4 us per extent for a 1 GiB disk at depth 64, 14
+    at 16 GiB, minutes for a 1 TiB disk.
     """
     size = layers[0].size
-    pieces: list[tuple[int, int, int, int, int]] = []
-    hs: list[int] = [0] if size else []  # unclaimed ranges: starts...
-    he: list[int] = [size] if size else []  # ...and ends
-    for depth, layer in enumerate(layers):
-        if not hs:
-            break
-        if he[-1] > layer.size:
+    if size == 0:
+        empty = np.zeros(0, dtype=np.uint64)
+        return empty, np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=np.uint16), empty
+    per_layer = []
+    cuts = [np.array([0, size], dtype=np.uint64)]
+    for layer in layers:
+        alloc = layer.allocation()
+        ext = np.fromiter(chain.from_iterable(alloc), dtype=np.uint64, count=4 * len(alloc)).reshape(-1, 4)
+        ext = ext[(ext[:, 2] != UNALLOC) & (ext[:, 0] < size)]
+        ext[:, 1] = np.minimum(ext[:, 1], size)
+        per_layer.append(ext)
+        cuts.append(ext[:, 0])
+        cuts.append(ext[:, 1])
+        if layer.size < size:
+            cuts.append(np.array([layer.size], dtype=np.uint64))
+    bounds = np.sort(np.concatenate(cuts))
+    bounds = bounds[np.concatenate(([True], bounds[1:] != bounds[:-1]))]
+    lo = bounds[:-1]  # elementary interval i is [bounds[i], bounds[i + 1])
+    count = len(lo)
+    kinds = np.full(count, UNALLOC, dtype=np.uint8)
+    depths = np.full(count, len(layers) - 1, dtype=np.uint16)
+    hosts = np.zeros(count, dtype=np.uint64)
+    # Intervals not yet claimed, with their starts: claimed ones are only
+    # marked, and dropped from these when they are half of them, so that a
+    # layer costs its own extents (each found by binary search), not the disk.
+    claimed = np.zeros(count, dtype=bool)
+    rest = np.arange(count)
+    rest_lo = lo
+    stale = 0
+    for depth, (layer, ext) in enumerate(zip(layers, per_layer)):
+        if layer.size < size:
             # Beyond this layer's size nobody below is asked (as QEMU reads it).
-            j = bisect_right(he, layer.size)
-            if j < len(hs) and hs[j] < layer.size:
-                pieces.append((layer.size, he[j], UNALLOC, depth - 1, 0))
-                he[j] = layer.size
-                j += 1
-            pieces.extend((a, b, UNALLOC, depth - 1, 0) for a, b in zip(hs[j:], he[j:]))
-            del hs[j:], he[j:]
-            if not hs:
-                break
-        j = 0
-        for start, end, kind, host in layer.allocation():
-            if kind == UNALLOC:
-                continue
-            j = bisect_right(he, start, j)  # the first unclaimed range ending after start
-            k = j
-            new_s: list[int] = []
-            new_e: list[int] = []
-            while k < len(hs) and hs[k] < end:
-                a = hs[k] if hs[k] > start else start
-                b = he[k] if he[k] < end else end
-                if kind == DATA:
-                    pieces.append((a, b, DATA, depth, host + (a - start)))
-                elif kind == COMPRESSED:
-                    # Compressed extents are whole clusters; the read finds
-                    # the cluster's start from the layer's cluster size.
-                    pieces.append((a, b, COMPRESSED, depth, host))
-                else:
-                    pieces.append((a, b, ZERO, depth, 0))
-                if hs[k] < a:
-                    new_s.append(hs[k])
-                    new_e.append(a)
-                if b < he[k]:
-                    new_s.append(b)
-                    new_e.append(he[k])
-                k += 1
-            if k > j:
-                hs[j:k] = new_s
-                he[j:k] = new_e
-    last = len(layers) - 1
-    pieces.extend((a, b, UNALLOC, last, 0) for a, b in zip(hs, he))
-    pieces.sort()
-    return _coalesce_pieces(pieces)
-
-
-def _coalesce_pieces(
-    pieces: list[tuple[int, int, int, int, int]],
-) -> list[tuple[int, int, int, int, int]]:
-    out: list[tuple[int, int, int, int, int]] = []
-    for p in pieces:
-        if out:
-            s, e, k, d, h = out[-1]
-            if (
-                e == p[0]
-                and k == p[2]
-                and d == p[3]
-                and k != COMPRESSED
-                and (k != DATA or h + (e - s) == p[4])
-            ):
-                out[-1] = (s, p[1], k, d, h)
-                continue
-        out.append(p)
-    return out
+            j = int(np.searchsorted(rest_lo, layer.size))
+            beyond = rest[j:]
+            beyond = beyond[~claimed[beyond]]
+            depths[beyond] = depth - 1
+            claimed[beyond] = True
+            rest, rest_lo = rest[:j], rest_lo[:j]
+        if not len(ext) or not len(rest):
+            continue
+        # The unclaimed intervals inside extent k are rest[first[k]:stop[k]].
+        first = np.searchsorted(rest_lo, ext[:, 0])
+        stop = np.searchsorted(rest_lo, ext[:, 1])
+        counts = stop - first
+        total = int(counts.sum())
+        if not total:
+            continue
+        e = np.repeat(np.arange(len(ext)), counts)
+        mine = rest[np.arange(total) - np.repeat(np.cumsum(counts) - counts - first, counts)]
+        fresh = ~claimed[mine]
+        mine, e = mine[fresh], e[fresh]
+        claimed[mine] = True
+        kind = ext[e, 2].astype(np.uint8)
+        kinds[mine] = kind
+        depths[mine] = depth
+        # DATA: the host offset where this interval starts; COMPRESSED: the
+        # descriptor of the whole cluster (the read finds the cluster's
+        # start from the layer's cluster size); ZERO: nothing.
+        hosts[mine] = np.where(kind == DATA, ext[e, 3] + (lo[mine] - ext[e, 0]),
+                               np.where(kind == COMPRESSED, ext[e, 3], np.uint64(0)))
+        stale += len(mine)
+        if 2 * stale > len(rest):
+            left = ~claimed[rest]
+            rest, rest_lo = rest[left], rest_lo[left]
+            stale = 0
+    lengths = np.diff(bounds)
+    continues = (
+        (kinds[1:] == kinds[:-1])
+        & (depths[1:] == depths[:-1])
+        & (kinds[1:] != COMPRESSED)
+        & ((kinds[1:] != DATA) | (hosts[:-1] + lengths[:-1] == hosts[1:]))
+    )
+    keep = np.concatenate(([True], ~continues))
+    return lo[keep], kinds[keep], depths[keep], hosts[keep]
 
 
 class ChainView:
@@ -150,11 +172,13 @@ class ChainView:
         self.layers = layers
         self.path = layers[0].path
         self.size = layers[0].size
-        flat = flatten(layers)
-        self._starts = array("Q", (p[0] for p in flat))
-        self._hosts = array("Q", (p[4] for p in flat))
-        self._kinds = bytes(p[2] for p in flat)
-        self._depths = array("H", (p[3] for p in flat))
+        starts, kinds, depths, hosts = flatten_arrays(layers)
+        # Plain arrays, not numpy: the read path indexes them one element
+        # at a time, where numpy scalars cost several times more.
+        self._starts = array("Q", starts.tobytes())
+        self._hosts = array("Q", hosts.tobytes())
+        self._kinds = kinds.tobytes()
+        self._depths = array("H", depths.tobytes())
         self._fds = [layer.fd for layer in layers]
         self._ccache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
 
@@ -413,4 +437,4 @@ def _mergeable(a: MapEntry, b: MapEntry) -> bool:
     return a.offset + a.length == b.offset
 
 
-__all__ = ["ChainView", "MapEntry", "flatten"]
+__all__ = ["ChainView", "MapEntry", "flatten", "flatten_arrays"]
