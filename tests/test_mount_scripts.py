@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import select
 import shlex
 import shutil
 import signal
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from backupfs.mountinfo import wait_for_exit
 from conftest import Mounted, backupfs_cmd, cli, sh
 
 MiB = 1024 * 1024
@@ -67,19 +67,6 @@ def loops_under(prefix: Path) -> list[str]:
         if backing.startswith(prefix_s):
             out.append(f"/dev/{sysdir.name}: {backing}")
     return out
-
-
-def wait_gone(pid: int, timeout: float = 60) -> bool:
-    """Wait for a process to exit, with a pidfd (no polling)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        r, _, _ = select.select([fd], [], [], timeout)
-        return bool(r)
-    finally:
-        os.close(fd)
 
 
 def backupfs_binary(tmp_path: Path) -> str:
@@ -271,7 +258,7 @@ def _through_mount8(cmd: list[str], repo: Path, mnt: Path, env: dict[str, str]) 
         pid = m.pid
         proc = subprocess.run(["umount", str(mnt)], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
-        assert wait_gone(pid), f"daemon {pid} still running after umount"
+        assert wait_for_exit(pid, 60), f"daemon {pid} still running after umount"
         m.pid = None
         assert mount_of(mnt) is None
         assert not (repo / "mount.json").exists()
