@@ -56,6 +56,11 @@ XATTRS = ("kind", "parent", "cluster_size", "granularity", "stored_bytes", "crea
 BACKUP_TIMEOUT = 3600.0  # backups never change while they exist
 BIG_BLKSIZE = 1024 * 1024  # tell tools to read in large blocks
 IDLE_CHAINS = 8  # chain views kept open after their last reader left
+# ...and the memory they may keep: the chain index, and the checksums at
+# 8 bytes per granule (128 MiB for a 1 TiB device at 64 KiB). The newest
+# idle view stays whatever its size: reopening it costs seconds on a big
+# device, and one view is bounded by its device.
+IDLE_VIEW_BYTES = 512 * 1024 * 1024
 # A sequential reader of a backup gets the layers' data read ahead: up to
 # READ_WINDOW beyond it, asked for in READ_STEP pieces (measured with
 # bench/fuse_vs_qemu.py: smaller steps fight the kernel's own read-ahead
@@ -140,9 +145,11 @@ class BackupOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, repo: Repository, faults: str | None = None, mountpoint: str | None = None) -> None:
+    def __init__(self, repo: Repository, faults: str | None = None, mountpoint: str | None = None,
+                 idle_view_bytes: int = IDLE_VIEW_BYTES) -> None:
         super().__init__()
         self.repo = repo
+        self.idle_view_bytes = idle_view_bytes
         self.mountpoint = mountpoint
         self.inodes = InodeTable()
         self.uid = os.getuid()
@@ -335,8 +342,13 @@ class BackupOperations(pyfuse3.Operations):
                 return
             del self._views[backup_id]
             self._idle_views[backup_id] = view
-            while len(self._idle_views) > IDLE_CHAINS:
-                to_close.append(self._idle_views.popitem(last=False)[1])
+            idle_bytes = sum(v.memory_bytes() for v in self._idle_views.values())
+            while len(self._idle_views) > IDLE_CHAINS or (
+                len(self._idle_views) > 1 and idle_bytes > self.idle_view_bytes
+            ):
+                oldest = self._idle_views.popitem(last=False)[1]
+                idle_bytes -= oldest.memory_bytes()
+                to_close.append(oldest)
         for v in to_close:
             v.close()
 

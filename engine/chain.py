@@ -218,6 +218,10 @@ class ChainView:
             + self._depths.itemsize * len(self._depths)
         )
 
+    def memory_bytes(self) -> int:
+        """What keeping this view open costs beyond its file descriptors."""
+        return self.index_bytes()
+
     def _extent_end(self, i: int) -> int:
         return self._starts[i + 1] if i + 1 < len(self._starts) else self.size
 

@@ -14,7 +14,9 @@ xxh3 runs at many GB/s: checksumming never slows the copy down.
 
 from __future__ import annotations
 
+import os
 import struct
+from collections.abc import Iterable
 
 import numpy as np
 import xxhash
@@ -49,7 +51,16 @@ class ChecksumError(BackupfsError):
 
 
 class ChecksumRecord:
-    """Checksums of the granules one backup defines."""
+    """Checksums of the granules one backup defines.
+
+    Two shapes. A record being built (by a job or a prune) is filled in any
+    order, so it holds a dense array, one slot per granule, allocated at the
+    first value. A loaded record holds only the values of the granules it
+    defines, in granule order, as its file stores them: an incremental
+    defines a few percent of a device, and opening a backup reads its whole
+    lineage. Loaded dense, a 64-deep lineage of a 1 TiB device (16 Mi
+    granules of 64 KiB) took 64 x 128 MiB to open.
+    """
 
     def __init__(self, size: int, granularity: int) -> None:
         self.size = size
@@ -57,27 +68,71 @@ class ChecksumRecord:
         self.count = (size + granularity - 1) // granularity
         self.defined = bitarray(self.count, endian="little")
         self.defined.setall(0)
-        self.hashes = np.zeros(self.count, dtype=np.uint64)
+        self._dense: np.ndarray | None = None
+        self._packed: np.ndarray | None = None  # loaded: values of the defined granules
+
+    # -- building -----------------------------------------------------------------------
+
+    def _slots(self) -> np.ndarray:
+        if self._dense is None:
+            self._dense = self._expand()
+            self._packed = None
+        return self._dense
 
     def set(self, first_granule: int, hashes: list[int]) -> None:
         n = len(hashes)
-        self.hashes[first_granule : first_granule + n] = hashes
+        self._slots()[first_granule : first_granule + n] = hashes
         self.defined[first_granule : first_granule + n] = 1
 
     def set_zero(self, first_granule: int, n: int) -> None:
         """Granules that read as zeros (the device's short last granule too)."""
         g = self.granularity
-        self.hashes[first_granule : first_granule + n] = zero_hash(g)
+        slots = self._slots()
+        slots[first_granule : first_granule + n] = zero_hash(g)
         self.defined[first_granule : first_granule + n] = 1
         last = self.count - 1
         if first_granule <= last < first_granule + n and self.size % g:
-            self.hashes[last] = zero_hash(self.size % g)
+            slots[last] = zero_hash(self.size % g)
+
+    # -- reading ------------------------------------------------------------------------
+
+    @property
+    def defined_count(self) -> int:
+        return self.defined.count(1)
+
+    def packed(self) -> np.ndarray:
+        """The values of the defined granules, in granule order."""
+        if self._packed is not None:
+            return self._packed
+        if self._dense is None:
+            return np.zeros(0, dtype=np.uint64)
+        return self._dense[_ones(self.defined)]
+
+    @property
+    def hashes(self) -> np.ndarray:
+        """One writable slot per granule (0 where not defined); makes a loaded record dense."""
+        return self._slots()
+
+    def _expand(self) -> np.ndarray:
+        out = np.zeros(self.count, dtype=np.uint64)
+        if self._packed is not None and len(self._packed):
+            out[_ones(self.defined)] = self._packed
+        return out
+
+    def memory_bytes(self) -> int:
+        n = len(self.defined) // 8
+        for a in (self._dense, self._packed):
+            if a is not None:
+                n += a.nbytes
+        return n
+
+    # -- files --------------------------------------------------------------------------
 
     def encode(self) -> bytes:
-        idx = np.frombuffer(self.defined.unpack(zero=b"\x00", one=b"\x01"), dtype=np.uint8).astype(bool)
-        values = self.hashes[idx].astype("<u8").tobytes()
+        values = self.packed().astype("<u8").tobytes()
         bits = sc_encode(self.defined)
-        body = _HEAD.pack(_MAGIC, self.granularity, self.size, int(idx.sum()), len(bits)) + bits + values
+        count = len(values) // 8
+        body = _HEAD.pack(_MAGIC, self.granularity, self.size, count, len(bits)) + bits + values
         return body + xxhash.xxh3_64_digest(body)
 
     def save(self, path: str, atomic: bool = True) -> None:
@@ -90,44 +145,82 @@ class ChecksumRecord:
     @classmethod
     def load(cls, path: str) -> ChecksumRecord:
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            with open(path, "rb", buffering=0) as f:
+                length = os.fstat(f.fileno()).st_size
+                data = bytearray(length)  # writable: overlay() may adopt the values in place
+                got = f.readinto(data)
         except OSError as e:
             raise ChecksumError(f"{path}: cannot read checksums: {e.strerror}") from None
-        if len(data) < _HEAD.size + 8 or data[:8] != _MAGIC:
+        if got != length or length < _HEAD.size + 8 or data[:8] != _MAGIC:
             raise ChecksumError(f"{path}: not a backupfs checksum file")
-        body, digest = data[:-8], data[-8:]
-        if xxhash.xxh3_64_digest(body) != digest:
+        body = memoryview(data)[:-8]
+        if xxhash.xxh3_64_digest(body) != data[-8:]:
             raise ChecksumError(f"{path}: checksum file is damaged")
         _m, gran, size, count, blen = _HEAD.unpack_from(body, 0)
+        if gran <= 0 or size < 0 or _HEAD.size + blen + 8 * count != len(body):
+            raise ChecksumError(f"{path}: checksum file is damaged: its lengths do not add up")
         rec = cls(size, gran)
         try:
             bits = sc_decode(body[_HEAD.size : _HEAD.size + blen])
         except ValueError as e:
             raise ChecksumError(f"{path}: checksum file is damaged: {e}") from None
-        values = np.frombuffer(body, dtype="<u8", offset=_HEAD.size + blen, count=count)
         if len(bits) != rec.count or bits.count(1) != count:
             raise ChecksumError(f"{path}: checksum file does not match its device")
         rec.defined = bitarray(bits, endian="little")
-        idx = np.frombuffer(rec.defined.unpack(zero=b"\x00", one=b"\x01"), dtype=np.uint8).astype(bool)
-        rec.hashes[idx] = values
+        rec._packed = np.frombuffer(data, dtype="<u8", offset=_HEAD.size + blen, count=count)
         return rec
 
+    def take_dense(self) -> np.ndarray:
+        """The dense array, reusing the record's own memory where it can; empties the record."""
+        if self._dense is not None:
+            out = self._dense
+        elif self._packed is not None and len(self._packed) == self.count and self._packed.flags.writeable:
+            out = self._packed  # defines every granule (a full): its values are the dense array
+        else:
+            out = self._expand()
+        self._dense = self._packed = None
+        self.defined = bitarray(self.count, endian="little")
+        self.defined.setall(0)
+        return out
 
-def overlay(records: list[ChecksumRecord]) -> tuple[np.ndarray, bitarray]:
+
+def _ones(bits: bitarray) -> np.ndarray:
+    """Indices of the set bits, ascending.
+
+    Through the bytes, not a byte per bit: a record of a 1 TiB device has
+    16 Mi bits, mostly clear, and unpacking them all for a boolean mask cost
+    55 ms per record and its assignment 270 ms; finding and using the
+    indices takes about a tenth of that.
+    """
+    raw = np.frombuffer(bits, dtype=np.uint8)  # little-endian bitarray: bit i is byte i//8, bit i%8
+    nz = np.flatnonzero(raw)
+    pos = np.flatnonzero(np.unpackbits(raw[nz], bitorder="little"))
+    idx = nz[pos >> 3] * 8 + (pos & 7)
+    return idx[idx < len(bits)]  # the pad bits of the last byte are not ours
+
+
+def overlay(records: Iterable[ChecksumRecord]) -> tuple[np.ndarray, bitarray]:
     """The chain's checksums: newest record wins; records ordered oldest first.
 
+    Consumes the records (the oldest lends its memory to the result), and
+    takes them one at a time: given a generator that loads each as it is
+    asked for, only the result and one record are in memory at once.
     Returns (hashes, defined): granules no record defines are not known.
     """
-    if not records:
+    hashes: np.ndarray | None = None
+    defined: bitarray | None = None
+    for rec in records:
+        if hashes is None or defined is None:
+            defined = rec.defined.copy()
+            hashes = rec.take_dense()
+            continue
+        if len(rec.defined) != len(defined):
+            raise ChecksumError("checksum records of one lineage cover different device sizes")
+        if rec.defined.any():
+            hashes[_ones(rec.defined)] = rec.packed()
+            defined |= rec.defined
+    if hashes is None or defined is None:
         raise ValueError("no records")
-    base = records[0]
-    hashes = base.hashes.copy()
-    defined = base.defined.copy()
-    for rec in records[1:]:
-        mask = np.frombuffer(rec.defined.unpack(zero=b"\x00", one=b"\x01"), dtype=np.uint8).astype(bool)
-        hashes[mask] = rec.hashes[mask]
-        defined |= rec.defined
     return hashes, defined
 
 

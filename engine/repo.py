@@ -27,7 +27,7 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -310,17 +310,19 @@ class Repository:
         with self._idle:
             return self._running.get(name)
 
-    def lineage_records(self, rec: BackupRecord) -> list[ChecksumRecord]:
-        """The checksum records of a backup's lineage, oldest first.
+    def lineage_records(self, rec: BackupRecord) -> Iterator[ChecksumRecord]:
+        """The checksum records of a backup's lineage, oldest first, loaded one at a time.
 
-        Raises ChecksumError when one is missing or unreadable.
+        Lazy so that overlay() holds one record at a time, not the lineage.
+        Raises ChecksumError (when iterated) if one is missing or unreadable;
+        a missing one is found before any is loaded.
         """
-        out = []
+        paths = []
         for b in reversed(self.catalog.lineage(rec.id)):
             if b.checksums is None:
                 raise ChecksumError(f"backup {b.id} has no checksum record")
-            out.append(ChecksumRecord.load(os.path.join(self.path, b.checksums)))
-        return out
+            paths.append(os.path.join(self.path, b.checksums))
+        return (ChecksumRecord.load(p) for p in paths)
 
     def chain_hashes(self, rec: BackupRecord) -> np.ndarray:
         """Granule checksums of the device as backup ``rec`` captured it."""
