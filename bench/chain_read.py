@@ -439,10 +439,10 @@ class SyntheticLayer(Layer):
         self.path = "synthetic"
         self.fd = -1
         self.size = size
-        self._extents = extents
+        self._rows = np.array(extents, dtype=np.uint64).reshape(-1, 4)
 
-    def allocation(self) -> list[Extent]:
-        return self._extents
+    def extents(self) -> np.ndarray:
+        return self._rows
 
 
 def synthetic_index_scaling(

@@ -20,7 +20,6 @@ from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import chain as concat
 
 import numpy as np
 
@@ -92,9 +91,8 @@ def flatten_arrays(layers: list[Layer]) -> tuple[np.ndarray, np.ndarray, np.ndar
     per_layer = []
     cuts = [np.array([0, size], dtype=np.uint64)]
     for layer in layers:
-        alloc = layer.allocation()
-        ext = np.fromiter(concat.from_iterable(alloc), dtype=np.uint64, count=4 * len(alloc)).reshape(-1, 4)
-        ext = ext[(ext[:, 2] != UNALLOC) & (ext[:, 0] < size)]
+        ext = layer.extents()
+        ext = ext[(ext[:, 2] != UNALLOC) & (ext[:, 0] < size)]  # a copy: the layer's are shared
         ext[:, 1] = np.minimum(ext[:, 1], size)
         per_layer.append(ext)
         cuts.append(ext[:, 0])

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.chain import flatten
-from engine.qcow2.layers import COMPRESSED, DATA, UNALLOC, ZERO, Extent, Layer, coalesce
+from engine.qcow2.layers import COMPRESSED, DATA, UNALLOC, ZERO, Extent, Layer, coalesce, coalesce_rows
 
 UNIT = 512
 
@@ -16,10 +17,10 @@ class FakeLayer(Layer):
         self.path = "fake"
         self.fd = -1
         self.size = size
-        self._alloc = extents
+        self._rows = np.array(extents, dtype=np.uint64).reshape(-1, 4)
 
-    def allocation(self) -> list[Extent]:
-        return self._alloc
+    def extents(self) -> np.ndarray:
+        return self._rows
 
 
 @st.composite
@@ -76,6 +77,26 @@ def test_flatten_matches_the_model(layers: list[FakeLayer]) -> None:
             h = host + (u * UNIT - start) if kind == DATA else host
             expanded.append((kind, depth, h))
     assert expanded == model(layers)
+
+
+@given(st.lists(st.tuples(st.integers(1, 3), st.sampled_from([DATA, ZERO, COMPRESSED, UNALLOC]),
+                          st.integers(0, 3), st.booleans()), max_size=30))
+@settings(max_examples=300, deadline=None)
+def test_vectorised_coalesce_matches_the_plain_one(
+    spec: list[tuple[int, int, int, bool]],
+) -> None:
+    """Layers coalesce their decoded tables as arrays; the tuple version is the model."""
+    extents, pos, host = [], 0, 1 << 20
+    for units, kind, jump, gap in spec:
+        if gap:
+            pos += UNIT  # a hole: neighbours across it must not merge
+        length = units * UNIT
+        h = host if kind == DATA else (5 << 40) + jump if kind == COMPRESSED else 0
+        extents.append(Extent(pos, pos + length, kind, h))
+        host += length + jump * UNIT  # jump 0: host-contiguous with the next DATA
+        pos += length
+    rows = np.array(extents, dtype=np.uint64).reshape(-1, 4)
+    assert [tuple(r) for r in coalesce_rows(rows).tolist()] == [tuple(e) for e in coalesce(extents)]
 
 
 def test_nowait_reads_and_advice(tmp_path) -> None:  # type: ignore[no-untyped-def]
