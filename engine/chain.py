@@ -25,6 +25,7 @@ import numpy as np
 
 from engine.qcow2.backing import open_chain
 from engine.qcow2.layers import COMPRESSED, DATA, UNALLOC, ZERO, Layer
+from engine.readahead import kernel_read_ahead
 
 _COMPRESSED_CACHE = 16
 
@@ -177,6 +178,9 @@ class ChainView:
         self._kinds = kinds.tobytes()
         self._depths = array("H", depths.tobytes())
         self._fds = [layer.fd for layer in layers]
+        # Layers whose own read-ahead can stream their nearly sequential pieces.
+        ra = {fd: kernel_read_ahead(fd) for fd in set(self._fds)}
+        self._self_streaming = {fd for fd, n in ra.items() if n is not None and n >= _STREAMING_READ_AHEAD}
         self._ccache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
 
     @classmethod
@@ -245,7 +249,10 @@ class ChainView:
         A deep chain scatters a sequential read over many files in small
         pieces, too small for each file's own read-ahead to notice; telling
         the kernel ahead of time (POSIX_FADV_WILLNEED, runs merged per file)
-        keeps the disk busy while the reader works.
+        keeps the disk busy while the reader works. A layer whose pieces here
+        are mostly in file order is left to its own read-ahead when its disk
+        reads ahead far (the full under a shallow chain): advice on top of
+        that only competes with it.
         """
         end = min(offset + length, self.size)
         if end <= offset:
@@ -254,23 +261,28 @@ class ChainView:
         last = len(starts) - 1
         i = max(bisect_right(starts, offset) - 1, 0)
         pos = offset
-        runs: dict[int, list[int]] = {}  # fd -> [start, end] of the run being merged
+        runs: dict[int, list[list[int]]] = {}  # fd -> its merged [start, end) pieces
         while pos < end:
             stop = min(starts[i + 1] if i < last else self.size, end)
             if self._kinds[i] == DATA:
                 fd = self._fds[self._depths[i]]
                 host = self._hosts[i] + (pos - starts[i])
-                run = runs.get(fd)
-                if run is not None and run[1] == host:
-                    run[1] = host + (stop - pos)
+                mine = runs.get(fd)
+                if mine is None:
+                    runs[fd] = [[host, host + (stop - pos)]]
+                elif mine[-1][1] == host:
+                    mine[-1][1] = host + (stop - pos)
                 else:
-                    if run is not None:
-                        _willneed(fd, run[0], run[1] - run[0])
-                    runs[fd] = [host, host + (stop - pos)]
+                    mine.append([host, host + (stop - pos)])
             pos = stop
             i += 1
-        for fd, (a, b) in runs.items():
-            _willneed(fd, a, b - a)
+        for fd, mine in runs.items():
+            if fd in self._self_streaming:
+                span = max(r[1] for r in mine) - min(r[0] for r in mine)
+                if span >= _STREAMING_SPAN and 2 * sum(r[1] - r[0] for r in mine) >= span:
+                    continue  # mostly in file order: the file's own read-ahead streams it
+            for a, b in mine:
+                _willneed(fd, a, b - a)
 
     def readinto(self, offset: int, out: memoryview) -> None:
         """Fill all of ``out`` with the disk's bytes from ``offset`` on."""
@@ -393,6 +405,11 @@ class WouldBlock(Exception):
 
 
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+# advise() leaves a layer's pieces to the kernel when its disk reads ahead at
+# least this far by itself, and the pieces fill at least half of a span of
+# at least _STREAMING_SPAN (see engine/readahead.py for the measurements).
+_STREAMING_READ_AHEAD = 4 * 1024 * 1024
+_STREAMING_SPAN = 1024 * 1024
 
 
 def _willneed(fd: int, offset: int, length: int) -> None:
