@@ -100,7 +100,12 @@ def find_mount(mountpoint: str) -> tuple[str, str] | None:
     return None
 
 
-READ_AHEAD_KB = 1024  # 1 MiB buffered read requests instead of 128 KiB
+# 1 MiB buffered read requests instead of 128 KiB (FUSE caps a request at
+# 1 MiB), and up to four of them in flight for a sequential reader: with
+# 4096 instead of 1024, cold buffered `dd` of a backup (bench chain, caches
+# dropped, 3 A/B pairs) went from 682-1029 to 835-1244 MB/s at depth 1 and
+# from 600-729 to 677-805 at depth 64; depth 8 stayed at 959-1050.
+READ_AHEAD_KB = 4096
 
 
 def raise_read_ahead(device: str) -> None:

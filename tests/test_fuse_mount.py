@@ -453,7 +453,7 @@ def test_foreground_mount_stops_cleanly_on_signals(tmp_path: Path) -> None:
 
 def test_read_ahead_is_raised_for_backups(setup: Mounted) -> None:
     """Buffered reads of backups arrive as 1 MiB requests, not 128 KiB."""
-    from backupfs.mountinfo import find_mount
+    from backupfs.mountinfo import READ_AHEAD_KB, find_mount
 
     m = setup
     assert trigger(m, "full").returncode == 0
@@ -461,4 +461,4 @@ def test_read_ahead_is_raised_for_backups(setup: Mounted) -> None:
         f.read(4096)
     found = find_mount(str(m.mnt))
     assert found is not None
-    assert Path(f"/sys/class/bdi/{found[1]}/read_ahead_kb").read_text().strip() == "1024"
+    assert Path(f"/sys/class/bdi/{found[1]}/read_ahead_kb").read_text().strip() == str(READ_AHEAD_KB)
