@@ -20,7 +20,7 @@ What is measured
     cache of the served file helps):
 
     * ``cold``: plain buffered ``dd`` (kernel readahead decides the request
-      size; our mount raises its bdi read_ahead_kb to 1024, QEMU's export
+      size; our mount raises its bdi read_ahead_kb to 4096, QEMU's export
       keeps the kernel default, as each ships);
     * ``direct``: ``dd iflag=direct`` (1 MiB requests where the file system
       lets them through).
