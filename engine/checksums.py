@@ -21,13 +21,18 @@ from collections.abc import Iterable
 import numpy as np
 import xxhash
 from bitarray import bitarray
-from bitarray.util import sc_decode, sc_encode
+from bitarray.util import sc_decode, sc_encode, sc_stat
 
 from engine.errors import BackupfsError
 from engine.fsutil import atomic_write, write_new
 
 _MAGIC = b"BFSSUMS1"
 _HEAD = struct.Struct("<8sIQQQ")  # magic, granularity, device size, defined count, bitmap length
+
+# Sanity bounds on what a record file may claim: the spec's largest
+# granularity, and 2^36 granules (4 PiB at 64 KiB, 32 TiB at 512 B).
+_MAX_GRANULE = 64 * 1024 * 1024
+_MAX_GRANULES = 1 << 36
 
 _zero_hash_cache: dict[int, int] = {}
 
@@ -157,16 +162,28 @@ class ChecksumRecord:
         if xxhash.xxh3_64_digest(body) != data[-8:]:
             raise ChecksumError(f"{path}: checksum file is damaged")
         _m, gran, size, count, blen = _HEAD.unpack_from(body, 0)
-        if gran <= 0 or size < 0 or _HEAD.size + blen + 8 * count != len(body):
+        if _HEAD.size + blen + 8 * count != len(body):
             raise ChecksumError(f"{path}: checksum file is damaged: its lengths do not add up")
-        rec = cls(size, gran)
+        # Checked before anything is sized by them: a bitmap of the claimed
+        # granules is allocated next.
+        if gran < 512 or gran & (gran - 1) or gran > _MAX_GRANULE:
+            raise ChecksumError(f"{path}: checksum file is damaged: granularity {gran}")
+        granules = -(-size // gran)
+        if granules > _MAX_GRANULES or count > granules:
+            raise ChecksumError(f"{path}: checksum file is damaged: {count} of {granules} granules")
+        encoded = body[_HEAD.size : _HEAD.size + blen]
         try:
-            bits = sc_decode(body[_HEAD.size : _HEAD.size + blen])
-        except ValueError as e:
+            if sc_stat(encoded)["nbits"] != granules:  # before decoding allocates that many bits
+                raise ChecksumError(f"{path}: checksum file does not match its device")
+            bits = sc_decode(encoded)
+        except (ValueError, OverflowError, TypeError, StopIteration) as e:
             raise ChecksumError(f"{path}: checksum file is damaged: {e}") from None
-        if len(bits) != rec.count or bits.count(1) != count:
+        if len(bits) != granules or bits.count(1) != count:
             raise ChecksumError(f"{path}: checksum file does not match its device")
+        rec = cls.__new__(cls)
+        rec.size, rec.granularity, rec.count = size, gran, granules
         rec.defined = bitarray(bits, endian="little")
+        rec._dense = None
         rec._packed = np.frombuffer(data, dtype="<u8", offset=_HEAD.size + blen, count=count)
         return rec
 
@@ -192,6 +209,8 @@ def _ones(bits: bitarray) -> np.ndarray:
     55 ms per record and its assignment 270 ms; finding and using the
     indices takes about a tenth of that.
     """
+    if bits.endian != "little":
+        bits = bitarray(bits, endian="little")
     raw = np.frombuffer(bits, dtype=np.uint8)  # little-endian bitarray: bit i is byte i//8, bit i%8
     nz = np.flatnonzero(raw)
     pos = np.flatnonzero(np.unpackbits(raw[nz], bitorder="little"))

@@ -131,7 +131,7 @@ def test_opening_a_deep_lineage_of_a_big_device_costs_about_one_dense_array(tmp_
 
 @pytest.mark.parametrize(
     "damage",
-    ["truncated", "count", "bits"],
+    ["truncated", "count", "bits", "granularity", "huge size", "huge bitmap"],
 )
 def test_damaged_record_is_refused(tmp_path: Path, damage: str) -> None:
     import struct
@@ -146,8 +146,17 @@ def test_damaged_record_is_refused(tmp_path: Path, damage: str) -> None:
         body = body[:-8]
     elif damage == "count":
         struct.pack_into("<Q", body, 20, struct.unpack_from("<Q", body, 20)[0] + 1)  # the defined count
-    else:
+    elif damage == "bits":
         body[44] ^= 0xFF
+    elif damage == "granularity":
+        struct.pack_into("<I", body, 8, 0)  # would divide by zero
+    elif damage == "huge size":
+        struct.pack_into("<Q", body, 12, 1 << 62)  # a bitmap of 2^46 granules
+    else:
+        # The bitmap's own header claims 2^39 bits: refused before decoding allocates them.
+        blen = struct.unpack_from("<Q", body, 28)[0]
+        fake = bytes([0x05]) + (1 << 39).to_bytes(5, "little") + bytes(blen - 6)
+        body[36 : 36 + blen] = fake
     # A consistent digest: the checks behind it must catch the damage.
     path.write_bytes(bytes(body) + xxhash.xxh3_64_digest(bytes(body)))
     with pytest.raises(ChecksumError, match="r.sums"):
