@@ -101,10 +101,6 @@ class ChecksumRecord:
 
     # -- reading ------------------------------------------------------------------------
 
-    @property
-    def defined_count(self) -> int:
-        return self.defined.count(1)
-
     def packed(self) -> np.ndarray:
         """The values of the defined granules, in granule order."""
         if self._packed is not None:
@@ -153,7 +149,10 @@ class ChecksumRecord:
             with open(path, "rb", buffering=0) as f:
                 length = os.fstat(f.fileno()).st_size
                 data = bytearray(length)  # writable: overlay() may adopt the values in place
-                got = f.readinto(data)
+                view, got = memoryview(data), 0
+                while got < length and (n := f.readinto(view[got:])):
+                    got += n
+                del view  # done filling; the values get their own view below
         except OSError as e:
             raise ChecksumError(f"{path}: cannot read checksums: {e.strerror}") from None
         if got != length or length < _HEAD.size + 8 or data[:8] != _MAGIC:

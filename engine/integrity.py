@@ -72,7 +72,7 @@ class VerifiedView:
         self.view.advise(offset, length)
 
     def memory_bytes(self) -> int:
-        """The chain index and the checksums: about 8.2 bytes per granule."""
+        """The chain index, and the checksums: 8 bytes and a bit per granule."""
         return self.view.memory_bytes() + self._hashes.nbytes + len(self._defined) // 8
 
     def read(self, offset: int, length: int, nowait: bool = False) -> bytearray | memoryview:

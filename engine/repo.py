@@ -314,8 +314,8 @@ class Repository:
         """The checksum records of a backup's lineage, oldest first, loaded one at a time.
 
         Lazy so that overlay() holds one record at a time, not the lineage.
-        Raises ChecksumError (when iterated) if one is missing or unreadable;
-        a missing one is found before any is loaded.
+        Raises ChecksumError at once when a backup has no record, and while
+        iterating when a record cannot be read.
         """
         paths = []
         for b in reversed(self.catalog.lineage(rec.id)):
