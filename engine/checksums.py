@@ -208,7 +208,8 @@ def _ones(bits: bitarray) -> np.ndarray:
     55 ms per record and its assignment 270 ms; finding and using the
     indices takes about a tenth of that.
     """
-    if bits.endian != "little":
+    endian = bits.endian() if callable(bits.endian) else bits.endian  # a method before bitarray 3
+    if endian != "little":
         bits = bitarray(bits, endian="little")
     raw = np.frombuffer(bits, dtype=np.uint8)  # little-endian bitarray: bit i is byte i//8, bit i%8
     nz = np.flatnonzero(raw)
