@@ -33,6 +33,7 @@ import pyfuse3
 import trio
 
 from backupfs.mountinfo import find_mount, raise_read_ahead
+from backupfs.readbuffers import ReadBuffers
 from backupfs.status import JobStatus, render_bitmap, render_chain, utc_text
 from backupfs.trigger import PruneCommand, TriggerCommand, TriggerError, VerifyCommand, parse_trigger
 from engine.catalog import BackupRecord
@@ -65,6 +66,8 @@ IDLE_VIEW_BYTES = 512 * 1024 * 1024
 # READ_WINDOW beyond it, asked for in READ_STEP pieces (measured with
 # bench/fuse_vs_qemu.py: smaller steps fight the kernel's own read-ahead
 # on contiguous files, a smaller window starves deep chains).
+READ_BUFFER = 1024 * 1024  # the size of a direct or read-ahead request: its buffers are reused
+READ_BUFFERS = 4
 READ_WINDOW = 16 * 1024 * 1024
 READ_STEP = 4 * 1024 * 1024
 
@@ -159,6 +162,7 @@ class BackupOperations(pyfuse3.Operations):
         self._next_fh = 1
         self._status: dict[str, JobStatus] = {}
         self._io = trio.CapacityLimiter(32)
+        self._buffers = ReadBuffers(READ_BUFFER, READ_BUFFERS)  # inline backup reads only
         self._read_ahead_raised = False
         self._jobs = trio.CapacityLimiter(64)
         self._views: dict[str, tuple[BackupView, int]] = {}  # backup id -> (view, open count)
@@ -567,7 +571,7 @@ class BackupOperations(pyfuse3.Operations):
             view.advise(start, off + READ_WINDOW - start)
             handle.advised_to = off + READ_WINDOW
         try:
-            data = view.read(off, size, nowait=True)
+            data = view.read(off, size, nowait=True, into=self._buffers.take(size))
         except WouldBlock:
             data = await trio.to_thread.run_sync(view.read, off, size, limiter=self._io)
         handle.next_off = off + len(data)

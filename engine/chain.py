@@ -227,19 +227,24 @@ class ChainView:
     def _extent_end(self, i: int) -> int:
         return self._starts[i + 1] if i + 1 < len(self._starts) else self.size
 
-    def read(self, offset: int, length: int, nowait: bool = False) -> bytearray:
+    def read(self, offset: int, length: int, nowait: bool = False, into: bytearray | None = None) -> bytearray:
         """Bytes [offset, offset+length) clipped to the disk size.
 
         With ``nowait``, raise WouldBlock instead of waiting for the disk:
         a caller on an event loop reads inline when the page cache has it
-        all and sends only misses to a thread.
+        all and sends only misses to a thread. ``into``: a buffer to reuse
+        when it is exactly the clipped length (every byte is written,
+        holes too); otherwise a new one is allocated.
         """
         if offset < 0 or length < 0:
             raise ValueError("negative offset or length")
         end = min(offset + length, self.size)
         if end <= offset:
             return bytearray()
-        buf = _copy_friendly_bytearray(end - offset)  # zero-filled: holes cost nothing
+        if into is not None and len(into) == end - offset:
+            self._fill(offset, memoryview(into), zeroed=False, nowait=nowait)
+            return into
+        buf = aligned_buffer(end - offset)  # zero-filled: holes cost nothing
         self._fill(offset, memoryview(buf), zeroed=True, nowait=nowait)
         return buf
 
@@ -329,7 +334,7 @@ class ChainView:
                 cstart = pos - pos % cs
                 out[pos - offset : stop - offset] = cluster[pos - cstart : stop - cstart]
             elif not zeroed:
-                out[pos - offset : stop - offset] = bytes(stop - pos)
+                _zero(out[pos - offset : stop - offset])
             pos = stop
             i += 1
 
@@ -412,6 +417,15 @@ _STREAMING_READ_AHEAD = 4 * 1024 * 1024
 _STREAMING_SPAN = 1024 * 1024
 
 
+_ZEROS = memoryview(bytes(1024 * 1024))
+
+
+def _zero(view: memoryview) -> None:
+    for i in range(0, len(view), len(_ZEROS)):
+        n = min(len(_ZEROS), len(view) - i)
+        view[i : i + n] = _ZEROS[:n]
+
+
 def _willneed(fd: int, offset: int, length: int) -> None:
     try:
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
@@ -419,7 +433,7 @@ def _willneed(fd: int, offset: int, length: int) -> None:
         pass  # advice only
 
 
-def _copy_friendly_bytearray(n: int) -> bytearray:
+def aligned_buffer(n: int) -> bytearray:
     """A zeroed bytearray of ``n`` bytes that does not start 1-31 bytes into a page.
 
     preadv copies page-cache pages (page-aligned) into it with ``rep movsb``,
@@ -455,4 +469,4 @@ def _mergeable(a: MapEntry, b: MapEntry) -> bool:
     return a.offset + a.length == b.offset
 
 
-__all__ = ["ChainView", "MapEntry", "flatten", "flatten_arrays"]
+__all__ = ["ChainView", "MapEntry", "aligned_buffer", "flatten", "flatten_arrays"]

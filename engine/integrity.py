@@ -75,14 +75,16 @@ class VerifiedView:
         """The chain index, and the checksums: 8 bytes and a bit per granule."""
         return self.view.memory_bytes() + self._hashes.nbytes + len(self._defined) // 8
 
-    def read(self, offset: int, length: int, nowait: bool = False) -> bytearray | memoryview:
+    def read(
+        self, offset: int, length: int, nowait: bool = False, into: bytearray | None = None
+    ) -> bytearray | memoryview:
         end = min(offset + length, self.size)
         if end <= offset:
             return bytearray()
         g = self.granularity
         a = offset - offset % g
         b = min(-(-end // g) * g, self.size)
-        buf = self.view.read(a, b - a, nowait=nowait)
+        buf = self.view.read(a, b - a, nowait=nowait, into=into)
         self.check(a, memoryview(buf))
         if a == offset and b == end:
             return buf
