@@ -101,6 +101,24 @@ def qemu_compare(a: str | os.PathLike[str], b: str | os.PathLike[str], fmt_b: st
     assert sizes[0] == sizes[1], f"virtual sizes differ: {a} {sizes[0]}, {b} {sizes[1]}"
 
 
+@pytest.fixture(params=["c", "python"])
+def read_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a chain-read test with the C read loop and again with the Python one.
+
+    The C one must be there: setup.py builds it, and the install script
+    installs gcc, so a missing build is a failure, not a quiet fallback.
+    """
+    import engine.chain
+
+    if request.param == "c":
+        from engine import _fastread  # noqa: F401  (fails the test if not built)
+
+        assert engine.chain._fastread is not None, "engine._fastread is built but chain.py does not use it"
+    else:
+        monkeypatch.setattr(engine.chain, "_fastread", None)
+    return str(request.param)
+
+
 @pytest.fixture
 def scratch(tmp_path: Path) -> Path:
     """A directory for QEMU's raw conversions (on /dev/shm when there is room)."""

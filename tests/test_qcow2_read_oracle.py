@@ -223,7 +223,7 @@ SMALL = [name for name in SCENARIOS if name != "huge_sparse_virtual_size"]
 
 
 @pytest.mark.parametrize("name", SMALL)
-def test_bytes_equal_qemu_convert(name: str, tmp_path: Path) -> None:
+def test_bytes_equal_qemu_convert(name: str, tmp_path: Path, read_loop: str) -> None:
     tip = SCENARIOS[name](tmp_path)
     expected = qemu_raw(tip, tmp_path)
     with ChainView.open(str(tip)) as view:
