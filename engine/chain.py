@@ -311,6 +311,8 @@ class ChainView:
         self._fill(offset, out, zeroed=False)
 
     def _fill(self, offset: int, out: memoryview, zeroed: bool, nowait: bool = False) -> None:
+        if not out:
+            return
         if _fastread is None:
             self._fill_python(offset, out, zeroed, nowait)
             return

@@ -71,3 +71,12 @@ def test_the_loop_refuses_arrays_that_disagree(tmp_path: Path) -> None:
             _fastread.fill(out, 0, *args[:4], array("i"), view.size, 0)
         with pytest.raises(TypeError):
             _fastread.fill(bytes(CLUSTER), 0, *args, view.size, 0)  # not writable
+
+
+def test_an_empty_disk_reads_nothing(tmp_path: Path, read_loop: str) -> None:
+    path = tmp_path / "empty.qcow2"
+    qemu_img("create", "-f", "qcow2", str(path), "0")
+    with ChainView.open(str(path)) as view:
+        assert view.size == 0
+        assert view.read(0, 4096) == b""
+        view.readinto(0, memoryview(bytearray()))
