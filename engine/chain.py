@@ -25,7 +25,7 @@ import numpy as np
 
 from engine.qcow2.backing import open_chain
 from engine.qcow2.layers import COMPRESSED, DATA, UNALLOC, ZERO, Layer
-from engine.readahead import kernel_read_ahead
+from engine.readahead import device_read_ahead
 
 try:  # the read loop in C (setup.py builds it when a compiler is there)
     from engine import _fastread
@@ -474,7 +474,7 @@ def _streaming_fds(fds: list[int]) -> set[int]:
         except OSError:
             continue
         if dev not in by_dev:
-            by_dev[dev] = kernel_read_ahead(fd)
+            by_dev[dev] = device_read_ahead(dev)
         ra = by_dev[dev]
         if ra is not None and ra >= _STREAMING_READ_AHEAD:
             streaming.add(fd)

@@ -27,6 +27,11 @@ def kernel_read_ahead(fd: int) -> int | None:
         dev = os.fstat(fd).st_dev
     except OSError:
         return None
+    return device_read_ahead(dev)
+
+
+def device_read_ahead(dev: int) -> int | None:
+    """kernel_read_ahead for the files of one file system (its ``st_dev``)."""
     return _bdi_read_ahead(os.major(dev), os.minor(dev))
 
 
