@@ -156,9 +156,15 @@ def _restore_through_mount(record: MountRecord, args: argparse.Namespace) -> int
         size = os.fstat(fd).st_size
         block = check_target(args.target, size, args.force)
 
-        def read(offset: int, length: int) -> bytes:
+        def read(offset: int, out: memoryview) -> memoryview:
             try:
-                return os.pread(fd, length, offset)
+                done = 0
+                while done < len(out):
+                    n = os.preadv(fd, [out[done:]], offset + done)
+                    if n == 0:
+                        break  # the mount's file ended early: restore_to reports the short read
+                    done += n
+                return out[:done]
             except OSError as e:
                 raise BackupfsError(
                     f"reading backup {args.backup} at offset {offset}: {e.strerror} "

@@ -391,7 +391,8 @@ class Repository:
                 dev.untrusted_reason = "its source was overwritten by a restore"
         block = check_target(target, rec.size, force)
         with self.open_backup(rec.id) as view:
-            return restore_to(view.read, rec.size, target, block_device=block, on_progress=on_progress)
+            return restore_to(lambda pos, out: view.read(pos, len(out), into=out), rec.size, target,
+                              block_device=block, on_progress=on_progress)
 
     def prune(
         self,

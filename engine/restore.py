@@ -19,6 +19,7 @@ import numpy as np
 
 from engine.errors import BackupfsError, UsageError
 from engine.job import Progress
+from engine.pipeline import BytesLike, copy_chunks
 
 CHUNK = 8 * 1024 * 1024
 
@@ -67,14 +68,19 @@ def check_target(target: str, size: int, force: bool) -> bool:
 
 
 def restore_to(
-    read: Callable[[int, int], bytes | bytearray | memoryview],
+    read: Callable[[int, memoryview], BytesLike],
     size: int,
     target: str,
     *,
     block_device: bool,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> RestoreResult:
-    """Copy ``size`` bytes obtained by ``read(offset, length)`` into ``target``."""
+    """Copy ``size`` bytes of a backup into ``target``.
+
+    ``read(offset, out)`` fills ``out`` with the backup's bytes at
+    ``offset`` and returns them (usually ``out``); it runs a chunk or two
+    ahead of the writes (engine.pipeline).
+    """
     created = not os.path.exists(target)
     flags = os.O_WRONLY | os.O_CLOEXEC | (0 if block_device else os.O_CREAT | os.O_TRUNC)
     try:
@@ -82,26 +88,31 @@ def restore_to(
     except OSError as e:
         raise RestoreError(f"cannot open restore target {target}: {e.strerror}", e.errno or errno.EIO) from None
     progress = Progress(total=size, phase="restoring")
-    written = 0
     ok = False
+
+    def fill(pos: int, out: memoryview) -> BytesLike:
+        try:
+            data = read(pos, out)
+        except OSError as e:
+            raise RestoreError(f"reading the backup at offset {pos}: {e.strerror}", e.errno or errno.EIO) from None
+        if len(data) != len(out):
+            raise RestoreError(f"short read of the backup at offset {pos}")
+        return data
+
+    def write(pos: int, data: BytesLike) -> None:
+        view = memoryview(data)
+        if block_device:
+            _pwrite_all(fd, view, pos, target)
+            progress.written += len(view)
+        else:
+            progress.written += _write_sparse(fd, view, pos, target)
+        progress.done = pos + len(view)
+        if on_progress is not None:
+            on_progress(progress)
+
     try:
-        pos = 0
-        while pos < size:
-            n = min(CHUNK, size - pos)
-            data = read(pos, n)
-            if len(data) != n:
-                raise RestoreError(f"short read of the backup at offset {pos}")
-            view = memoryview(data)
-            if block_device:
-                _pwrite_all(fd, view, pos, target)
-                written += n
-            else:
-                written += _write_sparse(fd, view, pos, target)
-            pos += n
-            progress.done = pos
-            progress.written = written
-            if on_progress is not None:
-                on_progress(progress)
+        chunks = ((pos, min(CHUNK, size - pos)) for pos in range(0, size, CHUNK))
+        copy_chunks(chunks, fill, write, CHUNK)
         if not block_device:
             os.ftruncate(fd, size)
         os.fsync(fd)
@@ -116,7 +127,7 @@ def restore_to(
                 os.unlink(target)
             except OSError:
                 pass
-    return RestoreResult(target, size, written, not block_device)
+    return RestoreResult(target, size, progress.written, not block_device)
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int, target: str) -> None:
