@@ -114,7 +114,7 @@ def cmd_map(args: argparse.Namespace) -> int:
 
 
 def cmd_cat(args: argparse.Namespace) -> int:
-    """Stream the disk; into a regular file, zero runs become holes."""
+    """Stream the disk; into an empty regular file, zero runs become holes."""
     from engine.chain import ChainView
 
     if sys.stdout.isatty():
@@ -125,6 +125,9 @@ def cmd_cat(args: argparse.Namespace) -> int:
         st = os.fstat(fd)
         sparse = (
             stat.S_ISREG(st.st_mode)
+            # Holes read as zeros only in a file that held nothing: `1<>`
+            # over an old image must overwrite its zero regions too.
+            and st.st_size == 0
             and os.lseek(fd, 0, os.SEEK_CUR) == 0
             # `>>`: every write lands at the end, whatever the offset asked.
             and not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND

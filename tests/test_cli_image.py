@@ -57,6 +57,21 @@ def test_cat_equals_qemu_convert_and_is_sparse(chain: Path, tmp_path: Path) -> N
     assert piped.returncode == 0 and piped.stdout == expected
 
 
+def test_cat_over_an_existing_file_writes_every_byte(chain: Path, tmp_path: Path) -> None:
+    # `1<>` opens without truncating: skipping the zero regions as holes
+    # would leave the old bytes there, a silently wrong image.
+    out = tmp_path / "old.raw"
+    expected = qemu_raw(chain, tmp_path)
+    out.write_bytes(b"\xff" * (len(expected) + 4096))
+    proc = subprocess.run(
+        " ".join(backupfs_cmd()) + f" image cat {chain} 1<>{out}", shell=True, capture_output=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = out.read_bytes()
+    assert data[: len(expected)] == expected
+    assert data[len(expected) :] == b"\xff" * 4096  # like cat or dd conv=notrunc: the rest stays
+
+
 def test_cat_into_a_closed_pipe_is_quiet(chain: Path) -> None:
     proc = subprocess.run(
         " ".join(backupfs_cmd()) + f" image cat {chain} | head -c 100 >/dev/null",
