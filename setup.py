@@ -1,19 +1,19 @@
 """Only the C part of the build; everything else is in pyproject.toml.
 
-The extension is optional: without a compiler the package installs and
-reads chains in pure Python (slower on deep chains, same bytes).
+The extensions are optional: without a compiler the package installs and
+reads chains in Python and numpy (slower on deep chains, same bytes).
 """
 
 from setuptools import Extension, setup
 
+_FLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
+          "-Wno-missing-field-initializers", "-Wno-cast-function-type"]
+
 setup(
     ext_modules=[
-        Extension(
-            "engine._fastread",
-            ["engine/_fastread.c"],
-            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
-                                "-Wno-missing-field-initializers", "-Wno-cast-function-type"],
-            optional=True,
-        )
+        # The chain read loop (engine/chain.py ChainView._fill).
+        Extension("engine._fastread", ["engine/_fastread.c"], extra_compile_args=_FLAGS, optional=True),
+        # The chain index sweep (engine/chain.py flatten_arrays).
+        Extension("engine._chainindex", ["engine/_chainindex.c"], extra_compile_args=_FLAGS, optional=True),
     ]
 )

@@ -31,8 +31,12 @@ try:  # the read loop in C (setup.py builds it when a compiler is there)
     from engine import _fastread
 except ImportError:  # pragma: no cover - exercised on machines without gcc
     _fastread = None
-if os.environ.get("BACKUPFS_PURE_PYTHON"):  # the same reads without C, to compare
-    _fastread = None
+try:  # the index sweep in C (the same build)
+    from engine import _chainindex
+except ImportError:  # pragma: no cover - exercised on machines without gcc
+    _chainindex = None
+if os.environ.get("BACKUPFS_PURE_PYTHON"):  # the same reads and index without C, to compare
+    _fastread = _chainindex = None
 if _fastread is not None and (_fastread.DATA, _fastread.ZERO, _fastread.COMPRESSED, _fastread.UNALLOC) != (
     DATA,
     ZERO,
@@ -40,6 +44,10 @@ if _fastread is not None and (_fastread.DATA, _fastread.ZERO, _fastread.COMPRESS
     UNALLOC,
 ):  # pragma: no cover - a stale build
     _fastread = None
+if _chainindex is not None and (
+    _chainindex.DATA, _chainindex.ZERO, _chainindex.COMPRESSED, _chainindex.UNALLOC
+) != (DATA, ZERO, COMPRESSED, UNALLOC):  # pragma: no cover - a stale build
+    _chainindex = None
 
 _COMPRESSED_CACHE = 16
 
@@ -91,6 +99,24 @@ def flatten_arrays(layers: list[Layer]) -> tuple[np.ndarray, np.ndarray, np.ndar
     range nobody holds is UNALLOC with the depth of the last layer that
     was consulted: the bottom layer, or the layer whose backing file is too
     short to reach the range (both as `qemu-img map` reports them).
+
+    Computed by the C sweep (engine/_chainindex.c) when it is built, else
+    by ``flatten_arrays_numpy``; they agree on every byte a read returns
+    (tests/test_chain_index.py), the C one splitting compressed clusters
+    only where their owner changes.
+    """
+    size = layers[0].size
+    if _chainindex is None or size == 0:
+        return flatten_arrays_numpy(layers)
+    rows = [np.ascontiguousarray(layer.extents(), dtype=np.uint64) for layer in layers]
+    sizes = np.array([layer.size for layer in layers], dtype=np.uint64)
+    starts, kinds, depths, hosts = _chainindex.flatten(rows, sizes, size)
+    return (np.frombuffer(starts, dtype=np.uint64), np.frombuffer(kinds, dtype=np.uint8),
+            np.frombuffer(depths, dtype=np.uint16), np.frombuffer(hosts, dtype=np.uint64))
+
+
+def flatten_arrays_numpy(layers: list[Layer]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """flatten_arrays in numpy: the fallback without a compiler, and the C sweep's reference.
 
     Every layer boundary cuts the disk into elementary intervals, inside
     which ownership cannot change; each layer, newest first, claims the

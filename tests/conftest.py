@@ -103,19 +103,21 @@ def qemu_compare(a: str | os.PathLike[str], b: str | os.PathLike[str], fmt_b: st
 
 @pytest.fixture(params=["c", "python"])
 def read_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a chain-read test with the C read loop and again with the Python one.
+    """Run a chain test with the C read loop and index sweep, and again with Python and numpy.
 
-    The C one must be there: setup.py builds it, and the install script
+    The C ones must be there: setup.py builds them, and the install script
     installs gcc, so a missing build is a failure, not a quiet fallback.
     """
     import engine.chain
 
     if request.param == "c":
-        from engine import _fastread  # noqa: F401  (fails the test if not built)
+        from engine import _chainindex, _fastread  # noqa: F401  (fails the test if not built)
 
         assert engine.chain._fastread is not None, "engine._fastread is built but chain.py does not use it"
+        assert engine.chain._chainindex is not None, "engine._chainindex is built but chain.py does not use it"
     else:
         monkeypatch.setattr(engine.chain, "_fastread", None)
+        monkeypatch.setattr(engine.chain, "_chainindex", None)
     return str(request.param)
 
 

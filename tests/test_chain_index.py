@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import given, settings
+import pytest
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.chain import flatten
@@ -59,9 +60,16 @@ def model(layers: list[FakeLayer]) -> list[tuple[int, int, int, int]]:
     return out
 
 
-@given(chains())
-@settings(max_examples=400, deadline=None)
-def test_flatten_matches_the_model(layers: list[FakeLayer]) -> None:
+@pytest.mark.parametrize("sweep", ["c", "numpy"])
+@given(layers=chains())
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_flatten_matches_the_model(layers: list[FakeLayer], sweep: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine.chain
+
+    if sweep == "c":
+        assert engine.chain._chainindex is not None, "the C index sweep is not built"
+    else:
+        monkeypatch.setattr(engine.chain, "_chainindex", None)
     pieces = flatten(layers)
     size = layers[0].size
     # Pieces tile [0, size) in order, with no gaps and no overlaps.
@@ -176,3 +184,31 @@ def _cached_pages(fd: int, offset: int, length: int) -> int:
         return sum(b & 1 for b in vec)
     finally:
         libc.munmap(addr, size)
+
+
+def test_the_c_sweep_refuses_what_it_cannot_index() -> None:
+    from engine import _chainindex
+
+    size = 4 * UNIT
+    good = np.array([[0, UNIT, DATA, 1 << 20]], dtype=np.uint64)
+    sizes = np.array([size], dtype=np.uint64)
+    starts, kinds, depths, hosts = _chainindex.flatten([good], sizes, size)
+    assert np.frombuffer(starts, np.uint64).tolist() == [0, UNIT]
+    assert list(kinds) == [DATA, UNALLOC]
+    bad_rows = {
+        "overlapping": [[0, 2 * UNIT, DATA, 0], [UNIT, 3 * UNIT, ZERO, 0]],
+        "unsorted": [[2 * UNIT, 3 * UNIT, DATA, 0], [0, UNIT, ZERO, 0]],
+        "empty extent": [[UNIT, UNIT, DATA, 0]],
+        "unknown kind": [[0, UNIT, 9, 0]],
+    }
+    for rows in bad_rows.values():
+        with pytest.raises(ValueError, match="layer 0"):
+            _chainindex.flatten([np.array(rows, dtype=np.uint64)], sizes, size)
+    with pytest.raises(ValueError, match="64-bit"):
+        _chainindex.flatten([good.astype(np.int32)], sizes, size)
+    with pytest.raises(ValueError, match="fours"):
+        _chainindex.flatten([good.reshape(-1)[:3].copy()], sizes, size)
+    with pytest.raises(ValueError, match="one size per layer"):
+        _chainindex.flatten([good, good], sizes, size)
+    with pytest.raises(ValueError, match="1 to 65535"):
+        _chainindex.flatten([], np.zeros(0, dtype=np.uint64), size)
