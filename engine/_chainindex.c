@@ -82,25 +82,12 @@ static void heap_replace_top(event_t *h, Py_ssize_t n, event_t e)
     h[i] = e;
 }
 
-static event_t heap_pop(event_t *h, Py_ssize_t *len)
+/* Drop the top: the last event takes its place. */
+static void heap_pop(event_t *h, Py_ssize_t *len)
 {
-    event_t top = h[0];
     event_t last = h[--(*len)];
-    Py_ssize_t i = 0, n = *len;
-    for (;;) {
-        Py_ssize_t child = 2 * i + 1;
-        if (child >= n)
-            break;
-        if (child + 1 < n && h[child + 1].key < h[child].key)
-            child++;
-        if (last.key <= h[child].key)
-            break;
-        h[i] = h[child];
-        i = child;
-    }
-    if (n > 0)
-        h[i] = last;
-    return top;
+    if (*len > 0)
+        heap_replace_top(h, *len, last);
 }
 
 /* ---- the output, grown as it goes ---------------------------------------------- */
