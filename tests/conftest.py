@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -153,16 +154,27 @@ def cli(*args: str | os.PathLike[str], stdout: int | None = None, check: bool = 
 # -- real mounts ------------------------------------------------------------------------
 
 
+# Every daemon a test starts, so that its log can be checked after the test.
+_MOUNTS: list[Mounted] = []
+
+
 class Mounted:
-    """A repository mounted by `backupfs mount` (the daemon), for one test."""
+    """A repository mounted by `backupfs mount` (the daemon), for one test.
+
+    ``expect_tracebacks``: the test provokes failures on purpose (injected
+    faults, hostile images); otherwise a traceback in the daemon's log
+    fails the test, even when every assertion passed.
+    """
 
     def __init__(self, repo: Path, mountpoint: Path, env: dict[str, str] | None = None,
-                 options: str | None = None) -> None:
+                 options: str | None = None, expect_tracebacks: bool = False) -> None:
         self.repo = repo
         self.mnt = mountpoint
         self.env = env
         self.options = options
+        self.expect_tracebacks = expect_tracebacks
         self.pid: int | None = None
+        _MOUNTS.append(self)
 
     def start(self) -> None:
         args = ["mount", str(self.repo), str(self.mnt)] + (["-o", self.options] if self.options else [])
@@ -207,6 +219,26 @@ class Mounted:
             return (self.repo / "backupfs.log").read_text()
         except OSError:
             return ""
+
+
+@pytest.fixture(autouse=True)
+def daemon_logs_clean() -> Iterator[None]:
+    """Fail a test whose daemon logged a traceback the test did not ask for.
+
+    A handler turns an unexpected exception into EIO and logs it: the user
+    sees one failed request, a test's assertions may not, the log does (the
+    idea of s3ql's tests/pytest_checklogs.py). Checked after the test's own
+    fixtures have unmounted, so the log is complete.
+    """
+    first = len(_MOUNTS)
+    yield
+    started = _MOUNTS[first:]
+    del _MOUNTS[first:]
+    for m in started:
+        log = m.log()
+        if not m.expect_tracebacks and "Traceback" in log:
+            at = log.index("Traceback")
+            pytest.fail(f"the daemon serving {m.repo} logged a traceback:\n{log[max(0, at - 2000) : at + 4000]}")
 
 
 def _is_mounted(mnt: Path) -> bool:
