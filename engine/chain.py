@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from array import array
 from bisect import bisect_right
 from collections import OrderedDict
@@ -221,6 +222,7 @@ class ChainView:
         # Layers whose own read-ahead can stream their nearly sequential pieces.
         self._self_streaming = _streaming_fds(self._fds)
         self._ccache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._ccache_lock = threading.Lock()
         self._fd_array = array("i", self._fds)  # for the C loop
 
     @classmethod
@@ -416,17 +418,22 @@ class ChainView:
             done += n
 
     def _compressed(self, i: int) -> bytes:
+        # A view is read from several threads at once (the mount's event
+        # loop and its workers): the cache changes only under its lock,
+        # while decompression runs outside it.
         depth = self._depths[i]
         descriptor = self._hosts[i]
         key = (depth, descriptor)
-        data = self._ccache.get(key)
-        if data is None:
-            data = self.layers[depth].read_compressed(descriptor)
+        with self._ccache_lock:
+            data = self._ccache.get(key)
+            if data is not None:
+                self._ccache.move_to_end(key)
+                return data
+        data = self.layers[depth].read_compressed(descriptor)
+        with self._ccache_lock:
             self._ccache[key] = data
-            if len(self._ccache) > _COMPRESSED_CACHE:
+            while len(self._ccache) > _COMPRESSED_CACHE:
                 self._ccache.popitem(last=False)
-        else:
-            self._ccache.move_to_end(key)
         return data
 
     def map(self) -> Iterator[MapEntry]:

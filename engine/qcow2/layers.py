@@ -208,7 +208,7 @@ class Qcow2Layer(Layer):
         self.backing_file = h.backing_file
         self.backing_format = h.backing_format
         self._extents: np.ndarray | None = None
-        self._zstd = zstandard.ZstdDecompressor() if h.compression_type == COMPRESSION_ZSTD else None
+        self._zstd = _ThreadZstd() if h.compression_type == COMPRESSION_ZSTD else None
 
     # -- tables ---------------------------------------------------------
 
@@ -423,7 +423,7 @@ class Qcow2Layer(Layer):
         buf = os.pread(self.fd, csize, coffset)
         try:
             if self._zstd is not None:
-                reader = self._zstd.stream_reader(buf, read_across_frames=False)
+                reader = self._zstd.get().stream_reader(buf, read_across_frames=False)
                 parts = []
                 got = 0
                 while got < cs:
@@ -443,6 +443,25 @@ class Qcow2Layer(Layer):
                 f"compressed cluster at {coffset:#x} decompresses to {len(out)} bytes, not {cs}",
             )
         return out
+
+
+class _ThreadZstd(threading.local):
+    """One zstd decompressor per thread.
+
+    A ZstdDecompressor has one decompression context, and its stream
+    readers share it: two threads decompressing through one instance
+    (the mount's event loop and a worker, or two workers reading the same
+    backup) corrupt each other's output. Measured before: 8 threads
+    reading a zstd-compressed image returned 1,300-1,500 wrong reads out of
+    24,000, raised "Data corruption detected" for clusters that were fine,
+    and once crashed the interpreter.
+    """
+
+    def get(self) -> zstandard.ZstdDecompressor:
+        dctx = getattr(self, "dctx", None)
+        if dctx is None:
+            dctx = self.dctx = zstandard.ZstdDecompressor()
+        return dctx
 
 
 def _identity(fd: int) -> tuple[int, ...]:
