@@ -208,7 +208,7 @@ class Qcow2Layer(Layer):
         self.backing_file = h.backing_file
         self.backing_format = h.backing_format
         self._extents: np.ndarray | None = None
-        self._zstd = _ThreadZstd() if h.compression_type == COMPRESSION_ZSTD else None
+        self._zstd = h.compression_type == COMPRESSION_ZSTD
 
     # -- tables ---------------------------------------------------------
 
@@ -422,8 +422,8 @@ class Qcow2Layer(Layer):
         # The last sectors may lie past EOF (QEMU writes them that way).
         buf = os.pread(self.fd, csize, coffset)
         try:
-            if self._zstd is not None:
-                reader = self._zstd.get().stream_reader(buf, read_across_frames=False)
+            if self._zstd:
+                reader = _zstd_decompressor().stream_reader(buf, read_across_frames=False)
                 parts = []
                 got = 0
                 while got < cs:
@@ -445,23 +445,26 @@ class Qcow2Layer(Layer):
         return out
 
 
-class _ThreadZstd(threading.local):
-    """One zstd decompressor per thread.
+_ZSTD = threading.local()
+
+
+def _zstd_decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's zstd decompressor, shared by all its layers.
 
     A ZstdDecompressor has one decompression context, and its stream
-    readers share it: two threads decompressing through one instance
-    (the mount's event loop and a worker, or two workers reading the same
-    backup) corrupt each other's output. Measured before: 8 threads
-    reading a zstd-compressed image returned 1,300-1,500 wrong reads out of
-    24,000, raised "Data corruption detected" for clusters that were fine,
-    and once crashed the interpreter.
+    readers share it: two threads decompressing through one instance (the
+    mount's event loop and a worker, or two workers reading the same
+    backup) corrupt each other's output. With one per layer, shared by all
+    threads, 8 threads reading a zstd-compressed image got 1,300-1,500
+    wrong reads out of 24,000, "Data corruption detected" for clusters that
+    were fine, and once a crashed interpreter. One per thread, not per
+    layer and thread: a 64-deep chain read by 32 workers would otherwise
+    hold 2,048 contexts.
     """
-
-    def get(self) -> zstandard.ZstdDecompressor:
-        dctx = getattr(self, "dctx", None)
-        if dctx is None:
-            dctx = self.dctx = zstandard.ZstdDecompressor()
-        return dctx
+    dctx = getattr(_ZSTD, "dctx", None)
+    if dctx is None:
+        dctx = _ZSTD.dctx = zstandard.ZstdDecompressor()
+    return dctx
 
 
 def _identity(fd: int) -> tuple[int, ...]:
