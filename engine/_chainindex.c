@@ -134,7 +134,6 @@ static void out_free(out_t *o)
 
 typedef struct {
     uint64_t size;
-    uint64_t lsize;
     uint32_t layer;
 } cut_t;
 
@@ -187,7 +186,7 @@ static int sweep(const layer_t *layers, const uint64_t *sizes, Py_ssize_t depth,
     Py_ssize_t ncuts = 0;
     for (Py_ssize_t i = 1; i < depth; i++)
         if (sizes[i] < size)
-            cuts[ncuts++] = (cut_t){sizes[i], 0, (uint32_t)i};
+            cuts[ncuts++] = (cut_t){sizes[i], (uint32_t)i};
     qsort(cuts, (size_t)ncuts, sizeof(cut_t), cut_order);
     Py_ssize_t next_cut = 0;
     Py_ssize_t cutoff = depth; /* layers >= cutoff are not asked */
