@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from bitarray import bitarray
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from engine.checksums import ChecksumError, ChecksumRecord, _ones, overlay, zero_hash
 from engine.repo import Repository
@@ -188,3 +190,43 @@ def test_idle_backup_views_are_bounded_by_memory(tmp_path: Path) -> None:
             ops.close_views()
     finally:
         repo.close()
+
+
+def _reseal(body: bytes) -> bytes:
+    import xxhash
+
+    return body + xxhash.xxh3_64_digest(body)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=6),
+    cut=st.integers(0, 40),
+)
+def test_a_mangled_defined_bitmap_is_refused_or_read_whole(tmp_path: Path, edits: list[tuple[int, int]],
+                                                          cut: int) -> None:
+    """Any bytes in the record's bitmap (with a digest that matches them):
+    ChecksumError, or a record of the right size whose count agrees; never
+    another exception, never a bitmap sized by the damage."""
+    import struct
+
+    path = tmp_path / "m.sums"
+    rec = _sparse_record(4 * MiB, 4 * KiB, 0.3, 7)
+    granules = rec.count
+    body = bytearray(rec.encode()[:-8])
+    blen = struct.unpack_from("<Q", body, 28)[0]
+    bitmap = bytearray(body[36 : 36 + blen])
+    for pos, value in edits:
+        bitmap[pos % len(bitmap)] = value
+    if cut:
+        bitmap = bitmap[: max(0, len(bitmap) - cut)]
+    struct.pack_into("<Q", body, 28, len(bitmap))
+    body[36 : 36 + blen] = bitmap
+    path.write_bytes(_reseal(bytes(body)))
+    try:
+        loaded = ChecksumRecord.load(str(path))
+    except ChecksumError as e:
+        assert "m.sums" in str(e)
+        return
+    assert len(loaded.defined) == granules
+    assert loaded.defined.count(1) == len(loaded.packed())
