@@ -28,6 +28,12 @@ What is measured
     * ``qemu-img -> file``: ``qemu-img convert -O raw TIP /dev/shm/FILE``,
       the same job as ``cat``.
 
+    * ``floor``: bench/pread_floor.c, compiled here: the same whole-disk
+      1 MiB reads as ours "reads only", in C, doing nothing but the preads
+      (and memsets) that ``qemu-img map`` of the tip calls for. It shows
+      what depth costs any reader that copies through read(2): more, smaller
+      reads from more files.
+
     Also the index: build time, extents, bytes, extrapolated to 1 TiB.
 
 Why
@@ -63,6 +69,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import gc
+import json
 import mmap
 import os
 import platform
@@ -342,7 +349,7 @@ class Samples:
 
 
 def contestants(
-    tip: str, shm_dir: str, samples: Samples
+    tip: str, shm_dir: str, samples: Samples, floor: list[str] | None = None
 ) -> list[tuple[str, Callable[[], None]]]:
     """The runs of one round for one tip, ours and qemu-img alternating."""
     out = os.path.join(shm_dir, f"depth{samples.depth}.raw")
@@ -368,8 +375,13 @@ def contestants(
     def cat() -> None:
         samples.add("cat", run_command(backupfs_command() + ["image", "cat", tip], out, True))
 
+    def pread_floor() -> None:
+        assert floor is not None
+        samples.add("floor", run_floor(floor))
+
     return [
         ("in1M", inproc(1 << 20, "in1M")),
+        *([("floor", pread_floor)] if floor else []),
         ("qnull", qemu_null),
         ("in4M", inproc(4 << 20, "in4M")),
         ("qemu", qemu),
@@ -383,6 +395,48 @@ def qemu_null_argv(tip: str, size: int) -> list[str]:
     """qemu-img converting ``tip`` into nothing: QEMU's null block driver."""
     return ["qemu-img", "convert", "-n", tip, "--target-image-opts",
             f"driver=null-co,size={size}"]
+
+
+# -- the floor: only the preads ------------------------------------------------
+
+
+FLOOR_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pread_floor.c")
+
+
+def build_floor(workdir: str) -> str | None:
+    """Compile bench/pread_floor.c; None (and why, printed) when it cannot be."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        print("floor: no C compiler here, the floor is left out")
+        return None
+    exe = os.path.join(workdir, "pread_floor")
+    done = subprocess.run([cc, "-O2", "-o", exe, FLOOR_SOURCE], capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"floor: compiling {FLOOR_SOURCE} failed, the floor is left out:\n{done.stderr}")
+        return None
+    return exe
+
+
+def floor_pieces(tip: str, workdir: str, depth: int) -> list[str] | None:
+    """The floor's arguments for ``tip``: its pieces file (from qemu-img map) and images."""
+    chain = json.loads(subprocess.run(
+        ["qemu-img", "info", "--backing-chain", "--output=json", tip],
+        check=True, capture_output=True, text=True).stdout)
+    entries = json.loads(subprocess.run(
+        ["qemu-img", "map", "--output=json", tip], check=True, capture_output=True, text=True).stdout)
+    path = os.path.join(workdir, f"floor-depth{depth}.txt")
+    with open(path, "w") as out:
+        for e in entries:
+            data = bool(e["data"]) and not e.get("compressed", False)
+            if e["data"] and "offset" not in e:
+                return None  # compressed: not a plain pread
+            out.write(f"{e['start']} {e['length']} {e['depth']} {int(data)} {e.get('offset', 0)}\n")
+    return [path] + [c["filename"] for c in chain]
+
+
+def run_floor(argv: list[str]) -> float:
+    done = subprocess.run(argv, check=True, capture_output=True, text=True)
+    return float(done.stdout.strip())
 
 
 # -- index --------------------------------------------------------------------
@@ -538,6 +592,22 @@ def report(
     )
     print("  reads only, MB/s: " + ", ".join(
         f"depth {s.depth} {mbps(size, s.median('in1M-read')):.0f}" for s in results))
+    has_floor = all("floor" in s.times for s in results)
+    if has_floor:
+        print()
+        print("The floor (bench/pread_floor.c): the same 1 MiB reads as 'reads only', in C, with")
+        print("nothing but the preads and memsets that `qemu-img map` of the tip calls for:")
+        table(
+            ["depth", "floor MB/s", f"floor depth N/{base.depth}", "ours reads only/floor"],
+            [
+                [str(s.depth), f"{mbps(size, s.median('floor')):.0f}",
+                 f"{base.median('floor') / s.median('floor'):.2f}",
+                 f"{s.median('floor') / s.median('in1M-read'):.2f}"]
+                for s in results
+            ],
+        )
+        print("  a depth ratio under the goal here is the kernel's cost of more, smaller reads")
+        print("  from more files, which no reader that copies through read(2) avoids")
 
     print()
     print("Index (ChainView.open; build time is the median over the 1M in-proc runs):")
@@ -575,6 +645,10 @@ def report(
         ratio = base.median(n) / deepest.median(n)
         print(f"  {label:<18} depth-{deepest.depth}/depth-{base.depth} = {ratio:.2f}"
               f"  (goal >= {GOAL_DEPTH_RATIO})  {verdict(ratio >= GOAL_DEPTH_RATIO)}")
+    if has_floor:
+        ratio = base.median("floor") / deepest.median("floor")
+        print(f"  {'(the pread floor)':<18} depth-{deepest.depth}/depth-{base.depth} = {ratio:.2f}"
+              "  (for reference: the most any read(2) reader gets here)")
     for n, label, q in ours:
         worst = min(s.median(q) / s.median(n) for s in results)
         against = "qemu-img->null" if q == "qnull" else "qemu-img->file"
@@ -638,6 +712,11 @@ def main(argv: list[str] | None = None) -> int:
               f"in {time.perf_counter() - t0:.1f} s")
 
         results = [Samples(d, paths[d - 1], size) for d in depths]
+        floors: dict[int, list[str] | None] = {}
+        exe = build_floor(workdir)
+        for s in results:
+            pieces = floor_pieces(s.tip, workdir, s.depth) if exe else None
+            floors[s.depth] = [exe, str(1 << 20), *pieces] if exe and pieces else None
         startup: list[float] = []
         with pinned(paths) as ok:
             warmed = warm_up(paths)
@@ -648,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("  (DAMON proactive reclaim is on here: unpinned, they would be paged out)")
             for run in range(args.runs):
                 for s in results:
-                    for _, go in contestants(s.tip, shm_dir, s):
+                    for _, go in contestants(s.tip, shm_dir, s, floors[s.depth]):
                         go()
                 startup.append(run_startup())
                 print(f"  run {run + 1}/{args.runs} done", flush=True)
