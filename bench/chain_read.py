@@ -69,7 +69,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import gc
-import json
 import mmap
 import os
 import platform
@@ -86,6 +85,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.chain import ChainView, aligned_buffer, flatten_arrays
+from floor import argv as floor_argv
+from floor import build as floor_build
+from floor import run as floor_run
 from engine.qcow2.layers import DATA, UNALLOC, Extent, Layer
 from engine.qcow2.writer import Qcow2Writer
 from engine.units import format_size, parse_size
@@ -377,7 +379,7 @@ def contestants(
 
     def pread_floor() -> None:
         assert floor is not None
-        samples.add("floor", run_floor(floor))
+        samples.add("floor", floor_run(floor))
 
     return [
         ("in1M", inproc(1 << 20, "in1M")),
@@ -395,48 +397,6 @@ def qemu_null_argv(tip: str, size: int) -> list[str]:
     """qemu-img converting ``tip`` into nothing: QEMU's null block driver."""
     return ["qemu-img", "convert", "-n", tip, "--target-image-opts",
             f"driver=null-co,size={size}"]
-
-
-# -- the floor: only the preads ------------------------------------------------
-
-
-FLOOR_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pread_floor.c")
-
-
-def build_floor(workdir: str) -> str | None:
-    """Compile bench/pread_floor.c; None (and why, printed) when it cannot be."""
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        print("floor: no C compiler here, the floor is left out")
-        return None
-    exe = os.path.join(workdir, "pread_floor")
-    done = subprocess.run([cc, "-O2", "-o", exe, FLOOR_SOURCE], capture_output=True, text=True)
-    if done.returncode != 0:
-        print(f"floor: compiling {FLOOR_SOURCE} failed, the floor is left out:\n{done.stderr}")
-        return None
-    return exe
-
-
-def floor_pieces(tip: str, workdir: str, depth: int) -> list[str] | None:
-    """The floor's arguments for ``tip``: its pieces file (from qemu-img map) and images."""
-    chain = json.loads(subprocess.run(
-        ["qemu-img", "info", "--backing-chain", "--output=json", tip],
-        check=True, capture_output=True, text=True).stdout)
-    entries = json.loads(subprocess.run(
-        ["qemu-img", "map", "--output=json", tip], check=True, capture_output=True, text=True).stdout)
-    path = os.path.join(workdir, f"floor-depth{depth}.txt")
-    with open(path, "w") as out:
-        for e in entries:
-            data = bool(e["data"]) and not e.get("compressed", False)
-            if e["data"] and "offset" not in e:
-                return None  # compressed: not a plain pread
-            out.write(f"{e['start']} {e['length']} {e['depth']} {int(data)} {e.get('offset', 0)}\n")
-    return [path] + [c["filename"] for c in chain]
-
-
-def run_floor(argv: list[str]) -> float:
-    done = subprocess.run(argv, check=True, capture_output=True, text=True)
-    return float(done.stdout.strip())
 
 
 # -- index --------------------------------------------------------------------
@@ -713,10 +673,9 @@ def main(argv: list[str] | None = None) -> int:
 
         results = [Samples(d, paths[d - 1], size) for d in depths]
         floors: dict[int, list[str] | None] = {}
-        exe = build_floor(workdir)
+        exe = floor_build(workdir)
         for s in results:
-            pieces = floor_pieces(s.tip, workdir, s.depth) if exe else None
-            floors[s.depth] = [exe, str(1 << 20), *pieces] if exe and pieces else None
+            floors[s.depth] = floor_argv(exe, s.tip, workdir, f"depth{s.depth}") if exe else None
         startup: list[float] = []
         with pinned(paths) as ok:
             warmed = warm_up(paths)

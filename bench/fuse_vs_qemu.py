@@ -34,6 +34,13 @@ What is measured
     lookup, the copy. Its baseline is plain buffered ``dd`` of the raw file
     from the page cache (``iflag=direct`` there would go to the disk).
 
+    For context, not as a contestant, the same tips read by a plain local
+    reader, bench/pread_floor.c: no FUSE, no read-ahead advice, one blocking
+    pread per piece that ``qemu-img map`` lists, 1 MiB at a time (after
+    dropping caches for cold and direct, which are the same read for it).
+    Its depth-64/depth-1 ratio is what depth costs a reader that only has
+    the kernel's own read-ahead.
+
     And writes (P5): a fresh (sparse) raw file of SIZE per contestant,
     ``dd if=SRC of=TARGET bs=1M conv=fsync,notrunc`` from a random-data SRC
     held in the page cache. ``ours``: TARGET is ``MNT/wr/device`` of a device
@@ -98,6 +105,9 @@ import numpy as np
 import xxhash
 
 from engine.units import format_size, parse_size
+from floor import argv as floor_argv
+from floor import build as floor_build
+from floor import run as floor_run
 
 MiB = 1 << 20
 MB = 1e6  # decimal MB/s, as dd prints it
@@ -422,6 +432,7 @@ class Tip:
     truth: str  # xxh3 of the source at the instant of the backup
     qemu: str = ""  # QEMU's export file, once started
     qemu_pid: int = 0
+    floor: list[str] | None = None  # bench/pread_floor.c's command line for this tip
 
 
 def build_chain(mount: OurMount, repo: str, source: str, size: int, fraction: float,
@@ -508,6 +519,15 @@ def report(samples: Samples, runs: int) -> None:
     for mode in MODES:
         r = samples.mbps(("ours", str(P1_DEPTH), mode)) / samples.mbps(("raw", "file", mode))
         print(f"  ours at depth {P1_DEPTH} / plain dd, {mode}: {r:.2f}")
+    if all(("plain", str(d), m) in samples.seconds for d in DEPTHS for m in MODES):
+        lo, hi = str(min(DEPTHS)), str(max(DEPTHS))
+        print("plain local reader of the same tips (bench/pread_floor.c: no FUSE, one blocking pread")
+        print("per piece that `qemu-img map` lists, 1 MiB at a time, the kernel's own read-ahead only;")
+        print("'direct' is its cold read again), MB/s:")
+        for mode in MODES:
+            rates = ", ".join(f"depth {d} {samples.mbps(('plain', str(d), mode)):.0f}" for d in DEPTHS)
+            r = samples.mbps(("plain", hi, mode)) / samples.mbps(("plain", lo, mode))
+            print(f"  {mode:<6} {rates}; depth {hi}/depth {lo} = {r:.2f}")
     print()
     print(f"Write of {format_size(samples.size)} (dd bs=1M conv=fsync,notrunc into a fresh raw file):")
     print(row(samples, ("write",), f"{'':>5}  {'write':<6}"))
@@ -557,6 +577,11 @@ def bench_reads(tips: dict[int, Tip], our_pid: int, size: int, runs: int, sample
                 for who in ordered(r, slot):
                     path, pid = (tip.ours, our_pid) if who == "ours" else (tip.qemu, tip.qemu_pid)
                     samples.add((who, str(depth), mode), *dd_read(path, size, mode, pid))
+                if tip.floor:
+                    # Context, not a contestant: a local reader of the same pieces.
+                    if mode != "warm":
+                        drop_caches()
+                    samples.add(("plain", str(depth), mode), floor_run(tip.floor), 0.0)
                 slot += 1
         print(f"  read run {r + 1}/{runs} done ({pressure()})", flush=True)
 
@@ -665,6 +690,10 @@ def main(argv: list[str] | None = None) -> int:
             tip.qemu = export.export_file
             tip.qemu_pid = export.pid
         print("qemu exports up; verifying", flush=True)
+        exe = floor_build(workdir)
+        if exe:
+            for tip in tips.values():
+                tip.floor = floor_argv(exe, tip.image, workdir, f"depth{tip.depth}")
         verify_reads(tips)
         print(f"kernel read-ahead (read_ahead_kb) after the first reads: ours {read_ahead_kb(mnt)}, "
               f"qemu {read_ahead_kb(tips[1].qemu)}", flush=True)
