@@ -8,6 +8,7 @@ writer of the trigger only got an errno).
 from __future__ import annotations
 
 import errno
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -144,16 +145,16 @@ def render_bitmap(dev: Device) -> str:
     lines = [f"granularity: {dev.granularity}"]
     for label, tracked in (("since last backup", dev.since_last), ("since last full", dev.since_full)):
         bm = tracked.pending()
-        runs = list(bm.runs())
         state = "trusted" if tracked.trusted else f"untrusted ({dev.untrusted_reason or 'unknown'})"
         lines.append(
-            f"{label}: {bm.dirty_bytes()} bytes dirty in {len(runs)} runs, {state}"
+            f"{label}: {bm.dirty_bytes()} bytes dirty in {bm.run_count()} runs, {state}"
         )
     lines.append("runs since last backup (start length):")
-    runs = list(dev.since_last.pending().runs())
-    for start, end in runs[:_MAX_RUNS_SHOWN]:
+    pending = dev.since_last.pending()
+    for start, end in itertools.islice(pending.runs(), _MAX_RUNS_SHOWN):
         lines.append(f"  {start} {end - start}")
-    if len(runs) > _MAX_RUNS_SHOWN:
-        lines.append(f"  ... {len(runs) - _MAX_RUNS_SHOWN} more")
+    more = pending.run_count() - _MAX_RUNS_SHOWN
+    if more > 0:
+        lines.append(f"  ... {more} more")
     return "\n".join(lines) + "\n"
 

@@ -106,7 +106,18 @@ class DirtyBitmap:
         return DirtyBitmap(self.size, self.granularity, self.bits.copy())
 
     def run_count(self) -> int:
-        return sum(1 for _ in self.granule_runs())
+        """Dirty runs, counted as the bits set whose predecessor is clear.
+
+        Whole-bitmap operations in C: the bitmap file's summary shows this
+        for every `stat` and `cat`, and a fragmented bitmap of a 1 TiB
+        device has hundreds of thousands of runs (walking them took a
+        Python step each).
+        """
+        bits = self.bits
+        if not bits.any():
+            return 0
+        starts = bits & ~(bits >> 1)  # little-endian: ``>> 1`` moves bit i to i + 1
+        return starts.count(1)
 
 
 def bit_runs(bits: bitarray) -> Iterator[tuple[int, int]]:

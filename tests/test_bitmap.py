@@ -73,6 +73,7 @@ def test_runs_match_a_model(granularity: int, writes: list[tuple[int, int]]) -> 
     for (a1, e1), (a2, e2) in zip(runs, runs[1:]):
         assert e1 < a2
     assert all(0 <= a < e <= size for a, e in runs)
+    assert b.run_count() == len(runs)
 
 
 def test_freeze_abdicate_keeps_new_writes() -> None:
@@ -128,3 +129,30 @@ def test_damaged_bitmap_file_is_refused(tmp_path: Path) -> None:
     path.write_bytes(b"garbage")
     with pytest.raises(BitmapFileError, match="not a backupfs bitmap"):
         load_bitmap(str(path))
+
+
+def test_the_bitmap_file_lists_the_first_runs_and_counts_the_rest(tmp_path: Path) -> None:
+    """`cat MOUNT/dev/bitmap` of a fragmented bitmap: exact totals, a bounded listing."""
+    from backupfs.status import render_bitmap
+    from engine.repo import Repository
+
+    source = tmp_path / "src.img"
+    source.write_bytes(bytes(8 * MiB))
+    Repository.init(str(tmp_path / "repo"))
+    repo = Repository.open(str(tmp_path / "repo"))
+    try:
+        repo.add_device("d", str(source), 4 * KiB)
+        dev = repo.device("d")
+        starts = [i * 3 * 4 * KiB for i in range(600)]  # 600 one-granule runs
+        for start in starts:
+            dev.write(start, b"x")
+        dev.write(8 * MiB - 4 * KiB, b"y" * 4 * KiB)  # the last granule: one more run
+        text = render_bitmap(dev)
+    finally:
+        repo.close()
+    runs = len(starts) + 1
+    assert f"since last backup: {runs * 4 * KiB} bytes dirty in {runs} runs, trusted" in text
+    assert f"since last full: {runs * 4 * KiB} bytes dirty in {runs} runs, trusted" in text
+    listed = text.split("runs since last backup (start length):\n")[1].splitlines()
+    assert listed[:20] == [f"  {s} {4 * KiB}" for s in starts[:20]]
+    assert listed[20:] == [f"  ... {runs - 20} more"]
