@@ -554,7 +554,11 @@ class BackupOperations(pyfuse3.Operations):
             return await self._read_backup(handle, off, size)
         if node.kind == DEVICE:
             dev = self.repo.device(node.device or "")
-            return await trio.to_thread.run_sync(dev.read, off, size, limiter=self._io)
+            try:
+                # Inline when cached, as for backups (_read_backup says why).
+                return dev.read(off, size, nowait=True, into=self._buffers.take(size))
+            except WouldBlock:
+                return await trio.to_thread.run_sync(dev.read, off, size, limiter=self._io)
         return handle.content[off : off + size]
 
     async def _read_backup(self, handle: Handle, off: int, size: int) -> bytes | bytearray | memoryview:

@@ -49,6 +49,12 @@ What is measured
     run both raw files get their blocks punched out (``fallocate
     --punch-hole``), so each run writes into a fresh sparse file.
 
+    And reads of the live device (our addition: a VM on the device file
+    reads as much as it writes), from the same two files once written, their
+    raw sources in the page cache: ``dd iflag=direct`` of the whole device in
+    1 MiB requests, and of its first 64 MiB in 4 KiB requests (what a
+    request costs, beyond the copy).
+
 Why
     backupfs shows every backup as a file that ordinary tools read, and the
     live device as a file they write; QEMU's FUSE export is the obvious
@@ -119,6 +125,7 @@ CHAIN_DEVICE = "vm1"
 WRITE_DEVICE = "wr"
 MODES = ("cold", "direct", "warm")
 MOUNT_TIMEOUT = 30.0
+SMALL_READ_BYTES = 64 * MiB  # the device read in 4 KiB requests covers this much
 
 GOAL_P1 = {"cold": 1.5, "direct": 2.0, "warm": 2.0}  # ours/qemu at depth 8; the issue's "direct" goal for both direct modes
 GOAL_P2 = 0.95  # ours depth 64 / depth 1
@@ -468,6 +475,7 @@ class Samples:
     size: int
     seconds: dict[tuple[str, ...], list[float]] = field(default_factory=dict)
     cpu: dict[tuple[str, ...], list[float]] = field(default_factory=dict)
+    moved: dict[tuple[str, ...], int] = field(default_factory=dict)  # bytes per run, if not size
 
     def add(self, key: tuple[str, ...], seconds: float, cpu: float) -> None:
         self.seconds.setdefault(key, []).append(seconds)
@@ -475,14 +483,16 @@ class Samples:
 
     def cpu_per_gib(self, key: tuple[str, ...]) -> float:
         """Median CPU seconds the server spent per GiB moved."""
-        return statistics.median(self.cpu[key]) * (1 << 30) / self.size
+        return statistics.median(self.cpu[key]) * (1 << 30) / self.moved.get(key, self.size)
 
     def mbps(self, key: tuple[str, ...]) -> float:
         """Median throughput in MB/s."""
-        return statistics.median(self.size / s / MB for s in self.seconds[key])
+        n = self.moved.get(key, self.size)
+        return statistics.median(n / s / MB for s in self.seconds[key])
 
     def spread(self, key: tuple[str, ...]) -> str:
-        rates = [self.size / s / MB for s in self.seconds[key]]
+        n = self.moved.get(key, self.size)
+        rates = [n / s / MB for s in self.seconds[key]]
         return f"{min(rates):.0f}-{max(rates):.0f}"
 
 
@@ -531,6 +541,12 @@ def report(samples: Samples, runs: int) -> None:
     print()
     print(f"Write of {format_size(samples.size)} (dd bs=1M conv=fsync,notrunc into a fresh raw file):")
     print(row(samples, ("write",), f"{'':>5}  {'write':<6}"))
+    print()
+    print(f"Read of the live device (dd iflag=direct, its raw source in the page cache; 1M: all"
+          f" {format_size(samples.size)},")
+    print(f"4k: the first {format_size(min(samples.size, SMALL_READ_BYTES))} in 4 KiB requests):")
+    print(row(samples, ("dread 1M",), f"{'':>5}  {'1M':<6}"))
+    print(row(samples, ("dread 4k",), f"{'':>5}  {'4k':<6}"))
 
     print()
     print("Goals:")
@@ -603,6 +619,25 @@ def bench_writes(src: str, targets: dict[str, tuple[str, str, int]], size: int, 
         if digest(raw) != truth:
             raise RuntimeError(f"{who}'s written raw file {raw} differs from the source it was written from")
     print("  verify: both written raw files == SRC", flush=True)
+
+
+def bench_device_reads(targets: dict[str, tuple[str, str, int]], size: int, runs: int,
+                       samples: Samples) -> None:
+    """Reads of the live device, its source in the page cache: 1 MiB and 4 KiB requests."""
+    small = min(size, SMALL_READ_BYTES)
+    for r in range(runs):
+        for _, raw, _ in targets.values():
+            cache_file(raw)
+        for who in ordered(r, 0):
+            dest, _, pid = targets[who]
+            for case, bs, n in (("dread 1M", "1M", size), ("dread 4k", "4k", small)):
+                key = (who, case)
+                samples.moved[key] = n
+                cpu = cpu_seconds(pid)
+                seconds = dd([f"if={dest}", "of=/dev/null", f"bs={bs}", f"count={n // parse_size(bs)}",
+                              "iflag=direct"], n)
+                samples.add(key, seconds, cpu_seconds(pid) - cpu)
+        print(f"  device read run {r + 1}/{runs} done", flush=True)
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -708,8 +743,10 @@ def main(argv: list[str] | None = None) -> int:
                             log_path=os.path.join(workdir, "qemu.log"))
         exports.append(writer)
         writer.start()
-        bench_writes(src, {"ours": (mount.path(WRITE_DEVICE, "device"), raw_ours, mount.pid),
-                           "qemu": (writer.export_file, raw_qemu, writer.pid)}, size, args.runs, samples)
+        targets = {"ours": (mount.path(WRITE_DEVICE, "device"), raw_ours, mount.pid),
+                   "qemu": (writer.export_file, raw_qemu, writer.pid)}
+        bench_writes(src, targets, size, args.runs, samples)
+        bench_device_reads(targets, size, args.runs, samples)
         writer.stop()
 
         print(f"after the runs: {pressure()}")

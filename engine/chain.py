@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.nowait import WouldBlock, read_cached
 from engine.qcow2.backing import open_chain
 from engine.qcow2.layers import COMPRESSED, DATA, UNALLOC, ZERO, Layer
 from engine.readahead import device_read_ahead
@@ -383,12 +384,7 @@ class ChainView:
                 fd = self._fds[self._depths[i]]
                 host = self._hosts[i] + (pos - starts[i])
                 if nowait:
-                    try:
-                        n = os.preadv(fd, [view], host, _RWF_NOWAIT)
-                    except BlockingIOError:
-                        raise WouldBlock() from None
-                    if n < len(view):
-                        raise WouldBlock()  # part cached, or EOF: the waiting read sorts it out
+                    read_cached(fd, view, host)
                 else:
                     n = os.preadv(fd, [view], host)
                     if n < len(view):
@@ -477,11 +473,6 @@ class ChainView:
                 yield self._starts[i], self._extent_end(i)
 
 
-class WouldBlock(Exception):
-    """A nowait read needed the disk."""
-
-
-_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 # advise() leaves a layer's pieces to the kernel when its disk reads ahead at
 # least this far by itself, and the pieces fill at least half of a span of
 # at least _STREAMING_SPAN (see engine/readahead.py for the measurements).
@@ -563,4 +554,4 @@ def _mergeable(a: MapEntry, b: MapEntry) -> bool:
     return a.offset + a.length == b.offset
 
 
-__all__ = ["ChainView", "MapEntry", "aligned_buffer", "flatten", "flatten_arrays"]
+__all__ = ["ChainView", "MapEntry", "WouldBlock", "aligned_buffer", "flatten", "flatten_arrays"]

@@ -30,6 +30,7 @@ from engine.bitmap import (
 from engine.catalog import DeviceRecord
 from engine.errors import BackupfsError
 from engine.fsutil import file_size
+from engine.nowait import read_cached
 
 if TYPE_CHECKING:
     from engine.job import BackupJob
@@ -160,11 +161,24 @@ class Device:
 
     # -- I/O --------------------------------------------------------------------------
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(
+        self, offset: int, length: int, nowait: bool = False, into: bytearray | None = None
+    ) -> bytes | bytearray:
+        """Bytes of the source, clipped to the device size.
+
+        With ``nowait``, raise WouldBlock unless the page cache holds them
+        all (see engine/nowait.py): the mount reads inline what is cached
+        and sends only misses to a thread. ``into``: a buffer to reuse when
+        it is exactly the clipped length.
+        """
         if offset >= self.size or length <= 0:
             return b""
         length = min(length, self.size - offset)
         try:
+            if nowait:
+                buf = into if into is not None and len(into) == length else bytearray(length)
+                read_cached(self.fd, memoryview(buf), offset)
+                return buf
             return os.pread(self.fd, length, offset)
         except OSError as e:
             raise DeviceError(f"device {self.name}: reading {self.path}: {e.strerror}", e.errno or errno.EIO) from None

@@ -6,7 +6,9 @@ say about it; these helpers run them and turn their answers into Python.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -253,3 +255,34 @@ def sh(command: str, check: bool = True, timeout: float = 120, **kw: object) -> 
     if check and proc.returncode != 0:
         pytest.fail(f"`{command}` exited {proc.returncode}: {proc.stderr}{proc.stdout}")
     return proc
+
+
+def drop_cached(fd: int, offset: int, length: int) -> None:
+    """Drop the file's pages from the page cache, and make sure [offset, +length) went."""
+    for _ in range(20):  # dropping can miss a page that is still busy: ask again
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if not cached_pages(fd, offset, length):
+            return
+    pytest.fail("the kernel kept the image's pages cached")
+
+
+def cached_pages(fd: int, offset: int, length: int) -> int:
+    """Pages of [offset, offset+length) in the page cache, asked without
+    reading them (a nowait read would start read-ahead of what it misses)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    start = offset - offset % mmap.PAGESIZE
+    size = offset + length - start
+    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), "mmap of the image failed")
+    try:
+        vec = (ctypes.c_ubyte * ((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE))()
+        if libc.mincore(addr, size, vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore failed")
+        return sum(b & 1 for b in vec)
+    finally:
+        libc.munmap(addr, size)

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from engine.chain import flatten
 from engine.qcow2.layers import COMPRESSED, DATA, UNALLOC, ZERO, Extent, Layer, coalesce, coalesce_rows
 
+from conftest import drop_cached
+
 UNIT = 512
 
 
@@ -136,7 +138,7 @@ def test_nowait_reads_and_advice(tmp_path, read_loop) -> None:  # type: ignore[n
         # come, must be right, and at least one try must say WouldBlock.
         blocked = 0
         for _ in range(5):
-            _drop_cached(fd, host, 1 << 20)
+            drop_cached(fd, host, 1 << 20)
             try:
                 got = view.read(2 << 20, 1 << 20, nowait=True)
             except WouldBlock:
@@ -144,46 +146,9 @@ def test_nowait_reads_and_advice(tmp_path, read_loop) -> None:  # type: ignore[n
             else:
                 assert got == data[2 << 20 : 3 << 20]
         assert blocked, "nowait reads of uncached data never said WouldBlock"
-        _drop_cached(fd, host, 1 << 20)
+        drop_cached(fd, host, 1 << 20)
         view.advise(2 << 20, 1 << 20)
         assert view.read(2 << 20, 1 << 20) == data[2 << 20 : 3 << 20]
-
-
-def _drop_cached(fd: int, offset: int, length: int) -> None:
-    import os
-
-    import pytest
-
-    for _ in range(20):  # dropping can miss a page that is still busy: ask again
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        if not _cached_pages(fd, offset, length):
-            return
-    pytest.fail("the kernel kept the image's pages cached")
-
-
-def _cached_pages(fd: int, offset: int, length: int) -> int:
-    """Pages of [offset, offset+length) in the page cache, asked without
-    reading them (a nowait read would start read-ahead of what it misses)."""
-    import ctypes
-    import mmap
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    start = offset - offset % mmap.PAGESIZE
-    size = offset + length - start
-    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
-    if addr in (None, ctypes.c_void_p(-1).value):
-        raise OSError(ctypes.get_errno(), "mmap of the image failed")
-    try:
-        vec = (ctypes.c_ubyte * ((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE))()
-        if libc.mincore(addr, size, vec) != 0:
-            raise OSError(ctypes.get_errno(), "mincore failed")
-        return sum(b & 1 for b in vec)
-    finally:
-        libc.munmap(addr, size)
 
 
 def test_the_c_sweep_refuses_what_it_cannot_index() -> None:
