@@ -217,7 +217,11 @@ class BackupOperations(pyfuse3.Operations):
             return self.status(node.device).render().encode()
         if node.kind == CHAIN:
             return render_chain(self._backups(node.device)).encode()
-        return render_bitmap(self.repo.device(node.device)).encode()
+        try:
+            dev = self.repo.device(node.device)
+        except BackupfsError as e:  # its source is missing, say: the file tells why
+            return f"bitmap unavailable: {e}\n".encode()
+        return render_bitmap(dev).encode()
 
     def _children(self, node: Node) -> list[tuple[bytes, Node]]:
         if node.kind == ROOT:
@@ -496,8 +500,11 @@ class BackupOperations(pyfuse3.Operations):
         for i, (name, node) in enumerate(handle.entries[start_id:], start_id):
             try:
                 attrs = self._attrs(node)
-            except pyfuse3.FUSEError:
-                continue  # vanished since opendir
+            except (pyfuse3.FUSEError, BackupfsError) as e:
+                # Vanished since opendir, or cannot be described now: the
+                # rest of the listing still shows.
+                log.info("readdir: leaving out %r: %s", name, e)
+                continue
             if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
                 break
 
@@ -515,7 +522,7 @@ class BackupOperations(pyfuse3.Operations):
         writing = flags & os.O_ACCMODE != os.O_RDONLY
         if node.kind == DEVICE:
             assert node.device is not None
-            await trio.to_thread.run_sync(self.repo.device, node.device, limiter=self._io)
+            await trio.to_thread.run_sync(self.repo.open_device, node.device, limiter=self._io)
             fh = self._new_handle(Handle(node))
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         if node.kind == SNAPSHOT:
@@ -665,6 +672,9 @@ class BackupOperations(pyfuse3.Operations):
         backups_dir = self.inodes.get(BACKUPS, device).inode
         for plan in plans:
             await trio.to_thread.run_sync(self._invalidate, backups_dir, plan.removed.id.encode())
+            for child in plan.children:  # rewritten: new st_blocks, new image
+                inode = self.inodes.get(BACKUP, device, child.id).inode
+                await trio.to_thread.run_sync(self._invalidate_attrs, inode)
         self._drop_idle_views()
 
     @staticmethod
@@ -674,6 +684,14 @@ class BackupOperations(pyfuse3.Operations):
         except OSError as e:
             if e.errno != errno.ENOENT:  # ENOENT: the kernel had not cached it
                 log.warning("cannot invalidate %r: %s", name, e)
+
+    @staticmethod
+    def _invalidate_attrs(inode: int) -> None:
+        try:
+            pyfuse3.invalidate_inode(inode, attr_only=True)
+        except OSError as e:
+            if e.errno != errno.ENOENT:  # ENOENT: the kernel had not cached it
+                log.warning("cannot invalidate inode %d: %s", inode, e)
 
     def _drop_idle_views(self) -> None:
         with self._views_lock:

@@ -97,7 +97,9 @@ def parse_trigger(data: bytes) -> Command:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise TriggerError(f"line is not UTF-8 text; {USAGE}") from None
-    if text.endswith("\n"):
+    if text.endswith("\r\n"):  # a script saved with DOS line ends
+        text = text[:-2]
+    elif text.endswith("\n"):
         text = text[:-1]
     if "\n" in text or "\r" in text:
         raise TriggerError(f"one command per write, got several lines; {USAGE}")

@@ -205,6 +205,13 @@ class SourceIdentity:
         st = os.stat(path)
         return cls(size, st.st_mtime_ns, st.st_ino, st.st_dev)
 
+    @classmethod
+    def of_fd(cls, fd: int, size: int) -> SourceIdentity:
+        """The identity of the file we hold open: if the path now names
+        another file, a later mount sees the difference."""
+        st = os.fstat(fd)
+        return cls(size, st.st_mtime_ns, st.st_ino, st.st_dev)
+
 
 @dataclass
 class StoredBitmap:

@@ -90,24 +90,7 @@ class Device:
         self.size = record.size
         self.granularity = record.granularity
         self.state_dir = state_dir
-        self.read_only = False
-        try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-        except PermissionError:
-            self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-            self.read_only = True
-        except FileNotFoundError:
-            raise DeviceError(f"device {self.name}: source {self.path} does not exist", errno.ENOENT) from None
-        except OSError as e:
-            raise DeviceError(f"device {self.name}: cannot open source {self.path}: {e.strerror}") from None
-        actual = file_size(self.fd)
-        if actual != self.size:
-            os.close(self.fd)
-            raise DeviceError(
-                f"device {self.name}: source {self.path} is {actual} bytes, "
-                f"registered as {self.size}; it changed size behind backupfs's back",
-                errno.EIO,
-            )
+        self.fd, self.read_only = self._open_source()
         self.gate = WriteGate()
         self.job: BackupJob | None = None
         self.untrusted_reason: str | None = None
@@ -115,13 +98,87 @@ class Device:
         self.since_full = self._load("since-full", has_backups)
         self._persist(in_use=True)
 
+    def _open_source(self) -> tuple[int, bool]:
+        """(fd, read-only) of the source, which must still be the registered size."""
+        read_only = False
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except PermissionError:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            read_only = True
+        except FileNotFoundError:
+            raise DeviceError(f"device {self.name}: source {self.path} does not exist", errno.ENOENT) from None
+        except OSError as e:
+            raise DeviceError(f"device {self.name}: cannot open source {self.path}: {e.strerror}") from None
+        actual = file_size(fd)
+        if actual != self.size:
+            os.close(fd)
+            raise DeviceError(self._resized(actual), errno.EIO)
+        return fd, read_only
+
+    def _resized(self, actual: int) -> str:
+        return (f"device {self.name}: source {self.path} is {actual} bytes, "
+                f"registered as {self.size}; it changed size behind backupfs's back")
+
+    def distrust(self, reason: str) -> None:
+        """Something changed the source that the bitmaps cannot have seen:
+        the next incremental or differential compares checksums instead."""
+        self.since_last.trusted = self.since_full.trusted = False
+        self.untrusted_reason = reason
+
+    def check_source(self) -> None:
+        """Notice a source replaced, resized or removed behind our back.
+
+        The caller holds the gate exclusively (no write in flight), as a
+        job's start does. A device is bound to its source's path: a path
+        that now names another file (``mv new.img src.img``) is followed,
+        and the bitmaps are distrusted, since nobody knows what differs.
+        A source that is gone or changed size is an error: nothing is
+        read from it or written to it as if it were the device, and the
+        bitmaps are distrusted for when it is back.
+        """
+        try:
+            at_path = os.stat(self.path)
+        except OSError as e:
+            self.distrust(f"its source {self.path} went away behind backupfs's back")
+            raise DeviceError(
+                f"device {self.name}: source {self.path} is gone ({e.strerror}); "
+                "it was removed or renamed behind backupfs's back", errno.ENOENT,
+            ) from None
+        held = os.fstat(self.fd)
+        if (at_path.st_dev, at_path.st_ino) != (held.st_dev, held.st_ino):
+            if self.job is not None:  # its copy keeps reading the file it started on
+                self.distrust(f"its source {self.path} was replaced behind backupfs's back")
+                raise DeviceError(
+                    f"device {self.name}: source {self.path} was replaced while a backup of it runs; "
+                    "try again when it is done", errno.EBUSY,
+                )
+            try:
+                fd, read_only = self._open_source()
+            except DeviceError:
+                self.distrust(f"its source {self.path} was replaced behind backupfs's back")
+                raise
+            # dup2: readers in flight finish on the old file; the number
+            # never names anything else in between.
+            os.dup2(fd, self.fd)
+            os.close(fd)
+            self.read_only = read_only
+            self.distrust(f"its source {self.path} was replaced behind backupfs's back")
+            self._persist(in_use=True)
+            return
+        actual = file_size(self.fd)
+        if actual != self.size:
+            self.distrust(f"its source {self.path} changed size behind backupfs's back")
+            raise DeviceError(self._resized(actual), errno.EIO)
+
     # -- bitmaps ------------------------------------------------------------------
 
     def _bitmap_path(self, which: str) -> str:
         return os.path.join(self.state_dir, f"{which}.bitmap")
 
     def identity(self) -> SourceIdentity:
-        return SourceIdentity.of(self.path, self.size)
+        """What the source is: the file we hold open, not whatever the path names now."""
+        return SourceIdentity.of_fd(self.fd, self.size)
 
     def _load(self, which: str, has_backups: bool) -> TrackedBitmap:
         path = self._bitmap_path(which)
@@ -179,9 +236,15 @@ class Device:
                 buf = into if into is not None and len(into) == length else bytearray(length)
                 read_cached(self.fd, memoryview(buf), offset)
                 return buf
-            return os.pread(self.fd, length, offset)
+            data = os.pread(self.fd, length, offset)
         except OSError as e:
             raise DeviceError(f"device {self.name}: reading {self.path}: {e.strerror}", e.errno or errno.EIO) from None
+        if len(data) < length:
+            # The device is its registered size; a source that ends early
+            # was cut behind our back. A short read would look like the end.
+            self.distrust(f"its source {self.path} changed size behind backupfs's back")
+            raise DeviceError(self._resized(file_size(self.fd)), errno.EIO)
+        return data
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
         """Write through to the source; returns bytes written (short at the end)."""
@@ -195,6 +258,12 @@ class Device:
             job = self.job
             if job is not None:
                 job.before_write(offset, length)
+            # A write past the end of a source cut behind our back would
+            # grow it again around a hole: refuse, as reads past it do.
+            actual = file_size(self.fd)
+            if actual < offset + length:
+                self.distrust(f"its source {self.path} changed size behind backupfs's back")
+                raise DeviceError(self._resized(actual), errno.EIO)
             # Mark first: a failed or short write may still have changed bytes.
             self.since_last.active.mark(offset, length)
             self.since_full.active.mark(offset, length)

@@ -292,6 +292,14 @@ class Repository:
                 self._devices[name] = dev
             return dev
 
+    def open_device(self, name: str) -> Device:
+        """The device, for a program opening it: a source replaced behind our
+        back is followed (its bitmaps distrusted), one resized or gone refused."""
+        dev = self.device(name)
+        with dev.gate.exclusive():
+            dev.check_source()
+        return dev
+
     # -- backups -------------------------------------------------------------------------
 
     def backups(self, name: str | None = None) -> list[BackupRecord]:
@@ -516,6 +524,7 @@ class Repository:
                     f"a backup of {name} is already running: {p.done} of {p.total} bytes done "
                     f"({100 * p.fraction():.0f}%)"
                 )
+            dev.check_source()  # replaced: follow it (and scan); resized or gone: refuse
             parent = self._parent_for(name, kind)
             if parent is None and kind != "full":
                 if not auto_full:

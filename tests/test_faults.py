@@ -127,7 +127,8 @@ def test_source_that_shrinks_or_vanishes(repo: Path, mounts: list[Mounted], tmp_
     proc = sh(f"echo full > {m.path('vm1', 'snapshot')}", check=False)
     assert proc.returncode != 0
     status = _status(m)
-    assert "error: EIO" in status and "did it shrink?" in status
+    assert "error: EIO" in status and "is 4194304 bytes, registered as" in status
+    assert "changed size behind backupfs's back" in status
     assert len(_backups(m)) == 1
     m.stop()
     m = _mount(repo, mounts)

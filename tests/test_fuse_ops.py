@@ -106,14 +106,19 @@ def test_prune_through_the_mount_updates_the_tree(mounted: Mounted, tmp_path: Pa
     m = mounted
     ids = _take(m, 5)
     before = {i: _digest(m.path("vm1", "backups", i)) for i in ids}
-    os.stat(m.path("vm1", "backups", ids[1]))  # cached by the kernel now
+    for i in ids:
+        os.stat(m.path("vm1", "backups", i))  # cached by the kernel now
     out = cli("prune", m.repo, "vm1", "--keep-last", "2").stdout.decode()
     assert out.count("removed: ") == 3
     assert _backups(m) == ids[3:]
     for gone in ids[:3]:
         assert not m.path("vm1", "backups", gone).exists()
     for kept in ids[3:]:
-        assert _digest(m.path("vm1", "backups", kept)) == before[kept]
+        # `du` of a rewritten backup: what its image stores now, not the cached figure.
+        path = m.path("vm1", "backups", kept)
+        stored = int(os.getxattr(path, "user.backupfs.stored_bytes"))
+        assert os.stat(path).st_blocks == (stored + 511) // 512, kept
+        assert _digest(path) == before[kept]
         qemu_check(m.repo / "devices" / "vm1" / f"{kept}.qcow2")
     chain = m.path("vm1", "chain").read_text().splitlines()[1:]
     assert [line.split()[0] for line in chain] == ids[3:] and chain[0].split()[1] == "full"
@@ -121,6 +126,22 @@ def test_prune_through_the_mount_updates_the_tree(mounted: Mounted, tmp_path: Pa
     sh(f"echo 'prune remove={ids[3]} dry_run=1' > {m.path('vm1', 'snapshot')}")
     assert f"would remove: remove {ids[3]}" in _status(m) and _backups(m) == ids[3:]
     assert "Traceback" not in m.log()
+
+
+def test_du_of_a_backup_rewritten_by_prune_is_fresh(mounted: Mounted) -> None:
+    """Removing a full rewrites its child to hold the data: `du` must say so at once,
+    though the kernel keeps a backup's attributes for an hour."""
+    m = mounted
+    sh(f"echo full > {m.path('vm1', 'snapshot')}")
+    sh(f"dd if=/dev/urandom of={m.path('vm1', 'device')} bs=1M count=2 conv=notrunc status=none")
+    sh(f"echo incremental > {m.path('vm1', 'snapshot')}")
+    full, child = _backups(m)
+    path = m.path("vm1", "backups", child)
+    small = os.stat(path).st_blocks  # cached by the kernel now
+    sh(f"echo prune remove={full} > {m.path('vm1', 'snapshot')}")
+    stored = int(os.getxattr(path, "user.backupfs.stored_bytes"))
+    assert os.stat(path).st_blocks == (stored + 511) // 512 > small
+    assert sh(f"du -k {path}").stdout.split()[0] == str((stored + 1023) // 1024)
 
 
 def test_prune_refused_while_a_backup_runs(mounted: Mounted) -> None:

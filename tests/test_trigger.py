@@ -24,6 +24,7 @@ EXAMPLES = int(os.environ.get("TRIGGER_EXAMPLES", "500"))  # the long run: 10000
     [
         (b"full\n", TriggerCommand("full")),
         (b"incremental", TriggerCommand("incremental")),
+        (b"incremental\r\n", TriggerCommand("incremental")),  # a script with DOS line ends
         (b"differential cluster_size=128K\n", TriggerCommand("differential", cluster_size=128 * 1024)),
         (b"full label='nightly run' rate=50M scan=0 auto_full=yes",
          TriggerCommand("full", label="nightly run", rate=50 * 1024 * 1024, auto_full=True)),
@@ -55,6 +56,8 @@ def test_accepted(line: bytes, expected: object) -> None:
         (b"full scan=maybe", "not a yes/no value"),
         (b"full rate=100", "at least 1M"),
         (b"full\nincremental\n", "one command per write"),
+        (b"full\rincremental", "one command per write"),
+        (b"full\r\r\n", "one command per write"),
         (b"full 'unclosed", "cannot parse"),
         (b"full\x00", "NUL"),
         (b"\xff\xfe", "not UTF-8"),

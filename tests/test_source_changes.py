@@ -1,0 +1,119 @@
+"""A source changed behind the mount's back: replaced, cut short, or gone.
+
+The bitmap only sees writes that come through the mount. Whatever else
+changes the source must not turn into a backup that silently misses it
+(SPEC 4 and 7): a replaced source is followed and scanned, a resized or
+missing one is refused with a clear error, and the rest keeps working.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import Mounted, cli, sh
+
+KiB = 1024
+MiB = 1024 * KiB
+SIZE = 8 * MiB
+
+
+def _random_file(path: Path, seed: int) -> None:
+    path.write_bytes(random.Random(seed).randbytes(SIZE))
+
+
+@pytest.fixture
+def mounted(tmp_path: Path) -> Iterator[Mounted]:
+    _random_file(tmp_path / "src.raw", 1)
+    _random_file(tmp_path / "other.raw", 2)
+    cli("init", tmp_path / "repo")
+    cli("device", "add", tmp_path / "repo", "vm1", tmp_path / "src.raw")
+    cli("device", "add", tmp_path / "repo", "other", tmp_path / "other.raw")
+    (tmp_path / "mnt").mkdir()
+    m = Mounted(tmp_path / "repo", tmp_path / "mnt")
+    m.start()
+    try:
+        yield m
+    finally:
+        m.cleanup()
+
+
+def _trigger(m: Mounted, line: str, device: str = "vm1") -> tuple[int, str]:
+    proc = sh(f"echo {line} > {m.path(device, 'snapshot')}", check=False)
+    return proc.returncode, m.path(device, "snapshot").read_text()
+
+
+def _latest_equals(m: Mounted, path: Path, device: str = "vm1") -> bool:
+    return sh(f"cmp {m.path(device, 'backups', 'latest')} {path}", check=False).returncode == 0
+
+
+def test_a_replaced_source_is_followed_and_scanned(mounted: Mounted, tmp_path: Path) -> None:
+    m = mounted
+    src = tmp_path / "src.raw"
+    assert _trigger(m, "full")[0] == 0
+    _random_file(tmp_path / "new.raw", 3)
+    os.rename(tmp_path / "new.raw", src)  # mv new.raw src.raw, behind the mount's back
+
+    # A program opening the device now reads the file the path names.
+    assert sh(f"cmp {m.path('vm1', 'device')} {src}", check=False).returncode == 0
+    assert "untrusted (its source" in m.path("vm1", "bitmap").read_text()
+    rc, status = _trigger(m, "incremental")
+    assert rc == 0, status
+    assert "scanned: yes" in status, status
+    assert _latest_equals(m, src)
+    # Writes through the device land in the file at the path.
+    sh(f"printf 'hello' | dd of={m.path('vm1', 'device')} bs=1 seek=4096 conv=notrunc status=none")
+    assert src.read_bytes()[4096:4101] == b"hello"
+    assert _trigger(m, "incremental")[0] == 0 and _latest_equals(m, src)
+
+
+def test_a_source_replaced_then_unmounted_is_scanned_after_remount(mounted: Mounted, tmp_path: Path) -> None:
+    m = mounted
+    src = tmp_path / "src.raw"
+    assert _trigger(m, "full")[0] == 0
+    _random_file(tmp_path / "new.raw", 4)
+    os.rename(tmp_path / "new.raw", src)
+    m.stop()  # nothing opened the device since: only the bitmap's record can tell
+    m.start()
+    assert "untrusted (the source changed behind backupfs's back)" in m.path("vm1", "bitmap").read_text()
+    rc, status = _trigger(m, "incremental")
+    assert rc == 0 and "scanned: yes" in status, status
+    assert _latest_equals(m, src)
+
+
+def test_a_source_cut_short_is_refused_not_read_short(mounted: Mounted, tmp_path: Path) -> None:
+    m = mounted
+    src = tmp_path / "src.raw"
+    assert _trigger(m, "full")[0] == 0
+    os.truncate(src, SIZE // 2)
+
+    read = sh(f"dd if={m.path('vm1', 'device')} of=/dev/null bs=1M", check=False)
+    assert read.returncode != 0 and "Input/output error" in read.stderr
+    write = sh(f"printf x | dd of={m.path('vm1', 'device')} bs=1 seek={SIZE - 10} conv=notrunc", check=False)
+    assert write.returncode != 0
+    assert src.stat().st_size == SIZE // 2  # not grown around a hole
+    before = sorted(os.listdir(m.path("vm1", "backups")))
+    rc, status = _trigger(m, "incremental")
+    assert rc != 0
+    assert f"{src} is {SIZE // 2} bytes, registered as {SIZE}" in status, status
+    assert sorted(os.listdir(m.path("vm1", "backups"))) == before
+    # The other device is untouched by all this.
+    assert _trigger(m, "full", "other")[0] == 0 and _latest_equals(m, tmp_path / "other.raw", "other")
+
+
+def test_a_missing_source_leaves_the_rest_of_its_tree_visible(mounted: Mounted, tmp_path: Path) -> None:
+    m = mounted
+    assert _trigger(m, "full")[0] == 0
+    m.stop()
+    os.unlink(tmp_path / "src.raw")
+    m.start()
+    names = set(os.listdir(m.path("vm1")))
+    assert {"backups", "bitmap", "chain", "snapshot"} <= names
+    assert "does not exist" in m.path("vm1", "bitmap").read_text()
+    assert len(os.listdir(m.path("vm1", "backups"))) == 2  # the full and `latest`
+    out = cli("status", m.repo).stdout.decode()
+    assert "other" in out
