@@ -50,6 +50,14 @@ def _say(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr)
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -73,6 +81,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         _say(f"error: {where}{e.strerror or errno.errorcode.get(e.errno or 0, str(e))}")
+        return 1
+    except UnicodeEncodeError:
+        # A name, id or path that is not UTF-8 reached the catalog or a message.
+        bad = [a for a in (argv if argv is not None else sys.argv[1:]) if not _is_utf8(a)]
+        _say(f"error: {bad[0]!r} is not valid UTF-8 text; backupfs keeps names, ids and paths as UTF-8"
+             if bad else "error: text that is not valid UTF-8 cannot be stored or shown")
         return 1
     except Exception as e:  # noqa: BLE001 - the last line of defence
         if os.environ.get("BACKUPFS_DEBUG"):

@@ -154,7 +154,7 @@ def _restore_through_mount(record: MountRecord, args: argparse.Namespace) -> int
         raise UsageError(f"device {args.name} has no backup {args.backup!r}") from None
     try:
         size = os.fstat(fd).st_size
-        block = check_target(args.target, size, args.force)
+        block = check_target(args.target, size, args.force, os.path.abspath(args.repo))
 
         def read(offset: int, out: memoryview) -> memoryview:
             try:

@@ -269,27 +269,40 @@ def cmd_status(args: argparse.Namespace) -> int:
     record = read_mount_record(os.path.abspath(args.repo))
     if record is not None:
         print(f"mounted at {record.mountpoint} (daemon pid {record.pid})")
+        failed = False
         with catalog_for_reading(args.repo) as catalog:
             for d in catalog.devices():
                 base = os.path.join(record.mountpoint, d.name)
                 print(f"{d.name}: {d.source}, {format_size(d.size)}, granularity {format_size(d.granularity)}")
                 for name in ("bitmap", "snapshot"):
-                    with open(os.path.join(base, name)) as f:
-                        for line in f.read().splitlines():
-                            print(f"  {line}")
-        return 0
+                    try:
+                        with open(os.path.join(base, name)) as f:
+                            text = f.read()
+                    except OSError as e:  # one device's trouble: show it, go on
+                        text = f"{name}: unavailable ({e.strerror})"
+                        failed = True
+                    for line in text.splitlines():
+                        print(f"  {line}")
+        return 1 if failed else 0
     with Repository.open(args.repo) as repo:
         print("not mounted")
+        failed = False
         for d in repo.devices():
-            dev = repo.device(d.name)
             latest = repo.catalog.latest_backup(d.name)
-            state = "trusted" if dev.trusted else f"untrusted ({dev.untrusted_reason})"
             print(f"{d.name}: {d.source}, {format_size(d.size)}, granularity {format_size(d.granularity)}")
-            print(f"  bitmap: {state}; dirty since last backup {format_size(dev.since_last.active.dirty_bytes())}, "
-                  f"since last full {format_size(dev.since_full.active.dirty_bytes())}")
+            try:
+                dev = repo.device(d.name)
+            except BackupfsError as e:  # one device's trouble: show it, go on with the rest
+                print(f"  bitmap: unavailable: {e}")
+                failed = True
+            else:
+                state = "trusted" if dev.trusted else f"untrusted ({dev.untrusted_reason})"
+                print(f"  bitmap: {state}; dirty since last backup "
+                      f"{format_size(dev.since_last.active.dirty_bytes())}, "
+                      f"since last full {format_size(dev.since_full.active.dirty_bytes())}")
             print(f"  latest backup: {latest.id if latest else 'none'}")
             for j in repo.catalog.jobs(d.name, limit=3):
                 when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.started_ns / 1e9))
                 extra = f": {j.error}" if j.error else ""
                 print(f"  job {j.id} {j.kind} {when} {j.state}{extra}")
-    return 0
+    return 1 if failed else 0

@@ -21,6 +21,7 @@ import trio
 from backupfs.fs import BackupOperations
 from backupfs.mountinfo import MOUNT_RECORD, check_mountpoint
 from engine.errors import BackupfsError
+from engine.fsutil import atomic_write
 from engine.repo import Repository
 
 log = logging.getLogger("backupfs.mount")
@@ -54,8 +55,10 @@ def serve(repo_path: str, mountpoint: str, options: list[str], ready: Callable[[
         return
     record_path = os.path.join(repo.path, MOUNT_RECORD)
     try:
-        with open(record_path, "w") as f:
-            json.dump({"pid": os.getpid(), "mountpoint": mp, "repo": repo.path}, f)
+        # Replaced, never written through: a symlink planted as mount.json
+        # must not make us overwrite the file it points to.
+        atomic_write(record_path, json.dumps({"pid": os.getpid(), "mountpoint": mp, "repo": repo.path}).encode(),
+                     0o644)
         trio.run(_main, repo, ready)
     finally:
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 from dataclasses import dataclass
 
@@ -83,8 +84,8 @@ def find_mount(mountpoint: str) -> tuple[str, str] | None:
     """
     mp = os.path.normpath(os.path.abspath(mountpoint))
     try:
-        with open("/proc/self/mountinfo") as f:
-            lines = f.readlines()
+        with open("/proc/self/mountinfo", "rb") as f:
+            lines = [os.fsdecode(line) for line in f]
     except OSError:
         return None
     for line in lines:
@@ -93,11 +94,21 @@ def find_mount(mountpoint: str) -> tuple[str, str] | None:
         rfields = right.split()
         if len(fields) < 5 or len(rfields) < 2:
             continue
-        point = fields[4].encode().decode("unicode_escape")
+        point = _unescape(fields[4])
         if point == mp and rfields[0] in ("fuse.backupfs", "fuse"):
-            source = rfields[1].encode().decode("unicode_escape")
+            source = _unescape(rfields[1])
             return source, fields[2]
     return None
+
+
+def _unescape(field: str) -> str:
+    """A mountinfo field: the kernel writes space, tab, newline and backslash
+    as octal escapes (\\040) and every other byte as it is, UTF-8 included
+    (decoding the field as a Python escape string mangled a non-ASCII name)."""
+    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
+_OCTAL = re.compile(r"\\([0-7]{3})")
 
 
 # 1 MiB buffered read requests instead of 128 KiB (FUSE caps a request at

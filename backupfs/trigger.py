@@ -14,9 +14,9 @@ from engine.errors import UsageError
 from engine.catalog import KINDS
 from engine.units import parse_size
 from engine.qcow2.writer import validate_cluster_size
+from engine.validate import validate_label
 
 MAX_LINE = 1024
-MAX_LABEL = 200
 KEYS = ("cluster_size", "label", "scan", "auto_full", "rate")
 PRUNE_KEYS = ("keep_last", "keep_daily", "keep_weekly", "keep_monthly", "remove", "dry_run")
 USAGE = (
@@ -135,9 +135,10 @@ def parse_trigger(data: bytes) -> Command:
                 raise TriggerError(f"{e}; accepted: a power of two from 512 to 2M, e.g. cluster_size=128K") from None
             opts[key] = size
         elif key == "label":
-            if len(value) > MAX_LABEL or not value.isprintable():
-                raise TriggerError(f"label must be printable text of at most {MAX_LABEL} characters")
-            opts[key] = value
+            try:
+                opts[key] = validate_label(value)
+            except UsageError as e:
+                raise TriggerError(str(e)) from None
         elif key in ("scan", "auto_full"):
             opts[key] = _flag(key, value)
         else:  # rate

@@ -9,6 +9,7 @@ processes out.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -147,15 +148,19 @@ class Catalog:
             # Another process owns the repository (a mount): read beside it.
             uri = "file:" + path.replace("?", "%3f").replace("#", "%23") + "?mode=ro"
             return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30)
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        return sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+
+    @staticmethod
+    def _configure(conn: sqlite3.Connection) -> None:
+        """Our settings; they write to the file (WAL), so only once it is known to be ours."""
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
-        return conn
 
     @classmethod
     def create(cls, path: str) -> Catalog:
         conn = cls._connect(path)
+        cls._configure(conn)
         conn.executescript(
             "BEGIN;\n"
             + _SCHEMA
@@ -168,18 +173,34 @@ class Catalog:
         try:
             conn = cls._connect(path, readonly)
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.OperationalError as e:
+            if any(s in str(e) for s in ("disk I/O error", "disk is full", "unable to open")):
+                # SQLite needs room for its -wal/-shm files even to read.
+                hint = "; the repository's disk is full" if _disk_full(path) else ""
+                raise CatalogError(f"{path}: cannot open the catalog ({e}{hint})") from None
+            raise CatalogError(f"{path}: not a backupfs catalog ({e})") from None
         except sqlite3.DatabaseError as e:
             raise CatalogError(f"{path}: not a backupfs catalog ({e})") from None
         if row is None:
             conn.close()
             raise CatalogError(f"{path}: catalog has no schema version")
-        version = int(row[0])
+        try:
+            version = int(row[0])
+        except (TypeError, ValueError):
+            conn.close()
+            raise CatalogError(f"{path}: catalog schema version {row[0]!r} is not one backupfs knows") from None
         if version > SCHEMA_VERSION:
             conn.close()
             raise CatalogError(
                 f"{path}: repository format {version} is newer than this backupfs understands "
                 f"({SCHEMA_VERSION}); upgrade backupfs"
             )
+        if not readonly:
+            try:
+                cls._configure(conn)
+            except sqlite3.DatabaseError as e:
+                conn.close()
+                raise CatalogError(f"{path}: cannot open the catalog for writing ({e})") from None
         return cls(conn, path)
 
     def close(self) -> None:
@@ -401,3 +422,11 @@ class Catalog:
                 (time.time_ns(),),
             )
             return cur.rowcount
+
+
+def _disk_full(path: str) -> bool:
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 * 1024

@@ -30,7 +30,13 @@ def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
 def atomic_write(path: str, data: bytes | bytearray | memoryview, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data``: temp file, fsync, rename, fsync directory."""
     tmp = f"{path}.tmp"
-    fd = durable.fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    # A leftover (or a planted symlink) goes first; then only a file we
+    # create ourselves is written: never through a link.
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    fd = durable.fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
     try:
         write_all(fd, data)
         durable.fs.fsync(fd)
@@ -42,7 +48,7 @@ def atomic_write(path: str, data: bytes | bytearray | memoryview, mode: int = 0o
 
 def write_new(path: str, data: bytes | bytearray | memoryview, mode: int = 0o600) -> None:
     """Create ``path`` with ``data``, fsynced; the caller makes the name durable."""
-    fd = durable.fs.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    fd = durable.fs.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
     try:
         write_all(fd, data)
         durable.fs.fsync(fd)

@@ -12,6 +12,7 @@ The originals are only read.
 from __future__ import annotations
 
 import os
+import stat
 import time
 from collections.abc import Callable
 
@@ -19,11 +20,12 @@ from engine import durable
 from engine.catalog import BackupRecord, Catalog
 from engine.chain import ChainView
 from engine.errors import UsageError
-from engine.fsutil import fsync_dir
+from engine.fsutil import file_size, fsync_dir
 from engine.job import copy_cluster_size, units_of
 from engine.prune import held_ranges, rewrite_image
 from engine.qcow2.backing import open_chain
 from engine.qcow2.layers import COMPRESSED, DATA
+from engine.validate import utf8_path
 
 RAW_CLUSTER = 64 * 1024
 
@@ -51,13 +53,21 @@ def import_chain(
     if size <= 0 or size % 512:
         raise UsageError(f"{tip}: virtual size {size} is not a non-zero multiple of 512")
     if source is not None:
-        source = os.path.abspath(source)
+        source = utf8_path(os.path.abspath(source), "source")
+        if os.path.commonpath([source, repo_path]) == repo_path:
+            raise UsageError(f"source {source} lies inside the repository {repo_path}")
         try:
-            with open(source, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                src_size = f.tell()
+            # O_NONBLOCK: a FIFO would block the open (and the repository) forever.
+            fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as e:
             raise UsageError(f"source {source}: {e.strerror}") from None
+        try:
+            mode = os.fstat(fd).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                raise UsageError(f"source {source} is not a regular file or block device")
+            src_size = file_size(fd)
+        finally:
+            os.close(fd)
         if src_size != size:
             raise UsageError(f"source {source} is {src_size} bytes but the chain's disk is {size}")
     ddir = os.path.join(repo_path, "devices", name)

@@ -24,6 +24,7 @@ import errno
 import fcntl
 import os
 import re
+import sqlite3
 import stat
 import threading
 import time
@@ -55,10 +56,11 @@ from engine.job import (
     units_of,
 )
 from engine.qcow2.writer import Qcow2Writer, validate_cluster_size
+from engine.validate import utf8_path, validate_label
 
 DEFAULT_CLUSTER_SIZE = 64 * 1024
 DEFAULT_GRANULARITY = 64 * 1024
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 CATALOG = "catalog.db"
 
 
@@ -74,7 +76,7 @@ class JobBusy(RepositoryError):
 
 
 def validate_name(name: str) -> str:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):  # match() with $ lets a trailing newline through
         raise UsageError(
             f"invalid device name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (no '/', no '..')"
@@ -124,9 +126,30 @@ class Repository:
             raise RepositoryError(f"{path} exists and is not a directory", errno.ENOTDIR)
         if os.path.isdir(path) and os.listdir(path):
             raise RepositoryError(f"{path} is not empty; give a new or empty directory", errno.ENOTEMPTY)
-        os.makedirs(os.path.join(path, "devices"), exist_ok=True)
-        Catalog.create(os.path.join(path, CATALOG)).close()
-        fsync_dir(path)
+        made_dir = not os.path.exists(path)
+        building = os.path.join(path, CATALOG + ".new")
+        try:
+            os.makedirs(os.path.join(path, "devices"), exist_ok=True)
+            # Built under another name and renamed: a repository is there
+            # whole, or not at all (a full disk used to leave an empty
+            # catalog that made the directory neither usable nor new).
+            Catalog.create(building).close()
+            durable.fs.replace(building, os.path.join(path, CATALOG))
+            fsync_dir(path)
+        except (OSError, sqlite3.Error) as e:
+            for leftover in (building, building + "-wal", building + "-shm"):
+                try:
+                    os.unlink(leftover)
+                except OSError:
+                    pass
+            try:
+                os.rmdir(os.path.join(path, "devices"))
+                if made_dir:
+                    os.rmdir(path)
+            except OSError:
+                pass
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise RepositoryError(f"cannot create a repository in {path}: {reason}", errno.EIO) from None
 
     @classmethod
     def open(cls, path: str) -> Repository:
@@ -135,15 +158,30 @@ class Repository:
             raise RepositoryError(
                 f"{path} is not a backupfs repository (run 'backupfs init {path}')", errno.ENOENT
             )
-        lock_fd = os.open(os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        lock_path = os.path.join(path, "lock")
+        try:
+            # Never through a symlink: as root, a planted link would let any
+            # command overwrite the file it points to with our pid.
+            lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+                              | os.O_NONBLOCK, 0o600)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise RepositoryError(f"{lock_path} is a symlink; refusing to use it as the lock") from None
+            raise RepositoryError(f"{lock_path}: cannot open the lock: {e.strerror}") from None
+        if not stat.S_ISREG(os.fstat(lock_fd).st_mode):
+            os.close(lock_fd)
+            raise RepositoryError(f"{lock_path} is not a regular file; refusing to use it as the lock")
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             owner = os.pread(lock_fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(lock_fd)
             raise RepositoryError(f"repository {path} is in use by pid {owner}", errno.EBUSY) from None
-        os.ftruncate(lock_fd, 0)
-        os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(lock_fd, 0)
+            os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # only for "in use by pid N"; a full disk must not stop a `list`
         try:
             catalog = Catalog.open(os.path.join(path, CATALOG))
         except BaseException:
@@ -211,11 +249,12 @@ class Repository:
     def add_device(self, name: str, source: str, granularity: int = DEFAULT_GRANULARITY) -> DeviceRecord:
         validate_name(name)
         validate_granularity(granularity)
-        source = os.path.abspath(source)
+        source = utf8_path(os.path.abspath(source), "source")
         if os.path.commonpath([source, self.path]) == self.path:
             raise UsageError(f"source {source} lies inside the repository {self.path}")
         try:
-            fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO would block the open (and the repository) forever.
+            fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as e:
             raise UsageError(f"source {source}: {e.strerror}") from None
         try:
@@ -246,8 +285,15 @@ class Repository:
         try:
             return import_chain(self.path, self.catalog, name, tip, granularity, source, on_layer)
         except BaseException:
-            if self.catalog.device(name) is not None and not self.catalog.backups(name):
+            # All or nothing: the device did not exist before; no half of it stays.
+            if self.catalog.device(name) is not None:
                 self.catalog.remove_device(name)
+            d = self._device_dir(name)
+            if os.path.isdir(d):
+                for f in os.listdir(d):
+                    os.unlink(os.path.join(d, f))
+                os.rmdir(d)
+                fsync_dir(os.path.join(self.path, "devices"))
             raise
 
     def remove_device(self, name: str) -> None:
@@ -397,7 +443,7 @@ class Repository:
                 dev = self.device(d.name)
                 dev.since_last.trusted = dev.since_full.trusted = False
                 dev.untrusted_reason = "its source was overwritten by a restore"
-        block = check_target(target, rec.size, force)
+        block = check_target(target, rec.size, force, self.path)
         with self.open_backup(rec.id) as view:
             return restore_to(lambda pos, out: view.read(pos, len(out), into=out), rec.size, target,
                               block_device=block, on_progress=on_progress)
@@ -507,6 +553,8 @@ class Repository:
         rate: int | None = None,
     ) -> BackupResult:
         """Run one backup to completion (in this thread) and return what it made."""
+        if label is not None:
+            validate_label(label)  # before any copying: the same rule as the trigger's
         if kind not in KINDS:
             raise UsageError(f"unknown backup kind {kind!r} (use {', '.join(KINDS)})")
         validate_cluster_size(cluster_size)

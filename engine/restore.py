@@ -12,12 +12,14 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from engine.errors import BackupfsError, UsageError
+from engine.fsutil import fsync_dir
 from engine.job import Progress
 from engine.pipeline import BytesLike, copy_chunks
 
@@ -38,8 +40,13 @@ class RestoreResult:
     sparse: bool
 
 
-def check_target(target: str, size: int, force: bool) -> bool:
+def check_target(target: str, size: int, force: bool, repository: str | None = None) -> bool:
     """Validate a restore target; returns True for a block device."""
+    if repository is not None:
+        repo = os.path.realpath(repository)
+        if os.path.commonpath([os.path.realpath(target), repo]) == repo:
+            raise UsageError(f"restore target {target} lies inside the repository {repository}; "
+                             "that would overwrite the backups themselves")
     try:
         st = os.stat(target)
     except FileNotFoundError:
@@ -81,10 +88,24 @@ def restore_to(
     ``offset`` and returns them (usually ``out``); it runs a chunk or two
     ahead of the writes (engine.pipeline).
     """
-    created = not os.path.exists(target)
-    flags = os.O_WRONLY | os.O_CLOEXEC | (0 if block_device else os.O_CREAT | os.O_TRUNC)
+    # A file is written beside the target and renamed over it at the end:
+    # a restore that fails half-way (a damaged cluster, a full disk) leaves
+    # the old file as it was, not cut short. A block device is written in
+    # place; it cannot be anything else.
+    if not block_device:
+        target = os.path.realpath(target)  # through a symlink: replace the file, not the link
+    directory = os.path.dirname(target)
     try:
-        fd = os.open(target, flags, 0o600)
+        if block_device:
+            fd, written_path = os.open(target, os.O_WRONLY | os.O_CLOEXEC), target
+        else:
+            fd, written_path = tempfile.mkstemp(
+                prefix=f".{os.path.basename(target)}.", suffix=".restoring", dir=directory
+            )
+            try:
+                os.fchmod(fd, stat.S_IMODE(os.stat(target).st_mode))  # keep an overwritten file's mode
+            except FileNotFoundError:
+                pass
     except OSError as e:
         raise RestoreError(f"cannot open restore target {target}: {e.strerror}", e.errno or errno.EIO) from None
     progress = Progress(total=size, phase="restoring")
@@ -116,15 +137,18 @@ def restore_to(
         if not block_device:
             os.ftruncate(fd, size)
         os.fsync(fd)
+        if not block_device:
+            os.replace(written_path, target)
+            fsync_dir(directory)
         ok = True
     except OSError as e:
         err = errno.ENOSPC if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.errno or errno.EIO)
         raise RestoreError(f"writing {target}: {e.strerror}", err) from None
     finally:
         os.close(fd)
-        if not ok and created:
+        if not ok and not block_device:
             try:
-                os.unlink(target)
+                os.unlink(written_path)
             except OSError:
                 pass
     return RestoreResult(target, size, progress.written, not block_device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 from engine.errors import UsageError
 
@@ -15,8 +16,10 @@ def parse_size(text: str, what: str = "size") -> int:
     m = _SIZE.match(text)
     if not m:
         raise UsageError(f"{what} {text!r} is not a size (examples: 4096, 64K, 1M, 2G)")
-    value = float(m.group(1)) * _SUFFIX[m.group(2).upper()]
-    if value != int(value):
+    if len(m.group(1)) > 30:
+        raise UsageError(f"{what} {text!r} is far too large")
+    value = Fraction(m.group(1)) * _SUFFIX[m.group(2).upper()]  # exact: no float rounding
+    if value.denominator != 1:
         raise UsageError(f"{what} {text!r} is not a whole number of bytes")
     return int(value)
 
