@@ -59,6 +59,12 @@ def _is_utf8(text: str) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Started with `2>&-` or `>&-`, Python has no stream there at all.
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")  # errors still set the exit status
+    if sys.stdout is None:
+        _say("error: standard output is closed; give it a file (e.g. > /dev/null)")
+        return 1
     parser = build_parser()
     args = parser.parse_args(argv)
     _raise_fd_limit()

@@ -242,3 +242,15 @@ def test_a_full_disk_gives_a_clear_line_and_no_half_made_repository(tmp_path: Pa
         cli("list", small / "repo")
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_closed_standard_streams(tmp_path: Path) -> None:
+    image = tmp_path / "t.qcow2"
+    qemu_img("create", "-f", "qcow2", image, "1M")
+    cmd = " ".join(backupfs_cmd())
+    for sub in ("image info", "image cat"):
+        proc = subprocess.run(["bash", "-c", f"{cmd} {sub} {image} >&-"], capture_output=True, text=True)
+        assert proc.returncode == 1 and "standard output is closed" in proc.stderr, proc.stderr
+        assert "internal error" not in proc.stderr
+    proc = subprocess.run(["bash", "-c", f"{cmd} image info {image} 2>&-"], capture_output=True, text=True)
+    assert proc.returncode == 0 and f"image: {image}" in proc.stdout
