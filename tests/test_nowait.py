@@ -29,7 +29,10 @@ MiB = 1024 * KiB
 
 def _device(tmp_path: Path, source: Path) -> tuple[Repository, bytes]:
     data = random.Random(3).randbytes(4 * MiB)
-    source.write_bytes(data)
+    with open(source, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # dirty pages cannot be dropped from the cache
     Repository.init(str(tmp_path / "repo"))
     repo = Repository.open(str(tmp_path / "repo"))
     repo.add_device("d", str(source), 64 * KiB)
