@@ -288,12 +288,7 @@ class Repository:
             # All or nothing: the device did not exist before; no half of it stays.
             if self.catalog.device(name) is not None:
                 self.catalog.remove_device(name)
-            d = self._device_dir(name)
-            if os.path.isdir(d):
-                for f in os.listdir(d):
-                    os.unlink(os.path.join(d, f))
-                os.rmdir(d)
-                fsync_dir(os.path.join(self.path, "devices"))
+            self._remove_device_dir(name)
             raise
 
     def remove_device(self, name: str) -> None:
@@ -306,6 +301,9 @@ class Repository:
                 raise JobBusy(f"device {name} has a backup running")
             dev.close()
         self.catalog.remove_device(name)
+        self._remove_device_dir(name)
+
+    def _remove_device_dir(self, name: str) -> None:
         d = self._device_dir(name)
         if os.path.isdir(d):
             for f in os.listdir(d):
