@@ -299,7 +299,16 @@ def _encrypted(path: Path, fmt: str) -> Path:
     opts = f"encrypt.format={fmt},encrypt.key-secret=sec0,cluster_size=4096"
     if fmt == "luks":
         opts += ",encrypt.iter-time=10"
-    _run("qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=123456", "-o", opts, path, "64K")
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=123456", "-o", opts,
+            str(path), "64K"]
+    for _ in range(5):
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        # QEMU times its key derivation with the thread's CPU clock; when a
+        # round reads as 0 ms it gives up (seen once in a full run): again.
+        if proc.returncode == 0 or "Unable to get accurate CPU usage" not in proc.stderr:
+            break
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(argv)} exited {proc.returncode}:\n{proc.stderr}")
     return path
 
 
