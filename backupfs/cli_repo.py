@@ -196,6 +196,7 @@ def _backup_through_mount(
                     update(Progress(total=int(total_b), done=int(done_b), phase="via mount"))
 
     watcher = threading.Thread(target=show_progress, daemon=True) if sys.stderr.isatty() else None
+    interrupted = False
     if watcher is not None:
         watcher.start()
     try:
@@ -209,6 +210,9 @@ def _backup_through_mount(
                 failure = None
             except OSError as e:
                 failure = e
+            except KeyboardInterrupt:  # Ctrl-C: the mount saw it too and cancelled the job
+                interrupted = True
+                failure = None
             finally:
                 os.close(fd)
     finally:
@@ -217,6 +221,14 @@ def _backup_through_mount(
             watcher.join()
     with open(snapshot, "rb") as f:
         fields = _status_fields(f.read().decode(errors="replace"))
+    if interrupted:
+        if fields.get("state") == "cancelled":
+            print(f"backupfs: interrupted: the backup of {args.name} was cancelled; no backup was made, bitmap kept",
+                  file=sys.stderr)
+        else:
+            print(f"backupfs: interrupted: the backup of {args.name} had already ended ({fields.get('state', '?')})",
+                  file=sys.stderr)
+        return 130
     if failure is not None:
         message = fields.get("error") if fields.get("state") == "failed" else None
         if failure.errno == errno.EBUSY:

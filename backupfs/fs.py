@@ -21,6 +21,7 @@ import errno
 import functools
 import logging
 import os
+import signal
 import stat
 import threading
 import time
@@ -29,18 +30,20 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import outcome
 import pyfuse3
 import trio
 
 from backupfs.mountinfo import find_mount, raise_read_ahead
 from backupfs.readbuffers import ReadBuffers
+from backupfs.requester import Requester
 from backupfs.status import JobStatus, render_bitmap, render_chain, utc_text
 from backupfs.trigger import PruneCommand, TriggerCommand, TriggerError, VerifyCommand, parse_trigger
 from engine.catalog import BackupRecord
 from engine.chain import ChainView, WouldBlock
 from engine.integrity import VerifiedView
 from engine.errors import BackupfsError
-from engine.job import FailingSource, Source
+from engine.job import CancelRequest, FailingSource, Source
 from engine.prune import RetentionPolicy
 from engine.repo import Repository
 
@@ -70,6 +73,7 @@ READ_BUFFER = 1024 * 1024  # the size of a direct or read-ahead request: its buf
 READ_BUFFERS = 4
 READ_WINDOW = 16 * 1024 * 1024
 READ_STEP = 4 * 1024 * 1024
+REQUESTER_POLL = 0.2  # seconds between looks at a waiting writer's signals
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,7 @@ class Handle:
     entries: list[tuple[bytes, Node]] = field(default_factory=list)
     next_off: int = 0  # where a sequential reader of a backup reads next
     advised_to: int = 0  # how far ahead the kernel has been told to read
+    requester: Requester | None = None  # who opened a trigger file for writing
 
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -532,7 +537,8 @@ class BackupOperations(pyfuse3.Operations):
             if writing and self.status(node.device or "").state == "running":
                 raise pyfuse3.FUSEError(errno.EBUSY)
             content = b"" if writing else self._text(node)
-            fh = self._new_handle(Handle(node, content=content))
+            requester = Requester.of(ctx.pid) if writing else None
+            fh = self._new_handle(Handle(node, content=content, requester=requester))
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         if node.kind in (CHAIN, BITMAP):
             if writing:
@@ -596,11 +602,11 @@ class BackupOperations(pyfuse3.Operations):
             dev = self.repo.device(node.device or "")
             return await trio.to_thread.run_sync(dev.write, off, buf, limiter=self._io)
         if node.kind == SNAPSHOT:
-            await self._trigger(node.device or "", buf)
+            await self._trigger(node.device or "", buf, handle.requester)
             return len(buf)
         raise pyfuse3.FUSEError(errno.EROFS if node.kind == BACKUP else errno.EACCES)
 
-    async def _trigger(self, device: str, line: bytes) -> None:
+    async def _trigger(self, device: str, line: bytes, requester: Requester | None = None) -> None:
         """Run what a trigger line asks for; return when it is done (and durable)."""
         status = self.status(device)
         try:
@@ -612,18 +618,25 @@ class BackupOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL) from None
         if status.state == "running":
             raise pyfuse3.FUSEError(errno.EBUSY)
-        status.begin(cmd.line())
+        status.begin(cmd.line(), requester.describe() if requester else None)
         try:
             if isinstance(cmd, VerifyCommand):
-                await self._verify(device, cmd, status)
+                await self._verify(device, cmd, status, requester)
             elif isinstance(cmd, PruneCommand):
                 await self._prune(device, cmd, status)
             else:
-                await self._backup_job(device, cmd, status)
+                await self._backup_job(device, cmd, status, requester)
         except pyfuse3.FUSEError:
             raise
         except BackupfsError as e:
             err = e.errno or errno.EIO
+            if err == errno.ECANCELED:
+                # The writer was killed or interrupted (or the mount is going
+                # away): it is waiting for EINTR, not for a backup.
+                reason = str(e).partition(": ")[2] or "on request"
+                status.cancel(reason, bitmap_kept=isinstance(cmd, TriggerCommand))
+                log.info("%s of %s cancelled: %s", cmd.line(), device, status.error)
+                raise pyfuse3.FUSEError(errno.EINTR) from None
             status.fail(str(e), err, bitmap_kept=isinstance(cmd, TriggerCommand) and err != errno.EINVAL)
             log.info("%s of %s failed: %s", cmd.line(), device, e)
             raise pyfuse3.FUSEError(err) from None
@@ -632,21 +645,52 @@ class BackupOperations(pyfuse3.Operations):
             status.fail(f"internal error: {type(e).__name__}: {e} (see the log)", errno.EIO)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
-    async def _backup_job(self, device: str, cmd: TriggerCommand, status: JobStatus) -> None:
+    async def _run_job(self, fn: Callable[[CancelRequest], Any], status: JobStatus,
+                       requester: Requester | None) -> Any:
+        """Run ``fn(cancel)`` in a worker; cancel it if the requester is told to stop.
+
+        The watch is what makes Ctrl-C, ``kill`` and ``timeout`` work on a
+        writer that waits for its backup (backupfs/requester.py says why
+        the kernel cannot do it for us).
+        """
+        cancel = CancelRequest()
+
+        async def watch(requester: Requester) -> None:
+            while not cancel.is_set():
+                await trio.sleep(REQUESTER_POLL)
+                sig = requester.stopping_signal()
+                if sig is not None:
+                    cancel.cancel(f"{requester.describe()} received {signal.Signals(sig).name}")
+
+        async with trio.open_nursery() as nursery:
+            if requester is not None:
+                nursery.start_soon(watch, requester)
+            result = await trio.to_thread.run_sync(outcome.capture, fn, cancel, limiter=self._jobs)
+            nursery.cancel_scope.cancel()
+        return result.unwrap()
+
+    async def _backup_job(self, device: str, cmd: TriggerCommand, status: JobStatus,
+                          requester: Requester | None = None) -> None:
         def progress(p: Any) -> None:
             status.progress = p
 
-        run = functools.partial(
-            self.repo.backup, device, cmd.kind, cluster_size=cmd.cluster_size, scan=cmd.scan,
-            label=cmd.label, auto_full=cmd.auto_full, on_progress=progress, rate=cmd.rate,
-            source_factory=self._source_fault(),
-        )
-        result = await trio.to_thread.run_sync(run, limiter=self._jobs)
+        def run(cancel: CancelRequest) -> Any:
+            return self.repo.backup(
+                device, cmd.kind, cluster_size=cmd.cluster_size, scan=cmd.scan, label=cmd.label,
+                auto_full=cmd.auto_full, on_progress=progress, rate=cmd.rate, cancel=cancel,
+                source_factory=self._source_fault(),
+            )
+
+        result = await self._run_job(run, status, requester)
         status.succeed(result)
         log.info("%s", result.summary())
 
-    async def _verify(self, device: str, cmd: VerifyCommand, status: JobStatus) -> None:
-        report = await trio.to_thread.run_sync(self.repo.verify, device, cmd.backup, limiter=self._jobs)
+    async def _verify(self, device: str, cmd: VerifyCommand, status: JobStatus,
+                      requester: Requester | None = None) -> None:
+        def run(cancel: CancelRequest) -> Any:
+            return self.repo.verify(device, cmd.backup, cancel=cancel)
+
+        report = await self._run_job(run, status, requester)
         lines = [f"report: {line}" for line in report.render().splitlines()]
         if not report.ok:
             status.fail(f"verification found {len(report.problems)} problems", errno.EIO,

@@ -87,7 +87,7 @@ async def _on_signals(repo: Repository) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("signal %d: unmounting", signum)
-            repo.cancel_jobs()
+            repo.cancel_jobs(f"the mount daemon received {signal.Signals(signum).name} and is unmounting")
             pyfuse3.terminate()
             return
 

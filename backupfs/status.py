@@ -30,8 +30,9 @@ def utc_text(ns_or_s: float) -> str:
 class JobStatus:
     """The live or last job of one device, as the snapshot file shows it."""
 
-    state: str = "idle"  # idle | running | succeeded | failed
+    state: str = "idle"  # idle | running | succeeded | failed | cancelled
     command: str = ""
+    requester: str | None = None  # "pid N (name)": whom to kill to cancel
     started: float = field(default_factory=time.time)
     finished: float | None = None
     progress: Progress | None = None
@@ -41,9 +42,10 @@ class JobStatus:
     bitmap_kept: bool = True
     lines: list[str] = field(default_factory=list)  # results of verify and prune
 
-    def begin(self, command: str) -> None:
+    def begin(self, command: str, requester: str | None = None) -> None:
         self.state = "running"
         self.command = command
+        self.requester = requester
         self.started = time.time()
         self.finished = None
         self.progress = None
@@ -66,6 +68,14 @@ class JobStatus:
         self.bitmap_kept = bitmap_kept
         self.lines = lines or []
 
+    def cancel(self, reason: str, bitmap_kept: bool = True) -> None:
+        self.state = "cancelled"
+        self.finished = time.time()
+        self.error = reason
+        self.errno = errno.EINTR
+        self.bitmap_kept = bitmap_kept
+        self.lines = []
+
     def busy_message(self) -> str:
         return f"busy: {self.command} is running ({self.progress_line()})"
 
@@ -87,6 +97,8 @@ class JobStatus:
         lines = [f"state: {self.state}", f"command: {self.command}", f"started: {utc_text(self.started)}"]
         if self.state == "running":
             p = self.progress
+            if self.requester:
+                lines.append(f"requested by: {self.requester} (interrupt or kill it to cancel)")
             lines.append(f"progress: {self.progress_line()}")
             if p is not None:
                 lines.append(f"bytes: {p.done} / {p.total}")
@@ -112,6 +124,13 @@ class JobStatus:
             lines += [
                 f"finished: {utc_text(self.finished or time.time())}",
                 f"error: {name}: {self.error}",
+            ]
+            if self.bitmap_kept:
+                lines.append("bitmap: kept; the next backup copies these regions again")
+        elif self.state == "cancelled":
+            lines += [
+                f"finished: {utc_text(self.finished or time.time())}",
+                f"cancelled: {self.error}; no backup was made",
             ]
             if self.bitmap_kept:
                 lines.append("bitmap: kept; the next backup copies these regions again")

@@ -288,7 +288,7 @@ class Device:
         if self.fd < 0:
             return
         if self.job is not None:
-            self.job.cancel()
+            self.job.cancel("the device is being closed")
         try:
             if not self.read_only:
                 os.fsync(self.fd)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ from engine.catalog import BackupRecord
 from engine.chain import ChainView
 from engine.checksums import ChecksumError, ChecksumRecord, overlay
 from engine.errors import BackupfsError, ImageError
+from engine.job import cancelled
 from engine.qcow2.check import check_image
 from engine.qcow2.layers import Qcow2Layer, open_layer
 
@@ -146,8 +148,13 @@ def verify_backup(
     lineage_records: Callable[[], Iterable[ChecksumRecord]],
     report: VerifyReport,
     on_bytes: Callable[[int], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> None:
-    """Structure, link and stored data of one backup, into ``report``."""
+    """Structure, link and stored data of one backup, into ``report``.
+
+    Raises JobCancelled when ``cancel`` is set: a verify of a big chain
+    reads for minutes, and whoever asked for it may give up.
+    """
     report.checked.append(rec.id)
     image = os.path.join(repo_path, rec.image)
     if not os.path.exists(image):
@@ -204,6 +211,8 @@ def verify_backup(
             pos = first * g
             end = min(stop * g, rec.size)
             while pos < end:
+                if cancel is not None and cancel.is_set():
+                    raise cancelled(cancel, "verify")
                 n = min(chunk, end - pos)
                 try:
                     data = view.read(pos, n)

@@ -85,8 +85,31 @@ class JobError(BackupfsError):
 
 
 class JobCancelled(JobError):
-    def __init__(self) -> None:
-        super().__init__("backup cancelled", errno.ECANCELED)
+    def __init__(self, message: str = "backup cancelled") -> None:
+        super().__init__(message, errno.ECANCELED)
+
+
+class CancelRequest(threading.Event):
+    """A cancel that says who asked, so the job history can tell an
+    operator's Ctrl-C from an unmount."""
+
+    reason: str | None = None
+
+    def cancel(self, reason: str) -> None:
+        if not self.is_set():
+            self.reason = reason
+        self.set()
+
+    def error(self, what: str = "backup") -> JobCancelled:
+        reason = getattr(self, "reason", None)
+        return JobCancelled(f"{what} cancelled" + (f": {reason}" if reason else ""))
+
+
+def cancelled(event: threading.Event, what: str = "backup") -> JobCancelled:
+    """The error to raise for a set cancel event (with its reason, if it has one)."""
+    if isinstance(event, CancelRequest):
+        return event.error(what)
+    return JobCancelled(f"{what} cancelled")
 
 
 # -- the source ----------------------------------------------------------------------
@@ -224,7 +247,7 @@ class BackupJob:
         self.unit = plan.unit
         self.chunk_units = max(1, chunk_bytes // self.unit)
         self.on_progress = on_progress
-        self.cancel_event = cancel or threading.Event()
+        self.cancel_event = cancel or CancelRequest()
         self._cond = threading.Condition()
         self._todo = plan.units.copy()
         self._inflight = bitarray(len(self._todo), endian="little")
@@ -274,7 +297,7 @@ class BackupJob:
         try:
             while True:
                 if self.cancel_event.is_set():
-                    raise JobCancelled()
+                    raise cancelled(self.cancel_event)
                 if self.error is not None:
                     raise self.error
                 claim = self._claim_next()
@@ -296,7 +319,9 @@ class BackupJob:
             self._fail(e)
             raise
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str | None = None) -> None:
+        if reason is not None and isinstance(self.cancel_event, CancelRequest):
+            self.cancel_event.cancel(reason)
         self.cancel_event.set()
 
     def _throttle(self) -> None:

@@ -52,6 +52,7 @@ from engine.job import (
     JobPlan,
     Progress,
     Source,
+    cancelled,
     copy_cluster_size,
     units_of,
 )
@@ -215,11 +216,11 @@ class Repository:
                 # An interrupted prune: finish it (see engine/prune.py).
                 self._remove_one(rec.device, RemovalPlan(rec, self.catalog.children(rec.id)), None)
 
-    def cancel_jobs(self) -> None:
+    def cancel_jobs(self, reason: str = "the repository is being closed") -> None:
         """Ask every running job to stop (they fail with ECANCELED, bitmaps kept)."""
         with self._idle:
             for job in self._running.values():
-                job.cancel()
+                job.cancel(reason)
 
     def close(self) -> None:
         """Cancel running jobs, wait for them, persist bitmaps, release the lock."""
@@ -227,7 +228,7 @@ class Repository:
             return
         with self._idle:
             for job in self._running.values():
-                job.cancel()
+                job.cancel("the repository is being closed")
             while self._running:
                 self._idle.wait()
         with self._devices_lock:
@@ -518,6 +519,7 @@ class Repository:
         device: str | None = None,
         backup_id: str | None = None,
         on_bytes: Callable[[int], None] | None = None,
+        cancel: threading.Event | None = None,
     ) -> VerifyReport:
         """Check structure, links and stored data of the chosen backups."""
         if backup_id is not None:
@@ -531,8 +533,10 @@ class Repository:
             targets = self.catalog.backups(device)
         report = VerifyReport()
         for rec in targets:
+            if cancel is not None and cancel.is_set():
+                raise cancelled(cancel, "verify")
             parent = self.catalog.backup(rec.parent) if rec.parent else None
-            verify_backup(self.path, rec, parent, lambda r=rec: self.lineage_records(r), report, on_bytes)
+            verify_backup(self.path, rec, parent, lambda r=rec: self.lineage_records(r), report, on_bytes, cancel)
         return report
 
     def backup(
@@ -674,10 +678,11 @@ class Repository:
                     durable.fs.unlink(leftover)
                 except FileNotFoundError:
                     pass
-            state = "cancelled" if isinstance(e, JobError) and e.errno == errno.ECANCELED else "failed"
+            cancelled = isinstance(e, KeyboardInterrupt) or (isinstance(e, JobError) and e.errno == errno.ECANCELED)
+            state = "cancelled" if cancelled else "failed"
             self.catalog.job_finished(
                 job_id, state, total=job.progress.total, done=job.progress.done,
-                written=job.progress.written, scanned=plan_scan, error=str(e),
+                written=job.progress.written, scanned=plan_scan, error=str(e) or "interrupted",
             )
             raise
         finally:

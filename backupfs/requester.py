@@ -1,0 +1,89 @@
+"""Who asked for a job, and whether they have given up waiting for it.
+
+A trigger's ``write()`` returns only when the backup is done, so the writer
+sits in the kernel for as long as the job runs. The kernel tells a FUSE
+daemon about a signal with FUSE_INTERRUPT, but pyfuse3 drops that message,
+and after a fatal signal the kernel waits for our answer *uninterruptibly*:
+without help, Ctrl-C, ``kill``, ``kill -9``, ``timeout`` and ``systemctl
+stop`` all leave the writer stuck in state D until the copy ends.
+
+So the filesystem notes the requesting thread when the trigger file is
+opened and, while the job runs, looks at its pending signals in
+``/proc/<tid>/status``. A terminating signal there means the user wants out:
+the job is cancelled (bitmap kept) and the write answered EINTR. Harmless
+signals (SIGCHLD from a shell's background job, SIGWINCH, SIGUSR1 with a
+handler) are not a request to cancel, so they are ignored, and so are
+signals the writer blocks.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+
+# What a user sends to stop something: kill, Ctrl-C, Ctrl-\, hang-up, and
+# SIGKILL, which the kernel also sets in a thread's pending set whenever a
+# signal without a handler is about to kill the process (so it comes last:
+# the signal the user sent is the better name for what happened).
+STOPPING = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGKILL)
+
+
+def stopping_signal(status_text: str) -> int | None:
+    """The stopping signal pending and not blocked in a ``/proc/<tid>/status`` text."""
+    masks: dict[str, int] = {}
+    for line in status_text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key in ("SigPnd", "ShdPnd", "SigBlk"):
+            try:
+                masks[key] = int(value.strip(), 16)
+            except ValueError:
+                return None
+    pending = (masks.get("SigPnd", 0) | masks.get("ShdPnd", 0)) & ~masks.get("SigBlk", 0)
+    for sig in STOPPING:
+        if pending & (1 << (sig - 1)):
+            return int(sig)
+    return None
+
+
+def _start_time(tid: int) -> str | None:
+    """Field 22 of /proc/<tid>/stat: tells a reused pid from the one we saw."""
+    try:
+        with open(f"/proc/{tid}/stat", "rb") as f:
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    fields = text[text.rfind(")") + 2 :].split()  # the command name may hold spaces
+    return fields[19] if len(fields) > 19 else None
+
+
+@dataclass(frozen=True)
+class Requester:
+    """The thread that opened a trigger file (FUSE gives its id in the request)."""
+
+    tid: int
+    name: str
+    started: str | None
+
+    @classmethod
+    def of(cls, tid: int) -> Requester | None:
+        if tid <= 0:  # a request the kernel made on no process's behalf
+            return None
+        try:
+            with open(f"/proc/{tid}/comm", "rb") as f:
+                name = f.read().decode(errors="replace").strip()
+        except OSError:
+            return None
+        return cls(tid, name, _start_time(tid))
+
+    def describe(self) -> str:
+        return f"pid {self.tid} ({self.name})"
+
+    def stopping_signal(self) -> int | None:
+        """A stopping signal waiting for this thread, or None (also if it is gone)."""
+        if self.started is None or _start_time(self.tid) != self.started:
+            return None  # gone, or the id now names someone else: not ours to judge
+        try:
+            with open(f"/proc/{self.tid}/status", "rb") as f:
+                return stopping_signal(f.read().decode(errors="replace"))
+        except OSError:
+            return None

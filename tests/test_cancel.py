@@ -1,0 +1,280 @@
+"""Stopping a backup: Ctrl-C, kill, kill -9 and timeout on whoever waits for it.
+
+The trigger's write() returns only when the backup is done, and the kernel
+waits for a FUSE answer uninterruptibly once a fatal signal is pending: before
+the mount watched the writer's signals, `kill -9` of `echo full > snapshot`
+left it in state D until the copy ended. Each test here fails that way on
+the old code (the writer's wait times out).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from backupfs.requester import Requester, stopping_signal
+from conftest import Mounted, backupfs_cmd, cli, sh
+from engine.job import CancelRequest, JobCancelled
+from engine.repo import Repository
+
+MiB = 1024 * 1024
+# A cancelled writer must be let go at once; the jobs below would run 32 s.
+LET_GO = 10
+
+
+@pytest.fixture
+def mounted(tmp_path: Path) -> Iterator[Mounted]:
+    """A 64 MiB device of random data with a full backup, mounted."""
+    src = tmp_path / "vm1.img"
+    src.write_bytes(os.urandom(64 * MiB))
+    repo = tmp_path / "repo"
+    cli("init", repo)
+    cli("device", "add", repo, "vm1", src)
+    (tmp_path / "mnt").mkdir()
+    m = Mounted(repo, tmp_path / "mnt")
+    m.start()
+    try:
+        sh(f"echo full > {m.path('vm1', 'snapshot')}")
+        yield m
+    finally:
+        m.cleanup()
+
+
+def status(m: Mounted) -> dict[str, str]:
+    fields = {}
+    for line in m.path("vm1", "snapshot").read_text().splitlines():
+        key, _, value = line.partition(": ")
+        fields[key] = value
+    return fields
+
+
+def backups(m: Mounted) -> list[str]:
+    return sorted(p for p in os.listdir(m.path("vm1", "backups")) if p != "latest")
+
+
+def wait_running(m: Mounted, proc: subprocess.Popen, pid: int) -> dict[str, str]:
+    """Until the status shows the job copying at the request of ``pid``."""
+    while True:
+        st = status(m)
+        if st.get("state") == "running" and "bytes" in st and f"pid {pid} " in st.get("requested by", ""):
+            return st
+        assert proc.poll() is None, f"the job ended before it was seen running: {st}"
+
+
+def leftovers(m: Mounted) -> list[str]:
+    return [f for f in os.listdir(m.repo / "devices" / "vm1") if f.startswith(".tmp")]
+
+
+def dirty_32m(m: Mounted) -> None:
+    sh(f"dd if=/dev/urandom of={m.path('vm1', 'device')} bs=1M count=32 seek=8 conv=notrunc status=none")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL, signal.SIGINT])
+def test_killing_the_writer_cancels_the_backup(mounted: Mounted, tmp_path: Path, sig: signal.Signals) -> None:
+    """The writer is let go with its signal; no backup, no leftovers, the
+    bitmap kept: the next incremental holds every change."""
+    m = mounted
+    before = backups(m)
+    dirty_32m(m)
+    # 32 MiB at 1 MiB/s: the job would hold the writer for 32 s. A script
+    # (not an interactive shell) would ignore SIGINT if started with `&`;
+    # Popen leaves it at its default, as a terminal's Ctrl-C finds it.
+    job = subprocess.Popen(["bash", "-c", f"echo 'incremental rate=1M' > {m.path('vm1', 'snapshot')}"],
+                           stderr=subprocess.PIPE, text=True, restore_signals=True)
+    try:
+        wait_running(m, job, job.pid)
+        job.send_signal(sig)
+        job.wait(timeout=LET_GO)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait(timeout=120)
+    assert job.returncode == -sig
+    st = status(m)
+    assert st["state"] == "cancelled", st
+    assert st["cancelled"] == f"pid {job.pid} (bash) received {sig.name}; no backup was made"
+    assert st["bitmap"].startswith("kept")
+    assert backups(m) == before and leftovers(m) == []
+    # The daemon's job history says so too.
+    with sqlite3.connect(f"file:{m.repo / 'catalog.db'}?mode=ro", uri=True) as db:
+        state, error = db.execute("SELECT state, error FROM jobs ORDER BY id DESC LIMIT 1").fetchone()
+    assert state == "cancelled" and error == f"backup cancelled: pid {job.pid} (bash) received {sig.name}"
+    # Nothing was lost: the next incremental copies the 32 MiB again.
+    sh(f"echo incremental > {m.path('vm1', 'snapshot')}")
+    assert int(status(m)["bytes stored"]) >= 32 * MiB
+    sh(f"cmp {m.path('vm1', 'backups', 'latest')} {m.path('vm1', 'device')}")
+
+
+def test_timeout_of_a_backup_works(mounted: Mounted) -> None:
+    """`timeout 2 sh -c 'echo ... > snapshot'` in cron: the shell is let go."""
+    m = mounted
+    dirty_32m(m)
+    started = time.monotonic()
+    proc = sh(f"timeout 2 sh -c \"echo 'incremental rate=1M' > {m.path('vm1', 'snapshot')}\"",
+              check=False, timeout=LET_GO + 2)
+    assert proc.returncode == 124  # timeout's "the command timed out"
+    assert time.monotonic() - started < LET_GO
+    assert status(m)["state"] == "cancelled"
+
+
+def test_ctrl_c_of_the_cli_cancels_the_backup_through_the_mount(mounted: Mounted) -> None:
+    m = mounted
+    dirty_32m(m)
+    proc = subprocess.Popen(backupfs_cmd() + ["backup", str(m.repo), "vm1", "incremental", "--rate", "1M"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_running(m, proc, proc.pid)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=LET_GO)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert "interrupted: the backup of vm1 was cancelled; no backup was made, bitmap kept" in err
+    assert status(m)["cancelled"] == f"pid {proc.pid} (backupfs) received SIGINT; no backup was made"
+
+
+def test_a_harmless_signal_does_not_cancel(mounted: Mounted) -> None:
+    """SIGCHLD from a shell's background job, or a signal the writer handles
+    and does not stop for, must not cost a backup."""
+    m = mounted
+    dirty_32m(m)
+    writer = (
+        "import os, signal, sys\n"
+        "seen = []\n"
+        "signal.signal(signal.SIGUSR1, lambda *a: seen.append(1))\n"
+        f"fd = os.open({str(m.path('vm1', 'snapshot'))!r}, os.O_WRONLY)\n"
+        "print(os.write(fd, b'incremental rate=8M\\n'), len(seen), flush=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        wait_running(m, proc, proc.pid)
+        proc.send_signal(signal.SIGUSR1)
+        proc.send_signal(signal.SIGCHLD)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert out.split() == ["20", "1"]  # the whole line written, the handler ran after
+    st = status(m)
+    assert st["state"] == "succeeded" and int(st["bytes stored"]) >= 32 * MiB
+
+
+def test_direct_backup_interrupted_is_recorded_as_cancelled(tmp_path: Path) -> None:
+    """Not mounted: Ctrl-C of `backupfs backup` leaves a 'cancelled' job, no
+    backup, no temporary image, and the repository unlocked."""
+    src = tmp_path / "vm1.img"
+    src.write_bytes(os.urandom(32 * MiB))
+    repo = tmp_path / "repo"
+    cli("init", repo)
+    cli("device", "add", repo, "vm1", src)
+    proc = subprocess.Popen(backupfs_cmd() + ["backup", str(repo), "vm1", "full", "--rate", "1M"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while True:  # until the job is in the history and copying
+            with sqlite3.connect(f"file:{repo / 'catalog.db'}?mode=ro", uri=True) as db:
+                row = db.execute("SELECT state FROM jobs ORDER BY id DESC LIMIT 1").fetchone()
+            if row is not None and row[0] == "running":
+                break
+            assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=LET_GO)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err
+    listing = cli("status", repo).stdout.decode()
+    assert " full " in listing and "cancelled: interrupted" in listing, listing
+    assert cli("list", repo).stdout.decode().strip().splitlines()[1:] == []  # the header only
+    assert [f for f in os.listdir(repo / "devices" / "vm1") if f.startswith(".tmp")] == []
+
+
+# -- the pieces, without a mount ------------------------------------------------------------
+
+
+def _status(pnd: int = 0, shd: int = 0, blk: int = 0) -> str:
+    return f"Name:\tsh\nSigQ:\t0/1\nSigPnd:\t{pnd:016x}\nShdPnd:\t{shd:016x}\nSigBlk:\t{blk:016x}\n"
+
+
+def bit(sig: int) -> int:
+    return 1 << (sig - 1)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (_status(), None),
+        (_status(shd=bit(signal.SIGTERM)), signal.SIGTERM),
+        (_status(pnd=bit(signal.SIGKILL), shd=bit(signal.SIGTERM)), signal.SIGTERM),  # name what was sent
+        (_status(pnd=bit(signal.SIGKILL)), signal.SIGKILL),
+        (_status(pnd=bit(signal.SIGINT)), signal.SIGINT),
+        (_status(shd=bit(signal.SIGHUP)), signal.SIGHUP),
+        (_status(shd=bit(signal.SIGCHLD) | bit(signal.SIGUSR1) | bit(signal.SIGWINCH)), None),
+        (_status(shd=bit(signal.SIGTERM), blk=bit(signal.SIGTERM)), None),  # blocked: not yet
+        ("SigPnd:\tzz\n", None),
+        ("", None),
+    ],
+)
+def test_stopping_signal(text: str, expected: int | None) -> None:
+    assert stopping_signal(text) == expected
+
+
+def test_requester_of_a_real_thread_with_a_blocked_then_pending_signal() -> None:
+    """The parts of /proc we read, read off a live process: a blocked
+    SIGTERM is pending but not a stop; a vanished process is nobody's."""
+    code = (
+        "import signal, sys\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        who = Requester.of(proc.pid)
+        assert who is not None and who.name.startswith("python") and who.describe() == f"pid {proc.pid} ({who.name})"
+        assert who.stopping_signal() is None
+        os.kill(proc.pid, signal.SIGTERM)
+        with open(f"/proc/{proc.pid}/status") as f:
+            text = f.read()
+        assert stopping_signal(text) is None and "ShdPnd:\t0000000000004000" in text
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert who.stopping_signal() is None  # gone
+    assert Requester.of(proc.pid) is None and Requester.of(0) is None
+
+
+def test_verify_can_be_cancelled(tmp_path: Path) -> None:
+    src = tmp_path / "vm1.img"
+    src.write_bytes(os.urandom(32 * MiB))  # four 8 MiB verify reads
+    repo_path = tmp_path / "repo"
+    Repository.init(str(repo_path))
+    with Repository.open(str(repo_path)) as repo:
+        repo.add_device("vm1", str(src))
+        repo.backup("vm1", "full")
+        cancel = CancelRequest()
+        reads = []
+
+        def on_bytes(n: int) -> None:  # the operator gives up after the first read
+            reads.append(n)
+            cancel.cancel("an operator asked")
+
+        with pytest.raises(JobCancelled, match="verify cancelled: an operator asked"):
+            repo.verify("vm1", on_bytes=on_bytes, cancel=cancel)
+        assert reads == [8 * MiB]
+        assert repo.verify("vm1").ok  # and a verify not cancelled reads it all
