@@ -11,7 +11,9 @@
 
 Concurrency rules: handlers run as trio tasks, and code between awaits is
 atomic; everything that blocks (source and image I/O, a whole backup job)
-runs in a worker thread. Every handler turns unexpected exceptions into EIO
+runs in a worker thread. Reads the page cache can serve, and device writes
+while they are fast, run on the loop: a thread hop costs more than they do
+(engine/nowait.py, backupfs/writepolicy.py). Every handler turns unexpected exceptions into EIO
 and logs them: one failing request must never take the mount down.
 """
 
@@ -37,9 +39,11 @@ import trio
 from backupfs.mountinfo import find_mount, raise_read_ahead
 from backupfs.readbuffers import ReadBuffers
 from backupfs.requester import Requester
+from backupfs.writepolicy import InlineWrites
 from backupfs.status import JobStatus, render_bitmap, render_chain, utc_text
 from backupfs.trigger import PruneCommand, TriggerCommand, TriggerError, VerifyCommand, parse_trigger
 from engine.catalog import BackupRecord
+from engine.device import Device
 from engine.chain import ChainView, WouldBlock
 from engine.integrity import VerifiedView
 from engine.errors import BackupfsError
@@ -170,6 +174,7 @@ class BackupOperations(pyfuse3.Operations):
         self._buffers = ReadBuffers(READ_BUFFER, READ_BUFFERS)  # inline backup reads only
         self._read_ahead_raised = False
         self._jobs = trio.CapacityLimiter(64)
+        self._write_policies: dict[str, InlineWrites] = {}
         self._views: dict[str, tuple[BackupView, int]] = {}  # backup id -> (view, open count)
         self._idle_views: OrderedDict[str, BackupView] = OrderedDict()
         self._views_lock = threading.Lock()
@@ -386,6 +391,8 @@ class BackupOperations(pyfuse3.Operations):
             raise_read_ahead(found[1])
 
     def close_views(self) -> None:
+        for device, policy in self._write_policies.items():
+            log.info("device %s: %s", device, policy.summary())
         with self._views_lock:
             views = [v for v, _ in self._views.values()] + list(self._idle_views.values())
             self._views.clear()
@@ -600,11 +607,34 @@ class BackupOperations(pyfuse3.Operations):
         node = handle.node
         if node.kind == DEVICE:
             dev = self.repo.device(node.device or "")
-            return await trio.to_thread.run_sync(dev.write, off, buf, limiter=self._io)
+            policy = self._write_policy(dev.name)
+            if policy.allowed(len(buf)):  # inline while writes are fast (writepolicy.py says why)
+                started = time.perf_counter()
+                try:
+                    written = dev.write(off, buf, nowait=True)
+                except WouldBlock:
+                    pass
+                else:
+                    policy.record(time.perf_counter() - started, inline=True)
+                    return written
+            return await trio.to_thread.run_sync(self._timed_write, dev, policy, off, buf, limiter=self._io)
         if node.kind == SNAPSHOT:
             await self._trigger(node.device or "", buf, handle.requester)
             return len(buf)
         raise pyfuse3.FUSEError(errno.EROFS if node.kind == BACKUP else errno.EACCES)
+
+    def _write_policy(self, device: str) -> InlineWrites:
+        policy = self._write_policies.get(device)
+        if policy is None:
+            policy = self._write_policies[device] = InlineWrites()
+        return policy
+
+    @staticmethod
+    def _timed_write(dev: Device, policy: InlineWrites, off: int, buf: bytes) -> int:
+        started = time.perf_counter()
+        written = dev.write(off, buf)
+        policy.record(time.perf_counter() - started, inline=False)
+        return written
 
     async def _trigger(self, device: str, line: bytes, requester: Requester | None = None) -> None:
         """Run what a trigger line asks for; return when it is done (and durable)."""

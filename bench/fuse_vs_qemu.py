@@ -547,6 +547,9 @@ def report(samples: Samples, runs: int) -> None:
     print(f"4k: the first {format_size(min(samples.size, SMALL_READ_BYTES))} in 4 KiB requests):")
     print(row(samples, ("dread 1M",), f"{'':>5}  {'1M':<6}"))
     print(row(samples, ("dread 4k",), f"{'':>5}  {'4k':<6}"))
+    print(f"Write into the live device ({format_size(min(samples.size, SMALL_READ_BYTES))} in 4 KiB requests,"
+          " dd oflag=direct, the data in the page cache):")
+    print(row(samples, ("dwrite 4k",), f"{'':>5}  {'4k':<6}"))
 
     print()
     print("Goals:")
@@ -621,11 +624,13 @@ def bench_writes(src: str, targets: dict[str, tuple[str, str, int]], size: int, 
     print("  verify: both written raw files == SRC", flush=True)
 
 
-def bench_device_reads(targets: dict[str, tuple[str, str, int]], size: int, runs: int,
-                       samples: Samples) -> None:
-    """Reads of the live device, its source in the page cache: 1 MiB and 4 KiB requests."""
+def bench_device_io(src: str, targets: dict[str, tuple[str, str, int]], size: int, runs: int,
+                    samples: Samples) -> None:
+    """Reads of the live device, its source in the page cache: 1 MiB and 4 KiB
+    requests; then 4 KiB writes into it (what a guest's small writes cost)."""
     small = min(size, SMALL_READ_BYTES)
     for r in range(runs):
+        cache_file(src)
         for _, raw, _ in targets.values():
             cache_file(raw)
         for who in ordered(r, 0):
@@ -637,7 +642,13 @@ def bench_device_reads(targets: dict[str, tuple[str, str, int]], size: int, runs
                 seconds = dd([f"if={dest}", "of=/dev/null", f"bs={bs}", f"count={n // parse_size(bs)}",
                               "iflag=direct"], n)
                 samples.add(key, seconds, cpu_seconds(pid) - cpu)
-        print(f"  device read run {r + 1}/{runs} done", flush=True)
+            key = (who, "dwrite 4k")
+            samples.moved[key] = small
+            cpu = cpu_seconds(pid)
+            seconds = dd([f"if={src}", f"of={dest}", "bs=4k", f"count={small // 4096}", "oflag=direct",
+                          "conv=notrunc"], small)
+            samples.add(key, seconds, cpu_seconds(pid) - cpu)
+        print(f"  device read/write run {r + 1}/{runs} done", flush=True)
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -746,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
         targets = {"ours": (mount.path(WRITE_DEVICE, "device"), raw_ours, mount.pid),
                    "qemu": (writer.export_file, raw_qemu, writer.pid)}
         bench_writes(src, targets, size, args.runs, samples)
-        bench_device_reads(targets, size, args.runs, samples)
+        bench_device_io(src, targets, size, args.runs, samples)
         writer.stop()
 
         print(f"after the runs: {pressure()}")

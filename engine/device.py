@@ -30,7 +30,7 @@ from engine.bitmap import (
 from engine.catalog import DeviceRecord
 from engine.errors import BackupfsError
 from engine.fsutil import file_size
-from engine.nowait import read_cached
+from engine.nowait import WouldBlock, edges_cached, read_cached
 
 if TYPE_CHECKING:
     from engine.job import BackupJob
@@ -50,19 +50,29 @@ class WriteGate:
         self._writers = 0
         self._exclusive = False
 
-    @contextmanager
-    def shared(self) -> Iterator[None]:
+    def acquire_shared(self, wait: bool = True) -> bool:
+        """Enter as a writer; without ``wait``, only if no job is starting or ending."""
         with self._cond:
             while self._exclusive:
+                if not wait:
+                    return False
                 self._cond.wait()
             self._writers += 1
+            return True
+
+    def release_shared(self) -> None:
+        with self._cond:
+            self._writers -= 1
+            if self._writers == 0:
+                self._cond.notify_all()
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        self.acquire_shared()
         try:
             yield
         finally:
-            with self._cond:
-                self._writers -= 1
-                if self._writers == 0:
-                    self._cond.notify_all()
+            self.release_shared()
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -246,17 +256,32 @@ class Device:
             raise DeviceError(self._resized(file_size(self.fd)), errno.EIO)
         return data
 
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
-        """Write through to the source; returns bytes written (short at the end)."""
+    def write(self, offset: int, data: bytes | bytearray | memoryview, nowait: bool = False) -> int:
+        """Write through to the source; returns bytes written (short at the end).
+
+        With ``nowait``, raise WouldBlock instead of waiting for a job's
+        start or end, or running a job's copy-before-write, or reading a
+        partly written page from disk: the mount writes inline only what
+        cannot wait for those, and sends the rest to a thread.
+        """
         if self.read_only:
             raise DeviceError(f"device {self.name}: source {self.path} is read-only", errno.EROFS)
         if offset >= self.size:
             raise DeviceError(f"device {self.name}: write at {offset} is past its end ({self.size})", errno.ENOSPC)
         view = memoryview(data)[: self.size - offset]
         length = len(view)
-        with self.gate.shared():
+        if nowait:
+            if self.job is not None or not edges_cached(self.fd, offset, length):
+                raise WouldBlock()
+            if not self.gate.acquire_shared(wait=False):
+                raise WouldBlock()
+        else:
+            self.gate.acquire_shared()
+        try:
             job = self.job
             if job is not None:
+                if nowait:
+                    raise WouldBlock()
                 job.before_write(offset, length)
             # A write past the end of a source cut behind our back would
             # grow it again around a hole: refuse, as reads past it do.
@@ -275,6 +300,8 @@ class Device:
                     raise DeviceError(
                         f"device {self.name}: writing {self.path}: {e.strerror}", e.errno or errno.EIO
                     ) from None
+        finally:
+            self.gate.release_shared()
         return length
 
     def fsync(self) -> None:

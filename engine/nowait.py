@@ -6,6 +6,10 @@ a hop to a worker thread costs more than copying a cached MiB (about
 and only a miss goes to a thread. Files that cannot say (a repository or
 source on FUSE, and older kernels, answer EOPNOTSUPP) count as misses:
 the waiting read in the thread serves them as before.
+
+Writes have no such flag on ext4; ``edges_cached`` answers the one question
+that decides whether a write must read the disk first (see
+backupfs/writepolicy.py for the rest).
 """
 
 from __future__ import annotations
@@ -37,3 +41,25 @@ def read_cached(fd: int, view: memoryview, offset: int) -> None:
         raise
     if n < len(view):
         raise WouldBlock()
+
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+_probe = bytearray(1)
+
+
+def edges_cached(fd: int, offset: int, length: int) -> bool:
+    """Whether a write of [offset, offset+length) finds its partial pages cached.
+
+    A write that covers only part of a page makes the kernel read the rest
+    of it first: from the disk, when the page is not cached. Whole pages
+    need no read. (Linux has no RWF_NOWAIT for buffered writes on ext4,
+    so this is asked with a one-byte nowait read of each partial page.)
+    """
+    end = offset + length
+    for page, partial in ((offset - offset % PAGE, offset % PAGE), (end - end % PAGE, end % PAGE)):
+        if partial:
+            try:
+                read_cached(fd, memoryview(_probe), page)
+            except (WouldBlock, OSError):
+                return False
+    return True

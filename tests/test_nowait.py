@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -112,3 +113,122 @@ def test_files_that_cannot_answer_nowait_are_misses_not_errors(
             assert view.read(0, MiB) == data[:MiB]
             with pytest.raises(WouldBlock):
                 view.read(0, MiB, nowait=True)
+
+
+# -- writes: inline only what cannot wait -------------------------------------------------
+
+
+def test_device_writes_nowait_refuse_what_must_wait(tmp_path: Path) -> None:
+    """Device.write(nowait=True) writes, or raises WouldBlock having written
+    and marked nothing: partial pages not cached, a job starting or running."""
+    src = tmp_path / "src.img"
+    repo, data = _device(tmp_path, src)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        dev = repo.device("d")
+        # Whole pages need no read, cached or not.
+        drop_cached(fd, MiB, 64 * KiB)
+        assert dev.write(MiB, b"A" * 8192, nowait=True) == 8192
+        assert os.pread(fd, 8192, MiB) == b"A" * 8192
+        assert dev.since_last.active.is_dirty(MiB, 1)
+        # A partial page that is not cached would be read from disk first.
+        drop_cached(fd, 2 * MiB, 64 * KiB)
+        with pytest.raises(WouldBlock):
+            dev.write(2 * MiB + 100, b"B" * 512, nowait=True)
+        with pytest.raises(WouldBlock):  # the same for a partial last page
+            dev.write(3 * MiB - 4096, b"B" * 4196, nowait=True)
+        assert os.pread(fd, 64 * KiB, 2 * MiB) == data[2 * MiB : 2 * MiB + 64 * KiB]
+        assert not dev.since_last.active.is_dirty(2 * MiB, 1)
+        assert not dev.since_last.active.is_dirty(3 * MiB - 4096, 1)
+        dev.read(2 * MiB, 4096)  # now cached: inline it goes
+        assert dev.write(2 * MiB + 100, b"B" * 512, nowait=True) == 512
+        assert os.pread(fd, 512, 2 * MiB + 100) == b"B" * 512
+        # A job starting or ending holds the gate: no waiting for it inline.
+        with dev.gate.exclusive():
+            with pytest.raises(WouldBlock):
+                dev.write(MiB, b"C" * 4096, nowait=True)
+        assert os.pread(fd, 4096, MiB) == b"A" * 4096
+    finally:
+        os.close(fd)
+        repo.close()
+
+
+def test_device_writes_during_a_job_go_to_copy_before_write(tmp_path: Path) -> None:
+    """While a backup runs, a nowait write is refused (copy-before-write may
+    read and write MiBs); the waiting write saves the old bytes first."""
+    import threading
+
+    from engine.job import CancelRequest, JobCancelled
+
+    src = tmp_path / "src.img"
+    repo, data = _device(tmp_path, src)
+    try:
+        repo.backup("d", "full")
+        dev = repo.device("d")
+        for off in range(0, 4 * MiB, MiB):  # the whole device dirty: the incremental has it all to do
+            dev.write(off, data[off : off + MiB])
+        cancel = CancelRequest()
+        results: list[object] = []
+
+        def run() -> None:
+            try:
+                results.append(repo.backup("d", "incremental", rate=1024 * 1024, cancel=cancel, chunk_bytes=MiB))
+            except JobCancelled as e:
+                results.append(e)
+
+        job = threading.Thread(target=run)
+        job.start()
+        try:
+            while dev.job is None or dev.job.progress.done == 0:
+                assert job.is_alive(), results
+            with pytest.raises(WouldBlock):
+                dev.write(3 * MiB, b"D" * 4096, nowait=True)
+            assert dev.write(3 * MiB, b"D" * 4096) == 4096  # waits for copy-before-write
+            assert dev.job is not None and dev.job.cbw_units >= 1
+        finally:
+            cancel.cancel("the test is done")
+            job.join(timeout=60)
+        assert not job.is_alive() and isinstance(results[0], JobCancelled)
+    finally:
+        repo.close()
+
+
+def test_device_writes_through_the_mount_run_inline_and_land(tmp_path: Path) -> None:
+    """Whole-page writes are written on the loop; a partial page not cached
+    goes to a thread; every byte lands and the daemon's log counts both."""
+    from conftest import Mounted, cli
+
+    src = tmp_path / "src.img"
+    data = bytearray(random.Random(5).randbytes(4 * MiB))
+    with open(src, "wb") as f:
+        f.write(data)
+        os.fsync(f.fileno())
+    repo = tmp_path / "repo"
+    cli("init", repo)
+    cli("device", "add", repo, "d", src)
+    (tmp_path / "mnt").mkdir()
+    m = Mounted(repo, tmp_path / "mnt")
+    m.start()
+    try:
+        dev = m.path("d", "device")
+        patch = random.Random(6).randbytes(MiB)
+        (tmp_path / "patch").write_bytes(patch)
+        sh(f"dd if={tmp_path / 'patch'} of={dev} bs=4k seek=256 conv=notrunc status=none")
+        data[MiB : 2 * MiB] = patch
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            drop_cached(fd, 3 * MiB, 4 * KiB)
+        finally:
+            os.close(fd)
+        sh(f"printf 'partial page' | dd of={dev} bs=1 seek={3 * MiB + 100} conv=notrunc status=none")
+        data[3 * MiB + 100 : 3 * MiB + 112] = b"partial page"
+        (tmp_path / "expected").write_bytes(data)
+        sh(f"cmp {dev} {tmp_path / 'expected'}")
+        m.stop()
+    finally:
+        m.cleanup()
+    sh(f"cmp {src} {tmp_path / 'expected'}")
+    counts = re.findall(r"device d: (\d+) writes inline, (\d+) in threads", m.log())
+    assert counts, m.log()
+    inline, threaded = map(int, counts[-1])
+    assert inline >= 1 and threaded >= 1, counts
