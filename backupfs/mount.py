@@ -35,6 +35,11 @@ def serve(repo_path: str, mountpoint: str, options: list[str], ready: Callable[[
     except BackupfsError as e:
         ready(str(e))
         return
+    if repo.catalog.frozen:
+        repo.close()
+        ready(f"{repo.path}: {repo.catalog.frozen}, and a mount must record its state there; free some "
+              "space on that disk first (list, status, verify and restore work without a mount)")
+        return
     # The read-ahead is raised at the first open of a backup, not here: the
     # kernel caps it to what FUSE INIT negotiated, and INIT is answered only
     # once serving starts (a value written now would be cut back to 128 KiB).
@@ -57,8 +62,12 @@ def serve(repo_path: str, mountpoint: str, options: list[str], ready: Callable[[
     try:
         # Replaced, never written through: a symlink planted as mount.json
         # must not make us overwrite the file it points to.
-        atomic_write(record_path, json.dumps({"pid": os.getpid(), "mountpoint": mp, "repo": repo.path}).encode(),
-                     0o644)
+        try:
+            atomic_write(record_path, json.dumps({"pid": os.getpid(), "mountpoint": mp, "repo": repo.path}).encode(),
+                         0o644)
+        except OSError as e:
+            ready(f"cannot mount {mountpoint}: cannot write {record_path}: {e.strerror}")
+            return
         trio.run(_main, repo, ready)
     finally:
         try:

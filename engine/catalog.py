@@ -9,6 +9,7 @@ processes out.
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import threading
@@ -73,7 +74,9 @@ CREATE INDEX jobs_by_device ON jobs (device, id);
 
 
 class CatalogError(BackupfsError):
-    pass
+    def __init__(self, message: str, err: int = errno.EIO) -> None:
+        super().__init__(message)
+        self.errno = err
 
 
 @dataclass(frozen=True)
@@ -135,18 +138,23 @@ _JOB_COLUMNS = (
 
 
 class Catalog:
-    def __init__(self, conn: sqlite3.Connection, path: str) -> None:
+    def __init__(self, conn: sqlite3.Connection, path: str, frozen: str | None = None) -> None:
         self._conn = conn
         self.path = path
         self._lock = threading.RLock()
+        # Why it could only be opened for reading (a full disk), or None.
+        self.frozen = frozen
 
     # -- opening -------------------------------------------------------------
 
     @staticmethod
-    def _connect(path: str, readonly: bool = False) -> sqlite3.Connection:
+    def _connect(path: str, readonly: bool = False, immutable: bool = False) -> sqlite3.Connection:
         if readonly:
             # Another process owns the repository (a mount): read beside it.
+            # Immutable: no -shm or -wal at all (see open()).
             uri = "file:" + path.replace("?", "%3f").replace("#", "%23") + "?mode=ro"
+            if immutable:
+                uri += "&immutable=1"
             return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30)
         return sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
 
@@ -170,15 +178,30 @@ class Catalog:
 
     @classmethod
     def open(cls, path: str, readonly: bool = False) -> Catalog:
+        """Open for use; ``readonly`` beside the process that owns it.
+
+        A full disk leaves no room for the -wal and -shm files SQLite needs
+        even to read. Opened by the owner (the caller holds the repository's
+        lock, so nobody else writes) with nothing left in the WAL, the file
+        itself is the whole catalog: it is then opened frozen, so that
+        `list`, `status` and `restore` work while the disk is full (that is
+        when an operator needs them), and every write says the disk is full.
+        """
+        frozen = None
         try:
-            conn = cls._connect(path, readonly)
-            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        except sqlite3.OperationalError as e:
-            if any(s in str(e) for s in ("disk I/O error", "disk is full", "unable to open")):
-                # SQLite needs room for its -wal/-shm files even to read.
-                hint = "; the repository's disk is full" if _disk_full(path) else ""
-                raise CatalogError(f"{path}: cannot open the catalog ({e}{hint})") from None
-            raise CatalogError(f"{path}: not a backupfs catalog ({e})") from None
+            try:
+                conn = cls._connect(path, readonly)
+                row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            except sqlite3.OperationalError as e:
+                if not any(s in str(e) for s in ("disk I/O error", "disk is full", "unable to open")):
+                    raise
+                if readonly or not _disk_full(path) or not _wal_empty(path):
+                    hint = "; the repository's disk is full" if _disk_full(path) else ""
+                    raise CatalogError(f"{path}: cannot open the catalog ({e}{hint})", errno.ENOSPC if hint
+                                       else errno.EIO) from None
+                conn = cls._connect(path, readonly=True, immutable=True)
+                row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                frozen = "the repository's disk is full"
         except sqlite3.DatabaseError as e:
             raise CatalogError(f"{path}: not a backupfs catalog ({e})") from None
         if row is None:
@@ -195,13 +218,13 @@ class Catalog:
                 f"{path}: repository format {version} is newer than this backupfs understands "
                 f"({SCHEMA_VERSION}); upgrade backupfs"
             )
-        if not readonly:
+        if not readonly and frozen is None:
             try:
                 cls._configure(conn)
             except sqlite3.DatabaseError as e:
                 conn.close()
                 raise CatalogError(f"{path}: cannot open the catalog for writing ({e})") from None
-        return cls(conn, path)
+        return cls(conn, path, frozen)
 
     def close(self) -> None:
         with self._lock:
@@ -215,6 +238,10 @@ class Catalog:
         the next flushed commit makes it durable too. Only what a backup's
         visibility depends on pays for a disk flush.
         """
+        if self.frozen:
+            raise CatalogError(
+                f"{self.path}: {self.frozen}; nothing can be recorded until there is room "
+                "(list, status, verify and restore still work)", errno.ENOSPC)
         with self._lock:
             if not flush:
                 self._conn.execute("PRAGMA synchronous=NORMAL")
@@ -422,6 +449,16 @@ class Catalog:
                 (time.time_ns(),),
             )
             return cur.rowcount
+
+
+def _wal_empty(path: str) -> bool:
+    """No committed transaction waits in the WAL (it is checkpointed at each clean close)."""
+    try:
+        return os.path.getsize(path + "-wal") == 0
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
 
 
 def _disk_full(path: str) -> bool:

@@ -93,8 +93,11 @@ class WriteGate:
 class Device:
     """One registered device, opened for I/O."""
 
-    def __init__(self, record: DeviceRecord, state_dir: str, has_backups: bool) -> None:
+    def __init__(self, record: DeviceRecord, state_dir: str, has_backups: bool, peek: bool = False) -> None:
+        """``peek``: only to look at (a repository whose disk is full): the
+        bitmaps are read but never marked in use or saved."""
         self.record = record
+        self.peek = peek
         self.name = record.name
         self.path = record.source
         self.size = record.size
@@ -104,9 +107,15 @@ class Device:
         self.gate = WriteGate()
         self.job: BackupJob | None = None
         self.untrusted_reason: str | None = None
-        self.since_last = self._load("since-last", has_backups)
-        self.since_full = self._load("since-full", has_backups)
-        self._persist(in_use=True)
+        try:
+            self.since_last = self._load("since-last", has_backups)
+            self.since_full = self._load("since-full", has_backups)
+            if not peek:
+                self._persist(in_use=True)
+        except BaseException:
+            os.close(self.fd)
+            self.fd = -1
+            raise
 
     def _open_source(self) -> tuple[int, bool]:
         """(fd, read-only) of the source, which must still be the registered size."""
@@ -218,9 +227,16 @@ class Device:
         return TrackedBitmap(bm, trusted=trusted)
 
     def _persist(self, in_use: bool) -> None:
+        if self.peek:
+            return
         identity = self.identity()
         for which, tracked in (("since-last", self.since_last), ("since-full", self.since_full)):
-            save_bitmap(self._bitmap_path(which), tracked.pending(), identity, in_use, tracked.trusted)
+            try:
+                save_bitmap(self._bitmap_path(which), tracked.pending(), identity, in_use, tracked.trusted)
+            except OSError as e:
+                full = " (the repository's disk is full)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+                raise DeviceError(f"device {self.name}: cannot save its {which} bitmap in {self.state_dir}: "
+                                  f"{e.strerror}{full}", e.errno or errno.EIO) from None
 
     @property
     def trusted(self) -> bool:

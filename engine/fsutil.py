@@ -38,11 +38,18 @@ def atomic_write(path: str, data: bytes | bytearray | memoryview, mode: int = 0o
         pass
     fd = durable.fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
     try:
-        write_all(fd, data)
-        durable.fs.fsync(fd)
-    finally:
-        durable.fs.close(fd)
-    durable.fs.replace(tmp, path)
+        try:
+            write_all(fd, data)
+            durable.fs.fsync(fd)
+        finally:
+            durable.fs.close(fd)
+        durable.fs.replace(tmp, path)
+    except BaseException:
+        try:  # a full disk must not also be left a half-written temp file
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     fsync_dir(os.path.dirname(path) or ".")
 
 

@@ -192,8 +192,19 @@ class Repository:
         repo._recover()
         return repo
 
+    def _require_room(self, what: str) -> None:
+        """Refuse work that must record something while the catalog is frozen."""
+        if self.catalog.frozen:
+            raise RepositoryError(
+                f"{self.path}: {self.catalog.frozen}, and {what} must be recorded in its catalog; "
+                "free some space on that disk first (list, status, verify and restore still work)",
+                errno.ENOSPC,
+            )
+
     def _recover(self) -> None:
         """Remove what interrupted jobs left behind."""
+        if self.catalog.frozen:
+            return  # read-only until there is room; the next open does this
         self.catalog.mark_interrupted_jobs()
         known = {b.image for b in self.catalog.backups()} | {
             b.checksums for b in self.catalog.backups() if b.checksums
@@ -248,6 +259,7 @@ class Repository:
     # -- devices ---------------------------------------------------------------------
 
     def add_device(self, name: str, source: str, granularity: int = DEFAULT_GRANULARITY) -> DeviceRecord:
+        self._require_room("adding a device")
         validate_name(name)
         validate_granularity(granularity)
         source = utf8_path(os.path.abspath(source), "source")
@@ -277,6 +289,7 @@ class Repository:
         on_layer: Callable[[int, int, str], None] | None = None,
     ) -> list[BackupRecord]:
         """Adopt a QEMU/libvirt chain as the history of a new device ``name``."""
+        self._require_room("an import")
         validate_name(name)
         validate_granularity(granularity)
         if self.catalog.device(name) is not None:
@@ -293,6 +306,7 @@ class Repository:
             raise
 
     def remove_device(self, name: str) -> None:
+        self._require_room("removing a device")
         if self.catalog.device(name) is None:
             raise UsageError(f"no device named {name!r}")
         with self._devices_lock:
@@ -333,7 +347,7 @@ class Repository:
                         errno.ENODEV,
                     )
                 has_backups = self.catalog.latest_backup(name) is not None
-                dev = Device(rec, self._device_dir(name), has_backups)
+                dev = Device(rec, self._device_dir(name), has_backups, peek=bool(self.catalog.frozen))
                 self._devices[name] = dev
             return dev
 
@@ -457,6 +471,8 @@ class Repository:
         hook: Callable[[str], None] | None = None,
     ) -> list[RemovalPlan]:
         """Remove backups by retention policy or by id, merging each into its children."""
+        if not dry_run:
+            self._require_room("pruning")
         if self.catalog.device(device) is None:
             raise UsageError(f"no device named {device!r}")
         if (policy is None or policy.empty()) == (remove is None):
@@ -555,6 +571,7 @@ class Repository:
         rate: int | None = None,
     ) -> BackupResult:
         """Run one backup to completion (in this thread) and return what it made."""
+        self._require_room("a backup")
         if label is not None:
             validate_label(label)  # before any copying: the same rule as the trigger's
         if kind not in KINDS:

@@ -233,10 +233,6 @@ def test_a_full_disk_gives_a_clear_line_and_no_half_made_repository(tmp_path: Pa
         proc = _run("init", small / "repo")
         assert proc.returncode == 1 and b"cannot create a repository" in proc.stderr, proc.stderr
         assert not (small / "repo").exists()
-        for f in (small / "early").glob("catalog.db-*"):
-            f.unlink()  # as after a clean close: SQLite must make them again to read
-        proc = _run("list", small / "early")
-        assert proc.returncode == 1 and b"disk is full" in proc.stderr, proc.stderr
         filler.unlink()
         cli("init", small / "repo")  # once there is room, the same directory is new again
         cli("list", small / "repo")
@@ -254,3 +250,63 @@ def test_closed_standard_streams(tmp_path: Path) -> None:
         assert "internal error" not in proc.stderr
     proc = subprocess.run(["bash", "-c", f"{cmd} image info {image} 2>&-"], capture_output=True, text=True)
     assert proc.returncode == 0 and f"image: {image}" in proc.stdout
+
+
+def _fill(path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, bytes(4 * KiB))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def test_a_full_repository_disk_still_lists_verifies_and_restores(tmp_path: Path) -> None:
+    """The disk filled up (that is when backups start failing): the operator
+    can still see, check and restore every backup, and whatever must record
+    something says the disk is full. Before, SQLite's missing -shm file made
+    every command fail, `status` stopped at the first device, `mount` said
+    "internal error", and a bitmap temp file was left behind."""
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)], check=True)
+    try:
+        src = tmp_path / "src.raw"  # the source lives elsewhere; the repository fills up
+        src.write_bytes(os.urandom(2 * MiB))
+        repo = small / "repo"
+        cli("init", repo)
+        cli("device", "add", repo, "vm1", src)
+        cli("backup", repo, "vm1", "full")
+        with open(src, "r+b") as f:
+            f.seek(MiB)
+            f.write(os.urandom(64 * KiB))
+        cli("backup", repo, "vm1", "incremental", "--scan")
+        state = {p.name: _sha(p) for p in sorted((repo / "devices" / "vm1").iterdir())}
+        assert not list(repo.glob("catalog.db-*"))  # closed cleanly: SQLite must make them to read
+        _fill(small / "filler")
+
+        listing = _run("list", repo)
+        assert listing.returncode == 0 and len(listing.stdout.decode().splitlines()) == 3, listing.stderr
+        status = _run("status", repo)
+        assert status.returncode == 0 and b"bitmap: trusted" in status.stdout, status.stderr
+        assert _run("verify", repo).returncode == 0
+        restored = tmp_path / "restored.raw"
+        assert _run("restore", repo, "vm1", "latest", restored).returncode == 0
+        assert _sha(restored) == _sha(src)
+        assert _run("prune", repo, "vm1", "--keep-last", "1", "--dry-run").returncode == 0
+        for args in (("backup", repo, "vm1", "incremental"), ("prune", repo, "vm1", "--keep-last", "1"),
+                     ("device", "add", repo, "vm2", src), ("mount", repo, tmp_path)):
+            proc = _run(*args)
+            assert proc.returncode == 1 and b"disk is full" in proc.stderr, (args, proc.stderr)
+        # Nothing changed or was left behind.
+        assert {p.name: _sha(p) for p in sorted((repo / "devices" / "vm1").iterdir())} == state
+        assert _run("image", "check", repo / "devices" / "vm1" / sorted(state)[0]).returncode == 0
+
+        (small / "filler").unlink()  # room again: everything works, nothing was lost
+        cli("backup", repo, "vm1", "incremental")
+        assert len(cli("list", repo).stdout.decode().splitlines()) == 4
+        cli("verify", repo)
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
