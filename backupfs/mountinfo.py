@@ -43,6 +43,8 @@ def parse_options(text: str | None) -> list[str]:
             )
         if name in _FSTAB_ONLY or name.startswith("x-"):
             continue
+        if opt != name:  # FUSE itself would only say "fuse_session_new() failed"
+            raise UsageError(f"mount option {name!r} takes no value (got {opt!r}; use -o {name})")
         out.append(opt)
     return out
 

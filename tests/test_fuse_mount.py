@@ -356,6 +356,10 @@ def test_second_mount_and_mount_inside_repo_are_refused(setup: Mounted, tmp_path
     assert proc.returncode == 1 and b"inside the repository" in proc.stderr
     proc = cli("mount", m.repo, other, "-o", "bogus_option", check=False)
     assert proc.returncode == 1 and b"unknown mount option" in proc.stderr
+    m.stop()  # not in use now: FUSE itself would have said only "fuse_session_new() failed"
+    proc = cli("mount", m.repo, other, "-o", "noatime,allow_other=1", check=False)
+    assert proc.returncode == 1 and b"mount option 'allow_other' takes no value" in proc.stderr, proc.stderr
+    assert not os.path.ismount(other)
 
 
 def test_private_unless_allow_other(setup: Mounted) -> None:
