@@ -13,8 +13,9 @@ Concurrency rules: handlers run as trio tasks, and code between awaits is
 atomic; everything that blocks (source and image I/O, a whole backup job)
 runs in a worker thread. Reads the page cache can serve, and device writes
 while they are fast, run on the loop: a thread hop costs more than they do
-(engine/nowait.py, backupfs/writepolicy.py). Every handler turns unexpected exceptions into EIO
-and logs them: one failing request must never take the mount down.
+(engine/nowait.py, backupfs/writepolicy.py). Every handler turns unexpected
+exceptions into EIO and logs them: one failing request must never take the
+mount down.
 """
 
 from __future__ import annotations
@@ -39,12 +40,12 @@ import trio
 from backupfs.mountinfo import find_mount, raise_read_ahead
 from backupfs.readbuffers import ReadBuffers
 from backupfs.requester import Requester
-from backupfs.writepolicy import InlineWrites
 from backupfs.status import JobStatus, render_bitmap, render_chain, utc_text
 from backupfs.trigger import PruneCommand, TriggerCommand, TriggerError, VerifyCommand, parse_trigger
+from backupfs.writepolicy import InlineWrites
 from engine.catalog import BackupRecord
-from engine.device import Device
 from engine.chain import ChainView, WouldBlock
+from engine.device import Device
 from engine.integrity import VerifiedView
 from engine.errors import BackupfsError
 from engine.job import CancelRequest, FailingSource, Source
