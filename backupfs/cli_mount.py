@@ -112,10 +112,35 @@ def cmd_umount(args: argparse.Namespace) -> int:
     proc = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
     if proc.returncode != 0:
         reason = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "fusermount3 failed"
-        raise BackupfsError(f"cannot unmount {args.mountpoint}: {reason}")
+        raise BackupfsError(f"cannot unmount {args.mountpoint}: {reason}{_running_jobs(mp)}")
     if record is not None and not wait_for_exit(record.pid, UMOUNT_TIMEOUT):
         raise BackupfsError(
             f"unmounted {args.mountpoint}, but daemon pid {record.pid} has not exited after "
             f"{UMOUNT_TIMEOUT:.0f} s; its bitmaps may not be saved yet"
         )
     return 0
+
+
+def _running_jobs(mountpoint: str) -> str:
+    """Why a mount may be busy: the jobs running in it, and who waits for each."""
+    from backupfs.cli_repo import _status_fields
+
+    found = []
+    try:
+        names = sorted(os.listdir(mountpoint))
+    except OSError:
+        return ""
+    for name in names:
+        try:
+            with open(os.path.join(mountpoint, name, "snapshot"), "rb") as f:
+                fields = _status_fields(f.read().decode(errors="replace"))
+        except OSError:
+            continue
+        if fields.get("state") == "running":
+            who = fields.get("requested by", "").split(" (interrupt")[0]
+            found.append(f"{name}: {fields.get('command', '?').split()[0]} "
+                         f"{fields.get('progress', 'running')}" + (f", requested by {who}" if who else ""))
+    if not found:
+        return ""
+    return ("; jobs are running (" + "; ".join(found) + "): wait for them, or stop whoever requested "
+            "them to cancel them")

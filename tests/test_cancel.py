@@ -278,3 +278,22 @@ def test_verify_can_be_cancelled(tmp_path: Path) -> None:
             repo.verify("vm1", on_bytes=on_bytes, cancel=cancel)
         assert reads == [8 * MiB]
         assert repo.verify("vm1").ok  # and a verify not cancelled reads it all
+
+
+def test_umount_during_a_job_names_it_and_works_once_it_is_cancelled(mounted: Mounted) -> None:
+    m = mounted
+    dirty_32m(m)
+    job = subprocess.Popen(["bash", "-c", f"echo 'incremental rate=1M' > {m.path('vm1', 'snapshot')}"])
+    try:
+        wait_running(m, job, job.pid)
+        proc = cli("umount", m.mnt, check=False)
+        err = proc.stderr.decode()
+        assert proc.returncode == 1 and "Device or resource busy" in err, err
+        assert f"jobs are running (vm1: incremental copying" in err and f"requested by pid {job.pid} (bash)" in err
+        job.terminate()
+        job.wait(timeout=LET_GO)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait(timeout=120)
+    m.stop()
