@@ -7,7 +7,7 @@ import errno
 import os
 import sys
 
-from backupfs.cli_repo import catalog_for_reading, progress_reporter
+from backupfs.cli_repo import _close_quietly, catalog_for_reading, progress_reporter
 from backupfs.mountinfo import MountRecord, read_mount_record
 from engine.errors import BackupfsError, UsageError
 from engine.units import format_size, parse_size
@@ -65,7 +65,7 @@ def _trigger_through_mount(record: MountRecord, name: str, line: str) -> dict[st
         try:
             os.write(fd, (line + "\n").encode())
         finally:
-            os.close(fd)
+            _close_quietly(fd)
     except OSError as e:
         failure = e
     with open(snapshot, "rb") as f:

@@ -162,6 +162,15 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _close_quietly(fd: int) -> None:
+    """Close a trigger file: on a mount that went away, close says ENOTCONN,
+    which would hide what the write itself said."""
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
 def _status_fields(text: str) -> dict[str, str]:
     out = {}
     for line in text.splitlines():
@@ -214,13 +223,19 @@ def _backup_through_mount(
                 interrupted = True
                 failure = None
             finally:
-                os.close(fd)
+                _close_quietly(fd)
     finally:
         done.set()
         if watcher is not None:
             watcher.join()
-    with open(snapshot, "rb") as f:
-        fields = _status_fields(f.read().decode(errors="replace"))
+    try:
+        with open(snapshot, "rb") as f:
+            fields = _status_fields(f.read().decode(errors="replace"))
+    except OSError as e:  # the mount went away (unmounted or killed) during the job
+        if failure is None and not interrupted:
+            raise BackupfsError(f"the backup ended, but its status cannot be read from {snapshot}: "
+                                f"{e.strerror}") from None
+        fields = {"_gone": e.strerror or str(e)}
     if interrupted:
         if fields.get("state") == "cancelled":
             print(f"backupfs: interrupted: the backup of {args.name} was cancelled; no backup was made, bitmap kept",
@@ -231,6 +246,11 @@ def _backup_through_mount(
         return 130
     if failure is not None:
         message = fields.get("error") if fields.get("state") == "failed" else None
+        if fields.get("state") == "cancelled":
+            message = f"the backup of {args.name} was cancelled: {fields.get('cancelled', 'on request')}"
+        elif "_gone" in fields:
+            message = (f"backup failed: {failure.strerror}; the mount at {record.mountpoint} went away "
+                       f"({fields['_gone']})")
         if failure.errno == errno.EBUSY:
             message = f"a backup of {args.name} is already running ({fields.get('progress', 'in progress')})"
         raise BackupfsError(message or f"backup failed: {failure.strerror}")

@@ -45,7 +45,6 @@ from backupfs.trigger import PruneCommand, TriggerCommand, TriggerError, VerifyC
 from backupfs.writepolicy import InlineWrites
 from engine.catalog import BackupRecord
 from engine.chain import ChainView, WouldBlock
-from engine.device import Device
 from engine.integrity import VerifiedView
 from engine.errors import BackupfsError
 from engine.job import CancelRequest, FailingSource, Source
@@ -610,15 +609,12 @@ class BackupOperations(pyfuse3.Operations):
             dev = self.repo.device(node.device or "")
             policy = self._write_policy(dev.name)
             if policy.allowed(len(buf)):  # inline while writes are fast (writepolicy.py says why)
-                started = time.perf_counter()
                 try:
-                    written = dev.write(off, buf, nowait=True)
+                    return dev.write(off, buf, nowait=True, timed=policy.inline_took)
                 except WouldBlock:
                     pass
-                else:
-                    policy.record(time.perf_counter() - started, inline=True)
-                    return written
-            return await trio.to_thread.run_sync(self._timed_write, dev, policy, off, buf, limiter=self._io)
+            write = functools.partial(dev.write, off, buf, timed=policy.thread_took)
+            return await trio.to_thread.run_sync(write, limiter=self._io)
         if node.kind == SNAPSHOT:
             await self._trigger(node.device or "", buf, handle.requester)
             return len(buf)
@@ -629,13 +625,6 @@ class BackupOperations(pyfuse3.Operations):
         if policy is None:
             policy = self._write_policies[device] = InlineWrites()
         return policy
-
-    @staticmethod
-    def _timed_write(dev: Device, policy: InlineWrites, off: int, buf: bytes) -> int:
-        started = time.perf_counter()
-        written = dev.write(off, buf)
-        policy.record(time.perf_counter() - started, inline=False)
-        return written
 
     async def _trigger(self, device: str, line: bytes, requester: Requester | None = None) -> None:
         """Run what a trigger line asks for; return when it is done (and durable)."""
@@ -662,12 +651,13 @@ class BackupOperations(pyfuse3.Operations):
         except BackupfsError as e:
             err = e.errno or errno.EIO
             if err == errno.ECANCELED:
-                # The writer was killed or interrupted (or the mount is going
-                # away): it is waiting for EINTR, not for a backup.
+                # The writer was killed or interrupted: it waits for EINTR.
+                # Cancelled by an unmount: ECANCELED, which no one retries.
                 reason = str(e).partition(": ")[2] or "on request"
                 status.cancel(reason, bitmap_kept=isinstance(cmd, TriggerCommand))
                 log.info("%s of %s cancelled: %s", cmd.line(), device, status.error)
-                raise pyfuse3.FUSEError(errno.EINTR) from None
+                raise pyfuse3.FUSEError(errno.EINTR if getattr(e, "interrupted", False)
+                                        else errno.ECANCELED) from None
             status.fail(str(e), err, bitmap_kept=isinstance(cmd, TriggerCommand) and err != errno.EINVAL)
             log.info("%s of %s failed: %s", cmd.line(), device, e)
             raise pyfuse3.FUSEError(err) from None
@@ -691,7 +681,8 @@ class BackupOperations(pyfuse3.Operations):
                 await trio.sleep(REQUESTER_POLL)
                 sig = requester.stopping_signal()
                 if sig is not None:
-                    cancel.cancel(f"{requester.describe()} received {signal.Signals(sig).name}")
+                    cancel.cancel(f"{requester.describe()} received {signal.Signals(sig).name}",
+                                  interrupted=True)
 
         async with trio.open_nursery() as nursery:
             if requester is not None:

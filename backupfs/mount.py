@@ -73,13 +73,15 @@ def serve(repo_path: str, mountpoint: str, options: list[str], ready: Callable[[
         try:
             pyfuse3.close(unmount=True)
         finally:
-            ops.close_views()
-            repo.close()
             try:
-                os.unlink(record_path)
-            except FileNotFoundError:
-                pass
-            log.info("unmounted %s; bitmaps saved", mp)
+                ops.close_views()
+                repo.close()
+                log.info("unmounted %s; bitmaps saved", mp)
+            finally:
+                try:
+                    os.unlink(record_path)
+                except FileNotFoundError:
+                    pass
 
 
 async def _main(repo: Repository, ready: Callable[[str | None], None]) -> None:

@@ -9,11 +9,15 @@ stop`` all leave the writer stuck in state D until the copy ends.
 
 So the filesystem notes the requesting thread when the trigger file is
 opened and, while the job runs, looks at its pending signals in
-``/proc/<tid>/status``. A terminating signal there means the user wants out:
-the job is cancelled (bitmap kept) and the write answered EINTR. Harmless
-signals (SIGCHLD from a shell's background job, SIGWINCH, SIGUSR1 with a
-handler) are not a request to cancel, so they are ignored, and so are
-signals the writer blocks.
+``/proc/<tid>/status``. A signal that will stop the writer means the user
+wants out: the job is cancelled (bitmap kept) and the write answered EINTR.
+That is Ctrl-C (SIGINT, whether the program catches it, as Python and the
+shells do, or not), and SIGTERM, SIGQUIT, SIGHUP or SIGKILL when they will
+kill it. A caught SIGTERM or SIGHUP is left alone: the program has its own
+plans for it (a reload, say), and if it were answered EINTR it would only
+retry the write and start the backup again from nothing. Harmless signals
+(SIGCHLD from a shell's background job, SIGWINCH, SIGUSR1) and signals the
+writer blocks are ignored too.
 """
 
 from __future__ import annotations
@@ -21,11 +25,11 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass
 
-# What a user sends to stop something: kill, Ctrl-C, Ctrl-\, hang-up, and
-# SIGKILL, which the kernel also sets in a thread's pending set whenever a
-# signal without a handler is about to kill the process (so it comes last:
-# the signal the user sent is the better name for what happened).
+# In the order they are named when several are pending: the signal the user
+# sent before SIGKILL, which the kernel also sets in a thread's pending set
+# whenever a signal without a handler is about to kill the process.
 STOPPING = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGKILL)
+STOP_EVEN_CAUGHT = (signal.SIGINT, signal.SIGKILL)  # SIGKILL cannot be caught anyway
 
 
 def stopping_signal(status_text: str) -> int | None:
@@ -33,14 +37,16 @@ def stopping_signal(status_text: str) -> int | None:
     masks: dict[str, int] = {}
     for line in status_text.splitlines():
         key, sep, value = line.partition(":")
-        if sep and key in ("SigPnd", "ShdPnd", "SigBlk"):
+        if sep and key in ("SigPnd", "ShdPnd", "SigBlk", "SigCgt"):
             try:
                 masks[key] = int(value.strip(), 16)
             except ValueError:
                 return None
     pending = (masks.get("SigPnd", 0) | masks.get("ShdPnd", 0)) & ~masks.get("SigBlk", 0)
+    caught = masks.get("SigCgt", 0)
     for sig in STOPPING:
-        if pending & (1 << (sig - 1)):
+        bit = 1 << (sig - 1)
+        if pending & bit and (sig in STOP_EVEN_CAUGHT or not caught & bit):
             return int(sig)
     return None
 

@@ -8,8 +8,9 @@ writer that dirties memory faster than the disk drains it, or wait on the
 journal, and a wait on the event loop stalls every other request of the
 mount.
 
-So device writes run inline while they are fast, and every write is timed.
-One that took longer than SLOW (inline or in a thread) shows the kernel is
+So device writes run inline while they are fast, and every write is timed
+(the pwrite itself, not the waits for a job before it). One that took
+longer than SLOW (inline or in a thread) shows the kernel is
 making writers wait: for a while, writes go to threads, and every slow one
 there extends the while. The first inline write after it is a probe: slow
 again, and the next while is twice as long (up to MAX_HOLD, for a source on
@@ -22,6 +23,7 @@ Device.write(nowait=True) refuses it.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -41,6 +43,7 @@ class InlineWrites:
         self.max_hold = max_hold
         self.hold = hold
         self.clock = clock
+        self._lock = threading.Lock()
         self.threaded_until = 0.0
         self.held = False  # a hold began and no inline write has run since
         self.inline = 0  # counts, for the log and the tests
@@ -52,21 +55,28 @@ class InlineWrites:
 
     def record(self, seconds: float, inline: bool) -> None:
         """A write took ``seconds``: maybe send the next ones to threads for a while."""
-        probe = False
-        if inline:
-            self.inline += 1
-            probe, self.held = self.held, False  # the first inline write after a hold
-        else:
-            self.threaded += 1
-        if seconds <= self.slow:
+        with self._lock:  # threads' writes report here too
+            probe = False
+            if inline:
+                self.inline += 1
+                probe, self.held = self.held, False  # the first inline write after a hold
+            else:
+                self.threaded += 1
+            if seconds <= self.slow:
+                if probe:
+                    self.hold = self.base_hold
+                return
+            self.slow_writes += 1
             if probe:
-                self.hold = self.base_hold
-            return
-        self.slow_writes += 1
-        if probe:
-            self.hold = min(self.hold * 2, self.max_hold)
-        self.threaded_until = self.clock() + self.hold
-        self.held = True
+                self.hold = min(self.hold * 2, self.max_hold)
+            self.threaded_until = self.clock() + self.hold
+            self.held = True
+
+    def inline_took(self, seconds: float) -> None:
+        self.record(seconds, inline=True)
+
+    def thread_took(self, seconds: float) -> None:
+        self.record(seconds, inline=False)
 
     def summary(self) -> str:
         return f"{self.inline} writes inline, {self.threaded} in threads, {self.slow_writes} slow"

@@ -253,6 +253,16 @@ class Catalog:
                     self._conn.execute("ROLLBACK")
                     raise
                 self._conn.execute("COMMIT")
+            except sqlite3.OperationalError as e:
+                if not _disk_full(self.path):
+                    raise
+                if self._conn.in_transaction:
+                    try:
+                        self._conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                raise CatalogError(f"{self.path}: cannot record it, the repository's disk is full ({e})",
+                                   errno.ENOSPC) from None
             finally:
                 if not flush:
                     self._conn.execute("PRAGMA synchronous=FULL")

@@ -15,7 +15,8 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,7 @@ from engine.bitmap import (
 from engine.catalog import DeviceRecord
 from engine.errors import BackupfsError
 from engine.fsutil import file_size
-from engine.nowait import WouldBlock, edges_cached, read_cached
+from engine.nowait import WouldBlock, can_answer, edges_cached, read_cached
 
 if TYPE_CHECKING:
     from engine.job import BackupJob
@@ -104,6 +105,7 @@ class Device:
         self.granularity = record.granularity
         self.state_dir = state_dir
         self.fd, self.read_only = self._open_source()
+        self.writes_inline = can_answer(self.fd)  # see write(nowait=True)
         self.gate = WriteGate()
         self.job: BackupJob | None = None
         self.untrusted_reason: str | None = None
@@ -180,6 +182,7 @@ class Device:
             # dup2: readers in flight finish on the old file; the number
             # never names anything else in between.
             os.dup2(fd, self.fd)
+            self.writes_inline = can_answer(self.fd)
             os.close(fd)
             self.read_only = read_only
             self.distrust(f"its source {self.path} was replaced behind backupfs's back")
@@ -272,13 +275,18 @@ class Device:
             raise DeviceError(self._resized(file_size(self.fd)), errno.EIO)
         return data
 
-    def write(self, offset: int, data: bytes | bytearray | memoryview, nowait: bool = False) -> int:
+    def write(self, offset: int, data: bytes | bytearray | memoryview, nowait: bool = False,
+              timed: Callable[[float], None] | None = None) -> int:
         """Write through to the source; returns bytes written (short at the end).
 
         With ``nowait``, raise WouldBlock instead of waiting for a job's
         start or end, or running a job's copy-before-write, or reading a
-        partly written page from disk: the mount writes inline only what
-        cannot wait for those, and sends the rest to a thread.
+        partly written page from disk, or writing to a file system that may
+        wait on a network (one that cannot answer nowait reads): the mount
+        writes inline only what cannot wait for those, and sends the rest to
+        a thread. ``timed`` gets the seconds the write itself took (not the
+        waits before it): what tells the mount the kernel is making writers
+        wait.
         """
         if self.read_only:
             raise DeviceError(f"device {self.name}: source {self.path} is read-only", errno.EROFS)
@@ -287,7 +295,7 @@ class Device:
         view = memoryview(data)[: self.size - offset]
         length = len(view)
         if nowait:
-            if self.job is not None or not edges_cached(self.fd, offset, length):
+            if self.job is not None or not self.writes_inline or not edges_cached(self.fd, offset, length):
                 raise WouldBlock()
             if not self.gate.acquire_shared(wait=False):
                 raise WouldBlock()
@@ -309,6 +317,7 @@ class Device:
             self.since_last.active.mark(offset, length)
             self.since_full.active.mark(offset, length)
             done = 0
+            started = time.perf_counter()
             while done < length:
                 try:
                     done += os.pwrite(self.fd, view[done:], offset + done)
@@ -316,6 +325,8 @@ class Device:
                     raise DeviceError(
                         f"device {self.name}: writing {self.path}: {e.strerror}", e.errno or errno.EIO
                     ) from None
+            if timed is not None:
+                timed(time.perf_counter() - started)
         finally:
             self.gate.release_shared()
         return length

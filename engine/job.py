@@ -85,8 +85,12 @@ class JobError(BackupfsError):
 
 
 class JobCancelled(JobError):
-    def __init__(self, message: str = "backup cancelled") -> None:
+    def __init__(self, message: str = "backup cancelled", interrupted: bool = False) -> None:
         super().__init__(message, errno.ECANCELED)
+        # Cancelled because whoever waits for it was interrupted (answer
+        # EINTR), not by an unmount or a close (answer ECANCELED, which no
+        # one retries: a program's EINTR retry would trigger it again).
+        self.interrupted = interrupted
 
 
 class CancelRequest(threading.Event):
@@ -94,15 +98,17 @@ class CancelRequest(threading.Event):
     operator's Ctrl-C from an unmount."""
 
     reason: str | None = None
+    interrupted: bool = False
 
-    def cancel(self, reason: str) -> None:
+    def cancel(self, reason: str, interrupted: bool = False) -> None:
         if not self.is_set():
             self.reason = reason
+            self.interrupted = interrupted
         self.set()
 
     def error(self, what: str = "backup") -> JobCancelled:
         reason = getattr(self, "reason", None)
-        return JobCancelled(f"{what} cancelled" + (f": {reason}" if reason else ""))
+        return JobCancelled(f"{what} cancelled" + (f": {reason}" if reason else ""), self.interrupted)
 
 
 def cancelled(event: threading.Event, what: str = "backup") -> JobCancelled:

@@ -63,3 +63,19 @@ def edges_cached(fd: int, offset: int, length: int) -> bool:
             except (WouldBlock, OSError):
                 return False
     return True
+
+
+def can_answer(fd: int) -> bool:
+    """Whether the file's file system answers nowait reads at all.
+
+    Those that do not (FUSE, NFS: EOPNOTSUPP) are the ones where a write
+    may wait on a network or another process for any time, so the mount
+    never writes to them on its event loop.
+    """
+    if not RWF_NOWAIT:
+        return False
+    try:
+        os.preadv(fd, [memoryview(_probe)], 0, RWF_NOWAIT)
+    except OSError as e:
+        return e.errno == errno.EAGAIN  # it can say "not cached": it answers
+    return True

@@ -35,7 +35,7 @@ import numpy as np
 
 from engine import durable
 from engine.bitmap import validate_granularity
-from engine.catalog import KINDS, BackupRecord, Catalog, DeviceRecord
+from engine.catalog import KINDS, BackupRecord, Catalog, CatalogError, DeviceRecord
 from engine.chain import ChainView
 from engine.checksums import ChecksumError, ChecksumRecord, granule_hashes, overlay
 from engine.device import Device, DeviceError
@@ -205,7 +205,15 @@ class Repository:
         """Remove what interrupted jobs left behind."""
         if self.catalog.frozen:
             return  # read-only until there is room; the next open does this
-        self.catalog.mark_interrupted_jobs()
+        try:
+            self.catalog.mark_interrupted_jobs()
+        except CatalogError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            # A crash left the WAL, so the catalog opened normally, but there
+            # is no room to record anything: read-only until there is.
+            self.catalog.frozen = "the repository's disk is full"
+            return
         known = {b.image for b in self.catalog.backups()} | {
             b.checksums for b in self.catalog.backups() if b.checksums
         }
@@ -649,11 +657,12 @@ class Repository:
             dev.job = job
             with self._idle:
                 self._running[name] = job
-        job_id = self.catalog.job_started(name, kind)
-
         ok = False
+        failure: BaseException | None = None
+        job_id: int | None = None
         try:
             try:
+                job_id = self.catalog.job_started(name, kind)  # inside: a failure here must undo the above
                 job.run()
                 writer.commit()
                 # Written in place (not renamed): until the catalog names it,
@@ -686,23 +695,15 @@ class Repository:
             )
             finished = dict(backup=backup_id, total=job.progress.total, done=job.progress.done,
                             written=job.progress.written, scanned=plan_scan)
+            assert job_id is not None
             self.catalog.add_backup(rec, job=(job_id, finished))  # the instant it becomes visible
             ok = True
         except BaseException as e:
-            writer.abort()
-            for leftover in (tmp, final, sums_path):
-                try:
-                    durable.fs.unlink(leftover)
-                except FileNotFoundError:
-                    pass
-            cancelled = isinstance(e, KeyboardInterrupt) or (isinstance(e, JobError) and e.errno == errno.ECANCELED)
-            state = "cancelled" if cancelled else "failed"
-            self.catalog.job_finished(
-                job_id, state, total=job.progress.total, done=job.progress.done,
-                written=job.progress.written, scanned=plan_scan, error=str(e) or "interrupted",
-            )
+            failure = e
             raise
         finally:
+            # Exclusive: waits for writes in flight, whose copy-before-write
+            # may still be writing into the image; none starts after this.
             with dev.gate.exclusive():
                 dev.job = None
                 if ok:
@@ -717,9 +718,32 @@ class Repository:
                     dev.since_last.reclaim()
                     if frozen_full is not None:
                         dev.since_full.reclaim()
-            with self._idle:
-                self._running.pop(name, None)
-                self._idle.notify_all()
+            try:
+                if not ok:
+                    # Only now: closed earlier, the image's descriptor could be
+                    # reused by another file while a copy-before-write still
+                    # held its number.
+                    writer.abort()
+                    for leftover in (tmp, final, sums_path):
+                        try:
+                            durable.fs.unlink(leftover)
+                        except FileNotFoundError:
+                            pass
+                    cancelled = isinstance(failure, KeyboardInterrupt) or (
+                        isinstance(failure, JobError) and failure.errno == errno.ECANCELED)
+                    try:
+                        if job_id is not None:
+                            self.catalog.job_finished(
+                                job_id, "cancelled" if cancelled else "failed", total=job.progress.total,
+                                done=job.progress.done, written=job.progress.written, scanned=plan_scan,
+                                error=str(failure) or "interrupted",
+                            )
+                    except CatalogError:
+                        pass  # history only (a full disk): the error that stopped the job matters
+            finally:
+                with self._idle:
+                    self._running.pop(name, None)
+                    self._idle.notify_all()
         return BackupResult(
             rec, plan_scan, job.progress.total, job.progress.written, job.cbw_units,
             time.monotonic() - started, scan_reason,

@@ -99,6 +99,12 @@ def test_files_that_cannot_answer_nowait_are_misses_not_errors(
         assert dev.read(0, MiB) == data[:MiB]
         with pytest.raises(WouldBlock):
             dev.read(0, MiB, nowait=True)
+        # Its writes may wait on another process (or a network) for any
+        # time: never on the mount's event loop, even whole cached pages.
+        assert not dev.writes_inline
+        with pytest.raises(WouldBlock):
+            dev.write(0, b"W" * 4096, nowait=True)
+        assert dev.write(0, b"W" * 4096) == 4096 and dev.read(0, 4096) == b"W" * 4096
     finally:
         repo.close()
 
@@ -126,6 +132,7 @@ def test_device_writes_nowait_refuse_what_must_wait(tmp_path: Path) -> None:
     fd = os.open(src, os.O_RDONLY)
     try:
         dev = repo.device("d")
+        assert dev.writes_inline  # a local file system: it answers nowait reads
         # Whole pages need no read, cached or not.
         drop_cached(fd, MiB, 64 * KiB)
         assert dev.write(MiB, b"A" * 8192, nowait=True) == 8192
