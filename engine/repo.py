@@ -702,29 +702,37 @@ class Repository:
             failure = e
             raise
         finally:
-            # Exclusive: waits for writes in flight, whose copy-before-write
-            # may still be writing into the image; none starts after this.
-            with dev.gate.exclusive():
-                dev.job = None
-                if ok:
-                    dev.since_last.abdicate()
-                    dev.since_last.trusted = True
-                    if frozen_full is not None:
-                        dev.since_full.abdicate()
-                        dev.since_full.trusted = True
-                    elif plan_scan and not dev.since_full.trusted:
-                        self._rebuild_since_full(dev, rec)
-                else:
-                    dev.since_last.reclaim()
-                    if frozen_full is not None:
-                        dev.since_full.reclaim()
             try:
-                if not ok:
+                committed = ok
+                if not ok and failure is not None:
+                    # Interrupted (Ctrl-C) after the catalog commit returned:
+                    # the backup is there, whole; its files must stay.
+                    committed = self._committed(backup_id)
+                # Exclusive: waits for writes in flight, whose copy-before-write
+                # may still be writing into the image; none starts after this.
+                with dev.gate.exclusive():
+                    dev.job = None
+                    if committed:
+                        dev.since_last.abdicate()
+                        dev.since_last.trusted = True
+                        if frozen_full is not None:
+                            dev.since_full.abdicate()
+                            dev.since_full.trusted = True
+                        elif plan_scan and not dev.since_full.trusted:
+                            self._rebuild_since_full(dev, rec)
+                    else:
+                        dev.since_last.reclaim()
+                        if frozen_full is not None:
+                            dev.since_full.reclaim()
+                if not committed:
                     # Only now: closed earlier, the image's descriptor could be
                     # reused by another file while a copy-before-write still
                     # held its number.
                     writer.abort()
-                    for leftover in (tmp, final, sums_path):
+                    # Unsure whether the catalog names them: leave them to the
+                    # next open, which removes what the catalog does not name.
+                    doubt = committed is None
+                    for leftover in (tmp,) if doubt else (tmp, final, sums_path):
                         try:
                             durable.fs.unlink(leftover)
                         except FileNotFoundError:
@@ -748,6 +756,13 @@ class Repository:
             rec, plan_scan, job.progress.total, job.progress.written, job.cbw_units,
             time.monotonic() - started, scan_reason,
         )
+
+    def _committed(self, backup_id: str) -> bool | None:
+        """Whether the catalog names the backup (None: it cannot say)."""
+        try:
+            return self.catalog.backup(backup_id) is not None
+        except Exception:  # noqa: BLE001 - any doubt keeps the files
+            return None
 
     def _rebuild_since_full(self, dev: Device, newest: BackupRecord) -> None:
         """Make since_full trustworthy again after a checksum scan.

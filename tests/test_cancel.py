@@ -439,3 +439,65 @@ def test_a_crash_then_a_full_disk_still_lists(tmp_path: Path) -> None:
         cli("backup", repo, "vm1", "incremental")
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def _small_repo(tmp_path: Path) -> tuple[Repository, Path]:
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(8 * MiB))
+    Repository.init(str(tmp_path / "repo"))
+    repo = Repository.open(str(tmp_path / "repo"))
+    repo.add_device("d", str(src))
+    return repo, src
+
+
+def test_ctrl_c_right_after_the_commit_keeps_the_backup(tmp_path: Path, monkeypatch) -> None:
+    """Ctrl-C landing after the catalog commit but before the job knew: the
+    cleanup used to delete the files of a backup the catalog names (verify
+    BAD, the next incremental failed)."""
+    from engine import durable
+
+    repo, src = _small_repo(tmp_path)
+    try:
+        repo.backup("d", "full")
+        dev = repo.device("d")
+        dev.write(MiB, os.urandom(64 * 1024))
+
+        def interrupted(path: str) -> None:
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(durable.fs, "catalog_committed", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            repo.backup("d", "incremental")
+        monkeypatch.undo()
+        latest = repo.catalog.latest_backup("d")
+        assert latest is not None and latest.kind == "incremental"
+        assert (tmp_path / "repo" / latest.image).exists() and repo.verify("d").ok
+        assert dev.since_last.active.dirty_bytes() == 0  # what it copied is not copied again
+    finally:
+        repo.close()
+
+
+def test_ctrl_c_while_ending_a_job_does_not_hang_the_close(tmp_path: Path, monkeypatch) -> None:
+    """Ctrl-C inside the job's ending (bitmaps handed over under the gate)
+    left the job registered, and close() then waited for it forever while
+    holding the repository's lock."""
+    import threading
+
+    repo, src = _small_repo(tmp_path)
+    closed = threading.Event()
+    try:
+        repo.backup("d", "full")
+        dev = repo.device("d")
+
+        def interrupted() -> None:
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(dev.since_last, "abdicate", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            repo.backup("d", "incremental", scan=True)
+        monkeypatch.undo()
+    finally:
+        closer = threading.Thread(target=lambda: (repo.close(), closed.set()), daemon=True)
+        closer.start()
+        closer.join(30)
+    assert closed.is_set(), "close() hung"
