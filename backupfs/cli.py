@@ -12,6 +12,7 @@ import argparse
 import errno
 import os
 import resource
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -58,6 +59,38 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: cleaned up like Ctrl-C (temporary images and
+    restore files removed, the job recorded as cancelled)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise Stopped(signum)
+
+
+def _stop_cleanly_on_signals() -> None:
+    """Let `kill` and a closed terminal clean up as Ctrl-C does.
+
+    Left alone when ignored (nohup). A command that hands its work to the
+    mount's daemon puts them back to the default first: the daemon cancels
+    the job when a signal will kill the process waiting for it
+    (backupfs/requester.py), not when the process catches it.
+    """
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            signal.signal(sig, _stop)
+
+
+def default_stop_signals() -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is _stop:
+            signal.signal(sig, signal.SIG_DFL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # Started with `2>&-` or `>&-`, Python has no stream there at all.
     if sys.stderr is None:
@@ -68,11 +101,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _raise_fd_limit()
+    _stop_cleanly_on_signals()
     try:
         return int(args.func(args) or 0)
     except BackupfsError as e:
         _say(f"error: {e}")
         return 1
+    except Stopped as e:
+        _say(f"stopped by {signal.Signals(e.signum).name}")
+        return 128 + e.signum
     except KeyboardInterrupt:
         _say("interrupted")
         return 130

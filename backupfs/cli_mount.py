@@ -42,7 +42,10 @@ def _logging_to(stream_or_path: object) -> None:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    from backupfs.cli import default_stop_signals
     from backupfs.mount import serve  # pyfuse3 and trio: only the daemon needs them
+
+    default_stop_signals()  # the daemon has its own: unmount cleanly
 
     options = parse_options(args.options)
     repo = os.path.abspath(args.repo)

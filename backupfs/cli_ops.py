@@ -54,7 +54,10 @@ def _mounted(repo: str) -> MountRecord | None:
 
 def _trigger_through_mount(record: MountRecord, name: str, line: str) -> dict[str, str]:
     """Write a command line to the device's snapshot file; return the status fields."""
+    from backupfs.cli import default_stop_signals
     from backupfs.cli_repo import _status_fields
+
+    default_stop_signals()  # so that the daemon sees them as stopping us (requester.py)
 
     snapshot = os.path.join(record.mountpoint, name, "snapshot")
     if not os.path.exists(snapshot):

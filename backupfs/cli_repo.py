@@ -184,6 +184,7 @@ def _backup_through_mount(
     record: MountRecord, args: argparse.Namespace, cluster_size: int, rate: int | None
 ) -> int:
     """The repository is mounted: ask the daemon through the trigger file."""
+    from backupfs.cli import default_stop_signals
     from engine.job import Progress
     from engine.repo import validate_name
 
@@ -206,6 +207,7 @@ def _backup_through_mount(
 
     watcher = threading.Thread(target=show_progress, daemon=True) if sys.stderr.isatty() else None
     interrupted = False
+    default_stop_signals()  # so that the daemon sees them as stopping us (requester.py)
     if watcher is not None:
         watcher.start()
     try:

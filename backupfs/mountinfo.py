@@ -7,6 +7,7 @@ need to find a mount do not import pyfuse3 and trio.
 from __future__ import annotations
 
 import json
+import errno
 import os
 import re
 import select
@@ -52,6 +53,12 @@ def parse_options(text: str | None) -> list[str]:
 def check_mountpoint(repo_path: str, mountpoint: str) -> str:
     repo_real = os.path.realpath(repo_path)
     mp = os.path.realpath(mountpoint)
+    try:
+        os.stat(mp)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:  # a FUSE mount whose daemon died (kill -9)
+            raise UsageError(f"{mountpoint} is a dead mount (its daemon is gone); "
+                             f"run 'backupfs umount {mountpoint}' first") from None
     if not os.path.isdir(mp):
         raise UsageError(f"mount point {mountpoint} is not a directory")
     if os.path.commonpath([mp, repo_real]) == repo_real:

@@ -618,23 +618,25 @@ class Repository:
             unit = copy_cluster_size(dev.granularity, cluster_size)
             # Freeze the bitmaps this kind consumes; a differential reads
             # since_full without consuming it (the next differential needs it).
-            frozen_last = dev.since_last.freeze()
-            frozen_full = dev.since_full.freeze() if kind == "full" else None
-            if kind == "full" or plan_scan:
-                units = units_of([(0, dev.size)], unit, dev.size)
-            elif kind == "incremental":
-                units = units_of(frozen_last.runs(), unit, dev.size)
-            else:
-                units = units_of(dev.since_full.active.runs(), unit, dev.size)
-
-            seq = self.catalog.next_seq()
-            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(created_ns / 1e9))
-            backup_id = f"{stamp}-{seq:04d}-{kind}"
-            ddir = self._device_dir(name)
-            final = os.path.join(ddir, f"{backup_id}.qcow2")
-            tmp = os.path.join(ddir, f".tmp-{backup_id}.qcow2")
-            sums_path = os.path.join(ddir, f"{backup_id}.sums")
+            writer: Qcow2Writer | None = None
+            tmp = ""
             try:
+                frozen_last = dev.since_last.freeze()
+                frozen_full = dev.since_full.freeze() if kind == "full" else None
+                if kind == "full" or plan_scan:
+                    units = units_of([(0, dev.size)], unit, dev.size)
+                elif kind == "incremental":
+                    units = units_of(frozen_last.runs(), unit, dev.size)
+                else:
+                    units = units_of(dev.since_full.active.runs(), unit, dev.size)
+
+                seq = self.catalog.next_seq()
+                stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(created_ns / 1e9))
+                backup_id = f"{stamp}-{seq:04d}-{kind}"
+                ddir = self._device_dir(name)
+                final = os.path.join(ddir, f"{backup_id}.qcow2")
+                tmp = os.path.join(ddir, f".tmp-{backup_id}.qcow2")
+                sums_path = os.path.join(ddir, f"{backup_id}.sums")
                 writer = Qcow2Writer(
                     tmp,
                     dev.size,
@@ -642,21 +644,35 @@ class Repository:
                     backing_file=f"{parent.id}.qcow2" if parent else None,
                     backing_format="qcow2" if parent else None,
                 )
+                plan = JobPlan(dev.size, dev.granularity, cluster_size, units, kind != "full", parent_hashes)
+                checksums = ChecksumRecord(dev.size, dev.granularity)
+                source = source_factory(dev) if source_factory else Source(dev.fd, dev.path, dev.size)
+                job = BackupJob(
+                    plan, source, writer, checksums, kind=kind, on_progress=on_progress, cancel=cancel,
+                    chunk_bytes=chunk_bytes, rate=rate,
+                )
+                dev.job = job
+                with self._idle:
+                    self._running[name] = job
             except BaseException:
-                dev.since_last.reclaim()
-                if frozen_full is not None:
+                # Anything (a Ctrl-C included) before the job is under way:
+                # undo all of it, or close() would wait for it forever.
+                dev.job = None
+                with self._idle:
+                    self._running.pop(name, None)
+                    self._idle.notify_all()
+                if writer is not None:
+                    writer.abort()
+                if tmp:
+                    try:
+                        durable.fs.unlink(tmp)
+                    except FileNotFoundError:
+                        pass
+                if dev.since_last.frozen is not None:
+                    dev.since_last.reclaim()
+                if kind == "full" and dev.since_full.frozen is not None:
                     dev.since_full.reclaim()
                 raise
-            plan = JobPlan(dev.size, dev.granularity, cluster_size, units, kind != "full", parent_hashes)
-            checksums = ChecksumRecord(dev.size, dev.granularity)
-            source = source_factory(dev) if source_factory else Source(dev.fd, dev.path, dev.size)
-            job = BackupJob(
-                plan, source, writer, checksums, kind=kind, on_progress=on_progress, cancel=cancel,
-                chunk_bytes=chunk_bytes, rate=rate,
-            )
-            dev.job = job
-            with self._idle:
-                self._running[name] = job
         ok = False
         failure: BaseException | None = None
         job_id: int | None = None

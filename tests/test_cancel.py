@@ -15,7 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -501,3 +501,46 @@ def test_ctrl_c_while_ending_a_job_does_not_hang_the_close(tmp_path: Path, monke
         closer.start()
         closer.join(30)
     assert closed.is_set(), "close() hung"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_kill_of_a_restore_or_backup_cleans_up_as_ctrl_c_does(tmp_path: Path, sig: signal.Signals) -> None:
+    """SIGTERM (kill, systemctl stop) and SIGHUP (a closed terminal) used to
+    leave a full-size hidden .restoring file beside the target forever, and
+    a backup's temporary image until the next open."""
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(64 * MiB))
+    repo = tmp_path / "repo"
+    cli("init", repo)
+    cli("device", "add", repo, "vm1", src)
+    cli("backup", repo, "vm1", "full")
+    target = tmp_path / "out" / "restored.img"
+    target.parent.mkdir()
+    target.write_bytes(b"the old file")
+
+    def stop_when(proc: subprocess.Popen, appeared: Callable[[], bool]) -> str:
+        try:
+            while not appeared():
+                assert proc.poll() is None, proc.communicate()
+            proc.send_signal(sig)
+            return proc.communicate(timeout=60)[1]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=60)
+
+    # Stopped the moment its temporary file exists (64 MiB take it far longer to fill).
+    restore = subprocess.Popen(backupfs_cmd() + ["restore", str(repo), "vm1", "latest", str(target), "--force"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err = stop_when(restore, lambda: any(p.name.endswith(".restoring") for p in target.parent.iterdir()))
+    assert restore.returncode == 128 + sig and f"stopped by {sig.name}" in err, err
+    assert [p.name for p in target.parent.iterdir()] == ["restored.img"]
+    assert target.read_bytes() == b"the old file"
+
+    backup = subprocess.Popen(backupfs_cmd() + ["backup", str(repo), "vm1", "full", "--rate", "1M"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err = stop_when(backup, lambda: any(p.name.startswith(".tmp-") for p in (repo / "devices" / "vm1").iterdir()))
+    assert backup.returncode == 128 + sig and f"stopped by {sig.name}" in err, err
+    assert not [p for p in (repo / "devices" / "vm1").iterdir() if p.name.startswith(".tmp")]
+    assert len(cli("list", repo).stdout.decode().splitlines()) == 2  # the header and the first full
+    cli("backup", repo, "vm1", "incremental")  # the repository is free and whole

@@ -328,6 +328,24 @@ def test_sigkill_makes_the_next_incremental_scan(setup: Mounted, tmp_path: Path)
     assert "trusted" in m.path("vm1", "bitmap").read_text()
 
 
+def test_a_dead_mount_is_named_and_umount_clears_it(setup: Mounted) -> None:
+    """After kill -9 of the daemon the mount point answers ENOTCONN; mounting
+    again used to say "is not a directory"."""
+    m = setup
+    assert m.pid is not None
+    os.kill(m.pid, 9)
+    from backupfs.mountinfo import wait_for_exit
+
+    wait_for_exit(m.pid, 60)
+    m.pid = None
+    proc = cli("mount", m.repo, m.mnt, check=False)
+    assert proc.returncode == 1 and b"is a dead mount (its daemon is gone); run 'backupfs umount" in proc.stderr, \
+        proc.stderr
+    cli("umount", m.mnt)
+    m.start()
+    assert trigger(m, "full").returncode == 0
+
+
 def test_cli_backup_goes_through_the_mount(setup: Mounted) -> None:
     m = setup
     out = cli("backup", m.repo, "vm1", "full", "--label", "from cli").stdout.decode()
