@@ -141,6 +141,10 @@ class Device:
         return (f"device {self.name}: source {self.path} is {actual} bytes, "
                 f"registered as {self.size}; it changed size behind backupfs's back")
 
+    def save_bitmaps(self) -> None:
+        """Persist the bitmaps now (still in use): a change a crash must not lose."""
+        self._persist(in_use=True)
+
     def distrust(self, reason: str) -> None:
         """Something changed the source that the bitmaps cannot have seen:
         the next incremental or differential compares checksums instead."""

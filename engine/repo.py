@@ -516,27 +516,35 @@ class Repository:
         x_defined = None
         if was_latest and x.checksums:
             x_defined = ChecksumRecord.load(os.path.join(self.path, x.checksums)).defined
+        dev: Device | None = None
+        if was_latest or (was_last_full and not plan.children):
+            try:
+                dev = self.device(device)
+            except BackupfsError:
+                dev = None  # no live source: no bitmap to keep right
+        if dev is not None:
+            # Before the removal, and saved: once the catalog forgets x, an
+            # interruption must not leave a bitmap that forgot x's changes.
+            # (If the removal then fails, the next incremental copies a
+            # little more than it needed to: still right.)
+            with dev.gate.exclusive():
+                if was_latest:
+                    # The next incremental backs onto x's parent: it must copy x's changes too.
+                    if x_defined is not None:
+                        dev.since_last.active.bits |= x_defined
+                    else:
+                        dev.since_last.trusted = False
+                        dev.untrusted_reason = "the latest backup was removed"
+                if was_last_full and not plan.children:
+                    dev.since_full.trusted = False
+                    dev.untrusted_reason = "the last full backup was removed"
+                dev.save_bitmaps()
         remove_backup(
             self.path, x, plan.children,
             lambda: self.catalog.begin_removal(x.id),
             lambda updates: self.catalog.apply_removal(x.id, updates),
             hook=hook,
         )
-        try:
-            dev = self.device(device)
-        except BackupfsError:
-            return  # no live source: no bitmap to keep right
-        with dev.gate.exclusive():
-            if was_latest:
-                # The next incremental backs onto x's parent: it must copy x's changes too.
-                if x_defined is not None:
-                    dev.since_last.active.bits |= x_defined
-                else:
-                    dev.since_last.trusted = False
-                    dev.untrusted_reason = "the latest backup was removed"
-            if was_last_full and not plan.children:
-                dev.since_full.trusted = False
-                dev.untrusted_reason = "the last full backup was removed"
 
     def verify(
         self,

@@ -544,3 +544,31 @@ def test_kill_of_a_restore_or_backup_cleans_up_as_ctrl_c_does(tmp_path: Path, si
     assert not [p for p in (repo / "devices" / "vm1").iterdir() if p.name.startswith(".tmp")]
     assert len(cli("list", repo).stdout.decode().splitlines()) == 2  # the header and the first full
     cli("backup", repo, "vm1", "incremental")  # the repository is free and whole
+
+
+def test_removing_the_latest_then_an_interrupt_keeps_its_changes_dirty(tmp_path: Path) -> None:
+    """`prune --remove LATEST` interrupted just after the catalog forgot it:
+    the bitmap had not yet taken back that backup's changes, so the next
+    incremental stored nothing and the backup differed from the source."""
+    repo, src = _small_repo(tmp_path)
+    try:
+        repo.backup("d", "full")
+        repo.device("d").write(3 * MiB, os.urandom(128 * 1024))
+        latest = repo.backup("d", "incremental").record
+
+        def step(name: str) -> None:
+            if name == "catalog":
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            repo.prune("d", remove=latest.id, hook=step)
+    finally:
+        repo.close()
+    with Repository.open(str(tmp_path / "repo")) as again:
+        assert [b.id for b in again.backups("d")] != [] and latest.id not in [b.id for b in again.backups("d")]
+        result = again.backup("d", "incremental")
+        assert result.bytes_written >= 128 * 1024
+        assert again.verify("d").ok
+    restored = tmp_path / "restored.img"
+    cli("restore", tmp_path / "repo", "d", "latest", restored)
+    assert restored.read_bytes() == src.read_bytes()
