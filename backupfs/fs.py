@@ -643,7 +643,7 @@ class BackupOperations(pyfuse3.Operations):
             if isinstance(cmd, VerifyCommand):
                 await self._verify(device, cmd, status, requester)
             elif isinstance(cmd, PruneCommand):
-                await self._prune(device, cmd, status)
+                await self._prune(device, cmd, status, requester)
             else:
                 await self._backup_job(device, cmd, status, requester)
         except pyfuse3.FUSEError:
@@ -720,27 +720,38 @@ class BackupOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO)
         status.succeed(lines=lines)
 
-    async def _prune(self, device: str, cmd: PruneCommand, status: JobStatus) -> None:
+    async def _prune(self, device: str, cmd: PruneCommand, status: JobStatus,
+                     requester: Requester | None = None) -> None:
         policy = RetentionPolicy(cmd.keep_last, cmd.keep_daily, cmd.keep_weekly, cmd.keep_monthly)
-        run = functools.partial(
-            self.repo.prune, device, None if policy.empty() else policy, cmd.remove, dry_run=cmd.dry_run
-        )
-        plans = await trio.to_thread.run_sync(run, limiter=self._jobs)
+
+        def run(cancel: CancelRequest) -> Any:
+            return self.repo.prune(device, None if policy.empty() else policy, cmd.remove,
+                                   dry_run=cmd.dry_run, cancel=cancel)
+
+        before = {b.id for b in self._backups(device)}
+        try:
+            plans = await self._run_job(run, status, requester)
+        finally:
+            if not cmd.dry_run:  # also when cancelled part way: some may be gone
+                await self._forget_removed(device, before)
         verb = "would remove" if cmd.dry_run else "removed"
         status.succeed(lines=[f"{verb}: {p.describe()}" for p in plans] or ["removed: nothing"])
-        if cmd.dry_run:
-            return
-        # The kernel caches backup entries for long: tell it they are gone,
-        # and let new opens of rewritten backups see their new images.
-        # Done before the trigger returns, so the script that pruned sees it.
-        # (The kernel takes the backups directory's lock, not the snapshot
-        # file's, so this cannot wait on the request we are serving.)
+
+    async def _forget_removed(self, device: str, before: set[str]) -> None:
+        """The kernel caches backup entries for long: tell it which are gone,
+        and let new opens of rewritten backups see their new images.
+
+        Done before the trigger returns, so the script that pruned sees it.
+        (The kernel takes the backups directory's lock, not the snapshot
+        file's, so this cannot wait on the request we are serving.)
+        """
+        after = {b.id for b in self._backups(device)}
         backups_dir = self.inodes.get(BACKUPS, device).inode
-        for plan in plans:
-            await trio.to_thread.run_sync(self._invalidate, backups_dir, plan.removed.id.encode())
-            for child in plan.children:  # rewritten: new st_blocks, new image
-                inode = self.inodes.get(BACKUP, device, child.id).inode
-                await trio.to_thread.run_sync(self._invalidate_attrs, inode)
+        for gone in sorted(before - after):
+            await trio.to_thread.run_sync(self._invalidate, backups_dir, gone.encode())
+        for kept in sorted(after):  # children of a removed one were rewritten: new st_blocks
+            inode = self.inodes.get(BACKUP, device, kept).inode
+            await trio.to_thread.run_sync(self._invalidate_attrs, inode)
         self._drop_idle_views()
 
     @staticmethod

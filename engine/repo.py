@@ -48,6 +48,7 @@ from engine.prune import RemovalPlan, RetentionPolicy, remove_backup, select_for
 from engine.job import (
     CHUNK_BYTES,
     BackupJob,
+    JobCancelled,
     JobError,
     JobPlan,
     Progress,
@@ -477,6 +478,7 @@ class Repository:
         *,
         dry_run: bool = False,
         hook: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
     ) -> list[RemovalPlan]:
         """Remove backups by retention policy or by id, merging each into its children."""
         if not dry_run:
@@ -497,13 +499,18 @@ class Repository:
             else:
                 assert policy is not None
                 candidates = select_for_removal(self.catalog.backups(device), policy)
-            plans = []
+            plans: list[RemovalPlan] = []
             for x in candidates:
+                if cancel is not None and cancel.is_set() and not dry_run:
+                    # Between removals: each one is whole (or finished at the next open).
+                    done = ", ".join(p.removed.id for p in plans) or "nothing"
+                    err = cancelled(cancel, "prune")
+                    raise JobCancelled(f"{err}; removed before that: {done}", err.interrupted)
                 x = self.catalog.backup(x.id) or x  # parents change as earlier ones go
                 plan = RemovalPlan(x, self.catalog.children(x.id))
-                plans.append(plan)
                 if not dry_run:
                     self._remove_one(device, plan, hook)
+                plans.append(plan)
             return plans
         finally:
             with self._idle:

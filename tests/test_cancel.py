@@ -572,3 +572,47 @@ def test_removing_the_latest_then_an_interrupt_keeps_its_changes_dirty(tmp_path:
     restored = tmp_path / "restored.img"
     cli("restore", tmp_path / "repo", "d", "latest", restored)
     assert restored.read_bytes() == src.read_bytes()
+
+
+def test_killing_the_writer_of_a_prune_stops_it_between_removals(tmp_path: Path) -> None:
+    """A prune through the mount held its writer (even after kill -9) until
+    every removal was done. Now it stops after the removal under way; what
+    it removed is listed, the rest of the chain is whole."""
+    src = tmp_path / "vm1.img"
+    src.write_bytes(os.urandom(128 * MiB))
+    repo = tmp_path / "repo"
+    cli("init", repo)
+    cli("device", "add", repo, "vm1", src)
+    (tmp_path / "mnt").mkdir()
+    m = Mounted(repo, tmp_path / "mnt")
+    m.start()
+    try:
+        snapshot = m.path("vm1", "snapshot")
+        sh(f"echo full > {snapshot}")
+        for i in range(5):  # each removal of the oldest rewrites its child whole: 128 MiB
+            sh(f"dd if=/dev/urandom of={m.path('vm1', 'device')} bs=1M count=4 seek={i * 16} "
+               f"conv=notrunc status=none && echo incremental > {snapshot}")
+        before = backups(m)
+        job = subprocess.Popen(["bash", "-c", f"echo 'prune keep_last=1' > {snapshot}"])
+        try:
+            while f"pid {job.pid} " not in status(m).get("requested by", ""):
+                assert job.poll() is None, status(m)
+            job.kill()
+            job.wait(timeout=LET_GO)
+        finally:
+            if job.poll() is None:
+                job.kill()
+                job.wait(timeout=120)
+        st = status(m)
+        assert st["state"] == "cancelled", st
+        assert "removed before that:" in st["cancelled"]
+        left = backups(m)
+        assert 1 < len(left) < len(before) or len(left) == len(before) - 1, (before, left)
+        assert cli("verify", repo).returncode == 0
+        sh(f"cmp {m.path('vm1', 'backups', 'latest')} {m.path('vm1', 'device')}")
+        sh(f"echo 'prune keep_last=1' > {snapshot}")  # and a prune left alone finishes the job
+        assert len(backups(m)) == 1
+        sh(f"cmp {m.path('vm1', 'backups', 'latest')} {m.path('vm1', 'device')}")
+        m.stop()
+    finally:
+        m.cleanup()
