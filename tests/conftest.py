@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -221,6 +222,28 @@ class Mounted:
             return (self.repo / "backupfs.log").read_text()
         except OSError:
             return ""
+
+
+@contextmanager
+def mounted_device(tmp_path: Path, data: bytes | bytearray, name: str = "vm1") -> Iterator[Mounted]:
+    """A new repository with one device whose source holds ``data`` (fsynced),
+    mounted at tmp_path/mnt; unmounted whatever happens. ``.src`` is the source."""
+    src = tmp_path / f"{name}.img"
+    with open(src, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    repo = tmp_path / "repo"
+    cli("init", repo)
+    cli("device", "add", repo, name, src)
+    (tmp_path / "mnt").mkdir()
+    m = Mounted(repo, tmp_path / "mnt")
+    m.src = src  # type: ignore[attr-defined]
+    m.start()
+    try:
+        yield m
+    finally:
+        m.cleanup()
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from backupfs.requester import Requester, stopping_signal
-from conftest import Mounted, backupfs_cmd, cli, sh, wait_for_exit
+from conftest import Mounted, backupfs_cmd, cli, mounted_device, sh, wait_for_exit
 from engine.job import CancelRequest, JobCancelled
 from engine.repo import Repository
 
@@ -33,19 +33,9 @@ LET_GO = 10
 @pytest.fixture
 def mounted(tmp_path: Path) -> Iterator[Mounted]:
     """A 64 MiB device of random data with a full backup, mounted."""
-    src = tmp_path / "vm1.img"
-    src.write_bytes(os.urandom(64 * MiB))
-    repo = tmp_path / "repo"
-    cli("init", repo)
-    cli("device", "add", repo, "vm1", src)
-    (tmp_path / "mnt").mkdir()
-    m = Mounted(repo, tmp_path / "mnt")
-    m.start()
-    try:
+    with mounted_device(tmp_path, os.urandom(64 * MiB)) as m:
         sh(f"echo full > {m.path('vm1', 'snapshot')}")
         yield m
-    finally:
-        m.cleanup()
 
 
 def status(m: Mounted) -> dict[str, str]:
@@ -578,15 +568,8 @@ def test_killing_the_writer_of_a_prune_stops_it_between_removals(tmp_path: Path)
     """A prune through the mount held its writer (even after kill -9) until
     every removal was done. Now it stops after the removal under way; what
     it removed is listed, the rest of the chain is whole."""
-    src = tmp_path / "vm1.img"
-    src.write_bytes(os.urandom(128 * MiB))
-    repo = tmp_path / "repo"
-    cli("init", repo)
-    cli("device", "add", repo, "vm1", src)
-    (tmp_path / "mnt").mkdir()
-    m = Mounted(repo, tmp_path / "mnt")
-    m.start()
-    try:
+    with mounted_device(tmp_path, os.urandom(128 * MiB)) as m:
+        repo = m.repo
         snapshot = m.path("vm1", "snapshot")
         sh(f"echo full > {snapshot}")
         for i in range(5):  # each removal of the oldest rewrites its child whole: 128 MiB
@@ -614,5 +597,3 @@ def test_killing_the_writer_of_a_prune_stops_it_between_removals(tmp_path: Path)
         assert len(backups(m)) == 1
         sh(f"cmp {m.path('vm1', 'backups', 'latest')} {m.path('vm1', 'device')}")
         m.stop()
-    finally:
-        m.cleanup()

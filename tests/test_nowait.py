@@ -219,20 +219,11 @@ def test_device_writes_through_the_mount_run_inline_and_land(tmp_path: Path) -> 
     so; a partial page just dropped from the cache goes to a thread unless
     the kernel's read-ahead has already brought it back (on this machine's
     disk it often has); every byte lands either way."""
-    from conftest import Mounted, cli
+    from conftest import mounted_device
 
-    src = tmp_path / "src.img"
     data = bytearray(random.Random(5).randbytes(4 * MiB))
-    with open(src, "wb") as f:
-        f.write(data)
-        os.fsync(f.fileno())
-    repo = tmp_path / "repo"
-    cli("init", repo)
-    cli("device", "add", repo, "d", src)
-    (tmp_path / "mnt").mkdir()
-    m = Mounted(repo, tmp_path / "mnt")
-    m.start()
-    try:
+    with mounted_device(tmp_path, data, "d") as m:
+        src = m.src  # type: ignore[attr-defined]
         dev = m.path("d", "device")
         patch = random.Random(6).randbytes(MiB)
         (tmp_path / "patch").write_bytes(patch)
@@ -248,8 +239,6 @@ def test_device_writes_through_the_mount_run_inline_and_land(tmp_path: Path) -> 
         (tmp_path / "expected").write_bytes(data)
         sh(f"cmp {dev} {tmp_path / 'expected'}")
         m.stop()
-    finally:
-        m.cleanup()
     sh(f"cmp {src} {tmp_path / 'expected'}")
     counts = re.findall(r"device d: (\d+) writes inline, (\d+) in threads", m.log())
     assert counts, m.log()
