@@ -73,6 +73,9 @@ CREATE INDEX jobs_by_device ON jobs (device, id);
 """
 
 
+DISK_FULL = "the repository's disk is full"  # why a catalog is frozen
+
+
 class CatalogError(BackupfsError):
     def __init__(self, message: str, err: int = errno.EIO) -> None:
         super().__init__(message)
@@ -196,12 +199,12 @@ class Catalog:
                 if not any(s in str(e) for s in ("disk I/O error", "disk is full", "unable to open")):
                     raise
                 if readonly or not _disk_full(path) or not _wal_empty(path):
-                    hint = "; the repository's disk is full" if _disk_full(path) else ""
+                    hint = f"; {DISK_FULL}" if _disk_full(path) else ""
                     raise CatalogError(f"{path}: cannot open the catalog ({e}{hint})", errno.ENOSPC if hint
                                        else errno.EIO) from None
                 conn = cls._connect(path, readonly=True, immutable=True)
                 row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-                frozen = "the repository's disk is full"
+                frozen = DISK_FULL
         except sqlite3.DatabaseError as e:
             raise CatalogError(f"{path}: not a backupfs catalog ({e})") from None
         if row is None:

@@ -35,7 +35,7 @@ import numpy as np
 
 from engine import durable
 from engine.bitmap import validate_granularity
-from engine.catalog import KINDS, BackupRecord, Catalog, CatalogError, DeviceRecord
+from engine.catalog import DISK_FULL, KINDS, BackupRecord, Catalog, CatalogError, DeviceRecord
 from engine.chain import ChainView
 from engine.checksums import ChecksumError, ChecksumRecord, granule_hashes, overlay
 from engine.device import Device, DeviceError
@@ -213,7 +213,7 @@ class Repository:
                 raise
             # A crash left the WAL, so the catalog opened normally, but there
             # is no room to record anything: read-only until there is.
-            self.catalog.frozen = "the repository's disk is full"
+            self.catalog.frozen = DISK_FULL
             return
         known = {b.image for b in self.catalog.backups()} | {
             b.checksums for b in self.catalog.backups() if b.checksums

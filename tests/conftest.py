@@ -12,7 +12,7 @@ import mmap
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -225,14 +225,19 @@ class Mounted:
 
 
 @contextmanager
-def mounted_device(tmp_path: Path, data: bytes | bytearray, name: str = "vm1") -> Iterator[Mounted]:
+def mounted_device(tmp_path: Path, data: bytes | bytearray | Callable[[Path], None],
+                   name: str = "vm1") -> Iterator[Mounted]:
     """A new repository with one device whose source holds ``data`` (fsynced),
-    mounted at tmp_path/mnt; unmounted whatever happens. ``.src`` is the source."""
+    or that ``data(path)`` writes, mounted at tmp_path/mnt; unmounted whatever
+    happens. ``.src`` is the source."""
     src = tmp_path / f"{name}.img"
-    with open(src, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    if callable(data):
+        data(src)
+    else:
+        with open(src, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
     repo = tmp_path / "repo"
     cli("init", repo)
     cli("device", "add", repo, name, src)

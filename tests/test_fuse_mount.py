@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mounted, backupfs_cmd, cli, qemu_check, qemu_compare, sh
+from conftest import Mounted, backupfs_cmd, cli, mounted_device, qemu_check, qemu_compare, sh
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -38,19 +38,8 @@ def _write_random(path: Path, size: int, seed: int) -> None:
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[Mounted]:
     """A repository with one 64 MiB device `vm1`, mounted."""
-    src = tmp_path / "vm1.img"
-    _write_random(src, 64 * MiB, 1)
-    repo = tmp_path / "repo"
-    cli("init", repo)
-    cli("device", "add", repo, "vm1", src)
-    (tmp_path / "mnt").mkdir()
-    m = Mounted(repo, tmp_path / "mnt")
-    m.src = src  # type: ignore[attr-defined]
-    m.start()
-    try:
+    with mounted_device(tmp_path, lambda src: _write_random(src, 64 * MiB, 1)) as m:
         yield m
-    finally:
-        m.cleanup()
 
 
 def trigger(m: Mounted, line: str, device: str = "vm1") -> subprocess.CompletedProcess:
