@@ -43,6 +43,7 @@ from backupfs.requester import Requester
 from backupfs.status import JobStatus, render_bitmap, render_chain, utc_text
 from backupfs.trigger import PruneCommand, TriggerCommand, TriggerError, VerifyCommand, parse_trigger
 from backupfs.writepolicy import InlineWrites
+from engine.advisor import Advisor
 from engine.catalog import BackupRecord
 from engine.chain import ChainView, WouldBlock
 from engine.integrity import VerifiedView
@@ -178,6 +179,7 @@ class BackupOperations(pyfuse3.Operations):
         self._views: dict[str, tuple[BackupView, int]] = {}  # backup id -> (view, open count)
         self._idle_views: OrderedDict[str, BackupView] = OrderedDict()
         self._views_lock = threading.Lock()
+        self._advisor = Advisor()  # read-ahead advice for backup readers, off the event loop
         # Test hook: "handler" or "handler:kind" entries make those requests fail.
         self._faults = {f.strip() for f in (faults or "").split(",") if f.strip()}
 
@@ -351,6 +353,15 @@ class BackupOperations(pyfuse3.Operations):
             self._views[rec.id] = (view, 1)
             return view
 
+    def _retain_view(self, backup_id: str) -> BackupView | None:
+        """One more use of an open view (a queued advice), or None if it is not open."""
+        with self._views_lock:
+            entry = self._views.get(backup_id)
+            if entry is None:
+                return None
+            self._views[backup_id] = (entry[0], entry[1] + 1)
+            return entry[0]
+
     def _release_view(self, backup_id: str) -> None:
         to_close = []
         with self._views_lock:
@@ -393,6 +404,9 @@ class BackupOperations(pyfuse3.Operations):
     def close_views(self) -> None:
         for device, policy in self._write_policies.items():
             log.info("device %s: %s", device, policy.summary())
+        self._advisor.close()  # before the views: an advice in flight uses their files
+        log.info("read-ahead advice: %d requests run, %d dropped",
+                 self._advisor.done_count, self._advisor.dropped_count)
         with self._views_lock:
             views = [v for v, _ in self._views.values()] + list(self._idle_views.values())
             self._views.clear()
@@ -581,6 +595,19 @@ class BackupOperations(pyfuse3.Operations):
                 return await trio.to_thread.run_sync(dev.read, off, size, limiter=self._io)
         return handle.content[off : off + size]
 
+    def _advise(self, handle: Handle, offset: int, length: int) -> None:
+        """Have the advisor thread ask the kernel for [offset, offset+length) of the backup.
+
+        The view is kept open until the advice has run: the reader may
+        close its file first, and a view evicted meanwhile would have its
+        descriptors reused by other files.
+        """
+        backup = handle.node.backup
+        view = self._retain_view(backup) if backup else None
+        if view is None:
+            return
+        self._advisor.submit(lambda: view.advise(offset, length), lambda: self._release_view(backup))
+
     async def _read_backup(self, handle: Handle, off: int, size: int) -> bytes | bytearray | memoryview:
         """Read a backup: inline when the page cache has it, else in a thread.
 
@@ -592,7 +619,7 @@ class BackupOperations(pyfuse3.Operations):
         assert view is not None
         if off == handle.next_off and handle.advised_to - off < READ_WINDOW - READ_STEP:
             start = max(handle.advised_to, off)
-            view.advise(start, off + READ_WINDOW - start)
+            self._advise(handle, start, off + READ_WINDOW - start)
             handle.advised_to = off + READ_WINDOW
         try:
             data = view.read(off, size, nowait=True, into=self._buffers.take(size))

@@ -19,6 +19,7 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/uio.h>
@@ -145,10 +146,164 @@ done:
     return result;
 }
 
+/* ---- read-ahead advice ------------------------------------------------------ */
+
+/* One merged run of a layer: pieces of the window that lie back to back in
+ * its file. */
+typedef struct {
+    uint64_t start, end;
+    uint16_t depth;
+} run_t;
+
+/* advise(offset, end, starts, hosts, kinds, depths, fds, size, streaming, span, dry)
+ *
+ * What ChainView.advise does: gather the window's data pieces per layer,
+ * merged where they lie back to back in the layer's file; leave a layer
+ * marked in ``streaming`` to its own read-ahead when its runs span at least
+ * ``span`` bytes and fill at least half of that; POSIX_FADV_WILLNEED the
+ * rest. At depth 64 a 1 GiB pass gathers ~15,000 pieces: in Python the
+ * loop cost as much as the 11,000 fadvise calls, and it ran on the mount's
+ * event loop. Returns the advised runs as (depth, start, length) tuples
+ * when ``dry`` (for tests), else their number. */
+static PyObject *fastread_advise(PyObject *module, PyObject *args)
+{
+    Py_buffer starts_b, hosts_b, kinds_b, depths_b, fds_b, streaming_b;
+    unsigned long long offset, end, size, span;
+    int dry;
+    if (!PyArg_ParseTuple(args, "KKy*y*y*y*y*Ky*Kp", &offset, &end, &starts_b, &hosts_b, &kinds_b,
+                          &depths_b, &fds_b, &size, &streaming_b, &span, &dry))
+        return NULL;
+    PyObject *result = NULL;
+    run_t *runs = NULL;
+    Py_ssize_t *last = NULL;
+    uint64_t *lo = NULL, *hi = NULL, *filled = NULL;
+    Py_ssize_t count = kinds_b.len;
+    Py_ssize_t layers = fds_b.len / (Py_ssize_t)sizeof(int);
+    if (starts_b.len != count * 8 || hosts_b.len != count * 8 || depths_b.len != count * 2 || count == 0 ||
+        fds_b.len != layers * (Py_ssize_t)sizeof(int) || streaming_b.len != layers || layers == 0) {
+        PyErr_SetString(PyExc_ValueError, "index arrays disagree in length");
+        goto done;
+    }
+    if (end > size)
+        end = size;
+    if (offset >= end) {
+        result = dry ? PyList_New(0) : PyLong_FromLong(0);
+        goto done;
+    }
+    const uint64_t *starts = starts_b.buf, *hosts = hosts_b.buf;
+    const uint8_t *kinds = kinds_b.buf, *streaming = streaming_b.buf;
+    const uint16_t *depths = depths_b.buf;
+    const int *fds = fds_b.buf;
+
+    Py_ssize_t i = 0, hi_i = count;
+    while (i < hi_i) { /* the last extent starting at or before offset */
+        Py_ssize_t mid = i + (hi_i - i) / 2;
+        if (starts[mid] <= offset)
+            i = mid + 1;
+        else
+            hi_i = mid;
+    }
+    i = i > 0 ? i - 1 : 0;
+    Py_ssize_t first = i, n_ext = 0;
+    while (first + n_ext < count && starts[first + n_ext] < end)
+        n_ext++;
+    runs = PyMem_Malloc(sizeof(run_t) * (size_t)(n_ext ? n_ext : 1));
+    last = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)layers);
+    lo = PyMem_Malloc(sizeof(uint64_t) * (size_t)layers);
+    hi = PyMem_Malloc(sizeof(uint64_t) * (size_t)layers);
+    filled = PyMem_Malloc(sizeof(uint64_t) * (size_t)layers);
+    if (!runs || !last || !lo || !hi || !filled) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t nruns = 0, advised = 0;
+    int bad = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t d = 0; d < layers; d++) {
+        last[d] = -1;
+        lo[d] = UINT64_MAX;
+        hi[d] = filled[d] = 0;
+    }
+    uint64_t pos = offset;
+    for (; i < count && pos < end; i++) {
+        uint64_t stop = i + 1 < count ? starts[i + 1] : size;
+        if (stop > end)
+            stop = end;
+        if (stop <= pos)
+            continue;
+        if (kinds[i] == K_DATA) {
+            uint16_t d = depths[i];
+            if (d >= layers) {
+                bad = 1;
+                break;
+            }
+            uint64_t host = hosts[i] + (pos - starts[i]), n = stop - pos;
+            if (last[d] >= 0 && runs[last[d]].end == host) {
+                runs[last[d]].end = host + n;
+            } else {
+                runs[nruns] = (run_t){host, host + n, d};
+                last[d] = nruns++;
+            }
+            if (host < lo[d])
+                lo[d] = host;
+            if (host + n > hi[d])
+                hi[d] = host + n;
+            filled[d] += n;
+        }
+        pos = stop;
+    }
+    if (!bad && !dry) {
+        for (Py_ssize_t r = 0; r < nruns; r++) {
+            uint16_t d = runs[r].depth;
+            if (streaming[d] && hi[d] - lo[d] >= span && 2 * filled[d] >= hi[d] - lo[d])
+                continue; /* mostly in file order: the file's own read-ahead streams it */
+            (void)posix_fadvise(fds[d], (off_t)runs[r].start, (off_t)(runs[r].end - runs[r].start),
+                                POSIX_FADV_WILLNEED); /* advice only: a failure costs nothing */
+            advised++;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "an extent names a layer the view does not have");
+        goto done;
+    }
+    if (!dry) {
+        result = PyLong_FromSsize_t(advised);
+        goto done;
+    }
+    result = PyList_New(0);
+    for (Py_ssize_t r = 0; result && r < nruns; r++) {
+        uint16_t d = runs[r].depth;
+        if (streaming[d] && hi[d] - lo[d] >= span && 2 * filled[d] >= hi[d] - lo[d])
+            continue;
+        PyObject *t = Py_BuildValue("(iKK)", (int)d, (unsigned long long)runs[r].start,
+                                    (unsigned long long)(runs[r].end - runs[r].start));
+        if (!t || PyList_Append(result, t) < 0)
+            Py_CLEAR(result);
+        Py_XDECREF(t);
+    }
+done:
+    PyMem_Free(runs);
+    PyMem_Free(last);
+    PyMem_Free(lo);
+    PyMem_Free(hi);
+    PyMem_Free(filled);
+    PyBuffer_Release(&starts_b);
+    PyBuffer_Release(&hosts_b);
+    PyBuffer_Release(&kinds_b);
+    PyBuffer_Release(&depths_b);
+    PyBuffer_Release(&fds_b);
+    PyBuffer_Release(&streaming_b);
+    return result;
+}
+
 static PyMethodDef fastread_methods[] = {
     {"fill", fastread_fill, METH_VARARGS,
      "fill(out, offset, starts, hosts, kinds, depths, fds, size, flags) -> position reached "
      "(a compressed extent stops it), or -1 when a nowait read would block."},
+    {"advise", fastread_advise, METH_VARARGS,
+     "advise(offset, end, starts, hosts, kinds, depths, fds, size, streaming, span, dry) -> "
+     "runs advised (or, dry, the list of (depth, start, length) it would advise)."},
     {NULL, NULL, 0, NULL},
 };
 

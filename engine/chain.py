@@ -221,7 +221,8 @@ class ChainView:
         self._depths = array("H", depths.tobytes())
         self._fds = [layer.fd for layer in layers]
         # Layers whose own read-ahead can stream their nearly sequential pieces.
-        self._self_streaming = _streaming_fds(self._fds)
+        streaming = _streaming_fds(self._fds)
+        self._streaming_mask = bytes(1 if fd in streaming else 0 for fd in self._fds)
         self._ccache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._ccache_lock = threading.Lock()
         self._fd_array = array("i", self._fds)  # for the C loop
@@ -291,7 +292,7 @@ class ChainView:
         self._fill(offset, memoryview(buf), zeroed=True, nowait=nowait)
         return buf
 
-    def advise(self, offset: int, length: int) -> None:
+    def advise(self, offset: int, length: int) -> int:
         """Ask the kernel to start reading what [offset, offset+length) needs.
 
         A deep chain scatters a sequential read over many files in small
@@ -300,37 +301,63 @@ class ChainView:
         keeps the disk busy while the reader works. A layer whose pieces here
         are mostly in file order is left to its own read-ahead when its disk
         reads ahead far (the full under a shallow chain): advice on top of
-        that only competes with it.
+        that only competes with it. Returns the number of runs advised.
+        Safe to call from a thread while others read the view (the C loop
+        drops the GIL), not after close().
         """
         end = min(offset + length, self.size)
         if end <= offset:
-            return
+            return 0
+        if _fastread is not None:
+            return int(_fastread.advise(
+                offset, end, self._starts, self._hosts, self._kinds, self._depths, self._fd_array,
+                self.size, self._streaming_mask, _STREAMING_SPAN, False,
+            ))
+        runs = self._advice_python(offset, end)
+        for depth, start, n in runs:
+            _willneed(self._fds[depth], start, n)
+        return len(runs)
+
+    def advice(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        """What advise() would ask for: (layer depth, file offset, length) runs."""
+        end = min(offset + length, self.size)
+        if end <= offset:
+            return []
+        if _fastread is not None:
+            return list(_fastread.advise(
+                offset, end, self._starts, self._hosts, self._kinds, self._depths, self._fd_array,
+                self.size, self._streaming_mask, _STREAMING_SPAN, True,
+            ))
+        return self._advice_python(offset, end)
+
+    def _advice_python(self, offset: int, end: int) -> list[tuple[int, int, int]]:
         starts = self._starts
         last = len(starts) - 1
         i = max(bisect_right(starts, offset) - 1, 0)
         pos = offset
-        runs: dict[int, list[list[int]]] = {}  # fd -> its merged [start, end) pieces
+        runs: dict[int, list[list[int]]] = {}  # depth -> its merged [start, end) pieces
         while pos < end:
             stop = min(starts[i + 1] if i < last else self.size, end)
             if self._kinds[i] == DATA:
-                fd = self._fds[self._depths[i]]
+                depth = self._depths[i]
                 host = self._hosts[i] + (pos - starts[i])
-                mine = runs.get(fd)
+                mine = runs.get(depth)
                 if mine is None:
-                    runs[fd] = [[host, host + (stop - pos)]]
+                    runs[depth] = [[host, host + (stop - pos)]]
                 elif mine[-1][1] == host:
                     mine[-1][1] = host + (stop - pos)
                 else:
                     mine.append([host, host + (stop - pos)])
             pos = stop
             i += 1
-        for fd, mine in runs.items():
-            if fd in self._self_streaming:
+        out = []
+        for depth, mine in runs.items():
+            if self._streaming_mask[depth]:
                 span = max(r[1] for r in mine) - min(r[0] for r in mine)
                 if span >= _STREAMING_SPAN and 2 * sum(r[1] - r[0] for r in mine) >= span:
                     continue  # mostly in file order: the file's own read-ahead streams it
-            for a, b in mine:
-                _willneed(fd, a, b - a)
+            out.extend((depth, a, b - a) for a, b in mine)
+        return out
 
     def readinto(self, offset: int, out: memoryview) -> None:
         """Fill all of ``out`` with the disk's bytes from ``offset`` on."""
