@@ -14,7 +14,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -278,7 +278,9 @@ class Catalog:
 
     # -- devices -----------------------------------------------------------------
 
-    def add_device(self, name: str, source: str, size: int, granularity: int) -> DeviceRecord:
+    def add_device(self, name: str, source: str, size: int, granularity: int,
+                   backups: Sequence[BackupRecord] = ()) -> DeviceRecord:
+        """Add a device, with ``backups`` (an import) in the same commit: all or none."""
         rec = DeviceRecord(name, source, size, granularity, time.time_ns())
         try:
             with self.transaction() as c:
@@ -286,6 +288,8 @@ class Catalog:
                     "INSERT INTO devices VALUES (?, ?, ?, ?, ?)",
                     (rec.name, rec.source, rec.size, rec.granularity, rec.created_ns),
                 )
+                for b in backups:
+                    self._insert_backup(c, b)
         except sqlite3.IntegrityError:
             raise CatalogError(f"device {name!r} already exists") from None
         return rec
@@ -328,14 +332,18 @@ class Catalog:
         with self.transaction() as c:
             if job is not None:
                 self._finish_job(c, job[0], "succeeded", **job[1])
-            c.execute(
-                f"INSERT INTO backups ({_BACKUP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    rec.id, rec.device, rec.seq, rec.kind, rec.parent, rec.created_ns, rec.size,
-                    rec.cluster_size, rec.granularity, rec.image, rec.checksums, rec.stored_bytes,
-                    rec.label, int(rec.scanned), rec.state,
-                ),
-            )
+            self._insert_backup(c, rec)
+
+    @staticmethod
+    def _insert_backup(c: sqlite3.Connection, rec: BackupRecord) -> None:
+        c.execute(
+            f"INSERT INTO backups ({_BACKUP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                rec.id, rec.device, rec.seq, rec.kind, rec.parent, rec.created_ns, rec.size,
+                rec.cluster_size, rec.granularity, rec.image, rec.checksums, rec.stored_bytes,
+                rec.label, int(rec.scanned), rec.state,
+            ),
+        )
 
     @staticmethod
     def _backup(row: tuple) -> BackupRecord:

@@ -70,9 +70,12 @@ def import_chain(
             os.close(fd)
         if src_size != size:
             raise UsageError(f"source {source} is {src_size} bytes but the chain's disk is {size}")
+    # The images are written first, each complete and durable; the device
+    # and all its backups then appear in one catalog commit. Killed before
+    # it, the import left only images the catalog does not know, which the
+    # next open of the repository removes: all of the import or none.
     ddir = os.path.join(repo_path, "devices", name)
     os.makedirs(ddir, exist_ok=True)
-    catalog.add_device(name, source or "", size, granularity)
     records: list[BackupRecord] = []
     prev: BackupRecord | None = None
     last_created = 0
@@ -111,8 +114,8 @@ def import_chain(
             image=f"devices/{name}/{backup_id}.qcow2", checksums=f"devices/{name}/{backup_id}.sums",
             stored_bytes=writer.stored_bytes(), label=f"imported from {os.path.basename(path)} ({fmt})",
         )
-        catalog.add_backup(rec)
         records.append(rec)
         prev = rec
+    catalog.add_device(name, source or "", size, granularity, backups=records)
     return records
 

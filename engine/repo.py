@@ -230,6 +230,9 @@ class Repository:
                 if leftover or orphan:
                     durable.fs.unlink(os.path.join(d, f))
             fsync_dir(d)
+            if not os.listdir(d) and self.catalog.device(name) is None:
+                os.rmdir(d)  # all an interrupted import left
+                fsync_dir(devroot)
         for backup_id in self.catalog.pending_removals():
             rec = self.catalog.backup(backup_id)
             if rec is not None:
@@ -308,10 +311,11 @@ class Repository:
         try:
             return import_chain(self.path, self.catalog, name, tip, granularity, source, on_layer)
         except BaseException:
-            # All or nothing: the device did not exist before; no half of it stays.
-            if self.catalog.device(name) is not None:
-                self.catalog.remove_device(name)
-            self._remove_device_dir(name)
+            # All or nothing: the device and its backups are committed in one
+            # go, last. Not committed: no half of it stays. Committed (an
+            # interrupt just after): it is whole, and it stays.
+            if self.catalog.device(name) is None:
+                self._remove_device_dir(name)
             raise
 
     def remove_device(self, name: str) -> None:

@@ -386,6 +386,41 @@ def test_import_refuses_bad_input(repo: Repository, tmp_path: Path) -> None:
     assert repo.catalog.device("s") is None
 
 
+def test_an_import_killed_between_layers_leaves_nothing(tmp_path: Path) -> None:
+    """SIGKILL after two of three layers were written: the repository opens
+    with no trace of the device (not two thirds of its history), and the
+    same import then runs whole."""
+    import signal
+    import subprocess
+    import sys
+
+    chain = _qemu_chain(tmp_path)
+    cli("init", tmp_path / "repo")
+    script = (
+        "import os, signal, sys\n"
+        "from engine.repo import Repository\n"
+        "repo = Repository.open(sys.argv[1])\n"
+        "def on_layer(n, total, path):\n"
+        "    if n == 2:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "repo.import_chain('vm', sys.argv[2], on_layer=on_layer)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "repo"), str(chain[-1])],
+                          capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    written = sorted(p.name for p in (tmp_path / "repo" / "devices" / "vm").iterdir())
+    assert len([n for n in written if n.endswith(".qcow2")]) == 2, written  # the kill came between layers
+    repo = Repository.open(str(tmp_path / "repo"))
+    try:
+        assert repo.catalog.device("vm") is None and repo.catalog.backups() == []
+        assert not (tmp_path / "repo" / "devices" / "vm").exists()
+        records = repo.import_chain("vm", str(chain[-1]))
+        assert [r.kind for r in records] == ["full", "incremental", "incremental"]
+        assert repo.verify("vm").ok
+    finally:
+        repo.close()
+
+
 def test_import_cli(tmp_path: Path) -> None:
     chain = _qemu_chain(tmp_path)
     cli("init", tmp_path / "repo")
