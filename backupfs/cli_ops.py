@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
+import signal
 import sys
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from backupfs.cli_repo import _close_quietly, catalog_for_reading, progress_reporter
 from backupfs.mountinfo import MountRecord, read_mount_record
 from engine.errors import BackupfsError, UsageError
 from engine.units import format_size, parse_size
+
+if TYPE_CHECKING:
+    from engine.job import CancelRequest
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -183,6 +190,29 @@ def _restore_through_mount(record: MountRecord, args: argparse.Namespace) -> int
     return 0
 
 
+@contextlib.contextmanager
+def _first_ctrl_c_cancels(cancel: CancelRequest, current: str) -> Iterator[None]:
+    """The first Ctrl-C sets ``cancel``, for work that stops cleanly between
+    steps (a prune, between removals); a second one interrupts at once.
+
+    A prune interrupted anywhere is safe (a removal cut short is finished
+    at the next open), but only a stop between removals can say what was
+    removed: the operator needs that list to know what is left.
+    """
+
+    def on_sigint(signum: int, frame: object) -> None:
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.cancel("Ctrl-C", interrupted=True)
+        print(f"backupfs: stopping after {current} (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from engine.prune import RetentionPolicy
     from engine.repo import Repository
@@ -206,8 +236,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 if line.startswith("removed: ") or line.startswith("would remove: "):
                     print(line)
         return 0
-    with Repository.open(args.repo) as repo:
-        plans = repo.prune(args.name, None if policy.empty() else policy, args.remove, dry_run=args.dry_run)
+    from engine.job import CancelRequest, JobCancelled
+
+    cancel = CancelRequest()
+    with _first_ctrl_c_cancels(cancel, "the backup being removed now"):
+        try:
+            with Repository.open(args.repo) as repo:
+                plans = repo.prune(args.name, None if policy.empty() else policy, args.remove,
+                                   dry_run=args.dry_run, cancel=cancel)
+        except JobCancelled as e:
+            print(f"backupfs: interrupted: {e}", file=sys.stderr)
+            return 130
     verb = "would remove" if args.dry_run else "removed"
     for plan in plans:
         print(f"{verb}: {plan.describe()}")

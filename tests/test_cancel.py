@@ -597,3 +597,43 @@ def test_killing_the_writer_of_a_prune_stops_it_between_removals(tmp_path: Path)
         assert len(backups(m)) == 1
         sh(f"cmp {m.path('vm1', 'backups', 'latest')} {m.path('vm1', 'device')}")
         m.stop()
+
+
+def test_ctrl_c_of_a_direct_prune_stops_between_removals_and_says_what_went(tmp_path: Path) -> None:
+    """An unmounted `backupfs prune` said only "interrupted" on Ctrl-C, so the
+    operator could not tell what was left. The first Ctrl-C now lets the
+    removal under way finish, stops, and lists what was removed; the chain
+    left is whole."""
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(128 * MiB))
+    Repository.init(str(tmp_path / "repo"))
+    with Repository.open(str(tmp_path / "repo")) as repo:
+        repo.add_device("vm1", str(src), 64 * 1024)
+        dev = repo.device("vm1")
+        ids = [repo.backup("vm1", "full").record.id]
+        for i in range(8):  # removing the oldest rewrites its child whole: 128 MiB each
+            dev.write(i * 8 * MiB, os.urandom(MiB))
+            ids.append(repo.backup("vm1", "incremental").record.id)
+    first = tmp_path / "repo" / "devices" / "vm1" / f"{ids[0]}.qcow2"
+    proc = subprocess.Popen(backupfs_cmd() + ["prune", str(tmp_path / "repo"), "vm1", "--keep-last", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        while first.exists():  # the first removal is done: the prune is under way
+            assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert "stopping after the backup being removed now" in err
+    assert "interrupted: prune cancelled: Ctrl-C; removed before that: " in err, err
+    removed = err.split("removed before that: ")[1].strip().split(", ")
+    assert ids[0] in removed and len(removed) < 8, err
+    listed = [line.split("\t")[0] for line in cli("list", tmp_path / "repo", "vm1").stdout.decode().splitlines()[1:]]
+    assert listed == [i for i in ids if i not in removed]
+    assert cli("verify", tmp_path / "repo").returncode == 0
+    restored = tmp_path / "latest.raw"
+    cli("restore", tmp_path / "repo", "vm1", ids[-1], restored)
+    sh(f"cmp {restored} {src}")
