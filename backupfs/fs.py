@@ -179,6 +179,9 @@ class BackupOperations(pyfuse3.Operations):
         self._views: dict[str, tuple[BackupView, int]] = {}  # backup id -> (view, open count)
         self._idle_views: OrderedDict[str, BackupView] = OrderedDict()
         self._views_lock = threading.Lock()
+        # Open views whose images a prune removed or rewrote: closed, not
+        # kept idle, when their last use ends (their files are deleted).
+        self._stale_views: set[str] = set()
         self._advisor = Advisor()  # read-ahead advice for backup readers, off the event loop
         # Test hook: "handler" or "handler:kind" entries make those requests fail.
         self._faults = {f.strip() for f in (faults or "").split(",") if f.strip()}
@@ -370,7 +373,13 @@ class BackupOperations(pyfuse3.Operations):
                 self._views[backup_id] = (view, count - 1)
                 return
             del self._views[backup_id]
-            self._idle_views[backup_id] = view
+            if backup_id in self._stale_views:
+                self._stale_views.discard(backup_id)
+                to_close.append(view)
+            else:
+                if backup_id in self._idle_views:  # two opens raced: keep one
+                    to_close.append(self._idle_views.pop(backup_id))
+                self._idle_views[backup_id] = view
             idle_bytes = sum(v.memory_bytes() for v in self._idle_views.values())
             while len(self._idle_views) > IDLE_CHAINS or (
                 len(self._idle_views) > 1 and idle_bytes > self.idle_view_bytes
@@ -411,6 +420,7 @@ class BackupOperations(pyfuse3.Operations):
             views = [v for v, _ in self._views.values()] + list(self._idle_views.values())
             self._views.clear()
             self._idle_views.clear()
+            self._stale_views.clear()
         for v in views:
             v.close()
 
@@ -798,9 +808,12 @@ class BackupOperations(pyfuse3.Operations):
                 log.warning("cannot invalidate inode %d: %s", inode, e)
 
     def _drop_idle_views(self) -> None:
+        """After a prune: close idle views, and views in use once their use ends
+        (a reader, or advice still queued), so deleted images are let go."""
         with self._views_lock:
             idle = list(self._idle_views.values())
             self._idle_views.clear()
+            self._stale_views.update(self._views)
         for v in idle:
             v.close()
 

@@ -164,7 +164,8 @@ typedef struct {
  * rest. At depth 64 a 1 GiB pass gathers ~15,000 pieces: in Python the
  * loop cost as much as the 11,000 fadvise calls, and it ran on the mount's
  * event loop. Returns the advised runs as (depth, start, length) tuples
- * when ``dry`` (for tests), else their number. */
+ * when ``dry`` (for tests; in window order, where Python lists them layer
+ * by layer), else their number. */
 static PyObject *fastread_advise(PyObject *module, PyObject *args)
 {
     Py_buffer starts_b, hosts_b, kinds_b, depths_b, fds_b, streaming_b;
@@ -241,6 +242,10 @@ static PyObject *fastread_advise(PyObject *module, PyObject *args)
             if (last[d] >= 0 && runs[last[d]].end == host) {
                 runs[last[d]].end = host + n;
             } else {
+                if (nruns >= n_ext) { /* only an index whose starts do not ascend gets here */
+                    bad = 2;
+                    break;
+                }
                 runs[nruns] = (run_t){host, host + n, d};
                 last[d] = nruns++;
             }
@@ -264,7 +269,8 @@ static PyObject *fastread_advise(PyObject *module, PyObject *args)
     }
     Py_END_ALLOW_THREADS
     if (bad) {
-        PyErr_SetString(PyExc_ValueError, "an extent names a layer the view does not have");
+        PyErr_SetString(PyExc_ValueError, bad == 1 ? "an extent names a layer the view does not have"
+                                                   : "the index's extents are not in disk order");
         goto done;
     }
     if (!dry) {

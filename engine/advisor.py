@@ -57,7 +57,7 @@ class Advisor:
             else:
                 self.dropped_count += 1
         if not accepted:
-            finished()
+            self._finish(finished)
         return accepted
 
     def close(self) -> None:
@@ -70,7 +70,7 @@ class Advisor:
             self._cond.notify()
             thread = self._thread
         for _advise, finished in dropped:
-            finished()
+            self._finish(finished)
         if thread is not None and thread is not threading.current_thread():
             thread.join()
 
@@ -89,4 +89,11 @@ class Advisor:
             finally:
                 with self._cond:
                     self.done_count += 1
-                finished()
+                self._finish(finished)
+
+    @staticmethod
+    def _finish(finished: Callable[[], None]) -> None:
+        try:
+            finished()
+        except Exception:  # a release that fails must not stop the thread (or the caller)
+            log.exception("releasing after read-ahead advice failed")

@@ -70,8 +70,8 @@ class VerifiedView:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def advise(self, offset: int, length: int) -> None:
-        self.view.advise(offset, length)
+    def advise(self, offset: int, length: int) -> int:
+        return self.view.advise(offset, length)
 
     def memory_bytes(self) -> int:
         """The chain index, and the checksums: 8 bytes and a bit per granule."""

@@ -97,3 +97,22 @@ def test_close_drops_what_waits_releases_it_and_refuses_more() -> None:
     assert released == ["waiting"]
     assert not advisor.submit(pytest.fail, lambda: released.append("late"))
     assert released == ["waiting", "late"]
+
+
+def test_a_failing_release_is_logged_and_the_thread_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    """A release that raises (a view's close failing) must not kill the
+    thread: later advice would be accepted and never run, and the views it
+    holds never let go."""
+    advisor = Advisor()
+    done = threading.Event()
+
+    def bad_release() -> None:
+        raise KeyError("no such view")
+
+    try:
+        advisor.submit(lambda: None, bad_release)
+        advisor.submit(done.set)
+        assert done.wait(30), "the thread died with the failing release"
+    finally:
+        advisor.close()
+    assert "releasing after read-ahead advice failed" in caplog.text

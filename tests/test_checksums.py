@@ -230,3 +230,49 @@ def test_a_mangled_defined_bitmap_is_refused_or_read_whole(tmp_path: Path, edits
         return
     assert len(loaded.defined) == granules
     assert loaded.defined.count(1) == len(loaded.packed())
+
+
+def test_a_view_in_use_during_a_prune_is_closed_when_its_use_ends(tmp_path: Path) -> None:
+    """A reader gone while its read-ahead advice still waits keeps the view
+    in use; a prune then removes its image. When the advice has run, the
+    view must be closed (its deleted image let go), not kept idle for the
+    next open. Also: two views of one backup opened in a race do not leak."""
+    import threading
+
+    from backupfs.fs import BACKUP, BackupOperations, Handle
+
+    src = tmp_path / "src.img"
+    src.write_bytes(random.Random(2).randbytes(8 * MiB))
+    Repository.init(str(tmp_path / "repo"))
+    repo = Repository.open(str(tmp_path / "repo"))
+    try:
+        repo.add_device("d", str(src), 64 * KiB)
+        old, new = (repo.backup("d", "full").record for _ in range(2))
+        ops = BackupOperations(repo)
+        try:
+            running, gate = threading.Event(), threading.Event()
+            ops._advisor.submit(lambda: (running.set(), gate.wait(30)))  # a slow advice ahead
+            assert running.wait(30)
+            view = ops._acquire_view(old)
+            ops._advise(Handle(ops.inodes.get(BACKUP, "d", old.id), view=view), 0, 16 * MiB)
+            ops._release_view(old.id)  # the reader is gone; its advice is not
+            repo.prune("d", remove=old.id)
+            ops._drop_idle_views()  # what a prune through the mount does after it
+            done = threading.Event()
+            ops._advisor.submit(done.set)
+            gate.set()
+            assert done.wait(30)
+            assert old.id not in ops._idle_views and old.id not in ops._views
+            assert all(layer.fd < 0 for layer in getattr(view, "view", view).layers), "deleted image kept open"
+
+            # Two opens of one backup that raced both end up idle: one is closed.
+            first = repo.open_backup(new.id)
+            ops._views[new.id] = (first, 1)
+            ops._release_view(new.id)
+            ops._views[new.id] = (repo.open_backup(new.id), 1)  # the slower opener registers after
+            ops._release_view(new.id)
+            assert all(layer.fd < 0 for layer in getattr(first, "view", first).layers)
+        finally:
+            ops.close_views()
+    finally:
+        repo.close()

@@ -80,3 +80,27 @@ def test_an_empty_disk_reads_nothing(tmp_path: Path, read_loop: str) -> None:
         assert view.size == 0
         assert view.read(0, 4096) == b""
         view.readinto(0, memoryview(bytearray()))
+
+
+def test_the_advice_loop_refuses_an_index_out_of_order(tmp_path: Path) -> None:
+    """Extents whose starts do not ascend (no index we build, but the loop
+    must not write past its run table on one): an error, nothing advised."""
+    from engine import _fastread
+
+    path = tmp_path / "a.qcow2"
+    _image(path, os.urandom(4 * CLUSTER))
+    with ChainView.open(str(path)) as view:
+        n = 8
+        starts = array("Q", [3500, 50, 60, 70, 80, 90, 100, 110])
+        hosts = array("Q", [0] * n)
+        kinds = bytes([_fastread.DATA] * n)
+        depths = array("H", [0] * n)
+        with pytest.raises(ValueError, match="not in disk order"):
+            _fastread.advise(0, 3000, starts, hosts, kinds, depths, view._fd_array, view.size,
+                             view._streaming_mask, 1 << 20, True)
+        with pytest.raises(ValueError, match="names a layer"):
+            _fastread.advise(0, view.size, view._starts, view._hosts, view._kinds,
+                             array("H", [5] * len(view._depths)), view._fd_array, view.size,
+                             view._streaming_mask, 1 << 20, False)
+        assert _fastread.advise(0, view.size, view._starts, view._hosts, view._kinds, view._depths,
+                                view._fd_array, view.size, view._streaming_mask, 1 << 20, False) >= 0
