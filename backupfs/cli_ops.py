@@ -191,26 +191,36 @@ def _restore_through_mount(record: MountRecord, args: argparse.Namespace) -> int
 
 
 @contextlib.contextmanager
-def _first_ctrl_c_cancels(cancel: CancelRequest, current: str) -> Iterator[None]:
-    """The first Ctrl-C sets ``cancel``, for work that stops cleanly between
-    steps (a prune, between removals); a second one interrupts at once.
+def _first_signal_cancels(cancel: CancelRequest, current: str) -> Iterator[None]:
+    """The first Ctrl-C (or SIGTERM, SIGHUP) sets ``cancel``, for work that
+    stops cleanly between steps (a prune, between removals); a second one
+    stops at once.
 
-    A prune interrupted anywhere is safe (a removal cut short is finished
-    at the next open), but only a stop between removals can say what was
-    removed: the operator needs that list to know what is left.
+    A prune stopped anywhere is safe (a removal cut short is finished at
+    the next open), but only a stop between removals can say what was
+    removed: the operator needs that list to know what is left. A signal
+    the process was started ignoring (a script's `&` job, nohup) stays
+    ignored.
     """
+    from backupfs.cli import Stopped
 
-    def on_sigint(signum: int, frame: object) -> None:
+    def on_signal(signum: int, frame: object) -> None:
         if cancel.is_set():
-            raise KeyboardInterrupt
-        cancel.cancel("Ctrl-C", interrupted=True)
-        print(f"backupfs: stopping after {current} (Ctrl-C again to stop at once)", file=sys.stderr)
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise Stopped(signum)
+        cancel.cancel("Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name, interrupted=True)
+        print(f"backupfs: stopping after {current} (again to stop at once)", file=sys.stderr)
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, on_signal)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -239,14 +249,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from engine.job import CancelRequest, JobCancelled
 
     cancel = CancelRequest()
-    with _first_ctrl_c_cancels(cancel, "the backup being removed now"):
+    stops = contextlib.nullcontext() if args.dry_run else _first_signal_cancels(cancel, "the backup being removed now")
+    with stops:
         try:
             with Repository.open(args.repo) as repo:
                 plans = repo.prune(args.name, None if policy.empty() else policy, args.remove,
                                    dry_run=args.dry_run, cancel=cancel)
         except JobCancelled as e:
+            for plan in e.removed:
+                print(f"removed: {plan.describe()}")
             print(f"backupfs: interrupted: {e}", file=sys.stderr)
-            return 130
+            return 130 if cancel.reason == "Ctrl-C" else 128 + int(signal.Signals[cancel.reason or "SIGINT"])
     verb = "would remove" if args.dry_run else "removed"
     for plan in plans:
         print(f"{verb}: {plan.describe()}")

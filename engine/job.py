@@ -91,6 +91,7 @@ class JobCancelled(JobError):
         # EINTR), not by an unmount or a close (answer ECANCELED, which no
         # one retries: a program's EINTR retry would trigger it again).
         self.interrupted = interrupted
+        self.removed: list = []  # a prune's: the removals made before it stopped (RemovalPlan)
 
 
 class CancelRequest(threading.Event):

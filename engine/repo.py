@@ -509,7 +509,9 @@ class Repository:
                     # Between removals: each one is whole (or finished at the next open).
                     done = ", ".join(p.removed.id for p in plans) or "nothing"
                     err = cancelled(cancel, "prune")
-                    raise JobCancelled(f"{err}; removed before that: {done}", err.interrupted)
+                    stopped = JobCancelled(f"{err}; removed before that: {done}", err.interrupted)
+                    stopped.removed = plans
+                    raise stopped
                 x = self.catalog.backup(x.id) or x  # parents change as earlier ones go
                 plan = RemovalPlan(x, self.catalog.children(x.id))
                 if not dry_run:

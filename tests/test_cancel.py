@@ -599,11 +599,9 @@ def test_killing_the_writer_of_a_prune_stops_it_between_removals(tmp_path: Path)
         m.stop()
 
 
-def test_ctrl_c_of_a_direct_prune_stops_between_removals_and_says_what_went(tmp_path: Path) -> None:
-    """An unmounted `backupfs prune` said only "interrupted" on Ctrl-C, so the
-    operator could not tell what was left. The first Ctrl-C now lets the
-    removal under way finish, stops, and lists what was removed; the chain
-    left is whole."""
+def _chain_of_nine(tmp_path: Path) -> tuple[Path, list[str]]:
+    """A 128 MiB device with a full and 8 incrementals: a prune of all but
+    the last rewrites 128 MiB per removal (long enough to be signalled)."""
     src = tmp_path / "src.img"
     src.write_bytes(os.urandom(128 * MiB))
     Repository.init(str(tmp_path / "repo"))
@@ -611,26 +609,55 @@ def test_ctrl_c_of_a_direct_prune_stops_between_removals_and_says_what_went(tmp_
         repo.add_device("vm1", str(src), 64 * 1024)
         dev = repo.device("vm1")
         ids = [repo.backup("vm1", "full").record.id]
-        for i in range(8):  # removing the oldest rewrites its child whole: 128 MiB each
+        for i in range(8):
             dev.write(i * 8 * MiB, os.urandom(MiB))
             ids.append(repo.backup("vm1", "incremental").record.id)
-    first = tmp_path / "repo" / "devices" / "vm1" / f"{ids[0]}.qcow2"
+    return src, ids
+
+
+def _signal_prune_after_its_first_removal(tmp_path: Path, first_id: str, sig: signal.Signals,
+                                          **popen: object) -> tuple[subprocess.Popen, str, str]:
+    first = tmp_path / "repo" / "devices" / "vm1" / f"{first_id}.qcow2"
     proc = subprocess.Popen(backupfs_cmd() + ["prune", str(tmp_path / "repo"), "vm1", "--keep-last", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **popen)  # type: ignore[call-overload]
     try:
         while first.exists():  # the first removal is done: the prune is under way
             assert proc.poll() is None, proc.communicate()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate(timeout=120)
+    return proc, out, err
+
+
+def test_a_prune_started_ignoring_sigint_ignores_it(tmp_path: Path) -> None:
+    """A script's background job (`prune ... &`) or nohup starts with SIGINT
+    ignored: a Ctrl-C meant for the foreground must not stop it."""
+    src, ids = _chain_of_nine(tmp_path)
+    proc, out, err = _signal_prune_after_its_first_removal(
+        tmp_path, ids[0], signal.SIGINT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert proc.returncode == 0, (out, err)
+    assert len(out.splitlines()) == 8 and err == "", (out, err)
+    listed = [line.split("\t")[0] for line in cli("list", tmp_path / "repo", "vm1").stdout.decode().splitlines()[1:]]
+    assert listed == ids[-1:]
+
+
+def test_ctrl_c_of_a_direct_prune_stops_between_removals_and_says_what_went(tmp_path: Path) -> None:
+    """An unmounted `backupfs prune` said only "interrupted" on Ctrl-C, so the
+    operator could not tell what was left. The first Ctrl-C now lets the
+    removal under way finish, stops, and lists what was removed; the chain
+    left is whole."""
+    src, ids = _chain_of_nine(tmp_path)
+    proc, out, err = _signal_prune_after_its_first_removal(tmp_path, ids[0], signal.SIGINT)
     assert proc.returncode == 130, (out, err)
     assert "stopping after the backup being removed now" in err
     assert "interrupted: prune cancelled: Ctrl-C; removed before that: " in err, err
     removed = err.split("removed before that: ")[1].strip().split(", ")
     assert ids[0] in removed and len(removed) < 8, err
+    assert [line.split()[2].rstrip(",") for line in out.splitlines()] == removed, out  # "removed: remove ID, ..."
     listed = [line.split("\t")[0] for line in cli("list", tmp_path / "repo", "vm1").stdout.decode().splitlines()[1:]]
     assert listed == [i for i in ids if i not in removed]
     assert cli("verify", tmp_path / "repo").returncode == 0
