@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -109,6 +110,10 @@ class Device:
         self.gate = WriteGate()
         self.job: BackupJob | None = None
         self.untrusted_reason: str | None = None
+        # The source's modification time as our own writes left it: one that
+        # moved otherwise means another program wrote the file (see check_source).
+        self._mtime_lock = threading.Lock()
+        self._seen_mtime_ns = os.fstat(self.fd).st_mtime_ns
         try:
             self.since_last = self._load("since-last", has_backups)
             self.since_full = self._load("since-full", has_backups)
@@ -186,6 +191,7 @@ class Device:
             # dup2: readers in flight finish on the old file; the number
             # never names anything else in between.
             os.dup2(fd, self.fd)
+            self._seen_mtime_ns = os.fstat(self.fd).st_mtime_ns
             self.writes_inline = can_answer(self.fd)
             os.close(fd)
             self.read_only = read_only
@@ -196,6 +202,14 @@ class Device:
         if actual != self.size:
             self.distrust(f"its source {self.path} changed size behind backupfs's back")
             raise DeviceError(self._resized(actual), errno.EIO)
+        if stat.S_ISREG(held.st_mode) and held.st_mtime_ns != self._seen_mtime_ns:
+            # Written by another program while we hold it (a VM started on
+            # the image itself, say): the bitmap has not seen those writes.
+            # Only regular files say so (a block device node's time stays),
+            # and not a write within the same clock tick as one of ours.
+            self._seen_mtime_ns = held.st_mtime_ns
+            self.distrust(f"its source {self.path} was written by another program, not through backupfs")
+            self._persist(in_use=True)
 
     # -- bitmaps ------------------------------------------------------------------
 
@@ -331,6 +345,10 @@ class Device:
                     ) from None
             if timed is not None:
                 timed(time.perf_counter() - started)
+            mtime = os.fstat(self.fd).st_mtime_ns  # what our write made it
+            with self._mtime_lock:
+                if mtime > self._seen_mtime_ns:
+                    self._seen_mtime_ns = mtime
         finally:
             self.gate.release_shared()
         return length

@@ -71,6 +71,33 @@ def test_a_replaced_source_is_followed_and_scanned(mounted: Mounted, tmp_path: P
     assert _trigger(m, "incremental")[0] == 0 and _latest_equals(m, src)
 
 
+def test_a_source_written_by_another_program_while_mounted_is_scanned(mounted: Mounted, tmp_path: Path) -> None:
+    """A VM started on the image file itself (not on the mount's device)
+    writes what the bitmap never sees. The next incremental notices the
+    file's modification time moved without a write through backupfs, scans,
+    and holds those changes too, not only the ones made through the mount.
+    Writes through the mount alone never trigger it."""
+    m = mounted
+    src = tmp_path / "src.raw"
+    dev = m.path("vm1", "device")
+    assert _trigger(m, "full")[0] == 0
+    sh(f"printf 'through the mount' | dd of={dev} bs=1 seek={MiB} conv=notrunc status=none")
+    rc, status = _trigger(m, "incremental")
+    assert rc == 0 and "scanned: no" in status, status  # our own writes: the bitmap is right
+    sh(f"printf 'mounted again' | dd of={dev} bs=1 seek={2 * MiB} conv=notrunc status=none")
+    sh(f"printf 'behind our back' | dd of={src} bs=1 seek={5 * MiB} conv=notrunc status=none")
+    rc, status = _trigger(m, "incremental")
+    assert rc == 0, status
+    assert "scanned: yes" in status and "written by another program" in status, status
+    assert _latest_equals(m, src)
+    assert m.path("vm1", "backups", "latest").read_bytes()[5 * MiB : 5 * MiB + 15] == b"behind our back"
+    # Re-synchronised: the next one trusts the bitmap again.
+    sh(f"printf 'and again' | dd of={dev} bs=1 seek={3 * MiB} conv=notrunc status=none")
+    rc, status = _trigger(m, "incremental")
+    assert rc == 0 and "scanned: no" in status, status
+    assert _latest_equals(m, src)
+
+
 def test_a_source_replaced_then_unmounted_is_scanned_after_remount(mounted: Mounted, tmp_path: Path) -> None:
     m = mounted
     src = tmp_path / "src.raw"
