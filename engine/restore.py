@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import stat
 import tempfile
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from engine.job import Progress
 from engine.pipeline import BytesLike, copy_chunks
 
 CHUNK = 8 * 1024 * 1024
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 class RestoreError(BackupfsError):
@@ -95,6 +97,10 @@ def restore_to(
     if not block_device:
         target = os.path.realpath(target)  # through a symlink: replace the file, not the link
     directory = os.path.dirname(target)
+    # Created with the stop signals held back until the try below that
+    # removes the file: a Ctrl-C or kill (whose handlers raise) arriving
+    # just after its creation lands inside that try, not before it.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
         if block_device:
             fd, written_path = os.open(target, os.O_WRONLY | os.O_CLOEXEC), target
@@ -102,12 +108,11 @@ def restore_to(
             fd, written_path = tempfile.mkstemp(
                 prefix=f".{os.path.basename(target)}.", suffix=".restoring", dir=directory
             )
-            try:
-                os.fchmod(fd, stat.S_IMODE(os.stat(target).st_mode))  # keep an overwritten file's mode
-            except FileNotFoundError:
-                pass
-    except OSError as e:
-        raise RestoreError(f"cannot open restore target {target}: {e.strerror}", e.errno or errno.EIO) from None
+    except BaseException as e:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        if isinstance(e, OSError):
+            raise RestoreError(f"cannot open restore target {target}: {e.strerror}", e.errno or errno.EIO) from None
+        raise
     progress = Progress(total=size, phase="restoring")
     ok = False
 
@@ -132,6 +137,12 @@ def restore_to(
             on_progress(progress)
 
     try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a stop held back lands here
+        if not block_device:
+            try:
+                os.fchmod(fd, stat.S_IMODE(os.stat(target).st_mode))  # keep an overwritten file's mode
+            except FileNotFoundError:
+                pass
         chunks = ((pos, min(CHUNK, size - pos)) for pos in range(0, size, CHUNK))
         copy_chunks(chunks, fill, write, CHUNK)
         if not block_device:
