@@ -24,6 +24,7 @@ import errno
 import fcntl
 import os
 import re
+import signal
 import sqlite3
 import stat
 import threading
@@ -42,6 +43,7 @@ from engine.device import Device, DeviceError
 from engine.errors import BackupfsError, ImageError, UsageError
 from engine.fsutil import file_size, fsync_dir
 from engine.integrity import VerifiedView, VerifyReport, verify_backup
+from engine.stopsignals import STOP_SIGNALS
 from engine.restore import RestoreResult, check_target, restore_to
 from engine.importer import import_chain
 from engine.prune import RemovalPlan, RetentionPolicy, remove_backup, select_for_removal
@@ -641,6 +643,7 @@ class Repository:
             # since_full without consuming it (the next differential needs it).
             writer: Qcow2Writer | None = None
             tmp = ""
+            held: set[signal.Signals] | None = None
             try:
                 frozen_last = dev.since_last.freeze()
                 frozen_full = dev.since_full.freeze() if kind == "full" else None
@@ -672,6 +675,12 @@ class Repository:
                     plan, source, writer, checksums, kind=kind, on_progress=on_progress, cancel=cancel,
                     chunk_bytes=chunk_bytes, rate=rate,
                 )
+                # From registering the job to inside the try that undoes it,
+                # a stop signal (whose handler raises: Ctrl-C, a CLI's
+                # SIGTERM) is held back: raised in between (leaving the
+                # gate, say), it left the job registered and close() waiting
+                # for it forever.
+                held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
                 dev.job = job
                 with self._idle:
                     self._running[name] = job
@@ -693,12 +702,15 @@ class Repository:
                     dev.since_last.reclaim()
                 if kind == "full" and dev.since_full.frozen is not None:
                     dev.since_full.reclaim()
+                if held is not None:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, held)
                 raise
         ok = False
         failure: BaseException | None = None
         job_id: int | None = None
         try:
             try:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a stop held back lands here
                 job_id = self.catalog.job_started(name, kind)  # inside: a failure here must undo the above
                 job.run()
                 writer.commit()

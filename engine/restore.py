@@ -23,9 +23,9 @@ from engine.errors import BackupfsError, UsageError
 from engine.fsutil import fsync_dir
 from engine.job import Progress
 from engine.pipeline import BytesLike, copy_chunks
+from engine.stopsignals import STOP_SIGNALS
 
 CHUNK = 8 * 1024 * 1024
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 class RestoreError(BackupfsError):
@@ -100,7 +100,7 @@ def restore_to(
     # Created with the stop signals held back until the try below that
     # removes the file: a Ctrl-C or kill (whose handlers raise) arriving
     # just after its creation lands inside that try, not before it.
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         if block_device:
             fd, written_path = os.open(target, os.O_WRONLY | os.O_CLOEXEC), target

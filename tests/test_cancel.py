@@ -9,6 +9,7 @@ the old code (the writer's wait times out).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -491,6 +492,50 @@ def test_ctrl_c_while_ending_a_job_does_not_hang_the_close(tmp_path: Path, monke
         closer.start()
         closer.join(30)
     assert closed.is_set(), "close() hung"
+
+
+def test_a_stop_signal_as_the_job_is_registered_lands_where_it_is_undone(tmp_path: Path, monkeypatch) -> None:
+    """A stop whose handler raises (the CLI's SIGHUP here) arriving as the
+    setup leaves the device's gate, after the job was registered and before
+    the try that undoes it: it left the job registered, and close() waited
+    for it forever (a CI run's `backupfs backup` hung until killed). It is
+    now held back until that try, and the backup is cleanly not made."""
+    import threading
+
+    class Stop(Exception):
+        pass
+
+    def raise_stop(signum: int, frame: object) -> None:
+        raise Stop
+
+    repo, src = _small_repo(tmp_path)
+    closed = threading.Event()
+    previous = signal.signal(signal.SIGHUP, raise_stop)
+    try:
+        repo.backup("d", "full")
+        dev = repo.device("d")
+        exclusive = dev.gate.exclusive
+
+        @contextlib.contextmanager
+        def signalled_on_exit() -> Iterator[None]:
+            with exclusive():
+                yield
+                if dev.job is not None:  # the setup's gate, the job just registered
+                    os.kill(os.getpid(), signal.SIGHUP)
+
+        monkeypatch.setattr(dev.gate, "exclusive", signalled_on_exit)
+        with pytest.raises(Stop):
+            repo.backup("d", "incremental", scan=True)
+        monkeypatch.undo()
+        assert dev.job is None
+        assert [b.kind for b in repo.backups("d")] == ["full"]
+        assert not [f for f in os.listdir(tmp_path / "repo" / "devices" / "d") if f.startswith(".tmp-")]
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+        closer = threading.Thread(target=lambda: (repo.close(), closed.set()), daemon=True)
+        closer.start()
+        closer.join(30)
+    assert closed.is_set(), "close() hung: the job stayed registered"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
