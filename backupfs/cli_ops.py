@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from backupfs.cli_repo import _close_quietly, catalog_for_reading, progress_reporter
 from backupfs.mountinfo import MountRecord, read_mount_record
 from engine.errors import BackupfsError, UsageError
+from engine.stopsignals import STOP_SIGNALS
 from engine.units import format_size, parse_size
 
 if TYPE_CHECKING:
@@ -213,7 +214,7 @@ def _first_signal_cancels(cancel: CancelRequest, current: str) -> Iterator[None]
         print(f"backupfs: stopping after {current} (again to stop at once)", file=sys.stderr)
 
     previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in sorted(STOP_SIGNALS):
         if signal.getsignal(sig) is not signal.SIG_IGN:
             previous[sig] = signal.signal(sig, on_signal)
     try:

@@ -257,11 +257,16 @@ static PyObject *fastread_advise(PyObject *module, PyObject *args)
         }
         pos = stop;
     }
+    /* A layer left to its own read-ahead: its runs mostly in file order.
+     * Marked in lo[] (no longer needed) as UINT64_MAX. */
+    for (Py_ssize_t d = 0; !bad && d < layers; d++)
+        if (streaming[d] && hi[d] - lo[d] >= span && 2 * filled[d] >= hi[d] - lo[d])
+            lo[d] = UINT64_MAX;
     if (!bad && !dry) {
         for (Py_ssize_t r = 0; r < nruns; r++) {
             uint16_t d = runs[r].depth;
-            if (streaming[d] && hi[d] - lo[d] >= span && 2 * filled[d] >= hi[d] - lo[d])
-                continue; /* mostly in file order: the file's own read-ahead streams it */
+            if (lo[d] == UINT64_MAX)
+                continue; /* the file's own read-ahead streams it */
             (void)posix_fadvise(fds[d], (off_t)runs[r].start, (off_t)(runs[r].end - runs[r].start),
                                 POSIX_FADV_WILLNEED); /* advice only: a failure costs nothing */
             advised++;
@@ -280,7 +285,7 @@ static PyObject *fastread_advise(PyObject *module, PyObject *args)
     result = PyList_New(0);
     for (Py_ssize_t r = 0; result && r < nruns; r++) {
         uint16_t d = runs[r].depth;
-        if (streaming[d] && hi[d] - lo[d] >= span && 2 * filled[d] >= hi[d] - lo[d])
+        if (lo[d] == UINT64_MAX)
             continue;
         PyObject *t = Py_BuildValue("(iKK)", (int)d, (unsigned long long)runs[r].start,
                                     (unsigned long long)(runs[r].end - runs[r].start));

@@ -309,10 +309,7 @@ class ChainView:
         if end <= offset:
             return 0
         if _fastread is not None:
-            return int(_fastread.advise(
-                offset, end, self._starts, self._hosts, self._kinds, self._depths, self._fd_array,
-                self.size, self._streaming_mask, _STREAMING_SPAN, False,
-            ))
+            return int(self._advise_c(offset, end, dry=False))
         runs = self._advice_python(offset, end)
         for depth, start, n in runs:
             _willneed(self._fds[depth], start, n)
@@ -324,11 +321,15 @@ class ChainView:
         if end <= offset:
             return []
         if _fastread is not None:
-            return list(_fastread.advise(
-                offset, end, self._starts, self._hosts, self._kinds, self._depths, self._fd_array,
-                self.size, self._streaming_mask, _STREAMING_SPAN, True,
-            ))
+            return list(self._advise_c(offset, end, dry=True))
         return self._advice_python(offset, end)
+
+    def _advise_c(self, offset: int, end: int, dry: bool) -> object:
+        assert _fastread is not None
+        return _fastread.advise(
+            offset, end, self._starts, self._hosts, self._kinds, self._depths, self._fd_array,
+            self.size, self._streaming_mask, _STREAMING_SPAN, dry,
+        )
 
     def _advice_python(self, offset: int, end: int) -> list[tuple[int, int, int]]:
         starts = self._starts
