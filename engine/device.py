@@ -12,6 +12,7 @@ or wholly after (copy-before-write saves what it overwrites).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -92,6 +93,29 @@ class WriteGate:
                 self._cond.notify_all()
 
 
+def bitmap_path(state_dir: str, which: str) -> str:
+    return os.path.join(state_dir, f"{which}.bitmap")
+
+
+def distrust_saved_bitmaps(state_dir: str, which: tuple[str, ...]) -> None:
+    """Mark a closed device's persisted bitmaps untrusted, in place.
+
+    For a change the bitmaps must account for while the device cannot be
+    opened (its source is away): the next backup after it is back then
+    scans instead of trusting bits that miss the change. A missing or
+    unreadable bitmap is untrusted already. Raises OSError if it cannot
+    be saved: the caller must then not make the change.
+    """
+    for name in which:
+        path = bitmap_path(state_dir, name)
+        try:
+            stored = load_bitmap(path)
+        except (FileNotFoundError, BitmapFileError):
+            continue
+        if stored.trusted:
+            save_bitmap(path, stored.bitmap, stored.identity, stored.in_use, trusted=False)
+
+
 class Device:
     """One registered device, opened for I/O."""
 
@@ -111,9 +135,14 @@ class Device:
         self.job: BackupJob | None = None
         self.untrusted_reason: str | None = None
         # The source's modification time as our own writes left it: one that
-        # moved otherwise means another program wrote the file (see check_source).
+        # moved otherwise means another program wrote the file (see
+        # _noticed_outside_write). Our writes in flight may move it too.
         self._mtime_lock = threading.Lock()
         self._seen_mtime_ns = os.fstat(self.fd).st_mtime_ns
+        self._writes_in_flight = 0
+        # Counts distrust() calls: a job that ends well trusts the bitmap
+        # again only if nothing distrusted it while it ran.
+        self.distrust_count = 0
         try:
             self.since_last = self._load("since-last", has_backups)
             self.since_full = self._load("since-full", has_backups)
@@ -155,6 +184,21 @@ class Device:
         the next incremental or differential compares checksums instead."""
         self.since_last.trusted = self.since_full.trusted = False
         self.untrusted_reason = reason
+        self.distrust_count += 1
+
+    def _noticed_outside_write(self, st: os.stat_result) -> bool:
+        """Distrust the bitmaps if ``st`` shows a write that was not ours.
+
+        Only a regular file says so (a block device node's time stays), and
+        not a write within the same clock tick as one of ours, nor one that
+        lands while one of ours is in flight (ours moves the time too). The
+        caller holds _mtime_lock.
+        """
+        if not stat.S_ISREG(st.st_mode) or st.st_mtime_ns == self._seen_mtime_ns or self._writes_in_flight:
+            return False
+        self._seen_mtime_ns = st.st_mtime_ns
+        self.distrust(f"its source {self.path} was written by another program, not through backupfs")
+        return True
 
     def check_source(self) -> None:
         """Notice a source replaced, resized or removed behind our back.
@@ -202,19 +246,17 @@ class Device:
         if actual != self.size:
             self.distrust(f"its source {self.path} changed size behind backupfs's back")
             raise DeviceError(self._resized(actual), errno.EIO)
-        if stat.S_ISREG(held.st_mode) and held.st_mtime_ns != self._seen_mtime_ns:
-            # Written by another program while we hold it (a VM started on
-            # the image itself, say): the bitmap has not seen those writes.
-            # Only regular files say so (a block device node's time stays),
-            # and not a write within the same clock tick as one of ours.
-            self._seen_mtime_ns = held.st_mtime_ns
-            self.distrust(f"its source {self.path} was written by another program, not through backupfs")
+        # Written by another program while we hold it (a VM started on the
+        # image itself, say): the bitmap has not seen those writes.
+        with self._mtime_lock:
+            outside = self._noticed_outside_write(held)
+        if outside:
             self._persist(in_use=True)
 
     # -- bitmaps ------------------------------------------------------------------
 
     def _bitmap_path(self, which: str) -> str:
-        return os.path.join(self.state_dir, f"{which}.bitmap")
+        return bitmap_path(self.state_dir, which)
 
     def identity(self) -> SourceIdentity:
         """What the source is: the file we hold open, not whatever the path names now."""
@@ -327,28 +369,37 @@ class Device:
                 job.before_write(offset, length)
             # A write past the end of a source cut behind our back would
             # grow it again around a hole: refuse, as reads past it do.
-            actual = file_size(self.fd)
+            before = os.fstat(self.fd)
+            actual = os.lseek(self.fd, 0, os.SEEK_END) if stat.S_ISBLK(before.st_mode) else before.st_size
             if actual < offset + length:
                 self.distrust(f"its source {self.path} changed size behind backupfs's back")
                 raise DeviceError(self._resized(actual), errno.EIO)
             # Mark first: a failed or short write may still have changed bytes.
             self.since_last.active.mark(offset, length)
             self.since_full.active.mark(offset, length)
+            # Another program's write since our last one: noticed now, before
+            # ours moves the time again and hides it.
+            with self._mtime_lock:
+                self._noticed_outside_write(before)
+                self._writes_in_flight += 1
             done = 0
             started = time.perf_counter()
-            while done < length:
-                try:
+            try:
+                while done < length:
                     done += os.pwrite(self.fd, view[done:], offset + done)
-                except OSError as e:
-                    raise DeviceError(
-                        f"device {self.name}: writing {self.path}: {e.strerror}", e.errno or errno.EIO
-                    ) from None
+            except OSError as e:
+                raise DeviceError(
+                    f"device {self.name}: writing {self.path}: {e.strerror}", e.errno or errno.EIO
+                ) from None
+            finally:
+                with self._mtime_lock:
+                    self._writes_in_flight -= 1
+                    with contextlib.suppress(OSError):
+                        # What our write made it (an error leaves it unknown:
+                        # the next look then sees a move and distrusts).
+                        self._seen_mtime_ns = max(self._seen_mtime_ns, os.fstat(self.fd).st_mtime_ns)
             if timed is not None:
                 timed(time.perf_counter() - started)
-            mtime = os.fstat(self.fd).st_mtime_ns  # what our write made it
-            with self._mtime_lock:
-                if mtime > self._seen_mtime_ns:
-                    self._seen_mtime_ns = mtime
         finally:
             self.gate.release_shared()
         return length
@@ -368,6 +419,10 @@ class Device:
         try:
             if not self.read_only:
                 os.fsync(self.fd)
+            # Saved as clean, the source's time becomes the one the next
+            # open trusts: another program's write must be noticed first.
+            with self._mtime_lock:
+                self._noticed_outside_write(os.fstat(self.fd))
             self._persist(in_use=False)
         finally:
             os.close(self.fd)

@@ -76,6 +76,7 @@ def import_chain(
     # next open of the repository removes: all of the import or none.
     ddir = os.path.join(repo_path, "devices", name)
     os.makedirs(ddir, exist_ok=True)
+    fsync_dir(os.path.dirname(ddir))  # the directory's own entry, before the catalog names it
     records: list[BackupRecord] = []
     prev: BackupRecord | None = None
     last_created = 0

@@ -39,7 +39,7 @@ from engine.bitmap import validate_granularity
 from engine.catalog import DISK_FULL, KINDS, BackupRecord, Catalog, CatalogError, DeviceRecord
 from engine.chain import ChainView
 from engine.checksums import ChecksumError, ChecksumRecord, granule_hashes, overlay
-from engine.device import Device, DeviceError
+from engine.device import Device, DeviceError, distrust_saved_bitmaps
 from engine.errors import BackupfsError, ImageError, UsageError
 from engine.fsutil import file_size, fsync_dir
 from engine.integrity import VerifiedView, VerifyReport, verify_backup
@@ -221,6 +221,13 @@ class Repository:
             b.checksums for b in self.catalog.backups() if b.checksums
         }
         devroot = os.path.join(self.path, "devices")
+        missing = [d.name for d in self.catalog.devices() if not os.path.isdir(self._device_dir(d.name))]
+        for name in missing:
+            # Lost by a crash of an older version, which did not make the
+            # new directory durable: the device's bitmaps and backups need it.
+            os.makedirs(self._device_dir(name), exist_ok=True)
+        if missing:
+            fsync_dir(devroot)
         for name in os.listdir(devroot):
             d = os.path.join(devroot, name)
             if not os.path.isdir(d):
@@ -296,6 +303,7 @@ class Repository:
         if self.catalog.device(name) is not None:
             raise UsageError(f"device {name!r} already exists")
         os.makedirs(self._device_dir(name), exist_ok=True)
+        fsync_dir(os.path.join(self.path, "devices"))  # durable before the catalog names it
         return self.catalog.add_device(name, source, size, granularity)
 
     def import_chain(
@@ -536,7 +544,15 @@ class Repository:
             try:
                 dev = self.device(device)
             except BackupfsError:
-                dev = None  # no live source: no bitmap to keep right
+                # The source is away (or there is none): its saved bitmaps
+                # must still not outlive x trusted, or the next backup once
+                # it is back would miss x's changes. Unsaved: remove nothing.
+                which = (("since-last",) if was_latest else ()) + (
+                    ("since-full",) if was_last_full and not plan.children else ())
+                try:
+                    distrust_saved_bitmaps(self._device_dir(device), which)
+                except OSError as e:
+                    raise _storage_error(e) from None
         if dev is not None:
             # Before the removal, and saved: once the catalog forgets x, an
             # interruption must not leave a bitmap that forgot x's changes.
@@ -623,6 +639,7 @@ class Repository:
                     f"({100 * p.fraction():.0f}%)"
                 )
             dev.check_source()  # replaced: follow it (and scan); resized or gone: refuse
+            distrusts = dev.distrust_count  # one while the job runs: the next backup scans
             parent = self._parent_for(name, kind)
             if parent is None and kind != "full":
                 if not auto_full:
@@ -762,12 +779,15 @@ class Repository:
                 with dev.gate.exclusive():
                     dev.job = None
                     if committed:
+                        # Trusted again, unless something the bitmap cannot
+                        # have seen happened while the job ran.
+                        resynced = dev.distrust_count == distrusts
                         dev.since_last.abdicate()
-                        dev.since_last.trusted = True
+                        dev.since_last.trusted = resynced
                         if frozen_full is not None:
                             dev.since_full.abdicate()
-                            dev.since_full.trusted = True
-                        elif plan_scan and not dev.since_full.trusted:
+                            dev.since_full.trusted = resynced
+                        elif plan_scan and not dev.since_full.trusted and resynced:
                             self._rebuild_since_full(dev, rec)
                     else:
                         dev.since_last.reclaim()

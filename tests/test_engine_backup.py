@@ -589,3 +589,123 @@ def test_two_devices_in_the_same_second_get_distinct_ids(repo: Repository, tmp_p
         ids.append(repo.backup(name, "incremental").record.id)
     assert len(set(ids)) == 6 and ids == sorted(ids)
     assert [len(repo.backups(n)) for n in ("a", "b", "c")] == [2, 2, 2]
+
+
+# -- changes the bitmap cannot see ----------------------------------------------------------
+
+
+def write_behind_our_back(src: Path, offset: int, data: bytes) -> None:
+    """Another program writes the source file (a VM started on the image).
+
+    Its time is then moved on by a millisecond if the write landed within
+    the clock tick of the file's last change, which a coarse clock allows
+    and which backupfs is documented not to see.
+    """
+    before = os.stat(src).st_mtime_ns
+    with open(src, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+    st = os.stat(src)
+    if st.st_mtime_ns == before:
+        os.utime(src, ns=(st.st_atime_ns, before + 1_000_000))
+
+
+def test_another_programs_write_is_not_hidden_by_a_later_write_of_ours(repo: Repository, tmp_path: Path) -> None:
+    """Our write moves the file's time too: looked at only at the next
+    backup, the other program's write was hidden behind it."""
+    src = make_source(tmp_path / "src.img", 8 * MiB, seed=30)
+    repo.add_device("o", str(src))
+    repo.backup("o", "full")
+    dev = repo.device("o")
+    write_behind_our_back(src, 5 * MiB, b"not through backupfs")
+    dev.write(1 * MiB, b"through backupfs")
+    res = repo.backup("o", "incremental")
+    assert res.scanned and "written by another program" in (res.scan_reason or ""), res.scan_reason
+    assert_equals_snapshot(repo, res.record, Snapshots(src, tmp_path).take())
+    dev.write(2 * MiB, b"ours alone")
+    res = repo.backup("o", "incremental")
+    assert not res.scanned and res.record.stored_bytes == 64 * KiB
+
+
+def test_another_programs_write_is_not_hidden_by_a_clean_close(repo_path: Path, tmp_path: Path) -> None:
+    """A clean close saves the file's time as the one the next open trusts:
+    the other program's write before it must be remembered as unseen."""
+    src = make_source(tmp_path / "src.img", 8 * MiB, seed=31)
+    with Repository.open(str(repo_path)) as repo:
+        repo.add_device("c", str(src))
+        repo.backup("c", "full")
+        repo.device("c").write(1 * MiB, b"through backupfs")
+        write_behind_our_back(src, 6 * MiB, b"not through backupfs")
+    with Repository.open(str(repo_path)) as repo:
+        assert not repo.device("c").trusted
+        res = repo.backup("c", "incremental")
+        assert res.scanned
+        assert_equals_snapshot(repo, res.record, Snapshots(src, tmp_path).take())
+
+
+def test_a_write_noticed_during_a_job_keeps_the_bitmap_untrusted(repo: Repository, tmp_path: Path) -> None:
+    """The job that ends well re-trusts the bitmap only if nothing was
+    noticed while it ran: here a write of ours, mid-copy, finds another
+    program's write, which the next backup must scan for."""
+    src = make_source(tmp_path / "src.img", 8 * MiB, seed=32)
+    repo.add_device("j", str(src))
+    repo.backup("j", "full")
+    dev = repo.device("j")
+    dev.write(0, b"dirty")
+
+    def hook(n: int, offset: int, length: int) -> None:
+        if n == 1:
+            write_behind_our_back(src, 7 * MiB, b"not through backupfs")
+            dev.write(3 * MiB, b"through backupfs")  # outside what the job copies
+
+    res = repo.backup("j", "incremental", source_factory=lambda d: HookedSource(d, hook))
+    assert not res.scanned
+    assert not dev.trusted and "written by another program" in (dev.untrusted_reason or "")
+    res = repo.backup("j", "incremental")
+    assert res.scanned
+    assert_equals_snapshot(repo, res.record, Snapshots(src, tmp_path).take())
+
+
+@pytest.mark.parametrize("removed", ["latest", "last full"])
+def test_prune_while_the_source_is_away_leaves_the_bitmap_untrusted(
+    removed: str, repo_path: Path, tmp_path: Path
+) -> None:
+    """The LV is not active, the disk unplugged: the removal still has to
+    tell the bitmap, or the next backup once the source is back misses what
+    the removed backup held."""
+    src = make_source(tmp_path / "src.img", 8 * MiB, seed=33)
+    with Repository.open(str(repo_path)) as repo:
+        repo.add_device("a", str(src))
+        first = repo.backup("a", "full").record
+        repo.device("a").write(3 * MiB, b"held by the removed backup")
+        if removed == "latest":
+            gone = repo.backup("a", "incremental").record
+        else:
+            repo.backup("a", "incremental")
+            gone = repo.backup("a", "full").record  # the last full, no children
+    os.rename(src, tmp_path / "away.img")
+    with Repository.open(str(repo_path)) as repo:
+        with pytest.raises(BackupfsError, match="does not exist"):
+            repo.device("a")
+        assert [p.removed.id for p in repo.prune("a", remove=gone.id)] == [gone.id]
+    os.rename(tmp_path / "away.img", src)
+    with Repository.open(str(repo_path)) as repo:
+        kind = "incremental" if removed == "latest" else "differential"
+        res = repo.backup("a", kind)
+        assert res.scanned, res.scan_reason
+        if kind == "differential":
+            assert res.record.parent == first.id
+        assert_equals_snapshot(repo, res.record, Snapshots(src, tmp_path).take())
+
+
+def test_a_lost_device_directory_is_made_again(repo_path: Path, tmp_path: Path) -> None:
+    """An older version did not make a new device's directory durable: a
+    power loss could keep the device and lose the directory its bitmaps and
+    images live in."""
+    src = make_source(tmp_path / "src.img", 4 * MiB, seed=34)
+    with Repository.open(str(repo_path)) as repo:
+        repo.add_device("l", str(src))
+    os.rmdir(repo_path / "devices" / "l")
+    with Repository.open(str(repo_path)) as repo:
+        res = repo.backup("l", "full")
+        assert_equals_snapshot(repo, res.record, Snapshots(src, tmp_path).take())

@@ -98,6 +98,33 @@ def test_a_source_written_by_another_program_while_mounted_is_scanned(mounted: M
     assert _latest_equals(m, src)
 
 
+def test_another_programs_write_stays_noticed_past_our_writes_and_a_remount(
+    mounted: Mounted, tmp_path: Path
+) -> None:
+    """The other program's write is followed by ours through the mount
+    (which moves the file's time again), or by an unmount (which saves the
+    time as the one to trust): the next incremental still scans, and holds
+    both."""
+    m = mounted
+    src = tmp_path / "src.raw"
+    dev = m.path("vm1", "device")
+    assert _trigger(m, "full")[0] == 0
+    # The device held open (as a VM holds it) from before the other write
+    # to after ours: its open cannot be what notices.
+    sh(f"exec 3<>{dev}; printf 'behind our back' | dd of={src} bs=1 seek={5 * MiB} conv=notrunc status=none; "
+       "printf 'through the mount' >&3")
+    rc, status = _trigger(m, "incremental")
+    assert rc == 0 and "scanned: yes" in status and "written by another program" in status, status
+    assert _latest_equals(m, src)
+    sh(f"printf 'behind our back again' | dd of={src} bs=1 seek={6 * MiB} conv=notrunc status=none")
+    m.stop()
+    m.start()
+    assert "untrusted" in m.path("vm1", "bitmap").read_text()
+    rc, status = _trigger(m, "incremental")
+    assert rc == 0 and "scanned: yes" in status, status
+    assert _latest_equals(m, src)
+
+
 def test_a_source_replaced_then_unmounted_is_scanned_after_remount(mounted: Mounted, tmp_path: Path) -> None:
     m = mounted
     src = tmp_path / "src.raw"
