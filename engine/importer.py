@@ -95,6 +95,13 @@ def import_chain(
             ranges = held_ranges(own)
             if prev is None:  # a full needs only what is not zero
                 ranges = [(e.start, e.end) for e in own.allocation() if e.kind in (DATA, COMPRESSED)]
+            elif content.size < size:
+                # Past an image's end QEMU reads zeros, never its backing
+                # file: an image shorter than the tip hides the longer ones
+                # below it there. Ours are all the tip's size, so say it
+                # with zero clusters (the cluster its end falls in copied
+                # whole, with the zeros after the end).
+                ranges.append((content.size, size))
             held = units_of([(a, min(b, size)) for a, b in ranges if a < size], unit, size)
             tmp = os.path.join(ddir, f".tmp-{backup_id}.qcow2")
             writer, record = rewrite_image(

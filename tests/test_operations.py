@@ -359,6 +359,29 @@ def test_import_a_qemu_chain(repo: Repository, tmp_path: Path) -> None:
     assert qemu_img("check", str(chain[-1]))
 
 
+def test_import_of_a_chain_with_a_shorter_image_in_the_middle(repo: Repository, tmp_path: Path) -> None:
+    """base (8M) <- mid (2M) <- tip (6M): past 2M the tip reads zeros
+    where it holds nothing, not the base's bytes, because QEMU never reads
+    a backing file past the end of the image above it."""
+    base, mid, tip = (tmp_path / f"{n}.qcow2" for n in ("base", "mid", "tip"))
+    qemu_img("create", "-f", "qcow2", str(base), "8M")
+    qemu_io(base, "write -P 0x11 0 8M")
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=128k", "-b", base.name, "-F", "qcow2", str(mid),
+             str(2 * MiB - 3 * 512))  # its end inside a cluster, ours and its own
+    qemu_io(mid, "write -P 0x22 0 64k")
+    qemu_img("create", "-f", "qcow2", "-b", mid.name, "-F", "qcow2", str(tip), "6M")
+    qemu_io(tip, "write -P 0x33 5M 64k")
+    records = repo.import_chain("vm", str(tip))
+    for rec, original in zip(records, (base, mid, tip)):
+        expected = qemu_raw(original, tmp_path)[: rec.size]
+        expected += bytes(rec.size - len(expected))
+        with repo.open_backup(rec.id) as view:
+            assert view.read(0, view.size) == expected, original
+        qemu_check(repo.image_path(rec))
+    qemu_compare(repo.image_path(records[-1]), tip, fmt_b="qcow2")
+    assert repo.verify("vm").ok
+
+
 def test_import_with_source_continues_with_scans(repo: Repository, tmp_path: Path) -> None:
     chain = _qemu_chain(tmp_path)
     live = tmp_path / "live.raw"
