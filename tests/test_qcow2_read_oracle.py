@@ -197,6 +197,22 @@ def backing_shorter_than_overlay(d: Path) -> Path:
 
 
 @scenario
+def size_not_in_whole_sectors(d: Path) -> Path:
+    """No qemu-img makes one, but a header may say it: QEMU counts whole
+    sectors, so the layer ends at the last one and the image above reads
+    zeros after it, not that layer's backing file."""
+    base = create(d / "base.qcow2", "1M")
+    qemu_io(base, "write -P 0x11 0 1M")
+    mid = create(d / "mid.qcow2", "1M", backing="base.qcow2")
+    qemu_io(mid, "write -P 0x12 0 4k")
+    with open(mid, "r+b") as f:
+        f.seek(24)  # the header's size field
+        f.write((MiB - 300).to_bytes(8, "big"))
+    qemu_img("create", "-f", "qcow2", "-u", "-b", "mid.qcow2", "-F", "qcow2", str(d / "top.qcow2"), "1M")
+    return d / "top.qcow2"
+
+
+@scenario
 def relative_backing_in_other_directory(d: Path) -> Path:
     (d / "b").mkdir()
     (d / "a").mkdir()

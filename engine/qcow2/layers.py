@@ -203,7 +203,10 @@ class Qcow2Layer(Layer):
             self.close()
             raise
         h = self.header
-        self.size = h.size
+        # In whole sectors, as QEMU counts it: a size that is not (no
+        # qemu-img makes one) loses its last partial sector, and an image
+        # above reads zeros there, not this one's backing file.
+        self.size = h.size - h.size % 512
         self.cluster_size = h.cluster_size
         self.backing_file = h.backing_file
         self.backing_format = h.backing_format
