@@ -100,13 +100,25 @@ def _human_info(info: dict[str, Any]) -> str:
             lines.append(f"    internal snapshots: {info['snapshots']}")
         if info["dirty-flag"]:
             lines.append("    dirty: true")
+        if info["corrupt"]:
+            lines.append("    corrupt: true")
     return "\n".join(lines)
+
+
+def _warn_if_corrupt(view: ChainView) -> None:
+    """Read as QEMU reads it, but not without saying so."""
+    for layer in view.layers:
+        header = getattr(layer, "header", None)
+        if header is not None and header.corrupt:
+            print(f"backupfs: warning: {layer.path}: QEMU marked this image corrupt; "
+                  "what it reads may be wrong", file=sys.stderr)
 
 
 def cmd_map(args: argparse.Namespace) -> int:
     from engine.chain import ChainView
 
     with ChainView.open(args.tip) as view:
+        _warn_if_corrupt(view)
         out = sys.stdout
         for entry in view.map():
             out.write(json.dumps(entry.as_json_dict()) + "\n")
@@ -135,6 +147,7 @@ def cmd_cat(args: argparse.Namespace) -> int:
     except OSError:
         sparse = False
     with ChainView.open(args.tip) as view:
+        _warn_if_corrupt(view)
         if sparse:
             _cat_sparse(view, fd)
         else:

@@ -24,7 +24,7 @@ from engine.fsutil import file_size, fsync_dir
 from engine.job import copy_cluster_size, units_of
 from engine.prune import held_ranges, rewrite_image
 from engine.qcow2.backing import open_chain
-from engine.qcow2.layers import COMPRESSED, DATA
+from engine.qcow2.layers import COMPRESSED, DATA, Qcow2Layer
 from engine.validate import utf8_path
 
 RAW_CLUSTER = 64 * 1024
@@ -42,6 +42,12 @@ def import_chain(
     """Import ``tip`` and its backing chain as backups of a new device ``name``."""
     layers = open_chain(tip)
     try:
+        for layer in layers:
+            if isinstance(layer, Qcow2Layer) and layer.header.corrupt:
+                raise UsageError(
+                    f"{layer.path}: QEMU marked this image corrupt; check it (backupfs image check) "
+                    "and repair it with 'qemu-img check -r all' before importing"
+                )
         size = layers[0].size
         info = [
             (layer.path, layer.format, layer.cluster_size or RAW_CLUSTER, os.fstat(layer.fd).st_mtime_ns)

@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.chain import ChainView
-from engine.errors import ImageError
+from engine.errors import ImageError, UsageError
 from engine.qcow2.backing import open_chain
 from engine.qcow2.check import check_image
 from engine.qcow2.format import (
@@ -46,6 +46,9 @@ from engine.qcow2.format import (
 from engine.qcow2.info import describe_layer
 from engine.qcow2.layers import Qcow2Layer, open_layer
 from engine.qcow2.writer import Qcow2Writer
+from engine.repo import Repository
+
+from conftest import cli, qemu_raw
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -362,12 +365,26 @@ def test_unknown_incompatible_bit(std: Img, bit: int) -> None:
         ChainView.open(str(std.path))
 
 
-def test_corrupt_bit(std: Img) -> None:
+def test_corrupt_bit(std: Img, tmp_path: Path) -> None:
+    """QEMU stops writing an image it marked corrupt and still reads it:
+    so do we (check and info above all, the tools that diagnose it), with
+    a warning; only adopting it as backups is refused."""
+    expected = qemu_raw(std.path, tmp_path)
     std.set_field("incompatible_features", 1 << 1)
-    with refused(std.path, "QEMU marked this image corrupt"):
-        ChainView.open(str(std.path))
-    with refused(std.path, "corrupt"):
-        check_image(str(std.path))
+    with ChainView.open(str(std.path)) as view:
+        assert view.read(0, view.size) == expected
+    report = check_image(str(std.path))
+    assert report.ok and "QEMU marked the image corrupt" in report.render()
+    with open_layer(str(std.path), "qcow2") as layer:
+        assert describe_layer(layer, 0)["corrupt"] is True
+    cat = cli("image", "cat", std.path)
+    assert cat.stdout == expected
+    assert b"warning: " + bytes(std.path) + b": QEMU marked this image corrupt" in cat.stderr
+    Repository.init(str(tmp_path / "repo"))
+    with Repository.open(str(tmp_path / "repo")) as repo:
+        with pytest.raises(UsageError, match="QEMU marked this image corrupt.*before importing"):
+            repo.import_chain("vm", str(std.path))
+        assert repo.catalog.device("vm") is None
 
 
 def test_unknown_compatible_and_autoclear_bits_are_fine(std: Img) -> None:

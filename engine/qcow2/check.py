@@ -389,6 +389,8 @@ class _Checker:
         self.inc(0, self.cs, _HEADER, "header")
         if h.incompatible_features & INCOMPAT_DIRTY:
             self.report.notes.append("Note: the image is marked dirty (lazy refcounts); refcounts may lag.")
+        if h.corrupt:
+            self.report.notes.append("Note: QEMU marked the image corrupt; repair it with 'qemu-img check -r all'.")
         active_l1 = self.walk_l1(h.l1_table_offset, h.l1_size, True, "L1 table")
         self.walk_snapshots()
         self.walk_l2_tables()

@@ -103,6 +103,15 @@ class Header:
         return 1 << self.cluster_bits
 
     @property
+    def corrupt(self) -> bool:
+        """QEMU found its metadata inconsistent and stopped writing it.
+
+        Read-only use goes on, as in QEMU (every table entry is checked
+        as it is read anyway); adopting it as backups does not.
+        """
+        return bool(self.incompatible_features & INCOMPAT_CORRUPT)
+
+    @property
     def extended_l2(self) -> bool:
         return bool(self.incompatible_features & INCOMPAT_EXTL2)
 
@@ -221,8 +230,6 @@ def parse_header(path: str, data: bytes, file_size: int) -> Header:
     unknown = header.incompatible_features & ~INCOMPAT_KNOWN
     if unknown:
         raise bad(f"unknown incompatible feature bits {unknown:#x} (image from a newer QEMU?)")
-    if header.incompatible_features & INCOMPAT_CORRUPT:
-        raise bad("QEMU marked this image corrupt; repair it with 'qemu-img check -r all' first")
     if header.incompatible_features & INCOMPAT_DATA_FILE:
         raise bad("images with an external data file are not supported")
     if header.incompatible_features & INCOMPAT_COMPRESSION:

@@ -32,6 +32,7 @@ def describe_layer(layer: Layer, depth: int) -> dict[str, Any]:
                 "extended-l2": h.extended_l2,
                 "refcount-bits": h.refcount_bits,
                 "dirty-flag": bool(h.incompatible_features & 1),
+                "corrupt": h.corrupt,
                 "snapshots": h.nb_snapshots,
                 "compressed-clusters": sum(1 for e in alloc if e.kind == COMPRESSED),
             }
