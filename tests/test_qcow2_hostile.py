@@ -387,6 +387,19 @@ def test_corrupt_bit(std: Img, tmp_path: Path) -> None:
         assert repo.catalog.device("vm") is None
 
 
+def test_zero_flag_in_a_version_2_image(tmp_path: Path) -> None:
+    """Version 2 has no zero clusters: QEMU refuses such an entry as
+    corrupt, where reading zeros would hide the data the entry points at."""
+    img = Img(build(tmp_path / "v2.qcow2", opts=("compat=0.10",), writes=("write -q -P 0x11 0 4k",)))
+    entry = img.l2_entry(0)
+    img.put(">Q", entry, img.get(">Q", entry) | OFLAG_ZERO)
+    assert subprocess.run(["qemu-img", "convert", "-O", "raw", str(img.path), str(tmp_path / "q.raw")],
+                          capture_output=True).returncode != 0
+    with refused(img.path, "zero flag in a version 2 image"):
+        open_and_read(img.path)
+    assert not check_image(str(img.path)).ok
+
+
 def test_unknown_compatible_and_autoclear_bits_are_fine(std: Img) -> None:
     """Only incompatible bits may refuse an image; the others are ignorable by definition."""
     std.set_field("compatible_features", 1 << 40)

@@ -325,6 +325,9 @@ class Qcow2Layer(Layer):
             fail(compressed & (coff < np.uint64(cs)), "compressed cluster overlaps the header")
         if self.header.extended_l2:
             fail(std & ((entries & np.uint64(OFLAG_ZERO)) != 0), "extended L2 entry has bit 0 set")
+        elif self.header.version < 3:
+            # Version 2 has no zero clusters: QEMU refuses the entry as corrupt.
+            fail(std & ((entries & np.uint64(OFLAG_ZERO)) != 0), "zero flag in a version 2 image")
         return compressed, std, host
 
     def _refuse_first(
