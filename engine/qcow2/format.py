@@ -272,7 +272,7 @@ def parse_header(path: str, data: bytes, file_size: int) -> Header:
 
     _parse_extensions(path, header, data, backing_file_offset, cluster_size)
 
-    if backing_file_offset:
+    if backing_file_offset and backing_file_size:  # an empty name is no backing file, as in QEMU
         if backing_file_size > MAX_BACKING_NAME:
             raise bad(f"backing file name of {backing_file_size} bytes is too long (max 1023)")
         if backing_file_offset + backing_file_size > min(cluster_size, len(data)):
@@ -280,8 +280,6 @@ def parse_header(path: str, data: bytes, file_size: int) -> Header:
         if backing_file_offset < header.header_length:
             raise bad("backing file name overlaps the header")
         raw_name = bytes(data[backing_file_offset : backing_file_offset + backing_file_size])
-        if not raw_name:
-            raise bad("empty backing file name")
         header.backing_file = raw_name.decode("utf-8", "surrogateescape")
     return header
 
