@@ -12,6 +12,7 @@ opening, mapping, reading and checking them either works or raises
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -949,6 +950,28 @@ def test_hostile_sizes_allocate_nothing_big(std: Img, name: str, value: int) -> 
 
 
 # -- the checker reports instead of raising -----------------------------------------
+
+
+@pytest.mark.parametrize("cluster", [512, 65536])
+def test_check_of_a_file_extended_by_a_sparse_hole(tmp_path: Path, cluster: int) -> None:
+    """A valid image with terabytes of hole after it (`truncate -s`): the
+    check costs what the image uses, not the file's length, and says where
+    the image ends as qemu-img does."""
+    img = build(tmp_path / "big.qcow2", cluster=cluster, size="1M",
+                writes=("write -q -P 0x11 0 64k", "write -q -P 0x22 512k 4k"))
+    qemu = json.loads(subprocess.run(["qemu-img", "check", "--output=json", str(img)],
+                                     capture_output=True, text=True).stdout)
+    os.truncate(img, 4 << 40)
+    tracemalloc.start()
+    try:
+        report = check_image(str(img))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert report.ok, report.render()
+    assert peak < 16 * MiB, peak
+    assert report.end_offset == qemu["image-end-offset"]
+    assert f"Image end offset: {qemu['image-end-offset']}" in report.render()
 
 
 def test_check_reports_a_zeroed_refcount(std: Img) -> None:

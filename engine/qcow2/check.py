@@ -53,6 +53,7 @@ class CheckReport:
     path: str
     cluster_size: int = 0
     file_size: int = 0
+    end_offset: int | None = None  # past the last cluster in use, as QEMU says it
     errors: list[str] = field(default_factory=list)
     leaks: list[str] = field(default_factory=list)
     error_count: int = 0
@@ -95,7 +96,7 @@ class CheckReport:
             lines.append(
                 f"{self.allocated_clusters}/{self.total_clusters} = {pct:.2f}% allocated"
             )
-        lines.append(f"Image end offset: {self.file_size}")
+        lines.append(f"Image end offset: {self.end_offset if self.end_offset is not None else self.file_size}")
         return "\n".join(lines)
 
 
@@ -106,8 +107,11 @@ class _Checker:
         self.cs = layer.cluster_size
         self.report = report
         self.nclusters = (layer.file_size + self.cs - 1) // self.cs
-        self.refs = np.zeros(self.nclusters, dtype=np.uint32)
-        self.roles = np.zeros(self.nclusters, dtype=np.uint8)
+        # Per host cluster, up to the highest one anything references (not
+        # the file's length: a file extended by a sparse hole of terabytes
+        # made this gigabytes, where QEMU needs what the image uses).
+        self.refs = np.zeros(min(self.nclusters, _FIRST_CLUSTERS), dtype=np.uint32)
+        self.roles = np.zeros(len(self.refs), dtype=np.uint8)
         self.snapshots = bool(self.h.nb_snapshots)
         # L2 tables are decoded once each, after every L1 table (active and
         # snapshots) has been walked: offset -> references, and the tables
@@ -117,6 +121,13 @@ class _Checker:
 
     def pread(self, length: int, offset: int) -> bytes:
         return os.pread(self.layer.fd, length, offset)
+
+    def _reach(self, n: int) -> None:
+        """Let refs and roles count clusters [0, n) (n within the file)."""
+        if n > len(self.refs):
+            n = min(max(n, 2 * len(self.refs)), self.nclusters)
+            self.refs = _grown(self.refs, n)
+            self.roles = _grown(self.roles, n)
 
     def _shared_ok(self, role: int) -> bool:
         """May two references of this role point at the same cluster?"""
@@ -138,6 +149,7 @@ class _Checker:
         if last >= self.nclusters:
             self.report.error(f"{what} at {offset:#x} lies beyond the end of the file")
             return False
+        self._reach(last + 1)
         self.refs[first : last + 1] += weight
         prev = self.roles[first : last + 1]
         clash = (prev != 0) & ~((prev == role) & self._shared_ok(role))
@@ -240,6 +252,8 @@ class _Checker:
         for i in aligned[beyond][:5].tolist():
             self.report.error(f"{where} entry {i}: data cluster {int(host[i]):#x} lies beyond the end of the file")
         inside = clusters[~beyond]
+        if inside.size:
+            self._reach(int(inside.max()) + 1)
         np.add.at(self.refs, inside, weight)
         self._roles_for(inside, _DATA, where)
         if active:
@@ -327,7 +341,7 @@ class _Checker:
     def stored_refcounts(self) -> np.ndarray | None:
         h = self.h
         cs = self.cs
-        stored = np.zeros(self.nclusters, dtype=np.uint64)
+        stored = np.zeros(len(self.refs), dtype=np.uint64)
         if not h.refcount_table_clusters:
             self.report.error("the image has no refcount table")
             return None
@@ -348,13 +362,25 @@ class _Checker:
             first = i * per_block
             if first >= self.nclusters:
                 continue
-            counts = _decode_refcounts(block, bits)
-            n = min(per_block, self.nclusters - first)
-            stored[first : first + n] = counts[:n]
+            counts = _decode_refcounts(block, bits)[: self.nclusters - first]
+            used = np.flatnonzero(counts)
+            if used.size:
+                n = int(used[-1]) + 1
+                if first + n > len(stored):
+                    stored = _grown(stored, first + n)
+                stored[first : first + n] = counts[:n]
+        # One length for both: what the image uses, counted or stored.
+        if len(stored) < len(self.refs):
+            stored = _grown(stored, len(self.refs))
+        elif len(stored) > len(self.refs):
+            self.refs = _grown(self.refs, len(stored))
+            self.roles = _grown(self.roles, len(stored))
         return stored
 
     def compare(self, stored: np.ndarray) -> None:
-        refs = self.refs.astype(np.uint64)
+        refs = self.refs
+        used = np.flatnonzero((refs != 0) | (stored != 0))
+        self.report.end_offset = (int(used[-1]) + 1) * self.cs if used.size else 0
         diff = np.flatnonzero(refs != stored)
         for c in diff.tolist():
             if refs[c] == 0:
@@ -367,7 +393,7 @@ class _Checker:
 
     def check_copied(self, stored: np.ndarray, l1_entries: list[tuple[int, int]]) -> None:
         for e, off in l1_entries:
-            rc = int(stored[off // self.cs]) if off // self.cs < self.nclusters else 0
+            rc = int(stored[off // self.cs]) if off // self.cs < len(stored) else 0
             has = bool(e & OFLAG_COPIED)
             if has != (rc == 1):
                 self.report.error(f"OFLAG_COPIED L2 table at {off:#x}: L1 entry {e:#x} refcount={rc}")
@@ -400,6 +426,15 @@ class _Checker:
             return
         self.compare(stored)
         self.check_copied(stored, active_l1)
+
+
+_FIRST_CLUSTERS = 1 << 16
+
+
+def _grown(a: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros(n, dtype=a.dtype)
+    out[: len(a)] = a
+    return out
 
 
 def _decode_refcounts(block: bytes, bits: int) -> np.ndarray:
