@@ -215,10 +215,11 @@ class ChainView:
         starts, kinds, depths, hosts = flatten_arrays(layers)
         # Plain arrays, not numpy: the read path indexes them one element
         # at a time, where numpy scalars cost several times more.
-        self._starts = array("Q", starts.tobytes())
-        self._hosts = array("Q", hosts.tobytes())
+        self._starts = _array_of("Q", starts)
+        self._hosts = _array_of("Q", hosts)
         self._kinds = kinds.tobytes()
-        self._depths = array("H", depths.tobytes())
+        self._depths = _array_of("H", depths)
+        del starts, hosts, kinds, depths
         self._fds = [layer.fd for layer in layers]
         # Layers whose own read-ahead can stream their nearly sequential pieces.
         streaming = _streaming_fds(self._fds)
@@ -531,6 +532,13 @@ def _streaming_fds(fds: list[int]) -> set[int]:
         if ra is not None and ra >= _STREAMING_READ_AHEAD:
             streaming.add(fd)
     return streaming
+
+
+def _array_of(typecode: str, values: np.ndarray) -> array:
+    """A plain array of ``values`` in one copy (tobytes() first made two)."""
+    out = array(typecode)
+    out.frombytes(memoryview(np.ascontiguousarray(values)).cast("B"))
+    return out
 
 
 def _zero(view: memoryview) -> None:

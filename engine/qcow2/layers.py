@@ -85,9 +85,38 @@ def coalesce_rows(rows: np.ndarray) -> np.ndarray:
     )
     first = np.flatnonzero(np.concatenate(([True], ~cont)))
     last = np.append(first[1:], len(rows)) - 1
-    out = rows[first].copy()
+    out = rows[first]  # a copy (fancy indexing)
     out[:, 1] = end[last]
     return out
+
+
+def join_rows(parts: list[np.ndarray]) -> np.ndarray:
+    """Concatenate row arrays that are each coalesced already (consecutive
+    guest ranges of one layer), merging only across the seams: coalescing
+    the whole again cost several times its size in temporaries."""
+    kept: list[np.ndarray] = []
+    for part in parts:
+        if not len(part):
+            continue
+        if kept:
+            tail, head = kept[-1][-1], part[0]
+            kind = int(head[2])
+            if (
+                int(tail[1]) == int(head[0])
+                and int(tail[2]) == kind
+                and kind != COMPRESSED
+                and (kind != DATA or int(tail[3]) + int(tail[1]) - int(tail[0]) == int(head[3]))
+            ):
+                if not kept[-1].flags.writeable:
+                    kept[-1] = kept[-1].copy()
+                kept[-1][-1, 1] = head[1]
+                part = part[1:]
+                if not len(part):
+                    continue
+        kept.append(part)
+    if not kept:
+        return np.zeros((0, 4), dtype=np.uint64)
+    return kept[0] if len(kept) == 1 else np.concatenate(kept)
 
 
 def _rows(extents: list[Extent]) -> np.ndarray:
@@ -343,6 +372,24 @@ class Qcow2Layer(Layer):
                 f"{problem} (L2 table at {table:#x}, entry {i}, guest offset {guest:#x}: {int(entries[j]):#x})",
             )
 
+    def _decode_batches(self, tables: list[tuple[int, int]]) -> np.ndarray:
+        """_decode_tables over the whole disk, in batches of at most
+        _BATCH_ENTRIES entries: its temporaries cost ~100 bytes an entry, so
+        a layer of millions of clusters mapped all at once (a big image a
+        VM wrote at random) took gigabytes on top of its extents."""
+        per_batch = max(1, _BATCH_ENTRIES // self.header.l2_entries)
+        if len(tables) <= per_batch:
+            return self._decode_tables(tables, 0, self.size)
+        per_l2 = self.header.l2_entries * self.cluster_size
+        parts: list[np.ndarray] = []
+        start = 0
+        for k in range(0, len(tables), per_batch):
+            batch = tables[k : k + per_batch]
+            end = tables[k + per_batch][0] * per_l2 if k + per_batch < len(tables) else self.size
+            parts.append(self._decode_tables(batch, start, end))
+            start = end
+        return join_rows(parts)
+
     def _decode_tables(self, tables: list[tuple[int, int]], start: int, end: int) -> np.ndarray:
         """Rows for guest ``[start, end)`` from standard L2 tables (l1 index, offset), in order.
 
@@ -396,7 +443,7 @@ class Qcow2Layer(Layer):
     def _decode_extents(self) -> np.ndarray:
         tables = self.l2_offsets()
         if not self.header.extended_l2:
-            return self._decode_tables(tables, 0, self.size)
+            return self._decode_batches(tables)
         parts: list[np.ndarray] = []
         pos = 0
         per_l2 = self.header.l2_entries * self.cluster_size
@@ -408,10 +455,8 @@ class Qcow2Layer(Layer):
             pos = min(start + per_l2, self.size)
         if pos < self.size:
             parts.append(np.array([[pos, self.size, UNALLOC, 0]], dtype=np.uint64))
-        if not parts:
-            return np.zeros((0, 4), dtype=np.uint64)
         # Each table's extents are maximal already: only the seams merge.
-        return coalesce_rows(np.concatenate(parts))
+        return join_rows(parts)
 
     # -- data -------------------------------------------------------------
 
@@ -517,6 +562,9 @@ class _AllocationCache:
 _ALLOCATIONS = _AllocationCache()
 
 
+_BATCH_ENTRIES = 1 << 20
+
+
 def _sparse_rows(
     units: np.ndarray, kinds: np.ndarray, hosts: np.ndarray, unit: int, start: int, end: int
 ) -> np.ndarray:
@@ -542,16 +590,25 @@ def _sparse_rows(
     last = np.append(first[1:], m) - 1
     a = units[first] * u
     b = np.minimum((units[last] + np.uint64(1)) * u, np.uint64(end))
-    held = np.stack((a, b, kinds[first].astype(np.uint64), hosts[first]), axis=1)
-    # The gaps before, between and after the held runs.
+    # The gaps before, between and after the held runs: gap i (if any)
+    # comes just before run i, the last one after them all. Placed in
+    # order directly (sorting the rows doubled the memory of a big layer).
     gap_a = np.concatenate(([np.uint64(start)], b))
     gap_b = np.concatenate((a, [np.uint64(end)]))
     open_ = gap_a < gap_b
-    k = int(open_.sum())
-    gaps = np.stack((gap_a[open_], gap_b[open_], np.full(k, UNALLOC, dtype=np.uint64),
-                     np.zeros(k, dtype=np.uint64)), axis=1)
-    rows = np.concatenate((held, gaps))
-    return rows[np.argsort(rows[:, 0], kind="stable")]
+    n = len(first)
+    rows = np.zeros((n + int(open_.sum()), 4), dtype=np.uint64)
+    before = np.cumsum(open_)  # gaps up to and including the one before run i
+    at = np.arange(n) + before[:n]  # each run's row
+    rows[at, 0] = a
+    rows[at, 1] = b
+    rows[at, 2] = kinds[first]
+    rows[at, 3] = hosts[first]
+    gap_at = (np.arange(n + 1) + before - 1)[open_]
+    rows[gap_at, 0] = gap_a[open_]
+    rows[gap_at, 1] = gap_b[open_]
+    rows[gap_at, 2] = UNALLOC
+    return rows
 
 
 def _runs(
