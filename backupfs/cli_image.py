@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import json
 import os
@@ -11,7 +12,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from engine.errors import UsageError
+from engine.errors import BackupfsError, UsageError
 from engine.units import format_size
 
 if TYPE_CHECKING:
@@ -162,6 +163,12 @@ def _write_all(fd: int, data: memoryview | bytes | bytearray) -> None:
         view = view[n:]
 
 
+def _output_error(e: OSError, pos: int, size: int) -> BackupfsError:
+    """One line that says it was the output, where, and why (ext4's 16 TiB
+    file limit says only "File too large")."""
+    return BackupfsError(f"writing the disk ({size} bytes) to standard output, at offset {pos}: {e.strerror}")
+
+
 def _chunks(start: int, end: int) -> Iterator[tuple[int, int]]:
     for pos in range(start, end, _CAT_CHUNK):
         yield pos, min(_CAT_CHUNK, end - pos)
@@ -189,8 +196,15 @@ def _reader(view: ChainView) -> Callable[[int, memoryview], memoryview]:
 def _cat_stream(view: ChainView, fd: int) -> None:
     from engine.pipeline import copy_chunks
 
-    copy_chunks(_chunks(0, view.size), _reader(view), lambda _pos, data: _write_all(fd, data),
-                _CAT_CHUNK)
+    def write(pos: int, data: memoryview | bytes | bytearray) -> None:
+        try:
+            _write_all(fd, data)
+        except OSError as e:
+            if e.errno == errno.EPIPE:
+                raise  # the reader left (`| head`): not an error of ours
+            raise _output_error(e, pos, view.size) from None
+
+    copy_chunks(_chunks(0, view.size), _reader(view), write, _CAT_CHUNK)
 
 
 def _cat_sparse(view: ChainView, fd: int) -> None:
@@ -201,11 +215,17 @@ def _cat_sparse(view: ChainView, fd: int) -> None:
     chunks = (c for start, end in _touching_merged(view.allocated_ranges()) for c in _chunks(start, end))
 
     def write(pos: int, data: memoryview | bytes | bytearray) -> None:
-        os.lseek(fd, pos, os.SEEK_SET)
-        _write_all(fd, data)
+        try:
+            os.lseek(fd, pos, os.SEEK_SET)
+            _write_all(fd, data)
+        except OSError as e:
+            raise _output_error(e, pos, view.size) from None
 
     copy_chunks(chunks, _reader(view), write, _CAT_CHUNK)
-    os.ftruncate(fd, view.size)
+    try:
+        os.ftruncate(fd, view.size)
+    except OSError as e:
+        raise _output_error(e, view.size, view.size) from None
 
 
 def cmd_check(args: argparse.Namespace) -> int:

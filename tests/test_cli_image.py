@@ -81,6 +81,17 @@ def test_cat_into_a_closed_pipe_is_quiet(chain: Path) -> None:
     assert proc.stderr == ""
 
 
+def test_cat_into_an_output_that_fails_says_so(chain: Path) -> None:
+    """A full disk, or ext4's 16 TiB file limit: one line naming the
+    output, the offset and the cause (it said "File too large" alone)."""
+    with open("/dev/full", "wb") as full:
+        proc = cli("image", "cat", chain, stdout=full.fileno(), check=False)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1
+    assert err.startswith("backupfs: error: writing the disk (") and "to standard output, at offset 0: " in err
+    assert "No space left on device" in err and err.count("\n") == 1, err
+
+
 def test_check_good_and_bad(chain: Path, tmp_path: Path) -> None:
     ok = cli("image", "check", chain)
     assert "No errors were found" in ok.stdout.decode()
