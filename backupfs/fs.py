@@ -124,6 +124,40 @@ class Handle:
     next_off: int = 0  # where a sequential reader of a backup reads next
     advised_to: int = 0  # how far ahead the kernel has been told to read
     requester: Requester | None = None  # who opened a trigger file for writing
+    opened: float = field(default_factory=time.monotonic)
+
+
+# A trigger write that reaches us this soon after a job ended, from a file
+# opened before that end, was issued while the job ran: the kernel lets one
+# write to a file through at a time and held it back (see _waited_behind).
+QUEUED_WRITE_WINDOW = 1.0
+
+
+def _one_line(line: bytes, limit: int = 200) -> str:
+    """A rejected trigger line as the status shows it: escaped onto one line,
+    so that no text written to the trigger reads as a line of the status
+    (a forged "state: succeeded")."""
+    text = line.strip().decode("utf-8", "backslashreplace")
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _waited_behind(status: JobStatus, handle: Handle) -> bool:
+    """Was this trigger write held back by the kernel behind the last job?
+
+    Opens during a job are refused with EBUSY, but writers that opened the
+    file before it started (eight hooks firing at once) reach us one after
+    another as each job ends, and each would run a job of its own. Such a
+    write gets EBUSY too: the job it waited for is what ran. The writer
+    whose own write ran that job is not held back by it.
+    """
+    ended = status.ended
+    return (
+        ended is not None
+        and status.writer is not handle
+        and handle.opened < ended
+        and time.monotonic() - ended < QUEUED_WRITE_WINDOW
+    )
 
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -653,7 +687,7 @@ class BackupOperations(pyfuse3.Operations):
             write = functools.partial(dev.write, off, buf, timed=policy.thread_took)
             return await trio.to_thread.run_sync(write, limiter=self._io)
         if node.kind == SNAPSHOT:
-            await self._trigger(node.device or "", buf, handle.requester)
+            await self._trigger(node.device or "", buf, handle.requester, handle)
             return len(buf)
         raise pyfuse3.FUSEError(errno.EROFS if node.kind == BACKUP else errno.EACCES)
 
@@ -663,19 +697,23 @@ class BackupOperations(pyfuse3.Operations):
             policy = self._write_policies[device] = InlineWrites()
         return policy
 
-    async def _trigger(self, device: str, line: bytes, requester: Requester | None = None) -> None:
+    async def _trigger(self, device: str, line: bytes, requester: Requester | None = None,
+                       handle: Handle | None = None) -> None:
         """Run what a trigger line asks for; return when it is done (and durable)."""
         status = self.status(device)
         try:
             cmd = parse_trigger(line)
         except TriggerError as e:
             if status.state != "running":
-                status.begin(line.decode(errors="replace").strip()[:200])
+                ended = status.ended  # not a job: writes held back behind the last one still are
+                status.begin(_one_line(line))
                 status.fail(str(e), errno.EINVAL, bitmap_kept=False)
+                status.ended = ended
             raise pyfuse3.FUSEError(errno.EINVAL) from None
-        if status.state == "running":
+        if status.state == "running" or (handle is not None and _waited_behind(status, handle)):
             raise pyfuse3.FUSEError(errno.EBUSY)
         status.begin(cmd.line(), requester.describe() if requester else None)
+        status.writer = handle
         try:
             if isinstance(cmd, VerifyCommand):
                 await self._verify(device, cmd, status, requester)

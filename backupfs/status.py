@@ -41,6 +41,8 @@ class JobStatus:
     errno: int | None = None
     bitmap_kept: bool = True
     lines: list[str] = field(default_factory=list)  # results of verify and prune
+    ended: float | None = None  # time.monotonic() at the end of the last job
+    writer: object | None = None  # the open trigger file whose write ran it
 
     def begin(self, command: str, requester: str | None = None) -> None:
         self.state = "running"
@@ -57,12 +59,14 @@ class JobStatus:
     def succeed(self, result: BackupResult | None = None, lines: list[str] | None = None) -> None:
         self.state = "succeeded"
         self.finished = time.time()
+        self.ended = time.monotonic()
         self.result = result
         self.lines = lines or []
 
     def fail(self, message: str, err: int, bitmap_kept: bool = True, lines: list[str] | None = None) -> None:
         self.state = "failed"
         self.finished = time.time()
+        self.ended = time.monotonic()
         self.error = message
         self.errno = err
         self.bitmap_kept = bitmap_kept
@@ -71,6 +75,7 @@ class JobStatus:
     def cancel(self, reason: str, bitmap_kept: bool = True) -> None:
         self.state = "cancelled"
         self.finished = time.time()
+        self.ended = time.monotonic()
         self.error = reason
         self.errno = errno.EINTR
         self.bitmap_kept = bitmap_kept

@@ -264,6 +264,53 @@ def test_busy_message_names_the_job(setup: Mounted) -> None:
         job.wait(timeout=120)
 
 
+def test_a_trigger_opened_before_the_job_and_written_during_it_is_busy(setup: Mounted) -> None:
+    """Hooks that fire together all open the file before the first job
+    starts; the kernel then holds each write back until the one before it
+    returns. Each got through after the job and ran a backup of its own
+    (8 writers: 6 fulls in a row). The job they waited behind is theirs:
+    EBUSY. A writer that opens after it ends, or writes again on the file
+    whose write ran it, is not held back."""
+    m = setup
+    snap = m.path("vm1", "snapshot")
+    script = (
+        f"exec 8>{snap}; "  # B opens first
+        f"(echo 'full rate=16M' > {snap}) & "  # A's job: 64 MiB at 16 MiB/s
+        f"until grep -q '^state: running' {snap}; do :; done; "
+        f"echo incremental >&8; echo \"B: $?\"; wait"
+    )
+    proc = sh(script, check=False)
+    assert "Device or resource busy" in proc.stderr, proc.stderr
+    assert "B: 1" in proc.stdout, proc.stdout
+    assert len(backups(m)) == 1 and backups(m)[0].endswith("-full")
+    st = status(m)
+    assert st["state"] == "succeeded" and st["kind"] == "full", st
+    with open(snap, "w") as f:  # opened after the job: it runs, and writes again at once
+        f.write("incremental\n")
+        f.flush()
+        f.write("incremental\n")
+        f.flush()
+    assert len(backups(m)) == 3 and backups(m)[-1].endswith("-incremental")
+
+
+def test_a_rejected_trigger_line_stays_one_line_of_the_status(setup: Mounted) -> None:
+    """What was written is shown escaped: no text written to the trigger
+    reads as a line of the status (a forged "state: succeeded")."""
+    m = setup
+    fd = os.open(m.path("vm1", "snapshot"), os.O_WRONLY)
+    try:
+        with pytest.raises(OSError) as info:
+            os.write(fd, b"x\nstate: succeeded\nbackup: forged\n")  # one write
+        assert info.value.errno == errno.EINVAL
+    finally:
+        os.close(fd)
+    text = m.path("vm1", "snapshot").read_text()
+    lines = text.splitlines()
+    assert [ln for ln in lines if ln.startswith("state:")] == ["state: failed"], text
+    assert not any(ln.startswith("backup:") for ln in lines), text
+    assert "command: x\\nstate: succeeded\\nbackup: forged" in text, text
+
+
 def test_backups_are_read_only(setup: Mounted, tmp_path: Path) -> None:
     m = setup
     assert trigger(m, "full").returncode == 0
