@@ -162,7 +162,7 @@ class Device:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
             read_only = True
         except FileNotFoundError:
-            raise DeviceError(f"device {self.name}: source {self.path} does not exist", errno.ENOENT) from None
+            raise DeviceError(f"device {self.name}: source {self.path} does not exist", errno.EIO) from None
         except OSError as e:
             raise DeviceError(f"device {self.name}: cannot open source {self.path}: {e.strerror}") from None
         actual = file_size(fd)
@@ -217,7 +217,7 @@ class Device:
             self.distrust(f"its source {self.path} went away behind backupfs's back")
             raise DeviceError(
                 f"device {self.name}: source {self.path} is gone ({e.strerror}); "
-                "it was removed or renamed behind backupfs's back", errno.ENOENT,
+                "it was removed or renamed behind backupfs's back", errno.EIO,
             ) from None
         held = os.fstat(self.fd)
         if (at_path.st_dev, at_path.st_ino) != (held.st_dev, held.st_ino):

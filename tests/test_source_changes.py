@@ -159,6 +159,23 @@ def test_a_source_cut_short_is_refused_not_read_short(mounted: Mounted, tmp_path
     assert _trigger(m, "full", "other")[0] == 0 and _latest_equals(m, tmp_path / "other.raw", "other")
 
 
+def test_a_source_gone_while_mounted_is_an_io_error(mounted: Mounted, tmp_path: Path) -> None:
+    """SPEC 5: a source that cannot be read is EIO. ENOENT, "No such file or
+    directory", for a snapshot or device file that `ls` shows, sent
+    administrators looking for the wrong file."""
+    m = mounted
+    assert _trigger(m, "full")[0] == 0
+    os.rename(tmp_path / "src.raw", tmp_path / "away.raw")
+    proc = sh(f"echo incremental > {m.path('vm1', 'snapshot')}", check=False)
+    assert proc.returncode != 0 and "Input/output error" in proc.stderr, proc.stderr
+    assert "is gone" in m.path("vm1", "snapshot").read_text()
+    proc = sh(f"dd if={m.path('vm1', 'device')} of=/dev/null bs=1M count=1 status=none", check=False)
+    assert proc.returncode != 0 and "Input/output error" in proc.stderr, proc.stderr
+    os.rename(tmp_path / "away.raw", tmp_path / "src.raw")
+    rc, status = _trigger(m, "incremental")
+    assert rc == 0 and "scanned: yes" in status, status
+
+
 def test_a_missing_source_leaves_the_rest_of_its_tree_visible(mounted: Mounted, tmp_path: Path) -> None:
     m = mounted
     assert _trigger(m, "full")[0] == 0
