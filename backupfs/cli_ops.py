@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from backupfs.cli_repo import _close_quietly, catalog_for_reading, progress_reporter
-from backupfs.mountinfo import MountRecord, read_mount_record
+from backupfs.mountinfo import MountRecord, read_mount_record, trigger_file
 from engine.errors import BackupfsError, UsageError
 from engine.stopsignals import STOP_SIGNALS
 from engine.units import format_size, parse_size
@@ -67,9 +67,7 @@ def _trigger_through_mount(record: MountRecord, name: str, line: str) -> dict[st
 
     default_stop_signals()  # so that the daemon sees them as stopping us (requester.py)
 
-    snapshot = os.path.join(record.mountpoint, name, "snapshot")
-    if not os.path.exists(snapshot):
-        raise UsageError(f"no device named {name!r}")
+    snapshot = trigger_file(record, name)
     failure: OSError | None = None
     try:
         fd = os.open(snapshot, os.O_WRONLY)
@@ -108,7 +106,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
             report = os.path.join(record.mountpoint, name, "snapshot")
             with open(report) as f:
                 text = f.read()
-            print("\n".join(line[len("report: "):] for line in text.splitlines() if line.startswith("report: ")))
+            report_lines = [line[len("report: "):] for line in text.splitlines() if line.startswith("report: ")]
+            if report_lines:
+                print("\n".join(report_lines))
             if fields["_errno"]:
                 ok = False
                 if fields.get("state") != "failed" or "report" not in text:
@@ -229,6 +229,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from engine.repo import Repository
 
     policy = RetentionPolicy(args.keep_last, args.keep_daily, args.keep_weekly, args.keep_monthly)
+    # Checked here, mounted or not: the same words either way, not the trigger file's.
+    if policy.empty() == (args.remove is None):
+        raise UsageError("give either a retention rule or --remove ID")
+    policy.validate()
     record = _mounted(args.repo)
     if record is not None:
         parts = ["prune"]

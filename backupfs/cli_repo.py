@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import re
 import shutil
 import sys
 import threading
@@ -13,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from backupfs.mountinfo import MountRecord, read_mount_record
+from backupfs.mountinfo import MountRecord, read_mount_record, trigger_file
 from backupfs.trigger import TriggerCommand
 from engine.catalog import KINDS, Catalog
 from engine.errors import BackupfsError, UsageError
@@ -139,10 +140,17 @@ def progress_reporter(enabled: bool, label: str) -> Iterator[Callable[[Progress]
 def cmd_backup(args: argparse.Namespace) -> int:
     from engine.repo import Repository
 
+    from engine.qcow2.writer import validate_cluster_size
+    from engine.validate import validate_label
+
     cluster_size = parse_size(args.cluster_size, "cluster size")
     rate = parse_size(args.rate, "rate") if args.rate else None
     if rate is not None and rate < 1024 * 1024:
         raise UsageError("--rate must be at least 1M (bytes per second)")
+    # Here, mounted or not: the same words either way, not the trigger file's.
+    validate_cluster_size(cluster_size)
+    if args.label is not None:
+        validate_label(args.label)
     record = read_mount_record(os.path.abspath(args.repo))
     if record is not None:
         return _backup_through_mount(record, args, cluster_size, rate)
@@ -177,6 +185,8 @@ def _status_fields(text: str) -> dict[str, str]:
         key, sep, value = line.partition(": ")
         if sep:
             out[key] = value
+    if "error" in out:  # "EINVAL: why": the CLI says why, as it does unmounted
+        out["error"] = re.sub(r"^E[A-Z0-9]+: ", "", out["error"])
     return out
 
 
@@ -189,9 +199,7 @@ def _backup_through_mount(
     from engine.repo import validate_name
 
     validate_name(args.name)
-    snapshot = os.path.join(record.mountpoint, args.name, "snapshot")
-    if not os.path.exists(snapshot):
-        raise UsageError(f"no device named {args.name!r}")
+    snapshot = trigger_file(record, args.name)
     cmd = TriggerCommand(args.kind, cluster_size, args.label, args.scan, args.auto_full, rate)
     done = threading.Event()
 

@@ -68,6 +68,26 @@ def check_mountpoint(repo_path: str, mountpoint: str) -> str:
     return mp
 
 
+def trigger_file(record: MountRecord, device: str) -> str:
+    """The device's snapshot file on the mount, which must answer.
+
+    Right after its daemon is killed the mount is still listed, and the
+    daemon may not have been reaped yet: every look at it says ENOTCONN,
+    which must not read as "no such device".
+    """
+    snapshot = os.path.join(record.mountpoint, device, "snapshot")
+    try:
+        os.stat(snapshot)
+    except FileNotFoundError:
+        raise UsageError(f"no device named {device!r}") from None
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise UsageError(f"{record.mountpoint} is a dead mount (its daemon, pid {record.pid}, is gone); "
+                             f"run 'backupfs umount {record.mountpoint}' first") from None
+        raise UsageError(f"{snapshot}: {e.strerror}") from None
+    return snapshot
+
+
 def read_mount_record(repo_path: str) -> MountRecord | None:
     """Where the repository is mounted, if the daemon that mounted it lives."""
     try:

@@ -86,12 +86,15 @@ def import_chain(
     records: list[BackupRecord] = []
     prev: BackupRecord | None = None
     last_created = 0
+    now = time.time_ns()
     for n, (path, fmt, cs, mtime_ns) in enumerate(reversed(info)):
         if on_layer is not None:
             on_layer(n, len(info), path)
         kind = "full" if prev is None else "incremental"
         seq = catalog.next_seq()
-        created = max(mtime_ns, last_created + 1)  # ids must sort in chain order
+        # Ids sort by time, in chain order, and before any backup taken after
+        # the import: a file dated in the future (a skewed clock) is not.
+        created = max(min(mtime_ns, now), last_created + 1)
         last_created = created
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(created / 1e9))
         backup_id = f"{stamp}-{seq:04d}-{kind}"

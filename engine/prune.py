@@ -53,6 +53,12 @@ class RetentionPolicy:
     def empty(self) -> bool:
         return all(v is None for v in (self.keep_last, self.keep_daily, self.keep_weekly, self.keep_monthly))
 
+    def validate(self) -> None:
+        for name in ("keep_last", "keep_daily", "keep_weekly", "keep_monthly"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+
 
 def select_for_removal(backups: list[BackupRecord], policy: RetentionPolicy) -> list[BackupRecord]:
     """Backups the policy does not keep, oldest first. The newest is always kept.
@@ -63,10 +69,7 @@ def select_for_removal(backups: list[BackupRecord], policy: RetentionPolicy) -> 
     """
     if policy.empty():
         raise UsageError("give a retention rule: --keep-last, --keep-daily, --keep-weekly or --keep-monthly")
-    for name in ("keep_last", "keep_daily", "keep_weekly", "keep_monthly"):
-        value = getattr(policy, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    policy.validate()
     newest_first = sorted(backups, key=lambda b: b.seq, reverse=True)
     keep: set[str] = set()
     if newest_first:

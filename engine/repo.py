@@ -813,7 +813,7 @@ class Repository:
                             self.catalog.job_finished(
                                 job_id, "cancelled" if cancelled else "failed", total=job.progress.total,
                                 done=job.progress.done, written=job.progress.written, scanned=plan_scan,
-                                error=str(failure) or "interrupted",
+                                error=_failure_text(failure),
                             )
                     except CatalogError:
                         pass  # history only (a full disk): the error that stopped the job matters
@@ -857,6 +857,18 @@ class Repository:
         if kind == "differential":
             return self.catalog.last_full(name)
         return self.catalog.latest_backup(name)
+
+
+def _failure_text(failure: BaseException | None) -> str:
+    """What the job history says ended a job: a stop signal by its name
+    (the CLI's stop exception carries only the number, "15")."""
+    if isinstance(failure, KeyboardInterrupt):
+        signum = getattr(failure, "signum", None)
+        try:
+            return f"interrupted by {signal.Signals(signum).name}" if signum else "interrupted (Ctrl-C)"
+        except ValueError:
+            return f"interrupted by signal {signum}"
+    return str(failure) or "interrupted"
 
 
 def _storage_error(e: OSError) -> RepositoryError:

@@ -709,3 +709,29 @@ def test_a_lost_device_directory_is_made_again(repo_path: Path, tmp_path: Path) 
     with Repository.open(str(repo_path)) as repo:
         res = repo.backup("l", "full")
         assert_equals_snapshot(repo, res.record, Snapshots(src, tmp_path).take())
+
+
+class _Stopped(KeyboardInterrupt):
+    """What the CLI raises on SIGTERM and SIGHUP: a Ctrl-C with the signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@pytest.mark.parametrize(("stop", "says"), [(_Stopped(15), "interrupted by SIGTERM"),
+                                            (KeyboardInterrupt(), "interrupted (Ctrl-C)")])
+def test_the_job_history_names_what_stopped_a_job(
+    repo: Repository, tmp_path: Path, stop: KeyboardInterrupt, says: str
+) -> None:
+    """`backupfs status` said "cancelled: 15" of a backup stopped by kill."""
+    src = make_source(tmp_path / "src.img", 4 * MiB, seed=35)
+    repo.add_device("h", str(src))
+
+    def hook(n: int, offset: int, length: int) -> None:
+        raise stop
+
+    with pytest.raises(KeyboardInterrupt):
+        repo.backup("h", "full", source_factory=lambda d: HookedSource(d, hook))
+    job = repo.catalog.jobs("h", limit=1)[0]
+    assert (job.state, job.error) == ("cancelled", says)

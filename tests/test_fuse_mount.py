@@ -377,6 +377,19 @@ def test_a_dead_mount_is_named_and_umount_clears_it(setup: Mounted) -> None:
     proc = cli("mount", m.repo, m.mnt, check=False)
     assert proc.returncode == 1 and b"is a dead mount (its daemon is gone); run 'backupfs umount" in proc.stderr, \
         proc.stderr
+    # Before the killed daemon is reaped, its record still names a live
+    # process: a backup said "no device named 'vm1'".
+    record = m.repo / "mount.json"
+    saved = record.read_text()
+    dying = subprocess.Popen(["sleep", "600"])
+    try:
+        record.write_text(json.dumps({**json.loads(saved), "pid": dying.pid}))
+        proc = cli("backup", m.repo, "vm1", "incremental", check=False)
+        assert proc.returncode == 1 and b"is a dead mount (its daemon, pid " in proc.stderr, proc.stderr
+    finally:
+        dying.kill()
+        dying.wait()
+        record.write_text(saved)
     cli("umount", m.mnt)
     m.start()
     assert trigger(m, "full").returncode == 0
@@ -396,6 +409,28 @@ def test_cli_backup_goes_through_the_mount(setup: Mounted) -> None:
     assert proc.returncode == 2
     proc = cli("backup", m.repo, "nosuch", "full", check=False)
     assert proc.returncode == 1 and b"no device named 'nosuch'" in proc.stderr
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (("backup", "vm1", "full", "--label", "a\nb"), "label must be printable text"),
+    (("backup", "vm1", "full", "--cluster-size", "3K"), "is not a power of two"),
+    (("prune", "vm1"), "give either a retention rule or --remove ID"),
+    (("prune", "vm1", "--keep-last", "0"), "--keep-last must be at least 1"),
+    (("verify", "vm1", "--backup", "nope"), "no backup 'nope'"),
+])
+def test_cli_errors_read_the_same_mounted_or_not(setup: Mounted, args: tuple[str, ...], says: str) -> None:
+    """Mounted, the CLI answered in the trigger file's words (keep_last='0',
+    "one command per write", the whole grammar) and verify began with an
+    empty line."""
+    m = setup
+    mounted = cli(args[0], m.repo, *args[1:], check=False)
+    m.stop()
+    unmounted = cli(args[0], m.repo, *args[1:], check=False)
+    for proc in (mounted, unmounted):
+        err = proc.stderr.decode()
+        assert proc.returncode == 1 and err.startswith("backupfs: error: ") and says in err, err
+        assert err.count("\n") == 1 and "accepted:" not in err and "EINVAL" not in err, err
+        assert proc.stdout == b"", proc.stdout
 
 
 def test_second_mount_and_mount_inside_repo_are_refused(setup: Mounted, tmp_path: Path) -> None:

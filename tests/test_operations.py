@@ -382,6 +382,24 @@ def test_import_of_a_chain_with_a_shorter_image_in_the_middle(repo: Repository, 
     assert repo.verify("vm").ok
 
 
+def test_import_of_files_dated_in_the_future_keeps_ids_in_time_order(repo: Repository, tmp_path: Path) -> None:
+    """An image's time becomes its backup's: one dated 2030 (a skewed
+    clock) gave an id that `ls` sorted after every later backup, so
+    `ls backups | tail -1` named it instead of the newest."""
+    chain = _qemu_chain(tmp_path)
+    future = 1_893_456_000 * 10**9  # 2030-01-01
+    for image in chain:
+        os.utime(image, ns=(future, future))
+    live = tmp_path / "live.raw"
+    live.write_bytes(qemu_raw(chain[-1], tmp_path))
+    records = repo.import_chain("vm", str(chain[-1]), source=str(live))
+    now = time.time_ns()
+    assert all(r.created_ns <= now for r in records)
+    later = repo.backup("vm", "incremental").record
+    ids = [r.id for r in records] + [later.id]
+    assert ids == sorted(ids)
+
+
 def test_import_with_source_continues_with_scans(repo: Repository, tmp_path: Path) -> None:
     chain = _qemu_chain(tmp_path)
     live = tmp_path / "live.raw"
