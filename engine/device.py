@@ -186,15 +186,19 @@ class Device:
         self.untrusted_reason = reason
         self.distrust_count += 1
 
-    def _noticed_outside_write(self, st: os.stat_result) -> bool:
+    def _noticed_outside_write(self, st: os.stat_result, racing: bool = False) -> bool:
         """Distrust the bitmaps if ``st`` shows a write that was not ours.
 
         Only a regular file says so (a block device node's time stays), and
         not a write within the same clock tick as one of ours, nor one that
         lands while one of ours is in flight (ours moves the time too). The
-        caller holds _mtime_lock.
+        caller holds _mtime_lock. ``racing``: ``st`` was taken before the
+        lock, so a write of ours may have moved the time past it since; only
+        a time newer than ours then tells.
         """
-        if not stat.S_ISREG(st.st_mode) or st.st_mtime_ns == self._seen_mtime_ns or self._writes_in_flight:
+        if not stat.S_ISREG(st.st_mode) or self._writes_in_flight:
+            return False
+        if st.st_mtime_ns <= self._seen_mtime_ns if racing else st.st_mtime_ns == self._seen_mtime_ns:
             return False
         self._seen_mtime_ns = st.st_mtime_ns
         self.distrust(f"its source {self.path} was written by another program, not through backupfs")
@@ -380,7 +384,7 @@ class Device:
             # Another program's write since our last one: noticed now, before
             # ours moves the time again and hides it.
             with self._mtime_lock:
-                self._noticed_outside_write(before)
+                self._noticed_outside_write(before, racing=True)
                 self._writes_in_flight += 1
             done = 0
             started = time.perf_counter()
