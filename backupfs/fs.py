@@ -710,7 +710,11 @@ class BackupOperations(pyfuse3.Operations):
                 status.fail(str(e), errno.EINVAL, bitmap_kept=False)
                 status.ended = ended
             raise pyfuse3.FUSEError(errno.EINVAL) from None
-        if status.state == "running" or (handle is not None and _waited_behind(status, handle)):
+        if status.state == "running":
+            raise pyfuse3.FUSEError(errno.EBUSY)
+        if handle is not None and _waited_behind(status, handle):
+            status.refused.append(f"{utc_text(time.time())}: '{cmd.line()}' waited for this job and was refused "
+                                  "(EBUSY); write it again to run it")
             raise pyfuse3.FUSEError(errno.EBUSY)
         status.begin(cmd.line(), requester.describe() if requester else None)
         status.writer = handle

@@ -42,6 +42,7 @@ class JobStatus:
     bitmap_kept: bool = True
     lines: list[str] = field(default_factory=list)  # results of verify and prune
     ended: float | None = None  # time.monotonic() at the end of the last job
+    refused: list[str] = field(default_factory=list)  # trigger writes that waited for it (EBUSY)
     writer: object | None = None  # the open trigger file whose write ran it
 
     def begin(self, command: str, requester: str | None = None) -> None:
@@ -55,6 +56,7 @@ class JobStatus:
         self.error = None
         self.errno = None
         self.lines = []
+        self.refused = []
 
     def succeed(self, result: BackupResult | None = None, lines: list[str] | None = None) -> None:
         self.state = "succeeded"
@@ -140,6 +142,7 @@ class JobStatus:
             if self.bitmap_kept:
                 lines.append("bitmap: kept; the next backup copies these regions again")
         lines += self.lines
+        lines += [f"refused: {r}" for r in self.refused[-5:]]
         return "\n".join(lines) + "\n"
 
 
