@@ -157,15 +157,23 @@ def cmd_cat(args: argparse.Namespace) -> int:
 
 
 def _write_all(fd: int, data: memoryview | bytes | bytearray) -> None:
+    """Write all of ``data``; an OSError carries ``written``, the bytes that went before it."""
     view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+    written = 0
+    try:
+        while view:
+            n = os.write(fd, view)
+            written += n
+            view = view[n:]
+    except OSError as e:
+        e.written = written  # type: ignore[attr-defined]
+        raise
 
 
 def _output_error(e: OSError, pos: int, size: int) -> BackupfsError:
     """One line that says it was the output, where, and why (ext4's 16 TiB
     file limit says only "File too large")."""
+    pos += getattr(e, "written", 0)
     return BackupfsError(f"writing the disk ({size} bytes) to standard output, at offset {pos}: {e.strerror}")
 
 
