@@ -239,7 +239,19 @@ def _ones(bits: bitarray) -> np.ndarray:
     return idx[idx < len(bits)]  # the pad bits of the last byte are not ours
 
 
-def overlay(records: Iterable[ChecksumRecord]) -> tuple[np.ndarray, bitarray]:
+class Unrecorded:
+    """A layer of a lineage whose checksum record is missing or unreadable.
+
+    ``covers``: the granules its image holds. What it holds hides whatever
+    older records say there, and nothing says what it should be: overlay()
+    leaves those granules unchecked until a newer record defines them.
+    """
+
+    def __init__(self, covers: bitarray) -> None:
+        self.defined = covers
+
+
+def overlay(records: Iterable[ChecksumRecord | Unrecorded]) -> tuple[np.ndarray, bitarray]:
     """The chain's checksums: newest record wins; records ordered oldest first.
 
     Consumes the records (the oldest lends its memory to the result), and
@@ -251,12 +263,19 @@ def overlay(records: Iterable[ChecksumRecord]) -> tuple[np.ndarray, bitarray]:
     defined: bitarray | None = None
     for rec in records:
         if hashes is None or defined is None:
-            defined = rec.defined.copy()
-            hashes = rec.take_dense()
+            if isinstance(rec, Unrecorded):
+                defined = bitarray(len(rec.defined), endian="little")
+                defined.setall(0)
+                hashes = np.zeros(len(defined), dtype=np.uint64)
+            else:
+                defined = rec.defined.copy()
+                hashes = rec.take_dense()
             continue
         if len(rec.defined) != len(defined):
             raise ChecksumError("checksum records of one lineage cover different device sizes")
-        if rec.defined.any():
+        if isinstance(rec, Unrecorded):
+            defined &= ~rec.defined
+        elif rec.defined.any():
             hashes[_ones(rec.defined)] = rec.packed()
             defined |= rec.defined
     if hashes is None or defined is None:
@@ -264,4 +283,4 @@ def overlay(records: Iterable[ChecksumRecord]) -> tuple[np.ndarray, bitarray]:
     return hashes, defined
 
 
-__all__ = ["ChecksumRecord", "ChecksumError", "granule_hashes", "overlay", "zero_hash"]
+__all__ = ["ChecksumRecord", "ChecksumError", "Unrecorded", "granule_hashes", "overlay", "zero_hash"]

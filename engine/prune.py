@@ -35,6 +35,7 @@ from bitarray import bitarray
 from engine import durable
 from engine.catalog import BackupRecord
 from engine.chain import ChainView
+from engine.integrity import ChecksumMismatch
 from engine.checksums import ChecksumRecord
 from engine.errors import ImageError, UsageError
 from engine.fsutil import fsync_dir
@@ -118,6 +119,10 @@ class ViewSource(Source):
             data = self.view.read(offset, length)
         except ImageError as e:
             raise JobError(f"reading {e}") from None
+        except ChecksumMismatch as e:
+            raise JobError(f"{e}; nothing was changed") from None
+        if not isinstance(data, bytearray):
+            data = bytearray(data)
         if len(data) < length:
             data += bytes(length - len(data))
         return data
@@ -170,9 +175,15 @@ def remove_backup(
     begin: Callable[[], None],
     apply_catalog: Callable[[list[tuple[str, str | None, str, int]]], None],
     *,
+    open_content: Callable[[BackupRecord], ChainView] | None = None,
     hook: Callable[[str], None] | None = None,
 ) -> None:
-    """Merge ``x`` into each child, then drop it. ``hook(step)`` is for tests."""
+    """Merge ``x`` into each child, then drop it. ``hook(step)`` is for tests.
+
+    ``open_content(child)`` gives what the child reads now, checked against
+    its checksums: a damaged cluster copied into the merged image would get
+    fresh checksums there, and nothing could tell it from good data again.
+    """
     step = hook or (lambda _name: None)
     ddir = os.path.join(repo_path, os.path.dirname(x.image))
     x_image = os.path.join(repo_path, x.image)
@@ -186,7 +197,7 @@ def remove_backup(
             unit = copy_cluster_size(c.granularity, c.cluster_size)
             with open_layer(c_image, "qcow2") as c_layer, open_layer(x_image, "qcow2") as x_layer:
                 held = units_of(held_ranges(c_layer) + held_ranges(x_layer), unit, c.size)
-            with ChainView.open(c_image) as content:
+            with (open_content(c) if open_content else ChainView.open(c_image)) as content:
                 writer, record = rewrite_image(
                     content, held, tmp_image, c.size, c.cluster_size, c.granularity,
                     f"{new_parent}.qcow2" if new_parent else None,

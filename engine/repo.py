@@ -38,11 +38,11 @@ from engine import durable
 from engine.bitmap import validate_granularity
 from engine.catalog import DISK_FULL, KINDS, BackupRecord, Catalog, CatalogError, DeviceRecord
 from engine.chain import ChainView
-from engine.checksums import ChecksumError, ChecksumRecord, granule_hashes, overlay
+from engine.checksums import ChecksumError, ChecksumRecord, Unrecorded, granule_hashes, overlay
 from engine.device import Device, DeviceError, distrust_saved_bitmaps
 from engine.errors import BackupfsError, ImageError, UsageError
 from engine.fsutil import file_size, fsync_dir
-from engine.integrity import VerifiedView, VerifyReport, verify_backup
+from engine.integrity import Problem, VerifiedView, VerifyReport, held_granules, verify_backup
 from engine.stopsignals import STOP_SIGNALS
 from engine.restore import RestoreResult, check_target, restore_to
 from engine.importer import import_chain
@@ -246,7 +246,8 @@ class Repository:
             rec = self.catalog.backup(backup_id)
             if rec is not None:
                 # An interrupted prune: finish it (see engine/prune.py).
-                self._remove_one(rec.device, RemovalPlan(rec, self.catalog.children(rec.id)), None)
+                self._remove_one(rec.device, RemovalPlan(rec, self.catalog.children(rec.id)), None,
+                                 verified=False)
 
     def cancel_jobs(self, reason: str = "the repository is being closed") -> None:
         """Ask every running job to stop (they fail with ECANCELED, bitmaps kept)."""
@@ -433,20 +434,30 @@ class Repository:
                 out[g : g + len(h)] = h
             return out
 
-    def open_backup(self, backup_id: str) -> VerifiedView | ChainView:
-        """A backup for reading; checked against its checksums when it has them."""
+    def open_backup(self, backup_id: str) -> VerifiedView:
+        """A backup for reading, checked against every checksum its lineage
+        has: a backup whose record is missing leaves only what it holds
+        unchecked, not the whole chain."""
         rec = self.catalog.backup(backup_id)
         if rec is None:
             raise UsageError(f"no backup {backup_id!r}")
         view = ChainView.open(self.image_path(rec))
         try:
-            hashes, defined = overlay(self.lineage_records(rec))
-        except ChecksumError:
-            return view
+            hashes, defined = overlay(self._checkable_lineage(rec))
         except BaseException:
             view.close()
             raise
         return VerifiedView(view, rec.id, rec.granularity, hashes, defined)
+
+    def _checkable_lineage(self, rec: BackupRecord) -> Iterator[ChecksumRecord | Unrecorded]:
+        """lineage_records, with what each backup without a readable record holds in its place."""
+        for b in reversed(self.catalog.lineage(rec.id)):
+            try:
+                if b.checksums is None:
+                    raise ChecksumError(f"backup {b.id} has no checksum record")
+                yield ChecksumRecord.load(os.path.join(self.path, b.checksums))
+            except ChecksumError:
+                yield Unrecorded(held_granules(self.image_path(b), rec.size, rec.granularity))
 
     def resolve_backup(self, device: str, ident: str) -> BackupRecord:
         """A backup of ``device`` by id, or 'latest'."""
@@ -532,7 +543,11 @@ class Repository:
             with self._idle:
                 self._maintenance.discard(device)
 
-    def _remove_one(self, device: str, plan: RemovalPlan, hook: Callable[[str], None] | None) -> None:
+    def _remove_one(self, device: str, plan: RemovalPlan, hook: Callable[[str], None] | None,
+                    verified: bool = True) -> None:
+        """Remove one backup; ``verified``: the merge reads through checksums
+        (not when finishing an interrupted removal at open, which must not
+        leave the repository unopenable: verify then names any damage)."""
         x = plan.removed
         was_latest = (latest := self.catalog.latest_backup(device)) is not None and latest.id == x.id
         was_last_full = (full := self.catalog.last_full(device)) is not None and full.id == x.id
@@ -570,10 +585,16 @@ class Repository:
                     dev.since_full.trusted = False
                     dev.untrusted_reason = "the last full backup was removed"
                 dev.save_bitmaps()
+        def content(child: BackupRecord) -> VerifiedView | ChainView:
+            if not verified:
+                return ChainView.open(self.image_path(child))
+            return self.open_backup(child.id)
+
         remove_backup(
             self.path, x, plan.children,
             lambda: self.catalog.begin_removal(x.id),
             lambda updates: self.catalog.apply_removal(x.id, updates),
+            open_content=content,
             hook=hook,
         )
 
@@ -584,12 +605,19 @@ class Repository:
         on_bytes: Callable[[int], None] | None = None,
         cancel: threading.Event | None = None,
     ) -> VerifyReport:
-        """Check structure, links and stored data of the chosen backups."""
+        """Check structure, links and stored data of the chosen backups.
+
+        One backup is checked with the backups it reads through: whether it
+        can be restored is what its verify must say.
+        """
         if backup_id is not None:
             rec = self.catalog.backup(backup_id)
             if rec is None or (device is not None and rec.device != device):
                 raise UsageError(f"no backup {backup_id!r}" + (f" of device {device}" if device else ""))
-            targets = [rec]
+            try:
+                targets = list(reversed(self.catalog.lineage(rec.id)))
+            except CatalogError:
+                targets = [rec]  # a broken lineage: its check says so
         else:
             if device is not None and self.catalog.device(device) is None:
                 raise UsageError(f"no device named {device!r}")
@@ -600,6 +628,17 @@ class Repository:
                 raise cancelled(cancel, "verify")
             parent = self.catalog.backup(rec.parent) if rec.parent else None
             verify_backup(self.path, rec, parent, lambda r=rec: self.lineage_records(r), report, on_bytes, cancel)
+        # A backup reads through its parents: one with a damaged parent
+        # cannot be restored either, however sound its own image is.
+        bad = {p.backup for p in report.problems if p.harms_reads}
+        for rec in targets:
+            if rec.id not in bad:
+                try:
+                    damaged = [b.id for b in self.catalog.lineage(rec.id)[1:] if b.id in bad]
+                except CatalogError:
+                    continue  # already reported: its parent is missing from the catalog
+                if damaged:
+                    report.problems.append(Problem(rec.id, f"reads through damaged backup {damaged[0]}"))
         return report
 
     def backup(

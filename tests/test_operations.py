@@ -17,7 +17,7 @@ from engine.catalog import BackupRecord
 from engine.errors import BackupfsError, UsageError
 from engine.integrity import ChecksumMismatch
 from engine.prune import RetentionPolicy, select_for_removal
-from engine.qcow2.layers import DATA, open_layer
+from engine.qcow2.layers import DATA, UNALLOC, open_layer
 from engine.repo import Repository
 
 from conftest import cli, qemu_check, qemu_compare, qemu_img, qemu_io, qemu_raw, sh
@@ -101,7 +101,9 @@ def test_verify_finds_damaged_data_and_reads_refuse_it(repo: Repository, tmp_pat
     assert not report.ok
     bad = [p for p in report.problems if p.backup == victim.id]
     assert bad and bad[0].offset == guest - guest % (64 * KiB) and "checksum" in bad[0].what
-    assert {p.backup for p in report.problems} == {victim.id}
+    # Its child's own data is sound, but it reads through the damage.
+    assert {(p.backup, p.what) for p in report.problems if p.backup != victim.id} == {
+        (backups[2].id, f"reads through damaged backup {victim.id}")}
     # Reading the damaged range fails; the rest reads.
     with repo.open_backup(victim.id) as view:
         with pytest.raises(ChecksumMismatch) as info:
@@ -116,6 +118,69 @@ def test_verify_finds_damaged_data_and_reads_refuse_it(repo: Repository, tmp_pat
     assert proc.returncode == 1 and f"BAD {victim.id}: stored data fails its checksum at offset" in out
     ok = cli("verify", tmp_path / "repo", "d", "--backup", backups[0].id)
     assert ok.returncode == 0 and f"ok  {backups[0].id}" in ok.stdout.decode()
+
+
+def _flip_first_data_byte(image: str) -> int:
+    """Damage one byte of an image's first data cluster; returns its guest offset."""
+    guest, host = _first_data_host(image)
+    with open(image, "r+b") as f:
+        f.seek(host + 1000)
+        byte = f.read(1)
+        f.seek(host + 1000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    return guest + 1000
+
+
+def test_a_prune_does_not_launder_damage(repo: Repository, tmp_path: Path) -> None:
+    """The merge read the child without its checksums and gave whatever it
+    read fresh ones: a damaged cluster, in the backup removed or in the
+    child, was from then on good data to verify, restore and the mount."""
+    backups = _chain(repo, tmp_path, [64 * KiB, 128 * KiB, 4 * KiB, 64 * KiB])
+    before = {b.id: Path(repo.image_path(b)).read_bytes() for b in backups}
+    _flip_first_data_byte(repo.image_path(backups[1]))  # the one to remove
+    with pytest.raises(BackupfsError, match=rf"backup {backups[2].id}: data at offset .* fails its checksum"):
+        repo.prune("d", remove=backups[1].id)
+    assert [b.id for b in repo.backups("d")] == [b.id for b in backups]  # nothing removed
+    for b in backups[2:]:
+        assert Path(repo.image_path(b)).read_bytes() == before[b.id]  # nothing rewritten
+    assert not [f for f in os.listdir(Path(repo.path) / "devices" / "d") if f.startswith(".tmp")]
+    report = repo.verify("d")
+    assert backups[1].id in {p.backup for p in report.problems}
+
+
+def test_a_missing_checksum_record_leaves_only_its_own_granules_unchecked(repo: Repository, tmp_path: Path) -> None:
+    """One backup's .sums lost switched checking off for its whole lineage:
+    damage in the full was restored as data, exit 0."""
+    backups = _chain(repo, tmp_path, [64 * KiB, 128 * KiB, 4 * KiB])
+    os.unlink(Path(repo.path) / backups[1].checksums)
+    damaged = _flip_first_data_byte(repo.image_path(backups[0]))
+    with repo.open_backup(backups[2].id) as view:
+        with pytest.raises(ChecksumMismatch, match=backups[2].id):
+            view.read(damaged - damaged % (64 * KiB), 64 * KiB)
+    with pytest.raises(ChecksumMismatch):
+        repo.restore("d", backups[2].id, str(tmp_path / "out.raw"))
+    assert not (tmp_path / "out.raw").exists()
+    # What the record-less backup holds reads unchecked, and right.
+    guest, _ = _first_data_host(repo.image_path(backups[1]))
+    with repo.open_backup(backups[1].id) as view:
+        expected = qemu_raw(repo.image_path(backups[1]), tmp_path)
+        assert view.read(guest, 4096) == expected[guest : guest + 4096]
+
+
+def test_verify_finds_what_an_image_holds_beyond_its_record(repo: Repository, tmp_path: Path) -> None:
+    """Something wrote into a backup image where it held nothing: its reads
+    there hide the parent's data, and verify, re-reading only what the
+    record names, said ok; restore then refused."""
+    backups = _chain(repo, tmp_path, [64 * KiB, 128 * KiB, 64 * KiB])
+    assert repo.verify("d").ok
+    with open_layer(repo.image_path(backups[1]), "qcow2") as layer:
+        hole = next(e.start for e in layer.allocation() if e.kind == UNALLOC and e.end - e.start >= 128 * KiB)
+    qemu_io(repo.image_path(backups[1]), f"write -P 0x55 {hole} 64k")
+    report = repo.verify("d", backup_id=backups[2].id)  # the newest: with what it reads through
+    problems = {(p.backup, p.what.split(" (")[0]) for p in report.problems}
+    assert (backups[1].id, "the image holds data its checksum record does not cover") in problems
+    assert (backups[2].id, f"reads through damaged backup {backups[1].id}") in problems
+    assert report.checked == [b.id for b in backups]
 
 
 def test_verify_finds_broken_links_and_structure(repo: Repository, tmp_path: Path) -> None:
