@@ -16,11 +16,15 @@ from dataclasses import dataclass
 from engine.errors import UsageError
 
 MOUNT_RECORD = "mount.json"
+# Access times: the mount keeps none, so every atime option of fstab means
+# the same here (noatime alone is handed on, as before).
+_ATIME = {"atime", "relatime", "norelatime", "strictatime", "nostrictatime", "diratime", "nodiratime",
+          "lazytime", "nolazytime"}
 ALLOWED_OPTIONS = {"allow_other", "allow_root", "default_permissions", "noatime", "ro", "rw", "nodev",
                    "nosuid", "dev", "suid", "exec", "noexec", "auto", "noauto", "user", "nouser",
-                   "_netdev", "defaults"}
+                   "_netdev", "defaults", "nofail"} | _ATIME
 # Options that mount(8)/fstab carry but that mean nothing to the filesystem.
-_FSTAB_ONLY = {"auto", "noauto", "user", "nouser", "_netdev", "defaults", "rw"}
+_FSTAB_ONLY = {"auto", "noauto", "user", "nouser", "_netdev", "defaults", "rw", "nofail"} | _ATIME
 
 
 @dataclass(frozen=True)

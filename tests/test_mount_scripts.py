@@ -276,7 +276,8 @@ def test_mount8_and_fstab(tmp_path: Path, helper_installed: Path) -> None:
     _through_mount8(["mount", "-t", "fuse.backupfs", "-o", "_netdev", str(repo), str(mnt)], repo, mnt, env)
 
     fstab = tmp_path / "fstab"
-    fstab.write_text(f"# test fstab\n{repo} {mnt} fuse.backupfs defaults,_netdev 0 0\n")
+    # relatime, nofail: common in fstab lines, refused once ("unknown mount option").
+    fstab.write_text(f"# test fstab\n{repo} {mnt} fuse.backupfs defaults,_netdev,relatime,nofail 0 0\n")
     _through_mount8(["mount", "-T", str(fstab), str(mnt)], repo, mnt, env)
     _through_mount8(["mount", "--fstab", str(fstab), str(repo)], repo, mnt, env)
 
@@ -361,6 +362,9 @@ def test_unit_files_structure() -> None:
     assert start.startswith(f"{UNIT_BINARY} backup ${{BACKUPFS_REPO}} %i incremental --auto-full")
     assert "/etc/backupfs/backupfs.conf" in values(snap, "Service", "EnvironmentFile")
     assert values(snap, "Service", "IOSchedulingClass") == ["idle"]
+    # Caught up at boot while the repository is still being mounted: tried again, not lost.
+    assert values(snap, "Service", "Restart") == ["on-failure"] and values(snap, "Service", "RestartSec")
+    assert values(snap, "Unit", "StartLimitBurst")
 
     timer = unit_entries(SCRIPTS / "backupfs-snapshot@.timer")
     assert values(timer, "Timer", "OnCalendar") == ["*-*-* 02:00:00"]
