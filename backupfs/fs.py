@@ -149,13 +149,20 @@ def _waited_behind(status: JobStatus, handle: Handle) -> bool:
     file before it started (eight hooks firing at once) reach us one after
     another as each job ends, and each would run a job of its own. Such a
     write gets EBUSY too: the job it waited for is what ran. The writer
-    whose own write ran that job is not held back by it.
+    whose own write ran that job is not held back by it, nor one opened
+    after the job started (an open during a job is refused, so that one
+    opened after it ended).
+
+    Not told apart: a write issued just after the job ended on a file
+    opened before it started (the status then says what was refused), and
+    writers sharing one open file (one handle: the first exemption).
     """
-    ended = status.ended
+    began, ended = status.began, status.ended
     return (
-        ended is not None
+        began is not None
+        and ended is not None
         and status.writer is not handle
-        and handle.opened < ended
+        and handle.opened < began
         and time.monotonic() - ended < QUEUED_WRITE_WINDOW
     )
 
@@ -705,10 +712,10 @@ class BackupOperations(pyfuse3.Operations):
             cmd = parse_trigger(line)
         except TriggerError as e:
             if status.state != "running":
-                ended = status.ended  # not a job: writes held back behind the last one still are
+                last_job = status.began, status.ended  # not a job: writes held back behind it still are
                 status.begin(_one_line(line))
                 status.fail(str(e), errno.EINVAL, bitmap_kept=False)
-                status.ended = ended
+                status.began, status.ended = last_job
             raise pyfuse3.FUSEError(errno.EINVAL) from None
         if status.state == "running":
             raise pyfuse3.FUSEError(errno.EBUSY)

@@ -41,11 +41,13 @@ class JobStatus:
     errno: int | None = None
     bitmap_kept: bool = True
     lines: list[str] = field(default_factory=list)  # results of verify and prune
-    ended: float | None = None  # time.monotonic() at the end of the last job
+    began: float | None = None  # time.monotonic() at the start of the last job
+    ended: float | None = None  # and at its end
     refused: list[str] = field(default_factory=list)  # trigger writes that waited for it (EBUSY)
     writer: object | None = None  # the open trigger file whose write ran it
 
     def begin(self, command: str, requester: str | None = None) -> None:
+        self.began = time.monotonic()
         self.state = "running"
         self.command = command
         self.requester = requester
