@@ -374,7 +374,7 @@ class Device:
             # A write past the end of a source cut behind our back would
             # grow it again around a hole: refuse, as reads past it do.
             before = os.fstat(self.fd)
-            actual = os.lseek(self.fd, 0, os.SEEK_END) if stat.S_ISBLK(before.st_mode) else before.st_size
+            actual = file_size(self.fd, before)
             if actual < offset + length:
                 self.distrust(f"its source {self.path} changed size behind backupfs's back")
                 raise DeviceError(self._resized(actual), errno.EIO)

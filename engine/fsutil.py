@@ -8,9 +8,11 @@ import stat
 from engine import durable
 
 
-def file_size(fd: int) -> int:
-    """Size of a regular file or a block device (whose st_size is 0)."""
-    st = os.fstat(fd)
+def file_size(fd: int, st: os.stat_result | None = None) -> int:
+    """Size of a regular file or a block device (whose st_size is 0);
+    ``st``: its fstat, when the caller has one already."""
+    if st is None:
+        st = os.fstat(fd)
     if stat.S_ISBLK(st.st_mode):
         return os.lseek(fd, 0, os.SEEK_END)
     return st.st_size
