@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from backupfs.cli_repo import _close_quietly, catalog_for_reading, progress_reporter
-from backupfs.mountinfo import MountRecord, read_mount_record, trigger_file
+from backupfs.mountinfo import MountRecord, mount_holding, read_mount_record, trigger_file
 from engine.errors import BackupfsError, UsageError
 from engine.stopsignals import STOP_SIGNALS
 from engine.units import format_size, parse_size
@@ -129,24 +129,42 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _in_place(target: str) -> str | None:
+    """What ``target`` is when it is a device file on a backupfs mount, which
+    a restore writes in place (through the mount, so its bitmap records the
+    change); None for a target elsewhere. Any other path on a mount is refused:
+    nothing else there takes a write."""
+    held = mount_holding(target)
+    if held is None:
+        return None
+    mountpoint, inside = held
+    parts = inside.split(os.sep)
+    if len(parts) == 2 and parts[1] == "device":
+        return f"the device file of {parts[0]} on the backupfs mount at {mountpoint}"
+    raise UsageError(
+        f"restore target {target} lies on the backupfs mount at {mountpoint}, where only a device "
+        f"file ({os.path.join(mountpoint, 'NAME', 'device')}) can be restored into"
+    )
+
+
 def cmd_restore(args: argparse.Namespace) -> int:
     from engine.repo import Repository
 
+    in_place = _in_place(args.target)
     record = _mounted(args.repo)
     if record is not None:
-        return _restore_through_mount(record, args)
+        return _restore_through_mount(record, args, in_place)
     with Repository.open(args.repo) as repo:
         with progress_reporter(sys.stderr.isatty(), f"restore {args.name}") as update:
-            result = repo.restore(args.name, args.backup, args.target, force=args.force, on_progress=update)
-    how = "sparse file" if result.sparse else "block device"
-    print(f"restored {args.backup} of {args.name} to {result.target} ({how}): "
-          f"{format_size(result.written)} written of {format_size(result.size)}")
+            result = repo.restore(args.name, args.backup, args.target, force=args.force, in_place=in_place,
+                                  on_progress=update)
+    print(result.summary(args.name))
     return 0
 
 
-def _restore_through_mount(record: MountRecord, args: argparse.Namespace) -> int:
+def _restore_through_mount(record: MountRecord, args: argparse.Namespace, in_place: str | None) -> int:
     """Mounted: read the backup through the mount (the daemon checks checksums)."""
-    from engine.restore import check_target, restore_to
+    from engine.restore import check_in_place_target, check_target, restore_to
 
     real = os.path.realpath(args.target)
     with catalog_for_reading(args.repo) as catalog:
@@ -158,14 +176,24 @@ def _restore_through_mount(record: MountRecord, args: argparse.Namespace) -> int
                     f"{args.target} is the source of device {d.name}, which is mounted at "
                     f"{record.mountpoint}; unmount before restoring over it"
                 )
-    path = os.path.join(record.mountpoint, args.name, "backups", args.backup)
+    backups = os.path.join(record.mountpoint, args.name, "backups")
+    ident = args.backup
+    if ident == "latest":
+        try:
+            ident = os.readlink(os.path.join(backups, ident))  # then 'latest' cannot move under us
+        except FileNotFoundError:
+            raise UsageError(f"device {args.name} has no backup {args.backup!r}") from None
+    path = os.path.join(backups, ident)
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         raise UsageError(f"device {args.name} has no backup {args.backup!r}") from None
     try:
         size = os.fstat(fd).st_size
-        block = check_target(args.target, size, args.force, os.path.abspath(args.repo))
+        if in_place is not None:
+            kind = check_in_place_target(args.target, size, args.force, in_place)
+        else:
+            kind = check_target(args.target, size, args.force, os.path.abspath(args.repo))
 
         def read(offset: int, out: memoryview) -> memoryview:
             try:
@@ -178,16 +206,16 @@ def _restore_through_mount(record: MountRecord, args: argparse.Namespace) -> int
                 return out[:done]
             except OSError as e:
                 raise BackupfsError(
-                    f"reading backup {args.backup} at offset {offset}: {e.strerror} "
+                    f"reading backup {ident} at offset {offset}: {e.strerror} "
                     f"(see 'cat {os.path.join(record.mountpoint, args.name, 'snapshot')}' and the log)"
                 ) from None
 
         with progress_reporter(sys.stderr.isatty(), f"restore {args.name}") as update:
-            result = restore_to(read, size, args.target, block_device=block, on_progress=update)
+            result = restore_to(read, size, args.target, kind=kind, on_progress=update)
     finally:
         os.close(fd)
-    print(f"restored {args.backup} of {args.name} to {result.target} through the mount: "
-          f"{format_size(result.written)} written of {format_size(result.size)}")
+    result.backup = ident
+    print(result.summary(args.name, " through the mount"))
     return 0
 
 

@@ -134,6 +134,42 @@ def find_mount(mountpoint: str) -> tuple[str, str] | None:
     return None
 
 
+def mount_holding(path: str) -> tuple[str, str] | None:
+    """(mount point, path inside it) when ``path`` (or, if it does not
+    exist, its directory) lies on a backupfs mount, else None.
+
+    Told by the device number, as mountinfo lists it: a FUSE mount's files
+    all share its anonymous device. ``path`` is resolved first (a symlink
+    into a mount is in the mount).
+    """
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        try:
+            st = os.stat(os.path.dirname(real))
+        except OSError:
+            return None
+    except OSError:
+        return None
+    device = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            lines = [os.fsdecode(line) for line in f]
+    except OSError:
+        return None
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        rfields = right.split()
+        if len(fields) < 5 or len(rfields) < 2 or fields[2] != device:
+            continue
+        if rfields[0] in ("fuse.backupfs", "fuse"):
+            point = _unescape(fields[4])
+            return point, os.path.relpath(real, point)
+    return None
+
+
 def _unescape(field: str) -> str:
     """A mountinfo field: the kernel writes space, tab, newline and backslash
     as octal escapes (\\040) and every other byte as it is, UTF-8 included

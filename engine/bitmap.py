@@ -185,8 +185,13 @@ class TrackedBitmap:
 # -- persistence --------------------------------------------------------------
 
 _MAGIC = b"BFSBITM1"
-# magic, flags, granularity, device size, source size, mtime_ns, inode, dev, payload length
+# magic, flags, granularity, device size, source size, mtime_ns, inode, dev, payload length;
+# then the payload, then (untrusted only) why, in UTF-8, up to the checksum: a
+# reason kept across a remount tells the administrator what happened, not
+# just that the next backup will scan. (A version without the reason reads
+# such a file as unreadable, which also means untrusted.)
 _HEAD = struct.Struct("<8sIIQQqQQQ")
+MAX_REASON = 512
 FLAG_IN_USE = 1
 FLAG_UNTRUSTED = 2
 
@@ -219,6 +224,7 @@ class StoredBitmap:
     in_use: bool
     identity: SourceIdentity
     trusted: bool = True
+    reason: str | None = None  # why it is untrusted, as the distrust said it
 
 
 class BitmapFileError(BackupfsError):
@@ -226,9 +232,11 @@ class BitmapFileError(BackupfsError):
 
 
 def encode_bitmap(
-    bitmap: DirtyBitmap, identity: SourceIdentity, in_use: bool, trusted: bool = True
+    bitmap: DirtyBitmap, identity: SourceIdentity, in_use: bool, trusted: bool = True,
+    reason: str | None = None,
 ) -> bytes:
     payload = sc_encode(bitmap.bits)
+    why = b"" if trusted or not reason else reason.encode("utf-8")[:MAX_REASON]
     head = _HEAD.pack(
         _MAGIC,
         (FLAG_IN_USE if in_use else 0) | (0 if trusted else FLAG_UNTRUSTED),
@@ -240,7 +248,7 @@ def encode_bitmap(
         identity.dev,
         len(payload),
     )
-    body = head + payload
+    body = head + payload + why
     return body + xxhash.xxh3_64_digest(body)
 
 
@@ -251,10 +259,11 @@ def decode_bitmap(path: str, data: bytes) -> StoredBitmap:
     if xxhash.xxh3_64_digest(body) != digest:
         raise BitmapFileError(f"{path}: bitmap checksum mismatch")
     magic, flags, gran, size, ssize, mtime, ino, dev, plen = _HEAD.unpack_from(body, 0)
-    if _HEAD.size + plen != len(body):
+    end = _HEAD.size + plen
+    if end > len(body) or len(body) - end > MAX_REASON:
         raise BitmapFileError(f"{path}: bitmap length mismatch")
     try:
-        bits = sc_decode(body[_HEAD.size :])
+        bits = sc_decode(body[_HEAD.size : end])
         if bits.endian != "little":
             bits = bitarray(bits, endian="little")
         bitmap = DirtyBitmap(size, gran, bits)
@@ -265,14 +274,16 @@ def decode_bitmap(path: str, data: bytes) -> StoredBitmap:
         bool(flags & FLAG_IN_USE),
         SourceIdentity(ssize, mtime, ino, dev),
         not flags & FLAG_UNTRUSTED,
+        body[end:].decode("utf-8", "replace") or None,
     )
 
 
 def save_bitmap(
-    path: str, bitmap: DirtyBitmap, identity: SourceIdentity, in_use: bool, trusted: bool = True
+    path: str, bitmap: DirtyBitmap, identity: SourceIdentity, in_use: bool, trusted: bool = True,
+    reason: str | None = None,
 ) -> None:
     """Replace the persisted bitmap atomically."""
-    atomic_write(path, encode_bitmap(bitmap, identity, in_use, trusted))
+    atomic_write(path, encode_bitmap(bitmap, identity, in_use, trusted, reason))
 
 
 def load_bitmap(path: str) -> StoredBitmap:

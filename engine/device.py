@@ -97,7 +97,7 @@ def bitmap_path(state_dir: str, which: str) -> str:
     return os.path.join(state_dir, f"{which}.bitmap")
 
 
-def distrust_saved_bitmaps(state_dir: str, which: tuple[str, ...]) -> None:
+def distrust_saved_bitmaps(state_dir: str, which: tuple[str, ...], reason: str) -> None:
     """Mark a closed device's persisted bitmaps untrusted, in place.
 
     For a change the bitmaps must account for while the device cannot be
@@ -113,7 +113,7 @@ def distrust_saved_bitmaps(state_dir: str, which: tuple[str, ...]) -> None:
         except (FileNotFoundError, BitmapFileError):
             continue
         if stored.trusted:
-            save_bitmap(path, stored.bitmap, stored.identity, stored.in_use, trusted=False)
+            save_bitmap(path, stored.bitmap, stored.identity, stored.in_use, trusted=False, reason=reason)
 
 
 class Device:
@@ -232,17 +232,10 @@ class Device:
                     "try again when it is done", errno.EBUSY,
                 )
             try:
-                fd, read_only = self._open_source()
+                self._hold_source_at_path()
             except DeviceError:
                 self.distrust(f"its source {self.path} was replaced behind backupfs's back")
                 raise
-            # dup2: readers in flight finish on the old file; the number
-            # never names anything else in between.
-            os.dup2(fd, self.fd)
-            self._seen_mtime_ns = os.fstat(self.fd).st_mtime_ns
-            self.writes_inline = can_answer(self.fd)
-            os.close(fd)
-            self.read_only = read_only
             self.distrust(f"its source {self.path} was replaced behind backupfs's back")
             self._persist(in_use=True)
             return
@@ -256,6 +249,35 @@ class Device:
             outside = self._noticed_outside_write(held)
         if outside:
             self._persist(in_use=True)
+
+    def _hold_source_at_path(self) -> None:
+        """Hold the file the source path names now, in place of the one held."""
+        fd, read_only = self._open_source()
+        # dup2: readers in flight finish on the old file; the number
+        # never names anything else in between.
+        os.dup2(fd, self.fd)
+        self._seen_mtime_ns = os.fstat(self.fd).st_mtime_ns
+        self.writes_inline = can_answer(self.fd)
+        os.close(fd)
+        self.read_only = read_only
+
+    def overwritten(self, reason: str) -> None:
+        """The source was rewritten on purpose (a restore over it): distrust
+        the bitmaps for ``reason``, hold the file now at the path (a restored
+        file replaces the old one), and save, so the next backup scans and a
+        later ``status`` says why. The caller holds the gate exclusively."""
+        self.distrust(reason)
+        held = os.fstat(self.fd)
+        try:
+            at_path = os.stat(self.path)
+        except OSError:
+            at_path = held  # gone again: the next open or backup says so
+        if (at_path.st_dev, at_path.st_ino) != (held.st_dev, held.st_ino):
+            self._hold_source_at_path()
+        else:
+            with self._mtime_lock:
+                self._seen_mtime_ns = held.st_mtime_ns
+        self._persist(in_use=True)
 
     # -- bitmaps ------------------------------------------------------------------
 
@@ -290,7 +312,7 @@ class Device:
             trusted = False
             self.untrusted_reason = "the source changed behind backupfs's back"
         elif not trusted and self.untrusted_reason is None:
-            self.untrusted_reason = "no backup has re-synchronised it since it became untrusted"
+            self.untrusted_reason = stored.reason or "no backup has re-synchronised it since it became untrusted"
         return TrackedBitmap(bm, trusted=trusted)
 
     def _persist(self, in_use: bool) -> None:
@@ -299,7 +321,8 @@ class Device:
         identity = self.identity()
         for which, tracked in (("since-last", self.since_last), ("since-full", self.since_full)):
             try:
-                save_bitmap(self._bitmap_path(which), tracked.pending(), identity, in_use, tracked.trusted)
+                save_bitmap(self._bitmap_path(which), tracked.pending(), identity, in_use, tracked.trusted,
+                            self.untrusted_reason)
             except OSError as e:
                 full = " (the repository's disk is full)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
                 raise DeviceError(f"device {self.name}: cannot save its {which} bitmap in {self.state_dir}: "

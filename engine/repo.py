@@ -44,7 +44,7 @@ from engine.errors import BackupfsError, ImageError, UsageError
 from engine.fsutil import file_size, fsync_dir
 from engine.integrity import Problem, VerifiedView, VerifyReport, held_granules, verify_backup
 from engine.stopsignals import STOP_SIGNALS
-from engine.restore import RestoreResult, check_target, restore_to
+from engine.restore import RestoreResult, check_in_place_target, check_target, restore_to
 from engine.importer import import_chain
 from engine.prune import RemovalPlan, RetentionPolicy, remove_backup, select_for_removal
 from engine.job import (
@@ -475,25 +475,41 @@ class Repository:
         target: str,
         *,
         force: bool = False,
+        in_place: str | None = None,
         on_progress: Callable[[Progress], None] | None = None,
     ) -> RestoreResult:
-        """Write backup ``ident`` of ``device`` out to ``target``, checking checksums."""
+        """Write backup ``ident`` of ``device`` out to ``target``, checking checksums.
+
+        ``in_place``: the target is a file that can only be written in place
+        (a device file on a backupfs mount), in the words that say what it is.
+        """
         rec = self.resolve_backup(device, ident)
         real = os.path.realpath(target)
-        for d in self.catalog.devices():
-            if os.path.realpath(d.source) == real:
-                if not force:
-                    raise UsageError(
-                        f"{target} is the source of device {d.name}; restoring over it needs --force "
-                        "(its bitmap will be untrusted and the next backup will scan)"
-                    )
-                dev = self.device(d.name)
-                dev.since_last.trusted = dev.since_full.trusted = False
-                dev.untrusted_reason = "its source was overwritten by a restore"
-        block = check_target(target, rec.size, force, self.path)
-        with self.open_backup(rec.id) as view:
-            return restore_to(lambda pos, out: view.read(pos, len(out), into=out), rec.size, target,
-                              block_device=block, on_progress=on_progress)
+        over = next((d for d in self.catalog.devices() if d.source and os.path.realpath(d.source) == real), None)
+        if over is not None and not force:
+            raise UsageError(
+                f"{target} is the source of device {over.name}; restoring over it needs --force "
+                "(its bitmap will be untrusted and the next backup will scan)"
+            )
+        if in_place is not None:
+            kind = check_in_place_target(target, rec.size, force, in_place)
+        else:
+            kind = check_target(target, rec.size, force, self.path)
+        dev = self.device(over.name) if over is not None else None
+        why = f"its source was overwritten by a restore of backup {rec.id}"
+        if dev is not None:
+            with dev.gate.exclusive():
+                dev.overwritten(why)  # saved before a byte is written: a crash mid-way still scans
+        try:
+            with self.open_backup(rec.id) as view:
+                result = restore_to(lambda pos, out: view.read(pos, len(out), into=out), rec.size, target,
+                                    kind=kind, on_progress=on_progress)
+        finally:
+            if dev is not None:
+                with dev.gate.exclusive():
+                    dev.overwritten(why)  # the restored file, not the one it replaced
+        result.backup = rec.id
+        return result
 
     def prune(
         self,
@@ -564,8 +580,10 @@ class Repository:
                 # it is back would miss x's changes. Unsaved: remove nothing.
                 which = (("since-last",) if was_latest else ()) + (
                     ("since-full",) if was_last_full and not plan.children else ())
+                why = ("the last full backup was removed" if "since-full" in which
+                       else "the latest backup was removed")
                 try:
-                    distrust_saved_bitmaps(self._device_dir(device), which)
+                    distrust_saved_bitmaps(self._device_dir(device), which, why)
                 except OSError as e:
                     raise _storage_error(e) from None
         if dev is not None:

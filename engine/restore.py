@@ -2,13 +2,17 @@
 
 A regular file target is sparse: zero regions become holes, so restoring a
 mostly empty 100 GiB disk writes what it holds. A block device target gets
-every byte, zeros included, because it may hold old data anywhere. Reads go
+every byte, zeros included, because it may hold old data anywhere. A file
+written in place (a device file on a backupfs mount, whose bitmap records
+every write) gets only the blocks that differ from the backup, so its next
+incremental holds what the restore changed, not the whole disk. Reads go
 through a checked view, so a damaged cluster stops the restore with its
 offset instead of writing wrong data.
 """
 
 from __future__ import annotations
 
+import enum
 import errno
 import os
 import signal
@@ -19,11 +23,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.chain import aligned_buffer
 from engine.errors import BackupfsError, UsageError
 from engine.fsutil import fsync_dir
 from engine.job import Progress
 from engine.pipeline import BytesLike, copy_chunks
 from engine.stopsignals import STOP_SIGNALS
+from engine.units import format_size
 
 CHUNK = 8 * 1024 * 1024
 
@@ -34,16 +40,35 @@ class RestoreError(BackupfsError):
         self.errno = err
 
 
+class Target(enum.Enum):
+    """How a restore writes its target (the value says it to the user)."""
+
+    FILE = "sparse file"  # written beside it, renamed over it at the end; zeros stay holes
+    BLOCK = "block device"  # written in place, every byte
+    IN_PLACE = "in place"  # written in place, only the blocks that differ from the backup
+
+
 @dataclass
 class RestoreResult:
     target: str
     size: int
     written: int
-    sparse: bool
+    kind: Target
+    target_size: int  # a block device may be larger than the backup: its tail is left as it was
+    backup: str = ""  # the backup's id, as resolved from 'latest'
+
+    def summary(self, device: str, through: str = "") -> str:
+        """The line a restore prints: what was written where, and what was not."""
+        line = (f"restored {self.backup} of {device} to {self.target}{through} ({self.kind.value}): "
+                f"{format_size(self.written)} written of {format_size(self.size)}")
+        if self.target_size > self.size:
+            line += (f"; {self.target} is {format_size(self.target_size)}: its last "
+                     f"{format_size(self.target_size - self.size)} were left as they were")
+        return line
 
 
-def check_target(target: str, size: int, force: bool, repository: str | None = None) -> bool:
-    """Validate a restore target; returns True for a block device."""
+def check_target(target: str, size: int, force: bool, repository: str | None = None) -> Target:
+    """Validate a restore target and say how it is written (FILE or BLOCK)."""
     if repository is not None:
         repo = os.path.realpath(repository)
         if os.path.commonpath([os.path.realpath(target), repo]) == repo:
@@ -55,7 +80,7 @@ def check_target(target: str, size: int, force: bool, repository: str | None = N
         parent = os.path.dirname(os.path.abspath(target))
         if not os.path.isdir(parent):
             raise UsageError(f"restore target {target}: directory {parent} does not exist") from None
-        return False
+        return Target.FILE
     if stat.S_ISDIR(st.st_mode):
         raise UsageError(f"restore target {target} is a directory; give a file or block device")
     if stat.S_ISBLK(st.st_mode):
@@ -68,12 +93,25 @@ def check_target(target: str, size: int, force: bool, repository: str | None = N
             raise UsageError(f"block device {target} holds {dev_size} bytes, the backup needs {size}")
         if not force:
             raise UsageError(f"{target} is a block device; its contents would be overwritten (use --force)")
-        return True
+        return Target.BLOCK
     if not stat.S_ISREG(st.st_mode):
         raise UsageError(f"restore target {target} is not a regular file or block device")
     if not force:
         raise UsageError(f"restore target {target} exists (use --force to overwrite it)")
-    return False
+    return Target.FILE
+
+
+def check_in_place_target(target: str, size: int, force: bool, what: str) -> Target:
+    """Validate a file that can only be written in place (``what`` says why)."""
+    try:
+        actual = os.stat(target).st_size
+    except OSError as e:
+        raise UsageError(f"restore target {target}: {e.strerror}") from None
+    if actual < size:
+        raise UsageError(f"restore target {target} ({what}) holds {actual} bytes, the backup needs {size}")
+    if not force:
+        raise UsageError(f"{target} is {what}; its contents would be overwritten (use --force)")
+    return Target.IN_PLACE
 
 
 def restore_to(
@@ -81,7 +119,7 @@ def restore_to(
     size: int,
     target: str,
     *,
-    block_device: bool,
+    kind: Target,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> RestoreResult:
     """Copy ``size`` bytes of a backup into ``target``.
@@ -93,8 +131,9 @@ def restore_to(
     # A file is written beside the target and renamed over it at the end:
     # a restore that fails half-way (a damaged cluster, a full disk) leaves
     # the old file as it was, not cut short. A block device is written in
-    # place; it cannot be anything else.
-    if not block_device:
+    # place; it cannot be anything else, nor can a file written in place.
+    in_place = kind is not Target.FILE
+    if not in_place:
         target = os.path.realpath(target)  # through a symlink: replace the file, not the link
     directory = os.path.dirname(target)
     # Created with the stop signals held back until the try below that
@@ -102,8 +141,10 @@ def restore_to(
     # just after its creation lands inside that try, not before it.
     held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        if block_device:
+        if kind is Target.BLOCK:
             fd, written_path = os.open(target, os.O_WRONLY | os.O_CLOEXEC), target
+        elif kind is Target.IN_PLACE:
+            fd, written_path = os.open(target, os.O_RDWR | os.O_CLOEXEC), target
         else:
             fd, written_path = tempfile.mkstemp(
                 prefix=f".{os.path.basename(target)}.", suffix=".restoring", dir=directory
@@ -115,6 +156,8 @@ def restore_to(
         raise
     progress = Progress(total=size, phase="restoring")
     ok = False
+    target_size = os.lseek(fd, 0, os.SEEK_END) if in_place else size
+    current = aligned_buffer(CHUNK) if kind is Target.IN_PLACE else None
 
     def fill(pos: int, out: memoryview) -> BytesLike:
         try:
@@ -127,9 +170,11 @@ def restore_to(
 
     def write(pos: int, data: BytesLike) -> None:
         view = memoryview(data)
-        if block_device:
+        if kind is Target.BLOCK:
             _pwrite_all(fd, view, pos, target)
             progress.written += len(view)
+        elif current is not None:
+            progress.written += _write_changed(fd, view, pos, memoryview(current)[: len(view)])
         else:
             progress.written += _write_sparse(fd, view, pos, target)
         progress.done = pos + len(view)
@@ -138,17 +183,17 @@ def restore_to(
 
     try:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a stop held back lands here
-        if not block_device:
+        if not in_place:
             try:
                 os.fchmod(fd, stat.S_IMODE(os.stat(target).st_mode))  # keep an overwritten file's mode
             except FileNotFoundError:
                 pass
         chunks = ((pos, min(CHUNK, size - pos)) for pos in range(0, size, CHUNK))
         copy_chunks(chunks, fill, write, CHUNK)
-        if not block_device:
+        if not in_place:
             os.ftruncate(fd, size)
         os.fsync(fd)
-        if not block_device:
+        if not in_place:
             os.replace(written_path, target)
             fsync_dir(directory)
         ok = True
@@ -157,12 +202,12 @@ def restore_to(
         raise RestoreError(f"writing {target}: {e.strerror}", err) from None
     finally:
         os.close(fd)
-        if not ok and not block_device:
+        if not ok and not in_place:
             try:
                 os.unlink(written_path)
             except OSError:
                 pass
-    return RestoreResult(target, size, progress.written, not block_device)
+    return RestoreResult(target, size, progress.written, kind, target_size)
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int, target: str) -> None:
@@ -170,6 +215,40 @@ def _pwrite_all(fd: int, view: memoryview, offset: int, target: str) -> None:
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
+
+
+def _write_changed(fd: int, view: memoryview, offset: int, current: memoryview, block: int = 64 * 1024) -> int:
+    """Write the 64 KiB blocks of ``view`` that differ from what the file holds there."""
+    n = len(view)
+    got = 0
+    while got < n:
+        k = os.preadv(fd, [current[got:]], offset + got)
+        if k == 0:
+            break  # cannot happen for a file checked to be large enough; then everything is written
+        got += k
+    nblocks = -(-n // block)
+    differs = np.ones(nblocks, dtype=bool)
+    full = min(got, n) // block
+    if full:
+        new = np.frombuffer(view[: full * block], dtype=np.uint64).reshape(full, block // 8)
+        old = np.frombuffer(current[: full * block], dtype=np.uint64).reshape(full, block // 8)
+        differs[:full] = (new != old).any(axis=1)
+    if got == n and n % block:
+        differs[-1] = bytes(view[full * block :]) != bytes(current[full * block : n])
+    written = 0
+    i = 0
+    while i < nblocks:
+        if not differs[i]:
+            i += 1
+            continue
+        j = i
+        while j < nblocks and differs[j]:
+            j += 1
+        a, b = i * block, min(j * block, n)
+        _pwrite_all(fd, view[a:b], offset + a, "")
+        written += b - a
+        i = j
+    return written
 
 
 def _write_sparse(fd: int, view: memoryview, offset: int, target: str, block: int = 64 * 1024) -> int:

@@ -114,6 +114,34 @@ def test_persistence_round_trip_and_flags(tmp_path: Path) -> None:
     assert stored.in_use and not stored.trusted and stored.identity == ident
     assert list(stored.bitmap.runs()) == list(b.runs())
     assert not os.path.exists(path + ".tmp")
+    assert stored.reason is None
+
+
+def test_an_untrusted_bitmap_keeps_its_reason(tmp_path: Path) -> None:
+    """`status` after a remount says why the next backup will scan, not
+    only that it will; a trusted bitmap carries no reason, and a file from
+    before reasons were kept still reads."""
+    path = str(tmp_path / "b.bitmap")
+    b = DirtyBitmap(MiB, 64 * KiB)
+    b.mark(0, 1)
+    ident = SourceIdentity(MiB, 1, 2, 3)
+    save_bitmap(path, b, ident, in_use=False, trusted=False, reason="its source was overwritten by a restöre")
+    stored = load_bitmap(path)
+    assert stored.reason == "its source was overwritten by a restöre" and not stored.trusted
+    assert list(stored.bitmap.runs()) == list(b.runs())
+    save_bitmap(path, b, ident, in_use=False, trusted=True, reason="stale")
+    assert load_bitmap(path).reason is None
+    save_bitmap(path, b, ident, in_use=False, trusted=False, reason="x" * 5000)
+    assert load_bitmap(path).reason == "x" * 512  # bounded
+    import struct
+    import xxhash
+    from bitarray.util import sc_encode
+    payload = sc_encode(b.bits)  # the layout without a reason, as older versions wrote it
+    body = struct.pack("<8sIIQQqQQQ", b"BFSBITM1", 2, 64 * KiB, MiB, MiB, 1, 2, 3, len(payload)) + payload
+    with open(path, "wb") as f:
+        f.write(body + xxhash.xxh3_64_digest(body))
+    old = load_bitmap(path)
+    assert old.reason is None and not old.trusted and list(old.bitmap.runs()) == list(b.runs())
 
 
 def test_damaged_bitmap_file_is_refused(tmp_path: Path) -> None:

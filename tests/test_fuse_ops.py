@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import random
 from collections.abc import Iterator
@@ -170,6 +171,41 @@ def test_restore_through_the_mount(mounted: Mounted, tmp_path: Path) -> None:
     assert proc.returncode == 1 and b"which is mounted" in proc.stderr
     proc = cli("restore", m.repo, "vm1", "latest", out, check=False)
     assert proc.returncode == 1 and b"exists (use --force" in proc.stderr
+    proc = cli("restore", m.repo, "vm1", "latest", tmp_path / "latest.raw")
+    assert proc.stdout.decode().startswith(f"restored {ids[-1]} of vm1 to ")  # which one 'latest' was
+    proc = cli("restore", m.repo, "vm1", "latest", m.path("vm1", "backups", "new.raw"), check=False)
+    assert proc.returncode == 1 and b"lies on the backupfs mount" in proc.stderr
+
+
+def test_restore_into_the_mounted_device_writes_only_what_differs(mounted: Mounted, tmp_path: Path) -> None:
+    """Rolling a disk back through the mount: its bitmap records the
+    restore, and since only the blocks that differ are written, the next
+    incremental holds what the rollback changed, not the whole disk."""
+    m = mounted
+    ids = _take(m, 2)
+    device = m.path("vm1", "device")
+    with open(device, "r+b", buffering=0) as dev:
+        dev.seek(5 * MiB)
+        dev.write(b"\x5a" * 64 * KiB)
+    proc = cli("restore", m.repo, "vm1", ids[0], device, check=False)
+    assert proc.returncode == 1, proc
+    assert b"is the device file of vm1 on the backupfs mount" in proc.stderr and b"--force" in proc.stderr
+    proc = cli("restore", m.repo, "vm1", ids[0], device, "--force")
+    line = proc.stdout.decode()
+    assert line.startswith(f"restored {ids[0]} of vm1 to {device} through the mount (in place): "), line
+    sh(f"cmp {device} {m.path('vm1', 'backups', ids[0])}")
+    # The second backup's writes plus the one above: at most 13 blocks of 64 KiB.
+    written = line.split(": ")[1].split(" written")[0]
+    assert written.endswith("KiB") and float(written.split()[0]) <= 13 * 64, line
+    sh(f"echo incremental > {m.path('vm1', 'snapshot')}")
+    newest = _backups(m)[-1]
+    sh(f"cmp {m.path('vm1', 'backups', newest)} {m.path('vm1', 'backups', ids[0])}")
+    # What the incremental holds (data or zero clusters: the rollback may
+    # write zeros back): the changed blocks, not the disk.
+    image = m.repo / "devices" / "vm1" / f"{newest}.qcow2"
+    held = sum(e["length"] for e in json.loads(qemu_img("map", "--output=json", str(image)))
+               if e["depth"] == 0)
+    assert 64 * KiB <= held <= 13 * 64 * KiB, held
 
 
 def test_imported_chain_is_browsable(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from engine.integrity import ChecksumMismatch
 from engine.prune import RetentionPolicy, select_for_removal
 from engine.qcow2.layers import DATA, UNALLOC, open_layer
 from engine.repo import Repository
+from engine.restore import Target
 
 from conftest import cli, qemu_check, qemu_compare, qemu_img, qemu_io, qemu_raw, sh
 
@@ -210,7 +211,7 @@ def test_restore_to_a_sparse_file(repo: Repository, tmp_path: Path) -> None:
     backups = _chain(repo, tmp_path, [64 * KiB, 128 * KiB])
     target = tmp_path / "restored.raw"
     result = repo.restore("d", backups[0].id, str(target))
-    assert result.sparse and target.stat().st_size == 32 * MiB
+    assert result.kind is Target.FILE and result.backup == backups[0].id and target.stat().st_size == 32 * MiB
     assert target.stat().st_blocks * 512 < 16 * MiB  # the zeros are holes
     qemu_compare(repo.image_path(backups[0]), target)
     with pytest.raises(UsageError, match="exists"):
@@ -229,9 +230,16 @@ def test_restore_over_the_source_needs_force_and_distrusts_the_bitmap(repo: Repo
     repo.restore("d", backups[0].id, str(src), force=True)
     qemu_compare(repo.image_path(backups[0]), src)
     assert not repo.device("d").trusted
-    res = repo.backup("d", "incremental")
-    assert res.scanned
-    qemu_compare(repo.image_path(res.record), src)
+    # After a remount the reason is still the restore, not "changed behind
+    # backupfs's back" (the restored file is a new one, renamed over the old).
+    path = repo.path
+    repo.close()
+    with Repository.open(path) as again:
+        assert again.device("d").untrusted_reason == (
+            f"its source was overwritten by a restore of backup {backups[0].id}")
+        res = again.backup("d", "incremental")
+        assert res.scanned and "overwritten by a restore" in (res.scan_reason or "")
+        qemu_compare(again.image_path(res.record), src)
 
 
 def test_restore_to_a_block_device_writes_zeros_too(repo: Repository, tmp_path: Path) -> None:
@@ -242,8 +250,15 @@ def test_restore_to_a_block_device_writes_zeros_too(repo: Repository, tmp_path: 
     try:
         with pytest.raises(UsageError, match="block device"):
             repo.restore("d", backups[0].id, loop)
-        repo.restore("d", backups[0].id, loop, force=True)
+        result = repo.restore("d", "latest", loop, force=True)
         sh(f"cmp -n {32 * MiB} {loop} {tmp_path / 'src.img'}")
+        with open(loop, "rb") as f:
+            f.seek(32 * MiB)
+            assert f.read() == b"\xee" * 8 * MiB  # the tail beyond the backup: as it was
+        assert result.backup == backups[0].id and result.target_size == 40 * MiB
+        assert result.summary("d") == (
+            f"restored {backups[0].id} of d to {loop} (block device): 32 MiB written of 32 MiB; "
+            f"{loop} is 40 MiB: its last 8 MiB were left as they were")
     finally:
         sh(f"losetup -d {loop}")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from engine.pipeline import copy_chunks
-from engine.restore import RestoreError, restore_to
+from engine.restore import RestoreError, Target, restore_to
 
 CHUNK = 64 * 1024
 WAIT = 30.0  # bound on an event wait, so a broken pipeline fails instead of hanging
@@ -103,5 +103,5 @@ def test_restore_names_a_read_error_as_one(tmp_path: Path) -> None:
         return buf
 
     with pytest.raises(RestoreError, match="reading the backup at offset 8388608: Input/output error"):
-        restore_to(read, 32 * 1024 * 1024, str(target), block_device=False)
+        restore_to(read, 32 * 1024 * 1024, str(target), kind=Target.FILE)
     assert not target.exists()  # a failed restore leaves no half-written file behind
