@@ -858,6 +858,15 @@ def test_missing_backing_file(tmp_path: Path) -> None:
         ChainView.open(str(tip))
 
 
+def test_backing_name_that_is_a_symlink_loop(tmp_path: Path) -> None:
+    """Named for what it is, not as missing: the file is there, twice."""
+    os.symlink("loop2.qcow2", tmp_path / "loop1.qcow2")
+    os.symlink("loop1.qcow2", tmp_path / "loop2.qcow2")
+    tip = build(tmp_path / "tip.qcow2", backing="loop1.qcow2", writes=())
+    with refused(tip, r"backing file 'loop1.qcow2' \(.*loop1.qcow2\): Too many levels of symbolic links"):
+        ChainView.open(str(tip))
+
+
 @pytest.mark.parametrize(
     "name",
     [

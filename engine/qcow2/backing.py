@@ -64,8 +64,14 @@ def open_chain(tip: str, max_depth: int = MAX_CHAIN_DEPTH) -> list[Layer]:
                     path, f"backing file format {fmt!r} is not supported (qcow2 and raw are)"
                 )
             next_path = resolve_backing(path, layer.backing_file)
-            if not os.path.exists(next_path):
-                raise ImageError(path, f"backing file {layer.backing_file!r} not found ({next_path})")
+            try:
+                os.stat(next_path)
+            except FileNotFoundError:
+                raise ImageError(path, f"backing file {layer.backing_file!r} not found ({next_path})") from None
+            except ValueError:
+                raise ImageError(path, f"backing file name {layer.backing_file!r} contains a NUL byte") from None
+            except OSError as e:  # a symlink loop, a directory without search permission...
+                raise ImageError(path, f"backing file {layer.backing_file!r} ({next_path}): {e.strerror}") from None
             path = next_path
     except BaseException:
         for layer in layers:
