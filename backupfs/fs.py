@@ -569,7 +569,10 @@ class BackupOperations(pyfuse3.Operations):
         node = self.inodes.node(inode)
         if not self._exists(node):
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._new_handle(Handle(node, entries=self._children(node)))
+        # `.` and `..` first, as every local file system lists them (`ls -a`,
+        # and tools that count a directory's entries, expect them).
+        dots = [(b".", node), (b"..", self._parent(node))]
+        return self._new_handle(Handle(node, entries=dots + self._children(node)))
 
     @handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:

@@ -141,6 +141,14 @@ def test_listing_stat_du_xattrs(setup: Mounted) -> None:
     assert sorted(os.listdir(m.mnt)) == ["vm1"]
     assert sorted(os.listdir(m.path("vm1"))) == ["backups", "bitmap", "chain", "device", "snapshot"]
     assert os.listdir(m.path("vm1", "backups")) == []
+    # `ls -a` shows . and .., and .. of each directory is its parent.
+    assert sh(f"ls -a {m.path('vm1', 'backups')}").stdout.split() == [".", ".."]
+    for d, parent in ((m.path("vm1", "backups"), m.path("vm1")), (m.path("vm1"), m.mnt)):
+        inos = {e.name: e.inode() for e in os.scandir(d)}  # scandir leaves the dots out
+        out = sh(f"ls -ai {d}").stdout.split()
+        listed = dict(zip(out[1::2], map(int, out[0::2])))
+        assert listed["."] == os.stat(d).st_ino and listed[".."] == os.stat(parent).st_ino
+        assert {k: v for k, v in listed.items() if k not in (".", "..")} == inos
     assert trigger(m, "full").returncode == 0
     sh(f"dd if=/dev/urandom of={m.path('vm1', 'device')} bs=64k count=2 seek=10 conv=notrunc status=none")
     assert trigger(m, "incremental cluster_size=128K label=nightly").returncode == 0
