@@ -19,7 +19,7 @@ import pyfuse3
 import trio
 
 from backupfs.fs import BackupOperations
-from backupfs.mountinfo import MOUNT_RECORD, check_mountpoint
+from backupfs.mountinfo import MOUNT_RECORD, check_mountpoint, check_sources_outside
 from engine.errors import BackupfsError
 from engine.fsutil import atomic_write
 from engine.repo import Repository
@@ -33,6 +33,12 @@ def serve(repo_path: str, mountpoint: str, options: list[str], ready: Callable[[
         mp = check_mountpoint(repo_path, mountpoint)
         repo = Repository.open(repo_path)
     except BackupfsError as e:
+        ready(str(e))
+        return
+    try:
+        check_sources_outside(mp, {d.name: d.source for d in repo.devices()})
+    except BackupfsError as e:
+        repo.close()
         ready(str(e))
         return
     if repo.catalog.frozen:

@@ -63,13 +63,31 @@ def check_mountpoint(repo_path: str, mountpoint: str) -> str:
         if e.errno == errno.ENOTCONN:  # a FUSE mount whose daemon died (kill -9)
             raise UsageError(f"{mountpoint} is a dead mount (its daemon is gone); "
                              f"run 'backupfs umount {mountpoint}' first") from None
+    if not os.path.exists(mp):
+        raise UsageError(f"mount point {mountpoint} does not exist")
     if not os.path.isdir(mp):
         raise UsageError(f"mount point {mountpoint} is not a directory")
     if os.path.commonpath([mp, repo_real]) == repo_real:
         raise UsageError(f"mount point {mountpoint} lies inside the repository {repo_path}")
+    # The other way round the mount hides the repository from the daemon
+    # itself: its first write there would wait for its own answer, forever.
+    if os.path.commonpath([mp, repo_real]) == mp:
+        raise UsageError(f"mount point {mountpoint} contains the repository {repo_path}; "
+                         "the mount would hide it (mount elsewhere)")
     if os.path.ismount(mp):
         raise UsageError(f"{mountpoint} is already a mount point")
     return mp
+
+
+def check_sources_outside(mountpoint: str, sources: dict[str, str]) -> None:
+    """Refuse a mount point that holds a device's source (``sources``: name
+    -> path): mounted over, the source would be read through the mount
+    itself, and the first access would hang the whole filesystem."""
+    mp = os.path.realpath(mountpoint)
+    for name, source in sorted(sources.items()):
+        if source and os.path.commonpath([mp, os.path.realpath(source)]) == mp:
+            raise UsageError(f"device {name}'s source {source} lies under the mount point {mountpoint}; "
+                             "the mount would hide it (mount elsewhere)")
 
 
 def trigger_file(record: MountRecord, device: str) -> str:

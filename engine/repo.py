@@ -264,13 +264,23 @@ class Repository:
                 job.cancel("the repository is being closed")
             while self._running:
                 self._idle.wait()
-        with self._devices_lock:
-            for dev in self._devices.values():
-                dev.close()
-            self._devices.clear()
-        self.catalog.close()
-        os.close(self._lock_fd)
-        self._lock_fd = -1
+        # Every device is closed, and the lock released, even when one
+        # device's bitmaps cannot be saved (a full disk): the others still are.
+        failed: list[BackupfsError] = []
+        try:
+            with self._devices_lock:
+                for dev in self._devices.values():
+                    try:
+                        dev.close()
+                    except BackupfsError as e:
+                        failed.append(e)
+                self._devices.clear()
+        finally:
+            self.catalog.close()
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+        if failed:
+            raise failed[0] if len(failed) == 1 else BackupfsError("; ".join(map(str, failed)))
 
     def __enter__(self) -> Repository:
         return self

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mounted, cli, qemu_compare, sh
+from conftest import Mounted, backupfs_cmd, cli, qemu_compare, sh
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -118,6 +118,61 @@ def test_repository_disk_full_through_the_mount(tmp_path: Path) -> None:
         if m is not None:
             m.cleanup()
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_umount_says_when_the_bitmaps_could_not_be_saved(tmp_path: Path) -> None:
+    """The disk filled while mounted: the daemon cannot save the bitmaps
+    as clean at its end. `umount` said nothing and exited 0; it now says
+    which devices will scan, and every device was still tried."""
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)], check=True)
+    m = None
+    try:
+        repo = small / "repo"
+        cli("init", repo)
+        for name in ("a", "b"):
+            cli("device", "add", repo, name, _source(tmp_path / f"{name}.img", 4 * MiB, 5))
+        (tmp_path / "mnt").mkdir()
+        m = Mounted(repo, tmp_path / "mnt", expect_tracebacks=True)
+        m.start()
+        for name in ("a", "b"):
+            sh(f"dd if=/dev/urandom of={m.path(name, 'device')} bs=64k count=1 conv=notrunc status=none")
+        sh(f"dd if=/dev/zero of={small / 'filler'} bs=64k", check=False)  # until the disk is full
+        proc = subprocess.run(backupfs_cmd() + ["umount", str(m.mnt)], capture_output=True, text=True,
+                              timeout=120)
+        m.pid = None
+        assert proc.returncode == 1, proc
+        assert "the bitmaps of a, b are not saved as clean" in proc.stderr, proc.stderr
+        assert "their next backups will scan" in proc.stderr and "Traceback" not in proc.stderr
+        os.unlink(small / "filler")
+        out = cli("status", repo).stdout.decode()
+        assert out.count("untrusted (backupfs did not stop cleanly)") == 2, out
+    finally:
+        if m is not None:
+            m.cleanup()
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_a_mount_point_that_would_hide_the_repository_or_a_source_is_refused(tmp_path: Path) -> None:
+    """Mounted over them, the daemon would wait on its own mount: the
+    mount (or the first access) hung until kill -9."""
+    top = tmp_path / "top"
+    top.mkdir()
+    cli("init", top / "repo")
+    proc = cli("mount", top / "repo", top, check=False)
+    assert proc.returncode == 1 and b"contains the repository" in proc.stderr, proc
+    cli("init", tmp_path / "repo")
+    store = tmp_path / "store"
+    store.mkdir()
+    cli("device", "add", tmp_path / "repo", "d1", _source(store / "d1.img", 4 * MiB, 6))
+    proc = cli("mount", tmp_path / "repo", store, check=False)
+    assert proc.returncode == 1, proc
+    assert f"device d1's source {store / 'd1.img'} lies under the mount point".encode() in proc.stderr
+    proc = cli("mount", tmp_path / "repo", tmp_path / "nowhere", check=False)
+    assert proc.returncode == 1 and b"mount point " in proc.stderr and b"does not exist" in proc.stderr
+    for where in (top, store):
+        assert not os.path.ismount(where)
 
 
 def test_source_that_shrinks_or_vanishes(repo: Path, mounts: list[Mounted], tmp_path: Path) -> None:
