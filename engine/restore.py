@@ -84,7 +84,7 @@ def check_target(target: str, size: int, force: bool, repository: str | None = N
     if stat.S_ISDIR(st.st_mode):
         raise UsageError(f"restore target {target} is a directory; give a file or block device")
     if stat.S_ISBLK(st.st_mode):
-        fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+        fd = _open_block_device(target, os.O_RDONLY)
         try:
             dev_size = os.lseek(fd, 0, os.SEEK_END)
         finally:
@@ -99,6 +99,19 @@ def check_target(target: str, size: int, force: bool, repository: str | None = N
     if not force:
         raise UsageError(f"restore target {target} exists (use --force to overwrite it)")
     return Target.FILE
+
+
+def _open_block_device(target: str, mode: int) -> int:
+    """Open a block device exclusively: the kernel refuses it while a file
+    system on it is mounted, or LVM, md or another program holds it so,
+    and nobody can mount it while we write."""
+    try:
+        return os.open(target, mode | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise UsageError(f"block device {target} is in use (a mounted file system, or held by another "
+                             "program); unmount or release it first") from None
+        raise
 
 
 def check_in_place_target(target: str, size: int, force: bool, what: str) -> Target:
@@ -142,7 +155,7 @@ def restore_to(
     held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         if kind is Target.BLOCK:
-            fd, written_path = os.open(target, os.O_WRONLY | os.O_CLOEXEC), target
+            fd, written_path = _open_block_device(target, os.O_WRONLY), target
         elif kind is Target.IN_PLACE:
             fd, written_path = os.open(target, os.O_RDWR | os.O_CLOEXEC), target
         else:

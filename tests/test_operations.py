@@ -250,6 +250,12 @@ def test_restore_to_a_block_device_writes_zeros_too(repo: Repository, tmp_path: 
     try:
         with pytest.raises(UsageError, match="block device"):
             repo.restore("d", backups[0].id, loop)
+        held = os.open(loop, os.O_RDONLY | os.O_EXCL)  # as a mounted file system holds it
+        try:
+            with pytest.raises(UsageError, match="is in use"):
+                repo.restore("d", backups[0].id, loop, force=True)
+        finally:
+            os.close(held)
         result = repo.restore("d", "latest", loop, force=True)
         sh(f"cmp -n {32 * MiB} {loop} {tmp_path / 'src.img'}")
         with open(loop, "rb") as f:
