@@ -47,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = dsub.add_parser("remove", help="forget a device and delete its backups")
     p.add_argument("repo", metavar="REPO")
     p.add_argument("name", metavar="NAME")
+    p.add_argument("--force", action="store_true", help="also when it has backups: they are deleted")
     p.set_defaults(func=cmd_device_remove)
 
     p = sub.add_parser("backup", help="take a backup: full, incremental or differential")
@@ -99,8 +100,14 @@ def cmd_device_remove(args: argparse.Namespace) -> int:
     from engine.repo import Repository
 
     with Repository.open(args.repo) as repo:
+        if repo.catalog.device(args.name) is None:
+            raise UsageError(f"no device named {args.name!r}")
+        count = len(repo.catalog.backups(args.name))
+        if count and not args.force:
+            raise UsageError(f"device {args.name} has {count} backup{'s' if count != 1 else ''}; removing it "
+                             "deletes them all (use --force)")
         repo.remove_device(args.name)
-    print(f"removed device {args.name} and its backups")
+    print(f"removed device {args.name}" + (f" and its {count} backup{'s' if count != 1 else ''}" if count else ""))
     return 0
 
 

@@ -313,9 +313,28 @@ class Repository:
             raise UsageError(f"source {source} is {size} bytes; a device must be a non-zero multiple of 512")
         if self.catalog.device(name) is not None:
             raise UsageError(f"device {name!r} already exists")
+        self._check_unclaimed(source, st)
         os.makedirs(self._device_dir(name), exist_ok=True)
         fsync_dir(os.path.join(self.path, "devices"))  # durable before the catalog names it
         return self.catalog.add_device(name, source, size, granularity)
+
+    def _check_unclaimed(self, source: str, st: os.stat_result) -> None:
+        """Refuse a source another device already has: under two names one
+        disk is backed up twice, and writes through one name reach the
+        other only as another program's, which makes it scan."""
+        for d in self.catalog.devices():
+            if not d.source:
+                continue
+            same = os.path.realpath(d.source) == os.path.realpath(source)
+            try:
+                other = os.stat(d.source)
+            except OSError:
+                pass  # away now: only its path can be compared
+            else:
+                same = same or (st.st_dev, st.st_ino) == (other.st_dev, other.st_ino) or (
+                    stat.S_ISBLK(st.st_mode) and stat.S_ISBLK(other.st_mode) and st.st_rdev == other.st_rdev)
+            if same:
+                raise UsageError(f"source {source} is already the source of device {d.name}")
 
     def import_chain(
         self, name: str, tip: str, granularity: int = DEFAULT_GRANULARITY, source: str | None = None,
@@ -330,6 +349,11 @@ class Repository:
         if os.path.commonpath([os.path.abspath(tip), self.path]) == self.path:
             raise UsageError(f"{tip} lies inside the repository; import from outside it")
         try:
+            if source is not None:
+                try:
+                    self._check_unclaimed(source, os.stat(source))
+                except OSError:
+                    pass  # the import names a missing or unreadable source itself
             return import_chain(self.path, self.catalog, name, tip, granularity, source, on_layer)
         except BaseException:
             # All or nothing: the device and its backups are committed in one
@@ -344,10 +368,11 @@ class Repository:
         if self.catalog.device(name) is None:
             raise UsageError(f"no device named {name!r}")
         with self._devices_lock:
-            dev = self._devices.pop(name, None)
-        if dev is not None:
-            if dev.job is not None:
+            dev = self._devices.get(name)
+            if dev is not None and dev.job is not None:
                 raise JobBusy(f"device {name} has a backup running")
+            self._devices.pop(name, None)
+        if dev is not None:
             dev.close()
         self.catalog.remove_device(name)
         self._remove_device_dir(name)

@@ -130,6 +130,36 @@ def test_a_catalog_from_elsewhere_is_refused_and_left_unchanged(tmp_path: Path) 
         assert _sha(repo / "catalog.db") == before  # not switched to WAL behind the refusal
 
 
+def test_one_source_under_two_names_is_refused(repo: Path, tmp_path: Path) -> None:
+    """Two names for one disk: backed up twice, and each name's writes
+    look like another program's to the other."""
+    os.symlink(tmp_path / "src.raw", tmp_path / "alias.raw")
+    os.link(tmp_path / "src.raw", tmp_path / "hardlink.raw")
+    for path in ("src.raw", "alias.raw", "hardlink.raw"):
+        proc = cli("device", "add", repo, "vm2", tmp_path / path, check=False)
+        assert proc.returncode == 1, proc
+        assert proc.stderr.decode().strip() == (
+            f"backupfs: error: source {tmp_path / path} is already the source of device vm1")
+    (tmp_path / "other.raw").write_bytes(bytes(MiB))
+    cli("device", "add", repo, "vm2", tmp_path / "other.raw")
+
+
+def test_device_remove_deletes_backups_only_with_force(repo: Path, tmp_path: Path) -> None:
+    proc = cli("device", "remove", repo, "vm1", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.decode().strip() == (
+        "backupfs: error: device vm1 has 1 backup; removing it deletes them all (use --force)")
+    assert len(list((repo / "devices" / "vm1").glob("*.qcow2"))) == 1  # nothing was touched
+    assert b"vm1" in cli("list", repo).stdout
+    assert cli("device", "remove", repo, "vm1", "--force").stdout == b"removed device vm1 and its 1 backup\n"
+    assert not (repo / "devices" / "vm1").exists() and b"vm1" not in cli("device", "list", repo).stdout
+    (tmp_path / "new.raw").write_bytes(bytes(MiB))
+    cli("device", "add", repo, "fresh", tmp_path / "new.raw")
+    assert cli("device", "remove", repo, "fresh").stdout == b"removed device fresh\n"  # no backups: no --force
+    proc = cli("device", "remove", repo, "fresh", check=False)
+    assert proc.returncode == 1 and b"no device named 'fresh'" in proc.stderr
+
+
 def test_a_fifo_is_refused_as_a_source_without_hanging(repo: Path, tmp_path: Path) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
