@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from backupfs.mountinfo import MountRecord, read_mount_record, trigger_file
+from backupfs.mountinfo import MountRecord, dead_mount, read_mount_record, trigger_file
 from backupfs.trigger import TriggerCommand
 from engine.catalog import KINDS, Catalog
 from engine.errors import BackupfsError, UsageError
@@ -293,8 +293,42 @@ def catalog_for_reading(repo_path: str) -> Iterator[Catalog]:
         finally:
             catalog.close()
         return
-    with Repository.open(path) as repo:
+    try:
+        repo = Repository.open(path)
+    except BackupfsError as e:
+        if getattr(e, "errno", None) != errno.EBUSY:
+            raise
+        # Another command holds it (an unmounted backup, a prune): read
+        # beside it, as beside a mount.
+        catalog = Catalog.open(os.path.join(path, CATALOG), readonly=True)
+        try:
+            yield catalog
+        finally:
+            catalog.close()
+        return
+    with repo:
         yield repo.catalog
+
+
+def _status_of_busy(repo: str, why: str) -> int:
+    """Status while another command holds the repository: what its catalog
+    says (its bitmaps are that command's to tell)."""
+    print(f"not mounted; {why.removeprefix(f'repository {os.path.abspath(repo)} is ')}")
+    with catalog_for_reading(repo) as catalog:
+        for d in catalog.devices():
+            latest = catalog.latest_backup(d.name)
+            print(f"{d.name}: {_source_words(d.source)}, {format_size(d.size)}, "
+                  f"granularity {format_size(d.granularity)}")
+            print(f"  latest backup: {latest.id if latest else 'none'}")
+            for j in catalog.jobs(d.name, limit=3):
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.started_ns / 1e9))
+                extra = f": {j.error}" if j.error else ""
+                print(f"  job {j.id} {j.kind} {when} {j.state}{extra}")
+    return 0
+
+
+def _source_words(source: str) -> str:
+    return source or "no live source (imported)"
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -317,12 +351,19 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     record = read_mount_record(os.path.abspath(args.repo))
     if record is not None:
+        try:
+            os.stat(record.mountpoint)
+        except OSError as e:
+            if e.errno == errno.ENOTCONN:
+                raise BackupfsError(f"{args.repo} is mounted at {record.mountpoint}, a dead mount (its daemon is "
+                                    f"gone); run 'backupfs umount {record.mountpoint}', then status again") from None
         print(f"mounted at {record.mountpoint} (daemon pid {record.pid})")
         failed = False
         with catalog_for_reading(args.repo) as catalog:
             for d in catalog.devices():
                 base = os.path.join(record.mountpoint, d.name)
-                print(f"{d.name}: {d.source}, {format_size(d.size)}, granularity {format_size(d.granularity)}")
+                print(f"{d.name}: {_source_words(d.source)}, {format_size(d.size)}, "
+                      f"granularity {format_size(d.granularity)}")
                 for name in ("bitmap", "snapshot"):
                     try:
                         with open(os.path.join(base, name)) as f:
@@ -333,22 +374,32 @@ def cmd_status(args: argparse.Namespace) -> int:
                     for line in text.splitlines():
                         print(f"  {line}")
         return 1 if failed else 0
-    with Repository.open(args.repo) as repo:
-        print("not mounted")
-        failed = False
+    try:
+        repo = Repository.open(args.repo)
+    except BackupfsError as e:
+        if getattr(e, "errno", None) != errno.EBUSY:
+            raise
+        return _status_of_busy(args.repo, str(e))
+    with repo:
+        dead = dead_mount(os.path.abspath(args.repo))
+        print("not mounted" if dead is None else
+              f"not mounted: the mount at {dead} is dead (its daemon is gone); run 'backupfs umount {dead}'")
+        failed = dead is not None
         for d in repo.devices():
             latest = repo.catalog.latest_backup(d.name)
-            print(f"{d.name}: {d.source}, {format_size(d.size)}, granularity {format_size(d.granularity)}")
-            try:
-                dev = repo.device(d.name)
-            except BackupfsError as e:  # one device's trouble: show it, go on with the rest
-                print(f"  bitmap: unavailable: {e}")
-                failed = True
-            else:
-                state = "trusted" if dev.trusted else f"untrusted ({dev.untrusted_reason})"
-                print(f"  bitmap: {state}; dirty since last backup "
-                      f"{format_size(dev.since_last.active.dirty_bytes())}, "
-                      f"since last full {format_size(dev.since_full.active.dirty_bytes())}")
+            print(f"{d.name}: {_source_words(d.source)}, {format_size(d.size)}, "
+                  f"granularity {format_size(d.granularity)}")
+            if d.source:  # an imported archive has no bitmap to show
+                try:
+                    dev = repo.device(d.name)
+                except BackupfsError as e:  # one device's trouble: show it, go on with the rest
+                    print(f"  bitmap: unavailable: {e}")
+                    failed = True
+                else:
+                    state = "trusted" if dev.trusted else f"untrusted ({dev.untrusted_reason})"
+                    print(f"  bitmap: {state}; dirty since last backup "
+                          f"{format_size(dev.since_last.active.dirty_bytes())}, "
+                          f"since last full {format_size(dev.since_full.active.dirty_bytes())}")
             print(f"  latest backup: {latest.id if latest else 'none'}")
             for j in repo.catalog.jobs(d.name, limit=3):
                 when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.started_ns / 1e9))

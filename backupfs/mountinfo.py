@@ -110,13 +110,28 @@ def trigger_file(record: MountRecord, device: str) -> str:
     return snapshot
 
 
-def read_mount_record(repo_path: str) -> MountRecord | None:
-    """Where the repository is mounted, if the daemon that mounted it lives."""
+def _load_record(repo_path: str) -> MountRecord | None:
     try:
         with open(os.path.join(repo_path, MOUNT_RECORD)) as f:
             data = json.load(f)
-        rec = MountRecord(int(data["pid"]), str(data["mountpoint"]), str(data["repo"]))
+        return MountRecord(int(data["pid"]), str(data["mountpoint"]), str(data["repo"]))
     except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def dead_mount(repo_path: str) -> str | None:
+    """The mount point of the repository's mount whose daemon is gone
+    (kill -9 leaves it listed, answering ENOTCONN), if there is one."""
+    rec = _load_record(repo_path)
+    if rec is None or read_mount_record(repo_path) is not None:
+        return None
+    return rec.mountpoint if find_mount(rec.mountpoint) is not None else None
+
+
+def read_mount_record(repo_path: str) -> MountRecord | None:
+    """Where the repository is mounted, if the daemon that mounted it lives."""
+    rec = _load_record(repo_path)
+    if rec is None:
         return None
     try:
         os.kill(rec.pid, 0)

@@ -151,7 +151,8 @@ class VerifyReport:
             if b not in bad:
                 lines.append(f"ok  {b}")
         lines.append(
-            f"{len(self.checked)} backups checked, {len(bad)} bad, {self.bytes_read} bytes re-read"
+            f"{len(self.checked)} backup{'' if len(self.checked) == 1 else 's'} checked, {len(bad)} bad, "
+            f"{self.bytes_read} bytes re-read"
         )
         return "\n".join(lines)
 

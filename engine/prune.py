@@ -163,9 +163,9 @@ class RemovalPlan:
 
     def describe(self) -> str:
         if not self.children:
-            return f"remove {self.removed.id}"
+            return self.removed.id
         into = ", ".join(c.id for c in self.children)
-        return f"remove {self.removed.id}, merging what it holds into {into}"
+        return f"{self.removed.id}, merging what it holds into {into}"
 
 
 def remove_backup(

@@ -106,6 +106,22 @@ class BackupResult:
         )
 
 
+def _what_runs(pid: str) -> str:
+    """' (backupfs backup REPO vm1 full)': what the lock's owner is doing,
+    from its command line, so the refusal says who to wait for."""
+    try:
+        with open(f"/proc/{int(pid)}/cmdline", "rb") as f:
+            argv = [os.fsdecode(a) for a in f.read().split(b"\0") if a]
+    except (OSError, ValueError):
+        return ""
+    if len(argv) > 1 and os.path.basename(argv[0]).startswith("python") and argv[1].endswith("backupfs"):
+        argv = argv[1:]  # the console script run by its interpreter
+    if not argv:
+        return ""
+    text = " ".join([os.path.basename(argv[0])] + argv[1:])
+    return f" ({text[:117] + '...' if len(text) > 120 else text})"
+
+
 class Repository:
     """An open repository, owned by this process until ``close``."""
 
@@ -180,7 +196,8 @@ class Repository:
         except OSError:
             owner = os.pread(lock_fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(lock_fd)
-            raise RepositoryError(f"repository {path} is in use by pid {owner}", errno.EBUSY) from None
+            raise RepositoryError(f"repository {path} is in use by pid {owner}{_what_runs(owner)}",
+                                  errno.EBUSY) from None
         try:
             os.ftruncate(lock_fd, 0)
             os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
@@ -735,7 +752,8 @@ class Repository:
             parent = self._parent_for(name, kind)
             if parent is None and kind != "full":
                 if not auto_full:
-                    raise UsageError(f"device {name} has no full backup yet; take a full backup first")
+                    raise UsageError(f"device {name} has no full backup yet; take a full backup first "
+                                     "(or ask for auto_full=1 in the trigger, --auto-full to 'backupfs backup')")
                 kind = "full"
             tracked = dev.since_full if kind == "differential" else dev.since_last
             scan_reason = None

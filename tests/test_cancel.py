@@ -702,7 +702,7 @@ def test_ctrl_c_of_a_direct_prune_stops_between_removals_and_says_what_went(tmp_
     assert "interrupted: prune cancelled: Ctrl-C; removed before that: " in err, err
     removed = err.split("removed before that: ")[1].strip().split(", ")
     assert ids[0] in removed and len(removed) < 8, err
-    assert [line.split()[2].rstrip(",") for line in out.splitlines()] == removed, out  # "removed: remove ID, ..."
+    assert [line.split()[1].rstrip(",") for line in out.splitlines()] == removed, out  # "removed: ID, ..."
     listed = [line.split("\t")[0] for line in cli("list", tmp_path / "repo", "vm1").stdout.decode().splitlines()[1:]]
     assert listed == [i for i in ids if i not in removed]
     assert cli("verify", tmp_path / "repo").returncode == 0

@@ -326,8 +326,10 @@ def test_a_full_repository_disk_still_lists_verifies_and_restores(tmp_path: Path
         assert _run("restore", repo, "vm1", "latest", restored).returncode == 0
         assert _sha(restored) == _sha(src)
         assert _run("prune", repo, "vm1", "--keep-last", "1", "--dry-run").returncode == 0
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
         for args in (("backup", repo, "vm1", "incremental"), ("prune", repo, "vm1", "--keep-last", "1"),
-                     ("device", "add", repo, "vm2", src), ("mount", repo, tmp_path)):
+                     ("device", "add", repo, "vm2", src), ("mount", repo, mnt)):
             proc = _run(*args)
             assert proc.returncode == 1 and b"disk is full" in proc.stderr, (args, proc.stderr)
         # Nothing changed or was left behind.

@@ -108,9 +108,33 @@ def test_repository_in_use(tmp_path: Path, src: Path) -> None:
     holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
-        proc = cli("list", repo, check=False)
+        proc = cli("device", "add", repo, "vm1", src, check=False)
         assert proc.returncode == 1
-        assert f"is in use by pid {holder.pid}".encode() in proc.stderr
+        err = proc.stderr.decode()
+        # Who holds it, and what it runs (here: this test's interpreter).
+        assert f"is in use by pid {holder.pid} ({os.path.basename(sys.executable)} -c import sys" in err, err
+        # Looking needs no lock: list and status read beside the holder.
+        assert cli("list", repo).stdout.decode().startswith("ID\t")
+        out = cli("status", repo).stdout.decode()
+        assert out.startswith(f"not mounted; in use by pid {holder.pid} ("), out
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_status_of_an_imported_archive_and_plainer_messages(tmp_path: Path, src: Path) -> None:
+    """An imported chain with no live source has no bitmap: status said
+    "qv: , 32 MiB" and "bitmap: unavailable", and exited 1."""
+    base = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "16M"], check=True)
+    repo = tmp_path / "repo"
+    cli("init", repo)
+    cli("import", repo, "old", base)
+    out = cli("status", repo).stdout.decode()
+    assert "old: no live source (imported), 16 MiB" in out and "bitmap" not in out, out
+    proc = cli("backup", repo, "old", "incremental", check=False)
+    assert proc.returncode == 1
+    cli("device", "add", repo, "vm1", src)
+    proc = cli("backup", repo, "vm1", "incremental", check=False)
+    assert proc.returncode == 1 and b"(or ask for auto_full=1 in the trigger, --auto-full to" in proc.stderr
+    assert cli("verify", repo, "old").stdout.decode().splitlines()[-1].startswith("1 backup checked, 0 bad")

@@ -395,11 +395,18 @@ def test_a_dead_mount_is_named_and_umount_clears_it(setup: Mounted) -> None:
         record.write_text(json.dumps({**json.loads(saved), "pid": dying.pid}))
         proc = cli("backup", m.repo, "vm1", "incremental", check=False)
         assert proc.returncode == 1 and b"is a dead mount (its daemon, pid " in proc.stderr, proc.stderr
+        proc = cli("status", m.repo, check=False)
+        assert proc.returncode == 1 and b"a dead mount (its daemon is gone); run 'backupfs umount" in proc.stderr
     finally:
         dying.kill()
         dying.wait()
         record.write_text(saved)
+    proc = cli("status", m.repo, check=False)  # the daemon gone for good: status still names the mount
+    assert proc.returncode == 1, proc
+    assert proc.stdout.decode().startswith(f"not mounted: the mount at {m.mnt} is dead (its daemon is gone); "
+                                           f"run 'backupfs umount {m.mnt}'\n"), proc.stdout
     cli("umount", m.mnt)
+    assert cli("status", m.repo).stdout.startswith(b"not mounted\n")
     m.start()
     assert trigger(m, "full").returncode == 0
 

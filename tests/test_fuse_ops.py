@@ -125,7 +125,7 @@ def test_prune_through_the_mount_updates_the_tree(mounted: Mounted, tmp_path: Pa
     assert [line.split()[0] for line in chain] == ids[3:] and chain[0].split()[1] == "full"
     # Removing by id with the trigger, dry run first.
     sh(f"echo 'prune remove={ids[3]} dry_run=1' > {m.path('vm1', 'snapshot')}")
-    assert f"would remove: remove {ids[3]}" in _status(m) and _backups(m) == ids[3:]
+    assert f"would remove: {ids[3]}" in _status(m) and _backups(m) == ids[3:]
     assert "Traceback" not in m.log()
 
 

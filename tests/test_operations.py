@@ -401,9 +401,9 @@ def test_prune_cli(tmp_path: Path) -> None:
     with Repository.open(str(repo_path)) as repo:
         backups = _chain(repo, tmp_path, [64 * KiB] * 4)
     out = cli("prune", repo_path, "d", "--keep-last", "3", "--dry-run").stdout.decode()
-    assert out.strip() == f"would remove: remove {backups[0].id}, merging what it holds into {backups[1].id}"
+    assert out.strip() == f"would remove: {backups[0].id}, merging what it holds into {backups[1].id}"
     out = cli("prune", repo_path, "d", "--remove", backups[2].id).stdout.decode()
-    assert out.startswith(f"removed: remove {backups[2].id}")
+    assert out.startswith(f"removed: {backups[2].id}")
     proc = cli("prune", repo_path, "d", check=False)
     assert proc.returncode == 1 and b"give either a retention rule or --remove" in proc.stderr
     proc = cli("prune", repo_path, "d", "--remove", "nope", check=False)
