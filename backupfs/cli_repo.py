@@ -321,7 +321,7 @@ def _status_of_busy(repo: str, why: str) -> int:
                   f"granularity {format_size(d.granularity)}")
             print(f"  latest backup: {latest.id if latest else 'none'}")
             for j in catalog.jobs(d.name, limit=3):
-                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.started_ns / 1e9))
+                when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(j.started_ns / 1e9))
                 extra = f": {j.error}" if j.error else ""
                 print(f"  job {j.id} {j.kind} {when} {j.state}{extra}")
     return 0
@@ -338,7 +338,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         rows = catalog.backups(args.name)
     print("ID\tDEVICE\tKIND\tPARENT\tCREATED\tCLUSTER\tSTORED\tLABEL")
     for b in rows:
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b.created))
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(b.created))
         print(
             f"{b.id}\t{b.device}\t{b.kind}\t{b.parent or '-'}\t{created}\t"
             f"{format_size(b.cluster_size)}\t{format_size(b.stored_bytes)}\t{b.label or ''}"
@@ -402,7 +402,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                           f"since last full {format_size(dev.since_full.active.dirty_bytes())}")
             print(f"  latest backup: {latest.id if latest else 'none'}")
             for j in repo.catalog.jobs(d.name, limit=3):
-                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.started_ns / 1e9))
+                when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(j.started_ns / 1e9))
                 extra = f": {j.error}" if j.error else ""
                 print(f"  job {j.id} {j.kind} {when} {j.state}{extra}")
     return 1 if failed else 0

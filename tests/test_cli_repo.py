@@ -42,6 +42,8 @@ def test_init_add_backup_list(tmp_path: Path, src: Path) -> None:
     ids = [line.split("\t")[0] for line in lines[1:]]
     assert len(ids) == 2 and ids[0].endswith("-0001-full") and ids[1].endswith("-0002-incremental")
     assert lines[2].split("\t")[3] == ids[0] and "nightly" in lines[2]
+    i = ids[0]  # CREATED is UTC, marked so, like the id, `chain` and user.backupfs.created
+    assert lines[1].split("\t")[4] == f"{i[0:4]}-{i[4:6]}-{i[6:8]}T{i[9:11]}:{i[11:13]}:{i[13:15]}Z", lines[1]
     image = repo / "devices" / "vm1" / f"{ids[1]}.qcow2"
     qemu_check(image)
     qemu_compare(image, src)
