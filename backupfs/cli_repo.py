@@ -316,15 +316,20 @@ def _status_of_busy(repo: str, why: str) -> int:
     print(f"not mounted; {why.removeprefix(f'repository {os.path.abspath(repo)} is ')}")
     with catalog_for_reading(repo) as catalog:
         for d in catalog.devices():
-            latest = catalog.latest_backup(d.name)
             print(f"{d.name}: {_source_words(d.source)}, {format_size(d.size)}, "
                   f"granularity {format_size(d.granularity)}")
-            print(f"  latest backup: {latest.id if latest else 'none'}")
-            for j in catalog.jobs(d.name, limit=3):
-                when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(j.started_ns / 1e9))
-                extra = f": {j.error}" if j.error else ""
-                print(f"  job {j.id} {j.kind} {when} {j.state}{extra}")
+            _print_history(catalog, d.name)
     return 0
+
+
+def _print_history(catalog: Catalog, device: str) -> None:
+    """The latest backup and the last jobs, as the catalog records them."""
+    latest = catalog.latest_backup(device)
+    print(f"  latest backup: {latest.id if latest else 'none'}")
+    for j in catalog.jobs(device, limit=3):
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(j.started_ns / 1e9))
+        extra = f": {j.error}" if j.error else ""
+        print(f"  job {j.id} {j.kind} {when} {j.state}{extra}")
 
 
 def _source_words(source: str) -> str:
@@ -373,6 +378,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                         failed = True
                     for line in text.splitlines():
                         print(f"  {line}")
+                _print_history(catalog, d.name)
         return 1 if failed else 0
     try:
         repo = Repository.open(args.repo)
@@ -386,7 +392,6 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"not mounted: the mount at {dead} is dead (its daemon is gone); run 'backupfs umount {dead}'")
         failed = dead is not None
         for d in repo.devices():
-            latest = repo.catalog.latest_backup(d.name)
             print(f"{d.name}: {_source_words(d.source)}, {format_size(d.size)}, "
                   f"granularity {format_size(d.granularity)}")
             if d.source:  # an imported archive has no bitmap to show
@@ -400,9 +405,5 @@ def cmd_status(args: argparse.Namespace) -> int:
                     print(f"  bitmap: {state}; dirty since last backup "
                           f"{format_size(dev.since_last.active.dirty_bytes())}, "
                           f"since last full {format_size(dev.since_full.active.dirty_bytes())}")
-            print(f"  latest backup: {latest.id if latest else 'none'}")
-            for j in repo.catalog.jobs(d.name, limit=3):
-                when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(j.started_ns / 1e9))
-                extra = f": {j.error}" if j.error else ""
-                print(f"  job {j.id} {j.kind} {when} {j.state}{extra}")
+            _print_history(repo.catalog, d.name)
     return 1 if failed else 0

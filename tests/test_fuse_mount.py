@@ -421,6 +421,8 @@ def test_cli_backup_goes_through_the_mount(setup: Mounted) -> None:
     assert lines[1].split("\t")[0] == bid and "from cli" in lines[1]
     status_out = cli("status", m.repo).stdout.decode()
     assert f"mounted at {m.mnt}" in status_out and bid in status_out
+    # The same history as unmounted: the latest backup and the last jobs.
+    assert f"  latest backup: {bid}\n" in status_out and " full " in status_out and " succeeded" in status_out
     proc = cli("backup", m.repo, "vm1", "bogus-kind", check=False)
     assert proc.returncode == 2
     proc = cli("backup", m.repo, "nosuch", "full", check=False)
