@@ -211,7 +211,7 @@ def test_helper_bad_usage_and_failures(tmp_path: Path) -> None:
         assert "unknown mount option 'bogus'" in one_line(proc.stderr)
         proc = helper(repo, tmp_path / "no-such-dir", env=env)
         assert proc.returncode == 32
-        assert "is not a directory" in one_line(proc.stderr)
+        assert "no-such-dir does not exist" in one_line(proc.stderr)
         assert mount_of(mnt) is None
     finally:
         m = mounted_by(repo, mnt)
