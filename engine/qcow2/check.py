@@ -294,8 +294,9 @@ class _Checker:
                 self.report.error(f"snapshot table entry {n} lies beyond the end of the file")
                 return
             l1_off, l1_size, id_len, name_len, _s, _ns, _vm, _vms, extra = struct.unpack(">QIHHIIQII", fixed)
+            # Entries are padded to 8 bytes only where another follows:
+            # QEMU writes none after the last, which often ends the file.
             entry_len = 40 + extra + id_len + name_len
-            entry_len += (-entry_len) % 8
             if pos + entry_len > file_size or extra > 1 << 20:
                 self.report.error(f"snapshot table entry {n} is truncated")
                 return
@@ -303,8 +304,9 @@ class _Checker:
                 self.report.error(f"snapshot {n} L1 table of {l1_size} entries is too large")
             else:
                 self.walk_l1(l1_off, l1_size, False, f"snapshot {n} L1 table")
-            pos += entry_len
-        self.inc(start, pos - start, _SNAPTABLE, "snapshot table")
+            end = pos + entry_len
+            pos = end + (-entry_len) % 8
+        self.inc(start, end - start, _SNAPTABLE, "snapshot table")
 
     def walk_bitmaps(self) -> None:
         ext = self.h.bitmaps_ext
