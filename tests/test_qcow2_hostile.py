@@ -696,6 +696,28 @@ def test_compressed_garbage_is_an_image_error_on_read(tmp_path: Path, kind: str,
             view.read(0, view.size)
 
 
+def test_zstd_cluster_that_decompresses_to_more_than_a_cluster(tmp_path: Path) -> None:
+    """QEMU fails the read with EIO; we returned the first cluster's worth
+    as if it were the data, and qemu-img check cannot see it (it does not
+    decompress)."""
+    import zstandard
+
+    cluster = 4096
+    writes = (f"write -q -c -P 0x22 0 {cluster}",)
+    img = Img(build(tmp_path / "z.qcow2", cluster=cluster, size="64K", opts=("compression_type=zstd",),
+                    writes=writes))
+    coffset, csize = _compressed_span(img, 0)
+    frame = zstandard.ZstdCompressor().compress(b"\x22" * (cluster + 512))
+    assert len(frame) <= csize
+    img.put_bytes(coffset, frame)
+    proc = subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"read 0 {cluster}", str(img.path)],
+                          capture_output=True, text=True)
+    assert "Input/output error" in proc.stdout + proc.stderr  # QEMU's answer
+    with ChainView.open(str(img.path)) as view:
+        with refused(img.path, f"compressed cluster at {coffset:#x} decompresses to more than the cluster size"):
+            view.read(0, cluster)
+
+
 def test_compressed_length_too_short(tmp_path: Path) -> None:
     """A descriptor claiming one sector for a cluster that needs several."""
     rng = random.Random(3)

@@ -352,9 +352,9 @@ class Qcow2Layer(Layer):
             coff = entries & np.uint64((1 << self.header.csize_shift) - 1)
             fail(compressed & (coff >= np.uint64(self.file_size)), "compressed cluster lies outside the file")
             fail(compressed & (coff < np.uint64(cs)), "compressed cluster overlaps the header")
-        if self.header.extended_l2:
-            fail(std & ((entries & np.uint64(OFLAG_ZERO)) != 0), "extended L2 entry has bit 0 set")
-        elif self.header.version < 3:
+        # With extended L2 entries bit 0 means nothing (the subcluster
+        # bitmap says what reads as zeros): QEMU ignores it, and so do we.
+        if not self.header.extended_l2 and self.header.version < 3:
             # Version 2 has no zero clusters: QEMU refuses the entry as corrupt.
             fail(std & ((entries & np.uint64(OFLAG_ZERO)) != 0), "zero flag in a version 2 image")
         return compressed, std, host
@@ -484,6 +484,11 @@ class Qcow2Layer(Layer):
                     parts.append(chunk)
                     got += len(chunk)
                 out = b"".join(parts)
+                # More than a cluster's worth is damage, as QEMU reads it
+                # (an I/O error there), not data to cut short.
+                if got == cs and reader.read(1):
+                    raise ImageError(self.path, f"compressed cluster at {coffset:#x} decompresses to more "
+                                                f"than the cluster size ({cs} bytes)")
             else:
                 out = zlib.decompressobj(-15).decompress(buf, cs)
         except (zlib.error, zstandard.ZstdError) as e:
