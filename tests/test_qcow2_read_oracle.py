@@ -365,3 +365,19 @@ def test_extended_l2_ignores_bit_0_as_qemu_does(tmp_path: Path) -> None:
         assert view.read(0, view.size) == expected
         assert normalize_map([m.as_json_dict() for m in view.map()]) == normalize_map(qemu_map(img))
     assert check_image(str(img)).ok
+
+
+@pytest.mark.parametrize("length", [1000, 511, 1])
+def test_a_raw_file_of_part_of_a_sector_is_read_as_whole_sectors(length: int, tmp_path: Path) -> None:
+    """QEMU rounds a raw file up to whole sectors (the rest reads zeros):
+    we read 1000 bytes where it read 1024, and mapped an overlay's tail as
+    unallocated where it says the raw layer holds zeros."""
+    raw = tmp_path / "b.raw"
+    raw.write_bytes(random.Random(length).randbytes(length))
+    over = create(tmp_path / "o.qcow2", "1M", backing="b.raw", fmt="raw")
+    for image in (raw, over):
+        expected = qemu_raw(image, tmp_path)
+        with ChainView.open(str(image)) as view:
+            assert view.size == len(expected)
+            assert view.read(0, view.size) == expected
+            assert normalize_map([m.as_json_dict() for m in view.map()]) == normalize_map(qemu_map(image))

@@ -175,7 +175,10 @@ class RawLayer(Layer):
     def __init__(self, path: str, fd: int | None = None) -> None:
         self.path = path
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if fd is None else fd
-        self.size = self.file_size = file_size(self.fd)
+        self.file_size = file_size(self.fd)
+        # Whole sectors, as QEMU sees a raw file: a short last one reads
+        # zeros to its end (a 1000-byte file is a 1024-byte disk).
+        self.size = -(-self.file_size // 512) * 512
         self._extents: np.ndarray | None = None
 
     def extents(self) -> np.ndarray:
@@ -484,11 +487,15 @@ class Qcow2Layer(Layer):
                     parts.append(chunk)
                     got += len(chunk)
                 out = b"".join(parts)
-                # More than a cluster's worth is damage, as QEMU reads it
-                # (an I/O error there), not data to cut short.
-                if got == cs and reader.read(1):
+                # A frame that says it holds more than a cluster is damage,
+                # as QEMU reads it (an I/O error), not data to cut short.
+                # (QEMU's frames say their size; one that does not is read
+                # up to the cluster size: past it, the next bytes are the
+                # next cluster's frame, so more output cannot be told.)
+                declared = zstandard.get_frame_parameters(buf).content_size
+                if declared != zstandard.CONTENTSIZE_UNKNOWN and declared > cs:
                     raise ImageError(self.path, f"compressed cluster at {coffset:#x} decompresses to more "
-                                                f"than the cluster size ({cs} bytes)")
+                                                f"than the cluster size ({declared} bytes, not {cs})")
             else:
                 out = zlib.decompressobj(-15).decompress(buf, cs)
         except (zlib.error, zstandard.ZstdError) as e:
