@@ -9,6 +9,7 @@ or is probed. Loops and absurd depths are refused before anything is read.
 from __future__ import annotations
 
 import os
+import stat
 import re
 
 from engine.errors import ImageError
@@ -65,7 +66,8 @@ def open_chain(tip: str, max_depth: int = MAX_CHAIN_DEPTH) -> list[Layer]:
                 )
             next_path = resolve_backing(path, layer.backing_file)
             try:
-                os.stat(next_path)
+                if stat.S_ISDIR(os.stat(next_path).st_mode):
+                    raise ImageError(path, f"backing file {layer.backing_file!r} ({next_path}) is a directory")
             except FileNotFoundError:
                 raise ImageError(path, f"backing file {layer.backing_file!r} not found ({next_path})") from None
             except ValueError:
