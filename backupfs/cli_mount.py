@@ -112,6 +112,9 @@ def cmd_umount(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.mountpoint} is not a backupfs mount")
     repo = found[0]
     record = read_mount_record(repo)
+    # Its daemon already gone (kill -9; a zombie not yet reaped still has
+    # a record): a pidfd is readable at once for a process that has exited.
+    dead = record is None or wait_for_exit(record.pid, 0)
     proc = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
     if proc.returncode != 0:
         reason = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "fusermount3 failed"
@@ -122,7 +125,12 @@ def cmd_umount(args: argparse.Namespace) -> int:
             f"{UMOUNT_TIMEOUT:.0f} s; its bitmaps may not be saved yet"
         )
     unsaved = _unsaved_bitmaps(repo)
-    if unsaved:
+    if unsaved and dead:
+        # A dead mount (kill -9): clearing it is all that was asked, and an
+        # unclean stop is what it was; say what that means, exit 0.
+        print(f"backupfs: {args.mountpoint} was a dead mount; its daemon did not save the bitmaps of "
+              f"{', '.join(unsaved)}, so their next backups will scan", file=sys.stderr)
+    elif unsaved:
         raise BackupfsError(
             f"unmounted {args.mountpoint}, but the bitmaps of {', '.join(unsaved)} are not saved as "
             f"clean (see {os.path.join(repo, LOG_FILE)}); their next backups will scan"
