@@ -286,28 +286,24 @@ def catalog_for_reading(repo_path: str) -> Iterator[Catalog]:
     from engine.repo import CATALOG, Repository
 
     path = os.path.abspath(repo_path)
-    if read_mount_record(path) is not None:
-        catalog = Catalog.open(os.path.join(path, CATALOG), readonly=True)
+    repo = None
+    if read_mount_record(path) is None:
         try:
-            yield catalog
-        finally:
-            catalog.close()
+            repo = Repository.open(path)
+        except BackupfsError as e:
+            if getattr(e, "errno", None) != errno.EBUSY:
+                raise
+            # Another command holds it (an unmounted backup, a prune):
+            # read beside it, as beside a mount.
+    if repo is not None:
+        with repo:
+            yield repo.catalog
         return
+    catalog = Catalog.open(os.path.join(path, CATALOG), readonly=True)
     try:
-        repo = Repository.open(path)
-    except BackupfsError as e:
-        if getattr(e, "errno", None) != errno.EBUSY:
-            raise
-        # Another command holds it (an unmounted backup, a prune): read
-        # beside it, as beside a mount.
-        catalog = Catalog.open(os.path.join(path, CATALOG), readonly=True)
-        try:
-            yield catalog
-        finally:
-            catalog.close()
-        return
-    with repo:
-        yield repo.catalog
+        yield catalog
+    finally:
+        catalog.close()
 
 
 def _status_of_busy(repo: str, why: str) -> int:

@@ -149,22 +149,27 @@ def find_mount(mountpoint: str) -> tuple[str, str] | None:
     the daemon itself, and a hung mount would hang the caller.
     """
     mp = os.path.normpath(os.path.abspath(mountpoint))
+    for point, source, device in _backupfs_mounts():
+        if point == mp:
+            return source, device
+    return None
+
+
+def _backupfs_mounts() -> list[tuple[str, str, str]]:
+    """(mount point, source, major:minor) of each backupfs mount, from mountinfo."""
     try:
         with open("/proc/self/mountinfo", "rb") as f:
             lines = [os.fsdecode(line) for line in f]
     except OSError:
-        return None
+        return []
+    out = []
     for line in lines:
         left, _, right = line.partition(" - ")
         fields = left.split()
         rfields = right.split()
-        if len(fields) < 5 or len(rfields) < 2:
-            continue
-        point = _unescape(fields[4])
-        if point == mp and rfields[0] in ("fuse.backupfs", "fuse"):
-            source = _unescape(rfields[1])
-            return source, fields[2]
-    return None
+        if len(fields) >= 5 and len(rfields) >= 2 and rfields[0] in ("fuse.backupfs", "fuse"):
+            out.append((_unescape(fields[4]), _unescape(rfields[1]), fields[2]))
+    return out
 
 
 def mount_holding(path: str) -> tuple[str, str] | None:
@@ -186,19 +191,8 @@ def mount_holding(path: str) -> tuple[str, str] | None:
     except OSError:
         return None
     device = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
-    try:
-        with open("/proc/self/mountinfo", "rb") as f:
-            lines = [os.fsdecode(line) for line in f]
-    except OSError:
-        return None
-    for line in lines:
-        left, _, right = line.partition(" - ")
-        fields = left.split()
-        rfields = right.split()
-        if len(fields) < 5 or len(rfields) < 2 or fields[2] != device:
-            continue
-        if rfields[0] in ("fuse.backupfs", "fuse"):
-            point = _unescape(fields[4])
+    for point, _source, dev in _backupfs_mounts():
+        if dev == device:
             return point, os.path.relpath(real, point)
     return None
 

@@ -9,6 +9,7 @@ import os
 import random
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -91,67 +92,73 @@ def test_unreadable_source_keeps_the_bitmap(repo: Path, mounts: list[Mounted]) -
     assert "Traceback" not in m.log()
 
 
-def test_repository_disk_full_through_the_mount(tmp_path: Path) -> None:
+@contextmanager
+def _small_disk(tmp_path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` to fill, unmounted whatever happens."""
     small = tmp_path / "small"
     small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(small)], check=True)
-    m = None
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(small)], check=True)
     try:
-        repo = small / "repo"
-        cli("init", repo)
-        cli("device", "add", repo, "big", _source(tmp_path / "big.img", 32 * MiB, 3, dense=True))
-        (tmp_path / "mnt").mkdir()
-        m = Mounted(repo, tmp_path / "mnt")
-        m.start()
-        proc = sh(f"echo full > {m.path('big', 'snapshot')}", check=False)
-        assert proc.returncode != 0 and "No space left on device" in proc.stderr
-        status = _status(m, "big")
-        assert "error: ENOSPC: repository disk full" in status and "bitmap: kept" in status
-        assert _backups(m, "big") == []
-        assert not [f for f in os.listdir(repo / "devices" / "big") if f.endswith((".qcow2", ".sums"))]
-        # Still serving: the device reads, the tree lists.
-        with open(m.path("big", "device"), "rb") as f:
-            assert len(f.read(MiB)) == MiB
-        m.stop()
-        assert "Traceback" not in m.log()
+        yield small
     finally:
-        if m is not None:
-            m.cleanup()
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_repository_disk_full_through_the_mount(tmp_path: Path) -> None:
+    m = None
+    with _small_disk(tmp_path, "12m") as small:
+        try:
+            repo = small / "repo"
+            cli("init", repo)
+            cli("device", "add", repo, "big", _source(tmp_path / "big.img", 32 * MiB, 3, dense=True))
+            (tmp_path / "mnt").mkdir()
+            m = Mounted(repo, tmp_path / "mnt")
+            m.start()
+            proc = sh(f"echo full > {m.path('big', 'snapshot')}", check=False)
+            assert proc.returncode != 0 and "No space left on device" in proc.stderr
+            status = _status(m, "big")
+            assert "error: ENOSPC: repository disk full" in status and "bitmap: kept" in status
+            assert _backups(m, "big") == []
+            assert not [f for f in os.listdir(repo / "devices" / "big") if f.endswith((".qcow2", ".sums"))]
+            # Still serving: the device reads, the tree lists.
+            with open(m.path("big", "device"), "rb") as f:
+                assert len(f.read(MiB)) == MiB
+            m.stop()
+            assert "Traceback" not in m.log()
+        finally:
+            if m is not None:
+                m.cleanup()
 
 
 def test_umount_says_when_the_bitmaps_could_not_be_saved(tmp_path: Path) -> None:
     """The disk filled while mounted: the daemon cannot save the bitmaps
     as clean at its end. `umount` said nothing and exited 0; it now says
     which devices will scan, and every device was still tried."""
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)], check=True)
     m = None
-    try:
-        repo = small / "repo"
-        cli("init", repo)
-        for name in ("a", "b"):
-            cli("device", "add", repo, name, _source(tmp_path / f"{name}.img", 4 * MiB, 5))
-        (tmp_path / "mnt").mkdir()
-        m = Mounted(repo, tmp_path / "mnt", expect_tracebacks=True)
-        m.start()
-        for name in ("a", "b"):
-            sh(f"dd if=/dev/urandom of={m.path(name, 'device')} bs=64k count=1 conv=notrunc status=none")
-        sh(f"dd if=/dev/zero of={small / 'filler'} bs=64k", check=False)  # until the disk is full
-        proc = subprocess.run(backupfs_cmd() + ["umount", str(m.mnt)], capture_output=True, text=True,
-                              timeout=120)
-        m.pid = None
-        assert proc.returncode == 1, proc
-        assert "the bitmaps of a, b are not saved as clean" in proc.stderr, proc.stderr
-        assert "their next backups will scan" in proc.stderr and "Traceback" not in proc.stderr
-        os.unlink(small / "filler")
-        out = cli("status", repo).stdout.decode()
-        assert out.count("untrusted (backupfs did not stop cleanly)") == 2, out
-    finally:
-        if m is not None:
-            m.cleanup()
-        subprocess.run(["umount", "-l", str(small)], check=False)
+    with _small_disk(tmp_path, "4m") as small:
+        try:
+            repo = small / "repo"
+            cli("init", repo)
+            for name in ("a", "b"):
+                cli("device", "add", repo, name, _source(tmp_path / f"{name}.img", 4 * MiB, 5))
+            (tmp_path / "mnt").mkdir()
+            m = Mounted(repo, tmp_path / "mnt", expect_tracebacks=True)
+            m.start()
+            for name in ("a", "b"):
+                sh(f"dd if=/dev/urandom of={m.path(name, 'device')} bs=64k count=1 conv=notrunc status=none")
+            sh(f"dd if=/dev/zero of={small / 'filler'} bs=64k", check=False)  # until the disk is full
+            proc = subprocess.run(backupfs_cmd() + ["umount", str(m.mnt)], capture_output=True, text=True,
+                                  timeout=120)
+            m.pid = None
+            assert proc.returncode == 1, proc
+            assert "the bitmaps of a, b are not saved as clean" in proc.stderr, proc.stderr
+            assert "their next backups will scan" in proc.stderr and "Traceback" not in proc.stderr
+            os.unlink(small / "filler")
+            out = cli("status", repo).stdout.decode()
+            assert out.count("untrusted (backupfs did not stop cleanly)") == 2, out
+        finally:
+            if m is not None:
+                m.cleanup()
 
 
 def test_a_mount_point_that_would_hide_the_repository_or_a_source_is_refused(tmp_path: Path) -> None:
