@@ -191,8 +191,10 @@ def mount_holding(path: str) -> tuple[str, str] | None:
     except OSError:
         return None
     device = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
-    for point, _source, dev in _backupfs_mounts():
-        if dev == device:
+    for point, source, dev in _backupfs_mounts():
+        # A plain "fuse" mount is ours only if its source is a repository
+        # directory: a qemu-storage-daemon export, say, is a fine target.
+        if dev == device and os.path.isdir(source):
             return point, os.path.relpath(real, point)
     return None
 

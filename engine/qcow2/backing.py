@@ -9,8 +9,8 @@ or is probed. Loops and absurd depths are refused before anything is read.
 from __future__ import annotations
 
 import os
-import stat
 import re
+import stat
 
 from engine.errors import ImageError
 from engine.qcow2.format import MAX_CHAIN_DEPTH
