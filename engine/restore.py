@@ -184,12 +184,12 @@ def restore_to(
     def write(pos: int, data: BytesLike) -> None:
         view = memoryview(data)
         if kind is Target.BLOCK:
-            _pwrite_all(fd, view, pos, target)
+            _pwrite_all(fd, view, pos)
             progress.written += len(view)
         elif current is not None:
             progress.written += _write_changed(fd, view, pos, memoryview(current)[: len(view)])
         else:
-            progress.written += _write_sparse(fd, view, pos, target)
+            progress.written += _write_sparse(fd, view, pos)
         progress.done = pos + len(view)
         if on_progress is not None:
             on_progress(progress)
@@ -223,7 +223,7 @@ def restore_to(
     return RestoreResult(target, size, progress.written, kind, target_size)
 
 
-def _pwrite_all(fd: int, view: memoryview, offset: int, target: str) -> None:
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     while view:
         n = os.pwrite(fd, view, offset)
         view = view[n:]
@@ -248,23 +248,30 @@ def _write_changed(fd: int, view: memoryview, offset: int, current: memoryview, 
         differs[:full] = (new != old).any(axis=1)
     if got == n and n % block:
         differs[-1] = bytes(view[full * block :]) != bytes(current[full * block : n])
+    return _write_blocks(fd, view, offset, differs, block)
+
+
+def _write_blocks(fd: int, view: memoryview, offset: int, wanted: np.ndarray, block: int) -> int:
+    """Write the ``block``-sized pieces of ``view`` that ``wanted`` marks, a
+    run of them at a time; the bytes written."""
+    n = len(view)
     written = 0
     i = 0
-    while i < nblocks:
-        if not differs[i]:
+    while i < len(wanted):
+        if not wanted[i]:
             i += 1
             continue
         j = i
-        while j < nblocks and differs[j]:
+        while j < len(wanted) and wanted[j]:
             j += 1
         a, b = i * block, min(j * block, n)
-        _pwrite_all(fd, view[a:b], offset + a, "")
+        _pwrite_all(fd, view[a:b], offset + a)
         written += b - a
         i = j
     return written
 
 
-def _write_sparse(fd: int, view: memoryview, offset: int, target: str, block: int = 64 * 1024) -> int:
+def _write_sparse(fd: int, view: memoryview, offset: int, block: int = 64 * 1024) -> int:
     """Write the non-zero 64 KiB blocks of ``view``; zero blocks stay holes."""
     n = len(view)
     full = n // block
@@ -272,17 +279,4 @@ def _write_sparse(fd: int, view: memoryview, offset: int, target: str, block: in
     if full:
         words = np.frombuffer(view[: full * block], dtype=np.uint64)
         nonzero[:full] = words.reshape(full, block // 8).any(axis=1)
-    written = 0
-    i = 0
-    while i < len(nonzero):
-        if not nonzero[i]:
-            i += 1
-            continue
-        j = i
-        while j < len(nonzero) and nonzero[j]:
-            j += 1
-        a, b = i * block, min(j * block, n)
-        _pwrite_all(fd, view[a:b], offset + a, target)
-        written += b - a
-        i = j
-    return written
+    return _write_blocks(fd, view, offset, nonzero, block)
