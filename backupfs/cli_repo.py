@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from backupfs.mountinfo import MountRecord, dead_mount, read_mount_record, trigger_file
 from backupfs.trigger import TriggerCommand
-from engine.catalog import KINDS, Catalog
+from engine.catalog import KINDS, Catalog, DeviceRecord
 from engine.errors import BackupfsError, UsageError
 from engine.units import format_size, parse_size
 
@@ -312,8 +312,7 @@ def _status_of_busy(repo: str, why: str) -> int:
     print(f"not mounted; {why.removeprefix(f'repository {os.path.abspath(repo)} is ')}")
     with catalog_for_reading(repo) as catalog:
         for d in catalog.devices():
-            print(f"{d.name}: {_source_words(d.source)}, {format_size(d.size)}, "
-                  f"granularity {format_size(d.granularity)}")
+            print(_device_line(d))
             _print_history(catalog, d.name)
     return 0
 
@@ -328,8 +327,10 @@ def _print_history(catalog: Catalog, device: str) -> None:
         print(f"  job {j.id} {j.kind} {when} {j.state}{extra}")
 
 
-def _source_words(source: str) -> str:
-    return source or "no live source (imported)"
+def _device_line(d: DeviceRecord) -> str:
+    """A device as every status shows it: name, source, size, granularity."""
+    source = d.source or "no live source (imported)"
+    return f"{d.name}: {source}, {format_size(d.size)}, granularity {format_size(d.granularity)}"
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -363,8 +364,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         with catalog_for_reading(args.repo) as catalog:
             for d in catalog.devices():
                 base = os.path.join(record.mountpoint, d.name)
-                print(f"{d.name}: {_source_words(d.source)}, {format_size(d.size)}, "
-                      f"granularity {format_size(d.granularity)}")
+                print(_device_line(d))
                 for name in ("bitmap", "snapshot"):
                     try:
                         with open(os.path.join(base, name)) as f:
@@ -388,8 +388,7 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"not mounted: the mount at {dead} is dead (its daemon is gone); run 'backupfs umount {dead}'")
         failed = dead is not None
         for d in repo.devices():
-            print(f"{d.name}: {_source_words(d.source)}, {format_size(d.size)}, "
-                  f"granularity {format_size(d.granularity)}")
+            print(_device_line(d))
             if d.source:  # an imported archive has no bitmap to show
                 try:
                     dev = repo.device(d.name)
