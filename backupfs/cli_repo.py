@@ -35,11 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     dev = sub.add_parser("device", help="register, list or remove devices")
     dsub = dev.add_subparsers(dest="device_command", metavar="ACTION")
     dsub.required = True
-    p = dsub.add_parser("add", help="register a device: a raw image file or a block device")
+    p = dsub.add_parser(
+        "add", help="register a device: a raw image file or a block device (or give an imported one its source)")
     p.add_argument("repo", metavar="REPO")
     p.add_argument("name", metavar="NAME")
     p.add_argument("source", metavar="SOURCE")
-    p.add_argument("--granularity", default="64K", help="dirty bitmap granularity (512 to 64M, default 64K)")
+    p.add_argument("--granularity", help="dirty bitmap granularity (512 to 64M, default 64K)")
     p.set_defaults(func=cmd_device_add)
     p = dsub.add_parser("list", help="the registered devices")
     p.add_argument("repo", metavar="REPO")
@@ -82,10 +83,15 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_device_add(args: argparse.Namespace) -> int:
     from engine.repo import Repository
 
-    granularity = parse_size(args.granularity, "granularity")
+    granularity = parse_size(args.granularity, "granularity") if args.granularity is not None else None
     with Repository.open(args.repo) as repo:
+        before = repo.catalog.device(args.name)
+        attach = before is not None and not before.source  # an imported archive
         rec = repo.add_device(args.name, args.source, granularity)
     print(f"device {rec.name}: {rec.source}, {format_size(rec.size)}, granularity {format_size(rec.granularity)}")
+    if attach:
+        print(f"its imported backups go on from this source; the next incremental compares checksums "
+              f"(nothing recorded what changed on it since)")
     return 0
 
 

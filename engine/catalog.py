@@ -294,6 +294,11 @@ class Catalog:
             raise CatalogError(f"device {name!r} already exists") from None
         return rec
 
+    def set_source(self, name: str, source: str) -> None:
+        """Give a device (an imported archive) the source its next backups read."""
+        with self.transaction() as c:
+            c.execute("UPDATE devices SET source = ? WHERE name = ?", (source, name))
+
     def remove_device(self, name: str) -> None:
         with self.transaction() as c:
             c.execute("DELETE FROM jobs WHERE device = ?", (name,))

@@ -44,6 +44,7 @@ from engine.errors import BackupfsError, ImageError, UsageError
 from engine.fsutil import file_size, fsync_dir
 from engine.integrity import Problem, VerifiedView, VerifyReport, held_granules, verify_backup
 from engine.stopsignals import STOP_SIGNALS
+from engine.units import format_size
 from engine.restore import RestoreResult, check_in_place_target, check_target, restore_to
 from engine.importer import import_chain
 from engine.prune import RemovalPlan, RetentionPolicy, remove_backup, select_for_removal
@@ -307,9 +308,19 @@ class Repository:
 
     # -- devices ---------------------------------------------------------------------
 
-    def add_device(self, name: str, source: str, granularity: int = DEFAULT_GRANULARITY) -> DeviceRecord:
+    def add_device(self, name: str, source: str, granularity: int | None = None) -> DeviceRecord:
+        """Register a device, or give an imported archive (no source yet) its live source.
+
+        ``granularity`` None: the default for a new device, the archive's own
+        for an attach.
+        """
         self._require_room("adding a device")
         validate_name(name)
+        existing = self.catalog.device(name)
+        if existing is not None and existing.source:
+            raise UsageError(f"device {name!r} already exists (its source is {existing.source})")
+        if granularity is None:
+            granularity = existing.granularity if existing is not None else DEFAULT_GRANULARITY
         validate_granularity(granularity)
         source = utf8_path(os.path.abspath(source), "source")
         if os.path.commonpath([source, self.path]) == self.path:
@@ -328,12 +339,41 @@ class Repository:
             os.close(fd)
         if size <= 0 or size % 512:
             raise UsageError(f"source {source} is {size} bytes; a device must be a non-zero multiple of 512")
-        if self.catalog.device(name) is not None:
-            raise UsageError(f"device {name!r} already exists")
         self._check_unclaimed(source, st)
+        if existing is not None:
+            return self._attach_source(existing, source, size, granularity)
         os.makedirs(self._device_dir(name), exist_ok=True)
         fsync_dir(os.path.join(self.path, "devices"))  # durable before the catalog names it
         return self.catalog.add_device(name, source, size, granularity)
+
+    def _attach_source(self, rec: DeviceRecord, source: str, size: int, granularity: int) -> DeviceRecord:
+        """Bind an imported archive to the disk it came from, so backups go on from it.
+
+        Nothing recorded what that disk did since the archive's last image,
+        so its bitmaps start untrusted, with that reason: the next
+        incremental compares checksums with the archive's and copies what
+        differs.
+        """
+        if size != rec.size:
+            raise UsageError(f"source {source} is {size} bytes but device {rec.name}'s backups are {rec.size}")
+        if granularity != rec.granularity:
+            raise UsageError(
+                f"device {rec.name} has a granularity of {format_size(rec.granularity)} (its imported "
+                f"checksums are kept at it); leave out --granularity"
+            )
+        self.catalog.set_source(rec.name, source)
+        self._distrust_new_source(rec.name)
+        return self.catalog.device(rec.name) or rec
+
+    def _distrust_new_source(self, name: str) -> None:
+        """Record why a device whose history was imported starts with untrusted bitmaps.
+
+        Saved after the catalog commit: a crash in between leaves no bitmap
+        file, which is untrusted too (only with a vaguer reason).
+        """
+        dev = self.device(name)
+        dev.distrust("its backups were imported: nothing recorded what changed on its source since")
+        dev.save_bitmaps()
 
     def _check_unclaimed(self, source: str, st: os.stat_result) -> None:
         """Refuse a source another device already has: under two names one
@@ -371,7 +411,7 @@ class Repository:
                     self._check_unclaimed(source, os.stat(source))
                 except OSError:
                     pass  # the import names a missing or unreadable source itself
-            return import_chain(self.path, self.catalog, name, tip, granularity, source, on_layer)
+            records = import_chain(self.path, self.catalog, name, tip, granularity, source, on_layer)
         except BaseException:
             # All or nothing: the device and its backups are committed in one
             # go, last. Not committed: no half of it stays. Committed (an
@@ -379,6 +419,9 @@ class Repository:
             if self.catalog.device(name) is None:
                 self._remove_device_dir(name)
             raise
+        if source is not None:
+            self._distrust_new_source(name)
+        return records
 
     def remove_device(self, name: str) -> None:
         self._require_room("removing a device")
@@ -418,8 +461,8 @@ class Repository:
                     raise UsageError(f"no device named {name!r}")
                 if not rec.source:
                     raise DeviceError(
-                        f"device {name} has no live source (an imported archive); "
-                        "import it with --source to take new backups",
+                        f"device {name} has no live source (an imported archive); give it one "
+                        f"with 'backupfs device add REPO {name} SOURCE' to take new backups",
                         errno.ENODEV,
                     )
                 has_backups = self.catalog.latest_backup(name) is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -140,3 +141,52 @@ def test_status_of_an_imported_archive_and_plainer_messages(tmp_path: Path, src:
     proc = cli("backup", repo, "vm1", "incremental", check=False)
     assert proc.returncode == 1 and b"(or ask for auto_full=1 in the trigger, --auto-full to" in proc.stderr
     assert cli("verify", repo, "old").stdout.decode().splitlines()[-1].startswith("1 backup checked, 0 bad")
+
+
+def test_an_imported_archive_gets_its_source_later(tmp_path: Path) -> None:
+    """Imported without --source, an archive could never take a backup: the
+    error said to import it with --source, which the existing name refused.
+    `device add` now binds it; the next incremental scans, then equals the disk."""
+    base, tip, disk = tmp_path / "base.qcow2", tmp_path / "tip.qcow2", tmp_path / "disk.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "16M"], check=True)
+    subprocess.run(["qemu-io", "-c", "write -P 0x11 0 1M", str(base)], check=True, capture_output=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", str(tip)], check=True)
+    subprocess.run(["qemu-io", "-c", "write -P 0x22 4M 1M", str(tip)], check=True, capture_output=True)
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(tip), str(disk)], check=True)
+    with open(disk, "r+b") as f:  # the disk went on after the archive's last image
+        f.seek(8 << 20)
+        f.write(b"\x33" * (1 << 20))
+        f.seek(0)
+        f.write(bytes(64 << 10))
+    repo = tmp_path / "repo"
+    cli("init", repo)
+    cli("import", repo, "vm", tip)
+    proc = cli("backup", repo, "vm", "incremental", check=False)
+    assert proc.returncode == 1 and f"with 'backupfs device add REPO vm SOURCE'".encode() in proc.stderr, proc.stderr
+    # The wrong size or granularity is refused, and nothing changes.
+    small = tmp_path / "small.raw"
+    small.write_bytes(bytes(8 << 20))
+    proc = cli("device", "add", repo, "vm", small, check=False)
+    assert proc.returncode == 1 and b"is 8388608 bytes but device vm's backups are 16777216" in proc.stderr
+    proc = cli("device", "add", repo, "vm", disk, "--granularity", "128K", check=False)
+    assert proc.returncode == 1 and b"leave out --granularity" in proc.stderr
+    assert "vm: no live source (imported)" in cli("status", repo).stdout.decode()
+    out = cli("device", "add", repo, "vm", disk).stdout.decode()
+    assert "its imported backups go on from this source" in out, out
+    status = cli("status", repo).stdout.decode()
+    assert f"vm: {disk}, 16 MiB" in status and "untrusted (its backups were imported" in status, status
+    proc = cli("device", "add", repo, "vm", disk, check=False)
+    assert proc.returncode == 1 and b"already exists (its source is" in proc.stderr
+    out = cli("backup", repo, "vm", "incremental").stdout.decode()
+    assert "scanned" in out, out
+    newest = cli("list", repo, "vm").stdout.decode().splitlines()[-1].split("\t")[0]
+    image = repo / "devices" / "vm" / f"{newest}.qcow2"
+    compare = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(image), str(disk)],
+                             capture_output=True, text=True)
+    assert compare.returncode == 0, compare.stdout
+    subprocess.run(["qemu-img", "check", str(image)], check=True, capture_output=True)
+    # Only what differs was copied: the 1 MiB written and the zeroed 64 KiB.
+    info = json.loads(subprocess.run(["qemu-img", "map", "--output=json", str(image)], check=True,
+                                     capture_output=True, text=True).stdout)
+    own = sum(e["length"] for e in info if e["depth"] == 0 and (e["data"] or e["zero"]))
+    assert own == (1 << 20) + (64 << 10), info
