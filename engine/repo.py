@@ -368,12 +368,16 @@ class Repository:
     def _distrust_new_source(self, name: str) -> None:
         """Record why a device whose history was imported starts with untrusted bitmaps.
 
-        Saved after the catalog commit: a crash in between leaves no bitmap
-        file, which is untrusted too (only with a vaguer reason).
+        Saved after the catalog commit, and only for the message: no bitmap
+        file (a crash in between, or a failure here) is untrusted too, with
+        a vaguer reason, so a failure here does not fail what was committed.
         """
-        dev = self.device(name)
-        dev.distrust("its backups were imported: nothing recorded what changed on its source since")
-        dev.save_bitmaps()
+        try:
+            dev = self.device(name)
+            dev.distrust("its backups were imported: nothing recorded what changed on its source since")
+            dev.save_bitmaps()
+        except (BackupfsError, OSError):
+            pass
 
     def _check_unclaimed(self, source: str, st: os.stat_result) -> None:
         """Refuse a source another device already has: under two names one
