@@ -191,6 +191,22 @@ def test_zeroed_region_reads_zeros(repo: Repository, tmp_path: Path) -> None:
     assert inc.stored_bytes == 0
 
 
+def test_stored_bytes_end_at_the_device_end(repo: Repository, tmp_path: Path) -> None:
+    """A disk of 16 MiB + 4 KiB: the job said 16781312 bytes stored, list
+    and the xattr 16842752 (the last cluster's padding past the end)."""
+    size = 16 * MiB + 4 * KiB
+    src = make_source(tmp_path / "src.img", size)
+    write_patterns(src, [(0x31, 0, 1 * MiB), (0x32, 16 * MiB, 4 * KiB)])
+    repo.add_device("t", str(src))
+    res = repo.backup("t", "full")
+    assert res.record.stored_bytes == res.bytes_written == 1 * MiB + 4 * KiB
+    repo.device("t").write(16 * MiB, b"\x33" * (4 * KiB))
+    res = repo.backup("t", "incremental")
+    assert res.record.stored_bytes == res.bytes_written == 4 * KiB
+    qemu_check(repo.image_path(res.record))
+    assert repo.catalog.jobs("t")[0].bytes_written == 4 * KiB
+
+
 def test_full_stores_no_zero_regions(repo: Repository, tmp_path: Path) -> None:
     src = make_source(tmp_path / "src.img", 32 * MiB)
     write_patterns(src, [(0x22, 1 * MiB, 3 * MiB), (0x23, 20 * MiB, 64 * KiB)])

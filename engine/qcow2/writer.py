@@ -291,8 +291,18 @@ class Qcow2Writer:
         self._set_entries(first, entries)
 
     def stored_bytes(self) -> int:
-        """Bytes of guest data this image stores (not counting metadata)."""
-        return self.data_clusters * self.cluster_size
+        """Bytes of guest data this image stores (not counting metadata).
+
+        Not the padding past the disk's end in its last cluster: a job
+        that copied a whole disk of 16 MiB + 4 KiB says it stored that
+        much, and list, du and the xattr must say the same.
+        """
+        cs = self.cluster_size
+        stored = self.data_clusters * cs
+        tail = self.size % cs
+        if tail and self._entry(self.size // cs) & OFFSET_MASK:
+            stored -= cs - tail
+        return stored
 
     def _header(self, l1_offset: int, reftable_offset: int, reftable_clusters: int) -> Header:
         return Header(
