@@ -34,6 +34,14 @@ What is measured
       what depth costs any reader that copies through read(2): more, smaller
       reads from more files.
 
+    * ``flat``: the deepest tip's disk written again as one full image
+      (depth 1, our writer, its data clusters in disk order, as a full
+      backup of that disk would be), read by ours (reads only) and by the
+      floor. The tips of one chain are not the same disk: the incrementals
+      fill the full's holes, so the depth-64 tip holds more data to copy
+      than the depth-1 tip (and fewer zeros to memset). Depth 64 against
+      the flat copy of its own disk is what the chain alone costs.
+
     Also the index: build time, extents, bytes, extrapolated to 1 TiB.
 
 Why
@@ -183,6 +191,37 @@ def build_chain(workdir: str, size: int, depth: int, dirty_fraction: float, seed
             writer.commit()
         paths.append(path)
     return paths
+
+
+def write_flat(tip: str, path: str) -> int:
+    """Write ``tip``'s disk as one image with no backing file; returns its data bytes.
+
+    Clusters that read as zeros are left out, as a full backup leaves them;
+    runs of data clusters go in 4 MiB writes, in disk order.
+    """
+    data = 0
+    zero = bytes(CLUSTER)
+    with ChainView.open(tip) as view, Qcow2Writer(path, view.size, CLUSTER) as writer:
+        chunk = 4 << 20
+        for pos in range(0, view.size, chunk):
+            buf = view.read(pos, min(chunk, view.size - pos))
+            run_start = None
+            for off in range(0, len(buf) + CLUSTER, CLUSTER):
+                keep = off < len(buf) and buf[off : off + CLUSTER] != zero
+                if keep and run_start is None:
+                    run_start = off
+                elif not keep and run_start is not None:
+                    writer.write(pos + run_start, buf[run_start:off])
+                    data += off - run_start
+                    run_start = None
+        writer.commit()
+    return data
+
+
+def data_bytes(tip: str) -> int:
+    """Bytes of the tip's disk that a read copies from an image (not zeros it fills)."""
+    with ChainView.open(tip) as view:
+        return sum(end - start for start, end in view.allocated_ranges())
 
 
 # -- environment -------------------------------------------------------------
@@ -393,6 +432,22 @@ def contestants(
     ]
 
 
+def flat_contestants(
+    samples: Samples, floor: list[str] | None
+) -> list[tuple[str, Callable[[], None]]]:
+    """The flat copy of the deepest tip: ours (reads only) and the floor."""
+
+    def inproc() -> None:
+        total, opened = run_inproc(samples.tip, 1 << 20)
+        samples.add("in1M-read", total - opened)
+
+    def pread_floor() -> None:
+        assert floor is not None
+        samples.add("floor", floor_run(floor))
+
+    return [("in1M", inproc), *([("floor", pread_floor)] if floor else [])]
+
+
 def qemu_null_argv(tip: str, size: int) -> list[str]:
     """qemu-img converting ``tip`` into nothing: QEMU's null block driver."""
     return ["qemu-img", "convert", "-n", tip, "--target-image-opts",
@@ -511,7 +566,8 @@ def synthetic_index_scaling(
 
 
 def report(
-    size: int, results: list[Samples], infos: list[IndexInfo], runs: int, startup: float
+    size: int, results: list[Samples], infos: list[IndexInfo], runs: int, startup: float,
+    flat: Samples,
 ) -> None:
     # Each of ours against the qemu-img run doing the same job.
     ours = [("in1M", "ours in-proc 1M", "qnull"), ("in4M", "ours in-proc 4M", "qnull"),
@@ -570,6 +626,18 @@ def report(
         print("  from more files, which no reader that copies through read(2) avoids")
 
     print()
+    print(f"Same disk, no chain: the depth-{deepest.depth} tip against the flat copy of its disk")
+    print("(one image, depth 1), 1 MiB reads only, MB/s and depth/flat:")
+    has_flat_floor = "floor" in flat.times and "floor" in deepest.times
+    table(
+        ["read", f"depth {deepest.depth}", "flat", f"{deepest.depth}/flat"],
+        [["ours", f"{mbps(size, deepest.median('in1M-read')):.0f}", f"{mbps(size, flat.median('in1M-read')):.0f}",
+          f"{flat.median('in1M-read') / deepest.median('in1M-read'):.2f}"]]
+        + ([["floor", f"{mbps(size, deepest.median('floor')):.0f}", f"{mbps(size, flat.median('floor')):.0f}",
+             f"{flat.median('floor') / deepest.median('floor'):.2f}"]] if has_flat_floor else []),
+    )
+
+    print()
     print("Index (ChainView.open; build time is the median over the 1M in-proc runs):")
     scale = TIB / size
     table(
@@ -609,6 +677,9 @@ def report(
         ratio = base.median("floor") / deepest.median("floor")
         print(f"  {'(the pread floor)':<18} depth-{deepest.depth}/depth-{base.depth} = {ratio:.2f}"
               "  (for reference: the most any read(2) reader gets here)")
+    ratio = flat.median("in1M-read") / deepest.median("in1M-read")
+    print(f"  {'(same disk)':<18} reads only depth-{deepest.depth}/flat = {ratio:.2f}"
+          "  (for reference: what the chain costs, the disk's content aside)")
     for n, label, q in ours:
         worst = min(s.median(q) / s.median(n) for s in results)
         against = "qemu-img->null" if q == "qnull" else "qemu-img->file"
@@ -672,14 +743,20 @@ def main(argv: list[str] | None = None) -> int:
               f"in {time.perf_counter() - t0:.1f} s")
 
         results = [Samples(d, paths[d - 1], size) for d in depths]
+        flat_path = os.path.join(workdir, "flat.qcow2")
+        flat_data = write_flat(results[-1].tip, flat_path)
+        flat = Samples(1, flat_path, size)
+        print(f"flat copy of the depth-{depths[-1]} tip's disk: {format_size(flat_data)} of data "
+              f"(the depth-{depths[0]} tip: {format_size(data_bytes(results[0].tip))})")
         floors: dict[int, list[str] | None] = {}
         exe = floor_build(workdir)
         for s in results:
             floors[s.depth] = floor_argv(exe, s.tip, workdir, f"depth{s.depth}") if exe else None
+        flat_floor = floor_argv(exe, flat_path, workdir, "flat") if exe else None
         startup: list[float] = []
-        with pinned(paths) as ok:
-            warmed = warm_up(paths)
-            print(f"warm-up: read all {len(paths)} image files ({format_size(warmed)}) and "
+        with pinned(paths + [flat_path]) as ok:
+            warmed = warm_up(paths + [flat_path])
+            print(f"warm-up: read all {len(paths) + 1} image files ({format_size(warmed)}) and "
                   + ("pinned them in the page cache (mlock) for all runs"
                      if ok else "pinning them in the page cache (mlock) FAILED"))
             if damon_reclaim_on():
@@ -688,13 +765,15 @@ def main(argv: list[str] | None = None) -> int:
                 for s in results:
                     for _, go in contestants(s.tip, shm_dir, s, floors[s.depth]):
                         go()
+                for _, go in flat_contestants(flat, flat_floor):
+                    go()
                 startup.append(run_startup())
                 print(f"  run {run + 1}/{args.runs} done", flush=True)
 
         print(f"load average after the runs: {load_average()} (other work on the machine"
               " slows both sides; ratios of one run stay comparable, bare MB/s less so)")
         infos = [index_info(s.tip, s.depth) for s in results]
-        report(size, results, infos, args.runs, statistics.median(startup))
+        report(size, results, infos, args.runs, statistics.median(startup), flat)
 
         if not args.no_verify:
             deepest = results[-1]
