@@ -172,6 +172,24 @@ def verify_backup(
     reads for minutes, and whoever asked for it may give up.
     """
     report.checked.append(rec.id)
+    try:
+        _verify_one(repo_path, rec, parent, lineage_records, report, on_bytes, cancel)
+    except (ImageError, OSError) as e:
+        # A read that fails outright (a bad sector under a table): this
+        # backup is bad, and the others are still checked.
+        reason = e.problem if isinstance(e, ImageError) else e.strerror or str(e)
+        report.problems.append(Problem(rec.id, f"image unreadable: {reason}"))
+
+
+def _verify_one(
+    repo_path: str,
+    rec: BackupRecord,
+    parent: BackupRecord | None,
+    lineage_records: Callable[[], Iterable[ChecksumRecord]],
+    report: VerifyReport,
+    on_bytes: Callable[[int], None] | None,
+    cancel: threading.Event | None,
+) -> None:
     image = os.path.join(repo_path, rec.image)
     if not os.path.exists(image):
         report.problems.append(Problem(rec.id, f"image {rec.image} is missing"))
@@ -250,6 +268,8 @@ def verify_backup(
                     n = max(bad_end - pos, g)
                 except ImageError as e:
                     report.problems.append(Problem(rec.id, f"unreadable: {e.problem}", pos))
+                except OSError as e:
+                    report.problems.append(Problem(rec.id, f"unreadable: {e.strerror}", pos))
                 report.bytes_read += n
                 if on_bytes is not None:
                     on_bytes(n)

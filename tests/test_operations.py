@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -166,6 +167,34 @@ def test_a_missing_checksum_record_leaves_only_its_own_granules_unchecked(repo: 
     with repo.open_backup(backups[1].id) as view:
         expected = qemu_raw(repo.image_path(backups[1]), tmp_path)
         assert view.read(guest, 4096) == expected[guest : guest + 4096]
+
+
+def test_a_bad_sector_under_an_image_fails_that_backup_not_the_verify(
+    repo: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EIO reading one image's tables (a bad sector of the repository's disk)
+    stopped the whole verify with a bare "Input/output error": no backup
+    named, the sound ones unchecked. Now it is that backup's problem, and
+    restore names the file."""
+    full, inc1, inc2 = _chain(repo, tmp_path, [64 * KiB, 64 * KiB, 64 * KiB])
+    bad = os.path.realpath(repo.image_path(inc1))
+    real_pread = os.pread
+
+    def pread(fd: int, length: int, offset: int) -> bytes:
+        if offset >= 64 * KiB and os.readlink(f"/proc/self/fd/{fd}") == bad:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))  # all but its header cluster
+        return real_pread(fd, length, offset)
+
+    monkeypatch.setattr(os, "pread", pread)
+    report = repo.verify("d")
+    problems = {p.backup: p.what for p in report.problems}
+    assert problems[inc1.id].startswith("image unreadable: cannot read"), problems
+    assert "Input/output error" in problems[inc1.id]
+    assert inc2.id in problems and full.id not in problems, problems
+    assert report.checked == [full.id, inc1.id, inc2.id]
+    with pytest.raises(BackupfsError, match=f"{os.path.basename(bad)}: cannot read the .* Input/output error"):
+        repo.restore("d", inc2.id, str(tmp_path / "out.raw"))
+    assert not os.path.exists(tmp_path / "out.raw")
 
 
 def test_verify_finds_what_an_image_holds_beyond_its_record(repo: Repository, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from engine.errors import ImageError
 from engine.qcow2.format import (
     AUTOCLEAR_BITMAPS,
     INCOMPAT_DIRTY,
@@ -120,7 +121,10 @@ class _Checker:
         self.l2_pending: list[tuple[int, int, bool]] = []
 
     def pread(self, length: int, offset: int) -> bytes:
-        return os.pread(self.layer.fd, length, offset)
+        try:
+            return os.pread(self.layer.fd, length, offset)
+        except OSError as e:
+            raise ImageError(self.layer.path, f"cannot read at {offset:#x}: {e.strerror}") from None
 
     def _reach(self, n: int) -> None:
         """Let refs and roles count clusters [0, n) (n within the file)."""

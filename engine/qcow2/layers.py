@@ -225,11 +225,11 @@ class Qcow2Layer(Layer):
             self.file_size = file_size(self.fd)
             # The header cluster only: 4 KiB tells its size (opening a chain
             # of 64 images reads 64 headers, not 64 times 2 MiB).
-            first = os.pread(self.fd, 4096, 0)
+            first = self._pread(4096, 0, "header")
             if len(first) >= 24:
                 cluster_bits = int.from_bytes(first[20:24], "big")
                 if 12 < cluster_bits <= 21:
-                    first += os.pread(self.fd, (1 << cluster_bits) - 4096, 4096)
+                    first += self._pread((1 << cluster_bits) - 4096, 4096, "header")
             self.header: Header = parse_header(path, first, self.file_size)
         except BaseException:
             self.close()
@@ -247,8 +247,15 @@ class Qcow2Layer(Layer):
 
     # -- tables ---------------------------------------------------------
 
+    def _pread(self, length: int, offset: int, what: str) -> bytes:
+        """os.pread, with a failure (a bad sector: EIO) naming the file and what was read."""
+        try:
+            return os.pread(self.fd, length, offset)
+        except OSError as e:
+            raise ImageError(self.path, f"cannot read the {what} at {offset:#x}: {e.strerror}") from None
+
     def _pread_exact(self, length: int, offset: int, what: str) -> bytes:
-        data = os.pread(self.fd, length, offset)
+        data = self._pread(length, offset, what)
         if len(data) != length:
             raise ImageError(self.path, f"{what} at {offset:#x} is truncated")
         return data
@@ -474,7 +481,7 @@ class Qcow2Layer(Layer):
         cs = self.cluster_size
         coffset, csize = self.compressed_span(descriptor)
         # The last sectors may lie past EOF (QEMU writes them that way).
-        buf = os.pread(self.fd, csize, coffset)
+        buf = self._pread(csize, coffset, "compressed cluster")
         try:
             if self._zstd:
                 reader = _zstd_decompressor().stream_reader(buf, read_across_frames=False)
