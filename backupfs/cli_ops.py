@@ -213,7 +213,10 @@ def _restore_through_mount(record: MountRecord, args: argparse.Namespace, in_pla
         with progress_reporter(sys.stderr.isatty(), f"restore {args.name}") as update:
             result = restore_to(read, size, args.target, kind=kind, on_progress=update)
     finally:
-        os.close(fd)
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # only read from; a dead mount fails this too, and the error on its way says more
     result.backup = ident
     print(result.summary(args.name, " through the mount"))
     return 0

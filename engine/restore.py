@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import fcntl
 import os
 import signal
 import stat
@@ -159,9 +160,11 @@ def restore_to(
         elif kind is Target.IN_PLACE:
             fd, written_path = os.open(target, os.O_RDWR | os.O_CLOEXEC), target
         else:
+            _remove_stale_copies(target)
             fd, written_path = tempfile.mkstemp(
                 prefix=f".{os.path.basename(target)}.", suffix=".restoring", dir=directory
             )
+            fcntl.flock(fd, fcntl.LOCK_EX)  # ours while we live: see _remove_stale_copies
     except BaseException as e:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
         if isinstance(e, OSError):
@@ -212,15 +215,67 @@ def restore_to(
         ok = True
     except OSError as e:
         err = errno.ENOSPC if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.errno or errno.EIO)
-        raise RestoreError(f"writing {target}: {e.strerror}", err) from None
+        raise RestoreError(f"writing {target}: {e.strerror}{_partly(kind, progress, target)}", err) from None
+    except BackupfsError as e:  # the backup could not be read
+        note = _partly(kind, progress, target)
+        if not note:
+            raise
+        raise RestoreError(f"{e}{note}", getattr(e, "errno", errno.EIO)) from None
     finally:
-        os.close(fd)
-        if not ok and not in_place:
-            try:
-                os.unlink(written_path)
-            except OSError:
-                pass
+        try:
+            os.close(fd)
+        except OSError as e:
+            # A file on a mount whose daemon died fails its close too; the
+            # error already on its way says more. With none, this is it.
+            if ok:
+                raise RestoreError(f"closing {target}: {e.strerror}", e.errno or errno.EIO) from None
+        finally:
+            if not ok and not in_place:
+                try:
+                    os.unlink(written_path)
+                except OSError:
+                    pass
     return RestoreResult(target, size, progress.written, kind, target_size)
+
+
+def _partly(kind: Target, progress: Progress, target: str) -> str:
+    """What a failed restore in place left: the user must know the target is now neither."""
+    if kind is Target.FILE:
+        return ""
+    if progress.done == 0:  # the first chunk may be partly written
+        return f"; {target} may now hold part of the backup: restore again to finish"
+    return (f"; {target} now holds the backup's first {format_size(progress.done)} and its "
+            "old contents after that: restore again to finish")
+
+
+def _remove_stale_copies(target: str) -> None:
+    """Remove what killed restores to ``target`` left beside it.
+
+    A restore killed outright (SIGKILL, the OOM killer, a power cut) leaves
+    its hidden copy, up to the disk's size. A live restore holds an flock on
+    its copy, so a copy that can be locked has no restore behind it.
+    """
+    directory, base = os.path.split(target)
+    prefix = f".{base}."
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(prefix) and n.endswith(".restoring")]
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(path)
+        except OSError:
+            continue  # in use by a live restore, or not ours to remove
+        finally:
+            os.close(fd)
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:

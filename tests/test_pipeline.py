@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import threading
 from pathlib import Path
@@ -91,6 +92,43 @@ def test_a_failed_write_stops_the_reader() -> None:
 def test_a_chunk_larger_than_the_buffers_is_refused() -> None:
     with pytest.raises(ValueError, match="exceeds"):
         copy_chunks([(0, CHUNK + 1)], lambda _p, b: b, lambda _p, _d: None, CHUNK)
+
+
+def test_a_failed_restore_in_place_says_what_it_left(tmp_path: Path) -> None:
+    """In place (a block device, the mounted device file) a failure cannot
+    leave the old contents: the error said only what failed."""
+    target = tmp_path / "disk.raw"
+    target.write_bytes(b"\x02" * (32 * 1024 * 1024))
+
+    def read(pos: int, buf: memoryview) -> memoryview:
+        if pos >= 16 * 1024 * 1024:
+            raise OSError(errno.EIO, "Input/output error")
+        buf[:] = b"\x01" * len(buf)
+        return buf
+
+    with pytest.raises(RestoreError, match=f"at offset 16777216: Input/output error; {target} now holds the "
+                                           "backup's first 16 MiB and its old contents after that"):
+        restore_to(read, 32 * 1024 * 1024, str(target), kind=Target.IN_PLACE)
+    data = target.read_bytes()
+    assert data[: 16 * 1024 * 1024] == b"\x01" * (16 * 1024 * 1024) and data[-1:] == b"\x02"
+
+
+def test_a_killed_restore_s_copy_is_removed_by_the_next(tmp_path: Path) -> None:
+    """A restore killed outright (SIGKILL, OOM, power cut) left its hidden
+    copy beside the target, up to the disk's size, for good. The next restore
+    to that target removes it; a copy a live restore holds stays."""
+    target = tmp_path / "out.raw"
+    stale = tmp_path / ".out.raw.k1ll3d__.restoring"
+    stale.write_bytes(b"\x07" * 4096)
+    live = tmp_path / ".out.raw.l1v3____.restoring"
+    live.write_bytes(b"")
+    other = tmp_path / ".other.raw.k1ll3d__.restoring"  # another target's: not ours to judge
+    other.write_bytes(b"")
+    with open(live, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        restore_to(lambda _p, buf: buf, 1024 * 1024, str(target), kind=Target.FILE)
+    assert not stale.exists() and live.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, target.name])
 
 
 def test_restore_names_a_read_error_as_one(tmp_path: Path) -> None:
