@@ -257,15 +257,18 @@ class Catalog:
                     raise
                 self._conn.execute("COMMIT")
             except sqlite3.OperationalError as e:
-                if not _disk_full(self.path):
-                    raise
                 if self._conn.in_transaction:
                     try:
                         self._conn.execute("ROLLBACK")
                     except sqlite3.Error:
                         pass
-                raise CatalogError(f"{self.path}: cannot record it, the repository's disk is full ({e})",
-                                   errno.ENOSPC) from None
+                if _disk_full(self.path):
+                    raise CatalogError(f"{self.path}: cannot record it, the repository's disk is full ({e})",
+                                       errno.ENOSPC) from None
+                # An I/O error writing or flushing the catalog (a failing
+                # disk): nothing was recorded, which the user must be told
+                # plainly, not as an internal error.
+                raise CatalogError(f"{self.path}: cannot record it in the catalog ({e})") from None
             finally:
                 if not flush:
                     self._conn.execute("PRAGMA synchronous=FULL")

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import random
+import sqlite3
 import struct
 import time
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.catalog import BackupRecord
+from engine.catalog import BackupRecord, CatalogError
 from engine.errors import BackupfsError, UsageError
 from engine.integrity import ChecksumMismatch
 from engine.prune import RetentionPolicy, select_for_removal
@@ -195,6 +196,33 @@ def test_a_bad_sector_under_an_image_fails_that_backup_not_the_verify(
     with pytest.raises(BackupfsError, match=f"{os.path.basename(bad)}: cannot read the .* Input/output error"):
         repo.restore("d", inc2.id, str(tmp_path / "out.raw"))
     assert not os.path.exists(tmp_path / "out.raw")
+
+
+def test_an_io_error_committing_the_catalog_is_a_clear_error(repo: Repository, tmp_path: Path) -> None:
+    """SQLite's EIO flushing its WAL reached the user as "internal error:
+    OperationalError: disk I/O error", exit 70. It is a CatalogError now,
+    nothing is recorded, and the next try works."""
+    real = repo.catalog._conn
+
+    class FailingCommit:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def execute(self, sql: str, *args: object) -> object:
+            if sql == "COMMIT":
+                raise sqlite3.OperationalError("disk I/O error")
+            return real.execute(sql, *args)
+
+    src = _source(tmp_path / "src.img", 4 * MiB, 3)
+    repo.catalog._conn = FailingCommit()  # type: ignore[assignment]
+    try:
+        with pytest.raises(CatalogError, match=r"cannot record it in the catalog \(disk I/O error\)"):
+            repo.add_device("d", str(src))
+    finally:
+        repo.catalog._conn = real
+    assert repo.catalog.device("d") is None
+    repo.add_device("d", str(src))
+    assert repo.backup("d", "full").record.kind == "full"
 
 
 def test_verify_finds_what_an_image_holds_beyond_its_record(repo: Repository, tmp_path: Path) -> None:
