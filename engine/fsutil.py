@@ -20,7 +20,17 @@ def file_size(fd: int, st: os.stat_result | None = None) -> int:
 
 def fsync_dir(path: str) -> None:
     """Make a rename or unlink in ``path`` durable."""
-    durable.fs.fsync_dir(path)
+    try:
+        durable.fs.fsync_dir(path)
+    except OSError as e:
+        raise _named(e, path) from None
+
+
+def _named(e: OSError, path: str) -> OSError:
+    """``e`` naming ``path``: a bare "Input/output error" from an fsync tells nobody where."""
+    if e.filename is not None:
+        return e
+    return type(e)(e.errno, e.strerror or str(e), path)
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -43,6 +53,8 @@ def atomic_write(path: str, data: bytes | bytearray | memoryview, mode: int = 0o
         try:
             write_all(fd, data)
             durable.fs.fsync(fd)
+        except OSError as e:
+            raise _named(e, tmp) from None
         finally:
             durable.fs.close(fd)
         durable.fs.replace(tmp, path)

@@ -17,6 +17,7 @@ import pytest
 
 from engine.catalog import BackupRecord, CatalogError
 from engine.errors import BackupfsError, UsageError
+from engine.fsutil import atomic_write
 from engine.integrity import ChecksumMismatch
 from engine.prune import RetentionPolicy, select_for_removal
 from engine.qcow2.layers import DATA, UNALLOC, open_layer
@@ -223,6 +224,27 @@ def test_an_io_error_committing_the_catalog_is_a_clear_error(repo: Repository, t
     assert repo.catalog.device("d") is None
     repo.add_device("d", str(src))
     assert repo.backup("d", "full").record.kind == "full"
+
+
+def test_a_failed_fsync_names_its_file(repo: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An fsync's EIO (device add's directory, an import's .sums file) said
+    only "Input/output error": no file named."""
+    from engine import durable
+
+    def eio(*_args: object) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    src = _source(tmp_path / "src.img", 4 * MiB, 3)
+    monkeypatch.setattr(durable.fs, "fsync_dir", eio)
+    with pytest.raises(OSError) as caught:
+        repo.add_device("d", str(src))
+    assert caught.value.filename == os.path.join(repo.path, "devices") and caught.value.errno == errno.EIO
+    monkeypatch.undo()
+    monkeypatch.setattr(durable.fs, "fsync", eio)
+    with pytest.raises(OSError) as caught:
+        atomic_write(str(tmp_path / "x.sums"), b"data")
+    assert caught.value.filename == str(tmp_path / "x.sums.tmp")
+    assert not (tmp_path / "x.sums.tmp").exists() and not (tmp_path / "x.sums").exists()
 
 
 def test_verify_finds_what_an_image_holds_beyond_its_record(repo: Repository, tmp_path: Path) -> None:
