@@ -60,6 +60,7 @@ from engine.job import (
     copy_cluster_size,
     units_of,
 )
+from engine.qcow2.format import MAX_CHAIN_DEPTH
 from engine.qcow2.writer import Qcow2Writer, validate_cluster_size
 from engine.validate import utf8_path, validate_label
 
@@ -802,6 +803,18 @@ class Repository:
                     raise UsageError(f"device {name} has no full backup yet; take a full backup first "
                                      "(or ask for auto_full=1 in the trigger, --auto-full to 'backupfs backup')")
                 kind = "full"
+            depth = len(self.catalog.lineage(parent.id)) + 1 if parent is not None and kind != "full" else 1
+            if depth > MAX_CHAIN_DEPTH:
+                # The new image could not be read back: no reader (ours,
+                # following QEMU's backing links) goes deeper.
+                if not auto_full:
+                    raise UsageError(
+                        f"device {name}: a new {kind} would be backup {depth} of its chain, and a chain reads "
+                        f"through at most {MAX_CHAIN_DEPTH} images; take a full backup (or ask for auto_full=1 "
+                        "in the trigger, --auto-full to 'backupfs backup'), or prune old backups, which "
+                        "merges them"
+                    )
+                kind, parent, depth = "full", None, 1
             tracked = dev.since_full if kind == "differential" else dev.since_last
             scan_reason = None
             if kind != "full":

@@ -207,6 +207,40 @@ def test_stored_bytes_end_at_the_device_end(repo: Repository, tmp_path: Path) ->
     assert repo.catalog.jobs("t")[0].bytes_written == 4 * KiB
 
 
+def test_a_chain_never_grows_past_what_can_be_read(
+    repo: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 1001st backup of a chain "succeeded" and could then not be read,
+    restored or verified: no reader follows more than 1000 images. At the
+    limit an incremental is refused (EINVAL through the trigger), or, with
+    auto_full, a full starts a new chain. The limit is lowered to 4 here;
+    it is the reader's own constant."""
+    import engine.repo
+    from engine.qcow2 import format as qcow2_format
+
+    assert engine.repo.MAX_CHAIN_DEPTH == qcow2_format.MAX_CHAIN_DEPTH == 1000
+    monkeypatch.setattr(engine.repo, "MAX_CHAIN_DEPTH", 4)
+    src = make_source(tmp_path / "src.img", 4 * MiB, seed=5)
+    repo.add_device("c", str(src))
+    repo.backup("c", "full")
+    dev = repo.device("c")
+    for i in range(3):
+        dev.write(i * 64 * KiB, b"\x44" * 4096)
+        repo.backup("c", "incremental")
+    dev.write(1 * MiB, b"\x45" * 4096)
+    before = [b.id for b in repo.backups("c")]
+    with pytest.raises(UsageError, match="would be backup 5 of its chain, and a chain reads through at most 4"):
+        repo.backup("c", "incremental")
+    assert [b.id for b in repo.backups("c")] == before
+    res = repo.backup("c", "incremental", auto_full=True)
+    assert res.record.kind == "full" and res.record.parent is None
+    assert_equals_snapshot(repo, res.record, Snapshots(src, tmp_path).take())
+    dev.write(2 * MiB, b"\x46" * 4096)
+    res = repo.backup("c", "incremental")  # on the new full: the chain starts again
+    assert res.record.parent == repo.backups("c")[-2].id
+    assert_equals_snapshot(repo, res.record, Snapshots(src, tmp_path).take())
+
+
 def test_full_stores_no_zero_regions(repo: Repository, tmp_path: Path) -> None:
     src = make_source(tmp_path / "src.img", 32 * MiB)
     write_patterns(src, [(0x22, 1 * MiB, 3 * MiB), (0x23, 20 * MiB, 64 * KiB)])
