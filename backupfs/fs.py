@@ -47,7 +47,7 @@ from engine.advisor import Advisor
 from engine.catalog import BackupRecord
 from engine.chain import ChainView, WouldBlock
 from engine.integrity import VerifiedView
-from engine.errors import BackupfsError
+from engine.errors import BackupfsError, ImageError
 from engine.job import CancelRequest, FailingSource, Source
 from engine.prune import RetentionPolicy
 from engine.repo import Repository
@@ -387,7 +387,15 @@ class BackupOperations(pyfuse3.Operations):
                 return entry[0]
             view = self._idle_views.pop(rec.id, None)
         if view is None:
-            view = self.repo.open_backup(rec.id)
+            try:
+                view = self.repo.open_backup(rec.id)
+            except ImageError as e:
+                # A chain holds a descriptor per image: views kept open for
+                # a later reader must not cost this one its open.
+                if not e.out_of_resources or not self._close_idle_views():
+                    raise
+                log.info("out of descriptors opening %s: closed the idle chain views, trying again", rec.id)
+                view = self.repo.open_backup(rec.id)
         with self._views_lock:
             entry = self._views.get(rec.id)
             if entry is not None:  # another opener won the race
@@ -396,6 +404,15 @@ class BackupOperations(pyfuse3.Operations):
                 return entry[0]
             self._views[rec.id] = (view, 1)
             return view
+
+    def _close_idle_views(self) -> int:
+        """Close every view no reader holds; returns how many there were."""
+        with self._views_lock:
+            idle = list(self._idle_views.values())
+            self._idle_views.clear()
+        for v in idle:
+            v.close()
+        return len(idle)
 
     def _retain_view(self, backup_id: str) -> BackupView | None:
         """One more use of an open view (a queued advice), or None if it is not open."""

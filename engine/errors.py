@@ -23,10 +23,21 @@ class ImageError(BackupfsError):
     bounds" alone tells the user nothing.
     """
 
-    def __init__(self, path: str, problem: str) -> None:
+    def __init__(self, path: str, problem: str, err: int | None = None) -> None:
         self.path = path
         self.problem = problem
+        if err is not None:
+            self.errno = err
         super().__init__(f"{path}: {problem}")
+
+    @property
+    def out_of_resources(self) -> bool:
+        """Not the image's fault: the process ran out of descriptors or memory."""
+        return self.errno in OUT_OF_RESOURCES
+
+
+# Errors that say nothing about an image: a retry with more room can succeed.
+OUT_OF_RESOURCES = frozenset({_errno.EMFILE, _errno.ENFILE, _errno.ENOMEM})
 
 
 class UsageError(BackupfsError):

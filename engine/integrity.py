@@ -175,6 +175,8 @@ def verify_backup(
     try:
         _verify_one(repo_path, rec, parent, lineage_records, report, on_bytes, cancel)
     except (ImageError, OSError) as e:
+        if isinstance(e, ImageError) and e.out_of_resources:
+            raise  # no descriptors or memory left: that says nothing about the backup
         # A read that fails outright (a bad sector under a table): this
         # backup is bad, and the others are still checked.
         reason = e.problem if isinstance(e, ImageError) else e.strerror or str(e)
@@ -198,6 +200,8 @@ def _verify_one(
     try:
         check = check_image(image)
     except ImageError as e:
+        if e.out_of_resources:
+            raise
         report.problems.append(Problem(rec.id, f"image unreadable: {e.problem}"))
         return
     for message in check.errors[:10]:
@@ -245,6 +249,8 @@ def _verify_one(
     try:
         view = ChainView.open(image)
     except ImageError as e:
+        if e.out_of_resources:
+            raise
         report.problems.append(Problem(rec.id, f"chain unreadable: {e}"))
         return
     checker = VerifiedView(view, rec.id, rec.granularity, hashes, defined)

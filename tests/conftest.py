@@ -10,6 +10,7 @@ import ctypes
 import json
 import mmap
 import os
+import resource
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -170,19 +171,27 @@ class Mounted:
     """
 
     def __init__(self, repo: Path, mountpoint: Path, env: dict[str, str] | None = None,
-                 options: str | None = None, expect_tracebacks: bool = False) -> None:
+                 options: str | None = None, expect_tracebacks: bool = False, nofile: int | None = None) -> None:
+        """``nofile``: the daemon's descriptor limit (soft and hard), as `ulimit -n` would set it."""
         self.repo = repo
         self.mnt = mountpoint
         self.env = env
         self.options = options
+        self.nofile = nofile
         self.expect_tracebacks = expect_tracebacks
         self.pid: int | None = None
         _MOUNTS.append(self)
 
     def start(self) -> None:
         args = ["mount", str(self.repo), str(self.mnt)] + (["-o", self.options] if self.options else [])
+        limit = self.nofile
+
+        def set_limit() -> None:
+            if limit is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
         proc = subprocess.run(backupfs_cmd() + args, capture_output=True, text=True, timeout=60,
-                              env={**os.environ, **(self.env or {})})
+                              env={**os.environ, **(self.env or {})}, preexec_fn=set_limit)
         assert proc.returncode == 0, proc.stderr
         assert "Traceback" not in proc.stderr
         self.pid = json.loads((self.repo / "mount.json").read_text())["pid"]

@@ -115,3 +115,47 @@ def test_trigger_input_cannot_escape(chain: tuple[Mounted, list[str]]) -> None:
     assert sorted(os.listdir(m.repo / "devices")) == ["vm1"]
     assert not Path("/etc/x").exists()
     assert len(os.listdir(m.path("vm1", "backups"))) == len(ids) + 2  # + the new one + latest
+
+
+def test_idle_chains_give_way_when_descriptors_run_out(tmp_path: Path) -> None:
+    """Each open backup holds a descriptor per image of its chain, and up to
+    8 views stay open after their readers leave. Under a low `ulimit -n`
+    those idle views made the next open of a sound backup fail with EIO
+    (damage, by the README). They are closed first now; only a reader that
+    truly cannot get descriptors gets an error, EMFILE, never EIO."""
+    src = tmp_path / "vm1.img"
+    src.write_bytes(random.Random(7).randbytes(4 * MiB))
+    cli("init", tmp_path / "repo")
+    cli("device", "add", tmp_path / "repo", "vm1", src)
+    (tmp_path / "mnt").mkdir()
+    m = Mounted(tmp_path / "repo", tmp_path / "mnt")
+    m.start()
+    try:
+        for i in range(25):
+            sh(f"dd if=/dev/urandom of={m.path('vm1', 'device')} bs=4k count=1 seek={i * 7} conv=notrunc status=none")
+            sh(f"echo {'full' if i == 0 else 'incremental'} > {m.path('vm1', 'snapshot')}")
+        m.stop()
+        m = Mounted(tmp_path / "repo", tmp_path / "mnt", nofile=128)
+        m.start()
+        ids = sorted(p for p in os.listdir(m.path("vm1", "backups")) if p != "latest")
+        assert len(ids) == 25
+        for backup_id in reversed(ids):  # 25 + 24 + 23 + ... descriptors held idle
+            raw = tmp_path / "expected.raw"
+            sh(f"qemu-img convert -O raw {_image(m, backup_id)} {raw}")
+            sh(f"cmp {m.path('vm1', 'backups', backup_id)} {raw}")
+        assert "closed the idle chain views" in m.log()
+        # More than the limit at once: the one that cannot get descriptors
+        # is told so, and the mount goes on serving.
+        held = []
+        try:
+            with pytest.raises(OSError) as caught:
+                for backup_id in reversed(ids):  # 25 + 24 + ... passes 128 within 6
+                    held.append(open(m.path("vm1", "backups", backup_id), "rb"))
+            assert caught.value.errno == errno.EMFILE and 2 <= len(held) <= 6
+        finally:
+            for f in held:
+                f.close()
+        _still_serving(m, ids[-1])
+        m.stop()
+    finally:
+        m.cleanup()

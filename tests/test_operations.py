@@ -199,6 +199,28 @@ def test_a_bad_sector_under_an_image_fails_that_backup_not_the_verify(
     assert not os.path.exists(tmp_path / "out.raw")
 
 
+def test_verify_out_of_descriptors_names_no_backup_bad(
+    repo: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With its descriptors used up (a low ulimit, many chains open), verify
+    called sound backups BAD. Running out says nothing of a backup: the
+    verify stops with the error instead."""
+    import engine.integrity
+    from engine.errors import ImageError
+
+    backups = _chain(repo, tmp_path, [64 * KiB, 64 * KiB])
+
+    def no_fds(path: str, *_args: object) -> None:
+        raise ImageError(path, "cannot open: Too many open files", errno.EMFILE)
+
+    monkeypatch.setattr(engine.integrity, "open_layer", no_fds)
+    with pytest.raises(ImageError, match="Too many open files") as caught:
+        repo.verify("d")
+    assert caught.value.errno == errno.EMFILE
+    monkeypatch.undo()
+    assert repo.verify("d").ok and len(backups) == 2
+
+
 def test_an_io_error_committing_the_catalog_is_a_clear_error(repo: Repository, tmp_path: Path) -> None:
     """SQLite's EIO flushing its WAL reached the user as "internal error:
     OperationalError: disk I/O error", exit 70. It is a CatalogError now,

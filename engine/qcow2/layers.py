@@ -23,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 import zstandard
 
-from engine.errors import ImageError
+from engine.errors import OUT_OF_RESOURCES, ImageError
 from engine.fsutil import file_size
 from engine.qcow2.format import (
     COMPRESSION_ZSTD,
@@ -690,6 +690,7 @@ def open_layer(path: str, fmt: str | None = None) -> Layer:
     except PermissionError:
         raise ImageError(path, "permission denied") from None
     except OSError as e:
-        raise ImageError(path, f"cannot open: {e.strerror or e}") from None
+        raise ImageError(path, f"cannot open: {e.strerror or e}", e.errno if e.errno in OUT_OF_RESOURCES else None) \
+            from None
     raise ImageError(path, f"unsupported image format {fmt!r} (backupfs reads qcow2 and raw)")
 
