@@ -269,6 +269,38 @@ def test_a_failed_fsync_names_its_file(repo: Repository, tmp_path: Path, monkeyp
     assert not (tmp_path / "x.sums.tmp").exists() and not (tmp_path / "x.sums").exists()
 
 
+def test_a_granule_is_checked_once_per_open_not_per_read(repo: Repository, tmp_path: Path) -> None:
+    """At 64 MiB granularity every 4 KiB read of a mounted backup read and
+    hashed 64 MiB (100 ms a read). A granule checked once is read as it is
+    afterwards; damage is still caught, on every read of it."""
+    src = _source(tmp_path / "src.img", 8 * MiB, 4)
+    repo.add_device("g", str(src), 4 * MiB)
+    full = repo.backup("g", "full").record
+    with repo.open_backup(full.id) as view:
+        asked: list[int] = []
+        plain_read = view.view.read
+
+        def counting(offset: int, length: int, **kw: object) -> object:
+            asked.append(length)
+            return plain_read(offset, length, **kw)
+
+        view.view.read = counting  # type: ignore[method-assign]
+        expected = src.read_bytes()
+        assert bytes(view.read(5 * MiB, 4096)) == expected[5 * MiB : 5 * MiB + 4096]
+        assert bytes(view.read(6 * MiB, 4096)) == expected[6 * MiB : 6 * MiB + 4096]
+        assert bytes(view.read(0, 8 * MiB)) == expected
+        assert asked == [4 * MiB, 4096, 8 * MiB]
+    # Damage under a granule: its first read in a new open fails, and the next.
+    guest, host = _first_data_host(repo.image_path(full))
+    with open(repo.image_path(full), "r+b") as f:
+        f.seek(host + 100)
+        f.write(b"\xff" * 16)
+    with repo.open_backup(full.id) as view:
+        for _ in range(2):
+            with pytest.raises(ChecksumMismatch):
+                view.read(guest + 8192, 4096)
+
+
 def test_verify_finds_what_an_image_holds_beyond_its_record(repo: Repository, tmp_path: Path) -> None:
     """Something wrote into a backup image where it held nothing: its reads
     there hide the parent's data, and verify, re-reading only what the
