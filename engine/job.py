@@ -158,6 +158,28 @@ class Source:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
+    def hole(self, offset: int, length: int) -> bool:
+        """Whether [offset, offset+length) lies in a hole of a sparse file: zeros, no need to read.
+
+        A full backup of a thin 4 TiB image holding 8 MiB read every byte of
+        its holes (45 minutes); QEMU's backup asks the file system the same
+        way (SEEK_DATA). A block device, or a file system that cannot
+        tell, reports everything as data.
+        """
+        if self.fd < 0 or not self._seekable:
+            return False
+        try:
+            data = os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return offset < self.size  # no data from here to the end of the file
+            self._seekable = False
+            return False
+        return data >= offset + length
+
+    _seekable = True
+
+
 class FailingSource(Source):
     """A source whose reads fail with EIO from the ``fail_at``-th on: the test hook
     for unreadable sources (BACKUPFS_TEST_FAULTS=source-eio@N in the daemon)."""
@@ -382,11 +404,15 @@ class BackupJob:
         size = self.plan.size
         a = first * unit
         b = min(stop * unit, size)
-        data = self.source.read(a, b - a)
-        view = memoryview(data)
         gran = self._gran
-        if self.plan.scan:
+        view: memoryview | None
+        if self.source.hole(a, b - a):
+            view = None  # zeros, known without reading them
+            hashes = [zero_hash(gran)] * ((b - a) // gran) + ([zero_hash((b - a) % gran)] if (b - a) % gran else [])
+        else:
+            view = memoryview(self.source.read(a, b - a))
             hashes = granule_hashes(view, gran)
+        if self.plan.scan:
             g0 = a // gran
             parent = self.plan.parent_hashes[g0 : g0 + len(hashes)]  # type: ignore[index]
             changed = np.asarray(hashes, dtype=np.uint64) != parent
@@ -403,19 +429,24 @@ class BackupJob:
                     v += 1
                 s = (u - first) * unit
                 e = min((v - first) * unit, b - a)
-                self._store(a + s, view[s:e], hashes[s // gran : -(-e // gran)])
+                self._store(a + s, view[s:e] if view is not None else e - s, hashes[s // gran : -(-e // gran)])
                 u = v
         else:
-            self._store(a, view, granule_hashes(view, gran))
+            self._store(a, view if view is not None else b - a, hashes)
         with self._cond:
             self.progress.done += b - a
         if self.on_progress is not None:
             self.on_progress(self.progress)
 
-    def _store(self, offset: int, view: memoryview, hashes: list[int]) -> None:
-        """Write whole target clusters: data where non-zero, zeros per plan."""
+    def _store(self, offset: int, view: memoryview | int, hashes: list[int]) -> None:
+        """Write whole target clusters: data where non-zero, zeros per plan.
+
+        ``view`` an int: that many bytes of a hole, all zeros.
+        """
         cs = self.plan.cluster_size
-        if self._gran <= cs and not _has_zero_granule(hashes, self._gran, len(view)):
+        if isinstance(view, int):
+            runs = [(False, 0, view)]
+        elif self._gran <= cs and not _has_zero_granule(hashes, self._gran, len(view)):
             runs = [(True, 0, len(view))]  # no zero granule, so no zero cluster
         else:
             runs = _cluster_runs(view, cs)
@@ -423,6 +454,7 @@ class BackupJob:
             for nonzero, s, e in runs:
                 try:
                     if nonzero:
+                        assert not isinstance(view, int)
                         self.writer.write(offset + s, view[s:e])
                         self.progress.written += e - s
                     elif self.plan.zeros_explicit:
