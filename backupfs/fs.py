@@ -491,10 +491,32 @@ class BackupOperations(pyfuse3.Operations):
             return self._attrs(parent)
         if name == b"..":
             return self._attrs(self._parent(parent))
+        if parent.kind == BACKUPS:
+            # One row, not the whole list: `ls -l` of 3,000 backups looked
+            # each name up in a listing of all of them (8-12 s).
+            child = self._backup_child(parent, name)
+            if child is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._attrs(child)
         for child_name, child in self._children(parent):
             if child_name == name:
                 return self._attrs(child)
         raise pyfuse3.FUSEError(errno.ENOENT)
+
+    def _backup_child(self, parent: Node, name: bytes) -> Node | None:
+        """The entry ``name`` of a backups directory, as _children would list it."""
+        device = parent.device
+        assert device is not None
+        if name == b"latest":
+            return self.inodes.get(LATEST, device) if self.repo.catalog.latest_backup(device) else None
+        try:
+            ident = name.decode()
+        except UnicodeDecodeError:
+            return None
+        rec = self.repo.catalog.backup(ident)
+        if rec is None or rec.device != device:
+            return None
+        return self.inodes.get(BACKUP, device, ident)
 
     @handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -880,11 +902,8 @@ class BackupOperations(pyfuse3.Operations):
         """After a prune: close idle views, and views in use once their use ends
         (a reader, or advice still queued), so deleted images are let go."""
         with self._views_lock:
-            idle = list(self._idle_views.values())
-            self._idle_views.clear()
             self._stale_views.update(self._views)
-        for v in idle:
-            v.close()
+        self._close_idle_views()
 
     @handler
     async def flush(self, fh: int) -> None:
