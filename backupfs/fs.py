@@ -63,6 +63,12 @@ DEVDIR_ENTRIES = (("device", DEVICE), ("snapshot", SNAPSHOT), ("chain", CHAIN), 
                   ("backups", BACKUPS))
 XATTRS = ("kind", "parent", "cluster_size", "granularity", "stored_bytes", "created", "image")
 BACKUP_TIMEOUT = 3600.0  # backups never change while they exist
+# The directories, and the names in a device's directory, are fixed for
+# the life of a mount (adding or removing a device needs the repository's
+# lock, which the mount holds): the kernel may keep them. Without it every
+# path walk asked again for MOUNT/vm1 and MOUNT/vm1/backups, and `ls -l` of
+# 1,000 backups took 1.6 s.
+TREE_TIMEOUT = 3600.0
 BIG_BLKSIZE = 1024 * 1024  # tell tools to read in large blocks
 IDLE_CHAINS = 8  # chain views kept open after their last reader left
 # ...and the memory they may keep: the chain index, and the checksums at
@@ -327,10 +333,13 @@ class BackupOperations(pyfuse3.Operations):
         a.entry_timeout = 0
         a.attr_timeout = 0
         mtime = self._started_ns
+        if node.kind in (ROOT, DEVDIR, BACKUPS, DEVICE, SNAPSHOT, CHAIN, BITMAP):
+            a.entry_timeout = TREE_TIMEOUT  # the name; the files' attributes change
         if node.kind in (ROOT, DEVDIR, BACKUPS):
             a.st_mode = stat.S_IFDIR | 0o755
             a.st_nlink = 2
             a.st_size = 0
+            a.attr_timeout = TREE_TIMEOUT
         elif node.kind == DEVICE:
             assert node.device is not None
             rec = self.repo.catalog.device(node.device)

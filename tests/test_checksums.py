@@ -286,7 +286,7 @@ def test_looking_up_a_backup_does_not_list_them_all(tmp_path: Path) -> None:
     shows, and nothing else (another device's backup, a bad name)."""
     import trio
 
-    from backupfs.fs import BACKUPS, BackupOperations
+    from backupfs.fs import BACKUPS, ROOT, BackupOperations
 
     src = tmp_path / "src.img"
     src.write_bytes(random.Random(3).randbytes(1 * MiB))
@@ -327,6 +327,22 @@ def test_looking_up_a_backup_does_not_list_them_all(tmp_path: Path) -> None:
 
             trio.run(lookups)
             assert listed == []
+
+            async def timeouts() -> None:
+                # The tree is fixed while mounted: the kernel keeps its names
+                # (a path walk asked for MOUNT/d and MOUNT/d/backups each time).
+                root = ops.inodes.get(ROOT)
+                devdir = await ops.lookup(root.inode, b"d", None)
+                assert devdir.entry_timeout > 0 and devdir.attr_timeout > 0
+                for name in (b"backups", b"snapshot", b"device", b"chain", b"bitmap"):
+                    entry = await ops.lookup(devdir.st_ino, name, None)
+                    assert entry.entry_timeout > 0, name
+                    # Only directories keep their attributes: the snapshot's size changes.
+                    assert (entry.attr_timeout > 0) == (name == b"backups"), name
+                latest = await ops.lookup(backups_dir.inode, b"latest", None)
+                assert latest.entry_timeout == 0  # it moves, and is gone with the last backup
+
+            trio.run(timeouts)
         finally:
             ops.close_views()
     finally:
