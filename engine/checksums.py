@@ -107,7 +107,9 @@ class ChecksumRecord:
             return self._packed
         if self._dense is None:
             return np.zeros(0, dtype=np.uint64)
-        return self._dense[_ones(self.defined)]
+        if self.defined.all():
+            return self._dense  # a full: every granule (its index array alone was 8 bytes a granule)
+        return self._dense[set_bits(self.defined)]
 
     @property
     def hashes(self) -> np.ndarray:
@@ -117,7 +119,7 @@ class ChecksumRecord:
     def _expand(self) -> np.ndarray:
         out = np.zeros(self.count, dtype=np.uint64)
         if self._packed is not None and len(self._packed):
-            out[_ones(self.defined)] = self._packed
+            out[set_bits(self.defined)] = self._packed
         return out
 
     def memory_bytes(self) -> int:
@@ -130,18 +132,30 @@ class ChecksumRecord:
     # -- files --------------------------------------------------------------------------
 
     def encode(self) -> bytes:
-        values = self.packed().astype("<u8").tobytes()
+        return b"".join(self.encode_parts())
+
+    def encode_parts(self) -> list[bytes | memoryview]:
+        """The file, in pieces that are written one after the other.
+
+        Not joined: the values of a 4 TiB full are 512 MiB, and copying
+        them into one bytes object (after a little-endian copy, after an
+        index copy) took the backup to 2.3 GB of memory at its end.
+        """
+        values = np.ascontiguousarray(self.packed(), dtype="<u8")  # no copy when already so
         bits = sc_encode(self.defined)
-        count = len(values) // 8
-        body = _HEAD.pack(_MAGIC, self.granularity, self.size, count, len(bits)) + bits + values
-        return body + xxhash.xxh3_64_digest(body)
+        head = _HEAD.pack(_MAGIC, self.granularity, self.size, len(values), len(bits)) + bits
+        raw = memoryview(values).cast("B")
+        digest = xxhash.xxh3_64()
+        digest.update(head)
+        digest.update(raw)
+        return [head, raw, digest.digest()]
 
     def save(self, path: str, atomic: bool = True) -> None:
         """Durable file; ``atomic=False`` writes in place (a new name the caller commits)."""
         if atomic:
-            atomic_write(path, self.encode(), 0o644)
+            atomic_write(path, self.encode_parts(), 0o644)
         else:
-            write_new(path, self.encode(), 0o644)
+            write_new(path, self.encode_parts(), 0o644)
 
     @classmethod
     def load(cls, path: str) -> ChecksumRecord:
@@ -221,7 +235,7 @@ def _sc_nbits(encoded: memoryview) -> int:
     return int.from_bytes(encoded[1 : 1 + width], "little")
 
 
-def _ones(bits: bitarray) -> np.ndarray:
+def set_bits(bits: bitarray) -> np.ndarray:
     """Indices of the set bits, ascending.
 
     Through the bytes, not a byte per bit: a record of a 1 TiB device has
@@ -276,7 +290,7 @@ def overlay(records: Iterable[ChecksumRecord | Unrecorded]) -> tuple[np.ndarray,
         if isinstance(rec, Unrecorded):
             defined &= ~rec.defined
         elif rec.defined.any():
-            hashes[_ones(rec.defined)] = rec.packed()
+            hashes[set_bits(rec.defined)] = rec.packed()
             defined |= rec.defined
     if hashes is None or defined is None:
         raise ValueError("no records")

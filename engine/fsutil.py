@@ -33,13 +33,18 @@ def _named(e: OSError, path: str) -> OSError:
     return type(e)(e.errno, e.strerror or str(e), path)
 
 
-def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[durable.fs.write(fd, view) :]
+Buffers = bytes | bytearray | memoryview | list[bytes | memoryview]
 
 
-def atomic_write(path: str, data: bytes | bytearray | memoryview, mode: int = 0o600) -> None:
+def write_all(fd: int, data: Buffers) -> None:
+    """Write ``data`` whole; a list is written piece after piece (no joined copy)."""
+    for part in data if isinstance(data, list) else [data]:
+        view = memoryview(part).cast("B")
+        while view:
+            view = view[durable.fs.write(fd, view) :]
+
+
+def atomic_write(path: str, data: Buffers, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data``: temp file, fsync, rename, fsync directory."""
     tmp = f"{path}.tmp"
     # A leftover (or a planted symlink) goes first; then only a file we
@@ -67,7 +72,7 @@ def atomic_write(path: str, data: bytes | bytearray | memoryview, mode: int = 0o
     fsync_dir(os.path.dirname(path) or ".")
 
 
-def write_new(path: str, data: bytes | bytearray | memoryview, mode: int = 0o600) -> None:
+def write_new(path: str, data: Buffers, mode: int = 0o600) -> None:
     """Create ``path`` with ``data``, fsynced; the caller makes the name durable."""
     fd = durable.fs.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
     try:

@@ -20,7 +20,7 @@ from bitarray import bitarray
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.checksums import ChecksumError, ChecksumRecord, _ones, overlay, zero_hash
+from engine.checksums import ChecksumError, ChecksumRecord, overlay, set_bits, zero_hash
 from engine.repo import Repository
 
 KiB = 1024
@@ -72,7 +72,7 @@ def test_set_bits_found_at_every_position() -> None:
             for i in range(n):
                 if rng.random() < 0.3:
                     bits[i] = 1
-            assert _ones(bits).tolist() == [i for i in range(n) if bits[i]]
+            assert set_bits(bits).tolist() == [i for i in range(n) if bits[i]]
 
 
 def test_overlay_is_newest_wins(tmp_path: Path) -> None:
@@ -128,7 +128,7 @@ def test_opening_a_deep_lineage_of_a_big_device_costs_about_one_dense_array(tmp_
     expected = ChecksumRecord.load(paths[0]).hashes
     for p in paths[1:]:
         rec = ChecksumRecord.load(p)
-        idx = _ones(rec.defined)
+        idx = set_bits(rec.defined)
         expected[idx] = rec.packed()
     assert np.array_equal(hashes, expected)
 

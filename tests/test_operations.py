@@ -301,6 +301,28 @@ def test_a_granule_is_checked_once_per_open_not_per_read(repo: Repository, tmp_p
                 view.read(guest + 8192, 4096)
 
 
+def test_verify_reads_only_what_the_chain_holds(repo: Repository, tmp_path: Path) -> None:
+    """Verify re-read every recorded granule, zeros too: a full of a thin
+    4 TiB disk re-read 4 TiB of holes. Where the chain holds nothing, the
+    recorded checksum is compared with the zero checksum instead, so
+    recorded data that the image lost (its clusters turned to zeros) is
+    still found."""
+    size = 64 * MiB + 4 * KiB  # a short last granule too
+    src = tmp_path / "thin.img"
+    with open(src, "wb") as f:
+        f.truncate(size)
+        for off in (1 * MiB, 40 * MiB, size - 4 * KiB):
+            f.seek(off)
+            f.write(random.Random(off).randbytes(4 * KiB))
+    repo.add_device("t", str(src))
+    full = repo.backup("t", "full").record
+    report = repo.verify("t")
+    assert report.ok and report.bytes_read <= 3 * 64 * KiB, report.bytes_read
+    qemu_io(Path(repo.image_path(full)), "write -z 40M 64k")  # the image loses a cluster it recorded
+    report = repo.verify("t")
+    assert [(p.what, p.offset) for p in report.problems] == [("stored data fails its checksum", 40 * MiB)]
+
+
 def test_verify_finds_what_an_image_holds_beyond_its_record(repo: Repository, tmp_path: Path) -> None:
     """Something wrote into a backup image where it held nothing: its reads
     there hide the parent's data, and verify, re-reading only what the
