@@ -129,6 +129,7 @@ class Source:
         self.fd = fd
         self.path = path
         self.size = size
+        self._seekable = True  # until SEEK_DATA says otherwise
 
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset``; short reads are continued.
@@ -157,7 +158,6 @@ class Source:
             done += len(part)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-
     def hole(self, offset: int, length: int) -> bool:
         """Whether [offset, offset+length) lies in a hole of a sparse file: zeros, no need to read.
 
@@ -171,13 +171,16 @@ class Source:
         try:
             data = os.lseek(self.fd, offset, os.SEEK_DATA)
         except OSError as e:
-            if e.errno == errno.ENXIO:
-                return offset < self.size  # no data from here to the end of the file
-            self._seekable = False
-            return False
+            if e.errno != errno.ENXIO:
+                self._seekable = False
+                return False
+            # No data from here to the end of the file; but a file that
+            # ended before the range shrank: its read must fail, not read zeros.
+            try:
+                return os.fstat(self.fd).st_size >= offset + length
+            except OSError:
+                return False
         return data >= offset + length
-
-    _seekable = True
 
 
 class FailingSource(Source):
@@ -415,7 +418,7 @@ class BackupJob:
         view: memoryview | None
         if self.source.hole(a, b - a):
             view = None  # zeros, known without reading them
-            hashes = [zero_hash(gran)] * ((b - a) // gran) + ([zero_hash((b - a) % gran)] if (b - a) % gran else [])
+            hashes = _zero_hashes(b - a, gran)
         else:
             view = memoryview(self.source.read(a, b - a))
             hashes = granule_hashes(view, gran)
@@ -476,6 +479,12 @@ class BackupJob:
                         raise JobError(f"repository disk full: {exc}", errno.ENOSPC) from None
                     raise
             self.checksums.set(offset // self._gran, hashes)
+
+
+def _zero_hashes(length: int, granularity: int) -> list[int]:
+    """granule_hashes of ``length`` zero bytes, without the bytes."""
+    full, tail = divmod(length, granularity)
+    return [zero_hash(granularity)] * full + ([zero_hash(tail)] if tail else [])
 
 
 def _has_zero_granule(hashes: list[int], granularity: int, length: int) -> bool:

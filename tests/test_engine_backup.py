@@ -275,6 +275,26 @@ def test_a_full_of_a_sparse_source_reads_only_its_data(repo: Repository, tmp_pat
     qemu_compare(repo.image_path(inc.record), src)
 
 
+def test_a_hole_is_only_what_the_file_holds_as_one(tmp_path: Path) -> None:
+    """Past the end of a source that shrank there is no hole to read as
+    zeros: the read must fail there, as it did before holes were skipped."""
+    path = tmp_path / "thin.img"
+    with open(path, "wb") as f:
+        f.truncate(4 * MiB)
+        f.seek(1 * MiB)
+        f.write(b"\x01" * 4096)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        src = Source(fd, str(path), 8 * MiB)  # registered at 8 MiB, now 4
+        assert src.hole(0, 1 * MiB) and src.hole(2 * MiB, 2 * MiB)
+        assert not src.hole(1 * MiB - 4096, 64 * KiB)
+        assert not src.hole(3 * MiB, 2 * MiB) and not src.hole(5 * MiB, 64 * KiB)
+        with pytest.raises(JobError, match="did it shrink"):
+            src.read(5 * MiB, 64 * KiB)
+    finally:
+        os.close(fd)
+
+
 def test_full_stores_no_zero_regions(repo: Repository, tmp_path: Path) -> None:
     src = make_source(tmp_path / "src.img", 32 * MiB)
     write_patterns(src, [(0x22, 1 * MiB, 3 * MiB), (0x23, 20 * MiB, 64 * KiB)])
