@@ -814,7 +814,7 @@ class Repository:
                         "in the trigger, --auto-full to 'backupfs backup'), or prune old backups, which "
                         "merges them"
                     )
-                kind, parent, depth = "full", None, 1
+                kind, parent = "full", None
             tracked = dev.since_full if kind == "differential" else dev.since_last
             scan_reason = None
             if kind != "full":
