@@ -30,19 +30,30 @@ def chain(tmp_path: Path) -> Iterator[tuple[Mounted, list[str]]]:
         for _ in range(8):
             f.seek(rng.randrange(0, 15 * MiB))
             f.write(rng.randbytes(rng.randrange(4 * KiB, 512 * KiB)))
+    m = _mounted(tmp_path, src)
+    try:
+        yield m, _take_backups(m, 3, "64k", 2, 30)
+    finally:
+        m.cleanup()
+
+
+def _mounted(tmp_path: Path, src: Path) -> Mounted:
+    """A repository with device vm1 on ``src``, mounted at tmp_path/mnt."""
     cli("init", tmp_path / "repo")
     cli("device", "add", tmp_path / "repo", "vm1", src)
     (tmp_path / "mnt").mkdir()
     m = Mounted(tmp_path / "repo", tmp_path / "mnt")
     m.start()
-    try:
-        for i in range(3):
-            sh(f"dd if=/dev/urandom of={m.path('vm1', 'device')} bs=64k count=2 seek={i * 30} conv=notrunc status=none")
-            sh(f"echo {'full' if i == 0 else 'incremental'} > {m.path('vm1', 'snapshot')}")
-        ids = sorted(p for p in os.listdir(m.path("vm1", "backups")) if p != "latest")
-        yield m, ids
-    finally:
-        m.cleanup()
+    return m
+
+
+def _take_backups(m: Mounted, count: int, bs: str, blocks: int, stride: int) -> list[str]:
+    """A full, then incrementals, each after a write through the device; the ids, oldest first."""
+    for i in range(count):
+        sh(f"dd if=/dev/urandom of={m.path('vm1', 'device')} bs={bs} count={blocks} seek={i * stride} "
+           "conv=notrunc status=none")
+        sh(f"echo {'full' if i == 0 else 'incremental'} > {m.path('vm1', 'snapshot')}")
+    return sorted(p for p in os.listdir(m.path("vm1", "backups")) if p != "latest")
 
 
 def _image(m: Mounted, backup_id: str) -> Path:
@@ -125,15 +136,9 @@ def test_idle_chains_give_way_when_descriptors_run_out(tmp_path: Path) -> None:
     truly cannot get descriptors gets an error, EMFILE, never EIO."""
     src = tmp_path / "vm1.img"
     src.write_bytes(random.Random(7).randbytes(4 * MiB))
-    cli("init", tmp_path / "repo")
-    cli("device", "add", tmp_path / "repo", "vm1", src)
-    (tmp_path / "mnt").mkdir()
-    m = Mounted(tmp_path / "repo", tmp_path / "mnt")
-    m.start()
+    m = _mounted(tmp_path, src)
     try:
-        for i in range(25):
-            sh(f"dd if=/dev/urandom of={m.path('vm1', 'device')} bs=4k count=1 seek={i * 7} conv=notrunc status=none")
-            sh(f"echo {'full' if i == 0 else 'incremental'} > {m.path('vm1', 'snapshot')}")
+        _take_backups(m, 25, "4k", 1, 7)
         m.stop()
         m = Mounted(tmp_path / "repo", tmp_path / "mnt", nofile=128)
         m.start()
