@@ -167,31 +167,37 @@ def test_damaged_record_is_refused(tmp_path: Path, damage: str) -> None:
         ChecksumRecord.load(str(path))
 
 
-def test_idle_backup_views_are_bounded_by_memory(tmp_path: Path) -> None:
+@pytest.fixture
+def repo(tmp_path: Path) -> Iterator[Repository]:
+    """An empty repository, closed after the test."""
+    Repository.init(str(tmp_path / "repo"))
+    r = Repository.open(str(tmp_path / "repo"))
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def test_idle_backup_views_are_bounded_by_memory(repo: Repository, tmp_path: Path) -> None:
     """The mount keeps recently read backups open, within a memory budget."""
     from backupfs.fs import BackupOperations
 
     src = tmp_path / "src.img"
     src.write_bytes(random.Random(1).randbytes(4 * MiB))
-    Repository.init(str(tmp_path / "repo"))
-    repo = Repository.open(str(tmp_path / "repo"))
-    try:
-        repo.add_device("d", str(src), 4 * KiB)
-        recs = [repo.backup("d", "full").record for _ in range(3)]
-        one = repo.open_backup(recs[0].id)
-        per_view = one.memory_bytes()
-        one.close()
-        assert per_view >= (4 * MiB // (4 * KiB)) * 8  # the checksums at least
+    repo.add_device("d", str(src), 4 * KiB)
+    recs = [repo.backup("d", "full").record for _ in range(3)]
+    one = repo.open_backup(recs[0].id)
+    per_view = one.memory_bytes()
+    one.close()
+    assert per_view >= (4 * MiB // (4 * KiB)) * 8  # the checksums at least
 
-        for budget, kept in ((10 * per_view, 3), (int(1.5 * per_view), 1), (0, 1)):
-            ops = BackupOperations(repo, idle_view_bytes=budget)
-            for rec in recs:
-                ops._acquire_view(rec)
-                ops._release_view(rec.id)
-            assert list(ops._idle_views) == [r.id for r in recs][-kept:], budget
-            ops.close_views()
-    finally:
-        repo.close()
+    for budget, kept in ((10 * per_view, 3), (int(1.5 * per_view), 1), (0, 1)):
+        ops = BackupOperations(repo, idle_view_bytes=budget)
+        for rec in recs:
+            ops._acquire_view(rec)
+            ops._release_view(rec.id)
+        assert list(ops._idle_views) == [r.id for r in recs][-kept:], budget
+        ops.close_views()
 
 
 def _reseal(body: bytes) -> bytes:
@@ -234,7 +240,7 @@ def test_a_mangled_defined_bitmap_is_refused_or_read_whole(tmp_path: Path, edits
     assert loaded.defined.count(1) == len(loaded.packed())
 
 
-def test_a_view_in_use_during_a_prune_is_closed_when_its_use_ends(tmp_path: Path) -> None:
+def test_a_view_in_use_during_a_prune_is_closed_when_its_use_ends(repo: Repository, tmp_path: Path) -> None:
     """A reader gone while its read-ahead advice still waits keeps the view
     in use; a prune then removes its image. When the advice has run, the
     view must be closed (its deleted image let go), not kept idle for the
@@ -245,42 +251,37 @@ def test_a_view_in_use_during_a_prune_is_closed_when_its_use_ends(tmp_path: Path
 
     src = tmp_path / "src.img"
     src.write_bytes(random.Random(2).randbytes(8 * MiB))
-    Repository.init(str(tmp_path / "repo"))
-    repo = Repository.open(str(tmp_path / "repo"))
+    repo.add_device("d", str(src), 64 * KiB)
+    old, new = (repo.backup("d", "full").record for _ in range(2))
+    ops = BackupOperations(repo)
     try:
-        repo.add_device("d", str(src), 64 * KiB)
-        old, new = (repo.backup("d", "full").record for _ in range(2))
-        ops = BackupOperations(repo)
-        try:
-            running, gate = threading.Event(), threading.Event()
-            ops._advisor.submit(lambda: (running.set(), gate.wait(30)))  # a slow advice ahead
-            assert running.wait(30)
-            view = ops._acquire_view(old)
-            ops._advise(Handle(ops.inodes.get(BACKUP, "d", old.id), view=view), 0, 16 * MiB)
-            ops._release_view(old.id)  # the reader is gone; its advice is not
-            repo.prune("d", remove=old.id)
-            ops._drop_idle_views()  # what a prune through the mount does after it
-            done = threading.Event()
-            ops._advisor.submit(done.set)
-            gate.set()
-            assert done.wait(30)
-            assert old.id not in ops._idle_views and old.id not in ops._views
-            assert all(layer.fd < 0 for layer in getattr(view, "view", view).layers), "deleted image kept open"
+        running, gate = threading.Event(), threading.Event()
+        ops._advisor.submit(lambda: (running.set(), gate.wait(30)))  # a slow advice ahead
+        assert running.wait(30)
+        view = ops._acquire_view(old)
+        ops._advise(Handle(ops.inodes.get(BACKUP, "d", old.id), view=view), 0, 16 * MiB)
+        ops._release_view(old.id)  # the reader is gone; its advice is not
+        repo.prune("d", remove=old.id)
+        ops._drop_idle_views()  # what a prune through the mount does after it
+        done = threading.Event()
+        ops._advisor.submit(done.set)
+        gate.set()
+        assert done.wait(30)
+        assert old.id not in ops._idle_views and old.id not in ops._views
+        assert all(layer.fd < 0 for layer in getattr(view, "view", view).layers), "deleted image kept open"
 
-            # Two opens of one backup that raced both end up idle: one is closed.
-            first = repo.open_backup(new.id)
-            ops._views[new.id] = (first, 1)
-            ops._release_view(new.id)
-            ops._views[new.id] = (repo.open_backup(new.id), 1)  # the slower opener registers after
-            ops._release_view(new.id)
-            assert all(layer.fd < 0 for layer in getattr(first, "view", first).layers)
-        finally:
-            ops.close_views()
+        # Two opens of one backup that raced both end up idle: one is closed.
+        first = repo.open_backup(new.id)
+        ops._views[new.id] = (first, 1)
+        ops._release_view(new.id)
+        ops._views[new.id] = (repo.open_backup(new.id), 1)  # the slower opener registers after
+        ops._release_view(new.id)
+        assert all(layer.fd < 0 for layer in getattr(first, "view", first).layers)
     finally:
-        repo.close()
+        ops.close_views()
 
 
-def test_looking_up_a_backup_does_not_list_them_all(tmp_path: Path) -> None:
+def test_looking_up_a_backup_does_not_list_them_all(repo: Repository, tmp_path: Path) -> None:
     """`ls -l` of 3,000 backups took 8-12 s: every lookup of one name listed
     the whole directory. A lookup reads one row; it finds what a listing
     shows, and nothing else (another device's backup, a bad name)."""
@@ -290,60 +291,55 @@ def test_looking_up_a_backup_does_not_list_them_all(tmp_path: Path) -> None:
 
     src = tmp_path / "src.img"
     src.write_bytes(random.Random(3).randbytes(1 * MiB))
-    Repository.init(str(tmp_path / "repo"))
-    repo = Repository.open(str(tmp_path / "repo"))
+    repo.add_device("d", str(src), 64 * KiB)
+    other = tmp_path / "other.img"
+    other.write_bytes(bytes(1 * MiB))
+    repo.add_device("e", str(other), 64 * KiB)
+    ids = [repo.backup("d", "full").record.id for _ in range(3)]
+    elsewhere = repo.backup("e", "full").record.id
+    ops = BackupOperations(repo)
     try:
-        repo.add_device("d", str(src), 64 * KiB)
-        other = tmp_path / "other.img"
-        other.write_bytes(bytes(1 * MiB))
-        repo.add_device("e", str(other), 64 * KiB)
-        ids = [repo.backup("d", "full").record.id for _ in range(3)]
-        elsewhere = repo.backup("e", "full").record.id
-        ops = BackupOperations(repo)
-        try:
-            listed: list[str] = []
-            plain = repo.backups
+        listed: list[str] = []
+        plain = repo.backups
 
-            def counting(name: str | None = None) -> list:
-                listed.append(name or "")
-                return plain(name)
+        def counting(name: str | None = None) -> list:
+            listed.append(name or "")
+            return plain(name)
 
-            repo.backups = counting  # type: ignore[method-assign]
-            backups_dir = ops.inodes.get(BACKUPS, "d")
+        repo.backups = counting  # type: ignore[method-assign]
+        backups_dir = ops.inodes.get(BACKUPS, "d")
 
-            async def lookups() -> None:
-                for i in ids:
-                    attrs = await ops.lookup(backups_dir.inode, i.encode(), None)
-                    assert attrs.st_size == 1 * MiB
-                link = await ops.lookup(backups_dir.inode, b"latest", None)
-                assert link.st_size == len(ids[-1])
-                for bad in (b"nope", b"\xff", ids[0].encode() + b"x", elsewhere.encode()):
-                    try:
-                        await ops.lookup(backups_dir.inode, bad, None)
-                    except pyfuse3.FUSEError as e:
-                        assert e.errno == errno.ENOENT
-                    else:
-                        raise AssertionError(f"{bad!r} was found")
+        async def lookups() -> None:
+            for i in ids:
+                attrs = await ops.lookup(backups_dir.inode, i.encode(), None)
+                assert attrs.st_size == 1 * MiB
+            link = await ops.lookup(backups_dir.inode, b"latest", None)
+            assert link.st_size == len(ids[-1])
+            for bad in (b"nope", b"\xff", ids[0].encode() + b"x", elsewhere.encode()):
+                try:
+                    await ops.lookup(backups_dir.inode, bad, None)
+                except pyfuse3.FUSEError as e:
+                    assert e.errno == errno.ENOENT
+                else:
+                    raise AssertionError(f"{bad!r} was found")
 
-            trio.run(lookups)
-            assert listed == []
+        trio.run(lookups)
+        assert listed == []
 
-            async def timeouts() -> None:
-                # The tree is fixed while mounted: the kernel keeps its names
-                # (a path walk asked for MOUNT/d and MOUNT/d/backups each time).
-                root = ops.inodes.get(ROOT)
-                devdir = await ops.lookup(root.inode, b"d", None)
-                assert devdir.entry_timeout > 0 and devdir.attr_timeout > 0
-                for name in (b"backups", b"snapshot", b"device", b"chain", b"bitmap"):
-                    entry = await ops.lookup(devdir.st_ino, name, None)
-                    assert entry.entry_timeout > 0, name
-                    # Only directories keep their attributes: the snapshot's size changes.
-                    assert (entry.attr_timeout > 0) == (name == b"backups"), name
-                latest = await ops.lookup(backups_dir.inode, b"latest", None)
-                assert latest.entry_timeout == 0  # it moves, and is gone with the last backup
+        async def timeouts() -> None:
+            # The tree is fixed while mounted: the kernel keeps its names
+            # (a path walk asked for MOUNT/d and MOUNT/d/backups each time).
+            root = ops.inodes.get(ROOT)
+            devdir = await ops.lookup(root.inode, b"d", None)
+            assert devdir.entry_timeout > 0 and devdir.attr_timeout > 0
+            for name in (b"backups", b"snapshot", b"device", b"chain", b"bitmap"):
+                entry = await ops.lookup(devdir.st_ino, name, None)
+                assert entry.entry_timeout > 0, name
+                # Only directories keep their attributes: the snapshot's size changes.
+                assert (entry.attr_timeout > 0) == (name == b"backups"), name
+            latest = await ops.lookup(backups_dir.inode, b"latest", None)
+            assert latest.entry_timeout == 0  # it moves, and is gone with the last backup
 
-            trio.run(timeouts)
-        finally:
-            ops.close_views()
+        trio.run(timeouts)
     finally:
-        repo.close()
+        ops.close_views()
