@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from backupfs.mountinfo import wait_for_exit
+from engine.repo import Repository
 
 
 def run(*cmd: str | os.PathLike[str], cwd: str | os.PathLike[str] | None = None) -> str:
@@ -124,6 +125,18 @@ def read_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
         monkeypatch.setattr(engine.chain, "_fastread", None)
         monkeypatch.setattr(engine.chain, "_chainindex", None)
     return str(request.param)
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Iterator[Repository]:
+    """An empty repository opened in this process, closed after the test
+    (files whose tests drive the CLI or a mount define their own)."""
+    Repository.init(str(tmp_path / "repo"))
+    r = Repository.open(str(tmp_path / "repo"))
+    try:
+        yield r
+    finally:
+        r.close()
 
 
 @pytest.fixture

@@ -167,17 +167,6 @@ def test_damaged_record_is_refused(tmp_path: Path, damage: str) -> None:
         ChecksumRecord.load(str(path))
 
 
-@pytest.fixture
-def repo(tmp_path: Path) -> Iterator[Repository]:
-    """An empty repository, closed after the test."""
-    Repository.init(str(tmp_path / "repo"))
-    r = Repository.open(str(tmp_path / "repo"))
-    try:
-        yield r
-    finally:
-        r.close()
-
-
 def test_idle_backup_views_are_bounded_by_memory(repo: Repository, tmp_path: Path) -> None:
     """The mount keeps recently read backups open, within a memory budget."""
     from backupfs.fs import BackupOperations

@@ -10,7 +10,6 @@ import random
 import sqlite3
 import struct
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,16 +27,6 @@ from conftest import cli, qemu_check, qemu_compare, qemu_img, qemu_io, qemu_raw,
 
 KiB = 1024
 MiB = 1024 * KiB
-
-
-@pytest.fixture
-def repo(tmp_path: Path) -> Iterator[Repository]:
-    Repository.init(str(tmp_path / "repo"))
-    r = Repository.open(str(tmp_path / "repo"))
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 def _source(path: Path, size: int, seed: int) -> Path:
