@@ -336,3 +336,53 @@ def cached_pages(fd: int, offset: int, length: int) -> int:
         return sum(b & 1 for b in vec)
     finally:
         libc.munmap(addr, size)
+
+
+# -- another local user ------------------------------------------------------------------
+
+
+class OtherUser:
+    """An unprivileged local user made for the test session: the hostile or
+    merely curious neighbour that the repository must keep out."""
+
+    def __init__(self, name: str) -> None:
+        import pwd
+
+        entry = pwd.getpwnam(name)
+        self.name = name
+        self.uid = entry.pw_uid
+        self.gid = entry.pw_gid
+
+    def run(self, *cmd: str | os.PathLike[str], check: bool = False, timeout: float = 60,
+            **kwargs: object) -> subprocess.CompletedProcess:
+        """Run a command as this user (no supplementary groups), output captured as text."""
+        return subprocess.run([str(c) for c in cmd], user=self.uid, group=self.gid, extra_groups=[],
+                              capture_output=True, text=True, check=check, timeout=timeout,
+                              **kwargs)  # type: ignore[call-overload]
+
+
+@pytest.fixture(scope="session")
+def other_user() -> Iterator[OtherUser]:
+    """A fresh system user with no home and no shell, removed after the session."""
+    name = f"bfstest{os.getpid() % 100000}"
+    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+                   check=True, capture_output=True)
+    try:
+        yield OtherUser(name)
+    finally:
+        subprocess.run(["userdel", name], capture_output=True)
+
+
+@pytest.fixture
+def open_tmp(tmp_path: Path) -> Iterator[Path]:
+    """A directory another user can reach and list (tmp_path's parents are
+    root's 0700 directories), removed after the test."""
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="bfs-open-", dir="/tmp"))
+    try:
+        d.chmod(0o755)
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
