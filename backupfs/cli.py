@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import resource
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+from engine.access import notices
 from engine.errors import BackupfsError
 
 from backupfs import cli_image, cli_mount, cli_ops, cli_repo
@@ -49,6 +51,25 @@ def _raise_fd_limit() -> None:
 
 def _say(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr)
+
+
+class NoticeHandler(logging.Handler):
+    """Hands each of the engine's notices (e.g. that a repository readable by
+    others was made private) to ``say``: one line, told once, not an error."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        super().__init__()
+        self.say = say
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.say(record.getMessage().replace("\n", "\\n"))
+
+
+def tell_notices(say: Callable[[str], None]) -> None:
+    """Send the engine's notices to ``say`` (replacing where they went)."""
+    for handler in list(notices.handlers):
+        notices.removeHandler(handler)
+    notices.addHandler(NoticeHandler(say))
 
 
 def _is_utf8(text: str) -> bool:
@@ -98,6 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if sys.stdout is None:
         _say("error: standard output is closed; give it a file (e.g. > /dev/null)")
         return 1
+    # The repository holds whole disks: nothing this process creates is for
+    # other users (the engine sets each repository file's mode as well).
+    os.umask(0o077)
+    tell_notices(_say)
     parser = build_parser()
     args = parser.parse_args(argv)
     _raise_fd_limit()

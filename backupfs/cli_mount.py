@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import stat
 import subprocess
 import sys
+from typing import TextIO
 
 from backupfs.mountinfo import find_mount, parse_options, read_mount_record, wait_for_exit
 from engine.errors import BackupfsError, UsageError
@@ -33,7 +35,7 @@ def _logging_to(stream_or_path: object) -> None:
     root = logging.getLogger()
     root.handlers.clear()
     if isinstance(stream_or_path, str):
-        handler: logging.Handler = logging.FileHandler(stream_or_path)
+        handler: logging.Handler = logging.StreamHandler(_open_log(stream_or_path))
     else:
         handler = logging.StreamHandler(stream_or_path)  # type: ignore[arg-type]
     handler.setFormatter(logging.Formatter(fmt))
@@ -41,9 +43,25 @@ def _logging_to(stream_or_path: object) -> None:
     root.setLevel(logging.INFO)
 
 
+def _open_log(path: str) -> TextIO:
+    """The daemon's log, appended to; created with the repository's file
+    mode (0600, or 0640 when shared with a group), whatever the umask."""
+    from engine.access import set_new_file_mode
+
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            set_new_file_mode(fd, path)
+        return os.fdopen(fd, "a", encoding="utf-8")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
-    from backupfs.cli import default_stop_signals
+    from backupfs.cli import default_stop_signals, tell_notices
     from backupfs.mount import serve  # pyfuse3 and trio: only the daemon needs them
+    from engine.access import notices
 
     default_stop_signals()  # the daemon has its own: unmount cleanly
 
@@ -51,6 +69,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     repo = os.path.abspath(args.repo)
     if args.foreground:
         _logging_to(sys.stderr)
+        notices.propagate = False  # on stderr already: once is enough
         errors: list[str] = []
         serve(repo, args.mountpoint, options, lambda msg: errors.append(msg) if msg else None)
         if errors:
@@ -68,6 +87,14 @@ def cmd_mount(args: argparse.Namespace) -> int:
             _detach_stdio()
             _logging_to(os.path.join(repo, LOG_FILE) if os.path.isdir(repo) else os.devnull)
             told = [False]
+
+            def note(text: str) -> None:
+                """A notice from opening the repository: the parent prints it on
+                its stderr, as any command does (the log keeps it too)."""
+                if not told[0]:
+                    os.write(w, f"NOTE {text}\n".encode())
+
+            tell_notices(note)
 
             def ready(message: str | None) -> None:
                 if told[0]:
@@ -89,6 +116,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
     os.waitpid(pid, 0)
     with os.fdopen(r, "rb") as f:
         answer = f.readline().decode(errors="replace").strip()
+        while answer.startswith("NOTE "):
+            print(f"backupfs: {answer[5:]}", file=sys.stderr)
+            answer = f.readline().decode(errors="replace").strip()
     if answer == "OK":
         return 0
     raise BackupfsError(answer[4:] if answer.startswith("ERR ") else "the mount daemon exited without a word")

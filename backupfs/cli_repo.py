@@ -28,8 +28,10 @@ if TYPE_CHECKING:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("init", help="create an empty repository")
+    p = sub.add_parser("init", help="create an empty repository (private: only its owner can read it)")
     p.add_argument("repo", metavar="REPO")
+    p.add_argument("--group", metavar="GROUP",
+                   help="let this group read the repository too (directories 2750, files 0640)")
     p.set_defaults(func=cmd_init)
 
     dev = sub.add_parser("device", help="register, list or remove devices")
@@ -73,9 +75,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from engine.access import resolve_group
     from engine.repo import Repository
 
-    Repository.init(args.repo)
+    Repository.init(args.repo, resolve_group(args.group) if args.group is not None else None)
     print(f"initialised backupfs repository {args.repo}")
     return 0
 

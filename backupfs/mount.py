@@ -69,8 +69,7 @@ def serve(repo_path: str, mountpoint: str, options: list[str], ready: Callable[[
         # Replaced, never written through: a symlink planted as mount.json
         # must not make us overwrite the file it points to.
         try:
-            atomic_write(record_path, json.dumps({"pid": os.getpid(), "mountpoint": mp, "repo": repo.path}).encode(),
-                         0o644)
+            atomic_write(record_path, json.dumps({"pid": os.getpid(), "mountpoint": mp, "repo": repo.path}).encode())
         except OSError as e:
             ready(f"cannot mount {mountpoint}: cannot write {record_path}: {e.strerror}")
             return

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from engine import durable
+from engine.access import set_new_file_mode
 from engine.errors import BackupfsError
 
 SCHEMA_VERSION = 1
@@ -169,13 +170,22 @@ class Catalog:
         conn.execute("PRAGMA foreign_keys=ON")
 
     @classmethod
-    def create(cls, path: str) -> Catalog:
+    def create(cls, path: str, group: int | None = None) -> Catalog:
+        """A new catalog at ``path``; ``group``: the gid the repository is shared with."""
+        # Made here, with the mode its directory calls for, before SQLite
+        # opens it: SQLite gives the -wal and -shm files the database's mode.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            set_new_file_mode(fd, path)
+        finally:
+            os.close(fd)
         conn = cls._connect(path)
         cls._configure(conn)
+        shared = "" if group is None else f"INSERT INTO meta VALUES ('group', '{int(group)}');\n"
         conn.executescript(
             "BEGIN;\n"
             + _SCHEMA
-            + f"INSERT INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}');\nCOMMIT;"
+            + f"INSERT INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}');\n{shared}COMMIT;"
         )
         return cls(conn, path)
 
@@ -278,6 +288,19 @@ class Catalog:
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
             return self._conn.execute(sql, args).fetchall()
+
+    def group(self) -> int | None:
+        """The gid ``init --group`` shared the repository with; None: private."""
+        rows = self._query("SELECT value FROM meta WHERE key = 'group'")
+        if not rows:
+            return None
+        try:
+            gid = int(rows[0][0])
+        except (TypeError, ValueError):
+            gid = -1
+        if not 0 <= gid < 2**32 - 1:
+            raise CatalogError(f"{self.path}: the recorded group {rows[0][0]!r} is not a group id")
+        return gid
 
     # -- devices -----------------------------------------------------------------
 

@@ -153,9 +153,9 @@ class ChecksumRecord:
     def save(self, path: str, atomic: bool = True) -> None:
         """Durable file; ``atomic=False`` writes in place (a new name the caller commits)."""
         if atomic:
-            atomic_write(path, self.encode_parts(), 0o644)
+            atomic_write(path, self.encode_parts())
         else:
-            write_new(path, self.encode_parts(), 0o644)
+            write_new(path, self.encode_parts())
 
     @classmethod
     def load(cls, path: str) -> ChecksumRecord:

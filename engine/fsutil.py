@@ -6,6 +6,7 @@ import os
 import stat
 
 from engine import durable
+from engine.access import set_new_file_mode
 
 
 def file_size(fd: int, st: os.stat_result | None = None) -> int:
@@ -44,8 +45,12 @@ def write_all(fd: int, data: Buffers) -> None:
             view = view[durable.fs.write(fd, view) :]
 
 
-def atomic_write(path: str, data: Buffers, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync directory."""
+def atomic_write(path: str, data: Buffers) -> None:
+    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync directory.
+
+    The file gets the mode its directory calls for (engine/access.py):
+    0600, or 0640 in a group-shared repository, whatever the umask.
+    """
     tmp = f"{path}.tmp"
     # A leftover (or a planted symlink) goes first; then only a file we
     # create ourselves is written: never through a link.
@@ -53,9 +58,10 @@ def atomic_write(path: str, data: Buffers, mode: int = 0o600) -> None:
         os.unlink(tmp)
     except FileNotFoundError:
         pass
-    fd = durable.fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+    fd = durable.fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         try:
+            set_new_file_mode(fd, path)
             write_all(fd, data)
             durable.fs.fsync(fd)
         except OSError as e:
@@ -72,10 +78,12 @@ def atomic_write(path: str, data: Buffers, mode: int = 0o600) -> None:
     fsync_dir(os.path.dirname(path) or ".")
 
 
-def write_new(path: str, data: Buffers, mode: int = 0o600) -> None:
-    """Create ``path`` with ``data``, fsynced; the caller makes the name durable."""
-    fd = durable.fs.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+def write_new(path: str, data: Buffers) -> None:
+    """Create ``path`` with ``data``, fsynced; the caller makes the name durable.
+    Its mode is as ``atomic_write``'s."""
+    fd = durable.fs.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
+        set_new_file_mode(fd, path)
         write_all(fd, data)
         durable.fs.fsync(fd)
     finally:

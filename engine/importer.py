@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 
 from engine import durable
+from engine.access import make_dir
 from engine.catalog import BackupRecord, Catalog
 from engine.chain import ChainView
 from engine.errors import UsageError
@@ -81,7 +82,7 @@ def import_chain(
     # it, the import left only images the catalog does not know, which the
     # next open of the repository removes: all of the import or none.
     ddir = os.path.join(repo_path, "devices", name)
-    os.makedirs(ddir, exist_ok=True)
+    make_dir(ddir)
     fsync_dir(os.path.dirname(ddir))  # the directory's own entry, before the catalog names it
     records: list[BackupRecord] = []
     prev: BackupRecord | None = None

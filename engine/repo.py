@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine import durable
+from engine.access import Access, make_dir, notices, secure
 from engine.bitmap import validate_granularity
 from engine.catalog import DISK_FULL, KINDS, BackupRecord, Catalog, CatalogError, DeviceRecord
 from engine.chain import ChainView
@@ -124,6 +125,20 @@ def _what_runs(pid: str) -> str:
     return f" ({text[:117] + '...' if len(text) > 120 else text})"
 
 
+def _make_private(path: str, catalog: Catalog) -> None:
+    """Bring the repository's modes to what it was made for (private, or its
+    group's), telling the user once if anyone else could read it: a
+    repository of an older version, made under umask 022, was world-readable."""
+    access = Access(catalog.group())
+    try:
+        opened_up = secure(path, access)
+    except OSError as e:
+        raise RepositoryError(f"{e.filename or path}: cannot make the repository {access.describe()}: "
+                              f"{e.strerror}", e.errno or errno.EIO) from None
+    if opened_up:
+        notices.warning("%s was readable by other users; made it %s", path, access.describe())
+
+
 class Repository:
     """An open repository, owned by this process until ``close``."""
 
@@ -140,8 +155,11 @@ class Repository:
     # -- lifecycle --------------------------------------------------------------
 
     @staticmethod
-    def init(path: str) -> None:
+    def init(path: str, group: int | None = None) -> None:
+        """Create an empty repository at ``path``: private, or readable by
+        group ``group`` (a gid) too; see engine/access.py."""
         path = os.path.abspath(path)
+        access = Access(group)
         if os.path.exists(os.path.join(path, CATALOG)):
             raise RepositoryError(f"{path} is already a backupfs repository", errno.EEXIST)
         if os.path.exists(path) and not os.path.isdir(path):
@@ -151,11 +169,14 @@ class Repository:
         made_dir = not os.path.exists(path)
         building = os.path.join(path, CATALOG + ".new")
         try:
-            os.makedirs(os.path.join(path, "devices"), exist_ok=True)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            make_dir(path, access)
+            secure(path, access)  # or the empty directory given, whatever its mode was
+            make_dir(os.path.join(path, "devices"), access)
             # Built under another name and renamed: a repository is there
             # whole, or not at all (a full disk used to leave an empty
             # catalog that made the directory neither usable nor new).
-            Catalog.create(building).close()
+            Catalog.create(building, group).close()
             durable.fs.replace(building, os.path.join(path, CATALOG))
             fsync_dir(path)
         except (OSError, sqlite3.Error) as e:
@@ -210,6 +231,12 @@ class Repository:
         except BaseException:
             os.close(lock_fd)
             raise
+        try:
+            _make_private(path, catalog)
+        except BaseException:
+            catalog.close()
+            os.close(lock_fd)
+            raise
         repo = cls(path, lock_fd, catalog)
         repo._recover()
         return repo
@@ -244,7 +271,8 @@ class Repository:
         for name in missing:
             # Lost by a crash of an older version, which did not make the
             # new directory durable: the device's bitmaps and backups need it.
-            os.makedirs(self._device_dir(name), exist_ok=True)
+            make_dir(devroot)
+            make_dir(self._device_dir(name))
         if missing:
             fsync_dir(devroot)
         for name in os.listdir(devroot):
@@ -343,7 +371,7 @@ class Repository:
         self._check_unclaimed(source, st)
         if existing is not None:
             return self._attach_source(existing, source, size, granularity)
-        os.makedirs(self._device_dir(name), exist_ok=True)
+        make_dir(self._device_dir(name))
         fsync_dir(os.path.join(self.path, "devices"))  # durable before the catalog names it
         return self.catalog.add_device(name, source, size, granularity)
 

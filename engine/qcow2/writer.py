@@ -27,6 +27,7 @@ from array import array
 from collections import OrderedDict
 
 from engine import durable
+from engine.access import set_new_file_mode
 from engine.errors import ImageError, UsageError
 from engine.qcow2.format import (
     MAX_CLUSTER_BITS,
@@ -116,7 +117,13 @@ class Qcow2Writer:
         self._writeback_from = cs  # appended bytes from here on not yet handed to writeback
         self.data_clusters = 0
         self._closed = False
-        self.fd = durable.fs.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self.fd = durable.fs.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            set_new_file_mode(self.fd, path)  # a disk's image: never readable by others, whatever the umask
+        except OSError:
+            durable.fs.close(self.fd)
+            os.unlink(path)
+            raise
 
     # -- context manager -------------------------------------------------
 
