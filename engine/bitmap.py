@@ -26,10 +26,9 @@ from bitarray.util import sc_decode, sc_encode
 from engine.checksums import _sc_nbits
 from engine.errors import BackupfsError, UsageError
 from engine.fsutil import atomic_write
-from engine.limits import MAX_GRANULES, granule_count
+from engine.limits import MAX_GRANULARITY, MAX_GRANULES, granule_count
 
 MIN_GRANULARITY = 512
-MAX_GRANULARITY = 64 * 1024 * 1024
 
 
 def validate_granularity(granularity: int) -> int:

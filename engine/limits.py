@@ -20,7 +20,7 @@ from engine.errors import UsageError
 from engine.units import format_size
 
 MAX_GRANULES = 1 << 27
-MAX_GRANULARITY = 64 * 1024 * 1024  # the bitmap's own upper bound
+MAX_GRANULARITY = 64 * 1024 * 1024  # the coarsest bitmap (engine/bitmap.py)
 MAX_DEVICE_SIZE = MAX_GRANULES * MAX_GRANULARITY  # 8 PiB
 
 
