@@ -112,6 +112,15 @@ def default_stop_signals() -> None:
             signal.signal(sig, signal.SIG_DFL)
 
 
+def _command_name(args: argparse.Namespace) -> str:
+    """``backupfs image info``: the subcommand words, for a message that names the operation."""
+    words = [PROG, getattr(args, "command", None)]
+    for key, value in vars(args).items():
+        if key.endswith("_command") and isinstance(value, str):
+            words.append(value)
+    return " ".join(w for w in words if w)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # Started with `2>&-` or `>&-`, Python has no stream there at all.
     if sys.stderr is None:
@@ -155,6 +164,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         bad = [a for a in (argv if argv is not None else sys.argv[1:]) if not _is_utf8(a)]
         _say(f"error: {bad[0]!r} is not valid UTF-8 text; backupfs keeps names, ids and paths as UTF-8"
              if bad else "error: text that is not valid UTF-8 cannot be stored or shown")
+        return 1
+    except MemoryError:
+        # The last resort: what an image, a file or an option makes us
+        # allocate is refused before it is; reaching here is a bug to report.
+        _say(f"error: out of memory while running '{_command_name(args)}' "
+             "(set BACKUPFS_DEBUG=1 for details)")
+        if os.environ.get("BACKUPFS_DEBUG"):
+            raise
         return 1
     except Exception as e:  # noqa: BLE001 - the last line of defence
         if os.environ.get("BACKUPFS_DEBUG"):

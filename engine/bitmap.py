@@ -23,11 +23,12 @@ import xxhash
 from bitarray import bitarray
 from bitarray.util import sc_decode, sc_encode
 
+from engine.checksums import _sc_nbits
 from engine.errors import BackupfsError, UsageError
 from engine.fsutil import atomic_write
+from engine.limits import MAX_GRANULARITY, MAX_GRANULES, granule_count
 
 MIN_GRANULARITY = 512
-MAX_GRANULARITY = 64 * 1024 * 1024
 
 
 def validate_granularity(granularity: int) -> int:
@@ -262,6 +263,7 @@ def decode_bitmap(path: str, data: bytes) -> StoredBitmap:
     end = _HEAD.size + plen
     if end > len(body) or len(body) - end > MAX_REASON:
         raise BitmapFileError(f"{path}: bitmap length mismatch")
+    _check_geometry(path, gran, size, body[_HEAD.size : end])
     try:
         bits = sc_decode(body[_HEAD.size : end])
         if bits.endian != "little":
@@ -276,6 +278,23 @@ def decode_bitmap(path: str, data: bytes) -> StoredBitmap:
         not flags & FLAG_UNTRUSTED,
         body[end:].decode("utf-8", "replace") or None,
     )
+
+
+def _check_geometry(path: str, granularity: int, size: int, payload: bytes) -> None:
+    """Refuse a header whose numbers would size the bitmap beyond what any
+    device has, before decoding allocates it: the payload declares its own
+    bit count, and a damaged or crafted file can claim 2^50 bits."""
+    if not MIN_GRANULARITY <= granularity <= MAX_GRANULARITY or granularity & (granularity - 1):
+        raise BitmapFileError(f"{path}: bitmap is damaged: granularity {granularity}")
+    granules = granule_count(size, granularity)
+    if granules > MAX_GRANULES:
+        raise BitmapFileError(f"{path}: bitmap is damaged: {granules} granules, more than any device has")
+    try:
+        declared = _sc_nbits(memoryview(payload))
+    except ValueError as e:
+        raise BitmapFileError(f"{path}: bitmap does not decode: {e}") from None
+    if declared != granules:
+        raise BitmapFileError(f"{path}: bitmap is damaged: {declared} bits for {granules} granules")
 
 
 def save_bitmap(

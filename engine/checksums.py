@@ -25,14 +25,16 @@ from bitarray.util import sc_decode, sc_encode
 
 from engine.errors import BackupfsError
 from engine.fsutil import atomic_write, write_new
+from engine.limits import MAX_GRANULARITY, MAX_GRANULES
 
 _MAGIC = b"BFSSUMS1"
 _HEAD = struct.Struct("<8sIQQQ")  # magic, granularity, device size, defined count, bitmap length
 
-# Sanity bounds on what a record file may claim: the spec's largest
-# granularity, and 2^36 granules (4 PiB at 64 KiB, 32 TiB at 512 B).
-_MAX_GRANULE = 64 * 1024 * 1024
-_MAX_GRANULES = 1 << 36
+# Sanity bounds on what a record file may claim: the largest granularity,
+# and no more granules than a device may have (engine/limits.py): a header
+# claiming more would size the bitmap decoded from it.
+_MAX_GRANULE = MAX_GRANULARITY
+_MAX_GRANULES = MAX_GRANULES
 
 _zero_hash_cache: dict[int, int] = {}
 

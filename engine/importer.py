@@ -22,8 +22,9 @@ from engine.catalog import BackupRecord, Catalog
 from engine.chain import ChainView
 from engine.errors import UsageError
 from engine.fsutil import file_size, fsync_dir
-from engine.job import copy_cluster_size, units_of
-from engine.prune import held_ranges, rewrite_image
+from engine.job import copy_cluster_size, units_of, units_of_extents
+from engine.limits import check_granules
+from engine.prune import held_extents, rewrite_image
 from engine.qcow2.backing import open_chain
 from engine.qcow2.layers import COMPRESSED, DATA, Qcow2Layer
 from engine.validate import utf8_path
@@ -59,6 +60,7 @@ def import_chain(
             layer.close()
     if size <= 0 or size % 512:
         raise UsageError(f"{tip}: virtual size {size} is not a non-zero multiple of 512")
+    check_granules(size, granularity, f"{tip}: the disk")
     if source is not None:
         source = utf8_path(os.path.abspath(source), "source")
         if os.path.commonpath([source, repo_path]) == repo_path:
@@ -102,17 +104,17 @@ def import_chain(
         unit = copy_cluster_size(granularity, cs)
         with ChainView.open(path) as content:
             own = content.layers[0]
-            ranges = held_ranges(own)
+            ranges = held_extents(own)
             if prev is None:  # a full needs only what is not zero
-                ranges = [(e.start, e.end) for e in own.allocation() if e.kind in (DATA, COMPRESSED)]
-            elif content.size < size:
+                ranges = ranges[(ranges[:, 2] == DATA) | (ranges[:, 2] == COMPRESSED)]
+            held = units_of_extents(ranges, unit, size)
+            if prev is not None and content.size < size:
                 # Past an image's end QEMU reads zeros, never its backing
                 # file: an image shorter than the tip hides the longer ones
                 # below it there. Ours are all the tip's size, so say it
                 # with zero clusters (the cluster its end falls in copied
                 # whole, with the zeros after the end).
-                ranges.append((content.size, size))
-            held = units_of([(a, min(b, size)) for a, b in ranges if a < size], unit, size)
+                held |= units_of([(content.size, size)], unit, size)
             tmp = os.path.join(ddir, f".tmp-{backup_id}.qcow2")
             writer, record = rewrite_image(
                 content, held, tmp, size, cs, granularity,

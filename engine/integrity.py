@@ -25,7 +25,7 @@ from engine.catalog import BackupRecord
 from engine.chain import ChainView
 from engine.checksums import ChecksumError, ChecksumRecord, overlay, set_bits, zero_hash
 from engine.errors import BackupfsError, ImageError
-from engine.job import cancelled
+from engine.job import cancelled, units_of_extents
 from engine.qcow2.check import check_image
 from engine.qcow2.layers import UNALLOC, Qcow2Layer, open_layer
 
@@ -138,15 +138,9 @@ def _zero_mismatches(granules: bitarray, hashes: np.ndarray, granularity: int, s
 
 def held_granules(image: str, size: int, granularity: int) -> bitarray:
     """The granules of a ``size``-byte disk that one image itself holds."""
-    g = granularity
-    covers = bitarray(-(-size // g), endian="little")
-    covers.setall(0)
     with open_layer(image, "qcow2") as layer:
-        for e in layer.allocation():
-            end = min(e.end, size)
-            if e.kind != UNALLOC and e.start < end:
-                covers[e.start // g : -(-end // g)] = 1
-    return covers
+        rows = layer.extents()
+        return units_of_extents(rows[rows[:, 2] != UNALLOC], granularity, size)
 
 
 # -- verify -------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 from bitarray import bitarray
 
 from engine import durable
@@ -39,7 +40,7 @@ from engine.integrity import ChecksumMismatch
 from engine.checksums import ChecksumRecord
 from engine.errors import ImageError, UsageError
 from engine.fsutil import fsync_dir
-from engine.job import BackupJob, JobError, JobPlan, Source, copy_cluster_size, units_of
+from engine.job import BackupJob, JobError, JobPlan, Source, copy_cluster_size, units_of_extents
 from engine.qcow2.layers import UNALLOC, Layer, open_layer
 from engine.qcow2.writer import Qcow2Writer
 
@@ -128,9 +129,11 @@ class ViewSource(Source):
         return data
 
 
-def held_ranges(layer: Layer) -> list[tuple[int, int]]:
-    """What one image itself holds (data, zeros or compressed), not its backing."""
-    return [(e.start, e.end) for e in layer.allocation() if e.kind != UNALLOC]
+def held_extents(layer: Layer) -> np.ndarray:
+    """What one image itself holds (data, zeros or compressed), not its
+    backing, as extent rows in order (see ``units_of_extents``)."""
+    rows = layer.extents()
+    return rows[rows[:, 2] != UNALLOC]
 
 
 def rewrite_image(
@@ -196,7 +199,8 @@ def remove_backup(
             tmp_sums = os.path.join(ddir, f".tmp-merge-{c.id}.sums")
             unit = copy_cluster_size(c.granularity, c.cluster_size)
             with open_layer(c_image, "qcow2") as c_layer, open_layer(x_image, "qcow2") as x_layer:
-                held = units_of(held_ranges(c_layer) + held_ranges(x_layer), unit, c.size)
+                held = (units_of_extents(held_extents(c_layer), unit, c.size)
+                        | units_of_extents(held_extents(x_layer), unit, c.size))
             with (open_content(c) if open_content else ChainView.open(c_image)) as content:
                 writer, record = rewrite_image(
                     content, held, tmp_image, c.size, c.cluster_size, c.granularity,

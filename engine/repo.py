@@ -43,6 +43,7 @@ from engine.checksums import ChecksumError, ChecksumRecord, Unrecorded, granule_
 from engine.device import Device, DeviceError, distrust_saved_bitmaps
 from engine.errors import BackupfsError, ImageError, UsageError
 from engine.fsutil import file_size, fsync_dir
+from engine.limits import check_granules
 from engine.integrity import Problem, VerifiedView, VerifyReport, held_granules, verify_backup
 from engine.stopsignals import STOP_SIGNALS
 from engine.units import format_size
@@ -368,6 +369,7 @@ class Repository:
             os.close(fd)
         if size <= 0 or size % 512:
             raise UsageError(f"source {source} is {size} bytes; a device must be a non-zero multiple of 512")
+        check_granules(size, granularity, f"source {source}")
         self._check_unclaimed(source, st)
         if existing is not None:
             return self._attach_source(existing, source, size, granularity)

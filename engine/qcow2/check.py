@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -263,11 +264,53 @@ class _Checker:
         if active:
             copied = (entries[aligned[~beyond]] & np.uint64(OFLAG_COPIED)) != 0
             self._copied_later.append((inside, copied, where, aligned[~beyond]))
-        for i in np.flatnonzero(comp).tolist():
-            coff, csize = self.layer.compressed_span(int(entries[i]))
-            self.inc(coff, csize, _COMPRESSED, f"compressed cluster ({where} entry {i})", weight)
-            if int(entries[i]) & OFLAG_COPIED:
-                self.report.error(f"{where} entry {i}: compressed cluster with the COPIED flag")
+        self._count_compressed(entries, np.flatnonzero(comp), where, weight)
+
+    def _count_compressed(self, entries: np.ndarray, idx: np.ndarray, where: str, weight: int) -> None:
+        """``inc`` for the compressed entries ``idx`` of one L2 table, all at once.
+
+        Vectorised: a table can hold thousands of compressed entries, and a
+        small hostile file millions (all naming one cluster), which took
+        minutes one ``inc`` at a time.
+        """
+        if not idx.size:
+            return
+        cs = self.cs
+        desc = entries[idx]
+        shift = np.uint64(self.h.csize_shift)
+        coff = desc & np.uint64((1 << self.h.csize_shift) - 1)
+        sectors = ((desc >> shift) & np.uint64((1 << (self.h.cluster_bits - 8)) - 1)) + np.uint64(1)
+        csize = sectors * np.uint64(512) - (coff & np.uint64(511))
+        first = (coff // np.uint64(cs)).astype(np.int64)
+        last = ((coff + csize - np.uint64(1)) // np.uint64(cs)).astype(np.int64)
+        beyond = last >= self.nclusters
+        self._report_entries(
+            idx[beyond], coff[beyond],
+            lambda i, off: f"compressed cluster ({where} entry {i}) at {off:#x} lies beyond the end of the file",
+        )
+        first, last, inside_idx, inside_off = first[~beyond], last[~beyond], idx[~beyond], coff[~beyond]
+        if first.size:
+            self._reach(int(last.max()) + 1)
+            for k in range(int((last - first).max()) + 1):
+                spans = first + k <= last
+                clusters = first[spans] + k
+                np.add.at(self.refs, clusters, weight)
+                prev = self.roles[clusters]
+                clash = (prev != 0) & (prev != _COMPRESSED)
+                self._report_entries(
+                    inside_idx[spans][clash], clusters[clash],
+                    lambda i, c: f"compressed cluster ({where} entry {i}) at {c * cs:#x} overlaps a "
+                    f"{_ROLE_NAMES[int(self.roles[c])]}",
+                )
+                self.roles[clusters] = np.where(prev == 0, np.uint8(_COMPRESSED), prev)
+        copied = idx[(desc & np.uint64(OFLAG_COPIED)) != 0]
+        self._report_entries(copied, copied, lambda i, _: f"{where} entry {i}: compressed cluster with the COPIED flag")
+
+    def _report_entries(self, idx: np.ndarray, offsets: np.ndarray, message: Callable[[int, int], str]) -> None:
+        """One error per entry: the first messages written, the rest counted."""
+        for i, off in zip(idx[:_MAX_MESSAGES].tolist(), offsets[:_MAX_MESSAGES].tolist()):
+            self.report.error(message(i, off))
+        self.report.error_count += max(0, len(idx) - _MAX_MESSAGES)
 
     def _roles_for(self, clusters: np.ndarray, role: int, where: str) -> None:
         if clusters.size == 0:

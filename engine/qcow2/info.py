@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
+
 from engine.qcow2.layers import COMPRESSED, DATA, ZERO, Layer, Qcow2Layer
 
 
@@ -19,9 +21,13 @@ def describe_layer(layer: Layer, depth: int) -> dict[str, Any]:
         "actual-size": st.st_blocks * 512,
         "file-size": layer.file_size,
     }
-    alloc = layer.allocation()
-    info["data-bytes"] = sum(e.end - e.start for e in alloc if e.kind in (DATA, COMPRESSED))
-    info["zero-bytes"] = sum(e.end - e.start for e in alloc if e.kind == ZERO)
+    # Summed over the layer's extent rows, never a Python object per
+    # extent: a small image can map millions of clusters one by one.
+    rows = layer.extents()
+    kinds = rows[:, 2]
+    lengths = rows[:, 1] - rows[:, 0]
+    info["data-bytes"] = int(lengths[(kinds == DATA) | (kinds == COMPRESSED)].sum(dtype=np.uint64))
+    info["zero-bytes"] = int(lengths[kinds == ZERO].sum(dtype=np.uint64))
     if isinstance(layer, Qcow2Layer):
         h = layer.header
         info.update(
@@ -34,7 +40,7 @@ def describe_layer(layer: Layer, depth: int) -> dict[str, Any]:
                 "dirty-flag": bool(h.incompatible_features & 1),
                 "corrupt": h.corrupt,
                 "snapshots": h.nb_snapshots,
-                "compressed-clusters": sum(1 for e in alloc if e.kind == COMPRESSED),
+                "compressed-clusters": int(np.count_nonzero(kinds == COMPRESSED)),
             }
         )
         if h.backing_file is not None:

@@ -268,12 +268,13 @@ class Qcow2Layer(Layer):
         raw = self._pread_exact(n * 8, self.header.l1_table_offset, "L1 table")
         return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
 
-    def l2_offsets(self) -> list[tuple[int, int]]:
-        """(l1 index, L2 table offset) for every allocated L2 table, validated.
+    def l2_offsets(self) -> np.ndarray:
+        """Rows of (l1 index, L2 table offset) for every allocated L2 table, validated.
 
         A table referenced twice by the active L1 is refused: valid images
         never do it, and it is how a small hostile file would make us walk
-        terabytes of mappings.
+        terabytes of mappings. Checked as arrays: an L1 table may hold 4
+        million entries, and a set and a tuple for each took hundreds of MB.
         """
         l1 = self.l1_table()
         cs = self.cluster_size
@@ -283,19 +284,21 @@ class Qcow2Layer(Layer):
             raise ImageError(self.path, f"L1 entry {i} has reserved bits set ({int(l1[i]):#x})")
         offsets = l1 & np.uint64(OFFSET_MASK)
         used = np.flatnonzero(offsets)
-        out: list[tuple[int, int]] = []
-        seen: set[int] = set()
-        for i in used.tolist():
-            off = int(offsets[i])
-            if off % cs:
+        offs = offsets[used]
+        misaligned = (offs % np.uint64(cs)) != 0
+        outside = offs + np.uint64(cs) > np.uint64(self.file_size)
+        again = np.ones(len(offs), dtype=bool)  # an offset met before, in L1 order
+        again[np.unique(offs, return_index=True)[1]] = False
+        wrong = np.flatnonzero(misaligned | outside | again)
+        if wrong.size:
+            k = int(wrong[0])
+            i, off = int(used[k]), int(offs[k])
+            if misaligned[k]:
                 raise ImageError(self.path, f"L2 table offset {off:#x} (L1 entry {i}) is not cluster-aligned")
-            if off + cs > self.file_size:
+            if outside[k]:
                 raise ImageError(self.path, f"L2 table at {off:#x} (L1 entry {i}) lies outside the file")
-            if off in seen:
-                raise ImageError(self.path, f"L2 table at {off:#x} is referenced twice by the L1 table")
-            seen.add(off)
-            out.append((i, off))
-        return out
+            raise ImageError(self.path, f"L2 table at {off:#x} is referenced twice by the L1 table")
+        return np.stack((used.astype(np.int64), offs.astype(np.int64)), axis=1)
 
     def decode_l2(self, l1_index: int, l2_offset: int) -> np.ndarray:
         """Extents of one L2 table as rows, clipped to the virtual size, validated."""
@@ -382,20 +385,20 @@ class Qcow2Layer(Layer):
                 f"{problem} (L2 table at {table:#x}, entry {i}, guest offset {guest:#x}: {int(entries[j]):#x})",
             )
 
-    def _decode_batches(self, tables: list[tuple[int, int]]) -> np.ndarray:
+    def _decode_batches(self, tables: np.ndarray) -> np.ndarray:
         """_decode_tables over the whole disk, in batches of at most
         _BATCH_ENTRIES entries: its temporaries cost ~100 bytes an entry, so
         a layer of millions of clusters mapped all at once (a big image a
         VM wrote at random) took gigabytes on top of its extents."""
         per_batch = max(1, _BATCH_ENTRIES // self.header.l2_entries)
         if len(tables) <= per_batch:
-            return self._decode_tables(tables, 0, self.size)
+            return self._decode_tables(tables.tolist(), 0, self.size)
         per_l2 = self.header.l2_entries * self.cluster_size
         parts: list[np.ndarray] = []
         start = 0
         for k in range(0, len(tables), per_batch):
-            batch = tables[k : k + per_batch]
-            end = tables[k + per_batch][0] * per_l2 if k + per_batch < len(tables) else self.size
+            batch = tables[k : k + per_batch].tolist()
+            end = int(tables[k + per_batch, 0]) * per_l2 if k + per_batch < len(tables) else self.size
             parts.append(self._decode_tables(batch, start, end))
             start = end
         return join_rows(parts)
@@ -457,7 +460,7 @@ class Qcow2Layer(Layer):
         parts: list[np.ndarray] = []
         pos = 0
         per_l2 = self.header.l2_entries * self.cluster_size
-        for i, off in tables:
+        for i, off in tables.tolist():
             start = i * per_l2
             if start > pos:
                 parts.append(np.array([[pos, start, UNALLOC, 0]], dtype=np.uint64))
