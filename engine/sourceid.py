@@ -11,9 +11,9 @@ opened with O_PATH (no driver is opened, no FIFO blocks) and O_NOFOLLOW,
 checked with fstat, then opened for I/O through that very descriptor.
 
 A symlink as the path's last component is followed only when nobody but
-root (or the user backupfs runs as) can have made it: owned by one of them,
-in a directory no one else can write (or a sticky one, like /tmp, where
-only its owner can replace it). Those are an administrator's names: udev's
+root (or the user backupfs runs as) can have made or changed it: owned by
+one of them, in a directory one of them owns that no one else can write
+(or a sticky one, like /tmp, where only its owner can replace it). Those are an administrator's names: udev's
 /dev/VG/LV, /dev/mapper/NAME, /dev/disk/by-id/... A symlink in a directory
 further up is the administrator's choice too; the identity check covers
 whatever it leads to.
@@ -100,23 +100,29 @@ def kind_of(st: os.stat_result) -> str:
 
 def trusted_link(path: str, link: os.stat_result) -> bool:
     """Whether the symlink ``path`` (lstat ``link``) is an administrator's:
-    owned by root or by us, in a directory nobody else can change it in."""
-    if link.st_uid not in (0, os.geteuid()):
+    owned by root or by us, in a directory nobody else can change it in
+    (owned by one of us too, and writable by nobody else or sticky)."""
+    ours = (0, os.geteuid())
+    if link.st_uid not in ours:
         return False
     try:
         parent = os.stat(os.path.dirname(os.path.abspath(path)))
     except OSError:
         return False
-    return not parent.st_mode & 0o022 or bool(parent.st_mode & stat.S_ISVTX)
+    return parent.st_uid in ours and (not parent.st_mode & 0o022 or bool(parent.st_mode & stat.S_ISVTX))
 
 
 def _refuse_link(path: str, link: os.stat_result) -> None:
-    if not trusted_link(path, link):
-        try:
-            points = os.readlink(path)
-        except OSError:
-            points = "?"
-        raise PathRefused(f"a symlink (to {points}) that user {link.st_uid} could have made or changed", link=True)
+    if trusted_link(path, link):
+        return
+    try:
+        points = os.readlink(path)
+    except OSError:
+        points = "?"
+    if link.st_uid not in (0, os.geteuid()):
+        raise PathRefused(f"a symlink (to {points}) made by user {link.st_uid}", link=True)
+    raise PathRefused(f"a symlink (to {points}) in {os.path.dirname(os.path.abspath(path))}, where another "
+                      "user can change it", link=True)
 
 
 def hold_path(path: str) -> tuple[int, os.stat_result]:

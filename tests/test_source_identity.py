@@ -83,7 +83,7 @@ def test_a_source_replaced_by_another_users_symlink_is_never_read_or_written(
     assert proc.returncode == 0 and src.is_symlink(), proc.stderr
 
     err = _one_line(cli("backup", repo, "vm1", "incremental", check=False))
-    assert f"device vm1: source {src} now leads to a symlink (to {secret}) that user {other_user.uid}" in err, err
+    assert f"device vm1: source {src} now leads to a symlink (to {secret}) made by user {other_user.uid}" in err, err
     assert f"backupfs device add --replace {repo} vm1 {src}" in err, err
     assert len(_backup_ids(repo)) == 1
     # Forced, even: the restore does not write through it.
@@ -163,6 +163,20 @@ def test_a_moved_in_source_is_refused_until_replace_then_scanned(tmp_path: Path)
     qemu_compare(_latest_image(repo), src)
     out = cli("backup", repo, "vm1", "incremental").stdout.decode()
     assert "scanned" not in out, out  # held again: the bitmap is trusted
+
+
+def test_a_symlink_root_made_where_another_user_can_change_it_is_not_followed(
+    tmp_path: Path, user_dir: Path, secret: Path
+) -> None:
+    """Root's own link, but in the user's directory: they could point it
+    elsewhere between the check and the open, so it is not followed."""
+    link = user_dir / "disk.raw"
+    link.symlink_to(secret)
+    repo = tmp_path / "repo"
+    cli("init", repo)
+    err = _one_line(cli("device", "add", repo, "vm1", link, check=False))
+    assert f"source {link} is a symlink (to {secret}) in {user_dir}, where another user can change it" in err, err
+    assert not cli("device", "list", repo).stdout
 
 
 def test_a_catalog_from_before_identities_records_one_at_the_next_open(tmp_path: Path) -> None:
