@@ -166,16 +166,17 @@ def _restore_through_mount(record: MountRecord, args: argparse.Namespace, in_pla
     """Mounted: read the backup through the mount (the daemon checks checksums)."""
     from engine.restore import check_in_place_target, check_target, restore_to
 
-    real = os.path.realpath(args.target)
+    from engine.restore import source_named
+
     with catalog_for_reading(args.repo) as catalog:
         if catalog.device(args.name) is None:
             raise UsageError(f"no device named {args.name!r}")
-        for d in catalog.devices():
-            if d.source and os.path.realpath(d.source) == real:
-                raise UsageError(
-                    f"{args.target} is the source of device {d.name}, which is mounted at "
-                    f"{record.mountpoint}; unmount before restoring over it"
-                )
+        d = source_named(args.target, catalog.devices())
+        if d is not None:
+            raise UsageError(
+                f"{args.target} is the source of device {d.name}, which is mounted at "
+                f"{record.mountpoint}; unmount before restoring over it"
+            )
     backups = os.path.join(record.mountpoint, args.name, "backups")
     ident = args.backup
     if ident == "latest":
@@ -211,7 +212,8 @@ def _restore_through_mount(record: MountRecord, args: argparse.Namespace, in_pla
                 ) from None
 
         with progress_reporter(sys.stderr.isatty(), f"restore {args.name}") as update:
-            result = restore_to(read, size, args.target, kind=kind, on_progress=update)
+            result = restore_to(read, size, args.target, kind=kind, on_progress=update,
+                                repository=os.path.abspath(args.repo))
     finally:
         try:
             os.close(fd)

@@ -43,6 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", metavar="NAME")
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("--granularity", help="dirty bitmap granularity (512 to 64M, default 64K)")
+    p.add_argument("--replace", action="store_true",
+                   help="rebind an existing device to SOURCE on purpose (another path, or the file now at its "
+                        "path); same size; its next backup scans")
     p.set_defaults(func=cmd_device_add)
     p = dsub.add_parser("list", help="the registered devices")
     p.add_argument("repo", metavar="REPO")
@@ -87,6 +90,14 @@ def cmd_device_add(args: argparse.Namespace) -> int:
     from engine.repo import Repository
 
     granularity = parse_size(args.granularity, "granularity") if args.granularity is not None else None
+    if args.replace:
+        if granularity is not None:
+            raise UsageError("--replace keeps the device's granularity; leave out --granularity")
+        with Repository.open(args.repo) as repo:
+            rec = repo.replace_source(args.name, args.source)
+        print(f"device {rec.name}: source rebound to {rec.source}; its next backup compares checksums "
+              "(nothing recorded what changed on it)")
+        return 0
     with Repository.open(args.repo) as repo:
         before = repo.catalog.device(args.name)
         attach = before is not None and not before.source  # an imported archive

@@ -51,6 +51,7 @@ from engine.errors import BackupfsError, ImageError
 from engine.job import CancelRequest, FailingSource, Source
 from engine.prune import RetentionPolicy
 from engine.repo import Repository
+from engine.sourceid import SourceId
 
 log = logging.getLogger("backupfs.fs")
 
@@ -348,8 +349,10 @@ class BackupOperations(pyfuse3.Operations):
             a.st_size = rec.size
             a.st_blocks = (rec.size + 511) // 512
             a.st_blksize = BIG_BLKSIZE
-            try:
-                mtime = os.stat(rec.source).st_mtime_ns
+            try:  # the source's, if its path still leads to it (never another file's)
+                at_path = os.stat(rec.source)
+                if SourceId.of(at_path) == rec.identity:
+                    mtime = at_path.st_mtime_ns
             except OSError:
                 pass
         elif node.kind in (SNAPSHOT, CHAIN, BITMAP):

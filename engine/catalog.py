@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from engine import durable
 from engine.access import set_new_file_mode
 from engine.errors import BackupfsError
+from engine.sourceid import SourceId
 
 SCHEMA_VERSION = 1
 KINDS = ("full", "incremental", "differential")
@@ -90,6 +91,9 @@ class DeviceRecord:
     size: int
     granularity: int
     created_ns: int
+    # What the source path led to when it was bound (None: a catalog from
+    # before identities were kept, until the device's next open records it).
+    identity: SourceId | None = None
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,10 @@ class Catalog:
         self._lock = threading.RLock()
         # Why it could only be opened for reading (a full disk), or None.
         self.frozen = frozen
+        # A catalog opened read-only may predate the column: read NULL then.
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(devices)")}
+        identity = "source_identity" if "source_identity" in columns else "NULL"
+        self._device_columns = f"name, source, size, granularity, created_ns, {identity}"
 
     # -- opening -------------------------------------------------------------
 
@@ -187,6 +195,7 @@ class Catalog:
             + _SCHEMA
             + f"INSERT INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}');\n{shared}COMMIT;"
         )
+        _add_source_identity(conn)
         return cls(conn, path)
 
     @classmethod
@@ -234,6 +243,7 @@ class Catalog:
         if not readonly and frozen is None:
             try:
                 cls._configure(conn)
+                _add_source_identity(conn)
             except sqlite3.DatabaseError as e:
                 conn.close()
                 raise CatalogError(f"{path}: cannot open the catalog for writing ({e})") from None
@@ -305,14 +315,16 @@ class Catalog:
     # -- devices -----------------------------------------------------------------
 
     def add_device(self, name: str, source: str, size: int, granularity: int,
-                   backups: Sequence[BackupRecord] = ()) -> DeviceRecord:
+                   backups: Sequence[BackupRecord] = (), identity: SourceId | None = None) -> DeviceRecord:
         """Add a device, with ``backups`` (an import) in the same commit: all or none."""
-        rec = DeviceRecord(name, source, size, granularity, time.time_ns())
+        rec = DeviceRecord(name, source, size, granularity, time.time_ns(), identity)
         try:
             with self.transaction() as c:
                 c.execute(
-                    "INSERT INTO devices VALUES (?, ?, ?, ?, ?)",
-                    (rec.name, rec.source, rec.size, rec.granularity, rec.created_ns),
+                    "INSERT INTO devices (name, source, size, granularity, created_ns, source_identity) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (rec.name, rec.source, rec.size, rec.granularity, rec.created_ns,
+                     identity.encode() if identity else None),
                 )
                 for b in backups:
                     self._insert_backup(c, b)
@@ -320,10 +332,19 @@ class Catalog:
             raise CatalogError(f"device {name!r} already exists") from None
         return rec
 
-    def set_source(self, name: str, source: str) -> None:
-        """Give a device (an imported archive) the source its next backups read."""
+    def set_source(self, name: str, source: str, identity: SourceId) -> None:
+        """Bind a device to the source its next backups read, and to what that
+        path leads to now (an imported archive's source, or a rebind)."""
         with self.transaction() as c:
-            c.execute("UPDATE devices SET source = ? WHERE name = ?", (source, name))
+            c.execute("UPDATE devices SET source = ?, source_identity = ? WHERE name = ?",
+                      (source, identity.encode(), name))
+
+    def record_source_identity(self, name: str, identity: SourceId) -> None:
+        """Keep the identity of a source bound before identities were kept
+        (its first open since): from then on it is held by it."""
+        with self.transaction() as c:
+            c.execute("UPDATE devices SET source_identity = ? WHERE name = ? AND source_identity IS NULL",
+                      (identity.encode(), name))
 
     def remove_device(self, name: str) -> None:
         with self.transaction() as c:
@@ -332,14 +353,20 @@ class Catalog:
             c.execute("DELETE FROM devices WHERE name = ?", (name,))
 
     def device(self, name: str) -> DeviceRecord | None:
-        rows = self._query("SELECT name, source, size, granularity, created_ns FROM devices WHERE name = ?", (name,))
-        return DeviceRecord(*rows[0]) if rows else None
+        rows = self._query(f"SELECT {self._device_columns} FROM devices WHERE name = ?", (name,))
+        return self._device(rows[0]) if rows else None
 
     def devices(self) -> list[DeviceRecord]:
-        return [
-            DeviceRecord(*r)
-            for r in self._query("SELECT name, source, size, granularity, created_ns FROM devices ORDER BY name")
-        ]
+        return [self._device(r) for r in self._query(f"SELECT {self._device_columns} FROM devices ORDER BY name")]
+
+    def _device(self, row: tuple) -> DeviceRecord:
+        name, source, size, granularity, created_ns, identity = row
+        try:
+            held = SourceId.decode(identity) if identity is not None else None
+        except (ValueError, AttributeError):
+            raise CatalogError(f"{self.path}: device {name!r} has a source identity that is not one "
+                               f"backupfs writes ({identity!r})") from None
+        return DeviceRecord(name, source, size, granularity, created_ns, held)
 
     # -- backups -------------------------------------------------------------------
 
@@ -501,6 +528,22 @@ class Catalog:
                 (time.time_ns(),),
             )
             return cur.rowcount
+
+
+def _add_source_identity(conn: sqlite3.Connection) -> None:
+    """Upgrade step, idempotent, run whenever the catalog is opened for
+    writing: the column that holds each device's source identity (see
+    engine/sourceid.py). NULL (a catalog from before it) is recorded at the
+    device's next open. The schema version stays: an older backupfs still
+    reads the catalog (it names the columns it reads). One that cannot add
+    it now (a failing disk) opens without it: devices read as not yet
+    recorded, and recording one fails as any write to it would."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(devices)")}
+    if "source_identity" not in columns:
+        try:
+            conn.execute("ALTER TABLE devices ADD COLUMN source_identity TEXT")
+        except sqlite3.OperationalError:
+            pass
 
 
 def _wal_empty(path: str) -> bool:

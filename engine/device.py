@@ -34,6 +34,7 @@ from engine.catalog import DeviceRecord
 from engine.errors import BackupfsError
 from engine.fsutil import file_size
 from engine.nowait import WouldBlock, can_answer, edges_cached, read_cached
+from engine.sourceid import PathRefused, SourceId, hold_path, kind_of, open_disk
 
 if TYPE_CHECKING:
     from engine.job import BackupJob
@@ -129,6 +130,9 @@ class Device:
         self.size = record.size
         self.granularity = record.granularity
         self.state_dir = state_dir
+        # What the source path must lead to: the recorded identity, or (a
+        # catalog from before they were kept) what it leads to at this open.
+        self.source_id = record.identity
         self.fd, self.read_only = self._open_source()
         self.writes_inline = can_answer(self.fd)  # see write(nowait=True)
         self.gate = WriteGate()
@@ -154,22 +158,36 @@ class Device:
             raise
 
     def _open_source(self) -> tuple[int, bool]:
-        """(fd, read-only) of the source, which must still be the registered size."""
+        """(fd, read-only) of the source, which must still be the disk it was
+        bound to (see engine/sourceid.py) and the registered size."""
         read_only = False
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-        except PermissionError:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-            read_only = True
+            try:
+                fd, found = open_disk(self.path, os.O_RDWR, self.source_id)
+            except PermissionError:
+                fd, found = open_disk(self.path, os.O_RDONLY, self.source_id)
+                read_only = True
+        except PathRefused as e:
+            raise self._refused(e.found) from None
         except FileNotFoundError:
             raise DeviceError(f"device {self.name}: source {self.path} does not exist", errno.EIO) from None
         except OSError as e:
             raise DeviceError(f"device {self.name}: cannot open source {self.path}: {e.strerror}") from None
+        self.source_id = found
         actual = file_size(fd)
         if actual != self.size:
             os.close(fd)
             raise DeviceError(self._resized(actual), errno.EIO)
         return fd, read_only
+
+    def _refused(self, found: str) -> DeviceError:
+        """The one-line refusal of a source path that leads elsewhere: what
+        it found, and how to bind the device to it if that is on purpose."""
+        repo = os.path.dirname(os.path.dirname(self.state_dir))
+        return DeviceError(
+            f"device {self.name}: source {self.path} now leads to {found}; nothing is read from it or "
+            f"written to it. If that is the device's disk now, rebind it: "
+            f"backupfs device add --replace {repo} {self.name} {self.path}", errno.EIO)
 
     def _resized(self, actual: int) -> str:
         return (f"device {self.name}: source {self.path} is {actual} bytes, "
@@ -208,37 +226,29 @@ class Device:
         """Notice a source replaced, resized or removed behind our back.
 
         The caller holds the gate exclusively (no write in flight), as a
-        job's start does. A device is bound to its source's path: a path
-        that now names another file (``mv new.img src.img``) is followed,
-        and the bitmaps are distrusted, since nobody knows what differs.
-        A source that is gone or changed size is an error: nothing is
-        read from it or written to it as if it were the device, and the
-        bitmaps are distrusted for when it is back.
+        job's start does. A device is bound to its source's identity: a
+        path that now leads to another file or disk (``mv new.img
+        src.img``, a symlink to another user's disk) or to something that
+        is no disk at all is refused, until ``device add --replace`` binds
+        it on purpose. A source that is gone or changed size is an error
+        too: nothing is read from it or written to it as if it were the
+        device, and the bitmaps are distrusted for when it is back.
         """
         try:
-            at_path = os.stat(self.path)
+            probe, at_path = hold_path(self.path)
+        except PathRefused as e:
+            raise self._refused(e.found) from None
         except OSError as e:
             self.distrust(f"its source {self.path} went away behind backupfs's back")
             raise DeviceError(
                 f"device {self.name}: source {self.path} is gone ({e.strerror}); "
                 "it was removed or renamed behind backupfs's back", errno.EIO,
             ) from None
+        os.close(probe)
+        found = SourceId.of(at_path)
+        if found != self.source_id:
+            raise self._refused(found.describe() if found is not None else kind_of(at_path))
         held = os.fstat(self.fd)
-        if (at_path.st_dev, at_path.st_ino) != (held.st_dev, held.st_ino):
-            if self.job is not None:  # its copy keeps reading the file it started on
-                self.distrust(f"its source {self.path} was replaced behind backupfs's back")
-                raise DeviceError(
-                    f"device {self.name}: source {self.path} was replaced while a backup of it runs; "
-                    "try again when it is done", errno.EBUSY,
-                )
-            try:
-                self._hold_source_at_path()
-            except DeviceError:
-                self.distrust(f"its source {self.path} was replaced behind backupfs's back")
-                raise
-            self.distrust(f"its source {self.path} was replaced behind backupfs's back")
-            self._persist(in_use=True)
-            return
         actual = file_size(self.fd)
         if actual != self.size:
             self.distrust(f"its source {self.path} changed size behind backupfs's back")
@@ -250,9 +260,18 @@ class Device:
         if outside:
             self._persist(in_use=True)
 
-    def _hold_source_at_path(self) -> None:
-        """Hold the file the source path names now, in place of the one held."""
-        fd, read_only = self._open_source()
+    def rebind(self, identity: SourceId) -> None:
+        """Hold ``identity`` at the source path from now on, in place of the
+        file held: the file a restore over the source wrote (backupfs made
+        it, so it knows which it is). The caller holds the gate exclusively
+        and records the identity in the catalog."""
+        held = self.source_id
+        self.source_id = identity
+        try:
+            fd, read_only = self._open_source()
+        except DeviceError:
+            self.source_id = held
+            raise
         # dup2: readers in flight finish on the old file; the number
         # never names anything else in between.
         os.dup2(fd, self.fd)
@@ -262,21 +281,13 @@ class Device:
         self.read_only = read_only
 
     def overwritten(self, reason: str) -> None:
-        """The source was rewritten on purpose (a restore over it): distrust
-        the bitmaps for ``reason``, hold the file now at the path (a restored
-        file replaces the old one), and save, so the next backup scans and a
-        later ``status`` says why. The caller holds the gate exclusively."""
+        """The source is being rewritten on purpose (a restore over it):
+        distrust the bitmaps for ``reason`` and save, so the next backup
+        scans and a later ``status`` says why. The caller holds the gate
+        exclusively."""
         self.distrust(reason)
-        held = os.fstat(self.fd)
-        try:
-            at_path = os.stat(self.path)
-        except OSError:
-            at_path = held  # gone again: the next open or backup says so
-        if (at_path.st_dev, at_path.st_ino) != (held.st_dev, held.st_ino):
-            self._hold_source_at_path()
-        else:
-            with self._mtime_lock:
-                self._seen_mtime_ns = held.st_mtime_ns
+        with self._mtime_lock:
+            self._seen_mtime_ns = os.fstat(self.fd).st_mtime_ns
         self._persist(in_use=True)
 
     # -- bitmaps ------------------------------------------------------------------
@@ -308,11 +319,12 @@ class Device:
         if stored.in_use:
             trusted = False
             self.untrusted_reason = "backupfs did not stop cleanly"
+        elif not trusted:  # its own reason first (a rebind's, say: the file differs too then)
+            if self.untrusted_reason is None:
+                self.untrusted_reason = stored.reason or "no backup has re-synchronised it since it became untrusted"
         elif stored.identity != self.identity():
             trusted = False
             self.untrusted_reason = "the source changed behind backupfs's back"
-        elif not trusted and self.untrusted_reason is None:
-            self.untrusted_reason = stored.reason or "no backup has re-synchronised it since it became untrusted"
         return TrackedBitmap(bm, trusted=trusted)
 
     def _persist(self, in_use: bool) -> None:

@@ -12,7 +12,6 @@ The originals are only read.
 from __future__ import annotations
 
 import os
-import stat
 import time
 from collections.abc import Callable
 
@@ -27,6 +26,7 @@ from engine.limits import check_granules
 from engine.prune import held_extents, rewrite_image
 from engine.qcow2.backing import open_chain
 from engine.qcow2.layers import COMPRESSED, DATA, Qcow2Layer
+from engine.sourceid import PathRefused, SourceId, open_disk
 from engine.validate import utf8_path
 
 RAW_CLUSTER = 64 * 1024
@@ -61,19 +61,20 @@ def import_chain(
     if size <= 0 or size % 512:
         raise UsageError(f"{tip}: virtual size {size} is not a non-zero multiple of 512")
     check_granules(size, granularity, f"{tip}: the disk")
+    identity: SourceId | None = None
     if source is not None:
         source = utf8_path(os.path.abspath(source), "source")
         if os.path.commonpath([source, repo_path]) == repo_path:
             raise UsageError(f"source {source} lies inside the repository {repo_path}")
         try:
-            # O_NONBLOCK: a FIFO would block the open (and the repository) forever.
-            fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            # Checked before it is opened (a FIFO would block the open, and a
+            # stranger's symlink lead elsewhere): see engine/sourceid.py.
+            fd, identity = open_disk(source, os.O_RDONLY)
+        except PathRefused as e:
+            raise UsageError(f"source {source} is not a regular file or block device: it is {e.found}") from None
         except OSError as e:
             raise UsageError(f"source {source}: {e.strerror}") from None
         try:
-            mode = os.fstat(fd).st_mode
-            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-                raise UsageError(f"source {source} is not a regular file or block device")
             src_size = file_size(fd)
         finally:
             os.close(fd)
@@ -136,6 +137,6 @@ def import_chain(
         )
         records.append(rec)
         prev = rec
-    catalog.add_device(name, source or "", size, granularity, backups=records)
+    catalog.add_device(name, source or "", size, granularity, backups=records, identity=identity)
     return records
 

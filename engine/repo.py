@@ -47,7 +47,8 @@ from engine.limits import check_granules
 from engine.integrity import Problem, VerifiedView, VerifyReport, held_granules, verify_backup
 from engine.stopsignals import STOP_SIGNALS
 from engine.units import format_size
-from engine.restore import RestoreResult, check_in_place_target, check_target, restore_to
+from engine.restore import RestoreResult, check_in_place_target, check_target, restore_to, source_named
+from engine.sourceid import PathRefused, SourceId, identity_at, open_disk
 from engine.importer import import_chain
 from engine.prune import RemovalPlan, RetentionPolicy, remove_backup, select_for_removal
 from engine.job import (
@@ -352,32 +353,81 @@ class Repository:
         if granularity is None:
             granularity = existing.granularity if existing is not None else DEFAULT_GRANULARITY
         validate_granularity(granularity)
+        source, size, identity = self._probe_source(source)
+        check_granules(size, granularity, f"source {source}")
+        self._check_unclaimed(source, identity)
+        if existing is not None:
+            return self._attach_source(existing, source, size, granularity, identity)
+        make_dir(self._device_dir(name))
+        fsync_dir(os.path.join(self.path, "devices"))  # durable before the catalog names it
+        return self.catalog.add_device(name, source, size, granularity, identity=identity)
+
+    def _probe_source(self, source: str) -> tuple[str, int, SourceId]:
+        """(absolute path, size, identity) of a source to bind a device to,
+        refused unless it is a regular file or block device outside the
+        repository, reached without an untrusted symlink (engine/sourceid.py)."""
         source = utf8_path(os.path.abspath(source), "source")
         if os.path.commonpath([source, self.path]) == self.path:
             raise UsageError(f"source {source} lies inside the repository {self.path}")
         try:
-            # O_NONBLOCK: a FIFO would block the open (and the repository) forever.
-            fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            fd, identity = open_disk(source, os.O_RDONLY)
+        except PathRefused as e:
+            if e.link:
+                raise UsageError(f"source {source} is {e.found}; give the path of the file or device "
+                                 "itself") from None
+            raise UsageError(f"source {source} is not a regular file or block device: it is {e.found}") from None
         except OSError as e:
             raise UsageError(f"source {source}: {e.strerror}") from None
         try:
-            st = os.fstat(fd)
-            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-                raise UsageError(f"source {source} is not a regular file or block device")
             size = file_size(fd)
+            real = os.readlink(f"/proc/self/fd/{fd}") if os.path.isdir("/proc/self/fd") else source
         finally:
             os.close(fd)
+        if os.path.commonpath([real, os.path.realpath(self.path)]) == os.path.realpath(self.path):
+            raise UsageError(f"source {source} leads to {real}, inside the repository {self.path}")
         if size <= 0 or size % 512:
             raise UsageError(f"source {source} is {size} bytes; a device must be a non-zero multiple of 512")
-        check_granules(size, granularity, f"source {source}")
-        self._check_unclaimed(source, st)
-        if existing is not None:
-            return self._attach_source(existing, source, size, granularity)
-        make_dir(self._device_dir(name))
-        fsync_dir(os.path.join(self.path, "devices"))  # durable before the catalog names it
-        return self.catalog.add_device(name, source, size, granularity)
+        return source, size, identity
 
-    def _attach_source(self, rec: DeviceRecord, source: str, size: int, granularity: int) -> DeviceRecord:
+    def replace_source(self, name: str, source: str) -> DeviceRecord:
+        """Rebind a device to ``source`` on purpose: another path, or the
+        file now at its path (``mv new.img src.img``), which a device's
+        every open refuses until this says it is the device's disk.
+
+        Same size required (its backups are that size). Nothing recorded
+        what the new source holds, so its bitmaps are made untrusted first,
+        saved, then the catalog names the new source: the next backup scans.
+        """
+        self._require_room("rebinding a device's source")
+        validate_name(name)
+        rec = self.catalog.device(name)
+        if rec is None:
+            raise UsageError(f"no device named {name!r}")
+        if not rec.source:
+            raise UsageError(f"device {name} has no live source (an imported archive); "
+                             f"give it one without --replace")
+        source, size, identity = self._probe_source(source)
+        if size != rec.size:
+            raise UsageError(f"source {source} is {size} bytes but device {name} is {rec.size}; "
+                             "a device's source keeps its size")
+        self._check_unclaimed(source, identity, but=name)
+        with self._devices_lock:
+            dev = self._devices.get(name)
+            if dev is not None and dev.job is not None:
+                raise JobBusy(f"device {name} has a backup running")
+            self._devices.pop(name, None)
+        if dev is not None:
+            dev.close()
+        why = f"its source was rebound to {source} (device add --replace)"
+        try:
+            distrust_saved_bitmaps(self._device_dir(name), ("since-last", "since-full"), why)
+        except OSError as e:
+            raise _storage_error(e) from None
+        self.catalog.set_source(name, source, identity)
+        return self.catalog.device(name) or rec
+
+    def _attach_source(self, rec: DeviceRecord, source: str, size: int, granularity: int,
+                       identity: SourceId) -> DeviceRecord:
         """Bind an imported archive to the disk it came from, so backups go on from it.
 
         Nothing recorded what that disk did since the archive's last image,
@@ -392,7 +442,7 @@ class Repository:
                 f"device {rec.name} has a granularity of {format_size(rec.granularity)} (its imported "
                 f"checksums are kept at it); leave out --granularity"
             )
-        self.catalog.set_source(rec.name, source)
+        self.catalog.set_source(rec.name, source, identity)
         self._distrust_new_source(rec.name)
         return self.catalog.device(rec.name) or rec
 
@@ -410,21 +460,14 @@ class Repository:
         except (BackupfsError, OSError):
             pass
 
-    def _check_unclaimed(self, source: str, st: os.stat_result) -> None:
-        """Refuse a source another device already has: under two names one
-        disk is backed up twice, and writes through one name reach the
-        other only as another program's, which makes it scan."""
+    def _check_unclaimed(self, source: str, identity: SourceId, but: str | None = None) -> None:
+        """Refuse a source another device (than ``but``) already has: under
+        two names one disk is backed up twice, and writes through one name
+        reach the other only as another program's, which makes it scan."""
         for d in self.catalog.devices():
-            if not d.source:
+            if not d.source or d.name == but:
                 continue
-            same = os.path.realpath(d.source) == os.path.realpath(source)
-            try:
-                other = os.stat(d.source)
-            except OSError:
-                pass  # away now: only its path can be compared
-            else:
-                same = same or (st.st_dev, st.st_ino) == (other.st_dev, other.st_ino) or (
-                    stat.S_ISBLK(st.st_mode) and stat.S_ISBLK(other.st_mode) and st.st_rdev == other.st_rdev)
+            same = os.path.abspath(d.source) == source or identity in (d.identity, identity_at(d.source))
             if same:
                 raise UsageError(f"source {source} is already the source of device {d.name}")
 
@@ -442,10 +485,9 @@ class Repository:
             raise UsageError(f"{tip} lies inside the repository; import from outside it")
         try:
             if source is not None:
-                try:
-                    self._check_unclaimed(source, os.stat(source))
-                except OSError:
-                    pass  # the import names a missing or unreadable source itself
+                found = identity_at(source)
+                if found is not None:  # else the import names what is wrong with it
+                    self._check_unclaimed(os.path.abspath(source), found)
             records = import_chain(self.path, self.catalog, name, tip, granularity, source, on_layer)
         except BaseException:
             # All or nothing: the device and its backups are committed in one
@@ -503,11 +545,23 @@ class Repository:
                 has_backups = self.catalog.latest_backup(name) is not None
                 dev = Device(rec, self._device_dir(name), has_backups, peek=bool(self.catalog.frozen))
                 self._devices[name] = dev
+                if rec.identity is None and not self.catalog.frozen:
+                    self._record_identity(dev)
             return dev
 
+    def _record_identity(self, dev: Device) -> None:
+        """A device bound before identities were kept is held, from its first
+        open on, by what its path led to then. Not recorded now (the catalog
+        cannot be written): the next open tries again."""
+        assert dev.source_id is not None
+        try:
+            self.catalog.record_source_identity(dev.name, dev.source_id)
+        except CatalogError:
+            pass
+
     def open_device(self, name: str) -> Device:
-        """The device, for a program opening it: a source replaced behind our
-        back is followed (its bitmaps distrusted), one resized or gone refused."""
+        """The device, for a program opening it: a source that leads elsewhere,
+        resized or gone is refused."""
         dev = self.device(name)
         with dev.gate.exclusive():
             dev.check_source()
@@ -614,8 +668,7 @@ class Repository:
         (a device file on a backupfs mount), in the words that say what it is.
         """
         rec = self.resolve_backup(device, ident)
-        real = os.path.realpath(target)
-        over = next((d for d in self.catalog.devices() if d.source and os.path.realpath(d.source) == real), None)
+        over = source_named(target, self.catalog.devices())
         if over is not None and not force:
             raise UsageError(
                 f"{target} is the source of device {over.name}; restoring over it needs --force "
@@ -630,14 +683,23 @@ class Repository:
         if dev is not None:
             with dev.gate.exclusive():
                 dev.overwritten(why)  # saved before a byte is written: a crash mid-way still scans
+        result: RestoreResult | None = None
         try:
             with self.open_backup(rec.id) as view:
                 result = restore_to(lambda pos, out: view.read(pos, len(out), into=out), rec.size, target,
-                                    kind=kind, on_progress=on_progress)
+                                    kind=kind, on_progress=on_progress, repository=self.path)
         finally:
             if dev is not None:
                 with dev.gate.exclusive():
-                    dev.overwritten(why)  # the restored file, not the one it replaced
+                    dev.overwritten(why)
+                    if result is not None and result.identity is not None and (
+                            identity_at(dev.path) == result.identity):
+                        # The file the restore made replaced the source: the
+                        # device is bound to it (backupfs made it, and the
+                        # path leads to it), not to the file it replaced.
+                        self.catalog.set_source(dev.name, dev.path, result.identity)
+                        dev.rebind(result.identity)
+        assert result is not None
         result.backup = rec.id
         return result
 

@@ -8,6 +8,13 @@ every write) gets only the blocks that differ from the backup, so its next
 incremental holds what the restore changed, not the whole disk. Reads go
 through a checked view, so a damaged cluster stops the restore with its
 offset instead of writing wrong data.
+
+A target is never reached through a symlink at its last component: a file
+target is replaced by a new file made beside it (O_EXCL | O_NOFOLLOW, in the
+directory opened once, renamed over the target's name: whatever another user
+planted there, link or file, is replaced, never written through); a block
+device may be named by an administrator's symlink (/dev/VG/LV), no other
+(engine/sourceid.py says which).
 """
 
 from __future__ import annotations
@@ -16,21 +23,25 @@ import enum
 import errno
 import fcntl
 import os
+import secrets
 import signal
 import stat
-import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from engine.chain import aligned_buffer
 from engine.errors import BackupfsError, UsageError
-from engine.fsutil import fsync_dir
 from engine.job import Progress
 from engine.pipeline import BytesLike, copy_chunks
 from engine.stopsignals import STOP_SIGNALS
+from engine.sourceid import BLOCK, PathRefused, SourceId, hold_path, identity_at, open_disk
 from engine.units import format_size
+
+if TYPE_CHECKING:
+    from engine.catalog import DeviceRecord
 
 CHUNK = 8 * 1024 * 1024
 
@@ -57,6 +68,7 @@ class RestoreResult:
     kind: Target
     target_size: int  # a block device may be larger than the backup: its tail is left as it was
     backup: str = ""  # the backup's id, as resolved from 'latest'
+    identity: SourceId | None = None  # the new file a FILE restore made (it replaced the target's name)
 
     def summary(self, device: str, through: str = "") -> str:
         """The line a restore prints: what was written where, and what was not."""
@@ -68,20 +80,82 @@ class RestoreResult:
         return line
 
 
+def source_named(target: str, devices: Iterable[DeviceRecord]) -> DeviceRecord | None:
+    """The device whose source ``target`` is: the same path, or another name
+    (a hard link, another path) for the same file or disk. A symlink at
+    ``target`` is not followed: a restore refuses it anyway."""
+    path = os.path.abspath(target)
+    try:
+        found = SourceId.of(os.lstat(path))
+    except OSError:
+        found = None
+    for d in devices:
+        if d.source and (os.path.abspath(d.source) == path
+                         or (found is not None and found in (d.identity, identity_at(d.source)))):
+            return d
+    return None
+
+
+def _split(target: str) -> tuple[str, str]:
+    """(directory, name) of a target; a name that is no file's is refused."""
+    directory, base = os.path.split(os.path.abspath(target))
+    if base in ("", ".", ".."):
+        raise UsageError(f"restore target {target} is a directory; give a file or block device")
+    return directory, base
+
+
+def _open_dir(target: str, directory: str) -> int:
+    """The target's directory, opened once: every later step names the
+    target relative to it, so a directory switched meanwhile changes nothing."""
+    try:
+        return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise UsageError(f"restore target {target}: directory {directory} does not exist") from None
+        raise UsageError(f"restore target {target}: directory {directory}: {e.strerror}") from None
+
+
+def _refuse_inside(dirfd: int, base: str, target: str, repository: str) -> None:
+    """Refuse a target in the repository, told by where the opened directory
+    really is (symlinks on the way resolved), not by the path's text."""
+    repo = os.path.realpath(repository)
+    if os.path.isdir("/proc/self/fd"):
+        where = os.readlink(f"/proc/self/fd/{dirfd}")
+    else:
+        where = os.path.realpath(os.path.dirname(os.path.abspath(target)))
+    if os.path.commonpath([os.path.join(where, base), repo]) == repo:
+        raise UsageError(f"restore target {target} lies inside the repository {repository}; "
+                         "that would overwrite the backups themselves")
+
+
+def _link_refused(target: str, why: str = "") -> UsageError:
+    return UsageError(f"restore target {target} is a symlink{why}; a restore never writes through one: "
+                      "give the path of the file or block device itself")
+
+
 def check_target(target: str, size: int, force: bool, repository: str | None = None) -> Target:
     """Validate a restore target and say how it is written (FILE or BLOCK)."""
-    if repository is not None:
-        repo = os.path.realpath(repository)
-        if os.path.commonpath([os.path.realpath(target), repo]) == repo:
-            raise UsageError(f"restore target {target} lies inside the repository {repository}; "
-                             "that would overwrite the backups themselves")
+    directory, base = _split(target)
+    dirfd = _open_dir(target, directory)
     try:
-        st = os.stat(target)
-    except FileNotFoundError:
-        parent = os.path.dirname(os.path.abspath(target))
-        if not os.path.isdir(parent):
-            raise UsageError(f"restore target {target}: directory {parent} does not exist") from None
-        return Target.FILE
+        if repository is not None:
+            _refuse_inside(dirfd, base, target, repository)
+        try:
+            st = os.stat(base, dir_fd=dirfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return Target.FILE
+    finally:
+        os.close(dirfd)
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            pfd, st = hold_path(target)  # an administrator's name for a block device (/dev/VG/LV)
+        except PathRefused as e:
+            raise _link_refused(target, " " + e.found.removeprefix("a symlink ")) from None
+        except OSError as e:
+            raise _link_refused(target, f" that leads nowhere ({e.strerror})") from None
+        os.close(pfd)
+        if not stat.S_ISBLK(st.st_mode):
+            raise _link_refused(target)
     if stat.S_ISDIR(st.st_mode):
         raise UsageError(f"restore target {target} is a directory; give a file or block device")
     if stat.S_ISBLK(st.st_mode):
@@ -105,22 +179,32 @@ def check_target(target: str, size: int, force: bool, repository: str | None = N
 def _open_block_device(target: str, mode: int) -> int:
     """Open a block device exclusively: the kernel refuses it while a file
     system on it is mounted, or LVM, md or another program holds it so,
-    and nobody can mount it while we write."""
+    and nobody can mount it while we write. Checked to be a block device
+    before it is opened, reached through no symlink but an administrator's."""
     try:
-        return os.open(target, mode | os.O_EXCL | os.O_CLOEXEC)
+        fd, found = open_disk(target, mode | os.O_EXCL)
+    except PathRefused as e:
+        raise UsageError(f"restore target {target} is no longer the block device it was: it is {e.found}") from None
     except OSError as e:
         if e.errno == errno.EBUSY:
             raise UsageError(f"block device {target} is in use (a mounted file system, or held by another "
                              "program); unmount or release it first") from None
         raise
+    if found.kind != BLOCK:
+        os.close(fd)
+        raise UsageError(f"restore target {target} is no longer the block device it was: it is a regular file")
+    return fd
 
 
 def check_in_place_target(target: str, size: int, force: bool, what: str) -> Target:
     """Validate a file that can only be written in place (``what`` says why)."""
     try:
-        actual = os.stat(target).st_size
+        st = os.lstat(target)
     except OSError as e:
         raise UsageError(f"restore target {target}: {e.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise _link_refused(target)
+    actual = st.st_size
     if actual < size:
         raise UsageError(f"restore target {target} ({what}) holds {actual} bytes, the backup needs {size}")
     if not force:
@@ -135,43 +219,52 @@ def restore_to(
     *,
     kind: Target,
     on_progress: Callable[[Progress], None] | None = None,
+    repository: str | None = None,
 ) -> RestoreResult:
     """Copy ``size`` bytes of a backup into ``target``.
 
     ``read(offset, out)`` fills ``out`` with the backup's bytes at
     ``offset`` and returns them (usually ``out``); it runs a chunk or two
-    ahead of the writes (engine.pipeline).
+    ahead of the writes (engine.pipeline). ``repository``: refuse a file
+    target inside it (checked again here, on the directory as opened).
     """
     # A file is written beside the target and renamed over it at the end:
     # a restore that fails half-way (a damaged cluster, a full disk) leaves
     # the old file as it was, not cut short. A block device is written in
     # place; it cannot be anything else, nor can a file written in place.
     in_place = kind is not Target.FILE
+    dirfd = -1
+    base = hidden = ""
     if not in_place:
-        target = os.path.realpath(target)  # through a symlink: replace the file, not the link
-    directory = os.path.dirname(target)
+        directory, base = _split(target)
+        dirfd = _open_dir(target, directory)
     # Created with the stop signals held back until the try below that
     # removes the file: a Ctrl-C or kill (whose handlers raise) arriving
     # just after its creation lands inside that try, not before it.
     held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         if kind is Target.BLOCK:
-            fd, written_path = _open_block_device(target, os.O_WRONLY), target
+            fd = _open_block_device(target, os.O_WRONLY)
         elif kind is Target.IN_PLACE:
-            fd, written_path = os.open(target, os.O_RDWR | os.O_CLOEXEC), target
+            fd = os.open(target, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         else:
-            _remove_stale_copies(target)
-            fd, written_path = tempfile.mkstemp(
-                prefix=f".{os.path.basename(target)}.", suffix=".restoring", dir=directory
-            )
+            if repository is not None:
+                _refuse_inside(dirfd, base, target, repository)
+            _remove_stale_copies(dirfd, base)
+            fd, hidden = _create_hidden_copy(dirfd, base)
             fcntl.flock(fd, fcntl.LOCK_EX)  # ours while we live: see _remove_stale_copies
     except BaseException as e:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        if dirfd >= 0:
+            os.close(dirfd)
         if isinstance(e, OSError):
+            if e.errno == errno.ELOOP:
+                raise _link_refused(target) from None
             raise RestoreError(f"cannot open restore target {target}: {e.strerror}", e.errno or errno.EIO) from None
         raise
     progress = Progress(total=size, phase="restoring")
     ok = False
+    made: SourceId | None = None
     target_size = os.lseek(fd, 0, os.SEEK_END) if in_place else size
     current = aligned_buffer(CHUNK) if kind is Target.IN_PLACE else None
 
@@ -200,18 +293,16 @@ def restore_to(
     try:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a stop held back lands here
         if not in_place:
-            try:
-                os.fchmod(fd, stat.S_IMODE(os.stat(target).st_mode))  # keep an overwritten file's mode
-            except FileNotFoundError:
-                pass
+            _keep_mode(fd, dirfd, base)
         chunks = ((pos, min(CHUNK, size - pos)) for pos in range(0, size, CHUNK))
         copy_chunks(chunks, fill, write, CHUNK)
         if not in_place:
             os.ftruncate(fd, size)
         os.fsync(fd)
         if not in_place:
-            os.replace(written_path, target)
-            fsync_dir(directory)
+            made = SourceId.of(os.fstat(fd))
+            os.replace(hidden, base, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+            os.fsync(dirfd)
         ok = True
     except OSError as e:
         err = errno.ENOSPC if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.errno or errno.EIO)
@@ -230,12 +321,48 @@ def restore_to(
             if ok:
                 raise RestoreError(f"closing {target}: {e.strerror}", e.errno or errno.EIO) from None
         finally:
-            if not ok and not in_place:
-                try:
-                    os.unlink(written_path)
-                except OSError:
-                    pass
-    return RestoreResult(target, size, progress.written, kind, target_size)
+            if not in_place:
+                if not ok:
+                    try:
+                        os.unlink(hidden, dir_fd=dirfd)
+                    except OSError:
+                        pass
+                os.close(dirfd)
+    return RestoreResult(target, size, progress.written, kind, target_size, identity=made)
+
+
+def _keep_mode(fd: int, dirfd: int, base: str) -> None:
+    """Give the new file the mode of the file it replaces, if that is ours:
+    one another user made (planted in /tmp, say) must not make the restored
+    disk readable by all. Otherwise it stays 0600."""
+    try:
+        st = os.stat(base, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+        os.fchmod(fd, stat.S_IMODE(st.st_mode))
+
+
+def _hidden_names(base: str) -> Iterator[str]:
+    for _ in range(100):
+        yield f".{base}.{secrets.token_hex(4)}.restoring"
+
+
+def _create_hidden_copy(dirfd: int, base: str, names: Iterable[str] | None = None) -> tuple[int, str]:
+    """(descriptor, name) of a new file beside the target, made by us.
+
+    O_EXCL | O_NOFOLLOW: a name that exists (a symlink or file another
+    user planted where the directory lets them) is never opened, only
+    passed over for the next.
+    """
+    for name in names if names is not None else _hidden_names(base):
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=dirfd)
+        except FileExistsError:
+            continue
+        return fd, name
+    raise FileExistsError(errno.EEXIST, "no free name for the hidden copy beside it")
 
 
 def _partly(kind: Target, progress: Progress, target: str) -> str:
@@ -248,30 +375,30 @@ def _partly(kind: Target, progress: Progress, target: str) -> str:
             "old contents after that: restore again to finish")
 
 
-def _remove_stale_copies(target: str) -> None:
-    """Remove what killed restores to ``target`` left beside it.
+def _remove_stale_copies(dirfd: int, base: str) -> None:
+    """Remove what killed restores to ``base`` (in the directory ``dirfd``) left beside it.
 
     A restore killed outright (SIGKILL, the OOM killer, a power cut) leaves
     its hidden copy, up to the disk's size. A live restore holds an flock on
-    its copy, so a copy that can be locked has no restore behind it.
+    its copy, so a copy that can be locked has no restore behind it. Only
+    our own regular files: never one another user made, nor a link.
     """
-    directory, base = os.path.split(target)
     prefix = f".{base}."
     try:
-        names = [n for n in os.listdir(directory) if n.startswith(prefix) and n.endswith(".restoring")]
+        names = [n for n in os.listdir(dirfd) if n.startswith(prefix) and n.endswith(".restoring")]
     except OSError:
         return
     for name in names:
-        path = os.path.join(directory, name)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dirfd)
         except OSError:
             continue
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
                 continue
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.unlink(path)
+            os.unlink(name, dir_fd=dirfd)
         except OSError:
             continue  # in use by a live restore, or not ours to remove
         finally:

@@ -82,12 +82,12 @@ def test_a_restore_over_a_file_keeps_its_mode_and_replaces_it_whole(repo: Path, 
     target = tmp_path / "old.raw"
     target.write_bytes(b"x" * 3 * MiB)
     os.chmod(target, 0o640)
-    link = tmp_path / "link.raw"
-    link.symlink_to(target)
-    cli("restore", repo, "vm1", "latest", link, "--force")
-    assert link.is_symlink()  # the file behind it was replaced, not the link
+    os.link(target, tmp_path / "other-name.raw")
+    cli("restore", repo, "vm1", "latest", target, "--force")
     assert _sha(target) == _sha(tmp_path / "src.raw")
     assert (target.stat().st_mode & 0o777) == 0o640
+    # Replaced whole: a new file took the name, the old one is untouched under its other name.
+    assert (tmp_path / "other-name.raw").read_bytes() == b"x" * 3 * MiB
 
 
 def test_symlinks_in_the_repository_are_not_written_through(repo: Path, tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from backupfs.mountinfo import wait_for_exit
-from conftest import Mounted, backupfs_cmd, cli, sh
+from conftest import Mounted, OtherUser, backupfs_cmd, cli, sh
 
 MiB = 1024 * 1024
 SCRIPTS = Path(__file__).resolve().parent.parent / "mount-scripts"
@@ -770,6 +770,28 @@ def test_restore_bad_usage(backups: Backups, tmp_path: Path) -> None:
         assert_clean(m, target, two)
     finally:
         _undo(m, target)
+
+
+def test_the_file_restore_helper_refuses_a_symlinked_mount_dir(
+    tmp_path: Path, open_tmp: Path, other_user: OtherUser
+) -> None:
+    """Whoever made the link would choose where root mounts the backup, and which directory it hides."""
+    user_dir = open_tmp / "user"
+    user_dir.mkdir()
+    os.chown(user_dir, other_user.uid, other_user.gid)
+    image = tmp_path / "fs.img"
+    sh(f"mkfs.ext4 -q -F {image} 8M")
+    hidden = tmp_path / "root-only"
+    hidden.mkdir(mode=0o700)
+    (hidden / "keep").write_text("hidden by a mount on top\n")
+    link = user_dir / "mnt"
+    assert other_user.run("ln", "-s", hidden, link).returncode == 0
+    for mountdir in (link, f"{link}/"):
+        proc = subprocess.run([str(RESTORE), str(image), str(mountdir), "--", "true"], capture_output=True,
+                              text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert proc.returncode == 1 and f"{link} is a symlink" in proc.stderr, proc.stderr
+    assert not os.path.ismount(hidden) and (hidden / "keep").read_text() == "hidden by a mount on top\n"
+    assert link.is_symlink()
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "enter", "sigterm"])

@@ -2,8 +2,10 @@
 
 The bitmap only sees writes that come through the mount. Whatever else
 changes the source must not turn into a backup that silently misses it
-(SPEC 4 and 7): a replaced source is followed and scanned, a resized or
-missing one is refused with a clear error, and the rest keeps working.
+(SPEC 4 and 7): a replaced source (its path now leads to another file) is
+refused until `device add --replace` rebinds it, and the next backup then
+scans; a resized or missing one is refused with a clear error, and the rest
+keeps working.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mounted, cli, sh
+from conftest import Mounted, cli, qemu_compare, sh
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -51,24 +53,43 @@ def _latest_equals(m: Mounted, path: Path, device: str = "vm1") -> bool:
     return sh(f"cmp {m.path(device, 'backups', 'latest')} {path}", check=False).returncode == 0
 
 
-def test_a_replaced_source_is_followed_and_scanned(mounted: Mounted, tmp_path: Path) -> None:
+def _rebind(m: Mounted, src: Path) -> None:
+    """Unmount, `device add --replace` the source, mount again."""
+    m.stop()
+    out = cli("device", "add", "--replace", m.repo, "vm1", src).stdout.decode()
+    assert f"device vm1: source rebound to {src}" in out, out
+    m.start()
+
+
+def test_a_replaced_source_is_refused_until_rebound_then_scanned(mounted: Mounted, tmp_path: Path) -> None:
     m = mounted
     src = tmp_path / "src.raw"
     assert _trigger(m, "full")[0] == 0
+    before = sorted(os.listdir(m.path("vm1", "backups")))
     _random_file(tmp_path / "new.raw", 3)
     os.rename(tmp_path / "new.raw", src)  # mv new.raw src.raw, behind the mount's back
 
-    # A program opening the device now reads the file the path names.
-    assert sh(f"cmp {m.path('vm1', 'device')} {src}", check=False).returncode == 0
-    assert "untrusted (its source" in m.path("vm1", "bitmap").read_text()
+    # Neither a program opening the device nor a backup reads the file the path names now.
+    proc = sh(f"cmp {m.path('vm1', 'device')} {src}", check=False)
+    assert proc.returncode == 2 and "Input/output error" in proc.stderr, proc.stderr
     rc, status = _trigger(m, "incremental")
-    assert rc == 0, status
-    assert "scanned: yes" in status, status
+    assert rc != 0
+    assert (f"device vm1: source {src} now leads to the file with inode {src.stat().st_ino}" in status
+            and f"backupfs device add --replace {m.repo} vm1 {src}" in status), status
+    assert sorted(os.listdir(m.path("vm1", "backups"))) == before
+
+    # Rebound on purpose: the next backup scans, and holds the new file.
+    _rebind(m, src)
+    assert "untrusted (its source was rebound" in m.path("vm1", "bitmap").read_text()
+    rc, status = _trigger(m, "incremental")
+    assert rc == 0 and "scanned: yes" in status, status
     assert _latest_equals(m, src)
+    qemu_compare(m.repo / "devices" / "vm1" / f"{os.readlink(m.path('vm1', 'backups', 'latest'))}.qcow2", src)
     # Writes through the device land in the file at the path.
     sh(f"printf 'hello' | dd of={m.path('vm1', 'device')} bs=1 seek=4096 conv=notrunc status=none")
     assert src.read_bytes()[4096:4101] == b"hello"
-    assert _trigger(m, "incremental")[0] == 0 and _latest_equals(m, src)
+    rc, status = _trigger(m, "incremental")
+    assert rc == 0 and "scanned: no" in status and _latest_equals(m, src), status
 
 
 def test_a_source_written_by_another_program_while_mounted_is_scanned(mounted: Mounted, tmp_path: Path) -> None:
@@ -125,15 +146,18 @@ def test_another_programs_write_stays_noticed_past_our_writes_and_a_remount(
     assert _latest_equals(m, src)
 
 
-def test_a_source_replaced_then_unmounted_is_scanned_after_remount(mounted: Mounted, tmp_path: Path) -> None:
+def test_a_source_replaced_then_unmounted_is_refused_after_remount(mounted: Mounted, tmp_path: Path) -> None:
     m = mounted
     src = tmp_path / "src.raw"
     assert _trigger(m, "full")[0] == 0
     _random_file(tmp_path / "new.raw", 4)
     os.rename(tmp_path / "new.raw", src)
-    m.stop()  # nothing opened the device since: only the bitmap's record can tell
+    m.stop()  # nothing opened the device since: the catalog's record tells
     m.start()
-    assert "untrusted (the source changed behind backupfs's back)" in m.path("vm1", "bitmap").read_text()
+    assert "now leads to the file with inode" in m.path("vm1", "bitmap").read_text()
+    rc, status = _trigger(m, "incremental")
+    assert rc != 0 and "device add --replace" in status, status
+    _rebind(m, src)
     rc, status = _trigger(m, "incremental")
     assert rc == 0 and "scanned: yes" in status, status
     assert _latest_equals(m, src)
