@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from engine import durable
 from engine.catalog import BackupRecord, Catalog
@@ -23,7 +23,7 @@ from engine.errors import UsageError
 from engine.fsutil import file_size, fsync_dir
 from engine.job import copy_cluster_size, units_of
 from engine.prune import held_ranges, rewrite_image
-from engine.qcow2.backing import open_chain
+from engine.qcow2.backing import Confinement, open_chain
 from engine.qcow2.layers import COMPRESSED, DATA, Qcow2Layer
 from engine.validate import utf8_path
 
@@ -38,9 +38,17 @@ def import_chain(
     granularity: int,
     source: str | None,
     on_layer: Callable[[int, int, str], None] | None = None,
+    allow_outside: Sequence[str] = (),
+    backing_format: str | None = None,
 ) -> list[BackupRecord]:
-    """Import ``tip`` and its backing chain as backups of a new device ``name``."""
-    layers = open_chain(tip)
+    """Import ``tip`` and its backing chain as backups of a new device ``name``.
+
+    Backing files are read only inside the tip's directory tree and
+    ``allow_outside``, never probed: ``backing_format`` is the format of a
+    link that records none (see Confinement).
+    """
+    confine = Confinement.around(tip, allow_outside, backing_format)
+    layers = open_chain(tip, confine=confine)
     try:
         for layer in layers:
             if isinstance(layer, Qcow2Layer) and layer.header.corrupt:
@@ -99,7 +107,7 @@ def import_chain(
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(created / 1e9))
         backup_id = f"{stamp}-{seq:04d}-{kind}"
         unit = copy_cluster_size(granularity, cs)
-        with ChainView.open(path) as content:
+        with ChainView.open(path, confine=confine, tip_format=fmt) as content:
             own = content.layers[0]
             ranges = held_ranges(own)
             if prev is None:  # a full needs only what is not zero

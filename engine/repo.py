@@ -29,7 +29,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -401,8 +401,10 @@ class Repository:
     def import_chain(
         self, name: str, tip: str, granularity: int = DEFAULT_GRANULARITY, source: str | None = None,
         on_layer: Callable[[int, int, str], None] | None = None,
+        allow_outside: Sequence[str] = (), backing_format: str | None = None,
     ) -> list[BackupRecord]:
-        """Adopt a QEMU/libvirt chain as the history of a new device ``name``."""
+        """Adopt a QEMU/libvirt chain as the history of a new device ``name``
+        (backing files confined as engine/importer.py says)."""
         self._require_room("an import")
         validate_name(name)
         validate_granularity(granularity)
@@ -416,7 +418,8 @@ class Repository:
                     self._check_unclaimed(source, os.stat(source))
                 except OSError:
                     pass  # the import names a missing or unreadable source itself
-            records = import_chain(self.path, self.catalog, name, tip, granularity, source, on_layer)
+            records = import_chain(self.path, self.catalog, name, tip, granularity, source, on_layer,
+                                   allow_outside, backing_format)
         except BaseException:
             # All or nothing: the device and its backups are committed in one
             # go, last. Not committed: no half of it stays. Committed (an
