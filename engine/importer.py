@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from engine import durable
-from engine.catalog import BackupRecord, Catalog
+from engine.catalog import BackupRecord, Catalog, CatalogError
 from engine.chain import ChainView
 from engine.errors import UsageError
 from engine.fsutil import file_size, fsync_dir
@@ -85,10 +85,16 @@ def import_chain(
         if src_size != size:
             raise UsageError(f"source {source} is {src_size} bytes but the chain's disk is {size}")
     # The images are written first, each complete and durable; the device
-    # and all its backups then appear in one catalog commit. Killed before
-    # it, the import left only images the catalog does not know, which the
-    # next open of the repository removes: all of the import or none.
+    # and all its backups then appear in one catalog commit. Every file (and
+    # the device's directory, if the import makes it) is recorded as an
+    # intent before it is made: killed before the commit, the import left
+    # only recorded files the catalog does not name, which the next open
+    # removes: all of the import or none.
     ddir = os.path.join(repo_path, "devices", name)
+    intents: list[str] = []
+    if not os.path.lexists(ddir):
+        intents.append(f"devices/{name}")
+        catalog.record_intents("dir", intents)
     os.makedirs(ddir, exist_ok=True)
     fsync_dir(os.path.dirname(ddir))  # the directory's own entry, before the catalog names it
     records: list[BackupRecord] = []
@@ -121,13 +127,16 @@ def import_chain(
                 ranges.append((content.size, size))
             held = units_of([(a, min(b, size)) for a, b in ranges if a < size], unit, size)
             tmp = os.path.join(ddir, f".tmp-{backup_id}.qcow2")
+            files = [f"devices/{name}/{f}" for f in (os.path.basename(tmp), f"{backup_id}.qcow2", f"{backup_id}.sums")]
+            catalog.record_intents("file", files)
+            intents += files
             writer, record = rewrite_image(
                 content, held, tmp, size, cs, granularity,
                 f"{prev.id}.qcow2" if prev else None,
             )
         try:
             writer.commit()
-            record.save(os.path.join(ddir, f"{backup_id}.sums"))
+            record.save(os.path.join(ddir, f"{backup_id}.sums"), atomic=False)  # a new file, recorded
             durable.fs.replace(tmp, os.path.join(ddir, f"{backup_id}.qcow2"))
             fsync_dir(ddir)
         except BaseException:
@@ -142,5 +151,9 @@ def import_chain(
         records.append(rec)
         prev = rec
     catalog.add_device(name, source or "", size, granularity, backups=records)
+    try:
+        catalog.clear_intents(intents)
+    except CatalogError:
+        pass  # the next open finds them committed and clears them
     return records
 
