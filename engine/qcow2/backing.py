@@ -88,12 +88,12 @@ class Confinement:
         root = next((r for r in self.roots if os.path.commonpath([real, r]) == r), None)
         what = f"backing file {backing_name!r} ({path})"
         if root is None:
-            via = "" if real == os.path.normpath(os.path.abspath(path)) else f", which leads to {real},"
+            via = "" if real == os.path.normpath(os.path.abspath(path)) else f", which leads to {real}"
             allowed = self.roots[0] if len(self.roots) == 1 else ", ".join(self.roots)
             raise ImageError(
                 named_by,
-                f"refused {what}{via}: import reads backing files only inside {allowed} "
-                "(give --allow-outside DIR to allow another directory)",
+                f"refused backing file {backing_name!r} ({path}{via}): it lies outside {allowed}; import reads "
+                "backing files only inside the tip's directory tree (give --allow-outside DIR to allow another)",
             )
         try:
             return _open_beneath(root, os.path.relpath(real, root))
