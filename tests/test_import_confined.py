@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli, qemu_img, qemu_io, qemu_raw
+from conftest import OtherUser, cli, qemu_img, qemu_io, qemu_raw
 
 MiB = 1024 * 1024
 
@@ -166,3 +166,24 @@ def test_a_raw_base_with_a_qcow2_header_stays_raw(repo: Path, tmp_path: Path) ->
     newest = out[-1].split("\t")[0]
     assert qemu_raw(repo / "devices" / "vm" / f"{newest}.qcow2", tmp_path) == expected
     assert out[0].endswith("(raw)"), out
+
+
+def test_a_users_chain_cannot_make_root_read_a_secret(repo: Path, other_user: OtherUser, open_tmp: Path) -> None:
+    """The scenario itself: a user leaves an image in their directory whose
+    backing names a file only root can read (or a symlink to it), and asks
+    root to import it; the secret must not end up in a backup."""
+    mine = open_tmp / "u"
+    mine.mkdir()
+    os.chown(mine, other_user.uid, other_user.gid)
+    secret = open_tmp / "secret.raw"
+    secret.write_bytes(b"root only\n" * 1000 + bytes(4 * MiB - 10000))
+    secret.chmod(0o600)
+    made = other_user.run("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", str(secret), "-F", "raw",
+                          str(mine / "tip.qcow2"), "4M")
+    assert made.returncode == 0, made.stderr
+    other_user.run("ln", "-s", str(secret), str(mine / "base.raw"), check=True)
+    made = other_user.run("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "base.raw", "-F", "raw",
+                          str(mine / "tip2.qcow2"), "4M")
+    assert made.returncode == 0, made.stderr
+    _refused(repo, mine / "tip.qcow2", repr(str(secret)), f"lies outside {mine}")
+    _refused(repo, mine / "tip2.qcow2", "'base.raw'", f"leads to {secret}")
