@@ -53,6 +53,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("tip", metavar="TIP")
     p.add_argument("--source", metavar="PATH", help="the live disk, to continue the chain with new backups")
     p.add_argument("--granularity", default="64K", help="bitmap and checksum granularity (default 64K)")
+    p.add_argument("--allow-outside", action="append", default=[], metavar="DIR",
+                   help="also read backing files under DIR (by default only under the tip's directory); repeatable")
+    p.add_argument("--backing-format", choices=("raw", "qcow2"),
+                   help="the format of a backing file whose image records none (never guessed)")
     p.set_defaults(func=cmd_import)
 
 
@@ -315,7 +319,8 @@ def cmd_import(args: argparse.Namespace) -> int:
             if sys.stderr.isatty():
                 print(f"importing {n + 1}/{total}: {path}", file=sys.stderr)
 
-        records = repo.import_chain(args.name, args.tip, granularity or DEFAULT_GRANULARITY, args.source, on_layer)
+        records = repo.import_chain(args.name, args.tip, granularity or DEFAULT_GRANULARITY, args.source, on_layer,
+                                    args.allow_outside, args.backing_format)
     for rec in records:
         print(f"{rec.id}\t{rec.kind}\t{format_size(rec.stored_bytes)}\t{rec.label}")
     return 0

@@ -309,7 +309,7 @@ def catalog_for_reading(repo_path: str) -> Iterator[Catalog]:
     repo = None
     if read_mount_record(path) is None:
         try:
-            repo = Repository.open(path)
+            repo = Repository.open(path, writable=False)  # reading deletes nothing
         except BackupfsError as e:
             if getattr(e, "errno", None) != errno.EBUSY:
                 raise
@@ -397,7 +397,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 _print_history(catalog, d.name)
         return 1 if failed else 0
     try:
-        repo = Repository.open(args.repo)
+        repo = Repository.open(args.repo, writable=False)  # status deletes nothing
     except BackupfsError as e:
         if getattr(e, "errno", None) != errno.EBUSY:
             raise

@@ -74,6 +74,16 @@ CREATE INDEX backups_by_device ON backups (device, seq);
 CREATE INDEX jobs_by_device ON jobs (device, id);
 """
 
+# Files a job, an import or a prune is about to create (or, for a removal,
+# to delete), recorded before it does: recovery removes what these name and
+# nothing else, so a file backupfs did not make is never deleted.
+_INTENTS = """
+CREATE TABLE IF NOT EXISTS intents (
+    path TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    created_ns INTEGER NOT NULL
+)
+"""
 
 DISK_FULL = "the repository's disk is full"  # why a catalog is frozen
 
@@ -196,7 +206,9 @@ class Catalog:
             + f"INSERT INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}');\n{shared}COMMIT;"
         )
         _add_source_identity(conn)
-        return cls(conn, path)
+        cat = cls(conn, path)
+        cat._upgrade_intents()
+        return cat
 
     @classmethod
     def open(cls, path: str, readonly: bool = False) -> Catalog:
@@ -247,7 +259,28 @@ class Catalog:
             except sqlite3.DatabaseError as e:
                 conn.close()
                 raise CatalogError(f"{path}: cannot open the catalog for writing ({e})") from None
-        return cls(conn, path, frozen)
+        catalog = cls(conn, path, frozen)
+        if not readonly and frozen is None:
+            try:
+                catalog._upgrade_intents()
+            except CatalogError as e:
+                if e.errno != errno.ENOSPC:
+                    conn.close()
+                    raise
+                catalog.frozen = DISK_FULL  # no room to add the table: read-only until there is
+        return catalog
+
+    def _upgrade_intents(self) -> None:
+        """Add the ``intents`` table to a catalog made before it existed.
+
+        Idempotent, and within SCHEMA_VERSION 1: an older backupfs ignores
+        the table. A catalog opened read-only may not have it: ``intents``
+        then reads as empty.
+        """
+        if self._query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'intents'"):
+            return  # no write (and no flush) on every open
+        with self.transaction() as c:
+            c.execute(_INTENTS)
 
     def close(self) -> None:
         with self._lock:
@@ -346,8 +379,11 @@ class Catalog:
             c.execute("UPDATE devices SET source_identity = ? WHERE name = ? AND source_identity IS NULL",
                       (identity.encode(), name))
 
-    def remove_device(self, name: str) -> None:
+    def remove_device(self, name: str, leftovers: Sequence[tuple[str, str]] = ()) -> None:
+        """Forget a device; ``leftovers`` (path, kind): its files, recorded as
+        intents in the same commit, so that they are deleted even after a crash."""
         with self.transaction() as c:
+            self._insert_intents(c, leftovers)
             c.execute("DELETE FROM jobs WHERE device = ?", (name,))
             c.execute("DELETE FROM backups WHERE device = ?", (name,))
             c.execute("DELETE FROM devices WHERE name = ?", (name,))
@@ -446,9 +482,12 @@ class Catalog:
     def pending_removals(self) -> list[str]:
         return [r[0] for r in self._query("SELECT backup FROM pending_removals")]
 
-    def apply_removal(self, removed: str, updates: list[tuple[str, str | None, str, int]]) -> None:
-        """In one transaction: re-point children (id, new parent, kind, stored bytes), drop ``removed``."""
+    def apply_removal(self, removed: str, updates: list[tuple[str, str | None, str, int]],
+                      leftovers: Sequence[str] = ()) -> None:
+        """In one transaction: re-point children (id, new parent, kind, stored bytes), drop
+        ``removed``, and record its files (``leftovers``) as intents for deletion."""
         with self.transaction() as c:
+            self._insert_intents(c, [(p, "file") for p in leftovers])
             for child, parent, kind, stored in updates:
                 c.execute(
                     "UPDATE backups SET parent = ?, kind = ?, stored_bytes = ? WHERE id = ?",
@@ -456,6 +495,37 @@ class Catalog:
                 )
             c.execute("DELETE FROM pending_removals WHERE backup = ?", (removed,))
             c.execute("DELETE FROM backups WHERE id = ?", (removed,))
+
+    # -- intents -----------------------------------------------------------------
+
+    def record_intents(self, kind: str, paths: Sequence[str]) -> None:
+        """Record, durably, files (relative to the repository) about to be made.
+
+        ``kind`` says what makes them: 'file' or 'dir' (a device directory
+        an import creates).
+        """
+        with self.transaction() as c:
+            self._insert_intents(c, [(p, kind) for p in paths])
+
+    @staticmethod
+    def _insert_intents(c: sqlite3.Connection, intents: Sequence[tuple[str, str]]) -> None:
+        now = time.time_ns()
+        c.executemany("INSERT OR REPLACE INTO intents VALUES (?, ?, ?)", [(p, k, now) for p, k in intents])
+
+    def clear_intents(self, paths: Sequence[str]) -> None:
+        """Forget intents whose files are committed or removed (a crash that
+        loses this leaves intents recovery finds settled: no flush)."""
+        with self.transaction(flush=False) as c:
+            c.executemany("DELETE FROM intents WHERE path = ?", [(p,) for p in paths])
+
+    def intents(self) -> list[tuple[str, str]]:
+        """(path, kind) of every recorded intent; none in a catalog not yet upgraded."""
+        try:
+            return [(str(p), str(k)) for p, k in self._query("SELECT path, kind FROM intents ORDER BY path")]
+        except sqlite3.OperationalError as e:
+            if "no such table" in str(e):
+                return []
+            raise
 
     def lineage(self, backup_id: str) -> list[BackupRecord]:
         """The backup and its ancestors, newest first."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.nowait import WouldBlock, read_cached
-from engine.qcow2.backing import open_chain
+from engine.qcow2.backing import Confinement, open_chain
 from engine.qcow2.layers import COMPRESSED, DATA, UNALLOC, ZERO, Layer
 from engine.readahead import device_read_ahead
 
@@ -230,8 +230,9 @@ class ChainView:
         self._fd_array = array("i", self._fds)  # for the C loop
 
     @classmethod
-    def open(cls, tip: str) -> ChainView:
-        layers = open_chain(tip)
+    def open(cls, tip: str, *, confine: Confinement | None = None, tip_format: str | None = None) -> ChainView:
+        """The chain below ``tip``; ``confine`` and ``tip_format`` as for ``open_chain``."""
+        layers = open_chain(tip, confine=confine, tip_format=tip_format)
         try:
             return cls(layers)
         except BaseException:

@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from engine import durable
 from engine.access import make_dir
-from engine.catalog import BackupRecord, Catalog
+from engine.catalog import BackupRecord, Catalog, CatalogError
 from engine.chain import ChainView
 from engine.errors import UsageError
 from engine.fsutil import file_size, fsync_dir
 from engine.job import copy_cluster_size, units_of, units_of_extents
 from engine.limits import check_granules
 from engine.prune import held_extents, rewrite_image
-from engine.qcow2.backing import open_chain
+from engine.qcow2.backing import Confinement, open_chain
 from engine.qcow2.layers import COMPRESSED, DATA, Qcow2Layer
 from engine.sourceid import PathRefused, SourceId, open_disk
 from engine.validate import utf8_path
@@ -40,9 +40,17 @@ def import_chain(
     granularity: int,
     source: str | None,
     on_layer: Callable[[int, int, str], None] | None = None,
+    allow_outside: Sequence[str] = (),
+    backing_format: str | None = None,
 ) -> list[BackupRecord]:
-    """Import ``tip`` and its backing chain as backups of a new device ``name``."""
-    layers = open_chain(tip)
+    """Import ``tip`` and its backing chain as backups of a new device ``name``.
+
+    Backing files are read only inside the tip's directory tree and
+    ``allow_outside``, never probed: ``backing_format`` is the format of a
+    link that records none (see Confinement).
+    """
+    confine = Confinement.around(tip, allow_outside, backing_format)
+    layers = open_chain(tip, confine=confine)
     try:
         for layer in layers:
             if isinstance(layer, Qcow2Layer) and layer.header.corrupt:
@@ -81,10 +89,16 @@ def import_chain(
         if src_size != size:
             raise UsageError(f"source {source} is {src_size} bytes but the chain's disk is {size}")
     # The images are written first, each complete and durable; the device
-    # and all its backups then appear in one catalog commit. Killed before
-    # it, the import left only images the catalog does not know, which the
-    # next open of the repository removes: all of the import or none.
+    # and all its backups then appear in one catalog commit. Every file (and
+    # the device's directory, if the import makes it) is recorded as an
+    # intent before it is made: killed before the commit, the import left
+    # only recorded files the catalog does not name, which the next open
+    # removes: all of the import or none.
     ddir = os.path.join(repo_path, "devices", name)
+    intents: list[str] = []
+    if not os.path.lexists(ddir):
+        intents.append(f"devices/{name}")
+        catalog.record_intents("dir", intents)
     make_dir(ddir)
     fsync_dir(os.path.dirname(ddir))  # the directory's own entry, before the catalog names it
     records: list[BackupRecord] = []
@@ -103,7 +117,7 @@ def import_chain(
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(created / 1e9))
         backup_id = f"{stamp}-{seq:04d}-{kind}"
         unit = copy_cluster_size(granularity, cs)
-        with ChainView.open(path) as content:
+        with ChainView.open(path, confine=confine, tip_format=fmt) as content:
             own = content.layers[0]
             ranges = held_extents(own)
             if prev is None:  # a full needs only what is not zero
@@ -117,13 +131,16 @@ def import_chain(
                 # whole, with the zeros after the end).
                 held |= units_of([(content.size, size)], unit, size)
             tmp = os.path.join(ddir, f".tmp-{backup_id}.qcow2")
+            files = [f"devices/{name}/{f}" for f in (os.path.basename(tmp), f"{backup_id}.qcow2", f"{backup_id}.sums")]
+            catalog.record_intents("file", files)
+            intents += files
             writer, record = rewrite_image(
                 content, held, tmp, size, cs, granularity,
                 f"{prev.id}.qcow2" if prev else None,
             )
         try:
             writer.commit()
-            record.save(os.path.join(ddir, f"{backup_id}.sums"))
+            record.save(os.path.join(ddir, f"{backup_id}.sums"), atomic=False)  # a new file, recorded
             durable.fs.replace(tmp, os.path.join(ddir, f"{backup_id}.qcow2"))
             fsync_dir(ddir)
         except BaseException:
@@ -138,5 +155,9 @@ def import_chain(
         records.append(rec)
         prev = rec
     catalog.add_device(name, source or "", size, granularity, backups=records, identity=identity)
+    try:
+        catalog.clear_intents(intents)
+    except CatalogError:
+        pass  # the next open finds them committed and clears them
     return records
 

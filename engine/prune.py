@@ -176,12 +176,20 @@ def remove_backup(
     x: BackupRecord,
     children: list[BackupRecord],
     begin: Callable[[], None],
-    apply_catalog: Callable[[list[tuple[str, str | None, str, int]]], None],
+    apply_catalog: Callable[[list[tuple[str, str | None, str, int]], list[str]], None],
     *,
     open_content: Callable[[BackupRecord], ChainView] | None = None,
     hook: Callable[[str], None] | None = None,
+    intend: Callable[[list[str]], None] = lambda _paths: None,
+    settled: Callable[[list[str]], None] = lambda _paths: None,
 ) -> None:
     """Merge ``x`` into each child, then drop it. ``hook(step)`` is for tests.
+
+    ``intend(paths)`` records files (relative to the repository) before
+    they are made, so that recovery after a crash removes exactly them;
+    ``settled(paths)`` forgets them once they are renamed or removed.
+    ``apply_catalog(updates, leftovers)`` records x's files for deletion in
+    the commit that drops x.
 
     ``open_content(child)`` gives what the child reads now, checked against
     its checksums: a damaged cluster copied into the merged image would get
@@ -198,6 +206,7 @@ def remove_backup(
             tmp_image = os.path.join(ddir, f".tmp-merge-{c.id}.qcow2")
             tmp_sums = os.path.join(ddir, f".tmp-merge-{c.id}.sums")
             unit = copy_cluster_size(c.granularity, c.cluster_size)
+            intend([os.path.relpath(f, repo_path) for f in (tmp_image, tmp_sums)])
             with open_layer(c_image, "qcow2") as c_layer, open_layer(x_image, "qcow2") as x_layer:
                 held = (units_of_extents(held_extents(c_layer), unit, c.size)
                         | units_of_extents(held_extents(x_layer), unit, c.size))
@@ -207,7 +216,7 @@ def remove_backup(
                     f"{new_parent}.qcow2" if new_parent else None,
                 )
             writer.commit()
-            record.save(tmp_sums)
+            record.save(tmp_sums, atomic=False)  # itself a temporary, recorded
             staged.append((c, tmp_image, tmp_sums, writer.stored_bytes()))
             step("staged")
         # Every merged image is durable. From here on the removal is
@@ -229,16 +238,18 @@ def remove_backup(
                 except FileNotFoundError:
                     pass
         raise
+    temporaries = [os.path.relpath(f, repo_path) for _c, i, t, _s in staged for f in (i, t)]
     updates = [
         (c.id, new_parent, c.kind if new_parent else "full", stored) for c, _i, _s, stored in staged
     ]
-    apply_catalog(updates)
+    leftovers = [f for f in (x.image, x.checksums) if f]
+    apply_catalog(updates, leftovers)
     step("catalog")
-    for f in (x.image, x.checksums):
-        if f:
-            try:
-                durable.fs.unlink(os.path.join(repo_path, f))
-            except FileNotFoundError:
-                pass
+    for f in leftovers:
+        try:
+            durable.fs.unlink(os.path.join(repo_path, f))
+        except FileNotFoundError:
+            pass
     fsync_dir(ddir)
+    settled(temporaries + leftovers)
     step("deleted")

@@ -29,7 +29,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -153,6 +153,7 @@ class Repository:
         self._running: dict[str, BackupJob] = {}
         self._maintenance: set[str] = set()  # devices being pruned
         self._idle = threading.Condition()
+        self._writable = True  # False: opened by a command that only reads
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -197,7 +198,10 @@ class Repository:
             raise RepositoryError(f"cannot create a repository in {path}: {reason}", errno.EIO) from None
 
     @classmethod
-    def open(cls, path: str) -> Repository:
+    def open(cls, path: str, *, writable: bool = True) -> Repository:
+        """Open and lock the repository; ``writable`` False for a command that
+        only reads (list, status, verify): it then deletes nothing, and what
+        interrupted work left waits for the next command that may write."""
         path = os.path.abspath(path)
         if not os.path.exists(os.path.join(path, CATALOG)):
             raise RepositoryError(
@@ -240,6 +244,7 @@ class Repository:
             os.close(lock_fd)
             raise
         repo = cls(path, lock_fd, catalog)
+        repo._writable = writable
         repo._recover()
         return repo
 
@@ -253,7 +258,8 @@ class Repository:
             )
 
     def _recover(self) -> None:
-        """Remove what interrupted jobs left behind."""
+        """Remove what interrupted jobs left behind: only the files they
+        recorded as in progress (intents), never anything else."""
         if self.catalog.frozen:
             return  # read-only until there is room; the next open does this
         try:
@@ -265,9 +271,6 @@ class Repository:
             # is no room to record anything: read-only until there is.
             self.catalog.frozen = DISK_FULL
             return
-        known = {b.image for b in self.catalog.backups()} | {
-            b.checksums for b in self.catalog.backups() if b.checksums
-        }
         devroot = os.path.join(self.path, "devices")
         missing = [d.name for d in self.catalog.devices() if not os.path.isdir(self._device_dir(d.name))]
         for name in missing:
@@ -277,26 +280,111 @@ class Repository:
             make_dir(self._device_dir(name))
         if missing:
             fsync_dir(devroot)
-        for name in os.listdir(devroot):
-            d = os.path.join(devroot, name)
-            if not os.path.isdir(d):
-                continue
-            for f in os.listdir(d):
-                rel = f"devices/{name}/{f}"
-                leftover = f.startswith(".tmp-") or f.endswith(".tmp")
-                orphan = (f.endswith(".qcow2") or f.endswith(".sums")) and rel not in known
-                if leftover or orphan:
-                    durable.fs.unlink(os.path.join(d, f))
-            fsync_dir(d)
-            if not os.listdir(d) and self.catalog.device(name) is None:
-                os.rmdir(d)  # all an interrupted import left
-                fsync_dir(devroot)
+        if not self._writable:
+            return  # a command that only reads deletes nothing
+        self._remove_recorded(self.catalog.intents())
+        for d in self.catalog.devices():
+            # A bitmap save (atomic_write) interrupted: its fixed temporary name.
+            for which in ("since-last", "since-full"):
+                self._remove_file(f"devices/{d.name}/{which}.bitmap.tmp")
         for backup_id in self.catalog.pending_removals():
             rec = self.catalog.backup(backup_id)
             if rec is not None:
                 # An interrupted prune: finish it (see engine/prune.py).
                 self._remove_one(rec.device, RemovalPlan(rec, self.catalog.children(rec.id)), None,
                                  verified=False)
+
+    def _relative(self, path: str) -> str:
+        """A path in the repository as the catalog records it (devices/NAME/FILE)."""
+        return os.path.relpath(path, self.path)
+
+    def _forget_intents(self, paths: list[str]) -> None:
+        """Clear intents whose files are settled; failing that (a full disk),
+        the next open finds them settled and clears them."""
+        if paths:
+            try:
+                self.catalog.clear_intents(paths)
+            except CatalogError:
+                pass
+
+    def _remove_recorded(self, intents: list[tuple[str, str]]) -> None:
+        """Remove what interrupted work recorded it was making, then forget it.
+
+        A path the catalog names is a committed backup's (the intent
+        outlived its commit): it stays. Files first, then the directories
+        an import made (only if empty and no device has them).
+        """
+        if not intents:
+            return
+        known = {b.image for b in self.catalog.backups()} | {
+            b.checksums for b in self.catalog.backups() if b.checksums
+        }
+        for rel, kind in intents:
+            if kind != "dir" and rel not in known:
+                self._remove_file(rel)
+        for rel, kind in intents:
+            if kind == "dir":
+                self._remove_empty_device_dir(rel)
+        self.catalog.clear_intents([rel for rel, _kind in intents])
+
+    def _device_dir_fd(self, name: str) -> int | None:
+        """The device's directory, opened without following a symlink
+        anywhere below the repository: one that is a link is never entered."""
+        try:
+            root = os.open(os.path.join(self.path, "devices"), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                           | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root)
+        except OSError:  # gone, or a symlink (ELOOP, ENOTDIR)
+            return None
+        finally:
+            os.close(root)
+
+    def _remove_file(self, rel: str) -> None:
+        """Unlink ``devices/NAME/FILE`` if it is a regular file directly in
+        the device's real directory; anything else (a symlink, a directory,
+        a path of another shape) is left alone."""
+        parts = rel.split("/")
+        if len(parts) != 3 or parts[0] != "devices" or not NAME_RE.fullmatch(parts[1]) \
+                or parts[2] in ("", ".", ".."):
+            return
+        dir_fd = self._device_dir_fd(parts[1])
+        if dir_fd is None:
+            return
+        try:
+            try:
+                st = os.stat(parts[2], dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return
+            if stat.S_ISREG(st.st_mode):
+                os.unlink(parts[2], dir_fd=dir_fd)
+                os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def _remove_empty_device_dir(self, rel: str) -> None:
+        """rmdir ``devices/NAME`` that an interrupted import made, if no device has it and it is empty."""
+        parts = rel.split("/")
+        if len(parts) != 2 or parts[0] != "devices" or not NAME_RE.fullmatch(parts[1]):
+            return
+        if self.catalog.device(parts[1]) is not None:
+            return
+        try:
+            root = os.open(os.path.join(self.path, "devices"), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                           | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            st = os.stat(parts[1], dir_fd=root, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                os.rmdir(parts[1], dir_fd=root)
+                os.fsync(root)
+        except OSError:
+            pass  # gone already, or the user put something there: it stays
+        finally:
+            os.close(root)
 
     def cancel_jobs(self, reason: str = "the repository is being closed") -> None:
         """Ask every running job to stop (they fail with ECANCELED, bitmaps kept)."""
@@ -474,8 +562,10 @@ class Repository:
     def import_chain(
         self, name: str, tip: str, granularity: int = DEFAULT_GRANULARITY, source: str | None = None,
         on_layer: Callable[[int, int, str], None] | None = None,
+        allow_outside: Sequence[str] = (), backing_format: str | None = None,
     ) -> list[BackupRecord]:
-        """Adopt a QEMU/libvirt chain as the history of a new device ``name``."""
+        """Adopt a QEMU/libvirt chain as the history of a new device ``name``
+        (backing files confined as engine/importer.py says)."""
         self._require_room("an import")
         validate_name(name)
         validate_granularity(granularity)
@@ -488,13 +578,16 @@ class Repository:
                 found = identity_at(source)
                 if found is not None:  # else the import names what is wrong with it
                     self._check_unclaimed(os.path.abspath(source), found)
-            records = import_chain(self.path, self.catalog, name, tip, granularity, source, on_layer)
+            records = import_chain(self.path, self.catalog, name, tip, granularity, source, on_layer,
+                                   allow_outside, backing_format)
         except BaseException:
             # All or nothing: the device and its backups are committed in one
             # go, last. Not committed: no half of it stays. Committed (an
             # interrupt just after): it is whole, and it stays.
             if self.catalog.device(name) is None:
-                self._remove_device_dir(name)
+                mine = [(p, k) for p, k in self.catalog.intents()
+                        if p == f"devices/{name}" or p.startswith(f"devices/{name}/")]
+                self._remove_recorded(mine)
             raise
         if source is not None:
             self._distrust_new_source(name)
@@ -511,16 +604,14 @@ class Repository:
             self._devices.pop(name, None)
         if dev is not None:
             dev.close()
-        self.catalog.remove_device(name)
-        self._remove_device_dir(name)
-
-    def _remove_device_dir(self, name: str) -> None:
-        d = self._device_dir(name)
-        if os.path.isdir(d):
-            for f in os.listdir(d):
-                os.unlink(os.path.join(d, f))
-            os.rmdir(d)
-        fsync_dir(os.path.join(self.path, "devices"))
+        # Only the files backupfs made: a user's file there stays (and so
+        # then does the directory).
+        leftovers = [(f, "file") for b in self.catalog.backups(name) for f in (b.image, b.checksums) if f]
+        leftovers += [(f"devices/{name}/{w}.bitmap{t}", "file") for w in ("since-last", "since-full")
+                      for t in ("", ".tmp")]
+        leftovers.append((f"devices/{name}", "dir"))
+        self.catalog.remove_device(name, leftovers)
+        self._remove_recorded(leftovers)
 
     def devices(self) -> list[DeviceRecord]:
         return self.catalog.devices()
@@ -803,9 +894,11 @@ class Repository:
         remove_backup(
             self.path, x, plan.children,
             lambda: self.catalog.begin_removal(x.id),
-            lambda updates: self.catalog.apply_removal(x.id, updates),
+            lambda updates, leftovers: self.catalog.apply_removal(x.id, updates, leftovers),
             open_content=content,
             hook=hook,
+            intend=lambda paths: self.catalog.record_intents("file", paths),
+            settled=self._forget_intents,
         )
 
     def verify(
@@ -922,6 +1015,7 @@ class Repository:
             # since_full without consuming it (the next differential needs it).
             writer: Qcow2Writer | None = None
             tmp = ""
+            intents: list[str] = []
             held: set[signal.Signals] | None = None
             try:
                 frozen_last = dev.since_last.freeze()
@@ -940,6 +1034,9 @@ class Repository:
                 final = os.path.join(ddir, f"{backup_id}.qcow2")
                 tmp = os.path.join(ddir, f".tmp-{backup_id}.qcow2")
                 sums_path = os.path.join(ddir, f"{backup_id}.sums")
+                # Recorded before they exist: after a crash, recovery removes these (and only these).
+                intents = [self._relative(p) for p in (tmp, final, sums_path)]
+                self.catalog.record_intents("file", intents)
                 writer = Qcow2Writer(
                     tmp,
                     dev.size,
@@ -977,6 +1074,7 @@ class Repository:
                         durable.fs.unlink(tmp)
                     except FileNotFoundError:
                         pass
+                self._forget_intents(intents)
                 if dev.since_last.frozen is not None:
                     dev.since_last.reclaim()
                 if kind == "full" and dev.since_full.frozen is not None:
@@ -1055,19 +1153,23 @@ class Repository:
                         dev.since_last.reclaim()
                         if frozen_full is not None:
                             dev.since_full.reclaim()
-                if not committed:
+                if committed:
+                    self._forget_intents(intents)
+                else:
                     # Only now: closed earlier, the image's descriptor could be
                     # reused by another file while a copy-before-write still
                     # held its number.
                     writer.abort()
                     # Unsure whether the catalog names them: leave them to the
-                    # next open, which removes what the catalog does not name.
+                    # next open, which removes the recorded files the catalog does not name.
                     doubt = committed is None
                     for leftover in (tmp,) if doubt else (tmp, final, sums_path):
                         try:
                             durable.fs.unlink(leftover)
                         except FileNotFoundError:
                             pass
+                    if not doubt:
+                        self._forget_intents(intents)
                     cancelled = isinstance(failure, KeyboardInterrupt) or (
                         isinstance(failure, JobError) and failure.errno == errno.ECANCELED)
                     try:

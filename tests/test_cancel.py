@@ -454,7 +454,11 @@ def test_ctrl_c_right_after_the_commit_keeps_the_backup(tmp_path: Path, monkeypa
         dev.write(MiB, os.urandom(64 * 1024))
 
         def interrupted(path: str) -> None:
-            raise KeyboardInterrupt
+            # After the commit that makes the backup visible (not the one
+            # recording its files as in progress, before them).
+            latest = repo.catalog.latest_backup("d")
+            if latest is not None and latest.kind == "incremental":
+                raise KeyboardInterrupt
 
         monkeypatch.setattr(durable.fs, "catalog_committed", interrupted)
         with pytest.raises(KeyboardInterrupt):

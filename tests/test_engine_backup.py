@@ -640,13 +640,20 @@ def test_leftovers_of_a_crash_are_removed(repo_path: Path, tmp_path: Path) -> No
     with Repository.open(str(repo_path)) as repo:
         repo.add_device("l", str(src))
         keep = repo.backup("l", "full").record
+        # What a job records before it makes its files (a crash then left them).
+        names = [".tmp-20260101T000000Z-0009-full.qcow2", "20260101T000000Z-0009-full.qcow2",
+                 "20260101T000000Z-0009-full.sums"]
+        repo.catalog.record_intents("file", [f"devices/l/{n}" for n in names])
     d = repo_path / "devices" / "l"
     (d / ".tmp-20260101T000000Z-0009-full.qcow2").write_bytes(b"\0" * 4096)
     (d / "20260101T000000Z-0009-full.qcow2").write_bytes(b"QFI\xfb")  # renamed, never committed
     (d / "20260101T000000Z-0009-full.sums").write_bytes(b"x")
+    (d / "notes.sums").write_bytes(b"mine")  # not recorded: not ours to delete
     with Repository.open(str(repo_path)) as repo:
         assert visible_images(repo, "l") == [f"{keep.id}.qcow2"]
         assert sorted(p.name for p in d.iterdir() if "0009" in p.name) == []
+        assert (d / "notes.sums").exists()
+        assert repo.catalog.intents() == []
 
 
 @pytest.mark.parametrize("name", ["../evil", "a/b", "", ".hidden", "x" * 65, "sp ace"])

@@ -4,17 +4,28 @@ Resolution follows QEMU: a relative backing name is relative to the
 directory of the image that names it (as that image's path was given, not
 the current directory); the backing format comes from the header extension,
 or is probed. Loops and absurd depths are refused before anything is read.
+
+That is right for the inspection commands a user runs on their own files.
+`import` runs as root into the repository, where a backing name is text
+from whoever wrote the image: it passes a ``Confinement``, which reads
+backing files only inside the tip's directory tree (and directories the
+user allowed), regular files only, and never probes a format.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-from engine.errors import ImageError
-from engine.qcow2.format import MAX_CHAIN_DEPTH
-from engine.qcow2.layers import Layer, open_layer
+from engine.errors import ImageError, UsageError
+from engine.qcow2.format import MAGIC, MAX_CHAIN_DEPTH
+from engine.qcow2.layers import Layer, Qcow2Layer, RawLayer, open_layer
+
+BACKING_FORMATS = ("qcow2", "raw")
 
 _PROTOCOL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 
@@ -37,20 +48,174 @@ def resolve_backing(image_path: str, backing_name: str) -> str:
     return os.path.join(os.path.dirname(image_path), backing_name)
 
 
-def open_chain(tip: str, max_depth: int = MAX_CHAIN_DEPTH) -> list[Layer]:
+@dataclass(frozen=True)
+class Confinement:
+    """Where backing files may be read from, and the format of an unrecorded link.
+
+    ``roots`` are real paths (no symlinks): the tip's directory first, then
+    the directories the user allowed. A backing file is read only if the
+    path it resolves to (symlinks followed, as the kernel would) lies under
+    one of them; it is then opened one component at a time from that root
+    without following any symlink, so a link swapped in meanwhile fails the
+    open instead of leading elsewhere.
+    """
+
+    roots: tuple[str, ...]
+    backing_format: str | None = None
+
+    @classmethod
+    def around(cls, tip: str, allow_outside: Sequence[str] = (), backing_format: str | None = None) -> Confinement:
+        """The tip's directory tree plus ``allow_outside``; refuses a bad option value."""
+        if backing_format is not None and backing_format not in BACKING_FORMATS:
+            raise UsageError(f"--backing-format must be one of {', '.join(BACKING_FORMATS)}, not {backing_format!r}")
+        roots = [os.path.realpath(os.path.dirname(os.path.abspath(tip)))]
+        for d in allow_outside:
+            real = os.path.realpath(d)
+            if not os.path.isdir(real):
+                raise UsageError(f"--allow-outside {d}: not a directory")
+            roots.append(real)
+        return cls(tuple(roots), backing_format)
+
+    def open(self, path: str, named_by: str, backing_name: str) -> int:
+        """A read-only descriptor of the regular file ``path``, if it lies inside.
+
+        ``named_by`` and ``backing_name`` only make the refusal say which
+        image asked for what.
+        """
+        if "\0" in path:
+            raise ImageError(named_by, f"backing file name {backing_name!r} contains a NUL byte")
+        real = os.path.realpath(path)
+        root = next((r for r in self.roots if os.path.commonpath([real, r]) == r), None)
+        what = f"backing file {backing_name!r} ({path})"
+        if root is None:
+            via = "" if real == os.path.normpath(os.path.abspath(path)) else f", which leads to {real}"
+            allowed = self.roots[0] if len(self.roots) == 1 else ", ".join(self.roots)
+            raise ImageError(
+                named_by,
+                f"refused backing file {backing_name!r} ({path}{via}): it lies outside {allowed}; import reads "
+                "backing files only inside the tip's directory tree (give --allow-outside DIR to allow another)",
+            )
+        try:
+            return _open_beneath(root, os.path.relpath(real, root))
+        except FileNotFoundError:
+            raise ImageError(named_by, f"{what} not found") from None
+        except _NotRegular as e:
+            raise ImageError(named_by, f"refused {what}: it is {e}, not a regular file") from None
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):  # a component changed into a symlink
+                raise ImageError(named_by, f"refused {what}: its path changed while it was opened") from None
+            raise ImageError(named_by, f"{what}: {e.strerror}") from None
+
+
+class _NotRegular(Exception):
+    """What a backing path holds instead of a regular file."""
+
+
+def _kind(mode: int) -> str:
+    """A file type in words, for a refusal."""
+    for test, words in ((stat.S_ISDIR, "a directory"), (stat.S_ISBLK, "a block device"),
+                        (stat.S_ISCHR, "a character device"), (stat.S_ISFIFO, "a FIFO"),
+                        (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symlink")):
+        if test(mode):
+            return words
+    return "not a regular file"
+
+
+def _open_beneath(root: str, rel: str) -> int:
+    """Open ``root``/``rel`` read-only, following no symlink on the way.
+
+    Every component is opened with O_NOFOLLOW from the one before; the file
+    is looked at (lstat) before it is opened, so a device or a FIFO is never
+    opened, and again (fstat) after, with O_NONBLOCK so that a FIFO swapped
+    in between cannot block the open.
+    """
+    parts = [p for p in rel.split(os.sep) if p not in ("", ".")]
+    if not parts or ".." in parts:
+        raise _NotRegular("a directory")
+    dir_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            next_fd = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            os.close(dir_fd)
+            dir_fd = next_fd
+        mode = os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False).st_mode
+        if not stat.S_ISREG(mode):
+            raise _NotRegular(_kind(mode))
+        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise _NotRegular(_kind(mode))
+    return fd
+
+
+def _open_tip(tip: str) -> int:
+    """The tip the user named, read-only: itself, not what a symlink there points to."""
+    try:
+        fd = os.open(tip, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ImageError(tip, "no such file") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ImageError(tip, "is a symlink; give the image it points to") from None
+        raise ImageError(tip, f"cannot open: {e.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise ImageError(tip, f"is {_kind(mode)}, not a regular file")
+    return fd
+
+
+def _tip_format(fd: int) -> str:
+    """The tip's format from its first bytes: the file the user named, the
+    one image whose format nothing else records."""
+    return "qcow2" if os.pread(fd, 4, 0) == MAGIC else "raw"
+
+
+def _open_confined(path: str, fmt: str, fd: int) -> Layer:
+    """A layer on a descriptor ``Confinement.open`` gave, in the format recorded for it."""
+    try:
+        return Qcow2Layer(path, fd) if fmt == "qcow2" else RawLayer(path, fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_chain(
+    tip: str,
+    max_depth: int = MAX_CHAIN_DEPTH,
+    *,
+    confine: Confinement | None = None,
+    tip_format: str | None = None,
+) -> list[Layer]:
     """Open ``tip`` and every backing file below it, tip first.
 
-    On error every layer opened so far is closed again.
+    ``confine``: read backing files only where it allows, in the format
+    their link records (or its ``backing_format``), never probed.
+    ``tip_format``: the tip's format if known (None probes the tip itself,
+    a file the caller named). On error every layer opened so far is closed
+    again.
     """
     layers: list[Layer] = []
     seen: dict[tuple[int, int], str] = {}
     path: str | None = tip
-    fmt: str | None = None
+    fmt: str | None = tip_format
+    named_by = ""
     try:
         while path is not None:
             if len(layers) >= max_depth:
                 raise ImageError(tip, f"backing chain is deeper than {max_depth} images")
-            layer = open_layer(path, fmt)
+            if confine is not None and layers:
+                layer = _open_confined(path, fmt or "raw", confine.open(path, named_by, layers[-1].backing_file or ""))
+            elif confine is not None and tip_format is not None:  # a lower image reopened on its own
+                layer = _open_confined(path, tip_format, confine.open(path, tip, os.path.basename(tip)))
+            elif confine is not None:
+                fd = _open_tip(tip)
+                layer = _open_confined(path, _tip_format(fd), fd)
+            else:
+                layer = open_layer(path, fmt)
             layers.append(layer)
             st = os.fstat(layer.fd)
             key = (st.st_dev, st.st_ino)
@@ -60,11 +225,20 @@ def open_chain(tip: str, max_depth: int = MAX_CHAIN_DEPTH) -> list[Layer]:
             if layer.backing_file is None:
                 break
             fmt = layer.backing_format
-            if fmt is not None and fmt not in ("qcow2", "raw"):
+            if fmt is not None and fmt not in BACKING_FORMATS:
                 raise ImageError(
                     path, f"backing file format {fmt!r} is not supported (qcow2 and raw are)"
                 )
             next_path = resolve_backing(path, layer.backing_file)
+            if confine is not None:
+                fmt = fmt or confine.backing_format
+                if fmt is None:
+                    raise ImageError(
+                        path, f"backing file {layer.backing_file!r} has no format recorded in this image; "
+                        "give --backing-format raw or qcow2 (backupfs does not guess a format)")
+                named_by = path
+                path = next_path
+                continue
             try:
                 if stat.S_ISDIR(os.stat(next_path).st_mode):
                     raise ImageError(path, f"backing file {layer.backing_file!r} ({next_path}) is a directory")

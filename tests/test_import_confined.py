@@ -1,0 +1,189 @@
+"""`import` reads backing files only where it should, and never guesses a format.
+
+A backing name is text from whoever wrote the image, and `import` runs as
+root into the repository: a chain whose backing name is absolute, climbs
+out with ../, goes through a symlink or names a device or a FIFO must be
+refused with one line naming the backing name and the image, leaving no
+device; --allow-outside DIR lets the user name another directory. A raw
+base is read as raw even when its bytes start with a qcow2 header.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import OtherUser, cli, qemu_img, qemu_io, qemu_raw
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    path = tmp_path / "repo"
+    cli("init", path)
+    return path
+
+
+def _overlay(tip: Path, backing: str, fmt: str | None = "qcow2", write: bool = True) -> None:
+    """A qcow2 image over ``backing``, the name written as given (-u: not
+    opened); ``write``: some data of its own (QEMU then opens the backing file)."""
+    args = ["create", "-q", "-f", "qcow2", "-u", "-b", backing] + (["-F", fmt] if fmt else []) + [str(tip), "4M"]
+    qemu_img(*args)
+    if write:
+        qemu_io(tip, "write -P 0x77 1M 64k")
+
+
+def _forget_backing_format(image: Path) -> None:
+    """Make the backing format extension the end of the header extensions,
+    as an image written by an old QEMU (no -F) has none."""
+    with open(image, "r+b") as f:
+        header = f.read(4096)
+        at = header.index(struct.pack(">I", 0xE2792ACA), 72)
+        f.seek(at)
+        f.write(bytes(8))
+
+
+def _base(path: Path) -> None:
+    qemu_img("create", "-q", "-f", "qcow2", str(path), "4M")
+    qemu_io(path, "write -P 0x55 0 2M")
+
+
+def _refused(repo: Path, tip: Path, *why: str, extra: tuple[str, ...] = ()) -> str:
+    """Import must fail with one line saying ``why``, leaving no device."""
+    proc = cli("import", repo, "vm", tip, *extra, check=False, timeout=20)
+    err = proc.stderr.decode()
+    assert proc.returncode != 0
+    assert len(err.strip().splitlines()) == 1, err
+    for words in why:
+        assert words in err, err
+    assert "vm" not in cli("device", "list", repo).stdout.decode()
+    assert not (repo / "devices" / "vm").exists()
+    return err
+
+
+def _imported_equals(repo: Path, tip: Path, scratch: Path, *extra: str) -> None:
+    """Import works and the newest backup reads as QEMU reads the tip."""
+    out = cli("import", repo, "vm", tip, *extra).stdout.decode().splitlines()
+    newest = out[-1].split("\t")[0]
+    image = repo / "devices" / "vm" / f"{newest}.qcow2"
+    assert qemu_raw(image, scratch) == qemu_raw(tip, scratch)
+
+
+def test_an_absolute_backing_outside_the_tip_dir(repo: Path, tmp_path: Path) -> None:
+    outside, vms = tmp_path / "outside", tmp_path / "vms"
+    outside.mkdir()
+    vms.mkdir()
+    _base(outside / "base.qcow2")
+    _overlay(vms / "tip.qcow2", str(outside / "base.qcow2"))
+    err = _refused(repo, vms / "tip.qcow2", str(vms / "tip.qcow2"), repr(str(outside / "base.qcow2")),
+                   "--allow-outside")
+    assert err.startswith("backupfs: "), err
+    _imported_equals(repo, vms / "tip.qcow2", tmp_path, "--allow-outside", str(outside))
+
+
+def test_a_backing_name_that_climbs_out(repo: Path, tmp_path: Path) -> None:
+    vms = tmp_path / "vms"
+    vms.mkdir()
+    _base(tmp_path / "base.qcow2")
+    _overlay(vms / "tip.qcow2", "../base.qcow2")
+    _refused(repo, vms / "tip.qcow2", "'../base.qcow2'", "--allow-outside")
+    _imported_equals(repo, vms / "tip.qcow2", tmp_path, "--allow-outside", str(tmp_path))
+
+
+def test_a_backing_file_that_is_a_symlink_out(repo: Path, tmp_path: Path) -> None:
+    """A link inside the tip's directory that leads out is refused; one
+    that stays inside (a subdirectory) is followed."""
+    secret, vms = tmp_path / "secret", tmp_path / "vms"
+    secret.mkdir()
+    (vms / "sub").mkdir(parents=True)
+    _base(secret / "disk.qcow2")
+    os.symlink(secret / "disk.qcow2", vms / "base.qcow2")
+    _overlay(vms / "tip.qcow2", "base.qcow2")
+    _refused(repo, vms / "tip.qcow2", "'base.qcow2'", f"leads to {secret / 'disk.qcow2'}")
+    # A symlinked directory on the way is no different.
+    os.symlink(secret, vms / "sub" / "d")
+    _overlay(vms / "tip2.qcow2", "sub/d/disk.qcow2")
+    _refused(repo, vms / "tip2.qcow2", "'sub/d/disk.qcow2'", "--allow-outside")
+    # Inside the tree, a link is fine.
+    os.unlink(vms / "base.qcow2")
+    _base(vms / "sub" / "real.qcow2")
+    os.symlink("sub/real.qcow2", vms / "base.qcow2")
+    _imported_equals(repo, vms / "tip.qcow2", tmp_path)
+
+
+def test_a_tip_that_is_a_symlink(repo: Path, tmp_path: Path) -> None:
+    _base(tmp_path / "base.qcow2")
+    os.symlink(tmp_path / "base.qcow2", tmp_path / "tip.qcow2")
+    _refused(repo, tmp_path / "tip.qcow2", "tip.qcow2: is a symlink")
+
+
+def test_a_block_device_as_backing(repo: Path, tmp_path: Path) -> None:
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(bytes(4 * MiB))
+    loop = subprocess.run(["losetup", "-f", "--show", str(disk)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    try:
+        _overlay(tmp_path / "tip.qcow2", loop, "raw")
+        _refused(repo, tmp_path / "tip.qcow2", repr(loop), "--allow-outside")
+        # Allowed where it lives, it is still no regular file.
+        _refused(repo, tmp_path / "tip.qcow2", repr(loop), "is a block device, not a regular file",
+                 extra=("--allow-outside", "/dev"))
+        # A device node inside the tip's directory itself, the same.
+        os.mknod(tmp_path / "node.raw", 0o600 | 0o060000, os.stat(loop).st_rdev)
+        _overlay(tmp_path / "tip2.qcow2", "node.raw", "raw")
+        _refused(repo, tmp_path / "tip2.qcow2", "'node.raw'", "is a block device")
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)
+
+
+def test_a_fifo_as_backing_fails_fast(repo: Path, tmp_path: Path) -> None:
+    """It hung the import (holding the repository's lock) until someone wrote to it."""
+    os.mkfifo(tmp_path / "base.raw")
+    _overlay(tmp_path / "tip.qcow2", "base.raw", "raw", write=False)  # QEMU itself would hang on it
+    _refused(repo, tmp_path / "tip.qcow2", "'base.raw'", "is a FIFO, not a regular file")
+
+
+def test_a_raw_base_with_a_qcow2_header_stays_raw(repo: Path, tmp_path: Path) -> None:
+    """Probing the base read it as the qcow2 image its bytes pretend to be
+    (and followed that image's own backing name)."""
+    inner = tmp_path / "inner.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "/etc/shadow", "-F", "raw", str(inner), "4M")
+    base = tmp_path / "base.raw"
+    data = bytearray(inner.read_bytes())
+    data += b"\x5a" * (4 * MiB - len(data))
+    base.write_bytes(bytes(data))
+    tip = tmp_path / "tip.qcow2"
+    _overlay(tip, "base.raw", "raw")
+    expected = qemu_raw(tip, tmp_path)  # QEMU, told the format
+    _forget_backing_format(tip)
+    _refused(repo, tip, "'base.raw'", "no format recorded", "--backing-format")
+    out = cli("import", repo, "vm", tip, "--backing-format", "raw").stdout.decode().splitlines()
+    newest = out[-1].split("\t")[0]
+    assert qemu_raw(repo / "devices" / "vm" / f"{newest}.qcow2", tmp_path) == expected
+    assert out[0].endswith("(raw)"), out
+
+
+def test_a_users_chain_cannot_make_root_read_a_secret(repo: Path, other_user: OtherUser, open_tmp: Path) -> None:
+    """The scenario itself: a user leaves an image in their directory whose
+    backing names a file only root can read (or a symlink to it), and asks
+    root to import it; the secret must not end up in a backup."""
+    mine = open_tmp / "u"
+    mine.mkdir()
+    os.chown(mine, other_user.uid, other_user.gid)
+    secret = open_tmp / "secret.raw"
+    secret.write_bytes(b"root only\n" * 1000 + bytes(4 * MiB - 10000))
+    secret.chmod(0o600)
+    made = other_user.run("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", str(secret), "-F", "raw",
+                          str(mine / "tip.qcow2"), "4M")
+    assert made.returncode == 0, made.stderr
+    other_user.run("ln", "-s", str(secret), str(mine / "base.raw"), check=True)
+    made = other_user.run("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "base.raw", "-F", "raw",
+                          str(mine / "tip2.qcow2"), "4M")
+    assert made.returncode == 0, made.stderr
+    _refused(repo, mine / "tip.qcow2", repr(str(secret)), f"lies outside {mine}")
+    _refused(repo, mine / "tip2.qcow2", "'base.raw'", f"leads to {secret}")

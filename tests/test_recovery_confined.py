@@ -1,0 +1,159 @@
+"""Recovery removes only what backupfs recorded it was making.
+
+Opening a repository used to delete every *.qcow2, *.sums and *.tmp under
+devices/ that the catalog did not name, following symlinks: a user's QEMU
+overlay kept beside the backups vanished at `list`, and a device directory
+replaced by a symlink made `list` delete files elsewhere. Now work records
+its files (intents) before it makes them, recovery removes exactly those,
+never through a symlink, and commands that only read delete nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.catalog import Catalog
+from engine.repo import Repository
+
+from conftest import Mounted, cli, qemu_img
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A repository with device vm (8 MiB source) and one full backup."""
+    src = tmp_path / "vm.img"
+    with open(src, "wb") as f:
+        f.truncate(8 * MiB)
+        f.write(os.urandom(MiB))
+    path = tmp_path / "repo"
+    cli("init", path)
+    cli("device", "add", path, "vm", src)
+    cli("backup", path, "vm", "full")
+    return path
+
+
+def _user_files(d: Path) -> dict[str, bytes]:
+    """Files a user might keep beside backups: a QEMU overlay, notes, a temp file."""
+    qemu_img("create", "-q", "-f", "qcow2", str(d / "user.qcow2"), "1M")
+    (d / "notes.sums").write_bytes(b"my notes\n")
+    (d / "scratch.tmp").write_bytes(b"mine\n")
+    (d / ".tmp-mine.qcow2").write_bytes(b"mine too\n")
+    return {p.name: p.read_bytes() for p in d.iterdir() if p.name in
+            ("user.qcow2", "notes.sums", "scratch.tmp", ".tmp-mine.qcow2")}
+
+
+def _still_there(d: Path, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        assert (d / name).read_bytes() == data, name
+
+
+def test_user_files_beside_backups_survive(repo: Path, tmp_path: Path) -> None:
+    ddir = repo / "devices" / "vm"
+    files = _user_files(ddir)
+    cli("list", repo)
+    _still_there(ddir, files)
+    cli("status", repo)
+    cli("device", "list", repo)
+    _still_there(ddir, files)
+    cli("backup", repo, "vm", "incremental")
+    _still_there(ddir, files)
+    (tmp_path / "mnt").mkdir()
+    m = Mounted(repo, tmp_path / "mnt")
+    try:
+        m.start()
+        assert (tmp_path / "mnt" / "vm").is_dir()
+        m.stop()
+    finally:
+        m.cleanup()
+    _still_there(ddir, files)
+    cli("verify", repo)
+    _still_there(ddir, files)
+
+
+def test_removing_a_device_keeps_a_users_file(repo: Path) -> None:
+    ddir = repo / "devices" / "vm"
+    files = _user_files(ddir)
+    cli("device", "remove", repo, "vm", "--force")
+    _still_there(ddir, files)
+    assert not [f for f in os.listdir(ddir) if f.startswith("2") or f.endswith(".bitmap")]
+
+
+def test_a_symlinked_device_dir_is_never_entered(repo: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    ddir = repo / "devices" / "vm"
+    for f in os.listdir(ddir):  # what was there, moved out: the link leads to copies
+        (elsewhere / f).write_bytes((ddir / f).read_bytes())
+    files = _user_files(elsewhere)
+    before = sorted(os.listdir(elsewhere))
+    os.rename(ddir, tmp_path / "moved")
+    os.symlink(elsewhere, ddir)
+    cli("list", repo)
+    cli("status", repo, check=False)
+    assert sorted(os.listdir(elsewhere)) == before
+    # Nor by a command that may write (and so recovers).
+    other = tmp_path / "other.img"
+    other.write_bytes(bytes(MiB))
+    cli("device", "add", repo, "other", other)
+    assert sorted(os.listdir(elsewhere)) == before
+    _still_there(elsewhere, files)
+
+
+_KILLED_BACKUP = """
+import os, signal, sys
+from engine.repo import Repository
+repo = Repository.open(sys.argv[1])
+def on_progress(p):
+    if p.done > 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+repo.backup("vm", "full", on_progress=on_progress, chunk_bytes=1024 * 1024)
+"""
+
+
+def test_a_killed_backups_files_go_at_the_next_open_that_may_write(repo: Path) -> None:
+    ddir = repo / "devices" / "vm"
+    files = _user_files(ddir)
+    proc = subprocess.run([sys.executable, "-c", _KILLED_BACKUP, str(repo)], capture_output=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    left = [f for f in os.listdir(ddir) if f.startswith(".tmp-2")]
+    assert len(left) == 1, os.listdir(ddir)
+    # Reading deletes nothing, not even our own leftover.
+    cli("list", repo)
+    cli("status", repo)
+    assert (ddir / left[0]).exists()
+    # The next command that may write removes it, and only it.
+    cli("backup", repo, "vm", "incremental")
+    assert not (ddir / left[0]).exists()
+    assert not [f for f in os.listdir(ddir) if f.startswith(".tmp-2")]
+    _still_there(ddir, files)
+    with Repository.open(str(repo)) as r:
+        assert r.catalog.intents() == []
+        assert [b.kind for b in r.backups("vm")] == ["full", "incremental"]
+
+
+def test_a_catalog_from_before_intents(repo: Path) -> None:
+    """Read-only (beside a mount, or a full disk) it has no intents; opened
+    for writing it gains the table, and works."""
+    db = str(repo / "catalog.db")
+    conn = sqlite3.connect(db)
+    conn.execute("DROP TABLE intents")
+    conn.commit()
+    conn.close()
+    catalog = Catalog.open(db, readonly=True)
+    try:
+        assert catalog.intents() == []
+    finally:
+        catalog.close()
+    cli("backup", repo, "vm", "incremental")
+    with Repository.open(str(repo)) as r:
+        assert r.catalog.intents() == []
+        assert len(r.backups("vm")) == 2
