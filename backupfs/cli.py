@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from engine.errors import BackupfsError
+from engine.text import one_line
 
 from backupfs import cli_image, cli_mount, cli_ops, cli_repo
 
@@ -48,7 +49,8 @@ def _raise_fd_limit() -> None:
 
 
 def _say(message: str) -> None:
-    print(f"{PROG}: {message}", file=sys.stderr)
+    """One line on stderr, whatever names and paths the message carries."""
+    print(f"{PROG}: {one_line(message)}", file=sys.stderr)
 
 
 def _is_utf8(text: str) -> bool:
