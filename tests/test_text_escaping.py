@@ -227,11 +227,14 @@ def test_options_that_undo_nosuid_nodev_are_refused(tmp_path: Path, option: str)
     _repo_with_device(repo, tmp_path / "d1.img")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    proc = cli("mount", repo, mnt, "-o", option, check=False)
-    assert proc.returncode == 1
-    err = proc.stderr.decode()
-    assert len(err.splitlines()) == 1 and "nosuid,nodev" in err, err
-    assert mountinfo(mnt) is None
+    try:
+        proc = cli("mount", repo, mnt, "-o", option, check=False)
+        assert proc.returncode == 1
+        err = proc.stderr.decode()
+        assert len(err.splitlines()) == 1 and "nosuid,nodev" in err, err
+        assert mountinfo(mnt) is None
+    finally:
+        Mounted(repo, mnt).cleanup()  # a mount made against the rule is not left behind
 
 
 def test_a_repository_named_like_an_option_is_a_repository(open_tmp: Path) -> None:
@@ -312,12 +315,15 @@ def test_a_tampered_catalog_row_is_refused(backed_up: tuple[Path, str, Path], tm
     atime = os.stat(victim).st_atime_ns
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    for args in (["list", repo], ["verify", repo], ["status", repo], ["mount", repo, mnt],
-                 ["device", "remove", "--force", repo, "d1"], ["prune", repo, "d1", "--keep-last", "1"]):
-        proc = cli(*args, check=False)
-        err = proc.stderr.decode()
-        assert proc.returncode != 0, (args, err)
-        assert len(err.splitlines()) == 1, (args, err)
-        assert str(repo / "catalog.db") in err and what in err and "changed outside backupfs" in err, (args, err)
-        assert mountinfo(mnt) is None
+    try:
+        for args in (["list", repo], ["verify", repo], ["status", repo], ["mount", repo, mnt],
+                     ["device", "remove", "--force", repo, "d1"], ["prune", repo, "d1", "--keep-last", "1"]):
+            proc = cli(*args, check=False)
+            err = proc.stderr.decode()
+            assert proc.returncode != 0, (args, err)
+            assert len(err.splitlines()) == 1, (args, err)
+            assert str(repo / "catalog.db") in err and what in err and "changed outside backupfs" in err, (args, err)
+            assert mountinfo(mnt) is None
+    finally:
+        Mounted(repo, mnt).cleanup()
     assert victim.exists() and os.stat(victim).st_atime_ns == atime  # neither read nor deleted
