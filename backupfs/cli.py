@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 from engine.access import notices
 from engine.errors import BackupfsError
+from engine.text import one_line
 
 from backupfs import cli_image, cli_mount, cli_ops, cli_repo
 
@@ -50,7 +51,8 @@ def _raise_fd_limit() -> None:
 
 
 def _say(message: str) -> None:
-    print(f"{PROG}: {message}", file=sys.stderr)
+    """One line on stderr, whatever names and paths the message carries."""
+    print(f"{PROG}: {one_line(message)}", file=sys.stderr)
 
 
 class NoticeHandler(logging.Handler):

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from engine.errors import BackupfsError, UsageError
+from engine.text import escape
 from engine.units import format_size
 
 if TYPE_CHECKING:
@@ -70,7 +71,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _human_info(info: dict[str, Any]) -> str:
     lines = [
-        f"image: {info['filename']}",
+        f"image: {escape(info['filename'])}",
         f"file format: {info['format']}",
         f"virtual size: {format_size(info['virtual-size'])} ({info['virtual-size']} bytes)",
         f"disk size: {format_size(info['actual-size'])}",
@@ -78,11 +79,11 @@ def _human_info(info: dict[str, Any]) -> str:
     if "cluster-size" in info:
         lines.append(f"cluster_size: {info['cluster-size']}")
     if "backing-filename" in info:
-        lines.append(f"backing file: {info['backing-filename']}")
+        lines.append(f"backing file: {escape(info['backing-filename'])}")
         if "full-backing-filename" in info:
-            lines[-1] += f" (actual path: {info['full-backing-filename']})"
+            lines[-1] += f" (actual path: {escape(info['full-backing-filename'])})"
         if "backing-filename-format" in info:
-            lines.append(f"backing file format: {info['backing-filename-format']}")
+            lines.append(f"backing file format: {escape(info['backing-filename-format'])}")
     lines.append(
         f"stored: {format_size(info['data-bytes'])} data ({info['data-bytes']} bytes), "
         f"{format_size(info['zero-bytes'])} marked zero"
@@ -111,7 +112,7 @@ def _warn_if_corrupt(view: ChainView) -> None:
     for layer in view.layers:
         header = getattr(layer, "header", None)
         if header is not None and header.corrupt:
-            print(f"backupfs: warning: {layer.path}: QEMU marked this image corrupt; "
+            print(f"backupfs: warning: {escape(layer.path)}: QEMU marked this image corrupt; "
                   "what it reads may be wrong", file=sys.stderr)
 
 

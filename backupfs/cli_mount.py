@@ -12,6 +12,7 @@ from typing import TextIO
 
 from backupfs.mountinfo import find_mount, parse_options, read_mount_record, wait_for_exit
 from engine.errors import BackupfsError, UsageError
+from engine.text import one_line
 
 LOG_FILE = "backupfs.log"
 UMOUNT_TIMEOUT = 600.0
@@ -30,6 +31,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_umount)
 
 
+class OneLineFormatter(logging.Formatter):
+    """Log records one line each: a file name or label in a message cannot
+    forge a line of the log or send escape sequences to whoever tails it."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = one_line(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei) -> str:  # noqa: N802, ANN001 - logging's name and type
+        # A traceback keeps its lines; what each line says is escaped.
+        return "\n".join(one_line(line) for line in super().formatException(ei).split("\n"))
+
+
 def _logging_to(stream_or_path: object) -> None:
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     root = logging.getLogger()
@@ -38,7 +52,7 @@ def _logging_to(stream_or_path: object) -> None:
         handler: logging.Handler = logging.StreamHandler(_open_log(stream_or_path))
     else:
         handler = logging.StreamHandler(stream_or_path)  # type: ignore[arg-type]
-    handler.setFormatter(logging.Formatter(fmt))
+    handler.setFormatter(OneLineFormatter(fmt))
     root.addHandler(handler)
     root.setLevel(logging.INFO)
 
@@ -100,7 +114,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
                 if told[0]:
                     return
                 told[0] = True
-                os.write(w, b"OK\n" if message is None else f"ERR {message}\n".encode())
+                os.write(w, b"OK\n" if message is None else f"ERR {one_line(message)}\n".encode())
                 os.close(w)
 
             try:
@@ -158,8 +172,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
     if unsaved and dead:
         # A dead mount (kill -9): clearing it is all that was asked, and an
         # unclean stop is what it was; say what that means, exit 0.
-        print(f"backupfs: {args.mountpoint} was a dead mount; its daemon did not save the bitmaps of "
-              f"{', '.join(unsaved)}, so their next backups will scan", file=sys.stderr)
+        print(one_line(f"backupfs: {args.mountpoint} was a dead mount; its daemon did not save the bitmaps of "
+                       f"{', '.join(unsaved)}, so their next backups will scan"), file=sys.stderr)
     elif unsaved:
         raise BackupfsError(
             f"unmounted {args.mountpoint}, but the bitmaps of {', '.join(unsaved)} are not saved as "

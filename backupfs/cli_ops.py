@@ -15,6 +15,7 @@ from backupfs.cli_repo import _close_quietly, catalog_for_reading, progress_repo
 from backupfs.mountinfo import MountRecord, mount_holding, read_mount_record, trigger_file
 from engine.errors import BackupfsError, UsageError
 from engine.stopsignals import STOP_SIGNALS
+from engine.text import escape, one_line
 from engine.units import format_size, parse_size
 
 if TYPE_CHECKING:
@@ -112,7 +113,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 text = f.read()
             report_lines = [line[len("report: "):] for line in text.splitlines() if line.startswith("report: ")]
             if report_lines:
-                print("\n".join(report_lines))
+                print("\n".join(one_line(line) for line in report_lines))
             if fields["_errno"]:
                 ok = False
                 if fields.get("state") != "failed" or "report" not in text:
@@ -162,7 +163,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         with progress_reporter(sys.stderr.isatty(), f"restore {args.name}") as update:
             result = repo.restore(args.name, args.backup, args.target, force=args.force, in_place=in_place,
                                   on_progress=update)
-    print(result.summary(args.name))
+    print(one_line(result.summary(args.name)))
     return 0
 
 
@@ -224,7 +225,7 @@ def _restore_through_mount(record: MountRecord, args: argparse.Namespace, in_pla
         except OSError:
             pass  # only read from; a dead mount fails this too, and the error on its way says more
     result.backup = ident
-    print(result.summary(args.name, " through the mount"))
+    print(one_line(result.summary(args.name, " through the mount")))
     return 0
 
 
@@ -317,10 +318,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     with Repository.open(args.repo) as repo:
         def on_layer(n: int, total: int, path: str) -> None:
             if sys.stderr.isatty():
-                print(f"importing {n + 1}/{total}: {path}", file=sys.stderr)
+                print(f"importing {n + 1}/{total}: {escape(path)}", file=sys.stderr)
 
         records = repo.import_chain(args.name, args.tip, granularity or DEFAULT_GRANULARITY, args.source, on_layer,
                                     args.allow_outside, args.backing_format)
     for rec in records:
-        print(f"{rec.id}\t{rec.kind}\t{format_size(rec.stored_bytes)}\t{rec.label}")
+        print(f"{escape(rec.id)}\t{rec.kind}\t{format_size(rec.stored_bytes)}\t{escape(rec.label or '')}")
     return 0

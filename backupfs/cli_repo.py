@@ -18,6 +18,7 @@ from backupfs.mountinfo import MountRecord, dead_mount, read_mount_record, trigg
 from backupfs.trigger import TriggerCommand
 from engine.catalog import KINDS, Catalog, DeviceRecord
 from engine.errors import BackupfsError, UsageError
+from engine.text import escape, one_line
 from engine.units import format_size, parse_size
 
 if TYPE_CHECKING:
@@ -82,7 +83,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     from engine.repo import Repository
 
     Repository.init(args.repo, resolve_group(args.group) if args.group is not None else None)
-    print(f"initialised backupfs repository {args.repo}")
+    print(f"initialised backupfs repository {escape(args.repo)}")
     return 0
 
 
@@ -102,7 +103,8 @@ def cmd_device_add(args: argparse.Namespace) -> int:
         before = repo.catalog.device(args.name)
         attach = before is not None and not before.source  # an imported archive
         rec = repo.add_device(args.name, args.source, granularity)
-    print(f"device {rec.name}: {rec.source}, {format_size(rec.size)}, granularity {format_size(rec.granularity)}")
+    print(f"device {rec.name}: {escape(rec.source)}, {format_size(rec.size)}, "
+          f"granularity {format_size(rec.granularity)}")
     if attach:
         print(f"its imported backups go on from this source; the next incremental compares checksums "
               f"(nothing recorded what changed on it since)")
@@ -112,7 +114,7 @@ def cmd_device_add(args: argparse.Namespace) -> int:
 def cmd_device_list(args: argparse.Namespace) -> int:
     with catalog_for_reading(args.repo) as catalog:
         for d in catalog.devices():
-            print(f"{d.name}\t{d.source}\t{d.size}\t{d.granularity}")
+            print(f"{escape(d.name)}\t{escape(d.source)}\t{d.size}\t{d.granularity}")
     return 0
 
 
@@ -295,7 +297,7 @@ def _backup_through_mount(
         f"{fields.get('backup')}: {fields.get('kind')}, "
         f"{'scanned, ' if fields.get('scanned', 'no') != 'no' else ''}"
         f"{fields.get('bytes stored')} bytes stored of {fields.get('bytes examined')} examined "
-        f"in {fields.get('duration')} (through the mount at {record.mountpoint})"
+        f"in {fields.get('duration')} (through the mount at {escape(record.mountpoint)})"
     )
     return 0
 
@@ -329,7 +331,7 @@ def catalog_for_reading(repo_path: str) -> Iterator[Catalog]:
 def _status_of_busy(repo: str, why: str) -> int:
     """Status while another command holds the repository: what its catalog
     says (its bitmaps are that command's to tell)."""
-    print(f"not mounted; {why.removeprefix(f'repository {os.path.abspath(repo)} is ')}")
+    print(f"not mounted; {one_line(why.removeprefix(f'repository {os.path.abspath(repo)} is '))}")
     with catalog_for_reading(repo) as catalog:
         for d in catalog.devices():
             print(_device_line(d))
@@ -340,17 +342,17 @@ def _status_of_busy(repo: str, why: str) -> int:
 def _print_history(catalog: Catalog, device: str) -> None:
     """The latest backup and the last jobs, as the catalog records them."""
     latest = catalog.latest_backup(device)
-    print(f"  latest backup: {latest.id if latest else 'none'}")
+    print(f"  latest backup: {escape(latest.id) if latest else 'none'}")
     for j in catalog.jobs(device, limit=3):
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(j.started_ns / 1e9))
-        extra = f": {j.error}" if j.error else ""
-        print(f"  job {j.id} {j.kind} {when} {j.state}{extra}")
+        extra = f": {escape(j.error)}" if j.error else ""
+        print(f"  job {j.id} {escape(j.kind)} {when} {j.state}{extra}")
 
 
 def _device_line(d: DeviceRecord) -> str:
     """A device as every status shows it: name, source, size, granularity."""
-    source = d.source or "no live source (imported)"
-    return f"{d.name}: {source}, {format_size(d.size)}, granularity {format_size(d.granularity)}"
+    source = escape(d.source) if d.source else "no live source (imported)"
+    return f"{escape(d.name)}: {source}, {format_size(d.size)}, granularity {format_size(d.granularity)}"
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -362,8 +364,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     for b in rows:
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(b.created))
         print(
-            f"{b.id}\t{b.device}\t{b.kind}\t{b.parent or '-'}\t{created}\t"
-            f"{format_size(b.cluster_size)}\t{format_size(b.stored_bytes)}\t{b.label or ''}"
+            f"{escape(b.id)}\t{escape(b.device)}\t{escape(b.kind)}\t{escape(b.parent or '-')}\t{created}\t"
+            f"{format_size(b.cluster_size)}\t{format_size(b.stored_bytes)}\t{escape(b.label or '')}"
         )
     return 0
 
@@ -379,7 +381,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             if e.errno == errno.ENOTCONN:
                 raise BackupfsError(f"{args.repo} is mounted at {record.mountpoint}, a dead mount (its daemon is "
                                     f"gone); run 'backupfs umount {record.mountpoint}', then status again") from None
-        print(f"mounted at {record.mountpoint} (daemon pid {record.pid})")
+        print(f"mounted at {escape(record.mountpoint)} (daemon pid {record.pid})")
         failed = False
         with catalog_for_reading(args.repo) as catalog:
             for d in catalog.devices():
@@ -393,7 +395,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                         text = f"{name}: unavailable ({e.strerror})"
                         failed = True
                     for line in text.splitlines():
-                        print(f"  {line}")
+                        print(f"  {one_line(line)}")
                 _print_history(catalog, d.name)
         return 1 if failed else 0
     try:
@@ -405,7 +407,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     with repo:
         dead = dead_mount(os.path.abspath(args.repo))
         print("not mounted" if dead is None else
-              f"not mounted: the mount at {dead} is dead (its daemon is gone); run 'backupfs umount {dead}'")
+              f"not mounted: the mount at {escape(dead)} is dead (its daemon is gone); run 'backupfs umount {dead}'")
         failed = dead is not None
         for d in repo.devices():
             print(_device_line(d))
@@ -413,10 +415,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                 try:
                     dev = repo.device(d.name)
                 except BackupfsError as e:  # one device's trouble: show it, go on with the rest
-                    print(f"  bitmap: unavailable: {e}")
+                    print(f"  bitmap: unavailable: {one_line(str(e))}")
                     failed = True
                 else:
-                    state = "trusted" if dev.trusted else f"untrusted ({dev.untrusted_reason})"
+                    state = "trusted" if dev.trusted else f"untrusted ({one_line(str(dev.untrusted_reason))})"
                     print(f"  bitmap: {state}; dirty since last backup "
                           f"{format_size(dev.since_last.active.dirty_bytes())}, "
                           f"since last full {format_size(dev.since_full.active.dirty_bytes())}")

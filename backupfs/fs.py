@@ -52,6 +52,7 @@ from engine.job import CancelRequest, FailingSource, Source
 from engine.prune import RetentionPolicy
 from engine.repo import Repository
 from engine.sourceid import SourceId
+from engine.text import escape, one_line
 
 log = logging.getLogger("backupfs.fs")
 
@@ -144,8 +145,7 @@ def _one_line(line: bytes, limit: int = 200) -> str:
     """A rejected trigger line as the status shows it: escaped onto one line,
     so that no text written to the trigger reads as a line of the status
     (a forged "state: succeeded")."""
-    text = line.strip().decode("utf-8", "backslashreplace")
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    text = one_line(line.strip().decode("utf-8", "backslashreplace"))
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -591,7 +591,7 @@ class BackupOperations(pyfuse3.Operations):
             "image": rec.image,
         }
         if rec.label:
-            values["label"] = rec.label
+            values["label"] = escape(rec.label)  # as `list` and the chain file show it
         return {f"user.backupfs.{k}".encode(): v.encode() for k, v in values.items()}
 
     @handler

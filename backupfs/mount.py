@@ -26,6 +26,30 @@ from engine.repo import Repository
 
 log = logging.getLogger("backupfs.mount")
 
+# Whatever -o asked: a disk image in a backup may hold device nodes and
+# setuid files, and nobody should get a device or root through the mount.
+ALWAYS_OPTIONS = ("nosuid", "nodev")
+
+
+def fsname_option(path: str) -> str:
+    """The repository path as the value of FUSE's ``fsname=`` option.
+
+    libfuse splits its options at commas and reads backslash escapes, and
+    pyfuse3 hands them over as ASCII: a repository named ``r,allow_other``
+    would add an option, a non-ASCII name would stop the mount. Every byte
+    of the path but plain printable ASCII is written as a ``\\ooo`` octal
+    escape (``,`` and ``\\`` too), which libfuse turns back into that byte,
+    so the mount's source in mountinfo is the path itself.
+    """
+    out = []
+    for byte in os.fsencode(path):
+        if 0x20 < byte < 0x7F and byte not in b",\\":
+            out.append(chr(byte))
+        else:
+            out.append(f"\\{byte:03o}")
+    return "".join(out)
+
+
 def serve(repo_path: str, mountpoint: str, options: list[str], ready: Callable[[str | None], None]) -> None:
     """Mount and serve until unmounted or signalled. ``ready(None)`` once
     serving, ``ready(message)`` if the mount could not be made."""
@@ -57,13 +81,17 @@ def serve(repo_path: str, mountpoint: str, options: list[str], ready: Callable[[
             repo.device(d.name)
         except BackupfsError as e:
             log.warning("device %s is unavailable: %s", d.name, e)
-    fuse_options = set(pyfuse3.default_options) | {f"fsname={repo.path}", "subtype=backupfs"} | set(options)
+    fuse_options = (set(pyfuse3.default_options) | set(options) | set(ALWAYS_OPTIONS)
+                    | {f"fsname={fsname_option(repo.path)}", "subtype=backupfs"})
     try:
         pyfuse3.init(ops, mp, sorted(fuse_options))
     except (RuntimeError, OSError) as e:
         repo.close()
         ready(f"cannot mount {mountpoint}: {e}")
         return
+    except BaseException:
+        repo.close()  # the bitmaps saved clean: nothing was served
+        raise
     record_path = os.path.join(repo.path, MOUNT_RECORD)
     try:
         # Replaced, never written through: a symlink planted as mount.json

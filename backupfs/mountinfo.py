@@ -23,6 +23,8 @@ _ATIME = {"atime", "relatime", "norelatime", "strictatime", "nostrictatime", "di
 ALLOWED_OPTIONS = {"allow_other", "allow_root", "default_permissions", "noatime", "ro", "rw", "nodev",
                    "nosuid", "dev", "suid", "exec", "noexec", "auto", "noauto", "user", "nouser",
                    "_netdev", "defaults", "nofail"} | _ATIME
+# Options that would undo nosuid,nodev, which every mount has (backupfs/mount.py).
+_REFUSED = {"suid", "dev"}
 # Options that mount(8)/fstab carry but that mean nothing to the filesystem.
 _FSTAB_ONLY = {"auto", "noauto", "user", "nouser", "_netdev", "defaults", "rw", "nofail"} | _ATIME
 
@@ -46,6 +48,9 @@ def parse_options(text: str | None) -> list[str]:
             raise UsageError(
                 f"unknown mount option {opt!r} (known: {', '.join(sorted(ALLOWED_OPTIONS))})"
             )
+        if name in _REFUSED:
+            raise UsageError(f"mount option {opt!r} is refused: a backupfs mount is always nosuid,nodev "
+                             "(the disks it shows may hold device files and setuid programs)")
         if name in _FSTAB_ONLY or name.startswith("x-"):
             continue
         if opt != name:  # FUSE itself would only say "fuse_session_new() failed"

@@ -16,6 +16,7 @@ from engine.catalog import BackupRecord
 from engine.device import Device
 from engine.job import Progress
 from engine.repo import BackupResult
+from engine.text import escape, one_line
 from engine.units import format_size
 
 _MAX_RUNS_SHOWN = 20
@@ -103,11 +104,11 @@ class JobStatus:
     def render(self) -> str:
         if self.state == "idle":
             return "state: idle\nno backup has been triggered since the mount\n"
-        lines = [f"state: {self.state}", f"command: {self.command}", f"started: {utc_text(self.started)}"]
+        lines = [f"state: {self.state}", f"command: {one_line(self.command)}", f"started: {utc_text(self.started)}"]
         if self.state == "running":
             p = self.progress
             if self.requester:
-                lines.append(f"requested by: {self.requester} (interrupt or kill it to cancel)")
+                lines.append(f"requested by: {one_line(self.requester)} (interrupt or kill it to cancel)")
             lines.append(f"progress: {self.progress_line()}")
             if p is not None:
                 lines.append(f"bytes: {p.done} / {p.total}")
@@ -117,14 +118,14 @@ class JobStatus:
             r = self.result
             lines += [
                 f"finished: {utc_text(self.finished or time.time())}",
-                f"backup: {r.record.id}",
+                f"backup: {escape(r.record.id)}",
                 f"kind: {r.record.kind}",
-                f"parent: {r.record.parent or '-'}",
+                f"parent: {escape(r.record.parent or '-')}",
                 f"duration: {r.seconds:.2f} s",
                 f"bytes examined: {r.bytes_total}",
                 f"bytes stored: {r.bytes_written}",
                 f"copy-before-write clusters: {r.cbw_units}",
-                f"scanned: {'yes (' + (r.scan_reason or '') + ')' if r.scanned else 'no'}",
+                f"scanned: {'yes (' + one_line(r.scan_reason or '') + ')' if r.scanned else 'no'}",
             ]
         elif self.state == "succeeded":
             lines.append(f"finished: {utc_text(self.finished or time.time())}")
@@ -132,19 +133,19 @@ class JobStatus:
             name = errno.errorcode.get(self.errno or errno.EIO, "EIO")
             lines += [
                 f"finished: {utc_text(self.finished or time.time())}",
-                f"error: {name}: {self.error}",
+                f"error: {name}: {one_line(self.error or '')}",
             ]
             if self.bitmap_kept:
                 lines.append("bitmap: kept; the next backup copies these regions again")
         elif self.state == "cancelled":
             lines += [
                 f"finished: {utc_text(self.finished or time.time())}",
-                f"cancelled: {self.error}; no backup was made",
+                f"cancelled: {one_line(self.error or '')}; no backup was made",
             ]
             if self.bitmap_kept:
                 lines.append("bitmap: kept; the next backup copies these regions again")
-        lines += self.lines
-        lines += [f"refused: {r}" for r in self.refused[-5:]]
+        lines += [one_line(line) for line in self.lines]
+        lines += [f"refused: {one_line(r)}" for r in self.refused[-5:]]
         return "\n".join(lines) + "\n"
 
 
@@ -153,13 +154,13 @@ def render_chain(backups: list[BackupRecord]) -> str:
     header = ("ID", "KIND", "PARENT", "CLUSTER", "STORED", "CREATED", "LABEL")
     rows = [
         (
-            b.id,
-            b.kind,
-            b.parent or "-",
+            escape(b.id),
+            escape(b.kind),
+            escape(b.parent or "-"),
             format_size(b.cluster_size).replace(" ", ""),
             format_size(b.stored_bytes).replace(" ", ""),
             utc_text(b.created_ns),
-            b.label or "",
+            escape(b.label or ""),
         )
         for b in backups
     ]
@@ -174,7 +175,7 @@ def render_bitmap(dev: Device) -> str:
     lines = [f"granularity: {dev.granularity}"]
     for label, tracked in (("since last backup", dev.since_last), ("since last full", dev.since_full)):
         bm = tracked.pending()
-        state = "trusted" if tracked.trusted else f"untrusted ({dev.untrusted_reason or 'unknown'})"
+        state = "trusted" if tracked.trusted else f"untrusted ({one_line(dev.untrusted_reason or 'unknown')})"
         lines.append(
             f"{label}: {bm.dirty_bytes()} bytes dirty in {bm.run_count()} runs, {state}"
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -22,6 +23,7 @@ from engine import durable
 from engine.access import set_new_file_mode
 from engine.errors import BackupfsError
 from engine.sourceid import SourceId
+from engine.validate import NAME_RE
 
 SCHEMA_VERSION = 1
 KINDS = ("full", "incremental", "differential")
@@ -402,7 +404,7 @@ class Catalog:
         except (ValueError, AttributeError):
             raise CatalogError(f"{self.path}: device {name!r} has a source identity that is not one "
                                f"backupfs writes ({identity!r})") from None
-        return DeviceRecord(name, source, size, granularity, created_ns, held)
+        return check_device_row(self.path, DeviceRecord(name, source, size, granularity, created_ns, held))
 
     # -- backups -------------------------------------------------------------------
 
@@ -439,11 +441,10 @@ class Catalog:
             ),
         )
 
-    @staticmethod
-    def _backup(row: tuple) -> BackupRecord:
+    def _backup(self, row: tuple) -> BackupRecord:
         (bid, dev, seq, kind, parent, created, size, cs, gran, image, sums, stored, label, scanned, state) = row
-        return BackupRecord(bid, dev, seq, kind, parent, created, size, cs, gran, image, sums, stored,
-                            label, bool(scanned), state)
+        return check_backup_row(self.path, BackupRecord(bid, dev, seq, kind, parent, created, size, cs, gran, image,
+                                                        sums, stored, label, bool(scanned), state))
 
     def backups(self, device: str | None = None) -> list[BackupRecord]:
         if device is None:
@@ -614,6 +615,59 @@ def _add_source_identity(conn: sqlite3.Connection) -> None:
             conn.execute("ALTER TABLE devices ADD COLUMN source_identity TEXT")
         except sqlite3.OperationalError:
             pass
+
+
+# A backup's id: a file name in the mount and the stem of its image's name.
+BACKUP_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def _tampered(path: str, row: str, problem: str) -> CatalogError:
+    """The refusal of a row no backupfs wrote: it names the catalog and the row."""
+    return CatalogError(f"{path}: {row}: {problem}; the catalog was changed outside backupfs, "
+                        "and backupfs reads and deletes nothing it names")
+
+
+def check_device_row(path: str, rec: DeviceRecord) -> DeviceRecord:
+    """A device row as backupfs writes it: its name is a directory under
+    devices/ and a file name in the mount, its source an absolute path.
+
+    A catalog edited by hand (or by an intruder) must not make backupfs
+    open or delete anything outside the repository.
+    """
+    if not isinstance(rec.name, str) or not NAME_RE.fullmatch(rec.name):
+        raise _tampered(path, f"device {rec.name!r}", "the name breaks the device-name rule")
+    if not isinstance(rec.source, str) or "\0" in rec.source or (rec.source and not rec.source.startswith("/")):
+        raise _tampered(path, f"device {rec.name}", f"its source {rec.source!r} is not an absolute path")
+    return rec
+
+
+def check_backup_row(path: str, rec: BackupRecord) -> BackupRecord:
+    """A backup row as backupfs writes it: valid id, device and parent
+    names, and image and checksum files directly in devices/<device>/."""
+    if not isinstance(rec.id, str) or not BACKUP_ID_RE.fullmatch(rec.id):
+        raise _tampered(path, f"backup {rec.id!r}", "the id is not a backup id")
+    row = f"backup {rec.id}"
+    if not isinstance(rec.device, str) or not NAME_RE.fullmatch(rec.device):
+        raise _tampered(path, row, f"its device name {rec.device!r} breaks the device-name rule")
+    if rec.parent is not None and (not isinstance(rec.parent, str) or not BACKUP_ID_RE.fullmatch(rec.parent)):
+        raise _tampered(path, row, f"its parent {rec.parent!r} is not a backup id")
+    for what, value in (("image", rec.image), ("checksum file", rec.checksums)):
+        if value is None and what == "checksum file":
+            continue
+        if not _in_device_dir(value, rec.device):
+            raise _tampered(path, row, f"its {what} path {value!r} does not lie in "
+                            f"devices/{rec.device}/ of the repository")
+    return rec
+
+
+def _in_device_dir(value: object, device: str) -> bool:
+    """``devices/<device>/<file>``, relative, one plain file name at the end."""
+    if not isinstance(value, str):
+        return False
+    prefix = f"devices/{device}/"
+    name = value[len(prefix):]
+    return (value.startswith(prefix) and name not in ("", ".", "..") and "/" not in name
+            and "\0" not in name)
 
 
 def _wal_empty(path: str) -> bool:

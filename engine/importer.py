@@ -27,7 +27,8 @@ from engine.prune import held_extents, rewrite_image
 from engine.qcow2.backing import Confinement, open_chain
 from engine.qcow2.layers import COMPRESSED, DATA, Qcow2Layer
 from engine.sourceid import PathRefused, SourceId, open_disk
-from engine.validate import utf8_path
+from engine.text import escape
+from engine.validate import MAX_LABEL, utf8_path, validate_label
 
 RAW_CLUSTER = 64 * 1024
 
@@ -150,7 +151,7 @@ def import_chain(
             id=backup_id, device=name, seq=seq, kind=kind, parent=prev.id if prev else None,
             created_ns=created, size=size, cluster_size=cs, granularity=granularity,
             image=f"devices/{name}/{backup_id}.qcow2", checksums=f"devices/{name}/{backup_id}.sums",
-            stored_bytes=writer.stored_bytes(), label=f"imported from {os.path.basename(path)} ({fmt})",
+            stored_bytes=writer.stored_bytes(), label=_import_label(path, fmt),
         )
         records.append(rec)
         prev = rec
@@ -161,3 +162,19 @@ def import_chain(
         pass  # the next open finds them committed and clears them
     return records
 
+
+def _import_label(path: str, fmt: str) -> str:
+    """The label of an imported backup: the file it came from, escaped.
+
+    The name is the image maker's, not a user's: an ESC sequence or a
+    newline in it must not reach a terminal or forge a row of `list`. Kept
+    within the label rule (one printable line, MAX_LABEL characters), a long
+    name shortened in the middle.
+    """
+    name = escape(os.path.basename(path))
+    frame = f"imported from  ({escape(fmt)})"
+    room = MAX_LABEL - len(frame)
+    if len(name) > room:
+        half = (room - 3) // 2
+        name = name[:half] + "..." + name[len(name) - (room - 3 - half):]
+    return validate_label(f"imported from {name} ({escape(fmt)})")

@@ -28,6 +28,7 @@ from engine.errors import BackupfsError, ImageError
 from engine.job import cancelled, units_of_extents
 from engine.qcow2.check import check_image
 from engine.qcow2.layers import UNALLOC, Qcow2Layer, open_layer
+from engine.text import escape, one_line
 
 _VERIFY_CHUNK = 8 * 1024 * 1024
 
@@ -169,11 +170,11 @@ class VerifyReport:
         return not self.problems
 
     def render(self) -> str:
-        lines = [f"BAD {p}" for p in self.problems]
+        lines = [f"BAD {one_line(str(p))}" for p in self.problems]
         bad = {p.backup for p in self.problems}
         for b in self.checked:
             if b not in bad:
-                lines.append(f"ok  {b}")
+                lines.append(f"ok  {escape(b)}")
         lines.append(
             f"{len(self.checked)} backup{'' if len(self.checked) == 1 else 's'} checked, {len(bad)} bad, "
             f"{self.bytes_read} bytes re-read"

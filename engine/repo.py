@@ -23,7 +23,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import re
 import signal
 import sqlite3
 import stat
@@ -65,11 +64,10 @@ from engine.job import (
 )
 from engine.qcow2.format import MAX_CHAIN_DEPTH
 from engine.qcow2.writer import Qcow2Writer, validate_cluster_size
-from engine.validate import utf8_path, validate_label
+from engine.validate import NAME_RE, utf8_path, validate_label
 
 DEFAULT_CLUSTER_SIZE = 64 * 1024
 DEFAULT_GRANULARITY = 64 * 1024
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 CATALOG = "catalog.db"
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 from engine.errors import UsageError
 
 MAX_LABEL = 200
+# A device's name: a directory under devices/ and a file name in the mount.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def validate_label(label: str) -> str:

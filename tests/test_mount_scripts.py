@@ -151,14 +151,14 @@ def test_helper_options_and_binary_lookup(tmp_path: Path) -> None:
                   "rw,_netdev,defaults,auto,noauto,user,users,nouser,nofail,x-systemd.requires=a.mount,"
                   "comment=systemd.automount,helper=foo,allow_other,noatime", env=env)
     assert proc.returncode == 0, proc.stderr
-    assert one_line(proc.stderr) == f"mount.backupfs: {binary} mount {repo} {mnt} -o rw,allow_other,noatime"
+    assert one_line(proc.stderr) == f"mount.backupfs: {binary} mount -o rw,allow_other,noatime -- {repo} {mnt}"
     assert mount_of(mnt) is None
 
     # Nothing left for the filesystem: no -o at all. Options glued to their flag,
     # clustered flags, -N given as a pid, and the old `backupfs#REPO` source.
     proc = helper(f"backupfs#{repo}", mnt, "-sfnv", "-o_netdev,defaults", "-tfuse.backupfs", env=env)
     assert proc.returncode == 0, proc.stderr
-    assert one_line(proc.stderr) == f"mount.backupfs: {binary} mount {repo} {mnt}"
+    assert one_line(proc.stderr) == f"mount.backupfs: {binary} mount -- {repo} {mnt}"
     proc = helper(repo, mnt, "-fv", "-N", str(os.getpid()), env=env)
     assert proc.returncode == 0, proc.stderr
     assert one_line(proc.stderr).startswith(f"mount.backupfs: nsenter --mount=/proc/{os.getpid()}/ns/mnt -- {binary} mount")
@@ -171,7 +171,7 @@ def test_helper_options_and_binary_lookup(tmp_path: Path) -> None:
     env_path["PATH"] = f"{bindir}:/usr/sbin:/usr/bin:/sbin:/bin"
     proc = helper(repo, mnt, "-fv", env=env_path)
     assert proc.returncode == 0, proc.stderr
-    assert one_line(proc.stderr) == f"mount.backupfs: {bindir}/backupfs mount {repo} {mnt}"
+    assert one_line(proc.stderr) == f"mount.backupfs: {bindir}/backupfs mount -- {repo} {mnt}"
 
     # Neither: /usr/local/bin/backupfs, or a clear error (exit 32, mount failure).
     env_path["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -342,7 +342,7 @@ def systemd_unescape_path(instance: str) -> str:
 def test_unit_files_structure() -> None:
     svc = unit_entries(SCRIPTS / "backupfs@.service")
     (start,) = values(svc, "Service", "ExecStart")
-    assert start.startswith(f"{UNIT_BINARY} mount -f ") and "%f" in start and "${BACKUPFS_MOUNTPOINT}" in start
+    assert start.startswith(f"{UNIT_BINARY} mount -f ") and start.endswith(' -- "%f" "${BACKUPFS_MOUNTPOINT}"')
     assert values(svc, "Service", "Type") == ["simple"]
     assert values(svc, "Service", "KillMode") == ["mixed"]
     assert values(svc, "Service", "KillSignal") == ["SIGTERM"]
@@ -351,7 +351,7 @@ def test_unit_files_structure() -> None:
     assert values(svc, "Service", "Restart") == ["on-failure"]
     assert any("BACKUPFS_MOUNTPOINT=" in v for v in values(svc, "Service", "Environment"))
     assert values(svc, "Service", "EnvironmentFile") == ["-/etc/backupfs/%i.conf"]
-    assert any(v.startswith("-") and "fusermount3 -uz ${BACKUPFS_MOUNTPOINT}" in v
+    assert any(v.startswith("-") and 'fusermount3 -uz -- "${BACKUPFS_MOUNTPOINT}"' in v
                for v in values(svc, "Service", "ExecStopPost"))
     assert "local-fs.target" in " ".join(values(svc, "Unit", "After"))
     assert values(svc, "Install", "WantedBy") == ["multi-user.target"]
@@ -359,7 +359,8 @@ def test_unit_files_structure() -> None:
     snap = unit_entries(SCRIPTS / "backupfs-snapshot@.service")
     assert values(snap, "Service", "Type") == ["oneshot"]
     (start,) = values(snap, "Service", "ExecStart")
-    assert start.startswith(f"{UNIT_BINARY} backup ${{BACKUPFS_REPO}} %i incremental --auto-full")
+    assert start.startswith(f"{UNIT_BINARY} backup --auto-full $BACKUPFS_BACKUP_ARGS -- ")
+    assert start.endswith(' -- "${BACKUPFS_REPO}" "%i" incremental')
     assert "/etc/backupfs/backupfs.conf" in values(snap, "Service", "EnvironmentFile")
     assert values(snap, "Service", "IOSchedulingClass") == ["idle"]
     # Caught up at boot while the repository is still being mounted: tried again, not lost.

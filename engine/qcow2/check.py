@@ -31,6 +31,7 @@ from engine.qcow2.format import (
     REFT_RESERVED,
 )
 from engine.qcow2.layers import Qcow2Layer, open_layer
+from engine.text import escape, one_line
 
 _MAX_MESSAGES = 50
 
@@ -79,20 +80,20 @@ class CheckReport:
             self.leaks.append(message)
 
     def render(self) -> str:
-        lines = [f"ERROR {m}" for m in self.errors]
+        lines = [f"ERROR {one_line(m)}" for m in self.errors]
         if self.error_count > len(self.errors):
             lines.append(f"... and {self.error_count - len(self.errors)} more errors")
-        lines += [f"Leaked cluster: {m}" for m in self.leaks]
+        lines += [f"Leaked cluster: {one_line(m)}" for m in self.leaks]
         if self.leak_count > len(self.leaks):
             lines.append(f"... and {self.leak_count - len(self.leaks)} more leaked clusters")
-        lines += self.notes
+        lines += [one_line(note) for note in self.notes]
         if self.ok:
-            lines.append(f"No errors were found on {self.path}.")
+            lines.append(f"No errors were found on {escape(self.path)}.")
         else:
             if self.error_count:
-                lines.append(f"{self.error_count} errors were found on {self.path}.")
+                lines.append(f"{self.error_count} errors were found on {escape(self.path)}.")
             if self.leak_count:
-                lines.append(f"{self.leak_count} leaked clusters were found on {self.path}.")
+                lines.append(f"{self.leak_count} leaked clusters were found on {escape(self.path)}.")
         if self.total_clusters:
             pct = 100.0 * self.allocated_clusters / self.total_clusters
             lines.append(
