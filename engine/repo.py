@@ -237,13 +237,18 @@ class Repository:
             raise
         try:
             _make_private(path, catalog)
+            # Every row checked once, up front: a catalog changed outside
+            # backupfs is refused by every command, the mount included,
+            # before anything it names is opened or removed.
+            catalog.devices()
+            catalog.backups()
+            repo = cls(path, lock_fd, catalog)
+            repo._writable = writable
+            repo._recover()
         except BaseException:
             catalog.close()
             os.close(lock_fd)
             raise
-        repo = cls(path, lock_fd, catalog)
-        repo._writable = writable
-        repo._recover()
         return repo
 
     def _require_room(self, what: str) -> None:
