@@ -21,7 +21,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from engine.errors import UsageError
+from engine.errors import BackupfsError, UsageError
 
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
@@ -111,6 +111,11 @@ def make_dir(path: str, access: Access | None = None) -> bool:
     try:
         os.mkdir(path, PRIVATE_DIR)
     except FileExistsError:
+        if os.path.islink(path):
+            # Followed, a planted link would let backupfs write its images
+            # (and, later, remove them) wherever the link points.
+            raise BackupfsError(f"{path} is a symlink; backupfs keeps its files only in real "
+                                "directories of the repository (remove the link)") from None
         if os.path.isdir(path):
             return False
         raise

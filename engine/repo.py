@@ -240,7 +240,7 @@ class Repository:
             # Every row checked once, up front: a catalog changed outside
             # backupfs is refused by every command, the mount included,
             # before anything it names is opened or removed.
-            catalog.devices()
+            _check_real_dirs(path, [d.name for d in catalog.devices()])
             catalog.backups()
             repo = cls(path, lock_fd, catalog)
             repo._writable = writable
@@ -1236,6 +1236,19 @@ def _failure_text(failure: BaseException | None) -> str:
         except ValueError:
             return f"interrupted by signal {signum}"
     return str(failure) or "interrupted"
+
+
+def _check_real_dirs(path: str, devices: list[str]) -> None:
+    """Refuse a repository whose devices/ or a device's directory is a
+    symlink: backupfs would write images, bitmaps and checksums (and remove
+    them) wherever it points. Missing ones are made again by recovery."""
+    for rel in ["devices"] + [f"devices/{name}" for name in devices]:
+        where = os.path.join(path, rel)
+        if os.path.islink(where):
+            raise RepositoryError(f"{where} is a symlink; backupfs keeps its files only in real directories "
+                                  "of the repository (remove the link, or put the directory back)", errno.ELOOP)
+        if os.path.lexists(where) and not os.path.isdir(where):
+            raise RepositoryError(f"{where} is not a directory", errno.ENOTDIR)
 
 
 def _storage_error(e: OSError) -> RepositoryError:

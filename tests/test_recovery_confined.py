@@ -97,15 +97,31 @@ def test_a_symlinked_device_dir_is_never_entered(repo: Path, tmp_path: Path) -> 
     before = sorted(os.listdir(elsewhere))
     os.rename(ddir, tmp_path / "moved")
     os.symlink(elsewhere, ddir)
-    cli("list", repo)
-    cli("status", repo, check=False)
-    assert sorted(os.listdir(elsewhere)) == before
-    # Nor by a command that may write (and so recovers).
+    # Refused outright, by commands that read and by those that may write
+    # (and so recover): backupfs neither deletes nor writes through the link.
     other = tmp_path / "other.img"
     other.write_bytes(bytes(MiB))
-    cli("device", "add", repo, "other", other)
-    assert sorted(os.listdir(elsewhere)) == before
+    for args in (["list", repo], ["status", repo], ["device", "add", repo, "other", other],
+                 ["backup", repo, "vm", "full"]):
+        proc = cli(*args, check=False)
+        err = proc.stderr.decode()
+        assert proc.returncode == 1 and len(err.splitlines()) == 1, (args, err)
+        assert f"{ddir} is a symlink" in err, (args, err)
+        assert sorted(os.listdir(elsewhere)) == before
     _still_there(elsewhere, files)
+
+
+def test_an_import_into_a_planted_device_dir_link_is_refused(repo: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, repo / "devices" / "newvm")
+    tip = tmp_path / "tip.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", tip, str(MiB))
+    proc = cli("import", repo, "newvm", tip, check=False)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and "is a symlink" in err, err
+    assert os.listdir(elsewhere) == []
+    assert "newvm" not in cli("device", "list", repo).stdout.decode()
 
 
 _KILLED_BACKUP = """
