@@ -41,7 +41,6 @@ from backupfs.writepolicy import InlineWrites
 from engine.advisor import Advisor
 from engine.chain import WouldBlock
 from engine.errors import BackupfsError
-from engine.job import FailingSource
 from engine.repo import Repository
 
 log = logging.getLogger("backupfs.fs")
@@ -79,7 +78,6 @@ def handler(fn: F) -> F:
     @functools.wraps(fn)
     async def wrapper(self: BackupOperations, *args: Any, **kwargs: Any) -> Any:
         try:
-            self._inject_fault(fn.__name__, args)
             return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
@@ -109,14 +107,12 @@ class BackupOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, repo: Repository, faults: str | None = None, mountpoint: str | None = None,
-                 idle_view_bytes: int = IDLE_VIEW_BYTES) -> None:
+    def __init__(self, repo: Repository, mountpoint: str | None = None,
+                 idle_view_bytes: int = IDLE_VIEW_BYTES, source_factory: SourceFactory | None = None) -> None:
         super().__init__()
         self.repo = repo
         self.mountpoint = mountpoint
-        # Test hook: "handler" or "handler:kind" entries make those requests fail.
-        self._faults = {f.strip() for f in (faults or "").split(",") if f.strip()}
-        self.jobs = JobRunner(repo, on_pruned=self._forget_removed, source_factory=self._source_fault())
+        self.jobs = JobRunner(repo, on_pruned=self._forget_removed, source_factory=source_factory)
         self.tree = Tree(repo, self.jobs.status, time.time_ns())
         self.inodes = self.tree.inodes
         self.views = ViewCache(repo, idle_view_bytes)
@@ -131,25 +127,6 @@ class BackupOperations(pyfuse3.Operations):
         self._advisor = Advisor()  # read-ahead advice for backup readers, off the event loop
 
     # -- helpers ----------------------------------------------------------------
-
-    def _inject_fault(self, name: str, args: tuple) -> None:
-        if not self._faults or name not in {f.split(":")[0] for f in self._faults if "@" not in f}:
-            return
-        kind = None
-        if args and isinstance(args[0], int):
-            handle = self._handles.get(args[0]) if name in ("read", "write", "release", "fsync", "flush") else None
-            node = handle.node if handle else self.inodes.find(args[0])
-            kind = node.kind if node else None
-        if name in self._faults or f"{name}:{kind}" in self._faults:
-            raise RuntimeError(f"injected fault in {name}")
-
-    def _source_fault(self) -> SourceFactory | None:
-        """Test hook: "source-eio@N" fails every backup's Nth source read with EIO."""
-        for f in self._faults:
-            if f.startswith("source-eio@"):
-                n = int(f.split("@", 1)[1])
-                return lambda dev: FailingSource(dev.fd, dev.path, dev.size, n)
-        return None
 
     def status(self, device: str) -> JobStatus:
         return self.jobs.status(device)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from backupfs.fs import BackupOperations
+from backupfs.faults import operations
 from backupfs.mountinfo import MOUNT_RECORD, check_mountpoint, check_sources_outside
 from engine.errors import BackupfsError
 from engine.fsutil import atomic_write
@@ -49,7 +49,7 @@ def serve(repo_path: str, mountpoint: str, options: list[str], ready: Callable[[
     # The read-ahead is raised at the first open of a backup, not here: the
     # kernel caps it to what FUSE INIT negotiated, and INIT is answered only
     # once serving starts (a value written now would be cut back to 128 KiB).
-    ops = BackupOperations(repo, faults=os.environ.get("BACKUPFS_TEST_FAULTS"), mountpoint=mp)
+    ops = operations(repo, mp)
     for d in repo.devices():
         if not d.source:
             continue  # an imported archive: nothing live to track
