@@ -32,7 +32,6 @@ from backupfs.jobs import JobRunner, SourceFactory
 from backupfs.mountinfo import find_mount, raise_read_ahead
 from backupfs.readbuffers import ReadBuffers
 from backupfs.requester import Requester
-from backupfs.status import JobStatus
 from backupfs.tree import (
     BACKUP, BACKUPS, BITMAP, CHAIN, DEVICE, ROOT_INODE, SNAPSHOT, Attributes, Node, RequestError, Tree,
 )
@@ -127,9 +126,6 @@ class BackupOperations(pyfuse3.Operations):
         self._advisor = Advisor()  # read-ahead advice for backup readers, off the event loop
 
     # -- helpers ----------------------------------------------------------------
-
-    def status(self, device: str) -> JobStatus:
-        return self.jobs.status(device)
 
     def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
         return self._entry(self.tree.attributes(node))

@@ -210,3 +210,14 @@ def test_an_imported_archive_has_no_live_device(repo: Repository, tmp_path: Path
     assert _names(tree, devdir) == [b"snapshot", b"chain", b"backups"]
     _refused(errno.ENOENT, tree.child, devdir, b"device")
     assert tree.attributes(tree.child(tree.child(devdir, b"backups"), rec.id.encode())).size == 4 * MiB
+
+
+def test_the_model_needs_neither_fuse_nor_trio() -> None:
+    """The tree is a library: a new view of it (or a tool) can use it with
+    no mount and no event loop."""
+    import subprocess
+    import sys
+
+    code = "import sys, backupfs.tree; print(sorted(m for m in ('pyfuse3', 'trio') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
