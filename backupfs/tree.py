@@ -12,9 +12,10 @@
 The pyfuse3 handlers (backupfs/fs.py) translate requests into calls on
 ``Tree`` and its answers back; what the tree shows can so be tested with a
 repository and no mount (tests/test_tree_model.py). A new part of the tree
-(a device's files, changes or versions) is a new kind: its name in a
-parent's ``children`` and ``child``, its ``parent``, ``exists`` and
-``attributes``, and what opening it serves in fs.py.
+(a device's files, changes or versions) is a new kind: an entry in its
+parent's listing, its own registrations in ``Tree`` (listing, lookup,
+existence check, attributes) and PARENT_KIND, and what opening it serves
+in fs.py.
 
 Nothing here blocks for long, except ``text`` of a chain or bitmap, which
 fs.py renders in a worker thread when a file is opened.
@@ -115,12 +116,25 @@ class Attributes:
     attr_timeout: float = 0
 
 
+# Where each kind sits: the kind of its parent directory.
+PARENT_KIND = {ROOT: ROOT, DEVDIR: ROOT, DEVICE: DEVDIR, SNAPSHOT: DEVDIR, CHAIN: DEVDIR, BITMAP: DEVDIR,
+               BACKUPS: DEVDIR, BACKUP: BACKUPS, LATEST: BACKUPS}
+
+Listing = list[tuple[bytes, Node]]
+
+
 class Tree:
     """The names, attributes and texts of the mounted tree, read from the repository.
 
     ``status`` gives a device's job status (the snapshot file's text),
     owned by the job runner; ``started_ns`` is the mount's start, the
     mtime of what has no time of its own.
+
+    Each kind's behaviour is registered by kind: its listing if it is a
+    directory (``_listings``), a one-row lookup where listing to find one
+    name costs too much (``_lookups``), whether it still exists beyond its
+    device (``_checks``), and its attributes (``_describers``). A new kind
+    registers there and in PARENT_KIND.
     """
 
     def __init__(self, repo: Repository, status: Callable[[str], JobStatus], started_ns: int) -> None:
@@ -128,6 +142,19 @@ class Tree:
         self.status = status
         self.inodes = InodeTable()
         self._started_ns = started_ns
+        self._listings: dict[str, Callable[[Node], Listing]] = {
+            ROOT: self._root_entries, DEVDIR: self._devdir_entries, BACKUPS: self._backups_entries,
+        }
+        self._lookups: dict[str, Callable[[Node, bytes], Node | None]] = {BACKUPS: self._backup_child}
+        self._checks: dict[str, Callable[[Node], bool]] = {
+            BACKUP: lambda node: self.repo.backup_record(node.backup or "") is not None,
+            LATEST: lambda node: self.repo.latest_backup(node.device or "") is not None,
+        }
+        self._describers: dict[str, Callable[[Node, Attributes], None]] = {
+            ROOT: self._describe_dir, DEVDIR: self._describe_dir, BACKUPS: self._describe_dir,
+            DEVICE: self._describe_device, SNAPSHOT: self._describe_text, CHAIN: self._describe_text,
+            BITMAP: self._describe_text, BACKUP: self._describe_backup, LATEST: self._describe_latest,
+        }
 
     def root(self) -> Node:
         return self.inodes.get(ROOT)
@@ -159,26 +186,34 @@ class Tree:
             return f"bitmap unavailable: {e}\n".encode()
         return render_bitmap(dev).encode()
 
-    def children(self, node: Node) -> list[tuple[bytes, Node]]:
+    # -- names --------------------------------------------------------------------------
+
+    def children(self, node: Node) -> Listing:
         """A directory's entries, without `.` and `..`; ENOTDIR for a file."""
-        if node.kind == ROOT:
-            return [(n.encode(), self.inodes.get(DEVDIR, n)) for n in self._device_names()]
-        if node.kind == DEVDIR:
-            rec = self.repo.device_record(node.device or "")
-            live = rec is not None and bool(rec.source)
-            return [
-                (n.encode(), self.inodes.get(k, node.device))
-                for n, k in DEVDIR_ENTRIES
-                if live or k not in (DEVICE, BITMAP)  # an imported archive has no live disk
-            ]
-        if node.kind == BACKUPS:
-            assert node.device is not None
-            backups = self._backups(node.device)
-            out = [(b.id.encode(), self.inodes.get(BACKUP, node.device, b.id)) for b in backups]
-            if backups:
-                out.append((b"latest", self.inodes.get(LATEST, node.device)))
-            return out
-        raise RequestError(errno.ENOTDIR)
+        listing = self._listings.get(node.kind)
+        if listing is None:
+            raise RequestError(errno.ENOTDIR)
+        return listing(node)
+
+    def _root_entries(self, node: Node) -> Listing:
+        return [(n.encode(), self.inodes.get(DEVDIR, n)) for n in self._device_names()]
+
+    def _devdir_entries(self, node: Node) -> Listing:
+        rec = self.repo.device_record(node.device or "")
+        live = rec is not None and bool(rec.source)
+        return [
+            (n.encode(), self.inodes.get(k, node.device))
+            for n, k in DEVDIR_ENTRIES
+            if live or k not in (DEVICE, BITMAP)  # an imported archive has no live disk
+        ]
+
+    def _backups_entries(self, node: Node) -> Listing:
+        assert node.device is not None
+        backups = self._backups(node.device)
+        out = [(b.id.encode(), self.inodes.get(BACKUP, node.device, b.id)) for b in backups]
+        if backups:
+            out.append((b"latest", self.inodes.get(LATEST, node.device)))
+        return out
 
     def child(self, parent: Node, name: bytes) -> Node:
         """The entry ``name`` of a directory, `.` and `..` included; ENOENT if none."""
@@ -186,10 +221,9 @@ class Tree:
             return parent
         if name == b"..":
             return self.parent(parent)
-        if parent.kind == BACKUPS:
-            # One row, not the whole list: `ls -l` of 3,000 backups looked
-            # each name up in a listing of all of them (8-12 s).
-            child = self._backup_child(parent, name)
+        lookup = self._lookups.get(parent.kind)
+        if lookup is not None:
+            child = lookup(parent, name)
             if child is None:
                 raise RequestError(errno.ENOENT)
             return child
@@ -199,7 +233,10 @@ class Tree:
         raise RequestError(errno.ENOENT)
 
     def _backup_child(self, parent: Node, name: bytes) -> Node | None:
-        """The entry ``name`` of a backups directory, as children would list it."""
+        """The entry ``name`` of a backups directory, as children would list it.
+
+        One row, not the whole list: `ls -l` of 3,000 backups looked each
+        name up in a listing of all of them (8-12 s)."""
         device = parent.device
         assert device is not None
         if name == b"latest":
@@ -214,11 +251,8 @@ class Tree:
         return self.inodes.get(BACKUP, device, ident)
 
     def parent(self, node: Node) -> Node:
-        if node.kind in (ROOT, DEVDIR):
-            return self.inodes.get(ROOT)
-        if node.kind in (BACKUP, LATEST):
-            return self.inodes.get(BACKUPS, node.device)
-        return self.inodes.get(DEVDIR, node.device)
+        kind = PARENT_KIND[node.kind]
+        return self.inodes.get(kind, None if kind == ROOT else node.device)
 
     def exists(self, node: Node) -> bool:
         """Is the node still there? (A pruned backup's inode outlives it.)"""
@@ -226,55 +260,63 @@ class Tree:
             return True
         if node.device is None or self.repo.device_record(node.device) is None:
             return False
-        if node.kind == BACKUP:
-            return self.repo.backup_record(node.backup or "") is not None
-        if node.kind == LATEST:
-            return self.repo.latest_backup(node.device) is not None
-        return True
+        check = self._checks.get(node.kind)
+        return check is None or check(node)
+
+    # -- attributes -------------------------------------------------------------------
 
     def attributes(self, node: Node) -> Attributes:
-        a = Attributes(node.inode)
-        mtime = self._started_ns
-        if node.kind in (ROOT, DEVDIR, BACKUPS, DEVICE, SNAPSHOT, CHAIN, BITMAP):
-            a.entry_timeout = TREE_TIMEOUT  # the name; the files' attributes change
-        if node.kind in (ROOT, DEVDIR, BACKUPS):
-            a.mode = stat.S_IFDIR | 0o755
-            a.nlink = 2
-            a.size = 0
-            a.attr_timeout = TREE_TIMEOUT
-        elif node.kind == DEVICE:
-            assert node.device is not None
-            rec = self.repo.device_record(node.device)
-            assert rec is not None
-            a.mode = stat.S_IFREG | 0o600
-            a.size = rec.size
-            a.blocks = (rec.size + 511) // 512
-            a.blksize = BIG_BLKSIZE
-            try:
-                mtime = os.stat(rec.source).st_mtime_ns
-            except OSError:
-                pass
-        elif node.kind in (SNAPSHOT, CHAIN, BITMAP):
-            a.mode = stat.S_IFREG | (0o600 if node.kind == SNAPSHOT else 0o444)
-            a.size = len(self.text(node))
-        elif node.kind == BACKUP:
-            rec = self.backup(node)
-            a.mode = stat.S_IFREG | 0o440
-            a.size = rec.size
-            a.blocks = (rec.stored_bytes + 511) // 512
-            a.blksize = BIG_BLKSIZE
-            mtime = rec.created_ns
-            a.entry_timeout = BACKUP_TIMEOUT
-            a.attr_timeout = BACKUP_TIMEOUT
-        elif node.kind == LATEST:
-            latest = self.repo.latest_backup(node.device or "")
-            if latest is None:
-                raise RequestError(errno.ENOENT)
-            a.mode = stat.S_IFLNK | 0o777
-            a.size = len(latest.id)
-            mtime = latest.created_ns
-        a.mtime_ns = mtime
+        a = Attributes(node.inode, mtime_ns=self._started_ns)
+        self._describers[node.kind](node, a)
         return a
+
+    def _describe_dir(self, node: Node, a: Attributes) -> None:
+        # The directories, and the names in a device's directory, are fixed
+        # for the life of a mount: the kernel may keep names and attributes.
+        a.entry_timeout = TREE_TIMEOUT
+        a.mode = stat.S_IFDIR | 0o755
+        a.nlink = 2
+        a.size = 0
+        a.attr_timeout = TREE_TIMEOUT
+
+    def _describe_device(self, node: Node, a: Attributes) -> None:
+        assert node.device is not None
+        a.entry_timeout = TREE_TIMEOUT  # the name; the file's attributes change
+        rec = self.repo.device_record(node.device)
+        assert rec is not None
+        a.mode = stat.S_IFREG | 0o600
+        a.size = rec.size
+        a.blocks = (rec.size + 511) // 512
+        a.blksize = BIG_BLKSIZE
+        try:
+            a.mtime_ns = os.stat(rec.source).st_mtime_ns
+        except OSError:
+            pass
+
+    def _describe_text(self, node: Node, a: Attributes) -> None:
+        a.entry_timeout = TREE_TIMEOUT  # the name; the file's attributes change
+        a.mode = stat.S_IFREG | (0o600 if node.kind == SNAPSHOT else 0o444)
+        a.size = len(self.text(node))
+
+    def _describe_backup(self, node: Node, a: Attributes) -> None:
+        rec = self.backup(node)
+        a.mode = stat.S_IFREG | 0o440
+        a.size = rec.size
+        a.blocks = (rec.stored_bytes + 511) // 512
+        a.blksize = BIG_BLKSIZE
+        a.mtime_ns = rec.created_ns
+        a.entry_timeout = BACKUP_TIMEOUT
+        a.attr_timeout = BACKUP_TIMEOUT
+
+    def _describe_latest(self, node: Node, a: Attributes) -> None:
+        latest = self.repo.latest_backup(node.device or "")
+        if latest is None:
+            raise RequestError(errno.ENOENT)
+        a.mode = stat.S_IFLNK | 0o777
+        a.size = len(latest.id)
+        a.mtime_ns = latest.created_ns
+
+    # -- symlinks and extended attributes ---------------------------------------------
 
     def link_target(self, node: Node) -> bytes:
         """Where a symlink points; EINVAL for anything else."""
