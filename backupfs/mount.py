@@ -9,6 +9,7 @@ mount record. ``REPO/mount.json`` tells other commands where it is mounted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,8 +19,9 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from backupfs.fs import BackupOperations
+from backupfs.faults import operations
 from backupfs.mountinfo import MOUNT_RECORD, check_mountpoint, check_sources_outside
+from engine.chain import read_path
 from engine.errors import BackupfsError
 from engine.fsutil import atomic_write
 from engine.repo import Repository
@@ -53,47 +55,52 @@ def fsname_option(path: str) -> str:
 def serve(repo_path: str, mountpoint: str, options: list[str], ready: Callable[[str | None], None]) -> None:
     """Mount and serve until unmounted or signalled. ``ready(None)`` once
     serving, ``ready(message)`` if the mount could not be made."""
-    try:
-        mp = check_mountpoint(repo_path, mountpoint)
-        repo = Repository.open(repo_path)
-    except BackupfsError as e:
-        ready(str(e))
-        return
-    try:
-        check_sources_outside(mp, {d.name: d.source for d in repo.devices()})
-    except BackupfsError as e:
-        repo.close()
-        ready(str(e))
-        return
-    if repo.catalog.frozen:
-        repo.close()
-        ready(f"{repo.path}: {repo.catalog.frozen}, and a mount must record its state there; free some "
-              "space on that disk first (list, status, verify and restore work without a mount)")
-        return
-    # The read-ahead is raised at the first open of a backup, not here: the
-    # kernel caps it to what FUSE INIT negotiated, and INIT is answered only
-    # once serving starts (a value written now would be cut back to 128 KiB).
-    ops = BackupOperations(repo, faults=os.environ.get("BACKUPFS_TEST_FAULTS"), mountpoint=mp)
-    for d in repo.devices():
-        if not d.source:
-            continue  # an imported archive: nothing live to track
+    with contextlib.ExitStack() as cleanup:
         try:
-            repo.device(d.name)
+            mp = check_mountpoint(repo_path, mountpoint)
+            repo = Repository.open(repo_path)
         except BackupfsError as e:
-            log.warning("device %s is unavailable: %s", d.name, e)
-    fuse_options = (set(pyfuse3.default_options) | set(options) | set(ALWAYS_OPTIONS)
-                    | {f"fsname={fsname_option(repo.path)}", "subtype=backupfs"})
-    try:
-        pyfuse3.init(ops, mp, sorted(fuse_options))
-    except (RuntimeError, OSError) as e:
-        repo.close()
-        ready(f"cannot mount {mountpoint}: {e}")
-        return
-    except BaseException:
-        repo.close()  # the bitmaps saved clean: nothing was served
-        raise
-    record_path = os.path.join(repo.path, MOUNT_RECORD)
-    try:
+            ready(str(e))
+            return
+        cleanup.callback(repo.close)
+        try:
+            check_sources_outside(mp, {d.name: d.source for d in repo.devices()})
+        except BackupfsError as e:
+            ready(str(e))
+            return
+        if repo.frozen:
+            ready(f"{repo.path}: {repo.frozen}, and a mount must record its state there; free some "
+                  "space on that disk first (list, status, verify and restore work without a mount)")
+            return
+        # The read-ahead is raised at the first open of a backup, not here: the
+        # kernel caps it to what FUSE INIT negotiated, and INIT is answered only
+        # once serving starts (a value written now would be cut back to 128 KiB).
+        ops = operations(repo, mp)
+        for d in repo.devices():
+            if not d.source:
+                continue  # an imported archive: nothing live to track
+            try:
+                repo.device(d.name)
+            except BackupfsError as e:
+                log.warning("device %s is unavailable: %s", d.name, e)
+        log.info("backups are read by the %s read loop", read_path())
+        fuse_options = (set(pyfuse3.default_options) | set(options) | set(ALWAYS_OPTIONS)
+                        | {f"fsname={fsname_option(repo.path)}", "subtype=backupfs"})
+        try:
+            pyfuse3.init(ops, mp, sorted(fuse_options))
+        except (RuntimeError, OSError) as e:
+            ready(f"cannot mount {mountpoint}: {e}")
+            return
+        # Mounted: on the way out (last registered runs first) unmount,
+        # close the views, close the repository, and only then remove the
+        # mount record. The plain close registered above is dropped for
+        # _close_repo, which must run before the record goes.
+        record_path = os.path.join(repo.path, MOUNT_RECORD)
+        cleanup.pop_all()
+        cleanup.callback(_remove_record, record_path)
+        cleanup.callback(_close_repo, repo, mp)
+        cleanup.callback(ops.close_views)
+        cleanup.callback(pyfuse3.close, unmount=True)
         # Replaced, never written through: a symlink planted as mount.json
         # must not make us overwrite the file it points to.
         try:
@@ -102,19 +109,19 @@ def serve(repo_path: str, mountpoint: str, options: list[str], ready: Callable[[
             ready(f"cannot mount {mountpoint}: cannot write {record_path}: {e.strerror}")
             return
         trio.run(_main, repo, ready)
-    finally:
-        try:
-            pyfuse3.close(unmount=True)
-        finally:
-            try:
-                ops.close_views()
-                repo.close()
-                log.info("unmounted %s; bitmaps saved", mp)
-            finally:
-                try:
-                    os.unlink(record_path)
-                except FileNotFoundError:
-                    pass
+
+
+def _close_repo(repo: Repository, mountpoint: str) -> None:
+    """Close the repository after an unmount: its bitmaps are saved clean."""
+    repo.close()
+    log.info("unmounted %s; bitmaps saved", mountpoint)
+
+
+def _remove_record(record_path: str) -> None:
+    try:
+        os.unlink(record_path)
+    except FileNotFoundError:
+        pass
 
 
 async def _main(repo: Repository, ready: Callable[[str | None], None]) -> None:

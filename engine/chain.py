@@ -51,6 +51,14 @@ if _chainindex is not None and (
 ) != (DATA, ZERO, COMPRESSED, UNALLOC):  # pragma: no cover - a stale build
     _chainindex = None
 
+
+def read_path() -> str:
+    """Which read loop serves backups, for the mount's log: "C" when the
+    extension is built and current, else "Python" (several times slower,
+    so a mount without the build should say so)."""
+    return "C" if _fastread is not None else "Python"
+
+
 _COMPRESSED_CACHE = 16
 _MAP_CHUNK = 1 << 20  # index entries compared at a time by map()
 

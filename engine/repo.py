@@ -666,6 +666,26 @@ class Repository:
     def backups(self, name: str | None = None) -> list[BackupRecord]:
         return self.catalog.backups(name)
 
+    # Single rows, for the mounted tree: a lookup asks for one name, and a
+    # listing of every backup for it cost seconds at 3,000 backups.
+
+    def device_record(self, name: str) -> DeviceRecord | None:
+        """The device's catalog row, or None if there is no such device."""
+        return self.catalog.device(name)
+
+    def backup_record(self, backup_id: str) -> BackupRecord | None:
+        """The backup's catalog row, or None if there is no such backup."""
+        return self.catalog.backup(backup_id)
+
+    def latest_backup(self, name: str) -> BackupRecord | None:
+        """The device's newest backup, or None if it has none."""
+        return self.catalog.latest_backup(name)
+
+    @property
+    def frozen(self) -> str | None:
+        """Why the catalog takes no writes now (its disk filled), or None."""
+        return self.catalog.frozen
+
     def image_path(self, rec: BackupRecord) -> str:
         return os.path.join(self.path, rec.image)
 

@@ -169,7 +169,7 @@ def test_damaged_record_is_refused(tmp_path: Path, damage: str) -> None:
 
 def test_idle_backup_views_are_bounded_by_memory(repo: Repository, tmp_path: Path) -> None:
     """The mount keeps recently read backups open, within a memory budget."""
-    from backupfs.fs import BackupOperations
+    from backupfs.views import ViewCache
 
     src = tmp_path / "src.img"
     src.write_bytes(random.Random(1).randbytes(4 * MiB))
@@ -181,12 +181,12 @@ def test_idle_backup_views_are_bounded_by_memory(repo: Repository, tmp_path: Pat
     assert per_view >= (4 * MiB // (4 * KiB)) * 8  # the checksums at least
 
     for budget, kept in ((10 * per_view, 3), (int(1.5 * per_view), 1), (0, 1)):
-        ops = BackupOperations(repo, idle_view_bytes=budget)
+        views = ViewCache(repo, idle_view_bytes=budget)
         for rec in recs:
-            ops._acquire_view(rec)
-            ops._release_view(rec.id)
-        assert list(ops._idle_views) == [r.id for r in recs][-kept:], budget
-        ops.close_views()
+            views.acquire(rec)
+            views.release(rec.id)
+        assert views.idle() == [r.id for r in recs][-kept:], budget
+        views.close_all()
 
 
 def _reseal(body: bytes) -> bytes:
@@ -236,7 +236,8 @@ def test_a_view_in_use_during_a_prune_is_closed_when_its_use_ends(repo: Reposito
     next open. Also: two views of one backup opened in a race do not leak."""
     import threading
 
-    from backupfs.fs import BACKUP, BackupOperations, Handle
+    from backupfs.fs import BackupOperations, Handle
+    from backupfs.tree import BACKUP
 
     src = tmp_path / "src.img"
     src.write_bytes(random.Random(2).randbytes(8 * MiB))
@@ -247,24 +248,24 @@ def test_a_view_in_use_during_a_prune_is_closed_when_its_use_ends(repo: Reposito
         running, gate = threading.Event(), threading.Event()
         ops._advisor.submit(lambda: (running.set(), gate.wait(30)))  # a slow advice ahead
         assert running.wait(30)
-        view = ops._acquire_view(old)
+        view = ops.views.acquire(old)
         ops._advise(Handle(ops.inodes.get(BACKUP, "d", old.id), view=view), 0, 16 * MiB)
-        ops._release_view(old.id)  # the reader is gone; its advice is not
+        ops.views.release(old.id)  # the reader is gone; its advice is not
         repo.prune("d", remove=old.id)
-        ops._drop_idle_views()  # what a prune through the mount does after it
+        ops.views.drop_stale()  # what a prune through the mount does after it
         done = threading.Event()
         ops._advisor.submit(done.set)
         gate.set()
         assert done.wait(30)
-        assert old.id not in ops._idle_views and old.id not in ops._views
+        assert old.id not in ops.views.idle() and old.id not in ops.views.in_use()
         assert all(layer.fd < 0 for layer in getattr(view, "view", view).layers), "deleted image kept open"
 
         # Two opens of one backup that raced both end up idle: one is closed.
         first = repo.open_backup(new.id)
-        ops._views[new.id] = (first, 1)
-        ops._release_view(new.id)
-        ops._views[new.id] = (repo.open_backup(new.id), 1)  # the slower opener registers after
-        ops._release_view(new.id)
+        ops.views.publish(new.id, first)
+        ops.views.release(new.id)
+        ops.views.publish(new.id, repo.open_backup(new.id))  # the slower opener registers after
+        ops.views.release(new.id)
         assert all(layer.fd < 0 for layer in getattr(first, "view", first).layers)
     finally:
         ops.close_views()
@@ -276,7 +277,8 @@ def test_looking_up_a_backup_does_not_list_them_all(repo: Repository, tmp_path: 
     shows, and nothing else (another device's backup, a bad name)."""
     import trio
 
-    from backupfs.fs import BACKUPS, ROOT, BackupOperations
+    from backupfs.fs import BackupOperations
+    from backupfs.tree import BACKUPS, ROOT
 
     src = tmp_path / "src.img"
     src.write_bytes(random.Random(3).randbytes(1 * MiB))

@@ -505,6 +505,26 @@ def test_injected_fault_fails_one_request_only(tmp_path: Path) -> None:
     assert "injected fault in getxattr" in log and "injected fault in read" in log
 
 
+@pytest.mark.parametrize("env, loop", [({}, "C"), ({"BACKUPFS_PURE_PYTHON": "1"}, "Python")])
+def test_the_mount_says_once_which_read_loop_serves(tmp_path: Path, env: dict[str, str], loop: str) -> None:
+    """The Python read loop is several times slower: a mount without the C
+    build must say so in its log, once, and a mount with it must not."""
+    src = tmp_path / "vm1.img"
+    _write_random(src, 1 * MiB, 3)
+    repo = tmp_path / "repo"
+    cli("init", repo)
+    cli("device", "add", repo, "vm1", src)
+    (tmp_path / "mnt").mkdir()
+    m = Mounted(repo, tmp_path / "mnt", env=env)
+    m.start()
+    try:
+        m.stop()
+    finally:
+        m.cleanup()
+    said = [line for line in m.log().splitlines() if "read loop" in line]
+    assert len(said) == 1 and f"by the {loop} read loop" in said[0], said
+
+
 def _alive(pid: int) -> bool:
     """Running (a zombie nobody reaped yet has exited)."""
     try:
