@@ -17,7 +17,9 @@ import pytest
 
 from engine.qcow2.layers import DATA, open_layer
 
-from conftest import Mounted, backupfs_cmd, cli, qemu_img, qemu_io
+from tests.commands import backupfs_cmd, cli
+from tests.mounts import Mounted
+from tests.oracle import qemu_img, qemu_io
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -90,6 +92,7 @@ def test_a_restore_over_a_file_keeps_its_mode_and_replaces_it_whole(repo: Path, 
     assert (target.stat().st_mode & 0o777) == 0o640
 
 
+@pytest.mark.mount
 def test_symlinks_in_the_repository_are_not_written_through(repo: Path, tmp_path: Path) -> None:
     victim = tmp_path / "victim.txt"
     victim.write_text("important data\n")
@@ -230,6 +233,7 @@ def test_a_failed_import_leaves_nothing(repo: Path, tmp_path: Path) -> None:
     assert proc.returncode != 0 and b"lies inside the repository" in proc.stderr
 
 
+@pytest.mark.mount
 def test_a_mount_point_with_a_non_ascii_name(repo: Path, tmp_path: Path) -> None:
     mnt = tmp_path / "mnt\u00e9"
     mnt.mkdir()
@@ -246,6 +250,7 @@ def test_a_mount_point_with_a_non_ascii_name(repo: Path, tmp_path: Path) -> None
     assert len(cli("list", repo, "vm1").stdout.decode().splitlines()) == 3
 
 
+@pytest.mark.mount
 def test_a_full_disk_gives_a_clear_line_and_no_half_made_repository(tmp_path: Path) -> None:
     small = tmp_path / "small"
     small.mkdir()
@@ -293,6 +298,8 @@ def _fill(path: Path) -> None:
         os.close(fd)
 
 
+@pytest.mark.long
+@pytest.mark.mount
 def test_a_full_repository_disk_still_lists_verifies_and_restores(tmp_path: Path) -> None:
     """The disk filled up (that is when backups start failing): the operator
     can still see, check and restore every backup, and whatever must record

@@ -26,7 +26,7 @@ from engine.errors import BackupfsError, UsageError
 from engine.job import JobError, Progress, Source
 from engine.repo import JobBusy, Repository
 
-from conftest import qemu_check, qemu_compare, qemu_img, qemu_map
+from tests.oracle import qemu_check, qemu_compare, qemu_img, qemu_map
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -528,6 +528,7 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.mark.mount
 def test_repository_disk_full(small_fs: Path, tmp_path: Path) -> None:
     repo_dir = small_fs / "repo"
     Repository.init(str(repo_dir))

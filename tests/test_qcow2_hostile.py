@@ -49,7 +49,8 @@ from engine.qcow2.layers import Qcow2Layer, open_layer
 from engine.qcow2.writer import Qcow2Writer
 from engine.repo import Repository
 
-from conftest import cli, qemu_raw
+from tests.commands import cli
+from tests.oracle import qemu_raw
 
 KiB = 1024
 MiB = 1024 * KiB
