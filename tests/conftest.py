@@ -46,7 +46,8 @@ def read_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
 @pytest.fixture
 def repo(tmp_path: Path) -> Iterator[Repository]:
     """An empty repository opened in this process, closed after the test
-    (files whose tests drive the CLI or a mount define their own)."""
+    (a test that drives the CLI or a mount names the directory it makes one in
+    ``repo_dir``, never ``repo``)."""
     Repository.init(str(tmp_path / "repo"))
     r = Repository.open(str(tmp_path / "repo"))
     try:
