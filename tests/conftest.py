@@ -1,7 +1,7 @@
 """Fixtures only: what a test receives by naming a parameter.
 
 The helpers tests call live in modules of this package (tests.oracle,
-tests.commands, tests.mounts, tests.pagecache, tests.users), imported by
+tests.commands, tests.mounts, tests.pagecache, tests.users, tests.hostile_qcow2), imported by
 name; one name means one thing here (``repo`` is always a Repository open in
 this process; a repository's directory is ``repo_dir``).
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from engine.repo import Repository
+from tests.hostile_qcow2 import Img, build
 from tests.mounts import STARTED_MOUNTS
 from tests.users import OtherUser
 
@@ -60,6 +61,23 @@ def repo(tmp_path: Path) -> Iterator[Repository]:
 def scratch(tmp_path: Path) -> Path:
     """A directory for QEMU's raw conversions (on /dev/shm when there is room)."""
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def std_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    return build(tmp_path_factory.mktemp("std") / "std.qcow2").read_bytes()
+
+
+@pytest.fixture
+def std(tmp_path: Path, std_bytes: bytes) -> Img:
+    """64 KiB, 4 KiB clusters: data at 0, zeros at 8k, compressed at 16k, data at 20k.
+
+    Layout (QEMU 7.2): header 0x0, refcount table 0x1000, refcount block
+    0x2000, L1 0x3000, L2 0x4000, data 0x5000, compressed 0x6000, data 0x7000.
+    """
+    path = tmp_path / "std.qcow2"
+    path.write_bytes(std_bytes)
+    return Img(path)
 
 
 @pytest.fixture(autouse=True)
