@@ -20,8 +20,10 @@ from tests.hostile_qcow2 import Img, build
 from tests.mounts import STARTED_MOUNTS
 from tests.users import OtherUser
 
-# Fails a test that mounts without the `mount` marker (see tests/mount_guard.py).
-pytest_plugins = ["tests.mount_guard"]
+# The markers kept honest: a test that mounts without `mount` fails
+# (tests/mount_guard.py); unmarked tests over ten seconds are listed at the
+# end of the run (tests/long_marker.py).
+pytest_plugins = ["tests.mount_guard", "tests.long_marker"]
 
 
 @pytest.fixture(params=["c", "python"])
