@@ -10,7 +10,7 @@ while unmarked, naming the marker it lacks.
 This module is a pytest plugin (conftest names it in ``pytest_plugins``):
 each test is judged from before its first fixture is set up (a module-scoped
 fixture that mounts counts for the first test that asks for it) until its
-teardown ends. Outside a test (collection, bench/) nothing is checked.
+teardown starts (unmounting is not judged: what was mounted was judged). Outside a test (collection, bench/) nothing is checked.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 
@@ -78,9 +78,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     _unmarked_test = None if item.get_closest_marker("mount") is not None else item.nodeid
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
-    """Once the test's fixtures are torn down, stop judging."""
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """Stop judging before teardown: the last test of a module also tears down
+    the module's fixtures, whose unmount belongs to the tests that used them."""
     global _unmarked_test
-    yield
     _unmarked_test = None

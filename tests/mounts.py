@@ -122,5 +122,5 @@ def mounted_device(tmp_path: Path, data: bytes | bytearray | Callable[[Path], No
 
 def _is_mounted(mnt: Path) -> bool:
     target = os.path.abspath(mnt)
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", errors="surrogateescape") as f:  # mount points need not be UTF-8
         return any(line.split()[4] == target for line in f)
