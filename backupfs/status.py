@@ -86,9 +86,6 @@ class JobStatus:
         self.bitmap_kept = bitmap_kept
         self.lines = []
 
-    def busy_message(self) -> str:
-        return f"busy: {self.command} is running ({self.progress_line()})"
-
     def progress_line(self) -> str:
         p = self.progress
         if p is None:

@@ -50,7 +50,7 @@ How (fairness)
     stores, written from memory into a new file on the same disk, then one
     fsync, with no copy work at all (what ``dd conv=fsync`` does).
 
-Run by hand:  /work/venv/bin/python bench/backup_vs_qemu.py [--size 1G] [--runs 3]
+Run by hand:  .venv/bin/python -m bench.backup_vs_qemu [--size 1G] [--runs 3]
               [--workdir DIR] [--keep] [--profile FILE]
 """
 

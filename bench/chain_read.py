@@ -66,7 +66,7 @@ How
     deepest tip's `image cat` output is compared byte for byte with
     `qemu-img convert`'s.
 
-Run by hand:  /work/venv/bin/python bench/chain_read.py [--size 1G] [--runs 5]
+Run by hand:  .venv/bin/python -m bench.chain_read [--size 1G] [--runs 5]
               [--workdir DIR] [--keep]
 """
 
@@ -93,9 +93,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.chain import ChainView, aligned_buffer, flatten_arrays
-from floor import argv as floor_argv
-from floor import build as floor_build
-from floor import run as floor_run
+from bench.floor import argv as floor_argv
+from bench.floor import build as floor_build
+from bench.floor import run as floor_run
 from engine.qcow2.layers import DATA, UNALLOC, Extent, Layer
 from engine.qcow2.writer import Qcow2Writer
 from engine.units import format_size, parse_size

@@ -6,7 +6,7 @@ writer threads hammer it; every backup must hash to the device as it was
 at the trigger, and a final incremental to the device as it is
 (tests/concurrency.py). Prints runs, backups, writes and mismatches.
 
-    .venv/bin/python bench/concurrent_writers.py --runs 50
+    .venv/bin/python -m bench.concurrent_writers --runs 50
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from concurrency import run_once  # noqa: E402
+from tests.concurrency import run_once
 
 
 def main() -> int:

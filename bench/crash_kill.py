@@ -7,7 +7,7 @@ backups are the old set or the old set plus/minus the one in flight, every
 image passes `qemu-img check` and `backupfs verify`, surviving backups read
 exactly as before, and the next incremental equals the device.
 
-    .venv/bin/python bench/crash_kill.py --kills 200
+    .venv/bin/python -m bench.crash_kill --kills 200
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from crashkill import Lab, Tally, run_rounds  # noqa: E402
+from tests.crashkill import Lab, Tally, run_rounds
 
 
 def main() -> int:

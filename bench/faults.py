@@ -10,7 +10,7 @@ the cause, no partial backup is visible or left on disk, the bitmap still
 holds every dirty bit (a following clean incremental copies them all and
 equals the device), and every remaining image passes `qemu-img check`.
 
-    .venv/bin/python bench/faults.py --rounds 100
+    .venv/bin/python -m bench.faults --rounds 100
 """
 
 from __future__ import annotations
@@ -26,12 +26,9 @@ import tempfile
 import threading
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from engine.errors import BackupfsError  # noqa: E402
-from engine.job import FailingSource, Source  # noqa: E402
-from engine.repo import Repository  # noqa: E402
+from engine.errors import BackupfsError
+from engine.job import FailingSource, Source
+from engine.repo import Repository
 
 MiB = 1024 * 1024
 

@@ -86,7 +86,7 @@ other benchmark running at the same time relies on. The header and the
 footer print the load and the CPU/IO pressure (PSI) to judge the noise.
 
 Run by hand (root: it drops caches and mounts):
-    /work/venv/bin/python bench/fuse_vs_qemu.py [--size 1G] [--runs 5]
+    .venv/bin/python -m bench.fuse_vs_qemu [--size 1G] [--runs 5]
         [--workdir DIR] [--keep] [--dirty 2]
 """
 
@@ -111,9 +111,9 @@ import numpy as np
 import xxhash
 
 from engine.units import format_size, parse_size
-from floor import argv as floor_argv
-from floor import build as floor_build
-from floor import run as floor_run
+from bench.floor import argv as floor_argv
+from bench.floor import build as floor_build
+from bench.floor import run as floor_run
 
 MiB = 1 << 20
 MB = 1e6  # decimal MB/s, as dd prints it

@@ -7,7 +7,7 @@ mount. The read must either fail with EIO or return bytes that verify; the
 daemon must stay alive and the previous backups must still read. Prints
 the outcomes and the daemon's fate.
 
-    .venv/bin/python bench/fuzz_mounted.py --rounds 300
+    .venv/bin/python -m bench.fuzz_mounted --rounds 300
 """
 
 from __future__ import annotations

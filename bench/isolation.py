@@ -9,7 +9,7 @@
   the repository (a sentinel directory beside it stays empty);
 - another user cannot list the mount (no allow_other).
 
-    .venv/bin/python bench/isolation.py --count 2000
+    .venv/bin/python -m bench.isolation --count 2000
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ Why
     file: the open must not need gigabytes or minutes. The numbers for the
     1 GiB chains of bench/chain_read.py scale linearly to these.
 
-Run by hand:  .venv/bin/python bench/large_device.py [--size 1T] [--depth 64] [--runs 3]
+Run by hand:  .venv/bin/python -m bench.large_device [--size 1T] [--depth 64] [--runs 3]
               [--workdir DIR]
 """
 
@@ -45,13 +45,11 @@ from pathlib import Path
 import numpy as np
 from bitarray import bitarray
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from engine.checksums import ChecksumRecord, overlay  # noqa: E402
-from engine.qcow2 import layers  # noqa: E402
-from engine.qcow2.layers import KIND_NAMES, UNALLOC  # noqa: E402
-from engine.qcow2.writer import Qcow2Writer  # noqa: E402
-from engine.units import parse_size  # noqa: E402
+from engine.checksums import ChecksumRecord, overlay
+from engine.qcow2 import layers
+from engine.qcow2.layers import KIND_NAMES, UNALLOC
+from engine.qcow2.writer import Qcow2Writer
+from engine.units import parse_size
 
 GRANULE = 64 * 1024
 MiB = 1024 * 1024

@@ -6,7 +6,7 @@ write, fsync, rename, unlink, directory fsync and catalog commit they made,
 with everything not yet fsynced dropped, and each such state must open as
 the old or the new one and pass every check. Prints one line per operation.
 
-    .venv/bin/python bench/powerloss.py
+    .venv/bin/python -m bench.powerloss
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ seconds, then every backup verified against its recorded checksums and
 compared with the device as it was at its trigger, and the daemon's
 resident memory before and after (tests/soak.py does the work).
 
-    .venv/bin/python bench/soak.py --minutes 10
+    .venv/bin/python -m bench.soak --minutes 10
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from soak import MiB, soak  # noqa: E402
+from tests.soak import MiB, soak
 
 
 def main() -> int:

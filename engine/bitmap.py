@@ -64,9 +64,6 @@ class DirtyBitmap:
             return
         self.bits[offset >> self.shift : ((end - 1) >> self.shift) + 1] = 1
 
-    def mark_all(self) -> None:
-        self.bits.setall(1)
-
     def clear(self) -> None:
         self.bits.setall(0)
 

@@ -47,21 +47,6 @@ def copy_cluster_size(granularity: int, target_cluster_size: int) -> int:
     return max(granularity, target_cluster_size)
 
 
-def aligned_runs(runs: Iterable[tuple[int, int]], unit: int, size: int) -> list[tuple[int, int]]:
-    """Widen byte runs to ``unit`` alignment, clip at ``size``, merge neighbours."""
-    out: list[tuple[int, int]] = []
-    for start, end in runs:
-        if end <= start:
-            continue
-        a = start - start % unit
-        b = min(-(-end // unit) * unit, size)
-        if out and a <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], b))
-        else:
-            out.append((a, b))
-    return out
-
-
 def units_of(runs: Iterable[tuple[int, int]], unit: int, size: int) -> bitarray:
     """One bit per copy cluster: set where any run touches it."""
     n = -(-size // unit)

@@ -23,21 +23,16 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from backupfs.mountinfo import wait_for_exit
 from engine.repo import Repository
+from tests.commands import backupfs_cmd
 
 KiB = 1024
 MiB = 1024 * KiB
-
-
-def backupfs_cmd() -> list[str]:
-    script = Path(sys.executable).parent / "backupfs"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "backupfs.cli"]
 
 
 def _run(args: list[str], **kw: object) -> subprocess.CompletedProcess:

@@ -17,19 +17,15 @@ import json
 import os
 import random
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.commands import backupfs_cmd
+
 KiB = 1024
 MiB = 1024 * KiB
-
-
-def backupfs_cmd() -> list[str]:
-    script = Path(sys.executable).parent / "backupfs"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "backupfs.cli"]
 
 
 def rss_kib(pid: int) -> int:

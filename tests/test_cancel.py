@@ -21,8 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from backupfs.mountinfo import wait_for_exit
 from backupfs.requester import Requester, stopping_signal
-from conftest import Mounted, backupfs_cmd, cli, mounted_device, sh, wait_for_exit
+from tests.commands import backupfs_cmd, cli, sh
+from tests.mounts import Mounted, mounted_device
 from engine.job import CancelRequest, JobCancelled
 from engine.repo import Repository
 
@@ -68,6 +70,7 @@ def dirty_32m(m: Mounted) -> None:
     sh(f"dd if=/dev/urandom of={m.path('vm1', 'device')} bs=1M count=32 seek=8 conv=notrunc status=none")
 
 
+@pytest.mark.mount
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL, signal.SIGINT])
 def test_killing_the_writer_cancels_the_backup(mounted: Mounted, tmp_path: Path, sig: signal.Signals) -> None:
     """The writer is let go with its signal; no backup, no leftovers, the
@@ -104,6 +107,7 @@ def test_killing_the_writer_cancels_the_backup(mounted: Mounted, tmp_path: Path,
     sh(f"cmp {m.path('vm1', 'backups', 'latest')} {m.path('vm1', 'device')}")
 
 
+@pytest.mark.mount
 def test_timeout_of_a_backup_works(mounted: Mounted) -> None:
     """`timeout 2 sh -c 'echo ... > snapshot'` in cron: the shell is let go."""
     m = mounted
@@ -116,6 +120,7 @@ def test_timeout_of_a_backup_works(mounted: Mounted) -> None:
     assert status(m)["state"] == "cancelled"
 
 
+@pytest.mark.mount
 def test_ctrl_c_of_the_cli_cancels_the_backup_through_the_mount(mounted: Mounted) -> None:
     m = mounted
     dirty_32m(m)
@@ -135,6 +140,7 @@ def test_ctrl_c_of_the_cli_cancels_the_backup_through_the_mount(mounted: Mounted
     assert status(m)["cancelled"] == f"pid {proc.pid} (backupfs) received SIGINT; no backup was made"
 
 
+@pytest.mark.mount
 def test_a_harmless_signal_does_not_cancel(mounted: Mounted) -> None:
     """SIGCHLD from a shell's background job, or a signal the writer handles
     and does not stop for, must not cost a backup."""
@@ -279,6 +285,7 @@ def test_verify_can_be_cancelled(tmp_path: Path) -> None:
         assert repo.verify("vm1").ok  # and a verify not cancelled reads it all
 
 
+@pytest.mark.mount
 def test_umount_during_a_job_names_it_and_works_once_it_is_cancelled(mounted: Mounted) -> None:
     m = mounted
     dirty_32m(m)
@@ -360,6 +367,7 @@ def test_cancel_waits_for_copy_before_write_before_closing_the_image(tmp_path: P
         repo.close()
 
 
+@pytest.mark.mount
 def test_an_unmount_cancels_with_ecanceled_which_no_one_retries(mounted: Mounted) -> None:
     """SIGTERM to the daemon (systemctl stop) cancels the job; its writer
     gets ECANCELED. EINTR would make Python (and C retry loops) send the
@@ -391,6 +399,7 @@ def test_an_unmount_cancels_with_ecanceled_which_no_one_retries(mounted: Mounted
     assert "cancelled: the mount daemon received SIGTERM and is unmounting" in m.log()
 
 
+@pytest.mark.mount
 def test_a_crash_then_a_full_disk_still_lists(tmp_path: Path) -> None:
     """A process died during a job (its WAL and a 'running' job left), then
     the disk filled: the catalog opens normally but cannot record that the
@@ -613,6 +622,7 @@ def test_removing_the_latest_then_an_interrupt_keeps_its_changes_dirty(tmp_path:
     assert restored.read_bytes() == src.read_bytes()
 
 
+@pytest.mark.mount
 def test_killing_the_writer_of_a_prune_stops_it_between_removals(tmp_path: Path) -> None:
     """A prune through the mount held its writer (even after kill -9) until
     every removal was done. Now it stops after the removal under way; what

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from engine.chain import flatten
 from engine.qcow2.layers import COMPRESSED, DATA, UNALLOC, ZERO, Extent, Layer, coalesce, coalesce_rows
 
-from conftest import drop_cached
+from tests.pagecache import drop_cached
 
 UNIT = 512
 

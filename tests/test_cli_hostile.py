@@ -17,7 +17,9 @@ import pytest
 
 from engine.qcow2.layers import DATA, open_layer
 
-from conftest import Mounted, backupfs_cmd, cli, qemu_img, qemu_io
+from tests.commands import backupfs_cmd, cli
+from tests.mounts import Mounted
+from tests.oracle import qemu_img, qemu_io
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -37,7 +39,7 @@ def _run(*args: str | bytes | os.PathLike[str], timeout: float = 60) -> subproce
 
 
 @pytest.fixture
-def repo(tmp_path: Path) -> Path:
+def repo_dir(tmp_path: Path) -> Path:
     src = tmp_path / "src.raw"
     with open(src, "wb") as f:
         f.truncate(8 * MiB)
@@ -48,21 +50,21 @@ def repo(tmp_path: Path) -> Path:
     return tmp_path / "repo"
 
 
-def _images(repo: Path) -> list[Path]:
-    return sorted((repo / "devices" / "vm1").glob("*.qcow2"))
+def _images(repo_dir: Path) -> list[Path]:
+    return sorted((repo_dir / "devices" / "vm1").glob("*.qcow2"))
 
 
-def test_restore_into_the_repository_is_refused(repo: Path, tmp_path: Path) -> None:
-    image = _images(repo)[0]
+def test_restore_into_the_repository_is_refused(repo_dir: Path, tmp_path: Path) -> None:
+    image = _images(repo_dir)[0]
     before = _sha(image)
-    proc = _run("restore", repo, "vm1", "latest", image, "--force")
+    proc = _run("restore", repo_dir, "vm1", "latest", image, "--force")
     assert proc.returncode != 0 and b"lies inside the repository" in proc.stderr
     assert _sha(image) == before
-    cli("verify", repo)
+    cli("verify", repo_dir)
 
 
-def test_a_failed_restore_leaves_the_old_file_as_it_was(repo: Path, tmp_path: Path) -> None:
-    image = _images(repo)[0]
+def test_a_failed_restore_leaves_the_old_file_as_it_was(repo_dir: Path, tmp_path: Path) -> None:
+    image = _images(repo_dir)[0]
     with open_layer(str(image), "qcow2") as layer:
         host = next(e.host for e in layer.allocation() if e.kind == DATA)
     with open(image, "r+b") as f:  # damage one stored cluster
@@ -72,44 +74,45 @@ def test_a_failed_restore_leaves_the_old_file_as_it_was(repo: Path, tmp_path: Pa
     precious.write_bytes(os.urandom(MiB))
     os.chmod(precious, 0o640)
     before = _sha(precious)
-    proc = _run("restore", repo, "vm1", "latest", precious, "--force")
+    proc = _run("restore", repo_dir, "vm1", "latest", precious, "--force")
     assert proc.returncode != 0 and b"fails its checksum" in proc.stderr
     assert _sha(precious) == before and (precious.stat().st_mode & 0o777) == 0o640
     assert sorted(p.name for p in tmp_path.iterdir() if ".restoring" in p.name) == []
 
 
-def test_a_restore_over_a_file_keeps_its_mode_and_replaces_it_whole(repo: Path, tmp_path: Path) -> None:
+def test_a_restore_over_a_file_keeps_its_mode_and_replaces_it_whole(repo_dir: Path, tmp_path: Path) -> None:
     target = tmp_path / "old.raw"
     target.write_bytes(b"x" * 3 * MiB)
     os.chmod(target, 0o640)
     os.link(target, tmp_path / "other-name.raw")
-    cli("restore", repo, "vm1", "latest", target, "--force")
+    cli("restore", repo_dir, "vm1", "latest", target, "--force")
     assert _sha(target) == _sha(tmp_path / "src.raw")
     assert (target.stat().st_mode & 0o777) == 0o640
     # Replaced whole: a new file took the name, the old one is untouched under its other name.
     assert (tmp_path / "other-name.raw").read_bytes() == b"x" * 3 * MiB
 
 
-def test_symlinks_in_the_repository_are_not_written_through(repo: Path, tmp_path: Path) -> None:
+@pytest.mark.mount
+def test_symlinks_in_the_repository_are_not_written_through(repo_dir: Path, tmp_path: Path) -> None:
     victim = tmp_path / "victim.txt"
     victim.write_text("important data\n")
-    os.unlink(repo / "lock")
-    os.symlink(victim, repo / "lock")
-    proc = _run("list", repo)
+    os.unlink(repo_dir / "lock")
+    os.symlink(victim, repo_dir / "lock")
+    proc = _run("list", repo_dir)
     assert proc.returncode != 0 and b"symlink" in proc.stderr
     assert victim.read_text() == "important data\n"
 
-    os.unlink(repo / "lock")
+    os.unlink(repo_dir / "lock")
     for planted in ("mount.json", "mount.json.tmp"):
-        os.symlink(victim, repo / planted)
+        os.symlink(victim, repo_dir / planted)
     (tmp_path / "mnt").mkdir()
-    m = Mounted(repo, tmp_path / "mnt")
+    m = Mounted(repo_dir, tmp_path / "mnt")
     try:
         # The record is written beside its name and renamed over it: the
         # planted links are replaced, never written through.
         m.start()
-        assert not (repo / "mount.json").is_symlink()
-        assert "vm1" in cli("list", repo).stdout.decode()
+        assert not (repo_dir / "mount.json").is_symlink()
+        assert "vm1" in cli("list", repo_dir).stdout.decode()
     finally:
         m.cleanup()
     assert victim.read_text() == "important data\n"
@@ -117,98 +120,98 @@ def test_symlinks_in_the_repository_are_not_written_through(repo: Path, tmp_path
 
 def test_a_catalog_from_elsewhere_is_refused_and_left_unchanged(tmp_path: Path) -> None:
     for version, message in (("2", b"newer than this backupfs"), ("2.0", b"not one backupfs knows")):
-        repo = tmp_path / f"r{version}"
-        repo.mkdir()
-        conn = sqlite3.connect(repo / "catalog.db")
+        repo_dir = tmp_path / f"r{version}"
+        repo_dir.mkdir()
+        conn = sqlite3.connect(repo_dir / "catalog.db")
         conn.execute("CREATE TABLE meta(key, value)")
         conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (version,))
         conn.commit()
         conn.close()
-        before = _sha(repo / "catalog.db")
-        proc = _run("list", repo)
+        before = _sha(repo_dir / "catalog.db")
+        proc = _run("list", repo_dir)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr
-        assert _sha(repo / "catalog.db") == before  # not switched to WAL behind the refusal
+        assert _sha(repo_dir / "catalog.db") == before  # not switched to WAL behind the refusal
 
 
-def test_one_source_under_two_names_is_refused(repo: Path, tmp_path: Path) -> None:
+def test_one_source_under_two_names_is_refused(repo_dir: Path, tmp_path: Path) -> None:
     """Two names for one disk: backed up twice, and each name's writes
     look like another program's to the other."""
     os.symlink(tmp_path / "src.raw", tmp_path / "alias.raw")
     os.link(tmp_path / "src.raw", tmp_path / "hardlink.raw")
     for path in ("src.raw", "alias.raw", "hardlink.raw"):
-        proc = cli("device", "add", repo, "vm2", tmp_path / path, check=False)
+        proc = cli("device", "add", repo_dir, "vm2", tmp_path / path, check=False)
         assert proc.returncode == 1, proc
         assert proc.stderr.decode().strip() == (
             f"backupfs: error: source {tmp_path / path} is already the source of device vm1")
     (tmp_path / "other.raw").write_bytes(bytes(MiB))
-    cli("device", "add", repo, "vm2", tmp_path / "other.raw")
+    cli("device", "add", repo_dir, "vm2", tmp_path / "other.raw")
 
 
-def test_device_remove_deletes_backups_only_with_force(repo: Path, tmp_path: Path) -> None:
-    proc = cli("device", "remove", repo, "vm1", check=False)
+def test_device_remove_deletes_backups_only_with_force(repo_dir: Path, tmp_path: Path) -> None:
+    proc = cli("device", "remove", repo_dir, "vm1", check=False)
     assert proc.returncode == 1
     assert proc.stderr.decode().strip() == (
         "backupfs: error: device vm1 has 1 backup; removing it deletes them all (use --force)")
-    assert len(list((repo / "devices" / "vm1").glob("*.qcow2"))) == 1  # nothing was touched
-    assert b"vm1" in cli("list", repo).stdout
-    assert cli("device", "remove", repo, "vm1", "--force").stdout == b"removed device vm1 and its 1 backup\n"
-    assert not (repo / "devices" / "vm1").exists() and b"vm1" not in cli("device", "list", repo).stdout
+    assert len(list((repo_dir / "devices" / "vm1").glob("*.qcow2"))) == 1  # nothing was touched
+    assert b"vm1" in cli("list", repo_dir).stdout
+    assert cli("device", "remove", repo_dir, "vm1", "--force").stdout == b"removed device vm1 and its 1 backup\n"
+    assert not (repo_dir / "devices" / "vm1").exists() and b"vm1" not in cli("device", "list", repo_dir).stdout
     (tmp_path / "new.raw").write_bytes(bytes(MiB))
-    cli("device", "add", repo, "fresh", tmp_path / "new.raw")
-    assert cli("device", "remove", repo, "fresh").stdout == b"removed device fresh\n"  # no backups: no --force
-    proc = cli("device", "remove", repo, "fresh", check=False)
+    cli("device", "add", repo_dir, "fresh", tmp_path / "new.raw")
+    assert cli("device", "remove", repo_dir, "fresh").stdout == b"removed device fresh\n"  # no backups: no --force
+    proc = cli("device", "remove", repo_dir, "fresh", check=False)
     assert proc.returncode == 1 and b"no device named 'fresh'" in proc.stderr
 
 
-def test_a_fifo_is_refused_as_a_source_without_hanging(repo: Path, tmp_path: Path) -> None:
+def test_a_fifo_is_refused_as_a_source_without_hanging(repo_dir: Path, tmp_path: Path) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    proc = _run("device", "add", repo, "d2", fifo, timeout=30)
+    proc = _run("device", "add", repo_dir, "d2", fifo, timeout=30)
     assert proc.returncode != 0 and b"not a regular file or block device" in proc.stderr
     base = tmp_path / "base.qcow2"
     qemu_img("create", "-f", "qcow2", base, "8M")
-    proc = _run("import", repo, "d3", base, "--source", fifo, timeout=30)
+    proc = _run("import", repo_dir, "d3", base, "--source", fifo, timeout=30)
     assert proc.returncode != 0 and b"not a regular file or block device" in proc.stderr
-    assert not (repo / "devices" / "d2").exists() and not (repo / "devices" / "d3").exists()
+    assert not (repo_dir / "devices" / "d2").exists() and not (repo_dir / "devices" / "d3").exists()
 
 
-def test_names_labels_and_sizes_are_checked_before_anything_is_done(repo: Path, tmp_path: Path) -> None:
+def test_names_labels_and_sizes_are_checked_before_anything_is_done(repo_dir: Path, tmp_path: Path) -> None:
     src = tmp_path / "src.raw"
-    proc = _run("device", "add", repo, "nl\n", src)
+    proc = _run("device", "add", repo_dir, "nl\n", src)
     assert proc.returncode != 0 and b"invalid device name" in proc.stderr
     for label in (b"line1\nFAKEID\tvm1\tfull", b"bad\xff"):
-        proc = _run("backup", repo, "vm1", "incremental", "--label", label)
+        proc = _run("backup", repo_dir, "vm1", "incremental", "--label", label)
         assert proc.returncode != 0 and b"label must be printable" in proc.stderr
-    assert len(cli("list", repo, "vm1").stdout.decode().splitlines()) == 2  # header and the full
-    proc = _run("device", "add", repo, "x", src, "--granularity", "9" * 400)
+    assert len(cli("list", repo_dir, "vm1").stdout.decode().splitlines()) == 2  # header and the full
+    proc = _run("device", "add", repo_dir, "x", src, "--granularity", "9" * 400)
     assert proc.returncode != 0 and b"too large" in proc.stderr
-    proc = _run("device", "add", repo, "x", src, "--granularity", "99999999999999999999T")
+    proc = _run("device", "add", repo_dir, "x", src, "--granularity", "99999999999999999999T")
     assert proc.returncode != 0
-    for args in (("list", repo, b"\xff"), ("verify", repo, b"\xff"), ("backup", repo, b"\xff", "full"),
-                 ("prune", repo, "vm1", "--remove", b"\xff")):
+    for args in (("list", repo_dir, b"\xff"), ("verify", repo_dir, b"\xff"), ("backup", repo_dir, b"\xff", "full"),
+                 ("prune", repo_dir, "vm1", "--remove", b"\xff")):
         proc = _run(*args)
         assert proc.returncode != 0, args
     odd = tmp_path / os.fsdecode(b"src\xff.raw")
     odd.write_bytes(bytes(MiB))
-    proc = _run("device", "add", repo, "nb", odd)
+    proc = _run("device", "add", repo_dir, "nb", odd)
     assert proc.returncode != 0 and b"not valid UTF-8" in proc.stderr
-    assert not (repo / "devices" / "nb").exists()
+    assert not (repo_dir / "devices" / "nb").exists()
 
 
-def test_status_shows_every_device_when_one_source_is_missing(repo: Path, tmp_path: Path) -> None:
+def test_status_shows_every_device_when_one_source_is_missing(repo_dir: Path, tmp_path: Path) -> None:
     other = tmp_path / "other.raw"
     with open(other, "wb") as f:
         f.truncate(MiB)
-    cli("device", "add", repo, "zz", other)
+    cli("device", "add", repo_dir, "zz", other)
     os.unlink(tmp_path / "src.raw")
-    proc = _run("status", repo)
+    proc = _run("status", repo_dir)
     out = proc.stdout.decode()
     assert proc.returncode == 1
     assert "vm1:" in out and "does not exist" in out
     assert "zz:" in out and "bitmap: trusted" in out
 
 
-def test_a_failed_import_leaves_nothing(repo: Path, tmp_path: Path) -> None:
+def test_a_failed_import_leaves_nothing(repo_dir: Path, tmp_path: Path) -> None:
     base = tmp_path / "base.qcow2"
     qemu_img("create", "-f", "qcow2", base, "16M")
     qemu_io(base, "write -P 1 0 2M")
@@ -219,33 +222,35 @@ def test_a_failed_import_leaves_nothing(repo: Path, tmp_path: Path) -> None:
     for i in range(len(data) - 4096, len(data)):  # the compressed cluster is last
         data[i] ^= 0x5A
     top.write_bytes(bytes(data))
-    proc = _run("import", repo, "part", top)
+    proc = _run("import", repo_dir, "part", top)
     assert proc.returncode != 0
-    assert "part" not in cli("device", "list", repo).stdout.decode()
-    assert not (repo / "devices" / "part").exists()
-    inside = repo / "inside.raw"
+    assert "part" not in cli("device", "list", repo_dir).stdout.decode()
+    assert not (repo_dir / "devices" / "part").exists()
+    inside = repo_dir / "inside.raw"
     with open(inside, "wb") as f:
         f.truncate(16 * MiB)
-    proc = _run("import", repo, "y", base, "--source", inside)
+    proc = _run("import", repo_dir, "y", base, "--source", inside)
     assert proc.returncode != 0 and b"lies inside the repository" in proc.stderr
 
 
-def test_a_mount_point_with_a_non_ascii_name(repo: Path, tmp_path: Path) -> None:
+@pytest.mark.mount
+def test_a_mount_point_with_a_non_ascii_name(repo_dir: Path, tmp_path: Path) -> None:
     mnt = tmp_path / "mnt\u00e9"
     mnt.mkdir()
-    m = Mounted(repo, mnt)
+    m = Mounted(repo_dir, mnt)
     try:
         m.start()
         # Commands go through the mount (not "in use by pid N"), and umount finds it.
-        assert "vm1" in cli("list", repo).stdout.decode()
-        cli("backup", repo, "vm1", "incremental")
+        assert "vm1" in cli("list", repo_dir).stdout.decode()
+        cli("backup", repo_dir, "vm1", "incremental")
         cli("umount", mnt)
         m.pid = None
     finally:
         m.cleanup()
-    assert len(cli("list", repo, "vm1").stdout.decode().splitlines()) == 3
+    assert len(cli("list", repo_dir, "vm1").stdout.decode().splitlines()) == 3
 
 
+@pytest.mark.mount
 def test_a_full_disk_gives_a_clear_line_and_no_half_made_repository(tmp_path: Path) -> None:
     small = tmp_path / "small"
     small.mkdir()
@@ -293,6 +298,8 @@ def _fill(path: Path) -> None:
         os.close(fd)
 
 
+@pytest.mark.long
+@pytest.mark.mount
 def test_a_full_repository_disk_still_lists_verifies_and_restores(tmp_path: Path) -> None:
     """The disk filled up (that is when backups start failing): the operator
     can still see, check and restore every backup, and whatever must record
@@ -305,40 +312,40 @@ def test_a_full_repository_disk_still_lists_verifies_and_restores(tmp_path: Path
     try:
         src = tmp_path / "src.raw"  # the source lives elsewhere; the repository fills up
         src.write_bytes(os.urandom(2 * MiB))
-        repo = small / "repo"
-        cli("init", repo)
-        cli("device", "add", repo, "vm1", src)
-        cli("backup", repo, "vm1", "full")
+        repo_dir = small / "repo"
+        cli("init", repo_dir)
+        cli("device", "add", repo_dir, "vm1", src)
+        cli("backup", repo_dir, "vm1", "full")
         with open(src, "r+b") as f:
             f.seek(MiB)
             f.write(os.urandom(64 * KiB))
-        cli("backup", repo, "vm1", "incremental", "--scan")
-        state = {p.name: _sha(p) for p in sorted((repo / "devices" / "vm1").iterdir())}
-        assert not list(repo.glob("catalog.db-*"))  # closed cleanly: SQLite must make them to read
+        cli("backup", repo_dir, "vm1", "incremental", "--scan")
+        state = {p.name: _sha(p) for p in sorted((repo_dir / "devices" / "vm1").iterdir())}
+        assert not list(repo_dir.glob("catalog.db-*"))  # closed cleanly: SQLite must make them to read
         _fill(small / "filler")
 
-        listing = _run("list", repo)
+        listing = _run("list", repo_dir)
         assert listing.returncode == 0 and len(listing.stdout.decode().splitlines()) == 3, listing.stderr
-        status = _run("status", repo)
+        status = _run("status", repo_dir)
         assert status.returncode == 0 and b"bitmap: trusted" in status.stdout, status.stderr
-        assert _run("verify", repo).returncode == 0
+        assert _run("verify", repo_dir).returncode == 0
         restored = tmp_path / "restored.raw"
-        assert _run("restore", repo, "vm1", "latest", restored).returncode == 0
+        assert _run("restore", repo_dir, "vm1", "latest", restored).returncode == 0
         assert _sha(restored) == _sha(src)
-        assert _run("prune", repo, "vm1", "--keep-last", "1", "--dry-run").returncode == 0
+        assert _run("prune", repo_dir, "vm1", "--keep-last", "1", "--dry-run").returncode == 0
         mnt = tmp_path / "mnt"
         mnt.mkdir()
-        for args in (("backup", repo, "vm1", "incremental"), ("prune", repo, "vm1", "--keep-last", "1"),
-                     ("device", "add", repo, "vm2", src), ("mount", repo, mnt)):
+        for args in (("backup", repo_dir, "vm1", "incremental"), ("prune", repo_dir, "vm1", "--keep-last", "1"),
+                     ("device", "add", repo_dir, "vm2", src), ("mount", repo_dir, mnt)):
             proc = _run(*args)
             assert proc.returncode == 1 and b"disk is full" in proc.stderr, (args, proc.stderr)
         # Nothing changed or was left behind.
-        assert {p.name: _sha(p) for p in sorted((repo / "devices" / "vm1").iterdir())} == state
-        assert _run("image", "check", repo / "devices" / "vm1" / sorted(state)[0]).returncode == 0
+        assert {p.name: _sha(p) for p in sorted((repo_dir / "devices" / "vm1").iterdir())} == state
+        assert _run("image", "check", repo_dir / "devices" / "vm1" / sorted(state)[0]).returncode == 0
 
         (small / "filler").unlink()  # room again: everything works, nothing was lost
-        cli("backup", repo, "vm1", "incremental")
-        assert len(cli("list", repo).stdout.decode().splitlines()) == 4
-        cli("verify", repo)
+        cli("backup", repo_dir, "vm1", "incremental")
+        assert len(cli("list", repo_dir).stdout.decode().splitlines()) == 4
+        cli("verify", repo_dir)
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import backupfs_cmd, cli, normalize_map, qemu_img, qemu_io, qemu_map, qemu_raw
+from tests.commands import backupfs_cmd, cli
+from tests.oracle import normalize_map, qemu_img, qemu_io, qemu_map, qemu_raw
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import backupfs_cmd, cli, qemu_check, qemu_compare
+from tests.commands import backupfs_cmd, cli
+from tests.oracle import qemu_check, qemu_compare
 
 MiB = 1024 * 1024
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from concurrency import run_once
+from tests.concurrency import run_once
 
 RUNS = int(os.environ.get("CONCURRENT_RUNS", "2"))
 

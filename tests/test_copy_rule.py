@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.job import aligned_runs, copy_cluster_size, units_of
+from engine.job import copy_cluster_size, units_of
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -24,22 +24,8 @@ def test_copy_cluster_is_the_larger(granularity: int, cluster: int, unit: int) -
     assert copy_cluster_size(granularity, cluster) == unit
 
 
-def test_runs_widen_to_whole_copy_clusters() -> None:
-    unit = 128 * KiB
-    # A 100-byte change in the second half of a target cluster.
-    assert aligned_runs([(64 * KiB + 10, 64 * KiB + 110)], unit, 10 * MiB) == [(0, 128 * KiB)]
-    # Runs that end up touching merge into one large I/O.
-    assert aligned_runs([(0, 1), (130 * KiB, 131 * KiB), (300 * KiB, 301 * KiB)], unit, 10 * MiB) == [
-        (0, 384 * KiB)
-    ]
-    # Separate clusters stay separate.
-    assert aligned_runs([(0, 1), (600 * KiB, 601 * KiB)], unit, 10 * MiB) == [
-        (0, 128 * KiB), (512 * KiB, 640 * KiB)]
-
-
 def test_last_cluster_is_copied_up_to_the_device_end() -> None:
     size = 3 * 128 * KiB + 4096
-    assert aligned_runs([(size - 1, size)], 128 * KiB, size) == [(3 * 128 * KiB, size)]
     bits = units_of([(size - 1, size)], 128 * KiB, size)
     assert len(bits) == 4 and bits.to01() == "0001"
 

@@ -9,7 +9,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from crashkill import Lab, Tally, run_rounds
+import pytest
+
+from tests.crashkill import Lab, Tally, run_rounds
+
+pytestmark = [pytest.mark.mount, pytest.mark.long]
 
 KILLS = int(os.environ.get("CRASH_KILLS", "6"))
 

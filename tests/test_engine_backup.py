@@ -26,7 +26,7 @@ from engine.errors import BackupfsError, UsageError
 from engine.job import JobError, Progress, Source
 from engine.repo import JobBusy, Repository
 
-from conftest import qemu_check, qemu_compare, qemu_img, qemu_map
+from tests.oracle import qemu_check, qemu_compare, qemu_img, qemu_map
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -70,15 +70,15 @@ class Snapshots:
 
 
 @pytest.fixture
-def repo_path(tmp_path: Path) -> Path:
+def repo_dir(tmp_path: Path) -> Path:
     path = tmp_path / "repo"
     Repository.init(str(path))
     return path
 
 
 @pytest.fixture
-def repo(repo_path: Path) -> Iterator[Repository]:
-    r = Repository.open(str(repo_path))
+def repo(repo_dir: Path) -> Iterator[Repository]:
+    r = Repository.open(str(repo_dir))
     try:
         yield r
     finally:
@@ -528,6 +528,7 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.mark.mount
 def test_repository_disk_full(small_fs: Path, tmp_path: Path) -> None:
     repo_dir = small_fs / "repo"
     Repository.init(str(repo_dir))
@@ -549,14 +550,14 @@ def test_repository_disk_full(small_fs: Path, tmp_path: Path) -> None:
 # -- untrusted bitmaps -------------------------------------------------------------------------
 
 
-def test_source_changed_behind_our_back(repo_path: Path, tmp_path: Path) -> None:
+def test_source_changed_behind_our_back(repo_dir: Path, tmp_path: Path) -> None:
     src = make_source(tmp_path / "src.img", 16 * MiB, seed=9)
-    with Repository.open(str(repo_path)) as repo:
+    with Repository.open(str(repo_dir)) as repo:
         repo.add_device("u", str(src))
         repo.backup("u", "full")
     write_patterns(src, [(0x5A, 7 * MiB + 3, 10)])  # not through backupfs
     snap = Snapshots(src, tmp_path).take()
-    with Repository.open(str(repo_path)) as repo:
+    with Repository.open(str(repo_dir)) as repo:
         dev = repo.device("u")
         assert not dev.trusted and "behind" in (dev.untrusted_reason or "")
         res = repo.backup("u", "incremental")
@@ -569,16 +570,16 @@ def test_source_changed_behind_our_back(repo_path: Path, tmp_path: Path) -> None
         assert not res.scanned and res.record.stored_bytes == 64 * KiB
 
 
-def test_unclean_stop_makes_the_bitmap_untrusted(repo_path: Path, tmp_path: Path) -> None:
+def test_unclean_stop_makes_the_bitmap_untrusted(repo_dir: Path, tmp_path: Path) -> None:
     src = make_source(tmp_path / "src.img", 16 * MiB, seed=10)
-    with Repository.open(str(repo_path)) as repo:
+    with Repository.open(str(repo_dir)) as repo:
         repo.add_device("x", str(src))
         repo.backup("x", "full")
     # A process writes through the engine and dies without closing.
     code = textwrap.dedent(f"""
         import os
         from engine.repo import Repository
-        repo = Repository.open({str(repo_path)!r})
+        repo = Repository.open({str(repo_dir)!r})
         dev = repo.device("x")
         dev.write(3 * 1024 * 1024, b"\\x66" * 70000)
         os._exit(9)
@@ -586,7 +587,7 @@ def test_unclean_stop_makes_the_bitmap_untrusted(repo_path: Path, tmp_path: Path
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 9, proc.stderr
     snap = Snapshots(src, tmp_path).take()
-    with Repository.open(str(repo_path)) as repo:
+    with Repository.open(str(repo_dir)) as repo:
         dev = repo.device("x")
         assert not dev.trusted and "did not stop cleanly" in (dev.untrusted_reason or "")
         res = repo.backup("x", "differential")
@@ -618,38 +619,38 @@ def test_explicit_scan_finds_only_real_changes(repo: Repository, tmp_path: Path)
 # -- the repository --------------------------------------------------------------------------------
 
 
-def test_second_process_gets_a_clear_lock_error(repo_path: Path) -> None:
-    with Repository.open(str(repo_path)):
-        code = f"from engine.repo import Repository\nRepository.open({str(repo_path)!r})"
+def test_second_process_gets_a_clear_lock_error(repo_dir: Path) -> None:
+    with Repository.open(str(repo_dir)):
+        code = f"from engine.repo import Repository\nRepository.open({str(repo_dir)!r})"
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert proc.returncode != 0
         assert f"is in use by pid {os.getpid()}" in proc.stderr
 
 
-def test_newer_catalog_is_refused(repo_path: Path) -> None:
-    db = sqlite3.connect(repo_path / "catalog.db")
+def test_newer_catalog_is_refused(repo_dir: Path) -> None:
+    db = sqlite3.connect(repo_dir / "catalog.db")
     db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     db.commit()
     db.close()
     with pytest.raises(BackupfsError, match="newer than this backupfs"):
-        Repository.open(str(repo_path))
+        Repository.open(str(repo_dir))
 
 
-def test_leftovers_of_a_crash_are_removed(repo_path: Path, tmp_path: Path) -> None:
+def test_leftovers_of_a_crash_are_removed(repo_dir: Path, tmp_path: Path) -> None:
     src = make_source(tmp_path / "src.img", 4 * MiB, seed=12)
-    with Repository.open(str(repo_path)) as repo:
+    with Repository.open(str(repo_dir)) as repo:
         repo.add_device("l", str(src))
         keep = repo.backup("l", "full").record
         # What a job records before it makes its files (a crash then left them).
         names = [".tmp-20260101T000000Z-0009-full.qcow2", "20260101T000000Z-0009-full.qcow2",
                  "20260101T000000Z-0009-full.sums"]
         repo.catalog.record_intents("file", [f"devices/l/{n}" for n in names])
-    d = repo_path / "devices" / "l"
+    d = repo_dir / "devices" / "l"
     (d / ".tmp-20260101T000000Z-0009-full.qcow2").write_bytes(b"\0" * 4096)
     (d / "20260101T000000Z-0009-full.qcow2").write_bytes(b"QFI\xfb")  # renamed, never committed
     (d / "20260101T000000Z-0009-full.sums").write_bytes(b"x")
     (d / "notes.sums").write_bytes(b"mine")  # not recorded: not ours to delete
-    with Repository.open(str(repo_path)) as repo:
+    with Repository.open(str(repo_dir)) as repo:
         assert visible_images(repo, "l") == [f"{keep.id}.qcow2"]
         assert sorted(p.name for p in d.iterdir() if "0009" in p.name) == []
         assert (d / "notes.sums").exists()
@@ -676,13 +677,13 @@ def test_device_sources_are_checked(repo: Repository, tmp_path: Path) -> None:
         repo.add_device("inside", os.path.join(repo.path, "catalog.db"))
 
 
-def test_source_that_shrank_is_refused(repo_path: Path, tmp_path: Path) -> None:
+def test_source_that_shrank_is_refused(repo_dir: Path, tmp_path: Path) -> None:
     src = make_source(tmp_path / "src.img", 4 * MiB, seed=13)
-    with Repository.open(str(repo_path)) as repo:
+    with Repository.open(str(repo_dir)) as repo:
         repo.add_device("sh", str(src))
         repo.backup("sh", "full")
     os.truncate(src, 2 * MiB)
-    with Repository.open(str(repo_path)) as repo:
+    with Repository.open(str(repo_dir)) as repo:
         with pytest.raises(BackupfsError, match="changed size"):
             repo.backup("sh", "incremental")
         assert len(repo.backups("sh")) == 1
@@ -738,16 +739,16 @@ def test_another_programs_write_is_not_hidden_by_a_later_write_of_ours(repo: Rep
     assert not res.scanned and res.record.stored_bytes == 64 * KiB
 
 
-def test_another_programs_write_is_not_hidden_by_a_clean_close(repo_path: Path, tmp_path: Path) -> None:
+def test_another_programs_write_is_not_hidden_by_a_clean_close(repo_dir: Path, tmp_path: Path) -> None:
     """A clean close saves the file's time as the one the next open trusts:
     the other program's write before it must be remembered as unseen."""
     src = make_source(tmp_path / "src.img", 8 * MiB, seed=31)
-    with Repository.open(str(repo_path)) as repo:
+    with Repository.open(str(repo_dir)) as repo:
         repo.add_device("c", str(src))
         repo.backup("c", "full")
         repo.device("c").write(1 * MiB, b"through backupfs")
         write_behind_our_back(src, 6 * MiB, b"not through backupfs")
-    with Repository.open(str(repo_path)) as repo:
+    with Repository.open(str(repo_dir)) as repo:
         assert not repo.device("c").trusted
         res = repo.backup("c", "incremental")
         assert res.scanned
@@ -779,13 +780,13 @@ def test_a_write_noticed_during_a_job_keeps_the_bitmap_untrusted(repo: Repositor
 
 @pytest.mark.parametrize("removed", ["latest", "last full"])
 def test_prune_while_the_source_is_away_leaves_the_bitmap_untrusted(
-    removed: str, repo_path: Path, tmp_path: Path
+    removed: str, repo_dir: Path, tmp_path: Path
 ) -> None:
     """The LV is not active, the disk unplugged: the removal still has to
     tell the bitmap, or the next backup once the source is back misses what
     the removed backup held."""
     src = make_source(tmp_path / "src.img", 8 * MiB, seed=33)
-    with Repository.open(str(repo_path)) as repo:
+    with Repository.open(str(repo_dir)) as repo:
         repo.add_device("a", str(src))
         first = repo.backup("a", "full").record
         repo.device("a").write(3 * MiB, b"held by the removed backup")
@@ -795,12 +796,12 @@ def test_prune_while_the_source_is_away_leaves_the_bitmap_untrusted(
             repo.backup("a", "incremental")
             gone = repo.backup("a", "full").record  # the last full, no children
     os.rename(src, tmp_path / "away.img")
-    with Repository.open(str(repo_path)) as repo:
+    with Repository.open(str(repo_dir)) as repo:
         with pytest.raises(BackupfsError, match="does not exist"):
             repo.device("a")
         assert [p.removed.id for p in repo.prune("a", remove=gone.id)] == [gone.id]
     os.rename(tmp_path / "away.img", src)
-    with Repository.open(str(repo_path)) as repo:
+    with Repository.open(str(repo_dir)) as repo:
         kind = "incremental" if removed == "latest" else "differential"
         res = repo.backup("a", kind)
         assert res.scanned, res.scan_reason
@@ -811,15 +812,15 @@ def test_prune_while_the_source_is_away_leaves_the_bitmap_untrusted(
         assert_equals_snapshot(repo, res.record, Snapshots(src, tmp_path).take())
 
 
-def test_a_lost_device_directory_is_made_again(repo_path: Path, tmp_path: Path) -> None:
+def test_a_lost_device_directory_is_made_again(repo_dir: Path, tmp_path: Path) -> None:
     """An older version did not make a new device's directory durable: a
     power loss could keep the device and lose the directory its bitmaps and
     images live in."""
     src = make_source(tmp_path / "src.img", 4 * MiB, seed=34)
-    with Repository.open(str(repo_path)) as repo:
+    with Repository.open(str(repo_dir)) as repo:
         repo.add_device("l", str(src))
-    os.rmdir(repo_path / "devices" / "l")
-    with Repository.open(str(repo_path)) as repo:
+    os.rmdir(repo_dir / "devices" / "l")
+    with Repository.open(str(repo_dir)) as repo:
         res = repo.backup("l", "full")
         assert_equals_snapshot(repo, res.record, Snapshots(src, tmp_path).take())
 

@@ -17,7 +17,7 @@ import pytest
 from engine.chain import ChainView, WouldBlock
 from engine.qcow2.writer import Qcow2Writer
 
-from conftest import qemu_img, qemu_io
+from tests.oracle import qemu_img, qemu_io
 
 CLUSTER = 65536
 

@@ -14,7 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mounted, backupfs_cmd, cli, qemu_compare, sh
+from tests.commands import backupfs_cmd, cli, sh
+from tests.mounts import Mounted
+from tests.oracle import qemu_compare
+
+pytestmark = pytest.mark.mount
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -42,7 +46,7 @@ def _backups(m: Mounted, dev: str = "vm1") -> list[str]:
 
 
 @pytest.fixture
-def repo(tmp_path: Path) -> Path:
+def repo_dir(tmp_path: Path) -> Path:
     cli("init", tmp_path / "repo")
     cli("device", "add", tmp_path / "repo", "vm1", _source(tmp_path / "vm1.img", 16 * MiB, 1))
     cli("device", "add", tmp_path / "repo", "vm2", _source(tmp_path / "vm2.img", 8 * MiB, 2))
@@ -51,7 +55,7 @@ def repo(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def mounts(repo: Path) -> Iterator[list[Mounted]]:
+def mounts(repo_dir: Path) -> Iterator[list[Mounted]]:
     made: list[Mounted] = []
     try:
         yield made
@@ -60,19 +64,19 @@ def mounts(repo: Path) -> Iterator[list[Mounted]]:
             m.cleanup()
 
 
-def _mount(repo: Path, mounts: list[Mounted], env: dict[str, str] | None = None) -> Mounted:
-    m = Mounted(repo, repo.parent / "mnt", env=env)
+def _mount(repo_dir: Path, mounts: list[Mounted], env: dict[str, str] | None = None) -> Mounted:
+    m = Mounted(repo_dir, repo_dir.parent / "mnt", env=env)
     m.start()
     mounts.append(m)
     return m
 
 
-def test_unreadable_source_keeps_the_bitmap(repo: Path, mounts: list[Mounted]) -> None:
-    m = _mount(repo, mounts)
+def test_unreadable_source_keeps_the_bitmap(repo_dir: Path, mounts: list[Mounted]) -> None:
+    m = _mount(repo_dir, mounts)
     sh(f"echo full > {m.path('vm1', 'snapshot')}")
     sh(f"dd if=/dev/urandom of={m.path('vm1', 'device')} bs=4k count=2 seek=1000 conv=notrunc status=none")
     m.stop()
-    m = _mount(repo, mounts, env={"BACKUPFS_TEST_FAULTS": "source-eio@1"})
+    m = _mount(repo_dir, mounts, env={"BACKUPFS_TEST_FAULTS": "source-eio@1"})
     before = _backups(m)
     proc = sh(f"echo incremental > {m.path('vm1', 'snapshot')}", check=False)
     assert proc.returncode != 0
@@ -82,12 +86,12 @@ def test_unreadable_source_keeps_the_bitmap(repo: Path, mounts: list[Mounted]) -
     assert _backups(m) == before
     assert "since last backup: 65536 bytes dirty in 1 runs" in m.path("vm1", "bitmap").read_text()
     assert sorted(os.listdir(m.path("vm2"))) == ["backups", "bitmap", "chain", "device", "snapshot"]
-    assert not [f for f in os.listdir(repo / "devices" / "vm1") if f.startswith(".tmp")]
+    assert not [f for f in os.listdir(repo_dir / "devices" / "vm1") if f.startswith(".tmp")]
     m.stop()
-    m = _mount(repo, mounts)
+    m = _mount(repo_dir, mounts)
     sh(f"echo incremental > {m.path('vm1', 'snapshot')}")
     assert "bytes stored: 65536" in _status(m)
-    qemu_compare(repo / "devices" / "vm1" / f"{_backups(m)[-1]}.qcow2", repo.parent / "vm1.img")
+    qemu_compare(repo_dir / "devices" / "vm1" / f"{_backups(m)[-1]}.qcow2", repo_dir.parent / "vm1.img")
     m.stop()
     assert "Traceback" not in m.log()
 
@@ -108,18 +112,18 @@ def test_repository_disk_full_through_the_mount(tmp_path: Path) -> None:
     m = None
     with _small_disk(tmp_path, "12m") as small:
         try:
-            repo = small / "repo"
-            cli("init", repo)
-            cli("device", "add", repo, "big", _source(tmp_path / "big.img", 32 * MiB, 3, dense=True))
+            repo_dir = small / "repo"
+            cli("init", repo_dir)
+            cli("device", "add", repo_dir, "big", _source(tmp_path / "big.img", 32 * MiB, 3, dense=True))
             (tmp_path / "mnt").mkdir()
-            m = Mounted(repo, tmp_path / "mnt")
+            m = Mounted(repo_dir, tmp_path / "mnt")
             m.start()
             proc = sh(f"echo full > {m.path('big', 'snapshot')}", check=False)
             assert proc.returncode != 0 and "No space left on device" in proc.stderr
             status = _status(m, "big")
             assert "error: ENOSPC: repository disk full" in status and "bitmap: kept" in status
             assert _backups(m, "big") == []
-            assert not [f for f in os.listdir(repo / "devices" / "big") if f.endswith((".qcow2", ".sums"))]
+            assert not [f for f in os.listdir(repo_dir / "devices" / "big") if f.endswith((".qcow2", ".sums"))]
             # Still serving: the device reads, the tree lists.
             with open(m.path("big", "device"), "rb") as f:
                 assert len(f.read(MiB)) == MiB
@@ -137,12 +141,12 @@ def test_umount_says_when_the_bitmaps_could_not_be_saved(tmp_path: Path) -> None
     m = None
     with _small_disk(tmp_path, "4m") as small:
         try:
-            repo = small / "repo"
-            cli("init", repo)
+            repo_dir = small / "repo"
+            cli("init", repo_dir)
             for name in ("a", "b"):
-                cli("device", "add", repo, name, _source(tmp_path / f"{name}.img", 4 * MiB, 5))
+                cli("device", "add", repo_dir, name, _source(tmp_path / f"{name}.img", 4 * MiB, 5))
             (tmp_path / "mnt").mkdir()
-            m = Mounted(repo, tmp_path / "mnt", expect_tracebacks=True)
+            m = Mounted(repo_dir, tmp_path / "mnt", expect_tracebacks=True)
             m.start()
             for name in ("a", "b"):
                 sh(f"dd if=/dev/urandom of={m.path(name, 'device')} bs=64k count=1 conv=notrunc status=none")
@@ -154,7 +158,7 @@ def test_umount_says_when_the_bitmaps_could_not_be_saved(tmp_path: Path) -> None
             assert "the bitmaps of a, b are not saved as clean" in proc.stderr, proc.stderr
             assert "their next backups will scan" in proc.stderr and "Traceback" not in proc.stderr
             os.unlink(small / "filler")
-            out = cli("status", repo).stdout.decode()
+            out = cli("status", repo_dir).stdout.decode()
             assert out.count("untrusted (backupfs did not stop cleanly)") == 2, out
         finally:
             if m is not None:
@@ -182,8 +186,8 @@ def test_a_mount_point_that_would_hide_the_repository_or_a_source_is_refused(tmp
         assert not os.path.ismount(where)
 
 
-def test_source_that_shrinks_or_vanishes(repo: Path, mounts: list[Mounted], tmp_path: Path) -> None:
-    m = _mount(repo, mounts)
+def test_source_that_shrinks_or_vanishes(repo_dir: Path, mounts: list[Mounted], tmp_path: Path) -> None:
+    m = _mount(repo_dir, mounts)
     sh(f"echo full > {m.path('vm1', 'snapshot')}")
     os.truncate(tmp_path / "vm1.img", 4 * MiB)  # behind backupfs's back, while mounted
     proc = sh(f"echo full > {m.path('vm1', 'snapshot')}", check=False)
@@ -193,13 +197,13 @@ def test_source_that_shrinks_or_vanishes(repo: Path, mounts: list[Mounted], tmp_
     assert "changed size behind backupfs's back" in status
     assert len(_backups(m)) == 1
     m.stop()
-    m = _mount(repo, mounts)
+    m = _mount(repo_dir, mounts)
     proc = sh(f"echo incremental > {m.path('vm1', 'snapshot')}", check=False)
     assert proc.returncode != 0 and "changed size behind backupfs's back" in _status(m)
     sh(f"cmp -n {4 * MiB} {m.path('vm1', 'backups', 'latest')} {tmp_path / 'vm1.img'}")  # old backups serve
     m.stop()
     os.unlink(tmp_path / "vm2.img")
-    m = _mount(repo, mounts)
+    m = _mount(repo_dir, mounts)
     proc = sh(f"echo incremental > {m.path('vm2', 'snapshot')}", check=False)
     assert proc.returncode != 0 and "does not exist" in _status(m, "vm2")
     sh(f"cat {m.path('vm1', 'chain')}")  # the rest of the tree works

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mounted, cli, sh
+from tests.commands import cli, sh
+from tests.mounts import Mounted
+
+pytestmark = pytest.mark.mount
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -19,7 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mounted, backupfs_cmd, cli, mounted_device, qemu_check, qemu_compare, sh
+from tests.commands import backupfs_cmd, cli, sh
+from tests.mounts import Mounted, mounted_device
+from tests.oracle import qemu_check, qemu_compare
+
+pytestmark = pytest.mark.mount
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -14,7 +14,11 @@ import pytest
 
 from engine.qcow2.layers import DATA, open_layer
 
-from conftest import Mounted, cli, qemu_check, qemu_img, qemu_io, sh
+from tests.commands import cli, sh
+from tests.mounts import Mounted
+from tests.oracle import qemu_check, qemu_img, qemu_io
+
+pytestmark = pytest.mark.mount
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import OtherUser, cli, qemu_img, qemu_io, qemu_raw
+from tests.commands import cli
+from tests.oracle import qemu_img, qemu_io, qemu_raw
+from tests.users import OtherUser
 
 MiB = 1024 * 1024
 
@@ -122,6 +124,7 @@ def test_a_tip_that_is_a_symlink(repo: Path, tmp_path: Path) -> None:
     _refused(repo, tmp_path / "tip.qcow2", "tip.qcow2: is a symlink")
 
 
+@pytest.mark.mount
 def test_a_block_device_as_backing(repo: Path, tmp_path: Path) -> None:
     disk = tmp_path / "disk.raw"
     disk.write_bytes(bytes(4 * MiB))

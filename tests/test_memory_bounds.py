@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from conftest import backupfs_cmd, cli, qemu_img
-from memory_bombs import write_huge_header, write_mapped_image, write_zero_stripes
+from tests.commands import backupfs_cmd, cli
+from tests.oracle import qemu_img
+from tests.memory_bombs import write_huge_header, write_mapped_image, write_zero_stripes
 
 # What a CLI run may take: the interpreter with numpy and the rest needs a
 # few hundred MB of address space; the 8.2 M-entry image below took 2.9 GB.

@@ -29,7 +29,9 @@ from pathlib import Path
 import pytest
 
 from backupfs.mountinfo import wait_for_exit
-from conftest import Mounted, OtherUser, backupfs_cmd, cli, sh
+from tests.commands import backupfs_cmd, cli, sh
+from tests.mounts import Mounted
+from tests.users import OtherUser
 
 MiB = 1024 * 1024
 SCRIPTS = Path(__file__).resolve().parent.parent / "mount-scripts"
@@ -116,6 +118,7 @@ def helper(*args: str | os.PathLike[str], env: dict[str, str] | None = None,
                           timeout=timeout, env=env)
 
 
+@pytest.mark.mount
 def test_helper_mounts_as_mount8_calls_it(tmp_path: Path) -> None:
     repo = make_repo(tmp_path)
     mnt = tmp_path / "mnt"
@@ -139,6 +142,7 @@ def test_helper_mounts_as_mount8_calls_it(tmp_path: Path) -> None:
         m.cleanup()
 
 
+@pytest.mark.mount
 def test_helper_options_and_binary_lookup(tmp_path: Path) -> None:
     """-f (fake) with -v shows what would run, and mounts nothing."""
     repo = make_repo(tmp_path)
@@ -187,6 +191,7 @@ def test_helper_options_and_binary_lookup(tmp_path: Path) -> None:
     assert mount_of(mnt) is None
 
 
+@pytest.mark.mount
 def test_helper_bad_usage_and_failures(tmp_path: Path) -> None:
     repo = make_repo(tmp_path)
     mnt = tmp_path / "mnt"
@@ -267,6 +272,7 @@ def _through_mount8(cmd: list[str], repo: Path, mnt: Path, env: dict[str, str]) 
         m.cleanup()
 
 
+@pytest.mark.mount
 def test_mount8_and_fstab(tmp_path: Path, helper_installed: Path) -> None:
     repo = make_repo(tmp_path)
     mnt = tmp_path / "mnt"
@@ -450,6 +456,7 @@ def _unit_env(entries: list[tuple[str, str, str]], specifiers: dict[str, str],
     return env
 
 
+@pytest.mark.mount
 def test_units_run_for_real(tmp_path: Path) -> None:
     """backupfs@.service's Exec lines started and stopped as systemd does (SIGTERM
     to the main process), with a backup through backupfs-snapshot@.service's
@@ -636,6 +643,7 @@ def _undo(m: Mounted, restore_dir: Path) -> None:
 Backups = tuple[Mounted, dict[str, Path]]
 
 
+@pytest.mark.mount
 def test_restore_runs_a_command_in_the_partition(backups: Backups, tmp_path: Path) -> None:
     m, images = backups
     two = images["two"]
@@ -672,6 +680,7 @@ def test_restore_runs_a_command_in_the_partition(backups: Backups, tmp_path: Pat
         _undo(m, target)
 
 
+@pytest.mark.mount
 def test_restore_lists_partitions(backups: Backups, tmp_path: Path) -> None:
     m, images = backups
     try:
@@ -697,6 +706,7 @@ def test_restore_lists_partitions(backups: Backups, tmp_path: Path) -> None:
         _undo(m, tmp_path)
 
 
+@pytest.mark.mount
 def test_restore_chooses_or_asks(backups: Backups, tmp_path: Path) -> None:
     m, images = backups
     two, one, whole = images["two"], images["one"], images["whole"]
@@ -748,6 +758,7 @@ def test_restore_chooses_or_asks(backups: Backups, tmp_path: Path) -> None:
         _undo(m, target)
 
 
+@pytest.mark.mount
 def test_restore_bad_usage(backups: Backups, tmp_path: Path) -> None:
     m, images = backups
     two = images["two"]
@@ -773,6 +784,7 @@ def test_restore_bad_usage(backups: Backups, tmp_path: Path) -> None:
         _undo(m, target)
 
 
+@pytest.mark.mount
 def test_the_file_restore_helper_refuses_a_symlinked_mount_dir(
     tmp_path: Path, open_tmp: Path, other_user: OtherUser
 ) -> None:
@@ -795,6 +807,7 @@ def test_the_file_restore_helper_refuses_a_symlinked_mount_dir(
     assert link.is_symlink()
 
 
+@pytest.mark.mount
 @pytest.mark.parametrize("how", ["ctrl-c", "enter", "sigterm"])
 def test_restore_waits_then_cleans_up(backups: Backups, tmp_path: Path, how: str) -> None:
     """Without a command: mounted until Enter, Ctrl-C (SIGINT) or SIGTERM."""

@@ -22,7 +22,8 @@ from engine.nowait import WouldBlock
 from engine.qcow2.writer import Qcow2Writer
 from engine.repo import Repository
 
-from conftest import drop_cached, sh
+from tests.commands import sh
+from tests.pagecache import drop_cached
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -90,6 +91,7 @@ def fuse_dir(tmp_path: Path) -> Iterator[Path]:
         sh(f"fusermount3 -u {mnt}")
 
 
+@pytest.mark.mount
 def test_files_that_cannot_answer_nowait_are_misses_not_errors(
     tmp_path: Path, fuse_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -214,12 +216,13 @@ def test_device_writes_during_a_job_go_to_copy_before_write(tmp_path: Path) -> N
         repo.close()
 
 
+@pytest.mark.mount
 def test_device_writes_through_the_mount_run_inline_and_land(tmp_path: Path) -> None:
     """Whole-page writes are written on the loop, and the daemon's log says
     so; a partial page just dropped from the cache goes to a thread unless
     the kernel's read-ahead has already brought it back (on this machine's
     disk it often has); every byte lands either way."""
-    from conftest import mounted_device
+    from tests.mounts import mounted_device
 
     data = bytearray(random.Random(5).randbytes(4 * MiB))
     with mounted_device(tmp_path, data, "d") as m:

@@ -23,7 +23,8 @@ from engine.qcow2.layers import DATA, UNALLOC, open_layer
 from engine.repo import Repository
 from engine.restore import Target
 
-from conftest import cli, qemu_check, qemu_compare, qemu_img, qemu_io, qemu_raw, sh
+from tests.commands import cli, sh
+from tests.oracle import qemu_check, qemu_compare, qemu_img, qemu_io, qemu_raw
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -386,6 +387,7 @@ def test_restore_over_the_source_needs_force_and_distrusts_the_bitmap(repo: Repo
         qemu_compare(again.image_path(res.record), src)
 
 
+@pytest.mark.mount
 def test_restore_to_a_block_device_writes_zeros_too(repo: Repository, tmp_path: Path) -> None:
     backups = _chain(repo, tmp_path, [64 * KiB])
     disk = tmp_path / "disk.img"

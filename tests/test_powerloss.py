@@ -24,8 +24,8 @@ import pytest
 from engine import durable
 from engine.repo import Repository
 
-from conftest import qemu_check, qemu_compare
-from powerloss import Recorder, materialize, snapshot
+from tests.oracle import qemu_check, qemu_compare
+from tests.powerloss import Recorder, materialize, snapshot
 
 KiB = 1024
 MiB = 1024 * KiB

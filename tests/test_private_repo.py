@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mounted, OtherUser, cli
+from tests.commands import cli
+from tests.mounts import Mounted
+from tests.users import OtherUser
 from engine.repo import Repository
 
 MiB = 1024 * 1024
@@ -122,6 +124,7 @@ def test_cli_repository_is_private_whatever_the_umask(open_tmp: Path, tmp_path: 
     assert_denied(other_user.run("ls", repo), "listing the repository as another user")
 
 
+@pytest.mark.mount
 def test_mounted_repository_is_private_whatever_the_umask(open_tmp: Path, tmp_path: Path, source: Path,
                                                           other_user: OtherUser) -> None:
     """The daemon's files too: mount.json, backupfs.log, the catalog's -wal
@@ -157,6 +160,7 @@ def test_library_caller_gets_a_private_repository(open_tmp: Path, source: Path) 
     assert wrong_modes(repo, 0o700, 0o600) == {}
 
 
+@pytest.mark.mount
 def test_old_repository_is_made_private_once(open_tmp: Path, tmp_path: Path, source: Path,
                                              other_user: OtherUser) -> None:
     repo = open_tmp / "repo"

@@ -17,7 +17,7 @@ import pytest
 from engine.chain import ChainView
 from engine.qcow2.check import check_image
 
-from conftest import normalize_map, qemu_img, qemu_io, qemu_map, qemu_raw
+from tests.oracle import normalize_map, qemu_img, qemu_io, qemu_map, qemu_raw
 
 KiB = 1024
 MiB = 1024 * 1024
@@ -284,6 +284,7 @@ def test_our_check_agrees_with_qemu_check(name: str, tmp_path: Path) -> None:
     assert report.ok, report.render()
 
 
+@pytest.mark.long
 def test_depth_does_not_grow_the_index(tmp_path: Path) -> None:
     """64 layers each owning one cluster: the index has one extent per
     owned cluster plus the gaps, whatever the depth."""

@@ -13,7 +13,7 @@ from engine.errors import UsageError
 from engine.qcow2.check import check_image
 from engine.qcow2.writer import Qcow2Writer
 
-from conftest import normalize_map, qemu_check, qemu_compare, qemu_img, qemu_io, qemu_map, qemu_raw
+from tests.oracle import normalize_map, qemu_check, qemu_compare, qemu_img, qemu_io, qemu_map, qemu_raw
 
 KiB = 1024
 MiB = 1024 * 1024

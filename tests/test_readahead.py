@@ -13,7 +13,7 @@ from engine.chain import ChainView
 from engine.qcow2.writer import Qcow2Writer
 from engine.readahead import kernel_read_ahead
 
-from conftest import sh
+from tests.commands import sh
 
 MiB = 1024 * 1024
 
@@ -43,6 +43,7 @@ def _set(knob: str, kib: int) -> None:
         f.write(str(kib))
 
 
+@pytest.mark.mount
 def test_read_ahead_is_read_from_the_disk_each_time(loop_fs: tuple[Path, str], tmp_path: Path) -> None:
     mnt, knob = loop_fs
     (mnt / "f").write_bytes(b"x")
@@ -61,6 +62,7 @@ def test_read_ahead_is_read_from_the_disk_each_time(loop_fs: tuple[Path, str], t
         os.close(shm)
 
 
+@pytest.mark.mount
 def test_advice_leaves_sequential_pieces_to_a_large_read_ahead(
     loop_fs: tuple[Path, str], monkeypatch: pytest.MonkeyPatch, read_loop: str
 ) -> None:
@@ -136,13 +138,14 @@ def test_the_c_advice_is_the_python_advice_on_a_deep_chain(tmp_path: Path) -> No
         assert view.advice(size, MiB) == [] and view.advise(size - 1, 0) == 0
 
 
+@pytest.mark.mount
 def test_a_mounted_backup_read_gets_its_advice_from_the_advisor_thread(tmp_path: Path) -> None:
     """A sequential read of a backup through the mount is advised on the
     advisor's thread (the daemon's log counts what it ran at unmount), and
     the reader, gone before its advice may be, still reads every byte right."""
     import re
 
-    from conftest import mounted_device
+    from tests.mounts import mounted_device
 
     data = os.urandom(24 * MiB)
     with mounted_device(tmp_path, data, "vm1") as m:

@@ -22,7 +22,9 @@ import pytest
 from engine.catalog import Catalog
 from engine.repo import Repository
 
-from conftest import Mounted, cli, qemu_img
+from tests.commands import cli
+from tests.mounts import Mounted
+from tests.oracle import qemu_img
 
 MiB = 1024 * 1024
 
@@ -56,6 +58,7 @@ def _still_there(d: Path, files: dict[str, bytes]) -> None:
         assert (d / name).read_bytes() == data, name
 
 
+@pytest.mark.mount
 def test_user_files_beside_backups_survive(repo: Path, tmp_path: Path) -> None:
     ddir = repo / "devices" / "vm"
     files = _user_files(ddir)

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mounted, OtherUser, cli, sh
+from tests.commands import cli, sh
+from tests.mounts import Mounted
+from tests.users import OtherUser
 
 MiB = 1024 * 1024
 SIZE = 2 * MiB
@@ -113,6 +115,7 @@ def test_a_symlink_planted_at_the_hidden_copys_name_is_passed_over(tmp_path: Pat
     assert (tmp_path / name).read_bytes() == b"restored bytes"
 
 
+@pytest.mark.mount
 def test_restoring_through_a_symlink_to_a_mounted_device_file_is_refused(repo: Path, tmp_path: Path) -> None:
     (tmp_path / "mnt").mkdir()
     m = Mounted(repo, tmp_path / "mnt")

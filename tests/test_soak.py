@@ -6,7 +6,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from soak import soak
+import pytest
+
+from tests.soak import soak
+
+pytestmark = [pytest.mark.mount, pytest.mark.long]
 
 SECONDS = float(os.environ.get("SOAK_SECONDS", "25"))
 

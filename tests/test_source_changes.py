@@ -17,7 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mounted, cli, qemu_compare, sh
+from tests.commands import cli, sh
+from tests.mounts import Mounted
+from tests.oracle import qemu_compare
+
+pytestmark = pytest.mark.mount
 
 KiB = 1024
 MiB = 1024 * KiB

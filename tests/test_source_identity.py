@@ -20,7 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mounted, OtherUser, cli, qemu_compare, sh
+from tests.commands import cli, sh
+from tests.mounts import Mounted
+from tests.oracle import qemu_compare
+from tests.users import OtherUser
 from engine.catalog import Catalog
 
 MiB = 1024 * 1024
@@ -68,6 +71,7 @@ def _one_line(proc: object) -> str:
     return err
 
 
+@pytest.mark.mount
 def test_a_source_replaced_by_another_users_symlink_is_never_read_or_written(
     tmp_path: Path, user_dir: Path, secret: Path, other_user: OtherUser
 ) -> None:

@@ -26,7 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mounted, OtherUser, backupfs_cmd, cli, qemu_img, qemu_io
+from tests.commands import backupfs_cmd, cli
+from tests.mounts import Mounted
+from tests.oracle import qemu_img, qemu_io
+from tests.users import OtherUser
 
 MiB = 1024 * 1024
 SCRIPTS = Path(__file__).resolve().parent.parent / "mount-scripts"
@@ -101,6 +104,7 @@ def test_imported_label_is_escaped_in_list_and_status(imported: tuple[Path, list
     assert len(assert_printable(import_output, "import's output").splitlines()) == 2
 
 
+@pytest.mark.mount
 def test_chain_file_xattr_snapshot_status_and_log_are_escaped(imported: tuple[Path, list[str], bytes],
                                                               tmp_path: Path) -> None:
     repo, ids, _ = imported
@@ -176,6 +180,7 @@ def _repo_with_device(repo: Path, src: Path) -> None:
     cli("device", "add", repo, "d1", src)
 
 
+@pytest.mark.mount
 def test_a_comma_in_the_repository_path_adds_no_option(open_tmp: Path, other_user: OtherUser) -> None:
     repo = open_tmp / "crepo,allow_other"
     _repo_with_device(repo, open_tmp / "d1.img")
@@ -198,6 +203,7 @@ def test_a_comma_in_the_repository_path_adds_no_option(open_tmp: Path, other_use
         m.cleanup()
 
 
+@pytest.mark.mount
 @pytest.mark.parametrize("name", ["répö", os.fsdecode(b"r\xe9p\xf6-not-utf8"), "back\\slash and space"])
 def test_any_repository_path_mounts_and_unmounts_cleanly(tmp_path: Path, name: str) -> None:
     repo = tmp_path / name
@@ -221,6 +227,7 @@ def test_any_repository_path_mounts_and_unmounts_cleanly(tmp_path: Path, name: s
     assert "bitmap: trusted" in status, status  # the daemon closed the repository: bitmaps saved clean
 
 
+@pytest.mark.mount
 @pytest.mark.parametrize("option", ["suid", "dev", "allow_other,suid"])
 def test_options_that_undo_nosuid_nodev_are_refused(tmp_path: Path, option: str) -> None:
     repo = tmp_path / "repo"
@@ -237,6 +244,7 @@ def test_options_that_undo_nosuid_nodev_are_refused(tmp_path: Path, option: str)
         Mounted(repo, mnt).cleanup()  # a mount made against the rule is not left behind
 
 
+@pytest.mark.mount
 def test_a_repository_named_like_an_option_is_a_repository(open_tmp: Path) -> None:
     """mount.backupfs (as mount(8) calls it) and `backupfs mount --` take a
     repository named `-oallow_other` as a path, never as options."""
@@ -304,6 +312,7 @@ TAMPERINGS = {
 }
 
 
+@pytest.mark.mount
 @pytest.mark.parametrize("tampering", sorted(TAMPERINGS))
 def test_a_tampered_catalog_row_is_refused(backed_up: tuple[Path, str, Path], tmp_path: Path,
                                            tampering: str) -> None:

@@ -21,7 +21,7 @@ from backupfs.tree import (
     RequestError, Tree,
 )
 from engine.repo import Repository
-from conftest import qemu_img, qemu_io
+from tests.oracle import qemu_img, qemu_io
 
 KiB, MiB = 1024, 1024 * 1024
 

@@ -124,10 +124,6 @@ class Header:
         return self.cluster_size // self.l2_entry_bytes
 
     @property
-    def subcluster_size(self) -> int:
-        return self.cluster_size // SUBCLUSTERS if self.extended_l2 else self.cluster_size
-
-    @property
     def refcount_bits(self) -> int:
         return 1 << self.refcount_order
 
