@@ -40,7 +40,7 @@ from engine.catalog import DISK_FULL, KINDS, BackupRecord, Catalog, CatalogError
 from engine.chain import ChainView
 from engine.checksums import ChecksumError, ChecksumRecord, Unrecorded, granule_hashes, overlay
 from engine.device import Device, DeviceError, distrust_saved_bitmaps
-from engine.errors import BackupfsError, ImageError, UsageError
+from engine.errors import BackupfsError, ErrnoError, ImageError, UsageError, is_disk_full
 from engine.fsutil import file_size, fsync_dir
 from engine.limits import check_granules
 from engine.integrity import Problem, VerifiedView, VerifyReport, held_granules, verify_backup
@@ -71,10 +71,8 @@ DEFAULT_GRANULARITY = 64 * 1024
 CATALOG = "catalog.db"
 
 
-class RepositoryError(BackupfsError):
-    def __init__(self, message: str, err: int = errno.EIO) -> None:
-        super().__init__(message)
-        self.errno = err
+class RepositoryError(ErrnoError):
+    """The repository refused or failed at something (its files, its lock, its layout)."""
 
 
 class JobBusy(RepositoryError):
@@ -1123,7 +1121,7 @@ class Repository:
             except OSError as e:
                 raise _storage_error(e) from None
             except ImageError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                if is_disk_full(e.errno):
                     raise RepositoryError(f"repository disk full: {e}", errno.ENOSPC) from None
                 raise
             rec = BackupRecord(
@@ -1272,7 +1270,7 @@ def _check_real_dirs(path: str, devices: list[str]) -> None:
 
 
 def _storage_error(e: OSError) -> RepositoryError:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    if is_disk_full(e.errno):
         return RepositoryError(f"repository disk full: {e.strerror}", errno.ENOSPC)
     where = f" {e.filename}" if e.filename else ""
     return RepositoryError(f"repository write failed{where}: {e.strerror}", e.errno or errno.EIO)
