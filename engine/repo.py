@@ -45,7 +45,7 @@ from engine.fsutil import file_size, fsync_dir
 from engine.limits import check_granules
 from engine.integrity import Problem, VerifiedView, VerifyReport, held_granules, verify_backup
 from engine.stopsignals import STOP_SIGNALS
-from engine.units import format_size
+from engine.units import check_rate, format_size
 from engine.restore import RestoreResult, check_in_place_target, check_target, restore_to, source_named
 from engine.sourceid import PathRefused, SourceId, identity_at, open_disk
 from engine.importer import import_chain
@@ -987,6 +987,7 @@ class Repository:
         if kind not in KINDS:
             raise UsageError(f"unknown backup kind {kind!r} (use {', '.join(KINDS)})")
         validate_cluster_size(cluster_size)
+        check_rate(rate)
         dev = self.device(name)
         started = time.monotonic()
         created_ns = time.time_ns()
