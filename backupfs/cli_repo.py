@@ -19,7 +19,7 @@ from backupfs.trigger import TriggerCommand
 from engine.catalog import KINDS, Catalog, DeviceRecord
 from engine.errors import BackupfsError, UsageError
 from engine.text import escape, one_line
-from engine.units import format_size, parse_size
+from engine.units import check_rate, format_size, parse_size
 
 if TYPE_CHECKING:
     from engine.job import Progress
@@ -173,9 +173,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     from engine.validate import validate_label
 
     cluster_size = parse_size(args.cluster_size, "cluster size")
-    rate = parse_size(args.rate, "rate") if args.rate else None
-    if rate is not None and rate < 1024 * 1024:
-        raise UsageError("--rate must be at least 1M (bytes per second)")
+    rate = check_rate(parse_size(args.rate, "rate"), "--rate") if args.rate else None
     # Here, mounted or not: the same words either way, not the trigger file's.
     validate_cluster_size(cluster_size)
     if args.label is not None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from engine.errors import UsageError
 from engine.catalog import KINDS
-from engine.units import parse_size
+from engine.units import check_rate, parse_size
 from engine.qcow2.writer import validate_cluster_size
 from engine.validate import validate_label
 
@@ -146,9 +146,10 @@ def parse_trigger(data: bytes) -> Command:
                 rate = parse_size(value, "rate")
             except UsageError as e:
                 raise TriggerError(f"{e}; accepted: bytes per second, e.g. rate=50M") from None
-            if rate < 1024 * 1024:
-                raise TriggerError("rate must be at least 1M (bytes per second)")
-            opts[key] = rate
+            try:
+                opts[key] = check_rate(rate)
+            except UsageError as e:
+                raise TriggerError(str(e)) from None
     return TriggerCommand(kind, **opts)  # type: ignore[arg-type]
 
 

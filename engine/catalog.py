@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from engine import durable
 from engine.access import set_new_file_mode
-from engine.errors import BackupfsError
+from engine.errors import ErrnoError
 from engine.sourceid import SourceId
 from engine.validate import NAME_RE
 
@@ -90,10 +90,8 @@ CREATE TABLE IF NOT EXISTS intents (
 DISK_FULL = "the repository's disk is full"  # why a catalog is frozen
 
 
-class CatalogError(BackupfsError):
-    def __init__(self, message: str, err: int = errno.EIO) -> None:
-        super().__init__(message)
-        self.errno = err
+class CatalogError(ErrnoError):
+    """The catalog cannot be opened, read or written (ENOSPC when its disk is full)."""
 
 
 @dataclass(frozen=True)

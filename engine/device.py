@@ -31,7 +31,7 @@ from engine.bitmap import (
     save_bitmap,
 )
 from engine.catalog import DeviceRecord
-from engine.errors import BackupfsError
+from engine.errors import ErrnoError, is_disk_full
 from engine.fsutil import file_size
 from engine.nowait import WouldBlock, can_answer, edges_cached, read_cached
 from engine.sourceid import PathRefused, SourceId, hold_path, kind_of, open_disk
@@ -40,10 +40,8 @@ if TYPE_CHECKING:
     from engine.job import BackupJob
 
 
-class DeviceError(BackupfsError):
-    def __init__(self, message: str, err: int = errno.EIO) -> None:
-        super().__init__(message)
-        self.errno = err
+class DeviceError(ErrnoError):
+    """A device's source, its I/O or its saved state failed or was refused."""
 
 
 class WriteGate:
@@ -336,7 +334,7 @@ class Device:
                 save_bitmap(self._bitmap_path(which), tracked.pending(), identity, in_use, tracked.trusted,
                             self.untrusted_reason)
             except OSError as e:
-                full = " (the repository's disk is full)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+                full = " (the repository's disk is full)" if is_disk_full(e.errno) else ""
                 raise DeviceError(f"device {self.name}: cannot save its {which} bitmap in {self.state_dir}: "
                                   f"{e.strerror}{full}", e.errno or errno.EIO) from None
 

@@ -16,6 +16,29 @@ class BackupfsError(Exception):
     errno: int = _errno.EIO
 
 
+class ErrnoError(BackupfsError):
+    """A failure that carries its own errno (EIO unless told otherwise).
+
+    The base of each engine module's error (``RepositoryError``,
+    ``JobError``, ``DeviceError``...): they stay separate classes so a caller
+    can tell whose failure it is, and share the one constructor.
+    """
+
+    def __init__(self, message: str, err: int = _errno.EIO) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+# Every errno that means a write found no room: the disk is full, or the
+# user's quota is (EDQUOT). The repository reports both as its disk being full.
+DISK_FULL_ERRNOS = frozenset({_errno.ENOSPC, _errno.EDQUOT})
+
+
+def is_disk_full(err: int | None) -> bool:
+    """Whether an errno says the disk (or the user's quota) has no room left."""
+    return err in DISK_FULL_ERRNOS
+
+
 class ImageError(BackupfsError):
     """An image (or backing chain) we cannot read or that is damaged.
 

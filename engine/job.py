@@ -28,7 +28,7 @@ from bitarray import bitarray
 
 from engine.bitmap import bit_runs
 from engine.checksums import ChecksumRecord, granule_hashes, zero_hash
-from engine.errors import BackupfsError
+from engine.errors import BackupfsError, ErrnoError, is_disk_full
 from engine.qcow2.writer import Qcow2Writer
 
 CHUNK_BYTES = 8 * 1024 * 1024
@@ -89,12 +89,8 @@ def units_of_extents(rows: np.ndarray, unit: int, size: int) -> bitarray:
 # -- errors ------------------------------------------------------------------------
 
 
-class JobError(BackupfsError):
+class JobError(ErrnoError):
     """A job that failed; ``errno`` says why (EIO source, ENOSPC target...)."""
-
-    def __init__(self, message: str, err: int = errno.EIO) -> None:
-        super().__init__(message)
-        self.errno = err
 
 
 class JobCancelled(JobError):
@@ -488,7 +484,7 @@ class BackupJob:
                 except OSError as exc:
                     raise _target_error(self.writer.path, exc) from None
                 except BackupfsError as exc:
-                    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+                    if is_disk_full(getattr(exc, "errno", None)):
                         raise JobError(f"repository disk full: {exc}", errno.ENOSPC) from None
                     raise
             self.checksums.set(offset // self._gran, hashes)
@@ -539,7 +535,7 @@ def _cluster_runs(view: memoryview, cluster_size: int) -> list[tuple[bool, int, 
 
 
 def _target_error(path: str, exc: OSError) -> JobError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if is_disk_full(exc.errno):
         return JobError(f"repository disk full writing {path}", errno.ENOSPC)
     return JobError(f"writing {path}: {exc.strerror}", exc.errno or errno.EIO)
 

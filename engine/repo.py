@@ -40,12 +40,12 @@ from engine.catalog import DISK_FULL, KINDS, BackupRecord, Catalog, CatalogError
 from engine.chain import ChainView
 from engine.checksums import ChecksumError, ChecksumRecord, Unrecorded, granule_hashes, overlay
 from engine.device import Device, DeviceError, distrust_saved_bitmaps
-from engine.errors import BackupfsError, ImageError, UsageError
+from engine.errors import BackupfsError, ErrnoError, ImageError, UsageError, is_disk_full
 from engine.fsutil import file_size, fsync_dir
 from engine.limits import check_granules
 from engine.integrity import Problem, VerifiedView, VerifyReport, held_granules, verify_backup
 from engine.stopsignals import STOP_SIGNALS
-from engine.units import format_size
+from engine.units import check_rate, format_size
 from engine.restore import RestoreResult, check_in_place_target, check_target, restore_to, source_named
 from engine.sourceid import PathRefused, SourceId, identity_at, open_disk
 from engine.importer import import_chain
@@ -71,10 +71,8 @@ DEFAULT_GRANULARITY = 64 * 1024
 CATALOG = "catalog.db"
 
 
-class RepositoryError(BackupfsError):
-    def __init__(self, message: str, err: int = errno.EIO) -> None:
-        super().__init__(message)
-        self.errno = err
+class RepositoryError(ErrnoError):
+    """The repository refused or failed at something (its files, its lock, its layout)."""
 
 
 class JobBusy(RepositoryError):
@@ -989,6 +987,7 @@ class Repository:
         if kind not in KINDS:
             raise UsageError(f"unknown backup kind {kind!r} (use {', '.join(KINDS)})")
         validate_cluster_size(cluster_size)
+        check_rate(rate)
         dev = self.device(name)
         started = time.monotonic()
         created_ns = time.time_ns()
@@ -1123,7 +1122,7 @@ class Repository:
             except OSError as e:
                 raise _storage_error(e) from None
             except ImageError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                if is_disk_full(e.errno):
                     raise RepositoryError(f"repository disk full: {e}", errno.ENOSPC) from None
                 raise
             rec = BackupRecord(
@@ -1272,7 +1271,7 @@ def _check_real_dirs(path: str, devices: list[str]) -> None:
 
 
 def _storage_error(e: OSError) -> RepositoryError:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    if is_disk_full(e.errno):
         return RepositoryError(f"repository disk full: {e.strerror}", errno.ENOSPC)
     where = f" {e.filename}" if e.filename else ""
     return RepositoryError(f"repository write failed{where}: {e.strerror}", e.errno or errno.EIO)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from engine.chain import aligned_buffer
-from engine.errors import BackupfsError, UsageError
+from engine.errors import BackupfsError, ErrnoError, UsageError, is_disk_full
 from engine.job import Progress
 from engine.pipeline import BytesLike, copy_chunks
 from engine.stopsignals import STOP_SIGNALS
@@ -46,10 +46,8 @@ if TYPE_CHECKING:
 CHUNK = 8 * 1024 * 1024
 
 
-class RestoreError(BackupfsError):
-    def __init__(self, message: str, err: int = errno.EIO) -> None:
-        super().__init__(message)
-        self.errno = err
+class RestoreError(ErrnoError):
+    """A restore that failed; the message says how much of the target it wrote."""
 
 
 class Target(enum.Enum):
@@ -305,7 +303,7 @@ def restore_to(
             os.fsync(dirfd)
         ok = True
     except OSError as e:
-        err = errno.ENOSPC if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.errno or errno.EIO)
+        err = errno.ENOSPC if is_disk_full(e.errno) else (e.errno or errno.EIO)
         raise RestoreError(f"writing {target}: {e.strerror}{_partly(kind, progress, target)}", err) from None
     except BackupfsError as e:  # the backup could not be read
         note = _partly(kind, progress, target)

@@ -10,6 +10,11 @@ from engine.errors import UsageError
 _SUFFIX = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE)
 
+# The lowest copy rate limit a backup accepts, in bytes per second. Below
+# it a limit is likelier a slip (rate=100 for 100M) than a wish, and the
+# backup would hold its device's one job slot for days.
+MIN_RATE = 1 << 20
+
 
 def parse_size(text: str, what: str = "size") -> int:
     """Parse ``4096``, ``64K``, ``64KiB``, ``1.5G`` into bytes (binary units)."""
@@ -22,6 +27,17 @@ def parse_size(text: str, what: str = "size") -> int:
     if value.denominator != 1:
         raise UsageError(f"{what} {text!r} is not a whole number of bytes")
     return int(value)
+
+
+def check_rate(rate: int | None, what: str = "rate") -> int | None:
+    """Refuse a copy rate limit below MIN_RATE; None is no limit.
+
+    The engine checks it as well as the trigger and the CLI, which only
+    check first to answer in their own words.
+    """
+    if rate is not None and rate < MIN_RATE:
+        raise UsageError(f"{what} must be at least {MIN_RATE >> 20}M (bytes per second)")
+    return rate
 
 
 def format_size(n: int) -> str:

@@ -182,6 +182,8 @@ def test_names_labels_and_sizes_are_checked_before_anything_is_done(repo_dir: Pa
     for label in (b"line1\nFAKEID\tvm1\tfull", b"bad\xff"):
         proc = _run("backup", repo_dir, "vm1", "incremental", "--label", label)
         assert proc.returncode != 0 and b"label must be printable" in proc.stderr
+    proc = _run("backup", repo_dir, "vm1", "incremental", "--rate", "100")
+    assert proc.returncode != 0 and b"--rate must be at least 1M" in proc.stderr
     assert len(cli("list", repo_dir, "vm1").stdout.decode().splitlines()) == 2  # header and the full
     proc = _run("device", "add", repo_dir, "x", src, "--granularity", "9" * 400)
     assert proc.returncode != 0 and b"too large" in proc.stderr

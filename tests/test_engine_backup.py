@@ -25,6 +25,7 @@ from engine.device import Device
 from engine.errors import BackupfsError, UsageError
 from engine.job import JobError, Progress, Source
 from engine.repo import JobBusy, Repository
+from engine.units import MIN_RATE
 
 from tests.oracle import qemu_check, qemu_compare, qemu_img, qemu_map
 
@@ -340,6 +341,18 @@ def test_incremental_needs_a_full(repo: Repository, tmp_path: Path) -> None:
     assert repo.backups("n") == []
     res = repo.backup("n", "incremental", auto_full=True)
     assert res.record.kind == "full" and res.record.id.endswith("-0001-full")
+
+
+def test_a_rate_below_the_minimum_is_refused_before_any_work(repo: Repository, tmp_path: Path) -> None:
+    """The engine keeps the rule itself: a caller past the trigger and the CLI
+    (a library user, a future command) cannot start a crawling backup."""
+    src = make_source(tmp_path / "src.img", 64 * KiB)
+    repo.add_device("r", str(src))
+    for rate in (0, 1, MIN_RATE - 1):
+        with pytest.raises(UsageError, match="rate must be at least 1M"):
+            repo.backup("r", "full", rate=rate)
+    assert repo.backups("r") == []
+    assert repo.backup("r", "full", rate=MIN_RATE).record.kind == "full"
 
 
 def test_ids_sort_by_time_within_one_second(repo: Repository, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from backupfs.trigger import (
     VerifyCommand,
     parse_trigger,
 )
+from engine.units import MIN_RATE
 
 EXAMPLES = int(os.environ.get("TRIGGER_EXAMPLES", "500"))  # the long run: 10000
 
@@ -101,3 +102,10 @@ def test_fuzz_near_grammar(text: str) -> None:
     except TriggerError:
         return
     assert parse_trigger(cmd.line().encode()) == cmd
+
+
+def test_the_rate_minimum_is_the_engines() -> None:
+    """The trigger refuses exactly what the engine would, and takes its least."""
+    assert parse_trigger(f"full rate={MIN_RATE}".encode()).rate == MIN_RATE
+    with pytest.raises(TriggerError, match="rate must be at least 1M"):
+        parse_trigger(f"full rate={MIN_RATE - 1}".encode())
