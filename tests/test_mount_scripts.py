@@ -48,7 +48,7 @@ def mount_of(path: Path) -> tuple[str, str, str] | None:
     """(fstype, source, mount options) of what is mounted at ``path``, from mountinfo."""
     target = os.path.abspath(path)
     found = None
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", errors="surrogateescape") as f:
         for line in f:
             left, _, right = line.partition(" - ")
             fields, rfields = left.split(), right.split()
