@@ -31,6 +31,7 @@ from engine.bitmap import (
     save_bitmap,
 )
 from engine.catalog import DeviceRecord
+from engine.layout import bitmap_name
 from engine.errors import BackupfsError
 from engine.fsutil import file_size
 from engine.nowait import WouldBlock, can_answer, edges_cached, read_cached
@@ -95,7 +96,7 @@ class WriteGate:
 
 
 def bitmap_path(state_dir: str, which: str) -> str:
-    return os.path.join(state_dir, f"{which}.bitmap")
+    return os.path.join(state_dir, bitmap_name(which))
 
 
 def distrust_saved_bitmaps(state_dir: str, which: tuple[str, ...], reason: str) -> None:

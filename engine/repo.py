@@ -1,15 +1,6 @@
 """The repository: the one facade the CLI and the filesystem call.
 
-Layout of a repository directory::
-
-    catalog.db              SQLite catalog (devices, backups, jobs)
-    lock                    fcntl lock, holds the owner's pid
-    devices/<name>/
-        <id>.qcow2          one image per backup; backing file = parent's image
-        <id>.sums           per-granule checksums of what the backup captured
-        since-last.bitmap   dirty since the previous backup
-        since-full.bitmap   dirty since the last full
-        .tmp-<id>.qcow2     a job's image until it is complete (removed at open)
+The layout of its directory and the names of its files are engine/layout.py's.
 
 A backup becomes visible in four durable steps: image (data, tables,
 header, fsync), checksums (fsync), rename into place (fsync of the
@@ -41,15 +32,18 @@ from engine.chain import ChainView
 from engine.checksums import ChecksumError, ChecksumRecord, Unrecorded, granule_hashes, overlay
 from engine.device import Device, DeviceError, distrust_saved_bitmaps
 from engine.errors import BackupfsError, ImageError, UsageError
-from engine.fsutil import file_size, fsync_dir
+from engine.fsutil import fsync_dir
 from engine.limits import check_granules
 from engine.integrity import Problem, VerifiedView, VerifyReport, held_granules, verify_backup
 from engine.stopsignals import STOP_SIGNALS
 from engine.units import format_size
 from engine.restore import RestoreResult, check_in_place_target, check_target, restore_to, source_named
-from engine.sourceid import PathRefused, SourceId, identity_at, open_disk
+from engine.sourcecheck import probe_source
+from engine.sourceid import SourceId, identity_at
 from engine.importer import import_chain
 from engine.prune import RemovalPlan, RetentionPolicy, remove_backup, select_for_removal
+from engine.layout import BITMAPS, CATALOG, DEVICES, LOCK, bitmap_name, bitmap_tmp_name, device_dir, \
+    device_rel, file_rel
 from engine.job import (
     CHUNK_BYTES,
     BackupJob,
@@ -64,11 +58,10 @@ from engine.job import (
 )
 from engine.qcow2.format import MAX_CHAIN_DEPTH
 from engine.qcow2.writer import Qcow2Writer, validate_cluster_size
-from engine.validate import NAME_RE, utf8_path, validate_label
+from engine.validate import NAME_RE, validate_label
 
 DEFAULT_CLUSTER_SIZE = 64 * 1024
 DEFAULT_GRANULARITY = 64 * 1024
-CATALOG = "catalog.db"
 
 
 class RepositoryError(BackupfsError):
@@ -173,7 +166,7 @@ class Repository:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             make_dir(path, access)
             secure(path, access)  # or the empty directory given, whatever its mode was
-            make_dir(os.path.join(path, "devices"), access)
+            make_dir(os.path.join(path, DEVICES), access)
             # Built under another name and renamed: a repository is there
             # whole, or not at all (a full disk used to leave an empty
             # catalog that made the directory neither usable nor new).
@@ -187,7 +180,7 @@ class Repository:
                 except OSError:
                     pass
             try:
-                os.rmdir(os.path.join(path, "devices"))
+                os.rmdir(os.path.join(path, DEVICES))
                 if made_dir:
                     os.rmdir(path)
             except OSError:
@@ -205,7 +198,7 @@ class Repository:
             raise RepositoryError(
                 f"{path} is not a backupfs repository (run 'backupfs init {path}')", errno.ENOENT
             )
-        lock_path = os.path.join(path, "lock")
+        lock_path = os.path.join(path, LOCK)
         try:
             # Never through a symlink: as root, a planted link would let any
             # command overwrite the file it points to with our pid.
@@ -274,7 +267,7 @@ class Repository:
             # is no room to record anything: read-only until there is.
             self.catalog.frozen = DISK_FULL
             return
-        devroot = os.path.join(self.path, "devices")
+        devroot = os.path.join(self.path, DEVICES)
         missing = [d.name for d in self.catalog.devices() if not os.path.isdir(self._device_dir(d.name))]
         for name in missing:
             # Lost by a crash of an older version, which did not make the
@@ -288,8 +281,8 @@ class Repository:
         self._remove_recorded(self.catalog.intents())
         for d in self.catalog.devices():
             # A bitmap save (atomic_write) interrupted: its fixed temporary name.
-            for which in ("since-last", "since-full"):
-                self._remove_file(f"devices/{d.name}/{which}.bitmap.tmp")
+            for which in BITMAPS:
+                self._remove_file(file_rel(d.name, bitmap_tmp_name(which)))
         for backup_id in self.catalog.pending_removals():
             rec = self.catalog.backup(backup_id)
             if rec is not None:
@@ -334,7 +327,7 @@ class Repository:
         """The device's directory, opened without following a symlink
         anywhere below the repository: one that is a link is never entered."""
         try:
-            root = os.open(os.path.join(self.path, "devices"), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+            root = os.open(os.path.join(self.path, DEVICES), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
                            | os.O_CLOEXEC)
         except OSError:
             return None
@@ -350,7 +343,7 @@ class Repository:
         the device's real directory; anything else (a symlink, a directory,
         a path of another shape) is left alone."""
         parts = rel.split("/")
-        if len(parts) != 3 or parts[0] != "devices" or not NAME_RE.fullmatch(parts[1]) \
+        if len(parts) != 3 or parts[0] != DEVICES or not NAME_RE.fullmatch(parts[1]) \
                 or parts[2] in ("", ".", ".."):
             return
         dir_fd = self._device_dir_fd(parts[1])
@@ -370,12 +363,12 @@ class Repository:
     def _remove_empty_device_dir(self, rel: str) -> None:
         """rmdir ``devices/NAME`` that an interrupted import made, if no device has it and it is empty."""
         parts = rel.split("/")
-        if len(parts) != 2 or parts[0] != "devices" or not NAME_RE.fullmatch(parts[1]):
+        if len(parts) != 2 or parts[0] != DEVICES or not NAME_RE.fullmatch(parts[1]):
             return
         if self.catalog.device(parts[1]) is not None:
             return
         try:
-            root = os.open(os.path.join(self.path, "devices"), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+            root = os.open(os.path.join(self.path, DEVICES), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
                            | os.O_CLOEXEC)
         except OSError:
             return
@@ -450,32 +443,13 @@ class Repository:
         if existing is not None:
             return self._attach_source(existing, source, size, granularity, identity)
         make_dir(self._device_dir(name))
-        fsync_dir(os.path.join(self.path, "devices"))  # durable before the catalog names it
+        fsync_dir(os.path.join(self.path, DEVICES))  # durable before the catalog names it
         return self.catalog.add_device(name, source, size, granularity, identity=identity)
 
     def _probe_source(self, source: str) -> tuple[str, int, SourceId]:
-        """(absolute path, size, identity) of a source to bind a device to,
-        refused unless it is a regular file or block device outside the
-        repository, reached without an untrusted symlink (engine/sourceid.py)."""
-        source = utf8_path(os.path.abspath(source), "source")
-        if os.path.commonpath([source, self.path]) == self.path:
-            raise UsageError(f"source {source} lies inside the repository {self.path}")
-        try:
-            fd, identity = open_disk(source, os.O_RDONLY)
-        except PathRefused as e:
-            if e.link:
-                raise UsageError(f"source {source} is {e.found}; give the path of the file or device "
-                                 "itself") from None
-            raise UsageError(f"source {source} is not a regular file or block device: it is {e.found}") from None
-        except OSError as e:
-            raise UsageError(f"source {source}: {e.strerror}") from None
-        try:
-            size = file_size(fd)
-            real = os.readlink(f"/proc/self/fd/{fd}") if os.path.isdir("/proc/self/fd") else source
-        finally:
-            os.close(fd)
-        if os.path.commonpath([real, os.path.realpath(self.path)]) == os.path.realpath(self.path):
-            raise UsageError(f"source {source} leads to {real}, inside the repository {self.path}")
+        """(absolute path, size, identity) of a source to bind a device to
+        (engine/sourcecheck.py), whose size a device can have."""
+        source, size, identity = probe_source(source, self.path)
         if size <= 0 or size % 512:
             raise UsageError(f"source {source} is {size} bytes; a device must be a non-zero multiple of 512")
         return source, size, identity
@@ -511,7 +485,7 @@ class Repository:
             dev.close()
         why = f"its source was rebound to {source} (device add --replace)"
         try:
-            distrust_saved_bitmaps(self._device_dir(name), ("since-last", "since-full"), why)
+            distrust_saved_bitmaps(self._device_dir(name), BITMAPS, why)
         except OSError as e:
             raise _storage_error(e) from None
         self.catalog.set_source(name, source, identity)
@@ -589,7 +563,7 @@ class Repository:
             # interrupt just after): it is whole, and it stays.
             if self.catalog.device(name) is None:
                 mine = [(p, k) for p, k in self.catalog.intents()
-                        if p == f"devices/{name}" or p.startswith(f"devices/{name}/")]
+                        if p == device_rel(name) or p.startswith(device_rel(name) + "/")]
                 self._remove_recorded(mine)
             raise
         if source is not None:
@@ -610,9 +584,8 @@ class Repository:
         # Only the files backupfs made: a user's file there stays (and so
         # then does the directory).
         leftovers = [(f, "file") for b in self.catalog.backups(name) for f in (b.image, b.checksums) if f]
-        leftovers += [(f"devices/{name}/{w}.bitmap{t}", "file") for w in ("since-last", "since-full")
-                      for t in ("", ".tmp")]
-        leftovers.append((f"devices/{name}", "dir"))
+        leftovers += [(file_rel(name, f), "file") for w in BITMAPS for f in (bitmap_name(w), bitmap_tmp_name(w))]
+        leftovers.append((device_rel(name), "dir"))
         self.catalog.remove_device(name, leftovers)
         self._remove_recorded(leftovers)
 
@@ -620,7 +593,7 @@ class Repository:
         return self.catalog.devices()
 
     def _device_dir(self, name: str) -> str:
-        return os.path.join(self.path, "devices", name)
+        return device_dir(self.path, name)
 
     def device(self, name: str) -> Device:
         """The device opened for I/O (opened once, kept until close)."""
@@ -1262,7 +1235,7 @@ def _check_real_dirs(path: str, devices: list[str]) -> None:
     """Refuse a repository whose devices/ or a device's directory is a
     symlink: backupfs would write images, bitmaps and checksums (and remove
     them) wherever it points. Missing ones are made again by recovery."""
-    for rel in ["devices"] + [f"devices/{name}" for name in devices]:
+    for rel in [DEVICES] + [device_rel(name) for name in devices]:
         where = os.path.join(path, rel)
         if os.path.islink(where):
             raise RepositoryError(f"{where} is a symlink; backupfs keeps its files only in real directories "
