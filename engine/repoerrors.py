@@ -1,0 +1,27 @@
+"""The errors a repository's operations raise, apart from the repository
+itself: a backup run (engine/backuprun.py) raises them too."""
+
+from __future__ import annotations
+
+import errno
+
+from engine.errors import BackupfsError
+
+
+class RepositoryError(BackupfsError):
+    def __init__(self, message: str, err: int = errno.EIO) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+class JobBusy(RepositoryError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, errno.EBUSY)
+
+
+def storage_error(e: OSError) -> RepositoryError:
+    """A failed write to the repository, said as one: its disk full (ENOSPC), or which file failed."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return RepositoryError(f"repository disk full: {e.strerror}", errno.ENOSPC)
+    where = f" {e.filename}" if e.filename else ""
+    return RepositoryError(f"repository write failed{where}: {e.strerror}", e.errno or errno.EIO)
