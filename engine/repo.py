@@ -254,10 +254,6 @@ class Repository:
                 self._remove_one(rec.device, RemovalPlan(rec, self.catalog.children(rec.id)), None,
                                  verified=False)
 
-    def _relative(self, path: str) -> str:
-        """A path in the repository as the catalog records it (devices/NAME/FILE)."""
-        return os.path.relpath(path, self.path)
-
     def forget_intents(self, paths: list[str]) -> None:
         """Clear intents whose files are settled; failing that (a full disk),
         the next open finds them settled and clears them."""
