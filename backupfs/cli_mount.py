@@ -189,7 +189,7 @@ def _unsaved_bitmaps(repo: str) -> list[str]:
     from engine.bitmap import BitmapFileError, load_bitmap
     from engine.catalog import Catalog
     from engine.device import bitmap_path
-    from engine.repo import CATALOG
+    from engine.layout import BITMAPS, CATALOG, device_dir
 
     try:
         catalog = Catalog.open(os.path.join(repo, CATALOG), readonly=True)
@@ -201,9 +201,9 @@ def _unsaved_bitmaps(repo: str) -> list[str]:
         catalog.close()
     unsaved = []
     for name in names:
-        for which in ("since-last", "since-full"):
+        for which in BITMAPS:
             try:
-                in_use = load_bitmap(bitmap_path(os.path.join(repo, "devices", name), which)).in_use
+                in_use = load_bitmap(bitmap_path(device_dir(repo, name), which)).in_use
             except (OSError, BitmapFileError):
                 continue  # none yet, or unreadable: the next open says so
             if in_use:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import sqlite3
 import threading
 import time
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from engine import durable
 from engine.access import set_new_file_mode
 from engine.errors import ErrnoError
+from engine.layout import BACKUP_ID_RE
 from engine.sourceid import SourceId
 from engine.validate import NAME_RE
 
@@ -613,10 +613,6 @@ def _add_source_identity(conn: sqlite3.Connection) -> None:
             conn.execute("ALTER TABLE devices ADD COLUMN source_identity TEXT")
         except sqlite3.OperationalError:
             pass
-
-
-# A backup's id: a file name in the mount and the stem of its image's name.
-BACKUP_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def _tampered(path: str, row: str, problem: str) -> CatalogError:

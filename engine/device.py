@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from bitarray import bitarray
+
 from engine.bitmap import (
     BitmapFileError,
     DirtyBitmap,
@@ -32,6 +34,7 @@ from engine.bitmap import (
 )
 from engine.catalog import DeviceRecord
 from engine.errors import ErrnoError, is_disk_full
+from engine.layout import bitmap_name
 from engine.fsutil import file_size
 from engine.nowait import WouldBlock, can_answer, edges_cached, read_cached
 from engine.sourceid import PathRefused, SourceId, hold_path, kind_of, open_disk
@@ -93,7 +96,7 @@ class WriteGate:
 
 
 def bitmap_path(state_dir: str, which: str) -> str:
-    return os.path.join(state_dir, f"{which}.bitmap")
+    return os.path.join(state_dir, bitmap_name(which))
 
 
 def distrust_saved_bitmaps(state_dir: str, which: tuple[str, ...], reason: str) -> None:
@@ -201,6 +204,67 @@ class Device:
         self.since_last.trusted = self.since_full.trusted = False
         self.untrusted_reason = reason
         self.distrust_count += 1
+
+    # -- a backup's bitmaps: named operations, so that no one else writes their trust
+
+    def job_committed(self, distrusts: int, full: bool) -> bool:
+        """A backup's catalog row is committed: the bits its job froze are in
+        it (abdicate; ``full``: since_full's too). The bitmaps are trusted
+        again unless something distrusted them while the job ran (the count
+        is no longer ``distrusts``, what it was at the job's start): whether
+        they were. The caller holds the gate exclusively."""
+        resynced = self.distrust_count == distrusts
+        self.since_last.abdicate()
+        self.since_last.trusted = resynced
+        if full:
+            self.since_full.abdicate()
+            self.since_full.trusted = resynced
+        return resynced
+
+    def job_failed(self, full: bool) -> None:
+        """A backup's job failed or was cancelled: the bits it froze are still
+        to be copied (reclaim). The caller holds the gate exclusively."""
+        self.since_last.reclaim()
+        if full:
+            self.since_full.reclaim()
+
+    def reclaim_frozen(self, full: bool) -> None:
+        """Undo a job's start, wherever it stopped: reclaim what it froze."""
+        if self.since_last.frozen is not None:
+            self.since_last.reclaim()
+        if full and self.since_full.frozen is not None:
+            self.since_full.reclaim()
+
+    def resync_since_full(self, changed: list[bitarray]) -> None:
+        """Make since_full trustworthy again after a checksum scan: what
+        changed since the last full is ``changed`` (what each backup after
+        it defined) plus the writes since the scan started, which
+        since_full.active holds. The caller holds the gate exclusively."""
+        for defined in changed:
+            self.since_full.active.bits |= defined
+        self.since_full.trusted = True
+
+    def forget_backup(self, latest: bool, last_full: bool, defined: bitarray | None) -> None:
+        """A backup is being removed: the bitmaps must not forget its changes.
+
+        ``latest``: the next incremental backs onto its parent, so it must
+        copy what the backup held too (``defined``; None: unknown, so the
+        bitmap is distrusted). ``last_full`` (with no child left to hold
+        its content): since_full has nothing to count from. Saved before
+        the removal: once the catalog forgets it, an interruption must not
+        leave a bitmap that forgot its changes.
+        """
+        with self.gate.exclusive():
+            if latest:
+                if defined is not None:
+                    self.since_last.active.bits |= defined
+                else:
+                    self.since_last.trusted = False
+                    self.untrusted_reason = "the latest backup was removed"
+            if last_full:
+                self.since_full.trusted = False
+                self.untrusted_reason = "the last full backup was removed"
+            self.save_bitmaps()
 
     def _noticed_outside_write(self, st: os.stat_result, racing: bool = False) -> bool:
         """Distrust the bitmaps if ``st`` shows a write that was not ours.

@@ -15,22 +15,27 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
-from engine import durable
 from engine.access import make_dir
 from engine.catalog import BackupRecord, Catalog, CatalogError
 from engine.chain import ChainView
 from engine.errors import UsageError
-from engine.fsutil import file_size, fsync_dir
+from engine.fsutil import fsync_dir
 from engine.job import copy_cluster_size, units_of, units_of_extents
+from engine.layout import BackupFiles, backup_id, device_dir, device_rel, image_name
 from engine.limits import check_granules
 from engine.prune import held_extents, rewrite_image
+from engine.publish import publish
 from engine.qcow2.backing import Confinement, open_chain
 from engine.qcow2.layers import COMPRESSED, DATA, Qcow2Layer
-from engine.sourceid import PathRefused, SourceId, open_disk
+from engine.sourcecheck import probe_source
+from engine.sourceid import SourceId
 from engine.text import escape
-from engine.validate import MAX_LABEL, utf8_path, validate_label
+from engine.validate import MAX_LABEL, validate_label
 
 RAW_CLUSTER = 64 * 1024
+
+
+LayerInfo = tuple[str, str, int, int]  # path, format, cluster size, mtime_ns
 
 
 def import_chain(
@@ -51,6 +56,63 @@ def import_chain(
     link that records none (see Confinement).
     """
     confine = Confinement.around(tip, allow_outside, backing_format)
+    size, info = _read_chain(tip, confine)
+    check_granules(size, granularity, f"{tip}: the disk")
+    identity: SourceId | None = None
+    if source is not None:
+        # The same check as a device's add (engine/sourcecheck.py).
+        source, src_size, identity = probe_source(source, repo_path)
+        if src_size != size:
+            raise UsageError(f"source {source} is {src_size} bytes but the chain's disk is {size}")
+    # The images are written first, each complete and durable; the device
+    # and all its backups then appear in one catalog commit. Every file (and
+    # the device's directory, if the import makes it) is recorded as an
+    # intent before it is made: killed before the commit, the import left
+    # only recorded files the catalog does not name, which the next open
+    # removes: all of the import or none.
+    ddir = device_dir(repo_path, name)
+    intents: list[str] = []
+    if not os.path.lexists(ddir):
+        intents.append(device_rel(name))
+        catalog.record_intents("dir", intents)
+    make_dir(ddir)
+    fsync_dir(os.path.dirname(ddir))  # the directory's own entry, before the catalog names it
+    records: list[BackupRecord] = []
+    prev: BackupRecord | None = None
+    last_created = 0
+    now = time.time_ns()
+    for n, (path, fmt, cs, mtime_ns) in enumerate(reversed(info)):
+        if on_layer is not None:
+            on_layer(n, len(info), path)
+        kind = "full" if prev is None else "incremental"
+        seq = catalog.next_seq()
+        # Ids sort by time, in chain order, and before any backup taken after
+        # the import: a file dated in the future (a skewed clock) is not.
+        created = max(min(mtime_ns, now), last_created + 1)
+        last_created = created
+        files = BackupFiles(repo_path, name, backup_id(created, seq, kind))
+        catalog.record_intents("file", files.intents())
+        intents += files.intents()
+        stored_bytes = _rewrite_layer(files, path, fmt, cs, confine, size, granularity, prev)
+        rec = BackupRecord(
+            id=files.ident, device=name, seq=seq, kind=kind, parent=prev.id if prev else None,
+            created_ns=created, size=size, cluster_size=cs, granularity=granularity,
+            image=files.image_rel, checksums=files.sums_rel,
+            stored_bytes=stored_bytes, label=_import_label(path, fmt),
+        )
+        records.append(rec)
+        prev = rec
+    catalog.add_device(name, source or "", size, granularity, backups=records, identity=identity)
+    try:
+        catalog.clear_intents(intents)
+    except CatalogError:
+        pass  # the next open finds them committed and clears them
+    return records
+
+
+def _read_chain(tip: str, confine: Confinement) -> tuple[int, list[LayerInfo]]:
+    """The disk's size and each image of the chain (tip first), refused if
+    QEMU marked one corrupt or the size is not one a device can have."""
     layers = open_chain(tip, confine=confine)
     try:
         for layer in layers:
@@ -69,98 +131,37 @@ def import_chain(
             layer.close()
     if size <= 0 or size % 512:
         raise UsageError(f"{tip}: virtual size {size} is not a non-zero multiple of 512")
-    check_granules(size, granularity, f"{tip}: the disk")
-    identity: SourceId | None = None
-    if source is not None:
-        source = utf8_path(os.path.abspath(source), "source")
-        if os.path.commonpath([source, repo_path]) == repo_path:
-            raise UsageError(f"source {source} lies inside the repository {repo_path}")
-        try:
-            # Checked before it is opened (a FIFO would block the open, and a
-            # stranger's symlink lead elsewhere): see engine/sourceid.py.
-            fd, identity = open_disk(source, os.O_RDONLY)
-        except PathRefused as e:
-            raise UsageError(f"source {source} is not a regular file or block device: it is {e.found}") from None
-        except OSError as e:
-            raise UsageError(f"source {source}: {e.strerror}") from None
-        try:
-            src_size = file_size(fd)
-        finally:
-            os.close(fd)
-        if src_size != size:
-            raise UsageError(f"source {source} is {src_size} bytes but the chain's disk is {size}")
-    # The images are written first, each complete and durable; the device
-    # and all its backups then appear in one catalog commit. Every file (and
-    # the device's directory, if the import makes it) is recorded as an
-    # intent before it is made: killed before the commit, the import left
-    # only recorded files the catalog does not name, which the next open
-    # removes: all of the import or none.
-    ddir = os.path.join(repo_path, "devices", name)
-    intents: list[str] = []
-    if not os.path.lexists(ddir):
-        intents.append(f"devices/{name}")
-        catalog.record_intents("dir", intents)
-    make_dir(ddir)
-    fsync_dir(os.path.dirname(ddir))  # the directory's own entry, before the catalog names it
-    records: list[BackupRecord] = []
-    prev: BackupRecord | None = None
-    last_created = 0
-    now = time.time_ns()
-    for n, (path, fmt, cs, mtime_ns) in enumerate(reversed(info)):
-        if on_layer is not None:
-            on_layer(n, len(info), path)
-        kind = "full" if prev is None else "incremental"
-        seq = catalog.next_seq()
-        # Ids sort by time, in chain order, and before any backup taken after
-        # the import: a file dated in the future (a skewed clock) is not.
-        created = max(min(mtime_ns, now), last_created + 1)
-        last_created = created
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(created / 1e9))
-        backup_id = f"{stamp}-{seq:04d}-{kind}"
-        unit = copy_cluster_size(granularity, cs)
-        with ChainView.open(path, confine=confine, tip_format=fmt) as content:
-            own = content.layers[0]
-            ranges = held_extents(own)
-            if prev is None:  # a full needs only what is not zero
-                ranges = ranges[(ranges[:, 2] == DATA) | (ranges[:, 2] == COMPRESSED)]
-            held = units_of_extents(ranges, unit, size)
-            if prev is not None and content.size < size:
-                # Past an image's end QEMU reads zeros, never its backing
-                # file: an image shorter than the tip hides the longer ones
-                # below it there. Ours are all the tip's size, so say it
-                # with zero clusters (the cluster its end falls in copied
-                # whole, with the zeros after the end).
-                held |= units_of([(content.size, size)], unit, size)
-            tmp = os.path.join(ddir, f".tmp-{backup_id}.qcow2")
-            files = [f"devices/{name}/{f}" for f in (os.path.basename(tmp), f"{backup_id}.qcow2", f"{backup_id}.sums")]
-            catalog.record_intents("file", files)
-            intents += files
-            writer, record = rewrite_image(
-                content, held, tmp, size, cs, granularity,
-                f"{prev.id}.qcow2" if prev else None,
-            )
-        try:
-            writer.commit()
-            record.save(os.path.join(ddir, f"{backup_id}.sums"), atomic=False)  # a new file, recorded
-            durable.fs.replace(tmp, os.path.join(ddir, f"{backup_id}.qcow2"))
-            fsync_dir(ddir)
-        except BaseException:
-            writer.abort()
-            raise
-        rec = BackupRecord(
-            id=backup_id, device=name, seq=seq, kind=kind, parent=prev.id if prev else None,
-            created_ns=created, size=size, cluster_size=cs, granularity=granularity,
-            image=f"devices/{name}/{backup_id}.qcow2", checksums=f"devices/{name}/{backup_id}.sums",
-            stored_bytes=writer.stored_bytes(), label=_import_label(path, fmt),
+    return size, info
+
+
+def _rewrite_layer(files: BackupFiles, path: str, fmt: str, cs: int, confine: Confinement, size: int,
+                   granularity: int, prev: BackupRecord | None) -> int:
+    """Rewrite one image of the chain as backup ``files`` (backing onto
+    ``prev``), published; its stored bytes. Its files are recorded intents."""
+    unit = copy_cluster_size(granularity, cs)
+    with ChainView.open(path, confine=confine, tip_format=fmt) as content:
+        own = content.layers[0]
+        ranges = held_extents(own)
+        if prev is None:  # a full needs only what is not zero
+            ranges = ranges[(ranges[:, 2] == DATA) | (ranges[:, 2] == COMPRESSED)]
+        held = units_of_extents(ranges, unit, size)
+        if prev is not None and content.size < size:
+            # Past an image's end QEMU reads zeros, never its backing
+            # file: an image shorter than the tip hides the longer ones
+            # below it there. Ours are all the tip's size, so say it
+            # with zero clusters (the cluster its end falls in copied
+            # whole, with the zeros after the end).
+            held |= units_of([(content.size, size)], unit, size)
+        writer, record = rewrite_image(
+            content, held, files.tmp, size, cs, granularity,
+            image_name(prev.id) if prev else None,
         )
-        records.append(rec)
-        prev = rec
-    catalog.add_device(name, source or "", size, granularity, backups=records, identity=identity)
     try:
-        catalog.clear_intents(intents)
-    except CatalogError:
-        pass  # the next open finds them committed and clears them
-    return records
+        publish(writer, record, files)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.stored_bytes()
 
 
 def _import_label(path: str, fmt: str) -> str:

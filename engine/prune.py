@@ -41,6 +41,8 @@ from engine.checksums import ChecksumRecord
 from engine.errors import ImageError, UsageError
 from engine.fsutil import fsync_dir
 from engine.job import BackupJob, JobError, JobPlan, Source, copy_cluster_size, units_of_extents
+from engine.layout import image_name, merge_names
+from engine.publish import write_out
 from engine.qcow2.layers import UNALLOC, Layer, open_layer
 from engine.qcow2.writer import Qcow2Writer
 
@@ -203,8 +205,7 @@ def remove_backup(
     try:
         for c in children:
             c_image = os.path.join(repo_path, c.image)
-            tmp_image = os.path.join(ddir, f".tmp-merge-{c.id}.qcow2")
-            tmp_sums = os.path.join(ddir, f".tmp-merge-{c.id}.sums")
+            tmp_image, tmp_sums = (os.path.join(ddir, f) for f in merge_names(c.id))
             unit = copy_cluster_size(c.granularity, c.cluster_size)
             intend([os.path.relpath(f, repo_path) for f in (tmp_image, tmp_sums)])
             with open_layer(c_image, "qcow2") as c_layer, open_layer(x_image, "qcow2") as x_layer:
@@ -213,10 +214,9 @@ def remove_backup(
             with (open_content(c) if open_content else ChainView.open(c_image)) as content:
                 writer, record = rewrite_image(
                     content, held, tmp_image, c.size, c.cluster_size, c.granularity,
-                    f"{new_parent}.qcow2" if new_parent else None,
+                    image_name(new_parent) if new_parent else None,
                 )
-            writer.commit()
-            record.save(tmp_sums, atomic=False)  # itself a temporary, recorded
+            write_out(writer, record, tmp_sums)  # itself a temporary, recorded
             staged.append((c, tmp_image, tmp_sums, writer.stored_bytes()))
             step("staged")
         # Every merged image is durable. From here on the removal is

@@ -1,15 +1,6 @@
 """The repository: the one facade the CLI and the filesystem call.
 
-Layout of a repository directory::
-
-    catalog.db              SQLite catalog (devices, backups, jobs)
-    lock                    fcntl lock, holds the owner's pid
-    devices/<name>/
-        <id>.qcow2          one image per backup; backing file = parent's image
-        <id>.sums           per-granule checksums of what the backup captured
-        since-last.bitmap   dirty since the previous backup
-        since-full.bitmap   dirty since the last full
-        .tmp-<id>.qcow2     a job's image until it is complete (removed at open)
+The layout of its directory and the names of its files are engine/layout.py's.
 
 A backup becomes visible in four durable steps: image (data, tables,
 header, fsync), checksums (fsync), rename into place (fsync of the
@@ -23,13 +14,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import signal
 import sqlite3
 import stat
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -40,44 +28,33 @@ from engine.catalog import DISK_FULL, KINDS, BackupRecord, Catalog, CatalogError
 from engine.chain import ChainView
 from engine.checksums import ChecksumError, ChecksumRecord, Unrecorded, granule_hashes, overlay
 from engine.device import Device, DeviceError, distrust_saved_bitmaps
-from engine.errors import BackupfsError, ErrnoError, ImageError, UsageError, is_disk_full
-from engine.fsutil import file_size, fsync_dir
+from engine.errors import BackupfsError, UsageError
+from engine.fsutil import fsync_dir
 from engine.limits import check_granules
 from engine.integrity import Problem, VerifiedView, VerifyReport, held_granules, verify_backup
-from engine.stopsignals import STOP_SIGNALS
 from engine.units import check_rate, format_size
 from engine.restore import RestoreResult, check_in_place_target, check_target, restore_to, source_named
-from engine.sourceid import PathRefused, SourceId, identity_at, open_disk
+from engine.sourcecheck import probe_source
+from engine.sourceid import SourceId, identity_at
 from engine.importer import import_chain
 from engine.prune import RemovalPlan, RetentionPolicy, remove_backup, select_for_removal
+from engine.layout import BITMAPS, CATALOG, DEVICES, LOCK, bitmap_name, bitmap_tmp_name, device_dir, \
+    device_rel, file_rel
+from engine.backuprun import BackupResult, BackupRun
+from engine.repoerrors import JobBusy, RepositoryError, storage_error
 from engine.job import (
     CHUNK_BYTES,
     BackupJob,
     JobCancelled,
-    JobError,
-    JobPlan,
     Progress,
     Source,
     cancelled,
-    copy_cluster_size,
-    units_of,
 )
-from engine.qcow2.format import MAX_CHAIN_DEPTH
-from engine.qcow2.writer import Qcow2Writer, validate_cluster_size
-from engine.validate import NAME_RE, utf8_path, validate_label
+from engine.qcow2.writer import validate_cluster_size
+from engine.validate import NAME_RE, validate_label
 
 DEFAULT_CLUSTER_SIZE = 64 * 1024
 DEFAULT_GRANULARITY = 64 * 1024
-CATALOG = "catalog.db"
-
-
-class RepositoryError(ErrnoError):
-    """The repository refused or failed at something (its files, its lock, its layout)."""
-
-
-class JobBusy(RepositoryError):
-    def __init__(self, message: str) -> None:
-        super().__init__(message, errno.EBUSY)
 
 
 def validate_name(name: str) -> str:
@@ -87,24 +64,6 @@ def validate_name(name: str) -> str:
             "starting with a letter or digit (no '/', no '..')"
         )
     return name
-
-
-@dataclass
-class BackupResult:
-    record: BackupRecord
-    scanned: bool
-    bytes_total: int
-    bytes_written: int
-    cbw_units: int
-    seconds: float
-    scan_reason: str | None = None
-
-    def summary(self) -> str:
-        how = f"scanned ({self.scan_reason}), " if self.scanned else ""
-        return (
-            f"{self.record.id}: {self.record.kind}, {how}"
-            f"{self.bytes_written} bytes stored of {self.bytes_total} examined in {self.seconds:.2f} s"
-        )
 
 
 def _what_runs(pid: str) -> str:
@@ -171,7 +130,7 @@ class Repository:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             make_dir(path, access)
             secure(path, access)  # or the empty directory given, whatever its mode was
-            make_dir(os.path.join(path, "devices"), access)
+            make_dir(os.path.join(path, DEVICES), access)
             # Built under another name and renamed: a repository is there
             # whole, or not at all (a full disk used to leave an empty
             # catalog that made the directory neither usable nor new).
@@ -185,7 +144,7 @@ class Repository:
                 except OSError:
                     pass
             try:
-                os.rmdir(os.path.join(path, "devices"))
+                os.rmdir(os.path.join(path, DEVICES))
                 if made_dir:
                     os.rmdir(path)
             except OSError:
@@ -203,7 +162,7 @@ class Repository:
             raise RepositoryError(
                 f"{path} is not a backupfs repository (run 'backupfs init {path}')", errno.ENOENT
             )
-        lock_path = os.path.join(path, "lock")
+        lock_path = os.path.join(path, LOCK)
         try:
             # Never through a symlink: as root, a planted link would let any
             # command overwrite the file it points to with our pid.
@@ -272,7 +231,7 @@ class Repository:
             # is no room to record anything: read-only until there is.
             self.catalog.frozen = DISK_FULL
             return
-        devroot = os.path.join(self.path, "devices")
+        devroot = os.path.join(self.path, DEVICES)
         missing = [d.name for d in self.catalog.devices() if not os.path.isdir(self._device_dir(d.name))]
         for name in missing:
             # Lost by a crash of an older version, which did not make the
@@ -286,8 +245,8 @@ class Repository:
         self._remove_recorded(self.catalog.intents())
         for d in self.catalog.devices():
             # A bitmap save (atomic_write) interrupted: its fixed temporary name.
-            for which in ("since-last", "since-full"):
-                self._remove_file(f"devices/{d.name}/{which}.bitmap.tmp")
+            for which in BITMAPS:
+                self._remove_file(file_rel(d.name, bitmap_tmp_name(which)))
         for backup_id in self.catalog.pending_removals():
             rec = self.catalog.backup(backup_id)
             if rec is not None:
@@ -295,11 +254,7 @@ class Repository:
                 self._remove_one(rec.device, RemovalPlan(rec, self.catalog.children(rec.id)), None,
                                  verified=False)
 
-    def _relative(self, path: str) -> str:
-        """A path in the repository as the catalog records it (devices/NAME/FILE)."""
-        return os.path.relpath(path, self.path)
-
-    def _forget_intents(self, paths: list[str]) -> None:
+    def forget_intents(self, paths: list[str]) -> None:
         """Clear intents whose files are settled; failing that (a full disk),
         the next open finds them settled and clears them."""
         if paths:
@@ -332,7 +287,7 @@ class Repository:
         """The device's directory, opened without following a symlink
         anywhere below the repository: one that is a link is never entered."""
         try:
-            root = os.open(os.path.join(self.path, "devices"), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+            root = os.open(os.path.join(self.path, DEVICES), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
                            | os.O_CLOEXEC)
         except OSError:
             return None
@@ -348,7 +303,7 @@ class Repository:
         the device's real directory; anything else (a symlink, a directory,
         a path of another shape) is left alone."""
         parts = rel.split("/")
-        if len(parts) != 3 or parts[0] != "devices" or not NAME_RE.fullmatch(parts[1]) \
+        if len(parts) != 3 or parts[0] != DEVICES or not NAME_RE.fullmatch(parts[1]) \
                 or parts[2] in ("", ".", ".."):
             return
         dir_fd = self._device_dir_fd(parts[1])
@@ -368,12 +323,12 @@ class Repository:
     def _remove_empty_device_dir(self, rel: str) -> None:
         """rmdir ``devices/NAME`` that an interrupted import made, if no device has it and it is empty."""
         parts = rel.split("/")
-        if len(parts) != 2 or parts[0] != "devices" or not NAME_RE.fullmatch(parts[1]):
+        if len(parts) != 2 or parts[0] != DEVICES or not NAME_RE.fullmatch(parts[1]):
             return
         if self.catalog.device(parts[1]) is not None:
             return
         try:
-            root = os.open(os.path.join(self.path, "devices"), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+            root = os.open(os.path.join(self.path, DEVICES), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
                            | os.O_CLOEXEC)
         except OSError:
             return
@@ -448,32 +403,13 @@ class Repository:
         if existing is not None:
             return self._attach_source(existing, source, size, granularity, identity)
         make_dir(self._device_dir(name))
-        fsync_dir(os.path.join(self.path, "devices"))  # durable before the catalog names it
+        fsync_dir(os.path.join(self.path, DEVICES))  # durable before the catalog names it
         return self.catalog.add_device(name, source, size, granularity, identity=identity)
 
     def _probe_source(self, source: str) -> tuple[str, int, SourceId]:
-        """(absolute path, size, identity) of a source to bind a device to,
-        refused unless it is a regular file or block device outside the
-        repository, reached without an untrusted symlink (engine/sourceid.py)."""
-        source = utf8_path(os.path.abspath(source), "source")
-        if os.path.commonpath([source, self.path]) == self.path:
-            raise UsageError(f"source {source} lies inside the repository {self.path}")
-        try:
-            fd, identity = open_disk(source, os.O_RDONLY)
-        except PathRefused as e:
-            if e.link:
-                raise UsageError(f"source {source} is {e.found}; give the path of the file or device "
-                                 "itself") from None
-            raise UsageError(f"source {source} is not a regular file or block device: it is {e.found}") from None
-        except OSError as e:
-            raise UsageError(f"source {source}: {e.strerror}") from None
-        try:
-            size = file_size(fd)
-            real = os.readlink(f"/proc/self/fd/{fd}") if os.path.isdir("/proc/self/fd") else source
-        finally:
-            os.close(fd)
-        if os.path.commonpath([real, os.path.realpath(self.path)]) == os.path.realpath(self.path):
-            raise UsageError(f"source {source} leads to {real}, inside the repository {self.path}")
+        """(absolute path, size, identity) of a source to bind a device to
+        (engine/sourcecheck.py), whose size a device can have."""
+        source, size, identity = probe_source(source, self.path)
         if size <= 0 or size % 512:
             raise UsageError(f"source {source} is {size} bytes; a device must be a non-zero multiple of 512")
         return source, size, identity
@@ -509,9 +445,9 @@ class Repository:
             dev.close()
         why = f"its source was rebound to {source} (device add --replace)"
         try:
-            distrust_saved_bitmaps(self._device_dir(name), ("since-last", "since-full"), why)
+            distrust_saved_bitmaps(self._device_dir(name), BITMAPS, why)
         except OSError as e:
-            raise _storage_error(e) from None
+            raise storage_error(e) from None
         self.catalog.set_source(name, source, identity)
         return self.catalog.device(name) or rec
 
@@ -587,7 +523,7 @@ class Repository:
             # interrupt just after): it is whole, and it stays.
             if self.catalog.device(name) is None:
                 mine = [(p, k) for p, k in self.catalog.intents()
-                        if p == f"devices/{name}" or p.startswith(f"devices/{name}/")]
+                        if p == device_rel(name) or p.startswith(device_rel(name) + "/")]
                 self._remove_recorded(mine)
             raise
         if source is not None:
@@ -608,9 +544,8 @@ class Repository:
         # Only the files backupfs made: a user's file there stays (and so
         # then does the directory).
         leftovers = [(f, "file") for b in self.catalog.backups(name) for f in (b.image, b.checksums) if f]
-        leftovers += [(f"devices/{name}/{w}.bitmap{t}", "file") for w in ("since-last", "since-full")
-                      for t in ("", ".tmp")]
-        leftovers.append((f"devices/{name}", "dir"))
+        leftovers += [(file_rel(name, f), "file") for w in BITMAPS for f in (bitmap_name(w), bitmap_tmp_name(w))]
+        leftovers.append((device_rel(name), "dir"))
         self.catalog.remove_device(name, leftovers)
         self._remove_recorded(leftovers)
 
@@ -618,7 +553,7 @@ class Repository:
         return self.catalog.devices()
 
     def _device_dir(self, name: str) -> str:
-        return os.path.join(self.path, "devices", name)
+        return device_dir(self.path, name)
 
     def device(self, name: str) -> Device:
         """The device opened for I/O (opened once, kept until close)."""
@@ -889,24 +824,12 @@ class Repository:
                 try:
                     distrust_saved_bitmaps(self._device_dir(device), which, why)
                 except OSError as e:
-                    raise _storage_error(e) from None
+                    raise storage_error(e) from None
         if dev is not None:
-            # Before the removal, and saved: once the catalog forgets x, an
-            # interruption must not leave a bitmap that forgot x's changes.
-            # (If the removal then fails, the next incremental copies a
-            # little more than it needed to: still right.)
-            with dev.gate.exclusive():
-                if was_latest:
-                    # The next incremental backs onto x's parent: it must copy x's changes too.
-                    if x_defined is not None:
-                        dev.since_last.active.bits |= x_defined
-                    else:
-                        dev.since_last.trusted = False
-                        dev.untrusted_reason = "the latest backup was removed"
-                if was_last_full and not plan.children:
-                    dev.since_full.trusted = False
-                    dev.untrusted_reason = "the last full backup was removed"
-                dev.save_bitmaps()
+            # Before the removal, and saved: see Device.forget_backup. (If
+            # the removal then fails, the next incremental copies a little
+            # more than it needed to: still right.)
+            dev.forget_backup(was_latest, was_last_full and not plan.children, x_defined)
         def content(child: BackupRecord) -> VerifiedView | ChainView:
             if not verified:
                 return ChainView.open(self.image_path(child))
@@ -919,7 +842,7 @@ class Repository:
             open_content=content,
             hook=hook,
             intend=lambda paths: self.catalog.record_intents("file", paths),
-            settled=self._forget_intents,
+            settled=self.forget_intents,
         )
 
     def verify(
@@ -989,292 +912,42 @@ class Repository:
         validate_cluster_size(cluster_size)
         check_rate(rate)
         dev = self.device(name)
-        started = time.monotonic()
-        created_ns = time.time_ns()
+        return BackupRun(
+            self, dev, kind, cluster_size=cluster_size, scan=scan, label=label, auto_full=auto_full,
+            on_progress=on_progress, cancel=cancel, source_factory=source_factory, chunk_bytes=chunk_bytes,
+            rate=rate,
+        ).run()
 
-        with dev.gate.exclusive():
-            with self._idle:
-                if name in self._maintenance:
-                    raise JobBusy(f"backups of {name} are being pruned; try again when that is done")
-            if dev.job is not None:
-                p = dev.job.progress
-                raise JobBusy(
-                    f"a backup of {name} is already running: {p.done} of {p.total} bytes done "
-                    f"({100 * p.fraction():.0f}%)"
-                )
-            dev.check_source()  # replaced: follow it (and scan); resized or gone: refuse
-            distrusts = dev.distrust_count  # one while the job runs: the next backup scans
-            parent = self._parent_for(name, kind)
-            if parent is None and kind != "full":
-                if not auto_full:
-                    raise UsageError(f"device {name} has no full backup yet; take a full backup first "
-                                     "(or ask for auto_full=1 in the trigger, --auto-full to 'backupfs backup')")
-                kind = "full"
-            depth = len(self.catalog.lineage(parent.id)) + 1 if parent is not None and kind != "full" else 1
-            if depth > MAX_CHAIN_DEPTH:
-                # The new image could not be read back: no reader (ours,
-                # following QEMU's backing links) goes deeper.
-                if not auto_full:
-                    raise UsageError(
-                        f"device {name}: a new {kind} would be backup {depth} of its chain, and a chain reads "
-                        f"through at most {MAX_CHAIN_DEPTH} images; take a full backup (or ask for auto_full=1 "
-                        "in the trigger, --auto-full to 'backupfs backup'), or prune old backups, which "
-                        "merges them"
-                    )
-                kind, parent = "full", None
-            tracked = dev.since_full if kind == "differential" else dev.since_last
-            scan_reason = None
-            if kind != "full":
-                if scan:
-                    scan_reason = "requested"
-                elif not tracked.trusted:
-                    scan_reason = f"bitmap untrusted: {dev.untrusted_reason or 'unknown'}"
-            plan_scan = scan_reason is not None
-            parent_hashes = self.chain_hashes(parent) if plan_scan and parent else None
+    # -- what a backup run (engine/backuprun.py) asks of its repository ---------------
 
-            unit = copy_cluster_size(dev.granularity, cluster_size)
-            # Freeze the bitmaps this kind consumes; a differential reads
-            # since_full without consuming it (the next differential needs it).
-            writer: Qcow2Writer | None = None
-            tmp = ""
-            intents: list[str] = []
-            held: set[signal.Signals] | None = None
-            try:
-                frozen_last = dev.since_last.freeze()
-                frozen_full = dev.since_full.freeze() if kind == "full" else None
-                if kind == "full" or plan_scan:
-                    units = units_of([(0, dev.size)], unit, dev.size)
-                elif kind == "incremental":
-                    units = units_of(frozen_last.runs(), unit, dev.size)
-                else:
-                    units = units_of(dev.since_full.active.runs(), unit, dev.size)
+    def pruning(self, name: str) -> bool:
+        """Whether backups of ``name`` are being pruned (a backup must wait)."""
+        with self._idle:
+            return name in self._maintenance
 
-                seq = self.catalog.next_seq()
-                stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(created_ns / 1e9))
-                backup_id = f"{stamp}-{seq:04d}-{kind}"
-                ddir = self._device_dir(name)
-                final = os.path.join(ddir, f"{backup_id}.qcow2")
-                tmp = os.path.join(ddir, f".tmp-{backup_id}.qcow2")
-                sums_path = os.path.join(ddir, f"{backup_id}.sums")
-                # Recorded before they exist: after a crash, recovery removes these (and only these).
-                intents = [self._relative(p) for p in (tmp, final, sums_path)]
-                self.catalog.record_intents("file", intents)
-                writer = Qcow2Writer(
-                    tmp,
-                    dev.size,
-                    cluster_size,
-                    backing_file=f"{parent.id}.qcow2" if parent else None,
-                    backing_format="qcow2" if parent else None,
-                )
-                plan = JobPlan(dev.size, dev.granularity, cluster_size, units, kind != "full", parent_hashes)
-                checksums = ChecksumRecord(dev.size, dev.granularity)
-                source = source_factory(dev) if source_factory else Source(dev.fd, dev.path, dev.size)
-                job = BackupJob(
-                    plan, source, writer, checksums, kind=kind, on_progress=on_progress, cancel=cancel,
-                    chunk_bytes=chunk_bytes, rate=rate,
-                )
-                # From registering the job to inside the try that undoes it,
-                # a stop signal (whose handler raises: Ctrl-C, a CLI's
-                # SIGTERM) is held back: raised in between (leaving the
-                # gate, say), it left the job registered and close() waiting
-                # for it forever.
-                held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-                dev.job = job
-                with self._idle:
-                    self._running[name] = job
-            except BaseException:
-                # Anything (a Ctrl-C included) before the job is under way:
-                # undo all of it, or close() would wait for it forever.
-                dev.job = None
-                with self._idle:
-                    self._running.pop(name, None)
-                    self._idle.notify_all()
-                if writer is not None:
-                    writer.abort()
-                if tmp:
-                    try:
-                        durable.fs.unlink(tmp)
-                    except FileNotFoundError:
-                        pass
-                self._forget_intents(intents)
-                if dev.since_last.frozen is not None:
-                    dev.since_last.reclaim()
-                if kind == "full" and dev.since_full.frozen is not None:
-                    dev.since_full.reclaim()
-                if held is not None:
-                    signal.pthread_sigmask(signal.SIG_SETMASK, held)
-                raise
-        ok = False
-        failure: BaseException | None = None
-        job_id: int | None = None
-        try:
-            try:
-                signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a stop held back lands here
-                job_id = self.catalog.job_started(name, kind)  # inside: a failure here must undo the above
-                job.run()
-                writer.commit()
-                # Written in place (not renamed): until the catalog names it,
-                # a crash leaves an orphan that the next open removes. One
-                # directory fsync then covers it and the image's rename.
-                checksums.save(sums_path, atomic=False)
-                durable.fs.replace(tmp, final)
-                fsync_dir(ddir)
-            except OSError as e:
-                raise _storage_error(e) from None
-            except ImageError as e:
-                if is_disk_full(e.errno):
-                    raise RepositoryError(f"repository disk full: {e}", errno.ENOSPC) from None
-                raise
-            rec = BackupRecord(
-                id=backup_id,
-                device=name,
-                seq=seq,
-                kind=kind,
-                parent=parent.id if parent else None,
-                created_ns=created_ns,
-                size=dev.size,
-                cluster_size=cluster_size,
-                granularity=dev.granularity,
-                image=f"devices/{name}/{backup_id}.qcow2",
-                checksums=f"devices/{name}/{backup_id}.sums",
-                stored_bytes=writer.stored_bytes(),
-                label=label,
-                scanned=plan_scan,
-            )
-            finished = dict(backup=backup_id, total=job.progress.total, done=job.progress.done,
-                            written=job.progress.written, scanned=plan_scan)
-            assert job_id is not None
-            self.catalog.add_backup(rec, job=(job_id, finished))  # the instant it becomes visible
-            ok = True
-        except BaseException as e:
-            failure = e
-            raise
-        finally:
-            try:
-                committed = ok
-                if not ok and failure is not None:
-                    # Interrupted (Ctrl-C) after the catalog commit returned:
-                    # the backup is there, whole; its files must stay.
-                    committed = self._committed(backup_id)
-                # Exclusive: waits for writes in flight, whose copy-before-write
-                # may still be writing into the image; none starts after this.
-                with dev.gate.exclusive():
-                    dev.job = None
-                    if committed:
-                        # Trusted again, unless something the bitmap cannot
-                        # have seen happened while the job ran.
-                        resynced = dev.distrust_count == distrusts
-                        dev.since_last.abdicate()
-                        dev.since_last.trusted = resynced
-                        if frozen_full is not None:
-                            dev.since_full.abdicate()
-                            dev.since_full.trusted = resynced
-                        elif plan_scan and not dev.since_full.trusted and resynced:
-                            self._rebuild_since_full(dev, rec)
-                    else:
-                        dev.since_last.reclaim()
-                        if frozen_full is not None:
-                            dev.since_full.reclaim()
-                if committed:
-                    self._forget_intents(intents)
-                else:
-                    # Only now: closed earlier, the image's descriptor could be
-                    # reused by another file while a copy-before-write still
-                    # held its number.
-                    writer.abort()
-                    # Unsure whether the catalog names them: leave them to the
-                    # next open, which removes the recorded files the catalog does not name.
-                    doubt = committed is None
-                    for leftover in (tmp,) if doubt else (tmp, final, sums_path):
-                        try:
-                            durable.fs.unlink(leftover)
-                        except FileNotFoundError:
-                            pass
-                    if not doubt:
-                        self._forget_intents(intents)
-                    cancelled = isinstance(failure, KeyboardInterrupt) or (
-                        isinstance(failure, JobError) and failure.errno == errno.ECANCELED)
-                    try:
-                        if job_id is not None:
-                            self.catalog.job_finished(
-                                job_id, "cancelled" if cancelled else "failed", total=job.progress.total,
-                                done=job.progress.done, written=job.progress.written, scanned=plan_scan,
-                                error=_failure_text(failure),
-                            )
-                    except CatalogError:
-                        pass  # history only (a full disk): the error that stopped the job matters
-            finally:
-                with self._idle:
-                    self._running.pop(name, None)
-                    self._idle.notify_all()
-        return BackupResult(
-            rec, plan_scan, job.progress.total, job.progress.written, job.cbw_units,
-            time.monotonic() - started, scan_reason,
-        )
+    def job_begins(self, name: str, job: BackupJob) -> None:
+        """Register ``name``'s running job: close() cancels it and waits for it."""
+        with self._idle:
+            self._running[name] = job
 
-    def _committed(self, backup_id: str) -> bool | None:
-        """Whether the catalog names the backup (None: it cannot say)."""
-        try:
-            return self.catalog.backup(backup_id) is not None
-        except Exception:  # noqa: BLE001 - any doubt keeps the files
-            return None
-
-    def _rebuild_since_full(self, dev: Device, newest: BackupRecord) -> None:
-        """Make since_full trustworthy again after a checksum scan.
-
-        What changed since the last full is what the backups after it
-        defined (each copied at least the granules that differed) plus the
-        writes since the scan started, which since_full.active holds.
-        """
-        for b in self.catalog.lineage(newest.id):
-            if b.kind == "full":
-                break
-            if b.checksums is None:
-                return
-            defined = ChecksumRecord.load(os.path.join(self.path, b.checksums)).defined
-            dev.since_full.active.bits |= defined
-        else:
-            return  # no full in the lineage (imported chain): stay untrusted
-        dev.since_full.trusted = True
-
-    def _parent_for(self, name: str, kind: str) -> BackupRecord | None:
-        if kind == "full":
-            return None
-        if kind == "differential":
-            return self.catalog.last_full(name)
-        return self.catalog.latest_backup(name)
-
-
-def _failure_text(failure: BaseException | None) -> str:
-    """What the job history says ended a job: a stop signal by its name
-    (the CLI's stop exception carries only the number, "15")."""
-    if isinstance(failure, KeyboardInterrupt):
-        signum = getattr(failure, "signum", None)
-        try:
-            return f"interrupted by {signal.Signals(signum).name}" if signum else "interrupted (Ctrl-C)"
-        except ValueError:
-            return f"interrupted by signal {signum}"
-    return str(failure) or "interrupted"
+    def job_ends(self, name: str) -> None:
+        """Forget ``name``'s job (if any), and wake close() waiting for the last."""
+        with self._idle:
+            self._running.pop(name, None)
+            self._idle.notify_all()
 
 
 def _check_real_dirs(path: str, devices: list[str]) -> None:
     """Refuse a repository whose devices/ or a device's directory is a
     symlink: backupfs would write images, bitmaps and checksums (and remove
     them) wherever it points. Missing ones are made again by recovery."""
-    for rel in ["devices"] + [f"devices/{name}" for name in devices]:
+    for rel in [DEVICES] + [device_rel(name) for name in devices]:
         where = os.path.join(path, rel)
         if os.path.islink(where):
             raise RepositoryError(f"{where} is a symlink; backupfs keeps its files only in real directories "
                                   "of the repository (remove the link, or put the directory back)", errno.ELOOP)
         if os.path.lexists(where) and not os.path.isdir(where):
             raise RepositoryError(f"{where} is not a directory", errno.ENOTDIR)
-
-
-def _storage_error(e: OSError) -> RepositoryError:
-    if is_disk_full(e.errno):
-        return RepositoryError(f"repository disk full: {e.strerror}", errno.ENOSPC)
-    where = f" {e.filename}" if e.filename else ""
-    return RepositoryError(f"repository write failed{where}: {e.strerror}", e.errno or errno.EIO)
 
 
 __all__ = ["Repository", "RepositoryError", "JobBusy", "BackupResult", "DeviceError", "KINDS"]

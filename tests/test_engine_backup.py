@@ -216,11 +216,11 @@ def test_a_chain_never_grows_past_what_can_be_read(
     limit an incremental is refused (EINVAL through the trigger), or, with
     auto_full, a full starts a new chain. The limit is lowered to 4 here;
     it is the reader's own constant."""
-    import engine.repo
+    import engine.backuprun
     from engine.qcow2 import format as qcow2_format
 
-    assert engine.repo.MAX_CHAIN_DEPTH == qcow2_format.MAX_CHAIN_DEPTH == 1000
-    monkeypatch.setattr(engine.repo, "MAX_CHAIN_DEPTH", 4)
+    assert engine.backuprun.MAX_CHAIN_DEPTH == qcow2_format.MAX_CHAIN_DEPTH == 1000
+    monkeypatch.setattr(engine.backuprun, "MAX_CHAIN_DEPTH", 4)
     src = make_source(tmp_path / "src.img", 4 * MiB, seed=5)
     repo.add_device("c", str(src))
     repo.backup("c", "full")

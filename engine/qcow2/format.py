@@ -221,6 +221,24 @@ def parse_header(path: str, data: bytes, file_size: int) -> Header:
         if header.header_length > 104:
             header.compression_type = data[104]
 
+    _check_features(path, header)
+    _check_tables(path, header, file_size)
+
+    _parse_extensions(path, header, data, backing_file_offset, cluster_size)
+
+    header.backing_file = _backing_name(path, header, data, backing_file_offset, backing_file_size)
+    return header
+
+
+def _check_features(path: str, header: Header) -> None:
+    """Refuse what the header asks for that backupfs cannot read as QEMU
+    would: encryption, an external data file, unknown incompatible features,
+    a compression type without its bit (or the other way round)."""
+    crypt_method, cluster_bits = header.crypt_method, header.cluster_bits
+
+    def bad(problem: str) -> ImageError:
+        return ImageError(path, problem)
+
     if crypt_method:
         raise bad("encrypted images are not supported")
     unknown = header.incompatible_features & ~INCOMPAT_KNOWN
@@ -240,7 +258,18 @@ def parse_header(path: str, data: bytes, file_size: int) -> Header:
     if header.refcount_order > 6:
         raise bad(f"refcount_order {header.refcount_order} out of range (0..6)")
 
-    # Tables: aligned, inside the file, and no larger than QEMU allows.
+
+def _check_tables(path: str, header: Header, file_size: int) -> None:
+    """The L1, refcount and snapshot tables: aligned, inside the file, and
+    no larger than QEMU allows."""
+    l1_size, size, cluster_size = header.l1_size, header.size, header.cluster_size
+    l1_table_offset, refcount_table_offset = header.l1_table_offset, header.refcount_table_offset
+    refcount_table_clusters = header.refcount_table_clusters
+    nb_snapshots, snapshots_offset = header.nb_snapshots, header.snapshots_offset
+
+    def bad(problem: str) -> ImageError:
+        return ImageError(path, problem)
+
     if l1_size * 8 > MAX_L1_BYTES:
         raise bad(f"L1 table of {l1_size} entries exceeds QEMU's 32 MiB limit")
     if l1_size < header.l1_entries_needed():
@@ -266,7 +295,14 @@ def parse_header(path: str, data: bytes, file_size: int) -> Header:
             raise bad(f"{nb_snapshots} internal snapshots exceeds QEMU's limit of 65536")
         _check_table(path, "snapshot table", snapshots_offset, 40, cluster_size, file_size)
 
-    _parse_extensions(path, header, data, backing_file_offset, cluster_size)
+
+def _backing_name(path: str, header: Header, data: bytes, backing_file_offset: int,
+                  backing_file_size: int) -> str | None:
+    """The backing file's name, which must lie in the header cluster after the header."""
+    cluster_size = header.cluster_size
+
+    def bad(problem: str) -> ImageError:
+        return ImageError(path, problem)
 
     if backing_file_offset and backing_file_size:  # an empty name is no backing file, as in QEMU
         if backing_file_size > MAX_BACKING_NAME:
@@ -276,8 +312,8 @@ def parse_header(path: str, data: bytes, file_size: int) -> Header:
         if backing_file_offset < header.header_length:
             raise bad("backing file name overlaps the header")
         raw_name = bytes(data[backing_file_offset : backing_file_offset + backing_file_size])
-        header.backing_file = raw_name.decode("utf-8", "surrogateescape")
-    return header
+        return raw_name.decode("utf-8", "surrogateescape")
+    return None
 
 
 def _check_table(

@@ -1,0 +1,426 @@
+"""One backup of a device, from its plan to its end, in named steps.
+
+The steps are QEMU's for a block job (block/backup.c, job.c), so that no
+dirty bit and no file can fall between them:
+
+- ``plan``: what to copy (kind, parent, scan or bitmap), under the
+  device's gate, before anything is made;
+- ``start``: freeze the bitmaps, name the backup, record its files as
+  intents, build the job and register it, stop signals held back;
+- ``prepare``: run the job, publish the image (engine/publish.py), commit
+  the catalog row: the instant the backup becomes visible;
+- ``commit``: the backup is there: the frozen bits are dropped
+  (abdicate), the bitmaps trusted again if nothing distrusted them
+  meanwhile, the intents forgotten;
+- ``abort``: it is not: the frozen bits go back (reclaim), its files are
+  removed, the job's history says why;
+- ``clean``: either way, the device has no job any more.
+
+A crash between any two steps leaves what the repository's recovery
+(engine/repo.py) removes: only files recorded as intents that the catalog
+does not name; a bitmap persisted as in use is untrusted at the next open.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from bitarray import bitarray
+
+from engine import durable
+from engine.bitmap import DirtyBitmap
+from engine.catalog import BackupRecord, Catalog, CatalogError
+from engine.checksums import ChecksumRecord
+from engine.device import Device
+from engine.errors import ImageError, UsageError, is_disk_full
+from engine.job import BackupJob, JobError, JobPlan, Progress, Source, copy_cluster_size, units_of
+from engine.layout import BackupFiles, backup_id, image_name
+from engine.publish import publish
+from engine.qcow2.format import MAX_CHAIN_DEPTH
+from engine.qcow2.writer import Qcow2Writer
+from engine.repoerrors import JobBusy, RepositoryError, storage_error
+from engine.stopsignals import STOP_SIGNALS
+
+
+class BackupHost(Protocol):
+    """What a backup run needs of the repository it runs in."""
+
+    path: str
+    catalog: Catalog
+
+    def chain_hashes(self, rec: BackupRecord) -> np.ndarray: ...
+
+    def pruning(self, name: str) -> bool: ...
+
+    def job_begins(self, name: str, job: BackupJob) -> None: ...
+
+    def job_ends(self, name: str) -> None: ...
+
+    def forget_intents(self, paths: list[str]) -> None: ...
+
+
+@dataclass
+class BackupResult:
+    record: BackupRecord
+    scanned: bool
+    bytes_total: int
+    bytes_written: int
+    cbw_units: int
+    seconds: float
+    scan_reason: str | None = None
+
+    def summary(self) -> str:
+        how = f"scanned ({self.scan_reason}), " if self.scanned else ""
+        return (
+            f"{self.record.id}: {self.record.kind}, {how}"
+            f"{self.bytes_written} bytes stored of {self.bytes_total} examined in {self.seconds:.2f} s"
+        )
+
+
+class BackupRun:
+    """One backup of ``dev`` in ``host``; ``run`` takes it through its steps
+    in this thread. Arguments as ``Repository.backup`` takes them."""
+
+    def __init__(
+        self,
+        host: BackupHost,
+        dev: Device,
+        kind: str,
+        *,
+        cluster_size: int,
+        scan: bool,
+        label: str | None,
+        auto_full: bool,
+        on_progress: Callable[[Progress], None] | None,
+        cancel: threading.Event | None,
+        source_factory: Callable[[Device], Source] | None,
+        chunk_bytes: int,
+        rate: int | None,
+    ) -> None:
+        self.host = host
+        self.catalog = host.catalog
+        self.dev = dev
+        self.name = dev.name
+        self.kind = kind
+        self.cluster_size = cluster_size
+        self.scan = scan
+        self.label = label
+        self.auto_full = auto_full
+        self.on_progress = on_progress
+        self.cancel = cancel
+        self.source_factory = source_factory
+        self.chunk_bytes = chunk_bytes
+        self.rate = rate
+        self.started = time.monotonic()
+        self.created_ns = time.time_ns()
+        # Set by plan:
+        self.distrusts = 0
+        self.parent: BackupRecord | None = None
+        self.scan_reason: str | None = None
+        self.plan_scan = False
+        self.parent_hashes: np.ndarray | None = None
+        # Set by start:
+        self.writer: Qcow2Writer | None = None
+        self.files: BackupFiles | None = None
+        self.intents: list[str] = []
+        self.held: set[signal.Signals] | None = None
+        self.frozen_full: DirtyBitmap | None = None
+        self.seq = 0
+        self.checksums: ChecksumRecord | None = None
+        self.job: BackupJob | None = None
+        # Set by prepare:
+        self.job_id: int | None = None
+        self.rec: BackupRecord | None = None
+
+    def run(self) -> BackupResult:
+        """Plan, start, prepare, then commit or abort, then clean."""
+        dev = self.dev
+        with dev.gate.exclusive():
+            self.plan()
+            self.start()
+        ok = False
+        failure: BaseException | None = None
+        try:
+            self.prepare()
+            ok = True
+        except BaseException as e:
+            failure = e
+            raise
+        finally:
+            try:
+                committed: bool | None = ok
+                if not ok and failure is not None:
+                    # Interrupted (Ctrl-C) after the catalog commit returned:
+                    # the backup is there, whole; its files must stay.
+                    committed = self._committed()
+                if committed:
+                    self.commit()
+                else:
+                    self.abort(failure, doubt=committed is None)
+            finally:
+                self.clean()
+        assert self.job is not None and self.rec is not None
+        return BackupResult(
+            self.rec, self.plan_scan, self.job.progress.total, self.job.progress.written, self.job.cbw_units,
+            time.monotonic() - self.started, self.scan_reason,
+        )
+
+    # -- the steps ------------------------------------------------------------------
+
+    def plan(self) -> None:
+        """What this backup copies, decided with the gate held: refused if
+        the device is busy, its source changed, or it has no full to build on."""
+        dev, name, kind = self.dev, self.name, self.kind
+        if self.host.pruning(name):
+            raise JobBusy(f"backups of {name} are being pruned; try again when that is done")
+        if dev.job is not None:
+            p = dev.job.progress
+            raise JobBusy(
+                f"a backup of {name} is already running: {p.done} of {p.total} bytes done "
+                f"({100 * p.fraction():.0f}%)"
+            )
+        dev.check_source()  # replaced: follow it (and scan); resized or gone: refuse
+        self.distrusts = dev.distrust_count  # one while the job runs: the next backup scans
+        parent = self._parent_for(kind)
+        if parent is None and kind != "full":
+            if not self.auto_full:
+                raise UsageError(f"device {name} has no full backup yet; take a full backup first "
+                                 "(or ask for auto_full=1 in the trigger, --auto-full to 'backupfs backup')")
+            kind = "full"
+        depth = len(self.catalog.lineage(parent.id)) + 1 if parent is not None and kind != "full" else 1
+        if depth > MAX_CHAIN_DEPTH:
+            # The new image could not be read back: no reader (ours,
+            # following QEMU's backing links) goes deeper.
+            if not self.auto_full:
+                raise UsageError(
+                    f"device {name}: a new {kind} would be backup {depth} of its chain, and a chain reads "
+                    f"through at most {MAX_CHAIN_DEPTH} images; take a full backup (or ask for auto_full=1 "
+                    "in the trigger, --auto-full to 'backupfs backup'), or prune old backups, which "
+                    "merges them"
+                )
+            kind, parent = "full", None
+        tracked = dev.since_full if kind == "differential" else dev.since_last
+        scan_reason = None
+        if kind != "full":
+            if self.scan:
+                scan_reason = "requested"
+            elif not tracked.trusted:
+                scan_reason = f"bitmap untrusted: {dev.untrusted_reason or 'unknown'}"
+        self.kind, self.parent, self.scan_reason = kind, parent, scan_reason
+        self.plan_scan = scan_reason is not None
+        self.parent_hashes = self.host.chain_hashes(parent) if self.plan_scan and parent else None
+
+    def start(self) -> None:
+        """Freeze the bitmaps, record the files as intents, build the job and
+        register it; anything failing (a Ctrl-C included) undoes all of it,
+        or close() would wait for the job forever."""
+        dev, kind, cluster_size = self.dev, self.kind, self.cluster_size
+        unit = copy_cluster_size(dev.granularity, cluster_size)
+        # Freeze the bitmaps this kind consumes; a differential reads
+        # since_full without consuming it (the next differential needs it).
+        try:
+            frozen_last = dev.since_last.freeze()
+            self.frozen_full = dev.since_full.freeze() if kind == "full" else None
+            if kind == "full" or self.plan_scan:
+                units = units_of([(0, dev.size)], unit, dev.size)
+            elif kind == "incremental":
+                units = units_of(frozen_last.runs(), unit, dev.size)
+            else:
+                units = units_of(dev.since_full.active.runs(), unit, dev.size)
+
+            self.seq = self.catalog.next_seq()
+            self.files = files = BackupFiles(self.host.path, self.name, backup_id(self.created_ns, self.seq, kind))
+            # Recorded before they exist: after a crash, recovery removes these (and only these).
+            self.intents = files.intents()
+            self.catalog.record_intents("file", self.intents)
+            parent = self.parent
+            self.writer = Qcow2Writer(
+                files.tmp,
+                dev.size,
+                cluster_size,
+                backing_file=image_name(parent.id) if parent else None,
+                backing_format="qcow2" if parent else None,
+            )
+            plan = JobPlan(dev.size, dev.granularity, cluster_size, units, kind != "full", self.parent_hashes)
+            self.checksums = ChecksumRecord(dev.size, dev.granularity)
+            source = self.source_factory(dev) if self.source_factory else Source(dev.fd, dev.path, dev.size)
+            job = BackupJob(
+                plan, source, self.writer, self.checksums, kind=kind, on_progress=self.on_progress,
+                cancel=self.cancel, chunk_bytes=self.chunk_bytes, rate=self.rate,
+            )
+            self.job = job
+            # From registering the job to inside the try that undoes it,
+            # a stop signal (whose handler raises: Ctrl-C, a CLI's
+            # SIGTERM) is held back: raised in between (leaving the
+            # gate, say), it left the job registered and close() waiting
+            # for it forever.
+            self.held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            dev.job = job
+            self.host.job_begins(self.name, job)
+        except BaseException:
+            self._undo_start()
+            raise
+
+    def _undo_start(self) -> None:
+        """Anything (a Ctrl-C included) before the job is under way: undo all of it."""
+        dev = self.dev
+        dev.job = None
+        self.host.job_ends(self.name)
+        if self.writer is not None:
+            self.writer.abort()
+        if self.files is not None:
+            try:
+                durable.fs.unlink(self.files.tmp)
+            except FileNotFoundError:
+                pass
+        self.host.forget_intents(self.intents)
+        dev.reclaim_frozen(full=self.kind == "full")
+        if self.held is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self.held)
+
+    def prepare(self) -> None:
+        """Run the job, publish its image, and commit the catalog row that
+        makes the backup visible; the job's history is recorded with it."""
+        assert self.job is not None and self.writer is not None and self.files is not None
+        assert self.checksums is not None and self.held is not None
+        job, writer, files, name = self.job, self.writer, self.files, self.name
+        try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self.held)  # a stop held back lands here
+            self.job_id = self.catalog.job_started(name, self.kind)  # inside: a failure here must undo the above
+            job.run()
+            publish(writer, self.checksums, files)
+        except OSError as e:
+            raise storage_error(e) from None
+        except ImageError as e:
+            if is_disk_full(e.errno):
+                raise RepositoryError(f"repository disk full: {e}", errno.ENOSPC) from None
+            raise
+        parent = self.parent
+        self.rec = BackupRecord(
+            id=files.ident,
+            device=name,
+            seq=self.seq,
+            kind=self.kind,
+            parent=parent.id if parent else None,
+            created_ns=self.created_ns,
+            size=self.dev.size,
+            cluster_size=self.cluster_size,
+            granularity=self.dev.granularity,
+            image=files.image_rel,
+            checksums=files.sums_rel,
+            stored_bytes=writer.stored_bytes(),
+            label=self.label,
+            scanned=self.plan_scan,
+        )
+        finished = dict(backup=files.ident, total=job.progress.total, done=job.progress.done,
+                        written=job.progress.written, scanned=self.plan_scan)
+        assert self.job_id is not None
+        self.catalog.add_backup(self.rec, job=(self.job_id, finished))  # the instant it becomes visible
+
+    def commit(self) -> None:
+        """The backup is in the catalog: its frozen bits are dropped, the
+        bitmaps trusted again unless something the bitmap cannot have seen
+        happened while the job ran."""
+        dev = self.dev
+        # Exclusive: waits for writes in flight, whose copy-before-write
+        # may still be writing into the image; none starts after this.
+        with dev.gate.exclusive():
+            dev.job = None
+            resynced = dev.job_committed(self.distrusts, full=self.frozen_full is not None)
+            if self.frozen_full is None and self.plan_scan and not dev.since_full.trusted and resynced:
+                assert self.rec is not None
+                changed = self._since_full_changes(self.rec)
+                if changed is not None:
+                    dev.resync_since_full(changed)
+        self.host.forget_intents(self.intents)
+
+    def abort(self, failure: BaseException | None, doubt: bool) -> None:
+        """The backup is not in the catalog (``doubt``: cannot tell): its
+        frozen bits go back, its files go (in doubt, only the temporary:
+        the next open removes the recorded files the catalog does not
+        name), and the job's history says why it ended."""
+        dev, writer = self.dev, self.writer
+        assert writer is not None and self.files is not None and self.job is not None
+        with dev.gate.exclusive():
+            dev.job = None
+            dev.job_failed(full=self.frozen_full is not None)
+        # Only now: closed earlier, the image's descriptor could be
+        # reused by another file while a copy-before-write still
+        # held its number.
+        writer.abort()
+        files = self.files
+        for leftover in (files.tmp,) if doubt else (files.tmp, files.image, files.sums):
+            try:
+                durable.fs.unlink(leftover)
+            except FileNotFoundError:
+                pass
+        if not doubt:
+            self.host.forget_intents(self.intents)
+        cancelled = isinstance(failure, KeyboardInterrupt) or (
+            isinstance(failure, JobError) and failure.errno == errno.ECANCELED)
+        job = self.job
+        try:
+            if self.job_id is not None:
+                self.catalog.job_finished(
+                    self.job_id, "cancelled" if cancelled else "failed", total=job.progress.total,
+                    done=job.progress.done, written=job.progress.written, scanned=self.plan_scan,
+                    error=failure_text(failure),
+                )
+        except CatalogError:
+            pass  # history only (a full disk): the error that stopped the job matters
+
+    def clean(self) -> None:
+        """Whatever the end: the device has no running job any more."""
+        self.host.job_ends(self.name)
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _committed(self) -> bool | None:
+        """Whether the catalog names the backup (None: it cannot say)."""
+        if self.files is None:
+            return False
+        try:
+            return self.catalog.backup(self.files.ident) is not None
+        except Exception:  # noqa: BLE001 - any doubt keeps the files
+            return None
+
+    def _since_full_changes(self, newest: BackupRecord) -> list[bitarray] | None:
+        """What changed since the last full, after a checksum scan: what
+        each backup after it defined (each copied at least the granules
+        that differed). None if that cannot be told: a backup without
+        checksums, or no full in the lineage (an imported chain)."""
+        changed = []
+        for b in self.catalog.lineage(newest.id):
+            if b.kind == "full":
+                return changed
+            if b.checksums is None:
+                return None
+            changed.append(ChecksumRecord.load(os.path.join(self.host.path, b.checksums)).defined)
+        return None
+
+    def _parent_for(self, kind: str) -> BackupRecord | None:
+        if kind == "full":
+            return None
+        if kind == "differential":
+            return self.catalog.last_full(self.name)
+        return self.catalog.latest_backup(self.name)
+
+
+def failure_text(failure: BaseException | None) -> str:
+    """What the job history says ended a job: a stop signal by its name
+    (the CLI's stop exception carries only the number, "15")."""
+    if isinstance(failure, KeyboardInterrupt):
+        signum = getattr(failure, "signum", None)
+        try:
+            return f"interrupted by {signal.Signals(signum).name}" if signum else "interrupted (Ctrl-C)"
+        except ValueError:
+            return f"interrupted by signal {signum}"
+    return str(failure) or "interrupted"
