@@ -346,7 +346,7 @@ def _print_history(catalog: Catalog, device: str) -> None:
     for j in catalog.jobs(device, limit=3):
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(j.started_ns / 1e9))
         extra = f": {escape(j.error)}" if j.error else ""
-        print(f"  job {j.id} {escape(j.kind)} {when} {j.state}{extra}")
+        print(f"  job {j.id} {escape(j.kind)} {when} {escape(j.state)}{extra}")
 
 
 def _device_line(d: DeviceRecord) -> str:

@@ -336,3 +336,16 @@ def test_a_tampered_catalog_row_is_refused(backed_up: tuple[Path, str, Path], tm
     finally:
         Mounted(repo, mnt).cleanup()
     assert victim.exists() and os.stat(victim).st_atime_ns == atime  # neither read nor deleted
+
+
+def test_a_tampered_job_row_reaches_no_terminal(backed_up: tuple[Path, str, Path]) -> None:
+    """The jobs table is not checked at open (nothing in it names a file), so
+    every field of it that `status` prints is escaped: its state was not."""
+    repo, _backup_id, _victim = backed_up
+    db = sqlite3.connect(repo / "catalog.db")
+    db.execute("UPDATE jobs SET state = ?, kind = ?, error = ?", ("fail\x1b]0;owned\x07ed", "full\x1b[2J", "x\ny"))
+    db.commit()
+    db.close()
+    out = cli("status", repo).stdout.decode()
+    assert "\x1b" not in out and "\x07" not in out, out
+    assert "job 1 full\\x1b[2J " in out and " fail\\x1b]0;owned\\x07ed: x\\ny" in out, out
