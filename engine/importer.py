@@ -51,6 +51,23 @@ def import_chain(
     link that records none (see Confinement).
     """
     confine = Confinement.around(tip, allow_outside, backing_format)
+    try:
+        return _import_confined(repo_path, catalog, name, tip, granularity, source, on_layer, confine)
+    finally:
+        confine.close()
+
+
+def _import_confined(
+    repo_path: str,
+    catalog: Catalog,
+    name: str,
+    tip: str,
+    granularity: int,
+    source: str | None,
+    on_layer: Callable[[int, int, str], None] | None,
+    confine: Confinement,
+) -> list[BackupRecord]:
+    """``import_chain`` with the backing files' directories held open (``confine``)."""
     layers = open_chain(tip, confine=confine)
     try:
         for layer in layers:

@@ -190,3 +190,44 @@ def test_a_users_chain_cannot_make_root_read_a_secret(repo: Path, other_user: Ot
     assert made.returncode == 0, made.stderr
     _refused(repo, mine / "tip.qcow2", repr(str(secret)), f"lies outside {mine}")
     _refused(repo, mine / "tip2.qcow2", "'base.raw'", f"leads to {secret}")
+
+
+def test_a_directory_swapped_between_check_and_open_leads_nowhere_else(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tip's directory is the user's to rename: swapped for a symlink to a
+    directory of root's just after the backing path was checked to lie inside,
+    the open used to follow it (the root was opened again by its path), and
+    root's file of that name went into the backup. (A loop of
+    renameat2(RENAME_EXCHANGE) against repeated imports does the same.)"""
+    from engine.qcow2 import backing
+
+    home = tmp_path / "home"
+    vms = home / "vms"
+    vms.mkdir(parents=True)
+    (vms / "base.raw").write_bytes(b"the user's own disk\n" * 100)
+    secret_dir = tmp_path / "root-only"
+    secret_dir.mkdir(mode=0o700)
+    (secret_dir / "base.raw").write_bytes(b"root only\n" * 100)
+    confine = backing.Confinement.around(str(vms / "tip.qcow2"))
+    real = os.path.realpath
+
+    def swapped_after_check(path: str, *args: object, **kwargs: object) -> str:
+        out = real(path, *args, **kwargs)  # type: ignore[arg-type]
+        if str(path).endswith("base.raw") and not vms.is_symlink():
+            vms.rename(home / "vms.orig")
+            vms.symlink_to(secret_dir)
+        return out
+
+    monkeypatch.setattr(backing.os.path, "realpath", swapped_after_check)
+    try:
+        fd = confine.open(str(vms / "base.raw"), str(vms / "tip.qcow2"), "base.raw")
+    except Exception as e:  # refusing is as good as reading the user's own file
+        assert "root only" not in str(e)
+    else:
+        try:
+            assert os.pread(fd, 100, 0).startswith(b"the user's own disk")
+        finally:
+            os.close(fd)
+    finally:
+        confine.close()
+    assert vms.is_symlink()  # the swap did happen
