@@ -96,7 +96,7 @@ def cmd_device_add(args: argparse.Namespace) -> int:
             raise UsageError("--replace keeps the device's granularity; leave out --granularity")
         with Repository.open(args.repo) as repo:
             rec = repo.replace_source(args.name, args.source)
-        print(f"device {rec.name}: source rebound to {rec.source}; its next backup compares checksums "
+        print(f"device {rec.name}: source rebound to {escape(rec.source)}; its next backup compares checksums "
               "(nothing recorded what changed on it)")
         return 0
     with Repository.open(args.repo) as repo:

@@ -349,3 +349,16 @@ def test_a_tampered_job_row_reaches_no_terminal(backed_up: tuple[Path, str, Path
     out = cli("status", repo).stdout.decode()
     assert "\x1b" not in out and "\x07" not in out, out
     assert "job 1 full\\x1b[2J " in out and " fail\\x1b]0;owned\\x07ed: x\\ny" in out, out
+
+
+def test_a_source_path_is_escaped_when_a_device_is_rebound(tmp_path: Path) -> None:
+    """`device add` printed the source escaped; `device add --replace` printed it as it was."""
+    repo = tmp_path / "repo"
+    _repo_with_device(repo, tmp_path / "d1.img")
+    other = tmp_path / HOSTILE.replace("/", "_")
+    with open(other, "wb") as f:
+        f.truncate(4 * MiB)
+    out = cli("device", "add", "--replace", repo, "d1", other).stdout.decode()
+    assert len(out.splitlines()) == 1, out
+    assert_printable(out, "device add --replace")
+    assert "base\\x1b[31mred\\nID\\tDEVICE" in out, out
