@@ -407,7 +407,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     with repo:
         dead = dead_mount(os.path.abspath(args.repo))
         print("not mounted" if dead is None else
-              f"not mounted: the mount at {escape(dead)} is dead (its daemon is gone); run 'backupfs umount {dead}'")
+              f"not mounted: the mount at {escape(dead)} is dead (its daemon is gone); run 'backupfs umount {escape(dead)}'")
         failed = dead is not None
         for d in repo.devices():
             print(_device_line(d))

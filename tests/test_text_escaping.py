@@ -362,3 +362,24 @@ def test_a_source_path_is_escaped_when_a_device_is_rebound(tmp_path: Path) -> No
     assert len(out.splitlines()) == 1, out
     assert_printable(out, "device add --replace")
     assert "base\\x1b[31mred\\nID\\tDEVICE" in out, out
+
+
+@pytest.mark.mount
+def test_the_mount_commands_notice_is_escaped(tmp_path: Path) -> None:
+    """The daemon hands the mount command its notices (a repository made
+    private) through a pipe; the command printed them as they came, with the
+    repository's path raw: every other command escapes them."""
+    repo = tmp_path / "r\x1b[31m"
+    _repo_with_device(repo, tmp_path / "d1.img")
+    (repo / "devices").chmod(0o755)  # as an older version left it: the mount makes it private, and says so
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    m = Mounted(repo, mnt)
+    try:
+        proc = cli("mount", repo, mnt)
+        m.pid = json.loads((repo / "mount.json").read_text())["pid"]
+        err = assert_printable(proc.stderr, "the mount's notice")
+        assert "r\\x1b[31m was readable by other users" in err, err
+        m.stop()
+    finally:
+        m.cleanup()
