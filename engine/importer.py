@@ -43,8 +43,13 @@ def import_chain(
     on_layer: Callable[[int, int, str], None] | None = None,
     allow_outside: Sequence[str] = (),
     backing_format: str | None = None,
+    tip_format: str | None = None,
 ) -> list[BackupRecord]:
     """Import ``tip`` and its backing chain as backups of a new device ``name``.
+
+    ``tip_format``: the tip's format as the user knows it; None tells it from
+    the tip's first bytes (which, in a raw disk, its guest wrote: a qcow2
+    header there would name a backing file for us to read).
 
     Backing files are read only inside the tip's directory tree and
     ``allow_outside``, never probed: ``backing_format`` is the format of a
@@ -52,7 +57,7 @@ def import_chain(
     """
     confine = Confinement.around(tip, allow_outside, backing_format)
     try:
-        return _import_confined(repo_path, catalog, name, tip, granularity, source, on_layer, confine)
+        return _import_confined(repo_path, catalog, name, tip, granularity, source, on_layer, confine, tip_format)
     finally:
         confine.close()
 
@@ -66,9 +71,12 @@ def _import_confined(
     source: str | None,
     on_layer: Callable[[int, int, str], None] | None,
     confine: Confinement,
+    tip_format: str | None = None,
 ) -> list[BackupRecord]:
     """``import_chain`` with the backing files' directories held open (``confine``)."""
-    layers = open_chain(tip, confine=confine)
+    if tip_format is not None and tip_format not in ("raw", "qcow2"):
+        raise UsageError(f"--format must be raw or qcow2, not {tip_format!r}")
+    layers = open_chain(tip, confine=confine, tip_format=tip_format)
     try:
         for layer in layers:
             if isinstance(layer, Qcow2Layer) and layer.header.corrupt:

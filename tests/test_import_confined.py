@@ -231,3 +231,24 @@ def test_a_directory_swapped_between_check_and_open_leads_nowhere_else(tmp_path:
     finally:
         confine.close()
     assert vms.is_symlink()  # the swap did happen
+
+
+def test_a_raw_disk_whose_guest_wrote_a_qcow2_header_imports_as_raw_with_format(repo: Path, tmp_path: Path) -> None:
+    """The tip's format is told from its first bytes, and in a raw disk those
+    are the guest's: a header naming another VM's disk in the same directory
+    as its backing file made import read that disk into this device's
+    backups. `--format raw` says what the tip is; nothing is guessed then."""
+    images = tmp_path / "images"
+    images.mkdir()
+    other = images / "other-vm.img"
+    other.write_bytes(b"another guest's data\n" * 1000 + bytes(4 * MiB - 21000))
+    disk = images / "guest.img"
+    header = tmp_path / "header.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "other-vm.img", "-F", "raw", str(header), "4M")
+    with open(disk, "wb") as f:
+        f.truncate(4 * MiB)
+        f.write(header.read_bytes()[:65536])  # what the guest wrote at the start of its disk
+    out = cli("import", repo, "vm", disk, "--format", "raw").stdout.decode().splitlines()
+    assert len(out) == 1 and out[0].endswith("(raw)"), out
+    image = repo / "devices" / "vm" / f"{out[0].split(chr(9))[0]}.qcow2"
+    assert qemu_raw(image, tmp_path) == disk.read_bytes()
