@@ -131,7 +131,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     with os.fdopen(r, "rb") as f:
         answer = f.readline().decode(errors="replace").strip()
         while answer.startswith("NOTE "):
-            print(f"backupfs: {answer[5:]}", file=sys.stderr)
+            print(f"backupfs: {one_line(answer[5:])}", file=sys.stderr)
             answer = f.readline().decode(errors="replace").strip()
     if answer == "OK":
         return 0

@@ -58,6 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also read backing files under DIR (by default only under the tip's directory); repeatable")
     p.add_argument("--backing-format", choices=("raw", "qcow2"),
                    help="the format of a backing file whose image records none (never guessed)")
+    p.add_argument("--format", dest="tip_format", choices=("raw", "qcow2"), default="qcow2",
+                   help="the tip's format (default qcow2; never told from its first bytes, which in a "
+                        "raw disk its guest chose): give raw to import a raw disk")
     p.set_defaults(func=cmd_import)
 
 
@@ -321,7 +324,7 @@ def cmd_import(args: argparse.Namespace) -> int:
                 print(f"importing {n + 1}/{total}: {escape(path)}", file=sys.stderr)
 
         records = repo.import_chain(args.name, args.tip, granularity or DEFAULT_GRANULARITY, args.source, on_layer,
-                                    args.allow_outside, args.backing_format)
+                                    args.allow_outside, args.backing_format, args.tip_format)
     for rec in records:
         print(f"{escape(rec.id)}\t{rec.kind}\t{format_size(rec.stored_bytes)}\t{escape(rec.label or '')}")
     return 0

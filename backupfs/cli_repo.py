@@ -96,7 +96,7 @@ def cmd_device_add(args: argparse.Namespace) -> int:
             raise UsageError("--replace keeps the device's granularity; leave out --granularity")
         with Repository.open(args.repo) as repo:
             rec = repo.replace_source(args.name, args.source)
-        print(f"device {rec.name}: source rebound to {rec.source}; its next backup compares checksums "
+        print(f"device {rec.name}: source rebound to {escape(rec.source)}; its next backup compares checksums "
               "(nothing recorded what changed on it)")
         return 0
     with Repository.open(args.repo) as repo:
@@ -344,7 +344,7 @@ def _print_history(catalog: Catalog, device: str) -> None:
     for j in catalog.jobs(device, limit=3):
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(j.started_ns / 1e9))
         extra = f": {escape(j.error)}" if j.error else ""
-        print(f"  job {j.id} {escape(j.kind)} {when} {j.state}{extra}")
+        print(f"  job {j.id} {escape(j.kind)} {when} {escape(j.state)}{extra}")
 
 
 def _device_line(d: DeviceRecord) -> str:
@@ -405,7 +405,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     with repo:
         dead = dead_mount(os.path.abspath(args.repo))
         print("not mounted" if dead is None else
-              f"not mounted: the mount at {escape(dead)} is dead (its daemon is gone); run 'backupfs umount {dead}'")
+              f"not mounted: the mount at {escape(dead)} is dead (its daemon is gone); run 'backupfs umount {escape(dead)}'")
         failed = dead is not None
         for d in repo.devices():
             print(_device_line(d))

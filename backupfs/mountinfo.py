@@ -11,6 +11,7 @@ import errno
 import os
 import re
 import select
+import stat
 from dataclasses import dataclass
 
 from engine.errors import UsageError
@@ -60,6 +61,7 @@ def parse_options(text: str | None) -> list[str]:
 
 
 def check_mountpoint(repo_path: str, mountpoint: str) -> str:
+    _refuse_strangers_link(mountpoint)
     repo_real = os.path.realpath(repo_path)
     mp = os.path.realpath(mountpoint)
     try:
@@ -82,6 +84,27 @@ def check_mountpoint(repo_path: str, mountpoint: str) -> str:
     if os.path.ismount(mp):
         raise UsageError(f"{mountpoint} is already a mount point")
     return mp
+
+
+def _refuse_strangers_link(mountpoint: str) -> None:
+    """Refuse a mount point that is a symlink someone else made or can change:
+    followed, it would have root mount the repository over the directory of
+    their choosing (/etc, say), hiding it. An administrator's link (root's,
+    in a directory only root can change) is followed, as before."""
+    from engine.sourceid import trusted_link
+
+    name = mountpoint.rstrip("/") or "/"  # "link/" would look through the link
+    try:
+        st = os.lstat(name)
+    except OSError:
+        return
+    if stat.S_ISLNK(st.st_mode) and not trusted_link(name, st):
+        try:
+            points = os.readlink(name)
+        except OSError:
+            points = "?"
+        raise UsageError(f"mount point {mountpoint} is a symlink (to {points}) that another user made or can "
+                         "change; give the directory itself")
 
 
 def check_sources_outside(mountpoint: str, sources: dict[str, str]) -> None:

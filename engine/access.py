@@ -28,6 +28,17 @@ PRIVATE_FILE = 0o600
 GROUP_DIR = 0o2750  # setgid: what is created inside gets the directory's group
 GROUP_FILE = 0o640
 
+# Files backupfs takes locks on: the repository's ``lock`` (flock) and
+# ``catalog.db`` with its ``-wal``, ``-shm`` and ``-journal`` (SQLite's fcntl
+# locks; their mode follows the database's). A lock needs only a descriptor
+# open for reading, so whoever may read such a file may hold its lock for
+# ever: a member of a repository's group could stop every backup, mount and
+# catalog write. They stay the owner's alone, in a group-readable repository too.
+def owner_only(name: str) -> bool:
+    """Whether the file ``name`` at the repository's top is kept 0600 whatever the access."""
+    return name == "lock" or name.startswith("catalog.db")
+
+
 # What the engine has to tell the user outside any error (e.g. that a
 # repository was made private); the CLI prints these on stderr.
 notices = logging.getLogger("backupfs.notice")
@@ -102,7 +113,16 @@ def dir_mode_in(directory: str) -> int:
 def set_new_file_mode(fd: int, path: str) -> None:
     """Give the file just created at ``path`` (open as ``fd``) the mode its
     directory calls for; before any data is written, whatever the umask."""
+    if owner_only(os.path.basename(path)) and _is_repository(os.path.dirname(path) or "."):
+        os.fchmod(fd, PRIVATE_FILE)
+        return
     os.fchmod(fd, file_mode_in(os.path.dirname(path) or "."))
+
+
+def _is_repository(directory: str) -> bool:
+    """A repository's top directory: the one that holds devices/ (init makes it
+    before the catalog)."""
+    return os.path.isdir(os.path.join(directory, "devices"))
 
 
 def make_dir(path: str, access: Access | None = None) -> bool:
@@ -158,14 +178,15 @@ def secure(root: str, access: Access) -> bool:
             except FileNotFoundError:
                 dirnames.remove(name)
         for name in filenames:
+            mode = PRIVATE_FILE if dirpath == root and owner_only(name) else access.file_mode
             try:
-                too_open |= _secure_file(dir_fd, name, access)
+                too_open |= _secure_file(dir_fd, name, mode, access.gid)
             except OSError as e:
                 raise OSError(e.errno, e.strerror, os.path.join(dirpath, name)) from None
     return too_open
 
 
-def _secure_file(dir_fd: int, name: str, access: Access) -> bool:
+def _secure_file(dir_fd: int, name: str, mode: int, gid: int | None) -> bool:
     """``secure`` for one entry that is not a directory (regular files only)."""
     try:
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
@@ -177,7 +198,7 @@ def _secure_file(dir_fd: int, name: str, access: Access) -> bool:
             return False
         # The descriptor's /proc entry is the very inode opened above, not a
         # path a symlink could redirect (fchmod refuses an O_PATH descriptor).
-        return _conform(f"/proc/self/fd/{fd}", st, access.file_mode, access.gid)
+        return _conform(f"/proc/self/fd/{fd}", st, mode, gid)
     finally:
         os.close(fd)
 

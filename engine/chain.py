@@ -238,9 +238,10 @@ class ChainView:
         self._fd_array = array("i", self._fds)  # for the C loop
 
     @classmethod
-    def open(cls, tip: str, *, confine: Confinement | None = None, tip_format: str | None = None) -> ChainView:
-        """The chain below ``tip``; ``confine`` and ``tip_format`` as for ``open_chain``."""
-        layers = open_chain(tip, confine=confine, tip_format=tip_format)
+    def open(cls, tip: str, *, confine: Confinement | None = None, tip_format: str | None = None,
+             reopened: bool = False) -> ChainView:
+        """The chain below ``tip``; ``confine``, ``tip_format`` and ``reopened`` as for ``open_chain``."""
+        layers = open_chain(tip, confine=confine, tip_format=tip_format, reopened=reopened)
         try:
             return cls(layers)
         except BaseException:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from engine.access import make_dir
 from engine.catalog import BackupRecord, Catalog, CatalogError
 from engine.chain import ChainView
-from engine.errors import UsageError
+from engine.errors import ImageError, UsageError
 from engine.fsutil import fsync_dir
 from engine.job import copy_cluster_size, units_of, units_of_extents
 from engine.layout import BackupFiles, backup_id, device_dir, device_rel, image_name
@@ -48,15 +48,39 @@ def import_chain(
     on_layer: Callable[[int, int, str], None] | None = None,
     allow_outside: Sequence[str] = (),
     backing_format: str | None = None,
+    tip_format: str = "qcow2",
 ) -> list[BackupRecord]:
     """Import ``tip`` and its backing chain as backups of a new device ``name``.
+
+    ``tip_format``: the tip's format as the user states it (qcow2 unless told
+    raw), never told from its first bytes: in a raw disk its guest wrote
+    them, and a qcow2 header there would name a backing file for us to read.
 
     Backing files are read only inside the tip's directory tree and
     ``allow_outside``, never probed: ``backing_format`` is the format of a
     link that records none (see Confinement).
     """
     confine = Confinement.around(tip, allow_outside, backing_format)
-    size, info = _read_chain(tip, confine)
+    try:
+        return _import_confined(repo_path, catalog, name, tip, granularity, source, on_layer, confine,
+                                tip_format)
+    finally:
+        confine.close()
+
+
+def _import_confined(
+    repo_path: str,
+    catalog: Catalog,
+    name: str,
+    tip: str,
+    granularity: int,
+    source: str | None,
+    on_layer: Callable[[int, int, str], None] | None,
+    confine: Confinement,
+    tip_format: str,
+) -> list[BackupRecord]:
+    """``import_chain`` with the backing files' directories held open (``confine``)."""
+    size, info = _read_chain(tip, confine, tip_format)
     check_granules(size, granularity, f"{tip}: the disk")
     identity: SourceId | None = None
     if source is not None:
@@ -110,10 +134,18 @@ def import_chain(
     return records
 
 
-def _read_chain(tip: str, confine: Confinement) -> tuple[int, list[LayerInfo]]:
+def _read_chain(tip: str, confine: Confinement, tip_format: str) -> tuple[int, list[LayerInfo]]:
     """The disk's size and each image of the chain (tip first), refused if
     QEMU marked one corrupt or the size is not one a device can have."""
-    layers = open_chain(tip, confine=confine)
+    if tip_format not in ("raw", "qcow2"):
+        raise UsageError(f"--format must be raw or qcow2, not {tip_format!r}")
+    try:
+        layers = open_chain(tip, confine=confine, tip_format=tip_format)
+    except ImageError as e:
+        if tip_format == "qcow2" and e.path == tip and e.problem.startswith("not a qcow2 image"):
+            raise ImageError(tip, f"{e.problem}; import reads qcow2 chains (give --format raw to import "
+                                  "a raw disk)") from None
+        raise
     try:
         for layer in layers:
             if isinstance(layer, Qcow2Layer) and layer.header.corrupt:
@@ -139,7 +171,7 @@ def _rewrite_layer(files: BackupFiles, path: str, fmt: str, cs: int, confine: Co
     """Rewrite one image of the chain as backup ``files`` (backing onto
     ``prev``), published; its stored bytes. Its files are recorded intents."""
     unit = copy_cluster_size(granularity, cs)
-    with ChainView.open(path, confine=confine, tip_format=fmt) as content:
+    with ChainView.open(path, confine=confine, tip_format=fmt, reopened=True) as content:
         own = content.layers[0]
         ranges = held_extents(own)
         if prev is None:  # a full needs only what is not zero

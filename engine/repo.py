@@ -499,7 +499,7 @@ class Repository:
     def import_chain(
         self, name: str, tip: str, granularity: int = DEFAULT_GRANULARITY, source: str | None = None,
         on_layer: Callable[[int, int, str], None] | None = None,
-        allow_outside: Sequence[str] = (), backing_format: str | None = None,
+        allow_outside: Sequence[str] = (), backing_format: str | None = None, tip_format: str = "qcow2",
     ) -> list[BackupRecord]:
         """Adopt a QEMU/libvirt chain as the history of a new device ``name``
         (backing files confined as engine/importer.py says)."""
@@ -516,7 +516,7 @@ class Repository:
                 if found is not None:  # else the import names what is wrong with it
                     self._check_unclaimed(os.path.abspath(source), found)
             records = import_chain(self.path, self.catalog, name, tip, granularity, source, on_layer,
-                                   allow_outside, backing_format)
+                                   allow_outside, backing_format, tip_format)
         except BaseException:
             # All or nothing: the device and its backups are committed in one
             # go, last. Not committed: no half of it stays. Committed (an

@@ -20,6 +20,7 @@ from engine.qcow2.layers import DATA, open_layer
 from tests.commands import backupfs_cmd, cli
 from tests.mounts import Mounted
 from tests.oracle import qemu_img, qemu_io
+from tests.users import OtherUser
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -351,3 +352,41 @@ def test_a_full_repository_disk_still_lists_verifies_and_restores(tmp_path: Path
         cli("verify", repo_dir)
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+@pytest.mark.mount
+def test_a_mount_point_that_is_another_users_symlink_is_refused(tmp_path: Path, open_tmp: Path,
+                                                                 other_user: OtherUser) -> None:
+    """Followed, a link someone else made has root mount the repository over
+    the directory of their choosing, hiding it; an administrator's link
+    (root's, in a directory only root can change) is still followed."""
+    repo = tmp_path / "repo"
+    cli("init", repo)
+    hidden = tmp_path / "root-only"
+    hidden.mkdir(mode=0o700)
+    (hidden / "keep").write_text("hidden by a mount on top\n")
+    theirs = open_tmp / "user"
+    theirs.mkdir()
+    os.chown(theirs, other_user.uid, other_user.gid)
+    link = theirs / "mnt"
+    assert other_user.run("ln", "-s", hidden, link).returncode == 0
+    try:
+        for given in (link, f"{link}/"):
+            proc = cli("mount", repo, given, check=False)
+            err = proc.stderr.decode()
+            assert proc.returncode != 0 and f"mount point {given} is a symlink (to {hidden}) that another user" in err, err
+            assert not os.path.ismount(hidden)
+    finally:
+        Mounted(repo, hidden).cleanup()
+    assert (hidden / "keep").read_text() == "hidden by a mount on top\n"
+
+    mine = tmp_path / "link"  # root's link in root's directory: followed
+    mine.symlink_to(hidden)
+    m = Mounted(repo, hidden)
+    try:
+        cli("mount", repo, mine)
+        assert os.path.ismount(hidden)
+        m.pid = int(__import__("json").loads((repo / "mount.json").read_text())["pid"])
+        m.stop()
+    finally:
+        m.cleanup()

@@ -190,3 +190,84 @@ def test_a_users_chain_cannot_make_root_read_a_secret(repo: Path, other_user: Ot
     assert made.returncode == 0, made.stderr
     _refused(repo, mine / "tip.qcow2", repr(str(secret)), f"lies outside {mine}")
     _refused(repo, mine / "tip2.qcow2", "'base.raw'", f"leads to {secret}")
+
+
+def test_a_directory_swapped_between_check_and_open_leads_nowhere_else(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tip's directory is the user's to rename: swapped for a symlink to a
+    directory of root's just after the backing path was checked to lie inside,
+    the open used to follow it (the root was opened again by its path), and
+    root's file of that name went into the backup. (A loop of
+    renameat2(RENAME_EXCHANGE) against repeated imports does the same.)"""
+    from engine.qcow2 import backing
+
+    home = tmp_path / "home"
+    vms = home / "vms"
+    vms.mkdir(parents=True)
+    (vms / "base.raw").write_bytes(b"the user's own disk\n" * 100)
+    secret_dir = tmp_path / "root-only"
+    secret_dir.mkdir(mode=0o700)
+    (secret_dir / "base.raw").write_bytes(b"root only\n" * 100)
+    confine = backing.Confinement.around(str(vms / "tip.qcow2"))
+    real = os.path.realpath
+
+    def swapped_after_check(path: str, *args: object, **kwargs: object) -> str:
+        out = real(path, *args, **kwargs)  # type: ignore[arg-type]
+        if str(path).endswith("base.raw") and not vms.is_symlink():
+            vms.rename(home / "vms.orig")
+            vms.symlink_to(secret_dir)
+        return out
+
+    monkeypatch.setattr(backing.os.path, "realpath", swapped_after_check)
+    try:
+        fd = confine.open(str(vms / "base.raw"), str(vms / "tip.qcow2"), "base.raw")
+    except Exception as e:  # refusing is as good as reading the user's own file
+        assert "root only" not in str(e)
+    else:
+        try:
+            assert os.pread(fd, 100, 0).startswith(b"the user's own disk")
+        finally:
+            os.close(fd)
+    finally:
+        confine.close()
+    assert vms.is_symlink()  # the swap did happen
+
+
+def test_a_raw_disk_whose_guest_wrote_a_qcow2_header_imports_as_raw_with_format(repo: Path, tmp_path: Path) -> None:
+    """The tip's format is told from its first bytes, and in a raw disk those
+    are the guest's: a header naming another VM's disk in the same directory
+    as its backing file made import read that disk into this device's
+    backups. `--format raw` says what the tip is; nothing is guessed then."""
+    images = tmp_path / "images"
+    images.mkdir()
+    other = images / "other-vm.img"
+    other.write_bytes(b"another guest's data\n" * 1000 + bytes(4 * MiB - 21000))
+    disk = images / "guest.img"
+    header = tmp_path / "header.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "other-vm.img", "-F", "raw", str(header), "4M")
+    with open(disk, "wb") as f:
+        f.truncate(4 * MiB)
+        f.write(header.read_bytes()[:65536])  # what the guest wrote at the start of its disk
+    out = cli("import", repo, "vm", disk, "--format", "raw").stdout.decode().splitlines()
+    assert len(out) == 1 and out[0].endswith("(raw)"), out
+    image = repo / "devices" / "vm" / f"{out[0].split(chr(9))[0]}.qcow2"
+    assert qemu_raw(image, tmp_path) == disk.read_bytes()
+
+
+def test_the_tips_format_is_stated_never_guessed(tmp_path: Path) -> None:
+    """A raw tip is imported only when the user says it is raw: its first
+    bytes are its guest's, and they decide nothing."""
+    repo = tmp_path / "repo"
+    cli("init", repo)
+    raw = tmp_path / "disk.img"
+    raw.write_bytes(b"\xabguest data" * 1000 + bytes(MiB - 11000))
+    proc = cli("import", repo, "vm", raw, check=False)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and len(err.splitlines()) == 1, err
+    assert "not a qcow2 image" in err and "--format raw" in err, err
+    assert "vm" not in cli("device", "list", repo).stdout.decode()
+    cli("import", repo, "vm", raw, "--format", "raw")
+    (backup_id,) = [line.split("\t")[0] for line in cli("list", repo, "vm").stdout.decode().splitlines()[1:]]
+    out = tmp_path / "out.raw"
+    cli("restore", repo, "vm", backup_id, out)
+    assert out.read_bytes() == raw.read_bytes()

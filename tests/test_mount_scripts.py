@@ -23,6 +23,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -805,6 +806,58 @@ def test_the_file_restore_helper_refuses_a_symlinked_mount_dir(
         assert proc.returncode == 1 and f"{link} is a symlink" in proc.stderr, proc.stderr
     assert not os.path.ismount(hidden) and (hidden / "keep").read_text() == "hidden by a mount on top\n"
     assert link.is_symlink()
+
+
+@pytest.mark.mount
+def test_the_file_restore_helper_refuses_a_mount_dir_another_user_can_swap(
+    tmp_path: Path, open_tmp: Path, other_user: OtherUser
+) -> None:
+    """A real directory now is no proof: mount(8) follows the path again, so a
+    user who can rename an entry on the way swaps in a symlink between the
+    check and the mount (a loop of renameat2(RENAME_EXCHANGE) did, 2 runs in
+    60), and root mounts the backup over the link's target. Refused unless
+    only root can change every directory on the way."""
+    user_dir = open_tmp / "user"
+    user_dir.mkdir()
+    os.chown(user_dir, other_user.uid, other_user.gid)
+    theirs = user_dir / "mnt"  # a directory of theirs in a directory of theirs
+    assert other_user.run("mkdir", theirs).returncode == 0
+    mine_in_theirs = user_dir / "rootmnt"  # root's, but they can rename it
+    mine_in_theirs.mkdir()
+    writable = open_tmp / "writable"  # root's, writable by all, not sticky
+    writable.mkdir()
+    writable.chmod(0o777)
+    owned = open_tmp / "owned"  # theirs, in root's directory: they can still replace it (or /tmp's, sticky)
+    owned.mkdir()
+    os.chown(owned, other_user.uid, other_user.gid)
+    link_dir = open_tmp / "link"  # root's own symlink on the way
+    link_dir.symlink_to(tmp_path)
+    image = tmp_path / "fs.img"
+    sh(f"mkfs.ext4 -q -F {image} 8M")
+    cases = {
+        theirs: f"{user_dir} belongs to user {other_user.name}",
+        user_dir / "new": f"{user_dir} belongs to user {other_user.name}",
+        mine_in_theirs: f"{user_dir} belongs to user {other_user.name}",
+        owned: f"{owned} belongs to user {other_user.name}",
+        writable / "new": f"{writable} is writable by other users",
+        link_dir / "new": f"{link_dir} is a symlink",
+    }
+    for mountdir, why in cases.items():
+        proc = subprocess.run([str(RESTORE), str(image), str(mountdir), "--", "true"], capture_output=True,
+                              text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert proc.returncode == 1 and f"{mountdir} is out of root's sole control ({why})" in proc.stderr, \
+            proc.stderr
+        assert "mounted" not in proc.stderr
+        assert not os.path.ismount(mountdir)
+        assert subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True).stdout == ""
+    assert not (user_dir / "new").exists() and not (writable / "new").exists()
+
+    # A new directory in a sticky directory of root's (/tmp itself) is fine.
+    fresh = Path(tempfile.mktemp(prefix="bfs-restore-", dir="/tmp"))
+    proc = subprocess.run([str(RESTORE), str(image), str(fresh), "--", "pwd"], capture_output=True, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"{fresh}\n" and not fresh.exists()
 
 
 @pytest.mark.mount

@@ -72,11 +72,16 @@ def entries(repo: Path) -> dict[str, os.stat_result]:
     return out
 
 
+def owner_only(rel: str) -> bool:
+    """The files a lock is taken on, which stay 0600 in a group's repository too."""
+    return rel == "lock" or rel.startswith("catalog.db")
+
+
 def wrong_modes(repo: Path, dir_mode: int, file_mode: int, gid: int | None = None) -> dict[str, str]:
     """Entries whose mode (or group) is not the one asked for: {} when all are right."""
     wrong = {}
     for rel, st in entries(repo).items():
-        want = dir_mode if stat.S_ISDIR(st.st_mode) else file_mode
+        want = dir_mode if stat.S_ISDIR(st.st_mode) else 0o600 if owner_only(rel) else file_mode
         if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
             wrong[rel] = f"{stat.filemode(st.st_mode)} (neither a file nor a directory)"
         elif stat.S_IMODE(st.st_mode) != want or (gid is not None and st.st_gid != gid):
@@ -230,6 +235,62 @@ def test_group_repository_is_readable_by_that_group_only(open_tmp: Path, source:
         f"backupfs: {repo} was readable by other users; made it readable by group {name} only (2750/0640)"]
     assert wrong_modes(repo, 0o2750, 0o640, gid) == {}
     assert cli("list", repo).stderr.decode() == ""
+
+
+@pytest.mark.mount
+def test_a_group_member_cannot_hold_the_repository_or_catalog_locks(
+        open_tmp: Path, tmp_path: Path, source: Path, other_user: OtherUser, group: tuple[str, int]) -> None:
+    """A lock needs only a descriptor open for reading: a member who could read
+    `lock` held its flock, and every backup and mount failed ("in use by pid
+    N", naming the last writer); one who could read the catalog's -shm held
+    a read lock on its write byte, and every catalog write failed ("locking
+    protocol"). The group reads the images, not these."""
+    name, gid = group
+    repo = open_tmp / "repo"
+    cli("init", repo, "--group", name)
+    cli("device", "add", repo, "vm1", source)
+    cli("backup", repo, "vm1", "full")
+
+    def as_member(*cmd: str | Path) -> subprocess.Popen:
+        return subprocess.Popen([str(c) for c in cmd], user=other_user.uid, group=other_user.gid,
+                                extra_groups=[gid], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    holder = as_member("flock", "-n", repo / "lock", "-c", "echo held; sleep 30")
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == ""  # it never got the lock
+        cli("backup", repo, "vm1", "incremental")
+    finally:
+        holder.kill()
+        holder.wait()
+        _, err = holder.communicate()
+    assert "Permission denied" in err, err
+
+    (tmp_path / "mnt").mkdir()
+    m = Mounted(repo, tmp_path / "mnt")
+    m.start()
+    try:
+        shm = repo / "catalog.db-shm"
+        assert shm.exists()
+        locker = as_member("/usr/bin/python3", "-c", f"""
+import fcntl, os, sys, time
+fd = os.open({str(shm)!r}, os.O_RDONLY)
+fcntl.lockf(fd, fcntl.LOCK_SH, 1, 120)  # SQLite's WAL write lock byte
+print("held", flush=True)
+time.sleep(30)
+""")
+        try:
+            assert locker.stdout is not None and locker.stdout.readline() == ""
+            (m.path("vm1", "snapshot")).write_text("incremental\n")
+            assert "state: succeeded" in m.path("vm1", "snapshot").read_text()
+        finally:
+            locker.kill()
+            locker.wait()
+            _, err = locker.communicate()
+        assert "Permission denied" in err, err
+        assert wrong_modes(repo, 0o2750, 0o640, gid) == {}
+        m.stop()
+    finally:
+        m.cleanup()
 
 
 def test_unknown_group_is_refused(open_tmp: Path) -> None:

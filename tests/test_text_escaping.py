@@ -336,3 +336,50 @@ def test_a_tampered_catalog_row_is_refused(backed_up: tuple[Path, str, Path], tm
     finally:
         Mounted(repo, mnt).cleanup()
     assert victim.exists() and os.stat(victim).st_atime_ns == atime  # neither read nor deleted
+
+
+def test_a_tampered_job_row_reaches_no_terminal(backed_up: tuple[Path, str, Path]) -> None:
+    """The jobs table is not checked at open (nothing in it names a file), so
+    every field of it that `status` prints is escaped: its state was not."""
+    repo, _backup_id, _victim = backed_up
+    db = sqlite3.connect(repo / "catalog.db")
+    db.execute("UPDATE jobs SET state = ?, kind = ?, error = ?", ("fail\x1b]0;owned\x07ed", "full\x1b[2J", "x\ny"))
+    db.commit()
+    db.close()
+    out = cli("status", repo).stdout.decode()
+    assert "\x1b" not in out and "\x07" not in out, out
+    assert "job 1 full\\x1b[2J " in out and " fail\\x1b]0;owned\\x07ed: x\\ny" in out, out
+
+
+def test_a_source_path_is_escaped_when_a_device_is_rebound(tmp_path: Path) -> None:
+    """`device add` printed the source escaped; `device add --replace` printed it as it was."""
+    repo = tmp_path / "repo"
+    _repo_with_device(repo, tmp_path / "d1.img")
+    other = tmp_path / HOSTILE.replace("/", "_")
+    with open(other, "wb") as f:
+        f.truncate(4 * MiB)
+    out = cli("device", "add", "--replace", repo, "d1", other).stdout.decode()
+    assert len(out.splitlines()) == 1, out
+    assert_printable(out, "device add --replace")
+    assert "base\\x1b[31mred\\nID\\tDEVICE" in out, out
+
+
+@pytest.mark.mount
+def test_the_mount_commands_notice_is_escaped(tmp_path: Path) -> None:
+    """The daemon hands the mount command its notices (a repository made
+    private) through a pipe; the command printed them as they came, with the
+    repository's path raw: every other command escapes them."""
+    repo = tmp_path / "r\x1b[31m"
+    _repo_with_device(repo, tmp_path / "d1.img")
+    (repo / "devices").chmod(0o755)  # as an older version left it: the mount makes it private, and says so
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    m = Mounted(repo, mnt)
+    try:
+        proc = cli("mount", repo, mnt)
+        m.pid = json.loads((repo / "mount.json").read_text())["pid"]
+        err = assert_printable(proc.stderr, "the mount's notice")
+        assert "r\\x1b[31m was readable by other users" in err, err
+        m.stop()
+    finally:
+        m.cleanup()

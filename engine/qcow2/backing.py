@@ -58,10 +58,16 @@ class Confinement:
     one of them; it is then opened one component at a time from that root
     without following any symlink, so a link swapped in meanwhile fails the
     open instead of leading elsewhere.
+
+    Each root is opened once, here (``fds``), and every file is opened
+    beneath that very directory: a root's path whose directory a user can
+    rename (the tip in their home) cannot be swapped for a link to /etc
+    between the check and the open. ``close`` releases them.
     """
 
     roots: tuple[str, ...]
     backing_format: str | None = None
+    fds: tuple[int, ...] = ()
 
     @classmethod
     def around(cls, tip: str, allow_outside: Sequence[str] = (), backing_format: str | None = None) -> Confinement:
@@ -74,7 +80,23 @@ class Confinement:
             if not os.path.isdir(real):
                 raise UsageError(f"--allow-outside {d}: not a directory")
             roots.append(real)
-        return cls(tuple(roots), backing_format)
+        fds: list[int] = []
+        try:
+            for given, real in zip([tip, *allow_outside], roots):
+                fds.append(_hold_dir(real, given))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return cls(tuple(roots), backing_format, tuple(fds))
+
+    def close(self) -> None:
+        """Release the roots' descriptors."""
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def open(self, path: str, named_by: str, backing_name: str) -> int:
         """A read-only descriptor of the regular file ``path``, if it lies inside.
@@ -85,7 +107,8 @@ class Confinement:
         if "\0" in path:
             raise ImageError(named_by, f"backing file name {backing_name!r} contains a NUL byte")
         real = os.path.realpath(path)
-        root = next((r for r in self.roots if os.path.commonpath([real, r]) == r), None)
+        index = next((i for i, r in enumerate(self.roots) if os.path.commonpath([real, r]) == r), None)
+        root = None if index is None else self.roots[index]
         what = f"backing file {backing_name!r} ({path})"
         if root is None:
             via = "" if real == os.path.normpath(os.path.abspath(path)) else f", which leads to {real}"
@@ -96,7 +119,8 @@ class Confinement:
                 "backing files only inside the tip's directory tree (give --allow-outside DIR to allow another)",
             )
         try:
-            return _open_beneath(root, os.path.relpath(real, root))
+            assert index is not None and root is not None
+            return _open_beneath(self.fds[index], os.path.relpath(real, root))
         except FileNotFoundError:
             raise ImageError(named_by, f"{what} not found") from None
         except _NotRegular as e:
@@ -121,8 +145,21 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def _open_beneath(root: str, rel: str) -> int:
-    """Open ``root``/``rel`` read-only, following no symlink on the way.
+def _hold_dir(real: str, given: str) -> int:
+    """An O_PATH descriptor of the directory ``real`` (a real path just
+    resolved): refused if the path led elsewhere by the time it was opened."""
+    try:
+        fd = os.open(real, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise UsageError(f"{given}: cannot open the directory {real}: {e.strerror}") from None
+    if os.path.isdir("/proc/self/fd") and os.readlink(f"/proc/self/fd/{fd}") != real:
+        os.close(fd)
+        raise UsageError(f"{given}: the directory {real} changed while it was opened")
+    return fd
+
+
+def _open_beneath(root_fd: int, rel: str) -> int:
+    """Open ``rel`` beneath the directory ``root_fd`` read-only, following no symlink on the way.
 
     Every component is opened with O_NOFOLLOW from the one before; the file
     is looked at (lstat) before it is opened, so a device or a FIFO is never
@@ -132,7 +169,7 @@ def _open_beneath(root: str, rel: str) -> int:
     parts = [p for p in rel.split(os.sep) if p not in ("", ".")]
     if not parts or ".." in parts:
         raise _NotRegular("a directory")
-    dir_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    dir_fd = os.dup(root_fd)
     try:
         for part in parts[:-1]:
             next_fd = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
@@ -151,10 +188,12 @@ def _open_beneath(root: str, rel: str) -> int:
     return fd
 
 
-def _open_tip(tip: str) -> int:
-    """The tip the user named, read-only: itself, not what a symlink there points to."""
+def _open_tip(tip: str, dir_fd: int | None = None) -> int:
+    """The tip the user named, read-only: itself, not what a symlink there
+    points to; ``dir_fd``: its directory, as held by the confinement."""
+    name = tip if dir_fd is None else os.path.basename(os.path.abspath(tip))
     try:
-        fd = os.open(tip, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     except FileNotFoundError:
         raise ImageError(tip, "no such file") from None
     except OSError as e:
@@ -175,12 +214,11 @@ def _tip_format(fd: int) -> str:
 
 
 def _open_confined(path: str, fmt: str, fd: int) -> Layer:
-    """A layer on a descriptor ``Confinement.open`` gave, in the format recorded for it."""
-    try:
-        return Qcow2Layer(path, fd) if fmt == "qcow2" else RawLayer(path, fd)
-    except BaseException:
-        os.close(fd)
-        raise
+    """A layer on a descriptor ``Confinement.open`` gave, in the format recorded for it.
+    The layer owns ``fd`` from the start: a layer that fails to open closes it."""
+    if fmt == "qcow2":
+        return Qcow2Layer(path, fd)
+    return RawLayer(path, fd)
 
 
 def open_chain(
@@ -189,13 +227,17 @@ def open_chain(
     *,
     confine: Confinement | None = None,
     tip_format: str | None = None,
+    reopened: bool = False,
 ) -> list[Layer]:
     """Open ``tip`` and every backing file below it, tip first.
 
     ``confine``: read backing files only where it allows, in the format
     their link records (or its ``backing_format``), never probed.
     ``tip_format``: the tip's format if known (None probes the tip itself,
-    a file the caller named). On error every layer opened so far is closed
+    a file the caller named). ``reopened``: with ``confine``, ``tip`` is an
+    image of the confined chain opened again on its own (import rewrites
+    each), found as a backing file is, not the file the user named (which
+    is opened without following a symlink). On error every layer opened so far is closed
     again.
     """
     layers: list[Layer] = []
@@ -209,11 +251,12 @@ def open_chain(
                 raise ImageError(tip, f"backing chain is deeper than {max_depth} images")
             if confine is not None and layers:
                 layer = _open_confined(path, fmt or "raw", confine.open(path, named_by, layers[-1].backing_file or ""))
-            elif confine is not None and tip_format is not None:  # a lower image reopened on its own
-                layer = _open_confined(path, tip_format, confine.open(path, tip, os.path.basename(tip)))
+            elif confine is not None and reopened:
+                layer = _open_confined(path, tip_format or "raw",
+                                       confine.open(path, tip, os.path.basename(tip)))
             elif confine is not None:
-                fd = _open_tip(tip)
-                layer = _open_confined(path, _tip_format(fd), fd)
+                fd = _open_tip(tip, confine.fds[0] if confine.fds else None)
+                layer = _open_confined(path, tip_format or _tip_format(fd), fd)
             else:
                 layer = open_layer(path, fmt)
             layers.append(layer)

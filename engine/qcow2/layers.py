@@ -175,7 +175,11 @@ class RawLayer(Layer):
     def __init__(self, path: str, fd: int | None = None) -> None:
         self.path = path
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if fd is None else fd
-        self.file_size = file_size(self.fd)
+        try:
+            self.file_size = file_size(self.fd)
+        except BaseException:
+            self.close()  # the descriptor is the layer's from the start, as Qcow2Layer's
+            raise
         # Whole sectors, as QEMU sees a raw file: a short last one reads
         # zeros to its end (a 1000-byte file is a 1024-byte disk).
         self.size = -(-self.file_size // 512) * 512
