@@ -168,7 +168,9 @@ def cmd_umount(args: argparse.Namespace) -> int:
             f"unmounted {args.mountpoint}, but daemon pid {record.pid} has not exited after "
             f"{UMOUNT_TIMEOUT:.0f} s; its bitmaps may not be saved yet"
         )
-    unsaved = _unsaved_bitmaps(repo)
+    from engine.beside import bitmaps_left_in_use
+
+    unsaved = bitmaps_left_in_use(repo)
     if unsaved and dead:
         # A dead mount (kill -9): clearing it is all that was asked, and an
         # unclean stop is what it was; say what that means, exit 0.
@@ -180,36 +182,6 @@ def cmd_umount(args: argparse.Namespace) -> int:
             f"clean (see {os.path.join(repo, LOG_FILE)}); their next backups will scan"
         )
     return 0
-
-
-def _unsaved_bitmaps(repo: str) -> list[str]:
-    """Devices whose bitmaps the daemon, now gone, left marked in use: it
-    failed to save them at its end (a full disk, say). Told from the
-    files themselves, since the daemon's exit status is not ours to see."""
-    from engine.bitmap import BitmapFileError, load_bitmap
-    from engine.catalog import Catalog
-    from engine.device import bitmap_path
-    from engine.repo import CATALOG
-
-    try:
-        catalog = Catalog.open(os.path.join(repo, CATALOG), readonly=True)
-    except (OSError, BackupfsError):
-        return []
-    try:
-        names = [d.name for d in catalog.devices() if d.source]
-    finally:
-        catalog.close()
-    unsaved = []
-    for name in names:
-        for which in ("since-last", "since-full"):
-            try:
-                in_use = load_bitmap(bitmap_path(os.path.join(repo, "devices", name), which)).in_use
-            except (OSError, BitmapFileError):
-                continue  # none yet, or unreadable: the next open says so
-            if in_use:
-                unsaved.append(name)
-                break
-    return unsaved
 
 
 def _running_jobs(mountpoint: str) -> str:

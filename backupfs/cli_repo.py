@@ -23,6 +23,7 @@ from engine.units import format_size, parse_size
 
 if TYPE_CHECKING:
     from engine.job import Progress
+    from engine.repo import Repository
 
 # The engine (numpy and all) is imported by the commands that use it, so
 # that `backupfs image ...` and --help start fast.
@@ -100,7 +101,7 @@ def cmd_device_add(args: argparse.Namespace) -> int:
               "(nothing recorded what changed on it)")
         return 0
     with Repository.open(args.repo) as repo:
-        before = repo.catalog.device(args.name)
+        before = repo.device_record(args.name)
         attach = before is not None and not before.source  # an imported archive
         rec = repo.add_device(args.name, args.source, granularity)
     print(f"device {rec.name}: {escape(rec.source)}, {format_size(rec.size)}, "
@@ -122,9 +123,9 @@ def cmd_device_remove(args: argparse.Namespace) -> int:
     from engine.repo import Repository
 
     with Repository.open(args.repo) as repo:
-        if repo.catalog.device(args.name) is None:
+        if repo.device_record(args.name) is None:
             raise UsageError(f"no device named {args.name!r}")
-        count = len(repo.catalog.backups(args.name))
+        count = len(repo.backups(args.name))
         if count and not args.force:
             raise UsageError(f"device {args.name} has {count} backup{'s' if count != 1 else ''}; removing it "
                              "deletes them all (use --force)")
@@ -305,7 +306,8 @@ def _backup_through_mount(
 @contextmanager
 def catalog_for_reading(repo_path: str) -> Iterator[Catalog]:
     """The catalog, read beside a mount that owns the repository, or locked if not mounted."""
-    from engine.repo import CATALOG, Repository
+    from engine.beside import read_catalog
+    from engine.repo import Repository
 
     path = os.path.abspath(repo_path)
     repo = None
@@ -321,7 +323,7 @@ def catalog_for_reading(repo_path: str) -> Iterator[Catalog]:
         with repo:
             yield repo.catalog
         return
-    catalog = Catalog.open(os.path.join(path, CATALOG), readonly=True)
+    catalog = read_catalog(path)
     try:
         yield catalog
     finally:
@@ -339,7 +341,7 @@ def _status_of_busy(repo: str, why: str) -> int:
     return 0
 
 
-def _print_history(catalog: Catalog, device: str) -> None:
+def _print_history(catalog: Catalog | Repository, device: str) -> None:
     """The latest backup and the last jobs, as the catalog records them."""
     latest = catalog.latest_backup(device)
     print(f"  latest backup: {escape(latest.id) if latest else 'none'}")
@@ -422,5 +424,5 @@ def cmd_status(args: argparse.Namespace) -> int:
                     print(f"  bitmap: {state}; dirty since last backup "
                           f"{format_size(dev.since_last.active.dirty_bytes())}, "
                           f"since last full {format_size(dev.since_full.active.dirty_bytes())}")
-            _print_history(repo.catalog, d.name)
+            _print_history(repo, d.name)
     return 1 if failed else 0
