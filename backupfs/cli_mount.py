@@ -10,6 +10,7 @@ import subprocess
 import sys
 from typing import TextIO
 
+from backupfs.cli_common import default_stop_signals, tell_notices
 from backupfs.mountinfo import find_mount, parse_options, read_mount_record, wait_for_exit
 from engine.errors import BackupfsError, UsageError
 from engine.text import one_line
@@ -73,7 +74,6 @@ def _open_log(path: str) -> TextIO:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from backupfs.cli import default_stop_signals, tell_notices
     from backupfs.mount import serve  # pyfuse3 and trio: only the daemon needs them
     from engine.access import notices
 

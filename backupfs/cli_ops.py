@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from backupfs.cli_repo import _close_quietly, catalog_for_reading, progress_reporter
+from backupfs.cli_common import Stopped, catalog_for_reading, close_quietly, default_stop_signals, progress_reporter
 from backupfs.mountinfo import MountRecord, mount_holding, read_mount_record, trigger_file
 from engine.errors import BackupfsError, UsageError
 from engine.stopsignals import STOP_SIGNALS
@@ -67,7 +67,6 @@ def _mounted(repo: str) -> MountRecord | None:
 
 def _trigger_through_mount(record: MountRecord, name: str, line: str) -> dict[str, str]:
     """Write a command line to the device's snapshot file; return the status fields."""
-    from backupfs.cli import default_stop_signals
     from backupfs.cli_repo import _status_fields
 
     default_stop_signals()  # so that the daemon sees them as stopping us (requester.py)
@@ -79,7 +78,7 @@ def _trigger_through_mount(record: MountRecord, name: str, line: str) -> dict[st
         try:
             os.write(fd, (line + "\n").encode())
         finally:
-            _close_quietly(fd)
+            close_quietly(fd)
     except OSError as e:
         failure = e
     with open(snapshot, "rb") as f:
@@ -241,8 +240,6 @@ def _first_signal_cancels(cancel: CancelRequest, current: str) -> Iterator[None]
     the process was started ignoring (a script's `&` job, nohup) stays
     ignored.
     """
-    from backupfs.cli import Stopped
-
     def on_signal(signum: int, frame: object) -> None:
         if cancel.is_set():
             if signum == signal.SIGINT:

@@ -6,14 +6,12 @@ import argparse
 import errno
 import os
 import re
-import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from backupfs.cli_common import catalog_for_reading, close_quietly, default_stop_signals, progress_reporter
 from backupfs.mountinfo import MountRecord, dead_mount, read_mount_record, trigger_file
 from backupfs.trigger import TriggerCommand
 from engine.catalog import KINDS, Catalog, DeviceRecord
@@ -22,7 +20,6 @@ from engine.text import escape, one_line
 from engine.units import format_size, parse_size
 
 if TYPE_CHECKING:
-    from engine.job import Progress
     from engine.repo import Repository
 
 # The engine (numpy and all) is imported by the commands that use it, so
@@ -134,39 +131,6 @@ def cmd_device_remove(args: argparse.Namespace) -> int:
     return 0
 
 
-@contextmanager
-def progress_reporter(enabled: bool, label: str) -> Iterator[Callable[[Progress], None] | None]:
-    """A tqdm bar on a terminal; nothing at all in scripts."""
-    if not enabled:
-        yield None
-        return
-    from tqdm import tqdm
-
-    # A terminal that reports no size (a fresh pty) makes tqdm draw nothing;
-    # shutil falls back to 80x24 there.
-    size = shutil.get_terminal_size()
-    bar = tqdm(
-        total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=label, file=sys.stderr,
-        leave=False, ncols=size.columns, nrows=size.lines,
-    )
-    last = [0.0]
-
-    def update(p: Progress) -> None:
-        now = time.monotonic()
-        if last[0] and now - last[0] < 0.1 and p.done < p.total:
-            return
-        last[0] = now
-        bar.total = p.total
-        bar.n = p.done
-        bar.set_description(f"{label} ({p.phase})", refresh=False)
-        bar.refresh()
-
-    try:
-        yield update
-    finally:
-        bar.close()
-
-
 def cmd_backup(args: argparse.Namespace) -> int:
     from engine.repo import Repository
 
@@ -200,15 +164,6 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return 0
 
 
-def _close_quietly(fd: int) -> None:
-    """Close a trigger file: on a mount that went away, close says ENOTCONN,
-    which would hide what the write itself said."""
-    try:
-        os.close(fd)
-    except OSError:
-        pass
-
-
 def _status_fields(text: str) -> dict[str, str]:
     out = {}
     for line in text.splitlines():
@@ -224,7 +179,6 @@ def _backup_through_mount(
     record: MountRecord, args: argparse.Namespace, cluster_size: int, rate: int | None
 ) -> int:
     """The repository is mounted: ask the daemon through the trigger file."""
-    from backupfs.cli import default_stop_signals
     from engine.job import Progress
     from engine.repo import validate_name
 
@@ -263,7 +217,7 @@ def _backup_through_mount(
                 interrupted = True
                 failure = None
             finally:
-                _close_quietly(fd)
+                close_quietly(fd)
     finally:
         done.set()
         if watcher is not None:
@@ -301,33 +255,6 @@ def _backup_through_mount(
         f"in {fields.get('duration')} (through the mount at {escape(record.mountpoint)})"
     )
     return 0
-
-
-@contextmanager
-def catalog_for_reading(repo_path: str) -> Iterator[Catalog]:
-    """The catalog, read beside a mount that owns the repository, or locked if not mounted."""
-    from engine.beside import read_catalog
-    from engine.repo import Repository
-
-    path = os.path.abspath(repo_path)
-    repo = None
-    if read_mount_record(path) is None:
-        try:
-            repo = Repository.open(path, writable=False)  # reading deletes nothing
-        except BackupfsError as e:
-            if getattr(e, "errno", None) != errno.EBUSY:
-                raise
-            # Another command holds it (an unmounted backup, a prune):
-            # read beside it, as beside a mount.
-    if repo is not None:
-        with repo:
-            yield repo.catalog
-        return
-    catalog = read_catalog(path)
-    try:
-        yield catalog
-    finally:
-        catalog.close()
 
 
 def _status_of_busy(repo: str, why: str) -> int:
