@@ -12,6 +12,7 @@ from typing import TextIO
 
 from backupfs.cli_common import default_stop_signals, tell_notices
 from backupfs.mountinfo import find_mount, parse_options, read_mount_record, wait_for_exit
+from backupfs.mountstatus import progress_text, read_status
 from engine.errors import BackupfsError, UsageError
 from engine.text import one_line
 
@@ -186,8 +187,6 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 def _running_jobs(mountpoint: str) -> str:
     """Why a mount may be busy: the jobs running in it, and who waits for each."""
-    from backupfs.cli_repo import _status_fields
-
     found = []
     try:
         names = sorted(os.listdir(mountpoint))
@@ -195,14 +194,13 @@ def _running_jobs(mountpoint: str) -> str:
         return ""
     for name in names:
         try:
-            with open(os.path.join(mountpoint, name, "snapshot"), "rb") as f:
-                fields = _status_fields(f.read().decode(errors="replace"))
-        except OSError:
+            fields = read_status(os.path.join(mountpoint, name, "snapshot"))
+        except (OSError, BackupfsError):
             continue
-        if fields.get("state") == "running":
-            who = fields.get("requested by", "").split(" (interrupt")[0]
-            found.append(f"{name}: {fields.get('command', '?').split()[0]} "
-                         f"{fields.get('progress', 'running')}" + (f", requested by {who}" if who else ""))
+        if fields["state"] == "running":
+            who = fields["requester"]
+            found.append(f"{name}: {(fields['command'].split() or ['?'])[0]} "
+                         f"{progress_text(fields, 'running')}" + (f", requested by {who}" if who else ""))
     if not found:
         return ""
     return ("; jobs are running (" + "; ".join(found) + "): wait for them, or stop whoever requested "

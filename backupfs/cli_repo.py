@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import re
 import sys
 import threading
 import time
@@ -13,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from backupfs.cli_common import catalog_for_reading, close_quietly, default_stop_signals, progress_reporter
 from backupfs.mountinfo import MountRecord, dead_mount, read_mount_record, trigger_file
+from backupfs.mountstatus import StatusFields, failure_message, progress_text, read_status
 from backupfs.trigger import TriggerCommand
 from engine.catalog import KINDS, Catalog, DeviceRecord
 from engine.errors import BackupfsError, UsageError
@@ -164,17 +164,6 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return 0
 
 
-def _status_fields(text: str) -> dict[str, str]:
-    out = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(": ")
-        if sep:
-            out[key] = value
-    if "error" in out:  # "EINVAL: why": the CLI says why, as it does unmounted
-        out["error"] = re.sub(r"^E[A-Z0-9]+: ", "", out["error"])
-    return out
-
-
 def _backup_through_mount(
     record: MountRecord, args: argparse.Namespace, cluster_size: int, rate: int | None
 ) -> int:
@@ -191,11 +180,9 @@ def _backup_through_mount(
         with progress_reporter(True, f"{args.name} {args.kind}") as update:
             assert update is not None
             while not done.wait(0.2):
-                with open(snapshot, "rb") as f:
-                    fields = _status_fields(f.read().decode(errors="replace"))
-                if fields.get("state") == "running" and "bytes" in fields:
-                    done_b, _, total_b = fields["bytes"].partition(" / ")
-                    update(Progress(total=int(total_b), done=int(done_b), phase="via mount"))
+                p = read_status(snapshot)["progress"]
+                if p is not None:  # running, and under way
+                    update(Progress(total=p["total"], done=p["done"], phase="via mount"))
 
     watcher = threading.Thread(target=show_progress, daemon=True) if sys.stderr.isatty() else None
     interrupted = False
@@ -222,39 +209,51 @@ def _backup_through_mount(
         done.set()
         if watcher is not None:
             watcher.join()
+    fields: StatusFields | None = None
+    gone = ""
     try:
-        with open(snapshot, "rb") as f:
-            fields = _status_fields(f.read().decode(errors="replace"))
+        fields = read_status(snapshot)
     except OSError as e:  # the mount went away (unmounted or killed) during the job
         if failure is None and not interrupted:
             raise BackupfsError(f"the backup ended, but its status cannot be read from {snapshot}: "
                                 f"{e.strerror}") from None
-        fields = {"_gone": e.strerror or str(e)}
+        gone = e.strerror or str(e)
+    state = fields["state"] if fields is not None else None
     if interrupted:
-        if fields.get("state") == "cancelled":
+        if state == "cancelled":
             print(f"backupfs: interrupted: the backup of {args.name} was cancelled; no backup was made, bitmap kept",
                   file=sys.stderr)
         else:
-            print(f"backupfs: interrupted: the backup of {args.name} had already ended ({fields.get('state', '?')})",
+            print(f"backupfs: interrupted: the backup of {args.name} had already ended ({state or '?'})",
                   file=sys.stderr)
         return 130
     if failure is not None:
-        message = fields.get("error") if fields.get("state") == "failed" else None
-        if fields.get("state") == "cancelled":
-            message = f"the backup of {args.name} was cancelled: {fields.get('cancelled', 'on request')}"
-        elif "_gone" in fields:
+        message = failure_message(fields) if fields is not None else None
+        if fields is not None and state == "cancelled":
+            message = f"the backup of {args.name} was cancelled: {fields['error'] or 'on request'}; no backup was made"
+        elif fields is None:
             message = (f"backup failed: {failure.strerror}; the mount at {record.mountpoint} went away "
-                       f"({fields['_gone']})")
+                       f"({gone})")
         if failure.errno == errno.EBUSY:
-            message = f"a backup of {args.name} is already running ({fields.get('progress', 'in progress')})"
+            progress = progress_text(fields, "in progress") if fields is not None else "in progress"
+            message = f"a backup of {args.name} is already running ({progress})"
         raise BackupfsError(message or f"backup failed: {failure.strerror}")
-    print(
-        f"{fields.get('backup')}: {fields.get('kind')}, "
-        f"{'scanned, ' if fields.get('scanned', 'no') != 'no' else ''}"
-        f"{fields.get('bytes stored')} bytes stored of {fields.get('bytes examined')} examined "
-        f"in {fields.get('duration')} (through the mount at {escape(record.mountpoint)})"
-    )
+    assert fields is not None
+    _print_mounted_result(fields, record)
     return 0
+
+
+def _print_mounted_result(fields: StatusFields, record: MountRecord) -> None:
+    """The backup the mount took, in the words of an unmounted one."""
+    r = fields["result"]
+    if r is None:
+        raise BackupfsError(f"the backup ended, but the mount reports no backup made (state {fields['state']})")
+    print(
+        f"{escape(r['backup'])}: {r['kind']}, "
+        f"{'scanned, ' if r['scanned'] else ''}"
+        f"{r['bytes_stored']} bytes stored of {r['bytes_examined']} examined "
+        f"in {r['seconds']:.2f} s (through the mount at {escape(record.mountpoint)})"
+    )
 
 
 def _status_of_busy(repo: str, why: str) -> int:
