@@ -3,7 +3,8 @@
 ::
 
     MOUNT/<device>/device       rw  the live device (writes mark the bitmap)
-    MOUNT/<device>/snapshot     rw  write a trigger line; read the job status
+    MOUNT/<device>/snapshot     rw  write a trigger line; read the job status (as JSON: its
+                                    xattr user.backupfs.status, backupfs/mountstatus.py)
     MOUNT/<device>/chain        r   the chain, one line a backup
     MOUNT/<device>/bitmap       r   dirty-bitmap summary
     MOUNT/<device>/backups/<id> r   a backup, reconstructed through its chain
