@@ -347,8 +347,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                     failed = True
                 else:
                     state = "trusted" if dev.trusted else f"untrusted ({one_line(str(dev.untrusted_reason))})"
+                    since_last, since_full = dev.dirty_bytes()
                     print(f"  bitmap: {state}; dirty since last backup "
-                          f"{format_size(dev.since_last.active.dirty_bytes())}, "
-                          f"since last full {format_size(dev.since_full.active.dirty_bytes())}")
+                          f"{format_size(since_last)}, "
+                          f"since last full {format_size(since_full)}")
             _print_history(repo, d.name)
     return 1 if failed else 0
