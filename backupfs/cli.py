@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import argparse
 import errno
-import logging
 import os
 import resource
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from engine.access import notices
 from engine.errors import BackupfsError
 from engine.text import one_line
 
 from backupfs import cli_image, cli_mount, cli_ops, cli_repo
+from backupfs.cli_common import Stopped, stop_cleanly_on_signals, tell_notices
 
 PROG = "backupfs"
 
@@ -55,63 +54,12 @@ def _say(message: str) -> None:
     print(f"{PROG}: {one_line(message)}", file=sys.stderr)
 
 
-class NoticeHandler(logging.Handler):
-    """Hands each of the engine's notices (e.g. that a repository readable by
-    others was made private) to ``say``: one line, told once, not an error."""
-
-    def __init__(self, say: Callable[[str], None]) -> None:
-        super().__init__()
-        self.say = say
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.say(record.getMessage().replace("\n", "\\n"))
-
-
-def tell_notices(say: Callable[[str], None]) -> None:
-    """Send the engine's notices to ``say`` (replacing where they went)."""
-    for handler in list(notices.handlers):
-        notices.removeHandler(handler)
-    notices.addHandler(NoticeHandler(say))
-
-
 def _is_utf8(text: str) -> bool:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         return False
     return True
-
-
-class Stopped(KeyboardInterrupt):
-    """SIGTERM or SIGHUP: cleaned up like Ctrl-C (temporary images and
-    restore files removed, the job recorded as cancelled)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _stop(signum: int, frame: object) -> None:
-    raise Stopped(signum)
-
-
-def _stop_cleanly_on_signals() -> None:
-    """Let `kill` and a closed terminal clean up as Ctrl-C does.
-
-    Left alone when ignored (nohup). A command that hands its work to the
-    mount's daemon puts them back to the default first: the daemon cancels
-    the job when a signal will kill the process waiting for it
-    (backupfs/requester.py), not when the process catches it.
-    """
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(sig) == signal.SIG_DFL:
-            signal.signal(sig, _stop)
-
-
-def default_stop_signals() -> None:
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(sig) is _stop:
-            signal.signal(sig, signal.SIG_DFL)
 
 
 def _command_name(args: argparse.Namespace) -> str:
@@ -137,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _raise_fd_limit()
-    _stop_cleanly_on_signals()
+    stop_cleanly_on_signals()
     try:
         return int(args.func(args) or 0)
     except BackupfsError as e:

@@ -10,7 +10,9 @@ import subprocess
 import sys
 from typing import TextIO
 
+from backupfs.cli_common import default_stop_signals, tell_notices
 from backupfs.mountinfo import find_mount, parse_options, read_mount_record, wait_for_exit
+from backupfs.mountstatus import progress_text, read_status
 from engine.errors import BackupfsError, UsageError
 from engine.text import one_line
 
@@ -73,7 +75,6 @@ def _open_log(path: str) -> TextIO:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from backupfs.cli import default_stop_signals, tell_notices
     from backupfs.mount import serve  # pyfuse3 and trio: only the daemon needs them
     from engine.access import notices
 
@@ -168,7 +169,9 @@ def cmd_umount(args: argparse.Namespace) -> int:
             f"unmounted {args.mountpoint}, but daemon pid {record.pid} has not exited after "
             f"{UMOUNT_TIMEOUT:.0f} s; its bitmaps may not be saved yet"
         )
-    unsaved = _unsaved_bitmaps(repo)
+    from engine.beside import bitmaps_left_in_use
+
+    unsaved = bitmaps_left_in_use(repo)
     if unsaved and dead:
         # A dead mount (kill -9): clearing it is all that was asked, and an
         # unclean stop is what it was; say what that means, exit 0.
@@ -182,40 +185,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
-def _unsaved_bitmaps(repo: str) -> list[str]:
-    """Devices whose bitmaps the daemon, now gone, left marked in use: it
-    failed to save them at its end (a full disk, say). Told from the
-    files themselves, since the daemon's exit status is not ours to see."""
-    from engine.bitmap import BitmapFileError, load_bitmap
-    from engine.catalog import Catalog
-    from engine.device import bitmap_path
-    from engine.layout import BITMAPS, CATALOG, device_dir
-
-    try:
-        catalog = Catalog.open(os.path.join(repo, CATALOG), readonly=True)
-    except (OSError, BackupfsError):
-        return []
-    try:
-        names = [d.name for d in catalog.devices() if d.source]
-    finally:
-        catalog.close()
-    unsaved = []
-    for name in names:
-        for which in BITMAPS:
-            try:
-                in_use = load_bitmap(bitmap_path(device_dir(repo, name), which)).in_use
-            except (OSError, BitmapFileError):
-                continue  # none yet, or unreadable: the next open says so
-            if in_use:
-                unsaved.append(name)
-                break
-    return unsaved
-
-
 def _running_jobs(mountpoint: str) -> str:
     """Why a mount may be busy: the jobs running in it, and who waits for each."""
-    from backupfs.cli_repo import _status_fields
-
     found = []
     try:
         names = sorted(os.listdir(mountpoint))
@@ -223,14 +194,13 @@ def _running_jobs(mountpoint: str) -> str:
         return ""
     for name in names:
         try:
-            with open(os.path.join(mountpoint, name, "snapshot"), "rb") as f:
-                fields = _status_fields(f.read().decode(errors="replace"))
-        except OSError:
+            fields = read_status(os.path.join(mountpoint, name, "snapshot"))
+        except (OSError, BackupfsError):
             continue
-        if fields.get("state") == "running":
-            who = fields.get("requested by", "").split(" (interrupt")[0]
-            found.append(f"{name}: {fields.get('command', '?').split()[0]} "
-                         f"{fields.get('progress', 'running')}" + (f", requested by {who}" if who else ""))
+        if fields["state"] == "running":
+            who = fields["requester"]
+            found.append(f"{name}: {(fields['command'].split() or ['?'])[0]} "
+                         f"{progress_text(fields, 'running')}" + (f", requested by {who}" if who else ""))
     if not found:
         return ""
     return ("; jobs are running (" + "; ".join(found) + "): wait for them, or stop whoever requested "

@@ -11,8 +11,9 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from backupfs.cli_repo import _close_quietly, catalog_for_reading, progress_reporter
+from backupfs.cli_common import Stopped, catalog_for_reading, close_quietly, default_stop_signals, progress_reporter
 from backupfs.mountinfo import MountRecord, mount_holding, read_mount_record, trigger_file
+from backupfs.mountstatus import StatusFields, failure_message, job_lines, progress_text, read_status
 from engine.errors import BackupfsError, UsageError
 from engine.stopsignals import STOP_SIGNALS
 from engine.text import escape, one_line
@@ -68,11 +69,9 @@ def _mounted(repo: str) -> MountRecord | None:
     return read_mount_record(os.path.abspath(repo))
 
 
-def _trigger_through_mount(record: MountRecord, name: str, line: str) -> dict[str, str]:
-    """Write a command line to the device's snapshot file; return the status fields."""
-    from backupfs.cli import default_stop_signals
-    from backupfs.cli_repo import _status_fields
-
+def _trigger_through_mount(record: MountRecord, name: str, line: str) -> tuple[StatusFields, OSError | None]:
+    """Write a command line to the device's snapshot file; return the job's
+    status and what the write said (None: it succeeded)."""
     default_stop_signals()  # so that the daemon sees them as stopping us (requester.py)
 
     snapshot = trigger_file(record, name)
@@ -82,19 +81,16 @@ def _trigger_through_mount(record: MountRecord, name: str, line: str) -> dict[st
         try:
             os.write(fd, (line + "\n").encode())
         finally:
-            _close_quietly(fd)
+            close_quietly(fd)
     except OSError as e:
         failure = e
-    with open(snapshot, "rb") as f:
-        fields = _status_fields(f.read().decode(errors="replace"))
+    fields = read_status(snapshot)
     if failure is not None and failure.errno == errno.EBUSY:
         raise BackupfsError(
-            f"a job of {name} is already running ({fields.get('command', '?')}: "
-            f"{fields.get('progress', 'in progress')}); try again when it is done"
+            f"a job of {name} is already running ({fields['command'] or '?'}: "
+            f"{progress_text(fields, 'in progress')}); try again when it is done"
         )
-    fields["_errno"] = str(failure.errno) if failure else ""
-    fields["_strerror"] = failure.strerror or "" if failure else ""
-    return fields
+    return fields, failure
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -110,17 +106,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
         ok = True
         for name in names:
             line = "verify" + (f" backup={args.backup}" if args.backup else "")
-            fields = _trigger_through_mount(record, name, line)
-            report = os.path.join(record.mountpoint, name, "snapshot")
-            with open(report) as f:
-                text = f.read()
-            report_lines = [line[len("report: "):] for line in text.splitlines() if line.startswith("report: ")]
+            fields, failure = _trigger_through_mount(record, name, line)
+            snapshot = os.path.join(record.mountpoint, name, "snapshot")
+            report_lines = [line[len("report: "):] for line in job_lines(snapshot, fields)
+                            if line.startswith("report: ")]
             if report_lines:
                 print("\n".join(one_line(line) for line in report_lines))
-            if fields["_errno"]:
+            if failure is not None:
                 ok = False
-                if fields.get("state") != "failed" or "report" not in text:
-                    raise BackupfsError(fields.get("error") or f"verify failed: {fields['_strerror']}")
+                if fields["state"] != "failed" or not report_lines:
+                    raise BackupfsError(failure_message(fields) or f"verify failed: {failure.strerror or ''}")
         return 0 if ok else 1
     with Repository.open(args.repo) as repo:
         total = sum(b.stored_bytes for b in repo.backups(args.name)) if not args.backup else 0
@@ -244,8 +239,6 @@ def _first_signal_cancels(cancel: CancelRequest, current: str) -> Iterator[None]
     the process was started ignoring (a script's `&` job, nohup) stays
     ignored.
     """
-    from backupfs.cli import Stopped
-
     def on_signal(signum: int, frame: object) -> None:
         if cancel.is_set():
             if signum == signal.SIGINT:
@@ -284,13 +277,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
             parts.append(f"remove={args.remove}")
         if args.dry_run:
             parts.append("dry_run=1")
-        fields = _trigger_through_mount(record, args.name, " ".join(parts))
-        if fields["_errno"]:
-            raise BackupfsError(fields.get("error") or f"prune failed: {fields['_strerror']}")
-        with open(os.path.join(record.mountpoint, args.name, "snapshot")) as f:
-            for line in f.read().splitlines():
-                if line.startswith("removed: ") or line.startswith("would remove: "):
-                    print(line)
+        fields, failure = _trigger_through_mount(record, args.name, " ".join(parts))
+        if failure is not None:
+            raise BackupfsError(failure_message(fields) or f"prune failed: {failure.strerror or ''}")
+        for line in job_lines(os.path.join(record.mountpoint, args.name, "snapshot"), fields):
+            if line.startswith("removed: ") or line.startswith("would remove: "):
+                print(one_line(line))
         return 0
     from engine.job import CancelRequest, JobCancelled
 

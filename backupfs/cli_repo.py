@@ -5,16 +5,14 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import re
-import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from backupfs.cli_common import catalog_for_reading, close_quietly, default_stop_signals, progress_reporter
 from backupfs.mountinfo import MountRecord, dead_mount, read_mount_record, trigger_file
+from backupfs.mountstatus import StatusFields, failure_message, progress_text, read_status
 from backupfs.trigger import TriggerCommand
 from engine.catalog import KINDS, Catalog, DeviceRecord
 from engine.errors import BackupfsError, UsageError
@@ -22,7 +20,7 @@ from engine.text import escape, one_line
 from engine.units import check_rate, format_size, parse_size
 
 if TYPE_CHECKING:
-    from engine.job import Progress
+    from engine.repo import Repository
 
 # The engine (numpy and all) is imported by the commands that use it, so
 # that `backupfs image ...` and --help start fast.
@@ -100,14 +98,14 @@ def cmd_device_add(args: argparse.Namespace) -> int:
               "(nothing recorded what changed on it)")
         return 0
     with Repository.open(args.repo) as repo:
-        before = repo.catalog.device(args.name)
+        before = repo.device_record(args.name)
         attach = before is not None and not before.source  # an imported archive
         rec = repo.add_device(args.name, args.source, granularity)
     print(f"device {rec.name}: {escape(rec.source)}, {format_size(rec.size)}, "
           f"granularity {format_size(rec.granularity)}")
     if attach:
-        print(f"its imported backups go on from this source; the next incremental compares checksums "
-              f"(nothing recorded what changed on it since)")
+        print("its imported backups go on from this source; the next incremental compares checksums "
+              "(nothing recorded what changed on it since)")
     return 0
 
 
@@ -122,48 +120,15 @@ def cmd_device_remove(args: argparse.Namespace) -> int:
     from engine.repo import Repository
 
     with Repository.open(args.repo) as repo:
-        if repo.catalog.device(args.name) is None:
+        if repo.device_record(args.name) is None:
             raise UsageError(f"no device named {args.name!r}")
-        count = len(repo.catalog.backups(args.name))
+        count = len(repo.backups(args.name))
         if count and not args.force:
             raise UsageError(f"device {args.name} has {count} backup{'s' if count != 1 else ''}; removing it "
                              "deletes them all (use --force)")
         repo.remove_device(args.name)
     print(f"removed device {args.name}" + (f" and its {count} backup{'s' if count != 1 else ''}" if count else ""))
     return 0
-
-
-@contextmanager
-def progress_reporter(enabled: bool, label: str) -> Iterator[Callable[[Progress], None] | None]:
-    """A tqdm bar on a terminal; nothing at all in scripts."""
-    if not enabled:
-        yield None
-        return
-    from tqdm import tqdm
-
-    # A terminal that reports no size (a fresh pty) makes tqdm draw nothing;
-    # shutil falls back to 80x24 there.
-    size = shutil.get_terminal_size()
-    bar = tqdm(
-        total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=label, file=sys.stderr,
-        leave=False, ncols=size.columns, nrows=size.lines,
-    )
-    last = [0.0]
-
-    def update(p: Progress) -> None:
-        now = time.monotonic()
-        if last[0] and now - last[0] < 0.1 and p.done < p.total:
-            return
-        last[0] = now
-        bar.total = p.total
-        bar.n = p.done
-        bar.set_description(f"{label} ({p.phase})", refresh=False)
-        bar.refresh()
-
-    try:
-        yield update
-    finally:
-        bar.close()
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
@@ -197,31 +162,10 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return 0
 
 
-def _close_quietly(fd: int) -> None:
-    """Close a trigger file: on a mount that went away, close says ENOTCONN,
-    which would hide what the write itself said."""
-    try:
-        os.close(fd)
-    except OSError:
-        pass
-
-
-def _status_fields(text: str) -> dict[str, str]:
-    out = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(": ")
-        if sep:
-            out[key] = value
-    if "error" in out:  # "EINVAL: why": the CLI says why, as it does unmounted
-        out["error"] = re.sub(r"^E[A-Z0-9]+: ", "", out["error"])
-    return out
-
-
 def _backup_through_mount(
     record: MountRecord, args: argparse.Namespace, cluster_size: int, rate: int | None
 ) -> int:
     """The repository is mounted: ask the daemon through the trigger file."""
-    from backupfs.cli import default_stop_signals
     from engine.job import Progress
     from engine.repo import validate_name
 
@@ -234,11 +178,9 @@ def _backup_through_mount(
         with progress_reporter(True, f"{args.name} {args.kind}") as update:
             assert update is not None
             while not done.wait(0.2):
-                with open(snapshot, "rb") as f:
-                    fields = _status_fields(f.read().decode(errors="replace"))
-                if fields.get("state") == "running" and "bytes" in fields:
-                    done_b, _, total_b = fields["bytes"].partition(" / ")
-                    update(Progress(total=int(total_b), done=int(done_b), phase="via mount"))
+                p = read_status(snapshot)["progress"]
+                if p is not None:  # running, and under way
+                    update(Progress(total=p["total"], done=p["done"], phase="via mount"))
 
     watcher = threading.Thread(target=show_progress, daemon=True) if sys.stderr.isatty() else None
     interrupted = False
@@ -260,70 +202,56 @@ def _backup_through_mount(
                 interrupted = True
                 failure = None
             finally:
-                _close_quietly(fd)
+                close_quietly(fd)
     finally:
         done.set()
         if watcher is not None:
             watcher.join()
+    fields: StatusFields | None = None
+    gone = ""
     try:
-        with open(snapshot, "rb") as f:
-            fields = _status_fields(f.read().decode(errors="replace"))
+        fields = read_status(snapshot)
     except OSError as e:  # the mount went away (unmounted or killed) during the job
         if failure is None and not interrupted:
             raise BackupfsError(f"the backup ended, but its status cannot be read from {snapshot}: "
                                 f"{e.strerror}") from None
-        fields = {"_gone": e.strerror or str(e)}
+        gone = e.strerror or str(e)
+    state = fields["state"] if fields is not None else None
     if interrupted:
-        if fields.get("state") == "cancelled":
+        if state == "cancelled":
             print(f"backupfs: interrupted: the backup of {args.name} was cancelled; no backup was made, bitmap kept",
                   file=sys.stderr)
         else:
-            print(f"backupfs: interrupted: the backup of {args.name} had already ended ({fields.get('state', '?')})",
+            print(f"backupfs: interrupted: the backup of {args.name} had already ended ({state or '?'})",
                   file=sys.stderr)
         return 130
     if failure is not None:
-        message = fields.get("error") if fields.get("state") == "failed" else None
-        if fields.get("state") == "cancelled":
-            message = f"the backup of {args.name} was cancelled: {fields.get('cancelled', 'on request')}"
-        elif "_gone" in fields:
+        message = failure_message(fields) if fields is not None else None
+        if fields is not None and state == "cancelled":
+            message = f"the backup of {args.name} was cancelled: {fields['error'] or 'on request'}; no backup was made"
+        elif fields is None:
             message = (f"backup failed: {failure.strerror}; the mount at {record.mountpoint} went away "
-                       f"({fields['_gone']})")
+                       f"({gone})")
         if failure.errno == errno.EBUSY:
-            message = f"a backup of {args.name} is already running ({fields.get('progress', 'in progress')})"
+            progress = progress_text(fields, "in progress") if fields is not None else "in progress"
+            message = f"a backup of {args.name} is already running ({progress})"
         raise BackupfsError(message or f"backup failed: {failure.strerror}")
-    print(
-        f"{fields.get('backup')}: {fields.get('kind')}, "
-        f"{'scanned, ' if fields.get('scanned', 'no') != 'no' else ''}"
-        f"{fields.get('bytes stored')} bytes stored of {fields.get('bytes examined')} examined "
-        f"in {fields.get('duration')} (through the mount at {escape(record.mountpoint)})"
-    )
+    assert fields is not None
+    _print_mounted_result(fields, record)
     return 0
 
 
-@contextmanager
-def catalog_for_reading(repo_path: str) -> Iterator[Catalog]:
-    """The catalog, read beside a mount that owns the repository, or locked if not mounted."""
-    from engine.repo import CATALOG, Repository
-
-    path = os.path.abspath(repo_path)
-    repo = None
-    if read_mount_record(path) is None:
-        try:
-            repo = Repository.open(path, writable=False)  # reading deletes nothing
-        except BackupfsError as e:
-            if getattr(e, "errno", None) != errno.EBUSY:
-                raise
-            # Another command holds it (an unmounted backup, a prune):
-            # read beside it, as beside a mount.
-    if repo is not None:
-        with repo:
-            yield repo.catalog
-        return
-    catalog = Catalog.open(os.path.join(path, CATALOG), readonly=True)
-    try:
-        yield catalog
-    finally:
-        catalog.close()
+def _print_mounted_result(fields: StatusFields, record: MountRecord) -> None:
+    """The backup the mount took, in the words of an unmounted one."""
+    r = fields["result"]
+    if r is None:
+        raise BackupfsError(f"the backup ended, but the mount reports no backup made (state {fields['state']})")
+    print(
+        f"{escape(r['backup'])}: {r['kind']}, "
+        f"{'scanned, ' if r['scanned'] else ''}"
+        f"{r['bytes_stored']} bytes stored of {r['bytes_examined']} examined "
+        f"in {r['seconds']:.2f} s (through the mount at {escape(record.mountpoint)})"
+    )
 
 
 def _status_of_busy(repo: str, why: str) -> int:
@@ -337,7 +265,7 @@ def _status_of_busy(repo: str, why: str) -> int:
     return 0
 
 
-def _print_history(catalog: Catalog, device: str) -> None:
+def _print_history(catalog: Catalog | Repository, device: str) -> None:
     """The latest backup and the last jobs, as the catalog records them."""
     latest = catalog.latest_backup(device)
     print(f"  latest backup: {escape(latest.id) if latest else 'none'}")
@@ -417,8 +345,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                     failed = True
                 else:
                     state = "trusted" if dev.trusted else f"untrusted ({one_line(str(dev.untrusted_reason))})"
+                    since_last, since_full = dev.dirty_bytes()
                     print(f"  bitmap: {state}; dirty since last backup "
-                          f"{format_size(dev.since_last.active.dirty_bytes())}, "
-                          f"since last full {format_size(dev.since_full.active.dirty_bytes())}")
-            _print_history(repo.catalog, d.name)
+                          f"{format_size(since_last)}, "
+                          f"since last full {format_size(since_full)}")
+            _print_history(repo, d.name)
     return 1 if failed else 0

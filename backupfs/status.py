@@ -12,6 +12,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+from backupfs.mountstatus import StatusFields
 from engine.catalog import BackupRecord
 from engine.device import Device
 from engine.job import Progress
@@ -97,6 +98,36 @@ class JobStatus:
             f"{p.phase} {format_size(p.done)} of {format_size(p.total)} ({pct:.0f}%), "
             f"{format_size(int(p.rate))}/s{eta_s}"
         )
+
+    def fields(self) -> StatusFields:
+        """The same status as data, for the CLI (backupfs/mountstatus.py): what
+        ``render`` says, unescaped, in fields that do not change with its wording."""
+        idle = self.state == "idle"
+        p = self.progress if self.state == "running" else None
+        r = self.result if self.state == "succeeded" else None
+        return {
+            "state": self.state,
+            "command": self.command,
+            "requester": self.requester if self.state == "running" else None,
+            "started": None if idle else self.started,
+            "finished": self.finished,
+            "progress": None if p is None else {
+                "phase": p.phase, "done": p.done, "total": p.total, "rate": p.rate, "eta": p.eta,
+                "text": self.progress_line(),
+            },
+            "result": None if r is None else {
+                "backup": r.record.id, "kind": r.record.kind, "parent": r.record.parent, "seconds": r.seconds,
+                "bytes_examined": r.bytes_total, "bytes_stored": r.bytes_written, "cbw_clusters": r.cbw_units,
+                "scanned": r.scanned, "scan_reason": r.scan_reason,
+            },
+            "error": self.error if self.state in ("failed", "cancelled") else None,
+            "errno": errno.errorcode.get(self.errno or errno.EIO, "EIO") if self.state in ("failed", "cancelled")
+            else None,
+            "bitmap_kept": self.bitmap_kept,
+            "lines": list(self.lines),
+            "lines_left_out": 0,
+            "refused": self.refused[-5:],
+        }
 
     def render(self) -> str:
         if self.state == "idle":

@@ -3,7 +3,8 @@
 ::
 
     MOUNT/<device>/device       rw  the live device (writes mark the bitmap)
-    MOUNT/<device>/snapshot     rw  write a trigger line; read the job status
+    MOUNT/<device>/snapshot     rw  write a trigger line; read the job status (as JSON: its
+                                    xattr user.backupfs.status, backupfs/mountstatus.py)
     MOUNT/<device>/chain        r   the chain, one line a backup
     MOUNT/<device>/bitmap       r   dirty-bitmap summary
     MOUNT/<device>/backups/<id> r   a backup, reconstructed through its chain
@@ -29,6 +30,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from backupfs.mountstatus import STATUS_XATTR, encode_status
 from backupfs.status import JobStatus, render_bitmap, render_chain, utc_text
 from engine.catalog import BackupRecord
 from engine.errors import BackupfsError
@@ -332,7 +334,11 @@ class Tree:
         return latest.id.encode()
 
     def xattrs(self, node: Node) -> dict[bytes, bytes]:
-        """The extended attributes: a backup's catalog row, nothing elsewhere."""
+        """The extended attributes: a backup's catalog row; the snapshot
+        file's job status as JSON (backupfs/mountstatus.py); nothing elsewhere."""
+        if node.kind == SNAPSHOT:
+            assert node.device is not None
+            return {STATUS_XATTR.encode(): encode_status(self.status(node.device).fields())}
         if node.kind != BACKUP:
             return {}
         rec = self.backup(node)

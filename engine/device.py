@@ -406,6 +406,12 @@ class Device:
     def trusted(self) -> bool:
         return self.since_last.trusted and self.since_full.trusted
 
+    def dirty_bytes(self) -> tuple[int, int]:
+        """Bytes marked since the last backup and since the last full (the
+        active bitmaps), for `backupfs status`: what the next incremental
+        and the next differential would copy without a scan."""
+        return self.since_last.active.dirty_bytes(), self.since_full.active.dirty_bytes()
+
     # -- I/O --------------------------------------------------------------------------
 
     def read(

@@ -24,7 +24,7 @@ import numpy as np
 from engine import durable
 from engine.access import Access, make_dir, notices, secure
 from engine.bitmap import validate_granularity
-from engine.catalog import DISK_FULL, KINDS, BackupRecord, Catalog, CatalogError, DeviceRecord
+from engine.catalog import DISK_FULL, KINDS, BackupRecord, Catalog, CatalogError, DeviceRecord, JobRecord
 from engine.chain import ChainView
 from engine.checksums import ChecksumError, ChecksumRecord, Unrecorded, granule_hashes, overlay
 from engine.device import Device, DeviceError, distrust_saved_bitmaps
@@ -613,6 +613,10 @@ class Repository:
     def latest_backup(self, name: str) -> BackupRecord | None:
         """The device's newest backup, or None if it has none."""
         return self.catalog.latest_backup(name)
+
+    def jobs(self, name: str, limit: int = 20) -> list[JobRecord]:
+        """The device's last jobs, newest first, as the catalog records them."""
+        return self.catalog.jobs(name, limit)
 
     @property
     def frozen(self) -> str | None:

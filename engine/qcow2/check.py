@@ -289,7 +289,7 @@ class _Checker:
             idx[beyond], coff[beyond],
             lambda i, off: f"compressed cluster ({where} entry {i}) at {off:#x} lies beyond the end of the file",
         )
-        first, last, inside_idx, inside_off = first[~beyond], last[~beyond], idx[~beyond], coff[~beyond]
+        first, last, inside_idx = first[~beyond], last[~beyond], idx[~beyond]
         if first.size:
             self._reach(int(last.max()) + 1)
             for k in range(int((last - first).max()) + 1):
