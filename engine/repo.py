@@ -436,13 +436,7 @@ class Repository:
             raise UsageError(f"source {source} is {size} bytes but device {name} is {rec.size}; "
                              "a device's source keeps its size")
         self._check_unclaimed(source, identity, but=name)
-        with self._devices_lock:
-            dev = self._devices.get(name)
-            if dev is not None and dev.job is not None:
-                raise JobBusy(f"device {name} has a backup running")
-            self._devices.pop(name, None)
-        if dev is not None:
-            dev.close()
+        self._let_go(name)
         why = f"its source was rebound to {source} (device add --replace)"
         try:
             distrust_saved_bitmaps(self._device_dir(name), BITMAPS, why)
@@ -530,10 +524,9 @@ class Repository:
             self._distrust_new_source(name)
         return records
 
-    def remove_device(self, name: str) -> None:
-        self._require_room("removing a device")
-        if self.catalog.device(name) is None:
-            raise UsageError(f"no device named {name!r}")
+    def _let_go(self, name: str) -> None:
+        """Close device ``name`` if it is open, so that its source or its
+        files can change under it; refused while a backup of it runs."""
         with self._devices_lock:
             dev = self._devices.get(name)
             if dev is not None and dev.job is not None:
@@ -541,6 +534,12 @@ class Repository:
             self._devices.pop(name, None)
         if dev is not None:
             dev.close()
+
+    def remove_device(self, name: str) -> None:
+        self._require_room("removing a device")
+        if self.catalog.device(name) is None:
+            raise UsageError(f"no device named {name!r}")
+        self._let_go(name)
         # Only the files backupfs made: a user's file there stays (and so
         # then does the directory).
         leftovers = [(f, "file") for b in self.catalog.backups(name) for f in (b.image, b.checksums) if f]

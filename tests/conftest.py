@@ -127,3 +127,12 @@ def open_tmp(tmp_path: Path) -> Iterator[Path]:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def user_dir(open_tmp: Path, other_user: OtherUser) -> Path:
+    """A directory the other user owns: where they keep their disks, and plant things."""
+    d = open_tmp / "user"
+    d.mkdir()
+    os.chown(d, other_user.uid, other_user.gid)
+    return d

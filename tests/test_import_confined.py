@@ -25,7 +25,7 @@ MiB = 1024 * 1024
 
 
 @pytest.fixture
-def repo(tmp_path: Path) -> Path:
+def repo_dir(tmp_path: Path) -> Path:
     path = tmp_path / "repo"
     cli("init", path)
     return path
@@ -55,49 +55,49 @@ def _base(path: Path) -> None:
     qemu_io(path, "write -P 0x55 0 2M")
 
 
-def _refused(repo: Path, tip: Path, *why: str, extra: tuple[str, ...] = ()) -> str:
+def _refused(repo_dir: Path, tip: Path, *why: str, extra: tuple[str, ...] = ()) -> str:
     """Import must fail with one line saying ``why``, leaving no device."""
-    proc = cli("import", repo, "vm", tip, *extra, check=False, timeout=20)
+    proc = cli("import", repo_dir, "vm", tip, *extra, check=False, timeout=20)
     err = proc.stderr.decode()
     assert proc.returncode != 0
     assert len(err.strip().splitlines()) == 1, err
     for words in why:
         assert words in err, err
-    assert "vm" not in cli("device", "list", repo).stdout.decode()
-    assert not (repo / "devices" / "vm").exists()
+    assert "vm" not in cli("device", "list", repo_dir).stdout.decode()
+    assert not (repo_dir / "devices" / "vm").exists()
     return err
 
 
-def _imported_equals(repo: Path, tip: Path, scratch: Path, *extra: str) -> None:
+def _imported_equals(repo_dir: Path, tip: Path, scratch: Path, *extra: str) -> None:
     """Import works and the newest backup reads as QEMU reads the tip."""
-    out = cli("import", repo, "vm", tip, *extra).stdout.decode().splitlines()
+    out = cli("import", repo_dir, "vm", tip, *extra).stdout.decode().splitlines()
     newest = out[-1].split("\t")[0]
-    image = repo / "devices" / "vm" / f"{newest}.qcow2"
+    image = repo_dir / "devices" / "vm" / f"{newest}.qcow2"
     assert qemu_raw(image, scratch) == qemu_raw(tip, scratch)
 
 
-def test_an_absolute_backing_outside_the_tip_dir(repo: Path, tmp_path: Path) -> None:
+def test_an_absolute_backing_outside_the_tip_dir(repo_dir: Path, tmp_path: Path) -> None:
     outside, vms = tmp_path / "outside", tmp_path / "vms"
     outside.mkdir()
     vms.mkdir()
     _base(outside / "base.qcow2")
     _overlay(vms / "tip.qcow2", str(outside / "base.qcow2"))
-    err = _refused(repo, vms / "tip.qcow2", str(vms / "tip.qcow2"), repr(str(outside / "base.qcow2")),
+    err = _refused(repo_dir, vms / "tip.qcow2", str(vms / "tip.qcow2"), repr(str(outside / "base.qcow2")),
                    "--allow-outside")
     assert err.startswith("backupfs: "), err
-    _imported_equals(repo, vms / "tip.qcow2", tmp_path, "--allow-outside", str(outside))
+    _imported_equals(repo_dir, vms / "tip.qcow2", tmp_path, "--allow-outside", str(outside))
 
 
-def test_a_backing_name_that_climbs_out(repo: Path, tmp_path: Path) -> None:
+def test_a_backing_name_that_climbs_out(repo_dir: Path, tmp_path: Path) -> None:
     vms = tmp_path / "vms"
     vms.mkdir()
     _base(tmp_path / "base.qcow2")
     _overlay(vms / "tip.qcow2", "../base.qcow2")
-    _refused(repo, vms / "tip.qcow2", "'../base.qcow2'", "--allow-outside")
-    _imported_equals(repo, vms / "tip.qcow2", tmp_path, "--allow-outside", str(tmp_path))
+    _refused(repo_dir, vms / "tip.qcow2", "'../base.qcow2'", "--allow-outside")
+    _imported_equals(repo_dir, vms / "tip.qcow2", tmp_path, "--allow-outside", str(tmp_path))
 
 
-def test_a_backing_file_that_is_a_symlink_out(repo: Path, tmp_path: Path) -> None:
+def test_a_backing_file_that_is_a_symlink_out(repo_dir: Path, tmp_path: Path) -> None:
     """A link inside the tip's directory that leads out is refused; one
     that stays inside (a subdirectory) is followed."""
     secret, vms = tmp_path / "secret", tmp_path / "vms"
@@ -106,52 +106,52 @@ def test_a_backing_file_that_is_a_symlink_out(repo: Path, tmp_path: Path) -> Non
     _base(secret / "disk.qcow2")
     os.symlink(secret / "disk.qcow2", vms / "base.qcow2")
     _overlay(vms / "tip.qcow2", "base.qcow2")
-    _refused(repo, vms / "tip.qcow2", "'base.qcow2'", f"leads to {secret / 'disk.qcow2'}")
+    _refused(repo_dir, vms / "tip.qcow2", "'base.qcow2'", f"leads to {secret / 'disk.qcow2'}")
     # A symlinked directory on the way is no different.
     os.symlink(secret, vms / "sub" / "d")
     _overlay(vms / "tip2.qcow2", "sub/d/disk.qcow2")
-    _refused(repo, vms / "tip2.qcow2", "'sub/d/disk.qcow2'", "--allow-outside")
+    _refused(repo_dir, vms / "tip2.qcow2", "'sub/d/disk.qcow2'", "--allow-outside")
     # Inside the tree, a link is fine.
     os.unlink(vms / "base.qcow2")
     _base(vms / "sub" / "real.qcow2")
     os.symlink("sub/real.qcow2", vms / "base.qcow2")
-    _imported_equals(repo, vms / "tip.qcow2", tmp_path)
+    _imported_equals(repo_dir, vms / "tip.qcow2", tmp_path)
 
 
-def test_a_tip_that_is_a_symlink(repo: Path, tmp_path: Path) -> None:
+def test_a_tip_that_is_a_symlink(repo_dir: Path, tmp_path: Path) -> None:
     _base(tmp_path / "base.qcow2")
     os.symlink(tmp_path / "base.qcow2", tmp_path / "tip.qcow2")
-    _refused(repo, tmp_path / "tip.qcow2", "tip.qcow2: is a symlink")
+    _refused(repo_dir, tmp_path / "tip.qcow2", "tip.qcow2: is a symlink")
 
 
 @pytest.mark.mount
-def test_a_block_device_as_backing(repo: Path, tmp_path: Path) -> None:
+def test_a_block_device_as_backing(repo_dir: Path, tmp_path: Path) -> None:
     disk = tmp_path / "disk.raw"
     disk.write_bytes(bytes(4 * MiB))
     loop = subprocess.run(["losetup", "-f", "--show", str(disk)], capture_output=True, text=True,
                           check=True).stdout.strip()
     try:
         _overlay(tmp_path / "tip.qcow2", loop, "raw")
-        _refused(repo, tmp_path / "tip.qcow2", repr(loop), "--allow-outside")
+        _refused(repo_dir, tmp_path / "tip.qcow2", repr(loop), "--allow-outside")
         # Allowed where it lives, it is still no regular file.
-        _refused(repo, tmp_path / "tip.qcow2", repr(loop), "is a block device, not a regular file",
+        _refused(repo_dir, tmp_path / "tip.qcow2", repr(loop), "is a block device, not a regular file",
                  extra=("--allow-outside", "/dev"))
         # A device node inside the tip's directory itself, the same.
         os.mknod(tmp_path / "node.raw", 0o600 | 0o060000, os.stat(loop).st_rdev)
         _overlay(tmp_path / "tip2.qcow2", "node.raw", "raw")
-        _refused(repo, tmp_path / "tip2.qcow2", "'node.raw'", "is a block device")
+        _refused(repo_dir, tmp_path / "tip2.qcow2", "'node.raw'", "is a block device")
     finally:
         subprocess.run(["losetup", "-d", loop], check=True)
 
 
-def test_a_fifo_as_backing_fails_fast(repo: Path, tmp_path: Path) -> None:
+def test_a_fifo_as_backing_fails_fast(repo_dir: Path, tmp_path: Path) -> None:
     """It hung the import (holding the repository's lock) until someone wrote to it."""
     os.mkfifo(tmp_path / "base.raw")
     _overlay(tmp_path / "tip.qcow2", "base.raw", "raw", write=False)  # QEMU itself would hang on it
-    _refused(repo, tmp_path / "tip.qcow2", "'base.raw'", "is a FIFO, not a regular file")
+    _refused(repo_dir, tmp_path / "tip.qcow2", "'base.raw'", "is a FIFO, not a regular file")
 
 
-def test_a_raw_base_with_a_qcow2_header_stays_raw(repo: Path, tmp_path: Path) -> None:
+def test_a_raw_base_with_a_qcow2_header_stays_raw(repo_dir: Path, tmp_path: Path) -> None:
     """Probing the base read it as the qcow2 image its bytes pretend to be
     (and followed that image's own backing name)."""
     inner = tmp_path / "inner.qcow2"
@@ -164,14 +164,14 @@ def test_a_raw_base_with_a_qcow2_header_stays_raw(repo: Path, tmp_path: Path) ->
     _overlay(tip, "base.raw", "raw")
     expected = qemu_raw(tip, tmp_path)  # QEMU, told the format
     _forget_backing_format(tip)
-    _refused(repo, tip, "'base.raw'", "no format recorded", "--backing-format")
-    out = cli("import", repo, "vm", tip, "--backing-format", "raw").stdout.decode().splitlines()
+    _refused(repo_dir, tip, "'base.raw'", "no format recorded", "--backing-format")
+    out = cli("import", repo_dir, "vm", tip, "--backing-format", "raw").stdout.decode().splitlines()
     newest = out[-1].split("\t")[0]
-    assert qemu_raw(repo / "devices" / "vm" / f"{newest}.qcow2", tmp_path) == expected
+    assert qemu_raw(repo_dir / "devices" / "vm" / f"{newest}.qcow2", tmp_path) == expected
     assert out[0].endswith("(raw)"), out
 
 
-def test_a_users_chain_cannot_make_root_read_a_secret(repo: Path, other_user: OtherUser, open_tmp: Path) -> None:
+def test_a_users_chain_cannot_make_root_read_a_secret(repo_dir: Path, other_user: OtherUser, open_tmp: Path) -> None:
     """The scenario itself: a user leaves an image in their directory whose
     backing names a file only root can read (or a symlink to it), and asks
     root to import it; the secret must not end up in a backup."""
@@ -188,8 +188,8 @@ def test_a_users_chain_cannot_make_root_read_a_secret(repo: Path, other_user: Ot
     made = other_user.run("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "base.raw", "-F", "raw",
                           str(mine / "tip2.qcow2"), "4M")
     assert made.returncode == 0, made.stderr
-    _refused(repo, mine / "tip.qcow2", repr(str(secret)), f"lies outside {mine}")
-    _refused(repo, mine / "tip2.qcow2", "'base.raw'", f"leads to {secret}")
+    _refused(repo_dir, mine / "tip.qcow2", repr(str(secret)), f"lies outside {mine}")
+    _refused(repo_dir, mine / "tip2.qcow2", "'base.raw'", f"leads to {secret}")
 
 
 def test_a_directory_swapped_between_check_and_open_leads_nowhere_else(tmp_path: Path,
@@ -233,7 +233,7 @@ def test_a_directory_swapped_between_check_and_open_leads_nowhere_else(tmp_path:
     assert vms.is_symlink()  # the swap did happen
 
 
-def test_a_raw_disk_whose_guest_wrote_a_qcow2_header_imports_as_raw_with_format(repo: Path, tmp_path: Path) -> None:
+def test_a_raw_disk_whose_guest_wrote_a_qcow2_header_imports_as_raw_with_format(repo_dir: Path, tmp_path: Path) -> None:
     """The tip's format is told from its first bytes, and in a raw disk those
     are the guest's: a header naming another VM's disk in the same directory
     as its backing file made import read that disk into this device's
@@ -248,26 +248,26 @@ def test_a_raw_disk_whose_guest_wrote_a_qcow2_header_imports_as_raw_with_format(
     with open(disk, "wb") as f:
         f.truncate(4 * MiB)
         f.write(header.read_bytes()[:65536])  # what the guest wrote at the start of its disk
-    out = cli("import", repo, "vm", disk, "--format", "raw").stdout.decode().splitlines()
+    out = cli("import", repo_dir, "vm", disk, "--format", "raw").stdout.decode().splitlines()
     assert len(out) == 1 and out[0].endswith("(raw)"), out
-    image = repo / "devices" / "vm" / f"{out[0].split(chr(9))[0]}.qcow2"
+    image = repo_dir / "devices" / "vm" / f"{out[0].split(chr(9))[0]}.qcow2"
     assert qemu_raw(image, tmp_path) == disk.read_bytes()
 
 
 def test_the_tips_format_is_stated_never_guessed(tmp_path: Path) -> None:
     """A raw tip is imported only when the user says it is raw: its first
     bytes are its guest's, and they decide nothing."""
-    repo = tmp_path / "repo"
-    cli("init", repo)
+    repo_dir = tmp_path / "repo"
+    cli("init", repo_dir)
     raw = tmp_path / "disk.img"
     raw.write_bytes(b"\xabguest data" * 1000 + bytes(MiB - 11000))
-    proc = cli("import", repo, "vm", raw, check=False)
+    proc = cli("import", repo_dir, "vm", raw, check=False)
     err = proc.stderr.decode()
     assert proc.returncode == 1 and len(err.splitlines()) == 1, err
     assert "not a qcow2 image" in err and "--format raw" in err, err
-    assert "vm" not in cli("device", "list", repo).stdout.decode()
-    cli("import", repo, "vm", raw, "--format", "raw")
-    (backup_id,) = [line.split("\t")[0] for line in cli("list", repo, "vm").stdout.decode().splitlines()[1:]]
+    assert "vm" not in cli("device", "list", repo_dir).stdout.decode()
+    cli("import", repo_dir, "vm", raw, "--format", "raw")
+    (backup_id,) = [line.split("\t")[0] for line in cli("list", repo_dir, "vm").stdout.decode().splitlines()[1:]]
     out = tmp_path / "out.raw"
-    cli("restore", repo, "vm", backup_id, out)
+    cli("restore", repo_dir, "vm", backup_id, out)
     assert out.read_bytes() == raw.read_bytes()

@@ -26,20 +26,12 @@ from backupfs.tree import SNAPSHOT, Tree
 from engine.errors import BackupfsError
 from engine.job import Progress
 from engine.repo import Repository
+from tests.jobstatuses import Statuses
 from tests.commands import cli
 from tests.mounts import Mounted
 
 KiB, MiB = 1024, 1024 * 1024
 
-
-class Statuses:
-    """The job statuses the tree reads (the job runner's role)."""
-
-    def __init__(self) -> None:
-        self.by_device: dict[str, JobStatus] = {}
-
-    def __call__(self, device: str) -> JobStatus:
-        return self.by_device.setdefault(device, JobStatus())
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ MiB = 1024 * 1024
 
 
 @pytest.fixture
-def repo(tmp_path: Path) -> Path:
+def repo_dir(tmp_path: Path) -> Path:
     """A repository with device vm (8 MiB source) and one full backup."""
     src = tmp_path / "vm.img"
     with open(src, "wb") as f:
@@ -59,18 +59,18 @@ def _still_there(d: Path, files: dict[str, bytes]) -> None:
 
 
 @pytest.mark.mount
-def test_user_files_beside_backups_survive(repo: Path, tmp_path: Path) -> None:
-    ddir = repo / "devices" / "vm"
+def test_user_files_beside_backups_survive(repo_dir: Path, tmp_path: Path) -> None:
+    ddir = repo_dir / "devices" / "vm"
     files = _user_files(ddir)
-    cli("list", repo)
+    cli("list", repo_dir)
     _still_there(ddir, files)
-    cli("status", repo)
-    cli("device", "list", repo)
+    cli("status", repo_dir)
+    cli("device", "list", repo_dir)
     _still_there(ddir, files)
-    cli("backup", repo, "vm", "incremental")
+    cli("backup", repo_dir, "vm", "incremental")
     _still_there(ddir, files)
     (tmp_path / "mnt").mkdir()
-    m = Mounted(repo, tmp_path / "mnt")
+    m = Mounted(repo_dir, tmp_path / "mnt")
     try:
         m.start()
         assert (tmp_path / "mnt" / "vm").is_dir()
@@ -78,22 +78,22 @@ def test_user_files_beside_backups_survive(repo: Path, tmp_path: Path) -> None:
     finally:
         m.cleanup()
     _still_there(ddir, files)
-    cli("verify", repo)
+    cli("verify", repo_dir)
     _still_there(ddir, files)
 
 
-def test_removing_a_device_keeps_a_users_file(repo: Path) -> None:
-    ddir = repo / "devices" / "vm"
+def test_removing_a_device_keeps_a_users_file(repo_dir: Path) -> None:
+    ddir = repo_dir / "devices" / "vm"
     files = _user_files(ddir)
-    cli("device", "remove", repo, "vm", "--force")
+    cli("device", "remove", repo_dir, "vm", "--force")
     _still_there(ddir, files)
     assert not [f for f in os.listdir(ddir) if f.startswith("2") or f.endswith(".bitmap")]
 
 
-def test_a_symlinked_device_dir_is_never_entered(repo: Path, tmp_path: Path) -> None:
+def test_a_symlinked_device_dir_is_never_entered(repo_dir: Path, tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    ddir = repo / "devices" / "vm"
+    ddir = repo_dir / "devices" / "vm"
     for f in os.listdir(ddir):  # what was there, moved out: the link leads to copies
         (elsewhere / f).write_bytes((ddir / f).read_bytes())
     files = _user_files(elsewhere)
@@ -104,8 +104,8 @@ def test_a_symlinked_device_dir_is_never_entered(repo: Path, tmp_path: Path) -> 
     # (and so recover): backupfs neither deletes nor writes through the link.
     other = tmp_path / "other.img"
     other.write_bytes(bytes(MiB))
-    for args in (["list", repo], ["status", repo], ["device", "add", repo, "other", other],
-                 ["backup", repo, "vm", "full"]):
+    for args in (["list", repo_dir], ["status", repo_dir], ["device", "add", repo_dir, "other", other],
+                 ["backup", repo_dir, "vm", "full"]):
         proc = cli(*args, check=False)
         err = proc.stderr.decode()
         assert proc.returncode == 1 and len(err.splitlines()) == 1, (args, err)
@@ -114,17 +114,17 @@ def test_a_symlinked_device_dir_is_never_entered(repo: Path, tmp_path: Path) -> 
     _still_there(elsewhere, files)
 
 
-def test_an_import_into_a_planted_device_dir_link_is_refused(repo: Path, tmp_path: Path) -> None:
+def test_an_import_into_a_planted_device_dir_link_is_refused(repo_dir: Path, tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    os.symlink(elsewhere, repo / "devices" / "newvm")
+    os.symlink(elsewhere, repo_dir / "devices" / "newvm")
     tip = tmp_path / "tip.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", tip, str(MiB))
-    proc = cli("import", repo, "newvm", tip, check=False)
+    proc = cli("import", repo_dir, "newvm", tip, check=False)
     err = proc.stderr.decode()
     assert proc.returncode == 1 and "is a symlink" in err, err
     assert os.listdir(elsewhere) == []
-    assert "newvm" not in cli("device", "list", repo).stdout.decode()
+    assert "newvm" not in cli("device", "list", repo_dir).stdout.decode()
 
 
 _KILLED_BACKUP = """
@@ -138,31 +138,31 @@ repo.backup("vm", "full", on_progress=on_progress, chunk_bytes=1024 * 1024)
 """
 
 
-def test_a_killed_backups_files_go_at_the_next_open_that_may_write(repo: Path) -> None:
-    ddir = repo / "devices" / "vm"
+def test_a_killed_backups_files_go_at_the_next_open_that_may_write(repo_dir: Path) -> None:
+    ddir = repo_dir / "devices" / "vm"
     files = _user_files(ddir)
-    proc = subprocess.run([sys.executable, "-c", _KILLED_BACKUP, str(repo)], capture_output=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", _KILLED_BACKUP, str(repo_dir)], capture_output=True, timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     left = [f for f in os.listdir(ddir) if f.startswith(".tmp-2")]
     assert len(left) == 1, os.listdir(ddir)
     # Reading deletes nothing, not even our own leftover.
-    cli("list", repo)
-    cli("status", repo)
+    cli("list", repo_dir)
+    cli("status", repo_dir)
     assert (ddir / left[0]).exists()
     # The next command that may write removes it, and only it.
-    cli("backup", repo, "vm", "incremental")
+    cli("backup", repo_dir, "vm", "incremental")
     assert not (ddir / left[0]).exists()
     assert not [f for f in os.listdir(ddir) if f.startswith(".tmp-2")]
     _still_there(ddir, files)
-    with Repository.open(str(repo)) as r:
+    with Repository.open(str(repo_dir)) as r:
         assert r.catalog.intents() == []
         assert [b.kind for b in r.backups("vm")] == ["full", "incremental"]
 
 
-def test_a_catalog_from_before_intents(repo: Path) -> None:
+def test_a_catalog_from_before_intents(repo_dir: Path) -> None:
     """Read-only (beside a mount, or a full disk) it has no intents; opened
     for writing it gains the table, and works."""
-    db = str(repo / "catalog.db")
+    db = str(repo_dir / "catalog.db")
     conn = sqlite3.connect(db)
     conn.execute("DROP TABLE intents")
     conn.commit()
@@ -172,7 +172,7 @@ def test_a_catalog_from_before_intents(repo: Path) -> None:
         assert catalog.intents() == []
     finally:
         catalog.close()
-    cli("backup", repo, "vm", "incremental")
-    with Repository.open(str(repo)) as r:
+    cli("backup", repo_dir, "vm", "incremental")
+    with Repository.open(str(repo_dir)) as r:
         assert r.catalog.intents() == []
         assert len(r.backups("vm")) == 2

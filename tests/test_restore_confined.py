@@ -30,24 +30,16 @@ def _sha(path: Path) -> str:
 
 
 @pytest.fixture
-def repo(tmp_path: Path) -> Path:
+def repo_dir(tmp_path: Path) -> Path:
     """A repository with one full backup of vm1 (random bytes)."""
     src = tmp_path / "src.raw"
     src.write_bytes(random.Random(1).randbytes(SIZE))
-    repo = tmp_path / "repo"
-    cli("init", repo)
-    cli("device", "add", repo, "vm1", src)
-    cli("backup", repo, "vm1", "full")
-    return repo
+    repo_dir = tmp_path / "repo"
+    cli("init", repo_dir)
+    cli("device", "add", repo_dir, "vm1", src)
+    cli("backup", repo_dir, "vm1", "full")
+    return repo_dir
 
-
-@pytest.fixture
-def user_dir(open_tmp: Path, other_user: OtherUser) -> Path:
-    """A directory the other user can write: where they plant things."""
-    d = open_tmp / "user"
-    d.mkdir()
-    os.chown(d, other_user.uid, other_user.gid)
-    return d
 
 
 def _refused(proc: subprocess.CompletedProcess) -> str:
@@ -57,7 +49,7 @@ def _refused(proc: subprocess.CompletedProcess) -> str:
 
 
 def test_a_restore_target_that_is_a_symlink_is_refused(
-    repo: Path, tmp_path: Path, user_dir: Path, other_user: OtherUser
+    repo_dir: Path, tmp_path: Path, user_dir: Path, other_user: OtherUser
 ) -> None:
     root_only = tmp_path / "root-only"
     root_only.mkdir(mode=0o700)
@@ -70,12 +62,12 @@ def test_a_restore_target_that_is_a_symlink_is_refused(
     to_file = user_dir / "disk.raw"
     assert other_user.run("ln", "-s", precious, to_file).returncode == 0
     into_repo = user_dir / "repo-link"  # a directory link into the repository
-    assert other_user.run("ln", "-s", repo / "devices" / "vm1", into_repo).returncode == 0
+    assert other_user.run("ln", "-s", repo_dir / "devices" / "vm1", into_repo).returncode == 0
 
     for target, force in ((dangling, ()), (dangling, ("--force",)), (to_file, ("--force",))):
-        err = _refused(cli("restore", repo, "vm1", "latest", target, *force, check=False))
+        err = _refused(cli("restore", repo_dir, "vm1", "latest", target, *force, check=False))
         assert f"restore target {target} is a symlink" in err, err
-    err = _refused(cli("restore", repo, "vm1", "latest", into_repo / "x.raw", check=False))
+    err = _refused(cli("restore", repo_dir, "vm1", "latest", into_repo / "x.raw", check=False))
     assert "lies inside the repository" in err, err
 
     assert sorted(os.listdir(root_only)) == ["precious.raw"] and _sha(precious) == before
@@ -84,15 +76,15 @@ def test_a_restore_target_that_is_a_symlink_is_refused(
 
 
 def test_a_file_another_user_planted_at_the_target_lends_it_no_mode(
-    repo: Path, user_dir: Path, other_user: OtherUser
+    repo_dir: Path, user_dir: Path, other_user: OtherUser
 ) -> None:
     """Replaced whole by a file of root's that stays private, not one readable by all."""
     target = user_dir / "vm.raw"
     assert other_user.run("sh", "-c", f"umask 0; : > {target}; chmod 0666 {target}").returncode == 0
-    cli("restore", repo, "vm1", "latest", target, "--force")
+    cli("restore", repo_dir, "vm1", "latest", target, "--force")
     st = target.stat()
     assert (st.st_uid, st.st_mode & 0o777) == (0, 0o600)
-    assert _sha(target) == _sha(repo.parent / "src.raw")
+    assert _sha(target) == _sha(repo_dir.parent / "src.raw")
     assert other_user.run("cat", target).returncode != 0
 
 
@@ -116,15 +108,15 @@ def test_a_symlink_planted_at_the_hidden_copys_name_is_passed_over(tmp_path: Pat
 
 
 @pytest.mark.mount
-def test_restoring_through_a_symlink_to_a_mounted_device_file_is_refused(repo: Path, tmp_path: Path) -> None:
+def test_restoring_through_a_symlink_to_a_mounted_device_file_is_refused(repo_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "mnt").mkdir()
-    m = Mounted(repo, tmp_path / "mnt")
+    m = Mounted(repo_dir, tmp_path / "mnt")
     m.start()
     try:
         link = tmp_path / "vm1-device"
         link.symlink_to(m.path("vm1", "device"))
         sh(f"printf 'changed' | dd of={m.path('vm1', 'device')} bs=1 conv=notrunc status=none")
-        err = _refused(cli("restore", repo, "vm1", "latest", link, "--force", check=False))
+        err = _refused(cli("restore", repo_dir, "vm1", "latest", link, "--force", check=False))
         assert f"restore target {link} is a symlink" in err, err
         assert m.path("vm1", "device").read_bytes()[:7] == b"changed"
     finally:

@@ -47,14 +47,6 @@ def _latest_image(repo: Path) -> Path:
     return repo / "devices" / "vm1" / f"{_backup_ids(repo)[-1]}.qcow2"
 
 
-@pytest.fixture
-def user_dir(open_tmp: Path, other_user: OtherUser) -> Path:
-    """A directory the other user owns: where their VM image lives."""
-    d = open_tmp / "user"
-    d.mkdir()
-    os.chown(d, other_user.uid, other_user.gid)
-    return d
-
 
 @pytest.fixture
 def secret(tmp_path: Path) -> Path:

@@ -15,25 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from backupfs.status import JobStatus
 from backupfs.tree import (
     BACKUP, BACKUPS, BIG_BLKSIZE, BITMAP, CHAIN, DEVDIR, DEVICE, LATEST, ROOT, ROOT_INODE, SNAPSHOT, Node,
     RequestError, Tree,
 )
 from engine.repo import Repository
+from tests.jobstatuses import Statuses
 from tests.oracle import qemu_img, qemu_io
 
 KiB, MiB = 1024, 1024 * 1024
 
-
-class Statuses:
-    """The job statuses the tree reads the snapshot file from (the job runner's role)."""
-
-    def __init__(self) -> None:
-        self.by_device: dict[str, JobStatus] = {}
-
-    def __call__(self, device: str) -> JobStatus:
-        return self.by_device.setdefault(device, JobStatus())
 
 
 @pytest.fixture
