@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from engine import durable
 from engine.access import set_new_file_mode
 from engine.errors import ErrnoError
-from engine.layout import BACKUP_ID_RE
+from engine.layout import BACKUP_ID_RE, device_rel
 from engine.sourceid import SourceId
 from engine.validate import NAME_RE
 
@@ -658,7 +658,7 @@ def _in_device_dir(value: object, device: str) -> bool:
     """``devices/<device>/<file>``, relative, one plain file name at the end."""
     if not isinstance(value, str):
         return False
-    prefix = f"devices/{device}/"
+    prefix = device_rel(device) + "/"
     name = value[len(prefix):]
     return (value.startswith(prefix) and name not in ("", ".", "..") and "/" not in name
             and "\0" not in name)
