@@ -31,6 +31,7 @@ from engine.device import Device, DeviceError, distrust_saved_bitmaps
 from engine.errors import BackupfsError, UsageError
 from engine.fsutil import fsync_dir
 from engine.limits import check_granules
+from engine.guest.guestdisk import GuestDisk
 from engine.integrity import Problem, VerifiedView, VerifyReport, held_granules, verify_backup
 from engine.units import check_rate, format_size
 from engine.restore import RestoreResult, check_in_place_target, check_target, restore_to, source_named
@@ -682,6 +683,12 @@ class Repository:
             view.close()
             raise
         return VerifiedView(view, rec.id, rec.granularity, hashes, defined)
+
+    def open_files(self, backup_id: str) -> GuestDisk:
+        """The guest's volumes and files in a backup (SPEC §8), reading it
+        through a checked view that closing the result closes."""
+        view = self.open_backup(backup_id)
+        return GuestDisk(view, on_close=view.close)
 
     def _checkable_lineage(self, rec: BackupRecord) -> Iterator[ChecksumRecord | Unrecorded]:
         """lineage_records, with what each backup without a readable record holds in its place."""
