@@ -72,6 +72,8 @@ class Node:
     kind: str
     device: str | None = None
     backup: str | None = None
+    volume: str | None = None  # inside a backup's files (backupfs/filestree.py)
+    path: tuple[bytes, ...] = ()  # names from the volume's root (the first path seen, for a hard link)
 
 
 class InodeTable:
@@ -79,9 +81,13 @@ class InodeTable:
 
     def __init__(self) -> None:
         root = Node(ROOT_INODE, ROOT)
-        self._by_key: dict[tuple[str, str | None, str | None], Node] = {(ROOT, None, None): root}
+        self._by_key: dict[tuple[object, ...], Node] = {(ROOT, None, None): root}
         self._by_inode: dict[int, Node] = {root.inode: root}
         self._next = ROOT_INODE + 1
+        # Nodes the kernel may forget (a guest's files: there may be
+        # millions), with the kernel's count of lookups of each.
+        self._lookups: dict[int, int] = {}
+        self._key_of: dict[int, tuple[object, ...]] = {}
 
     def get(self, kind: str, device: str | None = None, backup: str | None = None) -> Node:
         key = (kind, device, backup)
@@ -92,6 +98,46 @@ class InodeTable:
             self._by_key[key] = node
             self._by_inode[node.inode] = node
         return node
+
+    def get_forgettable(self, key: tuple[object, ...], make: Callable[[int], Node]) -> Node:
+        """The node for ``key``, made by ``make(inode)`` if new; dropped again
+        when the kernel has forgotten every lookup of it (``forget``)."""
+        node = self._by_key.get(key)
+        if node is None:
+            node = make(self._next)
+            self._next += 1
+            self._by_key[key] = node
+            self._by_inode[node.inode] = node
+            self._lookups[node.inode] = 0
+            self._key_of[node.inode] = key
+        return node
+
+    def looked_up(self, node: Node) -> None:
+        """The kernel now holds one more reference (a lookup, a readdirplus entry)."""
+        if node.inode in self._lookups:
+            self._lookups[node.inode] += 1
+
+    def forget(self, inode: int, count: int) -> None:
+        """The kernel let go of ``count`` lookups; the last one drops a forgettable node."""
+        held = self._lookups.get(inode)
+        if held is None:
+            return  # the fixed tree: kept for the life of the mount
+        if held > count:
+            self._lookups[inode] = held - count
+            return
+        del self._lookups[inode]
+        self._by_inode.pop(inode, None)
+        self._by_key.pop(self._key_of.pop(inode), None)
+
+    def drop_unheld(self, nodes: list[Node]) -> None:
+        """Drop forgettable nodes the kernel never got (a listing read only in part)."""
+        for node in nodes:
+            if self._lookups.get(node.inode) == 0:
+                self.forget(node.inode, 0)
+
+    def held(self) -> int:
+        """How many forgettable nodes are kept (for tests and the log)."""
+        return len(self._lookups)
 
     def find(self, inode: int) -> Node | None:
         """The node of a number handed out, or None."""
@@ -118,6 +164,12 @@ class Attributes:
     mtime_ns: int = 0
     entry_timeout: float = 0
     attr_timeout: float = 0
+    # A guest's own (files inside a backup); None: the mount's owner, and mtime for both times.
+    uid: int | None = None
+    gid: int | None = None
+    atime_ns: int | None = None
+    ctime_ns: int | None = None
+    rdev: int = 0
 
 
 # Where each kind sits: the kind of its parent directory.
@@ -159,6 +211,41 @@ class Tree:
             DEVICE: self._describe_device, SNAPSHOT: self._describe_text, CHAIN: self._describe_text,
             BITMAP: self._describe_text, BACKUP: self._describe_backup, LATEST: self._describe_latest,
         }
+        # Kinds a later part of the tree adds (backupfs/filestree.py): where
+        # their parent is when it is not fixed by kind, their text, link
+        # target and extended attributes.
+        self._parents: dict[str, Callable[[Node], Node]] = {}
+        self._texts: dict[str, Callable[[Node], bytes]] = {}
+        self._links: dict[str, Callable[[Node], bytes]] = {LATEST: self._latest_target}
+        self._xattr_sources: dict[str, Callable[[Node], dict[bytes, bytes]]] = {
+            SNAPSHOT: self._snapshot_xattrs, BACKUP: self._backup_xattrs,
+        }
+        # Kinds whose answers read a backup's guest (seconds on a cold
+        # cache): fs.py asks for them in a worker thread.
+        self.blocking_kinds: set[str] = set()
+        self._parent_kind = dict(PARENT_KIND)
+        self.devdir_entries = list(DEVDIR_ENTRIES)  # a later part adds its directory here
+
+    def register(self, kind: str, parent_kind: str | None = None, *,
+                 listing: Callable[[Node], Listing] | None = None,
+                 lookup: Callable[[Node, bytes], Node | None] | None = None,
+                 check: Callable[[Node], bool] | None = None,
+                 describe: Callable[[Node, Attributes], None] | None = None,
+                 parent: Callable[[Node], Node] | None = None,
+                 text: Callable[[Node], bytes] | None = None,
+                 link: Callable[[Node], bytes] | None = None,
+                 xattrs: Callable[[Node], dict[bytes, bytes]] | None = None,
+                 blocking: bool = False) -> None:
+        """Add a kind of node to the tree (what each registry above holds)."""
+        for table, value in ((self._listings, listing), (self._lookups, lookup), (self._checks, check),
+                             (self._describers, describe), (self._parents, parent), (self._texts, text),
+                             (self._links, link), (self._xattr_sources, xattrs)):
+            if value is not None:
+                table[kind] = value  # type: ignore[index]
+        if parent_kind is not None:
+            self._parent_kind[kind] = parent_kind
+        if blocking:
+            self.blocking_kinds.add(kind)
 
     def root(self) -> Node:
         return self.inodes.get(ROOT)
@@ -178,8 +265,11 @@ class Tree:
         return rec
 
     def text(self, node: Node) -> bytes:
-        """The content of a text file (snapshot, chain, bitmap) as of now."""
+        """The content of a text file (snapshot, chain, bitmap, ...) as of now."""
         assert node.device is not None
+        render = self._texts.get(node.kind)
+        if render is not None:
+            return render(node)
         if node.kind == SNAPSHOT:
             return self.status(node.device).render().encode()
         if node.kind == CHAIN:
@@ -207,7 +297,7 @@ class Tree:
         live = rec is not None and bool(rec.source)
         return [
             (n.encode(), self.inodes.get(k, node.device))
-            for n, k in DEVDIR_ENTRIES
+            for n, k in self.devdir_entries
             if live or k not in (DEVICE, BITMAP)  # an imported archive has no live disk
         ]
 
@@ -255,7 +345,10 @@ class Tree:
         return self.inodes.get(BACKUP, device, ident)
 
     def parent(self, node: Node) -> Node:
-        kind = PARENT_KIND[node.kind]
+        find = self._parents.get(node.kind)
+        if find is not None:
+            return find(node)
+        kind = self._parent_kind[node.kind]
         return self.inodes.get(kind, None if kind == ROOT else node.device)
 
     def exists(self, node: Node) -> bool:
@@ -326,8 +419,12 @@ class Tree:
 
     def link_target(self, node: Node) -> bytes:
         """Where a symlink points; EINVAL for anything else."""
-        if node.kind != LATEST:
+        target = self._links.get(node.kind)
+        if target is None:
             raise RequestError(errno.EINVAL)
+        return target(node)
+
+    def _latest_target(self, node: Node) -> bytes:
         latest = self.repo.latest_backup(node.device or "")
         if latest is None:
             raise RequestError(errno.ENOENT)
@@ -335,12 +432,16 @@ class Tree:
 
     def xattrs(self, node: Node) -> dict[bytes, bytes]:
         """The extended attributes: a backup's catalog row; the snapshot
-        file's job status as JSON (backupfs/mountstatus.py); nothing elsewhere."""
-        if node.kind == SNAPSHOT:
-            assert node.device is not None
-            return {STATUS_XATTR.encode(): encode_status(self.status(node.device).fields())}
-        if node.kind != BACKUP:
-            return {}
+        file's job status as JSON (backupfs/mountstatus.py); a guest file's
+        ``user.*``; nothing elsewhere."""
+        source = self._xattr_sources.get(node.kind)
+        return {} if source is None else source(node)
+
+    def _snapshot_xattrs(self, node: Node) -> dict[bytes, bytes]:
+        assert node.device is not None
+        return {STATUS_XATTR.encode(): encode_status(self.status(node.device).fields())}
+
+    def _backup_xattrs(self, node: Node) -> dict[bytes, bytes]:
         rec = self.backup(node)
         values = {
             "kind": rec.kind,

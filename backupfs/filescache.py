@@ -1,0 +1,124 @@
+"""Open guest disks (engine/guest/guestdisk.py) of the mount, shared and dropped when idle.
+
+A backup's files are parsed when its ``files/<id>`` directory is first
+used; what was parsed (volumes, listings) stays while it is used and a
+while after, for at most ``KEEP`` backups. Every use holds the disk
+(``using`` for a request, ``acquire``/``release`` for an open file): a
+disk is closed only when no one holds it, so a reader never finds its
+view's descriptors closed under it. Used from worker threads: guarded by
+``_lock``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from backupfs.views import ViewCache
+from engine.catalog import BackupRecord
+from engine.guest.guestdisk import GuestDisk
+
+log = logging.getLogger("backupfs.fs")
+
+KEEP = 4  # backups whose parsed files stay after their last use
+IDLE_SECONDS = 600.0  # ...for this long at most
+
+
+@dataclass
+class _Open:
+    disk: GuestDisk
+    uses: int = 0
+    last_used: float = 0.0
+    stale: bool = False  # evicted or pruned: closed when its last use ends
+
+
+class FilesCache:
+    def __init__(self, views: ViewCache, keep: int = KEEP, idle_seconds: float = IDLE_SECONDS) -> None:
+        self.views = views
+        self.keep = keep
+        self.idle_seconds = idle_seconds
+        self._lock = threading.Lock()
+        self._open: dict[str, _Open] = {}
+
+    def acquire(self, rec: BackupRecord) -> GuestDisk:
+        """The backup's guest disk, opened if needed (blocks: call it in a
+        worker). Each acquire needs one release."""
+        with self._lock:
+            found = self._open.get(rec.id)
+            if found is not None and not found.stale:
+                found.uses += 1
+                found.last_used = time.monotonic()
+                return found.disk
+        view = self.views.acquire(rec)
+        disk = GuestDisk(view, on_close=lambda: self.views.release(rec.id))
+        with self._lock:
+            found = self._open.get(rec.id)
+            if found is not None and not found.stale:  # another request opened it meanwhile
+                found.uses += 1
+                winner, disk = found.disk, disk
+            else:
+                self._open[rec.id] = _Open(disk, 1, time.monotonic())
+                winner = disk
+                disk = None  # type: ignore[assignment]
+        if disk is not None:
+            disk.close()
+        self._evict()
+        return winner
+
+    def release(self, backup_id: str, disk: GuestDisk) -> None:
+        """End one use of ``disk``."""
+        close = False
+        with self._lock:
+            found = self._open.get(backup_id)
+            if found is None or found.disk is not disk:
+                return
+            found.uses -= 1
+            found.last_used = time.monotonic()
+            if found.stale and found.uses <= 0:
+                del self._open[backup_id]
+                close = True
+        if close:
+            disk.close()
+
+    @contextmanager
+    def using(self, rec: BackupRecord) -> Iterator[GuestDisk]:
+        disk = self.acquire(rec)
+        try:
+            yield disk
+        finally:
+            self.release(rec.id, disk)
+
+    def _evict(self) -> None:
+        """Close the idle disks beyond ``keep``, and those idle too long."""
+        now = time.monotonic()
+        to_close = []
+        with self._lock:
+            idle = sorted((o.last_used, bid) for bid, o in self._open.items() if o.uses <= 0)
+            excess = len(self._open) - self.keep
+            for last_used, bid in idle:
+                if excess > 0 or now - last_used > self.idle_seconds:
+                    to_close.append(self._open.pop(bid).disk)
+                    excess -= 1
+        for disk in to_close:
+            disk.close()
+
+    def open_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._open)
+
+    def drop_all(self) -> None:
+        """After a prune, and at unmount: close what no one holds, and the
+        rest when their last use ends."""
+        to_close = []
+        with self._lock:
+            for bid, o in list(self._open.items()):
+                if o.uses <= 0:
+                    to_close.append(self._open.pop(bid).disk)
+                else:
+                    o.stale = True
+        for disk in to_close:
+            disk.close()
