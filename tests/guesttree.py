@@ -116,10 +116,11 @@ def default_tree() -> TreeSpec:
     Times are fixed and deliberately not aligned to any filesystem's
     resolution (odd nanoseconds), so each filesystem's truncation shows.
     """
-    base = 1_650_000_000_000_000_000
+    base = 1_650_000_000_123_456_789
 
     def t(i: int) -> int:
-        return base + i * 86_400_000_000_037 + 123_456_789
+        """Times a day, an hour, a minute and 1.001234567 s apart: odd and even seconds alike."""
+        return base + i * 90_061_001_234_567
 
     big = random.Random(21).randbytes(3 * MiB + 12345)
     sparse_size = 2 * MiB + 100
@@ -190,7 +191,8 @@ CAPABILITIES: dict[str, Capabilities] = {
     "btrfs": _UNIX,
     # mtools sets no directory times (it stamps them with the copy's time).
     "vfat": Capabilities(**_FAT_LIKE, mtime_step_ns=2_000_000_000, dir_mtimes=False),  # type: ignore[arg-type]
-    "exfat": Capabilities(**_FAT_LIKE, mtime_step_ns=10_000_000),  # type: ignore[arg-type]
+    # exFAT keeps 10 ms, but exfat-fuse (the only writer here) sets whole seconds.
+    "exfat": Capabilities(**_FAT_LIKE, mtime_step_ns=1_000_000_000),  # type: ignore[arg-type]
     # NTFS keeps ACLs, not POSIX owners and modes; ntfs-3g could make FIFOs and
     # devices as Interix files, which no reader is asked to show.
     "ntfs": Capabilities(special_files=False, owners=False, modes=False, mtime_step_ns=100),
