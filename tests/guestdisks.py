@@ -257,13 +257,8 @@ def _make_volume_group(image: Path, pv_offset: int, pv_size: int, lvs: tuple[Log
     configuration of its own (LVM_SYSTEM_DIR): no host state read or written,
     no backup or archive kept, no udev.
     """
-    config_dir = _fresh(directory, "lvm-config")
-    (config_dir / "lvm.conf").write_text(
-        'devices { obtain_device_list_from_udev = 0 use_devicesfile = 0 hints = "none" scan = [ "/dev" ] }\n'
-        f'global {{ locking_dir = "{config_dir}" }}\n'
-        "backup { backup = 0 archive = 0 }\n"
-        "activation { udev_sync = 0 udev_rules = 0 monitoring = 0 }\n")
-    env = {"LVM_SYSTEM_DIR": str(config_dir), "LVM_SUPPRESS_FD_WARNINGS": "1"}
+    env = lvm_environment(_fresh(directory, "lvm-config"))
+    config_dir = Path(env["LVM_SYSTEM_DIR"])
     with loop_device(image, pv_offset, pv_size) as device:
         only = ["--devices", device]
         run("pvcreate", *only, "--uuid", _lvm_id("pv"), "--norestorefile", device, env=env)
@@ -277,6 +272,21 @@ def _make_volume_group(image: Path, pv_offset: int, pv_size: int, lvs: tuple[Log
         listed = run("lvs", *only, "--noheadings", "-o", "lv_name", VG_NAME, env=env).split()
         assert sorted(listed) == sorted(lv.name for lv in lvs), listed
     return pe_start
+
+
+def lvm_environment(config_dir: Path) -> dict[str, str]:
+    """Environment for LVM commands with a configuration of their own in ``config_dir``.
+
+    No device list from udev or a devices file, no hints, no metadata
+    backups or archives, no udev or monitoring: with ``--devices DEV`` on
+    each command, LVM reads and writes only that device.
+    """
+    (config_dir / "lvm.conf").write_text(
+        'devices { obtain_device_list_from_udev = 0 use_devicesfile = 0 hints = "none" scan = [ "/dev" ] }\n'
+        f'global {{ locking_dir = "{config_dir}" }}\n'
+        "backup { backup = 0 archive = 0 }\n"
+        "activation { udev_sync = 0 udev_rules = 0 monitoring = 0 }\n")
+    return {"LVM_SYSTEM_DIR": str(config_dir), "LVM_SUPPRESS_FD_WARNINGS": "1"}
 
 
 def _lvm_id(seed: str) -> str:
