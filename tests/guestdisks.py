@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from tests.guestfs import base_fstype, kernel_view, loop_device, make_fs, run, sparse_image
+from tests.guestfs import base_fstype, kernel_view, loop_device, make_fs, run, sparse_image, written_label
 from tests.guesttree import MiB, TreeSpec, View, default_tree
 
 SECTOR = 512
@@ -97,8 +97,7 @@ def _filled(part: Part, directory: Path, spec: TreeSpec, offset: int, name: str,
     image = make_fs(part.fstype, _fresh(directory, name), spec, size=part.size, label=label)
     place(image, disk, offset)
     image.unlink()
-    shown_label = label.upper()[:11] if part.fstype.startswith("vfat") else label
-    return Volume(name, offset, part.size, base_fstype(part.fstype), shown_label, spec)
+    return Volume(name, offset, part.size, base_fstype(part.fstype), written_label(part.fstype, label), spec)
 
 
 def _fresh(directory: Path, name: str) -> Path:
@@ -174,7 +173,8 @@ def mbr_disk(directory: Path, spec: TreeSpec | None = None, name: str = "mbr.img
                for s, p in zip(logical_starts, logicals)]
     run("sfdisk", "--no-reread", "--no-tell-kernel", disk, input="\n".join(script).encode() + b"\n")
     volumes = [_filled(primary, directory, spec, p1, "p1", disk)]
-    volumes += [_filled(p, directory, spec, s, f"p{n}", disk) for n, (s, p) in enumerate(zip(logical_starts, logicals), 5)]
+    for number, (start, part) in enumerate(zip(logical_starts, logicals), 5):
+        volumes.append(_filled(part, directory, spec, start, f"p{number}", disk))
     return Disk(disk, volumes)
 
 
@@ -188,7 +188,7 @@ def whole_disk(directory: Path, fstype: str = "ext4", spec: TreeSpec | None = No
     image = make_fs(fstype, _fresh(directory, name), spec, size=size, label="wholedisk")
     disk = directory / name
     image.rename(disk)
-    label = "WHOLEDISK" if fstype.startswith("vfat") else "wholedisk"
+    label = written_label(fstype, "wholedisk")
     return Disk(disk, [Volume("disk", 0, os.path.getsize(disk), base_fstype(fstype), label, spec)])
 
 
@@ -237,7 +237,6 @@ def _fill_logical_volume(image: Path, first_extent_at: int, lv: LogicalVolume, s
     """Make ``lv``'s filesystem in a file, and copy it piece by piece to where its segments are."""
     name = f"lvm-{VG_NAME}-{lv.name}"
     size = sum(count for _, count in lv.segments) * EXTENT
-    label = lv.name.upper() if lv.fstype.startswith("vfat") else lv.name
     fs_image = make_fs(lv.fstype, _fresh(directory, name), spec, size=size, label=lv.name)
     segments, at = [], 0
     for first_pe, count in lv.segments:
@@ -246,7 +245,8 @@ def _fill_logical_volume(image: Path, first_extent_at: int, lv: LogicalVolume, s
         segments.append((disk_offset, count * EXTENT))
         at += count * EXTENT
     fs_image.unlink()
-    return Volume(name, segments[0][0], size, base_fstype(lv.fstype), label, spec, tuple(segments))
+    return Volume(name, segments[0][0], size, base_fstype(lv.fstype), written_label(lv.fstype, lv.name), spec,
+                  tuple(segments))
 
 
 def _make_volume_group(image: Path, pv_offset: int, pv_size: int, lvs: tuple[LogicalVolume, ...],
@@ -270,7 +270,8 @@ def _make_volume_group(image: Path, pv_offset: int, pv_size: int, lvs: tuple[Log
         backup.write_text(with_logical_volumes(backup.read_text(), lvs))
         run("vgcfgrestore", *only, "-f", backup, VG_NAME, env=env)
         listed = run("lvs", *only, "--noheadings", "-o", "lv_name", VG_NAME, env=env).split()
-        assert sorted(listed) == sorted(lv.name for lv in lvs), listed
+        if sorted(listed) != sorted(lv.name for lv in lvs):
+            raise RuntimeError(f"vgcfgrestore left logical volumes {listed}, not {[lv.name for lv in lvs]}")
     return pe_start
 
 

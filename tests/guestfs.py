@@ -39,6 +39,9 @@ MOUNT_TYPES = {"ext4": "ext4", "ext2": "ext2", "xfs": "xfs", "btrfs": "btrfs",
 # The kernel's private directories at a filesystem's root, not part of the tree.
 RESERVED_NAMES = {"ext4": frozenset({"lost+found"}), "ext2": frozenset({"lost+found"})}
 
+# Every filesystem that takes one gets this UUID, so that a build is repeatable.
+FIXED_UUID = "21212121-2121-4121-8121-212121212121"
+
 # mkfs.xfs refuses filesystems under 300 MB unless it believes it runs under
 # fstests; these are what it checks for.
 _XFS_SMALL_OK = {"TEST_DIR": "1", "TEST_DEV": "1", "QA_CHECK_FS": "1"}
@@ -131,6 +134,17 @@ def make_fs(fstype: str, directory: Path, spec: TreeSpec, size: int | None = Non
     return image
 
 
+def written_label(fstype: str, label: str) -> str:
+    """The label ``fstype``'s mkfs writes when given ``label``: what a reader should show.
+
+    FAT labels are upper case, at most 11 characters; XFS keeps 12, exFAT 11.
+    """
+    fs = base_fstype(fstype)
+    if fs == "vfat":
+        return label.upper()[:11]
+    return label[:{"xfs": 12, "exfat": 11}.get(fs, len(label))]
+
+
 def base_fstype(fstype: str) -> str:
     """The filesystem a builder's name makes (vfat16 makes vfat)."""
     return "vfat" if fstype.startswith("vfat") else fstype
@@ -151,8 +165,8 @@ def _ext(fstype: str) -> Callable[[Path, TreeSpec, str], None]:
         whole seconds (e2fsprogs 1.47.0): debugfs then writes the nanoseconds, no mount needed.
         256-byte inodes, which have room for them."""
         with staged(spec, fstype) as src:
-            run(f"mkfs.{fstype}", "-q", "-F", "-I", "256", "-L", label, "-E", "root_owner=0:0",
-                "-U", "21212121-2121-4121-8121-212121212121", "-d", src, image)
+            run(f"mkfs.{fstype}", "-q", "-F", "-I", "256", "-L", label, "-U", FIXED_UUID,
+                "-E", f"root_owner=0:0,hash_seed={FIXED_UUID}", "-d", src, image)
         _ext_set_nanoseconds(image, fit(spec, fstype))
     return build
 
@@ -184,7 +198,8 @@ def _ext_set_nanoseconds(image: Path, spec: TreeSpec) -> None:
         if isinstance(entry, HardLink):
             continue
         extra = (entry.mtime_ns % 1_000_000_000) << 2
-        commands += [f"set_inode_field <{inodes[entry.path]}> {field} {extra}" for field in ("mtime_extra", "atime_extra")]
+        inode = inodes[entry.path]
+        commands += [f"set_inode_field <{inode}> {field} {extra}" for field in ("mtime_extra", "atime_extra")]
     with tempfile.NamedTemporaryFile("w", suffix=".debugfs") as script:
         script.write("\n".join(commands) + "\n")
         script.flush()
@@ -194,7 +209,7 @@ def _ext_set_nanoseconds(image: Path, spec: TreeSpec) -> None:
 def _btrfs(image: Path, spec: TreeSpec, label: str) -> None:
     """mkfs.btrfs, then filled by a loop mount: btrfs-progs 6.2's --rootdir keeps times in whole
     seconds and writes device numbers as 0:0, and nothing edits them offline."""
-    run("mkfs.btrfs", "-q", "-f", "-L", label, "-U", "21212121-2121-4121-8121-212121212121", image)
+    run("mkfs.btrfs", "-q", "-f", "-L", label, "-U", FIXED_UUID, image)
     _fill_mounted(image, spec, "btrfs")
 
 
@@ -203,7 +218,7 @@ def _vfat(fat_bits: int | None) -> Callable[[Path, TreeSpec, str], None]:
         """mkfs.vfat, then mtools copies the tree in (-m keeps modification times; TZ=UTC,
         as FAT stores local time)."""
         bits = ["-F", str(fat_bits)] if fat_bits else []
-        run("mkfs.vfat", *bits, "-i", "21212121", "-n", label.upper()[:11], image)
+        run("mkfs.vfat", *bits, "-i", "21212121", "-n", written_label("vfat", label), image)
         with staged(spec, "vfat") as src:
             names = sorted(os.listdir(src))
             if names:
@@ -213,14 +228,14 @@ def _vfat(fat_bits: int | None) -> Callable[[Path, TreeSpec, str], None]:
 
 def _xfs(image: Path, spec: TreeSpec, label: str) -> None:
     """mkfs.xfs (6.1's protofile sets no times, xattrs or hard links), then filled by a loop mount."""
-    run("mkfs.xfs", "-q", "-f", "-L", label[:12], "-m", "uuid=21212121-2121-4121-8121-212121212121",
+    run("mkfs.xfs", "-q", "-f", "-L", written_label("xfs", label), "-m", f"uuid={FIXED_UUID}",
         image, env=_XFS_SMALL_OK)
     _fill_mounted(image, spec, "xfs")
 
 
 def _exfat(image: Path, spec: TreeSpec, label: str) -> None:
     """mkfs.exfat, then filled through exfat-fuse (this kernel has no exFAT)."""
-    run("mkfs.exfat", "-L", label[:11], image)
+    run("mkfs.exfat", "-L", written_label("exfat", label), image)
     _fill_mounted(image, spec, "exfat")
 
 

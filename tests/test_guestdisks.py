@@ -14,6 +14,7 @@ import os
 import re
 import stat
 import subprocess
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from tests.guestdisks import (
     lvm_disk,
     lvm_environment,
     mbr_disk,
+    volume_image,
     volume_kernel_view,
     whole_disk,
 )
@@ -67,12 +69,17 @@ def assert_no_loop_device(image: Path) -> None:
     assert str(image.resolve()) not in attached
 
 
-def blkid_type(image: Path, offset: int = 0, size: int | None = None) -> str | None:
-    """What blkid finds at ``offset`` (probing the file itself: no loop device), or None."""
+def blkid_probe(image: Path, offset: int = 0, size: int | None = None) -> dict[str, str]:
+    """What blkid finds at ``offset`` (probing the file itself: no loop device): TYPE, LABEL, ..."""
     args = ["blkid", "--probe", "--output", "export", f"--offset={offset}"]
     args += [f"--size={size}"] if size is not None else []
     proc = subprocess.run(args + [str(image)], capture_output=True, text=True, timeout=60)
-    found = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    return dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+
+
+def blkid_type(image: Path, offset: int = 0, size: int | None = None) -> str | None:
+    """The filesystem, or else the partition table, blkid finds at ``offset``; None for neither."""
+    found = blkid_probe(image, offset, size)
     return found.get("TYPE") or found.get("PTTYPE")
 
 
@@ -196,11 +203,14 @@ def sfdisk_partitions(image: Path) -> dict[str, dict[str, object]]:
 
 
 def assert_volumes_are_on_disk(disk: Disk) -> None:
-    """Each volume's filesystem is found at its offset (blkid, no loop device); empty ones hold none."""
+    """Each volume's filesystem and label are found at its offset (blkid, no loop device); empty ones hold none."""
     for volume in disk.volumes:
-        if not volume.segments:
-            found = blkid_type(disk.image, volume.offset, volume.size)
-            assert found == volume.fstype, f"{volume.name}: blkid finds {found}"
+        with tempfile.TemporaryDirectory(prefix="guestdisks-check-") as scratch:
+            if len(volume.segments) > 1:  # a split logical volume: its pieces joined first
+                found = blkid_probe(volume_image(disk, volume, Path(scratch)))
+            else:
+                found = blkid_probe(disk.image, volume.offset, volume.size)
+        assert (found.get("TYPE"), found.get("LABEL")) == (volume.fstype, volume.label), volume.name
 
 
 def test_mbr_disk_numbers_logical_partitions_from_five(tmp_path: Path) -> None:
@@ -286,7 +296,7 @@ def test_lvm_volumes_where_lvm_puts_them(tmp_path: Path, on_partition: bool) -> 
     disk = lvm_disk(tmp_path, on_partition)
     pv = [v for v in disk.volumes if v.fstype == LVM2_PV][0]
     assert pv.name == ("p2" if on_partition else "disk")
-    assert blkid_type(disk.image, pv.offset, pv.size) == LVM2_PV
+    assert_volumes_are_on_disk(disk)
     logical = [v for v in disk.volumes if v.name.startswith("lvm-")]
     assert [v.name for v in logical] == [f"lvm-{VG_NAME}-data", f"lvm-{VG_NAME}-logs"]
     pe_start, segments = lvm_layout(disk, pv, tmp_path / "lvm-check")
