@@ -57,6 +57,8 @@ class Volume:
 
 
 class Disk(NamedTuple):
+    """A disk image a layout function made, and the volumes a reader should find on it, in table order."""
+
     image: Path
     volumes: list[Volume]
 

@@ -111,7 +111,10 @@ def kernel_view(image: Path, offset: int, fstype: str, size: int | None = None) 
 
 
 def _mtools_view(image: Path, offset: int, size: int | None) -> View:
-    """A FAT filesystem copied out by mtools (times kept by -m), then walked."""
+    """A FAT filesystem copied out by mtools (times kept by -m), then walked.
+
+    mtools takes no size limit: ``size`` is not needed, the FAT's own size
+    bounds what it reads."""
     with tempfile.TemporaryDirectory(prefix="guestfs-fat-") as out:
         run("mcopy", "-s", "-m", "-n", "-i", f"{image}@@{offset}", "::/*", out)
         return walk_view(Path(out), "vfat")
