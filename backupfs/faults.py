@@ -46,8 +46,10 @@ class FaultyOperations(BackupOperations):
     (inside the handler's own error handling, so it is logged and answered
     as a real one would be)."""
 
-    def __init__(self, repo: Repository, faults: set[str], mountpoint: str | None = None) -> None:
-        super().__init__(repo, mountpoint=mountpoint, source_factory=source_fault(faults))
+    def __init__(self, repo: Repository, faults: set[str], mountpoint: str | None = None,
+                 files_owner_only: bool = False) -> None:
+        super().__init__(repo, mountpoint=mountpoint, source_factory=source_fault(faults),
+                         files_owner_only=files_owner_only)
         self._faults = faults
         for name in {f.split(":")[0] for f in faults if "@" not in f}:
             setattr(self, name, types.MethodType(self._failing(name, getattr(self, name)), self))
@@ -70,9 +72,9 @@ class FaultyOperations(BackupOperations):
             raise RuntimeError(f"injected fault in {name}")
 
 
-def operations(repo: Repository, mountpoint: str) -> BackupOperations:
+def operations(repo: Repository, mountpoint: str, files_owner_only: bool = False) -> BackupOperations:
     """The filesystem a mount serves: with the faults a test asked for, if any."""
     faults = parse_faults(os.environ.get(FAULTS_ENV))
     if faults:
-        return FaultyOperations(repo, faults, mountpoint=mountpoint)
-    return BackupOperations(repo, mountpoint=mountpoint)
+        return FaultyOperations(repo, faults, mountpoint=mountpoint, files_owner_only=files_owner_only)
+    return BackupOperations(repo, mountpoint=mountpoint, files_owner_only=files_owner_only)

@@ -28,6 +28,8 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
+from backupfs.filescache import FilesCache
+from backupfs.filestree import FILES, GUEST, GUEST_KINDS, VOLUMES, FilesView
 from backupfs.jobs import JobRunner, SourceFactory
 from backupfs.mountinfo import find_mount, raise_read_ahead
 from backupfs.readbuffers import ReadBuffers
@@ -66,9 +68,22 @@ class Handle:
     advised_to: int = 0  # how far ahead the kernel has been told to read
     requester: Requester | None = None  # who opened a trigger file for writing
     opened: float = field(default_factory=time.monotonic)
+    attrs: list[Attributes | None] = field(default_factory=list)  # a guest listing's, made off the loop
+    guest: GuestFile | None = None  # an open file inside a backup's files
+
+
+@dataclass
+class GuestFile:
+    """What an open guest file holds: its backup's disk (kept open), volume and data."""
+
+    disk: Any
+    rec: Any
+    volume: Any
+    data: Any
 
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+T = TypeVar("T")
 
 
 def handler(fn: F) -> F:
@@ -107,7 +122,8 @@ class BackupOperations(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(self, repo: Repository, mountpoint: str | None = None,
-                 idle_view_bytes: int = IDLE_VIEW_BYTES, source_factory: SourceFactory | None = None) -> None:
+                 idle_view_bytes: int = IDLE_VIEW_BYTES, source_factory: SourceFactory | None = None,
+                 files_owner_only: bool = False) -> None:
         super().__init__()
         self.repo = repo
         self.mountpoint = mountpoint
@@ -115,6 +131,8 @@ class BackupOperations(pyfuse3.Operations):
         self.tree = Tree(repo, self.jobs.status, time.time_ns())
         self.inodes = self.tree.inodes
         self.views = ViewCache(repo, idle_view_bytes)
+        self.files = FilesView(self.tree, FilesCache(self.views))
+        self.files_owner_only = files_owner_only
         self.uid = os.getuid()
         self.gid = os.getgid()
         self._handles: dict[int, Handle] = {}
@@ -134,8 +152,9 @@ class BackupOperations(pyfuse3.Operations):
         """The model's attributes as the kernel takes them, owned by the mount's user."""
         a = pyfuse3.EntryAttributes()
         a.st_ino = attrs.inode
-        a.st_uid = self.uid
-        a.st_gid = self.gid
+        a.st_uid = self.uid if attrs.uid is None else attrs.uid
+        a.st_gid = self.gid if attrs.gid is None else attrs.gid
+        a.st_rdev = attrs.rdev
         a.st_nlink = attrs.nlink
         a.st_blksize = attrs.blksize
         a.entry_timeout = attrs.entry_timeout
@@ -143,8 +162,21 @@ class BackupOperations(pyfuse3.Operations):
         a.st_mode = attrs.mode
         a.st_size = attrs.size
         a.st_blocks = attrs.blocks
-        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = attrs.mtime_ns
+        a.st_mtime_ns = attrs.mtime_ns
+        a.st_atime_ns = attrs.mtime_ns if attrs.atime_ns is None else attrs.atime_ns
+        a.st_ctime_ns = attrs.mtime_ns if attrs.ctime_ns is None else attrs.ctime_ns
         return a
+
+    async def _model(self, node: Node, fn: Callable[..., T], *args: Any) -> T:
+        """Ask the tree model: inline, or in a worker for the kinds that read a guest."""
+        if node.kind in self.tree.blocking_kinds:
+            return await trio.to_thread.run_sync(functools.partial(fn, *args), limiter=self._io)
+        return fn(*args)
+
+    def _let_in(self, node: Node, ctx: pyfuse3.RequestContext) -> None:
+        """``files_owner_only``: a backup's files are the mount owner's (and root's) alone."""
+        if self.files_owner_only and node.kind in GUEST_KINDS and ctx.uid not in (0, self.uid):
+            raise pyfuse3.FUSEError(errno.EACCES)
 
     def _new_handle(self, handle: Handle) -> int:
         fh = self._next_fh
@@ -186,17 +218,29 @@ class BackupOperations(pyfuse3.Operations):
         self._advisor.close()  # before the views: an advice in flight uses their files
         log.info("read-ahead advice: %d requests run, %d dropped",
                  self._advisor.done_count, self._advisor.dropped_count)
+        self.files.disks.drop_all()
         self.views.close_all()
 
     # -- lookups and attributes ---------------------------------------------------------
 
     @handler
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._attrs(self.tree.child(self.inodes.node(parent_inode), name))
+        parent = self.inodes.node(parent_inode)
+        self._let_in(parent, ctx)
+        child, attrs = await self._model(parent, self._child_attrs, parent, name)
+        self.inodes.looked_up(child)
+        return attrs
+
+    def _child_attrs(self, parent: Node, name: bytes) -> tuple[Node, pyfuse3.EntryAttributes]:
+        child = self.tree.child(parent, name)
+        return child, self._attrs(child)
 
     @handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.inodes.node(inode)
+        return await self._model(node, self._existing_attrs, node)
+
+    def _existing_attrs(self, node: Node) -> pyfuse3.EntryAttributes:
         if not self.tree.exists(node):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self._attrs(node)
@@ -207,7 +251,7 @@ class BackupOperations(pyfuse3.Operations):
         fh: int | None, ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         node = self.inodes.node(inode)
-        if node.kind == BACKUP:
+        if node.kind == BACKUP or node.kind in GUEST_KINDS:
             raise pyfuse3.FUSEError(errno.EROFS)
         if fields.update_mode or fields.update_uid or fields.update_gid:
             raise pyfuse3.FUSEError(errno.EPERM)
@@ -220,12 +264,15 @@ class BackupOperations(pyfuse3.Operations):
 
     @handler
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return self.tree.link_target(self.inodes.node(inode))
+        node = self.inodes.node(inode)
+        self._let_in(node, ctx)
+        return await self._model(node, self.tree.link_target, node)
 
     @handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         node = self.inodes.node(inode)
-        values = self.tree.xattrs(node)
+        self._let_in(node, ctx)
+        values = await self._model(node, self.tree.xattrs, node)
         value = values.get(name)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
@@ -233,17 +280,19 @@ class BackupOperations(pyfuse3.Operations):
 
     @handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return list(self.tree.xattrs(self.inodes.node(inode)))
+        node = self.inodes.node(inode)
+        self._let_in(node, ctx)
+        return list(await self._model(node, self.tree.xattrs, node))
 
     @handler
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         node = self.inodes.node(inode)
-        raise pyfuse3.FUSEError(errno.EROFS if node.kind == BACKUP else errno.EPERM)
+        raise pyfuse3.FUSEError(errno.EROFS if node.kind == BACKUP or node.kind in GUEST_KINDS else errno.EPERM)
 
     @handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         node = self.inodes.node(inode)
-        raise pyfuse3.FUSEError(errno.EROFS if node.kind == BACKUP else errno.EPERM)
+        raise pyfuse3.FUSEError(errno.EROFS if node.kind == BACKUP or node.kind in GUEST_KINDS else errno.EPERM)
 
     @handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -259,30 +308,47 @@ class BackupOperations(pyfuse3.Operations):
     @handler
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self.inodes.node(inode)
+        self._let_in(node, ctx)
+        handle = await self._model(node, self._listed, node)
+        return self._new_handle(handle)
+
+    def _listed(self, node: Node) -> Handle:
         if not self.tree.exists(node):
             raise pyfuse3.FUSEError(errno.ENOENT)
         # `.` and `..` first, as every local file system lists them (`ls -a`,
         # and tools that count a directory's entries, expect them).
-        dots = [(b".", node), (b"..", self.tree.parent(node))]
-        return self._new_handle(Handle(node, entries=dots + self.tree.children(node)))
+        entries = [(b".", node), (b"..", self.tree.parent(node))] + self.tree.children(node)
+        handle = Handle(node, entries=entries)
+        if node.kind in self.tree.blocking_kinds:  # described here, off the event loop
+            handle.attrs = [self._described(name, child) for name, child in entries]
+        return handle
+
+    def _described(self, name: bytes, node: Node) -> Attributes | None:
+        try:
+            return self.tree.attributes(node)
+        except (RequestError, BackupfsError) as e:
+            # Vanished since opendir, or cannot be described now: the
+            # rest of the listing still shows.
+            log.info("readdir: leaving out %r: %s", name, e)
+            return None
 
     @handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self._handle(fh)
         for i, (name, node) in enumerate(handle.entries[start_id:], start_id):
-            try:
-                attrs = self._attrs(node)
-            except (RequestError, BackupfsError) as e:
-                # Vanished since opendir, or cannot be described now: the
-                # rest of the listing still shows.
-                log.info("readdir: leaving out %r: %s", name, e)
+            attrs = handle.attrs[i] if handle.attrs else self._described(name, node)
+            if attrs is None:
                 continue
-            if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
+            if not pyfuse3.readdir_reply(token, name, self._entry(attrs), i + 1):
                 break
+            if i >= 2:  # the kernel counts a lookup for each entry but `.` and `..`
+                self.inodes.looked_up(node)
 
     @handler
     async def releasedir(self, fh: int) -> None:
-        self._handles.pop(fh, None)
+        handle = self._handles.pop(fh, None)
+        if handle is not None and handle.attrs:
+            self.inodes.drop_unheld([node for _, node in handle.entries[2:]])
 
     # -- files -------------------------------------------------------------------------------
 
@@ -307,9 +373,17 @@ class BackupOperations(pyfuse3.Operations):
             requester = Requester.of(ctx.pid) if writing else None
             fh = self._new_handle(Handle(node, content=content, requester=requester))
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
-        if node.kind in (CHAIN, BITMAP):
+        if node.kind == GUEST:
+            self._let_in(node, ctx)
+            if writing or flags & os.O_TRUNC:
+                raise pyfuse3.FUSEError(errno.EROFS)
+            disk, rec, volume, data = await trio.to_thread.run_sync(self.files.open_file, node, limiter=self._io)
+            fh = self._new_handle(Handle(node, guest=GuestFile(disk, rec, volume, data)))
+            return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=True)  # a backup never changes
+        if node.kind in (CHAIN, BITMAP, VOLUMES):
+            self._let_in(node, ctx)
             if writing:
-                raise pyfuse3.FUSEError(errno.EACCES)
+                raise pyfuse3.FUSEError(errno.EROFS if node.kind == VOLUMES else errno.EACCES)
             content = await trio.to_thread.run_sync(self.tree.text, node, limiter=self._io)
             fh = self._new_handle(Handle(node, content=content))
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
@@ -332,6 +406,9 @@ class BackupOperations(pyfuse3.Operations):
         node = handle.node
         if node.kind == BACKUP:
             return await self._read_backup(handle, off, size)
+        if handle.guest is not None:
+            g = handle.guest
+            return await trio.to_thread.run_sync(g.volume.read_data, g.data, off, size, limiter=self._io)
         if node.kind == DEVICE:
             dev = self.repo.device(node.device or "")
             try:
@@ -391,7 +468,7 @@ class BackupOperations(pyfuse3.Operations):
         if node.kind == SNAPSHOT:
             await self.jobs.trigger(node.device or "", buf, handle.requester, handle)
             return len(buf)
-        raise pyfuse3.FUSEError(errno.EROFS if node.kind == BACKUP else errno.EACCES)
+        raise pyfuse3.FUSEError(errno.EROFS if node.kind == BACKUP or node.kind in GUEST_KINDS else errno.EACCES)
 
     def _write_policy(self, device: str) -> InlineWrites:
         policy = self._write_policies.get(device)
@@ -409,8 +486,11 @@ class BackupOperations(pyfuse3.Operations):
         """
         after = {b.id for b in self.repo.backups(device)}
         backups_dir = self.inodes.get(BACKUPS, device).inode
+        files_dir = self.inodes.get(FILES, device).inode
         for gone in sorted(before - after):
             await trio.to_thread.run_sync(self._invalidate, backups_dir, gone.encode())
+            await trio.to_thread.run_sync(self._invalidate, files_dir, gone.encode())
+        self.files.disks.drop_all()
         for kept in sorted(after):  # children of a removed one were rewritten: new st_blocks
             inode = self.inodes.get(BACKUP, device, kept).inode
             await trio.to_thread.run_sync(self._invalidate_attrs, inode)
@@ -448,12 +528,15 @@ class BackupOperations(pyfuse3.Operations):
         handle = self._handles.pop(fh, None)
         if handle is not None and handle.view is not None and handle.node.backup:
             self.views.release(handle.node.backup)
+        if handle is not None and handle.guest is not None:
+            self.files.close_file(handle.guest.rec, handle.guest.disk)
 
     # -- what the tree does not allow ----------------------------------------------------
 
     def _refuse(self, parent_inode: int) -> pyfuse3.FUSEError:
         parent = self.inodes.node(parent_inode)
-        return pyfuse3.FUSEError(errno.EROFS if parent.kind == BACKUPS else errno.EPERM)
+        read_only = parent.kind in (BACKUPS, FILES) or parent.kind in GUEST_KINDS
+        return pyfuse3.FUSEError(errno.EROFS if read_only else errno.EPERM)
 
     @handler
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -495,4 +578,7 @@ class BackupOperations(pyfuse3.Operations):
 
     @handler
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
-        pass  # inode numbers live as long as the mount
+        # The fixed tree's numbers live as long as the mount; a guest's
+        # files are dropped when the kernel lets go of them.
+        for inode, count in inode_list:
+            self.inodes.forget(inode, count)

@@ -20,7 +20,7 @@ import pyfuse3
 import trio
 
 from backupfs.faults import operations
-from backupfs.mountinfo import MOUNT_RECORD, check_mountpoint, check_sources_outside
+from backupfs.mountinfo import MOUNT_RECORD, OUR_OPTIONS, check_mountpoint, check_sources_outside
 from engine.chain import read_path
 from engine.errors import BackupfsError
 from engine.fsutil import atomic_write
@@ -75,7 +75,9 @@ def serve(repo_path: str, mountpoint: str, options: list[str], ready: Callable[[
         # The read-ahead is raised at the first open of a backup, not here: the
         # kernel caps it to what FUSE INIT negotiated, and INIT is answered only
         # once serving starts (a value written now would be cut back to 128 KiB).
-        ops = operations(repo, mp)
+        ours = set(options) & OUR_OPTIONS
+        options = [o for o in options if o not in OUR_OPTIONS]
+        ops = operations(repo, mp, files_owner_only="files_owner_only" in ours)
         for d in repo.devices():
             if not d.source:
                 continue  # an imported archive: nothing live to track

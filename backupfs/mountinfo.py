@@ -23,7 +23,9 @@ _ATIME = {"atime", "relatime", "norelatime", "strictatime", "nostrictatime", "di
           "lazytime", "nolazytime"}
 ALLOWED_OPTIONS = {"allow_other", "allow_root", "default_permissions", "noatime", "ro", "rw", "nodev",
                    "nosuid", "dev", "suid", "exec", "noexec", "auto", "noauto", "user", "nouser",
-                   "_netdev", "defaults", "nofail"} | _ATIME
+                   "_netdev", "defaults", "nofail"} | _ATIME | {"files_owner_only"}
+# Options that are ours, not FUSE's: the daemon takes them out (backupfs/mount.py).
+OUR_OPTIONS = {"files_owner_only"}
 # Options that would undo nosuid,nodev, which every mount has (backupfs/mount.py).
 _REFUSED = {"suid", "dev"}
 # Options that mount(8)/fstab carry but that mean nothing to the filesystem.
