@@ -54,7 +54,7 @@ class FilesCache:
                 found.last_used = time.monotonic()
                 return found.disk
         view = self.views.acquire(rec)
-        disk = GuestDisk(view, on_close=lambda: self.views.release(rec.id))
+        disk = GuestDisk(view, on_close=lambda: self.views.release(rec.id), name=rec.id)
         with self._lock:
             found = self._open.get(rec.id)
             if found is not None and not found.stale:  # another request opened it meanwhile

@@ -688,7 +688,7 @@ class Repository:
         """The guest's volumes and files in a backup (SPEC §8), reading it
         through a checked view that closing the result closes."""
         view = self.open_backup(backup_id)
-        return GuestDisk(view, on_close=view.close)
+        return GuestDisk(view, on_close=view.close, name=backup_id)
 
     def _checkable_lineage(self, rec: BackupRecord) -> Iterator[ChecksumRecord | Unrecorded]:
         """lineage_records, with what each backup without a readable record holds in its place."""

@@ -8,21 +8,25 @@ backup through the view it is given, and closes nothing it did not open.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 
-from engine.guest.disk import OK, VolumeInfo, find_volumes, label_of, open_volume
+from engine.guest.disk import DAMAGED, OK, VolumeInfo, find_volumes, label_of, open_volume
 from engine.guest.reader import Budget, ByteSource, GuestDamaged
 from engine.guest.volume import GuestPath, Volume
 from engine.text import escape
+
+log = logging.getLogger("backupfs.guest")
 
 
 class GuestDisk:
     """A backup's volumes: ``infos`` (every volume, with its state) and
     ``volume(name)`` (a readable one, parsed on first use)."""
 
-    def __init__(self, source: ByteSource, on_close: Callable[[], None] | None = None) -> None:
+    def __init__(self, source: ByteSource, on_close: Callable[[], None] | None = None, name: str = "") -> None:
         self.source = source
+        self.name = name  # the backup's id, for the log
         self._on_close = on_close
         self.budget = Budget()
         self._lock = threading.Lock()
@@ -52,6 +56,9 @@ class GuestDisk:
                 for info in infos:
                     if info.state == OK:
                         label_of(info, self.budget)
+                    if info.state == DAMAGED:
+                        log.warning("%s: volume %s cannot be read: %s", escape(self.name) or "disk",
+                                    info.name, info.reason)
                 self._infos = infos
             return self._infos
 
