@@ -167,3 +167,24 @@ def test_a_damaged_filesystem_is_listed_with_its_reason(tmp_path: Path) -> None:
         p6 = next(v for v in disk.volumes if v.name == "p6")
         assert p6.tree is not None
         assert_same(expected_view(p6.tree, "ext2"), engine_view(guest.volume("p6"), "ext2"))
+
+
+@pytest.mark.mount
+def test_a_btrfs_subvolume_shows_where_the_tree_holds_it(tmp_path: Path) -> None:
+    """A second subvolume, made with `btrfs subvolume create`, reads under its name
+    (as a kernel mount of the default subvolume shows it), its inodes apart from the parent's."""
+    from tests.guestfs import add_btrfs_subvolume
+    from tests.guesttree import TreeSpec, plain
+
+    spec = default_tree()
+    image = make_fs("btrfs", tmp_path, spec)
+    inside = TreeSpec((plain("inside.txt", b"in the subvolume\n", uid=1000),))
+    add_btrfs_subvolume(image, "home-snap", inside)
+    with _disk(image) as disk:
+        volume = disk.volume("disk")
+        assert volume.entry((b"home-snap",)).is_dir
+        sub = volume.listing((b"home-snap",))
+        assert list(sub) == [b"inside.txt"]
+        data = volume.data((b"home-snap", b"inside.txt"))
+        assert volume.read_data(data, 0, 100) == b"in the subvolume\n"
+        assert sub[b"inside.txt"].key != volume.entry((b"etc", b"hostname")).key
