@@ -92,6 +92,10 @@ class FilesCache:
         finally:
             self.release(rec.id, disk)
 
+    def evict_idle(self) -> None:
+        """What the mount runs every minute: the idle disks past their time go."""
+        self._evict()
+
     def _evict(self) -> None:
         """Close the idle disks beyond ``keep``, and those idle too long."""
         now = time.monotonic()

@@ -379,6 +379,7 @@ class BackupOperations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EROFS)
             disk, rec, volume, data = await trio.to_thread.run_sync(self.files.open_file, node, limiter=self._io)
             fh = self._new_handle(Handle(node, guest=GuestFile(disk, rec, volume, data)))
+            self._raise_read_ahead()
             return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=True)  # a backup never changes
         if node.kind in (CHAIN, BITMAP, VOLUMES):
             self._let_in(node, ctx)

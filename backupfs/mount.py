@@ -20,6 +20,7 @@ import pyfuse3
 import trio
 
 from backupfs.faults import operations
+from backupfs.fs import BackupOperations
 from backupfs.mountinfo import MOUNT_RECORD, OUR_OPTIONS, check_mountpoint, check_sources_outside
 from engine.chain import read_path
 from engine.errors import BackupfsError
@@ -110,7 +111,7 @@ def serve(repo_path: str, mountpoint: str, options: list[str], ready: Callable[[
         except OSError as e:
             ready(f"cannot mount {mountpoint}: cannot write {record_path}: {e.strerror}")
             return
-        trio.run(_main, repo, ready)
+        trio.run(_main, repo, ready, ops)
 
 
 def _close_repo(repo: Repository, mountpoint: str) -> None:
@@ -126,14 +127,23 @@ def _remove_record(record_path: str) -> None:
         pass
 
 
-async def _main(repo: Repository, ready: Callable[[str | None], None]) -> None:
+async def _main(repo: Repository, ready: Callable[[str | None], None], ops: BackupOperations) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_on_signals, repo)
+        nursery.start_soon(_drop_idle_files, ops)
         ready(None)
         log.info("serving %s", repo.path)
         # Returns when the kernel unmounts us or terminate() is called.
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def _drop_idle_files(ops: BackupOperations) -> None:
+    """Close the guest disks nobody used for a while (their parsed volumes
+    and listings), even when no later request comes to notice it."""
+    while True:
+        await trio.sleep(60)
+        await trio.to_thread.run_sync(ops.files.disks.evict_idle)
 
 
 async def _on_signals(repo: Repository) -> None:
