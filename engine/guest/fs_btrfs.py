@@ -8,6 +8,7 @@ from collections.abc import Iterable
 
 from dissect.btrfs import Btrfs
 
+from engine.guest.btrfs_xattrs import xattr_items
 from engine.guest.guestfs import FileData, GuestEntry, GuestFS, check_link, user_xattrs
 from engine.guest.reader import DiskReader
 
@@ -43,11 +44,7 @@ class BtrfsVolume(GuestFS):
         return check_link(os.fsencode(entry.ref.link), "btrfs symlink")
 
     def xattrs(self, entry: GuestEntry) -> dict[bytes, bytes]:
-        getter = getattr(entry.ref, "xattrs", None)
-        if getter is None:
-            return {}
-        found = getter() if callable(getter) else getter
-        return user_xattrs(found.items() if isinstance(found, dict) else found)
+        return user_xattrs(xattr_items(entry.ref))
 
     def data(self, entry: GuestEntry) -> FileData:
         # Extents may be compressed or inline: through the parser's stream.

@@ -16,7 +16,8 @@ from collections.abc import Iterable
 from dissect.ntfs import NTFS
 from dissect.ntfs.c_ntfs import ATTRIBUTE_TYPE_CODE
 
-from engine.guest.guestfs import MAX_LINK, FileData, GuestEntry, GuestFS, check_link
+from engine.guest.guestfs import MAX_LINK, FileData, GuestEntry, GuestFS, check_link, user_xattrs
+from engine.guest.ntfs_xattrs import stream_xattrs
 from engine.guest.reader import DiskReader, GuestDamaged
 
 ROOT_RECORD = 5
@@ -118,6 +119,9 @@ class NtfsVolume(GuestFS):
         if not entry.ref.is_symlink():
             raise GuestDamaged("not a symlink")
         return self._target(entry.ref)
+
+    def xattrs(self, entry: GuestEntry) -> dict[bytes, bytes]:
+        return user_xattrs(stream_xattrs(entry.ref))
 
     def data(self, entry: GuestEntry) -> FileData:
         return FileData(entry.size, stream=entry.ref.open())

@@ -1,4 +1,4 @@
-"""XFS through dissect.xfs (no extended attributes: the parser does not read them)."""
+"""XFS through dissect.xfs; extended attributes through engine/guest/xfs_attrs.py (the parser does not read them)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from collections.abc import Iterable
 from dissect.xfs import XFS
 from dissect.xfs.c_xfs import c_xfs
 
-from engine.guest.guestfs import FileData, GuestEntry, GuestFS, block_runs, check_link
+from engine.guest.guestfs import FileData, GuestEntry, GuestFS, block_runs, check_link, user_xattrs
 from engine.guest.reader import DiskReader
+from engine.guest.xfs_attrs import user_attrs
 
 
 class XfsVolume(GuestFS):
@@ -45,6 +46,9 @@ class XfsVolume(GuestFS):
     def readlink(self, entry: GuestEntry) -> bytes:
         check_link(b"\0" * entry.size, "xfs symlink")
         return check_link(os.fsencode(entry.ref.link), "xfs symlink")
+
+    def xattrs(self, entry: GuestEntry) -> dict[bytes, bytes]:
+        return user_xattrs(user_attrs(entry.ref))
 
     def data(self, entry: GuestEntry) -> FileData:
         node = entry.ref
