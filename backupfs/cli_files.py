@@ -18,14 +18,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from engine.errors import UsageError
+from engine.errors import BackupfsError, UsageError
 from engine.text import escape, one_line
 
-from backupfs.guestwalk import Target, find, kind_of, split_path, walk
 from backupfs.mountinfo import read_mount_record
 
 if TYPE_CHECKING:
     from engine.guest.guestdisk import GuestDisk
+
+    from backupfs.guestwalk import Target
+
+# The guest parsers (Dissect) and the engine are imported by the commands
+# that use them: every other command, and --help, starts without them.
 
 LS_EPILOG = """\
 Without PATH: the volumes of the backup (p1, p2 ... as fdisk numbers
@@ -101,6 +105,8 @@ def backup_files(repo_path: str, device: str, ident: str) -> Iterator[tuple[Gues
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    from backupfs.guestwalk import find, split_path
+
     out = sys.stdout
     with backup_files(args.repo, args.name, args.backup) as (disk, _):
         volume_name, _below = split_path(args.path)
@@ -126,6 +132,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def _listed(target: Target, recursive: bool) -> Iterator[tuple[bytes, Target]]:
     """What `ls` shows for a target: itself when not a directory; else its
     entries (all below it with -R), each with the name to show."""
+    from backupfs.guestwalk import Target, walk
+
     volume = target.volume
     if not target.entry.is_dir:
         yield (target.path[-1] if target.path else volume.name.encode()), target
@@ -183,6 +191,7 @@ def _reader_left() -> int:
 
 def cmd_dump(args: argparse.Namespace) -> int:
     from backupfs.guestdump import write_file, write_tar
+    from backupfs.guestwalk import find, kind_of
 
     if sys.stdout.isatty():
         raise UsageError("refusing to write a backup's file to a terminal; redirect stdout to a file or a pipe")
@@ -206,11 +215,13 @@ def cmd_dump(args: argparse.Namespace) -> int:
 def cmd_restore_files(args: argparse.Namespace) -> int:
     """`restore REPO DEVICE ID DIR --include PATH...`: files and trees into DIR."""
     from backupfs.guestrestore import Restorer, open_target_dir
+    from backupfs.guestwalk import find
 
+    _refuse_dir_in_repository(args.target, args.repo)
     root_fd = open_target_dir(args.target)  # before the backup is read: a wrong DIR fails at once
     try:
         with backup_files(args.repo, args.name, args.backup) as (disk, backup_id):
-            targets = [find(disk, path) for path in args.include]
+            targets = _outermost([find(disk, path) for path in args.include])
             volumes = sorted({t.volume.name for t in targets})
             if len(volumes) > 1:
                 raise UsageError(f"--include paths from several volumes ({', '.join(map(escape, volumes))}): "
@@ -222,6 +233,29 @@ def cmd_restore_files(args: argparse.Namespace) -> int:
             restorer.finish()
     finally:
         os.close(root_fd)
-    print(one_line(f"restored {restorer.counts.summary()} from {escape(volumes[0])} of backup "
+    counts = restorer.counts
+    print(one_line(f"restored {counts.summary()} from {escape(volumes[0])} of backup "
                    f"{escape(backup_id)} into {escape(args.target)}"))
+    if counts.unreadable:
+        what = "1 entry" if counts.unreadable == 1 else f"{counts.unreadable} entries"
+        raise BackupfsError(f"{what} could not be read from the backup (named above); everything else was restored")
     return 0
+
+
+def _outermost(targets: list[Target]) -> list[Target]:
+    """The includes without those inside another one (``p2/etc`` and
+    ``p2/etc/fstab``: the tree holds the file, which would otherwise be
+    restored twice and refused the second time as existing)."""
+    kept: list[Target] = []
+    for target in sorted(targets, key=lambda t: (t.volume.name, len(t.path))):
+        if not any(k.volume.name == target.volume.name and target.path[:len(k.path)] == k.path for k in kept):
+            kept.append(target)
+    return kept
+
+
+def _refuse_dir_in_repository(target: str, repo: str) -> None:
+    """The repository holds only what backupfs records there: files restored
+    into it would sit among the images, private to root, and confuse both."""
+    where, repository = os.path.realpath(target), os.path.realpath(repo)
+    if where == repository or where.startswith(repository.rstrip("/") + "/"):
+        raise UsageError(f"{escape(target)} is inside the repository {escape(repo)}; restore files elsewhere")

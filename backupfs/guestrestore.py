@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from engine.errors import BackupfsError
 from engine.guest.guestfs import GuestEntry
+from engine.guest.reader import GuestDamaged
 from engine.guest.volume import GuestPath, Volume
 from engine.text import escape
 
@@ -36,6 +37,8 @@ from backupfs.guestwalk import Target, children, hard_link_key, shown
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# A directory being filled: its fd, whether this run made it, its path, its entry, what is left of it.
+Frame = tuple[int, bool, GuestPath, GuestEntry, Iterator[tuple[bytes, GuestEntry]]]
 NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV})
 
 
@@ -50,6 +53,7 @@ class Counts:
     links: int = 0
     others: int = 0
     bytes: int = 0
+    unreadable: int = 0  # entries the guest's filesystem could not give
 
     def summary(self) -> str:
         parts = [_counted(self.files, "file", "files") + f" ({self.bytes} bytes)",
@@ -163,29 +167,54 @@ class Restorer:
     # -- one include ------------------------------------------------------
 
     def restore(self, target: Target) -> None:
-        """One ``--include``: the entry at ``target`` and, for a directory, all below it."""
+        """One ``--include``: the entry at ``target`` and, for a directory, all below it.
+
+        What the guest's filesystem cannot give (a damaged directory or
+        file) is skipped with a note and counted, as tar and rsync carry
+        on: one bad inode should not cost the rest of a restore.
+        """
         volume, path, entry = target.volume, target.path, target.entry
-        if not path:  # a volume's root: its entries go straight into DIR
-            self._tree(os.dup(self.root_fd), False, volume, path, entry)
+        if not path:  # a volume's root: its entries go straight into DIR, whose metadata stays
+            pending = self._listing(volume, path)
+            if pending is not None:
+                self._tree(volume, (os.dup(self.root_fd), False, path, entry, pending))
             return
         parent_fd = self._open_parents(volume, path)
         try:
             if entry.is_dir:
-                fd, made = self._enter(parent_fd, path)
-                self._tree(fd, made, volume, path, entry)
+                frame = self._dir(parent_fd, volume, path, entry)
+                if frame is not None:
+                    self._tree(volume, frame)
             else:
-                self._leaf(parent_fd, volume, path, entry)
+                self._leaf_or_skip(parent_fd, volume, path, entry)
         finally:
             os.close(parent_fd)
 
-    def _tree(self, fd: int, made: bool, volume: Volume, path: GuestPath, entry: GuestEntry) -> None:
+    def _unreadable(self, error: GuestDamaged) -> None:
+        self.counts.unreadable += 1
+        self.note(f"{error}; not restored")
+
+    def _listing(self, volume: Volume, path: GuestPath) -> Iterator[tuple[bytes, GuestEntry]] | None:
+        try:
+            return children(volume, path)
+        except GuestDamaged as e:
+            self._unreadable(e)
+            return None
+
+    def _dir(self, parent_fd: int, volume: Volume, path: GuestPath, entry: GuestEntry) -> Frame | None:
+        """A directory to fill: listed before it is made, so an unreadable one is not made."""
+        pending = self._listing(volume, path)
+        if pending is None:
+            return None
+        fd, made = self._enter(parent_fd, path)
+        self.counts.dirs += made
+        return fd, made, path, entry, pending
+
+    def _tree(self, volume: Volume, top: Frame) -> None:
         """A directory's contents, depth first with one open descriptor per level;
         each directory made gets its metadata when its last entry is written."""
-        if made:
-            self.counts.dirs += 1
-        stack: list[tuple[int, bool, GuestPath, GuestEntry, Iterator[tuple[bytes, GuestEntry]]]] = []
+        stack = [top]
         try:
-            stack.append((fd, made, path, entry, children(volume, path)))
             while stack:
                 fd, made, path, entry, pending = stack[-1]
                 step = next(pending, None)
@@ -200,16 +229,22 @@ class Restorer:
                 name, child = step
                 child_path = path + (name,)
                 if child.is_dir:
-                    child_fd, child_made = self._enter(fd, child_path)
-                    self.counts.dirs += child_made
-                    stack.append((child_fd, child_made, child_path, child, children(volume, child_path)))
+                    frame = self._dir(fd, volume, child_path, child)
+                    if frame is not None:
+                        stack.append(frame)
                 else:
-                    self._leaf(fd, volume, child_path, child)
+                    self._leaf_or_skip(fd, volume, child_path, child)
         finally:
             for frame in stack:
                 os.close(frame[0])
 
     # -- files, links, nodes ----------------------------------------------
+
+    def _leaf_or_skip(self, dir_fd: int, volume: Volume, path: GuestPath, entry: GuestEntry) -> None:
+        try:
+            self._leaf(dir_fd, volume, path, entry)
+        except GuestDamaged as e:
+            self._unreadable(e)
 
     def _leaf(self, dir_fd: int, volume: Volume, path: GuestPath, entry: GuestEntry) -> None:
         """Anything but a directory: made under a temporary name, then placed."""
@@ -344,7 +379,11 @@ class Restorer:
 
     def _set_xattrs(self, fd: int, volume: Volume, path: GuestPath) -> None:
         """The guest's ``user.*`` attributes, where DIR's filesystem takes them."""
-        xattrs = volume.xattrs(path)
+        try:
+            xattrs = volume.xattrs(path)
+        except GuestDamaged as e:
+            self.note(f"{e}; extended attributes not kept")
+            return
         for name, value in xattrs.items():
             try:
                 os.setxattr(fd, name, value)

@@ -61,16 +61,22 @@ def _fill_ext4_source(src: Path) -> bytes:
     os.utime(src / "data" / "deep", (1600000000, 1600000000))
     os.close(os.open(os.path.join(os.fsencode(src / "data"), BAD_NAME), os.O_CREAT | os.O_WRONLY, 0o600))
     os.close(os.open(os.path.join(os.fsencode(src / "data"), NEWLINE_NAME), os.O_CREAT | os.O_WRONLY, 0o600))
+    (src / "broken").mkdir()
+    (src / "broken" / "bad").write_bytes(b"its extent header is overwritten after mkfs\n")
+    (src / "broken" / "good").write_bytes(b"good\n")
     return big
 
 
 def _build_disk(disk: Path, src: Path) -> None:
-    """GPT: p1 FAT (4 MiB at 1 MiB), p2 ext4 from ``src`` (20 MiB), p3 a fake XFS (1 MiB)."""
+    """GPT: p1 FAT (4 MiB at 1 MiB), p2 ext4 from ``src`` (20 MiB) with one file
+    damaged, p3 a fake XFS (1 MiB)."""
     with open(disk, "wb") as f:
         f.truncate(28 * MiB)
     sh(f"sgdisk -n1:2048:+4M -t1:0700 -n2:0:+20M -n3:0:+1M {disk}")
     sh(f"mkfs.vfat --offset 2048 {disk} 4096 && mcopy -i {disk}@@1M {src}/etc/fstab ::/README.TXT")
     sh(f"mkfs.ext4 -q -d {src} -E offset={5 * MiB} {disk} 20M")
+    # One damaged file: its inode's extent header (i_block[0]) is no longer one.
+    sh(f"debugfs -w -R 'sif /broken/bad block[0] 0x12345678' '{disk}?offset={5 * MiB}'")
     with open(disk, "r+b") as f:
         f.seek(25 * MiB)
         f.write(b"XFSB" + bytes(508))  # a signature and nothing that makes a filesystem
@@ -249,9 +255,34 @@ def test_restore_never_writes_through_a_symlink(backup: Backup, tmp_path: Path) 
     (("dump", "p2/data/big/x"), "not a directory in this backup: p2/data/big"),
     (("dump", "p2/etc/pipe"), "p2/etc/pipe is a fifo: dump takes a regular file or a directory"),
     (("ls", "p2/../p1"), "'..' is not allowed"),
-    (("ls", "p3"), "p3: "),
+    (("ls", "p3"), "p3: damaged xfs filesystem"),
+    (("dump", "p2/broken/bad"), "p2: broken/bad: damaged filesystem"),
 ])
 def test_errors_are_one_line(backup: Backup, args: tuple[str, ...], message: str) -> None:
     proc = backup.run(*args, check=False)
     err = proc.stderr.decode()
     assert proc.returncode == 1 and message in err and err.count("\n") == 1, err
+
+
+def test_restore_skips_what_the_guest_cannot_give(backup: Backup, tmp_path: Path) -> None:
+    proc = backup.run("restore", tmp_path, "--include", "p2/broken", check=False)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and "p2: broken/bad: damaged filesystem" in err and "1 entry could not be read" in err
+    assert os.listdir(tmp_path / "broken") == ["good"]  # no half-made file, no temporary left
+    assert (tmp_path / "broken" / "good").read_bytes() == b"good\n"
+
+
+def test_restore_a_whole_fat_volume_and_nested_includes(backup: Backup, tmp_path: Path) -> None:
+    fat = tmp_path / "fat"
+    fat.mkdir()
+    backup.run("restore", fat, "--include", "p1")  # the volume's contents straight into DIR
+    assert os.listdir(fat) == ["README.TXT"] and (fat / "README.TXT").read_bytes() == FSTAB
+    both = tmp_path / "both"
+    both.mkdir()
+    said = backup.run("restore", both, "--include", "p2/etc/fstab", "--include", "p2/etc").stdout.decode()
+    assert "1 file (30 bytes)" in said  # fstab once (inside etc); fstab.hard is its link
+    assert sorted(os.listdir(both / "etc")) == ["fstab", "fstab.hard", "link", "pipe"]
+    refused = backup.run("restore", tmp_path, "--include", "p1", "--include", "p2/etc", check=False)
+    assert refused.returncode == 1 and b"several volumes (p1, p2)" in refused.stderr
+    inside = backup.run("restore", backup.repo, "--include", "p2/etc", check=False)
+    assert inside.returncode == 1 and b"is inside the repository" in inside.stderr
