@@ -31,7 +31,8 @@ below the volume as tar does: --include p2/etc/fstab makes TARGET/etc/fstab,
 in one volume. Modes, times, symlinks (never followed), hard links and
 user.* xattrs are kept, owners when run as root. A symlink on the way in
 TARGET is refused; an existing file is kept unless --force. Each file is
-written under a temporary name and renamed when complete.
+written under a temporary name and renamed when complete. An entry a
+damaged guest filesystem cannot give is skipped and named (exit status 1).
 """
 
 

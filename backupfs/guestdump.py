@@ -44,17 +44,22 @@ class GuestFileReader:
     def __init__(self, volume: Volume, data: FileData) -> None:
         self._volume = volume
         self._data = data
-        self._offset = 0
+        self._offset = 0  # in the file, of the piece after the buffer
         self._buffer = b""
+        self._at = 0  # in the buffer: what was handed out (no copy of the rest at each read)
 
     def read(self, size: int = -1) -> bytes:
-        if not self._buffer and self._offset < self._data.size:
+        if self._at >= len(self._buffer):
+            if self._offset >= self._data.size:
+                return b""
             self._buffer = self._volume.read_data(self._data, self._offset, PIECE)
+            self._at = 0
             if not self._buffer:
                 return b""
             self._offset += len(self._buffer)
-        size = len(self._buffer) if size < 0 else size
-        out, self._buffer = self._buffer[:size], self._buffer[size:]
+        end = len(self._buffer) if size < 0 else min(len(self._buffer), self._at + size)
+        out = self._buffer[self._at:end]
+        self._at = end
         return out
 
 
