@@ -23,6 +23,19 @@ if TYPE_CHECKING:
     from engine.job import CancelRequest
 
 
+RESTORE_EPILOG = """\
+With --include PATH (repeatable): files and trees inside the backup are
+copied into TARGET, an existing directory (not a symlink), keeping the path
+below the volume as tar does: --include p2/etc/fstab makes TARGET/etc/fstab,
+--include p2 puts the volume's contents in TARGET. All PATHs of one run are
+in one volume. Modes, times, symlinks (never followed), hard links and
+user.* xattrs are kept, owners when run as root. A symlink on the way in
+TARGET is refused; an existing file is kept unless --force. Each file is
+written under a temporary name and renamed when complete. An entry a
+damaged guest filesystem cannot give is skipped and named (exit status 1).
+"""
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="check images, chain links and every stored cluster's checksum")
     p.add_argument("repo", metavar="REPO")
@@ -30,12 +43,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backup", metavar="ID", help="only this backup")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("restore", help="write a backup out to a file (sparse) or a block device")
+    p = sub.add_parser("restore", help="write a backup out to a file (sparse) or a block device, "
+                                        "or copy files inside it into a directory (--include)",
+                       epilog=RESTORE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("repo", metavar="REPO")
     p.add_argument("name", metavar="NAME")
     p.add_argument("backup", metavar="ID", help="a backup id, or 'latest'")
-    p.add_argument("target", metavar="TARGET")
-    p.add_argument("--force", action="store_true", help="overwrite an existing file or a block device")
+    p.add_argument("target", metavar="TARGET", help="a file or block device; with --include, a directory")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an existing file or a block device (with --include: replace existing "
+                        "files and symlinks in the directory, never a directory)")
+    p.add_argument("--include", action="append", metavar="PATH",
+                   help="copy the file or tree PATH inside the backup (e.g. p2/etc/fstab) into the directory "
+                        "TARGET instead of restoring the whole disk; repeatable")
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("prune", help="remove backups, merging each into the backups that depend on it")
@@ -151,6 +171,10 @@ def _in_place(target: str) -> str | None:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    if args.include:
+        from backupfs.cli_files import cmd_restore_files
+
+        return cmd_restore_files(args)
     from engine.repo import Repository
 
     in_place = _in_place(args.target)
