@@ -57,7 +57,7 @@ class GuestDisk:
                     if info.state == OK:
                         label_of(info, self.budget)
                     if info.state == DAMAGED:
-                        log.warning("%s: volume %s cannot be read: %s", escape(self.name) or "disk",
+                        log.info("%s: volume %s cannot be read: %s", escape(self.name) or "disk",
                                     info.name, info.reason)
                 self._infos = infos
             return self._infos
