@@ -52,6 +52,7 @@ class Volume:
         self._root = self._call("/", fs.root)
         self._listings: OrderedDict[GuestPath, dict[bytes, GuestEntry]] = OrderedDict()
         self._cached = 0
+        self._cache_lock = threading.Lock()
 
     @property
     def kind(self) -> str:
@@ -82,20 +83,23 @@ class Volume:
 
     def listing(self, path: GuestPath) -> dict[bytes, GuestEntry]:
         """A directory's entries by name; NotADirectoryError for anything else."""
-        cached = self._listings.get(path)
-        if cached is not None:
-            self._listings.move_to_end(path)
-            return cached
+        with self._cache_lock:  # requests of one volume run in several threads
+            cached = self._listings.get(path)
+            if cached is not None:
+                self._listings.move_to_end(path)
+                return cached
         parent = self.entry(path)
         if not parent.is_dir:
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), show_path(path))
         listing = self._call(show_path(path), self._list, parent, path)
         if len(listing) <= CACHED_ENTRIES:
-            self._listings[path] = listing
-            self._cached += len(listing)
-            while self._cached > CACHED_ENTRIES and len(self._listings) > 1:
-                _, dropped = self._listings.popitem(last=False)
-                self._cached -= len(dropped)
+            with self._cache_lock:
+                if path not in self._listings:
+                    self._listings[path] = listing
+                    self._cached += len(listing)
+                while self._cached > CACHED_ENTRIES and len(self._listings) > 1:
+                    _, dropped = self._listings.popitem(last=False)
+                    self._cached -= len(dropped)
         return listing
 
     def _list(self, parent: GuestEntry, path: GuestPath) -> dict[bytes, GuestEntry]:
