@@ -91,6 +91,11 @@ class FileData:
     def direct(self) -> bool:
         return self._runs is not None
 
+    def byte_runs(self) -> Runs | None:
+        """Where the file's bytes lie in its volume (offsets from the volume's
+        start, None for a hole), in order; None when read through the parser."""
+        return None if self._runs is None else list(self._runs)
+
     def read(self, offset: int, length: int) -> bytes:
         """Bytes [offset, offset+length) of the file, short at its end."""
         end = min(offset + length, self.size)

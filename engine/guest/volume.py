@@ -72,6 +72,11 @@ class Volume:
                 raise GuestDamaged(f"{self.name}: {what}: damaged filesystem ({escape(type(e).__name__)}: "
                                    f"{escape(str(e))[:200]})") from None
 
+    def run(self, what: str, fn: Callable[..., T], *args: object) -> T:
+        """Call ``fn`` with the parser to itself, under a request's budget
+        (what the history's fast paths use to read structures directly)."""
+        return self._call(what, fn, *args)
+
     def entry(self, path: GuestPath) -> GuestEntry:
         """The entry at ``path``; FileNotFoundError if there is none."""
         if not path:

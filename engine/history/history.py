@@ -1,0 +1,102 @@
+"""The repository's face for history: changes of a backup, diffs of any two, versions of a path.
+
+Both faces use it: the mount (``changes/<id>``, ``versions/...``, with its
+shared open guest disks) and the CLI (``backupfs diff``). Results are kept
+per backup pair (``CACHED_PAIRS`` most recent), so a second read of a
+``changes`` file costs nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import TYPE_CHECKING
+
+from engine.catalog import BackupRecord
+from engine.errors import UsageError
+from engine.guest.guestdisk import GuestDisk
+from engine.guest.volume import GuestPath
+from engine.history.blocks import Ranges, changed_ranges
+from engine.history.changes import diff_disks
+from engine.history.compare import Change
+from engine.history.versions import Version, versions
+
+if TYPE_CHECKING:
+    from engine.repo import Repository
+
+CACHED_PAIRS = 32
+OpenDisk = Callable[[BackupRecord], AbstractContextManager[GuestDisk]]
+
+
+class History:
+    def __init__(self, repo: Repository, open_disk: OpenDisk | None = None) -> None:
+        self.repo = repo
+        self._open_disk = open_disk or self._own_disk
+        self._lock = threading.Lock()
+        self._diffs: OrderedDict[tuple[str, str], list[Change]] = OrderedDict()
+        self._blocks: OrderedDict[tuple[str, str], Ranges] = OrderedDict()
+
+    @contextmanager
+    def _own_disk(self, rec: BackupRecord) -> Iterator[GuestDisk]:
+        with self.repo.open_files(rec.id) as disk:
+            yield disk
+
+    def _record(self, backup_id: str) -> BackupRecord:
+        rec = self.repo.backup_record(backup_id)
+        if rec is None:
+            raise UsageError(f"no backup {backup_id!r}")
+        return rec
+
+    def blocks(self, old: BackupRecord, new: BackupRecord) -> Ranges:
+        """The disk byte ranges where the two may differ (no data read)."""
+        key = (old.id, new.id)
+        with self._lock:
+            if key in self._blocks:
+                self._blocks.move_to_end(key)
+                return self._blocks[key]
+        with self.repo.chain(old.id) as a, self.repo.chain(new.id) as b:
+            ranges = changed_ranges(a, b)
+        with self._lock:
+            self._blocks[key] = ranges
+            while len(self._blocks) > CACHED_PAIRS * 4:
+                self._blocks.popitem(last=False)
+        return ranges
+
+    def diff(self, old: BackupRecord, new: BackupRecord) -> list[Change]:
+        """What changed from ``old`` to ``new`` (any two backups of one device)."""
+        if old.device != new.device:
+            raise UsageError(f"{old.id} and {new.id} are backups of different devices")
+        key = (old.id, new.id)
+        with self._lock:
+            if key in self._diffs:
+                self._diffs.move_to_end(key)
+                return self._diffs[key]
+        changed = self.blocks(old, new)
+        if not changed:
+            found: list[Change] = []
+        else:
+            with self._open_disk(old) as a, self._open_disk(new) as b:
+                found = diff_disks(a, b, changed)
+        with self._lock:
+            self._diffs[key] = found
+            while len(self._diffs) > CACHED_PAIRS:
+                self._diffs.popitem(last=False)
+        return found
+
+    def changes(self, rec: BackupRecord) -> list[Change]:
+        """What changed between a backup's parent and it; nothing for a full backup."""
+        if rec.parent is None:
+            return []
+        return self.diff(self._record(rec.parent), rec)
+
+    def versions(self, device: str, volume: str, path: GuestPath) -> list[Version]:
+        """The distinct versions of a regular file, oldest first."""
+        return list(versions(self.repo.backups(device), volume, path, self._open_disk, self.blocks))
+
+    def forget(self) -> None:
+        """After a prune: pairs of removed or rewritten backups must not be reused."""
+        with self._lock:
+            self._diffs.clear()
+            self._blocks.clear()
