@@ -144,12 +144,25 @@ def _logical_volumes(pvs: list[VolumeInfo], budget: Budget) -> list[VolumeInfo]:
         for lv in lvs:
             if not lv.is_visible:
                 continue
-            out.append(_logical_volume(vg_name, lv, budget))
+            info = _logical_volume(vg_name, lv, budget)
+            taken = {v.name for v in out}
+            base, n = info.name, 2
+            while info.name in taken:  # names LVM would not allow, made alike by `_`
+                info.name = f"{base}~{n}"
+                n += 1
+            out.append(info)
     return out
 
 
+def _lvm_part(name: str) -> str:
+    """A VG or LV name in a volume's name, as device-mapper writes it: a `-`
+    doubled (so vg `a-b` lv `c` and vg `a` lv `b-c` stay apart: lvm-a--b-c,
+    lvm-a-b--c), and anything LVM itself would not allow as `_`."""
+    return SAFE_NAME.sub("_", name).replace("-", "--")
+
+
 def _logical_volume(vg_name: str, lv, budget: Budget) -> VolumeInfo:  # type: ignore[no-untyped-def]
-    name = f"lvm-{SAFE_NAME.sub('_', vg_name)}-{SAFE_NAME.sub('_', lv.name)}"
+    name = f"lvm-{_lvm_part(vg_name)}-{_lvm_part(lv.name)}"
     extent = lv.vg.extent_size * 512
     size = sum(s.extent_count for s in lv.segments) * extent
     info = VolumeInfo(name, 0, size)
