@@ -73,7 +73,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from bench.fuse_vs_qemu import OurMount, backupfs_command, drop_caches, first_line, fs_type, mounted_at, pressure, run
+from bench.fuse_vs_qemu import (OurMount, backupfs_command, cpu_seconds, drop_caches, first_line, fs_type, mounted_at,
+                                pressure, run)
 from engine.units import format_size, parse_size
 
 MiB = 1 << 20
@@ -229,22 +230,30 @@ def rss_kib(pid: int) -> int:
 class Samples:
     big: int
     seconds: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    cpu: dict[tuple[str, str], list[float]] = field(default_factory=dict)  # the daemon's, per run
 
-    def add(self, who: str, case: str, seconds: float) -> None:
+    def add(self, who: str, case: str, seconds: float, cpu: float) -> None:
         self.seconds.setdefault((who, case), []).append(seconds)
+        self.cpu.setdefault((who, case), []).append(cpu)
 
     def get(self, who: str, case: str) -> list[float]:
         return self.seconds[(who, case)]
 
 
-def bench_rounds(paths: dict[str, dict[str, str]], runs: int, samples: Samples) -> None:
-    """A B A B: per round, each case by both contestants, the first one alternating."""
+def bench_rounds(paths: dict[str, dict[str, str]], runs: int, samples: Samples, daemon: int) -> None:
+    """A B A B: per round, each case by both contestants, the first one alternating.
+
+    With each run, the daemon's CPU seconds: it serves both sides (the
+    kernel's loop device reads the backup's file from it), and on a shared
+    machine its CPU time varies much less than the wall clock."""
     for r in range(runs):
         order = ("kernel", "ours") if r % 2 == 0 else ("ours", "kernel")
         for case in ("walk", "read"):  # walk first: round 1 is the first look into the tree
             for who in order:
                 fn = walk_seconds if case == "walk" else read_seconds
-                samples.add(who, case, fn(paths[who][case]))
+                cpu = cpu_seconds(daemon)
+                seconds = fn(paths[who][case])
+                samples.add(who, case, seconds, cpu_seconds(daemon) - cpu)
         print(f"  round {r + 1}/{runs} done ({pressure()})", flush=True)
 
 
@@ -293,6 +302,11 @@ def spread(values: list[float]) -> str:
     return f"min {min(values):7.3f}  median {statistics.median(values):7.3f}  max {max(values):7.3f}"
 
 
+def cpu_spread(samples: Samples, who: str, case: str) -> str:
+    """The daemon's CPU seconds per run, as listed (round 1 first)."""
+    return " ".join(f"{c:.2f}" for c in samples.cpu[(who, case)])
+
+
 def report(samples: Samples, lines: int, memory: dict[str, float], many: int) -> None:
     big = samples.big
     mbps = {who: [big / s / MB for s in samples.get(who, "read")] for who in ("kernel", "ours")}
@@ -300,10 +314,10 @@ def report(samples: Samples, lines: int, memory: dict[str, float], many: int) ->
     print(f"Sequential read of the {format_size(big)} file (dd bs=1M, caches dropped), MB/s, "
           f"{len(mbps['ours'])} runs each:")
     for who in ("kernel", "ours"):
-        print(f"  {who:<7} {spread(mbps[who])}")
+        print(f"  {who:<7} {spread(mbps[who])}   daemon cpu s: {cpu_spread(samples, who, 'read')}")
     print(f"Walk of {lines:,} entries (find -printf '{WALK_FORMAT.strip()}\\n', caches dropped), seconds:")
     for who in ("kernel", "ours"):
-        print(f"  {who:<7} {spread(samples.get(who, 'walk'))}")
+        print(f"  {who:<7} {spread(samples.get(who, 'walk'))}   daemon cpu s: {cpu_spread(samples, who, 'walk')}")
     first_k, first_o = samples.get("kernel", "walk")[0], samples.get("ours", "walk")[0]
     print(f"  first walk (round 1, nothing parsed on either side): kernel {first_k:.3f} s, ours {first_o:.3f} s,"
           f" ratio {first_k / first_o:.2f}")
@@ -418,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = {"kernel": {"read": os.path.join(kmnt, "big.bin"), "walk": os.path.join(kmnt, "small")},
                  "ours": {"read": os.path.join(ours, "big.bin"), "walk": os.path.join(ours, "small")}}
         samples = Samples(big)
-        bench_rounds(paths, args.runs, samples)
+        bench_rounds(paths, args.runs, samples, mount.pid)
         lines = verify(paths, big_sha)
         print(f"  verified: the big file's sha256 matches on both sides; both walks print the same {lines:,} lines")
         kernel.stop()
