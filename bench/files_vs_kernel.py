@@ -373,7 +373,8 @@ def check_environment(parent: str, big: int) -> None:
 
 
 def build(workdir: str, args: argparse.Namespace, big: int) -> tuple[str, list[Partition]]:
-    """Stage both trees, make the disk; returns (the disk image, its partitions), the big file's sha in stage."""
+    """Stage both trees and make the disk: (the disk image, its partitions). The big file's
+    sha256 is left in WORKDIR/big.sha256, the staged trees are removed."""
     rng = random.Random(args.seed)
     p1, p2 = os.path.join(workdir, "stage-p1"), os.path.join(workdir, "stage-p2")
     os.mkdir(p1)
