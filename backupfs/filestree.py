@@ -115,6 +115,12 @@ class FilesView:
 
     @contextmanager
     def _disk(self, node: Node) -> Iterator[GuestDisk]:
+        """The node's backup's disk: the open one when there is (no catalog
+        query: a listing's entries are described one by one), else opened."""
+        with self.disks.using_open(node.backup or "") as open_disk:
+            if open_disk is not None:
+                yield open_disk
+                return
         with self.disks.using(self._record(node)) as disk:
             yield disk
 

@@ -32,12 +32,14 @@ MAX_XATTRS = 1024
 MAX_XATTR_BYTES = 64 * 1024  # the kernel's XATTR_SIZE_MAX
 
 
-@dataclass
+@dataclass(slots=True)
 class GuestEntry:
     """A file, directory, link or node of the guest, as stat shows it.
 
     ``key`` identifies the inode within its volume (hard links share it);
-    ``ref`` is the parser's own object for it.
+    ``ref`` is the parser's own object for it, or what finds it again.
+    Slotted: a volume keeps up to CACHED_ENTRIES of them in its listings
+    (engine/guest/volume.py), and a dict per entry would double that.
     """
 
     key: Hashable
