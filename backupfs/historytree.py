@@ -27,10 +27,12 @@ it as a directory or a regular file (backups where it is something else,
 or missing, are passed over): a directory lists the names its newest
 holder has (directories and regular files only: what can be looked into
 here), a regular file lists its versions (``History.versions``). A name
-looked up resolves in older backups too, newest first, so a deleted file
-is still reached by name; the cost of a name found nowhere is one look
-into every backup (their parsed listings are shared with ``files/``
-through FilesCache). A path directory has the guest's owner and
+looked up resolves in older backups too, so a deleted file is still
+reached by name: a name not in the newest backup is looked for in the
+names its directory held in any backup, gathered once per directory (one
+look into each backup, their parsed listings shared with ``files/``
+through FilesCache) and kept, per directory, until the device's backups
+change (a new backup adds only its own look). A path directory has the guest's owner and
 permissions of its newest holder (a file's read bits become a directory's
 read and search bits), so ``default_permissions`` keeps host users out of
 what the guest kept from them, as in ``files/``. A version file has that
@@ -66,6 +68,7 @@ VERSIONS, VERSIONS_PATH, VERSION_FILE = "versions", "versionspath", "versionfile
 HISTORY_KINDS = (CHANGES, CHANGES_FILE, VERSIONS, VERSIONS_PATH, VERSION_FILE)
 VERSIONS_TIMEOUT = 1.0  # seconds the kernel keeps a versions/ name or attribute
 CACHED_PATHS = 256  # paths whose versions are kept
+CACHED_DIRS = 256  # directories whose names in all backups are kept
 
 
 class HistoryView:
@@ -79,6 +82,8 @@ class HistoryView:
         self.history = history
         self._lock = threading.Lock()
         self._versions: OrderedDict[tuple[str, str, GuestPath], tuple[tuple[str, ...], list[Version]]] = \
+            OrderedDict()
+        self._names: OrderedDict[tuple[str, str, GuestPath], tuple[tuple[str, ...], dict[bytes, str]]] = \
             OrderedDict()
         tree.devdir_entries.append(("changes", CHANGES))
         tree.devdir_entries.append(("versions", VERSIONS))
@@ -144,6 +149,8 @@ class HistoryView:
         with self._lock:
             for key in [k for k in self._versions if k[0] == device]:
                 del self._versions[key]
+            for key in [k for k in self._names if k[0] == device]:
+                del self._names[key]
 
     # -- looking into backups, newest first ---------------------------------------------------
 
@@ -159,19 +166,72 @@ class HistoryView:
             except (FileNotFoundError, GuestDamaged):
                 yield None
 
+    def _entry_in(self, rec: BackupRecord, volume: str, path: GuestPath) -> GuestEntry | None:
+        """``path`` in one backup, if it is a directory or a regular file there."""
+        with self._volume_of(rec, volume) as vol:
+            if vol is None:
+                return None
+            try:
+                entry = vol.entry(path)
+            except (FileNotFoundError, NotADirectoryError, GuestDamaged):
+                return None
+            return entry if entry.is_dir or entry.is_file else None
+
     def _holder(self, device: str, volume: str, path: GuestPath) -> tuple[BackupRecord, GuestEntry] | None:
-        """The newest backup holding ``path`` as a directory or a regular file, and its entry there."""
-        for rec in reversed(self.repo.backups(device)):
+        """The newest backup holding ``path`` as a directory or a regular file, and its entry there.
+
+        The newest backup is looked into first (where nearly every path
+        is); for the rest the parent directory's names across all backups
+        (``_names_ever``) say which backup to look into."""
+        backups = self.repo.backups(device)
+        if not backups:
+            return None
+        if not path:
+            for rec in reversed(backups):
+                entry = self._entry_in(rec, volume, path)
+                if entry is not None:
+                    return rec, entry
+            return None
+        entry = self._entry_in(backups[-1], volume, path)
+        if entry is not None:
+            return backups[-1], entry
+        holder = self._names_ever(device, volume, path[:-1], backups).get(path[-1])
+        rec = next((b for b in backups if b.id == holder), None)
+        if rec is None:
+            return None
+        entry = self._entry_in(rec, volume, path)
+        return None if entry is None else (rec, entry)
+
+    def _names_ever(self, device: str, volume: str, path: GuestPath,
+                    backups: list[BackupRecord]) -> dict[bytes, str]:
+        """Every name directory ``path`` held as a directory or regular file in any backup, with
+        the newest backup holding it: one look into each backup, once; a new backup adds its
+        own look, a prune (a backup gone) starts again."""
+        ids = tuple(b.id for b in backups)
+        key = (device, volume, path)
+        with self._lock:
+            cached = self._names.get(key)
+            if cached is not None:
+                self._names.move_to_end(key)
+        start, names = 0, {}
+        if cached is not None and ids[:len(cached[0])] == cached[0]:
+            start, names = len(cached[0]), dict(cached[1])
+            if start == len(ids):
+                return cached[1]
+        for rec in backups[start:]:  # oldest first: the newest holder is written last
             with self._volume_of(rec, volume) as vol:
                 if vol is None:
                     continue
                 try:
-                    entry = vol.entry(path)
+                    listing = vol.listing(path)
                 except (FileNotFoundError, NotADirectoryError, GuestDamaged):
                     continue
-                if entry.is_dir or entry.is_file:
-                    return rec, entry
-        return None
+                names.update((name, rec.id) for name, e in listing.items() if e.is_dir or e.is_file)
+        with self._lock:
+            self._names[key] = (ids, names)
+            while len(self._names) > CACHED_DIRS:
+                self._names.popitem(last=False)
+        return names
 
     def _found(self, node: Node) -> tuple[BackupRecord, GuestEntry]:
         found = self._holder(node.device or "", node.volume or "", node.path)
@@ -230,14 +290,17 @@ class HistoryView:
 
     def _path_child(self, parent: Node, name: bytes) -> Node | None:
         device, volume = parent.device or "", parent.volume or ""
-        _, entry = self._found(parent)
+        rec, entry = self._found(parent)
         if entry.is_file:
             for v in self.versions(device, volume, parent.path):
                 if v.backup.encode() == name:
                     return self._version_node(device, volume, parent.path, v.backup)
             return None
         path = parent.path + (name,)
-        return self._path_node(device, volume, path) if self._holder(device, volume, path) else None
+        if self._entry_in(rec, volume, path) is None \
+                and name not in self._names_ever(device, volume, parent.path, self.repo.backups(device)):
+            return None
+        return self._path_node(device, volume, path)
 
     def _path_exists(self, node: Node) -> bool:
         return self._holder(node.device or "", node.volume or "", node.path) is not None
