@@ -148,6 +148,8 @@ def test_changes_versions_and_diff_of_a_live_ext4_disk(tmp_path: Path) -> None:
         assert sh(f"cat {changes / b1}").stdout.encode() == text  # readers that trust st_size == 0 too
         assert sh(f"wc -c < {changes / b1}").stdout.strip() == str(len(text))
         assert sh(f"tail -n 1 {changes / b1}").stdout.encode() == text.splitlines(keepends=True)[-1]
+        sh(f"cp {changes / b1} {tmp_path / 'copied'}")
+        assert (tmp_path / "copied").read_bytes() == text
 
         # -- versions/ ---------------------------------------------------------------------------
         versions = vm / "versions"
