@@ -136,8 +136,9 @@ class HistoryView:
         a.mode = stat.S_IFREG | 0o444
         a.size = 0  # unknown until read: served with direct_io (the module docstring says why)
         a.mtime_ns = rec.created_ns
-        a.entry_timeout = BACKUP_TIMEOUT
-        # Not the attributes: a prune can give a kept backup another parent.
+        # Size, mode and time never change (a prune changes a kept backup's
+        # text, read with direct_io, never from the page cache).
+        a.entry_timeout = a.attr_timeout = BACKUP_TIMEOUT
 
     def _changes_text(self, node: Node) -> bytes:
         """The file's content (blocks: fs.py calls it in a worker at open)."""
