@@ -9,6 +9,7 @@ disk ranges of ``diff --blocks`` against the bytes of the two backups.
 
 from __future__ import annotations
 
+import base64
 import errno
 import json
 import os
@@ -120,8 +121,10 @@ def test_changes_versions_and_diff_of_a_live_ext4_disk(tmp_path: Path) -> None:
             _rewrite(g / "etc" / "hostname", b"guest-two\n", T1)
             (g / "etc" / "new.conf").write_bytes(b"new\n")
         ids.append(backup("incremental"))
-        with guest_of(device) as g:  # 2: big.bin's bytes, same size and mtime
+        with guest_of(device) as g:  # 2: big.bin's bytes, same size and mtime; a name not UTF-8
             _same_size_same_mtime(g / "usr" / "bin" / "big.bin")
+            with open(os.fsencode(g / "usr" / "bin") + b"/caf\xe9", "wb") as f:
+                f.write(b"latin-1\n")
         ids.append(backup("incremental"))
         with guest_of(device) as g:  # 3: hostname again, a file deleted
             _rewrite(g / "etc" / "hostname", b"guest-three\n", T3)
@@ -140,7 +143,8 @@ def test_changes_versions_and_diff_of_a_live_ext4_disk(tmp_path: Path) -> None:
         assert st.st_size == 0 and st.st_mode & 0o777 == 0o444  # size unknown until read: direct_io
         assert (changes / b0).read_bytes() == b""  # a full backup has no parent
         assert _lines(changes / b1) == ["m\tdisk/etc", "M\tdisk/etc/hostname", "A\tdisk/etc/new.conf"]
-        assert _lines(changes / b2) == ["M\tdisk/usr/bin/big.bin"]  # same size and mtime: the bytes tell
+        assert _lines(changes / b2) == ["m\tdisk/usr/bin", "M\tdisk/usr/bin/big.bin",  # same size, mtime
+                                        "A\tdisk/usr/bin/caf\\xe9"]
         assert _lines(changes / b3) == ["M\tdisk/etc/hostname", "m\tdisk/home/alice",
                                         "D\tdisk/home/alice/with space.txt"]
         assert _lines(changes / b4) == ["m\tdisk/etc/shadow"]
@@ -168,6 +172,9 @@ def test_changes_versions_and_diff_of_a_live_ext4_disk(tmp_path: Path) -> None:
         assert (deleted / b0).stat().st_uid == 1000
         assert os.listdir(versions / "disk" / "usr" / "bin" / "big.bin") == [b0, b2]
         assert "relative-link" not in os.listdir(versions / "disk" / "usr" / "bin")  # only what has versions
+        latin_versions = os.fsencode(versions / "disk" / "usr" / "bin") + b"/caf\xe9"
+        assert os.listdir(latin_versions) == [b2.encode()]
+        assert open(latin_versions + b"/" + b2.encode(), "rb").read() == b"latin-1\n"
         _refused(errno.ENOENT, os.stat, versions / "disk" / "etc" / "never-there")
         _refused(errno.ENOENT, os.stat, hostname / b2)  # no version of its own
 
@@ -200,7 +207,10 @@ def test_changes_versions_and_diff_of_a_live_ext4_disk(tmp_path: Path) -> None:
             assert line in whole
         as_json = json.loads(cli("diff", repo, "vm", b0, b4, "--json").stdout)
         assert [f"{c['op']}\t{c['path']}" for c in as_json] == whole
-        assert all(c["volume"] == "disk" and "path_b64" not in c for c in as_json)
+        assert all(c["volume"] == "disk" for c in as_json)
+        [latin] = [c for c in as_json if "path_b64" in c]
+        assert latin["path"] == "disk/usr/bin/caf\\xe9"
+        assert base64.b64decode(latin["path_b64"]) == b"disk/usr/bin/caf\xe9"
         backwards = cli("diff", repo, "vm", b2, b1, check=False)
         assert backwards.returncode == 1 and "give the older backup first" in backwards.stderr.decode()
         found_ranges: dict[tuple[str, str], list[tuple[int, int]]] = {}
