@@ -20,7 +20,10 @@ costs one catalog row each and no comparison. The other choice, computing
 the diff on every stat, would run up to 1,000 diffs for that ``ls -l`` (each
 opens two backups' filesystems: tenths of a second to seconds), or show a
 size that changes once the cache has it. A full backup has no parent: its
-file is empty.
+file is empty. Measured (1,000 backups of a 64 MiB ext4 device, one chain,
+2 shared cores): ``ls -l changes/`` 0.55-0.9 s against 0.45-0.67 s for
+``ls -l backups/``; the first ``cat`` of a changes file 0.5 s (0.25 s with
+50 backups), 0.01 s again (the pair's comparison is cached).
 
 In ``versions/``, a path's node is decided by the newest backup that holds
 it as a directory or a regular file (backups where it is something else,
@@ -38,7 +41,12 @@ read and search bits), so ``default_permissions`` keeps host users out of
 what the guest kept from them, as in ``files/``. A version file has that
 version's guest attributes and bytes, read from the first backup holding it.
 Versions of a path are cached per path until the device's backups change
-(the key holds their ids). Names and attributes under ``versions/`` are
+(the key holds their ids). Measured, a file with 50 versions in 50
+backups: ``ls -l`` of its directory 0.7 s first, 0.13 s again. Both the
+versions and a name's first miss in a directory look into every backup,
+and opening a backup costs with its chain's depth: with 1,000 backups in
+one chain, 130-195 s and 44-92 s the first time (then 0.4-1.2 s and 0.1 s).
+ Names and attributes under ``versions/`` are
 kept by the kernel for ``VERSIONS_TIMEOUT`` only: a new backup or a prune
 changes them.
 """
