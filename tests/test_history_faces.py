@@ -21,13 +21,18 @@ from pathlib import Path
 
 import pytest
 
+from backupfs.filescache import FilesCache
+from backupfs.historytree import CHANGES, CHANGES_FILE, HistoryView
+from backupfs.tree import DEVDIR, Tree
+from backupfs.views import ViewCache
+from engine.history.history import History
+from engine.repo import Repository
 from tests.commands import cli, sh
+from tests.jobstatuses import Statuses
 from tests.guestfs import loop_device, make_fs, run
 from tests.guesttree import default_tree
 from tests.mounts import Mounted
 from tests.users import OtherUser
-
-pytestmark = pytest.mark.mount
 
 PIECE = 64 * 1024
 T1 = 1_700_000_001_111_111_111  # mtimes the test gives hostname's versions
@@ -97,6 +102,7 @@ def _covered(ranges: list[tuple[int, int]], a: Path, b: Path, offset: int) -> bo
     return True
 
 
+@pytest.mark.mount
 @pytest.mark.long  # five backups, two mounts: 9-15 s
 def test_changes_versions_and_diff_of_a_live_ext4_disk(tmp_path: Path) -> None:
     image = make_fs("ext4", tmp_path, default_tree())
@@ -239,6 +245,7 @@ def test_changes_versions_and_diff_of_a_live_ext4_disk(tmp_path: Path) -> None:
         m.cleanup()
 
 
+@pytest.mark.mount
 def test_files_owner_only_keeps_other_users_out_of_history(
         tmp_path: Path, other_user: OtherUser, open_tmp: Path) -> None:
     """changes/ and versions/ show a guest's names and bytes: with allow_other
@@ -270,3 +277,26 @@ def test_files_owner_only_keeps_other_users_out_of_history(
             m.stop()
         finally:
             m.cleanup()
+
+
+def test_listing_and_stat_of_changes_parse_nothing(repo: Repository, tmp_path: Path) -> None:
+    """`ls -l changes/` costs what `ls -l backups/` costs: the catalog, no backup opened;
+    the comparison runs when a file's text is asked for (at open)."""
+    image = make_fs("ext4", tmp_path, default_tree())
+    repo.add_device("vm", str(image))
+    ids = [repo.backup("vm", "full" if i == 0 else "incremental").record.id for i in range(30)]
+    tree = Tree(repo, Statuses(), 1_234_567_890)
+    disks = FilesCache(ViewCache(repo))
+    HistoryView(tree, disks, History(repo, open_disk=disks.using))
+    changes = tree.child(tree.inodes.get(DEVDIR, "vm"), b"changes")
+    assert changes.kind == CHANGES
+    listing = tree.children(changes)
+    assert [n for n, _ in listing] == [i.encode() for i in ids]
+    sizes = {tree.attributes(node).size for _, node in listing}
+    assert sizes == {0} and all(node.kind == CHANGES_FILE for _, node in listing)
+    assert disks.open_ids() == []
+    assert tree.text(listing[0][1]) == b""  # the full backup: no parent, never opened
+    assert disks.open_ids() == []
+    assert tree.text(listing[-1][1]) == b""  # nothing changed: the chains' tables say so...
+    assert disks.open_ids() == []  # ...so no filesystem was read
+    disks.drop_all()
