@@ -30,6 +30,7 @@ import trio
 
 from backupfs.filescache import FilesCache
 from backupfs.filestree import FILES, GUEST, GUEST_KINDS, VOLUMES, FilesView
+from backupfs.historytree import CHANGES, CHANGES_FILE, HISTORY_KINDS, VERSION_FILE, HistoryView
 from backupfs.jobs import JobRunner, SourceFactory
 from backupfs.mountinfo import find_mount, raise_read_ahead
 from backupfs.readbuffers import ReadBuffers
@@ -42,11 +43,17 @@ from backupfs.writepolicy import InlineWrites
 from engine.advisor import Advisor
 from engine.chain import WouldBlock
 from engine.errors import BackupfsError
+from engine.history.history import History
 from engine.repo import Repository
 
 log = logging.getLogger("backupfs.fs")
 
 assert ROOT_INODE == pyfuse3.ROOT_INODE, "tree.py's root must be the kernel's"
+
+# What shows a guest's names or bytes: ``files_owner_only`` keeps other users out.
+PRIVATE_KINDS = frozenset(GUEST_KINDS + HISTORY_KINDS)
+# What never changes through the mount.
+READ_ONLY_KINDS = frozenset((BACKUP,) + GUEST_KINDS + HISTORY_KINDS)
 
 # A sequential reader of a backup gets the layers' data read ahead: up to
 # READ_WINDOW beyond it, asked for in READ_STEP pieces (measured with
@@ -131,7 +138,9 @@ class BackupOperations(pyfuse3.Operations):
         self.tree = Tree(repo, self.jobs.status, time.time_ns())
         self.inodes = self.tree.inodes
         self.views = ViewCache(repo, idle_view_bytes)
-        self.files = FilesView(self.tree, FilesCache(self.views))
+        files_cache = FilesCache(self.views)
+        self.files = FilesView(self.tree, files_cache)
+        self.history = HistoryView(self.tree, files_cache, History(repo, open_disk=files_cache.using))
         self.files_owner_only = files_owner_only
         self.uid = os.getuid()
         self.gid = os.getgid()
@@ -175,7 +184,7 @@ class BackupOperations(pyfuse3.Operations):
 
     def _let_in(self, node: Node, ctx: pyfuse3.RequestContext) -> None:
         """``files_owner_only``: a backup's files are the mount owner's (and root's) alone."""
-        if self.files_owner_only and node.kind in GUEST_KINDS and ctx.uid not in (0, self.uid):
+        if self.files_owner_only and node.kind in PRIVATE_KINDS and ctx.uid not in (0, self.uid):
             raise pyfuse3.FUSEError(errno.EACCES)
 
     def _new_handle(self, handle: Handle) -> int:
@@ -251,7 +260,7 @@ class BackupOperations(pyfuse3.Operations):
         fh: int | None, ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         node = self.inodes.node(inode)
-        if node.kind == BACKUP or node.kind in GUEST_KINDS:
+        if node.kind in READ_ONLY_KINDS:
             raise pyfuse3.FUSEError(errno.EROFS)
         if fields.update_mode or fields.update_uid or fields.update_gid:
             raise pyfuse3.FUSEError(errno.EPERM)
@@ -287,12 +296,12 @@ class BackupOperations(pyfuse3.Operations):
     @handler
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         node = self.inodes.node(inode)
-        raise pyfuse3.FUSEError(errno.EROFS if node.kind == BACKUP or node.kind in GUEST_KINDS else errno.EPERM)
+        raise pyfuse3.FUSEError(errno.EROFS if node.kind in READ_ONLY_KINDS else errno.EPERM)
 
     @handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         node = self.inodes.node(inode)
-        raise pyfuse3.FUSEError(errno.EROFS if node.kind == BACKUP or node.kind in GUEST_KINDS else errno.EPERM)
+        raise pyfuse3.FUSEError(errno.EROFS if node.kind in READ_ONLY_KINDS else errno.EPERM)
 
     @handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -373,18 +382,23 @@ class BackupOperations(pyfuse3.Operations):
             requester = Requester.of(ctx.pid) if writing else None
             fh = self._new_handle(Handle(node, content=content, requester=requester))
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
-        if node.kind == GUEST:
+        if node.kind in (GUEST, VERSION_FILE):
             self._let_in(node, ctx)
             if writing or flags & os.O_TRUNC:
                 raise pyfuse3.FUSEError(errno.EROFS)
-            disk, rec, volume, data = await trio.to_thread.run_sync(self.files.open_file, node, limiter=self._io)
+            opener = self.files.open_file if node.kind == GUEST else self.history.open_file
+            disk, rec, volume, data = await trio.to_thread.run_sync(opener, node, limiter=self._io)
             fh = self._new_handle(Handle(node, guest=GuestFile(disk, rec, volume, data)))
             self._raise_read_ahead()
             return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=True)  # a backup never changes
-        if node.kind in (CHAIN, BITMAP, VOLUMES):
+        if node.kind in (CHAIN, BITMAP, VOLUMES, CHANGES_FILE):
+            # A changes file's text is computed here, once per open, and its
+            # size in stat is 0: direct_io makes readers read to the end
+            # (backupfs/historytree.py says why).
             self._let_in(node, ctx)
             if writing:
-                raise pyfuse3.FUSEError(errno.EROFS if node.kind == VOLUMES else errno.EACCES)
+                read_only = node.kind == VOLUMES or node.kind in READ_ONLY_KINDS
+                raise pyfuse3.FUSEError(errno.EROFS if read_only else errno.EACCES)
             content = await trio.to_thread.run_sync(self.tree.text, node, limiter=self._io)
             fh = self._new_handle(Handle(node, content=content))
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
@@ -469,7 +483,7 @@ class BackupOperations(pyfuse3.Operations):
         if node.kind == SNAPSHOT:
             await self.jobs.trigger(node.device or "", buf, handle.requester, handle)
             return len(buf)
-        raise pyfuse3.FUSEError(errno.EROFS if node.kind == BACKUP or node.kind in GUEST_KINDS else errno.EACCES)
+        raise pyfuse3.FUSEError(errno.EROFS if node.kind in READ_ONLY_KINDS else errno.EACCES)
 
     def _write_policy(self, device: str) -> InlineWrites:
         policy = self._write_policies.get(device)
@@ -488,10 +502,13 @@ class BackupOperations(pyfuse3.Operations):
         after = {b.id for b in self.repo.backups(device)}
         backups_dir = self.inodes.get(BACKUPS, device).inode
         files_dir = self.inodes.get(FILES, device).inode
+        changes_dir = self.inodes.get(CHANGES, device).inode
         for gone in sorted(before - after):
             await trio.to_thread.run_sync(self._invalidate, backups_dir, gone.encode())
             await trio.to_thread.run_sync(self._invalidate, files_dir, gone.encode())
+            await trio.to_thread.run_sync(self._invalidate, changes_dir, gone.encode())
         self.files.disks.drop_all()
+        self.history.invalidated(device)  # kept backups may have another parent now
         for kept in sorted(after):  # children of a removed one were rewritten: new st_blocks
             inode = self.inodes.get(BACKUP, device, kept).inode
             await trio.to_thread.run_sync(self._invalidate_attrs, inode)
@@ -536,7 +553,7 @@ class BackupOperations(pyfuse3.Operations):
 
     def _refuse(self, parent_inode: int) -> pyfuse3.FUSEError:
         parent = self.inodes.node(parent_inode)
-        read_only = parent.kind in (BACKUPS, FILES) or parent.kind in GUEST_KINDS
+        read_only = parent.kind in (BACKUPS, FILES) or parent.kind in READ_ONLY_KINDS
         return pyfuse3.FUSEError(errno.EROFS if read_only else errno.EPERM)
 
     @handler

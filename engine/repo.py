@@ -18,6 +18,7 @@ import sqlite3
 import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -53,6 +54,9 @@ from engine.job import (
 )
 from engine.qcow2.writer import validate_cluster_size
 from engine.validate import NAME_RE, validate_label
+
+if TYPE_CHECKING:
+    from engine.history.history import History
 
 DEFAULT_CLUSTER_SIZE = 64 * 1024
 DEFAULT_GRANULARITY = 64 * 1024
@@ -689,6 +693,14 @@ class Repository:
         through a checked view that closing the result closes."""
         view = self.open_backup(backup_id)
         return GuestDisk(view, on_close=view.close, name=backup_id)
+
+    def history(self) -> History:
+        """What changed between backups, and versions of a path (SPEC §9), reading
+        backups through ``open_files``: the facade the CLI uses (the mount builds
+        its own, sharing its open guest disks)."""
+        from engine.history.history import History
+
+        return History(self)
 
     def _checkable_lineage(self, rec: BackupRecord) -> Iterator[ChecksumRecord | Unrecorded]:
         """lineage_records, with what each backup without a readable record holds in its place."""

@@ -85,7 +85,8 @@ def test_unreadable_source_keeps_the_bitmap(repo_dir: Path, mounts: list[Mounted
     assert "bitmap: kept" in status
     assert _backups(m) == before
     assert "since last backup: 65536 bytes dirty in 1 runs" in m.path("vm1", "bitmap").read_text()
-    assert sorted(os.listdir(m.path("vm2"))) == ["backups", "bitmap", "chain", "device", "files", "snapshot"]
+    assert sorted(os.listdir(m.path("vm2"))) == ["backups", "bitmap", "chain", "changes", "device", "files",
+                                                 "snapshot", "versions"]
     assert not [f for f in os.listdir(repo_dir / "devices" / "vm1") if f.startswith(".tmp")]
     m.stop()
     m = _mount(repo_dir, mounts)

@@ -65,7 +65,8 @@ def _image(m: Mounted, backup_id: str) -> Path:
 
 def _still_serving(m: Mounted, good: str) -> None:
     sh(f"cmp {m.path('vm1', 'backups', good)} {m.path('vm1', 'backups', good)}")
-    assert sorted(os.listdir(m.path("vm1"))) == ["backups", "bitmap", "chain", "device", "files", "snapshot"]
+    assert sorted(os.listdir(m.path("vm1"))) == ["backups", "bitmap", "chain", "changes", "device", "files",
+                                                 "snapshot", "versions"]
     with open(m.path("vm1", "device"), "rb") as f:
         assert len(f.read(MiB)) == MiB
     assert "granularity" in m.path("vm1", "bitmap").read_text()

@@ -143,7 +143,8 @@ def test_ext4_full_incremental_restore(setup: Mounted, tmp_path: Path) -> None:
 def test_listing_stat_du_xattrs(setup: Mounted) -> None:
     m = setup
     assert sorted(os.listdir(m.mnt)) == ["vm1"]
-    assert sorted(os.listdir(m.path("vm1"))) == ["backups", "bitmap", "chain", "device", "files", "snapshot"]
+    assert sorted(os.listdir(m.path("vm1"))) == ["backups", "bitmap", "chain", "changes", "device", "files",
+                                                 "snapshot", "versions"]
     assert os.listdir(m.path("vm1", "backups")) == []
     # `ls -a` shows . and .., and .. of each directory is its parent.
     assert sh(f"ls -a {m.path('vm1', 'backups')}").stdout.split() == [".", ".."]
@@ -501,7 +502,8 @@ def test_injected_fault_fails_one_request_only(tmp_path: Path) -> None:
         # Everything else still works, and so does the same file kind elsewhere.
         sh(f"cmp {m.path('vm1', 'backups', bid)} {src}")
         assert "granularity" in m.path("vm1", "bitmap").read_text()
-        assert sorted(os.listdir(m.path("vm1"))) == ["backups", "bitmap", "chain", "device", "files", "snapshot"]
+        assert sorted(os.listdir(m.path("vm1"))) == ["backups", "bitmap", "chain", "changes", "device", "files",
+                                                     "snapshot", "versions"]
         m.stop()
     finally:
         m.cleanup()

@@ -225,7 +225,7 @@ def test_imported_chain_is_browsable(tmp_path: Path) -> None:
     m = Mounted(tmp_path / "repo", tmp_path / "mnt")
     m.start()
     try:
-        assert sorted(os.listdir(m.path("old"))) == ["backups", "chain", "snapshot"]
+        assert sorted(os.listdir(m.path("old"))) == ["backups", "chain", "changes", "files", "snapshot", "versions"]
         ids = sorted(p for p in os.listdir(m.path("old", "backups")) if p != "latest")
         assert len(ids) == 2
         expected = tmp_path / "expected.raw"
