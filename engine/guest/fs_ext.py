@@ -35,9 +35,11 @@ class ExtVolume(GuestFS):
 
     def _entry(self, node) -> GuestEntry:  # type: ignore[no-untyped-def]
         i = node.inode
-        blocks = i.i_blocks_lo | (i.i_blocks_high << 32)
-        if not self.fs.sb.s_feature_ro_compat & 0x8 or not i.i_flags & 0x40000:  # HUGE_FILE
-            blocks = blocks  # in 512-byte units already
+        blocks = i.i_blocks_lo
+        if self.fs.sb.s_feature_ro_compat & 0x8:  # HUGE_FILE: 48 bits, and maybe in filesystem blocks
+            blocks |= i.i_blocks_high << 32
+            if i.i_flags & 0x40000:  # EXT4_HUGE_FILE_FL: counted in blocks, not 512-byte sectors
+                blocks *= self.fs.block_size // 512
         mode = i.i_mode
         rdev = _device_number(bytes(i.i_block)) if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else 0
         return GuestEntry(
