@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from dissect.btrfs import Btrfs
 
-from engine.guest.guestfs import FileData, GuestEntry, GuestFS, check_link, user_xattrs
+from engine.guest.guestfs import FileData, GuestEntry, GuestFS, check_link, check_link_size, user_xattrs
 from engine.guest.reader import DiskReader
 
 
@@ -39,7 +39,7 @@ class BtrfsVolume(GuestFS):
             yield name, self._entry(node)
 
     def readlink(self, entry: GuestEntry) -> bytes:
-        check_link(b"\0" * entry.size, "btrfs symlink")
+        check_link_size(entry.size, "btrfs symlink")
         return check_link(os.fsencode(entry.ref.link), "btrfs symlink")
 
     def xattrs(self, entry: GuestEntry) -> dict[bytes, bytes]:

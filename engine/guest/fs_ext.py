@@ -1,4 +1,4 @@
-"""ext2/3/4 through dissect.extfs."""
+"""ext2/3/4 through dissect.extfs (its runlists bounded: engine/guest/ext_runs.py)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import os
 import stat
 from collections.abc import Iterable
 
-from dissect.extfs import ExtFS
 from dissect.extfs.c_ext import c_ext
 
-from engine.guest.guestfs import FileData, GuestEntry, GuestFS, block_runs, check_link, user_xattrs
+from engine.guest.ext_runs import BoundedExtFS
+from engine.guest.guestfs import FileData, GuestEntry, GuestFS, block_runs, check_link, check_link_size, user_xattrs
 from engine.guest.reader import DiskReader
 
 
@@ -27,7 +27,7 @@ class ExtVolume(GuestFS):
 
     def __init__(self, reader: DiskReader) -> None:
         self.reader = reader
-        self.fs = ExtFS(reader)
+        self.fs = BoundedExtFS(reader)
         sb = self.fs.sb
         self.label = bytes(sb.s_volume_name).split(b"\0")[0].decode("utf-8", "replace")
         features = sb.s_feature_incompat
@@ -57,7 +57,7 @@ class ExtVolume(GuestFS):
             yield node.filename, self._entry(node)
 
     def readlink(self, entry: GuestEntry) -> bytes:
-        check_link(b"\0" * entry.size, "ext symlink")  # before reading it
+        check_link_size(entry.size, "ext symlink")  # before reading it
         return check_link(os.fsencode(entry.ref.link), "ext symlink")
 
     def xattrs(self, entry: GuestEntry) -> dict[bytes, bytes]:

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dissect.xfs import XFS
 from dissect.xfs.c_xfs import c_xfs
 
-from engine.guest.guestfs import FileData, GuestEntry, GuestFS, block_runs, check_link
+from engine.guest.guestfs import FileData, GuestEntry, GuestFS, block_runs, check_link, check_link_size
 from engine.guest.reader import DiskReader
 
 
@@ -43,7 +43,7 @@ class XfsVolume(GuestFS):
             yield node.filename, self._entry(node)
 
     def readlink(self, entry: GuestEntry) -> bytes:
-        check_link(b"\0" * entry.size, "xfs symlink")
+        check_link_size(entry.size, "xfs symlink")
         return check_link(os.fsencode(entry.ref.link), "xfs symlink")
 
     def data(self, entry: GuestEntry) -> FileData:
