@@ -30,6 +30,7 @@ from tests.guest_images import SeedImage, build_seeds
 from tests.guest_walk import EXPECTED, BytesSource, walk
 
 TIME_BOUND = 5.0
+pytestmark = pytest.mark.timeout(120)  # a regression that hangs fails here rather than stopping the run
 MEMORY_BOUND = 200 * 1024 * 1024
 T = TypeVar("T")
 
@@ -48,12 +49,15 @@ def bounded(fn: Callable[[], T]) -> T | BaseException:
         tracemalloc.stop()
     assert seconds < TIME_BOUND, f"took {seconds:.1f} s"
     assert peak < MEMORY_BOUND, f"allocated {peak // (1024 * 1024)} MiB at its peak"
+    # An allocation too big to make fails at once, unseen by tracemalloc: the
+    # refusal it turns into still shows it.
+    assert "too much memory" not in str(result) and "MemoryError" not in str(result), result
     return result
 
 
 @pytest.fixture(scope="module")
 def seeds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SeedImage]:
-    made = build_seeds(tmp_path_factory.mktemp("guest-seeds"), ["ext4", "ext2", "fat16", "exfat", "ntfs", "gpt", "mbr"])
+    made = build_seeds(tmp_path_factory.mktemp("guest-seeds"), ["ext4", "ext2", "btrfs", "fat16", "exfat", "ntfs", "gpt", "mbr"])
     return {s.name: s for s in made}
 
 
@@ -306,6 +310,35 @@ def test_ntfs_attribute_length_crafted(seeds: dict[str, SeedImage], length: int)
 def test_every_case_leaves_the_undamaged_seed_clean(seeds: dict[str, SeedImage]) -> None:
     """The cases above fail for their damage, not for what the seeds hold."""
     for seed in seeds.values():
-        result = bounded(lambda: walk(BytesSource(image(seed))))
+        source = BytesSource(image(seed))
+        result = bounded(lambda: walk(source))
         assert not isinstance(result, BaseException)
         assert result.outcome == "clean", (seed.name, result.refusals)
+
+
+# ---- Btrfs
+
+
+def _btrfs_nodes(data: bytearray, owner: int) -> list[int]:
+    """Byte offsets of the B-tree nodes of one tree (by owner id) in a Btrfs image."""
+    fsid = bytes(data[65536 + 32 : 65536 + 48])
+    node_size = struct.unpack_from("<I", data, 65536 + 148)[0]
+    return [at for at in range(0, len(data), node_size)
+            if data[at + 32 : at + 48] == fsid and struct.unpack_from("<Q", data, at + 88)[0] == owner]
+
+
+@pytest.mark.parametrize("damage", ["empty", "self"])
+def test_btrfs_node_empty_or_pointing_to_itself(seeds: dict[str, SeedImage], damage: str) -> None:
+    """An empty node spun dissect's binary search for ever; a node pointing at
+    itself was walked from its cache for ever; neither reads anything a budget counts."""
+    data = image(seeds["btrfs"])
+    nodes = _btrfs_nodes(data, 5)  # the default subvolume's tree
+    assert nodes
+    for at in nodes:
+        if damage == "empty":
+            struct.pack_into("<I", data, at + 96, 0)
+        else:  # a node of level 1 whose one pointer is its own address
+            struct.pack_into("<IB", data, at + 96, 1, 1)
+            struct.pack_into("<Q", data, at + 101 + 17, struct.unpack_from("<Q", data, at + 48)[0])
+    result = bounded(lambda: walk(BytesSource(data)))
+    assert not isinstance(result, BaseException) and result.outcome == "damaged"
