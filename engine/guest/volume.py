@@ -61,6 +61,11 @@ class Volume:
         with self._lock, self._budget.spend(f"{self.name}: {what}"):
             try:
                 return fn(*args)
+            except GuestDamaged as e:
+                if str(e).startswith(f"{self.name}: "):
+                    raise
+                # raised inside an adapter (a bound of ext_runs, fs_btrfs, ...): say where
+                raise GuestDamaged(f"{self.name}: {what}: {e}") from None
             except BackupfsError:
                 raise
             except RecursionError:
