@@ -1,19 +1,22 @@
 """Mutation fuzzing of guest disks, at length: how engine/guest fares on corrupted real images.
 
 Builds the seed images with the real tools (tests/guest_images.py: ext4,
-ext2, XFS, Btrfs, FAT12/16/32, exFAT, NTFS, GPT and MBR disks), corrupts
+ext2, XFS, Btrfs, FAT12/16/32, exFAT, NTFS, GPT and MBR disks; as root,
+NTFS and exFAT filled through ntfs-3g and mount.exfat-fuse too), corrupts
 their metadata case by case, and walks each through the public API in a
 worker process under a deadline (tests/guest_fuzz.py). Prints how many
 cases ran, ended in GuestDamaged or passed clean, per seed, and every
 failure with the command that reproduces it.
 
     .venv/bin/python -m bench.fuzz_guest --cases 20000
-    .venv/bin/python -m bench.fuzz_guest --only ext2:110      # one case, in this process, with its traceback
+    .venv/bin/python -m bench.fuzz_guest --cases 20000 --workdir /tmp/fuzz-seeds   # keeps the seeds
+    .venv/bin/python -m bench.fuzz_guest --only ext2:110 --workdir /tmp/fuzz-seeds  # one case, here, with its traceback
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -23,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tests.guest_fuzz import CaseResult, case_list, run_case, run_cases
-from tests.guest_images import BUILDERS, SeedImage, build_seeds
+from tests.guest_images import BUILDERS, MOUNTED_BUILDERS, SeedImage, build_seeds
 
 
 def _run_one(seeds: list[SeedImage], spec: str) -> int:
@@ -70,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", type=int, default=2000, help="cases in all, spread over the seeds")
     ap.add_argument("--first", type=int, default=0, help="the first case number (another run, other cases)")
-    ap.add_argument("--seeds", default=",".join(BUILDERS), help="which seed images, comma-separated")
+    can_mount = os.geteuid() == 0 and os.path.exists("/dev/fuse")
+    every = [*BUILDERS, *(MOUNTED_BUILDERS if can_mount else [])]
+    ap.add_argument("--seeds", default=",".join(every),
+                    help=f"which seed images, comma-separated (of {', '.join([*BUILDERS, *MOUNTED_BUILDERS])}; "
+                         "the last two are filled through a FUSE mount: root only)")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes")
     ap.add_argument("--deadline", type=float, default=30.0, help="seconds a case may take before it is a hang")
     ap.add_argument("--workdir", type=Path, help="where the seeds are built (a temporary directory by default)")

@@ -225,6 +225,49 @@ BUILDERS: dict[str, Callable[[Path, Path], None]] = {
 }
 
 
+def _fill_mounted(mount: list[str], mnt: Path, tree: Path, symlinks: bool) -> None:
+    """Mount (FUSE), copy the tree in, unmount: in finally, whatever fails."""
+    mnt.mkdir()
+    sh(*mount, mnt)
+    try:
+        for item in sorted(tree.iterdir()):
+            if item.is_symlink() and not symlinks:
+                continue
+            sh("cp", "-a" if symlinks else "-r", item, mnt / item.name)
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+        subprocess.run(["fusermount", "-u", str(mnt)], capture_output=True)
+
+
+def ntfs_mounted(path: Path, tree: Path) -> None:
+    """NTFS holding the whole tree (directories, symlinks as reparse points or
+    Interix links, a hard link), filled through ntfs-3g: needs root and FUSE."""
+    sparse_file(path, 16 * MiB)
+    sh("mkntfs", "-q", "-F", "-Q", "-L", "NTFSFULL", path)
+    _fill_mounted(["ntfs-3g", path], path.parent / "mnt", tree, symlinks=True)
+
+
+def exfat_mounted(path: Path, tree: Path) -> None:
+    """exFAT holding the tree (no symlinks), filled through a loop device and
+    mount.exfat-fuse (which needs a block device): needs root and FUSE."""
+    sparse_file(path, 8 * MiB)
+    sh("mkfs.exfat", "-L", "EXFULL", path)
+    loop = subprocess.run(["losetup", "-f", "--show", str(path)], capture_output=True, text=True, check=True)
+    device = loop.stdout.strip()
+    try:
+        _fill_mounted(["mount.exfat-fuse", device], path.parent / "mnt", tree, symlinks=False)
+    finally:
+        subprocess.run(["losetup", "-d", device], capture_output=True)
+
+
+# Seeds that mount to be filled: the bench builds them when run as root
+# (tests would need the `mount` marker for them).
+MOUNTED_BUILDERS: dict[str, Callable[[Path, Path], None]] = {
+    "ntfs-full": ntfs_mounted,
+    "exfat-full": exfat_mounted,
+}
+
+
 def build_seeds(workdir: Path, names: list[str] | None = None) -> list[SeedImage]:
     """The named seeds (all by default) under ``workdir``, built there unless
     already built: mkfs stamps UUIDs and times, so a case reproduces only
@@ -239,7 +282,7 @@ def build_seeds(workdir: Path, names: list[str] | None = None) -> list[SeedImage
         if not path.exists():
             shutil.rmtree(seed_dir, ignore_errors=True)
             seed_dir.mkdir()
-            BUILDERS[name](path.with_suffix(".new"), tree)
+            {**BUILDERS, **MOUNTED_BUILDERS}[name](path.with_suffix(".new"), tree)
             path.with_suffix(".new").rename(path)
         out.append(SeedImage(name, path, path.stat().st_size, metadata_sectors(path)))
     return out
