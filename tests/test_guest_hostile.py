@@ -11,6 +11,7 @@ escaping.
 
 from __future__ import annotations
 
+import mmap
 import re
 import struct
 import subprocess
@@ -57,7 +58,7 @@ def bounded(fn: Callable[[], T]) -> T | BaseException:
 
 @pytest.fixture(scope="module")
 def seeds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SeedImage]:
-    made = build_seeds(tmp_path_factory.mktemp("guest-seeds"), ["ext4", "ext2", "btrfs", "fat16", "exfat", "ntfs", "gpt", "mbr"])
+    made = build_seeds(tmp_path_factory.mktemp("guest-seeds"), ["ext4", "ext2", "xfs", "btrfs", "fat16", "exfat", "ntfs", "gpt", "mbr"])
     return {s.name: s for s in made}
 
 
@@ -344,3 +345,27 @@ def test_btrfs_node_empty_or_pointing_to_itself(seeds: dict[str, SeedImage], dam
             struct.pack_into("<Q", data, at + 101 + 17, struct.unpack_from("<Q", data, at + 48)[0])
     result = bounded(lambda: walk(BytesSource(data)))
     assert not isinstance(result, BaseException) and result.outcome == "damaged"
+
+
+# ---- XFS
+
+
+def test_xfs_extent_btree_pointing_to_itself(seeds: dict[str, SeedImage]) -> None:
+    """big.bin's data fork made a B+tree whose one node lists itself 251 times."""
+    seed = seeds["xfs"]
+    out = subprocess.run(["xfs_db", "-r", "-c", "path /big.bin", "-c", "stack", "-c", "print u3.bmx", str(seed.path)],
+                         capture_output=True, text=True).stdout
+    inode_at = int(re.search(r"byte offset (\d+)", out).group(1))  # type: ignore[union-attr]
+    block = int(re.search(r"0:\[0,(\d+),", out).group(1))  # type: ignore[union-attr]  (AG 0: fsbno = block)
+    maxrecs = (512 - 176 - 4) // 16  # the inode's data fork as a B+tree root
+    root = struct.pack(">HH", 1, 1) + bytes(8 * maxrecs) + struct.pack(">Q", block)
+    node_recs = (4096 - 72) // 16
+    node = struct.pack(">IHH", 0x424D4133, 1, node_recs).ljust(72, b"\0") + bytes(8 * node_recs)
+    node += struct.pack(f">{node_recs}Q", *[block] * node_recs)
+    patches = {inode_at + 5: bytes([3]), inode_at + 176: root, block * 4096: node}  # di_format 3: btree
+    with open(seed.path, "rb") as f:
+        source = BytesSource(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), patches)
+        volume = GuestDisk(source).volume("disk")
+        refused = bounded(lambda: volume.data((b"big.bin",)))
+        assert isinstance(refused, GuestDamaged) and "nest without end" in str(refused), refused
+        assert volume.entry((b"a", b"small.txt")).size == 10
