@@ -131,6 +131,15 @@ def test_partition_past_the_disk_end(seeds: dict[str, SeedImage]) -> None:
 # ---- ext
 
 
+def test_ext_superblock_with_a_huge_block_size(seeds: dict[str, SeedImage]) -> None:
+    """1024 << 2^32-1 is an integer of half a gigabyte: found by the fuzzer (mbr:105303)."""
+    data = image(seeds["ext4"])
+    struct.pack_into("<II", data, 1024 + 24, 0xFFFFFFFF, 0xFFFFFFFF)  # s_log_block_size, s_log_cluster_size
+    infos = bounded(lambda: GuestDisk(BytesSource(data)).infos())
+    assert not isinstance(infos, BaseException)
+    assert infos[0].state == DAMAGED and "block size" in infos[0].reason
+
+
 def test_ext4_directory_with_a_huge_size(seeds: dict[str, SeedImage]) -> None:
     data = image(seeds["ext4"])
     set_size(data, ext_inode_offset(seeds["ext4"], "/many"), 1 << 40)

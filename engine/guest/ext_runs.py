@@ -15,12 +15,14 @@ same runlists are built with
   parent (as the kernel checks it).
 
 ``BoundedExtFS`` is dissect's ExtFS whose inodes use these runlists, so
-directories, symlinks and xattr inodes read through the parser get them too.
+directories, symlinks and xattr inodes read through the parser get them
+too, and whose superblock's block size is checked before it is used.
 """
 
 from __future__ import annotations
 
 import struct
+from typing import BinaryIO
 
 from dissect.extfs import extfs as dissect_extfs
 from dissect.extfs.c_ext import c_ext
@@ -28,6 +30,7 @@ from dissect.extfs.c_ext import c_ext
 from engine.guest.reader import GuestDamaged
 
 MAX_EXTENT_DEPTH = 5  # the kernel's EXT4_MAX_EXTENT_DEPTH
+MAX_LOG_BLOCK_SIZE = 6  # 64 KiB blocks, the largest the kernel mounts
 EXTENT_MAGIC = 0xF30A
 UNINITIALIZED = 0x8000  # an ee_len above this is an unwritten extent of (ee_len - 0x8000) blocks
 
@@ -169,7 +172,16 @@ class BoundedINode(dissect_extfs.INode):
 
 
 class BoundedExtFS(dissect_extfs.ExtFS):
-    """dissect's ExtFS whose inodes are ``BoundedINode``."""
+    """dissect's ExtFS whose inodes are ``BoundedINode``, and whose block
+    size is checked before dissect computes it (``1024 << s_log_block_size``:
+    a crafted exponent of 2^31 makes an integer of gigabytes)."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        fh.seek(c_ext.EXT2_SBOFF + 24)
+        log_block, = struct.unpack("<I", fh.read(4).ljust(4, b"\0"))
+        if log_block > MAX_LOG_BLOCK_SIZE:
+            raise GuestDamaged(f"ext superblock: a block size of 1024 << {log_block}")
+        super().__init__(fh)
 
     def get_inode(self, inum: int, filename: str | None = None, filetype: int | None = None) -> BoundedINode:
         if inum < c_ext.EXT2_BAD_INO or inum > self.sb.s_inodes_count:
