@@ -59,7 +59,8 @@ def bounded(fn: Callable[[], T]) -> T | BaseException:
 
 @pytest.fixture(scope="module")
 def seeds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SeedImage]:
-    made = build_seeds(tmp_path_factory.mktemp("guest-seeds"), ["ext4", "ext2", "xfs", "btrfs", "fat16", "exfat", "ntfs", "gpt", "mbr"])
+    names = ["ext4", "ext2", "xfs", "btrfs", "fat16", "exfat", "ntfs", "gpt", "mbr"]
+    made = build_seeds(tmp_path_factory.mktemp("guest-seeds"), names)
     return {s.name: s for s in made}
 
 
