@@ -19,7 +19,10 @@ DEADLINE = 20.0
 def test_mutated_guest_disks(tmp_path_factory: pytest.TempPathFactory) -> None:
     seeds = build_seeds(tmp_path_factory.mktemp("fuzz-seeds"))
     results = list(run_cases(seeds, case_list(seeds, CASES), DEADLINE))
-    failures = [f"{r.outcome} {r.seed}:{r.number}: {r.detail[-800:]}" for r in results if r.failed]
+    # "slow" (over 5 s, finished) is the bench's to report: on a shared machine under
+    # a parallel run a case's time says little; past DEADLINE it is a hang, and fails.
+    failures = [f"{r.outcome} {r.seed}:{r.number}: {r.detail[-800:]}" for r in results
+                if r.failed and r.outcome != "slow"]
     assert not failures, "\n".join(failures)
     outcomes = Counter(r.outcome for r in results)
     # The mutations must reach the parsers: some damage found, and some cases that read through.
