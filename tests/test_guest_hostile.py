@@ -19,7 +19,6 @@ import struct
 import subprocess
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TypeVar
 
 import pytest
