@@ -1,4 +1,4 @@
-"""ext2/3/4 through dissect.extfs."""
+"""ext2/3/4 through dissect.extfs (its runlists bounded: engine/guest/ext_runs.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import stat
 import struct
 from collections.abc import Iterable, Iterator
 
-from dissect.extfs import ExtFS
 from dissect.extfs.c_ext import c_ext
 
-from engine.guest.guestfs import FileData, GuestEntry, GuestFS, block_runs, check_link, user_xattrs
+from engine.guest.ext_runs import BoundedExtFS
+from engine.guest.guestfs import FileData, GuestEntry, GuestFS, block_runs, check_link, check_link_size, user_xattrs
 from engine.guest.reader import DiskReader
 
 
@@ -77,7 +77,7 @@ class ExtVolume(GuestFS):
 
     def __init__(self, reader: DiskReader) -> None:
         self.reader = reader
-        self.fs = ExtFS(reader)
+        self.fs = BoundedExtFS(reader)
         sb = self.fs.sb
         self.label = bytes(sb.s_volume_name).split(b"\0")[0].decode("utf-8", "replace")
         features = sb.s_feature_incompat
@@ -149,7 +149,7 @@ class ExtVolume(GuestFS):
         return self._entry(_Inum(inum))
 
     def readlink(self, entry: GuestEntry) -> bytes:
-        check_link(b"\0" * entry.size, "ext symlink")  # before reading it
+        check_link_size(entry.size, "ext symlink")  # before reading it
         return check_link(os.fsencode(self._node(entry).link), "ext symlink")
 
     def xattrs(self, entry: GuestEntry) -> dict[bytes, bytes]:

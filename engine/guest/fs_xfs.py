@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dissect.xfs import XFS
 from dissect.xfs.c_xfs import c_xfs
 
-from engine.guest.guestfs import FileData, GuestEntry, GuestFS, block_runs, check_link, user_xattrs
+from engine.guest.guestfs import FileData, GuestEntry, GuestFS, block_runs, check_link, check_link_size, user_xattrs
 from engine.guest.reader import DiskReader
 from engine.guest.xfs_attrs import user_attrs
 
@@ -44,7 +44,7 @@ class XfsVolume(GuestFS):
             yield node.filename, self._entry(node)
 
     def readlink(self, entry: GuestEntry) -> bytes:
-        check_link(b"\0" * entry.size, "xfs symlink")
+        check_link_size(entry.size, "xfs symlink")
         return check_link(os.fsencode(entry.ref.link), "xfs symlink")
 
     def xattrs(self, entry: GuestEntry) -> dict[bytes, bytes]:

@@ -12,7 +12,9 @@ EIO for that one request, and everything else keeps serving.
 Listings are cached per directory, most recently used kept, up to
 ``CACHED_ENTRIES`` entries in all: a lookup needs its directory's listing
 (the parsers have no name index), and a walk of a tree asks for every
-name of a directory in turn.
+name of a directory in turn. A listing that failed is remembered too: a
+crafted directory may spend a whole request's work budget (seconds) before
+it is refused, and every lookup of a name in it would spend it again.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ log = logging.getLogger("backupfs.guest")
 
 GuestPath = tuple[bytes, ...]  # names from the volume's root
 CACHED_ENTRIES = 200_000  # ~120 MB at most; a directory larger than this is listed but not kept
+CACHED_REFUSALS = 1024  # directories remembered as unreadable (a crafted one may cost a whole request budget)
 T = TypeVar("T")
 
 
@@ -52,7 +55,8 @@ class Volume:
         self._root = self._call("/", fs.root)
         self._listings: OrderedDict[GuestPath, dict[bytes, GuestEntry]] = OrderedDict()
         self._cached = 0
-        self._cache_lock = threading.Lock()
+        self._refused: dict[GuestPath, str] = {}  # directories whose listing failed, and why
+        self._cache_lock = threading.Lock()  # the two caches: lookups run in several threads
 
     @property
     def kind(self) -> str:
@@ -62,6 +66,11 @@ class Volume:
         with self._lock, self._budget.spend(f"{self.name}: {what}"):
             try:
                 return fn(*args)
+            except GuestDamaged as e:
+                if str(e).startswith(f"{self.name}: "):
+                    raise
+                # raised inside an adapter (a bound of ext_runs, fs_btrfs, ...): say where
+                raise GuestDamaged(f"{self.name}: {what}: {e}") from None
             except BackupfsError:
                 raise
             except RecursionError:
@@ -88,20 +97,29 @@ class Volume:
 
     def listing(self, path: GuestPath) -> dict[bytes, GuestEntry]:
         """A directory's entries by name; NotADirectoryError for anything else."""
-        with self._cache_lock:  # requests of one volume run in several threads
+        with self._cache_lock:
             cached = self._listings.get(path)
             if cached is not None:
                 self._listings.move_to_end(path)
                 return cached
+            refused = self._refused.get(path)
+        if refused is not None:  # the same bytes give the same damage: not paid for twice
+            raise GuestDamaged(refused)
         parent = self.entry(path)
         if not parent.is_dir:
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), show_path(path))
-        listing = self._call(show_path(path), self._list, parent, path)
-        if len(listing) <= CACHED_ENTRIES:
+        try:
+            listing = self._call(show_path(path), self._list, parent, path)
+        except GuestDamaged as e:
             with self._cache_lock:
-                if path not in self._listings:
-                    self._listings[path] = listing
-                    self._cached += len(listing)
+                if len(self._refused) >= CACHED_REFUSALS:
+                    self._refused.pop(next(iter(self._refused)))
+                self._refused[path] = str(e)
+            raise
+        with self._cache_lock:
+            if len(listing) <= CACHED_ENTRIES and path not in self._listings:
+                self._listings[path] = listing
+                self._cached += len(listing)
                 while self._cached > CACHED_ENTRIES and len(self._listings) > 1:
                     _, dropped = self._listings.popitem(last=False)
                     self._cached -= len(dropped)
