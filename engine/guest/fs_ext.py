@@ -50,17 +50,22 @@ DIR_CHUNK = 1024 * 1024
 def dir_records(raw: bytes, filetype: bool) -> Iterator[tuple[int, bytes]]:
     """(inode, name) of each live record in one directory block, as the kernel walks it:
     record by rec_len, a record with inode 0 (free space, an htree node, the checksum
-    tail) skipped, a rec_len too small to hold its header ending the block."""
+    tail) skipped. A record whose rec_len cannot hold its header is damage: DirectoryEnd
+    (a hole in a directory reads as such: zeros)."""
     pos, end = 0, len(raw) - 8
     while pos <= end:
         inode, rec_len, name_len, _ = DIRENT.unpack_from(raw, pos)
         if rec_len < 8:
-            break
+            raise DirectoryEnd(pos)
         if not filetype:  # ext2_dir_entry: a 16-bit name length
             name_len |= raw[pos + 7] << 8
         if inode and 0 < name_len <= rec_len - 8:
             yield inode, raw[pos + 8 : pos + 8 + name_len]
         pos += rec_len
+
+
+class DirectoryEnd(Exception):
+    """A directory block that ends the listing (as dissect.extfs and the kernel stop there)."""
 
 
 class _Inum:
@@ -136,14 +141,17 @@ class ExtVolume(GuestFS):
         block = self.fs.block_size
         filetype = bool(self.fs.sb.s_feature_incompat & INCOMPAT_FILETYPE)
         last = self.fs.sb.s_inodes_count
-        for pos in range(0, entry.size, DIR_CHUNK):  # records never cross a block
-            stream.seek(pos)
-            chunk = stream.read(min(DIR_CHUNK, entry.size - pos))
-            for at in range(0, len(chunk), block):
-                for inum, name in dir_records(chunk[at : at + block], filetype):
-                    if name in (b".", b"..") or not 0 < inum <= last:
-                        continue
-                    yield name, self._entry_of(inum)
+        try:
+            for pos in range(0, entry.size, DIR_CHUNK):  # records never cross a block
+                stream.seek(pos)
+                chunk = stream.read(min(DIR_CHUNK, entry.size - pos))
+                for at in range(0, len(chunk), block):
+                    for inum, name in dir_records(chunk[at : at + block], filetype):
+                        if name in (b".", b"..") or not 0 < inum <= last:
+                            continue
+                        yield name, self._entry_of(inum)
+        except DirectoryEnd:
+            return
 
     def _entry_of(self, inum: int) -> GuestEntry:
         return self._entry(_Inum(inum))
