@@ -260,6 +260,19 @@ ADD_DELETE_RENAME = Case(add_delete_rename, lines(
 ))
 
 
+def moves(root: Path) -> None:
+    os.rename(root / "dev", root / "usr" / "dev")  # a directory with children, to another parent
+    os.replace(root / "etc" / "shadow", root / "etc" / "hostname")  # over an existing name
+    os.rename(root / "home" / "alice" / "notes.txt", root / "home" / "notes.txt")  # one of two hard links
+
+
+MOVES = Case(moves, lines(
+    "m ", "D dev", "D dev/null", "D dev/pipe", "m usr", "A usr/dev", "A usr/dev/null", "A usr/dev/pipe",
+    "m etc", "D etc/shadow", "M etc/hostname",
+    "m home", "A home/notes.txt", "m home/alice", "D home/alice/notes.txt",
+))
+
+
 def hard_links(root: Path) -> None:
     os.link(root / "usr" / "bin" / "big.bin", root / "usr" / "big-link.bin")
     os.unlink(root / "home" / "alice" / "notes-link.txt")
@@ -333,6 +346,7 @@ TYPE_CHANGE = Case(type_change, lines(
 EXT4_CASES = {
     "add_delete_rename": ADD_DELETE_RENAME,
     "hard_links": HARD_LINKS,
+    "moves": MOVES,
     "same_size_same_mtime": SAME_SIZE_SAME_MTIME,
     "metadata_only": METADATA_ONLY,
     "tree_added_removed": TREE_ADDED_REMOVED,
@@ -341,6 +355,7 @@ EXT4_CASES = {
 
 XFS_CASES = {
     "add_delete_rename": ADD_DELETE_RENAME,
+    "moves": MOVES,
     "same_size_same_mtime": SAME_SIZE_SAME_MTIME,
     "metadata_only": METADATA_ONLY,
     "type_change": TYPE_CHANGE,
@@ -378,3 +393,37 @@ def test_ext4_against_rsync(tmp_path: Path, name: str) -> None:
 @pytest.mark.parametrize("name", sorted(XFS_CASES))
 def test_xfs_fallback_against_rsync(tmp_path: Path, name: str) -> None:
     run_case(tmp_path, "xfs", XFS_CASES[name])
+
+
+def test_prune_merged_the_backups_in_between(tmp_path: Path) -> None:
+    """full, inc1, inc2, inc3; inc1 and inc2 removed (merged into inc3): full -> inc3 is still
+    every change of the three, as rsync between the two sees it."""
+    image = make_fs("ext4", tmp_path, default_tree())
+    Repository.init(str(tmp_path / "repo"))
+    repo = Repository.open(str(tmp_path / "repo"))
+    try:
+        repo.add_device("vm", str(image))
+        full = repo.backup("vm", "full").record
+        steps = (add_delete_rename, same_size_same_mtime, hard_links)
+        incs = []
+        for step in steps:
+            with guest(image, "ext4") as root:
+                step(root)
+            incs.append(repo.backup("vm", "incremental", scan=True).record)
+        before = as_lines(History(repo).diff(full, incs[-1]))
+        for rec in incs[:2]:
+            repo.prune("vm", remove=rec.id)
+        inc3 = repo.backup_record(incs[-1].id)
+        assert inc3 is not None and inc3.parent == full.id, "the prune did not merge inc1 and inc2 into inc3"
+        ours = as_lines(History(repo).changes(inc3))
+        expected = (ADD_DELETE_RENAME.expected | SAME_SIZE_SAME_MTIME.expected | HARD_LINKS.expected) - lines(
+            "M home/alice/notes-link.txt") | lines("D home/alice/notes-link.txt")  # changed, then deleted
+        assert ours == before == expected, (
+            f"missing {sorted(expected - ours)}, extra {sorted(ours - expected)}")
+        rsync = rsync_lines(export(repo, full, tmp_path / "full.raw"), export(repo, inc3, tmp_path / "inc3.raw"),
+                            "ext4")
+        check_against_rsync(ours, rsync, SAME_SIZE_SAME_MTIME.blind)
+        fast, slow = fast_and_fallback(repo, full, inc3)
+        assert fast == slow == ours
+    finally:
+        repo.close()
