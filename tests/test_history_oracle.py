@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -273,6 +274,23 @@ MOVES = Case(moves, lines(
 ))
 
 
+def retarget(root: Path) -> None:
+    bin_dir = root / "usr" / "bin"
+    os.unlink(bin_dir / "absolute-link")
+    os.symlink("/etc/hostnamX", bin_dir / "absolute-link")  # the same length
+    os.unlink(bin_dir / "relative-link")
+    os.symlink("suid-tool", bin_dir / "relative-link")
+    os.unlink(root / "dev" / "null")
+    os.mknod(root / "dev" / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 5))
+    os.setxattr(root / "home" / "alice", "user.more", b"x" * 600)  # too big for the inode: a block of its own
+
+
+RETARGET = Case(retarget, lines(
+    "m usr/bin", "M usr/bin/absolute-link", "M usr/bin/relative-link", "m dev", "M dev/null",
+    "m home/alice",
+), blind=lines("m home/alice"))
+
+
 def hard_links(root: Path) -> None:
     os.link(root / "usr" / "bin" / "big.bin", root / "usr" / "big-link.bin")
     os.unlink(root / "home" / "alice" / "notes-link.txt")
@@ -347,6 +365,7 @@ EXT4_CASES = {
     "add_delete_rename": ADD_DELETE_RENAME,
     "hard_links": HARD_LINKS,
     "moves": MOVES,
+    "retarget": RETARGET,
     "same_size_same_mtime": SAME_SIZE_SAME_MTIME,
     "metadata_only": METADATA_ONLY,
     "tree_added_removed": TREE_ADDED_REMOVED,
@@ -356,6 +375,7 @@ EXT4_CASES = {
 XFS_CASES = {
     "add_delete_rename": ADD_DELETE_RENAME,
     "moves": MOVES,
+    "retarget": RETARGET,
     "same_size_same_mtime": SAME_SIZE_SAME_MTIME,
     "metadata_only": METADATA_ONLY,
     "type_change": TYPE_CHANGE,
