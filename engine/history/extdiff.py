@@ -104,16 +104,60 @@ def changed_inodes(old: Volume, new: Volume, geo: Geometry, changed: Ranges) -> 
 
 @dataclass
 class PathIndex:
-    """Each used inode's names: inode -> [(directory inode, name)], and each directory's parent."""
+    """Names of inodes, from every directory's records (read whole, parsed on demand).
 
+    Naming a few changed inodes needs every directory's blocks read (ext has
+    no parent pointers), not parsed: ``find`` parses only the directories
+    whose records may hold a wanted inode number, lookups and the ancestors
+    of what was found parse theirs when asked. Parsing every record of a
+    100,000-file volume, both sides, cost more than reading them.
+    """
+
+    filetype: bool
+    raw: dict[int, bytes] = field(default_factory=dict)  # directory inode -> its records
+    aligned: set[int] = field(default_factory=set)  # directories read whole from their blocks
+    parsed: set[int] = field(default_factory=set)
     names: dict[int, list[tuple[int, bytes]]] = field(default_factory=dict)
     parent: dict[int, int] = field(default_factory=dict)
     children: dict[tuple[int, bytes], int] = field(default_factory=dict)  # (directory, name) -> inode
+
+    def parse(self, directory: int) -> None:
+        """Every record of one directory into the index (once)."""
+        if directory in self.parsed:
+            return
+        self.parsed.add(directory)
+        for inode, name in _entries(self.raw.get(directory, b""), self.filetype):
+            if name == b".":
+                continue
+            if name == b"..":
+                self.parent[directory] = inode
+                continue
+            if name_bytes(name) is None or (directory, name) in self.children:
+                continue  # as a listing does: a name that cannot be shown, a duplicate
+            self.names.setdefault(inode, []).append((directory, name))
+            self.children[(directory, name)] = inode
+
+    def find(self, wanted: set[int]) -> None:
+        """Parse every directory that may name a ``wanted`` inode: records start 4-byte
+        aligned in a directory's blocks, so an inode number in one is an aligned word
+        equal to it (a name's bytes may match too: that directory is parsed for nothing).
+        Directories read through the parser (inline data, block maps) are parsed all."""
+        for directory in self.raw.keys() - self.aligned:
+            self.parse(directory)
+        order = [d for d in self.raw if d in self.aligned]
+        if not order or not wanted:
+            return
+        words = np.frombuffer(b"".join(self.raw[d] for d in order), dtype="<u4")
+        ends = np.cumsum([len(self.raw[d]) // 4 for d in order])
+        hits = np.nonzero(np.isin(words, np.fromiter(wanted, dtype=np.uint32, count=len(wanted))))[0]
+        for k in np.unique(np.searchsorted(ends, hits, side="right")).tolist():
+            self.parse(order[k])
 
     def lookup(self, path: GuestPath) -> int | None:
         """The inode at ``path``, or None (no lookup through the parser: see ``entry``)."""
         inode: int | None = ROOT_INODE
         for name in path:
+            self.parse(inode)  # type: ignore[arg-type]
             inode = self.children.get((inode, name))  # type: ignore[arg-type]
             if inode is None:
                 return None
@@ -133,7 +177,8 @@ class PathIndex:
         return volume.run(show_path(path), lambda: ext._entry(ext.fs.get_inode(inode)))  # type: ignore[attr-defined]
 
     def paths(self, inode: int) -> Iterator[GuestPath]:
-        for dir_inode, name in self.names.get(inode, []):
+        """The paths of an inode among the directories parsed (``find`` it first)."""
+        for dir_inode, name in list(self.names.get(inode, [])):
             up = self.path_of_dir(dir_inode)
             if up is not None:
                 yield up + (name,)
@@ -142,12 +187,16 @@ class PathIndex:
         parts: list[bytes] = []
         seen = 0
         while inode != ROOT_INODE:
-            found = self.names.get(inode)
-            if not found or seen > MAX_DEPTH:
+            self.parse(inode)  # its ".." record
+            up = self.parent.get(inode)
+            if up is None or seen > MAX_DEPTH:
                 return None
-            dir_inode, name = found[0]
-            parts.append(name)
-            inode = dir_inode
+            self.parse(up)
+            found = [name for d, name in self.names.get(inode, []) if d == up]
+            if not found:
+                return None
+            parts.append(found[0])
+            inode = up
             seen += 1
         return tuple(reversed(parts))
 
@@ -157,11 +206,14 @@ def _directory_inodes(volume: Volume, geo: Geometry) -> list[tuple[int, bytes]]:
     table (one read a group)."""
     fs = volume.fs.fs  # type: ignore[attr-defined]
     out: list[tuple[int, bytes]] = []
+    tables = []
     for group in range(geo.groups):
         used = volume.run("group descriptors", _used_in_group, fs, geo, group)
-        if not used:
-            continue
-        at = volume.run("group descriptors", _table_block, fs, group) * geo.block_size
+        if used:
+            at = volume.run("group descriptors", _table_block, fs, group) * geo.block_size
+            tables.append((group, at, used))
+    _advise(volume.fs.reader, [(at, used * geo.inode_size) for _, at, used in tables])  # type: ignore[attr-defined]
+    for group, at, used in tables:
         raw = volume.fs.reader.pread(at, used * geo.inode_size)  # type: ignore[attr-defined]
         count = len(raw) // geo.inode_size
         table = np.frombuffer(raw[: count * geo.inode_size], dtype=np.uint8).reshape(count, geo.inode_size)
@@ -209,38 +261,44 @@ def _entries(raw: bytes, filetype: bool) -> Iterator[tuple[int, bytes]]:
         pos += rec_len
 
 
+def _advise(reader, runs: list[tuple[int, int]]) -> None:  # type: ignore[no-untyped-def]
+    """Ask the kernel for every directory block at once (POSIX_FADV_WILLNEED through the
+    backup's view): a thousand scattered reads, cold, are queued together, not one by one."""
+    source = getattr(reader, "_source", None)
+    advise = getattr(source, "advise", None)
+    if advise is None:
+        return
+    g = getattr(source, "granularity", 1)  # a checked view reads (and checks) whole granules
+    for at, n in runs:
+        start = (reader.base + at) // g * g
+        advise(start, -(-(reader.base + at + n) // g) * g - start)
+
+
 def build_index(volume: Volume, geo: Geometry, wanted: set[int] | None = None) -> PathIndex:
-    """The path index of a volume, read straight from every directory's blocks: the names of
-    every directory, of the ``wanted`` inodes (all when None), and every name in the wanted
-    directories (a directory whose entries changed is itself changed: mtime, ctime). The
-    rest is not kept: a hundred thousand names a side cost more to keep than to read."""
+    """The path index of a volume: every directory's records read straight from its blocks;
+    those that may name a ``wanted`` inode parsed now (all of them when None), the rest
+    when a lookup needs them."""
     fs = volume.fs.fs  # type: ignore[attr-defined]
-    filetype = bool(fs.sb.s_feature_incompat & INCOMPAT_FILETYPE)
-    index = PathIndex()
+    index = PathIndex(filetype=bool(fs.sb.s_feature_incompat & INCOMPAT_FILETYPE))
     reader = volume.fs.reader  # type: ignore[attr-defined]
-    directories = _directory_inodes(volume, geo)
-    keep = None if wanted is None else wanted | {n for n, _ in directories}
     # Straight from the disk, in disk order (cold, the reads are most of the cost): the
     # parser's inode and stream objects cost more than the reads, a thousand directories a side.
-    placed = [(n, _direct_extents(raw, geo.block_size)) for n, raw in directories]
+    placed = [(n, _direct_extents(raw, geo.block_size)) for n, raw in _directory_inodes(volume, geo)]
     placed.sort(key=lambda item: item[1][0][0] if item[1] else 0)
+    _advise(reader, [run for _, runs in placed if runs for run in runs])
     for dir_inode, runs in placed:
-        everything = wanted is None or dir_inode in wanted
         if runs is not None and sum(n for _, n in runs) <= MAX_DIRECTORY:
-            raw = b"".join(reader.pread(at, n) for at, n in runs)
+            index.raw[dir_inode] = b"".join(reader.pread(at, n) for at, n in runs)
+            index.aligned.add(dir_inode)
         else:
             node = volume.run("a directory", fs.get_inode, dir_inode)
-            raw = volume.run("a directory", lambda n=node: n.open().read(min(n.size, MAX_DIRECTORY)))
-        for inode, name in _entries(raw, filetype):
-            if not everything and inode not in keep:  # type: ignore[operator]
-                continue
-            if name == b"..":
-                index.parent[dir_inode] = inode
-                continue
-            if name_bytes(name) is None or (dir_inode, name) in index.children:
-                continue  # as a listing does: a name that cannot be shown, a duplicate
-            index.names.setdefault(inode, []).append((dir_inode, name))
-            index.children[(dir_inode, name)] = inode
+            index.raw[dir_inode] = volume.run("a directory",
+                                              lambda n=node: n.open().read(min(n.size, MAX_DIRECTORY)))
+    if wanted is None:
+        for dir_inode in index.raw:
+            index.parse(dir_inode)
+    else:
+        index.find(wanted)
     return index
 
 
