@@ -61,7 +61,7 @@ import pytest
 
 from engine.catalog import BackupRecord
 from engine.history.blocks import clip
-from engine.history.changes import diff_disks, render, shown_path
+from engine.history.changes import diff_disks, shown_path
 from engine.history.compare import Change
 from engine.history.extdiff import Geometry, build_index, ext_changes
 from engine.history.history import History
