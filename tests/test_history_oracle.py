@@ -63,7 +63,7 @@ from engine.catalog import BackupRecord
 from engine.history.blocks import clip
 from engine.history.changes import diff_disks, shown_path
 from engine.history.compare import Change
-from engine.history.extdiff import Geometry, build_index, ext_changes
+from engine.history.extdiff import Geometry, build_index, entry_at, ext_changes
 from engine.history.history import History
 from engine.repo import Repository
 from tests.commands import cli
@@ -490,6 +490,18 @@ def test_ext4_large_and_fragmented_directories(tmp_path: Path) -> None:
             big = index.lookup((b"big",))
             assert big in index.aligned and len(index.raw[big]) > 16 * 1024, "no many-block directory read directly"
             assert index.raw.keys() - index.aligned, "no directory needed the parser: the test lost its point"
+            # entry_at, the lookup without listing (for versions): the entry Volume.entry gives,
+            # through directories read directly and through the parser alike.
+            for path in [(b"big", b"file-00007"), (b"big",), (b"left", f"0007-{'n' * 200}".encode()),
+                         (b"right", b"added"), (b"usr", b"bin", b"big.bin"), (b"usr", b"bin", b"relative-link"),
+                         (b"home", b"alice", b"new\nline"), (b"dev", b"null"), ()]:
+                assert entry_at(volume, path) == volume.entry(path), path
+            with pytest.raises(FileNotFoundError):
+                entry_at(volume, (b"big", b"file-01000"))
+            with pytest.raises(FileNotFoundError):
+                entry_at(volume, (b"left", b"nothing"))
+            with pytest.raises(NotADirectoryError):
+                entry_at(volume, (b"etc", b"hostname", b"x"))
         rsync = rsync_lines(export(repo, full, tmp_path / "full.raw"), export(repo, inc, tmp_path / "inc.raw"), "ext4")
         check_against_rsync(ours, rsync, set())
     finally:

@@ -20,6 +20,8 @@ resized filesystem) returns None: the whole-tree comparison decides.
 
 from __future__ import annotations
 
+import errno
+import os
 import stat
 import struct
 from collections.abc import Iterator
@@ -300,6 +302,42 @@ def build_index(volume: Volume, geo: Geometry, wanted: set[int] | None = None) -
     else:
         index.find(wanted)
     return index
+
+
+def entry_at(volume: Volume, path: GuestPath) -> GuestEntry:
+    """The entry at ``path`` of an ext volume, as ``Volume.entry`` gives it, but reading only
+    each directory's records on the way and parsing only the inode at the end.
+
+    ``Volume.entry`` lists the parent directory, parsing every inode in it (the
+    parser has no lookup by name): one version of one file in a volume of a
+    thousand directories parsed 1,100 inodes a backup. What ``versions`` asks
+    of each backup. A directory whose blocks the inode does not hold directly
+    (inline data, block maps, deep extent trees) goes through ``Volume.entry``.
+    FileNotFoundError, NotADirectoryError as ``Volume.entry``.
+    """
+    if not path:
+        return volume.entry(())
+    ext = volume.fs
+    fs = ext.fs  # type: ignore[attr-defined]
+    reader = ext.reader  # type: ignore[attr-defined]
+    geo = Geometry.of(fs)
+    filetype = bool(fs.sb.s_feature_incompat & INCOMPAT_FILETYPE)
+    inode = ROOT_INODE
+    for depth, name in enumerate(path):
+        group, k = divmod(inode - 1, geo.inodes_per_group)
+        at = volume.run("group descriptors", _table_block, fs, group) * geo.block_size + k * geo.inode_size
+        raw_inode = reader.pread(at, geo.inode_size)
+        if stat.S_IFMT(int.from_bytes(raw_inode[0:2], "little")) != stat.S_IFDIR:
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), show_path(path[:depth]))
+        runs = _direct_extents(raw_inode, geo.block_size)
+        if runs is None or sum(n for _, n in runs) > MAX_DIRECTORY:
+            return volume.entry(path)
+        records = b"".join(reader.pread(a, n) for a, n in runs)
+        found = next((i for i, n in _entries(records, filetype) if n == name), None)
+        if found is None or name_bytes(name) is None:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), show_path(path))
+        inode = found
+    return volume.run(show_path(path), lambda: ext._entry(fs.get_inode(inode)))  # type: ignore[attr-defined]
 
 
 def ext_changes(name: str, old: Volume, new: Volume, changed: Ranges) -> list[Change] | None:
