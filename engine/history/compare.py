@@ -17,13 +17,16 @@ the old time restored are still found.
 from __future__ import annotations
 
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from engine.guest.guestfs import FileData, GuestEntry
-from engine.guest.volume import GuestPath, Volume
+from engine.guest.volume import GuestPath, Volume, show_path
 from engine.history.blocks import Ranges, overlaps
 
 PIECE = 1024 * 1024
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, order=True)
@@ -42,21 +45,27 @@ def metadata_differs(old: Volume, new: Volume, path: GuestPath, a: GuestEntry, b
         return True
     if a.is_link:
         return False  # a symlink's own xattrs are not shown
-    return old.xattrs(path) != new.xattrs(path)
+    return _at(old, path, old.fs.xattrs, a) != _at(new, path, new.fs.xattrs, b)
+
+
+def _at(volume: Volume, path: GuestPath, fn: Callable[[GuestEntry], T], entry: GuestEntry) -> T:
+    """``fn`` of the entry already in hand (no second lookup of ``path``: on ext, a lookup
+    lists the whole parent directory), under the volume's lock and budget."""
+    return volume.run(show_path(path), fn, entry)
 
 
 def content_differs(old: Volume, new: Volume, path: GuestPath, a: GuestEntry, b: GuestEntry,
                     changed: Ranges) -> bool:
     """Do the bytes differ? (Both are the same type.)"""
     if a.is_link:
-        return old.readlink(path) != new.readlink(path)
+        return _at(old, path, old.fs.readlink, a) != _at(new, path, new.fs.readlink, b)
     if not a.is_file:
         return a.rdev != b.rdev
     if a.size != b.size:
         return True
     if a.size == 0:
         return False
-    da, db = old.data(path), new.data(path)
+    da, db = _at(old, path, old.fs.data, a), _at(new, path, new.fs.data, b)
     spans = _spans_to_compare(da, db, a, b, changed)
     for start, end in spans:
         pos = start
