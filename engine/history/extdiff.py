@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.guest.guestfs import GuestEntry, name_bytes
+from engine.guest.fs_ext import DirectoryEnd, dir_records
 from engine.guest.reader import GuestDamaged
 from engine.guest.volume import GuestPath, Volume, show_path
 from engine.history.blocks import Ranges
@@ -39,7 +40,6 @@ from engine.history.treediff import subtree, with_parent_dirs
 ROOT_INODE = 2
 MAX_DEPTH = 4096
 INCOMPAT_FILETYPE = 0x2
-DIRENT = struct.Struct("<IHBB")
 EXTENT_HEADER = struct.Struct("<HHHH")  # magic, entries, max, depth
 EXTENT = struct.Struct("<IHHI")  # first logical block, length, start (high 16, low 32)
 EXTENT_MAGIC = 0xF30A
@@ -250,17 +250,12 @@ def _direct_extents(raw_inode: bytes, block_size: int) -> list[tuple[int, int]] 
 
 
 def _entries(raw: bytes, filetype: bool) -> Iterator[tuple[int, bytes]]:
-    """(inode, name) of each live record in a directory's blocks."""
-    pos, end = 0, len(raw) - 8
-    while pos <= end:
-        inode, rec_len, name_len, _ = DIRENT.unpack_from(raw, pos)
-        if rec_len < 8:
-            break
-        if not filetype:
-            name_len |= raw[pos + 7] << 8
-        if inode and 0 < name_len <= rec_len - 8:
-            yield inode, raw[pos + 8 : pos + 8 + name_len]
-        pos += rec_len
+    """(inode, name) of each live record in a directory's blocks (one after another:
+    a record never crosses a block), up to the first damaged one."""
+    try:
+        yield from dir_records(raw, filetype)
+    except DirectoryEnd:
+        return
 
 
 def _advise(reader, runs: list[tuple[int, int]]) -> None:  # type: ignore[no-untyped-def]
