@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
 
 import pyfuse3
@@ -131,11 +132,21 @@ async def _main(repo: Repository, ready: Callable[[str | None], None], ops: Back
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_on_signals, repo)
         nursery.start_soon(_drop_idle_files, ops)
+        nursery.start_soon(_load_parsers)
         ready(None)
         log.info("serving %s", repo.path)
         # Returns when the kernel unmounts us or terminate() is called.
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def _load_parsers() -> None:
+    """The guest parsers, imported once the mount serves (engine/guest/disk.py load_parsers)."""
+    from engine.guest.disk import load_parsers
+
+    started = time.monotonic()
+    await trio.to_thread.run_sync(load_parsers)
+    log.info("guest filesystem parsers loaded in %.2f s", time.monotonic() - started)
 
 
 async def _drop_idle_files(ops: BackupOperations) -> None:
