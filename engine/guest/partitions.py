@@ -106,12 +106,12 @@ def _mbr(peek: Peek, entries: list[tuple[int, int, int]], disk_size: int) -> lis
         extended = kind in EXTENDED_TYPES
         out.append(Partition(slot + 1, offset, size, f"0x{kind:02x}", extended=extended,
                              problem=_checked(slot + 1, offset, size, disk_size)))
-        if extended:
-            out.extend(_logicals(peek, start, disk_size))
+        if extended:  # numbered on from the last logical one (two extended chains: 5, 6, then 7...)
+            out.extend(_logicals(peek, start, disk_size, 5 + sum(1 for p in out if p.number >= 5)))
     return out
 
 
-def _logicals(peek: Peek, extended_start: int, disk_size: int) -> list[Partition]:
+def _logicals(peek: Peek, extended_start: int, disk_size: int, first: int = 5) -> list[Partition]:
     """The logical partitions of an extended one: a chain of EBRs, each
     holding one partition (relative to itself) and the next EBR (relative
     to the extended partition's start). A chain that loops stops."""
@@ -125,7 +125,7 @@ def _logicals(peek: Peek, extended_start: int, disk_size: int) -> list[Partition
             break
         (kind, start, count), (next_kind, next_start, _) = _mbr_entries(sector)[:2]
         if kind:
-            number = 5 + len(out)
+            number = first + len(out)
             offset, size = (ebr + start) * 512, count * 512
             out.append(Partition(number, offset, size, f"0x{kind:02x}",
                                  problem=_checked(number, offset, size, disk_size)))
