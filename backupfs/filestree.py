@@ -41,8 +41,11 @@ GUEST_KINDS = (FILES_BACKUP, VOLUMES, GUEST)
 class FilesView:
     """Registers the files kinds into ``tree`` and answers for them."""
 
-    def __init__(self, tree: Tree, disks: FilesCache) -> None:
+    def __init__(self, tree: Tree, disks: FilesCache, owner_only: bool = False) -> None:
+        """``owner_only``: ``files_owner_only`` (fs.py): a backup's directory is the
+        mount owner's alone, by its mode too (the kernel checks it on cached paths)."""
         self.tree = tree
+        self.owner_only = owner_only
         self.repo = tree.repo
         self.inodes = tree.inodes
         self.disks = disks
@@ -150,7 +153,10 @@ class FilesView:
 
     def _describe_backup_dir(self, node: Node, a: Attributes) -> None:
         rec = self._record(node)
-        a.mode = stat.S_IFDIR | 0o555
+        # With files_owner_only the kernel must refuse others too: it keeps
+        # guest names and attributes for an hour, and a path walk through
+        # what the owner already walked never reaches fs.py's checks.
+        a.mode = stat.S_IFDIR | (0o500 if self.owner_only else 0o555)
         a.nlink = 2
         a.mtime_ns = rec.created_ns
         a.entry_timeout = a.attr_timeout = BACKUP_TIMEOUT

@@ -131,7 +131,7 @@ class BackupOperations(pyfuse3.Operations):
         self.tree = Tree(repo, self.jobs.status, time.time_ns())
         self.inodes = self.tree.inodes
         self.views = ViewCache(repo, idle_view_bytes)
-        self.files = FilesView(self.tree, FilesCache(self.views))
+        self.files = FilesView(self.tree, FilesCache(self.views), owner_only=files_owner_only)
         self.files_owner_only = files_owner_only
         self.uid = os.getuid()
         self.gid = os.getgid()
