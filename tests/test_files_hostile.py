@@ -9,10 +9,13 @@ a prune, and two guest nodes given one inode number by racing workers.
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from pathlib import Path
 
 import pytest
 
+from backupfs.tree import InodeTable, Node
 from tests.commands import cli
 from tests.guestdisks import Disk, whole_disk
 from tests.mounts import Mounted
@@ -53,3 +56,56 @@ def test_files_owner_only_keeps_others_out_of_what_the_owner_already_walked(
         m.stop()
     finally:
         m.cleanup()
+
+
+@pytest.mark.mount
+def test_a_listing_closed_early_does_not_drop_what_another_listing_hands_out(tmp_path: Path) -> None:
+    """Two listings of one guest directory: the first is closed before it is
+    read, the second is read. Every name the kernel got from the second must
+    still open (the daemon must not have dropped it with the first)."""
+    repo = _repo_with(tmp_path, whole_disk(tmp_path))
+    (tmp_path / "mnt").mkdir()
+    m = Mounted(repo, tmp_path / "mnt")
+    m.start()
+    try:
+        etc = m.mnt / "vm" / "files" / "latest" / "disk" / "etc"
+        first = os.open(etc, os.O_RDONLY | os.O_DIRECTORY)
+        second = os.open(etc, os.O_RDONLY | os.O_DIRECTORY)
+        os.close(first)  # its releasedir: nothing of it was read
+        names = sorted(os.listdir(second))  # readdirplus: the kernel now holds these
+        os.close(second)
+        assert names == ["hostname", "shadow"]
+        assert (etc / "hostname").read_text() == "guest\n"
+        assert os.listxattr(etc / "shadow") == []  # asks the daemon: the node must be known
+        m.stop()
+    finally:
+        m.cleanup()
+
+
+def test_workers_making_guest_nodes_at_once_get_distinct_inode_numbers() -> None:
+    """Guest nodes are made in worker threads (lookups, listings run off the
+    event loop): two of them must never share an inode number, or one file's
+    requests are served from another's."""
+    table = InodeTable()
+    per_thread, threads = 20_000, 4
+    made: list[list[Node]] = [[] for _ in range(threads)]
+    start = threading.Barrier(threads)
+
+    def make(i: int) -> None:
+        start.wait()
+        for n in range(per_thread):
+            made[i].append(table.get_forgettable(("guest", i, n), lambda inode: Node(inode, "guest")))
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    try:
+        workers = [threading.Thread(target=make, args=(i,)) for i in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        sys.setswitchinterval(old)
+    inodes = [node.inode for nodes in made for node in nodes]
+    assert len(set(inodes)) == per_thread * threads
+    assert all(table.find(node.inode) is node for nodes in made for node in nodes)
