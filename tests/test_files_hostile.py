@@ -15,9 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from backupfs.filescache import FilesCache
 from backupfs.tree import InodeTable, Node
+from backupfs.views import ViewCache
+from engine.repo import Repository
 from tests.commands import cli
 from tests.guestdisks import Disk, whole_disk
+from tests.guestfs import make_fs
+from tests.guesttree import default_tree
 from tests.mounts import Mounted
 from tests.users import OtherUser
 
@@ -109,3 +114,23 @@ def test_workers_making_guest_nodes_at_once_get_distinct_inode_numbers() -> None
     inodes = [node.inode for nodes in made for node in nodes]
     assert len(set(inodes)) == per_thread * threads
     assert all(table.find(node.inode) is node for nodes in made for node in nodes)
+
+
+def test_an_open_files_disk_from_before_a_prune_is_closed_when_the_file_is(
+        repo: Repository, tmp_path: Path) -> None:
+    """A guest file is open while a prune drops every disk (the open one is
+    only marked); the backup is then used again (a new disk) before the file
+    is closed. The file's close must close its own disk and let go of the
+    backup's view, or every prune leaks a disk and its descriptors."""
+    image = make_fs("ext4", tmp_path, default_tree())
+    repo.add_device("vm", str(image))
+    rec = repo.backup("vm", "full").record
+    views = ViewCache(repo)
+    disks = FilesCache(views)
+    held_by_open_file = disks.acquire(rec)
+    disks.drop_all()  # a prune: the disk in use is closed when its last use ends
+    with disks.using(rec) as fresh:  # a lookup after the prune
+        assert fresh is not held_by_open_file
+    disks.release(rec.id, held_by_open_file)  # the file is closed
+    disks.drop_all()  # ...and unmount, as close_views does
+    assert views.in_use() == []
