@@ -16,6 +16,12 @@ Layout: the path below the volume is kept, as tar keeps member names:
 the volume's root entries in DIR. Directories this run creates get the
 guest's mode, owner (as root) and times once their contents are written;
 directories that were already there are left as they were.
+
+What the guest picks must not become a way to root on the host, where
+this runs as root: a file's setuid and setgid bits are not kept (a
+guest's setuid-root program in DIR would be root for every user who can
+reach DIR), and device nodes are not made (their numbers are the guest's:
+a 0666 node of the host's disk or /dev/mem). Each is noted. FIFOs are.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLO
 # A directory being filled: its fd, whether this run made it, its path, its entry, what is left of it.
 Frame = tuple[int, bool, GuestPath, GuestEntry, Iterator[tuple[bytes, GuestEntry]]]
 NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV})
+SET_ID_BITS = stat.S_ISUID | stat.S_ISGID
 
 
 class RestoreRefused(BackupfsError):
@@ -261,12 +268,11 @@ class Restorer:
             target = volume.readlink(path)
             self._place(dir_fd, path, lambda tmp: self._make_symlink(dir_fd, tmp, target, entry))
             self.counts.links += 1
-        elif stat.S_ISFIFO(entry.mode) or ((stat.S_ISCHR(entry.mode) or stat.S_ISBLK(entry.mode))
-                                           and self.as_root):
-            self._place(dir_fd, path, lambda tmp: self._make_node(dir_fd, tmp, entry))
+        elif stat.S_ISFIFO(entry.mode):
+            self._place(dir_fd, path, lambda tmp: self._make_fifo(dir_fd, tmp, entry))
             self.counts.others += 1
         else:
-            what = "a socket" if stat.S_ISSOCK(entry.mode) else "a device node (only root makes those)"
+            what = "a socket" if stat.S_ISSOCK(entry.mode) else "a device node (its numbers are the guest's)"
             self.note(f"{self.where(path)}: {what}; skipped")
             return
         if key is not None:
@@ -334,19 +340,27 @@ class Restorer:
             self._set_xattrs(fd, volume, path)
             if self.as_root:
                 os.fchown(fd, entry.uid, entry.gid)
-            os.fchmod(fd, stat.S_IMODE(entry.mode))
+            os.fchmod(fd, self._file_mode(path, entry))
             os.utime(fd, ns=(entry.atime_ns, entry.mtime_ns))
         finally:
             os.close(fd)
+
+    def _file_mode(self, path: GuestPath, entry: GuestEntry) -> int:
+        """The guest's permission bits, without setuid and setgid (noted)."""
+        mode = stat.S_IMODE(entry.mode)
+        if mode & SET_ID_BITS:
+            self.note(f"{self.where(path)}: the guest's setuid/setgid bits not kept (mode "
+                      f"{mode & ~SET_ID_BITS:o}, not {mode:o})")
+        return mode & ~SET_ID_BITS
 
     def _make_symlink(self, dir_fd: int, tmp: bytes, target: bytes, entry: GuestEntry) -> None:
         os.symlink(target, tmp, dir_fd=dir_fd)
         self._owner_and_times(dir_fd, tmp, entry)
 
-    def _make_node(self, dir_fd: int, tmp: bytes, entry: GuestEntry) -> None:
-        os.mknod(tmp, stat.S_IFMT(entry.mode) | 0o600, entry.rdev, dir_fd=dir_fd)
+    def _make_fifo(self, dir_fd: int, tmp: bytes, entry: GuestEntry) -> None:
+        os.mkfifo(tmp, 0o600, dir_fd=dir_fd)
         self._owner_and_times(dir_fd, tmp, entry)
-        os.chmod(tmp, stat.S_IMODE(entry.mode), dir_fd=dir_fd)  # a node we just made, not a link
+        os.chmod(tmp, stat.S_IMODE(entry.mode) & ~SET_ID_BITS, dir_fd=dir_fd)  # a FIFO we just made, not a link
 
     def _owner_and_times(self, dir_fd: int, name: bytes, entry: GuestEntry) -> None:
         if self.as_root:

@@ -9,6 +9,7 @@ a prune, and two guest nodes given one inode number by racing workers.
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import threading
 from pathlib import Path
@@ -134,3 +135,22 @@ def test_an_open_files_disk_from_before_a_prune_is_closed_when_the_file_is(
     disks.release(rec.id, held_by_open_file)  # the file is closed
     disks.drop_all()  # ...and unmount, as close_views does
     assert views.in_use() == []
+
+
+def test_restore_as_root_makes_no_setuid_program_and_no_device_of_the_guests(tmp_path: Path) -> None:
+    """The guest picks its files' modes and owners and its device numbers:
+    restored by root as they are, a guest's setuid-root file (or a 0666 node
+    of the host's /dev/mem or disk) in DIR is root for every local user who
+    can reach DIR. README sends untrusted guests to this very command."""
+    assert os.geteuid() == 0, "the hazard is root's: run as root"
+    repo = _repo_with(tmp_path, whole_disk(tmp_path))
+    out = tmp_path / "out"
+    out.mkdir()
+    said = cli("restore", repo, "vm", "latest", out, "--include", "disk/usr/bin", "--include", "disk/dev")
+    tool = (out / "usr" / "bin" / "suid-tool").stat()
+    assert stat.S_IMODE(tool.st_mode) == 0o755 and tool.st_uid == 0, oct(tool.st_mode)
+    assert not os.path.lexists(out / "dev" / "null")
+    assert stat.S_ISFIFO((out / "dev" / "pipe").lstat().st_mode)  # a FIFO is harmless: kept
+    notes = said.stderr.decode()
+    assert "suid-tool" in notes and "setuid" in notes, notes
+    assert "dev/null" in notes, notes
