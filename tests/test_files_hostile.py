@@ -8,6 +8,7 @@ a prune, and two guest nodes given one inode number by racing workers.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import sys
@@ -23,7 +24,7 @@ from engine.repo import Repository
 from tests.commands import cli
 from tests.guestdisks import Disk, whole_disk
 from tests.guestfs import make_fs
-from tests.guesttree import default_tree
+from tests.guesttree import File, HardLink, TreeSpec, default_tree
 from tests.mounts import Mounted
 from tests.users import OtherUser
 
@@ -154,3 +155,90 @@ def test_restore_as_root_makes_no_setuid_program_and_no_device_of_the_guests(tmp
     notes = said.stderr.decode()
     assert "suid-tool" in notes and "setuid" in notes, notes
     assert "dev/null" in notes, notes
+
+
+def _expected_files(spec: TreeSpec) -> dict[str, bytes]:
+    """Every regular file's bytes by path, hard links included."""
+    files = {e.path: e.content() for e in spec.entries if isinstance(e, File)}
+    files.update({e.path: files[e.to] for e in spec.entries if isinstance(e, HardLink)})
+    return files
+
+
+def _read_all_files(volume: Path, expected: dict[str, bytes]) -> None:
+    """Walk the volume and read every regular file through the daemon (its
+    cached pages dropped after), checking the bytes."""
+    seen = set()
+
+    def fail(error: OSError) -> None:
+        raise error
+
+    for top, _, names in os.walk(volume, onerror=fail):
+        for name in names:
+            path = Path(top) / name
+            rel = str(path.relative_to(volume))
+            if rel not in expected:
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                data = b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # the next read asks the daemon
+            finally:
+                os.close(fd)
+            assert hashlib.sha256(data).hexdigest() == hashlib.sha256(expected[rel]).hexdigest(), rel
+            seen.add(rel)
+    assert seen == set(expected)
+
+
+@pytest.mark.mount
+@pytest.mark.long
+def test_parallel_readers_of_more_backups_than_are_kept_while_one_is_pruned(tmp_path: Path) -> None:
+    """Eight readers walk and read every file of seven backups (more than the
+    four disks kept open) at once while a prune removes one of them: every
+    byte read is right; a reader of the pruned backup may find it gone
+    (ENOENT), never EIO, EBADF or another file's bytes."""
+    disk = whole_disk(tmp_path)
+    spec = disk.volumes[0].tree
+    assert spec is not None
+    expected = _expected_files(spec)
+    repo = _repo_with(tmp_path, disk)
+    for _ in range(6):
+        cli("backup", repo, "vm", "incremental")
+    (tmp_path / "mnt").mkdir()
+    m = Mounted(repo, tmp_path / "mnt")
+    m.start()
+    try:
+        files = m.mnt / "vm" / "files"
+        ids = sorted(n for n in os.listdir(files) if n != "latest")
+        assert len(ids) == 7
+        pruned = ids[3]  # an incremental in the middle: the later ones are rewritten
+        failures: list[str] = []
+        started = threading.Barrier(9)
+
+        def reader(worker: int) -> None:
+            started.wait()
+            for round_ in range(3):
+                for ident in ids[worker % 7:] + ids[:worker % 7]:
+                    try:
+                        _read_all_files(files / ident / "disk", expected)
+                    except FileNotFoundError as e:
+                        if ident != pruned:
+                            failures.append(f"{ident}: {e}")
+                    except (OSError, AssertionError) as e:
+                        failures.append(f"{ident} round {round_}: {type(e).__name__}: {e}")
+
+        workers = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
+        for w in workers:
+            w.start()
+        started.wait()
+        with open(m.mnt / "vm" / "snapshot", "w") as trigger:
+            trigger.write(f"prune remove={pruned}\n")
+        for w in workers:
+            w.join()
+        assert not failures, "\n".join(failures[:20])
+        assert pruned not in os.listdir(files)
+        for ident in ids:
+            if ident != pruned:
+                _read_all_files(files / ident / "disk", expected)
+        m.stop()
+    finally:
+        m.cleanup()
