@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from engine.errors import BackupfsError
 from engine.guest.guestfs import GuestEntry
 from engine.guest.reader import GuestDamaged
-from engine.guest.volume import GuestPath, Volume
+from engine.guest.volume import GuestPath, Volume, show_path
 from engine.text import escape
 
 from backupfs.guestdump import PIECE
@@ -265,7 +265,7 @@ class Restorer:
             self._place(dir_fd, path, lambda tmp: self._write_file(dir_fd, tmp, volume, path, entry))
             self.counts.files += 1
         elif entry.is_link:
-            target = volume.readlink(path)
+            target = self._link_target(volume, path)
             self._place(dir_fd, path, lambda tmp: self._make_symlink(dir_fd, tmp, target, entry))
             self.counts.links += 1
         elif stat.S_ISFIFO(entry.mode):
@@ -277,6 +277,16 @@ class Restorer:
             return
         if key is not None:
             self._first_names[key] = path
+
+    @staticmethod
+    def _link_target(volume: Volume, path: GuestPath) -> bytes:
+        """A symlink's target, if a host symlink can hold it: a crafted one that
+        is empty or holds NUL is as unreadable as a damaged one (skipped, noted)."""
+        target = volume.readlink(path)
+        if not target or b"\0" in target:
+            raise GuestDamaged(f"{volume.name}: {show_path(path)}: a symlink target no host symlink can hold "
+                               f"('{escape(target.decode('utf-8', 'surrogateescape'))}')")
+        return target
 
     def _check_free(self, dir_fd: int, path: GuestPath) -> None:
         """Refuse a name that exists, unless ``force`` and it is a file or a link."""

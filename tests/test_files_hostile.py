@@ -12,6 +12,7 @@ import hashlib
 import os
 import stat
 import struct
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -284,3 +285,27 @@ def test_two_extended_partitions_give_distinct_volume_names() -> None:
     _put_boot_record(disk, 20480 * 512, [_mbr_slot(linux, 63, 1000)])
     names = [info.name for info in GuestDisk(_Bytes(disk)).infos()]
     assert sorted(names) == ["p1", "p2", "p3", "p5", "p6"], names
+
+
+def test_restore_skips_a_symlink_whose_target_holds_nul_and_carries_on(tmp_path: Path) -> None:
+    """A crafted ext4 fast symlink whose size reaches past its text: its target
+    holds NUL bytes, which no host symlink can. One such link stopped the whole
+    restore with an internal error, its directory left half made (0700)."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    os.chmod(src / "d", 0o755)
+    os.symlink("abcd", src / "d" / "lnk")
+    (src / "d" / "zz-after").write_bytes(b"restored all the same\n")
+    image = tmp_path / "disk.img"
+    subprocess.run(["mkfs.ext4", "-q", "-d", src, image, "8M"], check=True, capture_output=True)
+    subprocess.run(["debugfs", "-w", "-R", "sif /d/lnk size 8", image], check=True, capture_output=True)
+    repo = _repo_with(tmp_path, Disk(image, []))
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = cli("restore", repo, "vm", "latest", out, "--include", "disk/d", check=False)
+    notes = proc.stderr.decode()
+    assert proc.returncode == 1 and "internal error" not in notes, notes
+    assert "lnk" in notes and "not restored" in notes, notes
+    assert not os.path.lexists(out / "d" / "lnk")
+    assert (out / "d" / "zz-after").read_bytes() == b"restored all the same\n"
+    assert stat.S_IMODE((out / "d").stat().st_mode) == 0o755  # the directory was finished
