@@ -61,6 +61,7 @@ class Counts:
     others: int = 0
     bytes: int = 0
     unreadable: int = 0  # entries the guest's filesystem could not give
+    unwritable: int = 0  # entries whose names DIR's filesystem cannot hold (too long)
 
     def summary(self) -> str:
         parts = [_counted(self.files, "file", "files") + f" ({self.bytes} bytes)",
@@ -110,6 +111,13 @@ class Restorer:
         self._first_names: dict[tuple[str, object], GuestPath] = {}
         self._made_parents: list[tuple[GuestPath, GuestEntry, Volume]] = []
         self._serial = 0
+        # A guest's name may be longer than DIR's filesystem takes (NTFS and
+        # FAT count 255 UTF-16 units: up to 765 bytes of UTF-8); such an
+        # entry is skipped and noted, as tar does, not the end of the run.
+        try:
+            self.name_max = os.fpathconf(root_fd, "PC_NAME_MAX")
+        except OSError:
+            self.name_max = 255
 
     def where(self, path: GuestPath) -> str:
         """A path in DIR as text for a message."""
@@ -197,6 +205,15 @@ class Restorer:
         finally:
             os.close(parent_fd)
 
+    def _fits(self, path: GuestPath) -> bool:
+        """Whether DIR's filesystem can hold the entry's name; if not, noted and counted."""
+        if len(path[-1]) <= self.name_max:
+            return True
+        self.counts.unwritable += 1
+        self.note(f"{self.where(path)}: a name of {len(path[-1])} bytes, longer than the {self.name_max} "
+                  f"that {self.root_text}'s filesystem takes; not restored")
+        return False
+
     def _unreadable(self, error: GuestDamaged) -> None:
         self.counts.unreadable += 1
         self.note(f"{error}; not restored")
@@ -210,6 +227,8 @@ class Restorer:
 
     def _dir(self, parent_fd: int, volume: Volume, path: GuestPath, entry: GuestEntry) -> Frame | None:
         """A directory to fill: listed before it is made, so an unreadable one is not made."""
+        if not self._fits(path):
+            return None
         pending = self._listing(volume, path)
         if pending is None:
             return None
@@ -248,6 +267,8 @@ class Restorer:
     # -- files, links, nodes ----------------------------------------------
 
     def _leaf_or_skip(self, dir_fd: int, volume: Volume, path: GuestPath, entry: GuestEntry) -> None:
+        if not self._fits(path):
+            return
         try:
             self._leaf(dir_fd, volume, path, entry)
         except GuestDamaged as e:

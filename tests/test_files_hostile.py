@@ -309,3 +309,29 @@ def test_restore_skips_a_symlink_whose_target_holds_nul_and_carries_on(tmp_path:
     assert not os.path.lexists(out / "d" / "lnk")
     assert (out / "d" / "zz-after").read_bytes() == b"restored all the same\n"
     assert stat.S_IMODE((out / "d").stat().st_mode) == 0o755  # the directory was finished
+
+
+def test_restore_skips_a_name_longer_than_dir_takes_and_carries_on(tmp_path: Path) -> None:
+    """FAT and NTFS count 255 UTF-16 units: 120 CJK characters are a fine
+    Windows name and 360 bytes of UTF-8, more than ext4 or XFS hold. Such a
+    name stopped the whole restore with a raw bytes repr of the name; it is
+    one note now, and the rest of the directory is restored."""
+    long_name = "日" * 120
+    image = tmp_path / "fat.img"
+    payload = tmp_path / "payload"
+    payload.write_bytes(b"fine\n")
+    subprocess.run(["mkfs.vfat", "-C", image, "8192"], check=True, capture_output=True)
+    subprocess.run(["mmd", "-i", image, "::/d"], check=True, capture_output=True)
+    for name in ("a-first", long_name, "zz-last"):
+        subprocess.run(["mcopy", "-i", image, payload, f"::/d/{name}"], check=True, capture_output=True)
+    repo = _repo_with(tmp_path, Disk(image, []))
+    listed = cli("ls", repo, "vm", "latest", "disk/d").stdout.decode().split("\n")
+    [shown_long] = [n for n in listed if len(n.encode()) > 255]  # the guest has it, longer than ext4 takes
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = cli("restore", repo, "vm", "latest", out, "--include", "disk/d", check=False)
+    notes = proc.stderr.decode()
+    assert proc.returncode == 1 and "too long" in notes and "\\xe6" not in notes, notes
+    assert len(notes.splitlines()) == 2, notes  # the entry's note, then the summary's error
+    assert sorted(os.listdir(out / "d")) == ["a-first", "zz-last"]
+    assert shown_long
