@@ -239,6 +239,10 @@ def cmd_restore_files(args: argparse.Namespace) -> int:
     if counts.unreadable:
         what = "1 entry" if counts.unreadable == 1 else f"{counts.unreadable} entries"
         raise BackupfsError(f"{what} could not be read from the backup (named above); everything else was restored")
+    if counts.unwritable:
+        what = "1 entry" if counts.unwritable == 1 else f"{counts.unwritable} entries"
+        raise BackupfsError(f"{what} had a name too long for {escape(args.target)} (named above); "
+                            "everything else was restored")
     return 0
 
 

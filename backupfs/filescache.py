@@ -33,7 +33,6 @@ class _Open:
     disk: GuestDisk
     uses: int = 0
     last_used: float = 0.0
-    stale: bool = False  # evicted or pruned: closed when its last use ends
 
 
 class FilesCache:
@@ -43,13 +42,17 @@ class FilesCache:
         self.idle_seconds = idle_seconds
         self._lock = threading.Lock()
         self._open: dict[str, _Open] = {}
+        # Disks dropped (a prune, an unmount) while in use, by id(disk):
+        # closed when their last use ends. Apart from ``_open``, as the
+        # backup may be opened again (a new disk) before that.
+        self._retired: dict[int, _Open] = {}
 
     def acquire(self, rec: BackupRecord) -> GuestDisk:
         """The backup's guest disk, opened if needed (blocks: call it in a
         worker). Each acquire needs one release."""
         with self._lock:
             found = self._open.get(rec.id)
-            if found is not None and not found.stale:
+            if found is not None:
                 found.uses += 1
                 found.last_used = time.monotonic()
                 return found.disk
@@ -57,7 +60,7 @@ class FilesCache:
         disk = GuestDisk(view, on_close=lambda: self.views.release(rec.id), name=rec.id)
         with self._lock:
             found = self._open.get(rec.id)
-            if found is not None and not found.stale:  # another request opened it meanwhile
+            if found is not None:  # another request opened it meanwhile
                 found.uses += 1
                 winner, disk = found.disk, disk
             else:
@@ -71,18 +74,20 @@ class FilesCache:
 
     def release(self, backup_id: str, disk: GuestDisk) -> None:
         """End one use of ``disk``."""
-        close = False
         with self._lock:
             found = self._open.get(backup_id)
-            if found is None or found.disk is not disk:
+            if found is not None and found.disk is disk:
+                found.uses -= 1
+                found.last_used = time.monotonic()
                 return
-            found.uses -= 1
-            found.last_used = time.monotonic()
-            if found.stale and found.uses <= 0:
-                del self._open[backup_id]
-                close = True
-        if close:
-            disk.close()
+            retired = self._retired.get(id(disk))
+            if retired is None or retired.disk is not disk:
+                return
+            retired.uses -= 1
+            if retired.uses > 0:
+                return
+            del self._retired[id(disk)]
+        disk.close()
 
     @contextmanager
     def using(self, rec: BackupRecord) -> Iterator[GuestDisk]:
@@ -132,8 +137,9 @@ class FilesCache:
             disk.close()
 
     def open_ids(self) -> list[str]:
+        """The backups with a disk open: kept, in use, or dropped and still in use."""
         with self._lock:
-            return list(self._open)
+            return list(self._open) + [o.disk.name for o in self._retired.values()]
 
     def drop_all(self) -> None:
         """After a prune, and at unmount: close what no one holds, and the
@@ -141,9 +147,10 @@ class FilesCache:
         to_close = []
         with self._lock:
             for bid, o in list(self._open.items()):
+                del self._open[bid]
                 if o.uses <= 0:
-                    to_close.append(self._open.pop(bid).disk)
+                    to_close.append(o.disk)
                 else:
-                    o.stale = True
+                    self._retired[id(o.disk)] = o
         for disk in to_close:
             disk.close()

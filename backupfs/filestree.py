@@ -41,8 +41,11 @@ GUEST_KINDS = (FILES_BACKUP, VOLUMES, GUEST)
 class FilesView:
     """Registers the files kinds into ``tree`` and answers for them."""
 
-    def __init__(self, tree: Tree, disks: FilesCache) -> None:
+    def __init__(self, tree: Tree, disks: FilesCache, owner_only: bool = False) -> None:
+        """``owner_only``: ``files_owner_only`` (fs.py): a backup's directory is the
+        mount owner's alone, by its mode too (the kernel checks it on cached paths)."""
         self.tree = tree
+        self.owner_only = owner_only
         self.repo = tree.repo
         self.inodes = tree.inodes
         self.disks = disks
@@ -156,7 +159,10 @@ class FilesView:
 
     def _describe_backup_dir(self, node: Node, a: Attributes) -> None:
         rec = self._record(node)
-        a.mode = stat.S_IFDIR | 0o555
+        # With files_owner_only the kernel must refuse others too: it keeps
+        # guest names and attributes for an hour, and a path walk through
+        # what the owner already walked never reaches fs.py's checks.
+        a.mode = stat.S_IFDIR | (0o500 if self.owner_only else 0o555)
         a.nlink = 2
         a.mtime_ns = rec.created_ns
         a.entry_timeout = a.attr_timeout = BACKUP_TIMEOUT
@@ -220,7 +226,28 @@ class FilesView:
             return self._entry(volume, node.path)
 
     def _describe_guest(self, node: Node, a: Attributes) -> None:
-        e = self.entry(node)
+        self._fill_guest(a, self.entry(node))
+
+    def described_children(self, node: Node) -> list[tuple[bytes, Node, Attributes]]:
+        """A guest directory's entries with their attributes, from one listing (blocks).
+
+        Describing each child on its own asks for its directory's listing
+        again; a directory beyond the volume's listing cache (200,000
+        entries) would be parsed once per entry: hours at 100% CPU for an
+        `ls` that cannot be interrupted.
+        """
+        with self._volume(node) as volume:
+            listing = self._listing(volume, node.path)
+            out = []
+            for name, entry in sorted(listing.items()):
+                child = self._guest_node(node, node.volume or "", node.path + (name,), entry)
+                a = Attributes(child.inode)
+                self._fill_guest(a, entry)
+                out.append((name, child, a))
+            return out
+
+    @staticmethod
+    def _fill_guest(a: Attributes, e: GuestEntry) -> None:
         a.mode = e.mode
         a.size = e.size
         a.blocks = e.blocks

@@ -139,8 +139,9 @@ class BackupOperations(pyfuse3.Operations):
         self.inodes = self.tree.inodes
         self.views = ViewCache(repo, idle_view_bytes)
         files_cache = FilesCache(self.views)
-        self.files = FilesView(self.tree, files_cache)
-        self.history = HistoryView(self.tree, files_cache, History(repo, open_disk=files_cache.using))
+        self.files = FilesView(self.tree, files_cache, owner_only=files_owner_only)
+        self.history = HistoryView(self.tree, files_cache, History(repo, open_disk=files_cache.using),
+                                   owner_only=files_owner_only)
         self.files_owner_only = files_owner_only
         self.uid = os.getuid()
         self.gid = os.getgid()
@@ -326,7 +327,14 @@ class BackupOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         # `.` and `..` first, as every local file system lists them (`ls -a`,
         # and tools that count a directory's entries, expect them).
-        entries = [(b".", node), (b"..", self.tree.parent(node))] + self.tree.children(node)
+        dots = [(b".", node), (b"..", self.tree.parent(node))]
+        if node.kind == GUEST:  # described from the one listing (FilesView.described_children says why)
+            described = self.files.described_children(node)
+            handle = Handle(node, entries=dots + [(name, child) for name, child, _ in described])
+            handle.attrs = [self._described(name, child) for name, child in dots]
+            handle.attrs += [attrs for _, _, attrs in described]
+            return handle
+        entries = dots + self.tree.children(node)
         handle = Handle(node, entries=entries)
         if node.kind in self.tree.blocking_kinds:  # described here, off the event loop
             handle.attrs = [self._described(name, child) for name, child in entries]

@@ -16,6 +16,12 @@ Layout: the path below the volume is kept, as tar keeps member names:
 the volume's root entries in DIR. Directories this run creates get the
 guest's mode, owner (as root) and times once their contents are written;
 directories that were already there are left as they were.
+
+What the guest picks must not become a way to root on the host, where
+this runs as root: a file's setuid and setgid bits are not kept (a
+guest's setuid-root program in DIR would be root for every user who can
+reach DIR), and device nodes are not made (their numbers are the guest's:
+a 0666 node of the host's disk or /dev/mem). Each is noted. FIFOs are.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from dataclasses import dataclass
 from engine.errors import BackupfsError
 from engine.guest.guestfs import GuestEntry
 from engine.guest.reader import GuestDamaged
-from engine.guest.volume import GuestPath, Volume
+from engine.guest.volume import GuestPath, Volume, show_path
 from engine.text import escape
 
 from backupfs.guestdump import PIECE
@@ -40,6 +46,7 @@ NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLO
 # A directory being filled: its fd, whether this run made it, its path, its entry, what is left of it.
 Frame = tuple[int, bool, GuestPath, GuestEntry, Iterator[tuple[bytes, GuestEntry]]]
 NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV})
+SET_ID_BITS = stat.S_ISUID | stat.S_ISGID
 
 
 class RestoreRefused(BackupfsError):
@@ -54,6 +61,7 @@ class Counts:
     others: int = 0
     bytes: int = 0
     unreadable: int = 0  # entries the guest's filesystem could not give
+    unwritable: int = 0  # entries whose names DIR's filesystem cannot hold (too long)
 
     def summary(self) -> str:
         parts = [_counted(self.files, "file", "files") + f" ({self.bytes} bytes)",
@@ -103,6 +111,13 @@ class Restorer:
         self._first_names: dict[tuple[str, object], GuestPath] = {}
         self._made_parents: list[tuple[GuestPath, GuestEntry, Volume]] = []
         self._serial = 0
+        # A guest's name may be longer than DIR's filesystem takes (NTFS and
+        # FAT count 255 UTF-16 units: up to 765 bytes of UTF-8); such an
+        # entry is skipped and noted, as tar does, not the end of the run.
+        try:
+            self.name_max = os.fpathconf(root_fd, "PC_NAME_MAX")
+        except OSError:
+            self.name_max = 255
 
     def where(self, path: GuestPath) -> str:
         """A path in DIR as text for a message."""
@@ -190,6 +205,15 @@ class Restorer:
         finally:
             os.close(parent_fd)
 
+    def _fits(self, path: GuestPath) -> bool:
+        """Whether DIR's filesystem can hold the entry's name; if not, noted and counted."""
+        if len(path[-1]) <= self.name_max:
+            return True
+        self.counts.unwritable += 1
+        self.note(f"{self.where(path)}: a name of {len(path[-1])} bytes, longer than the {self.name_max} "
+                  f"that {self.root_text}'s filesystem takes; not restored")
+        return False
+
     def _unreadable(self, error: GuestDamaged) -> None:
         self.counts.unreadable += 1
         self.note(f"{error}; not restored")
@@ -203,6 +227,8 @@ class Restorer:
 
     def _dir(self, parent_fd: int, volume: Volume, path: GuestPath, entry: GuestEntry) -> Frame | None:
         """A directory to fill: listed before it is made, so an unreadable one is not made."""
+        if not self._fits(path):
+            return None
         pending = self._listing(volume, path)
         if pending is None:
             return None
@@ -241,6 +267,8 @@ class Restorer:
     # -- files, links, nodes ----------------------------------------------
 
     def _leaf_or_skip(self, dir_fd: int, volume: Volume, path: GuestPath, entry: GuestEntry) -> None:
+        if not self._fits(path):
+            return
         try:
             self._leaf(dir_fd, volume, path, entry)
         except GuestDamaged as e:
@@ -258,19 +286,28 @@ class Restorer:
             self._place(dir_fd, path, lambda tmp: self._write_file(dir_fd, tmp, volume, path, entry))
             self.counts.files += 1
         elif entry.is_link:
-            target = volume.readlink(path)
+            target = self._link_target(volume, path)
             self._place(dir_fd, path, lambda tmp: self._make_symlink(dir_fd, tmp, target, entry))
             self.counts.links += 1
-        elif stat.S_ISFIFO(entry.mode) or ((stat.S_ISCHR(entry.mode) or stat.S_ISBLK(entry.mode))
-                                           and self.as_root):
-            self._place(dir_fd, path, lambda tmp: self._make_node(dir_fd, tmp, entry))
+        elif stat.S_ISFIFO(entry.mode):
+            self._place(dir_fd, path, lambda tmp: self._make_fifo(dir_fd, tmp, entry))
             self.counts.others += 1
         else:
-            what = "a socket" if stat.S_ISSOCK(entry.mode) else "a device node (only root makes those)"
+            what = "a socket" if stat.S_ISSOCK(entry.mode) else "a device node (its numbers are the guest's)"
             self.note(f"{self.where(path)}: {what}; skipped")
             return
         if key is not None:
             self._first_names[key] = path
+
+    @staticmethod
+    def _link_target(volume: Volume, path: GuestPath) -> bytes:
+        """A symlink's target, if a host symlink can hold it: a crafted one that
+        is empty or holds NUL is as unreadable as a damaged one (skipped, noted)."""
+        target = volume.readlink(path)
+        if not target or b"\0" in target:
+            raise GuestDamaged(f"{volume.name}: {show_path(path)}: a symlink target no host symlink can hold "
+                               f"('{escape(target.decode('utf-8', 'surrogateescape'))}')")
+        return target
 
     def _check_free(self, dir_fd: int, path: GuestPath) -> None:
         """Refuse a name that exists, unless ``force`` and it is a file or a link."""
@@ -334,19 +371,27 @@ class Restorer:
             self._set_xattrs(fd, volume, path)
             if self.as_root:
                 os.fchown(fd, entry.uid, entry.gid)
-            os.fchmod(fd, stat.S_IMODE(entry.mode))
+            os.fchmod(fd, self._file_mode(path, entry))
             os.utime(fd, ns=(entry.atime_ns, entry.mtime_ns))
         finally:
             os.close(fd)
+
+    def _file_mode(self, path: GuestPath, entry: GuestEntry) -> int:
+        """The guest's permission bits, without setuid and setgid (noted)."""
+        mode = stat.S_IMODE(entry.mode)
+        if mode & SET_ID_BITS:
+            self.note(f"{self.where(path)}: the guest's setuid/setgid bits not kept (mode "
+                      f"{mode & ~SET_ID_BITS:o}, not {mode:o})")
+        return mode & ~SET_ID_BITS
 
     def _make_symlink(self, dir_fd: int, tmp: bytes, target: bytes, entry: GuestEntry) -> None:
         os.symlink(target, tmp, dir_fd=dir_fd)
         self._owner_and_times(dir_fd, tmp, entry)
 
-    def _make_node(self, dir_fd: int, tmp: bytes, entry: GuestEntry) -> None:
-        os.mknod(tmp, stat.S_IFMT(entry.mode) | 0o600, entry.rdev, dir_fd=dir_fd)
+    def _make_fifo(self, dir_fd: int, tmp: bytes, entry: GuestEntry) -> None:
+        os.mkfifo(tmp, 0o600, dir_fd=dir_fd)
         self._owner_and_times(dir_fd, tmp, entry)
-        os.chmod(tmp, stat.S_IMODE(entry.mode), dir_fd=dir_fd)  # a node we just made, not a link
+        os.chmod(tmp, stat.S_IMODE(entry.mode) & ~SET_ID_BITS, dir_fd=dir_fd)  # a FIFO we just made, not a link
 
     def _owner_and_times(self, dir_fd: int, name: bytes, entry: GuestEntry) -> None:
         if self.as_root:

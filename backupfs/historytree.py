@@ -82,7 +82,10 @@ CACHED_DIRS = 256  # directories whose names in all backups are kept
 class HistoryView:
     """Registers the history kinds into ``tree`` and answers for them."""
 
-    def __init__(self, tree: Tree, disks: FilesCache, history: History) -> None:
+    def __init__(self, tree: Tree, disks: FilesCache, history: History, owner_only: bool = False) -> None:
+        """``owner_only``: ``files_owner_only``: changes/ and versions/ are 0500, so the
+        kernel keeps other users out of what it cached from the owner's walk."""
+        self.owner_only = owner_only
         self.tree = tree
         self.repo = tree.repo
         self.inodes = tree.inodes
@@ -125,7 +128,7 @@ class HistoryView:
         return self.inodes.get(CHANGES_FILE, parent.device, ident)
 
     def _describe_changes_dir(self, node: Node, a: Attributes) -> None:
-        a.mode = stat.S_IFDIR | 0o555
+        a.mode = stat.S_IFDIR | (0o500 if self.owner_only else 0o555)
         a.nlink = 2
         a.entry_timeout = BACKUP_TIMEOUT  # the name; its listing follows the catalog
 
@@ -277,7 +280,7 @@ class HistoryView:
         return None
 
     def _describe_versions_dir(self, node: Node, a: Attributes) -> None:
-        a.mode = stat.S_IFDIR | 0o555
+        a.mode = stat.S_IFDIR | (0o500 if self.owner_only else 0o555)
         a.nlink = 2
         a.entry_timeout = BACKUP_TIMEOUT  # the name; its listing follows the backups
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -77,10 +78,17 @@ class Node:
 
 
 class InodeTable:
-    """Stable inode numbers for the names we show, for the life of the mount."""
+    """Stable inode numbers for the names we show, for the life of the mount.
+
+    Used from the event loop (lookup counts, forgets) and from worker
+    threads (a guest's nodes are made where its listings are read): every
+    change is made under ``_lock``, or two workers could hand out one
+    number for two files.
+    """
 
     def __init__(self) -> None:
         root = Node(ROOT_INODE, ROOT)
+        self._lock = threading.Lock()
         self._by_key: dict[tuple[object, ...], Node] = {(ROOT, None, None): root}
         self._by_inode: dict[int, Node] = {root.inode: root}
         self._next = ROOT_INODE + 1
@@ -91,34 +99,53 @@ class InodeTable:
 
     def get(self, kind: str, device: str | None = None, backup: str | None = None) -> Node:
         key = (kind, device, backup)
-        node = self._by_key.get(key)
-        if node is None:
-            node = Node(self._next, kind, device, backup)
-            self._next += 1
-            self._by_key[key] = node
-            self._by_inode[node.inode] = node
-        return node
+        with self._lock:
+            node = self._by_key.get(key)
+            if node is None:
+                node = Node(self._next, kind, device, backup)
+                self._next += 1
+                self._by_key[key] = node
+                self._by_inode[node.inode] = node
+            return node
 
     def get_forgettable(self, key: tuple[object, ...], make: Callable[[int], Node]) -> Node:
         """The node for ``key``, made by ``make(inode)`` if new; dropped again
         when the kernel has forgotten every lookup of it (``forget``)."""
-        node = self._by_key.get(key)
-        if node is None:
-            node = make(self._next)
-            self._next += 1
-            self._by_key[key] = node
-            self._by_inode[node.inode] = node
-            self._lookups[node.inode] = 0
-            self._key_of[node.inode] = key
-        return node
+        with self._lock:
+            node = self._by_key.get(key)
+            if node is None:
+                node = make(self._next)
+                self._next += 1
+                self._by_key[key] = node
+                self._by_inode[node.inode] = node
+                self._lookups[node.inode] = 0
+                self._key_of[node.inode] = key
+            return node
 
     def looked_up(self, node: Node) -> None:
-        """The kernel now holds one more reference (a lookup, a readdirplus entry)."""
-        if node.inode in self._lookups:
-            self._lookups[node.inode] += 1
+        """The kernel now holds one more reference (a lookup, a readdirplus entry).
+
+        A forgettable node may have been dropped since it was found: by a
+        forget that raced with the worker that found it, or by another
+        listing's ``drop_unheld`` (two listings of one directory share its
+        nodes). The kernel holds it now, so it is known again by its
+        number, with this one lookup. Not by its key: a later lookup of
+        the name makes a new node, which the kernel takes in its place.
+        """
+        with self._lock:
+            held = self._lookups.get(node.inode)
+            if held is not None:
+                self._lookups[node.inode] = held + 1
+            elif node.inode not in self._by_inode:
+                self._by_inode[node.inode] = node
+                self._lookups[node.inode] = 1
 
     def forget(self, inode: int, count: int) -> None:
         """The kernel let go of ``count`` lookups; the last one drops a forgettable node."""
+        with self._lock:
+            self._forget(inode, count)
+
+    def _forget(self, inode: int, count: int) -> None:
         held = self._lookups.get(inode)
         if held is None:
             return  # the fixed tree: kept for the life of the mount
@@ -126,14 +153,17 @@ class InodeTable:
             self._lookups[inode] = held - count
             return
         del self._lookups[inode]
-        self._by_inode.pop(inode, None)
-        self._by_key.pop(self._key_of.pop(inode), None)
+        node = self._by_inode.pop(inode, None)
+        key = self._key_of.pop(inode, None)
+        if key is not None and self._by_key.get(key) is node:
+            del self._by_key[key]
 
     def drop_unheld(self, nodes: list[Node]) -> None:
         """Drop forgettable nodes the kernel never got (a listing read only in part)."""
-        for node in nodes:
-            if self._lookups.get(node.inode) == 0:
-                self.forget(node.inode, 0)
+        with self._lock:
+            for node in nodes:
+                if self._lookups.get(node.inode) == 0:
+                    self._forget(node.inode, 0)
 
     def held(self) -> int:
         """How many forgettable nodes are kept (for tests and the log)."""
