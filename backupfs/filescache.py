@@ -103,14 +103,14 @@ class FilesCache:
 
     @contextmanager
     def using_open(self, backup_id: str) -> Iterator[GuestDisk | None]:
-        """The backup's disk if it is open and not stale, held for the block;
+        """The backup's disk if it is open (not retired by a prune), held for the block;
         None otherwise (the caller then looks up the record and calls
         ``using``). Describing a listing asks for the disk once per entry:
         this spares each of them a catalog query. A pruned backup's disk is
-        stale or closed (``drop_all``), so it is never handed out here."""
+        retired or closed (``drop_all``), so it is never handed out here."""
         with self._lock:
             found = self._open.get(backup_id)
-            disk = None if found is None or found.stale else found.disk
+            disk = None if found is None else found.disk  # a retired disk is never in _open
             if found is not None and disk is not None:
                 found.uses += 1
                 found.last_used = time.monotonic()
