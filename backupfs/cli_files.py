@@ -227,7 +227,8 @@ def cmd_restore_files(args: argparse.Namespace) -> int:
                 raise UsageError(f"--include paths from several volumes ({', '.join(map(escape, volumes))}): "
                                  "the path below the volume is kept, so restore each volume into its own "
                                  "directory, one run each")
-            restorer = Restorer(root_fd, args.target, args.force, note)
+            restorer = Restorer(root_fd, args.target, args.force, note,
+                                keep_special=getattr(args, "keep_special", False))
             for target in targets:
                 restorer.restore(target)
             restorer.finish()

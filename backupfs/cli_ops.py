@@ -56,6 +56,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--include", action="append", metavar="PATH",
                    help="copy the file or tree PATH inside the backup (e.g. p2/etc/fstab) into the directory "
                         "TARGET instead of restoring the whole disk; repeatable")
+    p.add_argument("--keep-special", action="store_true",
+                   help="with --include, as root: keep the guest's setuid/setgid bits and make its device "
+                        "nodes (left out by default: a guest's setuid-root program is root for whoever can "
+                        "reach the directory); for a directory only root can reach")
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("prune", help="remove backups, merging each into the backups that depend on it")

@@ -22,6 +22,8 @@ this runs as root: a file's setuid and setgid bits are not kept (a
 guest's setuid-root program in DIR would be root for every user who can
 reach DIR), and device nodes are not made (their numbers are the guest's:
 a 0666 node of the host's disk or /dev/mem). Each is noted. FIFOs are.
+``--keep-special`` (root only: restoring a system tree into a directory
+only root can reach) keeps the bits and makes the nodes, as tar does.
 """
 
 from __future__ import annotations
@@ -101,8 +103,10 @@ def _is_symlink(name: str | bytes, dir_fd: int | None = None) -> bool:
 class Restorer:
     """Copies guest entries below ``root_fd`` (DIR); ``note`` hears what was skipped."""
 
-    def __init__(self, root_fd: int, root_text: str, force: bool, note: Callable[[str], None]) -> None:
+    def __init__(self, root_fd: int, root_text: str, force: bool, note: Callable[[str], None],
+                 keep_special: bool = False) -> None:
         self.root_fd = root_fd
+        self.keep_special = keep_special
         self.root_text = escape(root_text)
         self.force = force
         self.note = note
@@ -292,6 +296,9 @@ class Restorer:
         elif stat.S_ISFIFO(entry.mode):
             self._place(dir_fd, path, lambda tmp: self._make_fifo(dir_fd, tmp, entry))
             self.counts.others += 1
+        elif self.keep_special and self.as_root and (stat.S_ISCHR(entry.mode) or stat.S_ISBLK(entry.mode)):
+            self._place(dir_fd, path, lambda tmp: self._make_node(dir_fd, tmp, entry))
+            self.counts.others += 1
         else:
             what = "a socket" if stat.S_ISSOCK(entry.mode) else "a device node (its numbers are the guest's)"
             self.note(f"{self.where(path)}: {what}; skipped")
@@ -377,8 +384,10 @@ class Restorer:
             os.close(fd)
 
     def _file_mode(self, path: GuestPath, entry: GuestEntry) -> int:
-        """The guest's permission bits, without setuid and setgid (noted)."""
+        """The guest's permission bits, without setuid and setgid (noted) unless --keep-special."""
         mode = stat.S_IMODE(entry.mode)
+        if self.keep_special and self.as_root:
+            return mode
         if mode & SET_ID_BITS:
             self.note(f"{self.where(path)}: the guest's setuid/setgid bits not kept (mode "
                       f"{mode & ~SET_ID_BITS:o}, not {mode:o})")
@@ -387,6 +396,13 @@ class Restorer:
     def _make_symlink(self, dir_fd: int, tmp: bytes, target: bytes, entry: GuestEntry) -> None:
         os.symlink(target, tmp, dir_fd=dir_fd)
         self._owner_and_times(dir_fd, tmp, entry)
+
+    def _make_node(self, dir_fd: int, tmp: bytes, entry: GuestEntry) -> None:
+        """A guest's device node, made with its numbers (--keep-special, as root), private
+        until its owner and mode are the guest's."""
+        os.mknod(tmp, stat.S_IFMT(entry.mode) | 0o600, entry.rdev, dir_fd=dir_fd)
+        self._owner_and_times(dir_fd, tmp, entry)
+        os.chmod(tmp, stat.S_IMODE(entry.mode), dir_fd=dir_fd, follow_symlinks=False)
 
     def _make_fifo(self, dir_fd: int, tmp: bytes, entry: GuestEntry) -> None:
         os.mkfifo(tmp, 0o600, dir_fd=dir_fd)

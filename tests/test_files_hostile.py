@@ -162,6 +162,14 @@ def test_restore_as_root_makes_no_setuid_program_and_no_device_of_the_guests(tmp
     notes = said.stderr.decode()
     assert "suid-tool" in notes and "setuid" in notes, notes
     assert "dev/null" in notes, notes
+    # Asked for, root keeps them, as tar does: a directory only root can reach.
+    kept = tmp_path / "kept"
+    kept.mkdir(mode=0o700)
+    cli("restore", repo, "vm", "latest", kept, "--include", "disk/usr/bin", "--include", "disk/dev",
+        "--keep-special")
+    assert stat.S_IMODE((kept / "usr" / "bin" / "suid-tool").stat().st_mode) == 0o4755
+    null = (kept / "dev" / "null").lstat()
+    assert stat.S_ISCHR(null.st_mode) and null.st_rdev == os.makedev(1, 3) and stat.S_IMODE(null.st_mode) == 0o666
 
 
 def _expected_files(spec: TreeSpec) -> dict[str, bytes]:
