@@ -188,3 +188,30 @@ def test_a_btrfs_subvolume_shows_where_the_tree_holds_it(tmp_path: Path) -> None
         data = volume.data((b"home-snap", b"inside.txt"))
         assert volume.read_data(data, 0, 100) == b"in the subvolume\n"
         assert sub[b"inside.txt"].key != volume.entry((b"etc", b"hostname")).key
+
+
+def test_a_directory_too_big_for_the_cache_is_not_listed_again_for_each_lookup(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ls -l` of a directory larger than the listing cache looks up each entry in it:
+    each lookup listing it again made 200,000 entries cost hours."""
+    import engine.guest.volume as volume_module
+
+    image = make_fs("ext4", tmp_path, default_tree())
+    reads: list[int] = []
+
+    class Counting(FileSource):
+        def read(self, offset: int, length: int) -> bytes:
+            reads.append(length)
+            return super().read(offset, length)
+
+    with GuestDisk(Counting(image)) as disk:
+        volume = disk.volume("disk")
+        names = list(volume.listing((b"usr", b"bin")))
+        monkeypatch.setattr(volume_module, "CACHED_ENTRIES", len(names) - 1)
+        volume.listing((b"home",))  # another directory, cached as usual
+        big = volume_module.Volume("disk", volume.fs, disk.budget)
+        big.listing((b"usr", b"bin"))
+        before = len(reads)
+        for name in names:
+            big.entry((b"usr", b"bin", name))
+        assert len(reads) == before

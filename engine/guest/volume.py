@@ -35,7 +35,7 @@ from engine.text import escape
 log = logging.getLogger("backupfs.guest")
 
 GuestPath = tuple[bytes, ...]  # names from the volume's root
-CACHED_ENTRIES = 200_000  # ~120 MB at most; a directory larger than this is listed but not kept
+CACHED_ENTRIES = 200_000  # ~120 MB at most; a directory larger than this is kept alone (the last one)
 CACHED_REFUSALS = 1024  # directories remembered as unreadable (a crafted one may cost a whole request budget)
 T = TypeVar("T")
 
@@ -56,6 +56,9 @@ class Volume:
         self._listings: OrderedDict[GuestPath, dict[bytes, GuestEntry]] = OrderedDict()
         self._cached = 0
         self._refused: dict[GuestPath, str] = {}  # directories whose listing failed, and why
+        # The last directory too big for the cache (over CACHED_ENTRIES): kept
+        # alone, or every lookup in it (ls -l: one per entry) would list it again.
+        self._big: tuple[GuestPath, dict[bytes, GuestEntry]] | None = None
         self._cache_lock = threading.Lock()  # the two caches: lookups run in several threads
 
     @property
@@ -99,6 +102,8 @@ class Volume:
         """A directory's entries by name; NotADirectoryError for anything else."""
         with self._cache_lock:
             cached = self._listings.get(path)
+            if cached is None and self._big is not None and self._big[0] == path:
+                return self._big[1]
             if cached is not None:
                 self._listings.move_to_end(path)
                 return cached
@@ -117,6 +122,8 @@ class Volume:
                 self._refused[path] = str(e)
             raise
         with self._cache_lock:
+            if len(listing) > CACHED_ENTRIES:
+                self._big = (path, listing)
             if len(listing) <= CACHED_ENTRIES and path not in self._listings:
                 self._listings[path] = listing
                 self._cached += len(listing)
