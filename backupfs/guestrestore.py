@@ -360,19 +360,21 @@ class Restorer:
         return True
 
     def _write_file(self, dir_fd: int, tmp: bytes, volume: Volume, path: GuestPath, entry: GuestEntry) -> None:
-        """The file's bytes into a new file; runs of zeros stay holes."""
+        """The file's bytes into a new file; its holes, and runs of zeros, stay holes
+        (only the ranges that hold data are read: engine/guest/guestfs.py data_spans)."""
         data = volume.data(path)
         fd = os.open(tmp, NEW_FILE_FLAGS, 0o600, dir_fd=dir_fd)
         try:
-            for offset in range(0, data.size, PIECE):
-                piece = volume.read_data(data, offset, PIECE)
-                if piece.count(0) == len(piece):
-                    continue  # a hole (or zeros): ftruncate below makes the size
-                view = memoryview(piece)
-                pos = offset
-                while view:
-                    n = os.pwrite(fd, view, pos)
-                    view, pos = view[n:], pos + n
+            for start, end in data.data_spans():
+                for offset in range(start, end, PIECE):
+                    piece = volume.read_data(data, offset, min(PIECE, end - offset))
+                    if piece.count(0) == len(piece):
+                        continue  # zeros: ftruncate below makes the size
+                    view = memoryview(piece)
+                    pos = offset
+                    while view:
+                        n = os.pwrite(fd, view, pos)
+                        view, pos = view[n:], pos + n
             os.ftruncate(fd, data.size)
             self.counts.bytes += data.size
             self._set_xattrs(fd, volume, path)

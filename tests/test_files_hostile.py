@@ -24,7 +24,7 @@ from backupfs.tree import InodeTable, Node
 from backupfs.views import ViewCache
 from engine.guest.guestdisk import GuestDisk
 from engine.repo import Repository
-from tests.commands import cli
+from tests.commands import backupfs_cmd, cli
 from tests.guestdisks import (
     LVM2_PV, Disk, LogicalVolume, Part, gpt_disk, lvm_environment, whole_disk, with_logical_volumes,
 )
@@ -375,3 +375,26 @@ def test_logical_volumes_of_two_groups_never_share_a_name(tmp_path: Path) -> Non
     with open(disk.image, "rb") as f:
         names = [info.name for info in GuestDisk(_Bytes(bytearray(f.read()))).infos()]
     assert len(names) == 4 and len(set(names)) == 4, names
+
+
+def test_a_huge_sparse_file_restores_at_the_cost_of_its_data(tmp_path: Path) -> None:
+    """A 1 TiB file holding two 4 KiB blocks: restore reads the blocks, not a terabyte
+    of holes (a piece at a time, that took hours)."""
+    size = 1 << 40
+    spec = TreeSpec((File(path="sparse.img", size=size, extents=((0, b"head" * 1024), (size - 4096, b"T" * 4096))),))
+    image = make_fs("ext4", tmp_path, spec)
+    repo = tmp_path / "repo"
+    cli("init", repo)
+    cli("device", "add", repo, "vm", image)
+    cli("backup", repo, "vm", "full")
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.run([*backupfs_cmd(), "restore", repo, "vm", "latest", out, "--include", "disk/sparse.img"],
+                          capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    got = out / "sparse.img"
+    assert got.stat().st_size == size and got.stat().st_blocks * 512 < 1 << 20
+    with open(got, "rb") as f:
+        assert f.read(4096) == b"head" * 1024
+        f.seek(size - 4096)
+        assert f.read() == b"T" * 4096

@@ -93,6 +93,23 @@ class FileData:
     def direct(self) -> bool:
         return self._runs is not None
 
+    def data_spans(self) -> list[tuple[int, int]]:
+        """The (start, end) ranges of the file that may hold data, in order: all of it
+        unless its runs are known, then only those that are not holes. What a copy
+        reads: a sparse file of a terabyte with a few blocks costs those blocks."""
+        if self._runs is None:
+            return [(0, self.size)] if self.size else []
+        out: list[tuple[int, int]] = []
+        for start, (where, length) in zip(self._starts, self._runs):
+            end = min(start + length, self.size)
+            if where is None or start >= end:
+                continue
+            if out and out[-1][1] == start:
+                out[-1] = (out[-1][0], end)
+            else:
+                out.append((start, end))
+        return out
+
     def byte_runs(self) -> Runs | None:
         """Where the file's bytes lie in its volume (offsets from the volume's
         start, None for a hole), in order; None when read through the parser."""
