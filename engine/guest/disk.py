@@ -31,6 +31,7 @@ log = logging.getLogger("backupfs.guest")
 OK, UNSUPPORTED, ENCRYPTED, DAMAGED, EMPTY, CONTAINER = (
     "ok", "unsupported", "encrypted", "damaged", "empty", "container")
 MAX_LVM_VOLUMES = 1024
+MAX_LVM_NAME = 127  # LVM's own limit; a longer name (crafted metadata) is cut: the ~N suffix keeps it apart
 SAFE_NAME = re.compile(r"[^A-Za-z0-9+_.-]")
 
 
@@ -165,7 +166,7 @@ def _lvm_part(name: str) -> str:
     """A VG or LV name in a volume's name, as device-mapper writes it: a `-`
     doubled (so vg `a-b` lv `c` and vg `a` lv `b-c` stay apart: lvm-a--b-c,
     lvm-a-b--c), and anything LVM itself would not allow as `_`."""
-    return SAFE_NAME.sub("_", name).replace("-", "--")
+    return SAFE_NAME.sub("_", name[:MAX_LVM_NAME]).replace("-", "--")
 
 
 def _logical_volume(vg_name: str, lv, budget: Budget) -> VolumeInfo:  # type: ignore[no-untyped-def]
