@@ -73,18 +73,7 @@ class FilesView:
         return out
 
     def _files_child(self, parent: Node, name: bytes) -> Node | None:
-        device = parent.device
-        assert device is not None
-        if name == b"latest":
-            return self.inodes.get(FILES_LATEST, device) if self.repo.latest_backup(device) else None
-        try:
-            ident = name.decode()
-        except UnicodeDecodeError:
-            return None
-        rec = self.repo.backup_record(ident)
-        if rec is None or rec.device != device:
-            return None
-        return self.inodes.get(FILES_BACKUP, device, ident)
+        return self.tree.backup_child(parent, name, FILES_BACKUP, FILES_LATEST)
 
     def _describe_files_dir(self, node: Node, a: Attributes) -> None:
         a.mode = stat.S_IFDIR | 0o755

@@ -118,14 +118,7 @@ class HistoryView:
                 for b in self.repo.backups(node.device)]
 
     def _changes_child(self, parent: Node, name: bytes) -> Node | None:
-        try:
-            ident = name.decode()
-        except UnicodeDecodeError:
-            return None
-        rec = self.repo.backup_record(ident)
-        if rec is None or rec.device != parent.device:
-            return None
-        return self.inodes.get(CHANGES_FILE, parent.device, ident)
+        return self.tree.backup_child(parent, name, CHANGES_FILE, None)
 
     def _describe_changes_dir(self, node: Node, a: Attributes) -> None:
         a.mode = stat.S_IFDIR | (0o500 if self.owner_only else 0o555)

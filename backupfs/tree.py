@@ -357,14 +357,18 @@ class Tree:
         raise RequestError(errno.ENOENT)
 
     def _backup_child(self, parent: Node, name: bytes) -> Node | None:
-        """The entry ``name`` of a backups directory, as children would list it.
+        return self.backup_child(parent, name, BACKUP, LATEST)
+
+    def backup_child(self, parent: Node, name: bytes, kind: str, latest_kind: str | None) -> Node | None:
+        """The entry ``name`` of a directory with one ``kind`` node per backup of its
+        device (backups/, files/, changes/), and ``latest`` if ``latest_kind``.
 
         One row, not the whole list: `ls -l` of 3,000 backups looked each
         name up in a listing of all of them (8-12 s)."""
         device = parent.device
         assert device is not None
-        if name == b"latest":
-            return self.inodes.get(LATEST, device) if self.repo.latest_backup(device) else None
+        if name == b"latest" and latest_kind is not None:
+            return self.inodes.get(latest_kind, device) if self.repo.latest_backup(device) else None
         try:
             ident = name.decode()
         except UnicodeDecodeError:
@@ -372,7 +376,7 @@ class Tree:
         rec = self.repo.backup_record(ident)
         if rec is None or rec.device != device:
             return None
-        return self.inodes.get(BACKUP, device, ident)
+        return self.inodes.get(kind, device, ident)
 
     def parent(self, node: Node) -> Node:
         find = self._parents.get(node.kind)

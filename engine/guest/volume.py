@@ -19,6 +19,7 @@ it is refused, and every lookup of a name in it would spend it again.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -167,14 +168,7 @@ class Volume:
 
     def read_data(self, data: FileData, offset: int, length: int) -> bytes:
         """Bytes of a file: straight from its runs, or under the lock through the parser."""
-        if data.direct:
-            try:
-                return data.read(offset, length)
-            except BackupfsError:
-                raise
-            except Exception as e:
-                raise GuestDamaged(f"{self.name}: reading a file: {escape(str(e))[:200]}") from None
-        with self._lock:
+        with contextlib.nullcontext() if data.direct else self._lock:
             try:
                 return data.read(offset, length)
             except BackupfsError:
