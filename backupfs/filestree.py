@@ -52,8 +52,8 @@ class FilesView:
         tree.devdir_entries.append(("files", FILES))
         tree.register(FILES, DEVDIR, listing=self._files_entries, lookup=self._files_child,
                       describe=self._describe_files_dir)
-        tree.register(FILES_LATEST, FILES, check=self._latest_exists, describe=self._describe_latest,
-                      link=self._latest_target)
+        tree.register(FILES_LATEST, FILES, check=self._latest_exists, describe=tree.describe_latest,
+                      link=tree.latest_target)
         tree.register(FILES_BACKUP, FILES, listing=self._backup_entries, lookup=self._backup_child,
                       check=self._backup_exists, describe=self._describe_backup_dir, blocking=True)
         tree.register(VOLUMES, FILES_BACKUP, check=self._backup_exists, describe=self._describe_volumes,
@@ -82,20 +82,6 @@ class FilesView:
 
     def _latest_exists(self, node: Node) -> bool:
         return self.repo.latest_backup(node.device or "") is not None
-
-    def _latest_target(self, node: Node) -> bytes:
-        latest = self.repo.latest_backup(node.device or "")
-        if latest is None:
-            raise RequestError(errno.ENOENT)
-        return latest.id.encode()
-
-    def _describe_latest(self, node: Node, a: Attributes) -> None:
-        latest = self.repo.latest_backup(node.device or "")
-        if latest is None:
-            raise RequestError(errno.ENOENT)
-        a.mode = stat.S_IFLNK | 0o777
-        a.size = len(latest.id)
-        a.mtime_ns = latest.created_ns
 
     # -- files/<id>/ ---------------------------------------------------------------------------
 

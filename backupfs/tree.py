@@ -239,14 +239,14 @@ class Tree:
         self._describers: dict[str, Callable[[Node, Attributes], None]] = {
             ROOT: self._describe_dir, DEVDIR: self._describe_dir, BACKUPS: self._describe_dir,
             DEVICE: self._describe_device, SNAPSHOT: self._describe_text, CHAIN: self._describe_text,
-            BITMAP: self._describe_text, BACKUP: self._describe_backup, LATEST: self._describe_latest,
+            BITMAP: self._describe_text, BACKUP: self._describe_backup, LATEST: self.describe_latest,
         }
         # Kinds a later part of the tree adds (backupfs/filestree.py): where
         # their parent is when it is not fixed by kind, their text, link
         # target and extended attributes.
         self._parents: dict[str, Callable[[Node], Node]] = {}
         self._texts: dict[str, Callable[[Node], bytes]] = {}
-        self._links: dict[str, Callable[[Node], bytes]] = {LATEST: self._latest_target}
+        self._links: dict[str, Callable[[Node], bytes]] = {LATEST: self.latest_target}
         self._xattr_sources: dict[str, Callable[[Node], dict[bytes, bytes]]] = {
             SNAPSHOT: self._snapshot_xattrs, BACKUP: self._backup_xattrs,
         }
@@ -441,7 +441,7 @@ class Tree:
         a.entry_timeout = BACKUP_TIMEOUT
         a.attr_timeout = BACKUP_TIMEOUT
 
-    def _describe_latest(self, node: Node, a: Attributes) -> None:
+    def describe_latest(self, node: Node, a: Attributes) -> None:
         latest = self.repo.latest_backup(node.device or "")
         if latest is None:
             raise RequestError(errno.ENOENT)
@@ -458,7 +458,7 @@ class Tree:
             raise RequestError(errno.EINVAL)
         return target(node)
 
-    def _latest_target(self, node: Node) -> bytes:
+    def latest_target(self, node: Node) -> bytes:
         latest = self.repo.latest_backup(node.device or "")
         if latest is None:
             raise RequestError(errno.ENOENT)
