@@ -12,9 +12,10 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from engine.catalog import BackupRecord
+from engine.chain import ChainView
 from engine.errors import UsageError
 from engine.guest.guestdisk import GuestDisk
 from engine.guest.volume import GuestPath
@@ -23,15 +24,26 @@ from engine.history.changes import diff_disks
 from engine.history.compare import Change
 from engine.history.versions import Version, versions
 
-if TYPE_CHECKING:
-    from engine.repo import Repository
+
+
+class HistoryHost(Protocol):
+    """What the history reads of a repository (engine/repo.py Repository is one);
+    a protocol, so this module does not import the facade that builds it."""
+
+    def backup_record(self, backup_id: str) -> BackupRecord | None: ...
+
+    def backups(self, name: str | None = None) -> list[BackupRecord]: ...
+
+    def chain(self, backup_id: str) -> ChainView: ...
+
+    def open_files(self, backup_id: str) -> GuestDisk: ...
 
 CACHED_PAIRS = 32
 OpenDisk = Callable[[BackupRecord], AbstractContextManager[GuestDisk]]
 
 
 class History:
-    def __init__(self, repo: Repository, open_disk: OpenDisk | None = None) -> None:
+    def __init__(self, repo: HistoryHost, open_disk: OpenDisk | None = None) -> None:
         self.repo = repo
         self._open_disk = open_disk or self._own_disk
         self._lock = threading.Lock()
