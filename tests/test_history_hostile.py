@@ -126,3 +126,34 @@ def test_second_partition_and_a_volume_that_comes_and_goes(tmp_path: Path) -> No
     finally:
         repo.close()
 
+
+def test_the_cache_of_diffs_is_bounded_by_lines_not_only_by_pairs(tmp_path: Path) -> None:
+    """32 pairs of a whole-volume rewrite each were all kept (15 MB a 100,000 lines): the
+    cache must hold at most its budget of lines, keeping the newest result whatever its size."""
+    from engine.history.history import History
+    from engine.repo import Repository
+    from tests.guestfs import make_fs, mounted
+    from tests.guesttree import default_tree
+
+    image = make_fs("ext4", tmp_path, default_tree())
+    Repository.init(str(tmp_path / "repo"))
+    repo = Repository.open(str(tmp_path / "repo"))
+    try:
+        repo.add_device("vm", str(image))
+        recs = [repo.backup("vm", "full").record]
+        for k in range(4):
+            with mounted(image, "ext4") as root:
+                for n in range(k + 2):
+                    (root / "etc" / f"added-{k}-{n}").write_bytes(b"x")
+            recs.append(repo.backup("vm", "incremental", scan=True).record)
+        history = History(repo, cached_changes=8)
+        sizes = [len(history.changes(rec)) for rec in recs[1:]]
+        assert sizes == [3, 4, 5, 6]  # the names added, and etc itself
+        assert history.held() == 6  # only the newest: 5 + 6 is over the budget
+        newest = history.changes(recs[-1])
+        assert history.changes(recs[-1]) is newest  # the newest is served from the cache
+        first = history.changes(recs[1])
+        assert history.held() == 3  # 6 + 3 is over the budget: the older result went
+        assert history.changes(recs[1]) is first
+    finally:
+        repo.close()
