@@ -276,3 +276,42 @@ def test_ext_hands_over_to_the_tree_walk_when_most_inodes_changed(tmp_path: Path
         assert touched <= found and {op for op, _ in found} == {"m"}, (sorted(touched - found), sorted(found - touched))
     finally:
         repo.close()
+
+
+def test_a_name_that_is_no_volume_is_looked_for_in_every_backup_once(tmp_path: Path) -> None:
+    """``versions/.git`` (what a shell prompt asks of every parent directory) opened every
+    backup on every lookup: 1.4 s with 200 backups, each time. After the first miss only
+    the newest backup is looked into; a volume of an older backup alone still resolves."""
+    from backupfs.filescache import FilesCache
+    from backupfs.historytree import HistoryView
+    from backupfs.tree import DEVDIR, RequestError, Tree
+    from backupfs.views import ViewCache
+    from engine.history.history import History
+    from engine.repo import Repository
+    from tests.guestfs import make_fs
+    from tests.guesttree import default_tree
+    from tests.jobstatuses import Statuses
+
+    image = make_fs("ext4", tmp_path, default_tree())
+    Repository.init(str(tmp_path / "repo"))
+    repo = Repository.open(str(tmp_path / "repo"))
+    disks = None
+    try:
+        repo.add_device("vm", str(image))
+        ids = [repo.backup("vm", "full" if i == 0 else "incremental").record.id for i in range(12)]
+        tree = Tree(repo, Statuses(), 1_234_567_890)
+        disks = FilesCache(ViewCache(repo), keep=100)
+        HistoryView(tree, disks, History(repo, open_disk=disks.using))
+        versions = tree.child(tree.inodes.get(DEVDIR, "vm"), b"versions")
+        for attempt in range(2):
+            with pytest.raises(RequestError):
+                tree.child(versions, b".git")
+            opened = disks.open_ids()
+            assert len(opened) == (12 if attempt == 0 else 1), opened
+            disks.drop_all()
+        assert tree.child(versions, b"disk").volume == "disk"
+        assert disks.open_ids() == [ids[-1]]
+    finally:
+        if disks is not None:
+            disks.drop_all()
+        repo.close()
