@@ -45,6 +45,7 @@ class History:
         self._lock = threading.Lock()
         self._diffs: OrderedDict[tuple[str, str], list[Change]] = OrderedDict()
         self._blocks: OrderedDict[tuple[str, str], Ranges] = OrderedDict()
+        self._computing: dict[tuple[str, str], threading.Lock] = {}  # pairs being compared now
 
     @contextmanager
     def _own_disk(self, rec: BackupRecord) -> Iterator[GuestDisk]:
@@ -81,6 +82,22 @@ class History:
             if key in self._diffs:
                 self._diffs.move_to_end(key)
                 return self._diffs[key]
+            gate = self._computing.setdefault(key, threading.Lock())
+        # One comparison a pair at a time: two readers of one changes file opened together
+        # (a whole-volume rewrite: 14 s and 100 MB each) wait for the first, not do it again.
+        with gate:
+            try:
+                with self._lock:
+                    if key in self._diffs:
+                        self._diffs.move_to_end(key)
+                        return self._diffs[key]
+                return self._compute(key, old, new)
+            finally:
+                with self._lock:
+                    if self._computing.get(key) is gate:
+                        del self._computing[key]
+
+    def _compute(self, key: tuple[str, str], old: BackupRecord, new: BackupRecord) -> list[Change]:
         changed = self.blocks(old, new)
         if not changed:
             found: list[Change] = []
