@@ -85,6 +85,21 @@ def _used_in_group(fs, geo: Geometry, group: int) -> int:  # type: ignore[no-unt
     return max(0, geo.inodes_per_group - unused)
 
 
+def _inodes_in_use(volume: Volume, geo: Geometry) -> int:
+    """The volume's used inodes, the reserved ones left out, from the group descriptors
+    (journaled with every change; the superblock's count is written back only now and then)."""
+    fs = volume.fs.fs  # type: ignore[attr-defined]
+
+    def count() -> int:
+        free = 0
+        for group in range(geo.groups):
+            gd = fs._read_group_desc(group)
+            free += (getattr(gd, "bg_free_inodes_count_hi", 0) << 16) | gd.bg_free_inodes_count_lo
+        return geo.groups * geo.inodes_per_group - free - (fs.sb.s_first_ino - 1)
+
+    return volume.run("group descriptors", count)
+
+
 def changed_inodes(old: Volume, new: Volume, geo: Geometry, changed: Ranges) -> set[int]:
     """The inode numbers whose on-disk bytes differ, among those in changed blocks."""
     out: set[int] = set()
@@ -353,9 +368,7 @@ def ext_changes(name: str, old: Volume, new: Volume, changed: Ranges) -> list[Ch
         return None
     if not inodes:
         return []
-    sb = new.fs.fs.sb  # type: ignore[attr-defined]
-    in_use = sb.s_inodes_count - sb.s_free_inodes_count - (sb.s_first_ino - 1)  # not the reserved ones
-    if len(inodes) > HANDOVER * max(1, in_use):
+    if len(inodes) > HANDOVER * max(1, _inodes_in_use(new, geo_new)):
         return None
     new_index, old_index = build_index(new, geo_new, inodes), build_index(old, geo_old, inodes)
     paths: set[GuestPath] = set()
