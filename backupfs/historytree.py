@@ -96,6 +96,7 @@ class HistoryView:
             OrderedDict()
         self._names: OrderedDict[tuple[str, str, GuestPath], tuple[tuple[str, ...], dict[bytes, str]]] = \
             OrderedDict()
+        self._volumes: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {}  # device -> (ids, names)
         tree.devdir_entries.append(("changes", CHANGES))
         tree.devdir_entries.append(("versions", VERSIONS))
         tree.register(CHANGES, DEVDIR, listing=self._changes_entries, lookup=self._changes_child,
@@ -156,6 +157,7 @@ class HistoryView:
                 del self._versions[key]
             for key in [k for k in self._names if k[0] == device]:
                 del self._names[key]
+            self._volumes.pop(device, None)
 
     # -- looking into backups, newest first ---------------------------------------------------
 
@@ -264,13 +266,40 @@ class HistoryView:
         return [(name.encode(), self._path_node(node.device, name, ())) for name in names]
 
     def _volume_child(self, parent: Node, name: bytes) -> Node | None:
+        """A volume of the newest backup (one look), else of any backup (``_volumes_ever``):
+        a name that is none, such as the ``.git`` a shell prompt asks every parent for,
+        looked into every backup on every lookup (1.4 s with 200 backups, each time)."""
         assert parent.device is not None
         volume = name.decode("utf-8", "replace")
-        for rec in reversed(self.repo.backups(parent.device)):
-            with self.disks.using(rec) as disk:
-                if volume in disk.readable():
-                    return self._path_node(parent.device, volume, ())
+        latest = self.repo.latest_backup(parent.device)
+        if latest is None:
+            return None
+        with self.disks.using(latest) as disk:
+            if volume in disk.readable():
+                return self._path_node(parent.device, volume, ())
+        if volume in self._volumes_ever(parent.device):
+            return self._path_node(parent.device, volume, ())
         return None
+
+    def _volumes_ever(self, device: str) -> frozenset[str]:
+        """Every readable volume's name in any backup of ``device``: one look into each
+        backup, once; a new backup adds its own look, a prune starts again."""
+        backups = self.repo.backups(device)
+        ids = tuple(b.id for b in backups)
+        with self._lock:
+            cached = self._volumes.get(device)
+        start, names = 0, set()
+        if cached is not None and ids[:len(cached[0])] == cached[0]:
+            if len(cached[0]) == len(ids):
+                return cached[1]
+            start, names = len(cached[0]), set(cached[1])
+        for rec in backups[start:]:
+            with self.disks.using(rec) as disk:
+                names.update(disk.readable())
+        found = frozenset(names)
+        with self._lock:
+            self._volumes[device] = (ids, found)
+        return found
 
     def _describe_versions_dir(self, node: Node, a: Attributes) -> None:
         a.mode = stat.S_IFDIR | (0o500 if self.owner_only else 0o555)

@@ -15,7 +15,13 @@ bytes of their changed blocks.
 Not seen, as by any tool that trusts the filesystem: file blocks written
 behind the guest filesystem's back (a raw write into a file's blocks that
 leaves its inode as it was). A geometry that differs between the two (a
-resized filesystem) returns None: the whole-tree comparison decides.
+resized filesystem) returns None: the whole-tree comparison decides. So does
+a change of most of the volume (more than ``HANDOVER`` of its used inodes):
+naming every inode through both path indexes then costs more than walking
+both trees. Measured, 100,000 files in 1,000 directories, 2 shared cores:
+every inode changed (a chmod of all) 13.7 s and 188 MB here against 11.7 s
+and 166 MB walking; the filesystem made anew with new bytes 20.2 s and 273 MB
+against 14.7 s and 166 MB; a quarter changed 3.9 s against 12.1 s.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ EXTENT_MAGIC = 0xF30A
 EXTENTS_FL = 0x80000
 INLINE_DATA_FL = 0x10000000
 MAX_DIRECTORY = 64 * 1024 * 1024
+HANDOVER = 0.75  # of the used inodes changed: the whole-tree comparison is cheaper (module docstring)
 
 
 @dataclass
@@ -76,6 +83,21 @@ def _used_in_group(fs, geo: Geometry, group: int) -> int:  # type: ignore[no-unt
     if not fs.sb.s_feature_ro_compat & (0x10 | 0x400):  # GDT_CSUM or METADATA_CSUM: else the field is not kept
         unused = 0
     return max(0, geo.inodes_per_group - unused)
+
+
+def _inodes_in_use(volume: Volume, geo: Geometry) -> int:
+    """The volume's used inodes, the reserved ones left out, from the group descriptors
+    (journaled with every change; the superblock's count is written back only now and then)."""
+    fs = volume.fs.fs  # type: ignore[attr-defined]
+
+    def count() -> int:
+        free = 0
+        for group in range(geo.groups):
+            gd = fs._read_group_desc(group)
+            free += (getattr(gd, "bg_free_inodes_count_hi", 0) << 16) | gd.bg_free_inodes_count_lo
+        return geo.groups * geo.inodes_per_group - free - (fs.sb.s_first_ino - 1)
+
+    return volume.run("group descriptors", count)
 
 
 def changed_inodes(old: Volume, new: Volume, geo: Geometry, changed: Ranges) -> set[int]:
@@ -346,6 +368,8 @@ def ext_changes(name: str, old: Volume, new: Volume, changed: Ranges) -> list[Ch
         return None
     if not inodes:
         return []
+    if len(inodes) > HANDOVER * max(1, _inodes_in_use(new, geo_new)):
+        return None
     new_index, old_index = build_index(new, geo_new, inodes), build_index(old, geo_old, inodes)
     paths: set[GuestPath] = set()
     for inode in inodes:

@@ -2,8 +2,13 @@
 
 Both faces use it: the mount (``changes/<id>``, ``versions/...``, with its
 shared open guest disks) and the CLI (``backupfs diff``). Results are kept
-per backup pair (``CACHED_PAIRS`` most recent), so a second read of a
-``changes`` file costs nothing.
+per backup pair (``CACHED_PAIRS`` most recent, and no more than
+``CACHED_CHANGES`` lines in all), so a second read of a ``changes`` file
+costs nothing. The count of pairs alone did not bound the daemon: a diff
+where every file of a 100,000-file volume changed is 100,000 lines (15 MB
+of ``Change`` objects), and 32 of those were kept (470 MB; ten times that
+for a million files). The newest result is kept whatever its size (it is
+being served).
 """
 
 from __future__ import annotations
@@ -39,16 +44,20 @@ class HistoryHost(Protocol):
     def open_files(self, backup_id: str) -> GuestDisk: ...
 
 CACHED_PAIRS = 32
+CACHED_CHANGES = 1_000_000  # lines kept over all cached pairs (about 150 MB)
 OpenDisk = Callable[[BackupRecord], AbstractContextManager[GuestDisk]]
 
 
 class History:
-    def __init__(self, repo: HistoryHost, open_disk: OpenDisk | None = None) -> None:
+    def __init__(self, repo: HistoryHost, open_disk: OpenDisk | None = None,
+                 cached_changes: int = CACHED_CHANGES) -> None:
         self.repo = repo
+        self.cached_changes = cached_changes
         self._open_disk = open_disk or self._own_disk
         self._lock = threading.Lock()
         self._diffs: OrderedDict[tuple[str, str], list[Change]] = OrderedDict()
         self._blocks: OrderedDict[tuple[str, str], Ranges] = OrderedDict()
+        self._computing: dict[tuple[str, str], threading.Lock] = {}  # pairs being compared now
 
     @contextmanager
     def _own_disk(self, rec: BackupRecord) -> Iterator[GuestDisk]:
@@ -85,6 +94,22 @@ class History:
             if key in self._diffs:
                 self._diffs.move_to_end(key)
                 return self._diffs[key]
+            gate = self._computing.setdefault(key, threading.Lock())
+        # One comparison a pair at a time: two readers of one changes file opened together
+        # (a whole-volume rewrite: 14 s and 100 MB each) wait for the first, not do it again.
+        with gate:
+            try:
+                with self._lock:
+                    if key in self._diffs:
+                        self._diffs.move_to_end(key)
+                        return self._diffs[key]
+                return self._compute(key, old, new)
+            finally:
+                with self._lock:
+                    if self._computing.get(key) is gate:
+                        del self._computing[key]
+
+    def _compute(self, key: tuple[str, str], old: BackupRecord, new: BackupRecord) -> list[Change]:
         changed = self.blocks(old, new)
         if not changed:
             found: list[Change] = []
@@ -93,9 +118,16 @@ class History:
                 found = diff_disks(a, b, changed)
         with self._lock:
             self._diffs[key] = found
-            while len(self._diffs) > CACHED_PAIRS:
-                self._diffs.popitem(last=False)
+            self._diffs.move_to_end(key)
+            held = sum(len(v) for v in self._diffs.values())
+            while len(self._diffs) > 1 and (len(self._diffs) > CACHED_PAIRS or held > self.cached_changes):
+                held -= len(self._diffs.popitem(last=False)[1])
         return found
+
+    def held(self) -> int:
+        """How many change lines the cache holds (what bounds its memory)."""
+        with self._lock:
+            return sum(len(v) for v in self._diffs.values())
 
     def changes(self, rec: BackupRecord) -> list[Change]:
         """What changed between a backup's parent and it; nothing for a full backup."""
