@@ -25,11 +25,22 @@ from backupfs.cli_common import Stopped, stop_cleanly_on_signals, tell_notices
 PROG = "backupfs"
 
 
+def _version() -> str:
+    """The installed package's version (pyproject.toml), or 'unknown' from a bare checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("backupfs")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Incremental backup chains of block devices, shown as files.",
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     cli_repo.register(sub)

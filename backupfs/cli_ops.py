@@ -15,6 +15,7 @@ from backupfs.cli_common import Stopped, catalog_for_reading, close_quietly, def
 from backupfs.mountinfo import MountRecord, mount_holding, read_mount_record, trigger_file
 from backupfs.mountstatus import StatusFields, failure_message, job_lines, progress_text, read_status
 from engine.errors import BackupfsError, UsageError
+from engine.layout import matching_ids
 from engine.stopsignals import STOP_SIGNALS
 from engine.text import escape, one_line
 from engine.units import format_size, parse_size
@@ -208,8 +209,13 @@ def _restore_through_mount(record: MountRecord, args: argparse.Namespace, in_pla
                 f"{args.target} is the source of device {d.name}, which is mounted at "
                 f"{record.mountpoint}; unmount before restoring over it"
             )
+        ident = args.backup
+        if ident != "latest":  # a suffix as people type it (0002), as the unmounted restore takes
+            found = matching_ids(ident, [b.id for b in catalog.backups(args.name)])
+            if len(found) > 1:
+                raise UsageError(f"{ident!r} names more than one backup of {args.name}: " + ", ".join(found))
+            ident = found[0] if found else ident
     backups = os.path.join(record.mountpoint, args.name, "backups")
-    ident = args.backup
     if ident == "latest":
         try:
             ident = os.readlink(os.path.join(backups, ident))  # then 'latest' cannot move under us

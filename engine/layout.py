@@ -44,6 +44,20 @@ def backup_id(created_ns: int, seq: int, kind: str) -> str:
     return f"{stamp}-{seq:04d}-{kind}"
 
 
+def matching_ids(typed: str, ids: list[str]) -> list[str]:
+    """The ids ``typed`` names, as people type them: the whole id, or a suffix after
+    the timestamp (``0042``, ``0042-incremental``; the sequence number is the catalog's,
+    unique within a device, so a suffix names one backup of one device)."""
+    if typed in ids:
+        return [typed]
+    out = []
+    for ident in ids:
+        _, dash, rest = ident.partition("-")
+        if dash and (rest == typed or rest.startswith(typed + "-")):
+            out.append(ident)
+    return out
+
+
 def device_rel(name: str) -> str:
     """A device's directory as the catalog records it: ``devices/NAME``."""
     return f"{DEVICES}/{name}"

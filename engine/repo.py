@@ -41,7 +41,7 @@ from engine.sourceid import SourceId, identity_at
 from engine.importer import import_chain
 from engine.prune import RemovalPlan, RetentionPolicy, remove_backup, select_for_removal
 from engine.layout import BITMAPS, CATALOG, DEVICES, LOCK, bitmap_name, bitmap_tmp_name, device_dir, \
-    device_rel, file_rel
+    device_rel, file_rel, matching_ids
 from engine.backuprun import BackupResult, BackupRun
 from engine.repoerrors import JobBusy, RepositoryError, storage_error
 from engine.job import (
@@ -713,10 +713,20 @@ class Repository:
                 yield Unrecorded(held_granules(self.image_path(b), rec.size, rec.granularity))
 
     def resolve_backup(self, device: str, ident: str) -> BackupRecord:
-        """A backup of ``device`` by id, or 'latest'."""
+        """A backup of ``device`` by id, 'latest', or a unique suffix after the
+        timestamp (``0002``, ``0002-incremental``); an ambiguous one lists the candidates."""
         if self.catalog.device(device) is None:
             raise UsageError(f"no device named {device!r}")
-        rec = self.catalog.latest_backup(device) if ident == "latest" else self.catalog.backup(ident)
+        if ident == "latest":
+            rec = self.catalog.latest_backup(device)
+        else:
+            rec = self.catalog.backup(ident)
+            if rec is None or rec.device != device:
+                found = matching_ids(ident, [b.id for b in self.catalog.backups(device)])
+                if len(found) > 1:
+                    raise UsageError(f"{ident!r} names more than one backup of {device}: "
+                                     + ", ".join(found))
+                rec = self.catalog.backup(found[0]) if found else None
         if rec is None or rec.device != device:
             raise UsageError(f"device {device} has no backup {ident!r}")
         return rec

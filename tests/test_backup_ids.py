@@ -1,0 +1,55 @@
+"""Backup ids as people type them (SPEC §12): the whole id, `latest`, or a unique suffix
+after the timestamp; an ambiguous suffix is an error naming the candidates."""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from engine.errors import UsageError
+from engine.layout import matching_ids
+from engine.repo import Repository
+from tests.commands import cli
+
+IDS = ["20261127T090000Z-0001-full", "20261127T090000Z-0002-incremental", "20261128T090000Z-0012-incremental"]
+
+
+def test_suffixes_after_the_timestamp() -> None:
+    assert matching_ids("0002", IDS) == [IDS[1]]
+    assert matching_ids("0002-incremental", IDS) == [IDS[1]]
+    assert matching_ids(IDS[2], IDS) == [IDS[2]]
+    assert matching_ids("incremental", IDS) == []  # a kind alone names no one backup
+    assert matching_ids("000", IDS) == []  # a suffix is whole parts, not a prefix of digits
+    assert matching_ids("20261127T090000Z", IDS) == []
+
+
+def test_commands_take_latest_and_suffixes(repo: Repository, tmp_path: Path) -> None:
+    src = tmp_path / "vm.img"
+    src.write_bytes(random.Random(3).randbytes(1 << 20))
+    repo.add_device("vm", str(src))
+    full = repo.backup("vm", "full").record
+    inc = repo.backup("vm", "incremental").record
+    seq = inc.id.split("-")[1]
+    assert repo.resolve_backup("vm", seq).id == inc.id
+    assert repo.resolve_backup("vm", f"{seq}-incremental").id == inc.id
+    assert repo.resolve_backup("vm", "latest").id == inc.id
+    with pytest.raises(UsageError, match="has no backup"):
+        repo.resolve_backup("vm", "9999")
+    repo.close()
+    out = tmp_path / "restored.img"
+    cli("restore", repo.path, "vm", full.id.split("-")[1], out)
+    assert out.read_bytes() == src.read_bytes()
+
+
+def test_a_suffix_two_ids_end_with_names_both() -> None:
+    """Imported ids need not follow our format: two can end alike, and both are candidates
+    (resolve_backup then refuses, naming them)."""
+    assert matching_ids("x-1", ["a-x-1", "b-x-1", "c-x-2"]) == ["a-x-1", "b-x-1"]
+
+
+def test_version() -> None:
+    out = cli("--version").stdout.decode()
+    assert re.fullmatch(r"backupfs \d+\.\d+\.\d+\n", out), out
