@@ -53,3 +53,17 @@ def test_a_suffix_two_ids_end_with_names_both() -> None:
 def test_version() -> None:
     out = cli("--version").stdout.decode()
     assert re.fullmatch(r"backupfs \d+\.\d+\.\d+\n", out), out
+
+
+@pytest.mark.mount
+def test_a_mounted_repository_restores_by_suffix(tmp_path: Path) -> None:
+    from tests.mounts import mounted_device
+
+    data = random.Random(4).randbytes(1 << 20)
+    with mounted_device(tmp_path, data, name="vm") as m:
+        (m.mnt / "vm" / "snapshot").write_text("full\n")
+        ident = next(n for n in (m.mnt / "vm" / "backups").iterdir() if n.name != "latest").name
+        out = tmp_path / "restored.img"
+        cli("restore", m.repo, "vm", ident.split("-")[1], out)
+        assert out.read_bytes() == data
+        m.stop()
