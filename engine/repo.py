@@ -891,6 +891,8 @@ class Repository:
         """
         if backup_id is not None:
             rec = self.catalog.backup(backup_id)
+            if device is not None and (rec is None or rec.device != device):
+                rec = self.resolve_backup(device, backup_id)  # latest, or a suffix (0002)
             if rec is None or (device is not None and rec.device != device):
                 raise UsageError(f"no backup {backup_id!r}" + (f" of device {device}" if device else ""))
             try:

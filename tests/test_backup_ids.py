@@ -38,6 +38,8 @@ def test_commands_take_latest_and_suffixes(repo: Repository, tmp_path: Path) -> 
     assert repo.resolve_backup("vm", "latest").id == inc.id
     with pytest.raises(UsageError, match="has no backup"):
         repo.resolve_backup("vm", "9999")
+    report = repo.verify("vm", seq)
+    assert report.ok and inc.id in report.checked
     repo.close()
     out = tmp_path / "restored.img"
     cli("restore", repo.path, "vm", full.id.split("-")[1], out)
