@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import sys
 import threading
@@ -48,6 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_device_add)
     p = dsub.add_parser("list", help="the registered devices")
     p.add_argument("repo", metavar="REPO")
+    p.add_argument("--json", action="store_true",
+                   help="a JSON list of {name, source, size, granularity} (bytes)")
     p.set_defaults(func=cmd_device_list)
     p = dsub.add_parser("remove", help="forget a device and delete its backups")
     p.add_argument("repo", metavar="REPO")
@@ -69,6 +72,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("list", help="the backups (first column: the backup id)")
     p.add_argument("repo", metavar="REPO")
     p.add_argument("name", metavar="NAME", nargs="?")
+    p.add_argument("--json", action="store_true",
+                   help="a JSON list of {id, device, kind, parent, created (ISO 8601 UTC), created_ns, size, "
+                        "cluster_size, granularity, stored_bytes, label, image} (sizes in bytes)")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("status", help="devices, bitmap state, recent jobs")
@@ -111,8 +117,13 @@ def cmd_device_add(args: argparse.Namespace) -> int:
 
 def cmd_device_list(args: argparse.Namespace) -> int:
     with catalog_for_reading(args.repo) as catalog:
-        for d in catalog.devices():
-            print(f"{escape(d.name)}\t{escape(d.source)}\t{d.size}\t{d.granularity}")
+        devices = catalog.devices()
+    if args.json:
+        print(json.dumps([{"name": d.name, "source": d.source, "size": d.size, "granularity": d.granularity}
+                          for d in devices]))
+        return 0
+    for d in devices:
+        print(f"{escape(d.name)}\t{escape(d.source)}\t{d.size}\t{d.granularity}")
     return 0
 
 
@@ -286,6 +297,14 @@ def cmd_list(args: argparse.Namespace) -> int:
         if args.name is not None and catalog.device(args.name) is None:
             raise UsageError(f"no device named {args.name!r}")
         rows = catalog.backups(args.name)
+    if args.json:
+        print(json.dumps([{
+            "id": b.id, "device": b.device, "kind": b.kind, "parent": b.parent,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(b.created)), "created_ns": b.created_ns,
+            "size": b.size, "cluster_size": b.cluster_size, "granularity": b.granularity,
+            "stored_bytes": b.stored_bytes, "label": b.label, "image": b.image,
+        } for b in rows]))
+        return 0
     print("ID\tDEVICE\tKIND\tPARENT\tCREATED\tCLUSTER\tSTORED\tLABEL")
     for b in rows:
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(b.created))

@@ -69,3 +69,24 @@ def test_a_mounted_repository_restores_by_suffix(tmp_path: Path) -> None:
         cli("restore", m.repo, "vm", ident.split("-")[1], out)
         assert out.read_bytes() == data
         m.stop()
+
+
+def test_list_and_device_list_as_json(repo: Repository, tmp_path: Path) -> None:
+    """For scripts: what `list` and `device list` show, as data (SPEC §12)."""
+    import json
+
+    src = tmp_path / "vm.img"
+    src.write_bytes(random.Random(5).randbytes(1 << 20))
+    repo.add_device("vm", str(src), 64 * 1024)
+    full = repo.backup("vm", "full", label="first ünïcode").record
+    inc = repo.backup("vm", "incremental").record
+    repo.close()
+    rows = json.loads(cli("list", repo.path, "--json").stdout)
+    assert [(r["id"], r["kind"], r["parent"]) for r in rows] == [(full.id, "full", None),
+                                                                   (inc.id, "incremental", full.id)]
+    assert rows[0]["label"] == "first ünïcode" and rows[0]["size"] == 1 << 20
+    assert rows[0]["stored_bytes"] == full.stored_bytes and rows[1]["created_ns"] == inc.created_ns
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", rows[0]["created"])
+    assert json.loads(cli("list", repo.path, "vm", "--json").stdout) == rows
+    assert json.loads(cli("device", "list", repo.path, "--json").stdout) == [
+        {"name": "vm", "source": str(src), "size": 1 << 20, "granularity": 64 * 1024}]
