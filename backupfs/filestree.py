@@ -55,7 +55,8 @@ class FilesView:
         tree.register(FILES_LATEST, FILES, check=self._latest_exists, describe=tree.describe_latest,
                       link=tree.latest_target)
         tree.register(FILES_BACKUP, FILES, listing=self._backup_entries, lookup=self._backup_child,
-                      check=self._backup_exists, describe=self._describe_backup_dir, blocking=True)
+                      check=self._backup_exists, describe=self._describe_backup_dir, blocking=True,
+                      quick_attributes=True)
         tree.register(VOLUMES, FILES_BACKUP, check=self._backup_exists, describe=self._describe_volumes,
                       text=self._volumes_text, blocking=True)
         tree.register(GUEST, None, listing=self._guest_entries, lookup=self._guest_child,

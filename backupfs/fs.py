@@ -177,9 +177,12 @@ class BackupOperations(pyfuse3.Operations):
         a.st_ctime_ns = attrs.mtime_ns if attrs.ctime_ns is None else attrs.ctime_ns
         return a
 
-    async def _model(self, node: Node, fn: Callable[..., T], *args: Any) -> T:
-        """Ask the tree model: inline, or in a worker for the kinds that read a guest."""
-        if node.kind in self.tree.blocking_kinds:
+    async def _model(self, node: Node, fn: Callable[..., T], *args: Any, attributes: bool = False) -> T:
+        """Ask the tree model: inline, or in a worker for the kinds that read a guest
+        (``attributes``: a getattr or xattr request, inline for the kinds whose
+        attributes read nothing: `ls -l files/` of 1,000 backups hopped 1,000 times)."""
+        if node.kind in self.tree.blocking_kinds and not (
+                attributes and node.kind in self.tree.quick_attribute_kinds):
             return await trio.to_thread.run_sync(functools.partial(fn, *args), limiter=self._io)
         return fn(*args)
 
@@ -248,7 +251,7 @@ class BackupOperations(pyfuse3.Operations):
     @handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.inodes.node(inode)
-        return await self._model(node, self._existing_attrs, node)
+        return await self._model(node, self._existing_attrs, node, attributes=True)
 
     def _existing_attrs(self, node: Node) -> pyfuse3.EntryAttributes:
         if not self.tree.exists(node):
@@ -282,7 +285,7 @@ class BackupOperations(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         node = self.inodes.node(inode)
         self._let_in(node, ctx)
-        values = await self._model(node, self.tree.xattrs, node)
+        values = await self._model(node, self.tree.xattrs, node, attributes=True)
         value = values.get(name)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
@@ -292,7 +295,7 @@ class BackupOperations(pyfuse3.Operations):
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         node = self.inodes.node(inode)
         self._let_in(node, ctx)
-        return list(await self._model(node, self.tree.xattrs, node))
+        return list(await self._model(node, self.tree.xattrs, node, attributes=True))
 
     @handler
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:

@@ -253,6 +253,7 @@ class Tree:
         # Kinds whose answers read a backup's guest (seconds on a cold
         # cache): fs.py asks for them in a worker thread.
         self.blocking_kinds: set[str] = set()
+        self.quick_attribute_kinds: set[str] = set()
         self._parent_kind = dict(PARENT_KIND)
         self.devdir_entries = list(DEVDIR_ENTRIES)  # a later part adds its directory here
 
@@ -265,7 +266,7 @@ class Tree:
                  text: Callable[[Node], bytes] | None = None,
                  link: Callable[[Node], bytes] | None = None,
                  xattrs: Callable[[Node], dict[bytes, bytes]] | None = None,
-                 blocking: bool = False) -> None:
+                 blocking: bool = False, quick_attributes: bool = False) -> None:
         """Add a kind of node to the tree (what each registry above holds)."""
         for table, value in ((self._listings, listing), (self._lookups, lookup), (self._checks, check),
                              (self._describers, describe), (self._parents, parent), (self._texts, text),
@@ -276,6 +277,8 @@ class Tree:
             self._parent_kind[kind] = parent_kind
         if blocking:
             self.blocking_kinds.add(kind)
+        if quick_attributes:  # its listing reads a guest, its attributes and xattrs do not
+            self.quick_attribute_kinds.add(kind)
 
     def root(self) -> Node:
         return self.inodes.get(ROOT)
