@@ -87,6 +87,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", dest="tip_format", choices=("raw", "qcow2"), default="qcow2",
                    help="the tip's format (default qcow2; never told from its first bytes, which in a "
                         "raw disk its guest chose): give raw to import a raw disk")
+    p.add_argument("--raw", action="store_true",
+                   help="take the --source as raw bytes even when it holds a disk image format (refused otherwise)")
     p.set_defaults(func=cmd_import)
 
 
@@ -350,7 +352,8 @@ def cmd_import(args: argparse.Namespace) -> int:
                 print(f"importing {n + 1}/{total}: {escape(path)}", file=sys.stderr)
 
         records = repo.import_chain(args.name, args.tip, granularity or DEFAULT_GRANULARITY, args.source, on_layer,
-                                    args.allow_outside, args.backing_format, args.tip_format)
+                                    args.allow_outside, args.backing_format, args.tip_format,
+                                    raw_source=args.raw)
     for rec in records:
         print(f"{escape(rec.id)}\t{rec.kind}\t{format_size(rec.stored_bytes)}\t{escape(rec.label or '')}")
     return 0

@@ -46,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--replace", action="store_true",
                    help="rebind an existing device to SOURCE on purpose (another path, or the file now at its "
                         "path); same size; its next backup scans")
+    p.add_argument("--raw", action="store_true",
+                   help="take SOURCE as raw bytes even when it holds a disk image format (qcow2, VMDK, VHD, "
+                        "VHDX, VDI), which is refused otherwise: its backups hold the image file itself")
     p.set_defaults(func=cmd_device_add)
     p = dsub.add_parser("list", help="the registered devices")
     p.add_argument("repo", metavar="REPO")
@@ -99,14 +102,14 @@ def cmd_device_add(args: argparse.Namespace) -> int:
         if granularity is not None:
             raise UsageError("--replace keeps the device's granularity; leave out --granularity")
         with Repository.open(args.repo) as repo:
-            rec = repo.replace_source(args.name, args.source)
+            rec = repo.replace_source(args.name, args.source, raw=args.raw)
         print(f"device {rec.name}: source rebound to {escape(rec.source)}; its next backup compares checksums "
               "(nothing recorded what changed on it)")
         return 0
     with Repository.open(args.repo) as repo:
         before = repo.device_record(args.name)
         attach = before is not None and not before.source  # an imported archive
-        rec = repo.add_device(args.name, args.source, granularity)
+        rec = repo.add_device(args.name, args.source, granularity, raw=args.raw)
     print(f"device {rec.name}: {escape(rec.source)}, {format_size(rec.size)}, "
           f"granularity {format_size(rec.granularity)}")
     if attach:
