@@ -346,6 +346,12 @@ def cmd_import(args: argparse.Namespace) -> int:
     from engine.repo import DEFAULT_GRANULARITY, Repository
 
     granularity = parse_size(args.granularity, "granularity")
+    record = _mounted(args.repo)
+    if record is not None:  # the daemon's to do (backupfs/cli_control.py)
+        from backupfs.cli_control import import_chain
+
+        return import_chain(record, args.name, args.tip, args.source, granularity or DEFAULT_GRANULARITY,
+                            args.allow_outside, args.backing_format, args.tip_format, args.raw)
     with Repository.open(args.repo) as repo:
         def on_layer(n: int, total: int, path: str) -> None:
             if sys.stderr.isatty():

@@ -101,6 +101,12 @@ def cmd_device_add(args: argparse.Namespace) -> int:
     if args.replace:
         if granularity is not None:
             raise UsageError("--replace keeps the device's granularity; leave out --granularity")
+    record = read_mount_record(os.path.abspath(args.repo))
+    if record is not None:  # the daemon's to do (backupfs/cli_control.py)
+        from backupfs.cli_control import device_add
+
+        return device_add(record, args.name, args.source, granularity, args.raw, args.replace)
+    if args.replace:
         with Repository.open(args.repo) as repo:
             rec = repo.replace_source(args.name, args.source, raw=args.raw)
         print(f"device {rec.name}: source rebound to {escape(rec.source)}; its next backup compares checksums "
@@ -133,6 +139,11 @@ def cmd_device_list(args: argparse.Namespace) -> int:
 def cmd_device_remove(args: argparse.Namespace) -> int:
     from engine.repo import Repository
 
+    record = read_mount_record(os.path.abspath(args.repo))
+    if record is not None:  # the daemon's to do (backupfs/cli_control.py)
+        from backupfs.cli_control import device_remove
+
+        return device_remove(record, args.name, args.force)
     with Repository.open(args.repo) as repo:
         if repo.device_record(args.name) is None:
             raise UsageError(f"no device named {args.name!r}")
