@@ -107,7 +107,10 @@ def run_through_mount(record: MountRecord, cmd: ControlCommand, what: str) -> di
         raise BackupfsError(f"{what}: the mount at {record.mountpoint} gave no outcome"
                             + (f" ({failure.strerror})" if failure else "")) from None
     if interrupted:
-        raise KeyboardInterrupt
+        ended = "was cancelled; nothing of it was kept" if state == "cancelled" else f"had already ended ({state})"
+        verb = cmd.line().split()[0].replace("-", " ")
+        print(f"backupfs: interrupted: the {verb} of {escape(cmd.name)} {ended}", file=sys.stderr)
+        raise SystemExit(130)  # as Ctrl-C ends every command, with this one line said
     if failure is not None or state != "succeeded":
         raise BackupfsError(str(outcome.get("error") or f"{what} failed: "
                                 + (failure.strerror if failure else state)))

@@ -8,8 +8,8 @@ repository-level, hence one file at the root, named with a dot so that it
 can never be a device (device names start with a letter or digit) and is
 left out of the root's listing (scripts walk MOUNT/* as the devices).
 
-One line, shell-quoted words: a verb, its positional words, then
-``key=value`` options::
+One line ending in a newline, shell-quoted words: a verb, its positional
+words, then ``key=value`` options::
 
     device-add NAME SOURCE [granularity=BYTES] [raw=1] [replace=1]
     device-remove NAME [force=1]
@@ -146,7 +146,11 @@ def parse_control(data: bytes) -> ControlCommand:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ControlError(f"line is not UTF-8 text; {USAGE}") from None
-    text = text.removesuffix("\n")
+    if not text.endswith("\n"):
+        # The kernel splits a write longer than the mount's largest request:
+        # the first part would name a shorter path. A line is run whole or not.
+        raise ControlError(f"a command is one line ending in a newline (echo adds one); {USAGE}")
+    text = text[:-1]
     if "\n" in text or "\r" in text or "\x00" in text:
         raise ControlError(f"one command per write, on one line, without NUL bytes; {USAGE}")
     try:

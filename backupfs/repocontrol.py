@@ -117,6 +117,12 @@ class RepositoryControl:
     hooks: MountHooks
     status: ControlStatus = field(default_factory=ControlStatus)
     removing: set[str] = field(default_factory=set)  # devices whose names the tree hides now
+    _cancel: CancelRequest | None = None  # the running import's
+
+    def cancel(self, reason: str) -> None:
+        """Stop a running import before its next layer (the mount is going away)."""
+        if self._cancel is not None:
+            self._cancel.cancel(reason)
 
     async def run(self, line: bytes, requester: Requester | None) -> tuple[int, Outcome]:
         """Run one control line; (0 or the errno for the writer, the outcome it reads back)."""
@@ -224,7 +230,7 @@ class RepositoryControl:
     async def _import(self, cmd: Import, requester: Requester | None) -> Outcome:
         from engine.repo import DEFAULT_GRANULARITY
 
-        cancel = CancelRequest()
+        cancel = self._cancel = CancelRequest()
 
         def on_layer(n: int, total: int, path: str) -> None:
             if cancel.is_set():
@@ -248,11 +254,14 @@ class RepositoryControl:
                 if sig is not None:
                     cancel.cancel(f"{requester.describe()} received {signal.Signals(sig).name}", interrupted=True)
 
-        async with trio.open_nursery() as nursery:
-            if requester is not None:
-                nursery.start_soon(watch, requester)
-            result = await trio.to_thread.run_sync(outcome.capture, run)
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                if requester is not None:
+                    nursery.start_soon(watch, requester)
+                result = await trio.to_thread.run_sync(outcome.capture, run)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._cancel = None
         records = result.unwrap()
         await self.hooks.appeared(cmd.name)
         return {"backups": [{"id": r.id, "kind": r.kind, "stored_bytes": r.stored_bytes, "label": r.label}

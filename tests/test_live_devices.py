@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from backupfs.control import ControlError, DeviceAdd, DeviceRemove, Import, parse_control
-from tests.commands import cli, sh
+from tests.commands import backupfs_cmd, cli, sh
 from tests.mounts import Mounted, mounted_device
 from tests.oracle import qemu_img, qemu_io, qemu_raw
 from tests.users import OtherUser
@@ -51,7 +51,7 @@ def test_control_lines_round_trip_and_refuse_what_they_must() -> None:
         (b"import old /t.qcow2 source=rel.img", "not an absolute path"),
         (b"device-add ../x /d.img", "invalid device name"),
         (b"device-add .control /d.img", "invalid device name"),
-        (b"device-remove vm2\ndevice-remove vm1", "one command per write"),
+        (b"device-remove vm2\ndevice-remove vm1\n", "one command per write"),
         (b"device-remove vm2 force=1 force=1", "given twice"),
         (b"device-remove vm2 recursive=1", "unknown option"),
         (b"rm -rf /", "unknown command"),
@@ -59,11 +59,13 @@ def test_control_lines_round_trip_and_refuse_what_they_must() -> None:
         (b"device-add vm2 /d granularity=64K", "number of bytes"),
         (b"import old /t format=vmdk", "accepted: raw, qcow2"),
         (b"device-add vm2 '/d", "cannot parse"),
-        (b"\xff", "not UTF-8"),
+        (b"\xff\n", "not UTF-8"),
         (b"device-remove " + b"x" * 70000, "too long"),
     ):
         with pytest.raises(ControlError, match=says):
-            parse_control(bad)
+            parse_control(bad if bad.endswith(b"\n") or says == "too long" else bad + b"\n")
+    with pytest.raises(ControlError, match="ending in a newline"):  # a write the kernel cut in two
+        parse_control(b"device-remove vm2")
 
 
 # -- through a real mount ---------------------------------------------------------------
@@ -200,3 +202,39 @@ def test_the_control_file_is_the_mount_owners(tmp_path: Path, open_tmp: Path, ot
     finally:
         m.cleanup()
     assert cli("device", "list", repo).stdout.decode().splitlines()[0].startswith("vm1\t")
+
+
+@pytest.mark.mount
+@pytest.mark.long
+def test_an_interrupted_import_leaves_nothing(tmp_path: Path) -> None:
+    """Ctrl-C of `import` through the mount: the daemon stops before the next
+    layer and removes what it wrote; the CLI says so on one line (exit 130)."""
+    chain = tmp_path / "chain"
+    chain.mkdir()
+    base, top = chain / "base.qcow2", chain / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(base), "256M")
+    qemu_io(base, "write -P 0x11 0 256M")  # a first layer that takes a while to import
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(top))
+    qemu_io(top, "write -P 0x22 0 64k")
+    with mounted_device(tmp_path, bytes(MiB)) as m:
+        control = m.path(".control")
+        proc = subprocess.Popen(backupfs_cmd() + ["import", str(m.repo), "big", str(top)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 60
+            while not (json.loads(os.getxattr(control, "user.backupfs.status"))["progress"] or "").startswith(
+                    "importing 1/2: "):
+                assert time.monotonic() < deadline and proc.poll() is None, proc.stderr
+                time.sleep(0.02)  # polling for a state, not waiting a guessed time
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 130 and out == b"", (out, err)
+        assert err == b"backupfs: interrupted: the import of big was cancelled; nothing of it was kept\n", err
+        status = control.read_text()
+        assert "state: cancelled" in status and "received SIGINT" in status, status
+        assert os.listdir(m.mnt) == ["vm1"] and sorted(os.listdir(m.repo / "devices")) == ["vm1"]
+        m.stop()
