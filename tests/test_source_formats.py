@@ -122,3 +122,17 @@ def test_a_fixed_vhd_is_told_by_its_last_sector(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert format_of_head(b"") is None and format_of_head(b"\0" * PROBE_BYTES) is None
+
+
+@pytest.mark.mount
+def test_a_block_device_is_checked_the_same_way(repo: Repository, tmp_path: Path) -> None:
+    """A loop device over a qcow2 file (as an LV holding a qcow2 image would be)."""
+    image = _image(tmp_path, ["-f", "qcow2"])
+    loop = subprocess.run(["losetup", "-f", "--show", str(image)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    try:
+        with pytest.raises(UsageError, match=f"source {loop} is a qcow2 image, not a disk"):
+            repo.add_device("vm1", loop)
+        assert repo.add_device("vm1", loop, raw=True).source == loop
+    finally:
+        subprocess.run(["losetup", "-d", loop], capture_output=True)
