@@ -82,6 +82,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
     options = parse_options(args.options)
     repo = os.path.abspath(args.repo)
+    record = read_mount_record(repo)
+    if record is not None:  # said here: the daemon could only say who holds the lock
+        raise UsageError(f"repository {repo} is in use by pid {record.pid}: it is mounted at {record.mountpoint}; "
+                         f"run 'backupfs umount {record.mountpoint}' first to mount it elsewhere")
     if args.foreground:
         _logging_to(sys.stderr)
         notices.propagate = False  # on stderr already: once is enough

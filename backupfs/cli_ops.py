@@ -209,7 +209,8 @@ def _restore_through_mount(record: MountRecord, args: argparse.Namespace, in_pla
         if d is not None:
             raise UsageError(
                 f"{args.target} is the source of device {d.name}, which is mounted at "
-                f"{record.mountpoint}; unmount before restoring over it"
+                f"{record.mountpoint}; restore into {os.path.join(record.mountpoint, d.name, 'device')} (in place, "
+                f"through the mount) or run 'backupfs umount {record.mountpoint}' first"
             )
         ident = args.backup
         if ident != "latest":  # a suffix as people type it (0002), as the unmounted restore takes

@@ -39,7 +39,7 @@ from typing import Any
 import outcome
 import trio
 
-from backupfs.control import ControlCommand, ControlError, DeviceAdd, DeviceRemove, Import, parse_control
+from backupfs.control import ControlError, DeviceAdd, DeviceRemove, Import, parse_control
 from backupfs.mountinfo import check_sources_outside
 from backupfs.requester import Requester
 from backupfs.status import utc_text

@@ -162,6 +162,13 @@ def test_import_while_mounted(tmp_path: Path) -> None:
         assert os.readlink(m.path("old", "backups", "latest")) == lines[1].split("\t")[0]
         proc = cli("import", m.repo, "old", top, check=False)
         assert proc.returncode == 1 and b"device 'old' already exists" in proc.stderr, proc.stderr
+        # What still waits for an unmount says how to do it.
+        other = tmp_path / "mnt2"
+        other.mkdir()
+        proc = cli("mount", m.repo, other, check=False)
+        assert proc.returncode == 1 and f"run 'backupfs umount {m.mnt}' first".encode() in proc.stderr, proc.stderr
+        proc = cli("restore", m.repo, "vm1", "latest", m.src, "--force", check=False)
+        assert proc.returncode == 1 and f"or run 'backupfs umount {m.mnt}' first".encode() in proc.stderr, proc.stderr
         m.stop()
 
 
