@@ -12,7 +12,7 @@ from typing import TextIO
 
 from backupfs.cli_common import default_stop_signals, tell_notices
 from backupfs.mountinfo import find_mount, parse_options, read_mount_record, wait_for_exit
-from backupfs.mountstatus import progress_text, read_status
+from backupfs.mountstatus import STATUS_XATTR, progress_text, read_status
 from engine.errors import BackupfsError, UsageError
 from engine.text import one_line
 
@@ -205,7 +205,25 @@ def _running_jobs(mountpoint: str) -> str:
             who = fields["requester"]
             found.append(f"{name}: {(fields['command'].split() or ['?'])[0]} "
                          f"{progress_text(fields, 'running')}" + (f", requested by {who}" if who else ""))
+    found += _running_control(mountpoint)
     if not found:
         return ""
     return ("; jobs are running (" + "; ".join(found) + "): wait for them, or stop whoever requested "
             "them to cancel them")
+
+
+def _running_control(mountpoint: str) -> list[str]:
+    """A device add, remove or import running through MOUNT/.control (backupfs/repocontrol.py)."""
+    import json
+
+    from backupfs.control import CONTROL_NAME
+
+    try:
+        fields = json.loads(os.getxattr(os.path.join(mountpoint, CONTROL_NAME), STATUS_XATTR))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(fields, dict) or fields.get("state") != "running":
+        return []
+    who = fields.get("requester")
+    return [f"{fields.get('command', '?')} ({fields.get('progress') or 'starting'})"
+            + (f", requested by {who}" if who else "")]

@@ -218,11 +218,13 @@ def test_an_interrupted_import_leaves_nothing(tmp_path: Path) -> None:
     layer and removes what it wrote; the CLI says so on one line (exit 130)."""
     chain = tmp_path / "chain"
     chain.mkdir()
-    base, top = chain / "base.qcow2", chain / "top.qcow2"
+    base, mid, top = chain / "base.qcow2", chain / "mid.qcow2", chain / "top.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(base), "256M")
-    qemu_io(base, "write -P 0x11 0 256M")  # a first layer that takes a while to import
-    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(top))
-    qemu_io(top, "write -P 0x22 0 64k")
+    qemu_io(base, "write -P 0x11 0 256M")  # layers that take a while to import
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(mid))
+    qemu_io(mid, "write -P 0x22 0 256M")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", str(top))
+    qemu_io(top, "write -P 0x33 0 64k")
     with mounted_device(tmp_path, bytes(MiB)) as m:
         control = m.path(".control")
         proc = subprocess.Popen(backupfs_cmd() + ["import", str(m.repo), "big", str(top)],
@@ -230,9 +232,13 @@ def test_an_interrupted_import_leaves_nothing(tmp_path: Path) -> None:
         try:
             deadline = time.monotonic() + 60
             while not (json.loads(os.getxattr(control, "user.backupfs.status"))["progress"] or "").startswith(
-                    "importing 1/2: "):
+                    "importing 1/3: "):
                 assert time.monotonic() < deadline and proc.poll() is None, proc.stderr
                 time.sleep(0.02)  # polling for a state, not waiting a guessed time
+            busy = cli("umount", m.mnt, check=False)  # the CLI holds the control file: it says why
+            err = busy.stderr.decode()
+            assert busy.returncode == 1 and f"import big {top} granularity=65536 (importing " in err, err
+            assert f"requested by pid {proc.pid} (backupfs)" in err, err
             proc.send_signal(signal.SIGINT)
             out, err = proc.communicate(timeout=120)
         finally:
