@@ -11,7 +11,7 @@ import sys
 from typing import TextIO
 
 from backupfs.cli_common import default_stop_signals, tell_notices
-from backupfs.mountinfo import find_mount, parse_options, read_mount_record, wait_for_exit
+from backupfs.mountinfo import check_mountpoint, find_mount, parse_options, read_mount_record, wait_for_exit
 from backupfs.mountstatus import STATUS_XATTR, progress_text, read_status
 from engine.errors import BackupfsError, UsageError
 from engine.text import one_line
@@ -84,6 +84,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     repo = os.path.abspath(args.repo)
     record = read_mount_record(repo)
     if record is not None:  # said here: the daemon could only say who holds the lock
+        check_mountpoint(repo, args.mountpoint)  # but what is wrong with the mount point first, as it does
         raise UsageError(f"repository {repo} is in use by pid {record.pid}: it is mounted at {record.mountpoint}; "
                          f"run 'backupfs umount {record.mountpoint}' first to mount it elsewhere")
     if args.foreground:

@@ -160,8 +160,6 @@ def test_import_while_mounted(tmp_path: Path) -> None:
         assert sorted(os.listdir(m.mnt)) == ["old", "vm1"]
         assert m.path("old", "backups", "latest").read_bytes() == qemu_raw(top, tmp_path)
         assert os.readlink(m.path("old", "backups", "latest")) == lines[1].split("\t")[0]
-        proc = cli("import", m.repo, "old", top, check=False)
-        assert proc.returncode == 1 and b"device 'old' already exists" in proc.stderr, proc.stderr
         # What still waits for an unmount says how to do it.
         other = tmp_path / "mnt2"
         other.mkdir()
