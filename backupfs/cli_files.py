@@ -97,7 +97,8 @@ def backup_files(repo_path: str, device: str, ident: str) -> Iterator[tuple[Gues
     if record is not None:
         where = os.path.join(record.mountpoint, device, "files", ident)
         raise UsageError(f"repository {escape(path)} is mounted at {escape(record.mountpoint)}: "
-                         f"the files are under {escape(where)}/ (or unmount it to use this command)")
+                         f"the files are under {escape(where)}/ (or run 'backupfs umount "
+                         f"{escape(record.mountpoint)}' to use this command)")
     with Repository.open(path, writable=False) as repo:
         rec = repo.resolve_backup(device, ident)
         with repo.open_files(rec.id) as disk:

@@ -71,7 +71,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
     if record is not None:
         where = os.path.join(record.mountpoint, args.name, "changes")
         raise UsageError(f"repository {escape(path)} is mounted at {escape(record.mountpoint)}: what "
-                         f"each backup changed is under {escape(where)}/ (or unmount it to use this command)")
+                         f"each backup changed is under {escape(where)}/ (or run 'backupfs umount "
+                         f"{escape(record.mountpoint)}' to use this command)")
     with Repository.open(path, writable=False) as repo:
         old = repo.resolve_backup(args.name, args.old)
         new = repo.resolve_backup(args.name, args.new)

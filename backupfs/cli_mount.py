@@ -11,8 +11,8 @@ import sys
 from typing import TextIO
 
 from backupfs.cli_common import default_stop_signals, tell_notices
-from backupfs.mountinfo import find_mount, parse_options, read_mount_record, wait_for_exit
-from backupfs.mountstatus import progress_text, read_status
+from backupfs.mountinfo import check_mountpoint, find_mount, parse_options, read_mount_record, wait_for_exit
+from backupfs.mountstatus import STATUS_XATTR, progress_text, read_status
 from engine.errors import BackupfsError, UsageError
 from engine.text import one_line
 
@@ -82,6 +82,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
     options = parse_options(args.options)
     repo = os.path.abspath(args.repo)
+    record = read_mount_record(repo)
+    if record is not None:  # said here: the daemon could only say who holds the lock
+        check_mountpoint(repo, args.mountpoint)  # but what is wrong with the mount point first, as it does
+        raise UsageError(f"repository {repo} is in use by pid {record.pid}: it is mounted at {record.mountpoint}; "
+                         f"run 'backupfs umount {record.mountpoint}' first to mount it elsewhere")
     if args.foreground:
         _logging_to(sys.stderr)
         notices.propagate = False  # on stderr already: once is enough
@@ -201,7 +206,25 @@ def _running_jobs(mountpoint: str) -> str:
             who = fields["requester"]
             found.append(f"{name}: {(fields['command'].split() or ['?'])[0]} "
                          f"{progress_text(fields, 'running')}" + (f", requested by {who}" if who else ""))
+    found += _running_control(mountpoint)
     if not found:
         return ""
     return ("; jobs are running (" + "; ".join(found) + "): wait for them, or stop whoever requested "
             "them to cancel them")
+
+
+def _running_control(mountpoint: str) -> list[str]:
+    """A device add, remove or import running through MOUNT/.control (backupfs/repocontrol.py)."""
+    import json
+
+    from backupfs.control import CONTROL_NAME
+
+    try:
+        fields = json.loads(os.getxattr(os.path.join(mountpoint, CONTROL_NAME), STATUS_XATTR))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(fields, dict) or fields.get("state") != "running":
+        return []
+    who = fields.get("requester")
+    return [f"{fields.get('command', '?')} ({fields.get('progress') or 'starting'})"
+            + (f", requested by {who}" if who else "")]

@@ -87,6 +87,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", dest="tip_format", choices=("raw", "qcow2"), default="qcow2",
                    help="the tip's format (default qcow2; never told from its first bytes, which in a "
                         "raw disk its guest chose): give raw to import a raw disk")
+    p.add_argument("--raw", action="store_true",
+                   help="take the --source as raw bytes even when it holds a disk image format (refused otherwise)")
     p.set_defaults(func=cmd_import)
 
 
@@ -207,7 +209,8 @@ def _restore_through_mount(record: MountRecord, args: argparse.Namespace, in_pla
         if d is not None:
             raise UsageError(
                 f"{args.target} is the source of device {d.name}, which is mounted at "
-                f"{record.mountpoint}; unmount before restoring over it"
+                f"{record.mountpoint}; restore into {os.path.join(record.mountpoint, d.name, 'device')} (in place, "
+                f"through the mount) or run 'backupfs umount {record.mountpoint}' first"
             )
         ident = args.backup
         if ident != "latest":  # a suffix as people type it (0002), as the unmounted restore takes
@@ -344,13 +347,20 @@ def cmd_import(args: argparse.Namespace) -> int:
     from engine.repo import DEFAULT_GRANULARITY, Repository
 
     granularity = parse_size(args.granularity, "granularity")
+    record = _mounted(args.repo)
+    if record is not None:  # the daemon's to do (backupfs/cli_control.py)
+        from backupfs.cli_control import import_chain
+
+        return import_chain(record, args.name, args.tip, args.source, granularity or DEFAULT_GRANULARITY,
+                            args.allow_outside, args.backing_format, args.tip_format, args.raw)
     with Repository.open(args.repo) as repo:
         def on_layer(n: int, total: int, path: str) -> None:
             if sys.stderr.isatty():
                 print(f"importing {n + 1}/{total}: {escape(path)}", file=sys.stderr)
 
         records = repo.import_chain(args.name, args.tip, granularity or DEFAULT_GRANULARITY, args.source, on_layer,
-                                    args.allow_outside, args.backing_format, args.tip_format)
+                                    args.allow_outside, args.backing_format, args.tip_format,
+                                    raw_source=args.raw)
     for rec in records:
         print(f"{escape(rec.id)}\t{rec.kind}\t{format_size(rec.stored_bytes)}\t{escape(rec.label or '')}")
     return 0

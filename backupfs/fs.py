@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import logging
 import os
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,15 +30,19 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
+from backupfs.control import CONTROL_NAME
 from backupfs.filescache import FilesCache
 from backupfs.filestree import FILES, GUEST, GUEST_KINDS, VOLUMES, FilesView
 from backupfs.historytree import CHANGES, CHANGES_FILE, HISTORY_KINDS, VERSION_FILE, HistoryView
 from backupfs.jobs import JobRunner, SourceFactory
 from backupfs.mountinfo import find_mount, raise_read_ahead
+from backupfs.mountstatus import STATUS_XATTR
 from backupfs.readbuffers import ReadBuffers
+from backupfs.repocontrol import MountHooks, RepositoryControl
 from backupfs.requester import Requester
 from backupfs.tree import (
-    BACKUP, BACKUPS, BITMAP, CHAIN, DEVICE, ROOT_INODE, SNAPSHOT, Attributes, Node, RequestError, Tree,
+    BACKUP, BACKUPS, BITMAP, CHAIN, DEVDIR, DEVICE, ROOT, ROOT_INODE, SNAPSHOT, TREE_TIMEOUT, Attributes, Node,
+    RequestError, Tree,
 )
 from backupfs.views import IDLE_VIEW_BYTES, BackupView, ViewCache
 from backupfs.writepolicy import InlineWrites
@@ -45,6 +51,7 @@ from engine.chain import WouldBlock
 from engine.errors import BackupfsError
 from engine.history.history import History
 from engine.repo import Repository
+from engine.validate import NAME_RE
 
 log = logging.getLogger("backupfs.fs")
 
@@ -54,6 +61,8 @@ assert ROOT_INODE == pyfuse3.ROOT_INODE, "tree.py's root must be the kernel's"
 PRIVATE_KINDS = frozenset(GUEST_KINDS + HISTORY_KINDS)
 # What never changes through the mount.
 READ_ONLY_KINDS = frozenset((BACKUP,) + GUEST_KINDS + HISTORY_KINDS)
+# MOUNT/.control: repository commands (backupfs/repocontrol.py); the mount owner's alone.
+CONTROL = "control"
 
 # A sequential reader of a backup gets the layers' data read ahead: up to
 # READ_WINDOW beyond it, asked for in READ_STEP pieces (measured with
@@ -77,6 +86,7 @@ class Handle:
     opened: float = field(default_factory=time.monotonic)
     attrs: list[Attributes | None] = field(default_factory=list)  # a guest listing's, made off the loop
     guest: GuestFile | None = None  # an open file inside a backup's files
+    pid: int = 0  # who opened it (a refused `device remove` names them)
 
 
 @dataclass
@@ -152,6 +162,12 @@ class BackupOperations(pyfuse3.Operations):
         self._read_ahead_raised = False
         self._write_policies: dict[str, InlineWrites] = {}
         self._advisor = Advisor()  # read-ahead advice for backup readers, off the event loop
+        self._opening: dict[str, int] = {}  # opens under way (awaiting a worker), by device
+        self.control = RepositoryControl(repo, mountpoint, MountHooks(
+            self._job_running, self._open_files, self._device_appeared, self._device_removed))
+        self.tree.register(ROOT, lookup=self._root_child)
+        self.tree.register(CONTROL, ROOT, check=lambda node: True, describe=self._describe_control,
+                           xattrs=self._control_xattrs)
 
     # -- helpers ----------------------------------------------------------------
 
@@ -189,6 +205,10 @@ class BackupOperations(pyfuse3.Operations):
     def _let_in(self, node: Node, ctx: pyfuse3.RequestContext) -> None:
         """``files_owner_only``: a backup's files are the mount owner's (and root's) alone."""
         if self.files_owner_only and node.kind in PRIVATE_KINDS and ctx.uid not in (0, self.uid):
+            raise pyfuse3.FUSEError(errno.EACCES)
+        # Its commands run with the daemon's rights, on paths the writer names:
+        # the owner's alone, whatever allow_other lets in (root of another mount too).
+        if node.kind == CONTROL and ctx.uid != self.uid:
             raise pyfuse3.FUSEError(errno.EACCES)
 
     def _new_handle(self, handle: Handle) -> int:
@@ -268,7 +288,7 @@ class BackupOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         if fields.update_mode or fields.update_uid or fields.update_gid:
             raise pyfuse3.FUSEError(errno.EPERM)
-        if fields.update_size and node.kind not in (DEVICE, SNAPSHOT):
+        if fields.update_size and node.kind not in (DEVICE, SNAPSHOT, CONTROL):
             raise pyfuse3.FUSEError(errno.EACCES)
         # A device has a fixed size, like a block device: truncation is
         # ignored (plain `dd of=device` truncates first). O_TRUNC on the
@@ -375,6 +395,29 @@ class BackupOperations(pyfuse3.Operations):
     @handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self.inodes.node(inode)
+        device = node.device
+        if device is not None and device in self.control.removing:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if node.kind == CONTROL:
+            self._let_in(node, ctx)
+            writing = flags & os.O_ACCMODE != os.O_RDONLY
+            content = self.control.status.render().encode()
+            handle = Handle(node, content=content, requester=Requester.of(ctx.pid) if writing else None)
+            return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True, keep_cache=False)
+        if device is None:
+            return await self._open(node, flags, ctx)
+        # Counted while it waits for a worker: a removal then waits (repocontrol.py).
+        self._opening[device] = self._opening.get(device, 0) + 1
+        try:
+            info = await self._open(node, flags, ctx)
+        finally:
+            self._opening[device] -= 1
+            if not self._opening[device]:
+                del self._opening[device]
+        self._handles[info.fh].pid = ctx.pid
+        return info
+
+    async def _open(self, node: Node, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if not self.tree.exists(node):
             raise pyfuse3.FUSEError(errno.ENOENT)
         writing = flags & os.O_ACCMODE != os.O_RDONLY
@@ -494,6 +537,13 @@ class BackupOperations(pyfuse3.Operations):
         if node.kind == SNAPSHOT:
             await self.jobs.trigger(node.device or "", buf, handle.requester, handle)
             return len(buf)
+        if node.kind == CONTROL:
+            # The writer reads the outcome back from this same open file.
+            err, outcome = await self.control.run(buf, handle.requester)
+            handle.content = json.dumps(outcome).encode() + b"\n"
+            if err:
+                raise pyfuse3.FUSEError(err)
+            return len(buf)
         raise pyfuse3.FUSEError(errno.EROFS if node.kind in READ_ONLY_KINDS else errno.EACCES)
 
     def _write_policy(self, device: str) -> InlineWrites:
@@ -523,6 +573,72 @@ class BackupOperations(pyfuse3.Operations):
         for kept in sorted(after):  # children of a removed one were rewritten: new st_blocks
             inode = self.inodes.get(BACKUP, device, kept).inode
             await trio.to_thread.run_sync(self._invalidate_attrs, inode)
+        self.views.drop_stale()
+
+    # -- MOUNT/.control: devices added and removed while mounted ----------------------------
+
+    def _root_child(self, parent: Node, name: bytes) -> Node | None:
+        """The root's entry ``name``: a device (one catalog row), or the control file
+        (not listed: the root lists the devices, and scripts walk MOUNT/*)."""
+        if name == CONTROL_NAME.encode():
+            return self.inodes.get(CONTROL)
+        try:
+            text = name.decode()
+        except UnicodeDecodeError:
+            return None
+        if not NAME_RE.fullmatch(text) or text in self.control.removing or self.repo.device_record(text) is None:
+            return None
+        return self.inodes.get(DEVDIR, text)
+
+    def _describe_control(self, node: Node, a: Attributes) -> None:
+        a.mode = stat.S_IFREG | 0o600
+        a.entry_timeout = TREE_TIMEOUT  # the name is there for the life of the mount
+        a.size = 0  # read through direct I/O: its text is whatever the last command left
+
+    def _control_xattrs(self, node: Node) -> dict[bytes, bytes]:
+        return {STATUS_XATTR.encode(): json.dumps(self.control.status.fields()).encode()}
+
+    def _job_running(self, device: str) -> str | None:
+        if not self.jobs.running(device):
+            return None
+        st = self.jobs.status(device)
+        by = f", requested by {st.requester}" if st.requester else ""
+        return f"{st.command}: {st.progress_line()}{by}"
+
+    def _open_files(self, device: str) -> list[str]:
+        """What of ``device`` is open in the mount, and by whom (directories aside)."""
+        out = []
+        for h in self._handles.values():
+            node = h.node
+            if node.device != device or h.entries:
+                continue
+            if node.kind == DEVICE:
+                what = "its device file"
+            elif node.kind == BACKUP:
+                what = f"backup {node.backup}"
+            elif h.guest is not None:
+                what = f"a file in backup {node.backup}"
+            else:
+                what = f"its {node.kind} file"
+            out.append(f"{what} is open by {_process(h.pid)}")
+        if self._opening.get(device):
+            out.append(f"{self._opening[device]} open{'s are' if self._opening[device] > 1 else ' is'} under way")
+        return out
+
+    async def _device_appeared(self, device: str) -> None:
+        """A name the kernel may hold as missing (a lookup before the add) is looked up again."""
+        await trio.to_thread.run_sync(self._invalidate, ROOT_INODE, device.encode())
+
+    async def _device_removed(self, device: str) -> None:
+        """Drop the device's name from the kernel's cache (with everything below it),
+        and what the mount kept of it: a device added again under that name starts afresh."""
+        await trio.to_thread.run_sync(self._invalidate, ROOT_INODE, device.encode())
+        if self.repo.device_record(device) is not None:
+            return  # the removal failed: it is all still there
+        self._write_policies.pop(device, None)
+        self.jobs.forget(device)
+        self.files.disks.drop_all()
+        self.history.invalidated(device)
         self.views.drop_stale()
 
     @staticmethod
@@ -611,3 +727,12 @@ class BackupOperations(pyfuse3.Operations):
         # files are dropped when the kernel lets go of them.
         for inode, count in inode_list:
             self.inodes.forget(inode, count)
+
+
+def _process(pid: int) -> str:
+    """'pid 4711 (qemu-system-x86)': who holds a file, for a refusal to say."""
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f"pid {pid} ({f.read().decode(errors='replace').strip()})"
+    except OSError:
+        return f"pid {pid}" if pid > 0 else "a process"

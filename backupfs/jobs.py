@@ -105,6 +105,10 @@ class JobRunner:
     def running(self, device: str) -> bool:
         return self.status(device).state == "running"
 
+    def forget(self, device: str) -> None:
+        """A removed device: a device added again under its name starts idle."""
+        self._status.pop(device, None)
+
     async def trigger(self, device: str, line: bytes, requester: Requester | None = None,
                       handle: TriggerWriter | None = None) -> None:
         """Run what a trigger line asks for; return when it is done (and durable)."""

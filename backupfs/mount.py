@@ -130,7 +130,7 @@ def _remove_record(record_path: str) -> None:
 
 async def _main(repo: Repository, ready: Callable[[str | None], None], ops: BackupOperations) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_on_signals, repo)
+        nursery.start_soon(_on_signals, repo, ops)
         nursery.start_soon(_drop_idle_files, ops)
         nursery.start_soon(_load_parsers)
         ready(None)
@@ -157,11 +157,13 @@ async def _drop_idle_files(ops: BackupOperations) -> None:
         await trio.to_thread.run_sync(ops.files.disks.evict_idle)
 
 
-async def _on_signals(repo: Repository) -> None:
+async def _on_signals(repo: Repository, ops: BackupOperations) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("signal %d: unmounting", signum)
-            repo.cancel_jobs(f"the mount daemon received {signal.Signals(signum).name} and is unmounting")
+            reason = f"the mount daemon received {signal.Signals(signum).name} and is unmounting"
+            repo.cancel_jobs(reason)
+            ops.control.cancel(reason)  # an import through MOUNT/.control
             pyfuse3.terminate()
             return
 

@@ -49,8 +49,8 @@ DEVDIR_ENTRIES = (("device", DEVICE), ("snapshot", SNAPSHOT), ("chain", CHAIN), 
 XATTRS = ("kind", "parent", "cluster_size", "granularity", "stored_bytes", "created", "image")
 BACKUP_TIMEOUT = 3600.0  # backups never change while they exist
 # The directories, and the names in a device's directory, are fixed for
-# the life of a mount (adding or removing a device needs the repository's
-# lock, which the mount holds): the kernel may keep them. Without it every
+# the life of a mount (a device added or removed through MOUNT/.control
+# has its root entry invalidated, backupfs/fs.py): the kernel may keep them. Without it every
 # path walk asked again for MOUNT/vm1 and MOUNT/vm1/backups, and `ls -l` of
 # 1,000 backups took 1.6 s.
 TREE_TIMEOUT = 3600.0
@@ -392,9 +392,11 @@ class Tree:
         """Is the node still there? (A pruned backup's inode outlives it.)"""
         if node.kind == ROOT:
             return True
-        if node.device is None or self.repo.device_record(node.device) is None:
-            return False
         check = self._checks.get(node.kind)
+        if node.device is None:  # a file of the root's own (MOUNT/.control), if its kind says so
+            return check is not None and check(node)
+        if self.repo.device_record(node.device) is None:
+            return False
         return check is None or check(node)
 
     # -- attributes -------------------------------------------------------------------

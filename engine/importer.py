@@ -49,6 +49,7 @@ def import_chain(
     allow_outside: Sequence[str] = (),
     backing_format: str | None = None,
     tip_format: str = "qcow2",
+    raw_source: bool = False,
 ) -> list[BackupRecord]:
     """Import ``tip`` and its backing chain as backups of a new device ``name``.
 
@@ -58,12 +59,13 @@ def import_chain(
 
     Backing files are read only inside the tip's directory tree and
     ``allow_outside``, never probed: ``backing_format`` is the format of a
-    link that records none (see Confinement).
+    link that records none (see Confinement). ``raw_source``: a ``source``
+    holding an image format is taken as raw bytes (engine/imageformat.py).
     """
     confine = Confinement.around(tip, allow_outside, backing_format)
     try:
         return _import_confined(repo_path, catalog, name, tip, granularity, source, on_layer, confine,
-                                tip_format)
+                                tip_format, raw_source)
     finally:
         confine.close()
 
@@ -78,6 +80,7 @@ def _import_confined(
     on_layer: Callable[[int, int, str], None] | None,
     confine: Confinement,
     tip_format: str,
+    raw_source: bool = False,
 ) -> list[BackupRecord]:
     """``import_chain`` with the backing files' directories held open (``confine``)."""
     size, info = _read_chain(tip, confine, tip_format)
@@ -85,7 +88,7 @@ def _import_confined(
     identity: SourceId | None = None
     if source is not None:
         # The same check as a device's add (engine/sourcecheck.py).
-        source, src_size, identity = probe_source(source, repo_path)
+        source, src_size, identity = probe_source(source, repo_path, raw_source)
         if src_size != size:
             raise UsageError(f"source {source} is {src_size} bytes but the chain's disk is {size}")
     # The images are written first, each complete and durable; the device

@@ -388,11 +388,12 @@ class Repository:
 
     # -- devices ---------------------------------------------------------------------
 
-    def add_device(self, name: str, source: str, granularity: int | None = None) -> DeviceRecord:
+    def add_device(self, name: str, source: str, granularity: int | None = None, raw: bool = False) -> DeviceRecord:
         """Register a device, or give an imported archive (no source yet) its live source.
 
         ``granularity`` None: the default for a new device, the archive's own
-        for an attach.
+        for an attach. ``raw``: take a source that holds an image format as
+        the bytes to back up (engine/imageformat.py).
         """
         self._require_room("adding a device")
         validate_name(name)
@@ -402,7 +403,7 @@ class Repository:
         if granularity is None:
             granularity = existing.granularity if existing is not None else DEFAULT_GRANULARITY
         validate_granularity(granularity)
-        source, size, identity = self._probe_source(source)
+        source, size, identity = self._probe_source(source, raw)
         check_granules(size, granularity, f"source {source}")
         self._check_unclaimed(source, identity)
         if existing is not None:
@@ -411,15 +412,15 @@ class Repository:
         fsync_dir(os.path.join(self.path, DEVICES))  # durable before the catalog names it
         return self.catalog.add_device(name, source, size, granularity, identity=identity)
 
-    def _probe_source(self, source: str) -> tuple[str, int, SourceId]:
+    def _probe_source(self, source: str, raw: bool = False) -> tuple[str, int, SourceId]:
         """(absolute path, size, identity) of a source to bind a device to
         (engine/sourcecheck.py), whose size a device can have."""
-        source, size, identity = probe_source(source, self.path)
+        source, size, identity = probe_source(source, self.path, raw)
         if size <= 0 or size % 512:
             raise UsageError(f"source {source} is {size} bytes; a device must be a non-zero multiple of 512")
         return source, size, identity
 
-    def replace_source(self, name: str, source: str) -> DeviceRecord:
+    def replace_source(self, name: str, source: str, raw: bool = False) -> DeviceRecord:
         """Rebind a device to ``source`` on purpose: another path, or the
         file now at its path (``mv new.img src.img``), which a device's
         every open refuses until this says it is the device's disk.
@@ -436,7 +437,7 @@ class Repository:
         if not rec.source:
             raise UsageError(f"device {name} has no live source (an imported archive); "
                              f"give it one without --replace")
-        source, size, identity = self._probe_source(source)
+        source, size, identity = self._probe_source(source, raw)
         if size != rec.size:
             raise UsageError(f"source {source} is {size} bytes but device {name} is {rec.size}; "
                              "a device's source keeps its size")
@@ -499,6 +500,7 @@ class Repository:
         self, name: str, tip: str, granularity: int = DEFAULT_GRANULARITY, source: str | None = None,
         on_layer: Callable[[int, int, str], None] | None = None,
         allow_outside: Sequence[str] = (), backing_format: str | None = None, tip_format: str = "qcow2",
+        raw_source: bool = False,
     ) -> list[BackupRecord]:
         """Adopt a QEMU/libvirt chain as the history of a new device ``name``
         (backing files confined as engine/importer.py says)."""
@@ -515,7 +517,7 @@ class Repository:
                 if found is not None:  # else the import names what is wrong with it
                     self._check_unclaimed(os.path.abspath(source), found)
             records = import_chain(self.path, self.catalog, name, tip, granularity, source, on_layer,
-                                   allow_outside, backing_format, tip_format)
+                                   allow_outside, backing_format, tip_format, raw_source=raw_source)
         except BaseException:
             # All or nothing: the device and its backups are committed in one
             # go, last. Not committed: no half of it stays. Committed (an

@@ -12,17 +12,21 @@ import os
 
 from engine.errors import UsageError
 from engine.fsutil import file_size
+from engine.imageformat import refuse_image_format
 from engine.sourceid import PathRefused, SourceId, open_disk
 from engine.validate import utf8_path
 
 
-def probe_source(source: str, repo_path: str) -> tuple[str, int, SourceId]:
+def probe_source(source: str, repo_path: str, raw: bool = False) -> tuple[str, int, SourceId]:
     """(absolute path, size, identity) of a source to bind a device to,
     refused unless it is a regular file or block device outside the
     repository, reached without an untrusted symlink (engine/sourceid.py).
 
     Checked before it is opened: a FIFO would block the open, and a
-    stranger's symlink lead elsewhere. The caller checks the size.
+    stranger's symlink lead elsewhere. The caller checks the size. Unless
+    ``raw``, a source whose first bytes name an image format (qcow2, VMDK,
+    VHD, VHDX, VDI) is refused: its backups would hold the container, not
+    the disk (engine/imageformat.py).
     """
     source = utf8_path(os.path.abspath(source), "source")
     if os.path.commonpath([source, repo_path]) == repo_path:
@@ -38,6 +42,11 @@ def probe_source(source: str, repo_path: str) -> tuple[str, int, SourceId]:
         raise UsageError(f"source {source}: {e.strerror}") from None
     try:
         size = file_size(fd)
+        if not raw:
+            try:
+                refuse_image_format(fd, size, source)
+            except OSError as e:
+                raise UsageError(f"source {source}: cannot read its first bytes: {e.strerror}") from None
         real = os.readlink(f"/proc/self/fd/{fd}") if os.path.isdir("/proc/self/fd") else source
     finally:
         os.close(fd)
