@@ -211,9 +211,25 @@ class BackupOperations(pyfuse3.Operations):
         may coincide with a guest's by chance."""
         if self.access.privileged(ctx.uid) or node.kind not in PRIVATE_KINDS:
             return
-        attrs = await self._model(node, self.tree.attributes, node, attributes=True)
-        if attrs.uid is not None and not guest_allows(attrs.mode, want):
+        if not await self._model(node, self._others_reach, node, want, attributes=True):
             raise pyfuse3.FUSEError(errno.EACCES)
+
+    def _others_reach(self, node: Node, want: int) -> bool:
+        """Whether the guest lets everyone ``want`` on ``node`` and search every
+        guest directory above it. The directories too: a path the owner has
+        walked is kept by the kernel, and a walk through it is checked only
+        against the modes, where a uid that equals the guest's passes."""
+        attrs = self.tree.attributes(node)
+        if attrs.uid is not None and not guest_allows(attrs.mode, want):
+            return False
+        while attrs.uid is not None:
+            node = self.tree.parent(node)
+            if node.kind not in PRIVATE_KINDS:
+                break
+            attrs = self.tree.attributes(node)
+            if attrs.uid is not None and not guest_allows(attrs.mode, os.X_OK):
+                return False
+        return True
 
     def _new_handle(self, handle: Handle) -> int:
         fh = self._next_fh
