@@ -11,21 +11,24 @@ import sys
 from typing import TextIO
 
 from backupfs.cli_common import default_stop_signals, tell_notices
-from backupfs.mountinfo import check_mountpoint, find_mount, parse_options, read_mount_record, wait_for_exit
+from backupfs.mountaccess import describe_options
+from backupfs.mountinfo import check_mountpoint, find_mount, listed_mounts, parse_options, read_mount_record, wait_for_exit
 from backupfs.mountstatus import STATUS_XATTR, progress_text, read_status
 from engine.errors import BackupfsError, UsageError
-from engine.text import one_line
+from engine.text import escape, one_line
 
 LOG_FILE = "backupfs.log"
 UMOUNT_TIMEOUT = 600.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("mount", help="mount a repository (returns once the mount is ready)")
-    p.add_argument("repo", metavar="REPO")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p = sub.add_parser("mount", help="mount a repository (returns once the mount is ready); "
+                                     "with no arguments, list the mounts and their options")
+    p.add_argument("repo", metavar="REPO", nargs="?")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr")
-    p.add_argument("-o", dest="options", metavar="OPTIONS", help="mount options, e.g. allow_other")
+    p.add_argument("-o", dest="options", metavar="OPTIONS",
+                   help="mount options, e.g. allow_other, allow_group=GROUP, gid=GROUP,umask=027, files_owner_only")
     p.set_defaults(func=cmd_mount)
 
     p = sub.add_parser("umount", help="unmount; waits until the daemon has saved its bitmaps")
@@ -78,6 +81,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from backupfs.mount import serve  # pyfuse3 and trio: only the daemon needs them
     from engine.access import notices
 
+    if args.repo is None:
+        if args.options or args.foreground:
+            raise UsageError("mount: give REPO and MOUNTPOINT with -o or -f")
+        return _list_mounts()
+    if args.mountpoint is None:
+        raise UsageError("mount: give a MOUNTPOINT after the repository (or no arguments, to list the mounts)")
     default_stop_signals()  # the daemon has its own: unmount cleanly
 
     options = parse_options(args.options)
@@ -142,6 +151,18 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if answer == "OK":
         return 0
     raise BackupfsError(answer[4:] if answer.startswith("ERR ") else "the mount daemon exited without a word")
+
+
+def _list_mounts() -> int:
+    """One line a mount, as mount(8) lists: where, which repository, its
+    daemon and the options it was mounted with (nosuid,nodev always)."""
+    for point, repo, record in listed_mounts():
+        if record is None:
+            print(f"{escape(repo)} on {escape(point)} (dead mount: its daemon is gone)")
+            continue
+        options = describe_options(("nosuid", "nodev") + record.options)
+        print(f"{escape(repo)} on {escape(point)} (daemon pid {record.pid}; {escape(options)})")
+    return 0
 
 
 def _detach_stdio() -> None:

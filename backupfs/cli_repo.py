@@ -340,7 +340,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             if e.errno == errno.ENOTCONN:
                 raise BackupfsError(f"{args.repo} is mounted at {record.mountpoint}, a dead mount (its daemon is "
                                     f"gone); run 'backupfs umount {record.mountpoint}', then status again") from None
-        print(f"mounted at {escape(record.mountpoint)} (daemon pid {record.pid})")
+        from backupfs.mountaccess import describe_options
+
+        options = f"; -o {escape(describe_options(record.options))}" if record.options else ""
+        print(f"mounted at {escape(record.mountpoint)} (daemon pid {record.pid}{options})")
         failed = False
         with catalog_for_reading(args.repo) as catalog:
             for d in catalog.devices():

@@ -21,6 +21,7 @@ from typing import Any
 
 from backupfs.fs import BackupOperations, handler
 from backupfs.jobs import SourceFactory
+from backupfs.mountaccess import MountAccess
 from engine.job import FailingSource
 from engine.repo import Repository
 
@@ -47,9 +48,9 @@ class FaultyOperations(BackupOperations):
     as a real one would be)."""
 
     def __init__(self, repo: Repository, faults: set[str], mountpoint: str | None = None,
-                 files_owner_only: bool = False) -> None:
+                 files_owner_only: bool = False, access: MountAccess | None = None) -> None:
         super().__init__(repo, mountpoint=mountpoint, source_factory=source_fault(faults),
-                         files_owner_only=files_owner_only)
+                         files_owner_only=files_owner_only, access=access)
         self._faults = faults
         for name in {f.split(":")[0] for f in faults if "@" not in f}:
             setattr(self, name, types.MethodType(self._failing(name, getattr(self, name)), self))
@@ -72,9 +73,11 @@ class FaultyOperations(BackupOperations):
             raise RuntimeError(f"injected fault in {name}")
 
 
-def operations(repo: Repository, mountpoint: str, files_owner_only: bool = False) -> BackupOperations:
+def operations(repo: Repository, mountpoint: str, files_owner_only: bool = False,
+               access: MountAccess | None = None) -> BackupOperations:
     """The filesystem a mount serves: with the faults a test asked for, if any."""
     faults = parse_faults(os.environ.get(FAULTS_ENV))
     if faults:
-        return FaultyOperations(repo, faults, mountpoint=mountpoint, files_owner_only=files_owner_only)
-    return BackupOperations(repo, mountpoint=mountpoint, files_owner_only=files_owner_only)
+        return FaultyOperations(repo, faults, mountpoint=mountpoint, files_owner_only=files_owner_only,
+                                access=access)
+    return BackupOperations(repo, mountpoint=mountpoint, files_owner_only=files_owner_only, access=access)

@@ -35,6 +35,7 @@ from backupfs.filescache import FilesCache
 from backupfs.filestree import FILES, GUEST, GUEST_KINDS, VOLUMES, FilesView
 from backupfs.historytree import CHANGES, CHANGES_FILE, HISTORY_KINDS, VERSION_FILE, HistoryView
 from backupfs.jobs import JobRunner, SourceFactory
+from backupfs.mountaccess import MountAccess, guest_allows
 from backupfs.mountinfo import find_mount, raise_read_ahead
 from backupfs.mountstatus import STATUS_XATTR
 from backupfs.readbuffers import ReadBuffers
@@ -140,7 +141,9 @@ class BackupOperations(pyfuse3.Operations):
 
     def __init__(self, repo: Repository, mountpoint: str | None = None,
                  idle_view_bytes: int = IDLE_VIEW_BYTES, source_factory: SourceFactory | None = None,
-                 files_owner_only: bool = False) -> None:
+                 files_owner_only: bool = False, access: MountAccess | None = None) -> None:
+        """``access``: who besides the owner gets in, and what the mount's files
+        show them (backupfs/mountaccess.py); by default, the owner alone."""
         super().__init__()
         self.repo = repo
         self.mountpoint = mountpoint
@@ -155,6 +158,7 @@ class BackupOperations(pyfuse3.Operations):
         self.files_owner_only = files_owner_only
         self.uid = os.getuid()
         self.gid = os.getgid()
+        self.access = access if access is not None else MountAccess(self.uid)
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._io = trio.CapacityLimiter(32)
@@ -172,20 +176,23 @@ class BackupOperations(pyfuse3.Operations):
     # -- helpers ----------------------------------------------------------------
 
     def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
-        return self._entry(self.tree.attributes(node))
+        return self._entry(self.tree.attributes(node), node.kind)
 
-    def _entry(self, attrs: Attributes) -> pyfuse3.EntryAttributes:
-        """The model's attributes as the kernel takes them, owned by the mount's user."""
+    def _entry(self, attrs: Attributes, kind: str) -> pyfuse3.EntryAttributes:
+        """The model's attributes as the kernel takes them, owned by the mount's
+        user and group (``gid=``), modes masked by ``umask=``; a guest's
+        entries keep the guest's owners and modes."""
         a = pyfuse3.EntryAttributes()
         a.st_ino = attrs.inode
         a.st_uid = self.uid if attrs.uid is None else attrs.uid
-        a.st_gid = self.gid if attrs.gid is None else attrs.gid
+        a.st_gid = self.access.gid(self.gid) if attrs.gid is None else attrs.gid
         a.st_rdev = attrs.rdev
         a.st_nlink = attrs.nlink
         a.st_blksize = attrs.blksize
         a.entry_timeout = attrs.entry_timeout
         a.attr_timeout = attrs.attr_timeout
-        a.st_mode = attrs.mode
+        a.st_mode = self.access.mode(attrs.mode, guest_owned=attrs.uid is not None,
+                                     group_readable=kind == SNAPSHOT)
         a.st_size = attrs.size
         a.st_blocks = attrs.blocks
         a.st_mtime_ns = attrs.mtime_ns
@@ -202,14 +209,47 @@ class BackupOperations(pyfuse3.Operations):
             return await trio.to_thread.run_sync(functools.partial(fn, *args), limiter=self._io)
         return fn(*args)
 
+    def _admit(self, ctx: pyfuse3.RequestContext) -> None:
+        """``allow_group``: the owner, root and the group's members; EACCES for the rest."""
+        if not self.access.lets_in(ctx.uid, ctx.gid, ctx.pid):
+            raise pyfuse3.FUSEError(errno.EACCES)
+
     def _let_in(self, node: Node, ctx: pyfuse3.RequestContext) -> None:
-        """``files_owner_only``: a backup's files are the mount owner's (and root's) alone."""
+        """``_admit``; and ``files_owner_only``: a backup's files are the mount owner's (and root's) alone."""
+        self._admit(ctx)
         if self.files_owner_only and node.kind in PRIVATE_KINDS and ctx.uid not in (0, self.uid):
             raise pyfuse3.FUSEError(errno.EACCES)
         # Its commands run with the daemon's rights, on paths the writer names:
         # the owner's alone, whatever allow_other lets in (root of another mount too).
         if node.kind == CONTROL and ctx.uid != self.uid:
             raise pyfuse3.FUSEError(errno.EACCES)
+
+    async def _guest_grants(self, node: Node, ctx: pyfuse3.RequestContext, want: int) -> None:
+        """Anyone but the owner and root gets into a guest's own entries only by
+        their "other" bits (mountaccess.guest_allows says why): the kernel has
+        already checked the modes against the caller's uid and groups, which
+        may coincide with a guest's by chance."""
+        if self.access.privileged(ctx.uid) or node.kind not in PRIVATE_KINDS:
+            return
+        if not await self._model(node, self._others_reach, node, want, attributes=True):
+            raise pyfuse3.FUSEError(errno.EACCES)
+
+    def _others_reach(self, node: Node, want: int) -> bool:
+        """Whether the guest lets everyone ``want`` on ``node`` and search every
+        guest directory above it. The directories too: a path the owner has
+        walked is kept by the kernel, and a walk through it is checked only
+        against the modes, where a uid that equals the guest's passes."""
+        attrs = self.tree.attributes(node)
+        if attrs.uid is not None and not guest_allows(attrs.mode, want):
+            return False
+        while attrs.uid is not None:
+            node = self.tree.parent(node)
+            if node.kind not in PRIVATE_KINDS:
+                break
+            attrs = self.tree.attributes(node)
+            if attrs.uid is not None and not guest_allows(attrs.mode, os.X_OK):
+                return False
+        return True
 
     def _new_handle(self, handle: Handle) -> int:
         fh = self._next_fh
@@ -260,6 +300,7 @@ class BackupOperations(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self.inodes.node(parent_inode)
         self._let_in(parent, ctx)
+        await self._guest_grants(parent, ctx, os.X_OK)
         child, attrs = await self._model(parent, self._child_attrs, parent, name)
         self.inodes.looked_up(child)
         return attrs
@@ -271,6 +312,7 @@ class BackupOperations(pyfuse3.Operations):
     @handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.inodes.node(inode)
+        self._admit(ctx)
         return await self._model(node, self._existing_attrs, node, attributes=True)
 
     def _existing_attrs(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -284,6 +326,7 @@ class BackupOperations(pyfuse3.Operations):
         fh: int | None, ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         node = self.inodes.node(inode)
+        self._admit(ctx)
         if node.kind in READ_ONLY_KINDS:
             raise pyfuse3.FUSEError(errno.EROFS)
         if fields.update_mode or fields.update_uid or fields.update_gid:
@@ -305,6 +348,7 @@ class BackupOperations(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         node = self.inodes.node(inode)
         self._let_in(node, ctx)
+        await self._guest_grants(node, ctx, os.R_OK)
         values = await self._model(node, self.tree.xattrs, node, attributes=True)
         value = values.get(name)
         if value is None:
@@ -315,6 +359,7 @@ class BackupOperations(pyfuse3.Operations):
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         node = self.inodes.node(inode)
         self._let_in(node, ctx)
+        await self._guest_grants(node, ctx, os.R_OK)
         return list(await self._model(node, self.tree.xattrs, node, attributes=True))
 
     @handler
@@ -329,6 +374,7 @@ class BackupOperations(pyfuse3.Operations):
 
     @handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        self._admit(ctx)
         sv = os.statvfs(self.repo.path)
         out = pyfuse3.StatvfsData()
         for f in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree",
@@ -342,6 +388,7 @@ class BackupOperations(pyfuse3.Operations):
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self.inodes.node(inode)
         self._let_in(node, ctx)
+        await self._guest_grants(node, ctx, os.R_OK)
         handle = await self._model(node, self._listed, node)
         return self._new_handle(handle)
 
@@ -379,7 +426,7 @@ class BackupOperations(pyfuse3.Operations):
             attrs = handle.attrs[i] if handle.attrs else self._described(name, node)
             if attrs is None:
                 continue
-            if not pyfuse3.readdir_reply(token, name, self._entry(attrs), i + 1):
+            if not pyfuse3.readdir_reply(token, name, self._entry(attrs, node.kind), i + 1):
                 break
             if i >= 2:  # the kernel counts a lookup for each entry but `.` and `..`
                 self.inodes.looked_up(node)
@@ -418,9 +465,13 @@ class BackupOperations(pyfuse3.Operations):
         return info
 
     async def _open(self, node: Node, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        self._let_in(node, ctx)
         if not self.tree.exists(node):
             raise pyfuse3.FUSEError(errno.ENOENT)
         writing = flags & os.O_ACCMODE != os.O_RDONLY
+        if writing and node.kind in (DEVICE, SNAPSHOT) and not self.access.privileged(ctx.uid):
+            # The kernel checks the modes too (0600, 0640); this holds whatever -o umask= made them.
+            raise pyfuse3.FUSEError(errno.EACCES)
         if node.kind == DEVICE:
             assert node.device is not None
             await trio.to_thread.run_sync(self.repo.open_device, node.device, limiter=self._io)
@@ -437,9 +488,9 @@ class BackupOperations(pyfuse3.Operations):
             fh = self._new_handle(Handle(node, content=content, requester=requester))
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         if node.kind in (GUEST, VERSION_FILE):
-            self._let_in(node, ctx)
             if writing or flags & os.O_TRUNC:
                 raise pyfuse3.FUSEError(errno.EROFS)
+            await self._guest_grants(node, ctx, os.R_OK)
             opener = self.files.open_file if node.kind == GUEST else self.history.open_file
             disk, rec, volume, data = await trio.to_thread.run_sync(opener, node, limiter=self._io)
             fh = self._new_handle(Handle(node, guest=GuestFile(disk, rec, volume, data)))
@@ -449,7 +500,6 @@ class BackupOperations(pyfuse3.Operations):
             # A changes file's text is computed here, once per open, and its
             # size in stat is 0: direct_io makes readers read to the end
             # (backupfs/historytree.py says why).
-            self._let_in(node, ctx)
             if writing:
                 read_only = node.kind == VOLUMES or node.kind in READ_ONLY_KINDS
                 raise pyfuse3.FUSEError(errno.EROFS if read_only else errno.EACCES)

@@ -22,7 +22,8 @@ import trio
 
 from backupfs.faults import operations
 from backupfs.fs import BackupOperations
-from backupfs.mountinfo import MOUNT_RECORD, OUR_OPTIONS, check_mountpoint, check_sources_outside
+from backupfs.mountaccess import MountAccess
+from backupfs.mountinfo import MOUNT_RECORD, check_mountpoint, check_sources_outside, our_options
 from engine.chain import read_path
 from engine.errors import BackupfsError
 from engine.fsutil import atomic_write
@@ -77,9 +78,16 @@ def serve(repo_path: str, mountpoint: str, options: list[str], ready: Callable[[
         # The read-ahead is raised at the first open of a backup, not here: the
         # kernel caps it to what FUSE INIT negotiated, and INIT is answered only
         # once serving starts (a value written now would be cut back to 128 KiB).
-        ours = set(options) & OUR_OPTIONS
-        options = [o for o in options if o not in OUR_OPTIONS]
-        ops = operations(repo, mp, files_owner_only="files_owner_only" in ours)
+        given = list(options)
+        ours, options = our_options(options)
+        access = MountAccess.from_options(ours)
+        if access.shared and "allow_other" not in options:
+            options.append("allow_other")  # FUSE lets nobody but the mounter in without it
+        refused = allow_other_refused(options)
+        if refused:
+            ready(refused)
+            return
+        ops = operations(repo, mp, files_owner_only="files_owner_only" in ours, access=access)
         for d in repo.devices():
             if not d.source:
                 continue  # an imported archive: nothing live to track
@@ -108,11 +116,34 @@ def serve(repo_path: str, mountpoint: str, options: list[str], ready: Callable[[
         # Replaced, never written through: a symlink planted as mount.json
         # must not make us overwrite the file it points to.
         try:
-            atomic_write(record_path, json.dumps({"pid": os.getpid(), "mountpoint": mp, "repo": repo.path}).encode())
+            atomic_write(record_path, json.dumps({"pid": os.getpid(), "mountpoint": mp, "repo": repo.path,
+                                                 "options": given}).encode())
         except OSError as e:
             ready(f"cannot mount {mountpoint}: cannot write {record_path}: {e.strerror}")
             return
         trio.run(_main, repo, ready, ops)
+
+
+FUSE_CONF = "/etc/fuse.conf"
+
+
+def allow_other_refused(options: list[str], conf: str = FUSE_CONF, euid: int | None = None) -> str | None:
+    """Why FUSE will refuse ``allow_other`` to this (non-root) mounter, or None.
+
+    fusermount3 grants it to a user other than root only when fuse.conf has
+    a ``user_allow_other`` line, and otherwise says only that the option is
+    not allowed: said here with the way out.
+    """
+    if "allow_other" not in options or (os.geteuid() if euid is None else euid) == 0:
+        return None
+    try:
+        with open(conf) as f:
+            if any(line.split("#", 1)[0].strip() == "user_allow_other" for line in f):
+                return None
+    except OSError:
+        pass
+    return (f"allow_other (which allow_group= and gid= need) is for root only unless {conf} has a line "
+            "'user_allow_other': ask the administrator to add it, or mount as root")
 
 
 def _close_repo(repo: Repository, mountpoint: str) -> None:

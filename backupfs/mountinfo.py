@@ -14,6 +14,7 @@ import select
 import stat
 from dataclasses import dataclass
 
+from backupfs.mountaccess import VALUE_OPTIONS, check_value
 from engine.errors import UsageError
 
 MOUNT_RECORD = "mount.json"
@@ -23,9 +24,10 @@ _ATIME = {"atime", "relatime", "norelatime", "strictatime", "nostrictatime", "di
           "lazytime", "nolazytime"}
 ALLOWED_OPTIONS = {"allow_other", "allow_root", "default_permissions", "noatime", "ro", "rw", "nodev",
                    "nosuid", "dev", "suid", "exec", "noexec", "auto", "noauto", "user", "nouser",
-                   "_netdev", "defaults", "nofail"} | _ATIME | {"files_owner_only"}
+                   "_netdev", "defaults", "nofail"} | _ATIME | {"files_owner_only"} | set(VALUE_OPTIONS)
 # Options that are ours, not FUSE's: the daemon takes them out (backupfs/mount.py).
-OUR_OPTIONS = {"files_owner_only"}
+# allow_group=G, gid=G, umask=M: who besides the owner gets in (backupfs/mountaccess.py).
+OUR_OPTIONS = {"files_owner_only"} | set(VALUE_OPTIONS)
 # Options that would undo nosuid,nodev, which every mount has (backupfs/mount.py).
 _REFUSED = {"suid", "dev"}
 # Options that mount(8)/fstab carry but that mean nothing to the filesystem.
@@ -37,6 +39,13 @@ class MountRecord:
     pid: int
     mountpoint: str
     repo: str
+    options: tuple[str, ...] = ()  # as given to `mount -o` (checked), for status and the listing
+
+
+def our_options(options: list[str]) -> tuple[list[str], list[str]]:
+    """``options`` split into ours (OUR_OPTIONS, taken out by the daemon) and FUSE's."""
+    ours = [o for o in options if o.split("=", 1)[0] in OUR_OPTIONS]
+    return ours, [o for o in options if o.split("=", 1)[0] not in OUR_OPTIONS]
 
 
 def parse_options(text: str | None) -> list[str]:
@@ -55,6 +64,9 @@ def parse_options(text: str | None) -> list[str]:
             raise UsageError(f"mount option {opt!r} is refused: a backupfs mount is always nosuid,nodev "
                              "(the disks it shows may hold device files and setuid programs)")
         if name in _FSTAB_ONLY or name.startswith("x-"):
+            continue
+        if name in VALUE_OPTIONS:
+            out.append(f"{name}={check_value(name, opt.partition('=')[2])}")
             continue
         if opt != name:  # FUSE itself would only say "fuse_session_new() failed"
             raise UsageError(f"mount option {name!r} takes no value (got {opt!r}; use -o {name})")
@@ -144,7 +156,11 @@ def _load_record(repo_path: str) -> MountRecord | None:
     try:
         with open(os.path.join(repo_path, MOUNT_RECORD)) as f:
             data = json.load(f)
-        return MountRecord(int(data["pid"]), str(data["mountpoint"]), str(data["repo"]))
+        options = data.get("options", [])  # a daemon of an older version records none
+        if not isinstance(options, list):
+            options = []
+        return MountRecord(int(data["pid"]), str(data["mountpoint"]), str(data["repo"]),
+                           tuple(str(o) for o in options))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -199,6 +215,20 @@ def _backupfs_mounts() -> list[tuple[str, str, str]]:
         rfields = right.split()
         if len(fields) >= 5 and len(rfields) >= 2 and rfields[0] in ("fuse.backupfs", "fuse"):
             out.append((_unescape(fields[4]), _unescape(rfields[1]), fields[2]))
+    return out
+
+
+def listed_mounts() -> list[tuple[str, str, MountRecord | None]]:
+    """(mount point, repository, its record if its daemon lives) of each
+    backupfs mount, for `backupfs mount` with no arguments. A plain "fuse"
+    mount counts only when its source is a directory (another program's
+    export is not ours)."""
+    out = []
+    for point, source, _ in _backupfs_mounts():
+        if not os.path.isdir(source):
+            continue
+        rec = read_mount_record(source)
+        out.append((point, source, rec if rec is not None and rec.mountpoint == point else None))
     return out
 
 
