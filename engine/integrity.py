@@ -164,6 +164,7 @@ class VerifyReport:
     checked: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     bytes_read: int = 0
+    advice: list[str] = field(default_factory=list)  # what to do about the damage (engine/damage.py)
 
     @property
     def ok(self) -> bool:
@@ -179,6 +180,7 @@ class VerifyReport:
             f"{len(self.checked)} backup{'' if len(self.checked) == 1 else 's'} checked, {len(bad)} bad, "
             f"{self.bytes_read} bytes re-read"
         )
+        lines += [one_line(a) for a in self.advice]
         return "\n".join(lines)
 
 
