@@ -321,6 +321,10 @@ class BackupRun:
             if is_disk_full(e.errno):
                 raise self._explained(RepositoryError(f"repository disk full: {e}", errno.ENOSPC)) from None
             raise
+        except BackupfsError as e:  # the job's own (JobError): its writes to the image
+            if is_disk_full(e.errno):
+                raise self._explained(e) from None
+            raise
         parent = self.parent
         self.rec = BackupRecord(
             id=files.ident,
