@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,17 +15,20 @@ import pytest
 from engine.errors import BackupfsError
 from engine.qcow2.layers import DATA, open_layer
 from engine.repo import Repository
-from tests.commands import cli
+from tests.commands import cli, sh
+from tests.mounts import Mounted
 
 KiB = 1024
 MiB = 1024 * KiB
 
 
-def flip_stored_cluster(image: Path) -> tuple[int, bytes]:
-    """Flip 16 bytes of the first data cluster the image stores; returns
-    (file offset, the bytes that were there) to put them back."""
+def flip_stored_cluster(image: Path, guest: int | None = None) -> tuple[int, bytes]:
+    """Flip 16 bytes of the data cluster the image stores for disk offset
+    ``guest`` (None: its first); returns (file offset, the bytes that were
+    there) to put them back."""
     with open_layer(str(image), "qcow2") as layer:
-        host = next(e.host for e in layer.allocation() if e.kind == DATA)
+        host = next(e.host + (0 if guest is None else guest - e.start) for e in layer.allocation()
+                    if e.kind == DATA and (guest is None or e.start <= guest < e.end))
     with open(image, "r+b") as f:
         f.seek(host + 100)
         old = f.read(16)
@@ -116,5 +120,60 @@ def test_the_cli_refuses_and_verify_says_what_to_do(chain: tuple[Path, list[str]
     assert len(err.strip().splitlines()) == 1
     proc = cli("backup", repo_dir, "vm1", "differential", check=False)  # its parent, the full, is damaged
     assert proc.returncode == 1 and f"would read through backup {full}" in proc.stderr.decode()
-    proc = cli("backup", repo_dir, "vm1", "incremental", "--auto-full")
-    assert b": full," in proc.stdout
+
+
+RESTORE_FILE = Path(__file__).resolve().parent.parent / "mount-scripts" / "backupfs-restore-file"
+
+
+@pytest.mark.mount
+def test_a_damaged_backup_through_the_mount(tmp_path: Path) -> None:
+    """The trigger refuses an incremental onto it (EINVAL) or takes a full
+    (auto_full=1); a restore says why it failed; the file-restore helper
+    says it is an I/O error, not a disk without a filesystem."""
+    disk = tmp_path / "vm1.img"
+    with open(disk, "wb") as f:
+        f.truncate(16 * MiB)
+    sh(f"echo 'start=2048, type=83' | sfdisk -q {disk}")  # p1 from 1 MiB: ext4
+    sh(f"mkfs.ext4 -q -F -E offset={MiB} {disk} 15M")
+    repo = tmp_path / "repo"
+    cli("init", repo)
+    cli("device", "add", repo, "vm1", disk)
+    (tmp_path / "mnt").mkdir()
+    m = Mounted(repo, tmp_path / "mnt")
+    try:
+        m.start()
+        snapshot = m.path("vm1", "snapshot")
+        sh(f"echo full > {snapshot}")
+        full = os.readlink(m.path("vm1", "backups", "latest"))
+        flip_stored_cluster(image_of(repo, full), guest=MiB)  # where p1's superblock is
+        backup = m.path("vm1", "backups", full)
+
+        proc = cli("restore", repo, "vm1", "latest", tmp_path / "out.img", check=False)
+        err = proc.stderr.decode()
+        assert proc.returncode == 1 and f"reading backup {full} through the mount at offset" in err
+        assert f"backup {full}: data at offset {MiB} (+65536 bytes) fails its checksum" in err, err
+        assert len(err.strip().splitlines()) == 1
+
+        proc = subprocess.run([str(RESTORE_FILE), str(backup), str(tmp_path / "look"), "--", "true"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1
+        assert f"I/O error reading partition 1 of backup {backup} at byte {MiB}: Input/output error" in proc.stderr
+        assert "fails its checksum" in proc.stderr and "no filesystem" not in proc.stderr, proc.stderr
+        assert not (tmp_path / "look").exists() and str(backup) not in sh("losetup -a").stdout
+
+        proc = cli("verify", repo, "vm1", check=False)
+        out = proc.stdout.decode()
+        assert proc.returncode == 1 and f"BAD {full}: stored data fails its checksum at offset {MiB}" in out
+        assert "what to do: take a full backup now" in out
+
+        proc = sh(f"echo incremental > {snapshot}", check=False)
+        assert proc.returncode != 0 and "Invalid argument" in proc.stderr
+        status = snapshot.read_text()
+        assert f"error: EINVAL: device vm1: a new incremental would read through backup {full}, which verify " \
+               "found damaged" in status, status
+        sh(f"echo 'incremental auto_full=1' > {snapshot}")
+        status = snapshot.read_text()
+        assert "kind: full" in status and "parent: -" in status
+        m.stop()
+    finally:
+        m.cleanup()
