@@ -202,7 +202,8 @@ class BackupRun:
                 raise UsageError(f"device {name} has no full backup yet; take a full backup first "
                                  "(or ask for auto_full=1 in the trigger, --auto-full to 'backupfs backup')")
             kind = "full"
-        depth = len(self.catalog.lineage(parent.id)) + 1 if parent is not None and kind != "full" else 1
+        lineage = self.catalog.lineage(parent.id) if parent is not None and kind != "full" else []
+        depth = len(lineage) + 1
         if depth > MAX_CHAIN_DEPTH:
             # The new image could not be read back: no reader (ours,
             # following QEMU's backing links) goes deeper.
@@ -215,7 +216,7 @@ class BackupRun:
                 )
             kind, parent = "full", None
         if parent is not None and kind != "full":
-            found = damaged_ancestor(self.catalog, parent)
+            found = damaged_ancestor(self.catalog, lineage)
             if found is not None:
                 if not self.auto_full:
                     raise damage_refusal(name, kind, *found)

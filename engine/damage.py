@@ -21,12 +21,11 @@ class DamagedParent(UsageError):
     """An incremental or differential whose chain holds a backup verify found bad (EINVAL)."""
 
 
-def damaged_ancestor(catalog: Catalog, parent: BackupRecord) -> tuple[str, str] | None:
-    """The newest backup of ``parent``'s lineage (itself included) that the
-    last verify found bad, with its problem; None when none was."""
-    lineage = catalog.lineage(parent.id)
+def damaged_ancestor(catalog: Catalog, lineage: Sequence[BackupRecord]) -> tuple[str, str] | None:
+    """The newest backup of ``lineage`` (a parent and its ancestors, newest
+    first) that the last verify found bad, with its problem; None when none was."""
     bad = catalog.bad_verdicts([b.id for b in lineage])
-    for b in lineage:  # newest first
+    for b in lineage:
         if b.id in bad:
             return b.id, bad[b.id]
     return None
