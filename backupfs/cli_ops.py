@@ -228,6 +228,9 @@ def _restore_through_mount(record: MountRecord, args: argparse.Namespace, in_pla
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         raise UsageError(f"device {args.name} has no backup {args.backup!r}") from None
+    except OSError as e:  # a damaged image the mount cannot open: say why, as a failed read does
+        raise BackupfsError(f"opening backup {escape(ident)} through the mount: {e.strerror}: "
+                            f"{_read_error(path, record)}") from None
     try:
         size = os.fstat(fd).st_size
         if in_place is not None:

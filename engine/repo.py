@@ -939,6 +939,9 @@ class Repository:
             report.advice.append(f"note: the verdicts could not be recorded in the catalog ({e})")
         unreadable = {p.backup for p in report.problems if p.harms_reads}
         checked = {rec.id for rec in targets}
+        if report.problems and not unreadable:
+            report.advice.append("what to do: nothing: every backup reads right; leaked clusters only waste "
+                                 "space, and go when those backups are pruned")
         for device in sorted({rec.device for rec in targets if rec.id in unreadable}):
             backups = self.catalog.backups(device)
             try:  # the next incremental builds on the latest: does it read through the damage?
