@@ -38,8 +38,8 @@ from bitarray import bitarray
 from engine import durable
 from engine.bitmap import DirtyBitmap
 from engine.catalog import BackupRecord, Catalog, CatalogError
-from engine.damage import damaged_ancestor, refusal as damage_refusal
 from engine.checksums import ChecksumRecord
+from engine.damage import damaged_ancestor, refusal as damage_refusal
 from engine.device import Device
 from engine.errors import BackupfsError, ImageError, UsageError, is_disk_full
 from engine.job import BackupJob, JobError, JobPlan, Progress, Source, copy_cluster_size, units_of
@@ -431,7 +431,8 @@ class BackupRun:
         much was free when it started; any other failure as it is."""
         if not is_disk_full(e.errno) or self.needed is None:
             return e
-        return RepositoryError(f"{e}; {room_text(self.needed, self.free, 'the backup needed', ' when it started')}", errno.ENOSPC)
+        room = room_text(self.needed, self.free, "the backup needed", " when it started")
+        return RepositoryError(f"{e}; {room}", errno.ENOSPC)
 
     def _committed(self) -> bool | None:
         """Whether the catalog names the backup (None: it cannot say)."""

@@ -153,6 +153,7 @@ class Problem:
     what: str
     offset: int | None = None
     harms_reads: bool = True  # not so for leaked clusters: space lost, nothing read wrong
+    inherited: bool = False  # its own image is sound; it reads through a damaged parent
 
     def __str__(self) -> str:
         where = f" at offset {self.offset}" if self.offset is not None else ""

@@ -920,7 +920,8 @@ class Repository:
                 except CatalogError:
                     continue  # already reported: its parent is missing from the catalog
                 if damaged:
-                    report.problems.append(Problem(rec.id, f"reads through damaged backup {damaged[0]}"))
+                    report.problems.append(Problem(rec.id, f"reads through damaged backup {damaged[0]}",
+                                                   inherited=True))
         self._keep_verdicts(targets, report)
         return report
 
@@ -930,7 +931,7 @@ class Repository:
         report what to do about the damage it found."""
         own: dict[str, str] = {}
         for p in report.problems:
-            if p.harms_reads and not p.what.startswith("reads through damaged backup"):
+            if p.harms_reads and not p.inherited:
                 own.setdefault(p.backup, p.what + (f" at offset {p.offset}" if p.offset is not None else ""))
         try:
             self.catalog.record_verdicts({rec.id: own.get(rec.id) for rec in targets})
@@ -945,7 +946,8 @@ class Repository:
         for device in sorted({rec.device for rec in targets if rec.id in unreadable}):
             backups = self.catalog.backups(device)
             try:  # the next incremental builds on the latest: does it read through the damage?
-                on_damage = bool(backups) and any(b.id in unreadable for b in self.catalog.lineage(backups[-1].id))
+                on_damage = bool(backups) and any(b.id in unreadable
+                                                  for b in self.catalog.lineage(backups[-1].id))
             except CatalogError:
                 on_damage = True
             report.advice += damage_advice(self.path, device, backups, unreadable, checked, on_damage)
