@@ -177,3 +177,27 @@ def test_a_damaged_backup_through_the_mount(tmp_path: Path) -> None:
         m.stop()
     finally:
         m.cleanup()
+
+
+def test_a_catalog_from_before_verdicts_gets_the_table(chain: tuple[Path, list[str]]) -> None:
+    """The upgrade is idempotent and within the schema version; a catalog
+    read beside its owner before it has the table has no verdicts."""
+    import sqlite3
+
+    from engine.catalog import Catalog
+
+    repo_dir, (full, inc1, _inc2) = chain
+    conn = sqlite3.connect(repo_dir / "catalog.db")
+    conn.execute("DROP TABLE verdicts")
+    conn.commit()
+    conn.close()
+    reader = Catalog.open(str(repo_dir / "catalog.db"), readonly=True)
+    try:
+        assert reader.bad_verdicts([full, inc1]) == {}
+    finally:
+        reader.close()
+    flip_stored_cluster(image_of(repo_dir, inc1))
+    for _ in range(2):
+        with Repository.open(str(repo_dir)) as repo:
+            assert not repo.verify("vm1", inc1).ok
+            assert list(repo.catalog.bad_verdicts([full, inc1])) == [inc1]
