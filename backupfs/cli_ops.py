@@ -20,6 +20,8 @@ from engine.stopsignals import STOP_SIGNALS
 from engine.text import escape, one_line
 from engine.units import format_size, parse_size
 
+READ_ERROR_XATTR = "user.backupfs.read_error"  # backupfs/tree.py: why the mount failed a read
+
 if TYPE_CHECKING:
     from engine.job import CancelRequest
 
@@ -229,6 +231,9 @@ def _restore_through_mount(record: MountRecord, args: argparse.Namespace, in_pla
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         raise UsageError(f"device {args.name} has no backup {args.backup!r}") from None
+    except OSError as e:  # a damaged image the mount cannot open: say why, as a failed read does
+        raise BackupfsError(f"opening backup {escape(ident)} through the mount: {e.strerror}: "
+                            f"{_read_error(path, record)}") from None
     try:
         size = os.fstat(fd).st_size
         if in_place is not None:
@@ -246,10 +251,9 @@ def _restore_through_mount(record: MountRecord, args: argparse.Namespace, in_pla
                     done += n
                 return out[:done]
             except OSError as e:
-                raise BackupfsError(
-                    f"reading backup {ident} at offset {offset}: {e.strerror} "
-                    f"(see 'cat {os.path.join(record.mountpoint, args.name, 'snapshot')}' and the log)"
-                ) from None
+                raise BackupfsError(f"reading backup {escape(ident)} through the mount at offset {offset}: "
+                                    f"{e.strerror}: {_read_error(path, record)}; 'backupfs verify "
+                                    f"{escape(args.repo)} {escape(args.name)}' checks the whole device") from None
 
         with progress_reporter(sys.stderr.isatty(), f"restore {args.name}") as update:
             result = restore_to(read, size, args.target, kind=kind, on_progress=update,
@@ -262,6 +266,18 @@ def _restore_through_mount(record: MountRecord, args: argparse.Namespace, in_pla
     result.backup = ident
     print(one_line(result.summary(args.name, " through the mount")))
     return 0
+
+
+def _read_error(path: str, record: MountRecord) -> str:
+    """Why the mount failed a read of the backup at ``path``, as its daemon
+    keeps it (user.backupfs.read_error); else where to look."""
+    try:
+        reason = os.getxattr(path, READ_ERROR_XATTR).decode(errors="replace")
+    except OSError:
+        reason = ""
+    if reason:
+        return one_line(reason)
+    return f"the reason is in the mount's log ({escape(os.path.join(record.repo, 'backupfs.log'))})"
 
 
 @contextlib.contextmanager

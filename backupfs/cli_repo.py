@@ -68,7 +68,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cluster-size", default="64K", help="qcow2 cluster size of the new image (512 to 2M)")
     p.add_argument("--scan", action="store_true", help="compare checksums instead of trusting the bitmap")
     p.add_argument("--label", help="free text stored with the backup")
-    p.add_argument("--auto-full", action="store_true", help="take a full backup if there is none yet")
+    p.add_argument("--auto-full", action="store_true",
+                   help="take a full backup if there is none yet, or if the chain holds a backup verify found damaged")
+    p.add_argument("--force", action="store_true",
+                   help="try a full backup even when it may not fit the repository's disk")
     p.add_argument("--rate", help="limit the copy to this many bytes per second, e.g. 50M")
     p.set_defaults(func=cmd_backup)
 
@@ -182,6 +185,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
                 auto_full=args.auto_full,
                 on_progress=progress,
                 rate=rate,
+                force=args.force,
             )
     print(result.summary())
     return 0
@@ -196,7 +200,7 @@ def _backup_through_mount(
 
     validate_name(args.name)
     snapshot = trigger_file(record, args.name)
-    cmd = TriggerCommand(args.kind, cluster_size, args.label, args.scan, args.auto_full, rate)
+    cmd = TriggerCommand(args.kind, cluster_size, args.label, args.scan, args.auto_full, rate, force=args.force)
     done = threading.Event()
 
     def show_progress() -> None:

@@ -510,7 +510,11 @@ class BackupOperations(pyfuse3.Operations):
             if writing or flags & os.O_TRUNC:
                 raise pyfuse3.FUSEError(errno.EROFS)
             rec = self.tree.backup(node)
-            view = await trio.to_thread.run_sync(self.views.acquire, rec, limiter=self._io)
+            try:
+                view = await trio.to_thread.run_sync(self.views.acquire, rec, limiter=self._io)
+            except (BackupfsError, OSError) as e:
+                self._note_read_error(rec.id, e)
+                raise
             fh = self._new_handle(Handle(node, view=view))
             self._raise_read_ahead()
             # Immutable: let the page cache keep it, unless the reader asked
@@ -564,11 +568,25 @@ class BackupOperations(pyfuse3.Operations):
             self._advise(handle, start, off + READ_WINDOW - start)
             handle.advised_to = off + READ_WINDOW
         try:
-            data = view.read(off, size, nowait=True, into=self._buffers.take(size))
-        except WouldBlock:
-            data = await trio.to_thread.run_sync(view.read, off, size, limiter=self._io)
+            try:
+                data = view.read(off, size, nowait=True, into=self._buffers.take(size))
+            except WouldBlock:
+                data = await trio.to_thread.run_sync(view.read, off, size, limiter=self._io)
+        except (BackupfsError, OSError) as e:
+            self._note_read_error(handle.node.backup or "", e)
+            raise
         handle.next_off = off + len(data)
         return data
+
+    def _note_read_error(self, backup: str, e: BaseException) -> None:
+        """Keep why a read of ``backup`` failed (its reader gets only an errno)
+        as its user.backupfs.read_error attribute (the kernel does not cache
+        attributes, so the next getfattr sees it): one string a backup."""
+        if isinstance(e, OSError) and e.strerror:
+            reason = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+        else:
+            reason = str(e)
+        self.tree.read_errors[backup] = reason
 
     @handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -614,6 +632,8 @@ class BackupOperations(pyfuse3.Operations):
         backups_dir = self.inodes.get(BACKUPS, device).inode
         files_dir = self.inodes.get(FILES, device).inode
         changes_dir = self.inodes.get(CHANGES, device).inode
+        for b in before:  # gone, or rewritten by a merge: what their reads said is stale
+            self.tree.read_errors.pop(b, None)
         for gone in sorted(before - after):
             await trio.to_thread.run_sync(self._invalidate, backups_dir, gone.encode())
             await trio.to_thread.run_sync(self._invalidate, files_dir, gone.encode())

@@ -37,7 +37,7 @@ from engine.catalog import BackupRecord
 from engine.errors import BackupfsError
 from engine.repo import Repository
 from engine.sourceid import SourceId
-from engine.text import escape
+from engine.text import escape, one_line
 
 ROOT_INODE = 1  # the kernel's number for the root (pyfuse3.ROOT_INODE; fs.py checks)
 
@@ -228,6 +228,10 @@ class Tree:
         self.status = status
         self.inodes = InodeTable()
         self._started_ns = started_ns
+        # Why the last read (or open) of a backup through the mount failed:
+        # the reader got only EIO; `backupfs restore` and the file-restore
+        # helper read it back as user.backupfs.read_error to say why.
+        self.read_errors: dict[str, str] = {}
         self._listings: dict[str, Callable[[Node], Listing]] = {
             ROOT: self._root_entries, DEVDIR: self._devdir_entries, BACKUPS: self._backups_entries,
         }
@@ -493,4 +497,6 @@ class Tree:
         }
         if rec.label:
             values["label"] = escape(rec.label)  # as `list` and the chain file show it
+        if rec.id in self.read_errors:
+            values["read_error"] = one_line(self.read_errors[rec.id])
         return {f"user.backupfs.{k}".encode(): v.encode() for k, v in values.items()}

@@ -39,14 +39,16 @@ from engine import durable
 from engine.bitmap import DirtyBitmap
 from engine.catalog import BackupRecord, Catalog, CatalogError
 from engine.checksums import ChecksumRecord
+from engine.damage import damaged_ancestor, refusal as damage_refusal
 from engine.device import Device
-from engine.errors import ImageError, UsageError, is_disk_full
+from engine.errors import BackupfsError, ImageError, UsageError, is_disk_full
 from engine.job import BackupJob, JobError, JobPlan, Progress, Source, copy_cluster_size, units_of
-from engine.layout import BackupFiles, backup_id, image_name
+from engine.layout import BackupFiles, backup_id, device_dir, image_name
 from engine.publish import publish
 from engine.qcow2.format import MAX_CHAIN_DEPTH
 from engine.qcow2.writer import Qcow2Writer
 from engine.repoerrors import JobBusy, RepositoryError, storage_error
+from engine.space import data_runs, free_bytes, image_bound, room_text
 from engine.stopsignals import STOP_SIGNALS
 
 
@@ -104,6 +106,7 @@ class BackupRun:
         source_factory: Callable[[Device], Source] | None,
         chunk_bytes: int,
         rate: int | None,
+        force: bool = False,
     ) -> None:
         self.host = host
         self.catalog = host.catalog
@@ -119,6 +122,7 @@ class BackupRun:
         self.source_factory = source_factory
         self.chunk_bytes = chunk_bytes
         self.rate = rate
+        self.force = force  # a full that may not fit the repository's disk is tried anyway
         self.started = time.monotonic()
         self.created_ns = time.time_ns()
         # Set by plan:
@@ -127,6 +131,9 @@ class BackupRun:
         self.scan_reason: str | None = None
         self.plan_scan = False
         self.parent_hashes: np.ndarray | None = None
+        # Set by plan (a full) or start: what it may write, and the room there was.
+        self.needed: int | None = None
+        self.free: int | None = None
         # Set by start:
         self.writer: Qcow2Writer | None = None
         self.files: BackupFiles | None = None
@@ -195,7 +202,8 @@ class BackupRun:
                 raise UsageError(f"device {name} has no full backup yet; take a full backup first "
                                  "(or ask for auto_full=1 in the trigger, --auto-full to 'backupfs backup')")
             kind = "full"
-        depth = len(self.catalog.lineage(parent.id)) + 1 if parent is not None and kind != "full" else 1
+        lineage = self.catalog.lineage(parent.id) if parent is not None and kind != "full" else []
+        depth = len(lineage) + 1
         if depth > MAX_CHAIN_DEPTH:
             # The new image could not be read back: no reader (ours,
             # following QEMU's backing links) goes deeper.
@@ -207,6 +215,14 @@ class BackupRun:
                     "merges them"
                 )
             kind, parent = "full", None
+        if parent is not None and kind != "full":
+            found = damaged_ancestor(self.catalog, lineage)
+            if found is not None:
+                if not self.auto_full:
+                    raise damage_refusal(name, kind, *found)
+                kind, parent = "full", None  # a new chain, on nothing damaged
+        if kind == "full":
+            self._check_room_for_full()
         tracked = dev.since_full if kind == "differential" else dev.since_last
         scan_reason = None
         if kind != "full":
@@ -235,6 +251,9 @@ class BackupRun:
                 units = units_of(frozen_last.runs(), unit, dev.size)
             else:
                 units = units_of(dev.since_full.active.runs(), unit, dev.size)
+            if self.needed is None:
+                self.needed = image_bound(units.count(), unit, cluster_size, dev.size, dev.granularity)
+                self.free = free_bytes(device_dir(self.host.path, self.name))
 
             self.seq = self.catalog.next_seq()
             self.files = files = BackupFiles(self.host.path, self.name, backup_id(self.created_ns, self.seq, kind))
@@ -298,10 +317,14 @@ class BackupRun:
             job.run()
             publish(writer, self.checksums, files)
         except OSError as e:
-            raise storage_error(e) from None
+            raise self._explained(storage_error(e)) from None
         except ImageError as e:
             if is_disk_full(e.errno):
-                raise RepositoryError(f"repository disk full: {e}", errno.ENOSPC) from None
+                raise self._explained(RepositoryError(f"repository disk full: {e}", errno.ENOSPC)) from None
+            raise
+        except BackupfsError as e:  # the job's own (JobError): its writes to the image
+            if is_disk_full(e.errno):
+                raise self._explained(e) from None
             raise
         parent = self.parent
         self.rec = BackupRecord(
@@ -323,7 +346,10 @@ class BackupRun:
         finished = dict(backup=files.ident, total=job.progress.total, done=job.progress.done,
                         written=job.progress.written, scanned=self.plan_scan)
         assert self.job_id is not None
-        self.catalog.add_backup(self.rec, job=(self.job_id, finished))  # the instant it becomes visible
+        try:
+            self.catalog.add_backup(self.rec, job=(self.job_id, finished))  # the instant it becomes visible
+        except CatalogError as e:
+            raise self._explained(e) from None
 
     def commit(self) -> None:
         """The backup is in the catalog: its frozen bits are dropped, the
@@ -382,6 +408,31 @@ class BackupRun:
         self.host.job_ends(self.name)
 
     # -- helpers ----------------------------------------------------------------------
+
+    def _check_room_for_full(self) -> None:
+        """Refuse a full that cannot fit before anything is made (unless forced):
+        its bound is the source's data (SEEK_DATA; all of it where that
+        cannot tell), as whole copy clusters, with the image's tables."""
+        dev = self.dev
+        unit = copy_cluster_size(dev.granularity, self.cluster_size)
+        runs = data_runs(dev.fd, dev.size) if dev.fd >= 0 else iter([(0, dev.size)])
+        self.needed = image_bound(units_of(runs, unit, dev.size).count(), unit, self.cluster_size, dev.size,
+                                  dev.granularity)
+        self.free = free_bytes(device_dir(self.host.path, self.name))
+        if not self.force and self.free is not None and self.needed > self.free:
+            raise RepositoryError(
+                f"device {self.name}: a full backup does not fit on the repository's disk: "
+                f"{room_text(self.needed, self.free)}; free some space (backupfs prune) or try anyway "
+                "with --force (force=1 in the trigger): the bound counts every allocated cluster of the "
+                "source, and zeros are not stored", errno.ENOSPC)
+
+    def _explained(self, e: BackupfsError) -> BackupfsError:
+        """A disk-full failure that says how much the backup needed and how
+        much was free when it started; any other failure as it is."""
+        if not is_disk_full(e.errno) or self.needed is None:
+            return e
+        room = room_text(self.needed, self.free, "the backup needed", " when it started")
+        return RepositoryError(f"{e}; {room}", errno.ENOSPC)
 
     def _committed(self) -> bool | None:
         """Whether the catalog names the backup (None: it cannot say)."""

@@ -87,6 +87,18 @@ CREATE TABLE IF NOT EXISTS intents (
 )
 """
 
+# What `verify` last found of each backup: 'bad' (with the first problem)
+# or 'good'. Not a foreign key: a prune removes a backup's row first, and a
+# verdict of a backup that is gone is never asked for.
+_VERDICTS = """
+CREATE TABLE IF NOT EXISTS verdicts (
+    backup TEXT PRIMARY KEY,
+    state TEXT NOT NULL CHECK (state IN ('good', 'bad')),
+    checked_ns INTEGER NOT NULL,
+    problem TEXT
+)
+"""
+
 DISK_FULL = "the repository's disk is full"  # why a catalog is frozen
 
 
@@ -208,6 +220,7 @@ class Catalog:
         _add_source_identity(conn)
         cat = cls(conn, path)
         cat._upgrade_intents()
+        cat._upgrade_verdicts()
         return cat
 
     @classmethod
@@ -263,6 +276,7 @@ class Catalog:
         if not readonly and frozen is None:
             try:
                 catalog._upgrade_intents()
+                catalog._upgrade_verdicts()
             except CatalogError as e:
                 if e.errno != errno.ENOSPC:
                     conn.close()
@@ -281,6 +295,15 @@ class Catalog:
             return  # no write (and no flush) on every open
         with self.transaction() as c:
             c.execute(_INTENTS)
+
+    def _upgrade_verdicts(self) -> None:
+        """Add the ``verdicts`` table (what verify found) to a catalog made
+        before it existed: idempotent, within SCHEMA_VERSION 1 (an older
+        backupfs ignores it); read-only, a catalog without it has no verdicts."""
+        if self._query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'verdicts'"):
+            return
+        with self.transaction() as c:
+            c.execute(_VERDICTS)
 
     def close(self) -> None:
         with self._lock:
@@ -540,6 +563,36 @@ class Catalog:
                 raise CatalogError(f"backup {current} is missing from the catalog")
             out.append(rec)
             current = rec.parent
+        return out
+
+    # -- verdicts ----------------------------------------------------------------------
+
+    def record_verdicts(self, verdicts: dict[str, str | None]) -> None:
+        """Keep what a verify found: backup id -> its first problem (bad), or
+        None (good: clears an earlier bad verdict). Bookkeeping a crash may
+        lose (no flush): the next verify says it again."""
+        now = time.time_ns()
+        with self.transaction(flush=False) as c:
+            c.executemany(
+                "INSERT OR REPLACE INTO verdicts (backup, state, checked_ns, problem) VALUES (?, ?, ?, ?)",
+                [(b, "good" if p is None else "bad", now, p) for b, p in verdicts.items()],
+            )
+
+    def bad_verdicts(self, backup_ids: Sequence[str]) -> dict[str, str]:
+        """Those of ``backup_ids`` the last verify found bad: id -> its problem."""
+        out: dict[str, str] = {}
+        ids = list(backup_ids)
+        for start in range(0, len(ids), 500):  # SQLite's limit on bound parameters
+            part = ids[start : start + 500]
+            try:
+                rows = self._query(
+                    f"SELECT backup, problem FROM verdicts WHERE state = 'bad' AND backup IN "
+                    f"({', '.join('?' * len(part))})", tuple(part))
+            except sqlite3.OperationalError as e:
+                if "no such table" in str(e):
+                    return {}  # opened read-only, not yet upgraded: nothing was ever found bad
+                raise
+            out.update((str(b), str(p or "damaged")) for b, p in rows)
         return out
 
     # -- jobs --------------------------------------------------------------------------

@@ -153,6 +153,7 @@ class Problem:
     what: str
     offset: int | None = None
     harms_reads: bool = True  # not so for leaked clusters: space lost, nothing read wrong
+    inherited: bool = False  # its own image is sound; it reads through a damaged parent
 
     def __str__(self) -> str:
         where = f" at offset {self.offset}" if self.offset is not None else ""
@@ -164,6 +165,7 @@ class VerifyReport:
     checked: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     bytes_read: int = 0
+    advice: list[str] = field(default_factory=list)  # what to do about the damage (engine/damage.py)
 
     @property
     def ok(self) -> bool:
@@ -179,6 +181,7 @@ class VerifyReport:
             f"{len(self.checked)} backup{'' if len(self.checked) == 1 else 's'} checked, {len(bad)} bad, "
             f"{self.bytes_read} bytes re-read"
         )
+        lines += [one_line(a) for a in self.advice]
         return "\n".join(lines)
 
 

@@ -33,6 +33,7 @@ from engine.errors import BackupfsError, UsageError
 from engine.fsutil import fsync_dir
 from engine.limits import check_granules
 from engine.guest.guestdisk import GuestDisk
+from engine.damage import advice as damage_advice
 from engine.integrity import Problem, VerifiedView, VerifyReport, held_granules, verify_backup
 from engine.units import check_rate, format_size
 from engine.restore import RestoreResult, check_in_place_target, check_target, restore_to, source_named
@@ -921,8 +922,37 @@ class Repository:
                 except CatalogError:
                     continue  # already reported: its parent is missing from the catalog
                 if damaged:
-                    report.problems.append(Problem(rec.id, f"reads through damaged backup {damaged[0]}"))
+                    report.problems.append(Problem(rec.id, f"reads through damaged backup {damaged[0]}",
+                                                   inherited=True))
+        self._keep_verdicts(targets, report)
         return report
+
+    def _keep_verdicts(self, targets: list[BackupRecord], report: VerifyReport) -> None:
+        """Record what verify found of each backup it checked (an incremental
+        onto a bad one is then refused: engine/damage.py), and add to the
+        report what to do about the damage it found."""
+        own: dict[str, str] = {}
+        for p in report.problems:
+            if p.harms_reads and not p.inherited:
+                own.setdefault(p.backup, p.what + (f" at offset {p.offset}" if p.offset is not None else ""))
+        try:
+            self.catalog.record_verdicts({rec.id: own.get(rec.id) for rec in targets})
+        except CatalogError as e:
+            # A full disk: the verdicts wait for the next verify; the report stands.
+            report.advice.append(f"note: the verdicts could not be recorded in the catalog ({e})")
+        unreadable = {p.backup for p in report.problems if p.harms_reads}
+        checked = {rec.id for rec in targets}
+        if report.problems and not unreadable:
+            report.advice.append("what to do: nothing: every backup reads right; leaked clusters only waste "
+                                 "space, and go when those backups are pruned")
+        for device in sorted({rec.device for rec in targets if rec.id in unreadable}):
+            backups = self.catalog.backups(device)
+            try:  # the next incremental builds on the latest: does it read through the damage?
+                on_damage = bool(backups) and any(b.id in unreadable
+                                                  for b in self.catalog.lineage(backups[-1].id))
+            except CatalogError:
+                on_damage = True
+            report.advice += damage_advice(self.path, device, backups, unreadable, checked, on_damage)
 
     def backup(
         self,
@@ -938,8 +968,10 @@ class Repository:
         source_factory: Callable[[Device], Source] | None = None,
         chunk_bytes: int = CHUNK_BYTES,
         rate: int | None = None,
+        force: bool = False,
     ) -> BackupResult:
-        """Run one backup to completion (in this thread) and return what it made."""
+        """Run one backup to completion (in this thread) and return what it made;
+        ``force``: try a full even when it may not fit the repository's disk."""
         self._require_room("a backup")
         if label is not None:
             validate_label(label)  # before any copying: the same rule as the trigger's
@@ -951,7 +983,7 @@ class Repository:
         return BackupRun(
             self, dev, kind, cluster_size=cluster_size, scan=scan, label=label, auto_full=auto_full,
             on_progress=on_progress, cancel=cancel, source_factory=source_factory, chunk_bytes=chunk_bytes,
-            rate=rate,
+            rate=rate, force=force,
         ).run()
 
     # -- what a backup run (engine/backuprun.py) asks of its repository ---------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -541,6 +542,13 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+def _room_numbers(message: str) -> tuple[int, int]:
+    """(needed, free) from "... up to 40 MiB (41943040 bytes) and 23.9 MiB (25034752 bytes) were free"."""
+    m = re.search(r"up to [^(]+\((\d+) bytes\) and [^(]+\((\d+) bytes\) were free", message)
+    assert m, message
+    return int(m.group(1)), int(m.group(2))
+
+
 @pytest.mark.mount
 def test_repository_disk_full(small_fs: Path, tmp_path: Path) -> None:
     repo_dir = small_fs / "repo"
@@ -550,14 +558,50 @@ def test_repository_disk_full(small_fs: Path, tmp_path: Path) -> None:
         f.write(os.urandom(40 * MiB))
     with Repository.open(str(repo_dir)) as repo:
         repo.add_device("full", str(src))
+        repo.device("full")  # opened (its bitmaps saved): what the backup finds
+        files = sorted(os.listdir(repo_dir / "devices" / "full"))
+        # Refused before anything is made, with both numbers.
         with pytest.raises(BackupfsError) as info:
             repo.backup("full", "full")
+        assert info.value.errno == errno.ENOSPC and "does not fit on the repository's disk" in str(info.value)
+        assert "--force" in str(info.value) and "\n" not in str(info.value)
+        needed, free = _room_numbers(str(info.value))
+        assert 40 * MiB < needed < 41 * MiB and 20 * MiB < free <= 24 * MiB
+        assert sorted(os.listdir(repo_dir / "devices" / "full")) == files and repo.catalog.jobs("full") == []
+        # Tried anyway: disk full, saying the same numbers.
+        with pytest.raises(BackupfsError) as info:
+            repo.backup("full", "full", force=True)
         assert info.value.errno == errno.ENOSPC and "disk full" in str(info.value)
+        assert "the backup needed up to" in str(info.value) and "when it started" in str(info.value)
+        assert _room_numbers(str(info.value)) == (needed, free)
         _state_after_failure(repo, "full", [])
         dev = repo.device("full")
         assert dev.since_last.frozen is None
     # The space is given back.
     assert shutil.disk_usage(small_fs).used < 1 * MiB
+
+
+@pytest.mark.mount
+def test_an_incremental_that_fills_the_disk_says_how_much(small_fs: Path, tmp_path: Path) -> None:
+    repo_dir = small_fs / "repo"
+    Repository.init(str(repo_dir))
+    src = tmp_path / "src.img"
+    with open(src, "wb") as f:  # 40 MiB, 4 MiB of it data: the full's bound is the data (SEEK_DATA)
+        f.truncate(40 * MiB)
+        f.write(os.urandom(4 * MiB))
+    with Repository.open(str(repo_dir)) as repo:
+        repo.add_device("inc", str(src))
+        full = repo.backup("inc", "full").record
+        dev = repo.device("inc")
+        dev.write(8 * MiB, os.urandom(30 * MiB))
+        dirty = list(dev.since_last.active.runs())
+        with pytest.raises(BackupfsError) as info:
+            repo.backup("inc", "incremental")
+        assert info.value.errno == errno.ENOSPC and "disk full" in str(info.value)
+        needed, free = _room_numbers(str(info.value))
+        assert 30 * MiB < needed < 31 * MiB and 10 * MiB < free < 21 * MiB
+        _state_after_failure(repo, "inc", [f"{full.id}.qcow2"])
+        assert list(dev.since_last.active.runs()) == dirty  # the bitmap kept
 
 
 # -- untrusted bitmaps -------------------------------------------------------------------------

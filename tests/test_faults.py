@@ -119,9 +119,23 @@ def test_repository_disk_full_through_the_mount(tmp_path: Path) -> None:
             (tmp_path / "mnt").mkdir()
             m = Mounted(repo_dir, tmp_path / "mnt")
             m.start()
+            # Refused before anything is made: how much it needs, how much is free.
             proc = sh(f"echo full > {m.path('big', 'snapshot')}", check=False)
             assert proc.returncode != 0 and "No space left on device" in proc.stderr
             status = _status(m, "big")
+            assert "error: ENOSPC: device big: a full backup does not fit on the repository's disk: " \
+                   "it needs up to 32.4 MiB (340" in status and "force=1" in status and "bitmap: kept" in status, status
+            proc = cli("backup", repo_dir, "big", "full", check=False)  # the CLI through the mount says it too
+            err = proc.stderr.decode()
+            assert proc.returncode == 1 and "it needs up to 32.4 MiB (340" in err and "bytes) were free" in err
+            assert not [f for f in os.listdir(repo_dir / "devices" / "big") if f.startswith(".tmp")]
+            # Tried anyway: disk full, saying the numbers; the bitmap kept, no partial backup.
+            proc = cli("backup", repo_dir, "big", "full", "--force", check=False)
+            err = proc.stderr.decode()
+            assert proc.returncode == 1 and "repository disk full" in err and "the backup needed up to 32.4 MiB (340" in err
+            assert "were free when it started" in err
+            status = _status(m, "big")
+            assert "command: full cluster_size=65536 force=1" in status
             assert "error: ENOSPC: repository disk full" in status and "bitmap: kept" in status
             assert _backups(m, "big") == []
             assert not [f for f in os.listdir(repo_dir / "devices" / "big") if f.endswith((".qcow2", ".sums"))]
