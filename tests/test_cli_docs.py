@@ -96,6 +96,11 @@ def test_bash_completion_completes_subcommands_options_and_kinds(tmp_path: Path)
     assert _complete(script, "backupfs device ") == ["add", "list", "remove"]
     assert _complete(script, "backupfs backup repo vm1 ") == ["full", "incremental", "differential"]
     assert "--json" in _complete(script, "backupfs list --")
+    # REPO offers directories, SOURCE files too.
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "disk.img").write_bytes(b"")
+    assert _complete(script, f"backupfs list {tmp_path}/") == [f"{tmp_path}/repo"]
+    assert f"{tmp_path}/disk.img" in _complete(script, f"backupfs device add {tmp_path}/repo vm1 {tmp_path}/")
 
 
 @pytest.mark.parametrize("installed", [INSTALLED_MAN, INSTALLED_COMPLETION])
