@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING
 
 from backupfs.cli_common import Stopped, catalog_for_reading, close_quietly, default_stop_signals, progress_reporter
 from backupfs.mountinfo import MountRecord, mount_holding, read_mount_record, trigger_file
-from backupfs.mountstatus import StatusFields, failure_message, job_lines, progress_text, read_status
+from backupfs.cli_output import print_json
+from backupfs.mountstatus import (StatusFields, failure_message, job_lines, progress_text, read_status,
+                                  verify_report)
 from engine.errors import BackupfsError, UsageError
 from engine.layout import matching_ids
 from engine.stopsignals import STOP_SIGNALS
@@ -44,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("repo", metavar="REPO")
     p.add_argument("name", metavar="NAME", nargs="?")
     p.add_argument("--backup", metavar="ID", help="only this backup")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object: {ok, checked, bad, problems: [{backup, problem, offset, harms_reads}], "
+                        "bytes_read} (README: Output for scripts); the exit status as without it")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("restore", help="write a backup out to a file (sparse) or a block device, "
@@ -123,6 +128,7 @@ def _trigger_through_mount(record: MountRecord, name: str, line: str) -> tuple[S
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from engine.integrity import VerifyReport
     from engine.job import Progress
     from engine.repo import Repository
 
@@ -133,18 +139,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
             with catalog_for_reading(args.repo) as catalog:
                 names = [d.name for d in catalog.devices()]
         ok = True
+        whole = VerifyReport()  # --json: every device's report in one
         for name in names:
             line = "verify" + (f" backup={args.backup}" if args.backup else "")
             fields, failure = _trigger_through_mount(record, name, line)
             snapshot = os.path.join(record.mountpoint, name, "snapshot")
             report_lines = [line[len("report: "):] for line in job_lines(snapshot, fields)
                             if line.startswith("report: ")]
-            if report_lines:
+            if report_lines and not args.json:
                 print("\n".join(one_line(line) for line in report_lines))
             if failure is not None:
                 ok = False
                 if fields["state"] != "failed" or not report_lines:
                     raise BackupfsError(failure_message(fields) or f"verify failed: {failure.strerror or ''}")
+            if args.json:
+                whole.merge(VerifyReport.from_data(verify_report(snapshot, fields)))
+        if args.json:
+            print_json(whole.data())
         return 0 if ok else 1
     with Repository.open(args.repo) as repo:
         total = sum(b.stored_bytes for b in repo.backups(args.name)) if not args.backup else 0
@@ -157,7 +168,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
                     update(progress)
 
             report = repo.verify(args.name, args.backup, on_bytes)
-    print(report.render())
+    if args.json:
+        print_json(report.data())
+    else:
+        print(report.render())
     return 0 if report.ok else 1
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
 import sys
 import threading
@@ -12,6 +11,8 @@ import time
 from typing import TYPE_CHECKING
 
 from backupfs.cli_common import catalog_for_reading, close_quietly, default_stop_signals, progress_reporter
+from backupfs.cli_output import (BACKUP_HEADER, DEVICE_HEADER, backup_data, backup_row, device_data, device_row,
+                                 on_terminal, print_json, print_table)
 from backupfs.mountinfo import MountRecord, dead_mount, read_mount_record, trigger_file
 from backupfs.mountstatus import StatusFields, failure_message, progress_text, read_status
 from backupfs.trigger import TriggerCommand
@@ -81,10 +82,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true",
                    help="a JSON list of {id, device, kind, parent, created (ISO 8601 UTC), created_ns, size, "
                         "cluster_size, granularity, stored_bytes, label, image} (sizes in bytes)")
+    p.add_argument("--kind", choices=KINDS,
+                   help="only backups of this kind, as they are now (a backup whose full was pruned is a full)")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("status", help="devices, bitmap state, recent jobs")
     p.add_argument("repo", metavar="REPO")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object: {repository, mounted, mountpoint, devices: [{name, source, size, "
+                        "bitmap, job, latest_backup, recent_jobs, error}], ...} (README: Output for scripts)")
     p.set_defaults(func=cmd_status)
 
 
@@ -131,11 +137,10 @@ def cmd_device_list(args: argparse.Namespace) -> int:
     with catalog_for_reading(args.repo) as catalog:
         devices = catalog.devices()
     if args.json:
-        print(json.dumps([{"name": d.name, "source": d.source, "size": d.size, "granularity": d.granularity}
-                          for d in devices]))
+        print_json([device_data(d) for d in devices])
         return 0
-    for d in devices:
-        print(f"{escape(d.name)}\t{escape(d.source)}\t{d.size}\t{d.granularity}")
+    tty = on_terminal()
+    print_table(DEVICE_HEADER, [device_row(d, tty) for d in devices], tty=tty, header_when_piped=False)
     return 0
 
 
@@ -315,26 +320,25 @@ def cmd_list(args: argparse.Namespace) -> int:
         if args.name is not None and catalog.device(args.name) is None:
             raise UsageError(f"no device named {args.name!r}")
         rows = catalog.backups(args.name)
+    if args.kind is not None:  # the kind it is now: a child whose full was pruned is a full
+        rows = [b for b in rows if b.kind == args.kind]
     if args.json:
-        print(json.dumps([{
-            "id": b.id, "device": b.device, "kind": b.kind, "parent": b.parent,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(b.created)), "created_ns": b.created_ns,
-            "size": b.size, "cluster_size": b.cluster_size, "granularity": b.granularity,
-            "stored_bytes": b.stored_bytes, "label": b.label, "image": b.image,
-        } for b in rows]))
+        print_json([backup_data(b) for b in rows])
         return 0
-    print("ID\tDEVICE\tKIND\tPARENT\tCREATED\tCLUSTER\tSTORED\tLABEL")
-    for b in rows:
-        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(b.created))
-        print(
-            f"{escape(b.id)}\t{escape(b.device)}\t{escape(b.kind)}\t{escape(b.parent or '-')}\t{created}\t"
-            f"{format_size(b.cluster_size)}\t{format_size(b.stored_bytes)}\t{escape(b.label or '')}"
-        )
+    tty = on_terminal()
+    print_table(BACKUP_HEADER, [backup_row(b, tty) for b in rows], tty=tty, header_when_piped=True)
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from engine.repo import Repository
+
+    if args.json:
+        from backupfs.statusdata import status_document
+
+        doc, failed = status_document(args.repo)
+        print_json(doc)
+        return 1 if failed else 0
 
     record = read_mount_record(os.path.abspath(args.repo))
     if record is not None:

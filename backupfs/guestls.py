@@ -76,7 +76,8 @@ def entry_json(name: bytes, path: bytes, entry: GuestEntry, target: bytes | None
     _text_field(out, "name", name)
     _text_field(out, "path", path)
     out.update({"type": kind_of(entry.mode), "mode": stat.S_IMODE(entry.mode), "uid": entry.uid,
-                "gid": entry.gid, "size": entry.size, "nlink": entry.nlink, "mtime_ns": entry.mtime_ns})
+                "gid": entry.gid, "size": entry.size, "nlink": entry.nlink,
+                "mtime": None if (when := iso_utc(entry.mtime_ns)) == "?" else when, "mtime_ns": entry.mtime_ns})
     if target is not None:
         _text_field(out, "target", target)
     if stat.S_ISCHR(entry.mode) or stat.S_ISBLK(entry.mode):

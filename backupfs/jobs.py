@@ -205,6 +205,7 @@ class JobRunner:
 
         report = await self._run_job(run, status, requester)
         lines = [f"report: {line}" for line in report.render().splitlines()]
+        status.report = report.data()  # verify --json through the mount reads it (mountstatus.py)
         if not report.ok:
             status.fail(f"verification found {len(report.problems)} problems", errno.EIO,
                         bitmap_kept=False, lines=lines)

@@ -64,9 +64,49 @@ class StatusFields(TypedDict):
     lines: list[str]  # what verify ("report: ...") and prune ("removed: ...") found
     lines_left_out: int
     refused: list[str]  # trigger writes refused while it ran (EBUSY)
+    # A verify's report as data (VerifyReport.data); None for other jobs, and
+    # when it would not fit (then the text's "report: " lines hold it all).
+    # Not required of a daemon: one older than this command has none.
+    report: dict[str, Any] | None
 
 
-_KEYS = frozenset(StatusFields.__annotations__)
+_KEYS = frozenset(StatusFields.__annotations__) - {"report"}
+
+BITMAP_XATTR = "user.backupfs.bitmap"
+
+
+class BitmapFields(TypedDict):
+    """A device's dirty bitmaps as `status --json` gives them, mounted or not:
+    the ``user.backupfs.bitmap`` xattr of MOUNT/<device>/bitmap."""
+
+    trusted: bool
+    untrusted_reason: str | None
+    granularity: int
+    dirty_since_last: int  # bytes the next incremental copies (without a scan)
+    dirty_since_full: int  # and the next differential
+
+
+def read_bitmap(bitmap_file: str) -> BitmapFields:
+    """The bitmap state the mount reports; BackupfsError with the mount's
+    reason when it has none (e.g. the device's source is missing)."""
+    try:
+        value = os.getxattr(bitmap_file, BITMAP_XATTR)
+    except OSError as e:
+        if e.errno not in (errno.ENODATA, errno.ENOTSUP):
+            raise
+        raise BackupfsError(f"{bitmap_file} gives no bitmap state ({BITMAP_XATTR}): is the mount's daemon "
+                            "older than this command? Unmount and mount again") from None
+    try:
+        fields: Any = json.loads(value)
+    except ValueError as e:
+        raise BackupfsError(f"the mount's bitmap state is not JSON: {e}") from None
+    if not isinstance(fields, dict):
+        raise BackupfsError("the mount's bitmap state is not a JSON object")
+    if "error" in fields:
+        raise BackupfsError(str(fields["error"]))
+    if not BitmapFields.__annotations__.keys() <= fields.keys():
+        raise BackupfsError("the mount's bitmap state lacks fields it must have (trusted, ...)")
+    return fields  # type: ignore[return-value]
 
 
 def encode_status(fields: StatusFields) -> bytes:
@@ -74,6 +114,9 @@ def encode_status(fields: StatusFields) -> bytes:
     value = json.dumps(fields, ensure_ascii=True, separators=(",", ":")).encode()
     if len(value) > XATTR_SIZE_MAX:
         fields = {**fields, "lines": [], "lines_left_out": len(fields["lines"])}  # type: ignore[typeddict-item]
+        value = json.dumps(fields, ensure_ascii=True, separators=(",", ":")).encode()
+    if len(value) > XATTR_SIZE_MAX:  # the report too: the text has it whole
+        fields = {**fields, "report": None}
         value = json.dumps(fields, ensure_ascii=True, separators=(",", ":")).encode()
     return value
 
@@ -116,6 +159,18 @@ def progress_text(fields: StatusFields, otherwise: str) -> str:
     if fields["progress"] is not None:
         return fields["progress"]["text"]
     return "starting" if fields["state"] == "running" else otherwise
+
+
+def verify_report(snapshot: str, fields: StatusFields) -> dict[str, Any]:
+    """The report of the verify that just ran, as data (VerifyReport.data):
+    from the status, or read back from the text when it did not fit there."""
+    from engine.integrity import VerifyReport
+
+    report = fields.get("report")
+    if report is not None:
+        return report
+    lines = [line[len("report: "):] for line in job_lines(snapshot, fields) if line.startswith("report: ")]
+    return VerifyReport.from_rendered(lines).data()
 
 
 def job_lines(snapshot: str, fields: StatusFields) -> list[str]:

@@ -11,8 +11,9 @@ import errno
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
-from backupfs.mountstatus import StatusFields
+from backupfs.mountstatus import BitmapFields, StatusFields
 from engine.catalog import BackupRecord
 from engine.device import Device
 from engine.job import Progress
@@ -47,6 +48,7 @@ class JobStatus:
     ended: float | None = None  # and at its end
     refused: list[str] = field(default_factory=list)  # trigger writes that waited for it (EBUSY)
     writer: object | None = None  # the open trigger file whose write ran it
+    report: dict[str, Any] | None = None  # a verify's report as data (VerifyReport.data)
 
     def begin(self, command: str, requester: str | None = None) -> None:
         self.began = time.monotonic()
@@ -61,6 +63,7 @@ class JobStatus:
         self.errno = None
         self.lines = []
         self.refused = []
+        self.report = None
 
     def succeed(self, result: BackupResult | None = None, lines: list[str] | None = None) -> None:
         self.state = "succeeded"
@@ -127,6 +130,7 @@ class JobStatus:
             "lines": list(self.lines),
             "lines_left_out": 0,
             "refused": self.refused[-5:],
+            "report": self.report,
         }
 
     def render(self) -> str:
@@ -197,6 +201,19 @@ def render_chain(backups: list[BackupRecord]) -> str:
     for r in [header, *rows]:
         out.append("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
     return "\n".join(out) + "\n"
+
+
+def bitmap_fields(dev: Device) -> BitmapFields:
+    """The bitmap state as data (status --json, mounted or not): what the
+    next incremental and differential would copy, and whether the bits are
+    trusted. Counts what is pending, so a running job's frozen bits count."""
+    return {
+        "trusted": dev.trusted,
+        "untrusted_reason": None if dev.trusted else (dev.untrusted_reason or "unknown"),
+        "granularity": dev.granularity,
+        "dirty_since_last": dev.since_last.pending().dirty_bytes(),
+        "dirty_since_full": dev.since_full.pending().dirty_bytes(),
+    }
 
 
 def render_bitmap(dev: Device) -> str:

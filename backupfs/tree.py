@@ -6,7 +6,7 @@
     MOUNT/<device>/snapshot     rw  write a trigger line; read the job status (as JSON: its
                                     xattr user.backupfs.status, backupfs/mountstatus.py)
     MOUNT/<device>/chain        r   the chain, one line a backup
-    MOUNT/<device>/bitmap       r   dirty-bitmap summary
+    MOUNT/<device>/bitmap       r   dirty-bitmap summary (as JSON: its xattr user.backupfs.bitmap)
     MOUNT/<device>/backups/<id> r   a backup, reconstructed through its chain
     MOUNT/<device>/backups/latest -> the newest backup
 
@@ -25,14 +25,15 @@ fs.py renders in a worker thread when a file is opened.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from backupfs.mountstatus import STATUS_XATTR, encode_status
-from backupfs.status import JobStatus, render_bitmap, render_chain, utc_text
+from backupfs.mountstatus import BITMAP_XATTR, STATUS_XATTR, encode_status
+from backupfs.status import JobStatus, bitmap_fields, render_bitmap, render_chain, utc_text
 from engine.catalog import BackupRecord
 from engine.errors import BackupfsError
 from engine.repo import Repository
@@ -252,7 +253,7 @@ class Tree:
         self._texts: dict[str, Callable[[Node], bytes]] = {}
         self._links: dict[str, Callable[[Node], bytes]] = {LATEST: self.latest_target}
         self._xattr_sources: dict[str, Callable[[Node], dict[bytes, bytes]]] = {
-            SNAPSHOT: self._snapshot_xattrs, BACKUP: self._backup_xattrs,
+            SNAPSHOT: self._snapshot_xattrs, BACKUP: self._backup_xattrs, BITMAP: self._bitmap_xattrs,
         }
         # Kinds whose answers read a backup's guest (seconds on a cold
         # cache): fs.py asks for them in a worker thread.
@@ -483,6 +484,15 @@ class Tree:
     def _snapshot_xattrs(self, node: Node) -> dict[bytes, bytes]:
         assert node.device is not None
         return {STATUS_XATTR.encode(): encode_status(self.status(node.device).fields())}
+
+    def _bitmap_xattrs(self, node: Node) -> dict[bytes, bytes]:
+        """The bitmap state as JSON (status --json through the mount), or why there is none."""
+        assert node.device is not None
+        try:
+            value: object = bitmap_fields(self.repo.device(node.device))
+        except BackupfsError as e:  # its source is missing, say: as the text tells it
+            value = {"error": f"bitmap unavailable: {e}"}
+        return {BITMAP_XATTR.encode(): json.dumps(value, ensure_ascii=True).encode()}
 
     def _backup_xattrs(self, node: Node) -> dict[bytes, bytes]:
         rec = self.backup(node)

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import xxhash
@@ -31,6 +33,8 @@ from engine.qcow2.layers import UNALLOC, Qcow2Layer, open_layer
 from engine.text import escape, one_line
 
 _VERIFY_CHUNK = 8 * 1024 * 1024
+_AT_OFFSET = re.compile(r" at offset (\d+)$")
+_SUMMARY = re.compile(r"\d+ backups? checked, \d+ bad, (\d+) bytes re-read")
 
 
 class ChecksumMismatch(BackupfsError):
@@ -183,6 +187,71 @@ class VerifyReport:
         )
         lines += [one_line(a) for a in self.advice]
         return "\n".join(lines)
+
+    def data(self) -> dict[str, Any]:
+        """The report for scripts (verify --json, and the mount's job status):
+        raw text, offsets and sizes in bytes (README "Output for scripts")."""
+        bad = {p.backup for p in self.problems}
+        return {
+            "ok": self.ok,
+            "checked": list(self.checked),
+            "bad": [b for b in self.checked if b in bad] + sorted(bad - set(self.checked)),
+            "problems": [{"backup": p.backup, "problem": p.what, "offset": p.offset, "harms_reads": p.harms_reads,
+                          "inherited": p.inherited}
+                         for p in self.problems],
+            "bytes_read": self.bytes_read,
+            "advice": list(self.advice),
+        }
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any]) -> VerifyReport:
+        """The report ``data()`` gave (read back from the mount's job status)."""
+        return cls(
+            checked=[str(b) for b in data["checked"]],
+            problems=[Problem(str(p["backup"]), str(p["problem"]), p["offset"], bool(p["harms_reads"]),
+                              bool(p.get("inherited", False)))
+                      for p in data["problems"]],
+            bytes_read=int(data["bytes_read"]),
+            advice=[str(a) for a in data.get("advice", [])],
+        )
+
+    @classmethod
+    def from_rendered(cls, lines: Iterable[str]) -> VerifyReport:
+        """The report read back from ``render()``'s lines: for a verify
+        through the mount whose report was too big for the job status
+        (an xattr holds 64 KiB), whose text holds all of it. Text as
+        ``render`` escaped it; harms_reads inferred (leaks alone are
+        harmless)."""
+        report = cls()
+        seen: set[str] = set()
+        summarised = False
+        for line in lines:
+            if summarised:  # what follows the summary is the advice
+                report.advice.append(line)
+            elif line.startswith("BAD "):
+                backup, _sep, what = line[4:].partition(": ")
+                m = _AT_OFFSET.search(what)
+                offset = int(m.group(1)) if m else None
+                what = what[: m.start()] if m else what
+                harmless = what.startswith("image structure: ") and what.endswith(" leaked clusters")
+                report.problems.append(Problem(backup, what, offset, not harmless))
+                if backup not in seen:
+                    seen.add(backup)
+                    report.checked.append(backup)
+            elif line.startswith("ok  "):
+                report.checked.append(line[4:])
+            elif (m := _SUMMARY.fullmatch(line)) is not None:
+                report.bytes_read = int(m.group(1))
+                summarised = True
+        report.checked.sort()  # ids sort by time: the order a verify checks them in
+        return report
+
+    def merge(self, other: VerifyReport) -> None:
+        """Add another device's report to this one (a mounted verify asks each device's mount)."""
+        self.checked += other.checked
+        self.problems += other.problems
+        self.bytes_read += other.bytes_read
+        self.advice += [a for a in other.advice if a not in self.advice]
 
 
 def verify_backup(

@@ -135,6 +135,7 @@ def test_ls_json_gives_exact_names(backup: Backup) -> None:
     assert (big["type"], big["size"], big["mode"], big["nlink"]) == ("file", len(backup.big), 0o644, 1)
     deep = by_path["p2/data/deep"]
     assert (deep["type"], deep["mode"], deep["mtime_ns"]) == ("dir", 0o750, 1600000000 * 10**9)
+    assert deep["mtime"] == "2020-09-13T12:26:40Z"  # as every --json gives a time: ISO 8601 UTC beside the ns
     owned = by_path["p2/data/deep/owned"]
     assert (owned["uid"], owned["gid"]) == (1234, 5678)
     link = json.loads(backup.run("ls", "p2/etc/link", "--json").stdout)
