@@ -148,8 +148,11 @@ def test_verify_json_unmounted_ok_and_bad(repo: Repository, tmp_path: Path) -> N
     assert doc["ok"] is False and doc["bad"] == ids[1:]  # the one after reads through it
     first = doc["problems"][0]
     assert first == {"backup": ids[1], "problem": "stored data fails its checksum",
-                     "offset": guest - guest % (64 * KiB), "harms_reads": True}
-    assert any(p["backup"] == ids[2] and "reads through damaged backup" in p["problem"] for p in doc["problems"])
+                     "offset": guest - guest % (64 * KiB), "harms_reads": True,
+                     "inherited": False}
+    assert any(p["backup"] == ids[2] and "reads through damaged backup" in p["problem"] and p["inherited"]
+               for p in doc["problems"])
+    assert doc["advice"] and all(isinstance(a, str) for a in doc["advice"])  # what to do, as the text says
 
 
 def test_verify_report_read_back_from_its_text() -> None:
@@ -161,6 +164,7 @@ def test_verify_report_read_back_from_its_text() -> None:
                           harms_reads=False),
                   Problem("20261127T090000Z-0003-full", "image unreadable: bad: header at offset")],
         bytes_read=123456,
+        advice=["what to do: take a full backup", "  backupfs backup REPO vm full"],
     )
     back = VerifyReport.from_rendered(report.render().splitlines())
     assert back.data() == report.data()

@@ -73,7 +73,9 @@ def test_status_and_verify_json_through_the_mount(tmp_path: Path) -> None:
         report = json.loads(bad.stdout)
         assert report["ok"] is False and report["bad"] == ids[1:]
         assert report["problems"][0] == {"backup": ids[1], "problem": "stored data fails its checksum",
-                                         "offset": guest - guest % (64 * KiB), "harms_reads": True}
+                                         "offset": guest - guest % (64 * KiB), "harms_reads": True,
+                                         "inherited": False}
+        assert report["advice"]  # what to do, through the mount too
         # Only the one backup: it reads through nothing damaged.
         one = json.loads(cli("verify", m.repo, "vm1", "--backup", "0001", "--json").stdout)
         assert one["ok"] is True and one["checked"] == [ids[0]]
