@@ -17,11 +17,11 @@ from engine.qcow2.writer import validate_cluster_size
 from engine.validate import validate_label
 
 MAX_LINE = 1024
-KEYS = ("cluster_size", "label", "scan", "auto_full", "rate")
+KEYS = ("cluster_size", "label", "scan", "auto_full", "rate", "empty")
 PRUNE_KEYS = ("keep_last", "keep_daily", "keep_weekly", "keep_monthly", "remove", "dry_run")
 USAGE = (
     "accepted: 'full|incremental|differential [cluster_size=64K] [label=TEXT] "
-    "[scan=1] [auto_full=1] [rate=50M]', 'verify [backup=ID]', or "
+    "[scan=1] [auto_full=1] [rate=50M] [empty=1]', 'verify [backup=ID]', or "
     "'prune keep_last=N|keep_daily=N|keep_weekly=N|keep_monthly=N|remove=ID [dry_run=1]'"
 )
 
@@ -38,6 +38,7 @@ class TriggerCommand:
     scan: bool = False
     auto_full: bool = False
     rate: int | None = None  # bytes per second, None = as fast as possible
+    empty: bool = False  # an empty layer when nothing changed (a point in time), not "nothing changed"
 
     def line(self) -> str:
         parts = [self.kind, f"cluster_size={self.cluster_size}"]
@@ -49,6 +50,8 @@ class TriggerCommand:
             parts.append("auto_full=1")
         if self.rate:
             parts.append(f"rate={self.rate}")
+        if self.empty:
+            parts.append("empty=1")
         return " ".join(parts)
 
 
@@ -139,7 +142,7 @@ def parse_trigger(data: bytes) -> Command:
                 opts[key] = validate_label(value)
             except UsageError as e:
                 raise TriggerError(str(e)) from None
-        elif key in ("scan", "auto_full"):
+        elif key in ("scan", "auto_full", "empty"):
             opts[key] = _flag(key, value)
         else:  # rate
             try:

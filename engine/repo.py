@@ -936,8 +936,13 @@ class Repository:
         source_factory: Callable[[Device], Source] | None = None,
         chunk_bytes: int = CHUNK_BYTES,
         rate: int | None = None,
+        allow_empty: bool = False,
     ) -> BackupResult:
-        """Run one backup to completion (in this thread) and return what it made."""
+        """Run one backup to completion (in this thread) and return what it made.
+
+        An incremental or differential that finds nothing changed since its
+        parent makes no image (``result.unchanged``, ``result.record`` the
+        parent) unless ``allow_empty``: then an empty layer marks the time."""
         self._require_room("a backup")
         if label is not None:
             validate_label(label)  # before any copying: the same rule as the trigger's
@@ -949,7 +954,7 @@ class Repository:
         return BackupRun(
             self, dev, kind, cluster_size=cluster_size, scan=scan, label=label, auto_full=auto_full,
             on_progress=on_progress, cancel=cancel, source_factory=source_factory, chunk_bytes=chunk_bytes,
-            rate=rate,
+            rate=rate, allow_empty=allow_empty,
         ).run()
 
     # -- what a backup run (engine/backuprun.py) asks of its repository ---------------
