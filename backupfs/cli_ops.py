@@ -71,7 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-weekly", type=int, metavar="N")
     p.add_argument("--keep-monthly", type=int, metavar="N")
     p.add_argument("--remove", metavar="ID", help="remove this one backup")
-    p.add_argument("--dry-run", action="store_true", help="say what would be removed, change nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list every backup it would keep (and the rule that keeps it) and remove, and the bytes "
+                        "it would free at most; change nothing")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("import", help="adopt a qcow2 chain made by QEMU or libvirt as a device's history")
@@ -315,26 +317,31 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if failure is not None:
             raise BackupfsError(failure_message(fields) or f"prune failed: {failure.strerror or ''}")
         for line in job_lines(os.path.join(record.mountpoint, args.name, "snapshot"), fields):
-            if line.startswith("removed: ") or line.startswith("would remove: "):
+            if line.startswith(("removed: ", "would remove: ", "keep: ", "would free: ")):
                 print(one_line(line))
+        return 0
+    if args.dry_run:
+        with Repository.open(args.repo, writable=False) as repo:  # nothing changes, not even a leftover
+            preview = repo.prune_preview(args.name, None if policy.empty() else policy, args.remove)
+        for line in preview.lines():
+            print(one_line(line))
         return 0
     from engine.job import CancelRequest, JobCancelled
 
     cancel = CancelRequest()
-    stops = contextlib.nullcontext() if args.dry_run else _first_signal_cancels(cancel, "the backup being removed now")
-    with stops:
+    with _first_signal_cancels(cancel, "the backup being removed now"):
         try:
-            with Repository.open(args.repo) as repo:
+            with Repository.open(args.repo) as repo, \
+                    progress_reporter(sys.stderr.isatty(), f"prune {args.name}") as update:
                 plans = repo.prune(args.name, None if policy.empty() else policy, args.remove,
-                                   dry_run=args.dry_run, cancel=cancel)
+                                   cancel=cancel, on_progress=update)
         except JobCancelled as e:
             for plan in e.removed:
                 print(f"removed: {plan.describe()}")
             print(f"backupfs: interrupted: {e}", file=sys.stderr)
             return 130 if cancel.reason == "Ctrl-C" else 128 + int(signal.Signals[cancel.reason or "SIGINT"])
-    verb = "would remove" if args.dry_run else "removed"
     for plan in plans:
-        print(f"{verb}: {plan.describe()}")
+        print(f"removed: {plan.describe()}")
     if not plans:
         print("nothing to remove")
     return 0
@@ -343,14 +350,22 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from engine.repo import DEFAULT_GRANULARITY, Repository
 
+    from engine.job import Progress
+
     granularity = parse_size(args.granularity, "granularity")
-    with Repository.open(args.repo) as repo:
+    with Repository.open(args.repo) as repo, \
+            progress_reporter(sys.stderr.isatty(), f"import {args.name}") as update:
+        image = ["image"]
+
         def on_layer(n: int, total: int, path: str) -> None:
-            if sys.stderr.isatty():
-                print(f"importing {n + 1}/{total}: {escape(path)}", file=sys.stderr)
+            image[0] = f"image {n + 1} of {total}"
+
+        def on_progress(p: Progress) -> None:
+            if update is not None:
+                update(Progress(total=p.total, done=p.done, written=p.written, started=p.started, phase=image[0]))
 
         records = repo.import_chain(args.name, args.tip, granularity or DEFAULT_GRANULARITY, args.source, on_layer,
-                                    args.allow_outside, args.backing_format, args.tip_format)
+                                    args.allow_outside, args.backing_format, args.tip_format, on_progress)
     for rec in records:
         print(f"{escape(rec.id)}\t{rec.kind}\t{format_size(rec.stored_bytes)}\t{escape(rec.label or '')}")
     return 0
