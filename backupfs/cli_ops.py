@@ -96,9 +96,44 @@ def _mounted(repo: str) -> MountRecord | None:
     return read_mount_record(os.path.abspath(repo))
 
 
-def _trigger_through_mount(record: MountRecord, name: str, line: str) -> tuple[StatusFields, OSError | None]:
+@contextlib.contextmanager
+def _mounted_progress(snapshot: str, label: str | None) -> Iterator[None]:
+    """While the daemon runs the job, draw its progress (as its status gives
+    it) on a terminal; nothing when ``label`` is None or not a terminal."""
+    if label is None or not sys.stderr.isatty():
+        yield
+        return
+    import threading
+
+    from engine.job import Progress
+
+    done = threading.Event()
+
+    def show() -> None:
+        with progress_reporter(True, label) as update:
+            assert update is not None
+            while not done.wait(0.2):
+                try:
+                    p = read_status(snapshot)["progress"]
+                except (OSError, BackupfsError):
+                    return  # the mount went away: the write says so
+                if p is not None:
+                    update(Progress(total=p["total"], done=p["done"], phase=p["phase"]))
+
+    watcher = threading.Thread(target=show, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+
+
+def _trigger_through_mount(record: MountRecord, name: str, line: str,
+                           progress: str | None = None) -> tuple[StatusFields, OSError | None]:
     """Write a command line to the device's snapshot file; return the job's
-    status and what the write said (None: it succeeded)."""
+    status and what the write said (None: it succeeded). ``progress``: the
+    label of a progress bar drawn on a terminal meanwhile."""
     default_stop_signals()  # so that the daemon sees them as stopping us (requester.py)
 
     snapshot = trigger_file(record, name)
@@ -106,7 +141,8 @@ def _trigger_through_mount(record: MountRecord, name: str, line: str) -> tuple[S
     try:
         fd = os.open(snapshot, os.O_WRONLY)
         try:
-            os.write(fd, (line + "\n").encode())
+            with _mounted_progress(snapshot, progress):
+                os.write(fd, (line + "\n").encode())
         finally:
             close_quietly(fd)
     except OSError as e:
@@ -313,7 +349,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             parts.append(f"remove={args.remove}")
         if args.dry_run:
             parts.append("dry_run=1")
-        fields, failure = _trigger_through_mount(record, args.name, " ".join(parts))
+        fields, failure = _trigger_through_mount(record, args.name, " ".join(parts),
+                                                 progress=None if args.dry_run else f"prune {args.name}")
         if failure is not None:
             raise BackupfsError(failure_message(fields) or f"prune failed: {failure.strerror or ''}")
         for line in job_lines(os.path.join(record.mountpoint, args.name, "snapshot"), fields):

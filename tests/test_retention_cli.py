@@ -15,6 +15,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from engine.repo import Repository
 from tests.commands import backupfs_cmd, cli, sh
 from tests.oracle import qemu_compare, qemu_img, qemu_io
@@ -141,3 +143,23 @@ def test_import_and_prune_draw_progress_on_a_terminal(tmp_path: Path) -> None:
     assert b"prune vm (1 of 2: merging 0001-full into 0002-incremental)" in term, term
     assert b"prune vm (2 of 2: merging 0002-incremental into 0003-incremental)" in term, term
     assert out.decode().count("removed: ") == 2
+
+
+@pytest.mark.mount
+def test_prune_through_the_mount_draws_on_a_terminal_only(tmp_path: Path) -> None:
+    from tests.mounts import mounted_device
+
+    with mounted_device(tmp_path, bytes(2 * MiB), name="vm") as m:
+        snapshot, device = m.mnt / "vm" / "snapshot", m.mnt / "vm" / "device"
+        for i, kind in enumerate(["full", "incremental", "incremental"]):
+            with open(device, "r+b") as f:
+                f.seek(i * 256 * KiB)
+                f.write(bytes([i + 1]) * 200 * KiB)
+            sh(f"echo {kind} > {snapshot}")
+        dry = cli("prune", m.repo, "vm", "--keep-last", "2", "--dry-run")
+        assert dry.stderr == b"" and dry.stdout.decode().count("keep: ") == 2
+        rc, out, term = _on_a_terminal("prune", m.repo, "vm", "--keep-last", "1")
+        assert rc == 0, term
+        assert b"prune vm" in term and b"Traceback" not in term, term
+        assert out.decode().count("removed: ") == 2
+        m.stop()
