@@ -16,6 +16,13 @@ dirty bit and no file can fall between them:
   removed, the job's history says why;
 - ``clean``: either way, the device has no job any more.
 
+Nothing changed since the parent makes no image (unless ``allow_empty``):
+a trusted bitmap with no dirty bit is told in ``plan``, which then ends the
+run before ``start`` (nothing frozen, nothing made); a checksum scan that
+stores nothing is told in ``prepare``, which then publishes nothing, and
+``commit`` drops the temporary image and trusts the bitmaps as a backup's
+commit would. Either way the job's history says ``unchanged``.
+
 A crash between any two steps leaves what the repository's recovery
 (engine/repo.py) removes: only files recorded as intents that the catalog
 does not name; a bitmap persisted as in use is untrusted at the next open.

@@ -347,7 +347,7 @@ def test_a_full_repository_disk_still_lists_verifies_and_restores(tmp_path: Path
         assert _run("image", "check", repo_dir / "devices" / "vm1" / sorted(state)[0]).returncode == 0
 
         (small / "filler").unlink()  # room again: everything works, nothing was lost
-        cli("backup", repo_dir, "vm1", "incremental")
+        cli("backup", repo_dir, "vm1", "incremental", "--allow-empty")
         assert len(cli("list", repo_dir).stdout.decode().splitlines()) == 4
         cli("verify", repo_dir)
     finally:
