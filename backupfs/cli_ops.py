@@ -78,7 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-weekly", type=int, metavar="N")
     p.add_argument("--keep-monthly", type=int, metavar="N")
     p.add_argument("--remove", metavar="ID", help="remove this one backup")
-    p.add_argument("--dry-run", action="store_true", help="say what would be removed, change nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list every backup it would keep (and the rule that keeps it) and remove, and the bytes "
+                        "it would free at most; change nothing")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("import", help="adopt a qcow2 chain made by QEMU or libvirt as a device's history")
@@ -103,9 +105,44 @@ def _mounted(repo: str) -> MountRecord | None:
     return read_mount_record(os.path.abspath(repo))
 
 
-def _trigger_through_mount(record: MountRecord, name: str, line: str) -> tuple[StatusFields, OSError | None]:
+@contextlib.contextmanager
+def _mounted_progress(snapshot: str, label: str | None) -> Iterator[None]:
+    """While the daemon runs the job, draw its progress (as its status gives
+    it) on a terminal; nothing when ``label`` is None or not a terminal."""
+    if label is None or not sys.stderr.isatty():
+        yield
+        return
+    import threading
+
+    from engine.job import Progress
+
+    done = threading.Event()
+
+    def show() -> None:
+        with progress_reporter(True, label) as update:
+            assert update is not None
+            while not done.wait(0.2):
+                try:
+                    p = read_status(snapshot)["progress"]
+                except (OSError, BackupfsError):
+                    return  # the mount went away: the write says so
+                if p is not None:
+                    update(Progress(total=p["total"], done=p["done"], phase=p["phase"]))
+
+    watcher = threading.Thread(target=show, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+
+
+def _trigger_through_mount(record: MountRecord, name: str, line: str,
+                           progress: str | None = None) -> tuple[StatusFields, OSError | None]:
     """Write a command line to the device's snapshot file; return the job's
-    status and what the write said (None: it succeeded)."""
+    status and what the write said (None: it succeeded). ``progress``: the
+    label of a progress bar drawn on a terminal meanwhile."""
     default_stop_signals()  # so that the daemon sees them as stopping us (requester.py)
 
     snapshot = trigger_file(record, name)
@@ -113,7 +150,8 @@ def _trigger_through_mount(record: MountRecord, name: str, line: str) -> tuple[S
     try:
         fd = os.open(snapshot, os.O_WRONLY)
         try:
-            os.write(fd, (line + "\n").encode())
+            with _mounted_progress(snapshot, progress):
+                os.write(fd, (line + "\n").encode())
         finally:
             close_quietly(fd)
     except OSError as e:
@@ -344,30 +382,36 @@ def cmd_prune(args: argparse.Namespace) -> int:
             parts.append(f"remove={args.remove}")
         if args.dry_run:
             parts.append("dry_run=1")
-        fields, failure = _trigger_through_mount(record, args.name, " ".join(parts))
+        fields, failure = _trigger_through_mount(record, args.name, " ".join(parts),
+                                                 progress=None if args.dry_run else f"prune {args.name}")
         if failure is not None:
             raise BackupfsError(failure_message(fields) or f"prune failed: {failure.strerror or ''}")
         for line in job_lines(os.path.join(record.mountpoint, args.name, "snapshot"), fields):
-            if line.startswith("removed: ") or line.startswith("would remove: "):
+            if line.startswith(("removed: ", "would remove: ", "keep: ", "would free: ")):
                 print(one_line(line))
+        return 0
+    if args.dry_run:
+        with Repository.open(args.repo, writable=False) as repo:  # nothing changes, not even a leftover
+            preview = repo.prune_preview(args.name, None if policy.empty() else policy, args.remove)
+        for line in preview.lines():
+            print(one_line(line))
         return 0
     from engine.job import CancelRequest, JobCancelled
 
     cancel = CancelRequest()
-    stops = contextlib.nullcontext() if args.dry_run else _first_signal_cancels(cancel, "the backup being removed now")
-    with stops:
+    with _first_signal_cancels(cancel, "the backup being removed now"):
         try:
-            with Repository.open(args.repo) as repo:
+            with Repository.open(args.repo) as repo, \
+                    progress_reporter(sys.stderr.isatty(), f"prune {args.name}") as update:
                 plans = repo.prune(args.name, None if policy.empty() else policy, args.remove,
-                                   dry_run=args.dry_run, cancel=cancel)
+                                   cancel=cancel, on_progress=update)
         except JobCancelled as e:
             for plan in e.removed:
                 print(f"removed: {plan.describe()}")
             print(f"backupfs: interrupted: {e}", file=sys.stderr)
             return 130 if cancel.reason == "Ctrl-C" else 128 + int(signal.Signals[cancel.reason or "SIGINT"])
-    verb = "would remove" if args.dry_run else "removed"
     for plan in plans:
-        print(f"{verb}: {plan.describe()}")
+        print(f"removed: {plan.describe()}")
     if not plans:
         print("nothing to remove")
     return 0
@@ -376,6 +420,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from engine.repo import DEFAULT_GRANULARITY, Repository
 
+    from engine.job import Progress
+
     granularity = parse_size(args.granularity, "granularity")
     record = _mounted(args.repo)
     if record is not None:  # the daemon's to do (backupfs/cli_control.py)
@@ -383,14 +429,20 @@ def cmd_import(args: argparse.Namespace) -> int:
 
         return import_chain(record, args.name, args.tip, args.source, granularity or DEFAULT_GRANULARITY,
                             args.allow_outside, args.backing_format, args.tip_format, args.raw)
-    with Repository.open(args.repo) as repo:
+    with Repository.open(args.repo) as repo, \
+            progress_reporter(sys.stderr.isatty(), f"import {args.name}") as update:
+        image = ["image"]
+
         def on_layer(n: int, total: int, path: str) -> None:
-            if sys.stderr.isatty():
-                print(f"importing {n + 1}/{total}: {escape(path)}", file=sys.stderr)
+            image[0] = f"image {n + 1} of {total}"
+
+        def on_progress(p: Progress) -> None:
+            if update is not None:
+                update(Progress(total=p.total, done=p.done, written=p.written, started=p.started, phase=image[0]))
 
         records = repo.import_chain(args.name, args.tip, granularity or DEFAULT_GRANULARITY, args.source, on_layer,
                                     args.allow_outside, args.backing_format, args.tip_format,
-                                    raw_source=args.raw)
+                                    raw_source=args.raw, on_progress=on_progress)
     for rec in records:
         print(f"{escape(rec.id)}\t{rec.kind}\t{format_size(rec.stored_bytes)}\t{escape(rec.label or '')}")
     return 0

@@ -74,6 +74,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true",
                    help="try a full backup even when it may not fit the repository's disk")
     p.add_argument("--rate", help="limit the copy to this many bytes per second, e.g. 50M")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="when nothing changed since the last backup, still add an (empty) backup as a point "
+                        "in time; without it, an incremental or differential with nothing to copy makes none")
     p.set_defaults(func=cmd_backup)
 
     p = sub.add_parser("list", help="the backups (first column: the backup id)")
@@ -190,7 +193,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
                 auto_full=args.auto_full,
                 on_progress=progress,
                 rate=rate,
-                force=args.force,
+                force=args.force, allow_empty=args.allow_empty,
             )
     print(result.summary())
     return 0
@@ -205,7 +208,8 @@ def _backup_through_mount(
 
     validate_name(args.name)
     snapshot = trigger_file(record, args.name)
-    cmd = TriggerCommand(args.kind, cluster_size, args.label, args.scan, args.auto_full, rate, force=args.force)
+    cmd = TriggerCommand(args.kind, cluster_size, args.label, args.scan, args.auto_full, rate, force=args.force,
+                         empty=args.allow_empty)
     done = threading.Event()
 
     def show_progress() -> None:
@@ -280,6 +284,12 @@ def _print_mounted_result(fields: StatusFields, record: MountRecord) -> None:
     r = fields["result"]
     if r is None:
         raise BackupfsError(f"the backup ended, but the mount reports no backup made (state {fields['state']})")
+    since = r.get("unchanged_since")
+    if since:
+        print(f"nothing changed since {escape(since)}; no backup was made "
+              f"({'scanned, ' if r['scanned'] else ''}{r['bytes_examined']} bytes examined in {r['seconds']:.2f} s, "
+              f"through the mount at {escape(record.mountpoint)})")
+        return
     print(
         f"{escape(r['backup'])}: {r['kind']}, "
         f"{'scanned, ' if r['scanned'] else ''}"
@@ -306,6 +316,8 @@ def _print_history(catalog: Catalog | Repository, device: str) -> None:
     for j in catalog.jobs(device, limit=3):
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(j.started_ns / 1e9))
         extra = f": {escape(j.error)}" if j.error else ""
+        if j.state == "unchanged" and j.backup:
+            extra = f": nothing changed since {escape(j.backup)}"
         print(f"  job {j.id} {escape(j.kind)} {when} {escape(j.state)}{extra}")
 
 

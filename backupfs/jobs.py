@@ -191,7 +191,7 @@ class JobRunner:
             return self.repo.backup(
                 device, cmd.kind, cluster_size=cmd.cluster_size, scan=cmd.scan, label=cmd.label,
                 auto_full=cmd.auto_full, on_progress=progress, rate=cmd.rate, cancel=cancel,
-                source_factory=self.source_factory, force=cmd.force,
+                source_factory=self.source_factory, force=cmd.force, allow_empty=cmd.empty,
             )
 
         result = await self._run_job(run, status, requester)
@@ -215,16 +215,23 @@ class JobRunner:
     async def _prune(self, device: str, cmd: PruneCommand, status: JobStatus,
                      requester: Requester | None = None) -> None:
         policy = RetentionPolicy(cmd.keep_last, cmd.keep_daily, cmd.keep_weekly, cmd.keep_monthly)
+        if cmd.dry_run:
+            def preview(cancel: CancelRequest) -> Any:
+                return self.repo.prune_preview(device, None if policy.empty() else policy, cmd.remove)
+
+            status.succeed(lines=(await self._run_job(preview, status, requester)).lines())
+            return
+
+        def progress(p: Any) -> None:
+            status.progress = p
 
         def run(cancel: CancelRequest) -> Any:
             return self.repo.prune(device, None if policy.empty() else policy, cmd.remove,
-                                   dry_run=cmd.dry_run, cancel=cancel)
+                                   cancel=cancel, on_progress=progress)
 
         before = {b.id for b in self.repo.backups(device)}
         try:
             plans = await self._run_job(run, status, requester)
         finally:
-            if not cmd.dry_run:  # also when cancelled part way: some may be gone
-                await self.on_pruned(device, before)
-        verb = "would remove" if cmd.dry_run else "removed"
-        status.succeed(lines=[f"{verb}: {p.describe()}" for p in plans] or ["removed: nothing"])
+            await self.on_pruned(device, before)  # also when cancelled part way: some may be gone
+        status.succeed(lines=[f"removed: {p.describe()}" for p in plans] or ["removed: nothing"])

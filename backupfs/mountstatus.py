@@ -39,8 +39,8 @@ class ProgressFields(TypedDict):
 
 
 class ResultFields(TypedDict):
-    backup: str
-    kind: str
+    backup: str | None  # None: nothing changed, no backup was made (see unchanged_since)
+    kind: str | None
     parent: str | None
     seconds: float
     bytes_examined: int
@@ -48,6 +48,7 @@ class ResultFields(TypedDict):
     cbw_clusters: int
     scanned: bool
     scan_reason: str | None
+    unchanged_since: str | None  # nothing changed since this backup: no image was made
 
 
 class StatusFields(TypedDict):

@@ -119,9 +119,11 @@ class JobStatus:
                 "text": self.progress_line(),
             },
             "result": None if r is None else {
-                "backup": r.record.id, "kind": r.record.kind, "parent": r.record.parent, "seconds": r.seconds,
+                "backup": None if r.unchanged else r.record.id, "kind": None if r.unchanged else r.record.kind,
+                "parent": r.record.id if r.unchanged else r.record.parent, "seconds": r.seconds,
                 "bytes_examined": r.bytes_total, "bytes_stored": r.bytes_written, "cbw_clusters": r.cbw_units,
                 "scanned": r.scanned, "scan_reason": r.scan_reason,
+                "unchanged_since": r.record.id if r.unchanged else None,
             },
             "error": self.error if self.state in ("failed", "cancelled") else None,
             "errno": errno.errorcode.get(self.errno or errno.EIO, "EIO") if self.state in ("failed", "cancelled")
@@ -146,6 +148,15 @@ class JobStatus:
                 lines.append(f"bytes: {p.done} / {p.total}")
                 lines.append(f"rate: {int(p.rate)} bytes/s")
                 lines.append(f"eta: {p.eta:.1f} s" if p.eta is not None else "eta: unknown")
+        elif self.state == "succeeded" and self.result is not None and self.result.unchanged:
+            r = self.result
+            lines += [
+                f"finished: {utc_text(self.finished or time.time())}",
+                f"unchanged: nothing changed since {escape(r.record.id)}; no backup was made",
+                f"duration: {r.seconds:.2f} s",
+                f"bytes examined: {r.bytes_total}",
+                f"scanned: {'yes (' + one_line(r.scan_reason or '') + ')' if r.scanned else 'no'}",
+            ]
         elif self.state == "succeeded" and self.result is not None:
             r = self.result
             lines += [

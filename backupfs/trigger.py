@@ -17,11 +17,11 @@ from engine.qcow2.writer import validate_cluster_size
 from engine.validate import validate_label
 
 MAX_LINE = 1024
-KEYS = ("cluster_size", "label", "scan", "auto_full", "rate", "force")
+KEYS = ("cluster_size", "label", "scan", "auto_full", "rate", "force", "empty")
 PRUNE_KEYS = ("keep_last", "keep_daily", "keep_weekly", "keep_monthly", "remove", "dry_run")
 USAGE = (
     "accepted: 'full|incremental|differential [cluster_size=64K] [label=TEXT] "
-    "[scan=1] [auto_full=1] [rate=50M] [force=1]', 'verify [backup=ID]', or "
+    "[scan=1] [auto_full=1] [rate=50M] [force=1] [empty=1]', 'verify [backup=ID]', or "
     "'prune keep_last=N|keep_daily=N|keep_weekly=N|keep_monthly=N|remove=ID [dry_run=1]'"
 )
 
@@ -39,6 +39,7 @@ class TriggerCommand:
     auto_full: bool = False
     rate: int | None = None  # bytes per second, None = as fast as possible
     force: bool = False  # a full that may not fit the repository's disk is tried anyway
+    empty: bool = False  # an empty layer when nothing changed (a point in time), not "nothing changed"
 
     def line(self) -> str:
         parts = [self.kind, f"cluster_size={self.cluster_size}"]
@@ -52,6 +53,8 @@ class TriggerCommand:
             parts.append(f"rate={self.rate}")
         if self.force:
             parts.append("force=1")
+        if self.empty:
+            parts.append("empty=1")
         return " ".join(parts)
 
 
@@ -142,7 +145,7 @@ def parse_trigger(data: bytes) -> Command:
                 opts[key] = validate_label(value)
             except UsageError as e:
                 raise TriggerError(str(e)) from None
-        elif key in ("scan", "auto_full", "force"):
+        elif key in ("scan", "auto_full", "force", "empty"):
             opts[key] = _flag(key, value)
         else:  # rate
             try:

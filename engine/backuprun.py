@@ -16,6 +16,13 @@ dirty bit and no file can fall between them:
   removed, the job's history says why;
 - ``clean``: either way, the device has no job any more.
 
+Nothing changed since the parent makes no image (unless ``allow_empty``):
+a trusted bitmap with no dirty bit is told in ``plan``, which then ends the
+run before ``start`` (nothing frozen, nothing made); a checksum scan that
+stores nothing is told in ``prepare``, which then publishes nothing, and
+``commit`` drops the temporary image and trusts the bitmaps as a backup's
+commit would. Either way the job's history says ``unchanged``.
+
 A crash between any two steps leaves what the repository's recovery
 (engine/repo.py) removes: only files recorded as intents that the catalog
 does not name; a bitmap persisted as in use is untrusted at the next open.
@@ -50,6 +57,7 @@ from engine.qcow2.writer import Qcow2Writer
 from engine.repoerrors import JobBusy, RepositoryError, storage_error
 from engine.space import data_runs, free_bytes, image_bound, room_text
 from engine.stopsignals import STOP_SIGNALS
+from engine.text import escape
 
 
 class BackupHost(Protocol):
@@ -78,9 +86,17 @@ class BackupResult:
     cbw_units: int
     seconds: float
     scan_reason: str | None = None
+    # Nothing changed since ``record`` (an existing backup, the new one's
+    # parent-to-be): no image was made, and ``record`` holds this point in time.
+    unchanged: bool = False
 
     def summary(self) -> str:
         how = f"scanned ({self.scan_reason}), " if self.scanned else ""
+        if self.unchanged:
+            return (
+                f"nothing changed since {escape(self.record.id)}; no backup was made "
+                f"({how}{self.bytes_total} bytes examined in {self.seconds:.2f} s)"
+            )
         return (
             f"{self.record.id}: {self.record.kind}, {how}"
             f"{self.bytes_written} bytes stored of {self.bytes_total} examined in {self.seconds:.2f} s"
@@ -107,6 +123,7 @@ class BackupRun:
         chunk_bytes: int,
         rate: int | None,
         force: bool = False,
+        allow_empty: bool = False,
     ) -> None:
         self.host = host
         self.catalog = host.catalog
@@ -123,6 +140,7 @@ class BackupRun:
         self.chunk_bytes = chunk_bytes
         self.rate = rate
         self.force = force  # a full that may not fit the repository's disk is tried anyway
+        self.allow_empty = allow_empty
         self.started = time.monotonic()
         self.created_ns = time.time_ns()
         # Set by plan:
@@ -134,6 +152,9 @@ class BackupRun:
         # Set by plan (a full) or start: what it may write, and the room there was.
         self.needed: int | None = None
         self.free: int | None = None
+        # Set by plan (the bitmap says so) or prepare (a scan found it):
+        # nothing changed since the parent, and no image is made.
+        self.unchanged = False
         # Set by start:
         self.writer: Qcow2Writer | None = None
         self.files: BackupFiles | None = None
@@ -152,7 +173,10 @@ class BackupRun:
         dev = self.dev
         with dev.gate.exclusive():
             self.plan()
-            self.start()
+            if not self.unchanged:
+                self.start()
+        if self.unchanged:
+            return self._nothing_to_copy()
         ok = False
         failure: BaseException | None = None
         try:
@@ -174,10 +198,12 @@ class BackupRun:
                     self.abort(failure, doubt=committed is None)
             finally:
                 self.clean()
-        assert self.job is not None and self.rec is not None
+        assert self.job is not None
+        held = self.parent if self.unchanged else self.rec
+        assert held is not None
         return BackupResult(
-            self.rec, self.plan_scan, self.job.progress.total, self.job.progress.written, self.job.cbw_units,
-            time.monotonic() - self.started, self.scan_reason,
+            held, self.plan_scan, self.job.progress.total, self.job.progress.written, self.job.cbw_units,
+            time.monotonic() - self.started, self.scan_reason, unchanged=self.unchanged,
         )
 
     # -- the steps ------------------------------------------------------------------
@@ -203,6 +229,22 @@ class BackupRun:
                                  "(or ask for auto_full=1 in the trigger, --auto-full to 'backupfs backup')")
             kind = "full"
         lineage = self.catalog.lineage(parent.id) if parent is not None and kind != "full" else []
+        if parent is not None and kind != "full":
+            found = damaged_ancestor(self.catalog, lineage)
+            if found is not None:
+                if not self.auto_full:
+                    raise damage_refusal(name, kind, *found)
+                kind, parent = "full", None  # a new chain, on nothing damaged
+                lineage = []
+        if parent is not None and kind != "full" and not self.allow_empty and not self.scan:
+            tracked = dev.since_full if kind == "differential" else dev.since_last
+            if tracked.trusted and not tracked.active.count():
+                # A trusted bitmap with no dirty bit: the device reads as
+                # ``parent`` does. Decided before anything is frozen or
+                # made (and before the chain's depth matters: no layer is
+                # added), so the bitmaps are not touched at all.
+                self.kind, self.parent, self.unchanged = kind, parent, True
+                return
         depth = len(lineage) + 1
         if depth > MAX_CHAIN_DEPTH:
             # The new image could not be read back: no reader (ours,
@@ -215,12 +257,6 @@ class BackupRun:
                     "merges them"
                 )
             kind, parent = "full", None
-        if parent is not None and kind != "full":
-            found = damaged_ancestor(self.catalog, lineage)
-            if found is not None:
-                if not self.auto_full:
-                    raise damage_refusal(name, kind, *found)
-                kind, parent = "full", None  # a new chain, on nothing damaged
         if kind == "full":
             self._check_room_for_full()
         tracked = dev.since_full if kind == "differential" else dev.since_last
@@ -315,6 +351,13 @@ class BackupRun:
             signal.pthread_sigmask(signal.SIG_SETMASK, self.held)  # a stop held back lands here
             self.job_id = self.catalog.job_started(name, self.kind)  # inside: a failure here must undo the above
             job.run()
+            if self._scan_found_nothing():
+                assert self.parent is not None
+                self.unchanged = True
+                self.catalog.job_finished(
+                    self.job_id, "unchanged", backup=self.parent.id, total=job.progress.total,
+                    done=job.progress.done, written=0, scanned=True)
+                return
             publish(writer, self.checksums, files)
         except OSError as e:
             raise self._explained(storage_error(e)) from None
@@ -356,16 +399,28 @@ class BackupRun:
         bitmaps trusted again unless something the bitmap cannot have seen
         happened while the job ran."""
         dev = self.dev
+        newest = self.parent if self.unchanged else self.rec
+        assert newest is not None
         # Exclusive: waits for writes in flight, whose copy-before-write
         # may still be writing into the image; none starts after this.
         with dev.gate.exclusive():
             dev.job = None
-            resynced = dev.job_committed(self.distrusts, full=self.frozen_full is not None)
-            if self.frozen_full is None and self.plan_scan and not dev.since_full.trusted and resynced:
-                assert self.rec is not None
-                changed = self._since_full_changes(self.rec)
-                if changed is not None:
-                    dev.resync_since_full(changed)
+            if self.unchanged and not self._parent_is_latest():
+                # A differential found the device as its full left it, but
+                # a later backup (the next incremental's parent) differs:
+                # what was dirty since that one still is, and nothing is
+                # trusted that was not (the next differential scans again).
+                dev.job_failed(full=False)
+            else:
+                resynced = dev.job_committed(self.distrusts, full=self.frozen_full is not None)
+                if self.frozen_full is None and self.plan_scan and not dev.since_full.trusted and resynced:
+                    changed = self._since_full_changes(newest)
+                    if changed is not None:
+                        dev.resync_since_full(changed)
+        if self.unchanged:
+            assert self.writer is not None and self.files is not None
+            self.writer.abort()  # after the gate: see abort
+            self._unlink(self.files.tmp)
         self.host.forget_intents(self.intents)
 
     def abort(self, failure: BaseException | None, doubt: bool) -> None:
@@ -384,10 +439,7 @@ class BackupRun:
         writer.abort()
         files = self.files
         for leftover in (files.tmp,) if doubt else (files.tmp, files.image, files.sums):
-            try:
-                durable.fs.unlink(leftover)
-            except FileNotFoundError:
-                pass
+            self._unlink(leftover)
         if not doubt:
             self.host.forget_intents(self.intents)
         cancelled = isinstance(failure, KeyboardInterrupt) or (
@@ -406,6 +458,36 @@ class BackupRun:
     def clean(self) -> None:
         """Whatever the end: the device has no running job any more."""
         self.host.job_ends(self.name)
+
+    # -- nothing changed --------------------------------------------------------------
+
+    def _nothing_to_copy(self) -> BackupResult:
+        """The bitmap says nothing changed since the parent: no image, no
+        catalog row, the bitmaps as they were; the job's history says so."""
+        assert self.parent is not None
+        try:
+            job_id = self.catalog.job_started(self.name, self.kind)
+            self.catalog.job_finished(job_id, "unchanged", backup=self.parent.id, total=0, done=0, written=0)
+        except CatalogError:
+            pass  # history only: nothing else was to be written
+        return BackupResult(self.parent, False, 0, 0, 0, time.monotonic() - self.started, unchanged=True)
+
+    def _scan_found_nothing(self) -> bool:
+        """A checksum scan stored nothing: every granule read as the parent's
+        chain has it, so a new layer would be empty (unless one is asked for)."""
+        return (self.plan_scan and not self.allow_empty and self.parent is not None
+                and self.checksums is not None and not self.checksums.defined.any())
+
+    def _parent_is_latest(self) -> bool:
+        latest = self.catalog.latest_backup(self.name)
+        return self.parent is not None and latest is not None and latest.id == self.parent.id
+
+    @staticmethod
+    def _unlink(path: str) -> None:
+        try:
+            durable.fs.unlink(path)
+        except FileNotFoundError:
+            pass
 
     # -- helpers ----------------------------------------------------------------------
 

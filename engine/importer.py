@@ -20,7 +20,7 @@ from engine.catalog import BackupRecord, Catalog, CatalogError
 from engine.chain import ChainView
 from engine.errors import ImageError, UsageError
 from engine.fsutil import fsync_dir
-from engine.job import copy_cluster_size, units_of, units_of_extents
+from engine.job import Progress, copy_cluster_size, units_of, units_of_extents
 from engine.layout import BackupFiles, backup_id, device_dir, device_rel, image_name
 from engine.limits import check_granules
 from engine.prune import held_extents, rewrite_image
@@ -50,8 +50,14 @@ def import_chain(
     backing_format: str | None = None,
     tip_format: str = "qcow2",
     raw_source: bool = False,
+    on_progress: Callable[[Progress], None] | None = None,
 ) -> list[BackupRecord]:
     """Import ``tip`` and its backing chain as backups of a new device ``name``.
+
+    Each backup is dated by its image's modification time (so retention by
+    day keeps what it would have kept of the originals); ``on_layer(n,
+    total, path)`` says which image is being rewritten, ``on_progress`` how
+    far its copy is.
 
     ``tip_format``: the tip's format as the user states it (qcow2 unless told
     raw), never told from its first bytes: in a raw disk its guest wrote
@@ -65,7 +71,7 @@ def import_chain(
     confine = Confinement.around(tip, allow_outside, backing_format)
     try:
         return _import_confined(repo_path, catalog, name, tip, granularity, source, on_layer, confine,
-                                tip_format, raw_source)
+                                tip_format, raw_source, on_progress)
     finally:
         confine.close()
 
@@ -81,6 +87,7 @@ def _import_confined(
     confine: Confinement,
     tip_format: str,
     raw_source: bool = False,
+    on_progress: Callable[[Progress], None] | None = None,
 ) -> list[BackupRecord]:
     """``import_chain`` with the backing files' directories held open (``confine``)."""
     size, info = _read_chain(tip, confine, tip_format)
@@ -114,13 +121,15 @@ def _import_confined(
         kind = "full" if prev is None else "incremental"
         seq = catalog.next_seq()
         # Ids sort by time, in chain order, and before any backup taken after
-        # the import: a file dated in the future (a skewed clock) is not.
+        # the import: a file dated in the future (a skewed clock) is not. An
+        # image older than its backing file (copied, or touched) keeps the
+        # chain's order: it is dated a nanosecond after its parent.
         created = max(min(mtime_ns, now), last_created + 1)
         last_created = created
         files = BackupFiles(repo_path, name, backup_id(created, seq, kind))
         catalog.record_intents("file", files.intents())
         intents += files.intents()
-        stored_bytes = _rewrite_layer(files, path, fmt, cs, confine, size, granularity, prev)
+        stored_bytes = _rewrite_layer(files, path, fmt, cs, confine, size, granularity, prev, on_progress)
         rec = BackupRecord(
             id=files.ident, device=name, seq=seq, kind=kind, parent=prev.id if prev else None,
             created_ns=created, size=size, cluster_size=cs, granularity=granularity,
@@ -170,7 +179,8 @@ def _read_chain(tip: str, confine: Confinement, tip_format: str) -> tuple[int, l
 
 
 def _rewrite_layer(files: BackupFiles, path: str, fmt: str, cs: int, confine: Confinement, size: int,
-                   granularity: int, prev: BackupRecord | None) -> int:
+                   granularity: int, prev: BackupRecord | None,
+                   on_progress: Callable[[Progress], None] | None = None) -> int:
     """Rewrite one image of the chain as backup ``files`` (backing onto
     ``prev``), published; its stored bytes. Its files are recorded intents."""
     unit = copy_cluster_size(granularity, cs)
@@ -189,7 +199,7 @@ def _rewrite_layer(files: BackupFiles, path: str, fmt: str, cs: int, confine: Co
             held |= units_of([(content.size, size)], unit, size)
         writer, record = rewrite_image(
             content, held, files.tmp, size, cs, granularity,
-            image_name(prev.id) if prev else None,
+            image_name(prev.id) if prev else None, on_progress=on_progress,
         )
     try:
         publish(writer, record, files)

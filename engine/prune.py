@@ -40,11 +40,12 @@ from engine.integrity import ChecksumMismatch
 from engine.checksums import ChecksumRecord
 from engine.errors import ImageError, UsageError
 from engine.fsutil import fsync_dir
-from engine.job import BackupJob, JobError, JobPlan, Source, copy_cluster_size, units_of_extents
+from engine.job import BackupJob, JobError, JobPlan, Progress, Source, copy_cluster_size, units_of_extents
 from engine.layout import image_name, merge_names
 from engine.publish import write_out
 from engine.qcow2.layers import UNALLOC, Layer, open_layer
 from engine.qcow2.writer import Qcow2Writer
+from engine.units import format_size
 
 
 @dataclass
@@ -71,19 +72,29 @@ def select_for_removal(backups: list[BackupRecord], policy: RetentionPolicy) -> 
     days/ISO weeks/months (local time) that have backups, as borg and
     restic do; the union of all rules is kept.
     """
+    keep = keep_reasons(backups, policy)
+    return [b for b in sorted(backups, key=lambda b: b.seq) if b.id not in keep]
+
+
+def keep_reasons(backups: list[BackupRecord], policy: RetentionPolicy) -> dict[str, list[str]]:
+    """The backups the policy keeps, each with the rules that keep it
+    ("newest", "keep-last 3", "keep-daily 2026-12-05", ...): what a dry run
+    shows, so that a rule that keeps too much or too little can be seen
+    before anything is removed."""
     if policy.empty():
         raise UsageError("give a retention rule: --keep-last, --keep-daily, --keep-weekly or --keep-monthly")
     policy.validate()
     newest_first = sorted(backups, key=lambda b: b.seq, reverse=True)
-    keep: set[str] = set()
+    keep: dict[str, list[str]] = {}
     if newest_first:
-        keep.add(newest_first[0].id)
+        keep[newest_first[0].id] = ["newest"]
     if policy.keep_last:
-        keep.update(b.id for b in newest_first[: policy.keep_last])
-    for count, bucket in (
-        (policy.keep_daily, lambda t: time.strftime("%Y-%m-%d", t)),
-        (policy.keep_weekly, lambda t: "%d-W%02d" % tuple(time_iso_week(t))),
-        (policy.keep_monthly, lambda t: time.strftime("%Y-%m", t)),
+        for b in newest_first[: policy.keep_last]:
+            keep.setdefault(b.id, []).append(f"keep-last {policy.keep_last}")
+    for rule, count, bucket in (
+        ("keep-daily", policy.keep_daily, lambda t: time.strftime("%Y-%m-%d", t)),
+        ("keep-weekly", policy.keep_weekly, lambda t: "%d-W%02d" % tuple(time_iso_week(t))),
+        ("keep-monthly", policy.keep_monthly, lambda t: time.strftime("%Y-%m", t)),
     ):
         if not count:
             continue
@@ -93,10 +104,10 @@ def select_for_removal(backups: list[BackupRecord], policy: RetentionPolicy) -> 
             if key in seen:
                 continue
             seen.append(key)
-            keep.add(b.id)
+            keep.setdefault(b.id, []).append(f"{rule} {key}")
             if len(seen) >= count:
                 break
-    return [b for b in sorted(backups, key=lambda b: b.seq) if b.id not in keep]
+    return keep
 
 
 def time_iso_week(t: time.struct_time) -> tuple[int, int]:
@@ -138,6 +149,11 @@ def held_extents(layer: Layer) -> np.ndarray:
     return rows[rows[:, 2] != UNALLOC]
 
 
+def _short(ident: str) -> str:
+    """An id without its timestamp (``0042-incremental``), as a progress bar has room for."""
+    return ident.partition("-")[2] or ident
+
+
 def rewrite_image(
     content: ChainView,
     held: bitarray,
@@ -147,7 +163,7 @@ def rewrite_image(
     granularity: int,
     backing: str | None,
     *,
-    on_progress: Callable[[object], None] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
 ) -> tuple[Qcow2Writer, ChecksumRecord]:
     """A new image holding the ``held`` copy clusters of ``content``; not yet committed."""
     writer = Qcow2Writer(target, size, cluster_size, backing_file=backing, backing_format="qcow2" if backing else None)
@@ -159,6 +175,39 @@ def rewrite_image(
         writer.abort()
         raise
     return writer, record
+
+
+@dataclass
+class PrunePreview:
+    """What a prune would do (a dry run): every backup kept, with why, every
+    removal, and the bytes it would free at most.
+
+    The bound is the removed images' stored bytes: merging a removed backup
+    into its children adds back what it holds that they do not (its
+    clusters the children overwrote are what is really freed), so the true
+    figure is lower when the removed backups have children.
+    """
+
+    keep: list[tuple[BackupRecord, list[str]]]
+    remove: list[RemovalPlan]
+
+    def freed_at_most(self) -> int:
+        return sum(p.removed.stored_bytes for p in self.remove)
+
+    def lines(self) -> list[str]:
+        """One line a backup, oldest first, then the bytes: as the CLI and the trigger's status say it."""
+        order = sorted([(b.seq, f"keep: {b.id} ({', '.join(why)})") for b, why in self.keep]
+                       + [(p.removed.seq, f"would remove: {p.describe()}") for p in self.remove])
+        freed = self.freed_at_most()
+        if not self.remove:
+            return [line for _seq, line in order] + ["would free: nothing (no backup would be removed)"]
+        merged = sum(1 for p in self.remove if p.children)
+        how = (f"; less what merging {merged} of them into their children adds back" if merged
+               else ", none of them has a child to merge into: exact")
+        return [line for _seq, line in order] + [
+            f"would free: at most {freed} bytes ({format_size(freed)}): the stored bytes of the "
+            f"{len(self.remove)} backup{'s' if len(self.remove) != 1 else ''} removed{how}"
+        ]
 
 
 @dataclass
@@ -184,6 +233,7 @@ def remove_backup(
     hook: Callable[[str], None] | None = None,
     intend: Callable[[list[str]], None] = lambda _paths: None,
     settled: Callable[[list[str]], None] = lambda _paths: None,
+    on_progress: Callable[[Progress, str], None] | None = None,
 ) -> None:
     """Merge ``x`` into each child, then drop it. ``hook(step)`` is for tests.
 
@@ -191,7 +241,8 @@ def remove_backup(
     they are made, so that recovery after a crash removes exactly them;
     ``settled(paths)`` forgets them once they are renamed or removed.
     ``apply_catalog(updates, leftovers)`` records x's files for deletion in
-    the commit that drops x.
+    the commit that drops x. ``on_progress(progress, what)`` sees each
+    child's rewrite ("merging X into C").
 
     ``open_content(child)`` gives what the child reads now, checked against
     its checksums: a damaged cluster copied into the merged image would get
@@ -211,10 +262,14 @@ def remove_backup(
             with open_layer(c_image, "qcow2") as c_layer, open_layer(x_image, "qcow2") as x_layer:
                 held = (units_of_extents(held_extents(c_layer), unit, c.size)
                         | units_of_extents(held_extents(x_layer), unit, c.size))
+            shown = None
+            if on_progress is not None:
+                report, what = on_progress, f"merging {_short(x.id)} into {_short(c.id)}"
+                shown = lambda p: report(p, what)  # noqa: E731
             with (open_content(c) if open_content else ChainView.open(c_image)) as content:
                 writer, record = rewrite_image(
                     content, held, tmp_image, c.size, c.cluster_size, c.granularity,
-                    image_name(new_parent) if new_parent else None,
+                    image_name(new_parent) if new_parent else None, on_progress=shown,
                 )
             write_out(writer, record, tmp_sums)  # itself a temporary, recorded
             staged.append((c, tmp_image, tmp_sums, writer.stored_bytes()))

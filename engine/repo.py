@@ -40,7 +40,7 @@ from engine.restore import RestoreResult, check_in_place_target, check_target, r
 from engine.sourcecheck import probe_source
 from engine.sourceid import SourceId, identity_at
 from engine.importer import import_chain
-from engine.prune import RemovalPlan, RetentionPolicy, remove_backup, select_for_removal
+from engine.prune import PrunePreview, RemovalPlan, RetentionPolicy, keep_reasons, remove_backup, select_for_removal
 from engine.layout import BITMAPS, CATALOG, DEVICES, LOCK, bitmap_name, bitmap_tmp_name, device_dir, \
     device_rel, file_rel, matching_ids
 from engine.backuprun import BackupResult, BackupRun
@@ -502,6 +502,7 @@ class Repository:
         on_layer: Callable[[int, int, str], None] | None = None,
         allow_outside: Sequence[str] = (), backing_format: str | None = None, tip_format: str = "qcow2",
         raw_source: bool = False,
+        on_progress: Callable[[Progress], None] | None = None,
     ) -> list[BackupRecord]:
         """Adopt a QEMU/libvirt chain as the history of a new device ``name``
         (backing files confined as engine/importer.py says)."""
@@ -518,7 +519,8 @@ class Repository:
                 if found is not None:  # else the import names what is wrong with it
                     self._check_unclaimed(os.path.abspath(source), found)
             records = import_chain(self.path, self.catalog, name, tip, granularity, source, on_layer,
-                                   allow_outside, backing_format, tip_format, raw_source=raw_source)
+                                   allow_outside, backing_format, tip_format, raw_source=raw_source,
+                                   on_progress=on_progress)
         except BaseException:
             # All or nothing: the device and its backups are committed in one
             # go, last. Not committed: no half of it stays. Committed (an
@@ -794,8 +796,12 @@ class Repository:
         dry_run: bool = False,
         hook: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
     ) -> list[RemovalPlan]:
-        """Remove backups by retention policy or by id, merging each into its children."""
+        """Remove backups by retention policy or by id, merging each into its children.
+
+        ``on_progress`` sees each merge's copy, its phase naming the removal
+        ("1 of 3: merging 0001-full into 0002-incremental")."""
         if not dry_run:
             self._require_room("pruning")
         if self.catalog.device(device) is None:
@@ -826,15 +832,35 @@ class Repository:
                 x = self.catalog.backup(x.id) or x  # parents change as earlier ones go
                 plan = RemovalPlan(x, self.catalog.children(x.id))
                 if not dry_run:
-                    self._remove_one(device, plan, hook)
+                    self._remove_one(device, plan, hook,
+                                     on_progress=_phased(on_progress, f"{len(plans) + 1} of {len(candidates)}"))
                 plans.append(plan)
             return plans
         finally:
             with self._idle:
                 self._maintenance.discard(device)
 
+    def prune_preview(self, device: str, policy: RetentionPolicy | None = None,
+                      remove: str | None = None) -> PrunePreview:
+        """What ``prune`` would keep (and why) and remove; reads the catalog only."""
+        if self.catalog.device(device) is None:
+            raise UsageError(f"no device named {device!r}")
+        if (policy is None or policy.empty()) == (remove is None):
+            raise UsageError("give either a retention rule or --remove ID")
+        backups = self.catalog.backups(device)
+        if remove is not None:
+            gone = self.resolve_backup(device, remove).id
+            reasons = {b.id: ["not named by remove"] for b in backups if b.id != gone}
+        else:
+            assert policy is not None
+            reasons = keep_reasons(backups, policy)
+        return PrunePreview(
+            keep=[(b, reasons[b.id]) for b in backups if b.id in reasons],
+            remove=[RemovalPlan(b, self.catalog.children(b.id)) for b in backups if b.id not in reasons],
+        )
+
     def _remove_one(self, device: str, plan: RemovalPlan, hook: Callable[[str], None] | None,
-                    verified: bool = True) -> None:
+                    verified: bool = True, on_progress: Callable[[Progress, str], None] | None = None) -> None:
         """Remove one backup; ``verified``: the merge reads through checksums
         (not when finishing an interrupted removal at open, which must not
         leave the repository unopenable: verify then names any damage)."""
@@ -878,6 +904,7 @@ class Repository:
             hook=hook,
             intend=lambda paths: self.catalog.record_intents("file", paths),
             settled=self.forget_intents,
+            on_progress=on_progress,
         )
 
     def verify(
@@ -969,9 +996,14 @@ class Repository:
         chunk_bytes: int = CHUNK_BYTES,
         rate: int | None = None,
         force: bool = False,
+        allow_empty: bool = False,
     ) -> BackupResult:
-        """Run one backup to completion (in this thread) and return what it made;
-        ``force``: try a full even when it may not fit the repository's disk."""
+        """Run one backup to completion (in this thread) and return what it made.
+
+        ``force``: try a full even when it may not fit the repository's disk.
+        An incremental or differential that finds nothing changed since its
+        parent makes no image (``result.unchanged``, ``result.record`` the
+        parent) unless ``allow_empty``: then an empty layer marks the time."""
         self._require_room("a backup")
         if label is not None:
             validate_label(label)  # before any copying: the same rule as the trigger's
@@ -983,7 +1015,7 @@ class Repository:
         return BackupRun(
             self, dev, kind, cluster_size=cluster_size, scan=scan, label=label, auto_full=auto_full,
             on_progress=on_progress, cancel=cancel, source_factory=source_factory, chunk_bytes=chunk_bytes,
-            rate=rate, force=force,
+            rate=rate, force=force, allow_empty=allow_empty,
         ).run()
 
     # -- what a backup run (engine/backuprun.py) asks of its repository ---------------
@@ -1003,6 +1035,20 @@ class Repository:
         with self._idle:
             self._running.pop(name, None)
             self._idle.notify_all()
+
+
+def _phased(on_progress: Callable[[Progress], None] | None, which: str
+            ) -> Callable[[Progress, str], None] | None:
+    """A merge's progress for ``on_progress``: its phase says ``which`` of the
+    removals it is, then the merge (as remove_backup names it)."""
+    if on_progress is None:
+        return None
+    report = on_progress
+
+    def show(p: Progress, what: str) -> None:
+        report(Progress(total=p.total, done=p.done, written=p.written, started=p.started,
+                        phase=f"{which}: {what}"))
+    return show
 
 
 def _check_real_dirs(path: str, devices: list[str]) -> None:

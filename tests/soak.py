@@ -72,7 +72,7 @@ class SoakResult:
 def _trigger(snap: Path) -> None:
     fd = os.open(snap, os.O_WRONLY)
     try:
-        os.write(fd, b"incremental auto_full=1\n")
+        os.write(fd, b"incremental auto_full=1 empty=1\n")  # one backup a trigger: each is checked
     finally:
         os.close(fd)
 

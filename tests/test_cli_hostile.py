@@ -245,7 +245,7 @@ def test_a_mount_point_with_a_non_ascii_name(repo_dir: Path, tmp_path: Path) -> 
         m.start()
         # Commands go through the mount (not "in use by pid N"), and umount finds it.
         assert "vm1" in cli("list", repo_dir).stdout.decode()
-        cli("backup", repo_dir, "vm1", "incremental")
+        cli("backup", repo_dir, "vm1", "incremental", "--allow-empty")
         cli("umount", mnt)
         m.pid = None
     finally:
@@ -347,7 +347,7 @@ def test_a_full_repository_disk_still_lists_verifies_and_restores(tmp_path: Path
         assert _run("image", "check", repo_dir / "devices" / "vm1" / sorted(state)[0]).returncode == 0
 
         (small / "filler").unlink()  # room again: everything works, nothing was lost
-        cli("backup", repo_dir, "vm1", "incremental")
+        cli("backup", repo_dir, "vm1", "incremental", "--allow-empty")
         assert len(cli("list", repo_dir).stdout.decode().splitlines()) == 4
         cli("verify", repo_dir)
     finally:

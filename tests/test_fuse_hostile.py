@@ -107,7 +107,7 @@ def test_a_damaged_image_fails_alone(damage: str, chain: tuple[Mounted, list[str
         assert info.value.errno == errno.EIO, (victim, info.value)
     # ...and the rest of the tree keeps working.
     _still_serving(m, full)
-    sh(f"echo incremental > {m.path('vm1', 'snapshot')}", check=False)  # may fail: its parent is damaged
+    sh(f"echo incremental empty=1 > {m.path('vm1', 'snapshot')}", check=False)  # may fail: its parent is damaged
     _still_serving(m, full)
     log = m.log()
     assert "Traceback" not in log, log
@@ -123,7 +123,7 @@ def test_trigger_input_cannot_escape(chain: tuple[Mounted, list[str]]) -> None:
         proc = sh(f"echo '{line}' > {m.path('vm1', 'snapshot')}", check=False)
         assert proc.returncode != 0
         assert expect in m.path("vm1", "snapshot").read_text()
-    sh(f"echo 'incremental label=../../etc/x' > {m.path('vm1', 'snapshot')}")
+    sh(f"echo 'incremental empty=1 label=../../etc/x' > {m.path('vm1', 'snapshot')}")
     newest = sorted(p for p in os.listdir(m.path("vm1", "backups")) if p != "latest")[-1]
     label = sh(f"getfattr -n user.backupfs.label --only-values {m.path('vm1', 'backups', newest)}").stdout
     assert label == "../../etc/x"

@@ -300,9 +300,9 @@ def test_a_trigger_opened_before_the_job_and_written_during_it_is_busy(setup: Mo
     assert st["state"] == "succeeded" and st["kind"] == "full", st
     assert "'incremental cluster_size=65536' waited for this job and was refused (EBUSY)" in st["refused"], st
     with open(snap, "w") as f:  # opened after the job: it runs, and writes again at once
-        f.write("incremental\n")
+        f.write("incremental empty=1\n")  # a backup each, though nothing changed
         f.flush()
-        f.write("incremental\n")
+        f.write("incremental empty=1\n")
         f.flush()
     assert len(backups(m)) == 3 and backups(m)[-1].endswith("-incremental")
 

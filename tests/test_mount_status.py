@@ -170,7 +170,8 @@ def test_the_cli_reports_what_the_xattr_says(mounted: Mounted) -> None:
     assert out.splitlines()[0] == f"ok  {r['backup']}"
 
     out = cli("prune", m.repo, "vm1", "--keep-last", "1", "--dry-run").stdout.decode()
-    assert json.loads(os.getxattr(snapshot, STATUS_XATTR))["lines"] == out.splitlines() == ["removed: nothing"]
+    assert json.loads(os.getxattr(snapshot, STATUS_XATTR))["lines"] == out.splitlines() == [
+        f"keep: {r['backup']} (newest, keep-last 1)", "would free: nothing (no backup would be removed)"]
 
     bad = cli("verify", m.repo, "vm1", "--backup", "no-such-backup", check=False)
     fields = json.loads(os.getxattr(snapshot, STATUS_XATTR))

@@ -22,6 +22,7 @@ from engine.prune import RetentionPolicy, select_for_removal
 from engine.qcow2.layers import DATA, UNALLOC, open_layer
 from engine.repo import Repository
 from engine.restore import Target
+from engine.units import format_size
 
 from tests.commands import cli, sh
 from tests.oracle import qemu_check, qemu_compare, qemu_img, qemu_io, qemu_raw
@@ -547,7 +548,15 @@ def test_prune_cli(tmp_path: Path) -> None:
     with Repository.open(str(repo_path)) as repo:
         backups = _chain(repo, tmp_path, [64 * KiB] * 4)
     out = cli("prune", repo_path, "d", "--keep-last", "3", "--dry-run").stdout.decode()
-    assert out.strip() == f"would remove: {backups[0].id}, merging what it holds into {backups[1].id}"
+    assert out.splitlines() == [
+        f"would remove: {backups[0].id}, merging what it holds into {backups[1].id}",
+        f"keep: {backups[1].id} (keep-last 3)",
+        f"keep: {backups[2].id} (keep-last 3)",
+        f"keep: {backups[3].id} (newest, keep-last 3)",
+        f"would free: at most {backups[0].stored_bytes} bytes ({format_size(backups[0].stored_bytes)}): the stored "
+        "bytes of the 1 backup removed; "
+        "less what merging 1 of them into their children adds back",
+    ]
     out = cli("prune", repo_path, "d", "--remove", backups[2].id).stdout.decode()
     assert out.startswith(f"removed: {backups[2].id}")
     proc = cli("prune", repo_path, "d", check=False)
@@ -627,7 +636,7 @@ def test_import_of_files_dated_in_the_future_keeps_ids_in_time_order(repo: Repos
     records = repo.import_chain("vm", str(chain[-1]), source=str(live))
     now = time.time_ns()
     assert all(r.created_ns <= now for r in records)
-    later = repo.backup("vm", "incremental").record
+    later = repo.backup("vm", "incremental", allow_empty=True).record
     ids = [r.id for r in records] + [later.id]
     assert ids == sorted(ids)
 

@@ -150,7 +150,7 @@ def test_a_mounted_backup_read_gets_its_advice_from_the_advisor_thread(tmp_path:
     data = os.urandom(24 * MiB)
     with mounted_device(tmp_path, data, "vm1") as m:
         sh(f"echo full > {m.path('vm1', 'snapshot')}")
-        sh(f"echo incremental > {m.path('vm1', 'snapshot')}")
+        sh(f"echo incremental empty=1 > {m.path('vm1', 'snapshot')}")
         for _ in range(2):
             sh(f"cmp {m.path('vm1', 'backups', 'latest')} {m.src}")  # type: ignore[attr-defined]
             sh(f"dd if={m.path('vm1', 'backups', 'latest')} of=/dev/null bs=1M count=1 iflag=direct status=none")

@@ -30,6 +30,8 @@ EXAMPLES = int(os.environ.get("TRIGGER_EXAMPLES", "500"))  # the long run: 10000
         (b"full label='nightly run' rate=50M scan=0 auto_full=yes",
          TriggerCommand("full", label="nightly run", rate=50 * 1024 * 1024, auto_full=True)),
         (b"incremental cluster_size=2M scan=1", TriggerCommand("incremental", cluster_size=2 << 20, scan=True)),
+        (b"incremental empty=1", TriggerCommand("incremental", empty=True)),
+        (b"differential empty=0 scan=1", TriggerCommand("differential", scan=True)),
         (b"verify\n", VerifyCommand()),
         (b"verify backup=20261127T090000Z-0001-full", VerifyCommand("20261127T090000Z-0001-full")),
         (b"prune keep_last=3 keep_daily=7 dry_run=1", PruneCommand(keep_last=3, keep_daily=7, dry_run=True)),
@@ -55,6 +57,7 @@ def test_accepted(line: bytes, expected: object) -> None:
         (b"full label", "is not key=value"),
         (b"full label=a label=b", "given twice"),
         (b"full scan=maybe", "not a yes/no value"),
+        (b"incremental empty=2", "not a yes/no value"),
         (b"full rate=100", "at least 1M"),
         (b"full\nincremental\n", "one command per write"),
         (b"full\rincremental", "one command per write"),
@@ -90,7 +93,7 @@ def test_fuzz_bytes_parse_or_refuse(data: bytes) -> None:
 
 _WORDS = st.sampled_from(
     ["full", "incremental", "differential", "verify", "prune", "cluster_size=", "label=", "scan=", "auto_full=",
-     "rate=", "keep_last=", "remove=", "dry_run=", "backup=", "64K", "1", "0", "'", '"', "=", " ", "\t", "\n", "x"]
+     "rate=", "empty=", "keep_last=", "remove=", "dry_run=", "backup=", "64K", "1", "0", "'", '"', "=", " ", "\t", "\n", "x"]
 )
 
 
