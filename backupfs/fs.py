@@ -211,7 +211,7 @@ class BackupOperations(pyfuse3.Operations):
 
     def _admit(self, ctx: pyfuse3.RequestContext) -> None:
         """``allow_group``: the owner, root and the group's members; EACCES for the rest."""
-        if not self.access.lets_in(ctx.uid, ctx.gid, ctx.pid):
+        if self.access.group is not None and not self.access.lets_in(ctx.uid, ctx.gid, ctx.pid):
             raise pyfuse3.FUSEError(errno.EACCES)
 
     def _let_in(self, node: Node, ctx: pyfuse3.RequestContext) -> None:
@@ -229,7 +229,7 @@ class BackupOperations(pyfuse3.Operations):
         their "other" bits (mountaccess.guest_allows says why): the kernel has
         already checked the modes against the caller's uid and groups, which
         may coincide with a guest's by chance."""
-        if self.access.privileged(ctx.uid) or node.kind not in PRIVATE_KINDS:
+        if node.kind not in PRIVATE_KINDS or self.access.privileged(ctx.uid):
             return
         if not await self._model(node, self._others_reach, node, want, attributes=True):
             raise pyfuse3.FUSEError(errno.EACCES)

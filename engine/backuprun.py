@@ -348,8 +348,14 @@ class BackupRun:
         assert self.checksums is not None and self.held is not None
         job, writer, files, name = self.job, self.writer, self.files, self.name
         try:
-            signal.pthread_sigmask(signal.SIG_SETMASK, self.held)  # a stop held back lands here
-            self.job_id = self.catalog.job_started(name, self.kind)  # inside: a failure here must undo the above
+            try:
+                # Still held while the job's row is written: a stop landing
+                # after its commit but before job_id is set left the row
+                # 'running' with no one to finish it (status then said the
+                # process died, not that it was cancelled).
+                self.job_id = self.catalog.job_started(name, self.kind)  # inside: a failure here must undo the above
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, self.held)  # a stop held back lands here
             job.run()
             if self._scan_found_nothing():
                 assert self.parent is not None
