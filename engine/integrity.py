@@ -344,7 +344,7 @@ def _verify_one(
             extra.index(1) * rec.granularity))
         return
     try:
-        view = ChainView.open(image)
+        view = ChainView.open(image, tip_format="qcow2")
     except ImageError as e:
         if e.out_of_resources:
             raise

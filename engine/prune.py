@@ -266,7 +266,7 @@ def remove_backup(
             if on_progress is not None:
                 report, what = on_progress, f"merging {_short(x.id)} into {_short(c.id)}"
                 shown = lambda p: report(p, what)  # noqa: E731
-            with (open_content(c) if open_content else ChainView.open(c_image)) as content:
+            with (open_content(c) if open_content else ChainView.open(c_image, tip_format="qcow2")) as content:
                 writer, record = rewrite_image(
                     content, held, tmp_image, c.size, c.cluster_size, c.granularity,
                     image_name(new_parent) if new_parent else None, on_progress=shown,

@@ -639,7 +639,7 @@ class Repository:
         rec = self.catalog.backup(backup_id)
         if rec is None:
             raise UsageError(f"no backup {backup_id!r}")
-        return ChainView.open(self.image_path(rec))
+        return ChainView.open(self.image_path(rec), tip_format="qcow2")
 
     def running_job(self, name: str) -> BackupJob | None:
         with self._idle:
@@ -668,7 +668,7 @@ class Repository:
         except ChecksumError:
             pass
         # Some layer has no checksums: read the chain itself.
-        with ChainView.open(self.image_path(rec)) as view:
+        with ChainView.open(self.image_path(rec), tip_format="qcow2") as view:
             out = np.zeros(-(-view.size // rec.granularity), dtype=np.uint64)
             step = max(rec.granularity, 8 * 1024 * 1024 // rec.granularity * rec.granularity)
             for off in range(0, view.size, step):
@@ -685,7 +685,7 @@ class Repository:
         rec = self.catalog.backup(backup_id)
         if rec is None:
             raise UsageError(f"no backup {backup_id!r}")
-        view = ChainView.open(self.image_path(rec))
+        view = ChainView.open(self.image_path(rec), tip_format="qcow2")
         try:
             hashes, defined = overlay(self._checkable_lineage(rec))
         except BaseException:
@@ -893,7 +893,7 @@ class Repository:
             dev.forget_backup(was_latest, was_last_full and not plan.children, x_defined)
         def content(child: BackupRecord) -> VerifiedView | ChainView:
             if not verified:
-                return ChainView.open(self.image_path(child))
+                return ChainView.open(self.image_path(child), tip_format="qcow2")
             return self.open_backup(child.id)
 
         remove_backup(

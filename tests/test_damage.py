@@ -201,3 +201,27 @@ def test_a_catalog_from_before_verdicts_gets_the_table(chain: tuple[Path, list[s
         with Repository.open(str(repo_dir)) as repo:
             assert not repo.verify("vm1", inc1).ok
             assert list(repo.catalog.bad_verdicts([full, inc1])) == [inc1]
+
+
+def test_a_backup_whose_header_magic_is_damaged_is_refused_not_read_as_raw(chain: tuple[Path, list[str]]) -> None:
+    """A repository's images are qcow2 by construction: one whose magic is
+    damaged was opened as a raw disk (its format probed), so reads failed
+    on checksums far from the cause. It is refused, naming the header."""
+    repo_dir, (full, inc1, _inc2) = chain
+    for damaged in (inc1, full):  # the tip itself, and a backing file below a sound tip
+        image = image_of(repo_dir, damaged)
+        with open(image, "r+b") as f:
+            magic = f.read(4)
+            f.seek(0)
+            f.write(b"XXXX")
+        try:
+            with Repository.open(str(repo_dir)) as repo:
+                with pytest.raises(BackupfsError) as info:
+                    repo.open_backup(inc1).close()
+                assert "not a qcow2 image (bad magic)" in str(info.value)
+                assert str(image) in str(info.value) or damaged in str(info.value)
+                report = repo.verify("vm1", inc1)
+                assert any(p.backup == damaged and "bad magic" in p.what for p in report.problems)
+        finally:
+            with open(image, "r+b") as f:
+                f.write(magic)
