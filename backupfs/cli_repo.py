@@ -17,6 +17,7 @@ from backupfs.mountstatus import StatusFields, failure_message, progress_text, r
 from backupfs.trigger import TriggerCommand
 from engine.catalog import KINDS, Catalog, DeviceRecord
 from engine.errors import BackupfsError, UsageError
+from engine.qcow2.format import COMPRESS_CHOICES
 from engine.text import escape, one_line
 from engine.units import check_rate, format_size, parse_size
 
@@ -46,11 +47,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--replace", action="store_true",
                    help="rebind an existing device to SOURCE on purpose (another path, or the file now at its "
                         "path); same size; its next backup scans")
+    p.add_argument("--compress", choices=COMPRESS_CHOICES,
+                   help="how its backups store clusters unless a backup says otherwise (default none)")
     p.set_defaults(func=cmd_device_add)
+    p = dsub.add_parser("set", help="change a device's settings (for its next backups)")
+    p.add_argument("repo", metavar="REPO")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--compress", choices=COMPRESS_CHOICES, required=True,
+                   help="its backups' default compression: zstd-compressed clusters, or none")
+    p.set_defaults(func=cmd_device_set)
     p = dsub.add_parser("list", help="the registered devices")
     p.add_argument("repo", metavar="REPO")
     p.add_argument("--json", action="store_true",
-                   help="a JSON list of {name, source, size, granularity} (bytes)")
+                   help="a JSON list of {name, source, size, granularity, compress} (bytes)")
     p.set_defaults(func=cmd_device_list)
     p = dsub.add_parser("remove", help="forget a device and delete its backups")
     p.add_argument("repo", metavar="REPO")
@@ -67,6 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label", help="free text stored with the backup")
     p.add_argument("--auto-full", action="store_true", help="take a full backup if there is none yet")
     p.add_argument("--rate", help="limit the copy to this many bytes per second, e.g. 50M")
+    p.add_argument("--compress", choices=COMPRESS_CHOICES,
+                   help="store zstd-compressed clusters (or not); default: the device's (device set --compress)")
     p.set_defaults(func=cmd_backup)
 
     p = sub.add_parser("list", help="the backups (first column: the backup id)")
@@ -98,6 +109,9 @@ def cmd_device_add(args: argparse.Namespace) -> int:
     if args.replace:
         if granularity is not None:
             raise UsageError("--replace keeps the device's granularity; leave out --granularity")
+        if args.compress is not None:
+            raise UsageError("--replace keeps the device's settings; change compression with "
+                             "'backupfs device set REPO NAME --compress'")
         with Repository.open(args.repo) as repo:
             rec = repo.replace_source(args.name, args.source)
         print(f"device {rec.name}: source rebound to {escape(rec.source)}; its next backup compares checksums "
@@ -106,12 +120,22 @@ def cmd_device_add(args: argparse.Namespace) -> int:
     with Repository.open(args.repo) as repo:
         before = repo.device_record(args.name)
         attach = before is not None and not before.source  # an imported archive
-        rec = repo.add_device(args.name, args.source, granularity)
+        rec = repo.add_device(args.name, args.source, granularity, args.compress)
     print(f"device {rec.name}: {escape(rec.source)}, {format_size(rec.size)}, "
-          f"granularity {format_size(rec.granularity)}")
+          f"granularity {format_size(rec.granularity)}" + (f", compress {rec.compress}" if rec.compress != "none"
+                                                            else ""))
     if attach:
         print("its imported backups go on from this source; the next incremental compares checksums "
               "(nothing recorded what changed on it since)")
+    return 0
+
+
+def cmd_device_set(args: argparse.Namespace) -> int:
+    from engine.repo import Repository
+
+    with Repository.open(args.repo) as repo:
+        rec = repo.set_device(args.name, compress=args.compress)
+    print(f"device {rec.name}: compress {rec.compress} (for its next backups)")
     return 0
 
 
@@ -119,11 +143,12 @@ def cmd_device_list(args: argparse.Namespace) -> int:
     with catalog_for_reading(args.repo) as catalog:
         devices = catalog.devices()
     if args.json:
-        print(json.dumps([{"name": d.name, "source": d.source, "size": d.size, "granularity": d.granularity}
+        print(json.dumps([{"name": d.name, "source": d.source, "size": d.size, "granularity": d.granularity,
+                           "compress": d.compress}
                           for d in devices]))
         return 0
     for d in devices:
-        print(f"{escape(d.name)}\t{escape(d.source)}\t{d.size}\t{d.granularity}")
+        print(f"{escape(d.name)}\t{escape(d.source)}\t{d.size}\t{d.granularity}\t{d.compress}")
     return 0
 
 
@@ -168,6 +193,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
                 auto_full=args.auto_full,
                 on_progress=progress,
                 rate=rate,
+                compress=args.compress,
             )
     print(result.summary())
     return 0
@@ -182,7 +208,7 @@ def _backup_through_mount(
 
     validate_name(args.name)
     snapshot = trigger_file(record, args.name)
-    cmd = TriggerCommand(args.kind, cluster_size, args.label, args.scan, args.auto_full, rate)
+    cmd = TriggerCommand(args.kind, cluster_size, args.label, args.scan, args.auto_full, rate, args.compress)
     done = threading.Event()
 
     def show_progress() -> None:

@@ -187,7 +187,7 @@ class JobRunner:
             return self.repo.backup(
                 device, cmd.kind, cluster_size=cmd.cluster_size, scan=cmd.scan, label=cmd.label,
                 auto_full=cmd.auto_full, on_progress=progress, rate=cmd.rate, cancel=cancel,
-                source_factory=self.source_factory,
+                source_factory=self.source_factory, compress=cmd.compress,
             )
 
         result = await self._run_job(run, status, requester)

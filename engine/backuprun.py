@@ -76,12 +76,15 @@ class BackupResult:
     cbw_units: int
     seconds: float
     scan_reason: str | None = None
+    compress: str = "none"
 
     def summary(self) -> str:
         how = f"scanned ({self.scan_reason}), " if self.scanned else ""
+        # Compressed, the catalog's stored_bytes are the frames' bytes: say both.
+        packed = f" (zstd: {self.record.stored_bytes} on disk)" if self.compress == "zstd" else ""
         return (
             f"{self.record.id}: {self.record.kind}, {how}"
-            f"{self.bytes_written} bytes stored of {self.bytes_total} examined in {self.seconds:.2f} s"
+            f"{self.bytes_written} bytes stored{packed} of {self.bytes_total} examined in {self.seconds:.2f} s"
         )
 
 
@@ -104,6 +107,7 @@ class BackupRun:
         source_factory: Callable[[Device], Source] | None,
         chunk_bytes: int,
         rate: int | None,
+        compress: str = "none",
     ) -> None:
         self.host = host
         self.catalog = host.catalog
@@ -119,6 +123,7 @@ class BackupRun:
         self.source_factory = source_factory
         self.chunk_bytes = chunk_bytes
         self.rate = rate
+        self.compress = compress
         self.started = time.monotonic()
         self.created_ns = time.time_ns()
         # Set by plan:
@@ -170,7 +175,7 @@ class BackupRun:
         assert self.job is not None and self.rec is not None
         return BackupResult(
             self.rec, self.plan_scan, self.job.progress.total, self.job.progress.written, self.job.cbw_units,
-            time.monotonic() - self.started, self.scan_reason,
+            time.monotonic() - self.started, self.scan_reason, self.compress,
         )
 
     # -- the steps ------------------------------------------------------------------
@@ -248,6 +253,7 @@ class BackupRun:
                 cluster_size,
                 backing_file=image_name(parent.id) if parent else None,
                 backing_format="qcow2" if parent else None,
+                compress=self.compress,
             )
             plan = JobPlan(dev.size, dev.granularity, cluster_size, units, kind != "full", self.parent_hashes)
             self.checksums = ChecksumRecord(dev.size, dev.granularity)

@@ -33,16 +33,14 @@ import errno
 import os
 import sys
 from array import array
-
-import numpy as np
 from collections import OrderedDict, deque
-from concurrent.futures import Future
+from typing import TYPE_CHECKING
 
 from engine import durable
 from engine.access import set_new_file_mode
 from engine.errors import ImageError, UsageError
-from engine.qcow2.compress import ClusterCompressor
 from engine.qcow2.format import (
+    COMPRESS_CHOICES,
     COMPRESSION_ZLIB,
     COMPRESSION_ZSTD,
     INCOMPAT_COMPRESSION,
@@ -57,14 +55,22 @@ from engine.qcow2.format import (
     Header,
     encode_header_cluster,
     l1_entries_for,
+    validate_compress,
 )
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from engine.qcow2.compress import ClusterCompressor
+
+# numpy and zstandard are imported where they are used: the CLI imports
+# this module (through the trigger's grammar) and --help must start fast.
 
 _REFCOUNT_ORDER = 4  # 16-bit refcounts, QEMU's default
 _WRITE_CHUNK = 8 * 1024 * 1024
 _WRITEBACK_BYTES = 8 * 1024 * 1024  # appended data handed to writeback at a time
 _fadvise = getattr(os, "posix_fadvise", None)  # not on macOS
 _NATIVE_LE = sys.byteorder == "little"
-COMPRESS_CHOICES = ("zstd", "none")
 _PENDING_BYTES = 32 * 1024 * 1024  # guest data handed to the compressors and not yet appended
 _MAX_REFCOUNT = (1 << (1 << _REFCOUNT_ORDER)) - 1
 
@@ -123,8 +129,8 @@ class Qcow2Writer:
                 f"virtual size {size} needs an L1 table over 32 MiB with {cs}-byte "
                 "clusters; use a larger cluster size"
             )
-        if compress not in (None, *COMPRESS_CHOICES):
-            raise UsageError(f"unknown compression {compress!r} (choose from {', '.join(COMPRESS_CHOICES)})")
+        if compress is not None:
+            validate_compress(compress)
         self.compress = compress if compress != "none" else None
         self.backing_file = backing_file
         self.backing_format = (backing_format or "qcow2") if backing_file is not None else None
@@ -304,6 +310,8 @@ class Qcow2Writer:
         if not view.readonly:
             view = memoryview(bytes(view))  # the caller may reuse its buffer
         if self._compressor is None:
+            from engine.qcow2.compress import ClusterCompressor
+
             self._compressor = ClusterCompressor(self.cluster_size)
         self._pending.append((first, view, self._compressor.submit(view)))
         self._pending_bytes += len(view)
@@ -537,6 +545,8 @@ class Qcow2Writer:
         table_offset = self._alloc(table)
         one = (1).to_bytes(2, "big")
         full_block = one * per_block
+        import numpy as np
+
         crefs = np.frombuffer(self._crefs, dtype=np.uint16) if len(self._crefs) else None
         # Refcount blocks, written in large sequential chunks.
         buf = bytearray()
