@@ -156,6 +156,7 @@ class Qcow2Writer:
         self._cpos = 0  # the next frame's host offset; 0: no host cluster started
         self._cend = 0  # end of the host clusters allocated for frames so far
         self._crefs = array("H")  # per host cluster: frames touching it (0: an ordinary cluster)
+        self._pending_clusters: bytearray | None = None  # per guest cluster: 1 while pending
         self.fd = durable.fs.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             set_new_file_mode(self.fd, path)  # a disk's image: never readable by others, whatever the umask
@@ -313,6 +314,9 @@ class Qcow2Writer:
             from engine.qcow2.compress import ClusterCompressor
 
             self._compressor = ClusterCompressor(self.cluster_size)
+        if self._pending_clusters is None:
+            self._pending_clusters = bytearray(-(-self.size // self.cluster_size))
+        self._pending_clusters[first : first + count] = b"\x01" * count
         self._pending.append((first, view, self._compressor.submit(view)))
         self._pending_bytes += len(view)
         while self._pending_bytes > _PENDING_BYTES:
@@ -320,6 +324,9 @@ class Qcow2Writer:
 
     def _drain_overlapping(self, first: int, count: int) -> None:
         """Append pending clusters up to the last that overlaps [first, first+count)."""
+        marks = self._pending_clusters
+        if marks is None or not any(marks[first : first + count]):
+            return  # the usual case, told without walking the pending list
         cs = self.cluster_size
         last = -1
         for i, (f, v, _) in enumerate(self._pending):
@@ -342,6 +349,8 @@ class Qcow2Writer:
             frames.extend(fut.result())
         cs = self.cluster_size
         count = len(frames)
+        assert self._pending_clusters is not None
+        self._pending_clusters[first : first + count] = bytes(count)
         # Tables first, so that frames and plain runs stay contiguous.
         for l1i in range(first // self.l2_entries, (first + count - 1) // self.l2_entries + 1):
             self._table(l1i, create=True)
