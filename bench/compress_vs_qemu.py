@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -115,28 +116,37 @@ def settle(disk: Path) -> None:
     os.sync()
 
 
-def run_ours(disk: Path, run_dir: Path) -> tuple[float, int, str, Path]:
+def run_ours(disk: Path, run_dir: Path) -> tuple[float, float, int, str, Path]:
     repo_path = run_dir / "ours"
     Repository.init(str(repo_path))
     with Repository.open(str(repo_path)) as repo:
         repo.add_device(DEVICE, str(disk), None, "zstd")
         settle(disk)
+        cpu0 = _cpu(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         res = repo.backup(DEVICE, "full", cluster_size=CLUSTER)
         seconds = time.perf_counter() - t0
+        cpu = _cpu(resource.RUSAGE_SELF) - cpu0
         image = Path(repo.image_path(res.record))
-    return seconds, image.stat().st_size, res.record.id, repo_path
+    return seconds, cpu, image.stat().st_size, res.record.id, repo_path
 
 
-def run_qemu(disk: Path, run_dir: Path) -> tuple[float, int, Path]:
+def _cpu(who: int) -> float:
+    """User + system CPU seconds so far (all threads; or all waited-for children)."""
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
+def run_qemu(disk: Path, run_dir: Path) -> tuple[float, float, int, Path]:
     out = run_dir / "qemu.qcow2"
     settle(disk)
+    cpu0 = _cpu(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", "-o",
                     f"compression_type=zstd,cluster_size={CLUSTER}", str(disk), str(out)], check=True)
     fsync_path(out)
     seconds = time.perf_counter() - t0
-    return seconds, out.stat().st_size, out
+    return seconds, _cpu(resource.RUSAGE_CHILDREN) - cpu0, out.stat().st_size, out
 
 
 def check_image(image: Path, disk: Path, ours: bool) -> None:
@@ -180,21 +190,23 @@ def main(args: argparse.Namespace) -> int:
         disk = workdir / "disk.raw"
         staged = make_disk(disk, size, workdir)
         print(f"disk: {format_size(staged)} of /usr's files in it")
-        ours_t, ours_b, qemu_t, qemu_b = [], [], [], []
+        ours_t, ours_b, qemu_t, qemu_b, ours_c, qemu_c = [], [], [], [], [], []
         repo_path: Path | None = None
         ident = ""
         for run in range(args.runs):
             run_dir = workdir / f"run{run + 1}"
             run_dir.mkdir()
-            t, b, ident, repo_path = run_ours(disk, run_dir)
-            qt, qb, qimg = run_qemu(disk, run_dir)
+            t, c, b, ident, repo_path = run_ours(disk, run_dir)
+            qt, qc, qb, qimg = run_qemu(disk, run_dir)
+            ours_c.append(c)
+            qemu_c.append(qc)
             check_image(Path(repo_path / "devices" / DEVICE / f"{ident}.qcow2"), disk, ours=True)
             check_image(qimg, disk, ours=False)
             ours_t.append(t)
             ours_b.append(b)
             qemu_t.append(qt)
             qemu_b.append(qb)
-            print(f"  run {run + 1}: ours {t:.2f} s {format_size(b)}, qemu {qt:.2f} s {format_size(qb)}, "
+            print(f"  run {run + 1}: ours {t:.2f} s ({c:.2f} s CPU) {b} B, qemu {qt:.2f} s ({qc:.2f} s CPU) {qb} B, "
                   f"load {os.getloadavg()[0]:.2f}", flush=True)
             qimg.unlink()
             if run < args.runs - 1:
@@ -208,10 +220,12 @@ def main(args: argparse.Namespace) -> int:
         speed = med(qemu_t) / med(ours_t)
         read = med(times["plain"]) / med(times["zstd"])  # speeds: the inverse of times
         mbps = {k: size / med(v) / 1e6 for k, v in times.items()}
-        print(f"stored bytes, ours / QEMU's:        {stored:.3f}  (goal <= {GOAL_STORED}; "
+        print(f"stored bytes, ours / QEMU's:        {stored:.4f} (goal <= {GOAL_STORED}; "
               f"ours {format_size(int(med(ours_b)))}, QEMU {format_size(int(med(qemu_b)))}, "
               f"disk {format_size(size)})")
         print(f"time, QEMU / ours:                  {speed:.2f}   (goal >= {GOAL_TIME}; medians of {args.runs})")
+        print(f"CPU seconds, QEMU / ours:           {med(qemu_c) / med(ours_c):.2f}   (user + system, all threads; "
+              f"ours {med(ours_c):.2f} s, QEMU {med(qemu_c):.2f} s)")
         print(f"read through the mount, zstd/plain: {read:.2f}   (goal >= {GOAL_READ}; dd bs=1M, medians of "
               f"{args.rounds}; zstd {mbps['zstd']:.0f} MB/s, plain {mbps['plain']:.0f} MB/s)")
         print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

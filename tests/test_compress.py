@@ -233,6 +233,22 @@ def test_mixed_chain_plain_full_compressed_incremental(repo: Repository, tmp_pat
     assert out.read_bytes() == snap.read_bytes()
 
 
+def test_prune_merges_compressed_backups_into_a_compressed_image(repo: Repository, tmp_path: Path) -> None:
+    size = 8 * MiB
+    src = make_mixed_source(tmp_path / "src.img", size, seed=17)
+    repo.add_device("p", str(src), None, "zstd")
+    full = repo.backup("p", "full").record
+    scribble(src, 3, size)
+    snap = Snapshots(src, tmp_path).take()
+    inc = repo.backup("p", "incremental").record
+    repo.prune("p", remove=full.id)  # the full's clusters merged into the incremental, now the chain's full
+    (merged,) = repo.backups("p")
+    assert merged.id == inc.id and merged.parent is None
+    assert_zstd_image(repo.image_path(merged), snap)
+    assert merged.stored_bytes < size // 2
+    assert repo.verify("p").ok
+
+
 def test_copy_before_write_under_a_compressed_job(repo: Repository, tmp_path: Path) -> None:
     """Writes to the device while a compressed full copies it: the backup is
     the trigger-time disk, and the writes are in the next incremental."""
