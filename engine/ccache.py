@@ -20,9 +20,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-CACHE_BYTES = 12 * 1024 * 1024  # per view, decompressed
+CACHE_BYTES = 12 * 1024 * 1024  # per view, decompressed (more only for MIN_ENTRIES huge clusters)
 AHEAD_BYTES = 4 * 1024 * 1024  # decompressed ahead of a sequential reader
-MIN_ENTRIES = 16
+MIN_ENTRIES = 4  # kept whatever their size: a read spans a few clusters
 WORKERS = 2
 
 _pool: ThreadPoolExecutor | None = None
@@ -44,11 +44,11 @@ Key = tuple[int, int]  # (layer depth, L2 descriptor)
 class DecompressedClusters:
     """Clusters by key, decompressed by ``load(key)``; safe across threads."""
 
-    def __init__(self, cluster_size: int, load: Callable[[Key], bytes]) -> None:
+    def __init__(self, load: Callable[[Key], bytes], size_of: Callable[[Key], int]) -> None:
+        """``size_of(key)``: the cluster size of the key's layer."""
         self._load = load
-        self.max_entries = max(MIN_ENTRIES, CACHE_BYTES // cluster_size)
-        # Never more ahead than half the cache: the rest holds what is being read.
-        self.ahead_entries = max(1, min(AHEAD_BYTES // cluster_size, self.max_entries // 2))
+        self._size_of = size_of
+        self._bytes = 0  # of the entries, done or under way
         self._entries: OrderedDict[Key, bytes | Future[bytes]] = OrderedDict()
         self._lock = threading.Lock()
         self._closed = False
@@ -77,33 +77,48 @@ class DecompressedClusters:
 
     def prefetch(self, keys: list[Key]) -> None:
         """Start decompressing ``keys`` (those not cached) on the worker threads."""
-        keys = keys[: self.ahead_entries]
         if not keys:
             return
         pool = _workers()
         with self._lock:
             if self._closed:
                 return
-            todo = [k for k in keys if k not in self._entries]
-            for key in todo:
-                self._entries[key] = pool.submit(self._load, key)
+            ahead = 0
+            for key in keys:
+                size = self._size_of(key)
+                ahead += size
+                if ahead > AHEAD_BYTES and ahead > size:
+                    break  # never more than this ahead (but at least one cluster)
+                if key not in self._entries:
+                    self._entries[key] = pool.submit(self._load, key)
+                    self._bytes += size
             self._evict()
 
     def _put(self, key: Key, data: bytes) -> None:
         with self._lock:
+            if self._closed:
+                return
+            if key not in self._entries:
+                self._bytes += self._size_of(key)
             self._entries[key] = data
             self._entries.move_to_end(key)
             self._evict()
 
     def _evict(self) -> None:
-        while len(self._entries) > self.max_entries:
-            _, old = self._entries.popitem(last=False)
+        while self._bytes > CACHE_BYTES and len(self._entries) > MIN_ENTRIES:
+            key, old = self._entries.popitem(last=False)
+            self._bytes -= self._size_of(key)
             if isinstance(old, Future):
                 old.cancel()  # not started yet: never will be; running: its result is dropped
 
     def __contains__(self, key: Key) -> bool:
         with self._lock:
             return key in self._entries
+
+    def memory_bytes(self) -> int:
+        """What the cache holds now (an entry under way counted as a whole cluster)."""
+        with self._lock:
+            return self._bytes
 
     def __len__(self) -> int:
         with self._lock:
@@ -117,6 +132,7 @@ class DecompressedClusters:
             self._closed = True
             futures = [e for e in self._entries.values() if isinstance(e, Future)]
             self._entries.clear()
+            self._bytes = 0
         for fut in futures:
             if not fut.cancel():
                 try:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.ccache import DecompressedClusters
+from engine.ccache import AHEAD_BYTES, DecompressedClusters
 from engine.nowait import WouldBlock, read_cached
 from engine.qcow2.backing import Confinement, open_chain
 from engine.qcow2.layers import COMPRESSED, DATA, UNALLOC, ZERO, Layer
@@ -232,7 +232,7 @@ class ChainView:
         # Layers whose own read-ahead can stream their nearly sequential pieces.
         streaming = _streaming_fds(self._fds)
         self._streaming_mask = bytes(1 if fd in streaming else 0 for fd in self._fds)
-        self._ccache = DecompressedClusters(self._min_cluster(), self._decompress)
+        self._ccache = DecompressedClusters(self._decompress, lambda key: self.layers[key[0]].cluster_size)
         self._seq_end = -1  # where the last read that met a compressed cluster ended
         self._ahead_to = 0  # clusters before this offset were handed to the read-ahead
         self._fd_array = array("i", self._fds)  # for the C loop
@@ -278,8 +278,9 @@ class ChainView:
         )
 
     def memory_bytes(self) -> int:
-        """What keeping this view open costs beyond its file descriptors."""
-        return self.index_bytes()
+        """What keeping this view open costs beyond its file descriptors
+        (with the decompressed clusters it keeps, if it has read any)."""
+        return self.index_bytes() + self._ccache.memory_bytes()
 
     def _extent_end(self, i: int) -> int:
         return self._starts[i + 1] if i + 1 < len(self._starts) else self.size
@@ -475,10 +476,10 @@ class ChainView:
         # reader's requests a few at a time, not always in order.
         sequential = abs(offset - self._seq_end) <= max(end - offset, _NEAR)
         self._seq_end = max(end, self._seq_end) if sequential else end
-        if not sequential or self._ahead_to > end + self._ahead_bytes() // 2:
+        if not sequential or self._ahead_to > end + AHEAD_BYTES // 2:
             return  # random reads decompress only what they ask; far enough ahead already
         start = max(end, self._ahead_to)
-        stop = min(end + self._ahead_bytes(), self.size)
+        stop = min(end + AHEAD_BYTES, self.size)
         starts, kinds, depths, hosts = self._starts, self._kinds, self._depths, self._hosts
         keys = []
         j = bisect_right(starts, start) - 1
@@ -489,12 +490,6 @@ class ChainView:
         self._ahead_to = stop
         self._ccache.prefetch(keys)
 
-    def _ahead_bytes(self) -> int:
-        return self._ccache.ahead_entries * self._min_cluster()
-
-    def _min_cluster(self) -> int:
-        """The smallest cluster of the chain's qcow2 layers (a raw one has none)."""
-        return min((layer.cluster_size for layer in self.layers if layer.cluster_size), default=65536)
 
     def map(self) -> Iterator[MapEntry]:
         """Runs like `qemu-img map --output=json`: merged where all fields agree.
