@@ -228,6 +228,11 @@ def test_mixed_chain_plain_full_compressed_incremental(repo: Repository, tmp_pat
     qemu_check(repo.image_path(inc2.record))
     qemu_compare(repo.image_path(inc2.record), snap2)
     assert compressed_share(repo.image_path(inc2.record)) == 0
+    scribble(src, 3, size)
+    snap3 = snaps.take()
+    scanned = repo.backup("m", "incremental", compress="zstd", scan=True)  # checksums, not the bitmap
+    assert scanned.scanned
+    assert_zstd_image(repo.image_path(scanned.record), snap3)
     assert repo.verify("m").ok
     out = tmp_path / "restored.raw"
     repo.restore("m", inc.record.id, str(out))
