@@ -58,8 +58,8 @@ def read_path() -> str:
     return "C" if _fastread is not None else "Python"
 
 
-_MAP_CHUNK = 1 << 20
-_NEAR = 1 << 20  # a read starting this close to the last one's end continues it  # index entries compared at a time by map()
+_MAP_CHUNK = 1 << 20  # index entries compared at a time by map()
+_NEAR = 1 << 20  # a read starting this close to the last one's end continues it
 
 
 @dataclass(frozen=True)
@@ -476,9 +476,13 @@ class ChainView:
         # reader's requests a few at a time, not always in order.
         sequential = abs(offset - self._seq_end) <= max(end - offset, _NEAR)
         self._seq_end = max(end, self._seq_end) if sequential else end
-        if not sequential or self._ahead_to > end + AHEAD_BYTES // 2:
-            return  # random reads decompress only what they ask; far enough ahead already
-        start = max(end, self._ahead_to)
+        if not sequential:
+            return  # random reads decompress only what they ask
+        if end + AHEAD_BYTES // 2 < self._ahead_to <= end + AHEAD_BYTES:
+            return  # far enough ahead already
+        # Go on from where the read-ahead stopped, unless that was another
+        # pass (a reader starting over, or skipping ahead).
+        start = self._ahead_to if end <= self._ahead_to <= end + AHEAD_BYTES else end
         stop = min(end + AHEAD_BYTES, self.size)
         starts, kinds, depths, hosts = self._starts, self._kinds, self._depths, self._hosts
         keys = []
@@ -489,7 +493,6 @@ class ChainView:
             j += 1
         self._ahead_to = stop
         self._ccache.prefetch(keys)
-
 
     def map(self) -> Iterator[MapEntry]:
         """Runs like `qemu-img map --output=json`: merged where all fields agree.

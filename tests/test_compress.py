@@ -395,6 +395,12 @@ def test_sequential_reads_are_decompressed_ahead_random_ones_not(tmp_path: Path)
         assert ahead >= len(loads) * 3 // 4, loads
         assert len(loads) <= len(data) // (64 * KiB) + 3  # none decompressed twice (3 were cached)
         assert view._ccache.memory_bytes() <= CACHE_BYTES  # 8 MiB read, 12 MiB kept at most
+        # A second pass over the same view (a reader starting over): read ahead again.
+        loads.clear()
+        for off in range(0, len(data), 128 * KiB):
+            assert bytes(view.read(off, 128 * KiB)) == data[off : off + 128 * KiB]
+        ahead = sum(name.startswith("backupfs-unzstd") for name in loads)
+        assert ahead >= len(loads) * 3 // 4, loads
 
 
 def test_a_damaged_cluster_ahead_fails_the_read_that_reaches_it(tmp_path: Path) -> None:
