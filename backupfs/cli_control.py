@@ -23,7 +23,7 @@ import threading
 from typing import Any
 
 from backupfs.cli_common import close_quietly, default_stop_signals
-from backupfs.control import CONTROL_NAME, ControlCommand, DeviceAdd, DeviceRemove, Import
+from backupfs.control import CONTROL_NAME, ControlCommand, DeviceAdd, DeviceRemove, DeviceSet, Import
 from backupfs.mountinfo import MountRecord
 from backupfs.mountstatus import STATUS_XATTR
 from engine.errors import BackupfsError, UsageError
@@ -118,8 +118,8 @@ def run_through_mount(record: MountRecord, cmd: ControlCommand, what: str) -> di
 
 
 def device_add(record: MountRecord, name: str, source: str, granularity: int | None, raw: bool,
-               replace: bool) -> int:
-    out = run_through_mount(record, DeviceAdd(name, os.path.abspath(source), granularity, raw, replace),
+               replace: bool, compress: str | None = None) -> int:
+    out = run_through_mount(record, DeviceAdd(name, os.path.abspath(source), granularity, raw, replace, compress),
                             "add a device")
     d = out["device"]
     where = f" (through the mount at {escape(record.mountpoint)})"
@@ -127,11 +127,19 @@ def device_add(record: MountRecord, name: str, source: str, granularity: int | N
         print(f"device {escape(d['name'])}: source rebound to {escape(d['source'])}; its next backup compares "
               f"checksums (nothing recorded what changed on it){where}")
         return 0
+    packed = f", compress {d['compress']}" if d.get("compress", "none") != "none" else ""
     print(f"device {escape(d['name'])}: {escape(d['source'])}, {format_size(d['size'])}, "
-          f"granularity {format_size(d['granularity'])}{where}")
+          f"granularity {format_size(d['granularity'])}{packed}{where}")
     if out.get("attached"):
         print("its imported backups go on from this source; the next incremental compares checksums "
               "(nothing recorded what changed on it since)")
+    return 0
+
+
+def device_set(record: MountRecord, name: str, compress: str) -> int:
+    out = run_through_mount(record, DeviceSet(name, compress), "change a device")
+    print(f"device {escape(name)}: compress {out['device']['compress']} (for its next backups; "
+          f"through the mount at {escape(record.mountpoint)})")
     return 0
 
 

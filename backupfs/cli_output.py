@@ -47,7 +47,8 @@ def backup_data(b: BackupRecord) -> dict[str, Any]:
 
 def device_data(d: DeviceRecord) -> dict[str, Any]:
     """A device as `device list --json` gives it (source null: an imported archive)."""
-    return {"name": d.name, "source": d.source or None, "size": d.size, "granularity": d.granularity}
+    return {"name": d.name, "source": d.source or None, "size": d.size, "granularity": d.granularity,
+            "compress": d.compress}
 
 
 def job_data(j: JobRecord) -> dict[str, Any]:
@@ -100,11 +101,11 @@ def backup_row(b: BackupRecord, tty: bool) -> list[str]:
 
 
 BACKUP_HEADER = ("ID", "DEVICE", "KIND", "PARENT", "CREATED", "CLUSTER", "STORED", "LABEL")
-DEVICE_HEADER = ("NAME", "SOURCE", "SIZE", "GRANULARITY")
+DEVICE_HEADER = ("NAME", "SOURCE", "SIZE", "GRANULARITY", "COMPRESS")
 
 
 def device_row(d: DeviceRecord, tty: bool) -> list[str]:
     """One line of `device list`."""
     size = short_size if tty else str
     source = escape(d.source) if d.source else ("(imported, no source)" if tty else "")
-    return [escape(d.name), source, size(d.size), size(d.granularity)]
+    return [escape(d.name), source, size(d.size), size(d.granularity), d.compress]

@@ -18,6 +18,7 @@ from backupfs.mountstatus import StatusFields, failure_message, progress_text, r
 from backupfs.trigger import TriggerCommand
 from engine.catalog import KINDS, Catalog, DeviceRecord
 from engine.errors import BackupfsError, UsageError
+from engine.qcow2.format import COMPRESS_CHOICES
 from engine.text import escape, one_line
 from engine.units import check_rate, format_size, parse_size
 
@@ -50,11 +51,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--raw", action="store_true",
                    help="take SOURCE as raw bytes even when it holds a disk image format (qcow2, VMDK, VHD, "
                         "VHDX, VDI), which is refused otherwise: its backups hold the image file itself")
+    p.add_argument("--compress", choices=COMPRESS_CHOICES,
+                   help="how its backups store clusters unless a backup says otherwise (default none)")
     p.set_defaults(func=cmd_device_add)
+    p = dsub.add_parser("set", help="change a device's settings (for its next backups)")
+    p.add_argument("repo", metavar="REPO")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--compress", choices=COMPRESS_CHOICES, required=True,
+                   help="its backups' default compression: zstd-compressed clusters, or none")
+    p.set_defaults(func=cmd_device_set)
     p = dsub.add_parser("list", help="the registered devices")
     p.add_argument("repo", metavar="REPO")
     p.add_argument("--json", action="store_true",
-                   help="a JSON list of {name, source, size, granularity} (bytes)")
+                   help="a JSON list of {name, source, size, granularity, compress} (bytes)")
     p.set_defaults(func=cmd_device_list)
     p = dsub.add_parser("remove", help="forget a device and delete its backups")
     p.add_argument("repo", metavar="REPO")
@@ -77,6 +86,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-empty", action="store_true",
                    help="when nothing changed since the last backup, still add an (empty) backup as a point "
                         "in time; without it, an incremental or differential with nothing to copy makes none")
+    p.add_argument("--compress", choices=COMPRESS_CHOICES,
+                   help="store zstd-compressed clusters (or not); default: the device's (device set --compress)")
     p.set_defaults(func=cmd_backup)
 
     p = sub.add_parser("list", help="the backups (first column: the backup id)")
@@ -113,11 +124,14 @@ def cmd_device_add(args: argparse.Namespace) -> int:
     if args.replace:
         if granularity is not None:
             raise UsageError("--replace keeps the device's granularity; leave out --granularity")
+        if args.compress is not None:
+            raise UsageError("--replace keeps the device's settings; change compression with "
+                             "'backupfs device set REPO NAME --compress'")
     record = read_mount_record(os.path.abspath(args.repo))
     if record is not None:  # the daemon's to do (backupfs/cli_control.py)
         from backupfs.cli_control import device_add
 
-        return device_add(record, args.name, args.source, granularity, args.raw, args.replace)
+        return device_add(record, args.name, args.source, granularity, args.raw, args.replace, args.compress)
     if args.replace:
         with Repository.open(args.repo) as repo:
             rec = repo.replace_source(args.name, args.source, raw=args.raw)
@@ -127,12 +141,27 @@ def cmd_device_add(args: argparse.Namespace) -> int:
     with Repository.open(args.repo) as repo:
         before = repo.device_record(args.name)
         attach = before is not None and not before.source  # an imported archive
-        rec = repo.add_device(args.name, args.source, granularity, raw=args.raw)
+        rec = repo.add_device(args.name, args.source, granularity, raw=args.raw, compress=args.compress)
     print(f"device {rec.name}: {escape(rec.source)}, {format_size(rec.size)}, "
-          f"granularity {format_size(rec.granularity)}")
+          f"granularity {format_size(rec.granularity)}" + (f", compress {rec.compress}" if rec.compress != "none"
+                                                            else ""))
     if attach:
         print("its imported backups go on from this source; the next incremental compares checksums "
               "(nothing recorded what changed on it since)")
+    return 0
+
+
+def cmd_device_set(args: argparse.Namespace) -> int:
+    from engine.repo import Repository
+
+    record = read_mount_record(os.path.abspath(args.repo))
+    if record is not None:  # the daemon's to do (backupfs/cli_control.py)
+        from backupfs.cli_control import device_set
+
+        return device_set(record, args.name, args.compress)
+    with Repository.open(args.repo) as repo:
+        rec = repo.set_device(args.name, compress=args.compress)
+    print(f"device {rec.name}: compress {rec.compress} (for its next backups)")
     return 0
 
 
@@ -193,7 +222,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
                 auto_full=args.auto_full,
                 on_progress=progress,
                 rate=rate,
-                force=args.force, allow_empty=args.allow_empty,
+                force=args.force, allow_empty=args.allow_empty, compress=args.compress,
             )
     print(result.summary())
     return 0
@@ -209,7 +238,7 @@ def _backup_through_mount(
     validate_name(args.name)
     snapshot = trigger_file(record, args.name)
     cmd = TriggerCommand(args.kind, cluster_size, args.label, args.scan, args.auto_full, rate, force=args.force,
-                         empty=args.allow_empty)
+                         empty=args.allow_empty, compress=args.compress)
     done = threading.Event()
 
     def show_progress() -> None:

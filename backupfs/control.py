@@ -11,7 +11,8 @@ left out of the root's listing (scripts walk MOUNT/* as the devices).
 One line ending in a newline, shell-quoted words: a verb, its positional
 words, then ``key=value`` options::
 
-    device-add NAME SOURCE [granularity=BYTES] [raw=1] [replace=1]
+    device-add NAME SOURCE [granularity=BYTES] [raw=1] [replace=1] [compress=zstd|none]
+    device-set NAME compress=zstd|none
     device-remove NAME [force=1]
     import NAME TIP [source=PATH] [granularity=BYTES] [allow_outside=DIR]...
            [backing_format=raw|qcow2] [format=raw|qcow2] [raw=1]
@@ -28,6 +29,7 @@ import shlex
 from dataclasses import dataclass, field
 
 from engine.errors import UsageError
+from engine.qcow2.format import COMPRESS_CHOICES
 from engine.validate import NAME_RE, utf8_path
 
 CONTROL_NAME = ".control"
@@ -35,8 +37,8 @@ CONTROL_NAME = ".control"
 MAX_LINE = 64 * 1024
 FORMATS = ("raw", "qcow2")
 USAGE = (
-    "accepted: 'device-add NAME SOURCE [granularity=BYTES] [raw=1] [replace=1]', "
-    "'device-remove NAME [force=1]', or 'import NAME TIP [source=PATH] [granularity=BYTES] "
+    "accepted: 'device-add NAME SOURCE [granularity=BYTES] [raw=1] [replace=1] [compress=zstd|none]', "
+    "'device-set NAME compress=zstd|none', 'device-remove NAME [force=1]', or 'import NAME TIP [source=PATH] [granularity=BYTES] "
     "[allow_outside=DIR]... [backing_format=raw|qcow2] [format=raw|qcow2] [raw=1]' (absolute paths)"
 )
 
@@ -52,13 +54,25 @@ class DeviceAdd:
     granularity: int | None = None
     raw: bool = False
     replace: bool = False
+    compress: str | None = None  # None: "none" for a new device, an attach keeps the device's
 
     def line(self) -> str:
         words = ["device-add", self.name, self.source]
         if self.granularity is not None:
             words.append(f"granularity={self.granularity}")
         words += [f"{k}=1" for k in ("raw", "replace") if getattr(self, k)]
+        if self.compress is not None:
+            words.append(f"compress={self.compress}")
         return shlex.join(words)
+
+
+@dataclass(frozen=True)
+class DeviceSet:
+    name: str
+    compress: str
+
+    def line(self) -> str:
+        return shlex.join(["device-set", self.name, f"compress={self.compress}"])
 
 
 @dataclass(frozen=True)
@@ -97,11 +111,12 @@ class Import:
         return shlex.join(words)
 
 
-ControlCommand = DeviceAdd | DeviceRemove | Import
+ControlCommand = DeviceAdd | DeviceSet | DeviceRemove | Import
 
 # verb -> (positional words, option keys)
 _VERBS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "device-add": (("NAME", "SOURCE"), ("granularity", "raw", "replace")),
+    "device-add": (("NAME", "SOURCE"), ("granularity", "raw", "replace", "compress")),
+    "device-set": (("NAME",), ("compress",)),
     "device-remove": (("NAME",), ("force",)),
     "import": (("NAME", "TIP"), ("source", "granularity", "allow_outside", "backing_format", "format", "raw")),
 }
@@ -135,6 +150,12 @@ def _granularity(value: str) -> int:
 def _format(key: str, value: str) -> str:
     if value not in FORMATS:
         raise ControlError(f"{key}={value!r}: accepted: {', '.join(FORMATS)}")
+    return value
+
+
+def _compress(value: str) -> str:
+    if value not in COMPRESS_CHOICES:
+        raise ControlError(f"compress={value!r}: accepted: {', '.join(COMPRESS_CHOICES)}")
     return value
 
 
@@ -180,7 +201,12 @@ def parse_control(data: bytes) -> ControlCommand:
     if verb == "device-add":
         return DeviceAdd(name, _absolute(args[1], "source"),
                          _granularity(one["granularity"]) if "granularity" in one else None,
-                         _flag("raw", one.get("raw", "0")), _flag("replace", one.get("replace", "0")))
+                         _flag("raw", one.get("raw", "0")), _flag("replace", one.get("replace", "0")),
+                         _compress(one["compress"]) if "compress" in one else None)
+    if verb == "device-set":
+        if "compress" not in one:
+            raise ControlError(f"device-set needs compress=zstd|none; {USAGE}")
+        return DeviceSet(name, _compress(one["compress"]))
     if verb == "device-remove":
         return DeviceRemove(name, _flag("force", one.get("force", "0")))
     return Import(

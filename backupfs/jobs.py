@@ -192,6 +192,7 @@ class JobRunner:
                 device, cmd.kind, cluster_size=cmd.cluster_size, scan=cmd.scan, label=cmd.label,
                 auto_full=cmd.auto_full, on_progress=progress, rate=cmd.rate, cancel=cancel,
                 source_factory=self.source_factory, force=cmd.force, allow_empty=cmd.empty,
+                compress=cmd.compress,
             )
 
         result = await self._run_job(run, status, requester)

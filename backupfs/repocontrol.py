@@ -39,7 +39,7 @@ from typing import Any
 import outcome
 import trio
 
-from backupfs.control import ControlError, DeviceAdd, DeviceRemove, Import, parse_control
+from backupfs.control import ControlError, DeviceAdd, DeviceRemove, DeviceSet, Import, parse_control
 from backupfs.mountinfo import check_sources_outside
 from backupfs.requester import Requester
 from backupfs.status import utc_text
@@ -143,6 +143,8 @@ class RepositoryControl:
                 made = await self._remove(cmd)
             elif isinstance(cmd, DeviceAdd):
                 made = await self._add(cmd)
+            elif isinstance(cmd, DeviceSet):
+                made = await self._set(cmd)
             else:
                 made = await self._import(cmd, requester)
         except Refused as e:
@@ -179,7 +181,7 @@ class RepositoryControl:
             if cmd.replace:
                 rec = self.repo.replace_source(cmd.name, cmd.source, raw=cmd.raw)
             else:
-                rec = self.repo.add_device(cmd.name, cmd.source, cmd.granularity, raw=cmd.raw)
+                rec = self.repo.add_device(cmd.name, cmd.source, cmd.granularity, raw=cmd.raw, compress=cmd.compress)
             try:
                 self.repo.device(cmd.name)  # opened now, as the mount opens each device at its start
             except BackupfsError as e:
@@ -189,8 +191,16 @@ class RepositoryControl:
         rec = await trio.to_thread.run_sync(add)
         await self.hooks.appeared(cmd.name)
         return {"device": {"name": rec.name, "source": rec.source, "size": rec.size,
-                           "granularity": rec.granularity},
+                           "granularity": rec.granularity, "compress": rec.compress},
                 "attached": before is not None and not before.source and not cmd.replace}
+
+    # -- device set -----------------------------------------------------------------------
+
+    async def _set(self, cmd: DeviceSet) -> Outcome:
+        """A device's default compression: read by each backup as it starts,
+        so a running job keeps what it began with."""
+        rec = await trio.to_thread.run_sync(lambda: self.repo.set_device(cmd.name, compress=cmd.compress))
+        return {"device": {"name": rec.name, "compress": rec.compress}}
 
     # -- device remove ----------------------------------------------------------------------
 

@@ -13,15 +13,16 @@ from dataclasses import dataclass
 from engine.errors import UsageError
 from engine.catalog import KINDS
 from engine.units import check_rate, parse_size
+from engine.qcow2.format import COMPRESS_CHOICES
 from engine.qcow2.writer import validate_cluster_size
 from engine.validate import validate_label
 
 MAX_LINE = 1024
-KEYS = ("cluster_size", "label", "scan", "auto_full", "rate", "force", "empty")
+KEYS = ("cluster_size", "label", "scan", "auto_full", "rate", "force", "empty", "compress")
 PRUNE_KEYS = ("keep_last", "keep_daily", "keep_weekly", "keep_monthly", "remove", "dry_run")
 USAGE = (
     "accepted: 'full|incremental|differential [cluster_size=64K] [label=TEXT] "
-    "[scan=1] [auto_full=1] [rate=50M] [force=1] [empty=1]', 'verify [backup=ID]', or "
+    "[scan=1] [auto_full=1] [rate=50M] [force=1] [empty=1] [compress=zstd|none]', 'verify [backup=ID]', or "
     "'prune keep_last=N|keep_daily=N|keep_weekly=N|keep_monthly=N|remove=ID [dry_run=1]'"
 )
 
@@ -40,6 +41,7 @@ class TriggerCommand:
     rate: int | None = None  # bytes per second, None = as fast as possible
     force: bool = False  # a full that may not fit the repository's disk is tried anyway
     empty: bool = False  # an empty layer when nothing changed (a point in time), not "nothing changed"
+    compress: str | None = None  # "zstd" or "none"; None = the device's default
 
     def line(self) -> str:
         parts = [self.kind, f"cluster_size={self.cluster_size}"]
@@ -55,6 +57,8 @@ class TriggerCommand:
             parts.append("force=1")
         if self.empty:
             parts.append("empty=1")
+        if self.compress is not None:
+            parts.append(f"compress={self.compress}")
         return " ".join(parts)
 
 
@@ -147,6 +151,10 @@ def parse_trigger(data: bytes) -> Command:
                 raise TriggerError(str(e)) from None
         elif key in ("scan", "auto_full", "force", "empty"):
             opts[key] = _flag(key, value)
+        elif key == "compress":
+            if value not in COMPRESS_CHOICES:
+                raise TriggerError(f"compress={value!r} is not a compression; accepted: compress=zstd or compress=none")
+            opts[key] = value
         else:  # rate
             try:
                 rate = parse_size(value, "rate")

@@ -52,6 +52,8 @@ How (fairness)
 
 Run by hand:  .venv/bin/python -m bench.backup_vs_qemu [--size 1G] [--runs 3]
               [--workdir DIR] [--keep] [--profile FILE]
+Compressed backups (bench/compress_vs_qemu.py says what it measures):
+              .venv/bin/python -m bench.backup_vs_qemu --compress [--size 1G] [--runs 5] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -595,11 +597,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=20240607)
     p.add_argument("--profile", nargs="?", const="", metavar="FILE",
                    help="cProfile our backups (slower!) and print the top; save the stats to FILE if given")
+    p.add_argument("--compress", action="store_true",
+                   help="the compression mode: a zstd full of an ext4 made from /usr against "
+                        "qemu-img convert -c (bench/compress_vs_qemu.py)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="with --compress: reads through the mount per backup (default 5)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.compress:
+        from bench.compress_vs_qemu import main as compress_main
+
+        return compress_main(args)
     size = parse_size(args.size)
     if size <= 0 or size % INCR_CLUSTER:
         raise SystemExit(f"--size must be a positive multiple of {INCR_CLUSTER} bytes")

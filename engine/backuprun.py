@@ -89,6 +89,7 @@ class BackupResult:
     # Nothing changed since ``record`` (an existing backup, the new one's
     # parent-to-be): no image was made, and ``record`` holds this point in time.
     unchanged: bool = False
+    compress: str = "none"
 
     def summary(self) -> str:
         how = f"scanned ({self.scan_reason}), " if self.scanned else ""
@@ -97,9 +98,11 @@ class BackupResult:
                 f"nothing changed since {escape(self.record.id)}; no backup was made "
                 f"({how}{self.bytes_total} bytes examined in {self.seconds:.2f} s)"
             )
+        # Compressed, the catalog's stored_bytes are the frames' bytes: say both.
+        packed = f" (zstd: {self.record.stored_bytes} on disk)" if self.compress == "zstd" else ""
         return (
             f"{self.record.id}: {self.record.kind}, {how}"
-            f"{self.bytes_written} bytes stored of {self.bytes_total} examined in {self.seconds:.2f} s"
+            f"{self.bytes_written} bytes stored{packed} of {self.bytes_total} examined in {self.seconds:.2f} s"
         )
 
 
@@ -124,6 +127,7 @@ class BackupRun:
         rate: int | None,
         force: bool = False,
         allow_empty: bool = False,
+        compress: str = "none",
     ) -> None:
         self.host = host
         self.catalog = host.catalog
@@ -141,6 +145,7 @@ class BackupRun:
         self.rate = rate
         self.force = force  # a full that may not fit the repository's disk is tried anyway
         self.allow_empty = allow_empty
+        self.compress = compress
         self.started = time.monotonic()
         self.created_ns = time.time_ns()
         # Set by plan:
@@ -203,7 +208,7 @@ class BackupRun:
         assert held is not None
         return BackupResult(
             held, self.plan_scan, self.job.progress.total, self.job.progress.written, self.job.cbw_units,
-            time.monotonic() - self.started, self.scan_reason, unchanged=self.unchanged,
+            time.monotonic() - self.started, self.scan_reason, unchanged=self.unchanged, compress=self.compress,
         )
 
     # -- the steps ------------------------------------------------------------------
@@ -303,6 +308,7 @@ class BackupRun:
                 cluster_size,
                 backing_file=image_name(parent.id) if parent else None,
                 backing_format="qcow2" if parent else None,
+                compress=self.compress,
             )
             plan = JobPlan(dev.size, dev.granularity, cluster_size, units, kind != "full", self.parent_hashes)
             self.checksums = ChecksumRecord(dev.size, dev.granularity)

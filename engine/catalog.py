@@ -116,6 +116,8 @@ class DeviceRecord:
     # What the source path led to when it was bound (None: a catalog from
     # before identities were kept, until the device's next open records it).
     identity: SourceId | None = None
+    # How its backups store clusters unless a backup says otherwise: "none" or "zstd".
+    compress: str = "none"
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,8 @@ class Catalog:
         # A catalog opened read-only may predate the column: read NULL then.
         columns = {row[1] for row in conn.execute("PRAGMA table_info(devices)")}
         identity = "source_identity" if "source_identity" in columns else "NULL"
-        self._device_columns = f"name, source, size, granularity, created_ns, {identity}"
+        compress = "compress" if "compress" in columns else "'none'"
+        self._device_columns = f"name, source, size, granularity, created_ns, {identity}, {compress}"
 
     # -- opening -------------------------------------------------------------
 
@@ -218,6 +221,7 @@ class Catalog:
             + f"INSERT INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}');\n{shared}COMMIT;"
         )
         _add_source_identity(conn)
+        _add_device_compress(conn)
         cat = cls(conn, path)
         cat._upgrade_intents()
         cat._upgrade_verdicts()
@@ -269,6 +273,7 @@ class Catalog:
             try:
                 cls._configure(conn)
                 _add_source_identity(conn)
+                _add_device_compress(conn)
             except sqlite3.DatabaseError as e:
                 conn.close()
                 raise CatalogError(f"{path}: cannot open the catalog for writing ({e})") from None
@@ -371,9 +376,10 @@ class Catalog:
     # -- devices -----------------------------------------------------------------
 
     def add_device(self, name: str, source: str, size: int, granularity: int,
-                   backups: Sequence[BackupRecord] = (), identity: SourceId | None = None) -> DeviceRecord:
+                   backups: Sequence[BackupRecord] = (), identity: SourceId | None = None,
+                   compress: str = "none") -> DeviceRecord:
         """Add a device, with ``backups`` (an import) in the same commit: all or none."""
-        rec = DeviceRecord(name, source, size, granularity, time.time_ns(), identity)
+        rec = DeviceRecord(name, source, size, granularity, time.time_ns(), identity, compress)
         try:
             with self.transaction() as c:
                 c.execute(
@@ -382,6 +388,8 @@ class Catalog:
                     (rec.name, rec.source, rec.size, rec.granularity, rec.created_ns,
                      identity.encode() if identity else None),
                 )
+                if compress != "none":  # the column's default otherwise
+                    c.execute("UPDATE devices SET compress = ? WHERE name = ?", (compress, name))
                 for b in backups:
                     self._insert_backup(c, b)
         except sqlite3.IntegrityError:
@@ -394,6 +402,11 @@ class Catalog:
         with self.transaction() as c:
             c.execute("UPDATE devices SET source = ?, source_identity = ? WHERE name = ?",
                       (source, identity.encode(), name))
+
+    def set_compress(self, name: str, compress: str) -> None:
+        """The device's default compression for its next backups ("none" or "zstd")."""
+        with self.transaction() as c:
+            c.execute("UPDATE devices SET compress = ? WHERE name = ?", (compress, name))
 
     def record_source_identity(self, name: str, identity: SourceId) -> None:
         """Keep the identity of a source bound before identities were kept
@@ -419,13 +432,14 @@ class Catalog:
         return [self._device(r) for r in self._query(f"SELECT {self._device_columns} FROM devices ORDER BY name")]
 
     def _device(self, row: tuple) -> DeviceRecord:
-        name, source, size, granularity, created_ns, identity = row
+        name, source, size, granularity, created_ns, identity, compress = row
         try:
             held = SourceId.decode(identity) if identity is not None else None
         except (ValueError, AttributeError):
             raise CatalogError(f"{self.path}: device {name!r} has a source identity that is not one "
                                f"backupfs writes ({identity!r})") from None
-        return check_device_row(self.path, DeviceRecord(name, source, size, granularity, created_ns, held))
+        return check_device_row(self.path, DeviceRecord(name, source, size, granularity, created_ns, held,
+                                                        compress))
 
     # -- backups -------------------------------------------------------------------
 
@@ -668,6 +682,18 @@ def _add_source_identity(conn: sqlite3.Connection) -> None:
             pass
 
 
+def _add_device_compress(conn: sqlite3.Connection) -> None:
+    """Upgrade step, idempotent, as ``_add_source_identity``: the column that
+    holds each device's default compression, 'none' for the devices of a
+    catalog from before it (their backups were all uncompressed)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(devices)")}
+    if "compress" not in columns:
+        try:
+            conn.execute("ALTER TABLE devices ADD COLUMN compress TEXT NOT NULL DEFAULT 'none'")
+        except sqlite3.OperationalError:
+            pass
+
+
 def _tampered(path: str, row: str, problem: str) -> CatalogError:
     """The refusal of a row no backupfs wrote: it names the catalog and the row."""
     return CatalogError(f"{path}: {row}: {problem}; the catalog was changed outside backupfs, "
@@ -685,6 +711,8 @@ def check_device_row(path: str, rec: DeviceRecord) -> DeviceRecord:
         raise _tampered(path, f"device {rec.name!r}", "the name breaks the device-name rule")
     if not isinstance(rec.source, str) or "\0" in rec.source or (rec.source and not rec.source.startswith("/")):
         raise _tampered(path, f"device {rec.name}", f"its source {rec.source!r} is not an absolute path")
+    if rec.compress not in ("none", "zstd"):
+        raise _tampered(path, f"device {rec.name}", f"its compression {rec.compress!r} is not none or zstd")
     return rec
 
 

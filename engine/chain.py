@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import ctypes
 import os
-import threading
 from array import array
 from bisect import bisect_right
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
+from engine.ccache import AHEAD_BYTES, DecompressedClusters
 from engine.nowait import WouldBlock, read_cached
 from engine.qcow2.backing import Confinement, open_chain
 from engine.qcow2.layers import COMPRESSED, DATA, UNALLOC, ZERO, Layer
@@ -59,8 +58,8 @@ def read_path() -> str:
     return "C" if _fastread is not None else "Python"
 
 
-_COMPRESSED_CACHE = 16
 _MAP_CHUNK = 1 << 20  # index entries compared at a time by map()
+_NEAR = 1 << 20  # a read starting this close to the last one's end continues it
 
 
 @dataclass(frozen=True)
@@ -233,8 +232,9 @@ class ChainView:
         # Layers whose own read-ahead can stream their nearly sequential pieces.
         streaming = _streaming_fds(self._fds)
         self._streaming_mask = bytes(1 if fd in streaming else 0 for fd in self._fds)
-        self._ccache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
-        self._ccache_lock = threading.Lock()
+        self._ccache = DecompressedClusters(self._decompress, lambda key: self.layers[key[0]].cluster_size)
+        self._seq_end = -1  # where the last read that met a compressed cluster ended
+        self._ahead_to = 0  # clusters before this offset were handed to the read-ahead
         self._fd_array = array("i", self._fds)  # for the C loop
 
     @classmethod
@@ -250,6 +250,7 @@ class ChainView:
             raise
 
     def close(self) -> None:
+        self._ccache.close()  # first: its read-ahead reads the layers' files
         for layer in self.layers:
             layer.close()
 
@@ -277,8 +278,9 @@ class ChainView:
         )
 
     def memory_bytes(self) -> int:
-        """What keeping this view open costs beyond its file descriptors."""
-        return self.index_bytes()
+        """What keeping this view open costs beyond its file descriptors
+        (with the decompressed clusters it keeps, if it has read any)."""
+        return self.index_bytes() + self._ccache.memory_bytes()
 
     def _extent_end(self, i: int) -> int:
         return self._starts[i + 1] if i + 1 < len(self._starts) else self.size
@@ -414,6 +416,7 @@ class ChainView:
         last = len(starts) - 1
         i = bisect_right(starts, offset) - 1
         pos = offset
+        met_compressed = False
         while pos < end:
             stop = starts[i + 1] if i < last else self.size
             if stop > end:
@@ -430,7 +433,10 @@ class ChainView:
                     if n < len(view):
                         self._pread_into(fd, view, host, n)
             elif kind == COMPRESSED:
-                if nowait and (self._depths[i], self._hosts[i]) not in self._ccache:
+                if not met_compressed:
+                    met_compressed = True
+                    self._read_ahead(offset, end)
+                if nowait and not self._ccache.ready((self._depths[i], self._hosts[i])):
                     raise WouldBlock()
                 cluster = self._compressed(i)
                 cs = self.layers[self._depths[i]].cluster_size
@@ -455,22 +461,38 @@ class ChainView:
 
     def _compressed(self, i: int) -> bytes:
         # A view is read from several threads at once (the mount's event
-        # loop and its workers): the cache changes only under its lock,
-        # while decompression runs outside it.
-        depth = self._depths[i]
-        descriptor = self._hosts[i]
-        key = (depth, descriptor)
-        with self._ccache_lock:
-            data = self._ccache.get(key)
-            if data is not None:
-                self._ccache.move_to_end(key)
-                return data
-        data = self.layers[depth].read_compressed(descriptor)
-        with self._ccache_lock:
-            self._ccache[key] = data
-            while len(self._ccache) > _COMPRESSED_CACHE:
-                self._ccache.popitem(last=False)
-        return data
+        # loop and its workers): the cache is safe across them (ccache.py).
+        return self._ccache.get((self._depths[i], self._hosts[i]))
+
+    def _decompress(self, key: tuple[int, int]) -> bytes:
+        depth, descriptor = key
+        return self.layers[depth].read_compressed(descriptor)
+
+    def _read_ahead(self, offset: int, end: int) -> None:
+        """A read of [offset, end) met a compressed cluster: if it follows
+        the last such read, have the compressed clusters after ``end``
+        decompressed ahead (engine/ccache.py says why)."""
+        # Near where the last one ended: the kernel sends a sequential
+        # reader's requests a few at a time, not always in order.
+        sequential = abs(offset - self._seq_end) <= max(end - offset, _NEAR)
+        self._seq_end = max(end, self._seq_end) if sequential else end
+        if not sequential:
+            return  # random reads decompress only what they ask
+        if end + AHEAD_BYTES // 2 < self._ahead_to <= end + AHEAD_BYTES:
+            return  # far enough ahead already
+        # Go on from where the read-ahead stopped, unless that was another
+        # pass (a reader starting over, or skipping ahead).
+        start = self._ahead_to if end <= self._ahead_to <= end + AHEAD_BYTES else end
+        stop = min(end + AHEAD_BYTES, self.size)
+        starts, kinds, depths, hosts = self._starts, self._kinds, self._depths, self._hosts
+        keys = []
+        j = bisect_right(starts, start) - 1
+        while j < len(starts) and starts[j] < stop:
+            if kinds[j] == COMPRESSED:
+                keys.append((depths[j], hosts[j]))
+            j += 1
+        self._ahead_to = stop
+        self._ccache.prefetch(keys)
 
     def map(self) -> Iterator[MapEntry]:
         """Runs like `qemu-img map --output=json`: merged where all fields agree.

@@ -43,6 +43,7 @@ from engine.fsutil import fsync_dir
 from engine.job import BackupJob, JobError, JobPlan, Progress, Source, copy_cluster_size, units_of_extents
 from engine.layout import image_name, merge_names
 from engine.publish import write_out
+from engine.qcow2.format import COMPRESSION_ZSTD
 from engine.qcow2.layers import UNALLOC, Layer, open_layer
 from engine.qcow2.writer import Qcow2Writer
 from engine.units import format_size
@@ -164,9 +165,11 @@ def rewrite_image(
     backing: str | None,
     *,
     on_progress: Callable[[Progress], None] | None = None,
+    compress: str | None = None,
 ) -> tuple[Qcow2Writer, ChecksumRecord]:
     """A new image holding the ``held`` copy clusters of ``content``; not yet committed."""
-    writer = Qcow2Writer(target, size, cluster_size, backing_file=backing, backing_format="qcow2" if backing else None)
+    writer = Qcow2Writer(target, size, cluster_size, backing_file=backing, backing_format="qcow2" if backing else None,
+                         compress=compress)
     record = ChecksumRecord(size, granularity)
     plan = JobPlan(size, granularity, cluster_size, held, zeros_explicit=backing is not None)
     try:
@@ -262,6 +265,8 @@ def remove_backup(
             with open_layer(c_image, "qcow2") as c_layer, open_layer(x_image, "qcow2") as x_layer:
                 held = (units_of_extents(held_extents(c_layer), unit, c.size)
                         | units_of_extents(held_extents(x_layer), unit, c.size))
+                # A merge of compressed backups stays compressed.
+                zstd = COMPRESSION_ZSTD in (c_layer.header.compression_type, x_layer.header.compression_type)
             shown = None
             if on_progress is not None:
                 report, what = on_progress, f"merging {_short(x.id)} into {_short(c.id)}"
@@ -270,6 +275,7 @@ def remove_backup(
                 writer, record = rewrite_image(
                     content, held, tmp_image, c.size, c.cluster_size, c.granularity,
                     image_name(new_parent) if new_parent else None, on_progress=shown,
+                    compress="zstd" if zstd else None,
                 )
             write_out(writer, record, tmp_sums)  # itself a temporary, recorded
             staged.append((c, tmp_image, tmp_sums, writer.stored_bytes()))

@@ -53,6 +53,7 @@ from engine.job import (
     Source,
     cancelled,
 )
+from engine.qcow2.format import validate_compress
 from engine.qcow2.writer import validate_cluster_size
 from engine.validate import NAME_RE, validate_label
 
@@ -389,15 +390,20 @@ class Repository:
 
     # -- devices ---------------------------------------------------------------------
 
-    def add_device(self, name: str, source: str, granularity: int | None = None, raw: bool = False) -> DeviceRecord:
+    def add_device(self, name: str, source: str, granularity: int | None = None, raw: bool = False,
+                   compress: str | None = None) -> DeviceRecord:
         """Register a device, or give an imported archive (no source yet) its live source.
 
         ``granularity`` None: the default for a new device, the archive's own
         for an attach. ``raw``: take a source that holds an image format as
-        the bytes to back up (engine/imageformat.py).
+        the bytes to back up (engine/imageformat.py). ``compress`` ("none" or
+        "zstd"): how its backups store clusters unless a backup says
+        otherwise; None: "none" (an attach keeps the device's).
         """
         self._require_room("adding a device")
         validate_name(name)
+        if compress is not None:
+            validate_compress(compress)
         existing = self.catalog.device(name)
         if existing is not None and existing.source:
             raise UsageError(f"device {name!r} already exists (its source is {existing.source})")
@@ -408,10 +414,27 @@ class Repository:
         check_granules(size, granularity, f"source {source}")
         self._check_unclaimed(source, identity)
         if existing is not None:
-            return self._attach_source(existing, source, size, granularity, identity)
+            rec = self._attach_source(existing, source, size, granularity, identity)
+            if compress is not None and compress != rec.compress:
+                rec = self.set_device(name, compress=compress)
+            return rec
         make_dir(self._device_dir(name))
         fsync_dir(os.path.join(self.path, DEVICES))  # durable before the catalog names it
-        return self.catalog.add_device(name, source, size, granularity, identity=identity)
+        return self.catalog.add_device(name, source, size, granularity, identity=identity,
+                                       compress=compress or "none")
+
+    def set_device(self, name: str, *, compress: str | None = None) -> DeviceRecord:
+        """Change a device's settings: its default compression (for its next
+        backups; those taken stay as they are)."""
+        self._require_room("changing a device")
+        if self.catalog.device(name) is None:
+            raise UsageError(f"no device named {name!r}")
+        if compress is not None:
+            validate_compress(compress)
+            self.catalog.set_compress(name, compress)
+        rec = self.catalog.device(name)
+        assert rec is not None
+        return rec
 
     def _probe_source(self, source: str, raw: bool = False) -> tuple[str, int, SourceId]:
         """(absolute path, size, identity) of a source to bind a device to
@@ -997,13 +1020,17 @@ class Repository:
         rate: int | None = None,
         force: bool = False,
         allow_empty: bool = False,
+        compress: str | None = None,
     ) -> BackupResult:
         """Run one backup to completion (in this thread) and return what it made.
 
         ``force``: try a full even when it may not fit the repository's disk.
         An incremental or differential that finds nothing changed since its
         parent makes no image (``result.unchanged``, ``result.record`` the
-        parent) unless ``allow_empty``: then an empty layer marks the time."""
+        parent) unless ``allow_empty``: then an empty layer marks the time.
+        ``compress`` ("none" or "zstd"): how the new image stores clusters;
+        None: the device's default (``device add/set --compress``).
+        """
         self._require_room("a backup")
         if label is not None:
             validate_label(label)  # before any copying: the same rule as the trigger's
@@ -1011,11 +1038,16 @@ class Repository:
             raise UsageError(f"unknown backup kind {kind!r} (use {', '.join(KINDS)})")
         validate_cluster_size(cluster_size)
         check_rate(rate)
+        if compress is not None:
+            validate_compress(compress)
         dev = self.device(name)
+        if compress is None:
+            rec = self.catalog.device(name)
+            compress = rec.compress if rec is not None else "none"
         return BackupRun(
             self, dev, kind, cluster_size=cluster_size, scan=scan, label=label, auto_full=auto_full,
             on_progress=on_progress, cancel=cancel, source_factory=source_factory, chunk_bytes=chunk_bytes,
-            rate=rate, force=force, allow_empty=allow_empty,
+            rate=rate, force=force, allow_empty=allow_empty, compress=compress,
         ).run()
 
     # -- what a backup run (engine/backuprun.py) asks of its repository ---------------

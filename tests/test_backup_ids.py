@@ -89,4 +89,4 @@ def test_list_and_device_list_as_json(repo: Repository, tmp_path: Path) -> None:
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", rows[0]["created"])
     assert json.loads(cli("list", repo.path, "vm", "--json").stdout) == rows
     assert json.loads(cli("device", "list", repo.path, "--json").stdout) == [
-        {"name": "vm", "source": str(src), "size": 1 << 20, "granularity": 64 * 1024}]
+        {"name": "vm", "source": str(src), "size": 1 << 20, "granularity": 64 * 1024, "compress": "none"}]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from engine.errors import ImageError
+from engine.errors import ImageError, UsageError
 
 MAGIC = b"QFI\xfb"
 
@@ -39,6 +39,7 @@ AUTOCLEAR_BITMAPS = 1 << 0
 COMPRESSION_ZLIB = 0
 COMPRESSION_ZSTD = 1
 COMPRESSION_NAMES = {COMPRESSION_ZLIB: "zlib", COMPRESSION_ZSTD: "zstd"}
+COMPRESS_CHOICES = ("zstd", "none")  # what backupfs writes: zstd clusters, or plain ones
 
 # Header extension types.
 EXT_END = 0x00000000
@@ -67,6 +68,13 @@ V3_HEADER_LENGTH = 112  # with compression_type and padding, as QEMU writes it
 
 _V2 = struct.Struct(">4sIQIIQIIQQIIQ")  # 72 bytes
 _V3_TAIL = struct.Struct(">QQQII")  # 32 bytes: features, refcount_order, header_length
+
+
+def validate_compress(compress: str) -> str:
+    """A compression backupfs writes ("zstd" or "none"), or UsageError."""
+    if compress not in COMPRESS_CHOICES:
+        raise UsageError(f"unknown compression {compress!r} (choose from {', '.join(COMPRESS_CHOICES)})")
+    return compress
 
 
 def _align_up(value: int, alignment: int) -> int:

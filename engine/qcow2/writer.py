@@ -12,6 +12,15 @@ Durability order at commit: data and L2 tables, L1, refcounts, fsync; then
 the header, fsync. Until the header is written the first cluster is zeros,
 so a crash leaves a file that no reader mistakes for a valid image.
 
+A compressed image (``compress="zstd"``) stores each cluster worth it as
+one zstd frame, packed back to back in host clusters as qemu-img does
+(a frame may run on into the next host cluster when that one follows it
+in the file). Frames are made on a small thread pool (qcow2/compress.py)
+while the caller goes on; they are appended in the order the clusters
+were written, a few chunks behind, and all of them before commit. A host
+cluster holding frames is referenced once per frame that touches it,
+which the refcounts record (``_crefs``); every other cluster is still 1.
+
 While data is appended, every 8 MiB of it is handed to the kernel's
 writeback at once (``_start_writeback``), so the disk writes while the copy
 goes on and the fsync at commit finds little left to do. That is advice
@@ -24,29 +33,46 @@ import errno
 import os
 import sys
 from array import array
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from typing import TYPE_CHECKING
 
 from engine import durable
 from engine.access import set_new_file_mode
 from engine.errors import ImageError, UsageError
 from engine.qcow2.format import (
+    COMPRESS_CHOICES,
+    COMPRESSION_ZLIB,
+    COMPRESSION_ZSTD,
+    INCOMPAT_COMPRESSION,
     MAX_CLUSTER_BITS,
     MAX_L1_BYTES,
     MAX_REFTABLE_BYTES,
     MIN_CLUSTER_BITS,
     OFFSET_MASK,
+    OFLAG_COMPRESSED,
     OFLAG_COPIED,
     OFLAG_ZERO,
     Header,
     encode_header_cluster,
     l1_entries_for,
+    validate_compress,
 )
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from engine.qcow2.compress import ClusterCompressor
+
+# numpy and zstandard are imported where they are used: the CLI imports
+# this module (through the trigger's grammar) and --help must start fast.
 
 _REFCOUNT_ORDER = 4  # 16-bit refcounts, QEMU's default
 _WRITE_CHUNK = 8 * 1024 * 1024
 _WRITEBACK_BYTES = 8 * 1024 * 1024  # appended data handed to writeback at a time
 _fadvise = getattr(os, "posix_fadvise", None)  # not on macOS
 _NATIVE_LE = sys.byteorder == "little"
+_PENDING_BYTES = 32 * 1024 * 1024  # guest data handed to the compressors and not yet appended
+_MAX_REFCOUNT = (1 << (1 << _REFCOUNT_ORDER)) - 1
 
 
 def _to_be(table: array) -> bytes:
@@ -86,6 +112,7 @@ class Qcow2Writer:
         backing_format: str | None = None,
         *,
         l2_cache_bytes: int = 64 * 1024 * 1024,
+        compress: str | None = None,
     ) -> None:
         self.cluster_bits = validate_cluster_size(cluster_size)
         if size < 0 or size % 512:
@@ -102,6 +129,9 @@ class Qcow2Writer:
                 f"virtual size {size} needs an L1 table over 32 MiB with {cs}-byte "
                 "clusters; use a larger cluster size"
             )
+        if compress is not None:
+            validate_compress(compress)
+        self.compress = compress if compress != "none" else None
         self.backing_file = backing_file
         self.backing_format = (backing_format or "qcow2") if backing_file is not None else None
         # Fail now, not at commit, if the header cannot hold the backing name.
@@ -116,7 +146,17 @@ class Qcow2Writer:
         self._next_free = cs  # cluster 0: the header, written last
         self._writeback_from = cs  # appended bytes from here on not yet handed to writeback
         self.data_clusters = 0
+        self.compressed_clusters = 0
+        self.compressed_bytes = 0  # the frames' bytes, without the slack between them
         self._closed = False
+        # Compression: frames in flight, in write order, and where the next goes.
+        self._compressor: ClusterCompressor | None = None
+        self._pending: deque[tuple[int, memoryview, list[Future[list[bytes | None]]]]] = deque()
+        self._pending_bytes = 0
+        self._cpos = 0  # the next frame's host offset; 0: no host cluster started
+        self._cend = 0  # end of the host clusters allocated for frames so far
+        self._crefs = array("H")  # per host cluster: frames touching it (0: an ordinary cluster)
+        self._pending_clusters: bytearray | None = None  # per guest cluster: 1 while pending
         self.fd = durable.fs.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             set_new_file_mode(self.fd, path)  # a disk's image: never readable by others, whatever the umask
@@ -229,6 +269,9 @@ class Qcow2Writer:
         first, count = self._check_range(offset, len(view))
         if count == 0:
             return
+        if self.compress:
+            self._write_compressed(first, count, view)
+            return
         cs = self.cluster_size
         existing = [self._entry(first + i) & OFFSET_MASK for i in range(count)]
         if not any(existing):
@@ -253,6 +296,126 @@ class Qcow2Writer:
                 self._set_entries(first + i, [host | OFLAG_COPIED])
                 self.data_clusters += 1
         self._start_writeback()
+
+    # -- compressed clusters ----------------------------------------------
+
+    def _write_compressed(self, first: int, count: int, view: memoryview) -> None:
+        """Hand the clusters to the compressors; appended later, in order.
+
+        Each cluster is written once: a frame cannot be rewritten in place,
+        and a backup job never writes a cluster twice.
+        """
+        self._drain_overlapping(first, count)
+        if any(self._entry(first + i) for i in range(count)):
+            raise ValueError("a compressed image is written once per cluster")
+        if not view.readonly:
+            view = memoryview(bytes(view))  # the caller may reuse its buffer
+        if self._compressor is None:
+            from engine.qcow2.compress import ClusterCompressor
+
+            self._compressor = ClusterCompressor(self.cluster_size)
+        if self._pending_clusters is None:
+            self._pending_clusters = bytearray(-(-self.size // self.cluster_size))
+        self._pending_clusters[first : first + count] = b"\x01" * count
+        self._pending.append((first, view, self._compressor.submit(view)))
+        self._pending_bytes += len(view)
+        while self._pending_bytes > _PENDING_BYTES:
+            self._drain_one()
+
+    def _drain_overlapping(self, first: int, count: int) -> None:
+        """Append pending clusters up to the last that overlaps [first, first+count)."""
+        marks = self._pending_clusters
+        if marks is None or not any(marks[first : first + count]):
+            return  # the usual case, told without walking the pending list
+        cs = self.cluster_size
+        last = -1
+        for i, (f, v, _) in enumerate(self._pending):
+            if f < first + count and first < f + -(-len(v) // cs):
+                last = i
+        for _ in range(last + 1):
+            self._drain_one()
+
+    def flush(self) -> None:
+        """Append every pending cluster (their L2 entries set)."""
+        while self._pending:
+            self._drain_one()
+
+    def _drain_one(self) -> None:
+        """Append the oldest pending chunk: frames packed, the rest plain."""
+        first, view, futures = self._pending.popleft()
+        self._pending_bytes -= len(view)
+        frames: list[bytes | None] = []
+        for fut in futures:
+            frames.extend(fut.result())
+        cs = self.cluster_size
+        count = len(frames)
+        assert self._pending_clusters is not None
+        self._pending_clusters[first : first + count] = bytes(count)
+        # Tables first, so that frames and plain runs stay contiguous.
+        for l1i in range(first // self.l2_entries, (first + count - 1) // self.l2_entries + 1):
+            self._table(l1i, create=True)
+        entries: list[int] = [0] * count
+        runs: list[tuple[int, bytearray]] = []  # contiguous frame bytes to write
+        for i, frame in enumerate(frames):
+            if frame is not None:
+                off = self._place(len(frame))
+                if runs and runs[-1][0] + len(runs[-1][1]) == off:
+                    runs[-1][1].extend(frame)
+                else:
+                    runs.append((off, bytearray(frame)))
+                extra = ((off + len(frame) - 1) >> 9) - (off >> 9)
+                entries[i] = OFLAG_COMPRESSED | (extra << (62 - (self.cluster_bits - 8))) | off
+                self.compressed_clusters += 1
+                self.compressed_bytes += len(frame)
+        for off, buf in runs:
+            self._pwrite(buf, off)
+        plain = [i for i, f in enumerate(frames) if f is None]
+        if plain:
+            host = self._alloc(len(plain))
+            j = 0
+            while j < len(plain):
+                k = j + 1
+                while k < len(plain) and plain[k] == plain[k - 1] + 1:
+                    k += 1
+                start = plain[j]
+                self._write_padded(view[start * cs : plain[k - 1] * cs + cs], host + j * cs)
+                j = k
+            for j, i in enumerate(plain):
+                entries[i] = (host + j * cs) | OFLAG_COPIED
+            self.data_clusters += len(plain)
+        self._set_entries(first, entries)
+        self._start_writeback()
+
+    def _place(self, length: int) -> int:
+        """Host offset for a frame of ``length`` bytes, refcounts counted.
+
+        Packed after the previous frame; it may run on into the next host
+        cluster only if that is the next one in the file (QEMU's rule), so
+        otherwise it starts a fresh cluster, leaving the old one's tail
+        unused.
+        """
+        cs = self.cluster_size
+        off = self._cpos
+        if off and (
+            (off + length > self._cend and self._cend != self._next_free)
+            or self._crefs[off // cs] >= _MAX_REFCOUNT
+        ):
+            off = 0
+        if not off:
+            off = self._alloc(1)
+            self._cend = off + cs
+        end = off + length
+        if end > self._cend:
+            more = -(-(end - self._cend) // cs)
+            self._alloc(more)  # right after _cend: checked above
+            self._cend += more * cs
+        first_c, last_c = off // cs, (end - 1) // cs
+        if len(self._crefs) <= last_c:
+            self._crefs.extend(array("H", bytes(2 * (last_c + 1 - len(self._crefs)))))
+        for c in range(first_c, last_c + 1):
+            self._crefs[c] += 1
+        self._cpos = end if end < self._cend else 0
+        return off
 
     def _start_writeback(self) -> None:
         """Start writing back what was appended since the last call, every 8 MiB.
@@ -289,8 +452,11 @@ class Qcow2Writer:
         file holds there: the way a backup says "this was zeroed".
         """
         first, count = self._check_range(offset, length)
+        self._drain_overlapping(first, count)
         entries = []
         for i in range(count):
+            if self._entry(first + i) & OFLAG_COMPRESSED:
+                raise ValueError("a compressed cluster cannot be zeroed in place")
             old = self._entry(first + i) & OFFSET_MASK
             # A cluster that had data keeps its host cluster (QEMU's
             # "zero, allocated"), so nothing leaks.
@@ -298,16 +464,19 @@ class Qcow2Writer:
         self._set_entries(first, entries)
 
     def stored_bytes(self) -> int:
-        """Bytes of guest data this image stores (not counting metadata).
+        """Bytes of guest data this image stores (not counting metadata):
+        a compressed cluster counts its frame's bytes.
 
         Not the padding past the disk's end in its last cluster: a job
         that copied a whole disk of 16 MiB + 4 KiB says it stored that
         much, and list, du and the xattr must say the same.
         """
+        self.flush()
         cs = self.cluster_size
-        stored = self.data_clusters * cs
+        stored = self.data_clusters * cs + self.compressed_bytes
         tail = self.size % cs
-        if tail and self._entry(self.size // cs) & OFFSET_MASK:
+        last = self._entry(self.size // cs) if tail else 0
+        if last & OFFSET_MASK and not last & OFLAG_COMPRESSED:
             stored -= cs - tail
         return stored
 
@@ -323,6 +492,8 @@ class Qcow2Writer:
             nb_snapshots=0,
             snapshots_offset=0,
             refcount_order=_REFCOUNT_ORDER,
+            incompatible_features=INCOMPAT_COMPRESSION if self.compress else 0,
+            compression_type=COMPRESSION_ZSTD if self.compress else COMPRESSION_ZLIB,
         )
 
     def commit(self) -> int:
@@ -331,6 +502,8 @@ class Qcow2Writer:
             raise ValueError("image already committed or aborted")
         cs = self.cluster_size
         try:
+            self.flush()
+            self._stop_compressor()
             for l1i in sorted(self._l2_dirty):
                 self._pwrite(_to_be(self._l2[l1i]), self._l1[l1i])
             self._l2_dirty.clear()
@@ -361,7 +534,8 @@ class Qcow2Writer:
         return self._next_free
 
     def _write_refcounts(self) -> tuple[int, int]:
-        """Refcount blocks and table for clusters [0, end): every one is 1."""
+        """Refcount blocks and table for clusters [0, end): every one is 1,
+        but those holding frames: one per frame touching it."""
         cs = self.cluster_size
         per_block = cs * 8 // (1 << _REFCOUNT_ORDER)
         used = self._next_free // cs
@@ -380,12 +554,22 @@ class Qcow2Writer:
         table_offset = self._alloc(table)
         one = (1).to_bytes(2, "big")
         full_block = one * per_block
+        import numpy as np
+
+        crefs = np.frombuffer(self._crefs, dtype=np.uint16) if len(self._crefs) else None
         # Refcount blocks, written in large sequential chunks.
         buf = bytearray()
         pos = blocks_offset
         for b in range(blocks):
             ones = min(per_block, total - b * per_block)
-            buf += full_block if ones == per_block else one * ones + bytes(2 * (per_block - ones))
+            block = full_block if ones == per_block else one * ones + bytes(2 * (per_block - ones))
+            if crefs is not None and b * per_block < len(crefs):
+                # Host clusters holding frames: one reference per frame.
+                counts = np.frombuffer(block, dtype=">u2").copy()
+                part = crefs[b * per_block : (b + 1) * per_block]
+                counts[: len(part)] = np.where(part > 0, part, counts[: len(part)])
+                block = counts.tobytes()
+            buf += block
             if len(buf) >= _WRITE_CHUNK:
                 self._pwrite(buf, pos)
                 pos += len(buf)
@@ -398,6 +582,11 @@ class Qcow2Writer:
         assert self._next_free == total * cs
         return table_offset, table
 
+    def _stop_compressor(self) -> None:
+        if self._compressor is not None:
+            self._compressor.close()
+            self._compressor = None
+
     def _fsync(self) -> None:
         try:
             durable.fs.fsync(self.fd)
@@ -409,6 +598,8 @@ class Qcow2Writer:
         if self._closed:
             return
         self._closed = True
+        self._pending.clear()
+        self._stop_compressor()
         try:
             durable.fs.close(self.fd)
         finally:
