@@ -390,7 +390,7 @@ class Repository:
 
     # -- devices ---------------------------------------------------------------------
 
-    def add_device(self, name: str, source: str, granularity: int | None = None, raw: bool = False,
+    def add_device(self, name: str, source: str, granularity: int | None = None, *, raw: bool = False,
                    compress: str | None = None) -> DeviceRecord:
         """Register a device, or give an imported archive (no source yet) its live source.
 

@@ -79,7 +79,7 @@ def test_list_and_device_list_for_people_and_for_pipes(repo: Repository, tmp_pat
     assert piped[0].split("\t") == ["ID", "DEVICE", "KIND", "PARENT", "CREATED", "CLUSTER", "STORED", "LABEL"]
     assert [line.split("\t")[6] for line in piped[1:]] == [str(s) for s in stored]
     assert piped[1].split("\t")[5] == str(64 * KiB) and piped[1].split("\t")[7] == "first"
-    assert cli("device", "list", repo.path).stdout.decode() == f"vm\t{src}\t{5 * MiB}\t{64 * KiB}\n"
+    assert cli("device", "list", repo.path).stdout.decode() == f"vm\t{src}\t{5 * MiB}\t{64 * KiB}\tnone\n"
     # A terminal: a header, columns aligned under it, sizes as people read them.
     shown = on_a_terminal("list", repo.path).splitlines()
     assert shown[0].split() == ["ID", "DEVICE", "KIND", "PARENT", "CREATED", "CLUSTER", "STORED", "LABEL"]
@@ -89,8 +89,8 @@ def test_list_and_device_list_for_people_and_for_pipes(repo: Repository, tmp_pat
     assert shown[1].split()[5] == "64K" and shown[1].split()[6] == short_size(stored[0])
     assert short_size(stored[0]).endswith("M")  # 5 MiB of random data: not bytes
     devices = on_a_terminal("device", "list", repo.path).splitlines()
-    assert devices[0].split() == ["NAME", "SOURCE", "SIZE", "GRANULARITY"]
-    assert devices[1].split() == ["vm", str(src), "5M", "64K"]
+    assert devices[0].split() == ["NAME", "SOURCE", "SIZE", "GRANULARITY", "COMPRESS"]
+    assert devices[1].split() == ["vm", str(src), "5M", "64K", "none"]
     assert devices[1].index(str(src)) == devices[0].index("SOURCE")
 
 

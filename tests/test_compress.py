@@ -129,7 +129,7 @@ def test_full_incremental_differential_compressed(cluster: int, granularity: int
                                                   tmp_path: Path) -> None:
     size = 8 * MiB + 4 * KiB  # a short last cluster for most cluster sizes
     src = make_mixed_source(tmp_path / "src.img", size, seed=cluster)
-    repo.add_device("d", str(src), granularity, "zstd")
+    repo.add_device("d", str(src), granularity, compress="zstd")
     snaps = Snapshots(src, tmp_path)
     ids = []
     for n, kind in enumerate(("full", "incremental", "differential", "incremental")):
@@ -157,7 +157,7 @@ def test_incompressible_clusters_are_stored_plain(repo: Repository, tmp_path: Pa
     src = tmp_path / "src.img"
     rng = random.Random(3)
     src.write_bytes(rng.randbytes(4 * MiB) + compressible(rng, 4 * MiB))
-    repo.add_device("r", str(src), None, "zstd")
+    repo.add_device("r", str(src), None, compress="zstd")
     res = repo.backup("r", "full")
     image = repo.image_path(res.record)
     qemu_check(image)
@@ -242,7 +242,7 @@ def test_mixed_chain_plain_full_compressed_incremental(repo: Repository, tmp_pat
 def test_prune_merges_compressed_backups_into_a_compressed_image(repo: Repository, tmp_path: Path) -> None:
     size = 8 * MiB
     src = make_mixed_source(tmp_path / "src.img", size, seed=17)
-    repo.add_device("p", str(src), None, "zstd")
+    repo.add_device("p", str(src), None, compress="zstd")
     full = repo.backup("p", "full").record
     scribble(src, 3, size)
     snap = Snapshots(src, tmp_path).take()
@@ -260,7 +260,7 @@ def test_copy_before_write_under_a_compressed_job(repo: Repository, tmp_path: Pa
     the trigger-time disk, and the writes are in the next incremental."""
     size = 32 * MiB
     src = make_mixed_source(tmp_path / "src.img", size, seed=21)
-    repo.add_device("c", str(src), None, "zstd")
+    repo.add_device("c", str(src), None, compress="zstd")
     dev = repo.device("c")
     rng = random.Random(21)
     snaps = Snapshots(src, tmp_path)

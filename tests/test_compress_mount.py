@@ -68,3 +68,34 @@ def test_trigger_key_and_device_default(tmp_path: Path) -> None:
         m.stop()
     finally:
         m.cleanup()
+
+
+def test_device_add_and_set_compress_while_mounted(tmp_path: Path) -> None:
+    """A device added with --compress through a mounted repository gets it,
+    and `device set` changes the default through the mount: the next
+    trigger's backup follows it, without a key of its own."""
+    repo = tmp_path / "repo"
+    src = make_mixed_source(tmp_path / "vm.img", 8 * MiB, seed=7)
+    cli("init", repo)
+    (tmp_path / "mnt").mkdir()
+    m = Mounted(repo, tmp_path / "mnt")
+    try:
+        m.start()
+        out = cli("device", "add", repo, "vm", src, "--compress", "zstd").stdout.decode()
+        assert "compress zstd" in out and "through the mount" in out
+        sh(f"echo full > {m.path('vm', 'snapshot')}")
+        images = repo / "devices" / "vm"
+        first = _backups(m, "vm")[-1]
+        assert compressed_share(images / f"{first}.qcow2") > 0
+        out = cli("device", "set", repo, "vm", "--compress", "none").stdout.decode()
+        assert "compress none" in out and "through the mount" in out
+        listed = cli("device", "list", repo, "--json").stdout.decode()
+        assert '"compress": "none"' in listed
+        sh(f"echo full > {m.path('vm', 'snapshot')}")
+        second = _backups(m, "vm")[-1]
+        assert second != first and compressed_share(images / f"{second}.qcow2") == 0
+        qemu_check(images / f"{second}.qcow2")
+        qemu_compare(images / f"{second}.qcow2", src)
+        m.stop()
+    finally:
+        m.cleanup()

@@ -249,3 +249,16 @@ def test_an_interrupted_import_leaves_nothing(tmp_path: Path) -> None:
         assert "state: cancelled" in status and "received SIGINT" in status, status
         assert os.listdir(m.mnt) == ["vm1"] and sorted(os.listdir(m.repo / "devices")) == ["vm1"]
         m.stop()
+
+
+def test_device_set_and_compress_in_control_lines() -> None:
+    from backupfs.control import ControlError, DeviceAdd, DeviceSet, parse_control
+
+    assert parse_control(b"device-set vm compress=zstd\n") == DeviceSet("vm", "zstd")
+    assert parse_control(DeviceSet("vm", "none").line().encode() + b"\n") == DeviceSet("vm", "none")
+    add = parse_control(b"device-add vm /dev/vg/vm compress=zstd\n")
+    assert isinstance(add, DeviceAdd) and add.compress == "zstd"
+    assert parse_control(add.line().encode() + b"\n") == add
+    for bad in (b"device-set vm\n", b"device-set vm compress=lz4\n", b"device-add vm /x compress=gzip\n"):
+        with pytest.raises(ControlError):
+            parse_control(bad)
