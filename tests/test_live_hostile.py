@@ -1,0 +1,157 @@
+"""A hostile and a careless look at devices changed while mounted (MOUNT/.control)
+and at the image-format check of sources: each test here is a finding of
+that review, kept so that it stays fixed.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from backupfs.control import DeviceAdd, Import, parse_control
+from engine.imageformat import PROBE_BYTES, format_of_head, image_format
+from tests.commands import backupfs_cmd, cli
+from tests.mounts import mounted_device
+from tests.oracle import qemu_img, qemu_io
+
+MiB = 1024 * 1024
+
+
+# -- the grammar -----------------------------------------------------------------------------
+
+
+def test_a_path_with_an_equals_sign_is_a_path() -> None:
+    """`device add` and `import` take any absolute path unmounted; through the mount
+    a SOURCE or TIP holding '=' was taken for a missing word ("needs NAME SOURCE")."""
+    for cmd in (DeviceAdd("vm2", "/srv/disks/size=8G.img"), DeviceAdd("vm2", "/a=b/c", raw=True),
+                Import("old", "/srv/vm=1/top.qcow2", source="/srv/x=y.img")):
+        assert parse_control((cmd.line() + "\n").encode()) == cmd
+
+
+# -- what a raw disk may hold --------------------------------------------------------------
+
+
+def _vhd_footer(disk_size: int) -> bytes:
+    """A fixed VHD's footer, as the VHD specification lays it out, checksum included."""
+    f = bytearray(512)
+    f[0:8] = b"conectix"
+    f[8:12] = struct.pack(">I", 2)  # features
+    f[12:16] = struct.pack(">I", 0x00010000)  # version
+    f[16:24] = struct.pack(">Q", 0xFFFFFFFFFFFFFFFF)  # data offset: none (fixed)
+    f[28:32] = b"qemu"
+    f[40:48] = struct.pack(">Q", disk_size)
+    f[48:56] = struct.pack(">Q", disk_size)
+    f[60:64] = struct.pack(">I", 2)  # disk type: fixed
+    f[64:68] = struct.pack(">I", ~sum(f) & 0xFFFFFFFF)
+    return bytes(f)
+
+
+def test_raw_disks_that_only_look_like_an_image(tmp_path: Path) -> None:
+    """A raw disk is refused only on a real signature, not on 8 or 4 bytes of chance:
+    its last sector starting 'conectix' without a valid VHD footer, or 'QFI\\xfb'
+    with a version no qcow has, is a disk."""
+    size = 16 * MiB
+    garbage = tmp_path / "tail.raw"
+    with open(garbage, "wb") as f:
+        f.truncate(size)
+        f.seek(size - 512)
+        f.write(b"conectix" + os.urandom(504))  # a guest's data that happens to end so
+    fd = os.open(garbage, os.O_RDONLY)
+    try:
+        assert image_format(fd, size) is None
+    finally:
+        os.close(fd)
+    assert format_of_head(b"QFI\xfb" + b"\0" * 4 + os.urandom(PROBE_BYTES - 8)) is None  # version 0
+    assert format_of_head(b"QFI\xfb" + struct.pack(">I", 0x7A11E4) + bytes(PROBE_BYTES - 8)) is None
+    # The real ones still are: a footer whose checksum holds, qcow 1, qcow2 2 and 3.
+    real = tmp_path / "fixed.vhd"
+    with open(real, "wb") as f:
+        f.truncate(size)
+        f.seek(size)
+        f.write(_vhd_footer(size))
+    fd = os.open(real, os.O_RDONLY)
+    try:
+        assert image_format(fd, size + 512) == "VHD (fixed)"
+    finally:
+        os.close(fd)
+    for version, named in ((1, "qcow"), (2, "qcow2"), (3, "qcow2")):
+        assert format_of_head(b"QFI\xfb" + struct.pack(">I", version) + bytes(PROBE_BYTES - 8)) == named
+
+
+def test_a_qed_image_is_refused(tmp_path: Path) -> None:
+    """QEMU's other own format: as much a container as qcow2 is."""
+    path = tmp_path / "disk.qed"
+    qemu_img("create", "-q", "-f", "qed", str(path), "16M")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert image_format(fd, os.fstat(fd).st_size) == "QED"
+    finally:
+        os.close(fd)
+
+
+# -- through a real mount ------------------------------------------------------------------------
+
+
+@pytest.mark.mount
+def test_a_source_path_with_an_equals_sign_through_the_mount(tmp_path: Path) -> None:
+    with mounted_device(tmp_path, bytes(MiB)) as m:
+        d = tmp_path / "size=2M"
+        d.mkdir()
+        src = d / "vm2.img"
+        src.write_bytes(bytes(2 * MiB))
+        out = cli("device", "add", m.repo, "vm2", src).stdout.decode()
+        assert out.startswith(f"device vm2: {src}, 2 MiB"), out
+        assert sorted(os.listdir(m.mnt)) == ["vm1", "vm2"]
+        m.stop()
+
+
+@pytest.mark.mount
+@pytest.mark.long
+def test_a_second_command_is_refused_while_one_runs(tmp_path: Path) -> None:
+    """The kernel runs one write of a file at a time: a second command's write
+    waited, unkillable, in the kernel for the first to end (an import: minutes)
+    and then ran; the daemon's EBUSY was never seen. Its open is refused instead,
+    naming what runs, as a second trigger's open of a snapshot file is."""
+    chain = tmp_path / "chain"
+    chain.mkdir()
+    base, top = chain / "base.qcow2", chain / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(base), "512M")
+    qemu_io(base, "write -P 0x11 0 512M")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(top))
+    qemu_io(top, "write -P 0x22 0 64k")
+    other = tmp_path / "other.img"
+    other.write_bytes(bytes(MiB))
+    with mounted_device(tmp_path, bytes(MiB)) as m:
+        control = m.path(".control")
+        proc = subprocess.Popen(backupfs_cmd() + ["import", str(m.repo), "big", str(top)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 60
+            while json.loads(os.getxattr(control, "user.backupfs.status"))["state"] != "running":
+                assert time.monotonic() < deadline and proc.poll() is None, proc.stderr
+                time.sleep(0.02)  # polling for a state, not waiting a guessed time
+            second = cli("device", "add", m.repo, "vm2", other, check=False, timeout=300)
+            running = proc.poll() is None
+            err = second.stderr.decode()
+            assert second.returncode == 1 and running, (running, err)
+            assert err.count("\n") == 1 and f"another repository command is running (import big {top}" in err, err
+            assert f"requested by pid {proc.pid} (backupfs)" in err, err
+            with pytest.raises(OSError) as e:  # by hand, as `echo ... > .control` does
+                os.open(control, os.O_WRONLY | os.O_TRUNC)
+            assert e.value.errno == errno.EBUSY
+            assert "state: running" in control.read_text()  # reading is not refused
+            out, err2 = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err2
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert sorted(os.listdir(m.mnt)) == ["big", "vm1"]
+        m.stop()
