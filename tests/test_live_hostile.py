@@ -85,13 +85,14 @@ def test_raw_disks_that_only_look_like_an_image(tmp_path: Path) -> None:
         assert format_of_head(b"QFI\xfb" + struct.pack(">I", version) + bytes(PROBE_BYTES - 8)) == named
 
 
-def test_a_qed_image_is_refused(tmp_path: Path) -> None:
-    """QEMU's other own format: as much a container as qcow2 is."""
-    path = tmp_path / "disk.qed"
-    qemu_img("create", "-q", "-f", "qed", str(path), "16M")
+@pytest.mark.parametrize("fmt,named", [("qed", "QED"), ("parallels", "Parallels")])
+def test_qed_and_parallels_images_are_refused(tmp_path: Path, fmt: str, named: str) -> None:
+    """qemu-img makes these too: as much a container as a qcow2 is."""
+    path = tmp_path / f"disk.{fmt}"
+    qemu_img("create", "-q", "-f", fmt, str(path), "16M")
     fd = os.open(path, os.O_RDONLY)
     try:
-        assert image_format(fd, os.fstat(fd).st_size) == "QED"
+        assert image_format(fd, os.fstat(fd).st_size) == named
     finally:
         os.close(fd)
 
