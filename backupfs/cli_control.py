@@ -52,6 +52,19 @@ def _control_file(record: MountRecord, what: str) -> str:
     return path
 
 
+def _busy(path: str) -> str:
+    """What keeps the control file busy: the command it runs, as its status xattr says."""
+    try:
+        fields = json.loads(os.getxattr(path, STATUS_XATTR))
+    except (OSError, ValueError):
+        fields = None
+    if not isinstance(fields, dict) or fields.get("state") != "running":
+        return "another repository command is running through the mount; try again when it is done"
+    by = f", requested by {fields['requester']}" if fields.get("requester") else ""
+    return escape(f"another repository command is running ({fields.get('command')}: "
+                  f"{fields.get('progress') or 'starting'}{by}); try again when it is done")
+
+
 def _watch_import(path: str, done: threading.Event) -> None:
     """Print each layer as the daemon starts it (stderr, a terminal only)."""
     shown = None
@@ -75,6 +88,8 @@ def run_through_mount(record: MountRecord, cmd: ControlCommand, what: str) -> di
     except OSError as e:
         if e.errno in (errno.EACCES, errno.EPERM):
             raise BackupfsError(f"{path}: only the mount's owner can {what} through it") from None
+        if e.errno == errno.EBUSY:
+            raise BackupfsError(f"{what}: {_busy(path)}") from None
         raise BackupfsError(f"{path}: {e.strerror}") from None
     done = threading.Event()
     watcher = None

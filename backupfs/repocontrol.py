@@ -6,7 +6,9 @@ The engine does the work (``Repository.add_device``, ``replace_source``,
 its own cleanup); this module decides when it may run and tells the
 mount what changed, so the kernel's caches show it at once.
 
-- One command at a time: a second gets EBUSY naming the one that runs.
+- One command at a time: a second gets EBUSY naming the one that runs, at
+  its open (fs.py; its write would wait in the kernel for the first), or
+  here if it opened before the first began writing.
   Two adds of one source under two names, or an add racing an import of
   the same name, would each pass the engine's checks alone.
 - A device is not removed (nor its source replaced) while a job runs on
