@@ -18,6 +18,7 @@ import sqlite3
 import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -110,6 +111,7 @@ class Repository:
         self.catalog = catalog
         self._devices: dict[str, Device] = {}
         self._devices_lock = threading.Lock()
+        self._away: set[str] = set()  # devices let go while their record changes (``_let_go``)
         self._running: dict[str, BackupJob] = {}
         self._maintenance: set[str] = set()  # devices being pruned
         self._idle = threading.Condition()
@@ -442,13 +444,13 @@ class Repository:
             raise UsageError(f"source {source} is {size} bytes but device {name} is {rec.size}; "
                              "a device's source keeps its size")
         self._check_unclaimed(source, identity, but=name)
-        self._let_go(name)
-        why = f"its source was rebound to {source} (device add --replace)"
-        try:
-            distrust_saved_bitmaps(self._device_dir(name), BITMAPS, why)
-        except OSError as e:
-            raise storage_error(e) from None
-        self.catalog.set_source(name, source, identity)
+        with self._let_go(name):
+            why = f"its source was rebound to {source} (device add --replace)"
+            try:
+                distrust_saved_bitmaps(self._device_dir(name), BITMAPS, why)
+            except OSError as e:
+                raise storage_error(e) from None
+            self.catalog.set_source(name, source, identity)
         return self.catalog.device(name) or rec
 
     def _attach_source(self, rec: DeviceRecord, source: str, size: int, granularity: int,
@@ -531,29 +533,43 @@ class Repository:
             self._distrust_new_source(name)
         return records
 
-    def _let_go(self, name: str) -> None:
+    @contextmanager
+    def _let_go(self, name: str) -> Iterator[None]:
         """Close device ``name`` if it is open, so that its source or its
-        files can change under it; refused while a backup of it runs."""
+        files can change under it; refused while a backup of it runs.
+
+        Until the block ends ``device(name)`` refuses (EBUSY): a mounted
+        repository opens devices from other threads (a `stat` of its bitmap
+        file does), and one opened from the old record in between would be
+        kept, bound to the source it no longer has (or to a removed device's
+        source, for a device added again under its name)."""
         with self._devices_lock:
             dev = self._devices.get(name)
             if dev is not None and dev.job is not None:
                 raise JobBusy(f"device {name} has a backup running")
             self._devices.pop(name, None)
-        if dev is not None:
-            dev.close()
+            self._away.add(name)
+        try:
+            if dev is not None:
+                dev.close()
+            yield
+        finally:
+            with self._devices_lock:
+                self._away.discard(name)
 
     def remove_device(self, name: str) -> None:
         self._require_room("removing a device")
         if self.catalog.device(name) is None:
             raise UsageError(f"no device named {name!r}")
-        self._let_go(name)
-        # Only the files backupfs made: a user's file there stays (and so
-        # then does the directory).
-        leftovers = [(f, "file") for b in self.catalog.backups(name) for f in (b.image, b.checksums) if f]
-        leftovers += [(file_rel(name, f), "file") for w in BITMAPS for f in (bitmap_name(w), bitmap_tmp_name(w))]
-        leftovers.append((device_rel(name), "dir"))
-        self.catalog.remove_device(name, leftovers)
-        self._remove_recorded(leftovers)
+        with self._let_go(name):
+            # Only the files backupfs made: a user's file there stays (and so
+            # then does the directory).
+            leftovers = [(f, "file") for b in self.catalog.backups(name) for f in (b.image, b.checksums) if f]
+            leftovers += [(file_rel(name, f), "file") for w in BITMAPS
+                          for f in (bitmap_name(w), bitmap_tmp_name(w))]
+            leftovers.append((device_rel(name), "dir"))
+            self.catalog.remove_device(name, leftovers)
+            self._remove_recorded(leftovers)
 
     def devices(self) -> list[DeviceRecord]:
         return self.catalog.devices()
@@ -564,6 +580,9 @@ class Repository:
     def device(self, name: str) -> Device:
         """The device opened for I/O (opened once, kept until close)."""
         with self._devices_lock:
+            if name in self._away:
+                raise DeviceError(f"device {name} is being removed or given another source; try again",
+                                  errno.EBUSY)
             dev = self._devices.get(name)
             if dev is None:
                 rec = self.catalog.device(name)

@@ -156,3 +156,100 @@ def test_a_second_command_is_refused_while_one_runs(tmp_path: Path) -> None:
                 proc.wait()
         assert sorted(os.listdir(m.mnt)) == ["big", "vm1"]
         m.stop()
+
+
+@pytest.mark.mount
+def test_a_rebind_is_not_raced_by_a_reader(tmp_path: Path) -> None:
+    """`device add --replace` while a script reads the device's bitmap file in
+    a loop: a lookup or open of it (which renders the bitmap, so opens the
+    device) that came between the daemon letting go of the old source and the
+    catalog naming the new one opened the old source again, and kept it: the
+    device file then wrote to the disk the device no longer has (or the two
+    bitmap saves collided and the rebind failed)."""
+    import threading
+
+    with mounted_device(tmp_path, bytes(MiB)) as m:
+        sources = [m.src, tmp_path / "b.img"]
+        sources[1].write_bytes(bytes(MiB))
+        stop = threading.Event()
+
+        def reader() -> None:
+            while not stop.is_set():
+                try:
+                    with open(m.path("vm1", "bitmap"), "rb") as f:
+                        f.read()
+                except OSError:
+                    pass  # refused while the rebind runs: that is allowed
+                time.sleep(0.002)  # a gap, for the rebind to find the device idle
+
+        threads = [threading.Thread(target=reader) for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            for n in range(1, 11):
+                new = sources[n % 2]
+                while True:  # refused while a read has the file open: try again
+                    proc = cli("device", "add", m.repo, "vm1", new, "--replace", check=False)
+                    if proc.returncode == 0:
+                        break
+                    assert b"is in use in the mount: " in proc.stderr, proc.stderr
+                marker = f"rebind {n:04d}".encode()
+                fd = os.open(m.path("vm1", "device"), os.O_WRONLY)
+                try:
+                    os.pwrite(fd, marker, 4096)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                with open(new, "rb") as f:
+                    f.seek(4096)
+                    assert f.read(len(marker)) == marker, f"rebind {n}: the write went to the old source"
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        m.stop()
+
+
+@pytest.mark.mount
+def test_a_removal_is_not_raced_by_a_stat(tmp_path: Path) -> None:
+    """`stat MOUNT/vm1/bitmap` (any `ls -l MOUNT/vm1`) renders the bitmap, which
+    opens the device: one that came while vm1 was being removed opened its
+    source again and kept it, so vm1 added again under that name wrote to
+    the removed device's disk."""
+    import threading
+
+    with mounted_device(tmp_path, bytes(MiB)) as m:
+        stop = threading.Event()
+
+        def looker() -> None:
+            while not stop.is_set():
+                try:
+                    os.stat(m.path("vm1", "bitmap"))
+                except OSError:
+                    pass
+
+        for n in range(1, 7):
+            new = tmp_path / f"new{n}.img"
+            new.write_bytes(bytes(MiB))
+            threads = [threading.Thread(target=looker) for _ in range(2)]
+            for t in threads:
+                t.start()
+            try:
+                cli("device", "remove", m.repo, "vm1")
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join()
+                stop.clear()
+            cli("device", "add", m.repo, "vm1", new)
+            marker = f"added {n:04d}".encode()
+            fd = os.open(m.path("vm1", "device"), os.O_WRONLY)
+            try:
+                os.pwrite(fd, marker, 4096)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            with open(new, "rb") as f:
+                f.seek(4096)
+                assert f.read(len(marker)) == marker, f"add {n}: the write went to another disk"
+        m.stop()
