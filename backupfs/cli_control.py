@@ -82,6 +82,10 @@ def _watch_import(path: str, done: threading.Event) -> None:
 def run_through_mount(record: MountRecord, cmd: ControlCommand, what: str) -> dict[str, Any]:
     """Have the mount's daemon run ``cmd``; its outcome, or BackupfsError with its reason."""
     path = _control_file(record, what)
+    line = cmd.line()
+    if "\n" in line or "\r" in line:  # only a path can hold one: the name and options cannot
+        raise UsageError(f"a path given holds a line break, which a command to the mount's {CONTROL_NAME} cannot "
+                         f"carry (one line each); rename it, or run 'backupfs umount {record.mountpoint}' first")
     default_stop_signals()  # so that the daemon sees them as stopping us (requester.py)
     try:
         fd = os.open(path, os.O_RDWR)
@@ -100,7 +104,7 @@ def run_through_mount(record: MountRecord, cmd: ControlCommand, what: str) -> di
     interrupted = False
     try:
         try:
-            os.write(fd, (cmd.line() + "\n").encode())
+            os.write(fd, (line + "\n").encode())
         except OSError as e:
             failure = e
         except KeyboardInterrupt:  # Ctrl-C: the daemon saw it too and cancelled

@@ -253,3 +253,19 @@ def test_a_removal_is_not_raced_by_a_stat(tmp_path: Path) -> None:
                 f.seek(4096)
                 assert f.read(len(marker)) == marker, f"add {n}: the write went to another disk"
         m.stop()
+
+
+@pytest.mark.mount
+def test_a_source_with_a_line_break_in_its_name(tmp_path: Path) -> None:
+    """A path may hold a newline; one line to the control file cannot. Said as
+    that, not as the grammar's 'one command per write' about a line the user
+    never wrote."""
+    with mounted_device(tmp_path, bytes(MiB)) as m:
+        src = tmp_path / "odd\nname.img"
+        src.write_bytes(bytes(MiB))
+        proc = cli("device", "add", m.repo, "vm2", src, check=False)
+        err = proc.stderr.decode()
+        assert proc.returncode == 1 and err.count("\n") == 1, err
+        assert "holds a line break" in err and f"backupfs umount {m.mnt}" in err, err
+        assert os.listdir(m.mnt) == ["vm1"]
+        m.stop()
