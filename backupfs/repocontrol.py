@@ -176,6 +176,7 @@ class RepositoryControl:
             self._check_idle(cmd.name, "rebinding its source")
 
         def add() -> Any:
+            self._note_mount()
             if self.mountpoint is not None:
                 check_sources_outside(self.mountpoint, {cmd.name: cmd.source})
             if cmd.replace:
@@ -193,6 +194,14 @@ class RepositoryControl:
         return {"device": {"name": rec.name, "source": rec.source, "size": rec.size,
                            "granularity": rec.granularity},
                 "attached": before is not None and not before.source and not cmd.replace}
+
+    def _note_mount(self) -> None:
+        """(In a worker: the loop answers the stat.) Tell the repository which
+        filesystem is the mount, so that a source on it is refused by its
+        identity, whatever path led there (a bind mount of it, say), not by
+        the path alone (engine/repo.py: read by its own daemon, it hangs)."""
+        if self.mountpoint is not None and self.repo.mount_dev is None:
+            self.repo.mount_dev = os.stat(self.mountpoint).st_dev
 
     # -- device remove ----------------------------------------------------------------------
 
@@ -240,6 +249,7 @@ class RepositoryControl:
             self.status.progress = f"importing {n + 1}/{total}: {path}"  # as the CLI says it unmounted
 
         def run() -> Any:
+            self._note_mount()
             if self.mountpoint is not None:
                 paths = {"tip": cmd.tip, **{f"--allow-outside {d}": d for d in cmd.allow_outside}}
                 if cmd.source is not None:

@@ -38,7 +38,7 @@ from engine.integrity import Problem, VerifiedView, VerifyReport, held_granules,
 from engine.units import check_rate, format_size
 from engine.restore import RestoreResult, check_in_place_target, check_target, restore_to, source_named
 from engine.sourcecheck import probe_source
-from engine.sourceid import SourceId, identity_at
+from engine.sourceid import FILE, SourceId, identity_at
 from engine.importer import import_chain
 from engine.prune import RemovalPlan, RetentionPolicy, remove_backup, select_for_removal
 from engine.layout import BITMAPS, CATALOG, DEVICES, LOCK, bitmap_name, bitmap_tmp_name, device_dir, \
@@ -112,6 +112,11 @@ class Repository:
         self._devices: dict[str, Device] = {}
         self._devices_lock = threading.Lock()
         self._away: set[str] = set()  # devices let go while their record changes (``_let_go``)
+        # The st_dev of this repository's own FUSE mount, set by its daemon: a
+        # source there would be read through the mount by the daemon itself,
+        # which hangs it for good (Device opens its source under _devices_lock,
+        # and the open of the mount's device file needs that lock).
+        self.mount_dev: int | None = None
         self._running: dict[str, BackupJob] = {}
         self._maintenance: set[str] = set()  # devices being pruned
         self._idle = threading.Condition()
@@ -418,6 +423,7 @@ class Repository:
         """(absolute path, size, identity) of a source to bind a device to
         (engine/sourcecheck.py), whose size a device can have."""
         source, size, identity = probe_source(source, self.path, raw)
+        self._check_off_mount(source, identity)
         if size <= 0 or size % 512:
             raise UsageError(f"source {source} is {size} bytes; a device must be a non-zero multiple of 512")
         return source, size, identity
@@ -517,6 +523,7 @@ class Repository:
             if source is not None:
                 found = identity_at(source)
                 if found is not None:  # else the import names what is wrong with it
+                    self._check_off_mount(source, found)
                     self._check_unclaimed(os.path.abspath(source), found)
             records = import_chain(self.path, self.catalog, name, tip, granularity, source, on_layer,
                                    allow_outside, backing_format, tip_format, raw_source=raw_source)
@@ -532,6 +539,12 @@ class Repository:
         if source is not None:
             self._distrust_new_source(name)
         return records
+
+    def _check_off_mount(self, source: str, identity: SourceId) -> None:
+        """Refuse a source on this repository's own mount, by whatever path it was reached."""
+        if self.mount_dev is not None and identity.kind == FILE and identity.dev == self.mount_dev:
+            raise UsageError(f"source {source} lies on this repository's own backupfs mount (reached by "
+                             "another path); its daemon reading it would hang the mount: give a path outside it")
 
     @contextmanager
     def _let_go(self, name: str) -> Iterator[None]:
@@ -588,6 +601,10 @@ class Repository:
                 rec = self.catalog.device(name)
                 if rec is None:
                     raise UsageError(f"no device named {name!r}")
+                if rec.identity is not None and self.mount_dev is not None and rec.identity.kind == FILE \
+                        and rec.identity.dev == self.mount_dev:
+                    raise DeviceError(f"device {name}: its source {rec.source} lies on this repository's own "
+                                      "mount, which cannot read itself", errno.EDEADLK)
                 if not rec.source:
                     raise DeviceError(
                         f"device {name} has no live source (an imported archive); give it one "

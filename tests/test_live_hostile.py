@@ -269,3 +269,35 @@ def test_a_source_with_a_line_break_in_its_name(tmp_path: Path) -> None:
         assert "holds a line break" in err and f"backupfs umount {m.mnt}" in err, err
         assert os.listdir(m.mnt) == ["vm1"]
         m.stop()
+
+
+@pytest.mark.mount
+def test_a_source_on_the_mount_by_another_path(tmp_path: Path) -> None:
+    """The mount reached by another path than its mount point (here a bind
+    mount of it; an attacker's directory swapped for a link between the
+    daemon's path check and its open does the same): the daemon opened its
+    own device file as the new device's source under a lock that file's open
+    needs, and the whole mount hung for good (its daemon could not even be
+    killed). Refused by the file's identity now, for add and import."""
+    alias = tmp_path / "alias"
+    alias.mkdir()
+    with mounted_device(tmp_path, bytes(MiB)) as m:
+        subprocess.run(["mount", "--bind", str(m.mnt), str(alias)], check=True)
+        try:
+            for args in (("device", "add", m.repo, "vm2", alias / "vm1" / "device"),
+                         ("device", "add", m.repo, "vm2", alias / "vm1" / "device", "--raw")):
+                proc = cli(*args, check=False, timeout=60)
+                err = proc.stderr.decode()
+                assert proc.returncode == 1 and "lies on this repository's own backupfs mount" in err, err
+            chain = tmp_path / "chain"
+            chain.mkdir()
+            qemu_img("create", "-q", "-f", "qcow2", str(chain / "base.qcow2"), "1M")
+            proc = cli("import", m.repo, "old", chain / "base.qcow2", "--source", alias / "vm1" / "device",
+                       check=False, timeout=60)
+            err = proc.stderr.decode()
+            assert proc.returncode == 1 and "lies on this repository's own backupfs mount" in err, err
+            assert os.listdir(m.mnt) == ["vm1"]
+            assert os.stat(m.path("vm1", "device")).st_size == MiB  # still answering
+        finally:
+            subprocess.run(["umount", str(alias)], check=True)
+        m.stop()
