@@ -52,6 +52,19 @@ def _control_file(record: MountRecord, what: str) -> str:
     return path
 
 
+def _busy(path: str) -> str:
+    """What keeps the control file busy: the command it runs, as its status xattr says."""
+    try:
+        fields = json.loads(os.getxattr(path, STATUS_XATTR))
+    except (OSError, ValueError):
+        fields = None
+    if not isinstance(fields, dict) or fields.get("state") != "running":
+        return "another repository command is running through the mount; try again when it is done"
+    by = f", requested by {fields['requester']}" if fields.get("requester") else ""
+    return escape(f"another repository command is running ({fields.get('command')}: "
+                  f"{fields.get('progress') or 'starting'}{by}); try again when it is done")
+
+
 def _watch_import(path: str, done: threading.Event) -> None:
     """Print each layer as the daemon starts it (stderr, a terminal only)."""
     shown = None
@@ -69,12 +82,18 @@ def _watch_import(path: str, done: threading.Event) -> None:
 def run_through_mount(record: MountRecord, cmd: ControlCommand, what: str) -> dict[str, Any]:
     """Have the mount's daemon run ``cmd``; its outcome, or BackupfsError with its reason."""
     path = _control_file(record, what)
+    line = cmd.line()
+    if "\n" in line or "\r" in line:  # only a path can hold one: the name and options cannot
+        raise UsageError(f"a path given holds a line break, which a command to the mount's {CONTROL_NAME} cannot "
+                         f"carry (one line each); rename it, or run 'backupfs umount {record.mountpoint}' first")
     default_stop_signals()  # so that the daemon sees them as stopping us (requester.py)
     try:
         fd = os.open(path, os.O_RDWR)
     except OSError as e:
         if e.errno in (errno.EACCES, errno.EPERM):
             raise BackupfsError(f"{path}: only the mount's owner can {what} through it") from None
+        if e.errno == errno.EBUSY:
+            raise BackupfsError(f"{what}: {_busy(path)}") from None
         raise BackupfsError(f"{path}: {e.strerror}") from None
     done = threading.Event()
     watcher = None
@@ -85,7 +104,7 @@ def run_through_mount(record: MountRecord, cmd: ControlCommand, what: str) -> di
     interrupted = False
     try:
         try:
-            os.write(fd, (cmd.line() + "\n").encode())
+            os.write(fd, (line + "\n").encode())
         except OSError as e:
             failure = e
         except KeyboardInterrupt:  # Ctrl-C: the daemon saw it too and cancelled

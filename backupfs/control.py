@@ -182,7 +182,9 @@ def parse_control(data: bytes) -> ControlCommand:
         raise ControlError(f"unknown command {words[0] if words else ''!r}; {USAGE}")
     verb, rest = words[0], words[1:]
     positional, keys = _VERBS[verb]
-    if len(rest) < len(positional) or any("=" in w for w in rest[: len(positional)]):
+    # The positional words come first, whatever they hold: a path may have
+    # '=' in it (an option in their place fails as no NAME or no absolute path).
+    if len(rest) < len(positional):
         raise ControlError(f"{verb} needs {' '.join(positional)}; {USAGE}")
     args, opts = rest[: len(positional)], rest[len(positional):]
     values: dict[str, list[str]] = {}

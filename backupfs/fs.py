@@ -448,6 +448,11 @@ class BackupOperations(pyfuse3.Operations):
         if node.kind == CONTROL:
             self._let_in(node, ctx)
             writing = flags & os.O_ACCMODE != os.O_RDONLY
+            # The kernel runs one write of a file at a time: a second command's
+            # write would wait there, unkillable, for the running one (an import:
+            # minutes), then run. Its open is refused instead, as a snapshot's is.
+            if writing and self.control.status.state == "running":
+                raise pyfuse3.FUSEError(errno.EBUSY)
             content = self.control.status.render().encode()
             handle = Handle(node, content=content, requester=Requester.of(ctx.pid) if writing else None)
             return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True, keep_cache=False)

@@ -6,7 +6,9 @@ The engine does the work (``Repository.add_device``, ``replace_source``,
 its own cleanup); this module decides when it may run and tells the
 mount what changed, so the kernel's caches show it at once.
 
-- One command at a time: a second gets EBUSY naming the one that runs.
+- One command at a time: a second gets EBUSY naming the one that runs, at
+  its open (fs.py; its write would wait in the kernel for the first), or
+  here if it opened before the first began writing.
   Two adds of one source under two names, or an add racing an import of
   the same name, would each pass the engine's checks alone.
 - A device is not removed (nor its source replaced) while a job runs on
@@ -176,6 +178,7 @@ class RepositoryControl:
             self._check_idle(cmd.name, "rebinding its source")
 
         def add() -> Any:
+            self._note_mount()
             if self.mountpoint is not None:
                 check_sources_outside(self.mountpoint, {cmd.name: cmd.source})
             if cmd.replace:
@@ -201,6 +204,14 @@ class RepositoryControl:
         so a running job keeps what it began with."""
         rec = await trio.to_thread.run_sync(lambda: self.repo.set_device(cmd.name, compress=cmd.compress))
         return {"device": {"name": rec.name, "compress": rec.compress}}
+
+    def _note_mount(self) -> None:
+        """(In a worker: the loop answers the stat.) Tell the repository which
+        filesystem is the mount, so that a source on it is refused by its
+        identity, whatever path led there (a bind mount of it, say), not by
+        the path alone (engine/repo.py: read by its own daemon, it hangs)."""
+        if self.mountpoint is not None and self.repo.mount_dev is None:
+            self.repo.mount_dev = os.stat(self.mountpoint).st_dev
 
     # -- device remove ----------------------------------------------------------------------
 
@@ -248,6 +259,7 @@ class RepositoryControl:
             self.status.progress = f"importing {n + 1}/{total}: {path}"  # as the CLI says it unmounted
 
         def run() -> Any:
+            self._note_mount()
             if self.mountpoint is not None:
                 paths = {"tip": cmd.tip, **{f"--allow-outside {d}": d for d in cmd.allow_outside}}
                 if cmd.source is not None:

@@ -1,7 +1,7 @@
 """Is a would-be source a disk image format rather than a disk?
 
 A device's source is read as raw bytes: the guest's disk, sector by
-sector. Given a qcow2, VMDK, VHD(X) or VDI file instead, backupfs would
+sector. Given a qcow2, VMDK, VHD(X), VDI, QED or Parallels file instead, backupfs would
 faithfully back up the container's bytes (its headers, tables and,
 for a sparse image, a fraction of the disk), and every backup would
 restore as something no VM or loop device reads as that disk. Users
@@ -10,9 +10,11 @@ at), so such a source is refused with a hint, unless the caller says
 the bytes themselves are wanted (``--raw``: an image file kept as an
 opaque blob, say).
 
-Told from magic numbers only, as qemu's format probes do, reading at
-most PROBE_BYTES at the start and one sector at the end (where a fixed
-VHD keeps its only footer). A block device is checked the same way: an
+Told from magic numbers, as qemu's format probes do, reading at most
+PROBE_BYTES at the start and one sector at the end (where a fixed VHD
+keeps its only footer). A raw disk holds whatever its guest wrote, so a
+short magic alone is not enough where the format gives more to check: a
+VHD footer must carry its checksum, a qcow header a version qcow has. A block device is checked the same way: an
 LV or a LUN can hold a qcow2 image (oVirt does that).
 """
 
@@ -30,6 +32,8 @@ FOOTER_BYTES = 512  # a VHD footer: the last sector
 VDI_SIGNATURE = 0xBEDA107F  # little-endian u32 at 0x40, after the 64-byte text pre-header
 VDI_TEXT = b"Disk Image"  # "<<< Oracle VM VirtualBox Disk Image >>>", "<<< QEMU VM Virtual Disk Image >>>"
 VMDK_DESCRIPTOR = b"# Disk DescriptorFile"
+QCOW_VERSIONS = {1: "qcow", 2: "qcow2", 3: "qcow2"}
+PARALLELS_MAGICS = (b"WithoutFreeSpace", b"WithouFreSpacExt")
 
 
 def image_format(fd: int, size: int) -> str | None:
@@ -42,15 +46,19 @@ def image_format(fd: int, size: int) -> str | None:
         return found
     if size >= FOOTER_BYTES:
         tail = os.pread(fd, FOOTER_BYTES, size - FOOTER_BYTES)
-        if tail.startswith(b"conectix"):
+        if _vhd_footer(tail):
             return "VHD (fixed)"
     return None
 
 
 def format_of_head(head: bytes) -> str | None:
     """The format a file's first bytes name (see ``image_format``), or None."""
-    if head.startswith(b"QFI\xfb"):
-        return "qcow2" if len(head) >= 8 and struct.unpack(">I", head[4:8])[0] >= 2 else "qcow"
+    if head.startswith(b"QFI\xfb") and len(head) >= 8:
+        return QCOW_VERSIONS.get(struct.unpack(">I", head[4:8])[0])
+    if head.startswith(b"QED\0"):
+        return "QED"
+    if head.startswith(PARALLELS_MAGICS):
+        return "Parallels"
     if head.startswith(b"KDMV"):
         return "VMDK (sparse)"
     if head.startswith(b"COWD"):
@@ -59,12 +67,22 @@ def format_of_head(head: bytes) -> str | None:
         return "VMDK (descriptor)"
     if head.startswith(b"vhdxfile"):
         return "VHDX"
-    if head.startswith(b"conectix"):
+    if _vhd_footer(head[:FOOTER_BYTES]):  # a dynamic VHD's copy of its footer
         return "VHD (dynamic)"
     if (len(head) >= 0x44 and head.startswith(b"<<< ") and VDI_TEXT in head[:0x40]
             and struct.unpack("<I", head[0x40:0x44])[0] == VDI_SIGNATURE):
         return "VDI"
     return None
+
+
+def _vhd_footer(sector: bytes) -> bool:
+    """Is ``sector`` a VHD footer: its cookie, and the checksum over it (the
+    one's complement of the sum of its bytes but the checksum's own four)?"""
+    if len(sector) < FOOTER_BYTES or not sector.startswith(b"conectix"):
+        return False
+    footer = sector[:FOOTER_BYTES]
+    (checksum,) = struct.unpack(">I", footer[64:68])
+    return (~(sum(footer) - sum(footer[64:68]))) & 0xFFFFFFFF == checksum
 
 
 def refuse_image_format(fd: int, size: int, path: str) -> None:

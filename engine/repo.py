@@ -18,6 +18,7 @@ import sqlite3
 import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -38,7 +39,7 @@ from engine.integrity import Problem, VerifiedView, VerifyReport, held_granules,
 from engine.units import check_rate, format_size
 from engine.restore import RestoreResult, check_in_place_target, check_target, restore_to, source_named
 from engine.sourcecheck import probe_source
-from engine.sourceid import SourceId, identity_at
+from engine.sourceid import FILE, SourceId, identity_at
 from engine.importer import import_chain
 from engine.prune import PrunePreview, RemovalPlan, RetentionPolicy, keep_reasons, remove_backup, select_for_removal
 from engine.layout import BITMAPS, CATALOG, DEVICES, LOCK, bitmap_name, bitmap_tmp_name, device_dir, \
@@ -112,6 +113,12 @@ class Repository:
         self.catalog = catalog
         self._devices: dict[str, Device] = {}
         self._devices_lock = threading.Lock()
+        self._away: set[str] = set()  # devices let go while their record changes (``_let_go``)
+        # The st_dev of this repository's own FUSE mount, set by its daemon: a
+        # source there would be read through the mount by the daemon itself,
+        # which hangs it for good (Device opens its source under _devices_lock,
+        # and the open of the mount's device file needs that lock).
+        self.mount_dev: int | None = None
         self._running: dict[str, BackupJob] = {}
         self._maintenance: set[str] = set()  # devices being pruned
         self._idle = threading.Condition()
@@ -440,6 +447,7 @@ class Repository:
         """(absolute path, size, identity) of a source to bind a device to
         (engine/sourcecheck.py), whose size a device can have."""
         source, size, identity = probe_source(source, self.path, raw)
+        self._check_off_mount(source, identity)
         if size <= 0 or size % 512:
             raise UsageError(f"source {source} is {size} bytes; a device must be a non-zero multiple of 512")
         return source, size, identity
@@ -466,13 +474,13 @@ class Repository:
             raise UsageError(f"source {source} is {size} bytes but device {name} is {rec.size}; "
                              "a device's source keeps its size")
         self._check_unclaimed(source, identity, but=name)
-        self._let_go(name)
-        why = f"its source was rebound to {source} (device add --replace)"
-        try:
-            distrust_saved_bitmaps(self._device_dir(name), BITMAPS, why)
-        except OSError as e:
-            raise storage_error(e) from None
-        self.catalog.set_source(name, source, identity)
+        with self._let_go(name):
+            why = f"its source was rebound to {source} (device add --replace)"
+            try:
+                distrust_saved_bitmaps(self._device_dir(name), BITMAPS, why)
+            except OSError as e:
+                raise storage_error(e) from None
+            self.catalog.set_source(name, source, identity)
         return self.catalog.device(name) or rec
 
     def _attach_source(self, rec: DeviceRecord, source: str, size: int, granularity: int,
@@ -540,6 +548,7 @@ class Repository:
             if source is not None:
                 found = identity_at(source)
                 if found is not None:  # else the import names what is wrong with it
+                    self._check_off_mount(source, found)
                     self._check_unclaimed(os.path.abspath(source), found)
             records = import_chain(self.path, self.catalog, name, tip, granularity, source, on_layer,
                                    allow_outside, backing_format, tip_format, raw_source=raw_source,
@@ -557,29 +566,49 @@ class Repository:
             self._distrust_new_source(name)
         return records
 
-    def _let_go(self, name: str) -> None:
+    def _check_off_mount(self, source: str, identity: SourceId) -> None:
+        """Refuse a source on this repository's own mount, by whatever path it was reached."""
+        if self.mount_dev is not None and identity.kind == FILE and identity.dev == self.mount_dev:
+            raise UsageError(f"source {source} lies on this repository's own backupfs mount (reached by "
+                             "another path); its daemon reading it would hang the mount: give a path outside it")
+
+    @contextmanager
+    def _let_go(self, name: str) -> Iterator[None]:
         """Close device ``name`` if it is open, so that its source or its
-        files can change under it; refused while a backup of it runs."""
+        files can change under it; refused while a backup of it runs.
+
+        Until the block ends ``device(name)`` refuses (EBUSY): a mounted
+        repository opens devices from other threads (a `stat` of its bitmap
+        file does), and one opened from the old record in between would be
+        kept, bound to the source it no longer has (or to a removed device's
+        source, for a device added again under its name)."""
         with self._devices_lock:
             dev = self._devices.get(name)
             if dev is not None and dev.job is not None:
                 raise JobBusy(f"device {name} has a backup running")
             self._devices.pop(name, None)
-        if dev is not None:
-            dev.close()
+            self._away.add(name)
+        try:
+            if dev is not None:
+                dev.close()
+            yield
+        finally:
+            with self._devices_lock:
+                self._away.discard(name)
 
     def remove_device(self, name: str) -> None:
         self._require_room("removing a device")
         if self.catalog.device(name) is None:
             raise UsageError(f"no device named {name!r}")
-        self._let_go(name)
-        # Only the files backupfs made: a user's file there stays (and so
-        # then does the directory).
-        leftovers = [(f, "file") for b in self.catalog.backups(name) for f in (b.image, b.checksums) if f]
-        leftovers += [(file_rel(name, f), "file") for w in BITMAPS for f in (bitmap_name(w), bitmap_tmp_name(w))]
-        leftovers.append((device_rel(name), "dir"))
-        self.catalog.remove_device(name, leftovers)
-        self._remove_recorded(leftovers)
+        with self._let_go(name):
+            # Only the files backupfs made: a user's file there stays (and so
+            # then does the directory).
+            leftovers = [(f, "file") for b in self.catalog.backups(name) for f in (b.image, b.checksums) if f]
+            leftovers += [(file_rel(name, f), "file") for w in BITMAPS
+                          for f in (bitmap_name(w), bitmap_tmp_name(w))]
+            leftovers.append((device_rel(name), "dir"))
+            self.catalog.remove_device(name, leftovers)
+            self._remove_recorded(leftovers)
 
     def devices(self) -> list[DeviceRecord]:
         return self.catalog.devices()
@@ -590,11 +619,18 @@ class Repository:
     def device(self, name: str) -> Device:
         """The device opened for I/O (opened once, kept until close)."""
         with self._devices_lock:
+            if name in self._away:
+                raise DeviceError(f"device {name} is being removed or given another source; try again",
+                                  errno.EBUSY)
             dev = self._devices.get(name)
             if dev is None:
                 rec = self.catalog.device(name)
                 if rec is None:
                     raise UsageError(f"no device named {name!r}")
+                if rec.identity is not None and self.mount_dev is not None and rec.identity.kind == FILE \
+                        and rec.identity.dev == self.mount_dev:
+                    raise DeviceError(f"device {name}: its source {rec.source} lies on this repository's own "
+                                      "mount, which cannot read itself", errno.EDEADLK)
                 if not rec.source:
                     raise DeviceError(
                         f"device {name} has no live source (an imported archive); give it one "

@@ -9,6 +9,7 @@ ones users meet; a raw disk, partitioned or not, must still pass.
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 from pathlib import Path
 
@@ -111,10 +112,12 @@ def test_a_fixed_vhd_is_told_by_its_last_sector(tmp_path: Path) -> None:
     """An 8 GiB sparse file with a VHD footer in its last sector and nothing at
     its start; then the same footer one sector earlier: not a footer."""
     path = tmp_path / "big.raw"
+    footer = bytearray(b"conectix" + b"\0" * 504)
+    footer[64:68] = struct.pack(">I", ~sum(footer) & 0xFFFFFFFF)  # its checksum (a cookie alone is not one)
     with open(path, "wb") as f:
         f.truncate(8 << 30)
         f.seek((8 << 30) - 512)
-        f.write(b"conectix" + b"\0" * 504)
+        f.write(footer)
     fd = os.open(path, os.O_RDONLY)
     try:
         assert image_format(fd, 8 << 30) == "VHD (fixed)"
