@@ -51,6 +51,7 @@ def import_chain(
     tip_format: str = "qcow2",
     raw_source: bool = False,
     on_progress: Callable[[Progress], None] | None = None,
+    forbidden_dev: int | None = None,
 ) -> list[BackupRecord]:
     """Import ``tip`` and its backing chain as backups of a new device ``name``.
 
@@ -68,7 +69,7 @@ def import_chain(
     link that records none (see Confinement). ``raw_source``: a ``source``
     holding an image format is taken as raw bytes (engine/imageformat.py).
     """
-    confine = Confinement.around(tip, allow_outside, backing_format)
+    confine = Confinement.around(tip, allow_outside, backing_format, forbidden_dev)
     try:
         return _import_confined(repo_path, catalog, name, tip, granularity, source, on_layer, confine,
                                 tip_format, raw_source, on_progress)

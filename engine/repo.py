@@ -552,7 +552,7 @@ class Repository:
                     self._check_unclaimed(os.path.abspath(source), found)
             records = import_chain(self.path, self.catalog, name, tip, granularity, source, on_layer,
                                    allow_outside, backing_format, tip_format, raw_source=raw_source,
-                                   on_progress=on_progress)
+                                   on_progress=on_progress, forbidden_dev=self.mount_dev)
         except BaseException:
             # All or nothing: the device and its backups are committed in one
             # go, last. Not committed: no half of it stays. Committed (an

@@ -9,7 +9,9 @@ import errno
 import json
 import os
 import struct
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -302,3 +304,40 @@ def test_a_source_on_the_mount_by_another_path(tmp_path: Path) -> None:
         finally:
             subprocess.run(["umount", str(alias)], check=True)
         m.stop()
+
+
+def test_an_import_reads_no_image_on_the_mounts_own_filesystem(tmp_path: Path) -> None:
+    """An import through the daemon whose tip or backing file lies on the
+    mount (reached by a path the path checks cannot see: --allow-outside of
+    a directory holding a bind mount of it) would make the daemon read
+    through itself. The repository knows the mount's filesystem
+    (``mount_dev``): an image there is refused, whatever path led to it.
+    Here the chain's own filesystem stands in for the mount's."""
+    from engine.errors import BackupfsError
+    from engine.repo import Repository
+
+    chain = tmp_path / "chain"
+    chain.mkdir()
+    qemu_img("create", "-f", "qcow2", str(chain / "base.qcow2"), "1M")
+    qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(chain / "top.qcow2"))
+    Repository.init(str(tmp_path / "repo"))
+    with Repository.open(str(tmp_path / "repo")) as repo:
+        repo.mount_dev = os.stat(chain).st_dev
+        with pytest.raises(BackupfsError) as info:
+            repo.import_chain("vm", str(chain / "top.qcow2"))
+        assert "lies on the repository's own mount" in str(info.value)
+        assert repo.device_record("vm") is None and not repo.catalog.intents()
+        # A backing file there, the tip elsewhere: refused as well.
+        shm = Path(tempfile.mkdtemp(dir="/dev/shm"))
+        try:
+            assert os.stat(shm).st_dev != os.stat(chain).st_dev
+            qemu_img("create", "-f", "qcow2", str(shm / "base.qcow2"), "1M")
+            qemu_img("create", "-f", "qcow2", "-b", str(shm / "base.qcow2"), "-F", "qcow2", str(chain / "tip.qcow2"))
+            repo.mount_dev = os.stat(shm).st_dev
+            with pytest.raises(BackupfsError) as info:
+                repo.import_chain("vm", str(chain / "tip.qcow2"), allow_outside=[str(shm)])
+            assert "lies on the repository's own mount" in str(info.value) and "base.qcow2" in str(info.value)
+        finally:
+            shutil.rmtree(shm)
+        repo.mount_dev = None  # the same chain elsewhere: imported
+        assert [r.kind for r in repo.import_chain("vm", str(chain / "top.qcow2"))] == ["full", "incremental"]

@@ -68,9 +68,13 @@ class Confinement:
     roots: tuple[str, ...]
     backing_format: str | None = None
     fds: tuple[int, ...] = ()
+    # The filesystem no image may be read from: a mount's own (its daemon
+    # reading its own FUSE files waits on itself), whatever path led there.
+    forbidden_dev: int | None = None
 
     @classmethod
-    def around(cls, tip: str, allow_outside: Sequence[str] = (), backing_format: str | None = None) -> Confinement:
+    def around(cls, tip: str, allow_outside: Sequence[str] = (), backing_format: str | None = None,
+               forbidden_dev: int | None = None) -> Confinement:
         """The tip's directory tree plus ``allow_outside``; refuses a bad option value."""
         if backing_format is not None and backing_format not in BACKING_FORMATS:
             raise UsageError(f"--backing-format must be one of {', '.join(BACKING_FORMATS)}, not {backing_format!r}")
@@ -88,7 +92,15 @@ class Confinement:
             for fd in fds:
                 os.close(fd)
             raise
-        return cls(tuple(roots), backing_format, tuple(fds))
+        return cls(tuple(roots), backing_format, tuple(fds), forbidden_dev)
+
+    def check_dev(self, fd: int, named_by: str, what: str) -> int:
+        """``fd``, unless it lies on ``forbidden_dev`` (then closed, and refused)."""
+        if self.forbidden_dev is not None and os.fstat(fd).st_dev == self.forbidden_dev:
+            os.close(fd)
+            raise ImageError(named_by, f"refused {what}: it lies on the repository's own mount (its daemon "
+                                       "cannot read through itself); import it from where it is stored")
+        return fd
 
     def close(self) -> None:
         """Release the roots' descriptors."""
@@ -120,7 +132,7 @@ class Confinement:
             )
         try:
             assert index is not None and root is not None
-            return _open_beneath(self.fds[index], os.path.relpath(real, root))
+            return self.check_dev(_open_beneath(self.fds[index], os.path.relpath(real, root)), named_by, what)
         except FileNotFoundError:
             raise ImageError(named_by, f"{what} not found") from None
         except _NotRegular as e:
@@ -255,7 +267,8 @@ def open_chain(
                 layer = _open_confined(path, tip_format or "raw",
                                        confine.open(path, tip, os.path.basename(tip)))
             elif confine is not None:
-                fd = _open_tip(tip, confine.fds[0] if confine.fds else None)
+                fd = confine.check_dev(_open_tip(tip, confine.fds[0] if confine.fds else None), tip,
+                                       f"the chain's tip {tip}")
                 layer = _open_confined(path, tip_format or _tip_format(fd), fd)
             else:
                 layer = open_layer(path, fmt)
