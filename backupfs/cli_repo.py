@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from backupfs.cli_common import catalog_for_reading, close_quietly, default_stop_signals, progress_reporter
 from backupfs.cli_output import (BACKUP_HEADER, DEVICE_HEADER, backup_data, backup_row, device_data, device_row,
                                  on_terminal, print_json, print_table)
-from backupfs.mountinfo import MountRecord, dead_mount, read_mount_record, trigger_file
+from backupfs.mountinfo import MountRecord, dead_mount, read_mount_record, refuse_dead_mount, trigger_file
 from backupfs.mountstatus import StatusFields, failure_message, progress_text, read_status
 from backupfs.trigger import TriggerCommand
 from engine.catalog import KINDS, Catalog, DeviceRecord
@@ -383,12 +383,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     record = read_mount_record(os.path.abspath(args.repo))
     if record is not None:
-        try:
-            os.stat(record.mountpoint)
-        except OSError as e:
-            if e.errno == errno.ENOTCONN:
-                raise BackupfsError(f"{args.repo} is mounted at {record.mountpoint}, a dead mount (its daemon is "
-                                    f"gone); run 'backupfs umount {record.mountpoint}', then status again") from None
+        refuse_dead_mount(args.repo, record, "status again")
         from backupfs.mountaccess import describe_options
 
         options = f"; -o {escape(describe_options(record.options))}" if record.options else ""

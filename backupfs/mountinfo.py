@@ -15,7 +15,7 @@ import stat
 from dataclasses import dataclass
 
 from backupfs.mountaccess import VALUE_OPTIONS, check_value
-from engine.errors import UsageError
+from engine.errors import BackupfsError, UsageError
 
 MOUNT_RECORD = "mount.json"
 # Access times: the mount keeps none, so every atime option of fstab means
@@ -172,6 +172,17 @@ def dead_mount(repo_path: str) -> str | None:
     if rec is None or read_mount_record(repo_path) is not None:
         return None
     return rec.mountpoint if find_mount(rec.mountpoint) is not None else None
+
+
+def refuse_dead_mount(repo: str, record: MountRecord, then: str) -> None:
+    """A live daemon whose mount answers ENOTCONN (its FUSE connection
+    aborted) cannot be read through: say so and what to run, then ``then``."""
+    try:
+        os.stat(record.mountpoint)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise BackupfsError(f"{repo} is mounted at {record.mountpoint}, a dead mount (its daemon is "
+                                f"gone); run 'backupfs umount {record.mountpoint}', then {then}") from None
 
 
 def read_mount_record(repo_path: str) -> MountRecord | None:

@@ -87,16 +87,21 @@ class BitmapFields(TypedDict):
     dirty_since_full: int  # and the next differential
 
 
-def read_bitmap(bitmap_file: str) -> BitmapFields:
-    """The bitmap state the mount reports; BackupfsError with the mount's
-    reason when it has none (e.g. the device's source is missing)."""
+def _mount_xattr(path: str, name: str, what: str) -> bytes:
+    """An xattr the mount's daemon sets; one it lacks means a daemon older than this command."""
     try:
-        value = os.getxattr(bitmap_file, BITMAP_XATTR)
+        return os.getxattr(path, name)
     except OSError as e:
         if e.errno not in (errno.ENODATA, errno.ENOTSUP):
             raise
-        raise BackupfsError(f"{bitmap_file} gives no bitmap state ({BITMAP_XATTR}): is the mount's daemon "
+        raise BackupfsError(f"{path} gives no {what} ({name}): is the mount's daemon "
                             "older than this command? Unmount and mount again") from None
+
+
+def read_bitmap(bitmap_file: str) -> BitmapFields:
+    """The bitmap state the mount reports; BackupfsError with the mount's
+    reason when it has none (e.g. the device's source is missing)."""
+    value = _mount_xattr(bitmap_file, BITMAP_XATTR, "bitmap state")
     try:
         fields: Any = json.loads(value)
     except ValueError as e:
@@ -139,13 +144,7 @@ def read_status(snapshot: str) -> StatusFields:
     OSError if the mount does not answer (gone, dead); BackupfsError if
     it answers without a status (a daemon older than this command).
     """
-    try:
-        value = os.getxattr(snapshot, STATUS_XATTR)
-    except OSError as e:
-        if e.errno not in (errno.ENODATA, errno.ENOTSUP):
-            raise
-        raise BackupfsError(f"{snapshot} gives no job status ({STATUS_XATTR}): is the mount's daemon "
-                            "older than this command? Unmount and mount again") from None
+    value = _mount_xattr(snapshot, STATUS_XATTR, "job status")
     return decode_status(value)
 
 

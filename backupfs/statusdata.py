@@ -17,7 +17,7 @@ from typing import Any
 
 from backupfs.cli_common import catalog_for_reading
 from backupfs.cli_output import device_data, job_data, utc_iso
-from backupfs.mountinfo import MountRecord, dead_mount, read_mount_record
+from backupfs.mountinfo import MountRecord, dead_mount, read_mount_record, refuse_dead_mount
 from backupfs.mountstatus import StatusFields, read_bitmap, read_status
 from engine.catalog import Catalog
 from engine.errors import BackupfsError
@@ -42,12 +42,7 @@ def _history(catalog: Catalog, name: str) -> dict[str, Any]:
 
 
 def _mounted(repo: str, record: MountRecord) -> tuple[dict[str, Any], bool]:
-    try:
-        os.stat(record.mountpoint)
-    except OSError as e:
-        if e.errno == errno.ENOTCONN:
-            raise BackupfsError(f"{repo} is mounted at {record.mountpoint}, a dead mount (its daemon is "
-                                f"gone); run 'backupfs umount {record.mountpoint}', then status again") from None
+    refuse_dead_mount(repo, record, "status again")
     failed = False
     devices = []
     with catalog_for_reading(repo) as catalog:
