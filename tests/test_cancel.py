@@ -574,7 +574,7 @@ def test_a_stop_signal_as_the_job_is_registered_lands_where_it_is_undone(tmp_pat
                 if dev.job is not None:  # the setup's gate, the job just registered
                     # To this (the main) thread: sent to the process, it may go to
                     # one of the test runner's threads, which do not hold it back
-                    # (backupfs's own threads must not take it either).
+                    # (backupfs's own threads do: test_a_stop_sent_to_the_process_while_held...).
                     signal.pthread_kill(threading.main_thread().ident, signal.SIGHUP)
 
         monkeypatch.setattr(dev.gate, "exclusive", signalled_on_exit)
@@ -774,3 +774,68 @@ def test_ctrl_c_of_a_direct_prune_stops_between_removals_and_says_what_went(tmp_
     cli("restore", tmp_path / "repo", "vm1", ids[-1], restored)
     sh(f"cmp {restored} {src}")
 
+
+# Run in a process of its own: the test's (an xdist worker's) has threads of
+# its own, which take process-directed signals as they please.
+_HELD_STOP_WITH_WORKER_THREADS = r"""
+import os, signal, threading
+from backupfs.cli_common import Stopped, progress_reporter, stop_cleanly_on_signals
+from engine.advisor import Advisor
+from engine.pipeline import copy_chunks
+from engine.stopsignals import STOP_SIGNALS
+
+def sig_bits(field, tid=None):
+    path = f"/proc/self/task/{tid}/status" if tid else "/proc/self/status"
+    with open(path) as f:
+        line = next(l for l in f if l.startswith(field + ":"))
+    return int(line.split()[1], 16)
+
+TERM = 1 << (signal.SIGTERM - 1)
+stop_cleanly_on_signals()
+release = threading.Event()
+
+def read(pos, out):
+    if pos:  # the reader stays, a chunk ahead, while the first is written
+        release.wait()
+    return out
+
+def write(pos, data):
+    if pos:
+        return
+    tids = sorted(int(t) for t in os.listdir("/proc/self/task"))
+    assert len(tids) == 4, tids  # this one, the advisor's, the copy's reader, tqdm's monitor
+    where = "held"
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` sends it: to the process
+        # Until it is either raised here (a thread that does not block it
+        # took it: the hold was defeated) or pending with every thread
+        # blocking it.
+        while not (sig_bits("ShdPnd") & TERM and all(sig_bits("SigBlk", t) & TERM for t in tids)):
+            pass
+        where = "released"
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        where = "after"
+    except Stopped:
+        print("stopped", where, flush=True)
+    finally:
+        release.set()
+
+advisor = Advisor()
+advisor.submit(lambda: None)
+with progress_reporter(True, "x"):  # starts tqdm's monitor thread
+    copy_chunks([(0, 4096), (4096, 4096)], read, write, 4096)
+advisor.close()
+"""
+
+
+def test_a_stop_sent_to_the_process_while_held_waits_for_the_main_thread() -> None:
+    """The hold (engine/stopsignals.py) blocks the stop signals in the main
+    thread only. A signal sent to the process went to another thread that
+    did not block them (tqdm's progress monitor on a terminal, the copy's
+    reader, the read-ahead advisor), and Python raised it in the main thread
+    in the middle of the held code. Threads backupfs starts block them, so
+    the signal waits, pending, and is raised where the hold ends."""
+    proc = subprocess.run([sys.executable, "-c", _HELD_STOP_WITH_WORKER_THREADS], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0 and proc.stdout == "stopped released\n", (proc.stdout, proc.stderr)
