@@ -33,3 +33,10 @@ def no_stops_in_new_threads() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def block_stops_in_this_thread() -> None:
+    """A pool's thread initializer (ThreadPoolExecutor starts its threads
+    in whichever thread submits work): the stop signals blocked from the
+    thread's first step on."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)

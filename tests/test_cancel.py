@@ -781,7 +781,9 @@ _HELD_STOP_WITH_WORKER_THREADS = r"""
 import os, signal, threading
 from backupfs.cli_common import Stopped, progress_reporter, stop_cleanly_on_signals
 from engine.advisor import Advisor
+from engine.ccache import DecompressedClusters
 from engine.pipeline import copy_chunks
+from engine.qcow2.compress import ClusterCompressor
 from engine.stopsignals import STOP_SIGNALS
 
 def sig_bits(field, tid=None):
@@ -803,7 +805,9 @@ def write(pos, data):
     if pos:
         return
     tids = sorted(int(t) for t in os.listdir("/proc/self/task"))
-    assert len(tids) == 4, tids  # this one, the advisor's, the copy's reader, tqdm's monitor
+    # This one, the advisor's, the copy's reader, tqdm's monitor, a
+    # compressing and a decompressing pool's.
+    assert len(tids) == 6, tids
     where = "held"
     held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
@@ -823,9 +827,16 @@ def write(pos, data):
 
 advisor = Advisor()
 advisor.submit(lambda: None)
+compressor = ClusterCompressor(4096, workers=1)
+compressor.submit(memoryview(bytes(4096)))[0].result()
+clusters = DecompressedClusters(lambda key: bytes(4096), lambda key: 4096)
+clusters.prefetch([(0, 0)])
+clusters.get((0, 0))
 with progress_reporter(True, "x"):  # starts tqdm's monitor thread
     copy_chunks([(0, 4096), (4096, 4096)], read, write, 4096)
 advisor.close()
+compressor.close()
+clusters.close()
 """
 
 
@@ -833,7 +844,7 @@ def test_a_stop_sent_to_the_process_while_held_waits_for_the_main_thread() -> No
     """The hold (engine/stopsignals.py) blocks the stop signals in the main
     thread only. A signal sent to the process went to another thread that
     did not block them (tqdm's progress monitor on a terminal, the copy's
-    reader, the read-ahead advisor), and Python raised it in the main thread
+    reader, the read-ahead advisor, the zstd pools), and Python raised it in the main thread
     in the middle of the held code. Threads backupfs starts block them, so
     the signal waits, pending, and is raised where the hold ends."""
     proc = subprocess.run([sys.executable, "-c", _HELD_STOP_WITH_WORKER_THREADS], capture_output=True, text=True,
