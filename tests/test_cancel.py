@@ -32,6 +32,13 @@ MiB = 1024 * 1024
 # A cancelled writer must be let go at once; the jobs below would run 32 s.
 LET_GO = 10
 
+
+def sigint_at_its_default() -> None:
+    """A child's preexec_fn: SIGINT as a terminal's Ctrl-C finds it. A run of
+    the tests started with `&` from a script ignores SIGINT (bash does that
+    to a script's background jobs), and the commands it starts inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 # `backupfs ARGS` as the console script runs it, with PAUSE (Python run
 # first) holding it at a chosen point: pause() tells the test through a pipe
 # and waits until the test closes the command's stdin. A signal sent while it
@@ -52,7 +59,9 @@ sys.exit(main({args!r}))
 @contextlib.contextmanager
 def paused_cli(args: list[str], pause: str, **popen: object) -> Iterator[subprocess.Popen]:
     """The command, started and waiting at its pause() (stdin and the
-    outputs are pipes: communicate() closes stdin, which lets it go on)."""
+    outputs are pipes: communicate() closes stdin, which lets it go on);
+    SIGINT at its default unless ``popen`` says otherwise."""
+    popen.setdefault("preexec_fn", sigint_at_its_default)
     r, w = os.pipe()
     try:
         proc = subprocess.Popen([sys.executable, "-c", _PAUSED_CLI.format(fd=w, pause=pause, args=args)],
@@ -118,9 +127,10 @@ def test_killing_the_writer_cancels_the_backup(mounted: Mounted, tmp_path: Path,
     dirty_32m(m)
     # 32 MiB at 1 MiB/s: the job would hold the writer for 32 s. A script
     # (not an interactive shell) would ignore SIGINT if started with `&`;
-    # Popen leaves it at its default, as a terminal's Ctrl-C finds it.
+    # here it is at its default, as a terminal's Ctrl-C finds it.
     job = subprocess.Popen(["bash", "-c", f"echo 'incremental rate=1M' > {m.path('vm1', 'snapshot')}"],
-                           stderr=subprocess.PIPE, text=True, restore_signals=True)
+                           stderr=subprocess.PIPE, text=True, restore_signals=True,
+                           preexec_fn=sigint_at_its_default)
     try:
         wait_running(m, job, job.pid)
         job.send_signal(sig)
@@ -163,7 +173,8 @@ def test_ctrl_c_of_the_cli_cancels_the_backup_through_the_mount(mounted: Mounted
     m = mounted
     dirty_32m(m)
     proc = subprocess.Popen(backupfs_cmd() + ["backup", str(m.repo), "vm1", "incremental", "--rate", "1M"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_at_its_default)
     try:
         wait_running(m, proc, proc.pid)
         proc.send_signal(signal.SIGINT)
@@ -217,7 +228,8 @@ def test_direct_backup_interrupted_is_recorded_as_cancelled(tmp_path: Path) -> N
     cli("init", repo)
     cli("device", "add", repo, "vm1", src)
     proc = subprocess.Popen(backupfs_cmd() + ["backup", str(repo), "vm1", "full", "--rate", "1M"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_at_its_default)
     try:
         while True:  # until the job is in the history and copying
             with sqlite3.connect(f"file:{repo / 'catalog.db'}?mode=ro", uri=True) as db:
