@@ -93,7 +93,7 @@ def test_bash_completion_completes_subcommands_options_and_kinds(tmp_path: Path)
     top = _complete(script, "backupfs ")
     assert {"init", "device", "backup", "list", "status", "verify", "prune", "mount", "image"} <= set(top)
     assert _complete(script, "backupfs ver") == ["verify"]
-    assert _complete(script, "backupfs device ") == ["add", "list", "remove"]
+    assert _complete(script, "backupfs device ") == ["add", "set", "list", "remove"]
     assert _complete(script, "backupfs backup repo vm1 ") == ["full", "incremental", "differential"]
     assert "--json" in _complete(script, "backupfs list --")
     # REPO offers directories, SOURCE files too.
@@ -110,4 +110,4 @@ def test_scripts_install_put_them_in_place(installed: Path) -> None:
     if installed == INSTALLED_MAN:
         assert sh("MANWIDTH=80 man backupfs | col -b").stdout.startswith("BACKUPFS(1)")
     else:
-        assert _complete(installed, "backupfs device ") == ["add", "list", "remove"]
+        assert _complete(installed, "backupfs device ") == ["add", "set", "list", "remove"]
