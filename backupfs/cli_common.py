@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from engine.access import notices
 from engine.errors import BackupfsError
+from engine.stopsignals import no_stops_in_new_threads
 
 from backupfs.mountinfo import read_mount_record
 
@@ -94,10 +95,13 @@ def progress_reporter(enabled: bool, label: str) -> Iterator[Callable[[Progress]
     # A terminal that reports no size (a fresh pty) makes tqdm draw nothing;
     # shutil falls back to 80x24 there.
     size = shutil.get_terminal_size()
-    bar = tqdm(
-        total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=label, file=sys.stderr,
-        leave=False, ncols=size.columns, nrows=size.lines,
-    )
+    # tqdm starts its monitor thread with the first bar: started without
+    # the stop signals, a Ctrl-C cannot land in it (engine/stopsignals.py).
+    with no_stops_in_new_threads():
+        bar = tqdm(
+            total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=label, file=sys.stderr,
+            leave=False, ncols=size.columns, nrows=size.lines,
+        )
     last = [0.0]
 
     def update(p: Progress) -> None:

@@ -27,6 +27,7 @@ from backupfs.control import CONTROL_NAME, ControlCommand, DeviceAdd, DeviceRemo
 from backupfs.mountinfo import MountRecord
 from backupfs.mountstatus import STATUS_XATTR
 from engine.errors import BackupfsError, UsageError
+from engine.stopsignals import no_stops_in_new_threads
 from engine.text import escape
 from engine.units import format_size
 
@@ -99,7 +100,8 @@ def run_through_mount(record: MountRecord, cmd: ControlCommand, what: str) -> di
     watcher = None
     if isinstance(cmd, Import) and sys.stderr.isatty():
         watcher = threading.Thread(target=_watch_import, args=(path, done), daemon=True)
-        watcher.start()
+        with no_stops_in_new_threads():  # a Ctrl-C is the main thread's (engine/stopsignals.py)
+            watcher.start()
     failure: OSError | None = None
     interrupted = False
     try:

@@ -18,7 +18,7 @@ from backupfs.mountstatus import (StatusFields, failure_message, job_lines, prog
                                   verify_report)
 from engine.errors import BackupfsError, UsageError
 from engine.layout import matching_ids
-from engine.stopsignals import STOP_SIGNALS
+from engine.stopsignals import STOP_SIGNALS, no_stops_in_new_threads
 from engine.text import escape, one_line
 from engine.units import format_size, parse_size
 
@@ -130,7 +130,8 @@ def _mounted_progress(snapshot: str, label: str | None) -> Iterator[None]:
                     update(Progress(total=p["total"], done=p["done"], phase=p["phase"]))
 
     watcher = threading.Thread(target=show, daemon=True)
-    watcher.start()
+    with no_stops_in_new_threads():  # a Ctrl-C is the main thread's (engine/stopsignals.py)
+        watcher.start()
     try:
         yield
     finally:

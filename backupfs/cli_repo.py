@@ -19,6 +19,7 @@ from backupfs.trigger import TriggerCommand
 from engine.catalog import KINDS, Catalog, DeviceRecord
 from engine.errors import BackupfsError, UsageError
 from engine.qcow2.format import COMPRESS_CHOICES
+from engine.stopsignals import no_stops_in_new_threads
 from engine.text import escape, one_line
 from engine.units import check_rate, format_size, parse_size
 
@@ -253,7 +254,8 @@ def _backup_through_mount(
     interrupted = False
     default_stop_signals()  # so that the daemon sees them as stopping us (requester.py)
     if watcher is not None:
-        watcher.start()
+        with no_stops_in_new_threads():  # a Ctrl-C is the main thread's (engine/stopsignals.py)
+            watcher.start()
     try:
         try:
             fd = os.open(snapshot, os.O_WRONLY)

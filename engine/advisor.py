@@ -21,6 +21,8 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
+from engine.stopsignals import no_stops_in_new_threads
+
 log = logging.getLogger(__name__)
 
 MAX_PENDING = 64  # requests waiting; beyond it new ones are dropped
@@ -52,7 +54,8 @@ class Advisor:
                 self._pending.append((advise, finished))
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                    self._thread.start()
+                    with no_stops_in_new_threads():  # see engine/stopsignals.py
+                        self._thread.start()
                 self._cond.notify()
             else:
                 self.dropped_count += 1

@@ -20,6 +20,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from engine.stopsignals import block_stops_in_this_thread
+
 CACHE_BYTES = 12 * 1024 * 1024  # per view, decompressed (more only for MIN_ENTRIES huge clusters)
 AHEAD_BYTES = 4 * 1024 * 1024  # decompressed ahead of a sequential reader
 MIN_ENTRIES = 4  # kept whatever their size: a read spans a few clusters
@@ -34,7 +36,8 @@ def _workers() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="backupfs-unzstd")
+            _pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="backupfs-unzstd",
+                                       initializer=block_stops_in_this_thread)  # engine/stopsignals.py
         return _pool
 
 

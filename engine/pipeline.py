@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import Union
 
 from engine.chain import aligned_buffer
+from engine.stopsignals import no_stops_in_new_threads
 
 BytesLike = Union[bytes, bytearray, memoryview]
 
@@ -75,7 +76,8 @@ def copy_chunks(
             ready.put(_Failed(e))
 
     thread = threading.Thread(target=reader, name="backupfs-copy-reader", daemon=True)
-    thread.start()
+    with no_stops_in_new_threads():  # a Ctrl-C is the caller's (engine/stopsignals.py)
+        thread.start()
     try:
         while True:
             item = ready.get()

@@ -33,6 +33,53 @@ MiB = 1024 * 1024
 LET_GO = 10
 
 
+def sigint_at_its_default() -> None:
+    """A child's preexec_fn: SIGINT as a terminal's Ctrl-C finds it. A run of
+    the tests started with `&` from a script ignores SIGINT (bash does that
+    to a script's background jobs), and the commands it starts inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+# `backupfs ARGS` as the console script runs it, with PAUSE (Python run
+# first) holding it at a chosen point: pause() tells the test through a pipe
+# and waits until the test closes the command's stdin. A signal sent while it
+# waits there lands at that point, however slow or loaded the machine; a
+# signal sent on seeing a file appear could land after the work was done.
+_PAUSED_CLI = """
+import os, sys
+def pause():
+    os.write({fd}, b"paused\\n")
+    os.close({fd})
+    sys.stdin.read()
+{pause}
+from backupfs.cli import main
+sys.exit(main({args!r}))
+"""
+
+
+@contextlib.contextmanager
+def paused_cli(args: list[str], pause: str, **popen: object) -> Iterator[subprocess.Popen]:
+    """The command, started and waiting at its pause() (stdin and the
+    outputs are pipes: communicate() closes stdin, which lets it go on);
+    SIGINT at its default unless ``popen`` says otherwise."""
+    popen.setdefault("preexec_fn", sigint_at_its_default)
+    r, w = os.pipe()
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", _PAUSED_CLI.format(fd=w, pause=pause, args=args)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                pass_fds=[w], cwd=Path(__file__).parent.parent,
+                                **popen)  # type: ignore[call-overload]
+    finally:
+        os.close(w)
+    try:
+        with os.fdopen(r, "rb") as paused:
+            assert paused.readline() == b"paused\n", proc.communicate(timeout=120)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=120)
+
+
 @pytest.fixture
 def mounted(tmp_path: Path) -> Iterator[Mounted]:
     """A 64 MiB device of random data with a full backup, mounted."""
@@ -80,9 +127,10 @@ def test_killing_the_writer_cancels_the_backup(mounted: Mounted, tmp_path: Path,
     dirty_32m(m)
     # 32 MiB at 1 MiB/s: the job would hold the writer for 32 s. A script
     # (not an interactive shell) would ignore SIGINT if started with `&`;
-    # Popen leaves it at its default, as a terminal's Ctrl-C finds it.
+    # here it is at its default, as a terminal's Ctrl-C finds it.
     job = subprocess.Popen(["bash", "-c", f"echo 'incremental rate=1M' > {m.path('vm1', 'snapshot')}"],
-                           stderr=subprocess.PIPE, text=True, restore_signals=True)
+                           stderr=subprocess.PIPE, text=True, restore_signals=True,
+                           preexec_fn=sigint_at_its_default)
     try:
         wait_running(m, job, job.pid)
         job.send_signal(sig)
@@ -125,7 +173,8 @@ def test_ctrl_c_of_the_cli_cancels_the_backup_through_the_mount(mounted: Mounted
     m = mounted
     dirty_32m(m)
     proc = subprocess.Popen(backupfs_cmd() + ["backup", str(m.repo), "vm1", "incremental", "--rate", "1M"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_at_its_default)
     try:
         wait_running(m, proc, proc.pid)
         proc.send_signal(signal.SIGINT)
@@ -179,7 +228,8 @@ def test_direct_backup_interrupted_is_recorded_as_cancelled(tmp_path: Path) -> N
     cli("init", repo)
     cli("device", "add", repo, "vm1", src)
     proc = subprocess.Popen(backupfs_cmd() + ["backup", str(repo), "vm1", "full", "--rate", "1M"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_at_its_default)
     try:
         while True:  # until the job is in the history and copying
             with sqlite3.connect(f"file:{repo / 'catalog.db'}?mode=ro", uri=True) as db:
@@ -534,7 +584,10 @@ def test_a_stop_signal_as_the_job_is_registered_lands_where_it_is_undone(tmp_pat
             with exclusive():
                 yield
                 if dev.job is not None:  # the setup's gate, the job just registered
-                    os.kill(os.getpid(), signal.SIGHUP)
+                    # To this (the main) thread: sent to the process, it may go to
+                    # one of the test runner's threads, which do not hold it back
+                    # (backupfs's own threads do: test_a_stop_sent_to_the_process_while_held...).
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGHUP)
 
         monkeypatch.setattr(dev.gate, "exclusive", signalled_on_exit)
         with pytest.raises(Stop):
@@ -557,7 +610,7 @@ def test_kill_of_a_restore_or_backup_cleans_up_as_ctrl_c_does(tmp_path: Path, si
     leave a full-size hidden .restoring file beside the target forever, and
     a backup's temporary image until the next open."""
     src = tmp_path / "src.img"
-    src.write_bytes(os.urandom(64 * MiB))
+    src.write_bytes(os.urandom(32 * MiB))  # the backup below, at 1 MiB/s, would take 32 s
     repo = tmp_path / "repo"
     cli("init", repo)
     cli("device", "add", repo, "vm1", src)
@@ -577,10 +630,18 @@ def test_kill_of_a_restore_or_backup_cleans_up_as_ctrl_c_does(tmp_path: Path, si
                 proc.kill()
                 proc.communicate(timeout=60)
 
-    # Stopped the moment its temporary file exists (64 MiB take it far longer to fill).
-    restore = subprocess.Popen(backupfs_cmd() + ["restore", str(repo), "vm1", "latest", str(target), "--force"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    err = stop_when(restore, lambda: any(p.name.endswith(".restoring") for p in target.parent.iterdir()))
+    # Signalled in the copy, its first chunk on the way into the hidden file.
+    in_the_copy = ("import engine.restore\n"
+                   "write = engine.restore._write_sparse\n"
+                   "def first_write_paused(fd, data, pos):\n"
+                   "    if pos == 0:\n"
+                   "        pause()\n"
+                   "    return write(fd, data, pos)\n"
+                   "engine.restore._write_sparse = first_write_paused\n")
+    with paused_cli(["restore", str(repo), "vm1", "latest", str(target), "--force"], in_the_copy) as restore:
+        assert [p for p in target.parent.iterdir() if p.name.endswith(".restoring")]
+        restore.send_signal(sig)
+        err = restore.communicate(timeout=60)[1]
     assert restore.returncode == 128 + sig and f"stopped by {sig.name}" in err, err
     assert [p.name for p in target.parent.iterdir()] == ["restored.img"]
     assert target.read_bytes() == b"the old file"
@@ -659,36 +720,37 @@ def test_killing_the_writer_of_a_prune_stops_it_between_removals(tmp_path: Path)
 
 
 def _chain_of_nine(tmp_path: Path) -> tuple[Path, list[str]]:
-    """A 128 MiB device with a full and 8 incrementals: a prune of all but
-    the last rewrites 128 MiB per removal (long enough to be signalled)."""
+    """A 32 MiB device with a full and 8 incrementals: a prune of all but
+    the last rewrites 32 MiB per removal."""
     src = tmp_path / "src.img"
-    src.write_bytes(os.urandom(128 * MiB))
+    src.write_bytes(os.urandom(32 * MiB))
     Repository.init(str(tmp_path / "repo"))
     with Repository.open(str(tmp_path / "repo")) as repo:
         repo.add_device("vm1", str(src), 64 * 1024)
         dev = repo.device("vm1")
         ids = [repo.backup("vm1", "full").record.id]
         for i in range(8):
-            dev.write(i * 8 * MiB, os.urandom(MiB))
+            dev.write(i * 4 * MiB, os.urandom(MiB))
             ids.append(repo.backup("vm1", "incremental").record.id)
     return src, ids
 
 
 def _signal_prune_after_its_first_removal(tmp_path: Path, first_id: str, sig: signal.Signals,
                                           **popen: object) -> tuple[subprocess.Popen, str, str]:
-    first = tmp_path / "repo" / "devices" / "vm1" / f"{first_id}.qcow2"
-    proc = subprocess.Popen(backupfs_cmd() + ["prune", str(tmp_path / "repo"), "vm1", "--keep-last", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            **popen)  # type: ignore[call-overload]
-    try:
-        while first.exists():  # the first removal is done: the prune is under way
-            assert proc.poll() is None, proc.communicate()
+    """The prune signalled as the first removal deletes its image (it held
+    the signal until after the whole prune had run, on a loaded machine)."""
+    first_removed = ("from engine import durable\n"
+                     "unlink = durable.fs.unlink\n"
+                     "def unlink_then_pause(path):\n"
+                     "    unlink(path)\n"
+                     f"    if path.endswith({first_id + '.qcow2'!r}):\n"
+                     "        pause()\n"
+                     "durable.fs.unlink = unlink_then_pause\n")
+    with paused_cli(["prune", str(tmp_path / "repo"), "vm1", "--keep-last", "1"], first_removed,
+                    start_new_session=True, **popen) as proc:
+        assert not (tmp_path / "repo" / "devices" / "vm1" / f"{first_id}.qcow2").exists()
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=120)
     return proc, out, err
 
 
@@ -723,3 +785,80 @@ def test_ctrl_c_of_a_direct_prune_stops_between_removals_and_says_what_went(tmp_
     restored = tmp_path / "latest.raw"
     cli("restore", tmp_path / "repo", "vm1", ids[-1], restored)
     sh(f"cmp {restored} {src}")
+
+
+# Run in a process of its own: the test's (an xdist worker's) has threads of
+# its own, which take process-directed signals as they please.
+_HELD_STOP_WITH_WORKER_THREADS = r"""
+import os, signal, threading
+from backupfs.cli_common import Stopped, progress_reporter, stop_cleanly_on_signals
+from engine.advisor import Advisor
+from engine.ccache import DecompressedClusters
+from engine.pipeline import copy_chunks
+from engine.qcow2.compress import ClusterCompressor
+from engine.stopsignals import STOP_SIGNALS
+
+def sig_bits(field, tid=None):
+    path = f"/proc/self/task/{tid}/status" if tid else "/proc/self/status"
+    with open(path) as f:
+        line = next(l for l in f if l.startswith(field + ":"))
+    return int(line.split()[1], 16)
+
+TERM = 1 << (signal.SIGTERM - 1)
+stop_cleanly_on_signals()
+release = threading.Event()
+
+def read(pos, out):
+    if pos:  # the reader stays, a chunk ahead, while the first is written
+        release.wait()
+    return out
+
+def write(pos, data):
+    if pos:
+        return
+    tids = sorted(int(t) for t in os.listdir("/proc/self/task"))
+    # This one, the advisor's, the copy's reader, tqdm's monitor, a
+    # compressing and a decompressing pool's.
+    assert len(tids) == 6, tids
+    where = "held"
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` sends it: to the process
+        # Until it is either raised here (a thread that does not block it
+        # took it: the hold was defeated) or pending with every thread
+        # blocking it.
+        while not (sig_bits("ShdPnd") & TERM and all(sig_bits("SigBlk", t) & TERM for t in tids)):
+            pass
+        where = "released"
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        where = "after"
+    except Stopped:
+        print("stopped", where, flush=True)
+    finally:
+        release.set()
+
+advisor = Advisor()
+advisor.submit(lambda: None)
+compressor = ClusterCompressor(4096, workers=1)
+compressor.submit(memoryview(bytes(4096)))[0].result()
+clusters = DecompressedClusters(lambda key: bytes(4096), lambda key: 4096)
+clusters.prefetch([(0, 0)])
+clusters.get((0, 0))
+with progress_reporter(True, "x"):  # starts tqdm's monitor thread
+    copy_chunks([(0, 4096), (4096, 4096)], read, write, 4096)
+advisor.close()
+compressor.close()
+clusters.close()
+"""
+
+
+def test_a_stop_sent_to_the_process_while_held_waits_for_the_main_thread() -> None:
+    """The hold (engine/stopsignals.py) blocks the stop signals in the main
+    thread only. A signal sent to the process went to another thread that
+    did not block them (tqdm's progress monitor on a terminal, the copy's
+    reader, the read-ahead advisor, the zstd pools), and Python raised it in the main thread
+    in the middle of the held code. Threads backupfs starts block them, so
+    the signal waits, pending, and is raised where the hold ends."""
+    proc = subprocess.run([sys.executable, "-c", _HELD_STOP_WITH_WORKER_THREADS], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0 and proc.stdout == "stopped released\n", (proc.stdout, proc.stderr)

@@ -17,7 +17,7 @@ import pytest
 
 from engine.qcow2.layers import DATA, open_layer
 
-from tests.commands import backupfs_cmd, cli
+from tests.commands import backupfs_cmd, cli, repo_with_a_full
 from tests.mounts import Mounted
 from tests.oracle import qemu_img, qemu_io
 from tests.users import OtherUser
@@ -45,10 +45,7 @@ def repo_dir(tmp_path: Path) -> Path:
     with open(src, "wb") as f:
         f.truncate(8 * MiB)
         f.write(os.urandom(2 * MiB))
-    cli("init", tmp_path / "repo")
-    cli("device", "add", tmp_path / "repo", "vm1", src)
-    cli("backup", tmp_path / "repo", "vm1", "full")
-    return tmp_path / "repo"
+    return repo_with_a_full(tmp_path / "repo", "vm1", src)
 
 
 def _images(repo_dir: Path) -> list[Path]:

@@ -367,7 +367,7 @@ def test_ids_sort_by_time_within_one_second(repo: Repository, tmp_path: Path) ->
 # -- copy-before-write ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+@pytest.mark.parametrize("seed", [1, 2])  # each seed: three jobs, each written to before every read
 def test_copy_before_write_deterministic(seed: int, repo: Repository, tmp_path: Path) -> None:
     """Before each main-loop read, another thread writes to clusters not yet
     copied (and some already copied): the backup is still the trigger-time disk."""

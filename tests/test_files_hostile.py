@@ -24,7 +24,7 @@ from backupfs.tree import InodeTable, Node
 from backupfs.views import ViewCache
 from engine.guest.guestdisk import GuestDisk
 from engine.repo import Repository
-from tests.commands import backupfs_cmd, cli
+from tests.commands import backupfs_cmd, cli, repo_with_a_full
 from tests.guestdisks import (
     LVM2_PV, Disk, LogicalVolume, Part, gpt_disk, lvm_environment, whole_disk, with_logical_volumes,
 )
@@ -37,11 +37,7 @@ MiB = 1024 * 1024
 
 
 def _repo_with(tmp_path: Path, disk: Disk) -> Path:
-    repo = tmp_path / "repo"
-    cli("init", repo)
-    cli("device", "add", repo, "vm", disk.image)
-    cli("backup", repo, "vm", "full")
-    return repo
+    return repo_with_a_full(tmp_path / "repo", "vm", disk.image)
 
 
 @pytest.mark.mount

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.repo import Repository
 from tests.commands import cli
 from tests.oracle import qemu_img, qemu_io, qemu_raw
 from tests.users import OtherUser
@@ -26,8 +27,9 @@ MiB = 1024 * 1024
 
 @pytest.fixture
 def repo_dir(tmp_path: Path) -> Path:
+    """An empty repository, as `backupfs init` makes it (made in this process)."""
     path = tmp_path / "repo"
-    cli("init", path)
+    Repository.init(str(path))
     return path
 
 

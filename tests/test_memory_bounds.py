@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from tests.commands import backupfs_cmd, cli
+from tests.commands import backupfs_cmd, cli, repo_with_a_full
 from tests.oracle import qemu_img
 from tests.memory_bombs import write_huge_header, write_mapped_image, write_zero_stripes
 
@@ -135,11 +135,7 @@ def backed_up(tmp_path: Path) -> tuple[Path, Path]:
     """A repository with one device of 1 MiB and one full backup of it."""
     source = tmp_path / "disk.img"
     source.write_bytes(b"x" * (1 << 20))
-    repo = tmp_path / "repo"
-    cli("init", repo)
-    cli("device", "add", repo, "d", source)
-    cli("backup", repo, "d", "full")
-    return repo, source
+    return repo_with_a_full(tmp_path / "repo", "d", source), source
 
 
 def _bitmap_file(granularity: int, size: int, payload: bytes) -> bytes:

@@ -22,7 +22,7 @@ import pytest
 from engine.catalog import Catalog
 from engine.repo import Repository
 
-from tests.commands import cli
+from tests.commands import cli, repo_with_a_full
 from tests.mounts import Mounted
 from tests.oracle import qemu_img
 
@@ -36,11 +36,7 @@ def repo_dir(tmp_path: Path) -> Path:
     with open(src, "wb") as f:
         f.truncate(8 * MiB)
         f.write(os.urandom(MiB))
-    path = tmp_path / "repo"
-    cli("init", path)
-    cli("device", "add", path, "vm", src)
-    cli("backup", path, "vm", "full")
-    return path
+    return repo_with_a_full(tmp_path / "repo", "vm", src)
 
 
 def _user_files(d: Path) -> dict[str, bytes]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.commands import cli, sh
+from tests.commands import cli, repo_with_a_full, sh
 from tests.mounts import Mounted
 from tests.users import OtherUser
 
@@ -34,11 +34,7 @@ def repo_dir(tmp_path: Path) -> Path:
     """A repository with one full backup of vm1 (random bytes)."""
     src = tmp_path / "src.raw"
     src.write_bytes(random.Random(1).randbytes(SIZE))
-    repo_dir = tmp_path / "repo"
-    cli("init", repo_dir)
-    cli("device", "add", repo_dir, "vm1", src)
-    cli("backup", repo_dir, "vm1", "full")
-    return repo_dir
+    return repo_with_a_full(tmp_path / "repo", "vm1", src)
 
 
 

@@ -23,6 +23,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import zstandard
 
+from engine.stopsignals import block_stops_in_this_thread
+
 ZSTD_LEVEL = 3  # QEMU's (ZSTD_CLEVEL_DEFAULT): the same ratio as qemu-img convert -c
 WORKERS = 2
 PIECE_BYTES = 1024 * 1024  # one task: enough work to hide the hand-off, small enough to share out
@@ -72,7 +74,8 @@ class ClusterCompressor:
 
     def __init__(self, cluster_size: int, workers: int = WORKERS) -> None:
         self.cluster_size = cluster_size
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="backupfs-zstd")
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="backupfs-zstd",
+                                        initializer=block_stops_in_this_thread)  # engine/stopsignals.py
         # Whole clusters per task, at least one.
         self._piece = max(1, PIECE_BYTES // cluster_size) * cluster_size
 
