@@ -33,7 +33,6 @@ from engine.device import Device, DeviceError, distrust_saved_bitmaps
 from engine.errors import BackupfsError, UsageError
 from engine.fsutil import fsync_dir
 from engine.limits import check_granules
-from engine.guest.guestdisk import GuestDisk
 from engine.damage import advice as damage_advice
 from engine.integrity import Problem, VerifiedView, VerifyReport, held_granules, verify_backup
 from engine.units import check_rate, format_size
@@ -59,6 +58,7 @@ from engine.qcow2.writer import validate_cluster_size
 from engine.validate import NAME_RE, validate_label
 
 if TYPE_CHECKING:
+    from engine.guest.guestdisk import GuestDisk
     from engine.history.history import History
 
 DEFAULT_CLUSTER_SIZE = 64 * 1024
@@ -756,6 +756,10 @@ class Repository:
         """The guest's volumes and files in a backup (SPEC §8), reading it
         through a checked view that closing the result closes."""
         view = self.open_backup(backup_id)
+        # Imported here: the guest parsers (Dissect) cost every command ~60 ms
+        # to import, and only the files view and its CLI read them.
+        from engine.guest.guestdisk import GuestDisk
+
         return GuestDisk(view, on_close=view.close, name=backup_id)
 
     def history(self) -> History:
