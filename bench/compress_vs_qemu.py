@@ -120,7 +120,7 @@ def run_ours(disk: Path, run_dir: Path) -> tuple[float, float, int, str, Path]:
     repo_path = run_dir / "ours"
     Repository.init(str(repo_path))
     with Repository.open(str(repo_path)) as repo:
-        repo.add_device(DEVICE, str(disk), None, "zstd")
+        repo.add_device(DEVICE, str(disk), compress="zstd")
         settle(disk)
         cpu0 = _cpu(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
