@@ -109,7 +109,7 @@ class VerifiedView:
             return buf
         return memoryview(buf)[offset - a : end - a]
 
-    def pending(self, offset: int, length: int) -> list[Future[bytes]] | None:
+    def pending(self, offset: int, length: int) -> list[Future[list[bytes | None]]] | None:
         """ChainView.pending of what ``read(offset, length)`` reads (whole
         granules, while they are not checked yet)."""
         end = min(offset + length, self.size)
