@@ -22,8 +22,10 @@ import json
 import logging
 import os
 import stat
+import threading
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -70,9 +72,35 @@ CONTROL = "control"
 # bench/fuse_vs_qemu.py: smaller steps fight the kernel's own read-ahead
 # on contiguous files, a smaller window starves deep chains).
 READ_BUFFER = 1024 * 1024  # the size of a direct or read-ahead request: its buffers are reused
-READ_BUFFERS = 4
+READ_BUFFERS = 16  # requests served at once: the kernel keeps up to 12 in flight, and compressed ones wait for decompression
 READ_WINDOW = 16 * 1024 * 1024
 READ_STEP = 4 * 1024 * 1024
+
+
+async def _all_done(futures: list[Future[Any]]) -> None:
+    """Wait on the event loop until all ``futures`` (of worker threads) are done:
+    one wake-up of the loop, by the last of them, and no thread of ours."""
+    futures = [f for f in futures if not f.done()]
+    if not futures:
+        return
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+    lock = threading.Lock()
+    left = [len(futures)]
+
+    def one_done(_: Future[Any]) -> None:
+        with lock:
+            left[0] -= 1
+            if left[0]:
+                return
+        try:
+            token.run_sync_soon(done.set)
+        except trio.RunFinishedError:
+            pass  # the mount is gone: nobody waits
+
+    for f in futures:
+        f.add_done_callback(one_done)  # runs at once if done meanwhile
+    await done.wait()
 
 
 @dataclass
@@ -576,7 +604,24 @@ class BackupOperations(pyfuse3.Operations):
             try:
                 data = view.read(off, size, nowait=True, into=self._buffers.take(size))
             except WouldBlock:
-                data = await trio.to_thread.run_sync(view.read, off, size, limiter=self._io)
+                data = None
+                # Compressed clusters: wait for the workers' decompression
+                # here and read again inline (a few times: another reader's
+                # may push them out of the cache meanwhile). A worker thread
+                # of ours that waits or decompresses instead costs two hops,
+                # reads it all again and takes a core from the workers.
+                for _ in range(3):
+                    waits = view.pending(off, size)
+                    if not waits:
+                        break  # none under way: the page cache's miss
+                    await _all_done(waits)
+                    try:
+                        data = view.read(off, size, nowait=True, into=self._buffers.take(size))
+                        break
+                    except WouldBlock:
+                        pass
+                if data is None:
+                    data = await trio.to_thread.run_sync(view.read, off, size, limiter=self._io)
         except (BackupfsError, OSError) as e:
             self._note_read_error(handle.node.backup or "", e)
             raise

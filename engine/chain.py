@@ -18,6 +18,7 @@ import os
 from array import array
 from bisect import bisect_right
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -400,8 +401,14 @@ class ChainView:
                 raise WouldBlock()
             if pos >= end:
                 return
+            # The compressed extents from here on (a compressed backup has
+            # one per cluster) in one Python pass, not one pass each.
             i = bisect_right(self._starts, pos) - 1
-            stop = min(self._extent_end(i), end)
+            starts, kinds, last = self._starts, self._kinds, len(self._starts) - 1
+            j = i
+            while j < last and starts[j + 1] < end and kinds[j + 1] == COMPRESSED:
+                j += 1
+            stop = min(self._extent_end(j), end)
             self._fill_python(pos, out[pos - offset : stop - offset], zeroed, nowait)
             pos = stop
 
@@ -458,6 +465,25 @@ class ChainView:
                 view[done:] = bytes(want - done)
                 return
             done += n
+
+    def pending(self, offset: int, length: int) -> list[Future[list[bytes | None]]] | None:
+        """What a nowait read of [offset, offset+length) that raised WouldBlock
+        can wait for: the decompressions of its compressed clusters (those
+        not cached nor under way are started now, on the workers), so that a
+        caller on an event loop waits for them there and reads again, with
+        no thread of its own. None when the range has no compressed cluster
+        (the miss was the page cache's). Safe from any thread."""
+        end = min(offset + length, self.size)
+        starts, kinds, last = self._starts, self._kinds, len(self._starts) - 1
+        i = bisect_right(starts, offset) - 1
+        keys = []
+        while i <= last and starts[i] < end:
+            if kinds[i] == COMPRESSED:
+                keys.append((self._depths[i], self._hosts[i]))
+            i += 1
+        if not keys:
+            return None
+        return self._ccache.pending(keys)
 
     def _compressed(self, i: int) -> bytes:
         # A view is read from several threads at once (the mount's event

@@ -15,6 +15,7 @@ import os
 import re
 import threading
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +108,19 @@ class VerifiedView:
         if a == offset and b == end:
             return buf
         return memoryview(buf)[offset - a : end - a]
+
+    def pending(self, offset: int, length: int) -> list[Future[list[bytes | None]]] | None:
+        """ChainView.pending of what ``read(offset, length)`` reads (whole
+        granules, while they are not checked yet)."""
+        end = min(offset + length, self.size)
+        if end <= offset:
+            return None
+        g = self.granularity
+        first, stop = offset // g, -(-end // g)
+        if self._checked.find(0, first, stop) < 0:
+            return self.view.pending(offset, end - offset)
+        a = first * g
+        return self.view.pending(a, min(stop * g, self.size) - a)
 
     def check(self, offset: int, data: memoryview) -> None:
         """Raise ChecksumMismatch unless every recorded granule in ``data`` matches."""
