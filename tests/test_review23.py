@@ -1,0 +1,77 @@
+"""Hostile review of the day's changes (compressed backups, no empty layers,
+damage verdicts and the early ENOSPC refusal): each finding as a test."""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from engine.errors import BackupfsError
+from engine.qcow2.layers import DATA, open_layer
+from engine.repo import Repository
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def _image(repo: Path, backup_id: str, device: str = "vm1") -> Path:
+    return repo / "devices" / device / f"{backup_id}.qcow2"
+
+
+def _zero_refcount_of_a_data_cluster(image: Path) -> None:
+    """Damage the image's structure only: one data cluster's refcount 0
+    (what qemu-img check calls 'refcount=0 reference=1'); its data reads as before."""
+    with open_layer(str(image), "qcow2") as layer:
+        host = next(e.host for e in layer.allocation() if e.kind == DATA)
+    with open(image, "r+b") as f:
+        head = f.read(104)
+        cluster_bits = struct.unpack(">I", head[20:24])[0]
+        rt_off = struct.unpack(">Q", head[48:56])[0]
+        cs = 1 << cluster_bits
+        per_block = cs // 2  # 16-bit refcounts
+        index = host // cs
+        f.seek(rt_off + 8 * (index // per_block))
+        block = struct.unpack(">Q", f.read(8))[0]
+        f.seek(block + 2 * (index % per_block))
+        f.write(b"\0\0")
+
+
+def test_a_bad_verdict_does_not_outlive_the_image_a_prune_merge_replaced(tmp_path: Path) -> None:
+    """A child judged bad for its image's structure alone is rewritten whole,
+    from content checked against its checksums, when a prune merges its
+    parent into it: the verdict judged a file that is gone, and must not
+    refuse every incremental onto the sound new image until someone verifies."""
+    src = tmp_path / "vm1.img"
+    with open(src, "wb") as f:
+        f.truncate(4 * MiB)
+        f.write(os.urandom(2 * MiB))
+    repo_dir = tmp_path / "repo"
+    Repository.init(str(repo_dir))
+    with Repository.open(str(repo_dir)) as repo:
+        repo.add_device("vm1", str(src))
+        full = repo.backup("vm1", "full").record.id
+        dev = repo.device("vm1")
+        ids = []
+        for n in range(2):
+            dev.write(MiB + n * 256 * KiB, os.urandom(64 * KiB))
+            ids.append(repo.backup("vm1", "incremental").record.id)
+    inc1, inc2 = ids
+    _zero_refcount_of_a_data_cluster(_image(repo_dir, inc2))
+    with Repository.open(str(repo_dir)) as repo:
+        report = repo.verify("vm1")
+        assert any(p.backup == inc2 and p.what.startswith("image structure") and p.harms_reads
+                   for p in report.problems), report.render()
+        with pytest.raises(BackupfsError) as info:
+            repo.backup("vm1", "incremental", allow_empty=True)
+        assert info.value.errno == errno.EINVAL
+        repo.prune("vm1", remove=inc1)  # merges inc1 into inc2: a new image under inc2's name
+        assert [b.id for b in repo.backups("vm1")] == [full, inc2]
+        # No verify since: the old verdict must not refuse an incremental onto the new image.
+        res = repo.backup("vm1", "incremental", allow_empty=True)
+        assert res.record.parent == inc2
+        assert repo.verify("vm1").ok  # and the new image is indeed sound
+
