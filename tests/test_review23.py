@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 import struct
 from pathlib import Path
 
@@ -75,3 +76,43 @@ def test_a_bad_verdict_does_not_outlive_the_image_a_prune_merge_replaced(tmp_pat
         assert res.record.parent == inc2
         assert repo.verify("vm1").ok  # and the new image is indeed sound
 
+
+@pytest.fixture
+def small_fs(tmp_path: Path):
+    """A 24 MiB tmpfs: a repository disk that fills up."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.mount
+def test_a_compressed_full_that_fits_is_not_refused_by_the_uncompressed_bound(small_fs: Path,
+                                                                               tmp_path: Path) -> None:
+    """The early refusal's bound counts every cluster of the source whole: a
+    compressed full of 40 MiB that packs into a few MiB was refused on a disk
+    with 24 MiB free, every night of a schedule (no backups at all) unless
+    forced; and one that really does not fit still fails saying both numbers."""
+    repo_dir = small_fs / "repo"
+    Repository.init(str(repo_dir))
+    src = tmp_path / "src.img"
+    line = b"the same text, over and over, packs well under zstd. "
+    with open(src, "wb") as f:
+        f.write((line * (40 * MiB // len(line) + 1))[: 40 * MiB])
+    noise = tmp_path / "noise.img"
+    with open(noise, "wb") as f:
+        f.write(os.urandom(40 * MiB))
+    with Repository.open(str(repo_dir)) as repo:
+        repo.add_device("text", str(src), compress="zstd")
+        res = repo.backup("text", "full")
+        assert res.record.stored_bytes < 4 * MiB
+        assert repo.verify("text").ok
+        repo.add_device("noise", str(noise), compress="zstd")
+        with pytest.raises(BackupfsError) as info:
+            repo.backup("noise", "full")
+        assert info.value.errno == errno.ENOSPC
+        assert "the backup needed up to" in str(info.value) and "were free" in str(info.value)
+        assert [b.id for b in repo.backups("noise")] == []
