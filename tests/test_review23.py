@@ -116,3 +116,40 @@ def test_a_compressed_full_that_fits_is_not_refused_by_the_uncompressed_bound(sm
         assert info.value.errno == errno.ENOSPC
         assert "the backup needed up to" in str(info.value) and "were free" in str(info.value)
         assert [b.id for b in repo.backups("noise")] == []
+
+
+def test_a_compressed_cluster_split_by_a_child_is_counted_once_in_the_cache(tmp_path: Path) -> None:
+    """A parent's compressed cluster that a child with smaller clusters splits
+    in two is two extents of one key: asked for twice at once (a read-ahead,
+    or the mount's wait for decompression), it was entered twice and counted
+    twice, and the count never came back down: the cache believed itself
+    full and kept four clusters, and its view looked big enough to be closed."""
+    from engine.ccache import CACHE_BYTES
+    from engine.chain import ChainView
+    from engine.nowait import WouldBlock
+    from engine.qcow2.writer import Qcow2Writer
+
+    size, big, small = 4 * MiB, 64 * KiB, 4 * KiB
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    w = Qcow2Writer(str(base), size, big, compress="zstd")
+    for c in range(size // big):
+        w.write(c * big, (b"cluster %d " % c * big)[:big])
+    w.commit()
+    w = Qcow2Writer(str(top), size, small, backing_file=base.name, backing_format="qcow2")
+    for c in range(size // big):  # one small cluster in the middle of each big one
+        w.write(c * big + big // 2, bytes([c % 255 + 1]) * small)
+    w.commit()
+    view = ChainView.open(str(top), tip_format="qcow2")
+    try:
+        for off in range(0, size, 128 * KiB):
+            try:
+                view.read(off, 128 * KiB, nowait=True)
+            except WouldBlock:
+                for fut in view.pending(off, 128 * KiB) or []:
+                    fut.result()
+                view.read(off, 128 * KiB)
+        cache = view._ccache
+        assert cache.memory_bytes() == len(cache) * big
+        assert len(cache) == size // big <= CACHE_BYTES // big  # all of them fit, and all are kept
+    finally:
+        view.close()
