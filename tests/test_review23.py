@@ -153,3 +153,49 @@ def test_a_compressed_cluster_split_by_a_child_is_counted_once_in_the_cache(tmp_
         assert len(cache) == size // big <= CACHE_BYTES // big  # all of them fit, and all are kept
     finally:
         view.close()
+
+
+@pytest.mark.parametrize("compress", ["none", "zstd"])
+def test_writes_during_a_scan_that_finds_nothing_are_in_the_next_incremental(tmp_path: Path, compress: str) -> None:
+    """A scan that finds the device as its parent left it makes no image and
+    trusts the bitmaps again; writes that landed during the scan (behind it
+    and ahead of it, the latter copied before they were written) must be
+    what the next incremental copies, not lost with the scan's frozen bits."""
+    import random
+    import threading
+
+    from tests.oracle import qemu_compare
+    from tests.test_engine_backup import HookedSource, Snapshots
+
+    size = 16 * MiB
+    src = tmp_path / "src.img"
+    rng = random.Random(23)
+    with open(src, "wb") as f:
+        f.write(rng.randbytes(size))
+    repo_dir = tmp_path / "repo"
+    Repository.init(str(repo_dir))
+    with Repository.open(str(repo_dir)) as repo:
+        repo.add_device("vm1", str(src), compress=compress)
+        repo.backup("vm1", "full")
+        dev = repo.device("vm1")
+        snaps = Snapshots(src, tmp_path)
+        written: list[int] = []
+
+        def hook(n: int, offset: int, length: int) -> None:
+            if n != 3:
+                return
+            def writer() -> None:
+                for off in (0, size - 64 * KiB, offset + length + 3 * MiB):  # behind, far ahead, just ahead
+                    dev.write(off, rng.randbytes(8 * KiB))
+                    written.append(off)
+            t = threading.Thread(target=writer)
+            t.start()
+            t.join()
+
+        res = repo.backup("vm1", "incremental", scan=True, chunk_bytes=2 * MiB,
+                          source_factory=lambda d: HookedSource(d, hook))
+        assert res.unchanged and len(written) == 3
+        snap = snaps.take()
+        inc = repo.backup("vm1", "incremental")
+        assert not inc.unchanged
+        qemu_compare(repo.image_path(inc.record), snap)
