@@ -199,3 +199,64 @@ def test_writes_during_a_scan_that_finds_nothing_are_in_the_next_incremental(tmp
         inc = repo.backup("vm1", "incremental")
         assert not inc.unchanged
         qemu_compare(repo.image_path(inc.record), snap)
+
+
+def test_readers_of_a_compressed_chain_while_a_prune_merges_under_it(tmp_path: Path) -> None:
+    """Readers of a compressed backup (its decompression running ahead on the
+    workers) while a prune merges its parent into it, renaming a new image
+    over its name and deleting the parent: the open views read what they
+    opened, and a view opened after reads the same bytes from the new image."""
+    import random
+    import threading
+
+    from tests.test_engine_backup import Snapshots
+
+    size = 16 * MiB
+    src = tmp_path / "src.img"
+    rng = random.Random(7)
+    line = b"compressible text for the chain %d "
+    with open(src, "wb") as f:
+        f.write(b"".join(line % i for i in range(size // len(line) + 1))[:size])
+    repo_dir = tmp_path / "repo"
+    Repository.init(str(repo_dir))
+    with Repository.open(str(repo_dir)) as repo:
+        repo.add_device("vm1", str(src), compress="zstd")
+        repo.backup("vm1", "full")
+        dev = repo.device("vm1")
+        ids = []
+        for n in range(2):
+            for _ in range(20):
+                dev.write(rng.randrange(size // 4096) * 4096, (b"write %d " % n) * 512)
+            ids.append(repo.backup("vm1", "incremental").record.id)
+        expect = Snapshots(src, tmp_path).take().read_bytes()
+        x, c = ids
+        views = [repo.open_backup(c) for _ in range(3)]
+        stop = threading.Event()
+        bad: list[str] = []
+
+        def reader(view, seed: int) -> None:
+            r = random.Random(seed)
+            pos = 0
+            while not stop.is_set():
+                if r.random() < 0.5:  # sequential: read-ahead on the workers
+                    off, pos = pos, (pos + 128 * KiB) % size
+                else:
+                    off = r.randrange(size)
+                n = min(r.choice([4 * KiB, 128 * KiB, 1 * MiB]), size - off)
+                if bytes(view.read(off, n)) != expect[off : off + n]:
+                    bad.append(f"{off}+{n}")
+
+        threads = [threading.Thread(target=reader, args=(v, i)) for i, v in enumerate(views)]
+        for t in threads:
+            t.start()
+        try:
+            repo.prune("vm1", remove=x)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+            for v in views:
+                v.close()
+        assert not bad
+        with repo.open_backup(c) as after:
+            assert bytes(after.read(0, size)) == expect
