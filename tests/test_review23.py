@@ -260,3 +260,28 @@ def test_readers_of_a_compressed_chain_while_a_prune_merges_under_it(tmp_path: P
         assert not bad
         with repo.open_backup(c) as after:
             assert bytes(after.read(0, size)) == expect
+
+
+def test_a_compressed_writer_of_a_big_disk_keeps_no_map_of_all_its_clusters(tmp_path: Path) -> None:
+    """The compressed writer told pending clusters by a byte per cluster of
+    the whole disk, made at the first write: 512 MiB for a 2 TiB disk with
+    4 KiB clusters (1 GiB for 64 TiB at the default 64 KiB), whatever the
+    backup stores, where the rest of the writer is bounded (its L2 cache)."""
+    import tracemalloc
+
+    from engine.qcow2.writer import Qcow2Writer
+
+    w = Qcow2Writer(str(tmp_path / "big.qcow2"), 2 * 1024**4, 4 * KiB, compress="zstd")
+    try:
+        tracemalloc.start()
+        try:
+            for n in range(64):  # out of order, a few pending at a time
+                c = (n * 7919) % 4096
+                w.write(c * 4 * KiB * 1024, (b"%d " % n * 4 * KiB)[: 4 * KiB])
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 64 * MiB, peak
+        w.flush()
+    finally:
+        w.abort()
