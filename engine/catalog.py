@@ -521,7 +521,12 @@ class Catalog:
     def apply_removal(self, removed: str, updates: list[tuple[str, str | None, str, int]],
                       leftovers: Sequence[str] = ()) -> None:
         """In one transaction: re-point children (id, new parent, kind, stored bytes), drop
-        ``removed``, and record its files (``leftovers``) as intents for deletion."""
+        ``removed``, and record its files (``leftovers``) as intents for deletion.
+
+        The children's verdicts go too: each child's image was rewritten
+        (the merge), and what verify found of the old file, its structure
+        say, is not true of the new one; kept, a bad one refused every
+        incremental onto the sound new image until the next verify."""
         with self.transaction() as c:
             self._insert_intents(c, [(p, "file") for p in leftovers])
             for child, parent, kind, stored in updates:
@@ -529,6 +534,9 @@ class Catalog:
                     "UPDATE backups SET parent = ?, kind = ?, stored_bytes = ? WHERE id = ?",
                     (parent, kind, stored, child),
                 )
+            if c.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'verdicts'").fetchone():
+                c.executemany("DELETE FROM verdicts WHERE backup = ?",
+                              [(removed,)] + [(child,) for child, *_ in updates])
             c.execute("DELETE FROM pending_removals WHERE backup = ?", (removed,))
             c.execute("DELETE FROM backups WHERE id = ?", (removed,))
 

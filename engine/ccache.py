@@ -139,7 +139,10 @@ class DecompressedClusters:
 
     def _start(self, keys: list[Key]) -> None:
         """Enter ``keys`` as under way and hand them to the workers, a few
-        per task (under the lock)."""
+        per task (under the lock). Each once: a cluster that a child with
+        smaller clusters splits is two extents of one key, and entered twice
+        it was counted twice, for good (the cache thought itself full)."""
+        keys = [key for key in dict.fromkeys(keys) if key not in self._entries]
         if not keys:
             return
         pool = _workers()

@@ -156,7 +156,9 @@ class Qcow2Writer:
         self._cpos = 0  # the next frame's host offset; 0: no host cluster started
         self._cend = 0  # end of the host clusters allocated for frames so far
         self._crefs = array("H")  # per host cluster: frames touching it (0: an ordinary cluster)
-        self._pending_clusters: bytearray | None = None  # per guest cluster: 1 while pending
+        # Guest clusters pending: a set, not a byte per cluster of the disk
+        # (512 MiB for 2 TiB of 4 KiB clusters); at most _PENDING_BYTES of them.
+        self._pending_clusters: set[int] = set()
         self.fd = durable.fs.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             set_new_file_mode(self.fd, path)  # a disk's image: never readable by others, whatever the umask
@@ -314,9 +316,7 @@ class Qcow2Writer:
             from engine.qcow2.compress import ClusterCompressor
 
             self._compressor = ClusterCompressor(self.cluster_size)
-        if self._pending_clusters is None:
-            self._pending_clusters = bytearray(-(-self.size // self.cluster_size))
-        self._pending_clusters[first : first + count] = b"\x01" * count
+        self._pending_clusters.update(range(first, first + count))
         self._pending.append((first, view, self._compressor.submit(view)))
         self._pending_bytes += len(view)
         while self._pending_bytes > _PENDING_BYTES:
@@ -325,7 +325,7 @@ class Qcow2Writer:
     def _drain_overlapping(self, first: int, count: int) -> None:
         """Append pending clusters up to the last that overlaps [first, first+count)."""
         marks = self._pending_clusters
-        if marks is None or not any(marks[first : first + count]):
+        if not marks or marks.isdisjoint(range(first, first + count)):
             return  # the usual case, told without walking the pending list
         cs = self.cluster_size
         last = -1
@@ -349,8 +349,7 @@ class Qcow2Writer:
             frames.extend(fut.result())
         cs = self.cluster_size
         count = len(frames)
-        assert self._pending_clusters is not None
-        self._pending_clusters[first : first + count] = bytes(count)
+        self._pending_clusters.difference_update(range(first, first + count))
         # Tables first, so that frames and plain runs stay contiguous.
         for l1i in range(first // self.l2_entries, (first + count - 1) // self.l2_entries + 1):
             self._table(l1i, create=True)
