@@ -24,7 +24,7 @@ from typing import Any
 
 from backupfs.cli_common import close_quietly, default_stop_signals
 from backupfs.control import CONTROL_NAME, ControlCommand, DeviceAdd, DeviceRemove, DeviceSet, Import
-from backupfs.mountinfo import MountRecord
+from backupfs.mountinfo import MountRecord, dead_mount_error
 from backupfs.mountstatus import STATUS_XATTR
 from engine.errors import BackupfsError, UsageError
 from engine.stopsignals import no_stops_in_new_threads
@@ -47,8 +47,7 @@ def _control_file(record: MountRecord, what: str) -> str:
         ) from None
     except OSError as e:
         if e.errno == errno.ENOTCONN:
-            raise UsageError(f"{record.mountpoint} is a dead mount (its daemon, pid {record.pid}, is gone); "
-                             f"run 'backupfs umount {record.mountpoint}' first") from None
+            raise dead_mount_error(record) from None
         raise UsageError(f"{path}: {e.strerror}") from None
     return path
 

@@ -146,8 +146,7 @@ def trigger_file(record: MountRecord, device: str) -> str:
         raise UsageError(f"no device named {device!r}") from None
     except OSError as e:
         if e.errno == errno.ENOTCONN:
-            raise UsageError(f"{record.mountpoint} is a dead mount (its daemon, pid {record.pid}, is gone); "
-                             f"run 'backupfs umount {record.mountpoint}' first") from None
+            raise dead_mount_error(record) from None
         raise UsageError(f"{snapshot}: {e.strerror}") from None
     return snapshot
 
@@ -172,6 +171,12 @@ def dead_mount(repo_path: str) -> str | None:
     if rec is None or read_mount_record(repo_path) is not None:
         return None
     return rec.mountpoint if find_mount(rec.mountpoint) is not None else None
+
+
+def dead_mount_error(record: MountRecord) -> UsageError:
+    """What a command that goes through the mount says when its daemon is gone."""
+    return UsageError(f"{record.mountpoint} is a dead mount (its daemon, pid {record.pid}, is gone); "
+                      f"run 'backupfs umount {record.mountpoint}' first")
 
 
 def refuse_dead_mount(repo: str, record: MountRecord, then: str) -> None:
