@@ -233,10 +233,13 @@ def test_backup_is_point_in_time_while_writers_run(setup: Mounted, tmp_path: Pat
     job = subprocess.Popen(["bash", "-c", f"echo 'full rate=8M' > {m.path('vm1', 'snapshot')}"],
                            stderr=subprocess.PIPE, text=True)
     try:
-        while status(m)["state"] != "running":
-            assert job.poll() is None, "the job ended before it was seen running"
+        # Running, then copying: between the two (planning, the free-space
+        # check) the status says "progress: starting" and has no byte counts yet.
         st = status(m)
-        assert "progress" in st and "bytes" in st
+        while st["state"] != "running" or "bytes" not in st:
+            assert job.poll() is None, "the job ended before it was seen copying"
+            st = status(m)
+        assert st["state"] == "running" and st["progress"] != "starting" and "bytes" in st
         # Another process writes all over the device while the job runs.
         writer = sh(
             f"for i in $(seq 0 40); do dd if=/dev/urandom of={dev} bs=64k count=1 "
