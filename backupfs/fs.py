@@ -41,6 +41,7 @@ from backupfs.mountaccess import MountAccess, guest_allows
 from backupfs.mountinfo import find_mount, raise_read_ahead
 from backupfs.mountstatus import STATUS_XATTR
 from backupfs.readbuffers import ReadBuffers
+from backupfs.relay import inval_attrs_message, inval_entry_message
 from backupfs.repocontrol import MountHooks, RepositoryControl
 from backupfs.requester import Requester
 from backupfs.tree import (
@@ -195,6 +196,9 @@ class BackupOperations(pyfuse3.Operations):
         self._write_policies: dict[str, InlineWrites] = {}
         self._advisor = Advisor()  # read-ahead advice for backup readers, off the event loop
         self._opening: dict[str, int] = {}  # opens under way (awaiting a worker), by device
+        # The mount's request relay (backupfs/relay.py), once mounted: it serves
+        # device files' reads and writes in C; None: all of it here.
+        self.relay: Any = None
         self.control = RepositoryControl(repo, mountpoint, MountHooks(
             self._job_running, self._open_files, self._device_appeared, self._device_removed))
         self.tree.register(ROOT, lookup=self._root_child)
@@ -316,6 +320,9 @@ class BackupOperations(pyfuse3.Operations):
     def close_views(self) -> None:
         for device, policy in self._write_policies.items():
             log.info("device %s: %s", device, policy.summary())
+        if self.relay is not None:
+            served, passed = self.relay.stats()
+            log.info("relay: %d device requests served in C, %d requests passed to pyfuse3", served, passed)
         self._advisor.close()  # before the views: an advice in flight uses their files
         log.info("read-ahead advice: %d requests run, %d dropped",
                  self._advisor.done_count, self._advisor.dropped_count)
@@ -509,6 +516,8 @@ class BackupOperations(pyfuse3.Operations):
             assert node.device is not None
             await trio.to_thread.run_sync(self.repo.open_device, node.device, limiter=self._io)
             fh = self._new_handle(Handle(node))
+            if self.relay is not None:  # in a thread: it waits for the requests in C
+                await trio.to_thread.run_sync(self._relay_device, fh, node.device, limiter=self._io)
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         if node.kind == SNAPSHOT:
             # The kernel serialises writes to one file, so a second trigger's
@@ -761,18 +770,26 @@ class BackupOperations(pyfuse3.Operations):
         self.history.invalidated(device)
         self.views.drop_stale()
 
-    @staticmethod
-    def _invalidate(parent: int, name: bytes) -> None:
+    def _invalidate(self, parent: int, name: bytes) -> None:
         try:
-            pyfuse3.invalidate_entry(parent, name)
+            if self.relay is not None:  # the relay holds the device: pyfuse3 would write to its socket
+                err = self.relay.notify(inval_entry_message(parent, name))
+                if err:
+                    raise OSError(err, os.strerror(err))
+            else:
+                pyfuse3.invalidate_entry(parent, name)
         except OSError as e:
             if e.errno != errno.ENOENT:  # ENOENT: the kernel had not cached it
                 log.warning("cannot invalidate %r: %s", name, e)
 
-    @staticmethod
-    def _invalidate_attrs(inode: int) -> None:
+    def _invalidate_attrs(self, inode: int) -> None:
         try:
-            pyfuse3.invalidate_inode(inode, attr_only=True)
+            if self.relay is not None:
+                err = self.relay.notify(inval_attrs_message(inode))
+                if err:
+                    raise OSError(err, os.strerror(err))
+            else:
+                pyfuse3.invalidate_inode(inode, attr_only=True)
         except OSError as e:
             if e.errno != errno.ENOENT:  # ENOENT: the kernel had not cached it
                 log.warning("cannot invalidate inode %d: %s", inode, e)
@@ -788,9 +805,21 @@ class BackupOperations(pyfuse3.Operations):
             dev = self.repo.device(handle.node.device or "")
             await trio.to_thread.run_sync(dev.fsync, limiter=self._io)
 
+    def _relay_device(self, fh: int, device: str) -> None:
+        """Have the relay serve this handle's plain reads and writes in C
+        (engine/_devio.c declines the rest, which come here)."""
+        io = self.repo.device(device).io
+        try:
+            self.relay.register(fh, io)
+        except TypeError:
+            pass  # built without the C device path: served here
+
     @handler
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
+        if handle is not None and handle.node.kind == DEVICE and self.relay is not None:
+            # Waits for this handle's requests in C (the kernel sends none after release).
+            await trio.to_thread.run_sync(self.relay.unregister, fh, limiter=self._io)
         if handle is not None and handle.view is not None and handle.node.backup:
             self.views.release(handle.node.backup)
         if handle is not None and handle.guest is not None:

@@ -88,6 +88,10 @@ footer print the load and the CPU/IO pressure (PSI) to judge the noise.
 Run by hand (root: it drops caches and mounts):
     .venv/bin/python -m bench.fuse_vs_qemu [--size 1G] [--runs 5]
         [--workdir DIR] [--keep] [--dirty 2]
+
+IOPS mode (bench/device_iops.py: fio, 4 KiB random at iodepth 16 and 1, on
+the live device file against QEMU's writable FUSE export):
+    .venv/bin/python -m bench.fuse_vs_qemu --iops [--size 256M] [--runs 5] [--runtime 5]
 """
 
 from __future__ import annotations
@@ -684,6 +688,10 @@ def check_environment(size: int, parent: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "--iops" in (sys.argv[1:] if argv is None else argv):
+        from bench.device_iops import main as iops_main  # the IOPS mode: small random I/O, fio
+
+        return iops_main(argv)
     args = parse_args(argv)
     size = parse_size(args.size)
     parent = args.workdir or "/var/tmp"
