@@ -38,7 +38,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/fuse.h>
-#include <poll.h>
+#include <sys/epoll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -135,14 +135,26 @@ static int serve(Relay *r, const char *req, size_t n, char *out) {
 static void *reader(void *arg) {
     Relay *r = arg;
     char *req = malloc(BUF_SIZE), *out = malloc(BUF_SIZE);
+    int ep = -1;
     if (req == NULL || out == NULL) goto end;
-    struct pollfd fds[2] = {{r->dev_fd, POLLIN, 0}, {r->stop_fd, POLLIN, 0}};
+    /* One wakeup per request, not one per reader (EPOLLEXCLUSIVE): with
+     * poll() every idle reader woke for each request and all but one found
+     * nothing. The stop eventfd wakes them all. */
+    ep = epoll_create1(EPOLL_CLOEXEC);
+    struct epoll_event dev_ev = {.events = EPOLLIN | EPOLLEXCLUSIVE, .data.fd = r->dev_fd};
+    struct epoll_event stop_ev = {.events = EPOLLIN, .data.fd = r->stop_fd};
+    if (ep < 0 || epoll_ctl(ep, EPOLL_CTL_ADD, r->dev_fd, &dev_ev) < 0 ||
+        epoll_ctl(ep, EPOLL_CTL_ADD, r->stop_fd, &stop_ev) < 0)
+        goto end;
     for (;;) {
-        if (poll(fds, 2, -1) < 0) {
+        struct epoll_event ev;
+        int k = epoll_wait(ep, &ev, 1, -1);
+        if (k < 0) {
             if (errno == EINTR) continue;
             break;
         }
-        if (fds[1].revents) break;
+        if (k == 0) continue;
+        if (ev.data.fd == r->stop_fd) break;
         ssize_t n = read(r->dev_fd, req, BUF_SIZE);
         if (n < 0) {
             if (errno == EAGAIN || errno == EINTR || errno == ENOENT) continue;
@@ -163,6 +175,7 @@ static void *reader(void *arg) {
         }
     }
 end:
+    if (ep >= 0) close(ep);
     free(req);
     free(out);
     /* The connection is gone (or we stop): the mount's loop, told through
