@@ -1,0 +1,506 @@
+"""A real VM on a disk file: the guest kernel, its initramfs, QEMU, its console.
+
+For tests/test_vm.py and bench/vm_guest.py. The guest is Debian's kernel
+(scripts/guest-kernel unpacks it into a cache, without installing it), a
+busybox initramfs built here, and tests/vm_workload.c compiled here: it
+writes numbered records to /dev/vda and reports on the serial console each
+batch it has fsynced. The host reads that console and, when asked, answers
+each backup's trigger with a mark line, so every backup can be checked
+against what the guest had made durable before it, and what it started only
+after (``Schedule.check``).
+
+Only standard tools and the kernel's own interfaces: the modules' load order
+comes from their ``depends=`` in .modinfo (the cache has no modules.dep), the
+cpio archive is written here (no cpio on the machine).
+"""
+
+from __future__ import annotations
+
+import gzip
+import lzma
+import os
+import queue
+import re
+import shutil
+import subprocess
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+KERNEL_CACHE = Path(os.environ.get("BACKUPFS_GUEST_KERNEL", "/var/cache/backupfs-tests/kernel"))
+WORKLOAD_SOURCE = Path(__file__).with_name("vm_workload.c")
+BUSYBOX = Path("/bin/busybox")
+QEMU = "qemu-system-x86_64"
+RECORD = 4096
+MAGIC = 0x434552564D534642  # "BFSVMREC" little-endian, as the workload writes it
+K = 0x9E3779B97F4A7C15
+# The modules the guest needs for /dev/vda; their dependencies are found.
+GUEST_MODULES = ("virtio_pci", "virtio_blk")
+AIO_MODES = ("io_uring", "native", "threads")
+
+
+class GuestUnavailable(Exception):
+    """Something the VM needs is not on this machine (the message says what)."""
+
+
+# -- the kernel and its modules -----------------------------------------------------------
+
+
+@dataclass
+class GuestKernel:
+    vmlinuz: Path
+    release: str
+    modules: list[Path]  # in load order
+
+
+def module_depends(ko: Path) -> list[str]:
+    """A module's ``depends=`` from its .modinfo strings (a .ko or .ko.xz)."""
+    data = _module_bytes(ko)
+    at = data.find(b"\0depends=")
+    if at < 0:
+        return []
+    value = data[at + len(b"\0depends=") : data.index(b"\0", at + 1)].decode()
+    return [d for d in value.split(",") if d]
+
+
+def _module_bytes(ko: Path) -> bytes:
+    data = ko.read_bytes()
+    return lzma.decompress(data) if ko.name.endswith(".xz") else data
+
+
+def _module_name(ko: Path) -> str:
+    return ko.name.split(".ko")[0].replace("-", "_")
+
+
+def find_kernel(cache: Path = KERNEL_CACHE) -> GuestKernel:
+    """The cached guest kernel with the modules for virtio disks, dependencies first."""
+    vmlinuz = cache / "vmlinuz"
+    if not vmlinuz.is_file():
+        raise GuestUnavailable(f"no guest kernel in {cache} (scripts/guest-kernel unpacks one, as root)")
+    available = {_module_name(p): p for p in (cache / "modules").glob("*.ko*")}
+    order: list[Path] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in seen:
+            return
+        seen.add(name)
+        if name not in available:
+            raise GuestUnavailable(f"guest kernel module {name} is not in {cache / 'modules'}")
+        for dep in module_depends(available[name]):
+            visit(dep)
+        order.append(available[name])
+
+    for name in GUEST_MODULES:
+        visit(name)
+    return GuestKernel(vmlinuz, (cache / "release").read_text().strip(), order)
+
+
+# -- the initramfs ------------------------------------------------------------------------------
+
+
+def compile_workload(out_dir: Path) -> Path:
+    """tests/vm_workload.c as a static binary (the guest has no libc)."""
+    out = out_dir / "workload"
+    proc = subprocess.run(["gcc", "-O2", "-static", "-o", str(out), str(WORKLOAD_SOURCE)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise GuestUnavailable(f"cannot compile {WORKLOAD_SOURCE.name}: {proc.stderr.strip()}")
+    return out
+
+
+INIT = """#!/bin/busybox sh
+B=/bin/busybox
+$B mount -t devtmpfs dev /dev
+$B mount -t proc proc /proc
+$B mount -t sysfs sys /sys
+for m in {modules}; do
+    $B insmod /modules/$m.ko || echo "BFS error insmod $m"
+done
+i=0
+while [ ! -b "${{bfs_dev:-/dev/vda}}" ] && [ $i -lt 200 ]; do $B usleep 50000; i=$((i+1)); done
+/workload
+echo "BFS exit $?"
+$B sync
+$B poweroff -f
+"""
+
+
+def _cpio_entry(name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0), ino: int = 0) -> bytes:
+    """One cpio "newc" entry (header, name, data, each padded to 4 bytes)."""
+    fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(name) + 1, 0]
+    head = b"070701" + b"".join(b"%08X" % f for f in fields) + name.encode() + b"\0"
+    head += b"\0" * (-len(head) % 4)
+    return head + data + b"\0" * (-len(data) % 4)
+
+
+def build_initramfs(out_dir: Path, kernel: GuestKernel, workload: Path) -> Path:
+    """busybox, the workload, the modules and an /init that runs the workload then powers off."""
+    if not BUSYBOX.is_file():
+        raise GuestUnavailable(f"no {BUSYBOX} (Debian package busybox-static)")
+    names = [_module_name(m) for m in kernel.modules]
+    entries: list[tuple[str, int, bytes, tuple[int, int]]] = [
+        ("dev", 0o040755, b"", (0, 0)),
+        ("dev/console", 0o020600, b"", (5, 1)),
+        ("proc", 0o040755, b"", (0, 0)),
+        ("sys", 0o040755, b"", (0, 0)),
+        ("bin", 0o040755, b"", (0, 0)),
+        ("bin/busybox", 0o100755, BUSYBOX.read_bytes(), (0, 0)),
+        ("modules", 0o040755, b"", (0, 0)),
+        ("init", 0o100755, INIT.format(modules=" ".join(names)).encode(), (0, 0)),
+        ("workload", 0o100755, workload.read_bytes(), (0, 0)),
+    ]
+    entries += [(f"modules/{n}.ko", 0o100644, _module_bytes(m), (0, 0)) for n, m in zip(names, kernel.modules)]
+    archive = b"".join(_cpio_entry(n, mode, d, rdev, i + 1) for i, (n, mode, d, rdev) in enumerate(entries))
+    archive += _cpio_entry("TRAILER!!!", 0)
+    out = out_dir / "initramfs.cpio.gz"
+    out.write_bytes(gzip.compress(archive, compresslevel=1))
+    return out
+
+
+@dataclass
+class GuestFiles:
+    kernel: GuestKernel
+    initramfs: Path
+
+
+def prepare_guest(out_dir: Path) -> GuestFiles:
+    """Everything a boot needs, built into ``out_dir``; GuestUnavailable names what is missing."""
+    if shutil.which(QEMU) is None:
+        raise GuestUnavailable(f"no {QEMU} (Debian package qemu-system-x86)")
+    kernel = find_kernel()
+    return GuestFiles(kernel, build_initramfs(out_dir, kernel, compile_workload(out_dir)))
+
+
+# -- the schedule and the checks ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Which record the workload writes when (the same formulas as vm_workload.c)."""
+
+    slots: int = 4096
+    passes: int = 3
+    batch: int = 256
+    spacing: int = 8192
+
+    @property
+    def records(self) -> int:
+        return self.slots * self.passes
+
+    @property
+    def batches(self) -> int:
+        return -(-self.records // self.batch)
+
+    @property
+    def disk_bytes(self) -> int:
+        return self.slots * self.spacing
+
+    def cmdline(self) -> str:
+        return (f"bfs_slots={self.slots} bfs_passes={self.passes} bfs_batch={self.batch} "
+                f"bfs_spacing={self.spacing}")
+
+    def slot_of(self, n: np.ndarray) -> np.ndarray:
+        """The slot record(s) ``n`` write."""
+        p = n // self.slots
+        i = n % self.slots
+        a = ((2 * (p * 7919 + 40503) + 1) % self.slots) | 1
+        c = (p * 2654435761) % self.slots
+        return (i * a + c) % self.slots
+
+    def last_written(self, batches_done: int) -> np.ndarray:
+        """Per slot, the number of the newest record in batches < ``batches_done`` (-1: none)."""
+        n = np.arange(min(self.records, batches_done * self.batch), dtype=np.int64)
+        last = np.full(self.slots, -1, dtype=np.int64)
+        np.maximum.at(last, self.slot_of(n), n)
+        return last
+
+    def check(self, image: bytes, synced: int, next_batch: int) -> list[str]:
+        """What is wrong with ``image`` as a point in time taken after batch
+        ``synced`` was durable (-1: none) and before batch ``next_batch`` started.
+
+        Every slot is either zeros (only if no synced batch wrote it) or one
+        whole record the schedule wrote there (magic, slot, generation, batch
+        and every payload word as written, checksum), no older than the
+        newest synced write of that slot and from a batch before
+        ``next_batch``; the bytes between records are zeros.
+        """
+        problems: list[str] = []
+        if len(image) != self.disk_bytes:
+            return [f"{len(image)} bytes read, the disk has {self.disk_bytes}"]
+        rows = np.frombuffer(image, dtype=np.uint8).reshape(self.slots, self.spacing)
+        if self.spacing > RECORD and rows[:, RECORD:].any():
+            bad = int(np.flatnonzero(rows[:, RECORD:].any(axis=1))[0])
+            problems.append(f"slot {bad}: bytes after its record are not zeros")
+        words = rows[:, :RECORD].copy().view("<u8")
+        zero = ~words.any(axis=1)
+        must = self.last_written(synced + 1)
+        for s in np.flatnonzero(zero & (must >= 0))[:5]:
+            problems.append(f"slot {s}: zeros, but record {must[s]} (batch {must[s] // self.batch}) "
+                            f"was synced before the trigger")
+        live = np.flatnonzero(~zero)
+        w = words[live]
+        n = w[:, 4].astype(np.int64)
+        in_range = (w[:, 4] < self.records)
+        j = np.arange(5, RECORD // 8 - 1, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            payload_ok = (w[:, 5:-1] == (w[:, 4:5] * np.uint64(K) + j[None, :])).all(axis=1)
+        crc_ok = np.array([zlib.crc32(rows[s, : RECORD - 8].tobytes()) == int(words[s, -1]) for s in live],
+                          dtype=bool)
+        nn = np.where(in_range, n, 0)
+        header_ok = ((w[:, 0] == MAGIC) & in_range & (w[:, 1] == live) & (self.slot_of(nn) == live)
+                     & (w[:, 2] == nn // self.slots + 1) & (w[:, 3] == nn // self.batch))
+        for k in np.flatnonzero(~crc_ok)[:5]:
+            problems.append(f"slot {live[k]}: torn record (checksum wrong; header says record {w[k, 4]}, "
+                            f"generation {w[k, 2]}, batch {w[k, 3]})")
+        for k in np.flatnonzero(crc_ok & ~(header_ok & payload_ok))[:5]:
+            problems.append(f"slot {live[k]}: not the record the schedule wrote there (header: slot {w[k, 1]}, "
+                            f"record {w[k, 4]}, generation {w[k, 2]}, batch {w[k, 3]})")
+        good = crc_ok & header_ok & payload_ok
+        stale = good & (n < must[live])
+        for k in np.flatnonzero(stale)[:5]:
+            s = live[k]
+            problems.append(f"slot {s}: record {n[k]} (batch {n[k] // self.batch}), older than record {must[s]} "
+                            f"(batch {must[s] // self.batch}) synced before the trigger")
+        future = good & (n // self.batch >= next_batch)
+        for k in np.flatnonzero(future)[:5]:
+            problems.append(f"slot {live[k]}: record {n[k]} of batch {n[k] // self.batch}, which the guest "
+                            f"started after the trigger returned (first such batch: {next_batch})")
+        return problems
+
+
+# -- QEMU and its console -------------------------------------------------------------------------
+
+
+def kvm_unusable_reason() -> str | None:
+    """Why this machine's KVM cannot run the guest (None: it can).
+
+    /dev/kvm opening is not enough: a host whose CPU shows neither vmx nor
+    svm (a VM itself; kvm_pvm here, which runs only guests built for PVM)
+    boots the firmware and then hangs in the kernel's first instructions.
+    """
+    try:
+        os.close(os.open("/dev/kvm", os.O_RDWR))
+    except OSError as e:
+        return f"/dev/kvm does not open ({e.strerror})"
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    if "vmx" not in flags and "svm" not in flags:
+        pvm = " (kvm_pvm is loaded: it runs only PVM guests)" if Path("/sys/module/kvm_pvm").exists() else ""
+        return f"/dev/kvm opens but the CPU shows neither vmx nor svm{pvm}"
+    return None
+
+
+@dataclass
+class Event:
+    kind: str  # "synced", "mark", "verify", "done", "error", "exit", "eof"
+    args: list[str]
+    at: float  # time.monotonic() when the host read it
+
+
+LINE = re.compile(r"BFS (synced|mark|verify|done|error|exit|start)\b(.*)")
+
+
+@dataclass
+class VM:
+    """One qemu-system-x86_64 running the workload; its console read by a thread."""
+
+    proc: subprocess.Popen
+    aio: str
+    accel: str
+    console: list[str] = field(default_factory=list)
+    events: queue.Queue = field(default_factory=queue.Queue)
+    stderr_path: Path | None = None
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            text = raw.decode(errors="replace").rstrip("\r\n")
+            self.console.append(text)
+            m = LINE.search(text)
+            if m:
+                self.events.put(Event(m.group(1), m.group(2).split(), time.monotonic()))
+        self.events.put(Event("eof", [], time.monotonic()))
+
+    def next_event(self, timeout: float) -> Event:
+        try:
+            return self.events.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"the guest said nothing for {timeout:.0f} s; console:\n{self.tail()}") from None
+
+    def pending(self) -> Iterator[Event]:
+        """Events already read, without waiting."""
+        while True:
+            try:
+                yield self.events.get_nowait()
+            except queue.Empty:
+                return
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def tail(self, n: int = 40) -> str:
+        err = self.stderr_path.read_text(errors="replace") if self.stderr_path and self.stderr_path.exists() else ""
+        return "\n".join(self.console[-n:]) + (f"\nqemu stderr:\n{err}" if err.strip() else "")
+
+    def kill(self) -> None:
+        """Whatever state it is in: no qemu of ours left."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=60)
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f is not None:
+                try:
+                    f.close()
+                except OSError:
+                    pass
+
+
+def start_vm(files: GuestFiles, disk: Path, schedule: Schedule, work: Path,
+             memory_mb: int = 256, aio_modes: tuple[str, ...] = AIO_MODES,
+             log: Callable[[str], None] = print) -> VM:
+    """Boot the guest on ``disk`` (raw, virtio, cache=none), io_uring first.
+
+    A mode QEMU refuses (it exits before the guest says anything, naming
+    the aio mode or io_uring) is logged with QEMU's reason and the next one
+    is tried: io_uring can be missing from QEMU's build or disabled on the
+    host (kernel.io_uring_disabled).
+    """
+    why_not_kvm = kvm_unusable_reason()
+    accel = "tcg" if why_not_kvm else "kvm"
+    if why_not_kvm:
+        log(f"vm: {why_not_kvm}: TCG, QEMU's emulator (slower)")
+    reasons = []
+    for aio in aio_modes:
+        stderr_path = work / f"qemu-{aio}.stderr"
+        cmd = [QEMU, "-accel", accel, "-m", str(memory_mb), "-smp", "1", "-nographic", "-no-reboot",
+               "-monitor", "none", "-serial", "stdio", "-nic", "none",
+               "-kernel", str(files.kernel.vmlinuz), "-initrd", str(files.initramfs),
+               "-append", f"console=ttyS0 quiet loglevel=1 panic=-1 {schedule.cmdline()}",
+               "-drive", f"file={disk},format=raw,if=virtio,cache=none,aio={aio}"]
+        if accel == "kvm":
+            cmd[1:1] = ["-cpu", "max"]
+        with open(stderr_path, "wb") as err:
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+        vm = VM(proc, aio, accel, stderr_path=stderr_path)
+        threading.Thread(target=vm._read, daemon=True).start()
+        first = vm.next_event(timeout=300)
+        if first.kind == "start":
+            if reasons:
+                log("vm: " + "; ".join(reasons) + f"; using aio={aio}")
+            return vm
+        vm.kill()
+        err_text = stderr_path.read_text(errors="replace").strip()
+        if first.kind == "eof" and re.search(r"aio|io_uring|io-uring", err_text, re.I):
+            reasons.append(f"aio={aio} refused: {err_text.splitlines()[-1] if err_text else 'no reason given'}")
+            continue
+        raise AssertionError(f"the guest did not start its workload (aio={aio}): {first.kind} "
+                             f"{' '.join(first.args)}\n{vm.tail()}")
+    raise AssertionError("QEMU refused every aio mode: " + "; ".join(reasons))
+
+
+# -- one run: the guest writes, the host takes backups ----------------------------------------------
+
+
+@dataclass
+class BackupTaken:
+    synced: int  # the last batch the guest had reported synced before the trigger (-1: none)
+    seconds: float  # the trigger's write(), start to return
+    next_batch: int | None = None  # from the guest's mark; None: the guest had finished
+
+
+@dataclass
+class RunResult:
+    aio: str
+    accel: str
+    records: int
+    bytes: int
+    guest_seconds: float
+    verify: str
+    backups: list[BackupTaken]
+    console: list[str]
+    last_synced: int
+
+    @property
+    def records_per_s(self) -> float:
+        return self.records / self.guest_seconds
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / self.guest_seconds / 1e6
+
+
+def run_guest(files: GuestFiles, disk: Path, schedule: Schedule, work: Path,
+              trigger: Callable[[], None] | None = None, every_batches: int | None = None,
+              every_seconds: float | None = None, timeout: float = 240,
+              log: Callable[[str], None] = print) -> RunResult:
+    """Boot, let the workload run, and call ``trigger`` (a backup) whenever
+    ``every_batches`` more batches are synced, or ``every_seconds`` have
+    passed at a synced batch, since the last one returned; after each
+    trigger returns, send the guest "T k" so that its mark says which
+    batches started after. Driven by the console, never by sleeping.
+    Returns when QEMU has exited (the guest powered off)."""
+    vm = start_vm(files, disk, schedule, work, log=log)
+    backups: list[BackupTaken] = []
+    state: dict[str, object] = {"synced": -1, "done": None, "verify": "", "eof": False}
+
+    def handle(ev: Event) -> None:
+        if ev.kind == "error":
+            raise AssertionError(f"the guest reported an error: {' '.join(ev.args)}\n{vm.tail()}")
+        if ev.kind == "eof":
+            state["eof"] = True
+        elif ev.kind == "verify":
+            state["verify"] = " ".join(ev.args)
+        elif ev.kind == "done":
+            state["done"] = ev.args
+        elif ev.kind == "mark":
+            backups[int(ev.args[0])].next_batch = int(ev.args[2])
+        elif ev.kind == "synced":
+            state["synced"] = int(ev.args[0])
+
+    last_trigger_batch = -1
+    last_trigger_end = time.monotonic()
+    deadline = time.monotonic() + timeout
+    try:
+        while not state["eof"]:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"the guest did not finish within {timeout:.0f} s; console:\n{vm.tail()}")
+            ev = vm.next_event(timeout=left)
+            handle(ev)
+            if ev.kind != "synced" or trigger is None:
+                continue
+            for more in vm.pending():  # batches already reported count as synced before the trigger
+                handle(more)
+            synced = int(state["synced"])  # type: ignore[call-overload]
+            if state["done"] is not None or state["eof"] or synced >= schedule.batches - 1:
+                continue
+            due = ((every_batches is not None and synced - last_trigger_batch >= every_batches)
+                   or (every_seconds is not None and time.monotonic() - last_trigger_end >= every_seconds))
+            if due:
+                t0 = time.monotonic()
+                trigger()
+                last_trigger_end = time.monotonic()
+                backups.append(BackupTaken(synced, last_trigger_end - t0))
+                last_trigger_batch = synced
+                vm.send(f"T {len(backups) - 1}")
+        rc = vm.proc.wait(timeout=60)
+        done = state["done"]
+        if not isinstance(done, list):
+            raise AssertionError(f"the guest powered off without its summary (qemu exit {rc}):\n{vm.tail()}")
+    finally:
+        vm.kill()
+    for b in backups:
+        if b.next_batch is None:  # the guest had written its last batch before it read the mark
+            b.next_batch = schedule.batches
+    return RunResult(vm.aio, vm.accel, int(done[1]), int(done[3]), float(done[5]), str(state["verify"]),
+                     backups, vm.console, int(state["synced"]))  # type: ignore[call-overload]
