@@ -29,9 +29,10 @@ from tests.vmguest import GuestUnavailable, RunResult, Schedule, kvm_unusable_re
 pytestmark = [pytest.mark.mount, pytest.mark.long, pytest.mark.timeout(600)]
 
 # 2048 slots 16 KiB apart (a 32 MiB disk), three passes: 6144 records,
-# 24 MiB written, in 48 batches; a backup every 6 batches (about 8 of them).
-# Under TCG (no usable KVM) the guest writes about 1,000 records a second.
-SCHEDULE = Schedule(slots=2048, passes=3, batch=128, spacing=16384)
+# 24 MiB written, in 48 batches, by 4 threads (4 requests in flight); a
+# backup every 6 batches (about 8 of them). Under TCG (no usable KVM) the
+# guest writes about 1,000 records a second.
+SCHEDULE = Schedule(slots=2048, passes=3, batch=128, spacing=16384, writers=4)
 EVERY_BATCHES = 6
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from tests.vmguest import RECORD, Schedule, compile_workload
 
-SMALL = Schedule(slots=64, passes=2, batch=16, spacing=8192)
+SMALL = Schedule(slots=64, passes=2, batch=16, spacing=8192, writers=3)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,8 @@ def _run_workload(binary: Path, schedule: Schedule, name: str) -> tuple[bytes, l
     with open(disk, "wb") as f:
         f.truncate(schedule.disk_bytes)
     env = {**os.environ, "bfs_dev": str(disk), "bfs_slots": str(schedule.slots),
-           "bfs_passes": str(schedule.passes), "bfs_batch": str(schedule.batch), "bfs_spacing": str(schedule.spacing)}
+           "bfs_passes": str(schedule.passes), "bfs_batch": str(schedule.batch), "bfs_spacing": str(schedule.spacing),
+           "bfs_writers": str(schedule.writers)}
     proc = subprocess.run([str(binary)], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -40,7 +41,7 @@ def _run_workload(binary: Path, schedule: Schedule, name: str) -> tuple[bytes, l
 @pytest.fixture(scope="module")
 def final(workload: Path) -> bytes:
     data, lines = _run_workload(workload, SMALL, "disk")
-    assert lines[0] == f"BFS start {SMALL.slots} {SMALL.passes} {SMALL.batch} {SMALL.spacing}"
+    assert lines[0] == f"BFS start {SMALL.slots} {SMALL.passes} {SMALL.batch} {SMALL.spacing} {SMALL.writers}"
     assert [ln for ln in lines if ln.startswith("BFS synced")] == [f"BFS synced {b}" for b in range(SMALL.batches)]
     assert f"BFS verify ok {SMALL.slots} slots" in lines
     return data
@@ -68,7 +69,7 @@ def test_a_missing_or_stale_record_is_found(workload: Path, final: bytes) -> Non
     missing[7 * SMALL.spacing : 7 * SMALL.spacing + RECORD] = bytes(RECORD)
     problems = SMALL.check(bytes(missing), SMALL.batches - 1, SMALL.batches)
     assert len(problems) == 1 and problems[0].startswith("slot 7: zeros, but record"), problems
-    first_pass, _ = _run_workload(workload, Schedule(SMALL.slots, 1, SMALL.batch, SMALL.spacing), "pass1")
+    first_pass, _ = _run_workload(workload, Schedule(SMALL.slots, 1, SMALL.batch, SMALL.spacing, 1), "pass1")
     problems = SMALL.check(first_pass, SMALL.batches - 1, SMALL.batches)
     assert problems and all("older than record" in p for p in problems), problems
 

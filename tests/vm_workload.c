@@ -23,7 +23,7 @@
  *   0..4087 in its low half, zero above.
  *
  * Console protocol (lines start with "BFS "):
- *   BFS start SLOTS PASSES BATCH SPACING     the schedule, before the first write
+ *   BFS start SLOTS PASSES BATCH SPACING WRITERS   the schedule, before the first write
  *   BFS synced B                             batch B is written and fsynced
  *   BFS mark K next B                        host line "T K" read between batches:
  *                                            batches >= B start after it was read
@@ -33,13 +33,19 @@
  *
  * Parameters come from the environment (the kernel hands unknown
  * name=value arguments of its command line to init): bfs_dev, bfs_slots,
- * bfs_passes, bfs_batch, bfs_spacing.
+ * bfs_passes, bfs_batch, bfs_spacing, bfs_writers.
+ *
+ * bfs_writers threads write each batch's records between them (record n by
+ * thread n mod WRITERS), so that many requests are in flight at once, as a
+ * guest's page cache or database has them; the batch's fsync comes after
+ * all of them returned.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -121,13 +127,48 @@ static void fill(uint64_t *w, uint64_t slot, uint64_t gen, uint64_t batch, uint6
     w[WORDS - 1] = crc32((const unsigned char *)w, RECORD - 8);
 }
 
+/* The batch the writer threads are on: records [batch_first, batch_end). */
+static int fd;
+static uint64_t slots, passes, batch, spacing, writers;
+static uint64_t batch_first, batch_end;
+static int stopping, failed;
+static pthread_barrier_t go, done;
+
+static void *writer(void *arg) {
+    uint64_t t = (uint64_t)(uintptr_t)arg;
+    uint64_t *w;
+    if (posix_memalign((void **)&w, RECORD, RECORD)) {
+        printf("BFS error no memory\n");
+        exit(1);
+    }
+    for (;;) {
+        pthread_barrier_wait(&go);
+        if (stopping)
+            return NULL;
+        for (uint64_t n = batch_first + t; n < batch_end && !failed; n += writers) {
+            uint64_t p = n / slots, i = n % slots;
+            uint64_t slot = (i * pass_a(p, slots) + pass_c(p, slots)) % slots;
+            fill(w, slot, p + 1, n / batch, n);
+            ssize_t r = pwrite(fd, w, RECORD, (off_t)(slot * spacing));
+            if (r != RECORD) {
+                printf("BFS error write record %" PRIu64 " slot %" PRIu64 ": %s\n", n, slot,
+                       r < 0 ? strerror(errno) : "short write");
+                failed = 1;
+            }
+        }
+        pthread_barrier_wait(&done);
+    }
+}
+
 int main(void) {
     const char *dev = getenv("bfs_dev") ? getenv("bfs_dev") : "/dev/vda";
-    uint64_t slots = env_u64("bfs_slots", 4096), passes = env_u64("bfs_passes", 3);
-    uint64_t batch = env_u64("bfs_batch", 256), spacing = env_u64("bfs_spacing", 8192);
-    if (slots == 0 || (slots & (slots - 1)) || batch == 0 || spacing < RECORD || spacing % RECORD) {
-        printf("BFS error bad parameters slots=%" PRIu64 " batch=%" PRIu64 " spacing=%" PRIu64 "\n",
-               slots, batch, spacing);
+    slots = env_u64("bfs_slots", 4096), passes = env_u64("bfs_passes", 3);
+    batch = env_u64("bfs_batch", 256), spacing = env_u64("bfs_spacing", 8192);
+    writers = env_u64("bfs_writers", 1);
+    if (slots == 0 || (slots & (slots - 1)) || batch == 0 || spacing < RECORD || spacing % RECORD ||
+        writers == 0 || writers > 64) {
+        printf("BFS error bad parameters slots=%" PRIu64 " batch=%" PRIu64 " spacing=%" PRIu64
+               " writers=%" PRIu64 "\n", slots, batch, spacing, writers);
         return 2;
     }
     crc_init();
@@ -140,42 +181,50 @@ int main(void) {
     }
     fcntl(0, F_SETFL, fcntl(0, F_GETFL) | O_NONBLOCK);
 
-    int fd = open(dev, O_RDWR | O_DIRECT);
+    fd = open(dev, O_RDWR | O_DIRECT);
     if (fd < 0) {
         printf("BFS error open %s: %s\n", dev, strerror(errno));
         return 1;
     }
+    pthread_barrier_init(&go, NULL, writers + 1);
+    pthread_barrier_init(&done, NULL, writers + 1);
+    pthread_t threads[64];
+    for (uint64_t i = 0; i < writers; i++)
+        if (pthread_create(&threads[i], NULL, writer, (void *)(uintptr_t)i)) {
+            printf("BFS error cannot start writer %" PRIu64 "\n", i);
+            return 1;
+        }
+    uint64_t total = slots * passes;
+    printf("BFS start %" PRIu64 " %" PRIu64 " %" PRIu64 " %" PRIu64 " %" PRIu64 "\n", slots, passes, batch,
+           spacing, writers);
+    fflush(stdout);
+    double t0 = now();
+    for (uint64_t b = 0; b * batch < total; b++) {
+        batch_first = b * batch;
+        batch_end = batch_first + batch < total ? batch_first + batch : total;
+        pthread_barrier_wait(&go);
+        pthread_barrier_wait(&done);
+        if (failed)
+            return 1;
+        if (fsync(fd)) {
+            printf("BFS error fsync after batch %" PRIu64 ": %s\n", b, strerror(errno));
+            return 1;
+        }
+        printf("BFS synced %" PRIu64 "\n", b);
+        read_marks(b + 1);
+    }
+    double seconds = now() - t0;
+    stopping = 1;
+    pthread_barrier_wait(&go);
+    for (uint64_t i = 0; i < writers; i++)
+        pthread_join(threads[i], NULL);
+
+    /* Read every slot back: the last pass's record, whole. */
     uint64_t *w;
     if (posix_memalign((void **)&w, RECORD, RECORD)) {
         printf("BFS error no memory\n");
         return 1;
     }
-    uint64_t total = slots * passes;
-    printf("BFS start %" PRIu64 " %" PRIu64 " %" PRIu64 " %" PRIu64 "\n", slots, passes, batch, spacing);
-    fflush(stdout);
-    double t0 = now();
-    for (uint64_t n = 0; n < total; n++) {
-        uint64_t p = n / slots, i = n % slots;
-        uint64_t slot = (i * pass_a(p, slots) + pass_c(p, slots)) % slots;
-        fill(w, slot, p + 1, n / batch, n);
-        ssize_t r = pwrite(fd, w, RECORD, (off_t)(slot * spacing));
-        if (r != RECORD) {
-            printf("BFS error write record %" PRIu64 " slot %" PRIu64 ": %s\n", n, slot,
-                   r < 0 ? strerror(errno) : "short write");
-            return 1;
-        }
-        if ((n + 1) % batch == 0 || n + 1 == total) {
-            if (fsync(fd)) {
-                printf("BFS error fsync after batch %" PRIu64 ": %s\n", n / batch, strerror(errno));
-                return 1;
-            }
-            printf("BFS synced %" PRIu64 "\n", n / batch);
-            read_marks(n / batch + 1);
-        }
-    }
-    double seconds = now() - t0;
-
-    /* Read every slot back: the last pass's record, whole. */
     uint64_t bad = 0, first_bad = 0;
     for (uint64_t s = 0; s < slots; s++) {
         ssize_t r = pread(fd, w, RECORD, (off_t)(s * spacing));

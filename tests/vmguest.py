@@ -107,7 +107,7 @@ def find_kernel(cache: Path = KERNEL_CACHE) -> GuestKernel:
 def compile_workload(out_dir: Path) -> Path:
     """tests/vm_workload.c as a static binary (the guest has no libc)."""
     out = out_dir / "workload"
-    proc = subprocess.run(["gcc", "-O2", "-static", "-o", str(out), str(WORKLOAD_SOURCE)],
+    proc = subprocess.run(["gcc", "-O2", "-static", "-pthread", "-o", str(out), str(WORKLOAD_SOURCE)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise GuestUnavailable(f"cannot compile {WORKLOAD_SOURCE.name}: {proc.stderr.strip()}")
@@ -188,6 +188,7 @@ class Schedule:
     passes: int = 3
     batch: int = 256
     spacing: int = 8192
+    writers: int = 1  # guest threads writing each batch: requests in flight at once
 
     @property
     def records(self) -> int:
@@ -203,7 +204,7 @@ class Schedule:
 
     def cmdline(self) -> str:
         return (f"bfs_slots={self.slots} bfs_passes={self.passes} bfs_batch={self.batch} "
-                f"bfs_spacing={self.spacing}")
+                f"bfs_spacing={self.spacing} bfs_writers={self.writers}")
 
     def slot_of(self, n: np.ndarray) -> np.ndarray:
         """The slot record(s) ``n`` write."""
@@ -366,11 +367,14 @@ class VM:
 
 
 def start_vm(files: GuestFiles, disk: Path, schedule: Schedule, work: Path,
-             memory_mb: int = 256, aio_modes: tuple[str, ...] = AIO_MODES,
+             memory_mb: int = 256, aio_modes: tuple[str, ...] = AIO_MODES, cache: str = "none",
              log: Callable[[str], None] = print) -> VM:
     """Boot the guest on ``disk`` (raw, virtio, cache=none), io_uring first.
 
-    A mode QEMU refuses (it exits before the guest says anything, naming
+    ``cache``: QEMU's cache mode for the disk (the test uses ``none``,
+    O_DIRECT on the file, as a VM host would; the bench also ``writeback``
+    for a baseline that goes through the host's page cache as our device
+    does). A mode QEMU refuses (it exits before the guest says anything, naming
     the aio mode or io_uring) is logged with QEMU's reason and the next one
     is tried: io_uring can be missing from QEMU's build or disabled on the
     host (kernel.io_uring_disabled).
@@ -386,7 +390,7 @@ def start_vm(files: GuestFiles, disk: Path, schedule: Schedule, work: Path,
                "-monitor", "none", "-serial", "stdio", "-nic", "none",
                "-kernel", str(files.kernel.vmlinuz), "-initrd", str(files.initramfs),
                "-append", f"console=ttyS0 quiet loglevel=1 panic=-1 {schedule.cmdline()}",
-               "-drive", f"file={disk},format=raw,if=virtio,cache=none,aio={aio}"]
+               "-drive", f"file={disk},format=raw,if=virtio,cache={cache},aio={aio}"]
         if accel == "kvm":
             cmd[1:1] = ["-cpu", "max"]
         with open(stderr_path, "wb") as err:
@@ -441,7 +445,7 @@ class RunResult:
 
 def run_guest(files: GuestFiles, disk: Path, schedule: Schedule, work: Path,
               trigger: Callable[[], None] | None = None, every_batches: int | None = None,
-              every_seconds: float | None = None, timeout: float = 240,
+              every_seconds: float | None = None, timeout: float = 240, cache: str = "none",
               log: Callable[[str], None] = print) -> RunResult:
     """Boot, let the workload run, and call ``trigger`` (a backup) whenever
     ``every_batches`` more batches are synced, or ``every_seconds`` have
@@ -449,7 +453,7 @@ def run_guest(files: GuestFiles, disk: Path, schedule: Schedule, work: Path,
     trigger returns, send the guest "T k" so that its mark says which
     batches started after. Driven by the console, never by sleeping.
     Returns when QEMU has exited (the guest powered off)."""
-    vm = start_vm(files, disk, schedule, work, log=log)
+    vm = start_vm(files, disk, schedule, work, cache=cache, log=log)
     backups: list[BackupTaken] = []
     state: dict[str, object] = {"synced": -1, "done": None, "verify": "", "eof": False}
 
