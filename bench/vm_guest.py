@@ -24,7 +24,8 @@ What is measured
       ``MNT/vm/snapshot`` every --every seconds while the guest writes
       (at the guest's next synced batch after that time: the host is driven
       by the console, not by a timer), each trigger timed from write() to
-      its return (complete and durable).
+      its return (complete and durable). ``empty=1``, so that every trigger
+      makes a backup to check, even one with nothing new to copy.
 
     Every backup of the ``backups`` runs is checked as the VM test checks it
     (tests/test_vm.py): a consistent point in time, the last equal to the
@@ -125,8 +126,9 @@ def run_contestant(name: str, files: GuestFiles, schedule: Schedule, run_dir: Pa
         if name == "device":
             return run_guest(files, Path(mnt.path("vm", "device")), schedule, run_dir, log=log), []
         result = run_guest(files, Path(mnt.path("vm", "device")), schedule, run_dir,
-                           trigger=lambda: trigger(mnt, "incremental"), every_seconds=every, log=log)
-        trigger(mnt, "incremental")
+                           trigger=lambda mark: trigger(mnt, "incremental empty=1"), every_seconds=every,
+                           log=log)
+        trigger(mnt, "incremental empty=1")
         check_backups(mnt, schedule, result)
         return result, [b.seconds for b in result.backups]
     finally:

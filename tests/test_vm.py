@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,8 +33,11 @@ pytestmark = [pytest.mark.mount, pytest.mark.long, pytest.mark.timeout(600)]
 # 24 MiB written, in 48 batches, by 4 threads (4 requests in flight); a
 # backup every 6 batches (about 8 of them). Under TCG (no usable KVM) the
 # guest writes about 1,000 records a second.
-SCHEDULE = Schedule(slots=2048, passes=3, batch=128, spacing=16384, writers=4)
-EVERY_BATCHES = 6
+SCHEDULE = Schedule(slots=2048, passes=6, batch=128, spacing=16384, writers=4)
+EVERY_BATCHES = 4
+# Each incremental copies up to 32 MiB: at this rate it takes a second or
+# two, in which the guest writes on.
+RATE = "16M"
 
 
 def _backups(m: Mounted) -> list[str]:
@@ -43,6 +47,35 @@ def _backups(m: Mounted) -> list[str]:
 def _trigger(m: Mounted, kind: str) -> None:
     proc = sh(f"echo {kind} > {m.path('vm', 'snapshot')}", check=False)
     assert proc.returncode == 0, f"echo {kind} failed: {proc.stderr}\n{m.path('vm', 'snapshot').read_text()}"
+
+
+def _status(m: Mounted) -> dict[str, str]:
+    return dict(line.partition(": ")[::2] for line in m.path("vm", "snapshot").read_text().splitlines())
+
+
+def _trigger_marking(m: Mounted, mark: Callable[[], None]) -> None:
+    """``echo 'incremental rate=...' > snapshot``, and ``mark()`` as soon as
+    the job is seen copying: its bitmap is frozen, its point in time has
+    passed, so nothing the guest starts from then on may be in the backup.
+    The rate keeps the copy going while the guest writes on, so its writes
+    meet regions not copied yet (copy-before-write). ``empty=1``: one
+    backup per trigger, even one whose writes all came before the last
+    one's point in time."""
+    snap = m.path("vm", "snapshot")
+    job = subprocess.Popen(["bash", "-c", f"echo 'incremental rate={RATE} empty=1' > {snap}"],
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        while job.poll() is None:
+            st = _status(m)
+            if st.get("state") == "running" and "bytes" in st:
+                mark()
+                break
+        _, err = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    assert job.returncode == 0, f"the incremental failed: {err}\n{snap.read_text()}"
 
 
 def _read_whole(path: Path, size: int) -> bytes:
@@ -60,7 +93,8 @@ def _report(result: RunResult, backups: list[str]) -> None:
           f"{len(result.backups)} incrementals taken while it wrote "
           f"({times[0]:.2f}/{times[len(times) // 2]:.2f}/{times[-1]:.2f} s min/median/max)")
     for b, name in zip(result.backups, backups[1:]):
-        print(f"  {name}: after batch {b.synced}, before batch {b.next_batch}, {b.seconds:.2f} s")
+        when = "the job was seen copying" if b.marked_while_copying else "the trigger returned"
+        print(f"  {name}: after batch {b.synced}; batch {b.next_batch} on started after {when}; {b.seconds:.2f} s")
 
 
 def test_vm_writes_while_incrementals_are_taken(tmp_path: Path) -> None:
@@ -78,18 +112,19 @@ def test_vm_writes_while_incrementals_are_taken(tmp_path: Path) -> None:
     with mounted_device(tmp_path, sparse, name="vm") as m:
         _trigger(m, "full")
         result = run_guest(files, m.path("vm", "device"), SCHEDULE, tmp_path,
-                           trigger=lambda: _trigger(m, "incremental"), every_batches=EVERY_BATCHES,
+                           trigger=lambda mark: _trigger_marking(m, mark), every_batches=EVERY_BATCHES,
                            timeout=480)
         (tmp_path / "console.log").write_text("\n".join(result.console))
         assert result.verify.startswith("ok"), f"the guest read back its disk: {result.verify}"
         assert result.last_synced == SCHEDULE.batches - 1
         assert len(result.backups) >= 3, f"only {len(result.backups)} incrementals while the guest wrote"
         t0 = time.monotonic()
-        _trigger(m, "incremental")  # after power-off: the device as the guest left it
+        _trigger(m, "'incremental empty=1'")  # after power-off: the device as the guest left it
         last_seconds = time.monotonic() - t0
 
         names = _backups(m)
-        assert len(names) == 1 + len(result.backups) + 1, names
+        assert len(names) == 1 + len(result.backups) + 1, (
+            f"a full and {len(result.backups) + 1} incrementals triggered, {len(names)} backups listed: {names}")
         _report(result, names)
         print(f"  {names[-1]}: after power-off, {last_seconds:.2f} s")
         points = [(names[0], -1, 0)]

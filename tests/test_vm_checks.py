@@ -61,7 +61,7 @@ def test_a_torn_record_is_found(final: bytes) -> None:
 
 def test_a_record_from_after_the_trigger_is_found(final: bytes) -> None:
     problems = SMALL.check(final, -1, 2)
-    assert problems and all("started after the trigger returned" in p for p in problems), problems
+    assert problems and all("after the backup's point in time" in p for p in problems), problems
 
 
 def test_a_missing_or_stale_record_is_found(workload: Path, final: bytes) -> None:

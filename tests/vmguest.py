@@ -271,7 +271,7 @@ class Schedule:
         future = good & (n // self.batch >= next_batch)
         for k in np.flatnonzero(future)[:5]:
             problems.append(f"slot {live[k]}: record {n[k]} of batch {n[k] // self.batch}, which the guest "
-                            f"started after the trigger returned (first such batch: {next_batch})")
+                            f"started after the backup's point in time (first such batch: {next_batch})")
         return problems
 
 
@@ -418,8 +418,9 @@ def start_vm(files: GuestFiles, disk: Path, schedule: Schedule, work: Path,
 @dataclass
 class BackupTaken:
     synced: int  # the last batch the guest had reported synced before the trigger (-1: none)
-    seconds: float  # the trigger's write(), start to return
+    seconds: float = 0.0  # the trigger's write(), start to return
     next_batch: int | None = None  # from the guest's mark; None: the guest had finished
+    marked_while_copying: bool = False  # the trigger sent the mark while the job was copying
 
 
 @dataclass
@@ -444,15 +445,18 @@ class RunResult:
 
 
 def run_guest(files: GuestFiles, disk: Path, schedule: Schedule, work: Path,
-              trigger: Callable[[], None] | None = None, every_batches: int | None = None,
+              trigger: Callable[[Callable[[], None]], None] | None = None, every_batches: int | None = None,
               every_seconds: float | None = None, timeout: float = 240, cache: str = "none",
               log: Callable[[str], None] = print) -> RunResult:
     """Boot, let the workload run, and call ``trigger`` (a backup) whenever
     ``every_batches`` more batches are synced, or ``every_seconds`` have
-    passed at a synced batch, since the last one returned; after each
-    trigger returns, send the guest "T k" so that its mark says which
-    batches started after. Driven by the console, never by sleeping.
-    Returns when QEMU has exited (the guest powered off)."""
+    passed at a synced batch, since the last one returned. ``trigger``
+    gets ``mark``: called once the backup's point in time has passed (the
+    job seen copying), it sends the guest "T k", and the guest's answer
+    says which batches started after it: none of their records may be in
+    the backup. A trigger that does not call it has it called when it
+    returns. Driven by the console, never by sleeping. Returns when QEMU
+    has exited (the guest powered off)."""
     vm = start_vm(files, disk, schedule, work, cache=cache, log=log)
     backups: list[BackupTaken] = []
     state: dict[str, object] = {"synced": -1, "done": None, "verify": "", "eof": False}
@@ -491,12 +495,22 @@ def run_guest(files: GuestFiles, disk: Path, schedule: Schedule, work: Path,
             due = ((every_batches is not None and synced - last_trigger_batch >= every_batches)
                    or (every_seconds is not None and time.monotonic() - last_trigger_end >= every_seconds))
             if due:
+                taken = BackupTaken(synced)
+                backups.append(taken)
+                k = len(backups) - 1
+
+                def mark() -> None:
+                    if not taken.marked_while_copying:
+                        taken.marked_while_copying = True
+                        vm.send(f"T {k}")
+
                 t0 = time.monotonic()
-                trigger()
+                trigger(mark)
                 last_trigger_end = time.monotonic()
-                backups.append(BackupTaken(synced, last_trigger_end - t0))
+                taken.seconds = last_trigger_end - t0
+                if not taken.marked_while_copying:
+                    vm.send(f"T {k}")
                 last_trigger_batch = synced
-                vm.send(f"T {len(backups) - 1}")
         rc = vm.proc.wait(timeout=60)
         done = state["done"]
         if not isinstance(done, list):
