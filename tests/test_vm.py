@@ -25,7 +25,8 @@ import pytest
 
 from tests.commands import sh
 from tests.mounts import Mounted, mounted_device
-from tests.vmguest import GuestUnavailable, RunResult, Schedule, kvm_unusable_reason, prepare_guest, run_guest
+from tests.vmguest import (GuestUnavailable, RunResult, Schedule, kvm_unusable_reason, prepare_guest, run_guest,
+                           start_vm)
 
 pytestmark = [pytest.mark.mount, pytest.mark.long, pytest.mark.timeout(600)]
 
@@ -145,3 +146,25 @@ def test_vm_writes_while_incrementals_are_taken(tmp_path: Path) -> None:
             check = subprocess.run(["qemu-img", "check", "-f", "qcow2", path], capture_output=True, text=True)
             assert check.returncode == 0, f"qemu-img check {name}: {check.stdout}{check.stderr}"
         m.stop()
+
+
+def test_an_aio_mode_qemu_refuses_is_named_and_the_next_one_tried(tmp_path: Path) -> None:
+    """io_uring can be missing from QEMU's build or disabled on a host: the
+    VM must still boot, on the next mode, with QEMU's reason said. A mode
+    no QEMU knows stands in for a refused io_uring."""
+    files = prepare_guest(tmp_path)
+    disk = tmp_path / "disk.raw"
+    with open(disk, "wb") as f:
+        f.truncate(SCHEDULE.disk_bytes)
+    said: list[str] = []
+    vm = start_vm(files, disk, SCHEDULE, tmp_path, aio_modes=("no_such_mode", "io_uring", "native"), log=said.append)
+    try:
+        assert vm.aio == "io_uring"
+        fallback = [s for s in said if "aio=no_such_mode refused" in s]
+        assert fallback and "using aio=io_uring" in fallback[0], said
+        assert "no_such_mode" in fallback[0].split("refused: ", 1)[1], said  # QEMU's own words
+        print(fallback[0])
+    finally:
+        vm.kill()
+    with pytest.raises(AssertionError, match="QEMU refused every aio mode: aio=no_such_mode refused"):
+        start_vm(files, disk, SCHEDULE, tmp_path, aio_modes=("no_such_mode",), log=said.append)
