@@ -2,15 +2,17 @@
 
 QEMU boots Debian's kernel with a busybox initramfs (tests/vmguest.py) on
 ``MOUNT/vm/device`` (raw, virtio, cache=none, aio=io_uring where QEMU and the
-host allow it). The guest writes numbered 4 KiB records with O_DIRECT, fsyncs
-them in batches and says so on its serial console; the host writes
-``incremental`` into ``MOUNT/vm/snapshot`` every few synced batches, while the
-guest keeps writing (copy-before-write), and tells the guest when each
-trigger returned. After the guest powers off and a last incremental is
-taken, every backup must be a consistent point in time: no torn record,
-every record synced before its trigger there (at least as new), nothing from
-a batch the guest started after the trigger returned; the last backup equals
-the device, every image passes ``qemu-img check``.
+host allow it). The guest writes numbered 4 KiB records with O_DIRECT from
+several threads, fsyncs them in batches and says so on its serial console;
+the host writes ``incremental`` into ``MOUNT/vm/snapshot`` every few synced
+batches while the guest keeps writing, and tells the guest as soon as the
+job is seen copying (the guest answers with the first batch it starts after
+that). After the guest powers off and a last incremental is taken, every
+backup must be a consistent point in time: no torn record, every record
+synced before its trigger there (at least as new), nothing from a batch the
+guest started after the job was seen copying (copy-before-write); the last
+backup equals the device, every image passes ``qemu-img check``, the
+daemon's log has no traceback (conftest).
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ from tests.vmguest import (GuestUnavailable, RunResult, Schedule, kvm_unusable_r
 
 pytestmark = [pytest.mark.mount, pytest.mark.long, pytest.mark.timeout(600)]
 
-# 2048 slots 16 KiB apart (a 32 MiB disk), three passes: 6144 records,
-# 24 MiB written, in 48 batches, by 4 threads (4 requests in flight); a
-# backup every 6 batches (about 8 of them). Under TCG (no usable KVM) the
-# guest writes about 1,000 records a second.
+# 2048 slots 16 KiB apart (a 32 MiB disk), six passes: 12,288 records,
+# 48 MiB written, in 96 batches, by 4 threads (4 requests in flight); a
+# backup 4 batches after the last one returned (5 or 6 of them here). Under
+# TCG (no usable KVM) the guest writes about 2,000 records a second: the
+# test takes about 20 s.
 SCHEDULE = Schedule(slots=2048, passes=6, batch=128, spacing=16384, writers=4)
 EVERY_BATCHES = 4
 # Each incremental copies up to 32 MiB: at this rate it takes a second or

@@ -397,7 +397,11 @@ def start_vm(files: GuestFiles, disk: Path, schedule: Schedule, work: Path,
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
         vm = VM(proc, aio, accel, stderr_path=stderr_path)
         threading.Thread(target=vm._read, daemon=True).start()
-        first = vm.next_event(timeout=300)
+        try:
+            first = vm.next_event(timeout=300)
+        except BaseException:
+            vm.kill()
+            raise
         if first.kind == "start":
             if reasons:
                 log("vm: " + "; ".join(reasons) + f"; using aio={aio}")
