@@ -61,8 +61,8 @@ from pathlib import Path
 
 from bench.fuse_vs_qemu import OurMount, QemuExport, backupfs_command, run
 from engine.units import format_size
-from tests.vmguest import (GuestFiles, GuestUnavailable, RunResult, Schedule, kvm_unusable_reason, prepare_guest,
-                           run_guest)
+from tests.vmguest import GuestFiles, GuestUnavailable, RunResult, kvm_unusable_reason, prepare_guest, run_guest
+from tests.vmrecords import Schedule
 
 CONTESTANTS = ("raw", "raw-wb", "qemu-fuse", "device", "backups")
 

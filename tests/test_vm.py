@@ -27,8 +27,8 @@ import pytest
 
 from tests.commands import sh
 from tests.mounts import Mounted, mounted_device
-from tests.vmguest import (GuestUnavailable, RunResult, Schedule, kvm_unusable_reason, prepare_guest, run_guest,
-                           start_vm)
+from tests.vmguest import GuestUnavailable, RunResult, kvm_unusable_reason, prepare_guest, run_guest, start_vm
+from tests.vmrecords import Schedule
 
 pytestmark = [pytest.mark.mount, pytest.mark.long, pytest.mark.timeout(600)]
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.vmguest import RECORD, Schedule, compile_workload
+from tests.vmguest import compile_workload
+from tests.vmrecords import RECORD, Schedule
 
 SMALL = Schedule(slots=64, passes=2, batch=16, spacing=8192, writers=3)
 
