@@ -43,6 +43,8 @@ Why
 
 Run by hand:  .venv/bin/python -m bench.vm_guest [--runs 3] [--every 2] [--slots 8192]
               [--passes 3] [--batch 256] [--writers 4] [--workdir DIR]
+              .venv/bin/python -m bench.vm_guest --same-mount --runs 8   (one mount, no backups:
+              does the write rate fall from boot to boot?)
 """
 
 from __future__ import annotations
@@ -149,6 +151,44 @@ def run_contestant(name: str, files: GuestFiles, schedule: Schedule, run_dir: Pa
         mnt.stop()
 
 
+def same_mount_series(files: GuestFiles, schedule: Schedule, workdir: Path, boots: int,
+                      log: Callable[[str], None]) -> None:
+    """The VM booted ``boots`` times on one mount, no backup taken: does the
+    device's write rate fall from boot to boot (something that grows with
+    every write, as the issue saw with fio on one mount)?"""
+    source = workdir / "vm.raw"
+    sparse_file(source, schedule.disk_bytes)
+    repo, mnt_dir = workdir / "repo", workdir / "mnt"
+    mnt_dir.mkdir()
+    run(backupfs_command() + ["init", str(repo)])
+    run(backupfs_command() + ["device", "add", str(repo), "vm", str(source)])
+    mnt = OurMount(str(repo), str(mnt_dir))
+    mnt.start()
+    rates = []
+    try:
+        trigger(mnt, "full")
+        for b in range(boots):
+            boot_dir = workdir / f"boot{b + 1}"
+            boot_dir.mkdir()
+            result = run_guest(files, Path(mnt.path("vm", "device")), schedule, boot_dir, log=log)
+            rates.append(result.records_per_s)
+            print(f"  boot {b + 1}/{boots}: {result.records_per_s:.0f} records/s, last quarter / first quarter "
+                  f"{late_over_early(result, schedule):.2f}", flush=True)
+            shutil.rmtree(boot_dir, ignore_errors=True)
+    finally:
+        mnt.stop()
+    print(f"Same mount, {boots} boots, {boots * schedule.records} records: last boot / first boot "
+          f"{rates[-1] / rates[0]:.2f}; per boot {' '.join(f'{r:.0f}' for r in rates)} records/s")
+
+
+def late_over_early(result: RunResult, schedule: Schedule) -> float:
+    """The write rate over the last quarter of the batches over that of the
+    first: below 1, something the writes pay for grows as they go."""
+    q = max(1, schedule.batches // 4)
+    last = schedule.batches - 1
+    return result.rate_between(last - q, last, schedule.batch) / result.rate_between(0, q, schedule.batch)
+
+
 def spread(values: list[float]) -> str:
     if not values:
         return "-"
@@ -177,6 +217,12 @@ def report(outcomes: dict[str, Outcome], schedule: Schedule, runs: int) -> None:
         ("backups / raw", bak / raw, ""),
     ):
         print(f"  {label:<18} = {ratio:.2f}" + (f"   ({what})" if what else ""))
+    print()
+    print("Does a run slow down as it goes? Records/s over the last quarter of the batches / over the")
+    print("first quarter (host clock at each synced line; 1.0: steady; per run):")
+    for name in CONTESTANTS:
+        ratios = [late_over_early(r, schedule) for r in outcomes[name].runs]
+        print(f"  {name:<10} {statistics.median(ratios):.2f}   ({' '.join(f'{x:.2f}' for x in ratios)})")
     times = outcomes["backups"].backup_seconds
     counts = [len(r.backups) for r in outcomes["backups"].runs]
     print()
@@ -194,6 +240,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--spacing", type=int, default=8192, help="bytes between slots (default 8192)")
     p.add_argument("--writers", type=int, default=4,
                    help="guest threads writing each batch, so many requests are in flight (default 4)")
+    p.add_argument("--same-mount", action="store_true",
+                   help="instead: boot the VM --runs times on one mount, no backups, and say whether the "
+                        "device's write rate falls from boot to boot")
     p.add_argument("--workdir", help="where disks and repositories go (default: a new dir in /var/tmp)")
     return p.parse_args(argv)
 
@@ -224,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
               f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         if why is not None:
             print("  note: under TCG the guest's CPU is emulated; it, not the disk, bounds the rates")
+        if args.same_mount:
+            same_mount_series(files, schedule, workdir, args.runs, log)
+            return 0
         outcomes = {n: Outcome() for n in CONTESTANTS}
         for r in range(args.runs):
             k = r % len(CONTESTANTS)

@@ -336,6 +336,11 @@ class RunResult:
     backups: list[BackupTaken]
     console: list[str]
     last_synced: int
+    synced_at: list[float]  # host clock when each "synced" line was read, in batch order
+
+    def rate_between(self, first: int, last: int, batch: int) -> float:
+        """Records per second from batch ``first``'s sync to batch ``last``'s, by the host's clock."""
+        return (last - first) * batch / (self.synced_at[last] - self.synced_at[first])
 
     @property
     def records_per_s(self) -> float:
@@ -362,6 +367,7 @@ def run_guest(files: GuestFiles, disk: Path, schedule: Schedule, work: Path,
     vm = start_vm(files, disk, schedule, work, cache=cache, log=log)
     backups: list[BackupTaken] = []
     state: dict[str, object] = {"synced": -1, "done": None, "verify": "", "eof": False}
+    synced_at: list[float] = []
 
     def handle(ev: Event) -> None:
         if ev.kind == "error":
@@ -376,6 +382,7 @@ def run_guest(files: GuestFiles, disk: Path, schedule: Schedule, work: Path,
             backups[int(ev.args[0])].next_batch = int(ev.args[2])
         elif ev.kind == "synced":
             state["synced"] = int(ev.args[0])
+            synced_at.append(ev.at)
 
     last_trigger_batch = -1
     last_trigger_end = time.monotonic()
@@ -423,4 +430,4 @@ def run_guest(files: GuestFiles, disk: Path, schedule: Schedule, work: Path,
         if b.next_batch is None:  # the guest had written its last batch before it read the mark
             b.next_batch = schedule.batches
     return RunResult(vm.aio, vm.accel, int(done[1]), int(done[3]), float(done[5]), str(state["verify"]),
-                     backups, vm.console, int(state["synced"]))  # type: ignore[call-overload]
+                     backups, vm.console, int(state["synced"]), synced_at)  # type: ignore[call-overload]
