@@ -243,9 +243,14 @@ class VM:
                 return
 
     def send(self, line: str) -> None:
+        """A line to the guest's console; nothing if QEMU has gone (the
+        guest may finish and power off while a backup runs)."""
         assert self.proc.stdin is not None
-        self.proc.stdin.write(line.encode() + b"\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(line.encode() + b"\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass
 
     def tail(self, n: int = 40) -> str:
         err = self.stderr_path.read_text(errors="replace") if self.stderr_path and self.stderr_path.exists() else ""
