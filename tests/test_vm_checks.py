@@ -26,15 +26,14 @@ def workload(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return compile_workload(tmp_path_factory.mktemp("workload"))
 
 
-def _run_workload(binary: Path, schedule: Schedule, name: str) -> tuple[bytes, list[str]]:
+def _run_workload(binary: Path, schedule: Schedule, name: str, host_says: str = "") -> tuple[bytes, list[str]]:
     disk = binary.parent / name
     with open(disk, "wb") as f:
         f.truncate(schedule.disk_bytes)
     env = {**os.environ, "bfs_dev": str(disk), "bfs_slots": str(schedule.slots),
            "bfs_passes": str(schedule.passes), "bfs_batch": str(schedule.batch), "bfs_spacing": str(schedule.spacing),
            "bfs_writers": str(schedule.writers)}
-    proc = subprocess.run([str(binary)], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run([str(binary)], env=env, input=host_says, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return disk.read_bytes(), proc.stdout.splitlines()
 
@@ -80,3 +79,15 @@ def test_bytes_between_records_must_stay_zero(final: bytes) -> None:
     dirty[3 * SMALL.spacing + RECORD + 10] = 1
     assert SMALL.check(bytes(dirty), SMALL.batches - 1, SMALL.batches) == [
         "slot 3: bytes after its record are not zeros"]
+
+
+def test_the_host_marks_and_stops_the_workload(workload: Path) -> None:
+    """Lines from the host, read after the first batch: a mark is answered
+    with the next batch, a stop ends the workload there; what it wrote is
+    then what the schedule says up to that batch, and its read-back agrees."""
+    data, lines = _run_workload(workload, SMALL, "stopped", host_says="T 0\nS\n")
+    assert [ln for ln in lines if ln.startswith(("BFS synced", "BFS mark"))] == ["BFS synced 0", "BFS mark 0 next 1"]
+    assert f"BFS done records {SMALL.batch} bytes {SMALL.batch * RECORD}" in lines[-1]
+    assert lines[-2] == f"BFS verify ok {SMALL.batch} slots"
+    assert SMALL.check(data, 0, 1) == []
+    assert SMALL.check(data, 1, 2) != []  # batch 1 was never written

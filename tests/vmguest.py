@@ -328,6 +328,7 @@ class BackupTaken:
     seconds: float = 0.0  # the trigger's write(), start to return
     next_batch: int | None = None  # from the guest's mark; None: the guest had finished
     marked_while_copying: bool = False  # the trigger sent the mark while the job was copying
+    returned_at: float = 0.0  # time.monotonic() when the trigger returned
 
 
 @dataclass
@@ -342,6 +343,13 @@ class RunResult:
     console: list[str]
     last_synced: int
     synced_at: list[float]  # host clock when each "synced" line was read, in batch order
+
+    def batches_during(self, backup: BackupTaken) -> int:
+        """Batches the guest started after ``backup``'s point in time and
+        had synced before the trigger returned: written while the job ran
+        (through copy-before-write where they met regions not copied yet)."""
+        assert backup.next_batch is not None
+        return sum(1 for at in self.synced_at[backup.next_batch :] if at < backup.returned_at)
 
     def rate_between(self, first: int, last: int, batch: int) -> float:
         """Records per second from batch ``first``'s sync to batch ``last``'s, by the host's clock."""
@@ -359,7 +367,7 @@ class RunResult:
 def run_guest(files: GuestFiles, disk: Path, schedule: Schedule, work: Path,
               trigger: Callable[[Callable[[], None]], None] | None = None, every_batches: int | None = None,
               every_seconds: float | None = None, timeout: float = 240, cache: str = "none",
-              log: Callable[[str], None] = print) -> RunResult:
+              stop_after: int | None = None, log: Callable[[str], None] = print) -> RunResult:
     """Boot, let the workload run, and call ``trigger`` (a backup) whenever
     ``every_batches`` more batches are synced, or ``every_seconds`` have
     passed at a synced batch, since the last one returned. ``trigger``
@@ -367,8 +375,11 @@ def run_guest(files: GuestFiles, disk: Path, schedule: Schedule, work: Path,
     job seen copying), it sends the guest "T k", and the guest's answer
     says which batches started after it: none of their records may be in
     the backup. A trigger that does not call it has it called when it
-    returns. Driven by the console, never by sleeping. Returns when QEMU
-    has exited (the guest powered off)."""
+    returns. With ``stop_after``, once that many backups have returned
+    the guest is told to stop after its current batch (a guest under KVM
+    could otherwise finish before the host took a few). Driven by the
+    console, never by sleeping. Returns when QEMU has exited (the guest
+    powered off)."""
     vm = start_vm(files, disk, schedule, work, cache=cache, log=log)
     backups: list[BackupTaken] = []
     state: dict[str, object] = {"synced": -1, "done": None, "verify": "", "eof": False}
@@ -391,6 +402,7 @@ def run_guest(files: GuestFiles, disk: Path, schedule: Schedule, work: Path,
 
     last_trigger_batch = -1
     last_trigger_end = time.monotonic()
+    stopping = False
     deadline = time.monotonic() + timeout
     try:
         while not state["eof"]:
@@ -404,7 +416,7 @@ def run_guest(files: GuestFiles, disk: Path, schedule: Schedule, work: Path,
             for more in vm.pending():  # batches already reported count as synced before the trigger
                 handle(more)
             synced = int(state["synced"])  # type: ignore[call-overload]
-            if state["done"] is not None or state["eof"] or synced >= schedule.batches - 1:
+            if state["done"] is not None or state["eof"] or synced >= schedule.batches - 1 or stopping:
                 continue
             due = ((every_batches is not None and synced - last_trigger_batch >= every_batches)
                    or (every_seconds is not None and time.monotonic() - last_trigger_end >= every_seconds))
@@ -422,9 +434,13 @@ def run_guest(files: GuestFiles, disk: Path, schedule: Schedule, work: Path,
                 trigger(mark)
                 last_trigger_end = time.monotonic()
                 taken.seconds = last_trigger_end - t0
+                taken.returned_at = last_trigger_end
                 if not taken.marked_while_copying:
                     vm.send(f"T {k}")
                 last_trigger_batch = synced
+                if stop_after is not None and len(backups) >= stop_after:
+                    vm.send("S")
+                    stopping = True
         rc = vm.proc.wait(timeout=60)
         done = state["done"]
         if not isinstance(done, list):
@@ -433,6 +449,6 @@ def run_guest(files: GuestFiles, disk: Path, schedule: Schedule, work: Path,
         vm.kill()
     for b in backups:
         if b.next_batch is None:  # the guest had written its last batch before it read the mark
-            b.next_batch = schedule.batches
+            b.next_batch = int(state["synced"]) + 1  # type: ignore[call-overload]
     return RunResult(vm.aio, vm.accel, int(done[1]), int(done[3]), float(done[5]), str(state["verify"]),
                      backups, vm.console, int(state["synced"]), synced_at)  # type: ignore[call-overload]
