@@ -74,7 +74,8 @@ def _module_name(ko: Path) -> str:
 
 
 def find_kernel(cache: Path = KERNEL_CACHE) -> GuestKernel:
-    """The cached guest kernel with the modules for virtio disks, dependencies first."""
+    """The cached guest kernel with the modules for virtio disks, dependencies
+    first (none for a driver its config builds in; Debian's has them as modules)."""
     vmlinuz = cache / "vmlinuz"
     if not vmlinuz.is_file():
         raise GuestUnavailable(f"no guest kernel in {cache} (scripts/guest-kernel unpacks one, as root)")
@@ -92,9 +93,20 @@ def find_kernel(cache: Path = KERNEL_CACHE) -> GuestKernel:
             visit(dep)
         order.append(available[name])
 
+    builtin = built_in(cache / "config")
     for name in GUEST_MODULES:
-        visit(name)
+        if name not in builtin:
+            visit(name)
     return GuestKernel(vmlinuz, (cache / "release").read_text().strip(), order)
+
+
+def built_in(config: Path) -> set[str]:
+    """Which of GUEST_MODULES the kernel's config builds in (=y): those need no insmod."""
+    try:
+        text = config.read_text()
+    except OSError:
+        return set()
+    return {name for name in GUEST_MODULES if re.search(rf"^CONFIG_{name.upper()}=y$", text, re.M)}
 
 
 # -- the initramfs ------------------------------------------------------------------------------
