@@ -38,6 +38,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/fuse.h>
+#include <poll.h>
 #include <sys/epoll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -59,32 +60,79 @@ static DevioAPI *devio;
 
 typedef struct {
     uint64_t fh;
-    void *dev; /* a DevIO, referenced while in the table */
+    void *dev; /* a DevIO, referenced while in the table; NULL: read by the reader callback */
 } Entry;
 
 typedef struct {
     PyObject_HEAD
+    int session_fd; /* pyfuse3's descriptor number: the socket while we run */
     int dev_fd; /* the FUSE device */
     int ours;   /* our end of the socket pair */
     int stop_fd;
     int ended_fd; /* readable once the connection is gone (unmounted) */
     int nreaders;
+    atomic_int readers_alive;
+    pthread_mutex_t go_lock; /* the threads wait for go: 1 run, -1 never started */
+    pthread_cond_t go_cond;
+    int go;
     pthread_t readers[MAX_READERS];
     pthread_t forwarder;
     int started;
     int stopped;
+    atomic_int stopping;
     unsigned max_background;
+    PyObject *read_cb; /* reads of a backup: called with the GIL, see serve() */
     atomic_ullong init_unique; /* the INIT request's, to find its reply */
     pthread_rwlock_t table_lock;
     Entry *table;
     size_t count, cap;
-    atomic_ullong served, passed;
+    atomic_ullong served, read_by_python, passed;
 } Relay;
 
-static void *lookup(Relay *r, uint64_t fh) {
+static Entry *lookup(Relay *r, uint64_t fh) {
     for (size_t i = 0; i < r->count; i++)
-        if (r->table[i].fh == fh) return r->table[i].dev;
+        if (r->table[i].fh == fh) return &r->table[i];
     return NULL;
+}
+
+/* A read the Python callback serves in this thread, straight into the reply
+ * buffer: bytes read, -errno, or -1000 (declined: pass it to pyfuse3). A
+ * backup's reply then crosses no socket (two copies of up to 1 MiB) and
+ * waits for no event loop; the callback's chain read runs without the GIL. */
+#define DECLINED (-1000)
+static ssize_t python_read(Relay *r, uint64_t fh, uint64_t off, uint32_t size, char *into) {
+    ssize_t result = DECLINED;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject *cb = r->read_cb;
+    if (cb != NULL) {
+        PyObject *view = PyMemoryView_FromMemory(into, size, PyBUF_WRITE);
+        PyObject *got = view ? PyObject_CallFunction(cb, "KKIO", (unsigned long long)fh,
+                                                     (unsigned long long)off, size, view) : NULL;
+        if (got == NULL) {
+            PyErr_WriteUnraisable(cb);
+            result = -EIO;
+        } else if (got != Py_None) {
+            long n = PyLong_AsLong(got);
+            if (n == -1 && PyErr_Occurred()) {
+                PyErr_WriteUnraisable(cb);
+                n = -EIO;
+            }
+            result = n > (long)size ? -EIO : n;
+        }
+        Py_XDECREF(got);
+        if (view != NULL) {
+            /* Nothing may keep our buffer past this call. */
+            PyObject *released = PyObject_CallMethod(view, "release", NULL);
+            if (released == NULL) {
+                PyErr_WriteUnraisable(view);
+                result = -EIO;
+            }
+            Py_XDECREF(released);
+            Py_DECREF(view);
+        }
+    }
+    PyGILState_Release(gil);
+    return result;
 }
 
 static void reply_error(Relay *r, uint64_t unique, int err) {
@@ -100,24 +148,30 @@ static int serve(Relay *r, const char *req, size_t n, char *out) {
     pthread_rwlock_rdlock(&r->table_lock);
     if (in->opcode == FUSE_READ && n >= sizeof *in + sizeof(struct fuse_read_in)) {
         const struct fuse_read_in *rd = (const void *)(req + sizeof *in);
-        void *dev = lookup(r, rd->fh);
-        if (dev != NULL && rd->size <= MAX_DATA) {
-            ssize_t got = devio->read(dev, rd->offset, rd->size, out + sizeof(struct fuse_out_header));
+        Entry *e = lookup(r, rd->fh);
+        if (e != NULL && rd->size <= MAX_DATA) {
+            char *data = out + sizeof(struct fuse_out_header);
+            ssize_t got = e->dev != NULL ? devio->read(e->dev, rd->offset, rd->size, data)
+                                         : python_read(r, rd->fh, rd->offset, rd->size, data);
+            struct fuse_out_header *o = (void *)out;
             if (got >= 0) {
-                struct fuse_out_header *o = (void *)out;
                 o->len = (uint32_t)(sizeof *o + (size_t)got);
                 o->error = 0;
                 o->unique = in->unique;
                 (void)!write(r->dev_fd, out, o->len); /* ENOENT: interrupted and gone */
                 done = 1;
+            } else if (e->dev == NULL && got != DECLINED) {
+                reply_error(r, in->unique, (int)-got);
+                done = 1;
             }
+            if (done && e->dev == NULL) atomic_fetch_add(&r->read_by_python, 1);
         }
     } else if (in->opcode == FUSE_WRITE && n >= sizeof *in + sizeof(struct fuse_write_in)) {
         const struct fuse_write_in *wr = (const void *)(req + sizeof *in);
         size_t header = sizeof *in + sizeof *wr;
-        void *dev = lookup(r, wr->fh);
-        if (dev != NULL && header + wr->size <= n) {
-            ssize_t put = devio->write(dev, wr->offset, req + header, wr->size);
+        Entry *e = lookup(r, wr->fh);
+        if (e != NULL && e->dev != NULL && header + wr->size <= n) {
+            ssize_t put = devio->write(e->dev, wr->offset, req + header, wr->size);
             if (put >= 0) {
                 struct {
                     struct fuse_out_header h;
@@ -132,10 +186,35 @@ static int serve(Relay *r, const char *req, size_t n, char *out) {
     return done;
 }
 
+/* Threads are made before pyfuse3's descriptor is taken, and wait here: a
+ * start that fails then leaves pyfuse3 as it was, no request read. */
+static int wait_for_go(Relay *r) {
+    pthread_mutex_lock(&r->go_lock);
+    while (r->go == 0) pthread_cond_wait(&r->go_cond, &r->go_lock);
+    int go = r->go;
+    pthread_mutex_unlock(&r->go_lock);
+    return go > 0;
+}
+
+static void set_go(Relay *r, int go) {
+    pthread_mutex_lock(&r->go_lock);
+    r->go = go;
+    pthread_cond_broadcast(&r->go_cond);
+    pthread_mutex_unlock(&r->go_lock);
+}
+
+static void tell_ended(Relay *r) {
+    uint64_t one = 1;
+    (void)!write(r->ended_fd, &one, sizeof one);
+}
+
 static void *reader(void *arg) {
     Relay *r = arg;
-    char *req = malloc(BUF_SIZE), *out = malloc(BUF_SIZE);
-    int ep = -1;
+    char *req = NULL, *out = NULL;
+    int ep = -1, gone = 0;
+    if (!wait_for_go(r)) return NULL;
+    req = malloc(BUF_SIZE);
+    out = malloc(BUF_SIZE);
     if (req == NULL || out == NULL) goto end;
     /* One wakeup per request, not one per reader (EPOLLEXCLUSIVE): with
      * poll() every idle reader woke for each request and all but one found
@@ -158,7 +237,8 @@ static void *reader(void *arg) {
         ssize_t n = read(r->dev_fd, req, BUF_SIZE);
         if (n < 0) {
             if (errno == EAGAIN || errno == EINTR || errno == ENOENT) continue;
-            break; /* ENODEV: unmounted */
+            gone = errno == ENODEV; /* unmounted */
+            break;
         }
         if ((size_t)n < sizeof(struct fuse_in_header)) continue;
         const struct fuse_in_header *in = (const void *)req;
@@ -168,21 +248,27 @@ static void *reader(void *arg) {
         }
         if (in->opcode == FUSE_INIT) atomic_store(&r->init_unique, in->unique);
         atomic_fetch_add(&r->passed, 1);
-        if (send(r->ours, req, (size_t)n, MSG_NOSIGNAL) < 0) {
-            if (errno == EINTR) continue;
-            reply_error(r, in->unique, EIO);
-            if (errno == EPIPE) break;
+        ssize_t sent;
+        do sent = send(r->ours, req, (size_t)n, MSG_NOSIGNAL);
+        while (sent < 0 && errno == EINTR);
+        if (sent < 0) {
+            int err = errno;
+            if (in->opcode != FUSE_FORGET && in->opcode != FUSE_BATCH_FORGET) reply_error(r, in->unique, EIO);
+            if (err == EPIPE) break;
         }
     }
 end:
     if (ep >= 0) close(ep);
     free(req);
     free(out);
-    /* The connection is gone (or we stop): the mount's loop, told through
-     * ended_fd, ends pyfuse3's loop as the device's ENODEV did (a socket
-     * can only say EOF, which libfuse takes for an error). */
-    uint64_t one = 1;
-    (void)!write(r->ended_fd, &one, sizeof one);
+    /* The connection is gone: the mount's loop, told through ended_fd, ends
+     * pyfuse3's loop as the device's ENODEV did (a socket can only say EOF,
+     * which libfuse takes for an error). So does the last reader to go for
+     * any other reason: nothing would read requests any more. A stop()
+     * needs no telling. */
+    if (atomic_fetch_sub(&r->readers_alive, 1) == 1 || gone) {
+        if (!atomic_load(&r->stopping)) tell_ended(r);
+    }
     return NULL;
 }
 
@@ -196,22 +282,45 @@ static void widen_init(Relay *r, char *msg, size_t n) {
     }
 }
 
+static void forward(Relay *r, char *msg, size_t n) {
+    if (n < sizeof(struct fuse_out_header)) return;
+    struct fuse_out_header *h = (void *)msg;
+    unsigned long long init = atomic_load(&r->init_unique);
+    if (init && h->unique == init) {
+        widen_init(r, msg, n);
+        atomic_store(&r->init_unique, 0);
+    }
+    (void)!write(r->dev_fd, msg, n); /* ENOENT: the request was interrupted */
+}
+
 static void *forwarder(void *arg) {
     Relay *r = arg;
+    if (!wait_for_go(r)) return NULL;
     char *msg = malloc(BUF_SIZE);
-    if (msg == NULL) return NULL;
+    if (msg == NULL) {
+        /* pyfuse3's replies would go nowhere: end the mount rather than hang it. */
+        tell_ended(r);
+        return NULL;
+    }
     for (;;) {
-        ssize_t n = recv(r->ours, msg, BUF_SIZE, 0);
-        if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) break; /* pyfuse3 closed its end */
-        if ((size_t)n < sizeof(struct fuse_out_header)) continue;
-        struct fuse_out_header *h = (void *)msg;
-        unsigned long long init = atomic_load(&r->init_unique);
-        if (init && h->unique == init) {
-            widen_init(r, msg, (size_t)n);
-            atomic_store(&r->init_unique, 0);
+        struct pollfd p[2] = {{r->ours, POLLIN, 0}, {r->stop_fd, POLLIN, 0}};
+        if (poll(p, 2, -1) < 0) {
+            if (errno == EINTR) continue;
+            break;
         }
-        (void)!write(r->dev_fd, msg, (size_t)n); /* ENOENT: the request was interrupted */
+        if (p[0].revents & POLLIN) {
+            ssize_t n = recv(r->ours, msg, BUF_SIZE, MSG_DONTWAIT);
+            if (n > 0) forward(r, msg, (size_t)n);
+            else if (n == 0 || (errno != EAGAIN && errno != EINTR)) break;
+            continue;
+        }
+        if (p[0].revents & (POLLHUP | POLLERR)) break;
+        if (p[1].revents) {
+            /* Stopping: pass on the replies pyfuse3 left, then go. */
+            ssize_t n;
+            while ((n = recv(r->ours, msg, BUF_SIZE, MSG_DONTWAIT)) > 0) forward(r, msg, (size_t)n);
+            break;
+        }
     }
     free(msg);
     return NULL;
@@ -259,7 +368,9 @@ static int size_buffers(int fd) {
 static PyObject *Relay_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     Relay *r = (Relay *)type->tp_alloc(type, 0);
     if (r == NULL) return NULL;
-    r->dev_fd = r->ours = r->stop_fd = r->ended_fd = -1;
+    r->session_fd = r->dev_fd = r->ours = r->stop_fd = r->ended_fd = -1;
+    pthread_mutex_init(&r->go_lock, NULL);
+    pthread_cond_init(&r->go_cond, NULL);
     /* Writers first: an open or close of the device file waits only for the
      * requests in C now, not for a stream of new ones. */
     pthread_rwlockattr_t attr;
@@ -271,9 +382,13 @@ static PyObject *Relay_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
 }
 
 static void Relay_dealloc(Relay *r) {
+    if (r->started && !r->stopped) return; /* its threads still use it: leaked, not freed under them */
     if (r->ended_fd >= 0) close(r->ended_fd);
-    for (size_t i = 0; i < r->count; i++) Py_DECREF((PyObject *)r->table[i].dev);
-    PyMem_Free(r->table);
+    for (size_t i = 0; i < r->count; i++) Py_XDECREF((PyObject *)r->table[i].dev);
+    Py_CLEAR(r->read_cb);
+    free(r->table);
+    pthread_mutex_destroy(&r->go_lock);
+    pthread_cond_destroy(&r->go_cond);
     pthread_rwlock_destroy(&r->table_lock);
     Py_TYPE(r)->tp_free((PyObject *)r);
 }
@@ -294,7 +409,7 @@ static PyObject *Relay_start(Relay *r, PyObject *args, PyObject *kw) {
     }
     r->max_background = max_background > 65535 ? 65535 : max_background;
     int pair[2] = {-1, -1};
-    int dev_fd = -1, stop_fd = -1, ended_fd = -1;
+    int dev_fd = -1, stop_fd = -1, ended_fd = -1, err = 0;
     if (!socket_splices()) {
         errno = EOPNOTSUPP;
         goto fail;
@@ -307,30 +422,48 @@ static PyObject *Relay_start(Relay *r, PyObject *args, PyObject *kw) {
     if ((stop_fd = eventfd(0, EFD_CLOEXEC)) < 0) goto fail;
     if ((ended_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) < 0) goto fail;
     if ((dev_fd = fcntl(session_fd, F_DUPFD_CLOEXEC, 3)) < 0) goto fail;
-    if (fcntl(dev_fd, F_SETFL, fcntl(dev_fd, F_GETFL) | O_NONBLOCK) < 0) goto fail;
-    /* From here on pyfuse3's descriptor is the socket. */
-    if (dup3(pair[1], session_fd, O_CLOEXEC) < 0) goto fail;
-    close(pair[1]);
+    r->session_fd = session_fd;
     r->dev_fd = dev_fd;
     r->ours = pair[0];
     r->stop_fd = stop_fd;
     r->ended_fd = ended_fd;
-    /* Our threads take no signals: the daemon's handlers run in its main thread. */
+    r->go = 0;
+    /* The threads first, waiting for go; they take no signals (the daemon's
+     * handlers run in its main thread). */
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, &old);
-    int err = pthread_create(&r->forwarder, NULL, forwarder, r);
+    int forwarder_made = 0;
+    err = pthread_create(&r->forwarder, NULL, forwarder, r);
+    forwarder_made = err == 0;
     for (int i = 0; err == 0 && i < nreaders; i++) {
         err = pthread_create(&r->readers[i], NULL, reader, r);
         if (err == 0) r->nreaders++;
     }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
-    r->started = 1;
-    if (err != 0 && r->nreaders == 0) {
-        /* Nothing reads the device now: cannot go back (the number is the socket). */
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
+    /* Then the device: non-blocking for our readers, the socket at pyfuse3's number. */
+    if (err == 0 && fcntl(dev_fd, F_SETFL, fcntl(dev_fd, F_GETFL) | O_NONBLOCK) < 0) err = errno;
+    if (err == 0 && dup3(pair[1], session_fd, O_CLOEXEC) < 0) {
+        err = errno;
+        fcntl(dev_fd, F_SETFL, fcntl(dev_fd, F_GETFL) & ~O_NONBLOCK);
     }
+    if (err != 0) {
+        /* Nothing was read or taken: pyfuse3 keeps its device. */
+        set_go(r, -1);
+        Py_BEGIN_ALLOW_THREADS
+        for (int i = 0; i < r->nreaders; i++) pthread_join(r->readers[i], NULL);
+        if (forwarder_made) pthread_join(r->forwarder, NULL);
+        Py_END_ALLOW_THREADS
+        r->nreaders = 0;
+        r->session_fd = r->dev_fd = r->ours = r->stop_fd = r->ended_fd = -1;
+        errno = err;
+        goto fail;
+    }
+    close(pair[1]);
+    pair[1] = -1;
+    atomic_store(&r->readers_alive, r->nreaders);
+    r->started = 1;
+    set_go(r, 1);
     Py_RETURN_NONE;
 fail: {
     int e = errno;
@@ -345,18 +478,23 @@ fail: {
 }
 
 static PyObject *Relay_stop(Relay *r, PyObject *unused) {
-    /* After pyfuse3 has unmounted and closed its end: stop the readers,
-     * release the device (the kernel then ends the connection, as it did
-     * when pyfuse3 closed it), and drop every registered device. */
+    /* After pyfuse3's loop has ended and before it unmounts: stop the
+     * threads (the forwarder passes on the replies left), and put the FUSE
+     * device back at pyfuse3's number. Its unmount then sees what it saw
+     * before the relay: a connection the kernel ended is not unmounted
+     * again (whatever is mounted there now stays), and its close releases
+     * the device. Registered devices are dropped. */
     if (!r->started || r->stopped) Py_RETURN_NONE;
     r->stopped = 1;
+    atomic_store(&r->stopping, 1);
     uint64_t one = 1;
     (void)!write(r->stop_fd, &one, sizeof one);
-    shutdown(r->ours, SHUT_RDWR);
     Py_BEGIN_ALLOW_THREADS
     for (int i = 0; i < r->nreaders; i++) pthread_join(r->readers[i], NULL);
     pthread_join(r->forwarder, NULL);
     Py_END_ALLOW_THREADS
+    fcntl(r->dev_fd, F_SETFL, fcntl(r->dev_fd, F_GETFL) & ~O_NONBLOCK);
+    int restored = dup3(r->dev_fd, r->session_fd, O_CLOEXEC);
     close(r->dev_fd);
     close(r->ours);
     close(r->stop_fd);
@@ -367,8 +505,26 @@ static PyObject *Relay_stop(Relay *r, PyObject *unused) {
     r->table = NULL;
     r->count = r->cap = 0;
     pthread_rwlock_unlock(&r->table_lock);
-    for (size_t i = 0; i < n; i++) Py_DECREF((PyObject *)t[i].dev);
-    PyMem_Free(t);
+    for (size_t i = 0; i < n; i++) Py_XDECREF((PyObject *)t[i].dev);
+    free(t);
+    Py_CLEAR(r->read_cb);
+    if (restored < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Relay_set_reader(Relay *r, PyObject *cb) {
+    /* Before start(): cb(fh, offset, size, buffer) -> bytes read into buffer,
+     * -errno, or None (pass the request to pyfuse3). Runs in relay threads. */
+    if (r->started) {
+        PyErr_SetString(PyExc_RuntimeError, "set the reader before start()");
+        return NULL;
+    }
+    if (!PyCallable_Check(cb)) {
+        PyErr_SetString(PyExc_TypeError, "the reader must be callable");
+        return NULL;
+    }
+    Py_INCREF(cb);
+    Py_XSETREF(r->read_cb, cb);
     Py_RETURN_NONE;
 }
 
@@ -376,33 +532,41 @@ static PyObject *Relay_register(Relay *r, PyObject *args) {
     unsigned long long fh;
     PyObject *dev;
     if (!PyArg_ParseTuple(args, "KO", &fh, &dev)) return NULL;
-    if (!PyObject_TypeCheck(dev, (PyTypeObject *)devio->type)) {
-        PyErr_SetString(PyExc_TypeError, "register(fh, DevIO)");
+    if (dev == Py_None) {
+        if (r->read_cb == NULL) {
+            PyErr_SetString(PyExc_RuntimeError, "no reader set");
+            return NULL;
+        }
+    } else if (!PyObject_TypeCheck(dev, (PyTypeObject *)devio->type)) {
+        PyErr_SetString(PyExc_TypeError, "register(fh, DevIO or None)");
         return NULL;
     }
     if (r->stopped) Py_RETURN_NONE;
-    Entry *grown = NULL;
+    if (dev == Py_None) dev = NULL; /* reads go to the reader callback */
+    Py_XINCREF(dev);
+    int full = 0;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_rwlock_wrlock(&r->table_lock); /* all of it under the lock: opens register from threads */
     if (r->count == r->cap) {
         size_t cap = r->cap ? 2 * r->cap : 8;
-        grown = PyMem_Malloc(cap * sizeof(Entry));
-        if (grown == NULL) return PyErr_NoMemory();
-        memcpy(grown, r->table, r->count * sizeof(Entry));
+        Entry *grown = realloc(r->table, cap * sizeof(Entry));
+        if (grown == NULL) full = 1;
+        else {
+            r->table = grown;
+            r->cap = cap;
+        }
     }
-    Py_INCREF(dev);
-    Entry *old = NULL;
-    Py_BEGIN_ALLOW_THREADS
-    pthread_rwlock_wrlock(&r->table_lock);
-    Py_END_ALLOW_THREADS
-    if (grown != NULL) {
-        old = r->table;
-        r->table = grown;
-        r->cap = r->cap ? 2 * r->cap : 8;
+    if (!full) {
+        r->table[r->count].fh = fh;
+        r->table[r->count].dev = dev;
+        r->count++;
     }
-    r->table[r->count].fh = fh;
-    r->table[r->count].dev = dev;
-    r->count++;
     pthread_rwlock_unlock(&r->table_lock);
-    PyMem_Free(old);
+    Py_END_ALLOW_THREADS
+    if (full) {
+        Py_XDECREF(dev);
+        return PyErr_NoMemory();
+    }
     Py_RETURN_NONE;
 }
 
@@ -410,6 +574,7 @@ static PyObject *Relay_unregister(Relay *r, PyObject *arg) {
     unsigned long long fh = PyLong_AsUnsignedLongLong(arg);
     if (PyErr_Occurred()) return NULL;
     PyObject *dev = NULL;
+    int found = 0;
     Py_BEGIN_ALLOW_THREADS
     pthread_rwlock_wrlock(&r->table_lock); /* waits for the requests in C */
     Py_END_ALLOW_THREADS
@@ -417,12 +582,13 @@ static PyObject *Relay_unregister(Relay *r, PyObject *arg) {
         if (r->table[i].fh == fh) {
             dev = r->table[i].dev;
             r->table[i] = r->table[--r->count];
+            found = 1;
             break;
         }
     }
     pthread_rwlock_unlock(&r->table_lock);
     Py_XDECREF(dev);
-    return PyBool_FromLong(dev != NULL);
+    return PyBool_FromLong(found);
 }
 
 static PyObject *Relay_notify(Relay *r, PyObject *arg) {
@@ -445,8 +611,8 @@ static PyObject *Relay_notify(Relay *r, PyObject *arg) {
 }
 
 static PyObject *Relay_stats(Relay *r, PyObject *unused) {
-    return Py_BuildValue("KK", (unsigned long long)atomic_load(&r->served),
-                         (unsigned long long)atomic_load(&r->passed));
+    unsigned long long served = atomic_load(&r->served), reads = atomic_load(&r->read_by_python);
+    return Py_BuildValue("KKK", served - reads, reads, (unsigned long long)atomic_load(&r->passed));
 }
 
 static PyObject *Relay_ended_fd(Relay *r, void *unused) { return PyLong_FromLong(r->ended_fd); }
@@ -460,10 +626,13 @@ static PyMethodDef Relay_methods[] = {
     {"start", (PyCFunction)(void (*)(void))Relay_start, METH_VARARGS | METH_KEYWORDS,
      "start(session_fd, readers=4, max_background=64): take the FUSE device from pyfuse3's session"},
     {"stop", (PyCFunction)Relay_stop, METH_NOARGS, "stop the threads and release the device"},
-    {"register", (PyCFunction)Relay_register, METH_VARARGS, "register(fh, devio): serve this handle here"},
+    {"register", (PyCFunction)Relay_register, METH_VARARGS,
+     "register(fh, devio): serve this handle's reads and writes in C; register(fh, None): its reads by the reader"},
+    {"set_reader", (PyCFunction)Relay_set_reader, METH_O,
+     "set_reader(cb): cb(fh, offset, size, buffer) -> n, -errno or None, called in relay threads"},
     {"unregister", (PyCFunction)Relay_unregister, METH_O, "unregister(fh): no longer (waits for its requests)"},
     {"notify", (PyCFunction)Relay_notify, METH_O, "notify(message) -> errno: write a notification now"},
-    {"stats", (PyCFunction)Relay_stats, METH_NOARGS, "(requests served here, requests passed to pyfuse3)"},
+    {"stats", (PyCFunction)Relay_stats, METH_NOARGS, "(device requests served in C, backup reads served by the reader, requests passed to pyfuse3)"},
     {NULL},
 };
 
@@ -482,6 +651,9 @@ static PyTypeObject RelayType = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "backupfs._relay", NULL, -1, NULL};
 
 PyMODINIT_FUNC PyInit__relay(void) {
+    PyObject *provider = PyImport_ImportModule("engine._devio"); /* the capsule's module, loaded */
+    if (provider == NULL) return NULL;
+    Py_DECREF(provider);
     devio = PyCapsule_Import(DEVIO_CAPSULE, 0);
     if (devio == NULL) return NULL;
     if (devio->version != DEVIO_API_VERSION) {

@@ -114,12 +114,12 @@ def serve(repo_path: str, mountpoint: str, options: list[str], ready: Callable[[
         cleanup.callback(_remove_record, record_path)
         cleanup.callback(_close_repo, repo, mp)
         cleanup.callback(ops.close_views)
-        # After the unmount (pyfuse3.close): the relay's threads stop and it
-        # lets the FUSE device go, which ends the connection.
-        ops.relay = start_relay()
-        if ops.relay is not None:
-            cleanup.callback(ops.relay.stop)
         cleanup.callback(pyfuse3.close, unmount=True)
+        # Before pyfuse3.close (callbacks run last first): the relay's threads
+        # stop and pyfuse3 gets its FUSE device back to unmount and close.
+        ops.relay = start_relay(ops.relay_read)
+        if ops.relay is not None:
+            cleanup.callback(ops.stop_relay)
         # Replaced, never written through: a symlink planted as mount.json
         # must not make us overwrite the file it points to.
         try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,13 @@ def fuse_device_fd() -> int | None:
     return found[0] if len(found) == 1 else None
 
 
-def start_relay() -> Any | None:
-    """The running relay, or None (and a log line saying why) where it cannot run."""
+def start_relay(read: Callable[[int, int, int, memoryview], int | None]) -> Any | None:
+    """The running relay, or None (and a log line saying why) where it cannot run.
+
+    ``read(fh, offset, size, buffer)`` serves reads of the handles registered
+    with None (backups) in the relay's threads, with the GIL: the bytes read
+    into ``buffer``, -errno, or None to pass the request to pyfuse3.
+    """
     if Relay is None:
         log.info("device I/O is served by pyfuse3: the relay extension is not built")
         return None
@@ -55,6 +61,7 @@ def start_relay() -> Any | None:
         log.info("device I/O is served by pyfuse3: the FUSE session's descriptor was not found")
         return None
     relay = Relay()
+    relay.set_reader(read)
     try:
         relay.start(fd, READERS, MAX_BACKGROUND)
     except OSError as e:

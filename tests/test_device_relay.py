@@ -75,6 +75,9 @@ def test_parallel_small_writes_are_served_in_c_marked_exactly_and_backed_up(tmp_
     python = re.findall(r"device vm1: (\d+) writes inline, (\d+) in threads", m.log())
     in_python = sum(map(int, python[-1])) if python else 0
     assert served_in_c(m.log()) + in_python == len(granules) and in_python < len(granules) // 2, (python, m.log())
+    # The backup read above was served in the relay's threads, not passed to pyfuse3.
+    reads = re.findall(r"(\d+) backup reads in its threads", m.log())
+    assert reads and int(reads[-1]) >= SIZE // (1 << 20), m.log()[-2000:]
     listed = cli("list", repo, "vm1").stdout.splitlines()
     assert len(listed) == 3 and b"incremental" in listed[-1]  # a header, the full, the incremental
 
