@@ -87,14 +87,16 @@ def fio(path: str, rw: str, bs: str, depth: int, size: int, runtime: float) -> f
     return float(job["read"]["iops"] + job["write"]["iops"])
 
 
-def fio_verify(path: str, size: int) -> None:
-    """Write random blocks with checksums, read them all back and check them."""
+def fio_verify(path: str, size: int) -> str | None:
+    """Write random blocks with checksums, read them all back and check them:
+    None if every block came back as written, else fio's first complaint."""
     argv = ["fio", "--name=verify", f"--filename={path}", "--rw=randwrite", "--bs=4k", "--iodepth=16",
             "--ioengine=libaio", "--direct=1", f"--size={min(size, 32 * MiB)}", "--verify=crc32c",
             "--do_verify=1", "--verify_fatal=1", "--output-format=json"]
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"fio verify on {path} failed: {proc.stderr.strip() or proc.stdout[-400:]}")
+        return (proc.stderr.strip() or proc.stdout[-400:]).splitlines()[0]
+    return None
 
 
 def fill(path: str, data: bytes, size: int) -> None:
@@ -160,9 +162,11 @@ def main(argv: list[str] | None = None) -> int:
                         cpu.setdefault((who, label), []).append(
                             (cpu_seconds(pid) - before) / (value * args.runtime) * 1e6)
             print(f"  run {r + 1}/{args.runs} done ({pressure()})", flush=True)
-        for who in ("ours", "qemu"):
-            fio_verify(targets[who][0], size)
-        print("  verify: fio crc32c write-then-read-back passed on ours and qemu", flush=True)
+        verified = {who: fio_verify(targets[who][0], size) for who in ("ours", "qemu")}
+        if verified["ours"] is not None:
+            raise RuntimeError(f"fio verify on our device file failed: {verified['ours']}")
+        print("  verify (fio crc32c, 4 KiB random writes at iodepth 16, then read back): ours passed; qemu "
+              + ("passed" if verified["qemu"] is None else f"FAILED: {verified['qemu']}"), flush=True)
     finally:
         export.stop()
         mount.stop()
