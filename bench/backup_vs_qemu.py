@@ -55,6 +55,14 @@ Two more cases, with the same timing rules on both sides:
     * ``--source-cache cold``: instead of reading the source in, every
       cache is dropped before each timed backup (root only), so both read
       the source from the disk.
+    * ``--pause SECONDS``: quiet before each timed backup (then the
+      source is read in as usual). On a virtual machine whose free memory
+      is handed back to its host (virtio-balloon free page reporting,
+      /sys/bus/virtio/drivers/virtio_balloon), pages freed a few seconds
+      ago are gone from the host, and a backup that takes fresh pages
+      (the image's page cache) pays a host fault for each: a backup right
+      after another large write finds them still there, one from cron
+      after a quiet minute does not.
     * ``--through-mount``: ours as a user runs it, as the issue measured
       it: the source's random data is written through a mounted device
       file (fsynced), and each of our backups is ``echo KIND >
@@ -185,13 +193,16 @@ class Settle:
     the disk. Either way nothing dirty is left to be flushed on the clock.
     """
 
-    def __init__(self, source: str, size: int, cache: str = "hot") -> None:
+    def __init__(self, source: str, size: int, cache: str = "hot", pause: float = 0.0) -> None:
         self.source = source
         self.size = size
         self.cache = cache
+        self.pause = pause
         self.resident: list[float] = []  # share of the source cached at each clock start
 
     def __call__(self) -> None:
+        if self.pause:
+            time.sleep(self.pause)  # quiet before the clock: see --pause
         if self.cache == "hot":
             warm_up(self.source)
             os.sync()  # nothing an earlier step left dirty is flushed on the clock
@@ -743,6 +754,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--source-cache", choices=("hot", "cold"), default="hot",
                    help="before every timed backup: read the source into the page cache (hot, default) "
                         "or drop all caches (cold; needs root)")
+    p.add_argument("--pause", type=float, default=0.0, metavar="SECONDS",
+                   help="quiet before every timed backup (before the source is read in): a virtual "
+                        "machine that hands its free memory back to its host (free page reporting) "
+                        "makes the next backup pay for fresh pages, as a backup from cron does")
     p.add_argument("--through-mount", action="store_true",
                    help="ours as a user runs it: the source's data written through a mounted device file, "
                         "each backup an 'echo KIND > snapshot' timed to the write's return")
@@ -799,8 +814,9 @@ def main(argv: list[str] | None = None) -> int:
         how = "written through a mounted device file" if args.through_mount else "written directly"
         print(f"made the source ({how}) in {time.perf_counter() - t0:.1f} s; {len(writes.offsets)} writes "
               f"of 64 KiB ({format_size(writes.total_bytes)}, seed {args.seed}); source {args.source_cache} "
-              f"at each clock start; ours {'through the mount' if args.through_mount else 'in-process'}")
-        settle = Settle(source, size, args.source_cache)
+              f"at each clock start after {args.pause:g} s of quiet; "
+              f"ours {'through the mount' if args.through_mount else 'in-process'}")
+        settle = Settle(source, size, args.source_cache, args.pause)
         res = Results()
         expected = writes.touched_units(INCR_CLUSTER, size)
         for run in range(args.runs):
