@@ -446,20 +446,12 @@ def write_through(device_file: str, writes: Writes) -> None:
 def fill_through_mount(source: str, size: int, rng: np.random.Generator, workdir: str) -> None:
     """The issue's source: a sparse file whose random data is written
     through a mounted device file (what a guest does), fsynced."""
-    from bench.fuse_vs_qemu import OurMount
+    from bench.fuse_vs_qemu import mount_new_repo
 
     with open(source, "wb") as f:
         f.truncate(size)
     repo_path, mnt = os.path.join(workdir, "fill-repo"), os.path.join(workdir, "fill-mnt")
-    os.makedirs(mnt)
-    Repository.init(repo_path)
-    repo = Repository.open(repo_path)
-    try:
-        repo.add_device(DEVICE, source, granularity=GRANULARITY)
-    finally:
-        repo.close()
-    mount = OurMount(repo_path, mnt)
-    mount.start()
+    mount = mount_new_repo(repo_path, mnt, {DEVICE: source}, str(GRANULARITY))
     try:
         fd = os.open(os.path.join(mnt, DEVICE, "device"), os.O_WRONLY)
         try:
@@ -481,18 +473,10 @@ def run_ours_mounted(source: str, run_dir: str, writes: Writes, settle: Settle) 
     """Ours as a user runs it: a mounted repository, ``echo full > snapshot``,
     the writes through the device file, ``echo incremental > snapshot``;
     each timed from the trigger's open to its write's return."""
-    from bench.fuse_vs_qemu import OurMount
+    from bench.fuse_vs_qemu import mount_new_repo
 
     repo_path, mnt = os.path.join(run_dir, "ours"), os.path.join(run_dir, "mnt")
-    os.makedirs(mnt)
-    Repository.init(repo_path)
-    repo = Repository.open(repo_path)
-    try:
-        repo.add_device(DEVICE, source, granularity=GRANULARITY)
-    finally:
-        repo.close()
-    mount = OurMount(repo_path, mnt)
-    mount.start()
+    mount = mount_new_repo(repo_path, mnt, {DEVICE: source}, str(GRANULARITY))
     try:
         full_s, (full_id, full_job) = timed(lambda: trigger(mnt, f"full cluster_size={FULL_CLUSTER}"), settle, None)
         write_through(os.path.join(mnt, DEVICE, "device"), writes)

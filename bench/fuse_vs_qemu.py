@@ -343,6 +343,19 @@ class OurMount:
         return os.path.join(self.mnt, *parts)
 
 
+def mount_new_repo(repo: str, mnt: str, devices: dict[str, str], granularity: str | None = None) -> OurMount:
+    """A new repository holding ``devices`` (name -> source), mounted at ``mnt``
+    (made if missing); the caller stops the mount."""
+    os.makedirs(mnt, exist_ok=True)
+    run(backupfs_command() + ["init", repo])
+    for name, source in devices.items():
+        run(backupfs_command() + ["device", "add", repo, name, source]
+            + (["--granularity", granularity] if granularity else []))
+    mount = OurMount(repo, mnt)
+    mount.start()
+    return mount
+
+
 def _wait_gone(pid: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -66,7 +66,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.fuse_vs_qemu import OurMount, QemuExport, backupfs_command, run
+from bench.fuse_vs_qemu import OurMount, QemuExport, mount_new_repo
 from engine.units import format_size
 from tests.vmguest import GuestFiles, GuestUnavailable, RunResult, kvm_unusable_reason, prepare_guest, run_guest
 from tests.vmrecords import Schedule
@@ -136,12 +136,7 @@ def run_contestant(name: str, files: GuestFiles, schedule: Schedule, run_dir: Pa
             export.stop()
     source = run_dir / "vm.raw"
     sparse_file(source, schedule.disk_bytes)
-    repo, mnt_dir = run_dir / "repo", run_dir / "mnt"
-    mnt_dir.mkdir()
-    run(backupfs_command() + ["init", str(repo)])
-    run(backupfs_command() + ["device", "add", str(repo), "vm", str(source)])
-    mnt = OurMount(str(repo), str(mnt_dir))
-    mnt.start()
+    mnt = mount_new_repo(str(run_dir / "repo"), str(run_dir / "mnt"), {"vm": str(source)})
     try:
         trigger(mnt, "full")
         if name == "device":
@@ -163,12 +158,7 @@ def same_mount_series(files: GuestFiles, schedule: Schedule, workdir: Path, boot
     every write, as the issue saw with fio on one mount)?"""
     source = workdir / "vm.raw"
     sparse_file(source, schedule.disk_bytes)
-    repo, mnt_dir = workdir / "repo", workdir / "mnt"
-    mnt_dir.mkdir()
-    run(backupfs_command() + ["init", str(repo)])
-    run(backupfs_command() + ["device", "add", str(repo), "vm", str(source)])
-    mnt = OurMount(str(repo), str(mnt_dir))
-    mnt.start()
+    mnt = mount_new_repo(str(workdir / "repo"), str(workdir / "mnt"), {"vm": str(source)})
     rates = []
     try:
         trigger(mnt, "full")
