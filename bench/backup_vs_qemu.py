@@ -446,7 +446,7 @@ def write_through(device_file: str, writes: Writes) -> None:
 def fill_through_mount(source: str, size: int, rng: np.random.Generator, workdir: str) -> None:
     """The issue's source: a sparse file whose random data is written
     through a mounted device file (what a guest does), fsynced."""
-    from bench.fuse_vs_qemu import mount_new_repo
+    from bench.servers import mount_new_repo
 
     with open(source, "wb") as f:
         f.truncate(size)
@@ -473,7 +473,7 @@ def run_ours_mounted(source: str, run_dir: str, writes: Writes, settle: Settle) 
     """Ours as a user runs it: a mounted repository, ``echo full > snapshot``,
     the writes through the device file, ``echo incremental > snapshot``;
     each timed from the trigger's open to its write's return."""
-    from bench.fuse_vs_qemu import mount_new_repo
+    from bench.servers import mount_new_repo
 
     repo_path, mnt = os.path.join(run_dir, "ours"), os.path.join(run_dir, "mnt")
     mount = mount_new_repo(repo_path, mnt, {DEVICE: source}, str(GRANULARITY))

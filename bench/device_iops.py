@@ -46,7 +46,7 @@ import tempfile
 
 import numpy as np
 
-from bench.fuse_vs_qemu import (
+from bench.servers import (
     OurMount,
     QemuExport,
     backupfs_command,

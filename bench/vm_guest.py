@@ -66,7 +66,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.fuse_vs_qemu import OurMount, QemuExport, mount_new_repo
+from bench.servers import OurMount, QemuExport, mount_new_repo
 from engine.units import format_size
 from tests.vmguest import GuestFiles, GuestUnavailable, RunResult, kvm_unusable_reason, prepare_guest, run_guest
 from tests.vmrecords import Schedule
