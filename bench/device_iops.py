@@ -169,10 +169,11 @@ def main(argv: list[str] | None = None) -> int:
               + ("passed" if verified["qemu"] is None else f"FAILED: {verified['qemu']}"), flush=True)
     finally:
         export.stop()
-        mount.stop()
-    relay = [line.split("INFO ", 1)[-1].strip() for line in open(os.path.join(repo, "backupfs.log"))
-             if "relay" in line]
-    shutil.rmtree(workdir, ignore_errors=True)
+        mount.stop()  # the daemon logs what its relay served as it stops
+        log_path = os.path.join(repo, "backupfs.log")
+        relay = [line.split("INFO ", 1)[-1].strip() for line in open(log_path)
+                 if "relay" in line] if os.path.exists(log_path) else []
+        shutil.rmtree(workdir, ignore_errors=True)
 
     def med(key: tuple[str, str]) -> float:
         return statistics.median(iops[key])
