@@ -92,7 +92,7 @@ def fio_verify(path: str, size: int) -> str | None:
     None if every block came back as written, else fio's first complaint."""
     argv = ["fio", "--name=verify", f"--filename={path}", "--rw=randwrite", "--bs=4k", "--iodepth=16",
             "--ioengine=libaio", "--direct=1", f"--size={min(size, 32 * MiB)}", "--verify=crc32c",
-            "--do_verify=1", "--verify_fatal=1", "--output-format=json"]
+            "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", "--output-format=json"]
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
         return (proc.stderr.strip() or proc.stdout[-400:]).splitlines()[0]
