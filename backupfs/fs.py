@@ -41,6 +41,7 @@ from backupfs.mountaccess import MountAccess, guest_allows
 from backupfs.mountinfo import find_mount, raise_read_ahead
 from backupfs.mountstatus import STATUS_XATTR
 from backupfs.readbuffers import ReadBuffers
+from backupfs.relay import inval_attrs_message, inval_entry_message
 from backupfs.repocontrol import MountHooks, RepositoryControl
 from backupfs.requester import Requester
 from backupfs.tree import (
@@ -195,6 +196,9 @@ class BackupOperations(pyfuse3.Operations):
         self._write_policies: dict[str, InlineWrites] = {}
         self._advisor = Advisor()  # read-ahead advice for backup readers, off the event loop
         self._opening: dict[str, int] = {}  # opens under way (awaiting a worker), by device
+        # The mount's request relay (backupfs/relay.py), once mounted: it serves
+        # device files' reads and writes in C; None: all of it here.
+        self.relay: Any = None
         self.control = RepositoryControl(repo, mountpoint, MountHooks(
             self._job_running, self._open_files, self._device_appeared, self._device_removed))
         self.tree.register(ROOT, lookup=self._root_child)
@@ -509,6 +513,8 @@ class BackupOperations(pyfuse3.Operations):
             assert node.device is not None
             await trio.to_thread.run_sync(self.repo.open_device, node.device, limiter=self._io)
             fh = self._new_handle(Handle(node))
+            if self.relay is not None:  # in a thread: it waits for the requests in C
+                await trio.to_thread.run_sync(self._relay_device, fh, node.device, limiter=self._io)
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         if node.kind == SNAPSHOT:
             # The kernel serialises writes to one file, so a second trigger's
@@ -549,6 +555,8 @@ class BackupOperations(pyfuse3.Operations):
                 self._note_read_error(rec.id, e)
                 raise
             fh = self._new_handle(Handle(node, view=view))
+            if self.relay is not None:  # its reads in the relay's threads (relay_read)
+                await trio.to_thread.run_sync(self.relay.register, fh, None, limiter=self._io)
             self._raise_read_ahead()
             # Immutable: let the page cache keep it, unless the reader asked
             # for O_DIRECT (then 1 MiB requests go straight to us).
@@ -574,6 +582,13 @@ class BackupOperations(pyfuse3.Operations):
                 return await trio.to_thread.run_sync(dev.read, off, size, limiter=self._io)
         return handle.content[off : off + size]
 
+    def _advise_sequential(self, handle: Handle, off: int) -> None:
+        """A sequential reader of a backup: have the kernel read ahead of it."""
+        if off == handle.next_off and handle.advised_to - off < READ_WINDOW - READ_STEP:
+            start = max(handle.advised_to, off)
+            self._advise(handle, start, off + READ_WINDOW - start)
+            handle.advised_to = off + READ_WINDOW
+
     def _advise(self, handle: Handle, offset: int, length: int) -> None:
         """Have the advisor thread ask the kernel for [offset, offset+length) of the backup.
 
@@ -596,10 +611,7 @@ class BackupOperations(pyfuse3.Operations):
         """
         view = handle.view
         assert view is not None
-        if off == handle.next_off and handle.advised_to - off < READ_WINDOW - READ_STEP:
-            start = max(handle.advised_to, off)
-            self._advise(handle, start, off + READ_WINDOW - start)
-            handle.advised_to = off + READ_WINDOW
+        self._advise_sequential(handle, off)
         try:
             try:
                 data = view.read(off, size, nowait=True, into=self._buffers.take(size))
@@ -761,18 +773,26 @@ class BackupOperations(pyfuse3.Operations):
         self.history.invalidated(device)
         self.views.drop_stale()
 
-    @staticmethod
-    def _invalidate(parent: int, name: bytes) -> None:
+    def _invalidate(self, parent: int, name: bytes) -> None:
         try:
-            pyfuse3.invalidate_entry(parent, name)
+            if self.relay is not None:  # the relay holds the device: pyfuse3 would write to its socket
+                err = self.relay.notify(inval_entry_message(parent, name))
+                if err:
+                    raise OSError(err, os.strerror(err))
+            else:
+                pyfuse3.invalidate_entry(parent, name)
         except OSError as e:
             if e.errno != errno.ENOENT:  # ENOENT: the kernel had not cached it
                 log.warning("cannot invalidate %r: %s", name, e)
 
-    @staticmethod
-    def _invalidate_attrs(inode: int) -> None:
+    def _invalidate_attrs(self, inode: int) -> None:
         try:
-            pyfuse3.invalidate_inode(inode, attr_only=True)
+            if self.relay is not None:
+                err = self.relay.notify(inval_attrs_message(inode))
+                if err:
+                    raise OSError(err, os.strerror(err))
+            else:
+                pyfuse3.invalidate_inode(inode, attr_only=True)
         except OSError as e:
             if e.errno != errno.ENOENT:  # ENOENT: the kernel had not cached it
                 log.warning("cannot invalidate inode %d: %s", inode, e)
@@ -788,9 +808,67 @@ class BackupOperations(pyfuse3.Operations):
             dev = self.repo.device(handle.node.device or "")
             await trio.to_thread.run_sync(dev.fsync, limiter=self._io)
 
+    def stop_relay(self) -> None:
+        """Stop the relay (pyfuse3's loop has ended): from here on pyfuse3 holds
+        the FUSE device again, and invalidations go through it."""
+        relay, self.relay = self.relay, None
+        if relay is None:
+            return
+        device, backup_reads, passed = relay.stats()
+        log.info("relay: %d device requests served in C, %d backup reads in its threads, %d requests passed "
+                 "to pyfuse3", device, backup_reads, passed)
+        relay.stop()
+
+    def relay_read(self, fh: int, off: int, size: int, into: memoryview) -> int | None:
+        """A backup's read, in a relay thread (backupfs/_relay.c): the bytes
+        read into ``into``, -errno, or None to leave it to pyfuse3.
+
+        What _read_backup does on the loop, without the loop: the chain read
+        blocks here (it releases the GIL for the disk), so nothing waits for
+        a worker or for an event loop turn, and the reply leaves from this
+        thread. Errors become an errno and the backup's read_error, as the
+        handler does for the loop's reads.
+        """
+        handle = self._handles.get(fh)
+        view = handle.view if handle is not None else None
+        if handle is None or view is None:
+            return None
+        try:
+            self._advise_sequential(handle, off)
+            wanted = max(0, min(size, view.size - off))
+            target = into[:wanted]
+            data = view.read(off, wanted, into=target)
+            n = len(data)
+            if data is not target and n:
+                into[:n] = data
+        except (BackupfsError, OSError) as e:
+            self._note_read_error(handle.node.backup or "", e)
+            if isinstance(e, BackupfsError):
+                log.info("read: %s", e)
+            else:
+                log.warning("read: %s", e)
+            return -(e.errno or errno.EIO)
+        except Exception:
+            log.exception("read failed")
+            return -errno.EIO
+        handle.next_off = off + n
+        return n
+
+    def _relay_device(self, fh: int, device: str) -> None:
+        """Have the relay serve this handle's plain reads and writes in C
+        (engine/_devio.c declines the rest, which come here)."""
+        io = self.repo.device(device).io
+        try:
+            self.relay.register(fh, io)
+        except TypeError:
+            pass  # built without the C device path: served here
+
     @handler
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
+        if handle is not None and handle.node.kind in (DEVICE, BACKUP) and self.relay is not None:
+            # Waits for this handle's requests in C (the kernel sends none after release).
+            await trio.to_thread.run_sync(self.relay.unregister, fh, limiter=self._io)
         if handle is not None and handle.view is not None and handle.node.backup:
             self.views.release(handle.node.backup)
         if handle is not None and handle.guest is not None:

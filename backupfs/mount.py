@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import time
+from typing import Any
 from collections.abc import Callable
 
 import pyfuse3
@@ -24,6 +25,7 @@ from backupfs.faults import operations
 from backupfs.fs import BackupOperations
 from backupfs.mountaccess import MountAccess
 from backupfs.mountinfo import MOUNT_RECORD, check_mountpoint, check_sources_outside, our_options
+from backupfs.relay import start_relay
 from engine.chain import read_path
 from engine.errors import BackupfsError
 from engine.fsutil import atomic_write
@@ -113,6 +115,11 @@ def serve(repo_path: str, mountpoint: str, options: list[str], ready: Callable[[
         cleanup.callback(_close_repo, repo, mp)
         cleanup.callback(ops.close_views)
         cleanup.callback(pyfuse3.close, unmount=True)
+        # Before pyfuse3.close (callbacks run last first): the relay's threads
+        # stop and pyfuse3 gets its FUSE device back to unmount and close.
+        ops.relay = start_relay(ops.relay_read)
+        if ops.relay is not None:
+            cleanup.callback(ops.stop_relay)
         # Replaced, never written through: a symlink planted as mount.json
         # must not make us overwrite the file it points to.
         try:
@@ -164,11 +171,20 @@ async def _main(repo: Repository, ready: Callable[[str | None], None], ops: Back
         nursery.start_soon(_on_signals, repo, ops)
         nursery.start_soon(_drop_idle_files, ops)
         nursery.start_soon(_load_parsers)
+        if ops.relay is not None:
+            nursery.start_soon(_on_relay_end, ops.relay)
         ready(None)
         log.info("serving %s", repo.path)
         # Returns when the kernel unmounts us or terminate() is called.
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def _on_relay_end(relay: Any) -> None:
+    """The kernel ended the connection (an unmount from outside): end
+    pyfuse3's loop, as its own read of the device did on ENODEV."""
+    await trio.lowlevel.wait_readable(relay.ended_fd)
+    pyfuse3.terminate()
 
 
 async def _load_parsers() -> None:

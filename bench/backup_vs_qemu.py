@@ -30,7 +30,7 @@ Why
     and the incremental, measured in the same run on the same disk.
 
 How (fairness)
-    Before every timed backup, of either contestant, the whole source is
+    Before every timed backup, of either contestant (by default), the whole source is
     read once, so both read it from the page cache (this machine reclaims
     page cache it deems cold: one warm-up at the start is not enough), and
     ``sync`` flushes whatever earlier steps left dirty, so no contestant
@@ -50,8 +50,34 @@ How (fairness)
     stores, written from memory into a new file on the same disk, then one
     fsync, with no copy work at all (what ``dd conv=fsync`` does).
 
+Two more cases, with the same timing rules on both sides:
+
+    * ``--source-cache cold``: instead of reading the source in, every
+      cache is dropped before each timed backup (root only), so both read
+      the source from the disk.
+    * ``--pause SECONDS``: quiet before each timed backup (then the
+      source is read in as usual). On a virtual machine whose free memory
+      is handed back to its host (virtio-balloon free page reporting,
+      /sys/bus/virtio/drivers/virtio_balloon), pages freed a few seconds
+      ago are gone from the host, and a backup that takes fresh pages
+      (the image's page cache) pays a host fault for each: a backup right
+      after another large write finds them still there, one from cron
+      after a quiet minute does not.
+    * ``--through-mount``: ours as a user runs it, as the issue measured
+      it: the source's random data is written through a mounted device
+      file (fsynced), and each of our backups is ``echo KIND >
+      MOUNT/disk0/snapshot``, timed from the trigger's open to its write's
+      return (the daemon's job duration from the status beside it); the
+      scattered writes go through the device file too. QEMU's side is
+      unchanged.
+
+    Runs alternate which contestant goes first (A/B, then B/A): the disk
+    of a virtual machine may still be writing what the guest was told is
+    durable, and whoever runs just after a large write pays for it.
+
 Run by hand:  .venv/bin/python -m bench.backup_vs_qemu [--size 1G] [--runs 3]
               [--workdir DIR] [--keep] [--profile FILE]
+              [--source-cache hot|cold] [--through-mount]
 Compressed backups (bench/compress_vs_qemu.py says what it measures):
               .venv/bin/python -m bench.backup_vs_qemu --compress [--size 1G] [--runs 5] [--rounds 5]
 """
@@ -160,19 +186,38 @@ def resident_bytes(path: str) -> int | None:
 
 
 class Settle:
-    """The same preparation before every timed backup, whoever runs it."""
+    """The same preparation before every timed backup, whoever runs it.
 
-    def __init__(self, source: str, size: int) -> None:
+    ``cache`` "hot": the source is read once, so it is in the page cache;
+    "cold": every cache is dropped, so the backup reads the source from
+    the disk. Either way nothing dirty is left to be flushed on the clock.
+    """
+
+    def __init__(self, source: str, size: int, cache: str = "hot", pause: float = 0.0) -> None:
         self.source = source
         self.size = size
+        self.cache = cache
+        self.pause = pause
         self.resident: list[float] = []  # share of the source cached at each clock start
 
     def __call__(self) -> None:
-        warm_up(self.source)
-        os.sync()  # nothing an earlier step left dirty is flushed on the clock
+        if self.pause:
+            time.sleep(self.pause)  # quiet before the clock: see --pause
+        if self.cache == "hot":
+            warm_up(self.source)
+            os.sync()  # nothing an earlier step left dirty is flushed on the clock
+        else:
+            drop_caches()  # syncs first
         cached = resident_bytes(self.source)
         if cached is not None:
             self.resident.append(cached / self.size)
+
+
+def drop_caches() -> None:
+    """Write back everything dirty, then drop the page cache (needs root)."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
 
 
 def fsync_path(path: str) -> None:
@@ -364,6 +409,90 @@ def run_ours(source: str, run_dir: str, writes: Writes, settle: Settle, profile:
         repo.close()
 
 
+def trigger(mnt: str, line: str) -> tuple[str, float]:
+    """One backup through the device's snapshot file, as a script runs it:
+    the write returns when the backup is complete and durable. Returns the
+    new backup's id and the job's own duration from its status (plan to
+    catalog row, without the trigger's round trip)."""
+    with open(os.path.join(mnt, DEVICE, "snapshot"), "w") as f:
+        f.write(line + "\n")
+    with open(os.path.join(mnt, DEVICE, "snapshot")) as f:
+        status = dict(ln.split(": ", 1) for ln in f.read().splitlines() if ": " in ln)
+    if status.get("state") != "succeeded":
+        raise RuntimeError(f"trigger {line!r}: {status}")
+    return status["backup"], float(status["duration"].split()[0])
+
+
+def mounted_image(mnt: str, repo_path: str, backup: str) -> tuple[str, int]:
+    """A backup's qcow2 path and stored bytes, from its extended attributes."""
+    path = os.path.join(mnt, DEVICE, "backups", backup)
+    image = os.getxattr(path, "user.backupfs.image").decode()
+    stored = int(os.getxattr(path, "user.backupfs.stored_bytes"))
+    return (image if os.path.isabs(image) else os.path.join(repo_path, image)), stored
+
+
+def write_through(device_file: str, writes: Writes) -> None:
+    """The scattered writes into a mounted device file, then its fsync."""
+    fd = os.open(device_file, os.O_WRONLY)
+    try:
+        for off, data in zip(writes.offsets, writes.data):
+            if os.pwrite(fd, data, off) != len(data):
+                raise RuntimeError(f"short write at {off} into {device_file}")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fill_through_mount(source: str, size: int, rng: np.random.Generator, workdir: str) -> None:
+    """The issue's source: a sparse file whose random data is written
+    through a mounted device file (what a guest does), fsynced."""
+    from bench.servers import mount_new_repo
+
+    with open(source, "wb") as f:
+        f.truncate(size)
+    repo_path, mnt = os.path.join(workdir, "fill-repo"), os.path.join(workdir, "fill-mnt")
+    mount = mount_new_repo(repo_path, mnt, {DEVICE: source}, str(GRANULARITY))
+    try:
+        fd = os.open(os.path.join(mnt, DEVICE, "device"), os.O_WRONLY)
+        try:
+            chunk = 1 << 20
+            for off in range(0, size, chunk):
+                data = rng.bytes(min(chunk, size - off))
+                if os.pwrite(fd, data, off) != len(data):
+                    raise RuntimeError(f"short write at {off} through the mount")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        mount.stop()
+    shutil.rmtree(repo_path)
+    os.rmdir(mnt)
+
+
+def run_ours_mounted(source: str, run_dir: str, writes: Writes, settle: Settle) -> Outcome:
+    """Ours as a user runs it: a mounted repository, ``echo full > snapshot``,
+    the writes through the device file, ``echo incremental > snapshot``;
+    each timed from the trigger's open to its write's return."""
+    from bench.servers import mount_new_repo
+
+    repo_path, mnt = os.path.join(run_dir, "ours"), os.path.join(run_dir, "mnt")
+    mount = mount_new_repo(repo_path, mnt, {DEVICE: source}, str(GRANULARITY))
+    try:
+        full_s, (full_id, full_job) = timed(lambda: trigger(mnt, f"full cluster_size={FULL_CLUSTER}"), settle, None)
+        write_through(os.path.join(mnt, DEVICE, "device"), writes)
+        incr_s, (incr_id, incr_job) = timed(
+            lambda: trigger(mnt, f"incremental cluster_size={INCR_CLUSTER}"), settle, None
+        )
+        full_image, full_stored = mounted_image(mnt, repo_path, full_id)
+        incr_image, incr_stored = mounted_image(mnt, repo_path, incr_id)
+    finally:
+        mount.stop()
+    return Outcome(
+        full=full_s, incr=incr_s, full_job=full_job, incr_job=incr_job,
+        full_image=full_image, incr_image=incr_image, full_stored=full_stored, incr_stored=incr_stored,
+    )
+
+
 def qemu_io_writes(daemon: StorageDaemon, export: str, writes: Writes, batch: int = 256) -> None:
     """Apply the writes through the NBD export, many per qemu-io invocation."""
     uri = f"nbd+unix:///{export}?socket={daemon.nbd_path}"
@@ -532,11 +661,15 @@ def report(size: int, res: Results, writes: Writes) -> tuple[float, float]:
     runs = len(res.ours)
     print()
     print("Per run (seconds):")
-    print(f"{'run':>3}  {'ours full':>9}  {'qemu full':>9}  {'(job)':>7}  {'dd':>6}"
-          f"  {'ours incr':>9}  {'qemu incr':>9}  {'(job)':>7}  {'dd':>6}")
+    print(f"{'run':>3}  {'ours full':>9}  {'(job)':>7}  {'qemu full':>9}  {'(job)':>7}  {'dd':>6}"
+          f"  {'ours incr':>9}  {'(job)':>7}  {'qemu incr':>9}  {'(job)':>7}  {'dd':>6}")
+
+    def job(t: float | None) -> str:
+        return f"{t:>7.3f}" if t is not None else f"{'-':>7}"
+
     for i, (o, q, f) in enumerate(zip(res.ours, res.qemu, res.dd)):
-        print(f"{i + 1:>3}  {o.full:>9.3f}  {q.full:>9.3f}  {q.full_job:>7.3f}  {f.full:>6.3f}"
-              f"  {o.incr:>9.3f}  {q.incr:>9.3f}  {q.incr_job:>7.3f}  {f.incr:>6.3f}")
+        print(f"{i + 1:>3}  {o.full:>9.3f}  {job(o.full_job)}  {q.full:>9.3f}  {job(q.full_job)}  {f.full:>6.3f}"
+              f"  {o.incr:>9.3f}  {job(o.incr_job)}  {q.incr:>9.3f}  {job(q.incr_job)}  {f.incr:>6.3f}")
 
     print()
     print(f"Medians of {runs} runs; ratio = QEMU time / our time (> 1: ours is faster):")
@@ -556,7 +689,12 @@ def report(size: int, res: Results, writes: Writes) -> tuple[float, float]:
               f"{qemu:>7.3f} {qemu_stored / qemu / MB:>6.0f}  "
               f"{qemu / ours:>5.2f}  {job:>10.3f} {job / ours:>5.2f}  {dd:>7.3f}  "
               f"{format_size(ours_stored):>11}  {format_size(qemu_stored):>11}")
-    print("  ours s   = repo.backup() wall clock: copy, checksums, image commit with fsync, catalog row")
+    if res.ours and res.ours[0].full_job is not None:
+        print("  ours s   = 'echo KIND > MOUNT/disk0/snapshot' from the open to the write's return: the trigger's")
+        print("             round trip, copy, checksums, image commit with fsync, catalog row ((job): the")
+        print("             status's duration, plan to catalog row, without the round trip)")
+    else:
+        print("  ours s   = repo.backup() wall clock: copy, checksums, image commit with fsync, catalog row")
     print("  QEMU s   = blockdev-backup until BLOCK_JOB_COMPLETED, then blockdev-del of the target (qcow2")
     print("             metadata written back, fdatasync) and fsync of the file: durable, like ours")
     print("  QEMU job = blockdev-backup until BLOCK_JOB_COMPLETED only (target not flushed)")
@@ -597,6 +735,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=20240607)
     p.add_argument("--profile", nargs="?", const="", metavar="FILE",
                    help="cProfile our backups (slower!) and print the top; save the stats to FILE if given")
+    p.add_argument("--source-cache", choices=("hot", "cold"), default="hot",
+                   help="before every timed backup: read the source into the page cache (hot, default) "
+                        "or drop all caches (cold; needs root)")
+    p.add_argument("--pause", type=float, default=0.0, metavar="SECONDS",
+                   help="quiet before every timed backup (before the source is read in): a virtual "
+                        "machine that hands its free memory back to its host (free page reporting) "
+                        "makes the next backup pay for fresh pages, as a backup from cron does")
+    p.add_argument("--through-mount", action="store_true",
+                   help="ours as a user runs it: the source's data written through a mounted device file, "
+                        "each backup an 'echo KIND > snapshot' timed to the write's return")
     p.add_argument("--compress", action="store_true",
                    help="the compression mode: a zstd full of an ext4 made from /usr against "
                         "qemu-img convert -c (bench/compress_vs_qemu.py)")
@@ -636,22 +784,40 @@ def main(argv: list[str] | None = None) -> int:
         if kind in ("tmpfs", "ramfs"):
             print("  warning: this is a RAM file system, not a real disk")
 
+        if args.source_cache == "cold" and os.geteuid() != 0:
+            raise SystemExit("--source-cache cold drops the page cache, which needs root")
         source = os.path.join(workdir, "source.raw")
         t0 = time.perf_counter()
-        make_source(source, size, rng)
+        if args.through_mount:
+            fill_through_mount(source, size, rng, workdir)
+        else:
+            make_source(source, size, rng)
         data_dir = os.path.join(workdir, "writes")
         os.makedirs(data_dir)
         writes = make_writes(size, args.dirty, rng, data_dir)
-        print(f"made the source in {time.perf_counter() - t0:.1f} s; {len(writes.offsets)} writes of 64 KiB "
-              f"({format_size(writes.total_bytes)}, seed {args.seed})")
-        settle = Settle(source, size)
+        how = "written through a mounted device file" if args.through_mount else "written directly"
+        print(f"made the source ({how}) in {time.perf_counter() - t0:.1f} s; {len(writes.offsets)} writes "
+              f"of 64 KiB ({format_size(writes.total_bytes)}, seed {args.seed}); source {args.source_cache} "
+              f"at each clock start after {args.pause:g} s of quiet; "
+              f"ours {'through the mount' if args.through_mount else 'in-process'}")
+        settle = Settle(source, size, args.source_cache, args.pause)
         res = Results()
         expected = writes.touched_units(INCR_CLUSTER, size)
         for run in range(args.runs):
             run_dir = os.path.join(workdir, f"run{run + 1}")
             os.makedirs(run_dir)
-            ours = run_ours(source, run_dir, writes, settle, args.profile is not None)
-            qemu = run_qemu(source, size, run_dir, writes, settle)
+            def ours_run() -> Outcome:
+                if args.through_mount:
+                    return run_ours_mounted(source, run_dir, writes, settle)
+                return run_ours(source, run_dir, writes, settle, args.profile is not None)
+
+            # A/B, then B/A: neither always runs just after the other's writeback.
+            if run % 2 == 0:
+                ours = ours_run()
+                qemu = run_qemu(source, size, run_dir, writes, settle)
+            else:
+                qemu = run_qemu(source, size, run_dir, writes, settle)
+                ours = ours_run()
             same, why = images_identical(ours.incr_image, qemu.incr_image)
             if not same:
                 raise AssertionError(f"run {run + 1}: our incremental tip and QEMU's differ: {why}")

@@ -73,7 +73,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from bench.fuse_vs_qemu import (OurMount, backupfs_command, cpu_seconds, drop_caches, first_line, fs_type, mounted_at,
+from bench.servers import (OurMount, backupfs_command, cpu_seconds, drop_caches, first_line, fs_type, mounted_at,
                                 pressure, run)
 from engine.units import format_size, parse_size
 

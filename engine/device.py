@@ -12,7 +12,6 @@ or wholly after (copy-before-write saves what it overwrites).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
@@ -33,6 +32,7 @@ from engine.bitmap import (
     save_bitmap,
 )
 from engine.catalog import DeviceRecord
+from engine.devio import new_device_io
 from engine.errors import ErrnoError, is_disk_full
 from engine.layout import bitmap_name
 from engine.fsutil import file_size
@@ -48,12 +48,20 @@ class DeviceError(ErrnoError):
 
 
 class WriteGate:
-    """Shared for writers, exclusive for job start and end."""
+    """Shared for writers, exclusive for job start and end.
 
-    def __init__(self) -> None:
+    ``on_exclusive`` runs once the Python writers are out (it waits out the
+    writes running in C: engine/devio.py), ``on_release`` before writers
+    are let in again (it hands C the bitmaps that are active now).
+    """
+
+    def __init__(self, on_exclusive: Callable[[], None] | None = None,
+                 on_release: Callable[[], None] | None = None) -> None:
         self._cond = threading.Condition()
         self._writers = 0
         self._exclusive = False
+        self._on_exclusive = on_exclusive
+        self._on_release = on_release
 
     def acquire_shared(self, wait: bool = True) -> bool:
         """Enter as a writer; without ``wait``, only if no job is starting or ending."""
@@ -88,7 +96,13 @@ class WriteGate:
             while self._writers:
                 self._cond.wait()
         try:
-            yield
+            if self._on_exclusive is not None:
+                self._on_exclusive()
+            try:
+                yield
+            finally:
+                if self._on_release is not None:
+                    self._on_release()
         finally:
             with self._cond:
                 self._exclusive = False
@@ -136,15 +150,14 @@ class Device:
         self.source_id = record.identity
         self.fd, self.read_only = self._open_source()
         self.writes_inline = can_answer(self.fd)  # see write(nowait=True)
-        self.gate = WriteGate()
-        self.job: BackupJob | None = None
+        self.gate = WriteGate(on_exclusive=self._c_writes_out, on_release=self._c_writes_in)
+        self._job: BackupJob | None = None
         self.untrusted_reason: str | None = None
-        # The source's modification time as our own writes left it: one that
-        # moved otherwise means another program wrote the file (see
-        # _noticed_outside_write). Our writes in flight may move it too.
-        self._mtime_lock = threading.Lock()
-        self._seen_mtime_ns = os.fstat(self.fd).st_mtime_ns
-        self._writes_in_flight = 0
+        # What Python and the mount's C threads share (engine/devio.py): the
+        # marks, and the source's modification time as our own writes left
+        # it (one that moved otherwise means another program wrote the
+        # file: see _noticed_outside_write; our writes in flight move it too).
+        self.io = new_device_io(self.fd, self.size, self.granularity, os.fstat(self.fd).st_mtime_ns)
         # Counts distrust() calls: a job that ends well trusts the bitmap
         # again only if nothing distrusted it while it ran.
         self.distrust_count = 0
@@ -157,6 +170,29 @@ class Device:
             os.close(self.fd)
             self.fd = -1
             raise
+        self._c_writes_in()  # it starts blocked
+
+    @property
+    def job(self) -> BackupJob | None:
+        """The backup running now: while there is one, writes copy before
+        they write, in Python (the C path declines them)."""
+        return self._job
+
+    @job.setter
+    def job(self, job: BackupJob | None) -> None:
+        self._job = job
+        self.io.set_writes(job is None and not self.read_only and not self.peek)
+
+    def _c_writes_out(self) -> None:
+        """The gate is held exclusively: wait out the reads and writes running in C."""
+        self.io.block()
+
+    def _c_writes_in(self) -> None:
+        """The gate is let go: C marks the bitmaps active now (a job's start
+        froze the old ones), and writes there if no job runs."""
+        self.io.set_bitmaps(self.since_last.active.bits, self.since_full.active.bits)
+        self.io.set_writes(self._job is None and not self.read_only and not self.peek)
+        self.io.unblock()
 
     def _open_source(self) -> tuple[int, bool]:
         """(fd, read-only) of the source, which must still be the disk it was
@@ -266,21 +302,19 @@ class Device:
                 self.untrusted_reason = "the last full backup was removed"
             self.save_bitmaps()
 
-    def _noticed_outside_write(self, st: os.stat_result, racing: bool = False) -> bool:
+    def _noticed_outside_write(self, st: os.stat_result, racing: bool = False, begin: bool = False) -> bool:
         """Distrust the bitmaps if ``st`` shows a write that was not ours.
 
         Only a regular file says so (a block device node's time stays), and
         not a write within the same clock tick as one of ours, nor one that
-        lands while one of ours is in flight (ours moves the time too). The
-        caller holds _mtime_lock. ``racing``: ``st`` was taken before the
-        lock, so a write of ours may have moved the time past it since; only
-        a time newer than ours then tells.
+        lands while one of ours is in flight (ours moves the time too).
+        ``racing``: ``st`` was taken earlier, so a write of ours may have
+        moved the time past it since; only a time newer than ours then
+        tells. ``begin``: a write of ours starts, counted in the same
+        hold of the bookkeeping's lock.
         """
-        if not stat.S_ISREG(st.st_mode) or self._writes_in_flight:
+        if not self.io.note_outside(st.st_mtime_ns, stat.S_ISREG(st.st_mode), racing, begin):
             return False
-        if st.st_mtime_ns <= self._seen_mtime_ns if racing else st.st_mtime_ns == self._seen_mtime_ns:
-            return False
-        self._seen_mtime_ns = st.st_mtime_ns
         self.distrust(f"its source {self.path} was written by another program, not through backupfs")
         return True
 
@@ -317,9 +351,7 @@ class Device:
             raise DeviceError(self._resized(actual), errno.EIO)
         # Written by another program while we hold it (a VM started on the
         # image itself, say): the bitmap has not seen those writes.
-        with self._mtime_lock:
-            outside = self._noticed_outside_write(held)
-        if outside:
+        if self._noticed_outside_write(held):
             self._persist(in_use=True)
 
     def rebind(self, identity: SourceId) -> None:
@@ -337,7 +369,7 @@ class Device:
         # dup2: readers in flight finish on the old file; the number
         # never names anything else in between.
         os.dup2(fd, self.fd)
-        self._seen_mtime_ns = os.fstat(self.fd).st_mtime_ns
+        self.io.seen_mtime_ns = os.fstat(self.fd).st_mtime_ns
         self.writes_inline = can_answer(self.fd)
         os.close(fd)
         self.read_only = read_only
@@ -348,8 +380,7 @@ class Device:
         scans and a later ``status`` says why. The caller holds the gate
         exclusively."""
         self.distrust(reason)
-        with self._mtime_lock:
-            self._seen_mtime_ns = os.fstat(self.fd).st_mtime_ns
+        self.io.seen_mtime_ns = os.fstat(self.fd).st_mtime_ns
         self._persist(in_use=True)
 
     # -- bitmaps ------------------------------------------------------------------
@@ -482,13 +513,11 @@ class Device:
                 self.distrust(f"its source {self.path} changed size behind backupfs's back")
                 raise DeviceError(self._resized(actual), errno.EIO)
             # Mark first: a failed or short write may still have changed bytes.
-            self.since_last.active.mark(offset, length)
-            self.since_full.active.mark(offset, length)
+            # (Both active bitmaps, atomically with the C path's marks.)
+            self.io.mark(offset, length)
             # Another program's write since our last one: noticed now, before
             # ours moves the time again and hides it.
-            with self._mtime_lock:
-                self._noticed_outside_write(before, racing=True)
-                self._writes_in_flight += 1
+            self._noticed_outside_write(before, racing=True, begin=True)
             done = 0
             started = time.perf_counter()
             try:
@@ -499,12 +528,13 @@ class Device:
                     f"device {self.name}: writing {self.path}: {e.strerror}", e.errno or errno.EIO
                 ) from None
             finally:
-                with self._mtime_lock:
-                    self._writes_in_flight -= 1
-                    with contextlib.suppress(OSError):
-                        # What our write made it (an error leaves it unknown:
-                        # the next look then sees a move and distrusts).
-                        self._seen_mtime_ns = max(self._seen_mtime_ns, os.fstat(self.fd).st_mtime_ns)
+                # What our write made it (an error leaves it unknown: the
+                # next look then sees a move and distrusts).
+                try:
+                    after = os.fstat(self.fd).st_mtime_ns
+                except OSError:
+                    after = 0
+                self.io.end_write(after)
             if timed is not None:
                 timed(time.perf_counter() - started)
         finally:
@@ -523,13 +553,13 @@ class Device:
             return
         if self.job is not None:
             self.job.cancel("the device is being closed")
+        self.io.block()  # nothing more in C: the descriptor is closed below
         try:
             if not self.read_only:
                 os.fsync(self.fd)
             # Saved as clean, the source's time becomes the one the next
             # open trusts: another program's write must be noticed first.
-            with self._mtime_lock:
-                self._noticed_outside_write(os.fstat(self.fd))
+            self._noticed_outside_write(os.fstat(self.fd))
             self._persist(in_use=False)
         finally:
             os.close(self.fd)

