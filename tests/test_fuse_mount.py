@@ -292,7 +292,10 @@ def test_a_trigger_opened_before_the_job_and_written_during_it_is_busy(setup: Mo
     script = (
         f"exec 8>{snap}; "  # B opens first
         f"(echo 'full rate=16M' > {snap}) & "  # A's job: 64 MiB at 16 MiB/s
-        f"until grep -q '^state: running' {snap}; do :; done; "
+        # Polls the job's state (its xattr: no read of the file A is writing),
+        # for a minute at most: a job missed fails the asserts below, not a hang.
+        f"timeout 60 bash -c \"until getfattr --only-values -n user.backupfs.status {snap} 2>/dev/null "
+        f"| grep -q '\\\"state\\\":\\\"running\\\"'; do :; done\"; "
         f"echo incremental >&8; echo \"B: $?\"; wait"
     )
     proc = sh(script, check=False)
