@@ -181,7 +181,11 @@ class Device:
     @job.setter
     def job(self, job: BackupJob | None) -> None:
         self._job = job
-        self.io.set_writes(job is None and not self.read_only and not self.peek)
+        self.io.set_writes(self._c_may_write())
+
+    def _c_may_write(self) -> bool:
+        """Writes may run in C: no job (copy-before-write is Python's), a writable source, not a peek."""
+        return self._job is None and not self.read_only and not self.peek
 
     def _c_writes_out(self) -> None:
         """The gate is held exclusively: wait out the reads and writes running in C."""
@@ -191,7 +195,7 @@ class Device:
         """The gate is let go: C marks the bitmaps active now (a job's start
         froze the old ones), and writes there if no job runs."""
         self.io.set_bitmaps(self.since_last.active.bits, self.since_full.active.bits)
-        self.io.set_writes(self._job is None and not self.read_only and not self.peek)
+        self.io.set_writes(self._c_may_write())
         self.io.unblock()
 
     def _open_source(self) -> tuple[int, bool]:
