@@ -26,6 +26,7 @@ from backupfs.cli_common import close_quietly, default_stop_signals
 from backupfs.control import CONTROL_NAME, ControlCommand, DeviceAdd, DeviceRemove, DeviceSet, Import
 from backupfs.mountinfo import MountRecord, dead_mount_error
 from backupfs.mountstatus import STATUS_XATTR
+from engine.ceph import is_rbd, parse as parse_rbd
 from engine.errors import BackupfsError, UsageError
 from engine.stopsignals import no_stops_in_new_threads
 from engine.text import escape
@@ -138,8 +139,14 @@ def run_through_mount(record: MountRecord, cmd: ControlCommand, what: str) -> di
 
 
 def device_add(record: MountRecord, name: str, source: str, granularity: int | None, raw: bool,
-               replace: bool, compress: str | None = None) -> int:
-    out = run_through_mount(record, DeviceAdd(name, os.path.abspath(source), granularity, raw, replace, compress),
+               replace: bool, compress: str | None = None, ceph_conf: str | None = None,
+               ceph_id: str | None = None) -> int:
+    if is_rbd(source):
+        # Resolved here, in the caller's environment (CEPH_CONF), not the daemon's.
+        ceph_conf = parse_rbd(source, ceph_conf, ceph_id).conf
+    else:
+        source = os.path.abspath(source)
+    out = run_through_mount(record, DeviceAdd(name, source, granularity, raw, replace, compress, ceph_conf, ceph_id),
                             "add a device")
     d = out["device"]
     where = f" (through the mount at {escape(record.mountpoint)})"

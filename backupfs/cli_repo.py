@@ -41,10 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     dsub = dev.add_subparsers(dest="device_command", metavar="ACTION")
     dsub.required = True
     p = dsub.add_parser(
-        "add", help="register a device: a raw image file or a block device (or give an imported one its source)")
+        "add", help="register a device: a raw image file, a block device or a Ceph RBD image "
+                    "(or give an imported one its source)")
     p.add_argument("repo", metavar="REPO")
     p.add_argument("name", metavar="NAME")
-    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("source", metavar="SOURCE",
+                   help="a raw image file, a block device, or rbd:POOL/IMAGE (rbd:POOL/NAMESPACE/IMAGE)")
     p.add_argument("--granularity", help="dirty bitmap granularity (512 to 64M, default 64K)")
     p.add_argument("--replace", action="store_true",
                    help="rebind an existing device to SOURCE on purpose (another path, or the file now at its "
@@ -54,6 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "VHDX, VDI), which is refused otherwise: its backups hold the image file itself")
     p.add_argument("--compress", choices=COMPRESS_CHOICES,
                    help="how its backups store clusters unless a backup says otherwise (default none)")
+    p.add_argument("--ceph-conf", metavar="FILE",
+                   help="an rbd: source's cluster configuration (default: $CEPH_CONF, then /etc/ceph/ceph.conf)")
+    p.add_argument("--ceph-id", metavar="NAME", help="the Ceph client to connect as (default: librados' own, admin)")
     p.set_defaults(func=cmd_device_add)
     p = dsub.add_parser("set", help="change a device's settings (for its next backups)")
     p.add_argument("repo", metavar="REPO")
@@ -132,17 +137,19 @@ def cmd_device_add(args: argparse.Namespace) -> int:
     if record is not None:  # the daemon's to do (backupfs/cli_control.py)
         from backupfs.cli_control import device_add
 
-        return device_add(record, args.name, args.source, granularity, args.raw, args.replace, args.compress)
+        return device_add(record, args.name, args.source, granularity, args.raw, args.replace, args.compress,
+                          args.ceph_conf, args.ceph_id)
+    ceph = {"ceph_conf": args.ceph_conf, "ceph_id": args.ceph_id}
     if args.replace:
         with Repository.open(args.repo) as repo:
-            rec = repo.replace_source(args.name, args.source, raw=args.raw)
+            rec = repo.replace_source(args.name, args.source, raw=args.raw, **ceph)
         print(f"device {rec.name}: source rebound to {escape(rec.source)}; its next backup compares checksums "
               "(nothing recorded what changed on it)")
         return 0
     with Repository.open(args.repo) as repo:
         before = repo.device_record(args.name)
         attach = before is not None and not before.source  # an imported archive
-        rec = repo.add_device(args.name, args.source, granularity, raw=args.raw, compress=args.compress)
+        rec = repo.add_device(args.name, args.source, granularity, raw=args.raw, compress=args.compress, **ceph)
     print(f"device {rec.name}: {escape(rec.source)}, {format_size(rec.size)}, "
           f"granularity {format_size(rec.granularity)}" + (f", compress {rec.compress}" if rec.compress != "none"
                                                             else ""))

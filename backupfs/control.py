@@ -12,6 +12,7 @@ One line ending in a newline, shell-quoted words: a verb, its positional
 words, then ``key=value`` options::
 
     device-add NAME SOURCE [granularity=BYTES] [raw=1] [replace=1] [compress=zstd|none]
+               [ceph_conf=PATH] [ceph_id=ID]          (SOURCE a path, or rbd:POOL/[NS/]IMAGE)
     device-set NAME compress=zstd|none
     device-remove NAME [force=1]
     import NAME TIP [source=PATH] [granularity=BYTES] [allow_outside=DIR]...
@@ -28,6 +29,7 @@ import os
 import shlex
 from dataclasses import dataclass, field
 
+from engine.ceph import is_rbd
 from engine.errors import UsageError
 from engine.qcow2.format import COMPRESS_CHOICES
 from engine.validate import NAME_RE, utf8_path
@@ -37,7 +39,8 @@ CONTROL_NAME = ".control"
 MAX_LINE = 64 * 1024
 FORMATS = ("raw", "qcow2")
 USAGE = (
-    "accepted: 'device-add NAME SOURCE [granularity=BYTES] [raw=1] [replace=1] [compress=zstd|none]', "
+    "accepted: 'device-add NAME SOURCE [granularity=BYTES] [raw=1] [replace=1] [compress=zstd|none] "
+    "[ceph_conf=PATH] [ceph_id=ID]', "
     "'device-set NAME compress=zstd|none', 'device-remove NAME [force=1]', or 'import NAME TIP [source=PATH] [granularity=BYTES] "
     "[allow_outside=DIR]... [backing_format=raw|qcow2] [format=raw|qcow2] [raw=1]' (absolute paths)"
 )
@@ -55,9 +58,12 @@ class DeviceAdd:
     raw: bool = False
     replace: bool = False
     compress: str | None = None  # None: "none" for a new device, an attach keeps the device's
+    ceph_conf: str | None = None  # an rbd: source's cluster (engine/ceph.py)
+    ceph_id: str | None = None
 
     def line(self) -> str:
         words = ["device-add", self.name, self.source]
+        words += [f"{k}={v}" for k, v in (("ceph_conf", self.ceph_conf), ("ceph_id", self.ceph_id)) if v]
         if self.granularity is not None:
             words.append(f"granularity={self.granularity}")
         words += [f"{k}=1" for k in ("raw", "replace") if getattr(self, k)]
@@ -115,7 +121,7 @@ ControlCommand = DeviceAdd | DeviceSet | DeviceRemove | Import
 
 # verb -> (positional words, option keys)
 _VERBS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "device-add": (("NAME", "SOURCE"), ("granularity", "raw", "replace", "compress")),
+    "device-add": (("NAME", "SOURCE"), ("granularity", "raw", "replace", "compress", "ceph_conf", "ceph_id")),
     "device-set": (("NAME",), ("compress",)),
     "device-remove": (("NAME",), ("force",)),
     "import": (("NAME", "TIP"), ("source", "granularity", "allow_outside", "backing_format", "format", "raw")),
@@ -201,10 +207,13 @@ def parse_control(data: bytes) -> ControlCommand:
         raise ControlError(f"invalid device name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
                            "starting with a letter or digit")
     if verb == "device-add":
-        return DeviceAdd(name, _absolute(args[1], "source"),
+        source = args[1] if is_rbd(args[1]) else _absolute(args[1], "source")
+        return DeviceAdd(name, source,
                          _granularity(one["granularity"]) if "granularity" in one else None,
                          _flag("raw", one.get("raw", "0")), _flag("replace", one.get("replace", "0")),
-                         _compress(one["compress"]) if "compress" in one else None)
+                         _compress(one["compress"]) if "compress" in one else None,
+                         _absolute(one["ceph_conf"], "ceph_conf") if "ceph_conf" in one else None,
+                         one.get("ceph_id"))
     if verb == "device-set":
         if "compress" not in one:
             raise ControlError(f"device-set needs compress=zstd|none; {USAGE}")

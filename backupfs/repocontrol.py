@@ -45,6 +45,7 @@ from backupfs.control import ControlError, DeviceAdd, DeviceRemove, DeviceSet, I
 from backupfs.mountinfo import check_sources_outside
 from backupfs.requester import Requester
 from backupfs.status import utc_text
+from engine.ceph import is_rbd
 from engine.errors import BackupfsError
 from engine.job import CancelRequest
 from engine.repo import Repository
@@ -179,12 +180,14 @@ class RepositoryControl:
 
         def add() -> Any:
             self._note_mount()
-            if self.mountpoint is not None:
+            if self.mountpoint is not None and not is_rbd(cmd.source):
                 check_sources_outside(self.mountpoint, {cmd.name: cmd.source})
+            ceph = {"ceph_conf": cmd.ceph_conf, "ceph_id": cmd.ceph_id}
             if cmd.replace:
-                rec = self.repo.replace_source(cmd.name, cmd.source, raw=cmd.raw)
+                rec = self.repo.replace_source(cmd.name, cmd.source, raw=cmd.raw, **ceph)
             else:
-                rec = self.repo.add_device(cmd.name, cmd.source, cmd.granularity, raw=cmd.raw, compress=cmd.compress)
+                rec = self.repo.add_device(cmd.name, cmd.source, cmd.granularity, raw=cmd.raw, compress=cmd.compress,
+                                           **ceph)
             try:
                 self.repo.device(cmd.name)  # opened now, as the mount opens each device at its start
             except BackupfsError as e:

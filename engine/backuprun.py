@@ -48,12 +48,17 @@ from engine.catalog import BackupRecord, Catalog, CatalogError
 from engine.checksums import ChecksumRecord
 from engine.damage import damaged_ancestor, refusal as damage_refusal
 from engine.device import Device
+from engine.bitmap import bit_runs
+from engine.ceph import CephError
 from engine.errors import BackupfsError, ImageError, UsageError, is_disk_full
 from engine.job import BackupJob, JobError, JobPlan, Progress, Source, copy_cluster_size, units_of
 from engine.layout import BackupFiles, backup_id, device_dir, image_name
 from engine.publish import publish
 from engine.qcow2.format import MAX_CHAIN_DEPTH
 from engine.qcow2.writer import Qcow2Writer
+from engine.rbddevice import RbdDevice
+from engine.rbdsnaps import RbdSnapshots
+from engine.rbdsource import IN_FLIGHT_BYTES, RbdSource
 from engine.repoerrors import JobBusy, RepositoryError, storage_error
 from engine.space import data_runs, free_bytes, image_bound, room_text
 from engine.stopsignals import STOP_SIGNALS
@@ -172,6 +177,12 @@ class BackupRun:
         # Set by prepare:
         self.job_id: int | None = None
         self.rec: BackupRecord | None = None
+        # An RBD source (engine/rbdsnaps.py): its snapshots, the one this
+        # backup diffs from (set by plan) and the one it takes (by start).
+        self.snaps: RbdSnapshots | None = None
+        self.rbd_base: str | None = None
+        self.rbd_snap: tuple[str, int] | None = None
+        self.source: Source | None = None
 
     def run(self) -> BackupResult:
         """Plan, start, prepare, then commit or abort, then clean."""
@@ -241,7 +252,8 @@ class BackupRun:
                     raise damage_refusal(name, kind, *found)
                 kind, parent = "full", None  # a new chain, on nothing damaged
                 lineage = []
-        if parent is not None and kind != "full" and not self.allow_empty and not self.scan:
+        if parent is not None and kind != "full" and not self.allow_empty and not self.scan \
+                and not isinstance(dev, RbdDevice):  # other clients write an image unseen: RBD's diff tells
             tracked = dev.since_full if kind == "differential" else dev.since_last
             if tracked.trusted and not tracked.active.count():
                 # A trusted bitmap with no dirty bit: the device reads as
@@ -266,14 +278,44 @@ class BackupRun:
             self._check_room_for_full()
         tracked = dev.since_full if kind == "differential" else dev.since_last
         scan_reason = None
-        if kind != "full":
+        if isinstance(dev, RbdDevice):
+            scan_reason = self._plan_rbd(dev, kind)
+        elif kind != "full":
             if self.scan:
                 scan_reason = "requested"
             elif not tracked.trusted:
                 scan_reason = f"bitmap untrusted: {dev.untrusted_reason or 'unknown'}"
         self.kind, self.parent, self.scan_reason = kind, parent, scan_reason
         self.plan_scan = scan_reason is not None
-        self.parent_hashes = self.host.chain_hashes(parent) if self.plan_scan and parent else None
+        # An RBD image's incremental compares too (see _plan_rbd), so it needs the chain's checksums.
+        compare = self.plan_scan or (self.snaps is not None and kind != "full")
+        self.parent_hashes = self.host.chain_hashes(parent) if compare and parent else None
+
+    def _plan_rbd(self, dev: RbdDevice, kind: str) -> str | None:
+        """An RBD image's plan: remove snapshots a killed run left, find the
+        snapshot to ask what changed since; why it must scan, or None.
+
+        RBD reports an object that did not exist at the older snapshot
+        from its start to its last written byte (139 MiB reported for
+        8.5 MiB written, measured), so its incrementals compare what they
+        read with the chain's checksums and store only copy clusters that
+        differ: a zero cluster over zeros is not stored, zeros over data
+        are (as zero clusters), and a cluster rewritten with the bytes it
+        had costs nothing.
+        """
+        assert dev.image is not None
+        self.snaps = snaps = RbdSnapshots(self.catalog, self.name, dev.image)
+        latest = self.catalog.latest_backup(self.name)
+        try:
+            snaps.tidy(latest.id if latest is not None else None)
+            if kind == "full":
+                return None
+            if self.scan:
+                return "requested"
+            self.rbd_base, why = snaps.base(latest)
+        except CephError as e:
+            raise JobError(f"device {self.name}: {e}", e.errno or errno.EIO) from None
+        return why
 
     def start(self) -> None:
         """Freeze the bitmaps, record the files as intents, build the job and
@@ -292,11 +334,17 @@ class BackupRun:
                 units = units_of(frozen_last.runs(), unit, dev.size)
             else:
                 units = units_of(dev.since_full.active.runs(), unit, dev.size)
+            allocated = None
+            if self.snaps is not None:
+                # Named now (the seq is the id's), taken at once: this is the point in time.
+                self.seq = self.catalog.next_seq()
+                units, allocated = self._take_rbd(dev, backup_id(self.created_ns, self.seq, kind), units, unit)
             if self.needed is None:
                 self.needed = image_bound(units.count(), unit, cluster_size, dev.size, dev.granularity)
                 self.free = free_bytes(device_dir(self.host.path, self.name))
 
-            self.seq = self.catalog.next_seq()
+            if self.snaps is None:
+                self.seq = self.catalog.next_seq()
             self.files = files = BackupFiles(self.host.path, self.name, backup_id(self.created_ns, self.seq, kind))
             # Recorded before they exist: after a crash, recovery removes these (and only these).
             self.intents = files.intents()
@@ -312,10 +360,19 @@ class BackupRun:
             )
             plan = JobPlan(dev.size, dev.granularity, cluster_size, units, kind != "full", self.parent_hashes)
             self.checksums = ChecksumRecord(dev.size, dev.granularity)
-            source = self.source_factory(dev) if self.source_factory else Source(dev.fd, dev.path, dev.size)
+            read_ahead = {}
+            if self.source_factory:
+                source = self.source_factory(dev)
+            elif isinstance(dev, RbdDevice):
+                assert self.rbd_snap is not None
+                source = RbdSource(dev.snapshot(self.rbd_snap[0]), dev.size, unit, allocated)
+                read_ahead = {"read_ahead": IN_FLIGHT_BYTES * 3 // 4}
+            else:
+                source = Source(dev.fd, dev.path, dev.size)
+            self.source = source
             job = BackupJob(
                 plan, source, self.writer, self.checksums, kind=kind, on_progress=self.on_progress,
-                cancel=self.cancel, chunk_bytes=self.chunk_bytes, rate=self.rate,
+                cancel=self.cancel, chunk_bytes=self.chunk_bytes, rate=self.rate, **read_ahead,
             )
             self.job = job
             # From registering the job to inside the try that undoes it,
@@ -330,9 +387,42 @@ class BackupRun:
             self._undo_start()
             raise
 
+    def _take_rbd(self, dev: RbdDevice, ident: str, tracked: bitarray, unit: int
+                  ) -> tuple[bitarray, bitarray | None]:
+        """Take this backup's snapshot of the image; what to copy from it
+        (``tracked``: what the bitmaps say, writes through the mount, which
+        RBD's diff reports too) and where it holds data (None: not asked).
+
+        Under the gate: no write through the mount lands between the
+        snapshot and the frozen bitmaps.
+        """
+        assert self.snaps is not None
+        try:
+            self.rbd_snap = self.snaps.take(ident)
+            snap = dev.snapshot(self.rbd_snap[0])
+            try:
+                if self.kind == "full" or self.plan_scan:
+                    return tracked, snap.allocated_units(unit, dev.size)
+                units = tracked | snap.changed_units(self.rbd_base, unit, dev.size)
+                if self.kind == "differential":
+                    latest = self.catalog.latest_backup(self.name)
+                    changed = self._since_full_changes(latest) if latest is not None else None
+                    if changed is None:
+                        units.setall(1)  # unknown since the full: compare everything
+                    else:
+                        g = dev.granularity
+                        for defined in changed:
+                            units |= units_of(((a * g, b * g) for a, b in bit_runs(defined)), unit, dev.size)
+                return units, None
+            finally:
+                snap.close()
+        except CephError as e:
+            raise JobError(f"device {self.name}: {e}", e.errno or errno.EIO) from None
+
     def _undo_start(self) -> None:
         """Anything (a Ctrl-C included) before the job is under way: undo all of it."""
         dev = self.dev
+        self._drop_rbd_snapshot()
         dev.job = None
         self.host.job_ends(self.name)
         if self.writer is not None:
@@ -368,7 +458,7 @@ class BackupRun:
                 self.unchanged = True
                 self.catalog.job_finished(
                     self.job_id, "unchanged", backup=self.parent.id, total=job.progress.total,
-                    done=job.progress.done, written=0, scanned=True)
+                    done=job.progress.done, written=0, scanned=self.plan_scan)
                 return
             publish(writer, self.checksums, files)
         except OSError as e:
@@ -402,7 +492,9 @@ class BackupRun:
                         written=job.progress.written, scanned=self.plan_scan)
         assert self.job_id is not None
         try:
-            self.catalog.add_backup(self.rec, job=(self.job_id, finished))  # the instant it becomes visible
+            # The instant it becomes visible (with the RBD snapshot it was read from).
+            self.catalog.add_backup(self.rec, job=(self.job_id, finished),
+                                    rbd_snapshot=self.rbd_snap[0] if self.rbd_snap else None)
         except CatalogError as e:
             raise self._explained(e) from None
 
@@ -433,6 +525,9 @@ class BackupRun:
             assert self.writer is not None and self.files is not None
             self.writer.abort()  # after the gate: see abort
             self._unlink(self.files.tmp)
+            self._drop_rbd_snapshot()  # the parent's holds this point in time already
+        elif self.snaps is not None and self.rec is not None:
+            self.snaps.keep_only(self.rec.id)  # failing, the next backup's tidy removes them
         self.host.forget_intents(self.intents)
 
     def abort(self, failure: BaseException | None, doubt: bool) -> None:
@@ -445,6 +540,7 @@ class BackupRun:
         with dev.gate.exclusive():
             dev.job = None
             dev.job_failed(full=self.frozen_full is not None)
+        self._drop_rbd_snapshot()
         # Only now: closed earlier, the image's descriptor could be
         # reused by another file while a copy-before-write still
         # held its number.
@@ -468,8 +564,17 @@ class BackupRun:
             pass  # history only (a full disk): the error that stopped the job matters
 
     def clean(self) -> None:
-        """Whatever the end: the device has no running job any more."""
+        """Whatever the end: the device has no running job any more, and
+        its source holds no read in flight."""
+        if self.source is not None:
+            self.source.close()
         self.host.job_ends(self.name)
+
+    def _drop_rbd_snapshot(self) -> None:
+        """This backup's RBD snapshot, if it took one, goes (it is not a backup's)."""
+        if self.snaps is not None and self.rbd_snap is not None:
+            self.snaps.drop(*self.rbd_snap)
+            self.rbd_snap = None
 
     # -- nothing changed --------------------------------------------------------------
 
@@ -487,7 +592,8 @@ class BackupRun:
     def _scan_found_nothing(self) -> bool:
         """A checksum scan stored nothing: every granule read as the parent's
         chain has it, so a new layer would be empty (unless one is asked for)."""
-        return (self.plan_scan and not self.allow_empty and self.parent is not None
+        compared = self.plan_scan or self.parent_hashes is not None
+        return (compared and not self.allow_empty and self.parent is not None
                 and self.checksums is not None and not self.checksums.defined.any())
 
     def _parent_is_latest(self) -> bool:

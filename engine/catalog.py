@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from engine import durable
 from engine.access import set_new_file_mode
+from engine.ceph import CephError, from_record, is_rbd
 from engine.errors import ErrnoError
 from engine.layout import BACKUP_ID_RE, device_rel
 from engine.sourceid import SourceId
@@ -99,6 +100,22 @@ CREATE TABLE IF NOT EXISTS verdicts (
 )
 """
 
+# The RBD snapshots backups take their point in time from (engine/rbdsnaps.py).
+# A row is written before its snapshot is made (``backup`` NULL: being
+# taken, an intent), gets the snapshot's id once made, and names its backup
+# in the backup's own commit; the device's newest backup's snapshot is
+# kept, every other one is removed and its row forgotten.
+_RBD_SNAPSHOTS = """
+CREATE TABLE IF NOT EXISTS rbd_snapshots (
+    name TEXT NOT NULL,
+    device TEXT NOT NULL,
+    snap_id INTEGER,
+    backup TEXT,
+    created_ns INTEGER NOT NULL,
+    PRIMARY KEY (device, name)
+)
+"""
+
 DISK_FULL = "the repository's disk is full"  # why a catalog is frozen
 
 
@@ -118,6 +135,18 @@ class DeviceRecord:
     identity: SourceId | None = None
     # How its backups store clusters unless a backup says otherwise: "none" or "zstd".
     compress: str = "none"
+    # An RBD source's cluster configuration and client (engine/ceph.py, JSON); None otherwise.
+    ceph: str | None = None
+
+
+@dataclass(frozen=True)
+class RbdSnapshotRow:
+    """An RBD snapshot backupfs took (see _RBD_SNAPSHOTS)."""
+
+    device: str
+    name: str
+    snap_id: int | None
+    backup: str | None
 
 
 @dataclass(frozen=True)
@@ -180,7 +209,8 @@ class Catalog:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(devices)")}
         identity = "source_identity" if "source_identity" in columns else "NULL"
         compress = "compress" if "compress" in columns else "'none'"
-        self._device_columns = f"name, source, size, granularity, created_ns, {identity}, {compress}"
+        ceph = "ceph" if "ceph" in columns else "NULL"
+        self._device_columns = f"name, source, size, granularity, created_ns, {identity}, {compress}, {ceph}"
 
     # -- opening -------------------------------------------------------------
 
@@ -222,9 +252,11 @@ class Catalog:
         )
         _add_source_identity(conn)
         _add_device_compress(conn)
+        _add_device_ceph(conn)
         cat = cls(conn, path)
         cat._upgrade_intents()
         cat._upgrade_verdicts()
+        cat._upgrade_rbd_snapshots()
         return cat
 
     @classmethod
@@ -274,6 +306,7 @@ class Catalog:
                 cls._configure(conn)
                 _add_source_identity(conn)
                 _add_device_compress(conn)
+                _add_device_ceph(conn)
             except sqlite3.DatabaseError as e:
                 conn.close()
                 raise CatalogError(f"{path}: cannot open the catalog for writing ({e})") from None
@@ -282,6 +315,7 @@ class Catalog:
             try:
                 catalog._upgrade_intents()
                 catalog._upgrade_verdicts()
+                catalog._upgrade_rbd_snapshots()
             except CatalogError as e:
                 if e.errno != errno.ENOSPC:
                     conn.close()
@@ -309,6 +343,13 @@ class Catalog:
             return
         with self.transaction() as c:
             c.execute(_VERDICTS)
+
+    def _upgrade_rbd_snapshots(self) -> None:
+        """Add the ``rbd_snapshots`` table to a catalog made before it: as ``_upgrade_verdicts``."""
+        if self._query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'rbd_snapshots'"):
+            return
+        with self.transaction() as c:
+            c.execute(_RBD_SNAPSHOTS)
 
     def close(self) -> None:
         with self._lock:
@@ -377,9 +418,9 @@ class Catalog:
 
     def add_device(self, name: str, source: str, size: int, granularity: int,
                    backups: Sequence[BackupRecord] = (), identity: SourceId | None = None,
-                   compress: str = "none") -> DeviceRecord:
+                   compress: str = "none", ceph: str | None = None) -> DeviceRecord:
         """Add a device, with ``backups`` (an import) in the same commit: all or none."""
-        rec = DeviceRecord(name, source, size, granularity, time.time_ns(), identity, compress)
+        rec = DeviceRecord(name, source, size, granularity, time.time_ns(), identity, compress, ceph)
         try:
             with self.transaction() as c:
                 c.execute(
@@ -390,18 +431,21 @@ class Catalog:
                 )
                 if compress != "none":  # the column's default otherwise
                     c.execute("UPDATE devices SET compress = ? WHERE name = ?", (compress, name))
+                if ceph is not None:
+                    c.execute("UPDATE devices SET ceph = ? WHERE name = ?", (ceph, name))
                 for b in backups:
                     self._insert_backup(c, b)
         except sqlite3.IntegrityError:
             raise CatalogError(f"device {name!r} already exists") from None
         return rec
 
-    def set_source(self, name: str, source: str, identity: SourceId) -> None:
+    def set_source(self, name: str, source: str, identity: SourceId, ceph: str | None = None) -> None:
         """Bind a device to the source its next backups read, and to what that
-        path leads to now (an imported archive's source, or a rebind)."""
+        path leads to now (an imported archive's source, or a rebind);
+        ``ceph``: an RBD source's cluster settings."""
         with self.transaction() as c:
-            c.execute("UPDATE devices SET source = ?, source_identity = ? WHERE name = ?",
-                      (source, identity.encode(), name))
+            c.execute("UPDATE devices SET source = ?, source_identity = ?, ceph = ? WHERE name = ?",
+                      (source, identity.encode(), ceph, name))
 
     def set_compress(self, name: str, compress: str) -> None:
         """The device's default compression for its next backups ("none" or "zstd")."""
@@ -423,6 +467,8 @@ class Catalog:
             c.execute("DELETE FROM jobs WHERE device = ?", (name,))
             c.execute("DELETE FROM backups WHERE device = ?", (name,))
             c.execute("DELETE FROM devices WHERE name = ?", (name,))
+            if self._has_table(c, "rbd_snapshots"):
+                c.execute("DELETE FROM rbd_snapshots WHERE device = ?", (name,))
 
     def device(self, name: str) -> DeviceRecord | None:
         rows = self._query(f"SELECT {self._device_columns} FROM devices WHERE name = ?", (name,))
@@ -432,14 +478,14 @@ class Catalog:
         return [self._device(r) for r in self._query(f"SELECT {self._device_columns} FROM devices ORDER BY name")]
 
     def _device(self, row: tuple) -> DeviceRecord:
-        name, source, size, granularity, created_ns, identity, compress = row
+        name, source, size, granularity, created_ns, identity, compress, ceph = row
         try:
             held = SourceId.decode(identity) if identity is not None else None
         except (ValueError, AttributeError):
             raise CatalogError(f"{self.path}: device {name!r} has a source identity that is not one "
                                f"backupfs writes ({identity!r})") from None
         return check_device_row(self.path, DeviceRecord(name, source, size, granularity, created_ns, held,
-                                                        compress))
+                                                        compress, ceph))
 
     # -- backups -------------------------------------------------------------------
 
@@ -458,12 +504,52 @@ class Catalog:
             c.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)", (str(seq + 1),))
         return seq
 
-    def add_backup(self, rec: BackupRecord, job: tuple[int, dict] | None = None) -> None:
-        """Make a backup visible; ``job`` = (job id, job_finished fields) in the same commit."""
+    def add_backup(self, rec: BackupRecord, job: tuple[int, dict] | None = None,
+                   rbd_snapshot: str | None = None) -> None:
+        """Make a backup visible; ``job`` = (job id, job_finished fields) in the same commit,
+        and ``rbd_snapshot`` (the RBD snapshot it was read from) named as its."""
         with self.transaction() as c:
             if job is not None:
                 self._finish_job(c, job[0], "succeeded", **job[1])
             self._insert_backup(c, rec)
+            if rbd_snapshot is not None:
+                c.execute("UPDATE rbd_snapshots SET backup = ? WHERE device = ? AND name = ?",
+                          (rec.id, rec.device, rbd_snapshot))
+
+    # -- RBD snapshots ---------------------------------------------------------------
+
+    @staticmethod
+    def _has_table(c: sqlite3.Connection, table: str) -> bool:
+        return c.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone() \
+            is not None
+
+    def rbd_snapshot_intent(self, device: str, name: str) -> None:
+        """Record, durably, an RBD snapshot about to be taken (removed if no backup names it)."""
+        with self.transaction() as c:
+            c.execute("INSERT OR REPLACE INTO rbd_snapshots VALUES (?, ?, NULL, NULL, ?)",
+                      (name, device, time.time_ns()))
+
+    def rbd_snapshot_taken(self, device: str, name: str, snap_id: int) -> None:
+        """The snapshot is made: its id, which tells it from one made anew under its name."""
+        with self.transaction() as c:
+            c.execute("UPDATE rbd_snapshots SET snap_id = ? WHERE device = ? AND name = ?", (snap_id, device, name))
+
+    def rbd_snapshots(self, device: str) -> list[RbdSnapshotRow]:
+        """The device's recorded RBD snapshots, oldest first."""
+        try:
+            rows = self._query("SELECT device, name, snap_id, backup FROM rbd_snapshots WHERE device = ? "
+                               "ORDER BY created_ns", (device,))
+        except sqlite3.OperationalError as e:
+            if "no such table" in str(e):
+                return []
+            raise
+        return [RbdSnapshotRow(str(d), str(n), int(i) if i is not None else None, str(b) if b else None)
+                for d, n, i, b in rows]
+
+    def forget_rbd_snapshot(self, device: str, name: str) -> None:
+        """The snapshot is removed (or was never made)."""
+        with self.transaction(flush=False) as c:
+            c.execute("DELETE FROM rbd_snapshots WHERE device = ? AND name = ?", (device, name))
 
     @staticmethod
     def _insert_backup(c: sqlite3.Connection, rec: BackupRecord) -> None:
@@ -702,6 +788,17 @@ def _add_device_compress(conn: sqlite3.Connection) -> None:
             pass
 
 
+def _add_device_ceph(conn: sqlite3.Connection) -> None:
+    """Upgrade step, idempotent, as ``_add_source_identity``: the column that
+    holds an RBD source's cluster settings (NULL for every other source)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(devices)")}
+    if "ceph" not in columns:
+        try:
+            conn.execute("ALTER TABLE devices ADD COLUMN ceph TEXT")
+        except sqlite3.OperationalError:
+            pass
+
+
 def _tampered(path: str, row: str, problem: str) -> CatalogError:
     """The refusal of a row no backupfs wrote: it names the catalog and the row."""
     return CatalogError(f"{path}: {row}: {problem}; the catalog was changed outside backupfs, "
@@ -717,8 +814,14 @@ def check_device_row(path: str, rec: DeviceRecord) -> DeviceRecord:
     """
     if not isinstance(rec.name, str) or not NAME_RE.fullmatch(rec.name):
         raise _tampered(path, f"device {rec.name!r}", "the name breaks the device-name rule")
-    if not isinstance(rec.source, str) or "\0" in rec.source or (rec.source and not rec.source.startswith("/")):
+    if not isinstance(rec.source, str) or "\0" in rec.source or (
+            rec.source and not rec.source.startswith("/") and not is_rbd(rec.source)):
         raise _tampered(path, f"device {rec.name}", f"its source {rec.source!r} is not an absolute path")
+    if is_rbd(rec.source):
+        try:
+            from_record(rec.source, rec.ceph)
+        except CephError as e:
+            raise _tampered(path, f"device {rec.name}", str(e)) from None
     if rec.compress not in ("none", "zstd"):
         raise _tampered(path, f"device {rec.name}", f"its compression {rec.compress!r} is not none or zstd")
     return rec

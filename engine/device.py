@@ -32,7 +32,7 @@ from engine.bitmap import (
     save_bitmap,
 )
 from engine.catalog import DeviceRecord
-from engine.devio import new_device_io
+from engine.devio import DeviceIO, new_device_io
 from engine.errors import ErrnoError, is_disk_full
 from engine.layout import bitmap_name
 from engine.fsutil import file_size
@@ -157,7 +157,7 @@ class Device:
         # marks, and the source's modification time as our own writes left
         # it (one that moved otherwise means another program wrote the
         # file: see _noticed_outside_write; our writes in flight move it too).
-        self.io = new_device_io(self.fd, self.size, self.granularity, os.fstat(self.fd).st_mtime_ns)
+        self.io = self._new_io()
         # Counts distrust() calls: a job that ends well trusts the bitmap
         # again only if nothing distrusted it while it ran.
         self.distrust_count = 0
@@ -167,10 +167,17 @@ class Device:
             if not peek:
                 self._persist(in_use=True)
         except BaseException:
-            os.close(self.fd)
-            self.fd = -1
+            self._close_source()
             raise
         self._c_writes_in()  # it starts blocked
+
+    def _new_io(self) -> DeviceIO:
+        """The marks and mtime bookkeeping shared with the mount's C threads."""
+        return new_device_io(self.fd, self.size, self.granularity, os.fstat(self.fd).st_mtime_ns)
+
+    def _close_source(self) -> None:
+        os.close(self.fd)
+        self.fd = -1
 
     @property
     def job(self) -> BackupJob | None:
@@ -566,5 +573,4 @@ class Device:
             self._noticed_outside_write(os.fstat(self.fd))
             self._persist(in_use=False)
         finally:
-            os.close(self.fd)
-            self.fd = -1
+            self._close_source()

@@ -147,6 +147,14 @@ class Source:
         # read-ahead skips holes with few lseeks.
         self._known = (0, 0, 0)
 
+    @property
+    def reads_ahead(self) -> bool:
+        """Whether ``will_need`` does anything (a file the kernel reads ahead of us)."""
+        return self.fd >= 0
+
+    def close(self) -> None:
+        """Nothing held: the device owns the descriptor."""
+
     def will_need(self, offset: int, length: int) -> None:
         """Ask the kernel to start reading [offset, offset+length) now, without waiting.
 
@@ -445,7 +453,7 @@ class BackupJob:
         itself, after claiming it, as before.
         """
         window = self.read_ahead_units
-        if window <= 0 or self.source.fd < 0:
+        if window <= 0 or not self.source.reads_ahead:
             return
         todo = self._todo
         pos = max(self._advised, after)

@@ -27,6 +27,7 @@ from engine import durable
 from engine.access import Access, make_dir, notices, secure
 from engine.bitmap import validate_granularity
 from engine.catalog import DISK_FULL, KINDS, BackupRecord, Catalog, CatalogError, DeviceRecord, JobRecord
+from engine.ceph import is_rbd
 from engine.chain import ChainView
 from engine.checksums import ChecksumError, ChecksumRecord, Unrecorded, granule_hashes, overlay
 from engine.device import Device, DeviceError, distrust_saved_bitmaps
@@ -37,6 +38,7 @@ from engine.damage import advice as damage_advice
 from engine.integrity import Problem, VerifiedView, VerifyReport, held_granules, verify_backup
 from engine.units import check_rate, format_size
 from engine.restore import RestoreResult, check_in_place_target, check_target, restore_to, source_named
+from engine.rbddevice import RbdDevice, probe_rbd
 from engine.sourcecheck import probe_source
 from engine.sourceid import FILE, SourceId, identity_at
 from engine.importer import import_chain
@@ -55,6 +57,7 @@ from engine.job import (
 )
 from engine.qcow2.format import validate_compress
 from engine.qcow2.writer import validate_cluster_size
+from engine.text import escape
 from engine.validate import NAME_RE, validate_label
 
 if TYPE_CHECKING:
@@ -398,7 +401,8 @@ class Repository:
     # -- devices ---------------------------------------------------------------------
 
     def add_device(self, name: str, source: str, granularity: int | None = None, *, raw: bool = False,
-                   compress: str | None = None) -> DeviceRecord:
+                   compress: str | None = None, ceph_conf: str | None = None,
+                   ceph_id: str | None = None) -> DeviceRecord:
         """Register a device, or give an imported archive (no source yet) its live source.
 
         ``granularity`` None: the default for a new device, the archive's own
@@ -417,18 +421,18 @@ class Repository:
         if granularity is None:
             granularity = existing.granularity if existing is not None else DEFAULT_GRANULARITY
         validate_granularity(granularity)
-        source, size, identity = self._probe_source(source, raw)
+        source, size, identity, ceph = self._probe_any(source, raw, ceph_conf, ceph_id)
         check_granules(size, granularity, f"source {source}")
         self._check_unclaimed(source, identity)
         if existing is not None:
-            rec = self._attach_source(existing, source, size, granularity, identity)
+            rec = self._attach_source(existing, source, size, granularity, identity, ceph)
             if compress is not None and compress != rec.compress:
                 rec = self.set_device(name, compress=compress)
             return rec
         make_dir(self._device_dir(name))
         fsync_dir(os.path.join(self.path, DEVICES))  # durable before the catalog names it
         return self.catalog.add_device(name, source, size, granularity, identity=identity,
-                                       compress=compress or "none")
+                                       compress=compress or "none", ceph=ceph)
 
     def set_device(self, name: str, *, compress: str | None = None) -> DeviceRecord:
         """Change a device's settings: its default compression (for its next
@@ -443,6 +447,18 @@ class Repository:
         assert rec is not None
         return rec
 
+    def _probe_any(self, source: str, raw: bool, ceph_conf: str | None, ceph_id: str | None
+                   ) -> tuple[str, int, SourceId, str | None]:
+        """(canonical name, size, identity, cluster settings) of a path or an rbd: image."""
+        if not is_rbd(source):
+            if ceph_conf is not None or ceph_id is not None:
+                raise UsageError(f"--ceph-conf and --ceph-id are for rbd: sources, not {escape(source)}")
+            return (*self._probe_source(source, raw), None)
+        spec, size, identity = probe_rbd(source, ceph_conf, ceph_id)
+        if size <= 0 or size % 512:
+            raise UsageError(f"source {spec.source} is {size} bytes; a device must be a non-zero multiple of 512")
+        return spec.source, size, identity, spec.options()
+
     def _probe_source(self, source: str, raw: bool = False) -> tuple[str, int, SourceId]:
         """(absolute path, size, identity) of a source to bind a device to
         (engine/sourcecheck.py), whose size a device can have."""
@@ -452,7 +468,8 @@ class Repository:
             raise UsageError(f"source {source} is {size} bytes; a device must be a non-zero multiple of 512")
         return source, size, identity
 
-    def replace_source(self, name: str, source: str, raw: bool = False) -> DeviceRecord:
+    def replace_source(self, name: str, source: str, raw: bool = False, ceph_conf: str | None = None,
+                       ceph_id: str | None = None) -> DeviceRecord:
         """Rebind a device to ``source`` on purpose: another path, or the
         file now at its path (``mv new.img src.img``), which a device's
         every open refuses until this says it is the device's disk.
@@ -469,7 +486,7 @@ class Repository:
         if not rec.source:
             raise UsageError(f"device {name} has no live source (an imported archive); "
                              f"give it one without --replace")
-        source, size, identity = self._probe_source(source, raw)
+        source, size, identity, ceph = self._probe_any(source, raw, ceph_conf, ceph_id)
         if size != rec.size:
             raise UsageError(f"source {source} is {size} bytes but device {name} is {rec.size}; "
                              "a device's source keeps its size")
@@ -480,11 +497,11 @@ class Repository:
                 distrust_saved_bitmaps(self._device_dir(name), BITMAPS, why)
             except OSError as e:
                 raise storage_error(e) from None
-            self.catalog.set_source(name, source, identity)
+            self.catalog.set_source(name, source, identity, ceph)
         return self.catalog.device(name) or rec
 
     def _attach_source(self, rec: DeviceRecord, source: str, size: int, granularity: int,
-                       identity: SourceId) -> DeviceRecord:
+                       identity: SourceId, ceph: str | None = None) -> DeviceRecord:
         """Bind an imported archive to the disk it came from, so backups go on from it.
 
         Nothing recorded what that disk did since the archive's last image,
@@ -499,7 +516,7 @@ class Repository:
                 f"device {rec.name} has a granularity of {format_size(rec.granularity)} (its imported "
                 f"checksums are kept at it); leave out --granularity"
             )
-        self.catalog.set_source(rec.name, source, identity)
+        self.catalog.set_source(rec.name, source, identity, ceph)
         self._distrust_new_source(rec.name)
         return self.catalog.device(rec.name) or rec
 
@@ -524,7 +541,10 @@ class Repository:
         for d in self.catalog.devices():
             if not d.source or d.name == but:
                 continue
-            same = os.path.abspath(d.source) == source or identity in (d.identity, identity_at(d.source))
+            if is_rbd(d.source) or is_rbd(source):
+                same = d.source == source or identity == d.identity
+            else:
+                same = os.path.abspath(d.source) == source or identity in (d.identity, identity_at(d.source))
             if same:
                 raise UsageError(f"source {source} is already the source of device {d.name}")
 
@@ -638,7 +658,8 @@ class Repository:
                         errno.ENODEV,
                     )
                 has_backups = self.catalog.latest_backup(name) is not None
-                dev = Device(rec, self._device_dir(name), has_backups, peek=bool(self.catalog.frozen))
+                kind = RbdDevice if is_rbd(rec.source) else Device
+                dev = kind(rec, self._device_dir(name), has_backups, peek=bool(self.catalog.frozen))
                 self._devices[name] = dev
                 if rec.identity is None and not self.catalog.frozen:
                     self._record_identity(dev)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 FILE = "file"
 BLOCK = "block"
+RBD = "rbd"  # an RBD image: its pool's id (``dev``) and librbd's image id (``image``)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class SourceId:
     dev: int = 0
     ino: int = 0
     rdev: int = 0
+    image: str = ""
 
     @classmethod
     def of(cls, st: os.stat_result) -> SourceId | None:
@@ -52,7 +54,9 @@ class SourceId:
         return None
 
     def encode(self) -> str:
-        """As the catalog keeps it: "file DEV INO" or "block RDEV"."""
+        """As the catalog keeps it: "file DEV INO", "block RDEV" or "rbd POOLID IMAGEID"."""
+        if self.kind == RBD:
+            return f"rbd {self.dev} {self.image}"
         return f"file {self.dev} {self.ino}" if self.kind == FILE else f"block {self.rdev}"
 
     @classmethod
@@ -63,10 +67,14 @@ class SourceId:
             return cls(FILE, int(parts[1]), int(parts[2]))
         if parts[0] == BLOCK and len(parts) == 2:
             return cls(BLOCK, rdev=int(parts[1]))
+        if parts[0] == RBD and len(parts) == 3 and parts[2].isalnum():
+            return cls(RBD, dev=int(parts[1]), image=parts[2])
         raise ValueError(f"not a source identity: {text!r}")
 
     def describe(self) -> str:
         """In words, for an error message."""
+        if self.kind == RBD:
+            return f"the RBD image with id {self.image} (pool {self.dev})"
         if self.kind == FILE:
             return f"the file with inode {self.ino} on device {os.major(self.dev)}:{os.minor(self.dev)}"
         return f"block device {os.major(self.rdev)}:{os.minor(self.rdev)}"
