@@ -242,7 +242,7 @@ def one_run(n: int, cluster: CephCluster, image: str, size: int, args: argparse.
     def profile(kind: str) -> str | None:
         if args.profile is None:
             return None
-        path = os.path.join(run_dir, f"{kind}.prof")
+        path = os.path.join(os.path.dirname(run_dir), f"{kind}-{n + 1}.prof")
         profiles.append(path)
         return path
 
@@ -361,13 +361,23 @@ def report(size: int, runs: list[Run]) -> tuple[float, float]:
     return ratios[0], ratios[1]
 
 
-def print_profile(paths: list[str], top: int = 30) -> None:
-    stats = pstats.Stats(paths[0])
-    for p in paths[1:]:
-        stats.add(p)
-    print()
-    print(f"cProfile of our CLI backups over all runs (cumulative, top {top}):")
-    stats.sort_stats("cumulative").print_stats(top)
+def print_profile(paths: list[str], save: str | None, top: int = 30) -> None:
+    """Each kind's profiles summed, the top by cumulative time; all of them saved to ``save``."""
+    everything = None
+    for kind in ("full", "incremental"):
+        mine = [p for p in paths if os.path.basename(p).startswith(kind + "-")]
+        if not mine:
+            continue
+        stats = pstats.Stats(*mine)
+        print()
+        print(f"cProfile of our CLI's {kind} backups over all runs (cumulative, top {top}):")
+        stats.sort_stats("cumulative").print_stats(top)
+        if everything is None:
+            everything = pstats.Stats(*mine)
+        else:
+            everything.add(*mine)
+    if save and everything is not None:
+        everything.dump_stats(save)
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -449,12 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         full_ratio, incr_ratio = report(size, runs)
         print(f"at the end: {pressure()} (other work on this machine adds noise; sides alternate)")
         if profiles:
-            print_profile([p for p in profiles if os.path.exists(p)])
-            if args.profile:
-                stats = pstats.Stats(profiles[0])
-                for p in profiles[1:]:
-                    stats.add(p)
-                stats.dump_stats(args.profile)
+            print_profile(profiles, args.profile or None)
         return 0 if min(full_ratio, incr_ratio) >= GOAL else 1
     finally:
         try:
