@@ -189,6 +189,29 @@ class Ours:
     examined: int
 
 
+STATUS_FIELD = re.compile(r"^(duration|bytes examined|bytes stored): ([0-9.]+)", re.M)
+
+
+def ours_triggered(mnt: str, kind: str) -> Ours:
+    """``echo KIND > MNT/vm/snapshot`` (its write returns when the backup is
+    durable), timed from the trigger's open to its close; then the status."""
+    trigger = os.path.join(mnt, DEVICE, "snapshot")
+    os.sync()
+    t0 = time.perf_counter()
+    fd = os.open(trigger, os.O_WRONLY)
+    try:
+        os.write(fd, f"{kind}\n".encode())
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - t0
+    with open(trigger) as f:
+        status = f.read()
+    found = dict(STATUS_FIELD.findall(status))
+    if len(found) != 3:
+        raise RuntimeError(f"the trigger's status lacks the result: {status.strip()!r}")
+    return Ours(seconds, float(found["duration"]), int(found["bytes stored"]), int(found["bytes examined"]))
+
+
 def ours_backup(repo: str, kind: str, env: dict[str, str], profile: str | None) -> Ours:
     argv = backupfs_command() + ["backup", repo, DEVICE, kind]
     if profile is not None:
@@ -242,6 +265,27 @@ def one_run(n: int, cluster: CephCluster, image: str, size: int, args: argparse.
     subprocess.run(cli + ["device", "add", repo, DEVICE, f"rbd:{spec}", "--ceph-conf", conf],
                    check=True, capture_output=True, env=env)
     ours_first = n % 2 == 0
+    mount = None
+    if args.through_mount:
+        from bench.servers import OurMount
+
+        mount = OurMount(repo, os.path.join(run_dir, "mnt"))
+        os.makedirs(mount.mnt)
+        mount.start()
+    try:
+        return _measured_run(n, cluster, image, size, args, rng, run_dir, env, profiles, repo, out, ours_first,
+                             mount.mnt if mount is not None else None)
+    finally:
+        if mount is not None:
+            mount.stop()
+
+
+def _measured_run(n: int, cluster: CephCluster, image: str, size: int, args: argparse.Namespace,
+                  rng: np.random.Generator, run_dir: str, env: dict[str, str], profiles: list[str],
+                  repo: str, out: str, ours_first: bool, mnt: str | None) -> Run:
+    conf = str(cluster.conf)
+    spec = f"{POOL}/{image}"
+    cli = backupfs_command()
 
     def profile(kind: str) -> str | None:
         if args.profile is None:
@@ -254,6 +298,8 @@ def one_run(n: int, cluster: CephCluster, image: str, size: int, args: argparse.
     cluster.rbd("snap", "create", "--no-progress", f"{spec}@bench-full")
 
     def our_full() -> Ours:
+        if mnt is not None:
+            return ours_triggered(mnt, "full")
         return ours_backup(repo, "full", env, profile("full"))
 
     def rbd_full() -> float:
@@ -278,6 +324,8 @@ def one_run(n: int, cluster: CephCluster, image: str, size: int, args: argparse.
         raise AssertionError(f"run {n + 1}: rbd diff from {prev[0]} and from its twin differ")
 
     def our_incr() -> Ours:
+        if mnt is not None:
+            return ours_triggered(mnt, "incremental")
         return ours_backup(repo, "incremental", env, profile("incremental"))
 
     def rbd_incr() -> float:
@@ -306,16 +354,16 @@ def one_run(n: int, cluster: CephCluster, image: str, size: int, args: argparse.
     if len(left) != 1 or left == prev:
         raise AssertionError(f"run {n + 1}: backupfs snapshots after the incremental: {left}")
     if n < args.verify:
-        verify(cluster, spec, repo, run_dir)
+        verify(cluster, spec, repo, run_dir, env)
     return Run(of, rf, oi, ri, diff_bytes, writes, ours_first, snap_create, snap_rm, cli_start)
 
 
-def verify(cluster: CephCluster, spec: str, repo: str, run_dir: str) -> None:
+def verify(cluster: CephCluster, spec: str, repo: str, run_dir: str, env: dict[str, str]) -> None:
     """Our incremental's chain reads as `rbd export` of NEW (qemu-img compare)."""
     raw = os.path.join(run_dir, "new.raw")
     cluster.rbd("export", "--no-progress", f"{spec}@bench-new", raw)
     listing = json.loads(subprocess.run(backupfs_command() + ["list", repo, "--json"], capture_output=True,
-                                        text=True, check=True).stdout)
+                                        text=True, check=True, env=env).stdout)
     tip = max(listing, key=lambda b: b["id"])
     image = os.path.join(repo, tip["image"])
     cmp = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", image, raw],
@@ -332,10 +380,10 @@ def spread(xs: list[float]) -> str:
     return f"{min(xs):>7.3f} {statistics.median(xs):>7.3f} {max(xs):>7.3f}"
 
 
-def report(size: int, runs: list[Run]) -> tuple[float, float]:
+def report(size: int, runs: list[Run], through_mount: bool = False) -> tuple[float, float]:
     """Print the tables; the headline ratios (full, incremental): rbd median / our median."""
     print()
-    print("Per run (seconds; (job) = the backup's own duration as our CLI prints it):")
+    print("Per run (seconds; (job) = the backup's own duration as ours reports it: plan to catalog row):")
     print(f"{'run':>3} {'first':>5}  {'ours full':>9} {'(job)':>7} {'rbd export':>10}"
           f"  {'ours incr':>9} {'(job)':>7} {'export-diff':>11}  {'stored':>9} {'diff file':>9}")
     for i, r in enumerate(runs):
@@ -373,8 +421,12 @@ def report(size: int, runs: list[Run]) -> tuple[float, float]:
           f"   ratio to ours {statistics.median(whole) / statistics.median(r.ours_incr.seconds for r in runs):.2f}")
     print(f"{'backupfs --version (start, imports, parser)':<44} {spread([r.cli_start for r in runs])}")
     print()
-    print("  ours        = `backupfs backup REPO vm KIND` from its start to its return: snapshot, read, write,")
-    print("                fsync, catalog row; the old snapshot removed")
+    if through_mount:
+        print("  ours        = 'echo KIND > MOUNT/vm/snapshot' from the open to the write's return (the mount's")
+        print("                daemon runs it): snapshot, read, write, fsync, catalog row; the old snapshot removed")
+    else:
+        print("  ours        = `backupfs backup REPO vm KIND` from its start to its return: snapshot, read, write,")
+        print("                fsync, catalog row; the old snapshot removed")
     print("  rbd         = `rbd export IMG@SNAP FILE` / `rbd export-diff --from-snap PREV IMG@NEW FILE`, then")
     print("                fsync of FILE and its directory; the snapshots taken before the clock starts")
     return ratios[0], ratios[1]
@@ -415,6 +467,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=20261206)
     p.add_argument("--verify", type=int, default=1, metavar="N",
                    help="compare our incremental with rbd export of its snapshot in the first N runs (default 1)")
+    p.add_argument("--through-mount", action="store_true",
+                   help="ours as a hypervisor hook runs it: the repository mounted, each backup an "
+                        "'echo KIND > MOUNT/vm/snapshot' timed to the write's return (no Python start per backup)")
     p.add_argument("--profile", nargs="?", const="", metavar="FILE",
                    help="cProfile our CLI backups (slower!) and print the top; save the stats to FILE if given")
     return p.parse_args(argv)
@@ -452,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     profiles: list[str] = []
     try:
         print(f"backupfs rbd_vs_export: {format_size(size)} RBD image of random data, {args.runs} runs, "
-              f"{args.dirty:g}% rewritten by {format_size(args.write_size)} writes before the incremental")
+              f"{args.dirty:g}% rewritten by {format_size(args.write_size)} writes before the incremental; ours "
+              f"{'triggered through a mount' if args.through_mount else 'by the CLI'}")
         t0 = time.perf_counter()
         cluster.start()
         rbd_version = subprocess.run(["rbd", "--version"], capture_output=True, text=True).stdout.strip()
@@ -481,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
             cluster.rbd("snap", "purge", "--no-progress", f"{POOL}/{image}")
             if not (args.keep and n == args.runs - 1):
                 shutil.rmtree(run_dir)
-        full_ratio, incr_ratio = report(size, runs)
+        full_ratio, incr_ratio = report(size, runs, args.through_mount)
         print(f"at the end: {pressure()} (other work on this machine adds noise; sides alternate)")
         if profiles:
             print_profile(profiles, args.profile or None)
