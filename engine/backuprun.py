@@ -371,7 +371,9 @@ class BackupRun:
                 # The snapshot already opened for the diff (opening one costs 5 ms).
                 source, self.rbd_view = RbdSource(self.rbd_view, dev.size, unit, allocated), None
                 read_ahead = {"read_ahead": IN_FLIGHT_BYTES * 3 // 4}
-                source.prime(units, read_ahead["read_ahead"])
+                # The run the job claims first, before the read-ahead it asks for
+                # after it; only that under the gate (issuing 48 MiB of aio took 50 ms).
+                source.prime(units, self.chunk_bytes)
             else:
                 source = Source(dev.fd, dev.path, dev.size)
             self.source = source

@@ -78,8 +78,8 @@ class RbdSource(Source):
     # -- read-ahead --------------------------------------------------------------------------
 
     def prime(self, units: bitarray, window: int) -> None:
-        """Start reading the first ``window`` bytes of the planned ``units`` now,
-        before the job's first read.
+        """Start reading the first ``window`` bytes of the planned ``units`` now
+        (the run the job claims first), before the job's first read.
 
         The job advises only what comes after the run it has just claimed,
         so its first read went out after a whole budget of aio and waited
