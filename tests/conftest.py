@@ -136,3 +136,17 @@ def user_dir(open_tmp: Path, other_user: OtherUser) -> Path:
     d.mkdir()
     os.chown(d, other_user.uid, other_user.gid)
     return d
+
+
+@pytest.fixture(scope="session")
+def ceph_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """One throwaway single-node Ceph cluster for the session (tests/cephcluster.py;
+    about 2 s to start, its data in RAM), stopped at the end whatever happened."""
+    from tests.cephcluster import CephCluster
+
+    cluster = CephCluster(tmp_path_factory.mktemp("ceph"), memstore_bytes=2 << 30)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
