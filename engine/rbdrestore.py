@@ -114,6 +114,7 @@ class _AioWriter:
         self._bytes = 0
         self._ops = 0
         self.failed: tuple[int, str, int] | None = None  # (offset, what went wrong, errno)
+        self.started = 0  # requests started
 
     def _fail(self, offset: int, text: str, code: int) -> None:
         with self._cond:
@@ -136,6 +137,7 @@ class _AioWriter:
                 return
             self._ops += 1
             self._bytes += held
+            self.started += 1
 
         def done(completion: Any) -> None:
             try:
@@ -491,7 +493,7 @@ def restore_to_rbd(
 def _partly(job: _Restore, writer: _AioWriter | None, progress: Progress) -> str:
     """What a failed restore left: a new image never gets its name (and is
     removed); an existing one is now partly written, and the user must know."""
-    if writer is None:
+    if writer is None or not (job.notes or writer.started):
         return ""  # nothing was written
     if not job.existed:
         return f"; the unfinished image was not given the name {job.spec.image} and is removed"
