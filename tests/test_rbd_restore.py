@@ -276,3 +276,31 @@ def test_an_unreachable_cluster_fails_in_bounded_time_with_one_line(backups: Bac
     err = one_line_error(proc)
     assert "cannot reach the Ceph cluster" in err and "no monitor answered within 2 s" in err, err
     assert took < 15, took
+
+
+@pytest.mark.mount
+def test_a_mounted_repository_restores_into_an_image_through_the_mount(
+        backups: Backups, ceph_cluster: CephCluster, tmp_path: Path) -> None:
+    from tests.mounts import Mounted
+
+    repo = tmp_path / "repo"
+    subprocess.run(["cp", "-a", str(backups.repo), str(repo)], check=True)
+    own = ceph_cluster.create_image(SIZE)
+    cli("device", "add", repo, "own", own.source, "--ceph-conf", ceph_cluster.conf)
+    (tmp_path / "mnt").mkdir()
+    m = Mounted(repo, tmp_path / "mnt")
+    try:
+        m.start()
+        mounted = Backups(repo, backups.full, backups.incremental, backups.full_raw, backups.incremental_raw)
+        name = f"mounted-{os.getpid()}"
+        out = restore(mounted, backups.full[-9:], f"rbd:rbd/{name}", ceph_cluster).stdout.decode()
+        assert f"restored {backups.full} of vm to rbd:rbd/{name} through the mount (new RBD image)" in out, out
+        assert export(ceph_cluster, f"rbd/{name}") == backups.full_raw
+        # A mounted device's image is written through its device file, not behind the mount's back.
+        before = export(ceph_cluster, own.spec)
+        err = one_line_error(restore(mounted, "latest", own.source, ceph_cluster, "--force", check=False))
+        assert f"{own.source} is the source of device own, which is mounted at" in err, err
+        assert export(ceph_cluster, own.spec) == before
+        m.stop()
+    finally:
+        m.cleanup()
