@@ -106,10 +106,10 @@ class _AioWriter:
     buffers librbd holds until then.
     """
 
-    def __init__(self, image: RbdImage, max_bytes: int = IN_FLIGHT_BYTES, max_ops: int = IN_FLIGHT_OPS) -> None:
+    def __init__(self, image: RbdImage, max_bytes: int | None = None, max_ops: int | None = None) -> None:
         self.image = image
-        self.max_bytes = max_bytes
-        self.max_ops = max_ops
+        self.max_bytes = max_bytes or IN_FLIGHT_BYTES
+        self.max_ops = max_ops or IN_FLIGHT_OPS
         self._cond = threading.Condition()
         self._bytes = 0
         self._ops = 0

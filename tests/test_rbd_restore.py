@@ -304,3 +304,21 @@ def test_a_mounted_repository_restores_into_an_image_through_the_mount(
         m.stop()
     finally:
         m.cleanup()
+
+
+def test_a_devices_image_made_anew_by_a_restore_becomes_its_source(
+        backups: Backups, ceph_cluster: CephCluster) -> None:
+    image = ceph_cluster.create_image(SIZE)
+    cli("device", "add", backups.repo, "gone", image.source, "--ceph-conf", ceph_cluster.conf)
+    try:
+        cli("backup", backups.repo, "gone", "full")
+        ceph_cluster.remove_image(image)  # the device's image is lost
+        err = one_line_error(restore(backups, "latest", image.source, ceph_cluster, check=False))
+        assert "is the source of device gone" in err, err
+        out = restore(backups, "latest", image.source, ceph_cluster, "--force").stdout.decode()
+        assert "(new RBD image)" in out, out
+        # Bound to the new image (another id): it backs up, comparing checksums.
+        out = cli("backup", backups.repo, "gone", "incremental").stdout.decode()
+        assert "scanned" in out, out
+    finally:
+        cli("device", "remove", backups.repo, "gone", check=False)
