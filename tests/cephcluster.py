@@ -176,6 +176,8 @@ def _die_with_parent() -> None:
 
     A test session killed hard would otherwise leave daemons holding RAM
     (memstore) for good; the cluster is throwaway, so a kill loses nothing.
+    Linux ties this to the starting *thread*: start() belongs in the main
+    thread (pytest's fixtures run there), not in a worker thread that ends.
     """
     libc = ctypes.CDLL(None, use_errno=True)
     pr_set_pdeathsig = 1
