@@ -274,12 +274,22 @@ def _restore_rbd(args: argparse.Namespace) -> int:
         return _restore_rbd_through_mount(record, args)
     from engine.repo import Repository
 
-    with Repository.open(args.repo) as repo:
-        with progress_reporter(sys.stderr.isatty(), f"restore {args.name}") as update:
-            result = repo.restore_rbd(args.name, args.backup, args.target, ceph_conf=args.ceph_conf,
-                                      ceph_id=args.ceph_id, force=args.force, on_progress=update)
+    try:
+        with Repository.open(args.repo) as repo:
+            with progress_reporter(sys.stderr.isatty(), f"restore {args.name}") as update:
+                result = repo.restore_rbd(args.name, args.backup, args.target, ceph_conf=args.ceph_conf,
+                                          ceph_id=args.ceph_id, force=args.force, on_progress=update)
+    except KeyboardInterrupt as e:
+        _say_notes(e)
+        raise
     print(one_line(result.summary(args.name)))
     return 0
+
+
+def _say_notes(e: BaseException) -> None:
+    """What a stopped restore left (engine/rbdrestore.py notes it on the stop)."""
+    for note in getattr(e, "__notes__", ()):
+        print(f"backupfs: {one_line(note)}", file=sys.stderr)
 
 
 def _restore_rbd_through_mount(record: MountRecord, args: argparse.Namespace) -> int:
@@ -307,7 +317,11 @@ def _restore_rbd_through_mount(record: MountRecord, args: argparse.Namespace) ->
     claim(None, None)  # by name, before the cluster is reached
     with _mounted_backup(record, args, ident) as (read, size, ident):
         with progress_reporter(sys.stderr.isatty(), f"restore {args.name}") as update:
-            result = restore_to_rbd(read, size, spec, force=args.force, on_progress=update, claim=claim)
+            try:
+                result = restore_to_rbd(read, size, spec, force=args.force, on_progress=update, claim=claim)
+            except KeyboardInterrupt as e:
+                _say_notes(e)
+                raise
     result.backup = ident
     print(one_line(result.summary(args.name, " through the mount")))
     return 0

@@ -475,6 +475,11 @@ def restore_to_rbd(
         if not note:
             raise
         raise RestoreError(f"{e}{note}", getattr(e, "errno", errno.EIO)) from None
+    except KeyboardInterrupt as e:  # Ctrl-C, or the CLI's SIGTERM: a stop, reported as one
+        note = _partly(job, writer, progress)
+        if note and job.existed:
+            e.add_note(note.removeprefix("; "))  # the CLI says it (backupfs/cli_ops.py)
+        raise
     finally:
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
