@@ -311,7 +311,7 @@ class _Restore:
         """Make the new image under its hidden name, opened for writing.
 
         The caller holds the stop signals back: the image exists only
-        once ``self.hidden`` names it, for ``undo`` to remove."""
+        once ``self.hidden`` names it, for ``close`` to remove."""
         assert self.cluster is not None
         _, rbd = bindings()
         for _ in range(20):
@@ -375,8 +375,8 @@ class _Restore:
         try:
             rbd.RBD().rename(self.cluster.ioctx, self.hidden, self.spec.image)
         except rbd.ImageExists:
-            raise CephError(f"{self.spec.source} was made by someone else during the restore; the restored "
-                            "image was removed", errno.EEXIST) from None
+            raise CephError(f"{self.spec.source} was made by someone else during the restore",
+                            errno.EEXIST) from None
         except rbd.Error as e:
             text, code = describe_error(e)
             raise CephError(f"{self.spec.source}: naming the restored image: {text}", code) from None
