@@ -39,6 +39,7 @@ from engine.integrity import Problem, VerifiedView, VerifyReport, held_granules,
 from engine.units import check_rate, format_size
 from engine.restore import RestoreResult, check_in_place_target, check_target, restore_to, source_named
 from engine.rbddevice import RbdDevice, probe_rbd
+from engine.rbdsnaps import remove_rbd_snapshots
 from engine.sourcecheck import probe_source
 from engine.sourceid import FILE, SourceId, identity_at
 from engine.importer import import_chain
@@ -616,11 +617,17 @@ class Repository:
             with self._devices_lock:
                 self._away.discard(name)
 
-    def remove_device(self, name: str) -> None:
+    def remove_device(self, name: str) -> list[str]:
+        """Forget device ``name`` and delete its backups; what could not be
+        cleaned up (an RBD snapshot on a cluster out of reach), in words."""
         self._require_room("removing a device")
-        if self.catalog.device(name) is None:
+        rec = self.catalog.device(name)
+        if rec is None:
             raise UsageError(f"no device named {name!r}")
+        notes: list[str] = []
         with self._let_go(name):
+            if is_rbd(rec.source):
+                notes = remove_rbd_snapshots(self.catalog, rec)
             # Only the files backupfs made: a user's file there stays (and so
             # then does the directory).
             leftovers = [(f, "file") for b in self.catalog.backups(name) for f in (b.image, b.checksums) if f]
@@ -629,6 +636,7 @@ class Repository:
             leftovers.append((device_rel(name), "dir"))
             self.catalog.remove_device(name, leftovers)
             self._remove_recorded(leftovers)
+        return notes
 
     def devices(self) -> list[DeviceRecord]:
         return self.catalog.devices()

@@ -110,6 +110,9 @@ paxos propose interval = 0.05
 [osd]
 osd objectstore = memstore
 memstore device bytes = {memstore_bytes}
+# A client killed with -9 keeps an image's exclusive lock until its watch
+# times out (30 s by default): the next client waits that long for it.
+osd client watch timeout = 5
 
 [client]
 # A client (rbd, ceph, librados in a test) leaves no socket or log behind.
