@@ -879,6 +879,66 @@ class Repository:
         result.backup = rec.id
         return result
 
+    def restore_rbd(
+        self,
+        device: str,
+        ident: str,
+        target: str,
+        *,
+        ceph_conf: str | None = None,
+        ceph_id: str | None = None,
+        force: bool = False,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> RestoreResult:
+        """Write backup ``ident`` of ``device`` into the RBD image ``target``
+        (rbd:POOL[/NAMESPACE]/IMAGE), checking checksums (engine/rbdrestore.py).
+
+        The image a device is bound to is written only with ``force``, as a
+        file source is: then its bitmaps are distrusted and its kept RBD
+        snapshot removed (saved before a byte is written), so its next backup
+        compares checksums; an image made anew under that name (the old one
+        was gone) becomes the device's source.
+        """
+        from contextlib import ExitStack
+
+        from engine.ceph import parse
+        from engine.rbdimage import RbdImage
+        from engine.rbdrestore import rbd_source_named, restore_to_rbd
+        from engine.rbdsnaps import RbdSnapshots
+
+        rec = self.resolve_backup(device, ident)
+        spec = parse(target, ceph_conf, ceph_id)
+        why = f"its source was overwritten by a restore of backup {rec.id}"
+        owner: list[DeviceRecord] = []
+        with ExitStack() as stack:
+
+            def claim(image: RbdImage | None, identity: SourceId | None) -> None:
+                d = rbd_source_named(spec, identity, self.catalog.devices())
+                if d is None:
+                    return
+                if not force:
+                    raise UsageError(f"{spec.source} is the source of device {d.name}; restoring over it needs "
+                                     "--force (its next backup will then compare checksums)")
+                stack.enter_context(self._let_go(d.name))  # not opened meanwhile, nor bound to what we write
+                try:
+                    distrust_saved_bitmaps(self._device_dir(d.name), BITMAPS, why)
+                except OSError as e:
+                    raise storage_error(e) from None
+                if image is not None and identity == d.identity:
+                    RbdSnapshots(self.catalog, d.name, image).tidy(None)
+                owner.append(d)
+
+            with self.open_backup(rec.id) as view:
+                result = restore_to_rbd(lambda pos, out: view.read(pos, len(out), into=out), rec.size, spec,
+                                        force=force, on_progress=on_progress, claim=claim)
+            if owner and result.identity is not None:
+                # The device's image was missing and the restore made it: it is
+                # the device's source now (its old one is gone for good).
+                d = owner[0]
+                self.catalog.set_source(d.name, d.source, result.identity, d.ceph)
+        result.backup = rec.id
+        return result
+
     def prune(
         self,
         device: str,
