@@ -10,9 +10,11 @@ the way an RBD image wants it:
   new image is as sparse as the backup. A killed restore's hidden image is
   removed by the next restore to the same name (one with no watcher: a
   live restore has its image open, which is a watch);
-- an existing image is written in place, and only with ``--force``; one
-  that a client has open (a watch: a running VM, a kernel mapping, a
-  mount) is refused even then, as a block device in use is. While written
+- an existing image of the backup's size that no other client has open
+  is written in place; one of another size, or one a client has open (a
+  watch: a running VM, a kernel mapping, a mount), only with ``--force``
+  (the issue's contract: "refused if it exists and is in use or has a
+  different size, unless --force"), which then says what it did. While written
   it holds RBD's exclusive lock, so a client that opens it meanwhile
   cannot write into the middle of the restore. Its size is made the
   backup's. Zero regions are written as zeros (write_zeroes: a discard
@@ -244,22 +246,22 @@ class _Restore:
         self.image = image
         self.existed = True
         others = self._watchers(image)
-        if others:
+        if others and not self.force:
             raise UsageError(
                 f"{self.spec.source} is in use: {len(others)} client(s) have it open ({', '.join(others)}): "
                 "a running VM, a kernel mapping (rbd map) or a backupfs mount; stop, unmap or unmount it "
-                f"first (a client that died holds it for up to {_WATCH_TIMEOUT})")
+                f"first (a client that died holds it for up to {_WATCH_TIMEOUT}), or restore anyway with "
+                "--force")
+        if others:
+            self.notes.append(f"written while {len(others)} other client(s) had it open ({', '.join(others)})")
         if self.claim is not None:
             self.claim(image, rbd_identity(self.cluster, image))
         actual = image.size()
-        if not self.force:
-            if actual != self.size:
-                raise UsageError(
-                    f"{self.spec.source} exists and is {format_size(actual)} ({actual} bytes), the backup "
-                    f"is {format_size(self.size)} ({self.size} bytes); --force resizes it to the backup's "
-                    "size and overwrites it")
-            raise UsageError(f"{self.spec.source} exists ({format_size(actual)}); its contents would be "
-                             "overwritten (use --force)")
+        if actual != self.size and not self.force:
+            raise UsageError(
+                f"{self.spec.source} exists and is {format_size(actual)} ({actual} bytes), the backup "
+                f"is {format_size(self.size)} ({self.size} bytes); --force resizes it to the backup's "
+                "size and overwrites it")
         self._lock(rbd)
         if actual != self.size:
             image._call(f"resizing it to {self.size} bytes", image.image.resize, self.size)

@@ -147,7 +147,7 @@ def test_a_namespace_image_and_an_older_backup(backups: Backups, ceph_cluster: C
     assert name not in image_names(ceph_cluster)
 
 
-def test_an_existing_image_needs_force_and_gets_the_backups_size_and_zeros(
+def test_an_existing_image_of_another_size_needs_force_and_gets_the_backups_size_and_zeros(
         backups: Backups, ceph_cluster: CephCluster, made: Callable[[str], str]) -> None:
     # Data everywhere: where the backup holds zeros, the restore must write zeros.
     everywhere = os.urandom(16 * MiB)
@@ -162,14 +162,12 @@ def test_an_existing_image_needs_force_and_gets_the_backups_size_and_zeros(
     assert "(RBD image, overwritten)" in out and "resized from 16 MiB to 24 MiB" in out, out
     assert export(ceph_cluster, image.spec) == backups.incremental_raw
 
-    # The same size now: still not without --force.
-    err = one_line_error(restore(backups, backups.full, image.source, ceph_cluster, check=False))
-    assert f"{image.source} exists (24 MiB)" in err and "--force" in err
-    restore(backups, backups.full, image.source, ceph_cluster, "--force")
+    # The same size now, and nobody has it open: written without --force (the contract).
+    restore(backups, backups.full, image.source, ceph_cluster)
     assert export(ceph_cluster, image.spec) == backups.full_raw
 
 
-def test_an_image_in_use_is_refused_naming_its_client(backups: Backups, ceph_cluster: CephCluster,
+def test_an_image_in_use_is_refused_naming_its_client_unless_forced(backups: Backups, ceph_cluster: CephCluster,
                                                       rbd_image: Callable[..., RbdImage]) -> None:
     import rados
     import rbd as rbdlib
@@ -183,14 +181,17 @@ def test_an_image_in_use_is_refused_naming_its_client(backups: Backups, ceph_clu
         try:
             with rbdlib.Image(ioctx, image.name) as held:  # an open image is a watch, as a VM's is
                 addr = next(iter(held.watchers_list()))["addr"]
-                err = one_line_error(restore(backups, "latest", image.source, ceph_cluster, "--force",
-                                             check=False))
+                err = one_line_error(restore(backups, "latest", image.source, ceph_cluster, check=False))
+                assert f"{image.source} is in use" in err and addr in err and "--force" in err, err
+                assert export(ceph_cluster, image.spec) == before
+                # --force writes it all the same, and says who had it open.
+                out = restore(backups, "latest", image.source, ceph_cluster, "--force").stdout.decode()
+                assert "other client(s) had it open" in out and addr in out, out
         finally:
             ioctx.close()
     finally:
         conn.shutdown()
-    assert f"{image.source} is in use" in err and addr in err, err
-    assert export(ceph_cluster, image.spec) == before
+    assert export(ceph_cluster, image.spec) == backups.incremental_raw
 
 
 def _damaged_copy(backups: Backups, tmp_path: Path) -> Path:
