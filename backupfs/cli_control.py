@@ -173,6 +173,8 @@ def device_set(record: MountRecord, name: str, compress: str) -> int:
 def device_remove(record: MountRecord, name: str, force: bool) -> int:
     out = run_through_mount(record, DeviceRemove(name, force), "remove a device")
     count = int(out["backups_removed"])
+    for note in out.get("notes") or []:
+        print(f"backupfs: warning: {escape(str(note))}", file=sys.stderr)
     print(f"removed device {escape(name)}" + (f" and its {count} backup{'s' if count != 1 else ''}" if count else "")
           + f" (through the mount at {escape(record.mountpoint)})")
     return 0

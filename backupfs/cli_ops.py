@@ -8,7 +8,7 @@ import errno
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from backupfs.cli_common import Stopped, catalog_for_reading, close_quietly, default_stop_signals, progress_reporter
@@ -25,7 +25,10 @@ from engine.units import format_size, parse_size
 READ_ERROR_XATTR = "user.backupfs.read_error"  # backupfs/tree.py: why the mount failed a read
 
 if TYPE_CHECKING:
+    from engine.catalog import Catalog
     from engine.job import CancelRequest
+    from engine.rbdimage import RbdImage
+    from engine.sourceid import SourceId
 
 
 RESTORE_EPILOG = """\
@@ -51,16 +54,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "bytes_read} (README: Output for scripts); the exit status as without it")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("restore", help="write a backup out to a file (sparse) or a block device, "
-                                        "or copy files inside it into a directory (--include)",
+    p = sub.add_parser("restore", help="write a backup out to a file (sparse), a block device or an RBD image "
+                                        "(rbd:POOL/IMAGE), or copy files inside it into a directory (--include)",
                        epilog=RESTORE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("repo", metavar="REPO")
     p.add_argument("name", metavar="NAME")
     p.add_argument("backup", metavar="ID", help="a backup id, or 'latest'")
-    p.add_argument("target", metavar="TARGET", help="a file or block device; with --include, a directory")
+    p.add_argument("target", metavar="TARGET",
+                   help="a file, a block device or rbd:POOL[/NAMESPACE]/IMAGE; with --include, a directory")
     p.add_argument("--force", action="store_true",
-                   help="overwrite an existing file or a block device (with --include: replace existing "
-                        "files and symlinks in the directory, never a directory)")
+                   help="overwrite an existing file, a block device or an existing RBD image (resized to the "
+                        "backup's size) (with --include: replace existing files and symlinks in the directory, "
+                        "never a directory)")
+    p.add_argument("--ceph-conf", metavar="FILE",
+                   help="an rbd: target's cluster configuration (default: $CEPH_CONF, then /etc/ceph/ceph.conf)")
+    p.add_argument("--ceph-id", metavar="NAME", help="the Ceph client to connect as (default: librados' own, admin)")
     p.add_argument("--include", action="append", metavar="PATH",
                    help="copy the file or tree PATH inside the backup (e.g. p2/etc/fstab) into the directory "
                         "TARGET instead of restoring the whole disk; repeatable")
@@ -233,6 +241,12 @@ def _in_place(target: str) -> str | None:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    from engine.ceph import is_rbd
+
+    if is_rbd(args.target):
+        return _restore_rbd(args)
+    if args.ceph_conf is not None or args.ceph_id is not None:
+        raise UsageError(f"--ceph-conf and --ceph-id are for rbd: targets, not {escape(args.target)}")
     if args.include:
         from backupfs.cli_files import cmd_restore_files
 
@@ -248,6 +262,68 @@ def cmd_restore(args: argparse.Namespace) -> int:
             result = repo.restore(args.name, args.backup, args.target, force=args.force, in_place=in_place,
                                   on_progress=update)
     print(one_line(result.summary(args.name)))
+    return 0
+
+
+def _restore_rbd(args: argparse.Namespace) -> int:
+    """`restore REPO NAME ID rbd:POOL/IMAGE`: into an RBD image (engine/rbdrestore.py)."""
+    if args.include:
+        raise UsageError("--include copies files into a directory; an rbd: target takes the whole disk")
+    record = _mounted(args.repo)
+    if record is not None:
+        return _restore_rbd_through_mount(record, args)
+    from engine.repo import Repository
+
+    try:
+        with Repository.open(args.repo) as repo:
+            with progress_reporter(sys.stderr.isatty(), f"restore {args.name}") as update:
+                result = repo.restore_rbd(args.name, args.backup, args.target, ceph_conf=args.ceph_conf,
+                                          ceph_id=args.ceph_id, force=args.force, on_progress=update)
+    except KeyboardInterrupt as e:
+        _say_notes(e)
+        raise
+    print(one_line(result.summary(args.name)))
+    return 0
+
+
+def _say_notes(e: BaseException) -> None:
+    """What a stopped restore left (engine/rbdrestore.py notes it on the stop)."""
+    for note in getattr(e, "__notes__", ()):
+        print(f"backupfs: {one_line(note)}", file=sys.stderr)
+
+
+def _restore_rbd_through_mount(record: MountRecord, args: argparse.Namespace) -> int:
+    """Mounted: read the backup through the mount (the daemon checks checksums),
+    write the image from here. The image of a mounted device is refused: the
+    mount has it open, and its device file is the way to write it."""
+    from engine.ceph import parse
+    from engine.rbdrestore import rbd_source_named, restore_to_rbd
+
+    spec = parse(args.target, args.ceph_conf, args.ceph_id)
+    with catalog_for_reading(args.repo) as catalog:
+        if catalog.device(args.name) is None:
+            raise UsageError(f"no device named {args.name!r}")
+        devices = catalog.devices()
+        ident = _mounted_backup_id(args, catalog)
+
+    def claim(image: RbdImage | None, identity: SourceId | None) -> None:
+        d = rbd_source_named(spec, identity, devices)
+        if d is not None:
+            raise UsageError(
+                f"{spec.source} is the source of device {d.name}, which is mounted at {record.mountpoint}; "
+                f"restore into {os.path.join(record.mountpoint, d.name, 'device')} (in place, through the "
+                f"mount) or run 'backupfs umount {record.mountpoint}' first")
+
+    claim(None, None)  # by name, before the cluster is reached
+    with _mounted_backup(record, args, ident) as (read, size, ident):
+        with progress_reporter(sys.stderr.isatty(), f"restore {args.name}") as update:
+            try:
+                result = restore_to_rbd(read, size, spec, force=args.force, on_progress=update, claim=claim)
+            except KeyboardInterrupt as e:
+                _say_notes(e)
+                raise
+    result.backup = ident
+    print(one_line(result.summary(args.name, " through the mount")))
     return 0
 
 
@@ -267,12 +343,39 @@ def _restore_through_mount(record: MountRecord, args: argparse.Namespace, in_pla
                 f"{record.mountpoint}; restore into {os.path.join(record.mountpoint, d.name, 'device')} (in place, "
                 f"through the mount) or run 'backupfs umount {record.mountpoint}' first"
             )
-        ident = args.backup
-        if ident != "latest":  # a suffix as people type it (0002), as the unmounted restore takes
-            found = matching_ids(ident, [b.id for b in catalog.backups(args.name)])
-            if len(found) > 1:
-                raise UsageError(f"{ident!r} names more than one backup of {args.name}: " + ", ".join(found))
-            ident = found[0] if found else ident
+        ident = _mounted_backup_id(args, catalog)
+    with _mounted_backup(record, args, ident) as (read, size, ident):
+        if in_place is not None:
+            kind = check_in_place_target(args.target, size, args.force, in_place)
+        else:
+            kind = check_target(args.target, size, args.force, os.path.abspath(args.repo))
+        with progress_reporter(sys.stderr.isatty(), f"restore {args.name}") as update:
+            result = restore_to(read, size, args.target, kind=kind, on_progress=update,
+                                repository=os.path.abspath(args.repo))
+    result.backup = ident
+    print(one_line(result.summary(args.name, " through the mount")))
+    return 0
+
+
+def _mounted_backup_id(args: argparse.Namespace, catalog: Catalog) -> str:
+    """The backup ``args.backup`` names, as the mount's backups/ directory
+    names it: a suffix as people type it (0002) made whole, as the unmounted
+    restore takes it; 'latest' stays (the mount resolves it)."""
+    ident = str(args.backup)
+    if ident != "latest":
+        found = matching_ids(ident, [b.id for b in catalog.backups(args.name)])
+        if len(found) > 1:
+            raise UsageError(f"{ident!r} names more than one backup of {args.name}: " + ", ".join(found))
+        ident = found[0] if found else ident
+    return ident
+
+
+@contextlib.contextmanager
+def _mounted_backup(record: MountRecord, args: argparse.Namespace, ident: str
+                    ) -> Iterator[tuple[Callable[[int, memoryview], memoryview], int, str]]:
+    """(read, size, id) of backup ``ident`` opened through the mount, for a
+    restore: ``read(offset, out)`` fills ``out``; its errors say why the mount
+    failed the read."""
     backups = os.path.join(record.mountpoint, args.name, "backups")
     if ident == "latest":
         try:
@@ -287,38 +390,28 @@ def _restore_through_mount(record: MountRecord, args: argparse.Namespace, in_pla
     except OSError as e:  # a damaged image the mount cannot open: say why, as a failed read does
         raise BackupfsError(f"opening backup {escape(ident)} through the mount: {e.strerror}: "
                             f"{_read_error(path, record)}") from None
+
+    def read(offset: int, out: memoryview) -> memoryview:
+        try:
+            done = 0
+            while done < len(out):
+                n = os.preadv(fd, [out[done:]], offset + done)
+                if n == 0:
+                    break  # the mount's file ended early: the restore reports the short read
+                done += n
+            return out[:done]
+        except OSError as e:
+            raise BackupfsError(f"reading backup {escape(ident)} through the mount at offset {offset}: "
+                                f"{e.strerror}: {_read_error(path, record)}; 'backupfs verify "
+                                f"{escape(args.repo)} {escape(args.name)}' checks the whole device") from None
+
     try:
-        size = os.fstat(fd).st_size
-        if in_place is not None:
-            kind = check_in_place_target(args.target, size, args.force, in_place)
-        else:
-            kind = check_target(args.target, size, args.force, os.path.abspath(args.repo))
-
-        def read(offset: int, out: memoryview) -> memoryview:
-            try:
-                done = 0
-                while done < len(out):
-                    n = os.preadv(fd, [out[done:]], offset + done)
-                    if n == 0:
-                        break  # the mount's file ended early: restore_to reports the short read
-                    done += n
-                return out[:done]
-            except OSError as e:
-                raise BackupfsError(f"reading backup {escape(ident)} through the mount at offset {offset}: "
-                                    f"{e.strerror}: {_read_error(path, record)}; 'backupfs verify "
-                                    f"{escape(args.repo)} {escape(args.name)}' checks the whole device") from None
-
-        with progress_reporter(sys.stderr.isatty(), f"restore {args.name}") as update:
-            result = restore_to(read, size, args.target, kind=kind, on_progress=update,
-                                repository=os.path.abspath(args.repo))
+        yield read, os.fstat(fd).st_size, ident
     finally:
         try:
             os.close(fd)
         except OSError:
             pass  # only read from; a dead mount fails this too, and the error on its way says more
-    result.backup = ident
-    print(one_line(result.summary(args.name, " through the mount")))
-    return 0
 
 
 def _read_error(path: str, record: MountRecord) -> str:

@@ -199,7 +199,9 @@ def cmd_device_remove(args: argparse.Namespace) -> int:
         if count and not args.force:
             raise UsageError(f"device {args.name} has {count} backup{'s' if count != 1 else ''}; removing it "
                              "deletes them all (use --force)")
-        repo.remove_device(args.name)
+        notes = repo.remove_device(args.name)
+    for note in notes:
+        print(f"backupfs: warning: {note}", file=sys.stderr)
     print(f"removed device {args.name}" + (f" and its {count} backup{'s' if count != 1 else ''}" if count else ""))
     return 0
 

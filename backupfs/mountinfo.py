@@ -15,6 +15,7 @@ import stat
 from dataclasses import dataclass
 
 from backupfs.mountaccess import VALUE_OPTIONS, check_value
+from engine.ceph import is_rbd
 from engine.errors import BackupfsError, UsageError
 
 MOUNT_RECORD = "mount.json"
@@ -127,7 +128,7 @@ def check_sources_outside(mountpoint: str, sources: dict[str, str]) -> None:
     itself, and the first access would hang the whole filesystem."""
     mp = os.path.realpath(mountpoint)
     for name, source in sorted(sources.items()):
-        if source and os.path.commonpath([mp, os.path.realpath(source)]) == mp:
+        if source and not is_rbd(source) and os.path.commonpath([mp, os.path.realpath(source)]) == mp:
             raise UsageError(f"device {name}'s source {source} lies under the mount point {mountpoint}; "
                              "the mount would hide it (mount elsewhere)")
 

@@ -231,11 +231,13 @@ class RepositoryControl:
         # nothing awaited between the check above and this line.
         self.removing.add(name)
         try:
-            await trio.to_thread.run_sync(self.repo.remove_device, name)
+            notes = await trio.to_thread.run_sync(self.repo.remove_device, name)
         finally:
             self.removing.discard(name)
             await self.hooks.removed(name)
-        return {"removed": name, "backups_removed": count}
+        for note in notes:
+            log.warning("device %s: %s", name, note)
+        return {"removed": name, "backups_removed": count, "notes": notes}
 
     def _check_idle(self, name: str, doing: str) -> None:
         """Refuse ``doing`` to device ``name`` while a job or an open file uses it."""

@@ -23,8 +23,8 @@ any change behind backupfs's back.
 
 from __future__ import annotations
 
-from engine.catalog import BackupRecord, Catalog, CatalogError
-from engine.ceph import CephError
+from engine.catalog import BackupRecord, Catalog, CatalogError, DeviceRecord
+from engine.ceph import CephError, Cluster, from_record
 from engine.rbdimage import RbdImage, snapshot_name
 
 
@@ -59,7 +59,7 @@ class RbdSnapshots:
         row = rows[-1]
         found = self.image.snapshots().get(row.name)
         if found is None:
-            return None, f"its RBD snapshot {row.name} is missing from {self.image.spec.source}"
+            return None, f"its RBD snapshot {row.name} on {self.image.spec.source} is missing"
         if row.snap_id is not None and found != row.snap_id:
             return None, (f"its RBD snapshot {row.name} on {self.image.spec.source} was made again by someone "
                           "else (its id differs)")
@@ -93,3 +93,25 @@ class RbdSnapshots:
         except (CephError, CatalogError):
             return False
         return True
+
+
+def remove_rbd_snapshots(catalog: Catalog, rec: DeviceRecord) -> list[str]:
+    """A device is being removed: remove the snapshots its backups took.
+    What could not be removed (a cluster out of reach), in words: the
+    device goes all the same, and the words say how to finish by hand."""
+    rows = catalog.rbd_snapshots(rec.name)
+    if not rows:
+        return []
+    try:
+        spec = from_record(rec.source, rec.ceph)
+        with Cluster(spec) as cluster:
+            image = RbdImage(cluster)
+            try:
+                RbdSnapshots(catalog, rec.name, image).tidy(None)
+            finally:
+                image.close()
+    except (CephError, CatalogError) as e:
+        names = ", ".join(r.name for r in rows)
+        return [f"the RBD snapshots {names} of {rec.source} were not removed ({e}); "
+                f"remove them with 'rbd snap rm'"]
+    return []

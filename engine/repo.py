@@ -39,6 +39,7 @@ from engine.integrity import Problem, VerifiedView, VerifyReport, held_granules,
 from engine.units import check_rate, format_size
 from engine.restore import RestoreResult, check_in_place_target, check_target, restore_to, source_named
 from engine.rbddevice import RbdDevice, probe_rbd
+from engine.rbdsnaps import remove_rbd_snapshots
 from engine.sourcecheck import probe_source
 from engine.sourceid import FILE, SourceId, identity_at
 from engine.importer import import_chain
@@ -616,11 +617,17 @@ class Repository:
             with self._devices_lock:
                 self._away.discard(name)
 
-    def remove_device(self, name: str) -> None:
+    def remove_device(self, name: str) -> list[str]:
+        """Forget device ``name`` and delete its backups; what could not be
+        cleaned up (an RBD snapshot on a cluster out of reach), in words."""
         self._require_room("removing a device")
-        if self.catalog.device(name) is None:
+        rec = self.catalog.device(name)
+        if rec is None:
             raise UsageError(f"no device named {name!r}")
+        notes: list[str] = []
         with self._let_go(name):
+            if is_rbd(rec.source):
+                notes = remove_rbd_snapshots(self.catalog, rec)
             # Only the files backupfs made: a user's file there stays (and so
             # then does the directory).
             leftovers = [(f, "file") for b in self.catalog.backups(name) for f in (b.image, b.checksums) if f]
@@ -629,6 +636,7 @@ class Repository:
             leftovers.append((device_rel(name), "dir"))
             self.catalog.remove_device(name, leftovers)
             self._remove_recorded(leftovers)
+        return notes
 
     def devices(self) -> list[DeviceRecord]:
         return self.catalog.devices()
@@ -868,6 +876,66 @@ class Repository:
                         self.catalog.set_source(dev.name, dev.path, result.identity)
                         dev.rebind(result.identity)
         assert result is not None
+        result.backup = rec.id
+        return result
+
+    def restore_rbd(
+        self,
+        device: str,
+        ident: str,
+        target: str,
+        *,
+        ceph_conf: str | None = None,
+        ceph_id: str | None = None,
+        force: bool = False,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> RestoreResult:
+        """Write backup ``ident`` of ``device`` into the RBD image ``target``
+        (rbd:POOL[/NAMESPACE]/IMAGE), checking checksums (engine/rbdrestore.py).
+
+        The image a device is bound to is written only with ``force``, as a
+        file source is: then its bitmaps are distrusted and its kept RBD
+        snapshot removed (saved before a byte is written), so its next backup
+        compares checksums; an image made anew under that name (the old one
+        was gone) becomes the device's source.
+        """
+        from contextlib import ExitStack
+
+        from engine.ceph import parse
+        from engine.rbdimage import RbdImage
+        from engine.rbdrestore import rbd_source_named, restore_to_rbd
+        from engine.rbdsnaps import RbdSnapshots
+
+        rec = self.resolve_backup(device, ident)
+        spec = parse(target, ceph_conf, ceph_id)
+        why = f"its source was overwritten by a restore of backup {rec.id}"
+        owner: list[DeviceRecord] = []
+        with ExitStack() as stack:
+
+            def claim(image: RbdImage | None, identity: SourceId | None) -> None:
+                d = rbd_source_named(spec, identity, self.catalog.devices())
+                if d is None:
+                    return
+                if not force:
+                    raise UsageError(f"{spec.source} is the source of device {d.name}; restoring over it needs "
+                                     "--force (its next backup will then compare checksums)")
+                stack.enter_context(self._let_go(d.name))  # not opened meanwhile, nor bound to what we write
+                try:
+                    distrust_saved_bitmaps(self._device_dir(d.name), BITMAPS, why)
+                except OSError as e:
+                    raise storage_error(e) from None
+                if image is not None and identity == d.identity:
+                    RbdSnapshots(self.catalog, d.name, image).tidy(None)
+                owner.append(d)
+
+            with self.open_backup(rec.id) as view:
+                result = restore_to_rbd(lambda pos, out: view.read(pos, len(out), into=out), rec.size, spec,
+                                        force=force, on_progress=on_progress, claim=claim)
+            if owner and result.identity is not None:
+                # The device's image was missing and the restore made it: it is
+                # the device's source now (its old one is gone for good).
+                d = owner[0]
+                self.catalog.set_source(d.name, d.source, result.identity, d.ceph)
         result.backup = rec.id
         return result
 

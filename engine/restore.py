@@ -56,6 +56,8 @@ class Target(enum.Enum):
     FILE = "sparse file"  # written beside it, renamed over it at the end; zeros stay holes
     BLOCK = "block device"  # written in place, every byte
     IN_PLACE = "in place"  # written in place, only the blocks that differ from the backup
+    RBD_NEW = "new RBD image"  # made for the restore (engine/rbdrestore.py); zeros not written
+    RBD = "RBD image, overwritten"  # an existing image, written in place; zeros written where it held data
 
 
 @dataclass
@@ -67,6 +69,7 @@ class RestoreResult:
     target_size: int  # a block device may be larger than the backup: its tail is left as it was
     backup: str = ""  # the backup's id, as resolved from 'latest'
     identity: SourceId | None = None  # the new file a FILE restore made (it replaced the target's name)
+    note: str = ""  # what else was done to the target (an RBD image resized, say)
 
     def summary(self, device: str, through: str = "") -> str:
         """The line a restore prints: what was written where, and what was not."""
@@ -75,6 +78,8 @@ class RestoreResult:
         if self.target_size > self.size:
             line += (f"; {self.target} is {format_size(self.target_size)}: its last "
                      f"{format_size(self.target_size - self.size)} were left as they were")
+        if self.note:
+            line += f"; {self.note}"
         return line
 
 

@@ -110,6 +110,9 @@ paxos propose interval = 0.05
 [osd]
 osd objectstore = memstore
 memstore device bytes = {memstore_bytes}
+# A client killed with -9 keeps an image's exclusive lock until its watch
+# times out (30 s by default): the next client waits that long for it.
+osd client watch timeout = 5
 
 [client]
 # A client (rbd, ceph, librados in a test) leaves no socket or log behind.
@@ -176,6 +179,8 @@ def _die_with_parent() -> None:
 
     A test session killed hard would otherwise leave daemons holding RAM
     (memstore) for good; the cluster is throwaway, so a kill loses nothing.
+    Linux ties this to the starting *thread*: start() belongs in the main
+    thread (pytest's fixtures run there), not in a worker thread that ends.
     """
     libc = ctypes.CDLL(None, use_errno=True)
     pr_set_pdeathsig = 1
@@ -304,7 +309,7 @@ class CephCluster:
             tails = self._log_tails()
             self.stop()
             if isinstance(e, CephError):
-                raise CephError(f"{e}\n{tails}") from None
+                raise CephError(f"the cluster in {self.directory} did not start: {e}\n{tails}") from None
             raise
         return self
 
@@ -396,7 +401,7 @@ class CephCluster:
         """Seconds left before `deadline` (CephError once none are)."""
         left = deadline - time.monotonic()
         if left <= 0:
-            raise CephError(f"the cluster was not ready within {START_SECONDS:.0f} s")
+            raise CephError(f"not ready within {START_SECONDS:g} s")
         return left
 
     def _run(self, argv: list[str], timeout: float, input: bytes | None = None) -> str:
@@ -425,7 +430,7 @@ class CephCluster:
                     os.close(fd)
                 if fd not in ready:
                     dead = [d.name for d in self._daemons.values() if d.pidfd in ready]
-                    why = f"{', '.join(dead)} exited" if dead else f"no answer within {timeout:.0f} s"
+                    why = f"{', '.join(dead)} exited" if dead else f"no answer within {timeout:.1f} s"
                     raise CephError(f"`{' '.join(argv)}` failed: {why}")
             finally:
                 if p.poll() is None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from engine.repo import Repository
+from tests.cephcluster import CephCluster, CephError, RbdImage
 from tests.hostile_qcow2 import Img, build
 from tests.mounts import STARTED_MOUNTS
 from tests.users import OtherUser
@@ -139,14 +140,39 @@ def user_dir(open_tmp: Path, other_user: OtherUser) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ceph_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    """One throwaway single-node Ceph cluster for the session (tests/cephcluster.py;
-    about 2 s to start, its data in RAM), stopped at the end whatever happened."""
-    from tests.cephcluster import CephCluster
+def ceph_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
+    """A throwaway one-node Ceph cluster (mon, memstore OSD) for the whole session.
 
-    cluster = CephCluster(tmp_path_factory.mktemp("ceph"), memstore_bytes=2 << 30)
-    cluster.start()
+    Started once (about 2 s), stopped at the end even when tests failed; with
+    xdist each worker has its own. Pools `rbd` (with namespace `ns1`) and
+    `backupfs-b`. A test using it is marked `ceph` and `long` at collection
+    (tests/long_marker.py), so the quick run never starts one.
+    """
+    cluster = CephCluster(tmp_path_factory.mktemp("ceph")).start()
     try:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def rbd_image(ceph_cluster: CephCluster) -> Iterator[Callable[..., RbdImage]]:
+    """Makes images in the session's cluster: ``rbd_image(size, pool="rbd", namespace="")``
+    returns a new, uniquely named image; each is removed with its snapshots after the test
+    (a removal that fails, e.g. an image still open, fails the teardown)."""
+    made: list[RbdImage] = []
+
+    def make(size: int, pool: str = "rbd", namespace: str = "") -> RbdImage:
+        image = ceph_cluster.create_image(size, pool, namespace)
+        made.append(image)
+        return image
+
+    yield make
+    errors = []
+    for image in made:
+        try:
+            ceph_cluster.remove_image(image)
+        except CephError as e:
+            errors.append(str(e))
+    if errors:
+        raise CephError("\n".join(errors))

@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -162,6 +163,10 @@ def test_nothing_changed_makes_no_backup_and_keeps_the_snapshot(
     assert snapshots(ceph_cluster, image) == [f"backupfs-{full}"]
     with Repository.open(str(rbd_repo)) as repo:
         assert [b.id for b in repo.backups("vm")] == [full]
+    # Removing the device removes the snapshot its backups kept (and only that one).
+    ceph_cluster.rbd("snap", "create", f"{image.spec}@mine")
+    cli("device", "remove", rbd_repo, "vm", "--force")
+    assert snapshots(ceph_cluster, image) == ["mine"]
 
 
 @pytest.mark.parametrize("how", ["removed", "made again"])
@@ -176,14 +181,13 @@ def test_a_missing_or_foreign_snapshot_makes_the_next_backup_a_scan(
         img.write(rng.randbytes(8192), 5 * MiB)
     if how == "made again":
         ceph_cluster.rbd("snap", "create", f"{image.spec}@backupfs-{full}")
-    cli("backup", rbd_repo, "vm", "incremental")
+    said = cli("backup", rbd_repo, "vm", "incremental").stdout.decode()
+    why = "is missing" if how == "removed" else "was made again by someone else"
+    assert f"scanned (its RBD snapshot backupfs-{full} on {image.source} {why}" in said, said
     with Repository.open(str(rbd_repo)) as repo:
         inc = repo.latest_backup("vm")
         assert inc is not None and inc.kind == "incremental" and inc.scanned, inc
-        job = repo.jobs("vm", 1)[0]
-        assert job.scanned
-    status = cli("status", rbd_repo).stdout.decode()
-    assert "scan" in status or "scanned" in status, status
+        assert repo.jobs("vm", 1)[0].scanned
     # Only the new backup's snapshot is backupfs's now; one made by someone else stays.
     left = snapshots(ceph_cluster, image)
     assert f"backupfs-{inc.id}" in left
@@ -298,7 +302,7 @@ def test_without_the_bindings_an_rbd_source_is_one_line_and_files_still_work(
     disk.write_bytes(b"\0" * MiB)
     code = ("import sys; sys.modules['rados'] = None; sys.modules['rbd'] = None; "
             "from backupfs.cli import main; sys.exit(main(sys.argv[1:]))")
-    py = backupfs_cmd()[0]
+    py = sys.executable
     proc = subprocess.run([py, "-c", code, "device", "add", str(repo_dir), "vm", image.source, "--ceph-conf",
                            str(ceph_cluster.conf)], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
