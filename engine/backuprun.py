@@ -57,6 +57,7 @@ from engine.publish import publish
 from engine.qcow2.format import MAX_CHAIN_DEPTH
 from engine.qcow2.writer import Qcow2Writer
 from engine.rbddevice import RbdDevice
+from engine.rbdimage import RbdImage
 from engine.rbdsnaps import RbdSnapshots
 from engine.rbdsource import IN_FLIGHT_BYTES, RbdSource
 from engine.repoerrors import JobBusy, RepositoryError, storage_error
@@ -182,6 +183,8 @@ class BackupRun:
         self.snaps: RbdSnapshots | None = None
         self.rbd_base: str | None = None
         self.rbd_snap: tuple[str, int] | None = None
+        # The snapshot opened by start to ask RBD what changed, until the job's source takes it.
+        self.rbd_view: RbdImage | None = None
         self.source: Source | None = None
 
     def run(self) -> BackupResult:
@@ -364,9 +367,13 @@ class BackupRun:
             if self.source_factory:
                 source = self.source_factory(dev)
             elif isinstance(dev, RbdDevice):
-                assert self.rbd_snap is not None
-                source = RbdSource(dev.snapshot(self.rbd_snap[0]), dev.size, unit, allocated)
+                assert self.rbd_view is not None
+                # The snapshot already opened for the diff (opening one costs 5 ms).
+                source, self.rbd_view = RbdSource(self.rbd_view, dev.size, unit, allocated), None
                 read_ahead = {"read_ahead": IN_FLIGHT_BYTES * 3 // 4}
+                # The run the job claims first, before the read-ahead it asks for
+                # after it; only that under the gate (issuing 48 MiB of aio took 50 ms).
+                source.prime(units, self.chunk_bytes)
             else:
                 source = Source(dev.fd, dev.path, dev.size)
             self.source = source
@@ -399,23 +406,21 @@ class BackupRun:
         assert self.snaps is not None
         try:
             self.rbd_snap = self.snaps.take(ident)
-            snap = dev.snapshot(self.rbd_snap[0])
-            try:
-                if self.kind == "full" or self.plan_scan:
-                    return tracked, snap.allocated_units(unit, dev.size)
-                units = tracked | snap.changed_units(self.rbd_base, unit, dev.size)
-                if self.kind == "differential":
-                    latest = self.catalog.latest_backup(self.name)
-                    changed = self._since_full_changes(latest) if latest is not None else None
-                    if changed is None:
-                        units.setall(1)  # unknown since the full: compare everything
-                    else:
-                        g = dev.granularity
-                        for defined in changed:
-                            units |= units_of(((a * g, b * g) for a, b in bit_runs(defined)), unit, dev.size)
-                return units, None
-            finally:
-                snap.close()
+            # Kept open for the job's reads (start hands it to the source).
+            self.rbd_view = snap = dev.snapshot(self.rbd_snap[0])
+            if self.kind == "full" or self.plan_scan:
+                return tracked, snap.allocated_units(unit, dev.size)
+            units = tracked | snap.changed_units(self.rbd_base, unit, dev.size)
+            if self.kind == "differential":
+                latest = self.catalog.latest_backup(self.name)
+                changed = self._since_full_changes(latest) if latest is not None else None
+                if changed is None:
+                    units.setall(1)  # unknown since the full: compare everything
+                else:
+                    g = dev.granularity
+                    for defined in changed:
+                        units |= units_of(((a * g, b * g) for a, b in bit_runs(defined)), unit, dev.size)
+            return units, None
         except CephError as e:
             raise JobError(f"device {self.name}: {e}", e.errno or errno.EIO) from None
 
@@ -566,13 +571,22 @@ class BackupRun:
     def clean(self) -> None:
         """Whatever the end: the device has no running job any more, and
         its source holds no read in flight."""
+        self._close_reads()
+        self.host.job_ends(self.name)
+
+    def _close_reads(self) -> None:
+        """Close what reads this backup's source: in-flight reads waited for,
+        an RBD snapshot's image closed (before the snapshot is removed). Again: a no-op."""
         if self.source is not None:
             self.source.close()
-        self.host.job_ends(self.name)
+        if self.rbd_view is not None:
+            self.rbd_view.close()
+            self.rbd_view = None
 
     def _drop_rbd_snapshot(self) -> None:
         """This backup's RBD snapshot, if it took one, goes (it is not a backup's)."""
         if self.snaps is not None and self.rbd_snap is not None:
+            self._close_reads()
             self.snaps.drop(*self.rbd_snap)
             self.rbd_snap = None
 

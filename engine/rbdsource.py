@@ -43,7 +43,8 @@ class _Piece:
 
 
 class RbdSource(Source):
-    """Reads of one RBD snapshot for a backup job."""
+    """Reads of one RBD snapshot for a backup job; the open ``image`` is its
+    own from here on (``close`` closes it)."""
 
     def __init__(self, image: RbdImage, size: int, unit: int, allocated: bitarray | None,
                  piece: int | None = None, in_flight: int = IN_FLIGHT_BYTES) -> None:
@@ -75,6 +76,28 @@ class RbdSource(Source):
         return first >= stop or not self.allocated.any() or self.allocated.find(1, first, stop) < 0
 
     # -- read-ahead --------------------------------------------------------------------------
+
+    def prime(self, units: bitarray, window: int) -> None:
+        """Start reading the first ``window`` bytes of the planned ``units`` now
+        (the run the job claims first), before the job's first read.
+
+        The job advises only what comes after the run it has just claimed,
+        so its first read went out after a whole budget of aio and waited
+        behind it: 9 ms for an incremental's first 64 KiB cluster, 34 ms for
+        a full's first 8 MiB (of a 1 GiB image in 0.17 s and 1.1 s).
+        """
+        budget = window // self.unit
+        pos = 0
+        while budget > 0:
+            a = units.find(1, pos)
+            if a < 0:
+                return
+            b = units.find(0, a, a + budget)
+            if b < 0:
+                b = min(a + budget, len(units))
+            self.will_need(a * self.unit, (b - a) * self.unit)
+            budget -= b - a
+            pos = b
 
     def will_need(self, offset: int, length: int) -> None:
         """Start aio reads of [offset, offset+length), holes left out, as the budget allows."""
@@ -188,7 +211,10 @@ class RbdSource(Source):
             raise JobError(f"reading {self.path} at offset {offset}: {e}", e.errno or errno.EIO) from None
 
     def close(self) -> None:
-        """Wait for reads still in flight (their buffers belong to librbd until done)."""
+        """Wait for reads still in flight (their buffers belong to librbd until
+        done), then close the snapshot's image: it is this source's, and one
+        left open per backup piled up in a mount's daemon until unmount, each
+        on a snapshot the next backup removes. Again: a no-op."""
         with self._lock:
             pending = list(self._pieces)
             self._pieces.clear()
@@ -196,3 +222,4 @@ class RbdSource(Source):
             self._queued = 0
         for p in pending:
             p.ready.wait()
+        self.image.close()
