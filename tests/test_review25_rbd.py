@@ -1,0 +1,222 @@
+"""A hostile review of RBD sources (engine side): each test is a way things went, or could go, wrong.
+
+Against the session's real Ceph cluster (tests/cephcluster.py): data is written
+by another librbd client as a VM would, `rbd export` of a backup's snapshot is
+the oracle for its bytes, `rbd snap ls` for what is left on the cluster.
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import random
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.ceph import Cluster, parse
+from engine.rbdimage import RbdImage as EngineImage
+from engine.rbdsource import RbdSource
+from engine.repo import Repository
+from tests.cephcluster import CephCluster, CephError, RbdImage
+from tests.commands import cli
+from tests.test_rbd_source import assert_backup_is, export, opened, snapshots
+
+pytestmark = [pytest.mark.ceph, pytest.mark.long]
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def make_repo(tmp_path: Path, cluster: CephCluster, image: RbdImage, *opts: str, name: str = "repo") -> Path:
+    repo_dir = tmp_path / name
+    cli("init", repo_dir)
+    cli("device", "add", repo_dir, "vm", image.source, "--ceph-conf", cluster.conf, *opts)
+    return repo_dir
+
+
+def take(repo_dir: Path, kind: str, *extra: str) -> str:
+    """A backup with the CLI; the id of the device's newest backup after it."""
+    cli("backup", repo_dir, "vm", kind, *extra)
+    with Repository.open(str(repo_dir)) as repo:
+        latest = repo.latest_backup("vm")
+        assert latest is not None
+        return latest.id
+
+
+# -- snapshots backupfs did not make ---------------------------------------------------------------
+
+
+def test_a_protected_old_snapshot_does_not_stop_every_later_backup(
+        ceph_cluster: CephCluster, rbd_image: Callable[..., RbdImage], tmp_path: Path) -> None:
+    """An admin protects the snapshot of a backup (to `rbd clone` a test VM from
+    it). backupfs cannot remove it while it is protected; that must cost one
+    snapshot kept too long, not every backup of the device refused."""
+    image = rbd_image(8 * MiB)
+    repo_dir = make_repo(tmp_path, ceph_cluster, image)
+    with opened(ceph_cluster, image) as img:
+        img.write(b"a" * MiB, 0)
+    full = take(repo_dir, "full")
+    held = f"{image.spec}@backupfs-{full}"
+    ceph_cluster.rbd("snap", "protect", held)
+    try:
+        with opened(ceph_cluster, image) as img:
+            img.write(b"b" * 4096, 2 * MiB)
+        inc1 = take(repo_dir, "incremental")
+        with opened(ceph_cluster, image) as img:
+            img.write(b"c" * 4096, 3 * MiB)
+        proc = cli("backup", repo_dir, "vm", "incremental", check=False)
+        assert proc.returncode == 0, proc.stderr.decode()
+        with Repository.open(str(repo_dir)) as repo:
+            inc2 = repo.latest_backup("vm")
+            assert inc2 is not None and inc2.id != inc1
+        assert_backup_is(repo_dir, inc2.id, export(ceph_cluster, image, f"backupfs-{inc2.id}", tmp_path / "i.raw"))
+        # Unprotected, the next backup removes it: exactly one kept again.
+        ceph_cluster.rbd("snap", "unprotect", held)
+        with opened(ceph_cluster, image) as img:
+            img.write(b"d" * 4096, 4 * MiB)
+        inc3 = take(repo_dir, "incremental")
+        assert snapshots(ceph_cluster, image) == [f"backupfs-{inc3}"]
+    finally:
+        try:
+            ceph_cluster.rbd("snap", "unprotect", held)
+        except CephError:
+            pass  # unprotected by the test already
+
+
+def test_a_snapshot_named_like_ours_by_someone_else_is_never_removed(
+        ceph_cluster: CephCluster, rbd_image: Callable[..., RbdImage], tmp_path: Path) -> None:
+    """Another repository backing up the same image (cron fires both in the same
+    second, their sequence numbers alike) or a user may already hold the name
+    ``backupfs-<id>`` the next backup takes. That backup cannot take it; the
+    snapshot it did not make must survive every later backup of this device."""
+    image = rbd_image(8 * MiB)
+    repo_dir = make_repo(tmp_path, ceph_cluster, image)
+    take(repo_dir, "full")
+    # The names the next backup (seq 2) takes in the next few seconds, made first by "someone else".
+    now = int(time.time())
+    theirs = [f"backupfs-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(t))}-0002-incremental"
+              for t in range(now - 1, now + 15)]
+    with opened(ceph_cluster, image) as img:
+        for name in theirs:
+            img.create_snap(name)
+    with opened(ceph_cluster, image) as img:
+        img.write(b"x" * 4096, MiB)
+    clash = cli("backup", repo_dir, "vm", "incremental", check=False)
+    assert time.time() < now + 14, "the backup must have started within the names made"
+    said = clash.stderr.decode()
+    assert clash.returncode != 0 and len(said.strip().splitlines()) == 1, said
+    assert "backupfs-" in said and image.spec in said, said
+    # The next one (seq 3) works, and leaves every snapshot it did not make.
+    after = take(repo_dir, "incremental")
+    left = snapshots(ceph_cluster, image)
+    assert [n for n in theirs if n not in left] == [], "a snapshot backupfs did not make was removed"
+    assert f"backupfs-{after}" in left
+
+
+# -- what a backup reads ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("granularity,cluster_size,size,opts", [
+    ("64K", "512K", 8 * MiB + 12 * KiB, ()),           # copy cluster 512 KiB, size not a multiple of it
+    ("4K", "64K", 6 * MiB + 4 * KiB, ()),               # granules smaller than clusters
+    ("64K", "64K", 6 * MiB, ("--compress", "zstd")),   # compressed layers
+], ids=["512K-over-64K", "4K-under-64K", "zstd"])
+def test_incrementals_equal_the_snapshot_in_odd_geometries(
+        ceph_cluster: CephCluster, rbd_image: Callable[..., RbdImage], tmp_path: Path,
+        granularity: str, cluster_size: str, size: int, opts: tuple[str, ...]) -> None:
+    """Compare mode (an incremental stores what differs from the chain's
+    checksums) must give the snapshot's bytes whatever the geometry: data over
+    data, zeros over data (write_zeroes and discard), bytes rewritten alike,
+    the short last cluster, and a differential after a prune."""
+    image = rbd_image(size)
+    repo_dir = make_repo(tmp_path, ceph_cluster, image, "--granularity", granularity, *opts)
+    rng = random.Random(size)
+    with opened(ceph_cluster, image) as img:
+        img.write(rng.randbytes(2 * MiB), 0)
+        img.write(rng.randbytes(size - 5 * MiB), 5 * MiB)  # up to the very end
+    ids = [take(repo_dir, "full", "--cluster-size", cluster_size)]
+    steps: list[Callable[[object], None]] = [
+        lambda img: (img.write(rng.randbytes(3000), 70_000), img.write(rng.randbytes(100), size - 100)),
+        lambda img: (img.write_zeroes(0, 300 * KiB), img.discard(5 * MiB, 256 * KiB)),
+        lambda img: img.write(img.read(MiB, 200 * KiB), MiB),  # the same bytes again
+        lambda img: (img.write(b"\0" * 8192, 3 * MiB), img.write(rng.randbytes(5), size - 3)),
+    ]
+    for step in steps:
+        with opened(ceph_cluster, image) as img:
+            step(img)
+        ids.append(take(repo_dir, "incremental", "--cluster-size", cluster_size))
+        assert_backup_is(repo_dir, ids[-1], export(ceph_cluster, image, f"backupfs-{ids[-1]}",
+                                                   tmp_path / f"{len(ids)}.raw"))
+    cli("prune", repo_dir, "vm", "--keep-last", "2")
+    with opened(ceph_cluster, image) as img:
+        img.write(rng.randbytes(70_000), 2 * MiB - 1000)
+    diff = take(repo_dir, "differential", "--cluster-size", cluster_size)
+    assert_backup_is(repo_dir, diff, export(ceph_cluster, image, f"backupfs-{diff}", tmp_path / "d.raw"))
+    assert snapshots(ceph_cluster, image) == [f"backupfs-{diff}"]
+
+
+def test_a_clone_is_backed_up_with_its_parent_s_bytes(
+        ceph_cluster: CephCluster, rbd_image: Callable[..., RbdImage], tmp_path: Path) -> None:
+    """An image cloned from a snapshot (`rbd clone`) reads its parent's bytes where it has
+    written nothing: the full and the incrementals must hold them, as `rbd export` does."""
+    parent = rbd_image(8 * MiB)
+    rng = random.Random(7)
+    with opened(ceph_cluster, parent) as img:
+        img.write(rng.randbytes(6 * MiB), MiB)
+    ceph_cluster.rbd("snap", "create", f"{parent.spec}@base")
+    ceph_cluster.rbd("snap", "protect", f"{parent.spec}@base")
+    child = RbdImage(parent.pool, parent.namespace, parent.name + "-clone", parent.size)
+    ceph_cluster.rbd("clone", f"{parent.spec}@base", child.spec)
+    try:
+        repo_dir = make_repo(tmp_path, ceph_cluster, child)
+        with opened(ceph_cluster, child) as img:
+            img.write(rng.randbytes(4096), 3 * MiB)
+        full = take(repo_dir, "full")
+        assert_backup_is(repo_dir, full, export(ceph_cluster, child, f"backupfs-{full}", tmp_path / "f.raw"))
+        with opened(ceph_cluster, child) as img:
+            img.write(rng.randbytes(4096), 5 * MiB)
+            img.write_zeroes(6 * MiB, 128 * KiB)
+        inc = take(repo_dir, "incremental")
+        assert_backup_is(repo_dir, inc, export(ceph_cluster, child, f"backupfs-{inc}", tmp_path / "i.raw"))
+        cli("device", "remove", repo_dir, "vm", "--force")
+    finally:
+        ceph_cluster.remove_image(child)
+        ceph_cluster.rbd("snap", "unprotect", f"{parent.spec}@base")
+
+
+def test_read_ahead_gives_the_snapshot_s_bytes_however_reads_and_pieces_are_split(
+        ceph_cluster: CephCluster, rbd_image: Callable[..., RbdImage]) -> None:
+    """RbdSource with pieces that do not line up with the reads: reads that start inside
+    a piece, span several, skip some, run past the advice, and holes in the map."""
+    image = rbd_image(4 * MiB)
+    rng = random.Random(3)
+    with opened(ceph_cluster, image) as img:
+        img.write(rng.randbytes(4 * MiB), 0)
+        img.create_snap("s")
+        truth = img.read(0, 4 * MiB)
+        img.write(rng.randbytes(4 * MiB), 0)  # the head moves on; the snapshot must be read
+    unit = 64 * KiB
+    with Cluster(parse(image.source, str(ceph_cluster.conf))) as cluster:
+        for allocated in (None, "holes"):
+            snap = EngineImage(cluster, snapshot="s")
+            bits = None
+            if allocated:
+                bits = snap.allocated_units(unit, 4 * MiB)
+            src = RbdSource(snap, 4 * MiB, unit, bits, piece=3 * unit, in_flight=10 * unit)
+            try:
+                src.will_need(0, 4 * MiB)
+                reads = [(unit, 100 * KiB), (unit + 100 * KiB, 7), (5 * unit, 200 * KiB),
+                         (20 * unit, 3 * unit + 1), (30 * unit, unit)]
+                src.will_need(32 * unit, 8 * unit)
+                reads += [(32 * unit, 8 * unit), (41 * unit, 5 * unit), (63 * unit, unit)]
+                for off, n in reads:
+                    assert src.read(off, n) == truth[off: off + n], (allocated, off, n)
+                    src.will_need(off + n, 6 * unit)
+            finally:
+                src.close()
+                snap.close()
+        with opened(ceph_cluster, image) as img:
+            img.remove_snap("s")
