@@ -1,6 +1,7 @@
 """A hostile review of RBD sources (engine side): each test is a way things went, or could go, wrong.
 
-Against the session's real Ceph cluster (tests/cephcluster.py): data is written
+Most run against the session's real Ceph cluster (tests/cephcluster.py, marked
+`ceph` and `long` at collection); the catalog's checks need none. Data is written
 by another librbd client as a VM would, `rbd export` of a backup's snapshot is
 the oracle for its bytes, `rbd snap ls` for what is left on the cluster.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.catalog import Catalog, CatalogError
 from engine.ceph import Cluster, parse
 from engine.rbdimage import RbdImage as EngineImage
 from engine.rbdsource import RbdSource
@@ -23,8 +25,6 @@ from engine.repo import Repository
 from tests.cephcluster import CephCluster, CephError, RbdImage
 from tests.commands import cli
 from tests.test_rbd_source import assert_backup_is, export, opened, snapshots
-
-pytestmark = [pytest.mark.ceph, pytest.mark.long]
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -116,6 +116,70 @@ def test_a_snapshot_named_like_ours_by_someone_else_is_never_removed(
     assert f"backupfs-{after}" in left
 
 
+def test_a_pruned_latest_backup_makes_the_next_a_scan_and_one_snapshot_is_kept(
+        ceph_cluster: CephCluster, rbd_image: Callable[..., RbdImage], tmp_path: Path) -> None:
+    """Removing the newest backup leaves its snapshot with no backup: the next
+    incremental cannot diff from the new newest (its snapshot is gone), so it
+    scans, equals its snapshot, and leaves only its own."""
+    image = rbd_image(8 * MiB)
+    repo_dir = make_repo(tmp_path, ceph_cluster, image)
+    rng = random.Random(11)
+    with opened(ceph_cluster, image) as img:
+        img.write(rng.randbytes(3 * MiB), 0)
+    take(repo_dir, "full")
+    with opened(ceph_cluster, image) as img:
+        img.write(rng.randbytes(8192), MiB)
+    inc = take(repo_dir, "incremental")
+    cli("prune", repo_dir, "vm", "--remove", inc)
+    with opened(ceph_cluster, image) as img:
+        img.write(rng.randbytes(8192), 2 * MiB)
+    said = cli("backup", repo_dir, "vm", "incremental").stdout.decode()
+    assert "scan" in said, said
+    with Repository.open(str(repo_dir)) as repo:
+        latest = repo.latest_backup("vm")
+        assert latest is not None
+    assert snapshots(ceph_cluster, image) == [f"backupfs-{latest.id}"]
+    assert_backup_is(repo_dir, latest.id, export(ceph_cluster, image, f"backupfs-{latest.id}", tmp_path / "p.raw"))
+
+
+# -- hostile catalog values ---------------------------------------------------------------------------
+
+
+def hand_made(tmp_path: Path, sql: str) -> Catalog:
+    """A catalog with device vm on an RBD image, then ``sql`` run on it as an intruder would."""
+    cat = Catalog.create(str(tmp_path / "catalog.db"))
+    cat.add_device("vm", "rbd:pool/img", 1 << 20, 65536, ceph='{"conf": "/etc/ceph/ceph.conf"}')
+    cat.rbd_snapshot_intent("vm", "backupfs-20261206T000000Z-0001-full")
+    with cat.transaction() as c:
+        c.execute(sql)
+    return cat
+
+
+@pytest.mark.parametrize("value", ["null", "[1]", "7", '"conf"'])
+def test_a_ceph_column_that_is_json_but_no_object_is_refused_not_a_traceback(tmp_path: Path, value: str) -> None:
+    cat = hand_made(tmp_path, f"UPDATE devices SET ceph = '{value}' WHERE name = 'vm'")
+    try:
+        with pytest.raises(CatalogError, match="changed outside backupfs"):
+            cat.device("vm")
+    finally:
+        cat.close()
+
+
+@pytest.mark.parametrize("sql", [
+    "UPDATE rbd_snapshots SET name = 'golden-image'",  # a user's snapshot: the next tidy removed it
+    "UPDATE rbd_snapshots SET snap_id = 'x'",
+    "UPDATE rbd_snapshots SET backup = '../x'",
+], ids=["foreign-name", "text-id", "bad-backup"])
+def test_a_hand_made_rbd_snapshot_row_is_refused(tmp_path: Path, sql: str) -> None:
+    """backupfs removes the snapshots its rows name: a row no backupfs wrote must never be acted on."""
+    cat = hand_made(tmp_path, sql)
+    try:
+        with pytest.raises(CatalogError, match="changed outside backupfs"):
+            cat.rbd_snapshots("vm")
+    finally:
+        cat.close()
+
+
 # -- what a backup reads ------------------------------------------------------------------------------
 
 
@@ -142,7 +206,7 @@ def test_incrementals_equal_the_snapshot_in_odd_geometries(
         lambda img: (img.write(rng.randbytes(3000), 70_000), img.write(rng.randbytes(100), size - 100)),
         lambda img: (img.write_zeroes(0, 300 * KiB), img.discard(5 * MiB, 256 * KiB)),
         lambda img: img.write(img.read(MiB, 200 * KiB), MiB),  # the same bytes again
-        lambda img: (img.write(b"\0" * 8192, 3 * MiB), img.write(rng.randbytes(5), size - 3)),
+        lambda img: (img.write(b"\0" * 8192, 3 * MiB), img.write(rng.randbytes(5), size - 5)),
     ]
     for step in steps:
         with opened(ceph_cluster, image) as img:
