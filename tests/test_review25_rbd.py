@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import calendar
 import json
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -22,8 +23,9 @@ from engine.ceph import Cluster, parse
 from engine.rbdimage import RbdImage as EngineImage
 from engine.rbdsource import RbdSource
 from engine.repo import Repository
-from tests.cephcluster import CephCluster, CephError, RbdImage
-from tests.commands import cli
+from tests.cephcluster import CephCluster, CephError, RbdImage, dead_conf
+from tests.commands import cli, sh
+from tests.mounts import Mounted
 from tests.test_rbd_source import assert_backup_is, export, opened, snapshots
 
 KiB = 1024
@@ -284,3 +286,65 @@ def test_read_ahead_gives_the_snapshot_s_bytes_however_reads_and_pieces_are_spli
                 snap.close()
         with opened(ceph_cluster, image) as img:
             img.remove_snap("s")
+
+
+# -- the mount --------------------------------------------------------------------------------------
+
+
+@pytest.mark.mount
+def test_the_device_file_under_parallel_direct_writers_then_an_unreachable_cluster(
+        ceph_cluster: CephCluster, rbd_image: Callable[..., RbdImage], tmp_path: Path) -> None:
+    """Four `dd oflag=direct` at once into the device file land in the image
+    and in the next incremental; reads past the end are short; remounted with
+    the cluster out of reach, the mount still serves the other device."""
+    image = rbd_image(16 * MiB)
+    repo_dir, mnt = make_repo(tmp_path, ceph_cluster, image), tmp_path / "mnt"
+    mnt.mkdir()
+    plain = tmp_path / "plain.img"
+    plain.write_bytes(b"p" * MiB)
+    cli("device", "add", repo_dir, "disk", plain)
+    conf = tmp_path / "ceph.conf"  # the device's conf, made unreachable below
+    conf.write_text(ceph_cluster.conf.read_text())
+    cli("device", "remove", repo_dir, "vm", "--force")
+    cli("device", "add", repo_dir, "vm", image.source, "--ceph-conf", conf)
+    rng = random.Random(5)
+    parts = [rng.randbytes(MiB + 512) for _ in range(4)]
+    for i, data in enumerate(parts):
+        (tmp_path / f"w{i}").write_bytes(data[: MiB])
+    m = Mounted(repo_dir, mnt)
+    try:
+        m.start()
+        sh(f"echo full > {mnt}/vm/snapshot")
+        writers = " & ".join(f"dd if={tmp_path}/w{i} of={mnt}/vm/device bs=64K seek={1 + 3 * i}M "
+                             f"oflag=direct,seek_bytes conv=notrunc,fsync status=none" for i in range(4))
+        sh(f"{writers} & wait")
+        with open(mnt / "vm/device", "rb") as f:
+            f.seek(16 * MiB - 10)
+            assert f.read(100) == b"\0" * 10  # short at the end, nothing past it
+            assert f.read(100) == b""
+        with opened(ceph_cluster, image) as img:
+            for i, data in enumerate(parts):
+                assert img.read((1 + 3 * i) * MiB, MiB) == data[: MiB], i
+        sh(f"echo incremental > {mnt}/vm/snapshot")
+        latest = os.path.basename(os.readlink(mnt / "vm/backups/latest"))
+        with open(mnt / "vm/backups/latest", "rb") as f:
+            for i, data in enumerate(parts):
+                f.seek((1 + 3 * i) * MiB)
+                assert f.read(MiB) == data[: MiB], i
+        m.stop()
+        assert_backup_is(repo_dir, latest, export(ceph_cluster, image, f"backupfs-{latest}",
+                                                     tmp_path / "m.raw"))
+        # The cluster out of reach: the other device is still served.
+        conf.write_text(dead_conf(tmp_path / "dead").read_text())
+        m = Mounted(repo_dir, mnt, env={"BACKUPFS_CEPH_TIMEOUT": "3"})
+        started = time.monotonic()
+        m.start()
+        assert (mnt / "disk/device").read_bytes() == b"p" * MiB
+        assert time.monotonic() - started < 30
+        proc = sh(f"echo incremental > {mnt}/vm/snapshot", check=False)
+        assert proc.returncode != 0
+        status = (mnt / "vm/snapshot").read_text()
+        assert "cannot reach the Ceph cluster" in status and "bitmap: kept" in status, status
+        assert time.monotonic() - started < 30
+    finally:
+        m.cleanup()
