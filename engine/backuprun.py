@@ -422,6 +422,9 @@ class BackupRun:
     def _undo_start(self) -> None:
         """Anything (a Ctrl-C included) before the job is under way: undo all of it."""
         dev = self.dev
+        if self.source is not None:
+            self.source.close()  # clean() runs only after a start that worked
+            self.source = None
         self._drop_rbd_snapshot()
         dev.job = None
         self.host.job_ends(self.name)

@@ -59,6 +59,9 @@ class RbdSource(Source):
         self._pieces: list[_Piece] = []
         self._queued = 0  # bytes in pieces not yet consumed
         self._asked = 0  # read-ahead asked for up to here
+        # Every aio read started and maybe not done, consumed or dropped as
+        # stale alike: close() waits for them all before closing the image.
+        self._started: list[_Piece] = []
 
     @property
     def reads_ahead(self) -> bool:
@@ -117,6 +120,9 @@ class RbdSource(Source):
             self._starts.insert(i, start)
             self._pieces.insert(i, piece)
             self._queued += end - start
+            if len(self._started) >= 64:
+                self._started = [p for p in self._started if not p.ready.is_set()]
+            self._started.append(piece)
         try:
             piece.completion = self.image.image.aio_read(start, end - start, done)
         except Exception as e:  # noqa: BLE001 - not started: read it there and then instead
@@ -188,11 +194,16 @@ class RbdSource(Source):
             raise JobError(f"reading {self.path} at offset {offset}: {e}", e.errno or errno.EIO) from None
 
     def close(self) -> None:
-        """Wait for reads still in flight (their buffers belong to librbd until done)."""
+        """Wait for every aio read still in flight (their buffers belong to
+        librbd until done; one dropped as stale too), then close the
+        snapshot: this source opened it for this backup alone, and a
+        daemon running backups for months must not hold one per backup."""
         with self._lock:
-            pending = list(self._pieces)
+            pending = self._started
+            self._started = []
             self._pieces.clear()
             self._starts.clear()
             self._queued = 0
         for p in pending:
             p.ready.wait()
+        self.image.close()

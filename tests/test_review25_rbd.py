@@ -288,6 +288,24 @@ def test_read_ahead_gives_the_snapshot_s_bytes_however_reads_and_pieces_are_spli
             img.remove_snap("s")
 
 
+def test_a_long_running_process_does_not_keep_each_backup_s_snapshot_open(
+        ceph_cluster: CephCluster, rbd_image: Callable[..., RbdImage], tmp_path: Path) -> None:
+    """The mount's daemon runs backups for months: each one's snapshot, opened
+    to read it, must be closed when the backup ends, not kept until unmount."""
+    image = rbd_image(4 * MiB)
+    repo_dir = make_repo(tmp_path, ceph_cluster, image)
+    with opened(ceph_cluster, image) as img:
+        img.write(b"z" * MiB, 0)
+    with Repository.open(str(repo_dir)) as repo:
+        dev = repo.device("vm")
+        for kind in ("full", "incremental", "incremental"):
+            with opened(ceph_cluster, image) as img:
+                img.write(os.urandom(4096), MiB)
+            repo.backup("vm", kind)
+        cluster = dev.cluster  # type: ignore[attr-defined]
+        assert [i.snapshot for i in cluster.images] == [None], "snapshot images left open"
+
+
 # -- the mount --------------------------------------------------------------------------------------
 
 
