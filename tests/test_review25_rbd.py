@@ -12,6 +12,8 @@ import calendar
 import json
 import os
 import random
+import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +26,7 @@ from engine.rbdimage import RbdImage as EngineImage
 from engine.rbdsource import RbdSource
 from engine.repo import Repository
 from tests.cephcluster import CephCluster, CephError, RbdImage, dead_conf
-from tests.commands import cli, sh
+from tests.commands import backupfs_cmd, cli, sh
 from tests.mounts import Mounted
 from tests.test_rbd_source import assert_backup_is, export, opened, snapshots
 
@@ -304,6 +306,41 @@ def test_a_long_running_process_does_not_keep_each_backup_s_snapshot_open(
             repo.backup("vm", kind)
         cluster = dev.cluster  # type: ignore[attr-defined]
         assert [i.snapshot for i in cluster.images] == [None], "snapshot images left open"
+
+
+def test_an_osd_dying_mid_backup_is_one_line_in_bounded_time_and_no_backup(tmp_path: Path) -> None:
+    """A cluster of this test's own: the OSD is killed while a rate-limited full
+    copies. The backup must end within a few timeouts with one line naming the
+    image, and no backup may appear (the aio read-ahead waits on its pieces)."""
+    cluster = CephCluster(tmp_path / "ceph", memstore_bytes=512 << 20).start()
+    proc = None
+    try:
+        image = cluster.create_image(48 * MiB)
+        with opened(cluster, image) as img:
+            img.write(random.Random(1).randbytes(40 * MiB), 0)
+        repo_dir = make_repo(tmp_path, cluster, image)
+        first = take(repo_dir, "full")
+        env = {**os.environ, "BACKUPFS_CEPH_TIMEOUT": "3"}
+        proc = subprocess.Popen(backupfs_cmd() + ["backup", str(repo_dir), "vm", "full", "--rate", "4M"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        deadline = time.monotonic() + 30
+        while len(snapshots(cluster, image)) < 2:  # the second backup's snapshot: it is copying
+            assert proc.poll() is None and time.monotonic() < deadline, "the backup ended too soon"
+        cluster._daemons["osd"].signal(signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        took = time.monotonic() - killed
+        said = err.decode()
+        assert proc.returncode != 0 and "Traceback" not in said, said
+        assert len(said.strip().splitlines()) == 1 and image.spec in said, said
+        assert took < 30, took
+        with Repository.open(str(repo_dir)) as repo:
+            assert [b.id for b in repo.backups("vm")] == [first]
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        cluster.stop()
 
 
 # -- the mount --------------------------------------------------------------------------------------
