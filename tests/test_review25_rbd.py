@@ -146,6 +146,26 @@ def test_a_pruned_latest_backup_makes_the_next_a_scan_and_one_snapshot_is_kept(
     assert_backup_is(repo_dir, latest.id, export(ceph_cluster, image, f"backupfs-{latest.id}", tmp_path / "p.raw"))
 
 
+def test_rebinding_a_device_to_another_image_removes_the_old_image_s_snapshot(
+        ceph_cluster: CephCluster, rbd_image: Callable[..., RbdImage], tmp_path: Path) -> None:
+    """`device add --replace` onto another image: the snapshot kept on the old
+    image is no backup's base any more and nobody would ever remove it (it
+    holds every block the old image rewrites); the new image's next backup
+    scans and keeps exactly its own."""
+    old, new = rbd_image(4 * MiB), rbd_image(4 * MiB)
+    repo_dir = make_repo(tmp_path, ceph_cluster, old)
+    with opened(ceph_cluster, old) as img:
+        img.write(b"o" * MiB, 0)
+    take(repo_dir, "full")
+    with opened(ceph_cluster, new) as img:
+        img.write(b"n" * MiB, MiB)
+    cli("device", "add", repo_dir, "vm", new.source, "--replace", "--ceph-conf", ceph_cluster.conf)
+    assert snapshots(ceph_cluster, old) == [], "the old image's snapshot was left behind"
+    inc = take(repo_dir, "incremental")
+    assert snapshots(ceph_cluster, new) == [f"backupfs-{inc}"]
+    assert_backup_is(repo_dir, inc, export(ceph_cluster, new, f"backupfs-{inc}", tmp_path / "n.raw"))
+
+
 # -- hostile catalog values ---------------------------------------------------------------------------
 
 
