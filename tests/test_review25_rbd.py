@@ -328,6 +328,8 @@ def test_a_long_running_process_does_not_keep_each_backup_s_snapshot_open(
         assert [i.snapshot for i in cluster.images] == [None], "snapshot images left open"
 
 
+@pytest.mark.ceph
+@pytest.mark.long
 def test_an_osd_dying_mid_backup_is_one_line_in_bounded_time_and_no_backup(tmp_path: Path) -> None:
     """A cluster of this test's own: the OSD is killed while a rate-limited full
     copies. The backup must end within a few timeouts with one line naming the
