@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -424,4 +425,60 @@ def test_the_device_file_under_parallel_direct_writers_then_an_unreachable_clust
         assert "cannot reach the Ceph cluster" in status and "bitmap: kept" in status, status
         assert time.monotonic() - started < 30
     finally:
+        m.cleanup()
+
+
+WRITER = """
+import os, random, sys
+rng = random.Random(int(sys.argv[2]))
+fd = os.open(sys.argv[1], os.O_WRONLY)
+for _ in range(int(sys.argv[3])):
+    os.pwrite(fd, rng.randbytes(rng.choice((512, 4096, 65536, 100000))), rng.randrange(0, 16 * 1024 * 1024 - 100000))
+    if rng.random() < 0.1:
+        os.fsync(fd)
+os.close(fd)
+"""
+
+
+@pytest.mark.mount
+def test_backups_taken_while_the_device_file_is_written_equal_their_snapshots(
+        ceph_cluster: CephCluster, rbd_image: Callable[..., RbdImage], tmp_path: Path) -> None:
+    """Two writers keep writing through the device file while incrementals are
+    triggered: each backup must be exactly its RBD snapshot (nothing read from
+    the moving head, no write lost between the snapshot and the frozen bitmap),
+    and one taken after the writers stop equals the image."""
+    image = rbd_image(16 * MiB)
+    repo_dir, mnt = make_repo(tmp_path, ceph_cluster, image), tmp_path / "mnt"
+    mnt.mkdir()
+    m = Mounted(repo_dir, mnt)
+    writers: list[subprocess.Popen[bytes]] = []
+    try:
+        m.start()
+        sh(f"echo full > {mnt}/vm/snapshot")
+        writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(mnt / "vm/device"), str(seed), "600"])
+                   for seed in (1, 2)]
+        taken = []
+        for _ in range(3):
+            sh(f"echo incremental > {mnt}/vm/snapshot")
+            taken.append(os.path.basename(os.readlink(mnt / "vm/backups/latest")))
+            # Its snapshot is kept until the next backup commits: export it now.
+            export(ceph_cluster, image, f"backupfs-{taken[-1]}", tmp_path / f"{taken[-1]}.raw")
+        for w in writers:
+            assert w.wait(timeout=120) == 0
+        sh(f"echo incremental > {mnt}/vm/snapshot")
+        last = os.path.basename(os.readlink(mnt / "vm/backups/latest"))
+        # Each backup, read through the mount, against its own snapshot (kept: the latest only).
+        cluster_snaps = snapshots(ceph_cluster, image)
+        assert cluster_snaps == [f"backupfs-{last}"], cluster_snaps
+        ceph_cluster.rbd("export", "--no-progress", image.spec, str(tmp_path / "head.raw"))
+        assert (mnt / "vm/backups/latest").read_bytes() == (tmp_path / "head.raw").read_bytes()
+        for ident in taken:
+            assert (mnt / "vm/backups" / ident).read_bytes() == (tmp_path / f"{ident}.raw").read_bytes(), ident
+        m.stop()
+        assert_backup_is(repo_dir, last, tmp_path / "head.raw")
+    finally:
+        for w in writers:
+            if w.poll() is None:
+                w.kill()
+                w.wait()
         m.cleanup()
