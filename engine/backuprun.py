@@ -59,6 +59,9 @@ from engine.qcow2.writer import Qcow2Writer
 from engine.rbddevice import RbdDevice
 from engine.rbdsnaps import RbdSnapshots
 from engine.rbdsource import IN_FLIGHT_BYTES, RbdSource
+
+# Sequence numbers an RBD backup tries when its snapshot's name is taken (see _take_rbd_named).
+SNAPSHOT_NAME_TRIES = 4
 from engine.repoerrors import JobBusy, RepositoryError, storage_error
 from engine.space import data_runs, free_bytes, image_bound, room_text
 from engine.stopsignals import STOP_SIGNALS
@@ -337,8 +340,7 @@ class BackupRun:
             allocated = None
             if self.snaps is not None:
                 # Named now (the seq is the id's), taken at once: this is the point in time.
-                self.seq = self.catalog.next_seq()
-                units, allocated = self._take_rbd(dev, backup_id(self.created_ns, self.seq, kind), units, unit)
+                units, allocated = self._take_rbd_named(dev, units, unit)
             if self.needed is None:
                 self.needed = image_bound(units.count(), unit, cluster_size, dev.size, dev.granularity)
                 self.free = free_bytes(device_dir(self.host.path, self.name))
@@ -386,6 +388,20 @@ class BackupRun:
         except BaseException:
             self._undo_start()
             raise
+
+    def _take_rbd_named(self, dev: RbdDevice, tracked: bitarray, unit: int) -> tuple[bitarray, bitarray | None]:
+        """``_take_rbd`` under this backup's id; its name held by another
+        repository backing up the same image (ids are only unique within a
+        repository: two cron jobs in the same second with alike sequence
+        numbers), under the next sequence number, a few times."""
+        for attempt in range(SNAPSHOT_NAME_TRIES):
+            self.seq = self.catalog.next_seq()
+            try:
+                return self._take_rbd(dev, backup_id(self.created_ns, self.seq, self.kind), tracked, unit)
+            except JobError as e:
+                if e.errno != errno.EEXIST or attempt == SNAPSHOT_NAME_TRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def _take_rbd(self, dev: RbdDevice, ident: str, tracked: bitarray, unit: int
                   ) -> tuple[bitarray, bitarray | None]:
