@@ -62,6 +62,8 @@ class RbdSource(Source):
         # Every aio read started and maybe not done, consumed or dropped as
         # stale alike: close() waits for them all before closing the image.
         self._started: list[_Piece] = []
+        # Bytes read there and then, one round trip at a time (what read-ahead missed).
+        self.read_now_bytes = 0
 
     @property
     def reads_ahead(self) -> bool:
@@ -172,7 +174,14 @@ class RbdSource(Source):
             with self._lock:
                 i = bisect.bisect_right(self._starts, pos)
                 stop = min(end, self._starts[i]) if i < len(self._starts) else end
-            parts.append(self._read_now(pos, stop - pos))
+            if self.hole(pos, stop - pos):
+                # Unwritten in the snapshot (its map says so): zeros, no round
+                # trip. RBD maps each object up to its last written byte, so
+                # a thin image's object tails are such holes: a full read
+                # each one on its own, waited for, before.
+                parts.append(bytes(stop - pos))
+            else:
+                parts.append(self._read_now(pos, stop - pos))
             pos = stop
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
@@ -188,6 +197,7 @@ class RbdSource(Source):
             self._queued += end - start
 
     def _read_now(self, offset: int, length: int) -> bytes:
+        self.read_now_bytes += length
         try:
             return self.image.read(offset, length)
         except CephError as e:

@@ -311,6 +311,35 @@ def test_read_ahead_gives_the_snapshot_s_bytes_however_reads_and_pieces_are_spli
             img.remove_snap("s")
 
 
+def test_a_full_of_a_thin_image_reads_no_hole_one_round_trip_at_a_time(
+        ceph_cluster: CephCluster, rbd_image: Callable[..., RbdImage]) -> None:
+    """A thin image with a little data at the start of each RADOS object (as a
+    fresh file system's metadata): RBD's map reports each object up to its last
+    written byte, the rest is a hole. The job claims 8 MiB runs holding both,
+    the read-ahead reads only the data; the holes between must come back as
+    zeros from the map, not as one waited-for read each (31 MiB of them here)."""
+    size, unit = 32 * MiB, 64 * KiB
+    image = rbd_image(size)
+    rng = random.Random(9)
+    with opened(ceph_cluster, image) as img:
+        for obj in range(0, size, 4 * MiB):
+            img.write(rng.randbytes(unit + 100), obj)
+        img.create_snap("s")
+        truth = img.read(0, size)
+    with Cluster(parse(image.source, str(ceph_cluster.conf))) as cluster:
+        snap = EngineImage(cluster, snapshot="s")
+        src = RbdSource(snap, size, unit, snap.allocated_units(unit, size))
+        try:
+            src.will_need(0, size)
+            got = b"".join(src.read(off, 8 * MiB) for off in range(0, size, 8 * MiB))
+        finally:
+            src.close()
+    assert got == truth
+    assert src.read_now_bytes == 0, src.read_now_bytes
+    with opened(ceph_cluster, image) as img:
+        img.remove_snap("s")
+
+
 def test_a_long_running_process_does_not_keep_each_backup_s_snapshot_open(
         ceph_cluster: CephCluster, rbd_image: Callable[..., RbdImage], tmp_path: Path) -> None:
     """The mount's daemon runs backups for months: each one's snapshot, opened
