@@ -276,6 +276,31 @@ def test_a_clone_is_backed_up_with_its_parent_s_bytes(
         ceph_cluster.rbd("snap", "unprotect", f"{parent.spec}@base")
 
 
+def test_an_image_rolled_back_to_an_older_snapshot_is_backed_up_as_it_now_reads(
+        ceph_cluster: CephCluster, rbd_image: Callable[..., RbdImage], tmp_path: Path) -> None:
+    """`rbd snap rollback` to a snapshot older than the last backup rewrites the
+    head behind backupfs's back: objects that did not exist then are removed,
+    others get their old bytes. The next incremental must equal the image."""
+    image = rbd_image(12 * MiB)
+    rng = random.Random(13)
+    with opened(ceph_cluster, image) as img:
+        img.write(rng.randbytes(MiB), 0)
+    ceph_cluster.rbd("snap", "create", f"{image.spec}@mine")
+    try:
+        repo_dir = make_repo(tmp_path, ceph_cluster, image)
+        with opened(ceph_cluster, image) as img:
+            img.write(rng.randbytes(MiB), 512 * KiB)   # over data that was there
+            img.write(rng.randbytes(MiB), 9 * MiB)     # an object that did not exist
+        full = take(repo_dir, "full")
+        assert_backup_is(repo_dir, full, export(ceph_cluster, image, f"backupfs-{full}", tmp_path / "f.raw"))
+        ceph_cluster.rbd("snap", "rollback", "--no-progress", f"{image.spec}@mine")
+        inc = take(repo_dir, "incremental")
+        assert_backup_is(repo_dir, inc, export(ceph_cluster, image, "mine", tmp_path / "mine.raw"))
+        assert_backup_is(repo_dir, inc, export(ceph_cluster, image, f"backupfs-{inc}", tmp_path / "i.raw"))
+    finally:
+        ceph_cluster.rbd("snap", "rm", "--no-progress", f"{image.spec}@mine")
+
+
 def test_read_ahead_gives_the_snapshot_s_bytes_however_reads_and_pieces_are_split(
         ceph_cluster: CephCluster, rbd_image: Callable[..., RbdImage]) -> None:
     """RbdSource with pieces that do not line up with the reads: reads that start inside
