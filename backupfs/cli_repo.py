@@ -141,8 +141,11 @@ def cmd_device_add(args: argparse.Namespace) -> int:
                           args.ceph_conf, args.ceph_id)
     ceph = {"ceph_conf": args.ceph_conf, "ceph_id": args.ceph_id}
     if args.replace:
+        notes: list[str] = []
         with Repository.open(args.repo) as repo:
-            rec = repo.replace_source(args.name, args.source, raw=args.raw, **ceph)
+            rec = repo.replace_source(args.name, args.source, raw=args.raw, notes=notes, **ceph)
+        for note in notes:
+            print(f"backupfs: warning: {note}", file=sys.stderr)
         print(f"device {rec.name}: source rebound to {escape(rec.source)}; its next backup compares checksums "
               "(nothing recorded what changed on it)")
         return 0

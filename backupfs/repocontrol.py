@@ -184,7 +184,10 @@ class RepositoryControl:
                 check_sources_outside(self.mountpoint, {cmd.name: cmd.source})
             ceph = {"ceph_conf": cmd.ceph_conf, "ceph_id": cmd.ceph_id}
             if cmd.replace:
-                rec = self.repo.replace_source(cmd.name, cmd.source, raw=cmd.raw, **ceph)
+                notes: list[str] = []
+                rec = self.repo.replace_source(cmd.name, cmd.source, raw=cmd.raw, notes=notes, **ceph)
+                for note in notes:  # the old image's snapshot left (a cluster out of reach)
+                    log.warning("device %s: %s", cmd.name, note)
             else:
                 rec = self.repo.add_device(cmd.name, cmd.source, cmd.granularity, raw=cmd.raw, compress=cmd.compress,
                                            **ceph)

@@ -60,6 +60,9 @@ from engine.rbddevice import RbdDevice
 from engine.rbdimage import RbdImage
 from engine.rbdsnaps import RbdSnapshots
 from engine.rbdsource import IN_FLIGHT_BYTES, RbdSource
+
+# Sequence numbers an RBD backup tries when its snapshot's name is taken (see _take_rbd_named).
+SNAPSHOT_NAME_TRIES = 4
 from engine.repoerrors import JobBusy, RepositoryError, storage_error
 from engine.space import data_runs, free_bytes, image_bound, room_text
 from engine.stopsignals import STOP_SIGNALS
@@ -340,8 +343,7 @@ class BackupRun:
             allocated = None
             if self.snaps is not None:
                 # Named now (the seq is the id's), taken at once: this is the point in time.
-                self.seq = self.catalog.next_seq()
-                units, allocated = self._take_rbd(dev, backup_id(self.created_ns, self.seq, kind), units, unit)
+                units, allocated = self._take_rbd_named(dev, units, unit)
             if self.needed is None:
                 self.needed = image_bound(units.count(), unit, cluster_size, dev.size, dev.granularity)
                 self.free = free_bytes(device_dir(self.host.path, self.name))
@@ -394,6 +396,20 @@ class BackupRun:
             self._undo_start()
             raise
 
+    def _take_rbd_named(self, dev: RbdDevice, tracked: bitarray, unit: int) -> tuple[bitarray, bitarray | None]:
+        """``_take_rbd`` under this backup's id; its name held by another
+        repository backing up the same image (ids are only unique within a
+        repository: two cron jobs in the same second with alike sequence
+        numbers), under the next sequence number, a few times."""
+        for attempt in range(SNAPSHOT_NAME_TRIES):
+            self.seq = self.catalog.next_seq()
+            try:
+                return self._take_rbd(dev, backup_id(self.created_ns, self.seq, self.kind), tracked, unit)
+            except JobError as e:
+                if e.errno != errno.EEXIST or attempt == SNAPSHOT_NAME_TRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
+
     def _take_rbd(self, dev: RbdDevice, ident: str, tracked: bitarray, unit: int
                   ) -> tuple[bitarray, bitarray | None]:
         """Take this backup's snapshot of the image; what to copy from it
@@ -427,6 +443,9 @@ class BackupRun:
     def _undo_start(self) -> None:
         """Anything (a Ctrl-C included) before the job is under way: undo all of it."""
         dev = self.dev
+        if self.source is not None:
+            self.source.close()  # clean() runs only after a start that worked
+            self.source = None
         self._drop_rbd_snapshot()
         dev.job = None
         self.host.job_ends(self.name)

@@ -543,8 +543,7 @@ class Catalog:
             if "no such table" in str(e):
                 return []
             raise
-        return [RbdSnapshotRow(str(d), str(n), int(i) if i is not None else None, str(b) if b else None)
-                for d, n, i, b in rows]
+        return [check_rbd_snapshot_row(self.path, RbdSnapshotRow(d, n, i, b)) for d, n, i, b in rows]
 
     def forget_rbd_snapshot(self, device: str, name: str) -> None:
         """The snapshot is removed (or was never made)."""
@@ -825,6 +824,22 @@ def check_device_row(path: str, rec: DeviceRecord) -> DeviceRecord:
     if rec.compress not in ("none", "zstd"):
         raise _tampered(path, f"device {rec.name}", f"its compression {rec.compress!r} is not none or zstd")
     return rec
+
+
+def check_rbd_snapshot_row(path: str, row: RbdSnapshotRow) -> RbdSnapshotRow:
+    """An rbd_snapshots row as backupfs writes it: backupfs removes the
+    snapshot a row names, so one it did not write (a user's snapshot's
+    name, an id that is no id) must never be acted on."""
+    where = f"RBD snapshot {row.name!r} of device {row.device!r}"
+    name = row.name
+    if not isinstance(name, str) or not name.startswith("backupfs-") \
+            or not BACKUP_ID_RE.fullmatch(name[len("backupfs-"):]):
+        raise _tampered(path, where, "the name is not one backupfs gives its snapshots")
+    if row.snap_id is not None and (type(row.snap_id) is not int or row.snap_id < 0):
+        raise _tampered(path, where, f"its id {row.snap_id!r} is not a snapshot id")
+    if row.backup is not None and (not isinstance(row.backup, str) or not BACKUP_ID_RE.fullmatch(row.backup)):
+        raise _tampered(path, where, f"its backup {row.backup!r} is not a backup id")
+    return row
 
 
 def check_backup_row(path: str, rec: BackupRecord) -> BackupRecord:

@@ -139,9 +139,14 @@ def parse(source: str, conf: str | None = None, client: str | None = None) -> Rb
 def from_record(source: str, options: str | None) -> RbdSpec:
     """The spec of a device as the catalog keeps it (``options``: see RbdSpec.options)."""
     try:
-        held: dict[str, Any] = json.loads(options) if options else {}
+        held: Any = json.loads(options) if options else {}
     except ValueError:
-        held = {}
+        held = None
+    if not isinstance(held, dict):
+        # backupfs writes an object (RbdSpec.options): anything else was made
+        # by hand, and taking it as "no options" would reach another cluster.
+        raise CephError(f"{escape(source)}: its Ceph options {escape(str(options)[:80])} are not the JSON object "
+                        "backupfs writes", errno.EINVAL)
     conf = held.get("conf") if isinstance(held.get("conf"), str) else None
     client = held.get("client") if isinstance(held.get("client"), str) else None
     return parse(source, conf, client)

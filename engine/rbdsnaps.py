@@ -23,6 +23,8 @@ any change behind backupfs's back.
 
 from __future__ import annotations
 
+import errno
+
 from engine.catalog import BackupRecord, Catalog, CatalogError, DeviceRecord
 from engine.ceph import CephError, Cluster, from_record
 from engine.rbdimage import RbdImage, snapshot_name
@@ -38,15 +40,24 @@ class RbdSnapshots:
 
     def tidy(self, keep: str | None) -> list[str]:
         """Remove every recorded snapshot but the one of backup ``keep`` (the
-        newest): a killed run's, or an older one a crash kept; names removed."""
-        removed = []
+        newest): a killed run's, or an older one a crash kept. What could
+        not be removed, one line each; their rows stay for the next try.
+
+        One that cannot go (an admin protected it to clone from it, the
+        cluster refused) costs only itself: the others still go, and the
+        backup that asked goes on (it never reads an old snapshot).
+        """
+        failed = []
         for row in self.catalog.rbd_snapshots(self.device):
             if keep is not None and row.backup == keep:
                 continue
-            self.image.remove_snapshot(row.name, row.snap_id)
+            try:
+                self.image.remove_snapshot(row.name, row.snap_id)
+            except CephError as e:
+                failed.append(str(e))
+                continue
             self.catalog.forget_rbd_snapshot(self.device, row.name)
-            removed.append(row.name)
-        return removed
+        return failed
 
     def base(self, latest: BackupRecord | None) -> tuple[str | None, str | None]:
         """(snapshot to ask RBD what changed since, None) for a backup after
@@ -69,7 +80,17 @@ class RbdSnapshots:
         """Take the snapshot of backup ``backup_id`` now: (name, id). Recorded first."""
         name = snapshot_name(backup_id)
         self.catalog.rbd_snapshot_intent(self.device, name)
-        snap_id = self.image.create_snapshot(name)
+        try:
+            snap_id = self.image.create_snapshot(name)
+        except CephError as e:
+            if e.errno == errno.EEXIST:
+                # Someone else's (another repository on this image took the
+                # same id, or a user): never ours to remove, so not recorded.
+                self.catalog.forget_rbd_snapshot(self.device, name)
+                raise CephError(f"{self.image.spec.source}: a snapshot named {name} exists already, not "
+                                "made by this repository (another repository backing up this image at the "
+                                "same second?); try again", errno.EEXIST) from None
+            raise  # it may have been made: the row stays, and the next tidy removes it
         try:
             self.catalog.rbd_snapshot_taken(self.device, name, snap_id)
         except CatalogError:
@@ -89,10 +110,9 @@ class RbdSnapshots:
     def keep_only(self, backup_id: str) -> bool:
         """The backup is committed: remove every other snapshot. Whether that worked."""
         try:
-            self.tidy(backup_id)
+            return not self.tidy(backup_id)
         except (CephError, CatalogError):
             return False
-        return True
 
 
 def remove_rbd_snapshots(catalog: Catalog, rec: DeviceRecord) -> list[str]:
@@ -107,11 +127,11 @@ def remove_rbd_snapshots(catalog: Catalog, rec: DeviceRecord) -> list[str]:
         with Cluster(spec) as cluster:
             image = RbdImage(cluster)
             try:
-                RbdSnapshots(catalog, rec.name, image).tidy(None)
+                failed = RbdSnapshots(catalog, rec.name, image).tidy(None)
             finally:
                 image.close()
     except (CephError, CatalogError) as e:
         names = ", ".join(r.name for r in rows)
         return [f"the RBD snapshots {names} of {rec.source} were not removed ({e}); "
                 f"remove them with 'rbd snap rm'"]
-    return []
+    return [f"{why}; remove it with 'rbd snap rm' (after 'rbd snap unprotect' if protected)" for why in failed]

@@ -60,6 +60,11 @@ class RbdSource(Source):
         self._pieces: list[_Piece] = []
         self._queued = 0  # bytes in pieces not yet consumed
         self._asked = 0  # read-ahead asked for up to here
+        # Every aio read started and maybe not done, consumed or dropped as
+        # stale alike: close() waits for them all before closing the image.
+        self._started: list[_Piece] = []
+        # Bytes read there and then, one round trip at a time (what read-ahead missed).
+        self.read_now_bytes = 0
 
     @property
     def reads_ahead(self) -> bool:
@@ -140,6 +145,9 @@ class RbdSource(Source):
             self._starts.insert(i, start)
             self._pieces.insert(i, piece)
             self._queued += end - start
+            if len(self._started) >= 64:
+                self._started = [p for p in self._started if not p.ready.is_set()]
+            self._started.append(piece)
         try:
             piece.completion = self.image.image.aio_read(start, end - start, done)
         except Exception as e:  # noqa: BLE001 - not started: read it there and then instead
@@ -189,7 +197,14 @@ class RbdSource(Source):
             with self._lock:
                 i = bisect.bisect_right(self._starts, pos)
                 stop = min(end, self._starts[i]) if i < len(self._starts) else end
-            parts.append(self._read_now(pos, stop - pos))
+            if self.hole(pos, stop - pos):
+                # Unwritten in the snapshot (its map says so): zeros, no round
+                # trip. RBD maps each object up to its last written byte, so
+                # a thin image's object tails are such holes: a full read
+                # each one on its own, waited for, before.
+                parts.append(bytes(stop - pos))
+            else:
+                parts.append(self._read_now(pos, stop - pos))
             pos = stop
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
@@ -205,18 +220,20 @@ class RbdSource(Source):
             self._queued += end - start
 
     def _read_now(self, offset: int, length: int) -> bytes:
+        self.read_now_bytes += length
         try:
             return self.image.read(offset, length)
         except CephError as e:
             raise JobError(f"reading {self.path} at offset {offset}: {e}", e.errno or errno.EIO) from None
 
     def close(self) -> None:
-        """Wait for reads still in flight (their buffers belong to librbd until
-        done), then close the snapshot's image: it is this source's, and one
-        left open per backup piled up in a mount's daemon until unmount, each
-        on a snapshot the next backup removes. Again: a no-op."""
+        """Wait for every aio read still in flight (their buffers belong to
+        librbd until done; one dropped as stale too), then close the
+        snapshot: this source opened it for this backup alone, and a
+        daemon running backups for months must not hold one per backup."""
         with self._lock:
-            pending = list(self._pieces)
+            pending = self._started
+            self._started = []
             self._pieces.clear()
             self._starts.clear()
             self._queued = 0

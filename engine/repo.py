@@ -470,7 +470,7 @@ class Repository:
         return source, size, identity
 
     def replace_source(self, name: str, source: str, raw: bool = False, ceph_conf: str | None = None,
-                       ceph_id: str | None = None) -> DeviceRecord:
+                       ceph_id: str | None = None, notes: list[str] | None = None) -> DeviceRecord:
         """Rebind a device to ``source`` on purpose: another path, or the
         file now at its path (``mv new.img src.img``), which a device's
         every open refuses until this says it is the device's disk.
@@ -478,6 +478,11 @@ class Repository:
         Same size required (its backups are that size). Nothing recorded
         what the new source holds, so its bitmaps are made untrusted first,
         saved, then the catalog names the new source: the next backup scans.
+
+        An RBD source's kept snapshot goes first: on the old image it is no
+        backup's base any more, and nothing else would ever remove it (it
+        holds every block the old image rewrites). What could not be
+        removed (a cluster out of reach) is added to ``notes``, in words.
         """
         self._require_room("rebinding a device's source")
         validate_name(name)
@@ -498,6 +503,12 @@ class Repository:
                 distrust_saved_bitmaps(self._device_dir(name), BITMAPS, why)
             except OSError as e:
                 raise storage_error(e) from None
+            if is_rbd(rec.source):
+                said = remove_rbd_snapshots(self.catalog, rec)
+                if notes is not None:
+                    notes.extend(said)
+                for row in self.catalog.rbd_snapshots(name):  # they name the old image's
+                    self.catalog.forget_rbd_snapshot(name, row.name)
             self.catalog.set_source(name, source, identity, ceph)
         return self.catalog.device(name) or rec
 
