@@ -564,7 +564,11 @@ class BackupRun:
         with dev.gate.exclusive():
             dev.job = None
             dev.job_failed(full=self.frozen_full is not None)
-        self._drop_rbd_snapshot()
+        if not doubt:
+            # In doubt the snapshot stays, as the files do: committed, its row
+            # names the backup and it is the one kept; not, the next
+            # backup's tidy removes it (its row names no backup).
+            self._drop_rbd_snapshot()
         # Only now: closed earlier, the image's descriptor could be
         # reused by another file while a copy-before-write still
         # held its number.

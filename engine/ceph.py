@@ -160,6 +160,9 @@ def describe_error(e: BaseException) -> tuple[str, int]:
     text = str(e).strip()
     # librados' messages end with the C error in brackets: keep them short.
     text = text.splitlines()[0] if text else os.strerror(code)
+    # librbd's end with what failed in Python bytes reprs, "(error removing
+    # snapshot b'x' from b'y')": our own message says what was being done.
+    text = re.sub(r"\s*\(error [^()]*\)$", "", text) or os.strerror(code)
     return text, code
 
 
