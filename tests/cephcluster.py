@@ -111,8 +111,8 @@ paxos propose interval = 0.05
 osd objectstore = memstore
 memstore device bytes = {memstore_bytes}
 # A client killed with -9 keeps an image's exclusive lock until its watch
-# times out (30 s by default): the next client waits that long for it.
-osd client watch timeout = 5
+# times out (30 s by default): the next client waits that long for it (2 s here).
+osd client watch timeout = 2
 # memstore calls itself a spinning disk, whose snapshot trims sleep 5 s
 # each: under many snapshots its memory filled before they were trimmed.
 osd snap trim sleep hdd = 0

@@ -397,7 +397,7 @@ def test_an_osd_dying_mid_backup_is_one_line_in_bounded_time_and_no_backup(tmp_p
             img.write(random.Random(1).randbytes(40 * MiB), 0)
         repo_dir = make_repo(tmp_path, cluster, image)
         first = take(repo_dir, "full")
-        env = {**os.environ, "BACKUPFS_CEPH_TIMEOUT": "3"}
+        env = {**os.environ, "BACKUPFS_CEPH_TIMEOUT": "1"}
         proc = subprocess.Popen(backupfs_cmd() + ["backup", str(repo_dir), "vm", "full", "--rate", "4M"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         deadline = time.monotonic() + 30
@@ -468,7 +468,7 @@ def test_the_device_file_under_parallel_direct_writers_then_an_unreachable_clust
                                                      tmp_path / "m.raw"))
         # The cluster out of reach: the other device is still served.
         conf.write_text(dead_conf(tmp_path / "dead").read_text())
-        m = Mounted(repo_dir, mnt, env={"BACKUPFS_CEPH_TIMEOUT": "3"})
+        m = Mounted(repo_dir, mnt, env={"BACKUPFS_CEPH_TIMEOUT": "1"})
         started = time.monotonic()
         m.start()
         assert (mnt / "disk/device").read_bytes() == b"p" * MiB
