@@ -57,16 +57,28 @@ from engine.job import (
     cancelled,
 )
 from engine.qcow2.format import validate_compress
+from engine.remote.location import RemoteSpec
 from engine.qcow2.writer import validate_cluster_size
 from engine.text import escape
 from engine.validate import NAME_RE, validate_label
 
 if TYPE_CHECKING:
+    from engine.remote.push import PushResult
     from engine.guest.guestdisk import GuestDisk
     from engine.history.history import History
 
 DEFAULT_CLUSTER_SIZE = 64 * 1024
 DEFAULT_GRANULARITY = 64 * 1024
+
+
+def remote_named(catalog: Catalog, name: str) -> RemoteSpec:
+    """The remote recorded as ``name``, or a clear refusal naming those there are."""
+    remotes = catalog.remotes()
+    for spec in remotes:
+        if spec.name == name:
+            return spec
+    known = ", ".join(r.name for r in remotes) or "none; add one with 'backupfs remote add'"
+    raise UsageError(f"no remote named {name!r} (remotes: {known})")
 
 
 def validate_name(name: str) -> str:
@@ -392,6 +404,28 @@ class Repository:
             self._lock_fd = -1
         if failed:
             raise failed[0] if len(failed) == 1 else BackupfsError("; ".join(map(str, failed)))
+
+    # -- remotes (engine/remote/) --------------------------------------------------------
+
+    def add_remote(self, spec: RemoteSpec) -> None:
+        """Record an off-site copy's place (never its credentials)."""
+        self._require_room("a remote")
+        self.catalog.add_remote(spec)
+
+    def remove_remote(self, name: str) -> bool:
+        """Forget a remote; what it holds stays in its bucket."""
+        self._require_room("a remote's removal")
+        return self.catalog.remove_remote(name)
+
+    def remotes(self) -> list[RemoteSpec]:
+        return self.catalog.remotes()
+
+    def push(self, name: str, devices: list[str] | None = None,
+             on_progress: Callable[[Progress], None] | None = None) -> PushResult:
+        """Send remote ``name`` what it lacks (engine/remote/push.py)."""
+        from engine.remote.push import push
+
+        return push(self.path, self.catalog, remote_named(self.catalog, name), devices, on_progress)
 
     def __enter__(self) -> Repository:
         return self
