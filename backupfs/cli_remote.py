@@ -121,10 +121,21 @@ def cmd_push(args: argparse.Namespace) -> int:
     from engine.remote.push import push
     from engine.repo import remote_named
 
-    with catalog_for_reading(args.repo) as catalog:
+    from engine.beside import read_catalog
+    from engine.repo import Repository
+
+    path = os.path.abspath(args.repo)
+    Repository.check_exists(path)
+    # Always beside, never holding the repository's lock: a push of terabytes
+    # takes hours, and backups (mounted or not) must go on meanwhile. What
+    # keeps it right is engine/remote/localread.py's checks.
+    catalog = read_catalog(path)
+    try:
         spec = remote_named(catalog, args.name)
         with progress_reporter(sys.stderr.isatty(), f"push {args.name}") as progress:
-            result = push(os.path.abspath(args.repo), catalog, spec, args.devices or None, progress)
+            result = push(path, catalog, spec, args.devices or None, progress)
+    finally:
+        catalog.close()
     print(result.summary(escape(args.name)))
     return 0
 

@@ -182,6 +182,15 @@ class Repository:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             raise RepositoryError(f"cannot create a repository in {path}: {reason}", errno.EIO) from None
 
+    @staticmethod
+    def check_exists(path: str) -> None:
+        """Refuse, in the words ``open`` uses, a path that holds no repository
+        (for commands that read beside its owner without opening it)."""
+        if not os.path.exists(os.path.join(os.path.abspath(path), CATALOG)):
+            raise RepositoryError(
+                f"{os.path.abspath(path)} is not a backupfs repository (run 'backupfs init {os.path.abspath(path)}')",
+                errno.ENOENT)
+
     @classmethod
     def open(cls, path: str, *, writable: bool = True) -> Repository:
         """Open and lock the repository; ``writable`` False for a command that

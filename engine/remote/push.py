@@ -190,25 +190,31 @@ class Push:
         try:
             for revision in range(MAX_REVISIONS):
                 keys = object_keys(rec.device, rec.id, revision)
-                sent: list[RemoteObject] = []
+                have: dict[str, str] = {}  # key -> sha256 of what a killed push left there
                 for f, key in zip(files, keys):
                     found = listing.get(key)
                     if found is None:
+                        continue
+                    if found.size == f.size:
+                        sha, etag = local_digests(f.fd, f.size)
+                        if etag == found.etag:
+                            have[key] = sha
+                            continue
+                    break  # other bytes hold this key: the next revision
+                else:
+                    sent: list[RemoteObject] = []
+                    for f, key in zip(files, keys):
+                        if key in have:
+                            self.result.resumed += 1
+                            self._sent(f.size)
+                            sent.append(RemoteObject(key, f.size, have[key]))
+                            continue
+                        lock.check()
                         info, sha = self.store.upload_fd(key, f.fd, f.size, self._sent, lock.check)
                         listing[key] = info
                         self.result.uploaded += 1
                         self.result.bytes_sent += f.size
                         sent.append(RemoteObject(key, f.size, sha))
-                        continue
-                    if found.size == f.size:
-                        sha, etag = local_digests(f.fd, f.size)
-                        if etag == found.etag:
-                            self.result.resumed += 1
-                            self._sent(f.size)
-                            sent.append(RemoteObject(key, f.size, sha))
-                            continue
-                    break  # other bytes hold this key: the next revision
-                else:
                     image = sent[0]
                     sums = sent[1] if len(sent) > 1 else None
                     return RemoteBackup(_with_keys(rec, image, sums), image, sums)

@@ -36,7 +36,7 @@ ATTEMPTS = 3  # the first try and two retries
 # Objects above this go in parallel multipart uploads of PART_SIZE parts.
 MULTIPART_THRESHOLD = 16 << 20
 PART_SIZE = 8 << 20
-PARTS_IN_FLIGHT = 4
+PARTS_IN_FLIGHT = 8
 
 
 class RemoteError(ErrnoError):
@@ -132,8 +132,10 @@ class RemoteStore:
     # -- reading ---------------------------------------------------------------------
 
     def check_bucket(self) -> None:
-        """Fail early, in one line, on credentials, bucket or endpoint."""
-        self._call(f"bucket {self.location.bucket}", self._client.head_bucket, Bucket=self.location.bucket)
+        """Fail early, in one line, on credentials, bucket or endpoint (a GET, not a HEAD:
+        an error's code, e.g. SignatureDoesNotMatch, comes in a body)."""
+        self._call(f"listing {self.location.url}", self._client.list_objects_v2, Bucket=self.location.bucket,
+                   Prefix=self.location.key(""), MaxKeys=1)
 
     def list(self, under: str = "") -> dict[str, ObjectInfo]:
         """Every object below the prefix (``under`` narrows it), by relative key: one listing."""
@@ -285,6 +287,7 @@ class RemoteStore:
 
         def send(number: int, body: bytes) -> dict[str, Any]:
             try:
+                digests[number - 1] = hashlib.md5(body).digest()  # here: md5 is the slowest hash
                 r = self._call(f"writing {rel} part {number}", self._client.upload_part, Bucket=bucket, Key=key,
                                UploadId=upload_id, PartNumber=number, Body=body)
                 if on_bytes:
@@ -300,7 +303,7 @@ class RemoteStore:
                         on_part()
                     body = _pread_all(fd, offset, min(PART_SIZE, size - offset))
                     digest.update(body)
-                    digests.append(hashlib.md5(body).digest())
+                    digests.append(b"")
                     slots.acquire()
                     futures.append(pool.submit(send, number, body))
                     failed = [f for f in futures if f.done() and f.exception() is not None]
