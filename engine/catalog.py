@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -405,6 +406,15 @@ class Catalog:
                 raise CatalogError(f"a remote named {spec.name} exists already", errno.EEXIST)
             c.execute("INSERT INTO remotes VALUES (?, ?, ?, ?, ?)",
                       (spec.name, spec.url, spec.endpoint, spec.region, time.time_ns()))
+            # What this repository's pushes sign a remote with (see origin()).
+            c.execute("INSERT OR IGNORE INTO meta VALUES ('origin', ?)", (secrets.token_hex(16),))
+
+    def origin(self) -> str | None:
+        """This repository's random token, made with its first remote: a remote
+        records the token of the repository that first pushed to it, and a push
+        from another repository is refused (it would delete that one's backups)."""
+        rows = self._query("SELECT value FROM meta WHERE key = 'origin'")
+        return str(rows[0][0]) if rows else None
 
     def remove_remote(self, name: str) -> bool:
         """Forget a remote (what it holds stays there); whether there was one."""

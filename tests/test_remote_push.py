@@ -80,8 +80,9 @@ def test_push_then_push_again_uploads_nothing(pushed_repo: Path, s3_remote: S3Re
              for p in (pushed_repo / "devices" / "vm1").iterdir() if p.suffix in (".qcow2", ".sums")}
     assert {k: v for k, v in keys.items() if k.startswith("devices/")} == local
     assert "catalog/0000000001.json" in keys and "lock.json" not in keys
-    assert json.loads(s3_remote.client.get_object(Bucket=s3_remote.bucket, Key=f"{s3_remote.prefix}/"
-                                                  "backupfs-remote.json")["Body"].read()) == {"format": 1}
+    form = json.loads(s3_remote.client.get_object(Bucket=s3_remote.bucket, Key=f"{s3_remote.prefix}/"
+                                                  "backupfs-remote.json")["Body"].read())
+    assert form["format"] == 1 and len(form["origin"]) == 32
 
     again = s3_remote.cli("push", pushed_repo, "off").stdout
     assert _summary(again)["uploaded"] == 0 and _summary(again)["current"] == 2
@@ -271,3 +272,13 @@ def test_push_beside_a_mount(tmp_path: Path, s3_remote: S3Remote) -> None:
         s3_remote.cli("restore", s3_remote.url, "vm1", "latest", latest)
         assert latest.read_bytes() == m.path("vm1", "backups", "latest").read_bytes()
         m.stop()
+
+
+def test_another_repository_may_not_push_there(pushed_repo: Path, s3_remote: S3Remote, tmp_path: Path) -> None:
+    """Its push would make the remote mirror it, deleting the first repository's backups."""
+    s3_remote.cli("push", pushed_repo, "off")
+    other = repo_with_a_full(tmp_path / "other", "vm9", _random_disk(tmp_path / "disk9", MiB))
+    cli("remote", "add", other, "off", s3_remote.url)
+    proc = s3_remote.cli("push", other, "off", check=False)
+    assert proc.returncode == 1 and "holds the backups of another repository" in proc.stderr
+    assert _listed(s3_remote, s3_remote.url) == _listed(s3_remote, pushed_repo)

@@ -21,6 +21,8 @@ Nothing changed since the last push: no upload and no new snapshot.
 
 from __future__ import annotations
 
+import errno
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -35,7 +37,7 @@ from engine.remote.localread import close_all, file_size, open_backup, still_sam
 from engine.remote.location import RemoteSpec
 from engine.remote.lock import RemoteLock
 from engine.remote.remotecatalog import check_format, newest_snapshot, snapshot_numbers
-from engine.remote.store import ObjectInfo, RemoteStore, local_digests
+from engine.remote.store import ObjectInfo, RemoteError, RemoteStore, local_digests
 
 MAX_REVISIONS = 1000
 
@@ -97,10 +99,17 @@ class Push:
     def run(self) -> PushResult:
         store = self.store
         store.check_bucket()
-        listing_format = store.get(FORMAT_KEY, limit=64 << 10)
-        check_format(listing_format, store.what)
-        if listing_format is None:
-            store.put_new(FORMAT_KEY, (f'{{"format": {FORMAT}}}\n').encode())
+        origin = self.catalog.origin()
+        found = store.get(FORMAT_KEY, limit=64 << 10)
+        check_format(found, store.what)
+        if found is None:
+            store.put_new(FORMAT_KEY, (json.dumps({"format": FORMAT, "origin": origin}) + "\n").encode())
+        else:
+            theirs = json.loads(found).get("origin")
+            if theirs is not None and theirs != origin:
+                raise RemoteError(f"{store.what} holds the backups of another repository (its first push came "
+                                  "from elsewhere); a push from this one would delete them: push to another "
+                                  "prefix", errno.EEXIST)
         lock = RemoteLock(store)
         lock.acquire()
         try:
