@@ -10,11 +10,13 @@ sha256 the catalog records before it is used.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from collections.abc import Callable
 
 from engine.chain import ChainView
+from engine.errors import ErrnoError
 from engine.layout import image_name
 from engine.qcow2.layers import open_layer
 from engine.remote.layout import RemoteObject
@@ -36,8 +38,12 @@ def download_checked(store: RemoteStore, obj: RemoteObject, path: str,
     def sink(data: bytes) -> None:
         digest.update(data)
         view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError as e:
+            raise ErrnoError(f"{path}: cannot write the downloaded image: {e.strerror}", e.errno or errno.EIO) \
+                from None
         if on_bytes:
             on_bytes(len(data))
 

@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from engine.errors import ErrnoError
+from engine.errors import BackupfsError, ErrnoError
 from engine.remote.location import S3Location
 
 CONNECT_TIMEOUT = 5.0
@@ -115,11 +115,9 @@ class RemoteStore:
             if code in ("NoSuchKey", "404", "NotFound") or status == 404:
                 return RemoteError(f"{self.what}: {doing}: no such object", errno.ENOENT)
             return RemoteError(f"{self.what}: {doing}: {code or status} {err.get('Message') or ''}".rstrip())
-        from botocore.exceptions import BotoCoreError
-
-        if isinstance(e, BotoCoreError):
-            return RemoteError(f"{self.what}: {doing}: {e}")
-        raise e
+        # Anything else botocore or the connection under it raised (a reset, a
+        # protocol error half-way through a body): still one line.
+        return RemoteError(f"{self.what}: {doing}: {type(e).__name__}: {e}")
 
     def _call(self, doing: str, fn: Callable[..., Any], **kw: Any) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -205,15 +203,10 @@ class RemoteStore:
                     return done
                 sink(data)
                 done += len(data)
-        except RemoteError:
-            raise
+        except BackupfsError:
+            raise  # the sink's own (a full disk where it writes): it says where
         except Exception as e:  # botocore's read timeouts and broken connections, mid-body
-            from botocore.exceptions import BotoCoreError
-
-            if isinstance(e, (BotoCoreError, OSError)):
-                raise self._error(e, f"reading {rel}") if isinstance(e, BotoCoreError) else RemoteError(
-                    f"{self.what}: reading {rel}: {e}") from None
-            raise
+            raise self._error(e, f"reading {rel}") from None
         finally:
             body.close()
 
