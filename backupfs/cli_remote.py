@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from backupfs.cli_common import catalog_for_reading, progress_reporter
 from backupfs.cli_output import on_terminal, print_json, print_table
@@ -184,7 +184,9 @@ def restore_from_remote(args: argparse.Namespace) -> int:
     from engine.text import one_line
 
     if args.include:
-        raise UsageError("restore --include works on a repository or a mount, not yet on an s3:// remote")
+        from backupfs.cli_files import cmd_restore_files
+
+        return cmd_restore_files(args)
     store, catalog = _remote_store(args.repo, args.endpoint)
     with progress_reporter(sys.stderr.isatty(), f"restore {args.name}") as update:
         result = restore_remote(store, catalog, args.name, args.backup, args.target, force=args.force,
@@ -219,3 +221,29 @@ def verify_remote_cmd(args: argparse.Namespace) -> int:
               f"({report.bytes_read} bytes): " + ("all good" if report.ok else
                                                   f"{len({b for b, _p in report.problems})} damaged"))
     return 0 if report.ok else 1
+
+
+@contextmanager
+def remote_backup_files(url: str, endpoint: str | None, device: str, ident: str) -> Iterator[tuple[Any, str]]:
+    """The guest's volumes in a remote backup (for `ls`, `dump`, `restore --include`):
+    its lineage downloaded into a private temporary directory, each object checked
+    against the catalog, removed when done."""
+    import shutil
+    import tempfile
+
+    from engine.guest.guestdisk import GuestDisk
+    from engine.remote.fetch import fetch_chain
+    from engine.remote.remoteops import resolve
+
+    store, catalog = _remote_store(url, endpoint)
+    rec = resolve(catalog, device, ident)
+    work = tempfile.mkdtemp(prefix="backupfs-remote-")
+    try:
+        view = fetch_chain(store, catalog, rec.id, work)
+        disk = GuestDisk(view, on_close=view.close, name=rec.id)
+        try:
+            yield disk, rec.id
+        finally:
+            disk.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -282,3 +282,24 @@ def test_another_repository_may_not_push_there(pushed_repo: Path, s3_remote: S3R
     proc = s3_remote.cli("push", other, "off", check=False)
     assert proc.returncode == 1 and "holds the backups of another repository" in proc.stderr
     assert _listed(s3_remote, s3_remote.url) == _listed(s3_remote, pushed_repo)
+
+
+def test_files_inside_a_remote_backup(tmp_path: Path, s3_remote: S3Remote) -> None:
+    """`ls`, `dump` and `restore --include` of an s3:// remote read the guest's files."""
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "motd").write_text("off site\n")
+    disk = tmp_path / "disk"
+    with open(disk, "wb") as f:
+        f.truncate(8 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-d", str(tree), str(disk)], check=True)
+    repo = repo_with_a_full(tmp_path / "repo", "vm1", disk)
+    cli("remote", "add", repo, "off", s3_remote.url)
+    s3_remote.cli("push", repo, "off")
+    listing = s3_remote.cli("ls", s3_remote.url, "vm1", "latest", "disk/etc", "--json").stdout
+    assert [e["name"] for e in json.loads(listing)] == ["motd"]
+    assert s3_remote.cli("dump", s3_remote.url, "vm1", "latest", "disk/etc/motd").stdout == "off site\n"
+    out = tmp_path / "out"
+    out.mkdir()
+    s3_remote.cli("restore", s3_remote.url, "vm1", "0001", out, "--include", "disk/etc")
+    assert (out / "etc" / "motd").read_text() == "off site\n"
