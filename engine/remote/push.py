@@ -32,7 +32,8 @@ from engine.catalog import BackupRecord, Catalog, DeviceRecord
 from engine.errors import UsageError
 from engine.job import Progress
 from engine.remote.layout import (FORMAT, FORMAT_KEY, KEEP_SNAPSHOTS, MAX_CATALOG_BYTES, RemoteBackup,
-                                  RemoteObject, Snapshot, catalog_key, object_keys)
+                                  RemoteFormatError, RemoteObject, Snapshot, catalog_key, decode_snapshot,
+                                  object_keys)
 from engine.remote.localread import close_all, file_size, open_backup, still_same
 from engine.remote.location import RemoteSpec
 from engine.remote.lock import RemoteLock
@@ -165,12 +166,31 @@ class Push:
             numbers = [snap.number] + numbers
             new_keys = snap.keys()
         # Only now, with the new catalog in place: what no kept catalog names.
-        obsolete = sorted(k for k in (prev.keys() if prev else set()) if k not in new_keys)
+        named = self._named_by_snapshots(prev, numbers)
+        obsolete = sorted(k for k in named if k not in new_keys and k in listing)
         old_snapshots = [catalog_key(n) for n in numbers[KEEP_SNAPSHOTS:]]
         if obsolete or old_snapshots:
             lock.check()
             store.delete(obsolete + old_snapshots)
             self.result.deleted = len(obsolete)
+
+    def _named_by_snapshots(self, prev: Snapshot | None, numbers: list[int]) -> set[str]:
+        """Every object key the snapshots on the remote name: the newest and the older
+        ones still there (a push that failed after writing its snapshot left what
+        the one before named; the next push deletes it). Only keys a catalog named
+        are ever deleted."""
+        named = set(prev.keys()) if prev else set()
+        for n in numbers:
+            if prev is not None and n == prev.number or self.result.snapshot == n:
+                continue
+            data = self.store.get(catalog_key(n), MAX_CATALOG_BYTES)
+            if data is None:
+                continue
+            try:
+                named |= decode_snapshot(data, f"{self.store.what}: {catalog_key(n)}").keys()
+            except RemoteFormatError:
+                continue  # unreadable: it names nothing we may delete
+        return named
 
     def _current(self, rec: BackupRecord, kept: RemoteBackup, listing: dict[str, ObjectInfo]) -> bool:
         """The remote holds this backup as it is here: same place in the chain, same sizes.
