@@ -27,6 +27,7 @@ from engine.text import escape
 if TYPE_CHECKING:
     from engine.catalog import Catalog
     from engine.remote.remotecatalog import RemoteCatalog
+    from engine.remote.store import RemoteStore
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -168,7 +169,7 @@ def catalog_or_remote(repo: str, endpoint: str | None = None) -> Iterator[Catalo
         yield catalog
 
 
-def _remote_store(url: str, endpoint: str | None):  # noqa: ANN202 - engine types imported lazily
+def _remote_store(url: str, endpoint: str | None) -> tuple[RemoteStore, RemoteCatalog]:
     from engine.remote.location import parse_s3_url, validate_endpoint
     from engine.remote.remotecatalog import read_store_catalog
     from engine.remote.store import RemoteStore
@@ -201,8 +202,11 @@ def verify_remote_cmd(args: argparse.Namespace) -> int:
     from engine.remote.remoteops import verify_remote
 
     store, catalog = _remote_store(args.repo, args.endpoint)
-    chosen = catalog.backups(args.name) if catalog.device(args.name or "") or not args.name else []
-    total = sum(catalog.entry(b.id).image.size for b in chosen)  # type: ignore[union-attr]
+    chosen = catalog.backups(args.name) if args.name is None or catalog.device(args.name) else []
+    total = 0
+    for b in chosen:
+        entry = catalog.entry(b.id)
+        total += entry.image.size + (entry.checksums.size if entry and entry.checksums else 0) if entry else 0
     with progress_reporter(sys.stderr.isatty() and total > 0, "verify") as update:
         progress = Progress(total=total, phase="reading back")
 

@@ -167,7 +167,8 @@ def decode_snapshot(data: bytes, where: str) -> Snapshot:
     number = _int(doc, "number", where, 1, 9_999_999_999)
     devices: list[DeviceRecord] = []
     names: set[str] = set()
-    for d in doc.get("devices") if isinstance(doc.get("devices"), list) else []:
+    devices_doc = doc.get("devices")
+    for d in devices_doc if isinstance(devices_doc, list) else []:
         if not isinstance(d, dict) or not isinstance(d.get("name"), str) or not NAME_RE.fullmatch(d["name"]):
             raise RemoteFormatError(f"{where}: a device's name {d.get('name') if isinstance(d, dict) else d!r} "
                                     "breaks the device-name rule")
@@ -180,7 +181,8 @@ def decode_snapshot(data: bytes, where: str) -> Snapshot:
         names.add(d["name"])
     backups: list[RemoteBackup] = []
     ids: dict[str, RemoteBackup] = {}
-    for b in doc.get("backups") if isinstance(doc.get("backups"), list) else []:
+    backups_doc = doc.get("backups")
+    for b in backups_doc if isinstance(backups_doc, list) else []:
         if not isinstance(b, dict) or not isinstance(b.get("id"), str) or not BACKUP_ID_RE.fullmatch(b["id"]):
             raise RemoteFormatError(f"{where}: a backup's id is not a backup id")
         w = f"{where}: backup {b['id']}"

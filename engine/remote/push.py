@@ -127,7 +127,7 @@ class Push:
     def _run_locked(self, lock: RemoteLock) -> None:
         store = self.store
         store.abort_stale_uploads()
-        listing = store.list()
+        listing = store.listing()
         numbers = snapshot_numbers(listing)
         prev = newest_snapshot(numbers, lambda n: store.get(catalog_key(n), MAX_CATALOG_BYTES),
                                lambda n: f"{store.what}: {catalog_key(n)}")

@@ -113,7 +113,7 @@ class RemoteCatalog:
 
 def read_store_catalog(store: RemoteStore) -> tuple[RemoteCatalog, dict[str, ObjectInfo]]:
     """The remote's catalog and its listing (one listing of the prefix)."""
-    listing = store.list()
+    listing = store.listing()
     check_format(store.get(FORMAT_KEY, limit=64 << 10) if FORMAT_KEY in listing else None, store.what)
     snap = newest_snapshot(snapshot_numbers(listing), lambda n: store.get(catalog_key(n), MAX_CATALOG_BYTES),
                            lambda n: f"{store.what}: {catalog_key(n)}")

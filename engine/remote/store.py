@@ -135,7 +135,7 @@ class RemoteStore:
         self._call(f"listing {self.location.url}", self._client.list_objects_v2, Bucket=self.location.bucket,
                    Prefix=self.location.key(""), MaxKeys=1)
 
-    def list(self, under: str = "") -> dict[str, ObjectInfo]:
+    def listing(self, under: str = "") -> dict[str, ObjectInfo]:
         """Every object below the prefix (``under`` narrows it), by relative key: one listing."""
         out: dict[str, ObjectInfo] = {}
         prefix = self.location.key(under) if under else (self.location.prefix + "/" if self.location.prefix else "")
