@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -188,7 +189,7 @@ def _plant_lock(s3: S3Remote, renewed: float, host: str = "elsewhere.example", p
         {"host": host, "pid": pid, "token": "x", "renewed": renewed, "lease_seconds": 300}).encode())
 
 
-def test_a_second_push_is_refused_while_one_holds_the_lock(pushed_repo: Path, s3_remote: S3Remote) -> None:
+def test_another_hosts_lock_refuses_and_a_stale_one_is_taken_over(pushed_repo: Path, s3_remote: S3Remote) -> None:
     s3_remote.cli("push", pushed_repo, "off")
     _plant_lock(s3_remote, time.time())  # a push running on another host
     cli("backup", pushed_repo, "vm1", "incremental", "--allow-empty")
@@ -303,3 +304,34 @@ def test_files_inside_a_remote_backup(tmp_path: Path, s3_remote: S3Remote) -> No
     out.mkdir()
     s3_remote.cli("restore", s3_remote.url, "vm1", "0001", out, "--include", "disk/etc")
     assert (out / "etc" / "motd").read_text() == "off site\n"
+
+
+def test_two_pushes_at_once(tmp_path: Path, s3_remote: S3Remote) -> None:
+    """A push stopped (SIGSTOP) while it holds the lock: a second push is refused,
+    naming it; continued, the first finishes as if nothing happened."""
+    repo = repo_with_a_full(tmp_path / "repo", "vm1", _random_disk(tmp_path / "disk", 64 * MiB))
+    cli("remote", "add", repo, "off", s3_remote.url)
+    first = subprocess.Popen(backupfs_cmd() + ["push", str(repo), "off"], env=s3_remote.env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "lock.json" not in s3_remote.keys():
+            assert first.poll() is None, f"the first push ended before it was seen: {first.communicate()}"
+            assert time.monotonic() < deadline
+        os.kill(first.pid, signal.SIGSTOP)
+        try:
+            assert "catalog/0000000001.json" not in s3_remote.keys(), "the first push had finished"
+            second = s3_remote.cli("push", repo, "off", check=False)
+            assert second.returncode == 1
+            assert f"another push holds the remote's lock ({socket.gethostname()} pid {first.pid}," in second.stderr
+            assert len(second.stderr.strip().splitlines()) == 1
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
+        out, err = first.communicate(timeout=120)
+        assert first.returncode == 0, err
+        assert _summary(out)["uploaded"] == 2
+    finally:
+        first.kill()
+        first.wait()
+    assert "lock.json" not in s3_remote.keys()
+    assert _listed(s3_remote, s3_remote.url) == _listed(s3_remote, repo)
