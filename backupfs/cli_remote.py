@@ -119,24 +119,10 @@ def cmd_remote_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from engine.remote.push import push
-    from engine.repo import remote_named
-
-    from engine.beside import read_catalog
     from engine.repo import Repository
 
-    path = os.path.abspath(args.repo)
-    Repository.check_exists(path)
-    # Always beside, never holding the repository's lock: a push of terabytes
-    # takes hours, and backups (mounted or not) must go on meanwhile. What
-    # keeps it right is engine/remote/localread.py's checks.
-    catalog = read_catalog(path)
-    try:
-        spec = remote_named(catalog, args.name)
-        with progress_reporter(sys.stderr.isatty(), f"push {args.name}") as progress:
-            result = push(path, catalog, spec, args.devices or None, progress)
-    finally:
-        catalog.close()
+    with progress_reporter(sys.stderr.isatty(), f"push {args.name}") as progress:
+        result = Repository.push(args.repo, args.name, args.devices or None, progress)
     print(result.summary(escape(args.name)))
     return 0
 

@@ -429,12 +429,23 @@ class Repository:
     def remotes(self) -> list[RemoteSpec]:
         return self.catalog.remotes()
 
-    def push(self, name: str, devices: list[str] | None = None,
+    @staticmethod
+    def push(path: str, name: str, devices: list[str] | None = None,
              on_progress: Callable[[Progress], None] | None = None) -> PushResult:
-        """Send remote ``name`` what it lacks (engine/remote/push.py)."""
+        """Send remote ``name`` what it lacks (engine/remote/push.py), reading the
+        repository at ``path`` beside whoever owns it, never taking its lock: a
+        push of terabytes takes hours, and backups (mounted or not) go on
+        meanwhile; engine/remote/localread.py's checks keep what it sends right."""
+        from engine.beside import read_catalog
         from engine.remote.push import push
 
-        return push(self.path, self.catalog, remote_named(self.catalog, name), devices, on_progress)
+        path = os.path.abspath(path)
+        Repository.check_exists(path)
+        catalog = read_catalog(path)
+        try:
+            return push(path, catalog, remote_named(catalog, name), devices, on_progress)
+        finally:
+            catalog.close()
 
     def __enter__(self) -> Repository:
         return self

@@ -108,3 +108,20 @@ def test_a_copied_remote_with_a_hostile_catalog_is_one_line(tmp_path: Path) -> N
     # A newer snapshot that is whole wins over the broken one.
     (copy / "catalog" / "0000000004.json").write_text(json.dumps(_snapshot(number=4)))
     assert cli("list", copy).stdout.decode().splitlines()[1].startswith("20261206T000000Z-0001-full\tvm1\tfull")
+
+
+def test_remotes_through_the_facade_survive_reopening(tmp_path: Path) -> None:
+    from engine.repo import Repository, remote_named
+
+    Repository.init(str(tmp_path / "repo"))
+    with Repository.open(str(tmp_path / "repo")) as repo:
+        repo.add_remote(make_spec("b", "s3://my-bucket/b"))
+        repo.add_remote(make_spec("a", "s3://my-bucket/a", region="eu-west-1"))
+        origin = repo.catalog.origin()
+    with Repository.open(str(tmp_path / "repo")) as repo:
+        assert [r.name for r in repo.remotes()] == ["a", "b"]
+        assert remote_named(repo.catalog, "a").region == "eu-west-1"
+        assert repo.catalog.origin() == origin and origin is not None and len(origin) == 32
+        assert repo.remove_remote("a") and not repo.remove_remote("a")
+        with pytest.raises(UsageError, match="no remote named 'a' \\(remotes: b\\)"):
+            remote_named(repo.catalog, "a")
