@@ -205,11 +205,12 @@ def verify_remote_cmd(args: argparse.Namespace) -> int:
     if args.json:
         print_json(report.data())
     else:
-        for backup, problem in report.problems:
+        for backup, problem, _inherited in report.problems:
             print(f"bad: {escape(backup)}: {escape(problem)}")
-        print(f"{escape(args.repo)}: {report.checked} backups, {report.objects} objects read back "
-              f"({report.bytes_read} bytes): " + ("all good" if report.ok else
-                                                  f"{len({b for b, _p in report.problems})} damaged"))
+        print(f"{escape(args.repo)}: {len(report.checked)} backups, {report.objects} objects read back "
+              f"({report.bytes_read} bytes): " + ("all good" if report.ok else f"{len(report.bad)} damaged"))
+        for line in report.advice():
+            print(line)
     return 0 if report.ok else 1
 
 

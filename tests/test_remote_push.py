@@ -110,18 +110,37 @@ def test_a_new_backup_pushes_only_itself(pushed_repo: Path, s3_remote: S3Remote,
     assert _listed(s3_remote, s3_remote.url) == _listed(s3_remote, pushed_repo)
 
 
-def test_a_damaged_object_is_found_by_verify(pushed_repo: Path, s3_remote: S3Remote) -> None:
+def test_a_damaged_object_is_found_by_verify(pushed_repo: Path, s3_remote: S3Remote, tmp_path: Path) -> None:
     s3_remote.cli("push", pushed_repo, "off")
     incr = next(k for k in s3_remote.keys() if k.endswith("incremental.qcow2"))
-    body = bytearray(s3_remote.client.get_object(Bucket=s3_remote.bucket,
-                                                 Key=f"{s3_remote.prefix}/{incr}")["Body"].read())
+    good = s3_remote.client.get_object(Bucket=s3_remote.bucket, Key=f"{s3_remote.prefix}/{incr}")["Body"].read()
+    body = bytearray(good)
     body[len(body) // 2] ^= 0xFF  # same size, one byte changed
     s3_remote.client.put_object(Bucket=s3_remote.bucket, Key=f"{s3_remote.prefix}/{incr}", Body=bytes(body))
     proc = s3_remote.cli("verify", s3_remote.url, "vm1", check=False)
     assert proc.returncode == 1
     assert f"{incr} is damaged" in proc.stdout and "1 damaged" in proc.stdout
     report = json.loads(s3_remote.cli("verify", s3_remote.url, "--json", check=False).stdout)
-    assert report["ok"] is False and report["bad"] == 1
+    incr_id = incr.rpartition("/")[2].removesuffix(".qcow2")
+    assert report["ok"] is False and report["bad"] == [incr_id] and len(report["checked"]) == 2
+    # The full it reads through verifies on its own.
+    full = [b for b in report["checked"] if b != incr_id][0]
+    assert s3_remote.cli("verify", s3_remote.url, "vm1", "--backup", full).returncode == 0
+    # Mended, and the full cut short instead: the incremental reads through it.
+    s3_remote.client.put_object(Bucket=s3_remote.bucket, Key=f"{s3_remote.prefix}/{incr}", Body=good)
+    full_key = f"{s3_remote.prefix}/devices/vm1/{full}.qcow2"
+    head = s3_remote.client.get_object(Bucket=s3_remote.bucket, Key=full_key, Range="bytes=0-65535")["Body"].read()
+    s3_remote.client.put_object(Bucket=s3_remote.bucket, Key=full_key, Body=head)
+    report = json.loads(s3_remote.cli("verify", s3_remote.url, "--json", check=False).stdout)
+    assert report["bad"] == sorted([full, incr_id])
+    assert [(p["backup"], p["inherited"]) for p in report["problems"]] == [(full, False), (incr_id, True)]
+    assert "65536 bytes, the catalog records" in report["problems"][0]["problem"]
+    # A restore through it fails in one line naming the object, and leaves no file behind.
+    target = tmp_path / "restored.raw"
+    proc = s3_remote.cli("restore", s3_remote.url, "vm1", "latest", target, check=False)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    assert f"{full}.qcow2 is damaged" in proc.stderr
+    assert not target.exists()
 
 
 def test_prune_then_push_keeps_every_remote_backup_readable(pushed_repo: Path, s3_remote: S3Remote,

@@ -21,7 +21,7 @@ from engine.job import Progress
 from engine.layout import matching_ids
 from engine.remote.fetch import DamagedObject, fetch_chain, lineage_bytes, verify_object
 from engine.remote.remotecatalog import RemoteCatalog
-from engine.remote.store import RemoteStore
+from engine.remote.store import RemoteError, RemoteStore
 from engine.restore import RestoreResult, check_target, restore_to
 
 
@@ -69,18 +69,33 @@ def restore_remote(store: RemoteStore, catalog: RemoteCatalog, device: str, iden
 
 @dataclass
 class RemoteVerifyReport:
-    checked: int = 0  # backups
+    """What verify found, in the shape of a local verify's report (README: Output for scripts)."""
+
+    checked: list[str] = field(default_factory=list)  # backup ids
     objects: int = 0
     bytes_read: int = 0
-    problems: list[tuple[str, str]] = field(default_factory=list)  # (backup, problem)
+    problems: list[tuple[str, str, bool]] = field(default_factory=list)  # (backup, problem, inherited)
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
+    @property
+    def bad(self) -> list[str]:
+        return sorted({b for b, _p, _i in self.problems})
+
+    def advice(self) -> list[str]:
+        if self.ok:
+            return []
+        return ["push again from the repository: a damaged object is not taken as current, and the "
+                "push sends that backup again under a new key (or, if the repository is gone, "
+                "restore what still verifies)"]
+
     def data(self) -> dict[str, object]:
-        return {"ok": self.ok, "checked": self.checked, "bad": len({b for b, _p in self.problems}),
-                "problems": [{"backup": b, "problem": p} for b, p in self.problems], "bytes_read": self.bytes_read}
+        return {"ok": self.ok, "checked": list(self.checked), "bad": self.bad,
+                "problems": [{"backup": b, "problem": p, "offset": None, "harms_reads": True, "inherited": i}
+                             for b, p, i in self.problems],
+                "bytes_read": self.bytes_read, "advice": self.advice()}
 
 
 def verify_remote(store: RemoteStore, catalog: RemoteCatalog, device: str | None = None,
@@ -102,20 +117,34 @@ def verify_remote(store: RemoteStore, catalog: RemoteCatalog, device: str | None
         if on_bytes:
             on_bytes(n)
 
-    for rec in chosen:
-        entry = catalog.entry(rec.id)
+    damaged: dict[str, str] = {}  # every damaged backup met, chosen or below one
+    checked_here: set[str] = set()
+
+    def check(rec_id: str) -> None:
+        if rec_id in checked_here:
+            return
+        checked_here.add(rec_id)
+        entry = catalog.entry(rec_id)
         assert entry is not None
-        report.checked += 1
         for obj in [entry.image] + ([entry.checksums] if entry.checksums else []):
             report.objects += 1
             try:
                 verify_object(store, obj, counted)
             except DamagedObject as e:
-                report.problems.append((rec.id, str(e)))
-            except Exception as e:  # noqa: BLE001 - a missing object is a problem of this backup too
-                from engine.remote.store import RemoteError
-
-                if not isinstance(e, RemoteError) or "no such object" not in str(e):
+                damaged.setdefault(rec_id, str(e))
+            except RemoteError as e:
+                if "no such object" not in str(e):
                     raise
-                report.problems.append((rec.id, str(e)))
+                damaged.setdefault(rec_id, str(e))
+
+    for rec in chosen:
+        report.checked.append(rec.id)
+        for below in reversed(catalog.lineage(rec.id)):  # what it reads through, then itself
+            check(below.record.id)
+        if rec.id in damaged:
+            report.problems.append((rec.id, damaged[rec.id], False))
+        else:
+            broken = next((b.record.id for b in catalog.lineage(rec.id)[1:] if b.record.id in damaged), None)
+            if broken is not None:
+                report.problems.append((rec.id, f"reads through {broken}, which is damaged", True))
     return report
