@@ -135,12 +135,17 @@ def test_a_damaged_object_is_found_by_verify(pushed_repo: Path, s3_remote: S3Rem
     assert report["bad"] == sorted([full, incr_id])
     assert [(p["backup"], p["inherited"]) for p in report["problems"]] == [(full, False), (incr_id, True)]
     assert "65536 bytes, the catalog records" in report["problems"][0]["problem"]
+    assert "delete the damaged objects" in report["advice"][0]
     # A restore through it fails in one line naming the object, and leaves no file behind.
     target = tmp_path / "restored.raw"
     proc = s3_remote.cli("restore", s3_remote.url, "vm1", "latest", target, check=False)
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
     assert f"{full}.qcow2 is damaged" in proc.stderr
     assert not target.exists()
+    # Repaired as the advice says: the damaged object deleted, a push sends it again.
+    s3_remote.client.delete_object(Bucket=s3_remote.bucket, Key=full_key)
+    assert _summary(s3_remote.cli("push", pushed_repo, "off").stdout)["uploaded"] == 1
+    assert s3_remote.cli("verify", s3_remote.url).returncode == 0
 
 
 def test_prune_then_push_keeps_every_remote_backup_readable(pushed_repo: Path, s3_remote: S3Remote,

@@ -87,9 +87,9 @@ class RemoteVerifyReport:
     def advice(self) -> list[str]:
         if self.ok:
             return []
-        return ["push again from the repository: a damaged object is not taken as current, and the "
-                "push sends that backup again under a new key (or, if the repository is gone, "
-                "restore what still verifies)"]
+        return ["delete the damaged objects named above from the bucket, then push again from the "
+                "repository: a backup whose objects are missing is sent again (if the repository is gone, "
+                "restore the backups that verify)"]
 
     def data(self) -> dict[str, object]:
         return {"ok": self.ok, "checked": list(self.checked), "bad": self.bad,
