@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from engine.access import notices
 from engine.catalog import BackupRecord, Catalog, DeviceRecord
 from engine.errors import UsageError
 from engine.job import Progress
@@ -121,7 +122,11 @@ class Push:
             except Exception:
                 pass  # the push's own error is the one to tell; a killed lock times out
             raise
-        lock.release()
+        try:
+            lock.release()
+        except RemoteError as e:  # the push itself is done and durable
+            notices.warning("%s; the lock stays until its lease runs out (or a push from this host "
+                            "takes it over)", e)
         return self.result
 
     def _run_locked(self, lock: RemoteLock) -> None:
