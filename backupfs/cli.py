@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from engine.errors import BackupfsError
 from engine.text import one_line
 
-from backupfs import cli_files, cli_history, cli_image, cli_mount, cli_ops, cli_repo
+from backupfs import cli_files, cli_history, cli_image, cli_mount, cli_ops, cli_remote, cli_repo
 from backupfs.cli_common import Stopped, stop_cleanly_on_signals, tell_notices
 from backupfs.cli_help import describe_positionals
 
@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_image.register(sub)
     cli_files.register(sub)
     cli_history.register(sub)
+    cli_remote.register(sub)
     describe_positionals(parser)
     return parser
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from engine.errors import BackupfsError, UsageError
 from engine.text import escape, one_line
 
+from backupfs.cli_remote import add_endpoint_option, remote_backup_files
 from backupfs.mountinfo import read_mount_record
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-l", dest="long", action="store_true", help="long listing")
     p.add_argument("-R", dest="recursive", action="store_true", help="everything below PATH")
     p.add_argument("--json", action="store_true", help="one JSON document")
+    add_endpoint_option(p)
     p.set_defaults(func=cmd_ls)
 
     p = sub.add_parser("dump", help="write a file inside a backup to stdout (a directory as tar)",
@@ -74,6 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", metavar="DEVICE")
     p.add_argument("backup", metavar="ID", help="a backup id, or 'latest'")
     p.add_argument("path", metavar="PATH", help="a volume and a path in it, e.g. p2/etc/fstab")
+    add_endpoint_option(p)
     p.set_defaults(func=cmd_dump)
 
 
@@ -83,7 +86,8 @@ def note(message: str) -> None:
 
 
 @contextmanager
-def backup_files(repo_path: str, device: str, ident: str) -> Iterator[tuple[GuestDisk, str]]:
+def backup_files(repo_path: str, device: str, ident: str,
+                 endpoint: str | None = None) -> Iterator[tuple[GuestDisk, str]]:
     """The guest's volumes in backup ``ident`` of ``device``, and its id.
 
     Read with the repository opened read-only (locked: a prune cannot merge
@@ -92,6 +96,12 @@ def backup_files(repo_path: str, device: str, ident: str) -> Iterator[tuple[Gues
     """
     from engine.repo import Repository
 
+    if repo_path.startswith("s3://"):  # a remote: its lineage downloaded, checked (backupfs/cli_remote.py)
+        with remote_backup_files(repo_path, endpoint, device, ident) as found:
+            yield found
+        return
+    if endpoint is not None:
+        raise UsageError("--endpoint goes with an s3:// URL")
     path = os.path.abspath(repo_path)
     record = read_mount_record(path)
     if record is not None:
@@ -109,7 +119,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from backupfs.guestwalk import find, split_path
 
     out = sys.stdout
-    with backup_files(args.repo, args.name, args.backup) as (disk, _):
+    with backup_files(args.repo, args.name, args.backup, args.endpoint) as (disk, _):
         volume_name, _below = split_path(args.path)
         if not volume_name:
             from backupfs.guestls import volume_json, volume_line
@@ -196,7 +206,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
     if sys.stdout.isatty():
         raise UsageError("refusing to write a backup's file to a terminal; redirect stdout to a file or a pipe")
-    with backup_files(args.repo, args.name, args.backup) as (disk, _):
+    with backup_files(args.repo, args.name, args.backup, args.endpoint) as (disk, _):
         target = find(disk, args.path)
         entry = target.entry
         if not (entry.is_file or entry.is_dir):
@@ -221,7 +231,7 @@ def cmd_restore_files(args: argparse.Namespace) -> int:
     _refuse_dir_in_repository(args.target, args.repo)
     root_fd = open_target_dir(args.target)  # before the backup is read: a wrong DIR fails at once
     try:
-        with backup_files(args.repo, args.name, args.backup) as (disk, backup_id):
+        with backup_files(args.repo, args.name, args.backup, args.endpoint) as (disk, backup_id):
             targets = _outermost([find(disk, path) for path in args.include])
             volumes = sorted({t.volume.name for t in targets})
             if len(volumes) > 1:

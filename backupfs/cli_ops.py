@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from backupfs.cli_common import Stopped, catalog_for_reading, close_quietly, default_stop_signals, progress_reporter
 from backupfs.mountinfo import MountRecord, mount_holding, read_mount_record, trigger_file
 from backupfs.cli_output import print_json
+from backupfs.cli_remote import add_endpoint_option, restore_from_remote, verify_remote_cmd
 from backupfs.mountstatus import (StatusFields, failure_message, job_lines, progress_text, read_status,
                                   verify_report)
 from engine.errors import BackupfsError, UsageError
@@ -52,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true",
                    help="one JSON object: {ok, checked, bad, problems: [{backup, problem, offset, harms_reads}], "
                         "bytes_read} (README: Output for scripts); the exit status as without it")
+    add_endpoint_option(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("restore", help="write a backup out to a file (sparse), a block device or an RBD image "
@@ -76,6 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --include, as root: keep the guest's setuid/setgid bits and make its device "
                         "nodes (left out by default: a guest's setuid-root program is root for whoever can "
                         "reach the directory); for a directory only root can reach")
+    add_endpoint_option(p)
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("prune", help="remove backups, merging each into the backups that depend on it")
@@ -175,6 +178,10 @@ def _trigger_through_mount(record: MountRecord, name: str, line: str,
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    if args.repo.startswith("s3://"):
+        return verify_remote_cmd(args)
+    if args.endpoint is not None:
+        raise UsageError("--endpoint goes with an s3:// URL")
     from engine.integrity import VerifyReport
     from engine.job import Progress
     from engine.repo import Repository
@@ -243,6 +250,13 @@ def _in_place(target: str) -> str | None:
 def cmd_restore(args: argparse.Namespace) -> int:
     from engine.ceph import is_rbd
 
+    if args.repo.startswith("s3://"):
+        if is_rbd(args.target):
+            raise UsageError("a restore from an s3:// remote writes a file or a block device; restore it into "
+                             "an RBD image from a repository (a local one, or a copy of the remote)")
+        return restore_from_remote(args)
+    if args.endpoint is not None:
+        raise UsageError("--endpoint goes with an s3:// URL")
     if is_rbd(args.target):
         return _restore_rbd(args)
     if args.ceph_conf is not None or args.ceph_id is not None:

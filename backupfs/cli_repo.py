@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from backupfs.cli_common import catalog_for_reading, close_quietly, default_stop_signals, progress_reporter
 from backupfs.cli_output import (BACKUP_HEADER, DEVICE_HEADER, backup_data, backup_row, device_data, device_row,
                                  on_terminal, print_json, print_table)
+from backupfs.cli_remote import add_endpoint_option, catalog_or_remote
 from backupfs.mountinfo import MountRecord, dead_mount, read_mount_record, refuse_dead_mount, trigger_file
 from backupfs.mountstatus import StatusFields, failure_message, progress_text, read_status
 from backupfs.trigger import TriggerCommand
@@ -96,14 +97,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="store zstd-compressed clusters (or not); default: the device's (device set --compress)")
     p.set_defaults(func=cmd_backup)
 
-    p = sub.add_parser("list", help="the backups (first column: the backup id)")
-    p.add_argument("repo", metavar="REPO")
+    p = sub.add_parser("list", help="the backups (first column: the backup id); of a remote too")
+    p.add_argument("repo", metavar="REPO",
+                   help="the repository; or a remote, s3://BUCKET/PREFIX, or a copy of one on disk")
     p.add_argument("name", metavar="NAME", nargs="?")
     p.add_argument("--json", action="store_true",
                    help="a JSON list of {id, device, kind, parent, created (ISO 8601 UTC), created_ns, size, "
                         "cluster_size, granularity, stored_bytes, label, image} (sizes in bytes)")
     p.add_argument("--kind", choices=KINDS,
                    help="only backups of this kind, as they are now (a backup whose full was pruned is a full)")
+    add_endpoint_option(p)
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("status", help="devices, bitmap state, recent jobs")
@@ -371,7 +374,7 @@ def _device_line(d: DeviceRecord) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    with catalog_for_reading(args.repo) as catalog:
+    with catalog_or_remote(args.repo, args.endpoint) as catalog:
         if args.name is not None and catalog.device(args.name) is None:
             raise UsageError(f"no device named {args.name!r}")
         rows = catalog.backups(args.name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -21,8 +22,9 @@ from dataclasses import dataclass
 from engine import durable
 from engine.access import set_new_file_mode
 from engine.ceph import CephError, from_record, is_rbd
-from engine.errors import ErrnoError
+from engine.errors import ErrnoError, UsageError
 from engine.layout import BACKUP_ID_RE, device_rel
+from engine.remote.location import RemoteSpec, validate_endpoint, validate_remote_name
 from engine.sourceid import SourceId
 from engine.validate import NAME_RE
 
@@ -113,6 +115,18 @@ CREATE TABLE IF NOT EXISTS rbd_snapshots (
     backup TEXT,
     created_ns INTEGER NOT NULL,
     PRIMARY KEY (device, name)
+)
+"""
+
+# Off-site copies (engine/remote/): each remote's name, s3:// URL, endpoint
+# and region. Never credentials: those come from the S3 tools' own chain.
+_REMOTES = """
+CREATE TABLE IF NOT EXISTS remotes (
+    name TEXT PRIMARY KEY,
+    url TEXT NOT NULL,
+    endpoint TEXT,
+    region TEXT,
+    created_ns INTEGER NOT NULL
 )
 """
 
@@ -257,6 +271,7 @@ class Catalog:
         cat._upgrade_intents()
         cat._upgrade_verdicts()
         cat._upgrade_rbd_snapshots()
+        cat._upgrade_remotes()
         return cat
 
     @classmethod
@@ -316,6 +331,7 @@ class Catalog:
                 catalog._upgrade_intents()
                 catalog._upgrade_verdicts()
                 catalog._upgrade_rbd_snapshots()
+                catalog._upgrade_remotes()
             except CatalogError as e:
                 if e.errno != errno.ENOSPC:
                     conn.close()
@@ -351,9 +367,60 @@ class Catalog:
         with self.transaction() as c:
             c.execute(_RBD_SNAPSHOTS)
 
+    def _upgrade_remotes(self) -> None:
+        """Add the ``remotes`` table to a catalog made before it: as ``_upgrade_verdicts``."""
+        if self._query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'remotes'"):
+            return
+        with self.transaction() as c:
+            c.execute(_REMOTES)
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+    # -- remotes -------------------------------------------------------------------
+
+    def remotes(self) -> list[RemoteSpec]:
+        """Every remote, by name, each checked as it is loaded; none in a catalog
+        read-only and not yet upgraded."""
+        try:
+            rows = self._query("SELECT name, url, endpoint, region FROM remotes ORDER BY name")
+        except sqlite3.OperationalError as e:
+            if "no such table" in str(e):
+                return []
+            raise
+        out = []
+        for name, url, endpoint, region in rows:
+            try:
+                spec = RemoteSpec(validate_remote_name(name), url, validate_endpoint(endpoint), region)
+                spec.location  # noqa: B018 (the URL parses)
+            except UsageError as e:
+                raise _tampered(self.path, f"remote {name!r}", str(e)) from None
+            out.append(spec)
+        return out
+
+    def add_remote(self, spec: RemoteSpec) -> None:
+        with self.transaction() as c:
+            c.execute(_REMOTES)  # beside a mount whose daemon predates the table
+            if c.execute("SELECT 1 FROM remotes WHERE name = ?", (spec.name,)).fetchone():
+                raise CatalogError(f"a remote named {spec.name} exists already", errno.EEXIST)
+            c.execute("INSERT INTO remotes VALUES (?, ?, ?, ?, ?)",
+                      (spec.name, spec.url, spec.endpoint, spec.region, time.time_ns()))
+            # What this repository's pushes sign a remote with (see origin()).
+            c.execute("INSERT OR IGNORE INTO meta VALUES ('origin', ?)", (secrets.token_hex(16),))
+
+    def origin(self) -> str | None:
+        """This repository's random token, made with its first remote: a remote
+        records the token of the repository that first pushed to it, and a push
+        from another repository is refused (it would delete that one's backups)."""
+        rows = self._query("SELECT value FROM meta WHERE key = 'origin'")
+        return str(rows[0][0]) if rows else None
+
+    def remove_remote(self, name: str) -> bool:
+        """Forget a remote (what it holds stays there); whether there was one."""
+        with self.transaction() as c:
+            c.execute(_REMOTES)
+            return c.execute("DELETE FROM remotes WHERE name = ?", (name,)).rowcount > 0
 
     @contextmanager
     def transaction(self, flush: bool = True) -> Iterator[sqlite3.Connection]:

@@ -57,16 +57,28 @@ from engine.job import (
     cancelled,
 )
 from engine.qcow2.format import validate_compress
+from engine.remote.location import RemoteSpec
 from engine.qcow2.writer import validate_cluster_size
 from engine.text import escape
 from engine.validate import NAME_RE, validate_label
 
 if TYPE_CHECKING:
+    from engine.remote.push import PushResult
     from engine.guest.guestdisk import GuestDisk
     from engine.history.history import History
 
 DEFAULT_CLUSTER_SIZE = 64 * 1024
 DEFAULT_GRANULARITY = 64 * 1024
+
+
+def remote_named(catalog: Catalog, name: str) -> RemoteSpec:
+    """The remote recorded as ``name``, or a clear refusal naming those there are."""
+    remotes = catalog.remotes()
+    for spec in remotes:
+        if spec.name == name:
+            return spec
+    known = ", ".join(r.name for r in remotes) or "none; add one with 'backupfs remote add'"
+    raise UsageError(f"no remote named {name!r} (remotes: {known})")
 
 
 def validate_name(name: str) -> str:
@@ -169,6 +181,15 @@ class Repository:
                 pass
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             raise RepositoryError(f"cannot create a repository in {path}: {reason}", errno.EIO) from None
+
+    @staticmethod
+    def check_exists(path: str) -> None:
+        """Refuse, in the words ``open`` uses, a path that holds no repository
+        (for commands that read beside its owner without opening it)."""
+        if not os.path.exists(os.path.join(os.path.abspath(path), CATALOG)):
+            raise RepositoryError(
+                f"{os.path.abspath(path)} is not a backupfs repository (run 'backupfs init {os.path.abspath(path)}')",
+                errno.ENOENT)
 
     @classmethod
     def open(cls, path: str, *, writable: bool = True) -> Repository:
@@ -392,6 +413,39 @@ class Repository:
             self._lock_fd = -1
         if failed:
             raise failed[0] if len(failed) == 1 else BackupfsError("; ".join(map(str, failed)))
+
+    # -- remotes (engine/remote/) --------------------------------------------------------
+
+    def add_remote(self, spec: RemoteSpec) -> None:
+        """Record an off-site copy's place (never its credentials)."""
+        self._require_room("a remote")
+        self.catalog.add_remote(spec)
+
+    def remove_remote(self, name: str) -> bool:
+        """Forget a remote; what it holds stays in its bucket."""
+        self._require_room("a remote's removal")
+        return self.catalog.remove_remote(name)
+
+    def remotes(self) -> list[RemoteSpec]:
+        return self.catalog.remotes()
+
+    @staticmethod
+    def push(path: str, name: str, devices: list[str] | None = None,
+             on_progress: Callable[[Progress], None] | None = None) -> PushResult:
+        """Send remote ``name`` what it lacks (engine/remote/push.py), reading the
+        repository at ``path`` beside whoever owns it, never taking its lock: a
+        push of terabytes takes hours, and backups (mounted or not) go on
+        meanwhile; engine/remote/localread.py's checks keep what it sends right."""
+        from engine.beside import read_catalog
+        from engine.remote.push import push
+
+        path = os.path.abspath(path)
+        Repository.check_exists(path)
+        catalog = read_catalog(path)
+        try:
+            return push(path, catalog, remote_named(catalog, name), devices, on_progress)
+        finally:
+            catalog.close()
 
     def __enter__(self) -> Repository:
         return self

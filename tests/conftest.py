@@ -17,6 +17,7 @@ import pytest
 
 from engine.repo import Repository
 from tests.cephcluster import CephCluster, CephError, RbdImage
+from tests.s3remote import S3Remote
 from tests.hostile_qcow2 import Img, build
 from tests.mounts import STARTED_MOUNTS
 from tests.users import OtherUser
@@ -145,14 +146,27 @@ def ceph_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephClust
 
     Started once (about 2 s), stopped at the end even when tests failed; with
     xdist each worker has its own. Pools `rbd` (with namespace `ns1`) and
-    `backupfs-b`. A test using it is marked `ceph` and `long` at collection
-    (tests/long_marker.py), so the quick run never starts one.
+    `backupfs-b`, and radosgw's S3 endpoint (for ``s3_remote``). A test using it
+    is marked `ceph` and `long` at collection (tests/long_marker.py), so the
+    quick run never starts one.
     """
-    cluster = CephCluster(tmp_path_factory.mktemp("ceph")).start()
+    cluster = CephCluster(tmp_path_factory.mktemp("ceph"), rgw=True).start()
     try:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def s3_remote(ceph_cluster: CephCluster) -> Iterator[S3Remote]:
+    """A fresh bucket on the session cluster's radosgw, with the credentials and
+    endpoint in ``env`` for the commands a test runs (never in this process's
+    os.environ); the bucket and everything in it is removed after the test."""
+    remote = S3Remote.make(ceph_cluster)
+    try:
+        yield remote
+    finally:
+        remote.remove()
 
 
 @pytest.fixture

@@ -1,0 +1,360 @@
+"""The S3 bucket a remote lives in: bounded time, one-line errors, objects written once.
+
+Every call goes through ``RemoteStore``, which turns what botocore raises
+(no credentials, refused keys, no such bucket, an endpoint that does not
+answer) into a ``RemoteError`` naming the remote: one line, never a
+traceback, never a credential. Time is bounded by the client's connect and
+read timeouts and a small number of retries.
+
+Objects are created, never replaced: a single PUT carries
+``If-None-Match: *`` (a second PUT of the key gets 412). radosgw 16 ignores
+that header on CompleteMultipartUpload (measured: a second complete over an
+existing key succeeds), so a multipart object is guarded by the remote lock
+(engine/remote/lock.py: one writer at a time) and a HEAD just before the
+complete. After each upload a HEAD checks the size and the ETag, which the
+server computes from the bytes it received (the MD5 of a single PUT; of the
+parts' MD5s for a multipart one), against what was sent.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from engine.errors import BackupfsError, ErrnoError
+from engine.remote.location import S3Location
+
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 30.0
+ATTEMPTS = 3  # the first try and two retries
+# Objects above this go in parallel multipart uploads of PART_SIZE parts.
+MULTIPART_THRESHOLD = 16 << 20
+PART_SIZE = 8 << 20
+PARTS_IN_FLIGHT = 8
+
+
+class RemoteError(ErrnoError):
+    """The remote refused or failed at something; the message names it."""
+
+
+class ObjectExists(RemoteError):
+    """A write-once object is there already (412 on If-None-Match: *)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, errno.EEXIST)
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str  # relative to the remote's prefix
+    size: int
+    etag: str  # without quotes
+
+
+def _unquote(etag: str) -> str:
+    return etag.strip('"')
+
+
+class RemoteStore:
+    """One remote's bucket and prefix, through one boto3 client (thread-safe)."""
+
+    def __init__(self, what: str, location: S3Location, endpoint: str | None = None,
+                 region: str | None = None) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.what = what  # "remote offsite (s3://b/p)": how errors name it
+        self.location = location
+        session = boto3.session.Session()
+        self._client = session.client(
+            "s3",
+            endpoint_url=endpoint,  # None: AWS_ENDPOINT_URL (boto3 reads it), then AWS's own
+            region_name=region or session.region_name or "us-east-1",
+            config=Config(connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT,
+                          retries={"total_max_attempts": ATTEMPTS, "mode": "standard"},
+                          max_pool_connections=PARTS_IN_FLIGHT + 4,
+                          request_checksum_calculation="when_required",
+                          response_checksum_validation="when_required"),
+        )
+        self.endpoint = self._client.meta.endpoint_url
+
+    # -- errors ----------------------------------------------------------------------
+
+    def _error(self, e: Exception, doing: str) -> RemoteError:
+        """What went wrong, in one line that names the remote and no secret."""
+        from botocore.exceptions import (ClientError, ConnectTimeoutError, EndpointConnectionError,
+                                         NoCredentialsError, PartialCredentialsError, ReadTimeoutError)
+
+        if isinstance(e, (NoCredentialsError, PartialCredentialsError)):
+            return RemoteError(f"{self.what}: no S3 credentials found (set AWS_ACCESS_KEY_ID and "
+                               "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or ~/.aws/credentials)", errno.EACCES)
+        if isinstance(e, (EndpointConnectionError, ConnectTimeoutError)):
+            return RemoteError(f"{self.what}: cannot reach the endpoint {self.endpoint} ({doing})",
+                               errno.EHOSTUNREACH)
+        if isinstance(e, ReadTimeoutError):
+            return RemoteError(f"{self.what}: the endpoint {self.endpoint} stopped answering ({doing}; "
+                               f"no answer in {READ_TIMEOUT:.0f} s)", errno.ETIMEDOUT)
+        if isinstance(e, ClientError):
+            err = e.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
+                return RemoteError(f"{self.what}: the endpoint refused the S3 credentials ({code})", errno.EACCES)
+            if code in ("AccessDenied", "Forbidden") or status == 403:
+                return RemoteError(f"{self.what}: access denied ({doing})", errno.EACCES)
+            if code == "NoSuchBucket":
+                return RemoteError(f"{self.what}: the bucket {self.location.bucket} does not exist", errno.ENOENT)
+            if code in ("PreconditionFailed", "412") or status == 412:
+                return ObjectExists(f"{self.what}: {doing}: the object exists already (objects are written once)")
+            if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+                return RemoteError(f"{self.what}: {doing}: no such object", errno.ENOENT)
+            return RemoteError(f"{self.what}: {doing}: {code or status} {err.get('Message') or ''}".rstrip())
+        # Anything else botocore or the connection under it raised (a reset, a
+        # protocol error half-way through a body): still one line.
+        return RemoteError(f"{self.what}: {doing}: {type(e).__name__}: {e}")
+
+    def _call(self, doing: str, fn: Callable[..., Any], **kw: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(**kw)
+        except (BotoCoreError, ClientError) as e:
+            raise self._error(e, doing) from None
+
+    # -- reading ---------------------------------------------------------------------
+
+    def check_bucket(self) -> None:
+        """Fail early, in one line, on credentials, bucket or endpoint (a GET, not a HEAD:
+        an error's code, e.g. SignatureDoesNotMatch, comes in a body)."""
+        self._call(f"listing {self.location.url}", self._client.list_objects_v2, Bucket=self.location.bucket,
+                   Prefix=self.location.key(""), MaxKeys=1)
+
+    def listing(self, under: str = "") -> dict[str, ObjectInfo]:
+        """Every object below the prefix (``under`` narrows it), by relative key: one listing."""
+        out: dict[str, ObjectInfo] = {}
+        prefix = self.location.key(under) if under else (self.location.prefix + "/" if self.location.prefix else "")
+        token: str | None = None
+        while True:
+            kw: dict[str, Any] = {"Bucket": self.location.bucket, "Prefix": prefix}
+            if token:
+                kw["ContinuationToken"] = token
+            page = self._call(f"listing {self.location.url}", self._client.list_objects_v2, **kw)
+            for obj in page.get("Contents", []):
+                rel = self.location.rel(obj["Key"])
+                if rel is not None:
+                    out[rel] = ObjectInfo(rel, int(obj["Size"]), _unquote(obj.get("ETag", "")))
+            if not page.get("IsTruncated"):
+                return out
+            token = page.get("NextContinuationToken")
+
+    def head(self, rel: str) -> tuple[ObjectInfo, dict[str, str]] | None:
+        """Size, ETag and user metadata of an object, or None if there is none."""
+        try:
+            r = self._call(f"reading {rel}", self._client.head_object, Bucket=self.location.bucket,
+                           Key=self.location.key(rel))
+        except RemoteError as e:
+            if e.errno == errno.ENOENT and "no such object" in str(e):
+                return None
+            raise
+        return ObjectInfo(rel, int(r["ContentLength"]), _unquote(r.get("ETag", ""))), dict(r.get("Metadata", {}))
+
+    def get(self, rel: str, limit: int = 64 << 20) -> bytes | None:
+        """A small object's bytes (a catalog snapshot, the lock), or None if there is none."""
+        try:
+            r = self._call(f"reading {rel}", self._client.get_object, Bucket=self.location.bucket,
+                           Key=self.location.key(rel))
+        except RemoteError as e:
+            if e.errno == errno.ENOENT and "no such object" in str(e):
+                return None
+            raise
+        if int(r.get("ContentLength", 0)) > limit:
+            r["Body"].close()
+            raise RemoteError(f"{self.what}: {rel} is larger than {limit} bytes; not a backupfs object")
+        try:
+            return bytes(r["Body"].read())
+        except Exception as e:  # a read that times out half-way
+            raise self._error(e, f"reading {rel}") from None
+
+    def get_range(self, rel: str, offset: int, length: int) -> bytes:
+        """``length`` bytes of an object from ``offset`` (a ranged GET)."""
+        r = self._call(f"reading {rel}", self._client.get_object, Bucket=self.location.bucket,
+                       Key=self.location.key(rel), Range=f"bytes={offset}-{offset + length - 1}")
+        try:
+            return bytes(r["Body"].read())
+        except Exception as e:
+            raise self._error(e, f"reading {rel}") from None
+
+    def stream(self, rel: str, sink: Callable[[bytes], None], chunk: int = 4 << 20) -> int:
+        """Read a whole object, in order, into ``sink``; the bytes read."""
+        r = self._call(f"reading {rel}", self._client.get_object, Bucket=self.location.bucket,
+                       Key=self.location.key(rel))
+        body = r["Body"]
+        done = 0
+        try:
+            while True:
+                data = body.read(chunk)
+                if not data:
+                    return done
+                sink(data)
+                done += len(data)
+        except BackupfsError:
+            raise  # the sink's own (a full disk where it writes): it says where
+        except Exception as e:  # botocore's read timeouts and broken connections, mid-body
+            raise self._error(e, f"reading {rel}") from None
+        finally:
+            body.close()
+
+    # -- writing ---------------------------------------------------------------------
+
+    def put_new(self, rel: str, body: bytes) -> ObjectInfo:
+        """Create an object from bytes, never over an existing one; checked after."""
+        self._call(f"writing {rel}", self._client.put_object, Bucket=self.location.bucket,
+                   Key=self.location.key(rel), Body=body, IfNoneMatch="*")
+        return self._check(rel, len(body), hashlib.md5(body).hexdigest())
+
+    def replace_if(self, rel: str, body: bytes, etag: str) -> str:
+        """Replace an object only if it is still the one with ``etag`` (the lock's
+        takeover and renewal: the one object ever rewritten); its new ETag."""
+        r = self._call(f"writing {rel}", self._client.put_object, Bucket=self.location.bucket,
+                       Key=self.location.key(rel), Body=body, IfMatch=etag)
+        return _unquote(r.get("ETag", ""))
+
+    def delete(self, rels: list[str]) -> None:
+        """Delete objects (those the remote no longer needs), a thousand a request."""
+        for start in range(0, len(rels), 1000):
+            batch = rels[start:start + 1000]
+            r = self._call(f"deleting {len(batch)} objects", self._client.delete_objects,
+                           Bucket=self.location.bucket,
+                           Delete={"Objects": [{"Key": self.location.key(k)} for k in batch], "Quiet": True})
+            errors = r.get("Errors") or []
+            if errors:
+                first = errors[0]
+                raise RemoteError(f"{self.what}: cannot delete {first.get('Key')}: {first.get('Code')}")
+
+    def abort_stale_uploads(self) -> int:
+        """Abort multipart uploads left under the prefix by a killed push (the lock is
+        ours, so none is in use); their parts would cost storage for nothing."""
+        prefix = self.location.prefix + "/" if self.location.prefix else ""
+        r = self._call("listing multipart uploads", self._client.list_multipart_uploads,
+                       Bucket=self.location.bucket, Prefix=prefix)
+        count = 0
+        for up in r.get("Uploads", []):
+            self._call("aborting a multipart upload", self._client.abort_multipart_upload,
+                       Bucket=self.location.bucket, Key=up["Key"], UploadId=up["UploadId"])
+            count += 1
+        return count
+
+    def upload_fd(self, rel: str, fd: int, size: int,
+                  on_bytes: Callable[[int], None] | None = None,
+                  on_part: Callable[[], None] | None = None) -> tuple[ObjectInfo, str]:
+        """Create ``rel`` from the first ``size`` bytes of ``fd`` (read once, with pread);
+        parallel multipart above MULTIPART_THRESHOLD. ``on_part`` is called before each
+        part is read (the push renews its lock there). Returns the object as checked
+        and the sha256 of the bytes sent (what the catalog records)."""
+        digest = hashlib.sha256()
+        if size <= MULTIPART_THRESHOLD:
+            body = _pread_all(fd, 0, size)
+            digest.update(body)
+            info = self.put_new(rel, body)
+            if on_bytes:
+                on_bytes(size)
+            return info, digest.hexdigest()
+        return self._multipart(rel, fd, size, digest, on_bytes, on_part), digest.hexdigest()
+
+    def _multipart(self, rel: str, fd: int, size: int, digest: Any,
+                   on_bytes: Callable[[int], None] | None, on_part: Callable[[], None] | None) -> ObjectInfo:
+        bucket, key = self.location.bucket, self.location.key(rel)
+        if self.head(rel) is not None:
+            raise ObjectExists(f"{self.what}: writing {rel}: the object exists already (objects are written once)")
+        up = self._call(f"writing {rel}", self._client.create_multipart_upload, Bucket=bucket, Key=key)
+        upload_id = up["UploadId"]
+        slots = threading.Semaphore(PARTS_IN_FLIGHT)
+        digests: list[bytes] = []
+        futures: list[Future[dict[str, Any]]] = []
+
+        def send(number: int, body: bytes) -> dict[str, Any]:
+            try:
+                digests[number - 1] = hashlib.md5(body).digest()  # here: md5 is the slowest hash
+                r = self._call(f"writing {rel} part {number}", self._client.upload_part, Bucket=bucket, Key=key,
+                               UploadId=upload_id, PartNumber=number, Body=body)
+                if on_bytes:
+                    on_bytes(len(body))
+                return {"ETag": r["ETag"], "PartNumber": number}
+            finally:
+                slots.release()
+
+        try:
+            with ThreadPoolExecutor(PARTS_IN_FLIGHT, thread_name_prefix="push-part") as pool:
+                for number, offset in enumerate(range(0, size, PART_SIZE), start=1):
+                    if on_part:
+                        on_part()
+                    body = _pread_all(fd, offset, min(PART_SIZE, size - offset))
+                    digest.update(body)
+                    digests.append(b"")
+                    slots.acquire()
+                    futures.append(pool.submit(send, number, body))
+                    failed = [f for f in futures if f.done() and f.exception() is not None]
+                    if failed:
+                        break
+                parts = [f.result() for f in futures]
+            if self.head(rel) is not None:
+                raise ObjectExists(f"{self.what}: writing {rel}: the object exists already (objects are written once)")
+            self._call(f"writing {rel}", self._client.complete_multipart_upload, Bucket=bucket, Key=key,
+                       UploadId=upload_id, MultipartUpload={"Parts": parts})
+        except BaseException:
+            try:
+                self._client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+            except Exception:
+                pass  # the next push aborts what is left (abort_stale_uploads)
+            raise
+        etag = hashlib.md5(b"".join(digests)).hexdigest() + f"-{len(digests)}"
+        return self._check(rel, size, etag)
+
+    def _check(self, rel: str, size: int, etag: str) -> ObjectInfo:
+        """The object as the server holds it is what was sent: size and ETag (which the
+        server computed from the bytes it received)."""
+        found = self.head(rel)
+        if found is None:
+            raise RemoteError(f"{self.what}: {rel} is missing right after its upload")
+        info = found[0]
+        if info.size != size:
+            raise RemoteError(f"{self.what}: {rel}: the server holds {info.size} bytes, {size} were sent")
+        if info.etag and info.etag != etag:
+            raise RemoteError(f"{self.what}: {rel}: the server's checksum (ETag {info.etag}) is not that of "
+                              f"the bytes sent ({etag})")
+        return info
+
+
+def _pread_all(fd: int, offset: int, length: int) -> bytes:
+    """Exactly ``length`` bytes at ``offset``; a file that got shorter is an error."""
+    parts: list[bytes] = []
+    done = 0
+    while done < length:
+        chunk = os.pread(fd, min(length - done, 8 << 20), offset + done)
+        if not chunk:
+            raise ErrnoError(f"a file being pushed ended early at byte {offset + done} (expected {offset + length})")
+        parts.append(chunk)
+        done += len(chunk)
+    return b"".join(parts)
+
+
+def local_digests(fd: int, size: int) -> tuple[str, str]:
+    """(sha256, the ETag upload_fd's upload of it gets): to tell whether an object a
+    killed push left behind holds these bytes, without sending them again."""
+    sha = hashlib.sha256()
+    if size <= MULTIPART_THRESHOLD:
+        body = _pread_all(fd, 0, size)
+        sha.update(body)
+        return sha.hexdigest(), hashlib.md5(body).hexdigest()
+    digests = []
+    for offset in range(0, size, PART_SIZE):
+        body = _pread_all(fd, offset, min(PART_SIZE, size - offset))
+        sha.update(body)
+        digests.append(hashlib.md5(body).digest())
+    return sha.hexdigest(), hashlib.md5(b"".join(digests)).hexdigest() + f"-{len(digests)}"
