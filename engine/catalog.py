@@ -826,43 +826,37 @@ class Catalog:
             return cur.rowcount
 
 
-def _add_source_identity(conn: sqlite3.Connection) -> None:
-    """Upgrade step, idempotent, run whenever the catalog is opened for
-    writing: the column that holds each device's source identity (see
-    engine/sourceid.py). NULL (a catalog from before it) is recorded at the
-    device's next open. The schema version stays: an older backupfs still
-    reads the catalog (it names the columns it reads). One that cannot add
-    it now (a failing disk) opens without it: devices read as not yet
-    recorded, and recording one fails as any write to it would."""
+def _add_device_column(conn: sqlite3.Connection, name: str, declaration: str) -> None:
+    """Add column ``name`` to ``devices`` unless it is there: an upgrade step,
+    idempotent, run whenever the catalog is opened for writing. The schema
+    version stays: an older backupfs still reads the catalog (it names the
+    columns it reads). One that cannot add it now (a failing disk) opens
+    without it: the column reads as its default, and a write to it fails as
+    any write to the catalog would."""
     columns = {row[1] for row in conn.execute("PRAGMA table_info(devices)")}
-    if "source_identity" not in columns:
+    if name not in columns:
         try:
-            conn.execute("ALTER TABLE devices ADD COLUMN source_identity TEXT")
+            conn.execute(f"ALTER TABLE devices ADD COLUMN {name} {declaration}")
         except sqlite3.OperationalError:
             pass
+
+
+def _add_source_identity(conn: sqlite3.Connection) -> None:
+    """The column that holds each device's source identity (see
+    engine/sourceid.py). NULL (a catalog from before it) is recorded at the
+    device's next open."""
+    _add_device_column(conn, "source_identity", "TEXT")
 
 
 def _add_device_compress(conn: sqlite3.Connection) -> None:
-    """Upgrade step, idempotent, as ``_add_source_identity``: the column that
-    holds each device's default compression, 'none' for the devices of a
-    catalog from before it (their backups were all uncompressed)."""
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(devices)")}
-    if "compress" not in columns:
-        try:
-            conn.execute("ALTER TABLE devices ADD COLUMN compress TEXT NOT NULL DEFAULT 'none'")
-        except sqlite3.OperationalError:
-            pass
+    """The column that holds each device's default compression, 'none' for the
+    devices of a catalog from before it (their backups were all uncompressed)."""
+    _add_device_column(conn, "compress", "TEXT NOT NULL DEFAULT 'none'")
 
 
 def _add_device_ceph(conn: sqlite3.Connection) -> None:
-    """Upgrade step, idempotent, as ``_add_source_identity``: the column that
-    holds an RBD source's cluster settings (NULL for every other source)."""
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(devices)")}
-    if "ceph" not in columns:
-        try:
-            conn.execute("ALTER TABLE devices ADD COLUMN ceph TEXT")
-        except sqlite3.OperationalError:
-            pass
+    """The column that holds an RBD source's cluster settings (NULL for every other source)."""
+    _add_device_column(conn, "ceph", "TEXT")
 
 
 def _tampered(path: str, row: str, problem: str) -> CatalogError:

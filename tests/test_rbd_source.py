@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -74,12 +74,9 @@ def top_layer_extents(repo_dir: Path, backup_id: str) -> list[dict]:
 
 
 @pytest.fixture
-def image(ceph_cluster: CephCluster) -> Iterator[RbdImage]:
-    img = ceph_cluster.create_image(32 * MiB)
-    try:
-        yield img
-    finally:
-        ceph_cluster.remove_image(img)
+def image(rbd_image: Callable[..., RbdImage]) -> RbdImage:
+    """A 32 MiB image, removed with its snapshots after the test."""
+    return rbd_image(32 * MiB)
 
 
 @pytest.fixture

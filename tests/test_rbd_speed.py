@@ -11,7 +11,7 @@ whole budget of aio), and a backup leaves no image of its snapshot open
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,12 +32,9 @@ UNIT = 64 * KiB
 
 
 @pytest.fixture
-def image(ceph_cluster: CephCluster) -> Iterator[ClusterImage]:
-    img = ceph_cluster.create_image(16 * MiB)
-    try:
-        yield img
-    finally:
-        ceph_cluster.remove_image(img)
+def image(rbd_image: Callable[..., ClusterImage]) -> ClusterImage:
+    """A 16 MiB image, removed with its snapshots after the test."""
+    return rbd_image(16 * MiB)
 
 
 class Counting(RbdSource):

@@ -30,6 +30,7 @@ from tests.cephcluster import CephCluster, CephError, RbdImage, dead_conf
 from tests.commands import backupfs_cmd, cli, sh
 from tests.mounts import Mounted
 from tests.test_rbd_source import assert_backup_is, export, opened, snapshots
+from tests.test_rbd_source import backup as take
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -40,15 +41,6 @@ def make_repo(tmp_path: Path, cluster: CephCluster, image: RbdImage, *opts: str,
     cli("init", repo_dir)
     cli("device", "add", repo_dir, "vm", image.source, "--ceph-conf", cluster.conf, *opts)
     return repo_dir
-
-
-def take(repo_dir: Path, kind: str, *extra: str) -> str:
-    """A backup with the CLI; the id of the device's newest backup after it."""
-    cli("backup", repo_dir, "vm", kind, *extra)
-    with Repository.open(str(repo_dir)) as repo:
-        latest = repo.latest_backup("vm")
-        assert latest is not None
-        return latest.id
 
 
 # -- snapshots backupfs did not make ---------------------------------------------------------------
