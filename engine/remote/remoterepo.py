@@ -1,0 +1,95 @@
+"""A remote, read-only, with the face the mounted tree asks of a Repository.
+
+`backupfs mount s3://BUCKET/PREFIX MOUNT` serves the same tree a local
+mount does for backups (backupfs/tree.py): devices, their backups, the
+newest, and a backup opened for reading. ``RemoteRepository`` answers
+those from the catalog snapshot read at mount time (a later push is seen
+after a remount) and opens a backup as a chain of its lineage's objects,
+each read through the object cache (engine/remote/objcache.py) by ranged
+GETs. Chains are built from the catalog's lineage and object keys, never
+from the backing names inside the images (developer-notes/remote.md).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from engine.catalog import BackupRecord, DeviceRecord
+from engine.chain import ChainView
+from engine.errors import BackupfsError, ErrnoError
+from engine.qcow2.layers import Layer, Qcow2Layer
+from engine.remote.layout import RemoteObject
+from engine.remote.objcache import CachedObject, ObjectCache
+from engine.remote.remotecatalog import RemoteCatalog
+from engine.remote.store import ObjectInfo, RemoteStore
+
+
+class RemoteRepository:
+    """Devices, backups and chains of one remote, as a mount needs them."""
+
+    def __init__(self, store: RemoteStore, catalog: RemoteCatalog, listing: dict[str, ObjectInfo],
+                 cache: ObjectCache) -> None:
+        self.store = store
+        self.catalog = catalog
+        self.cache = cache
+        self.path = cache.directory  # statfs reports the cache's disk
+        self.url = store.location.url
+        self._listing = listing
+
+    # -- what the tree asks ----------------------------------------------------------
+
+    def devices(self) -> list[DeviceRecord]:
+        return self.catalog.devices()
+
+    def device_record(self, name: str) -> DeviceRecord | None:
+        return self.catalog.device(name)
+
+    def backups(self, device: str) -> list[BackupRecord]:
+        return self.catalog.backups(device)
+
+    def backup_record(self, backup_id: str) -> BackupRecord | None:
+        return self.catalog.backup(backup_id)
+
+    def latest_backup(self, device: str) -> BackupRecord | None:
+        rows = self.catalog.backups(device)
+        return rows[-1] if rows else None
+
+    def device(self, name: str) -> object:
+        raise ErrnoError(f"{self.url}: device {name} has no live disk on a remote", errno.ENOENT)
+
+    # -- reading ---------------------------------------------------------------------
+
+    def _cached(self, obj: RemoteObject) -> CachedObject:
+        """The object through the cache, if the remote still holds it as the catalog
+        says (its size in the listing made at mount time; its ETag guards every GET)."""
+        found = self._listing.get(obj.key)
+        if found is None:
+            raise ErrnoError(f"{self.url}: {obj.key} is missing (the catalog names it)", errno.EIO)
+        if found.size != obj.size:
+            raise ErrnoError(f"{self.url}: {obj.key} holds {found.size} bytes, the catalog records {obj.size}",
+                             errno.EIO)
+        return self.cache.open(obj, found.etag)
+
+    def open_backup(self, backup_id: str) -> ChainView:
+        """The backup as one chain of its lineage's objects, tip first, read by ranged GETs."""
+        layers: list[Layer] = []
+        try:
+            for entry in self.catalog.lineage(backup_id):
+                img = entry.image
+                cached = self._cached(img)
+                fd = os.open(cached.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                try:
+                    layer = Qcow2Layer(cached.path, fd, prefetch=cached.ensure)
+                except BackupfsError as e:
+                    raise ErrnoError(f"{self.url}: {img.key}: {e}", e.errno or errno.EIO) from None
+                layer.path = f"{self.url}/{img.key}"  # what errors and the log name
+                layers.append(layer)
+            return ChainView(layers)
+        except BaseException:
+            for layer in layers:
+                layer.close()
+            raise
+
+    def close(self) -> None:
+        self.cache.close()
