@@ -1,0 +1,275 @@
+"""`backupfs mount s3://BUCKET/PREFIX MOUNT`: a remote's backups read by ranged GETs.
+
+Against the real radosgw (the ``s3_remote`` fixture): a small repository
+pushed, its remote mounted, each backup file compared with the local
+mount's; a second read served from the cache (the cache's own record of
+what it fetched, not timing); the cache kept under a tiny cache_size; an
+endpoint that stops answering (a TCP relay of the test's own, stopped)
+gives EIO in bounded time and the mount still unmounts; nothing writable.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from backupfs.mountinfo import wait_for_exit
+from tests.commands import backupfs_cmd, cli, repo_with_a_full
+from tests.mounts import Mounted, _is_mounted
+from tests.s3remote import S3Remote
+
+pytestmark = [pytest.mark.mount, pytest.mark.long]
+
+MiB = 1 << 20
+
+
+class RemoteMount:
+    """`backupfs mount s3://...` for one test; unmounted (and its daemon gone) in cleanup."""
+
+    def __init__(self, s3: S3Remote, mnt: Path, cache: Path, options: str = "", endpoint: str | None = None) -> None:
+        self.s3, self.mnt, self.cache = s3, mnt, cache
+        self.options = f"cache={cache}" + (f",{options}" if options else "")
+        self.endpoint = endpoint
+        self.pid: int | None = None
+
+    def start(self) -> None:
+        self.mnt.mkdir(exist_ok=True)
+        args = ["mount", self.s3.url, str(self.mnt), "-o", self.options]
+        if self.endpoint:
+            args += ["--endpoint", self.endpoint]
+        self.s3.cli(*args, timeout=60)
+        self.pid = json.loads((self.cache / "mount.json").read_text())["pid"]
+
+    def log(self) -> str:
+        try:
+            return (self.cache / "backupfs.log").read_text()
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        proc = subprocess.run(backupfs_cmd() + ["umount", str(self.mnt)], capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        if self.pid is not None:
+            assert wait_for_exit(self.pid, 60), "the remote mount's daemon did not exit"
+            self.pid = None
+
+    def cleanup(self) -> None:
+        if _is_mounted(self.mnt):
+            subprocess.run(backupfs_cmd() + ["umount", str(self.mnt)], capture_output=True, timeout=60)
+        if _is_mounted(self.mnt):
+            subprocess.run(["fusermount3", "-uz", str(self.mnt)], capture_output=True)
+        if self.pid is not None and not wait_for_exit(self.pid, 30):
+            os.kill(self.pid, 9)
+            wait_for_exit(self.pid, 30)
+        self.pid = None
+
+
+def _dirty(disk: Path, offset: int, length: int) -> None:
+    with open(disk, "r+b") as f:
+        f.seek(offset)
+        f.write(os.urandom(length))
+
+
+@pytest.fixture
+def pushed(tmp_path: Path, s3_remote: S3Remote) -> tuple[Path, list[str]]:
+    """A repository with a 24 MiB device, a full and an incremental, pushed; its backup ids."""
+    disk = tmp_path / "disk"
+    data = bytearray(os.urandom(24 * MiB))
+    data[8 * MiB:12 * MiB] = bytes(4 * MiB)  # a hole in the guest: zeros, not stored
+    disk.write_bytes(data)
+    repo = repo_with_a_full(tmp_path / "repo", "vm1", disk)
+    _dirty(disk, 3 * MiB, 512 * 1024)
+    _dirty(disk, 20 * MiB, 64 * 1024)
+    cli("backup", repo, "vm1", "incremental")
+    cli("remote", "add", repo, "off", s3_remote.url)
+    s3_remote.cli("push", repo, "off")
+    ids = [b["id"] for b in json.loads(cli("list", repo, "vm1", "--json").stdout)]
+    assert len(ids) == 2
+    return repo, ids
+
+
+def _read(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_remote_mount_serves_the_local_bytes_then_from_the_cache(pushed: tuple[Path, list[str]],
+                                                                 s3_remote: S3Remote, tmp_path: Path) -> None:
+    repo, ids = pushed
+    local = Mounted(repo, tmp_path / "local")
+    (tmp_path / "local").mkdir()
+    remote = RemoteMount(s3_remote, tmp_path / "remote", tmp_path / "cache")
+    try:
+        local.start()
+        remote.start()
+        assert sorted(os.listdir(remote.mnt)) == ["vm1"]
+        assert sorted(os.listdir(remote.mnt / "vm1")) == ["backups", "chain"]  # no device, snapshot, bitmap
+        assert sorted(os.listdir(remote.mnt / "vm1" / "backups")) == sorted(ids + ["latest"])
+        assert os.readlink(remote.mnt / "vm1" / "backups" / "latest") == ids[-1]
+        assert _read(remote.mnt / "vm1" / "chain") == _read(local.path("vm1", "chain"))
+        for ident in ids:
+            r, l = remote.mnt / "vm1" / "backups" / ident, local.path("vm1", "backups", ident)
+            rs, ls = os.stat(r), os.stat(l)
+            assert (rs.st_size, rs.st_mtime_ns, rs.st_blocks) == (ls.st_size, ls.st_mtime_ns, ls.st_blocks)
+            assert os.listxattr(r) == os.listxattr(l)
+            for name in os.listxattr(l):
+                assert os.getxattr(r, name) == os.getxattr(l, name), name
+            subprocess.run(["cmp", str(r), str(l)], check=True, timeout=120)
+        assert _gets(remote) > 0
+        # A second read, by a new mount of the same cache (no page cache left): every
+        # byte from the cache on disk, no GET.
+        remote.stop()
+        remote.start()
+        for ident in ids:
+            subprocess.run(["cmp", str(remote.mnt / "vm1" / "backups" / ident),
+                            str(local.path("vm1", "backups", ident))], check=True, timeout=120)
+        assert _gets(remote) == 0
+        # Nothing in the tree is writable.
+        target = remote.mnt / "vm1" / "backups" / ids[0]
+        for attempt in (lambda: open(target, "r+b"), lambda: (remote.mnt / "vm1" / "x").write_bytes(b"x"),
+                        lambda: os.mkdir(remote.mnt / "new"), lambda: os.unlink(target),
+                        lambda: os.setxattr(target, "user.x", b"1")):
+            with pytest.raises(OSError) as e:
+                attempt()
+            assert e.value.errno == errno.EROFS
+        remote.stop()
+        local.stop()
+        assert "Traceback" not in remote.log()
+    finally:
+        remote.cleanup()
+        local.cleanup()
+
+
+def _gets(remote: RemoteMount) -> int:
+    """The GETs the daemon made so far, as it reports them in user.backupfs.remote_gets of the root."""
+    return int(os.getxattr(remote.mnt, "user.backupfs.remote_gets"))
+
+
+def test_the_cache_stays_under_cache_size(pushed: tuple[Path, list[str]], s3_remote: S3Remote,
+                                          tmp_path: Path) -> None:
+    repo, ids = pushed
+    local = tmp_path / "local.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(repo / "devices" / "vm1" / f"{ids[-1]}.qcow2"),
+                    str(local)], check=True, timeout=120)
+    cache = tmp_path / "cache"
+    remote = RemoteMount(s3_remote, tmp_path / "remote", cache, options="cache_size=16M")
+    try:
+        remote.start()
+        for _ in range(2):  # the image is larger than the cache: the second pass evicts and fetches again
+            subprocess.run(["cmp", str(remote.mnt / "vm1" / "backups" / ids[-1]), str(local)], check=True,
+                           timeout=120)
+            used = sum(os.stat(p).st_blocks * 512 for p in cache.glob("*.data"))
+            assert used <= 16 * MiB, used
+        stored = sum(os.stat(p).st_size for p in (repo / "devices" / "vm1").glob("*.qcow2"))
+        assert stored > 16 * MiB  # the test means something: the chain does not fit
+        assert _gets(remote) * 4 * MiB >= stored
+        assert oct(os.stat(cache).st_mode & 0o777) == oct(0o700)
+        remote.stop()
+        assert "Traceback" not in remote.log()
+    finally:
+        remote.cleanup()
+
+
+class Relay:
+    """A TCP relay from a local port to the endpoint, that the test can stop: an
+    endpoint that stops answering mid-mount (connections then refused)."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target, timeout=10)
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while True:
+                data = a.recv(1 << 16)
+                if not data:
+                    break
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        if self.stopped.is_set():
+            return
+        self.stopped.set()
+        self.server.shutdown(socket.SHUT_RDWR)  # wakes the accept (a close alone does not)
+        self.server.close()
+        for s in self.conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def relay(s3_remote: S3Remote) -> Iterator[Relay]:
+    from urllib.parse import urlparse
+
+    u = urlparse(s3_remote.cluster.endpoint)
+    r = Relay((u.hostname or "127.0.0.1", u.port or 80))
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+def test_an_endpoint_that_stops_answering_gives_eio_in_bounded_time(pushed: tuple[Path, list[str]],
+                                                                     s3_remote: S3Remote, tmp_path: Path,
+                                                                     relay: Relay) -> None:
+    _, ids = pushed
+    remote = RemoteMount(s3_remote, tmp_path / "remote", tmp_path / "cache",
+                         endpoint=f"http://127.0.0.1:{relay.port}")
+    try:
+        remote.start()
+        backup = remote.mnt / "vm1" / "backups" / ids[-1]
+        fd = os.open(backup, os.O_RDONLY)  # its chain opened (headers, tables) through the relay
+        try:
+            relay.stop()
+            started = time.monotonic()
+            with pytest.raises(OSError) as e:
+                os.pread(fd, 64 * 1024, 23 * MiB)  # data the open did not fetch
+            assert e.value.errno == errno.EIO
+        finally:
+            os.close(fd)
+        assert time.monotonic() - started < 60
+        assert os.listdir(remote.mnt / "vm1" / "backups")  # the mount still serves
+        remote.stop()
+        log = remote.log()
+        assert "Traceback" not in log
+        assert f"devices/vm1/{ids[0]}.qcow2" in log and "bytes " in log  # the object and where
+    finally:
+        remote.cleanup()
