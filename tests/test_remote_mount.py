@@ -271,5 +271,44 @@ def test_an_endpoint_that_stops_answering_gives_eio_in_bounded_time(pushed: tupl
         log = remote.log()
         assert "Traceback" not in log
         assert f"devices/vm1/{ids[0]}.qcow2" in log and "bytes " in log  # the object and where
+        # Mounting through the dead endpoint: one line naming it, in bounded time.
+        started = time.monotonic()
+        proc = s3_remote.cli("mount", s3_remote.url, remote.mnt, "-o", f"cache={tmp_path / 'cache'}",
+                             "--endpoint", f"http://127.0.0.1:{relay.port}", check=False, timeout=90)
+        assert proc.returncode != 0 and not _is_mounted(remote.mnt)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert f"cannot reach the endpoint http://127.0.0.1:{relay.port}" in proc.stderr
+        assert time.monotonic() - started < 60
+    finally:
+        remote.cleanup()
+
+
+def test_a_damaged_object_reads_as_eio_not_wrong_bytes(pushed: tuple[Path, list[str]], s3_remote: S3Remote,
+                                                        tmp_path: Path) -> None:
+    """A block of the full rewritten at the server with other bytes of the same size
+    (bit rot, or a hand's edit before the mount): the remote's checksum files catch it."""
+    repo, ids = pushed
+    key = f"{s3_remote.prefix}/devices/vm1/{ids[0]}.qcow2"
+    body = bytearray(s3_remote.client.get_object(Bucket=s3_remote.bucket, Key=key)["Body"].read())
+    local = (repo / "devices" / "vm1" / f"{ids[0]}.qcow2").read_bytes()
+    assert bytes(body) == local
+    damaged_at = len(body) - 2 * MiB  # data, not the header or tables at the start
+    body[damaged_at:damaged_at + 4096] = bytes(b ^ 0xFF for b in body[damaged_at:damaged_at + 4096])
+    s3_remote.client.put_object(Bucket=s3_remote.bucket, Key=key, Body=bytes(body))
+    raw = tmp_path / "latest.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(repo / "devices" / "vm1" / f"{ids[-1]}.qcow2"),
+                    str(raw)], check=True, timeout=120)
+    remote = RemoteMount(s3_remote, tmp_path / "remote", tmp_path / "cache")
+    try:
+        remote.start()
+        backup = remote.mnt / "vm1" / "backups" / ids[-1]
+        with pytest.raises(OSError) as e:
+            _read(backup)
+        assert e.value.errno == errno.EIO
+        assert "checksum" in os.getxattr(backup, "user.backupfs.read_error").decode()
+        # What is not damaged still reads right.
+        with open(backup, "rb") as f, open(raw, "rb") as r:
+            assert f.read(MiB) == r.read(MiB)
+        remote.stop()
     finally:
         remote.cleanup()

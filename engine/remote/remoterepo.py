@@ -13,17 +13,24 @@ from the backing names inside the images (developer-notes/remote.md).
 from __future__ import annotations
 
 import errno
+import hashlib
+import logging
 import os
 
 from engine.catalog import BackupRecord, DeviceRecord
 from engine.chain import ChainView
+from engine.checksums import ChecksumRecord, overlay
+from engine.fsutil import atomic_write
+from engine.integrity import VerifiedView
 from engine.errors import BackupfsError, ErrnoError
 from engine.qcow2.layers import Layer, Qcow2Layer
+from engine.remote.fetch import check_object
 from engine.remote.layout import RemoteObject
 from engine.remote.objcache import CachedObject, ObjectCache
 from engine.remote.remotecatalog import RemoteCatalog
 from engine.remote.store import ObjectInfo, RemoteStore
 
+log = logging.getLogger("backupfs.remote")
 
 class RemoteRepository:
     """Devices, backups and chains of one remote, as a mount needs them."""
@@ -71,7 +78,7 @@ class RemoteRepository:
                              errno.EIO)
         return self.cache.open(obj, found.etag)
 
-    def open_backup(self, backup_id: str) -> ChainView:
+    def open_backup(self, backup_id: str) -> ChainView | VerifiedView:
         """The backup as one chain of its lineage's objects, tip first, read by ranged GETs."""
         layers: list[Layer] = []
         try:
@@ -85,11 +92,45 @@ class RemoteRepository:
                     raise ErrnoError(f"{self.url}: {img.key}: {e}", e.errno or errno.EIO) from None
                 layer.path = f"{self.url}/{img.key}"  # what errors and the log name
                 layers.append(layer)
-            return ChainView(layers)
+            view = ChainView(layers)
         except BaseException:
             for layer in layers:
                 layer.close()
             raise
+        try:
+            return self._verified(view, backup_id)
+        except BaseException:
+            view.close()
+            raise
+
+    def _verified(self, view: ChainView, backup_id: str) -> ChainView | VerifiedView:
+        """The view checked against its lineage's checksum files, as a local mount's
+        reads are (a block damaged at the server, or on the cache's disk, is EIO, not
+        wrong bytes); unchecked, and logged, when a backup of the lineage has none."""
+        rec = self.catalog.backup(backup_id)
+        assert rec is not None
+        records = []
+        for entry in reversed(self.catalog.lineage(backup_id)):
+            if entry.checksums is None:
+                log.info("%s: backup %s has no checksum file: reads of %s are not checked", self.url,
+                         entry.record.id, backup_id)
+                return view
+            records.append(ChecksumRecord.load(self._sums_file(entry.checksums)))
+        hashes, defined = overlay(records)
+        return VerifiedView(view, rec.id, rec.granularity, hashes, defined)
+
+    def _sums_file(self, obj: RemoteObject) -> str:
+        """A checksum object, downloaded whole (checked against the catalog's sha256)
+        into the cache directory once; it never changes."""
+        path = os.path.join(self.cache.directory, f"{obj.sha256}-{obj.size}.sums")
+        if os.path.exists(path):
+            return path
+        data = self.store.get(obj.key, limit=max(obj.size, 1))
+        if data is None:
+            raise ErrnoError(f"{self.url}: {obj.key} is missing (the catalog names it)", errno.EIO)
+        check_object(self.store.what, obj, len(data), hashlib.sha256(data).hexdigest())
+        atomic_write(path, data)
+        return path
 
     def close(self) -> None:
         self.cache.close()
