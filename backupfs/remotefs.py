@@ -27,6 +27,7 @@ import pyfuse3
 import trio
 
 from backupfs.fs import Handle, handler
+from backupfs.mountinfo import find_mount, raise_read_ahead
 from backupfs.tree import BACKUP, BACKUPS, CHAIN, LATEST, ROOT, Attributes, Node, Tree
 from backupfs.views import ViewCache
 from engine.errors import BackupfsError
@@ -47,9 +48,12 @@ class RemoteOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, repo: RemoteRepository) -> None:
+    def __init__(self, repo: RemoteRepository, mountpoint: str) -> None:
         super().__init__()
         self.repo = repo
+        self.mountpoint = mountpoint
+        self.relay: Any = None  # backupfs/relay.py, once mounted (None: reads in workers)
+        self._read_ahead_raised = False
         self.tree = Tree(repo, _no_status, time.time_ns())  # type: ignore[arg-type]
         self.tree.devdir_entries = [("chain", CHAIN), ("backups", BACKUPS)]
         self.inodes = self.tree.inodes
@@ -90,6 +94,49 @@ class RemoteOperations(pyfuse3.Operations):
 
     def close_views(self) -> None:
         self.views.close_all()
+
+    # -- the relay: backup reads in its threads -------------------------------------
+
+    def relay_read(self, fh: int, off: int, size: int, into: memoryview) -> int | None:
+        """A backup's read in a relay thread (backupfs/relay.py), as BackupOperations'
+        relay_read: the chain read (and the GETs it waits for) blocks this thread, with
+        no hop to a worker and back through the event loop. The bytes read, or -EIO."""
+        handle = self._handles.get(fh)
+        view = handle.view if handle is not None else None
+        if handle is None or view is None:
+            return None
+        try:
+            wanted = max(0, min(size, view.size - off))
+            target = into[:wanted]
+            data = view.read(off, wanted, into=target)
+            n = len(data)
+            if data is not target and n:
+                into[:n] = data
+            return n
+        except (BackupfsError, OSError) as e:
+            self._read_failed(handle, off, size, e)
+            return -errno.EIO
+        except Exception:
+            log.exception("read failed")
+            return -errno.EIO
+
+    def _read_failed(self, handle: Handle, off: int, size: int, e: BaseException) -> None:
+        log.warning("read of backup %s at %d (%d bytes): %s", handle.node.backup, off, size, e)
+        self.tree.read_errors[handle.node.backup or ""] = str(e)
+
+    def stop_relay(self) -> None:
+        relay, self.relay = self.relay, None
+        if relay is not None:
+            relay.stop()
+
+    def _raise_read_ahead(self) -> None:
+        """1 MiB requests instead of 128 KiB (backupfs/fs.py says why it waits for an open)."""
+        if self._read_ahead_raised:
+            return
+        self._read_ahead_raised = True
+        found = find_mount(self.mountpoint)
+        if found is not None:
+            raise_read_ahead(found[1])
 
     # -- names and attributes ------------------------------------------------------------
 
@@ -195,7 +242,11 @@ class RemoteOperations(pyfuse3.Operations):
             except BackupfsError as e:
                 self.tree.read_errors[rec.id] = str(e)
                 raise
-            fi = pyfuse3.FileInfo(fh=self._new_handle(handle))
+            fh = self._new_handle(handle)
+            if self.relay is not None:  # its reads in the relay's threads (relay_read)
+                await trio.to_thread.run_sync(self.relay.register, fh, None, limiter=self._io)
+            self._raise_read_ahead()
+            fi = pyfuse3.FileInfo(fh=fh)
             fi.keep_cache = True  # a backup never changes
             return fi
         if node.kind == LATEST:
@@ -215,13 +266,16 @@ class RemoteOperations(pyfuse3.Operations):
         try:
             return await trio.to_thread.run_sync(handle.view.read, off, size, limiter=self._io)
         except (BackupfsError, OSError) as e:
-            log.warning("read of backup %s at %d (%d bytes): %s", handle.node.backup, off, size, e)
-            self.tree.read_errors[handle.node.backup or ""] = str(e)
+            self._read_failed(handle, off, size, e)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     @handler
     async def release(self, fh: int) -> None:
-        handle = self._handles.pop(fh, None)
+        handle = self._handles.get(fh)
+        if handle is not None and handle.view is not None and self.relay is not None:
+            # Waits for this handle's requests in C (the kernel sends none after release).
+            await trio.to_thread.run_sync(self.relay.unregister, fh, limiter=self._io)
+        self._handles.pop(fh, None)
         if handle is not None and handle.view is not None and handle.node.backup:
             self.views.release(handle.node.backup)
 

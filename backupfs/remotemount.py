@@ -19,7 +19,8 @@ import signal
 import pyfuse3
 import trio
 
-from backupfs.mount import ALWAYS_OPTIONS, allow_other_refused
+from backupfs.mount import ALWAYS_OPTIONS, _on_relay_end, allow_other_refused
+from backupfs.relay import start_relay
 from backupfs.mountinfo import MOUNT_RECORD, check_mountpoint
 from backupfs.remotefs import RemoteOperations
 from collections.abc import Callable
@@ -97,7 +98,7 @@ def serve_remote(url: str, endpoint: str | None, mountpoint: str, options: list[
         if refused:
             ready(refused)
             return
-        ops = RemoteOperations(repo)
+        ops = RemoteOperations(repo, mp)
         fuse_options = (set(pyfuse3.default_options) | set(fuse) | set(ALWAYS_OPTIONS)
                         | {"ro", f"fsname={_fsname(location.url)}", "subtype=backupfs"})
         log.info("backups are read by the %s read loop, through the cache %s (%s at most)", read_path(),
@@ -112,9 +113,13 @@ def serve_remote(url: str, endpoint: str | None, mountpoint: str, options: list[
         cleanup.callback(_remove, record)
         cleanup.callback(ops.close_views)
         cleanup.callback(pyfuse3.close, unmount=True)
+        # Before pyfuse3.close (callbacks run last first), as a local mount's.
+        ops.relay = start_relay(ops.relay_read)
+        if ops.relay is not None:
+            cleanup.callback(ops.stop_relay)
         atomic_write(record, json.dumps({"pid": os.getpid(), "mountpoint": mp, "repo": location.url,
                                          "options": options}).encode())
-        trio.run(_main, location.url, ready, cache)
+        trio.run(_main, location.url, ready, cache, ops)
 
 
 def _remove(path: str) -> None:
@@ -132,9 +137,12 @@ def _fsname(url: str) -> str:
     return fsname_option(url)
 
 
-async def _main(url: str, ready: Callable[[str | None], None], cache: ObjectCache) -> None:
+async def _main(url: str, ready: Callable[[str | None], None], cache: ObjectCache,
+                ops: RemoteOperations) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_on_signals)
+        if ops.relay is not None:
+            nursery.start_soon(_on_relay_end, ops.relay)
         ready(None)
         log.info("serving %s (its catalog as read now: a later push is seen after a remount)", url)
         await pyfuse3.main()

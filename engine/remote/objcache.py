@@ -22,7 +22,7 @@ used unpinned blocks are punched out (and their bits cleared first, so a
 crash never leaves a bit over a hole). A block is pinned from ``ensure``
 until its reader's ``release``: a block about to be read is never evicted.
 The record of present blocks is saved (atomically, after an fdatasync of
-the data) at close and when many blocks changed; a crash loses at most
+the data) at close and every 30 s while blocks change; a crash loses at most
 some present bits, which only means fetching those blocks again.
 """
 
@@ -33,6 +33,7 @@ import fcntl
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,11 +47,15 @@ from engine.remote.store import RemoteError, RemoteStore
 log = logging.getLogger("backupfs.remote")
 
 BLOCK = 1 << 20  # the unit fetched, cached and evicted
-GET_BYTES = 4 << 20  # one ranged GET fetches up to this many contiguous missing blocks
-FETCHERS = 6  # GETs in flight
-AHEAD_BLOCKS = 16  # how far a sequential reader is fetched ahead (at most a quarter of the cache)
+GET_BYTES = 8 << 20  # one ranged GET fetches up to this many contiguous missing blocks
+FETCHERS = 8  # GETs in flight
+AHEAD_BLOCKS = 64  # how far a sequential reader is fetched ahead (at most a quarter of the cache)
+SEQUENTIAL_SLACK = 8 * BLOCK  # a read this near the last one's end is sequential
 MIN_CACHE = 16 << 20
-SAVE_EVERY = 256  # blocks changed between saves of an object's record
+# Seconds between saves of an object's record while blocks change: a save
+# fdatasyncs the object's file first, and every 256 blocks that cost a
+# sequential reader a third of its speed (measured: 245 -> ~300+ MiB/s).
+SAVE_SECONDS = 30.0
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
@@ -217,6 +222,7 @@ class CachedObject:
         self._inflight: dict[int, Future[None]] = {}
         self._mutex = threading.Lock()
         self._changed = 0
+        self._saved = time.monotonic()
         self._seq_end = -(2 * BLOCK)  # no read yet: the first is not sequential
         self._ahead_to = 0
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -261,10 +267,11 @@ class CachedObject:
         bits = bytes(0x31 if p else 0x30 for p in self.present)
         atomic_write(self._record, self.etag.encode() + b"\n" + bits)
         self._changed = 0
+        self._saved = time.monotonic()
 
     def _note_change(self) -> None:
         self._changed += 1
-        if self._changed >= SAVE_EVERY:
+        if time.monotonic() - self._saved >= SAVE_SECONDS:
             try:
                 self.save()
             except OSError as e:
@@ -294,6 +301,8 @@ class CachedObject:
             missing = [b for b in blocks if not self.present[b]]
             if missing and nowait:
                 raise WouldBlock()
+            if ahead:  # first: a sequential reader's missing blocks go in its large GETs
+                self._read_ahead(offset, end)
             if missing:
                 self._fetch(missing)
             else:
@@ -302,8 +311,6 @@ class CachedObject:
             with cache._mutex:
                 for b in blocks:
                     cache._touch(self.name, b)
-            if ahead:
-                self._read_ahead(offset, end)
         except BaseException:
             cache.unpin(self.name, blocks)
             raise
@@ -370,15 +377,21 @@ class CachedObject:
                     self._inflight.pop(b, None)
 
     def _read_ahead(self, offset: int, end: int) -> None:
-        """A read that follows the last one: fetch the blocks after it in the background."""
-        sequential = offset > 0 and abs(offset - self._seq_end) <= BLOCK
-        self._seq_end = end
+        """A read that follows the last one: fetch its blocks and those after it in large
+        GETs in the background (its own missing ones are then waited for, not fetched
+        again one by one)."""
+        # Near where the last one ended: the kernel's read-ahead sends a sequential
+        # reader's requests several at a time, served by several threads, not in order.
+        sequential = offset > 0 and abs(offset - self._seq_end) <= SEQUENTIAL_SLACK
+        self._seq_end = max(end, self._seq_end) if sequential else end
         if not sequential:
             return
         ahead = min(AHEAD_BLOCKS, max(1, self.cache.limit // BLOCK // 4))
-        first = max((end + BLOCK - 1) // BLOCK, self._ahead_to)
+        if self._ahead_to - end // BLOCK > ahead // 2:
+            return  # far enough ahead still: refill in batches of at least half the window
+        first = max(offset // BLOCK, self._ahead_to)
         stop = min(end // BLOCK + 1 + ahead, self.blocks)
-        if first >= stop or first - end // BLOCK > ahead // 2 and self._ahead_to > first:
+        if first >= stop:
             return
         self._ahead_to = stop
         with self._mutex:
