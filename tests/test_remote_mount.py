@@ -162,6 +162,9 @@ def test_the_cache_stays_under_cache_size(pushed: tuple[Path, list[str]], s3_rem
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(repo / "devices" / "vm1" / f"{ids[-1]}.qcow2"),
                     str(local)], check=True, timeout=120)
     cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    stale = cache / ("0" * 40 + ".data")  # an object an earlier mount cached, gone from the remote since
+    stale.write_bytes(os.urandom(8 * MiB))
     remote = RemoteMount(s3_remote, tmp_path / "remote", cache, options="cache_size=16M")
     try:
         remote.start()
@@ -170,6 +173,7 @@ def test_the_cache_stays_under_cache_size(pushed: tuple[Path, list[str]], s3_rem
                            timeout=120)
             used = sum(os.stat(p).st_blocks * 512 for p in cache.glob("*.data"))
             assert used <= 16 * MiB, used
+        assert not stale.exists()  # counted against the limit, and evicted first
         stored = sum(os.stat(p).st_size for p in (repo / "devices" / "vm1").glob("*.qcow2"))
         assert stored > 16 * MiB  # the test means something: the chain does not fit
         assert _gets(remote) * 4 * MiB >= stored

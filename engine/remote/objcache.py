@@ -12,8 +12,8 @@ local image (engine/qcow2/layers.py ``Layer.prefetch``).
 
 Objects are written once (developer-notes/remote.md), so a cached block
 never goes stale; what could mix bytes is a remote rewritten by hand. So
-each object's file is named by the catalog's sha256 and size, the ETag the
-server gave at open is kept beside its blocks (another ETag: the blocks
+each object's file is named by its key, size and the catalog's sha256, the
+ETag the server gave at open is kept beside its blocks (another ETag: the blocks
 are dropped), and every GET carries ``If-Match`` on that ETag (a rewrite
 during the mount is a failed read, never a mixed one).
 
@@ -28,7 +28,9 @@ some present bits, which only means fetching those blocks again.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
 import fcntl
 import logging
 import os
@@ -109,11 +111,28 @@ class ObjectCache:
         self.reserved = 0  # bytes of GETs under way, counted against the limit before they land
         self._pool = ThreadPoolExecutor(fetchers, thread_name_prefix="s3-get")
         self.stats = {"gets": 0, "bytes": 0, "hits": 0}
+        # Objects cached by earlier mounts and not opened by this one (maybe
+        # gone from the remote since): counted against the limit, and the
+        # first evicted, whole, oldest first.
+        self._dormant: OrderedDict[str, int] = OrderedDict()
+        self._find_dormant()
+
+    def _find_dormant(self) -> None:
+        found = []
+        for entry in os.scandir(self.directory):
+            if not entry.name.endswith(".data") or not entry.is_file(follow_symlinks=False):
+                continue
+            st = entry.stat(follow_symlinks=False)
+            found.append((st.st_mtime_ns, entry.name[:-len(".data")], st.st_blocks * 512))
+        for _, name, used in sorted(found):
+            self._dormant[name] = used
+            self.used += used
 
     def open(self, obj: RemoteObject, etag: str) -> CachedObject:
         """The cached object for ``obj`` whose server ETag (seen at open) is ``etag``."""
-        name = f"{obj.sha256}-{obj.size}"
+        name = hashlib.sha256(f"{obj.key}\n{obj.size}\n{obj.sha256}".encode()).hexdigest()[:40]
         with self._mutex:
+            self.used -= self._dormant.pop(name, 0)  # counted again by its blocks, below
             found = self._objects.get(name)
             if found is not None and found.etag == etag:
                 found.users += 1
@@ -153,6 +172,13 @@ class ObjectCache:
         victims: list[tuple[CachedObject, int]] = []
         with self._mutex:
             while self.used + self.reserved + room > self.limit:
+                if self._dormant:
+                    name, size = self._dormant.popitem(last=False)
+                    self.used -= size
+                    for suffix in (".blocks", ".data"):  # the record first: never a record over no data
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(os.path.join(self.directory, name + suffix))
+                    continue
                 key = next((k for k in self._lru if k not in self._pins), None)
                 if key is None:
                     raise ErrnoError(f"{self.directory}: the cache ({self.limit} bytes) is full of blocks being "
