@@ -194,6 +194,7 @@ class Relay:
         self.port = self.server.getsockname()[1]
         self.conns: list[socket.socket] = []
         self.stopped = threading.Event()
+        self.frozen = threading.Event()  # connections taken and requests read, nothing answered
         self.thread = threading.Thread(target=self._accept, daemon=True)
         self.thread.start()
 
@@ -203,17 +204,22 @@ class Relay:
                 client, _ = self.server.accept()
             except OSError:
                 return
+            if self.frozen.is_set():  # taken, never answered
+                self.conns.append(client)
+                continue
             upstream = socket.create_connection(self.target, timeout=10)
             self.conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(a: socket.socket, b: socket.socket) -> None:
+    def _pipe(self, a: socket.socket, b: socket.socket) -> None:
         try:
             while True:
                 data = a.recv(1 << 16)
                 if not data:
+                    break
+                if self.frozen.is_set():
+                    self.stopped.wait()  # an endpoint that stopped answering, connection open
                     break
                 b.sendall(data)
         except OSError:
@@ -315,4 +321,34 @@ def test_a_damaged_object_reads_as_eio_not_wrong_bytes(pushed: tuple[Path, list[
             assert f.read(MiB) == r.read(MiB)
         remote.stop()
     finally:
+        remote.cleanup()
+
+
+def test_an_endpoint_that_hangs_gives_eio_after_the_read_timeout(pushed: tuple[Path, list[str]],
+                                                                 s3_remote: S3Remote, tmp_path: Path,
+                                                                 relay: Relay) -> None:
+    """Connections taken, requests never answered (a frozen radosgw): the read waits
+    the mount's read timeout and its retry (backupfs/remotemount.py), then EIO; the
+    mount still lists and unmounts."""
+    _, ids = pushed
+    remote = RemoteMount(s3_remote, tmp_path / "remote", tmp_path / "cache",
+                         endpoint=f"http://127.0.0.1:{relay.port}")
+    try:
+        remote.start()
+        fd = os.open(remote.mnt / "vm1" / "backups" / ids[-1], os.O_RDONLY)
+        try:
+            relay.frozen.set()
+            started = time.monotonic()
+            with pytest.raises(OSError) as e:
+                os.pread(fd, 64 * 1024, 23 * MiB)
+            took = time.monotonic() - started
+            assert e.value.errno == errno.EIO
+        finally:
+            os.close(fd)
+        assert 5 < took < 60, took
+        assert os.listdir(remote.mnt / "vm1" / "backups")
+        remote.stop()
+        assert "stopped answering" in remote.log()
+    finally:
+        relay.stop()
         remote.cleanup()
