@@ -28,7 +28,7 @@ from engine.chain import read_path
 from engine.errors import BackupfsError, UsageError
 from engine.fsutil import atomic_write
 from engine.remote.location import parse_s3_url, validate_endpoint
-from engine.remote.objcache import ObjectCache, default_cache_dir
+from engine.remote.objcache import MIN_CACHE, ObjectCache, default_cache_dir
 from engine.remote.remotecatalog import read_store_catalog
 from engine.remote.remoterepo import RemoteRepository
 from engine.remote.store import RemoteStore
@@ -53,6 +53,8 @@ def split_options(options: list[str]) -> tuple[dict[str, str], list[str]]:
         name, eq, value = opt.partition("=")
         if name in REMOTE_OPTIONS and eq and value:
             ours[name] = value
+            if name == "cache_size" and parse_size(value, "cache_size") < MIN_CACHE:
+                raise UsageError(f"cache_size {value} is below the smallest cache ({MIN_CACHE >> 20}M)")
         elif name in FUSE_OPTIONS and not eq:
             fuse.append(name)
         else:

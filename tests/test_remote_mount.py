@@ -352,3 +352,14 @@ def test_an_endpoint_that_hangs_gives_eio_after_the_read_timeout(pushed: tuple[P
     finally:
         relay.stop()
         remote.cleanup()
+
+
+def test_remote_mount_options_are_refused_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "mnt").mkdir()
+    for options, says in (("cache_size=1M", "below the smallest cache"), ("cache_size=lots", "is not a size"),
+                          ("files_owner_only", "not one a remote mount takes")):
+        proc = cli("mount", "s3://bkt/p", tmp_path / "mnt", "-o", options, check=False)
+        err = proc.stderr.decode()
+        assert proc.returncode != 0 and says in err and len(err.strip().splitlines()) == 1, err
+    proc = cli("mount", tmp_path, tmp_path / "mnt", "--endpoint", "http://127.0.0.1:1", check=False)
+    assert "--endpoint goes with an s3:// URL" in proc.stderr.decode()
