@@ -210,6 +210,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
     if found is None:
         raise UsageError(f"{args.mountpoint} is not a backupfs mount")
     repo = found[0]
+    if repo.startswith("s3://"):
+        return _umount_remote(args.mountpoint, mp)
     record = read_mount_record(repo)
     # Its daemon already gone (kill -9; a zombie not yet reaped still has
     # a record): a pidfd is readable at once for a process that has exited.
@@ -236,6 +238,21 @@ def cmd_umount(args: argparse.Namespace) -> int:
             f"unmounted {args.mountpoint}, but the bitmaps of {', '.join(unsaved)} are not saved as "
             f"clean (see {os.path.join(repo, LOG_FILE)}); their next backups will scan"
         )
+    return 0
+
+
+def _umount_remote(given: str, mp: str) -> int:
+    """A remote mount: unmount, then wait for its daemon (it saves its cache's records
+    and lets the cache go, so a mount of the same cache right after finds it free)."""
+    from backupfs.remotemount import remote_daemon
+
+    pid = remote_daemon(mp)
+    proc = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
+    if proc.returncode != 0:
+        reason = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "fusermount3 failed"
+        raise BackupfsError(f"cannot unmount {given}: {reason}")
+    if pid is not None and not wait_for_exit(pid, UMOUNT_TIMEOUT):
+        raise BackupfsError(f"unmounted {given}, but daemon pid {pid} has not exited after {UMOUNT_TIMEOUT:.0f} s")
     return 0
 
 

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import tempfile
 
 import pyfuse3
 import trio
@@ -69,6 +70,25 @@ def cache_dir_for(url: str, endpoint: str | None) -> str:
     return os.path.join(default_cache_dir(), f"remote-{tag}")
 
 
+def runtime_record(mountpoint: str) -> str:
+    """Where `umount` finds a remote mount's daemon (the remote has no directory of
+    ours to hold it): a file per mount point in the user's runtime directory."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or ("/run" if os.geteuid() == 0 else tempfile.gettempdir())
+    directory = os.path.join(base, f"backupfs-{os.geteuid()}")
+    tag = hashlib.sha256(os.fsencode(os.path.normpath(mountpoint))).hexdigest()[:32]
+    return os.path.join(directory, f"remote-mount-{tag}.json")
+
+
+def remote_daemon(mountpoint: str) -> int | None:
+    """The pid of the daemon serving a remote mount at ``mountpoint``, if recorded."""
+    try:
+        with open(runtime_record(mountpoint)) as f:
+            data = json.load(f)
+        return int(data["pid"]) if data.get("mountpoint") == os.path.normpath(mountpoint) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def log_path(url: str, endpoint: str | None, options: list[str]) -> str:
     """Where the daemon logs: beside its cache (the remote has no directory of ours)."""
     ours, _ = split_options(options)
@@ -119,8 +139,15 @@ def serve_remote(url: str, endpoint: str | None, mountpoint: str, options: list[
         ops.relay = start_relay(ops.relay_read)
         if ops.relay is not None:
             cleanup.callback(ops.stop_relay)
-        atomic_write(record, json.dumps({"pid": os.getpid(), "mountpoint": mp, "repo": location.url,
-                                         "options": options}).encode())
+        doc = json.dumps({"pid": os.getpid(), "mountpoint": mp, "repo": location.url, "options": options}).encode()
+        atomic_write(record, doc)
+        runtime = runtime_record(mp)
+        try:
+            os.makedirs(os.path.dirname(runtime), mode=0o700, exist_ok=True)
+            cleanup.callback(_remove, runtime)
+            atomic_write(runtime, doc)
+        except OSError as e:  # umount then returns without waiting for the daemon
+            log.warning("cannot record the mount in %s: %s", runtime, e.strerror)
         trio.run(_main, location.url, ready, cache, ops)
 
 
