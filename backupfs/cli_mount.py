@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import TextIO
 
 from backupfs.cli_common import default_stop_signals, tell_notices
@@ -28,7 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr")
     p.add_argument("-o", dest="options", metavar="OPTIONS",
-                   help="mount options, e.g. allow_other, allow_group=GROUP, gid=GROUP,umask=027, files_owner_only")
+                   help="mount options, e.g. allow_other, allow_group=GROUP, gid=GROUP,umask=027, files_owner_only; "
+                        "of an s3:// remote: cache=DIR, cache_size=10G")
+    p.add_argument("--endpoint", metavar="URL",
+                   help="with an s3:// URL: the S3 endpoint (default: $AWS_ENDPOINT_URL, then AWS's own)")
     p.set_defaults(func=cmd_mount)
 
     p = sub.add_parser("umount", help="unmount; waits until the daemon has saved its bitmaps")
@@ -79,7 +83,6 @@ def _open_log(path: str) -> TextIO:
 
 def cmd_mount(args: argparse.Namespace) -> int:
     from backupfs.mount import serve  # pyfuse3 and trio: only the daemon needs them
-    from engine.access import notices
 
     if args.repo is None:
         if args.options or args.foreground:
@@ -88,7 +91,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if args.mountpoint is None:
         raise UsageError("mount: give a MOUNTPOINT after the repository (or no arguments, to list the mounts)")
     default_stop_signals()  # the daemon has its own: unmount cleanly
+    from engine.remote.location import is_s3_url
 
+    if is_s3_url(args.repo):
+        return _mount_remote(args)
+    if args.endpoint is not None:
+        raise UsageError("--endpoint goes with an s3:// URL")
     options = parse_options(args.options)
     repo = os.path.abspath(args.repo)
     record = read_mount_record(repo)
@@ -96,11 +104,31 @@ def cmd_mount(args: argparse.Namespace) -> int:
         check_mountpoint(repo, args.mountpoint)  # but what is wrong with the mount point first, as it does
         raise UsageError(f"repository {repo} is in use by pid {record.pid}: it is mounted at {record.mountpoint}; "
                          f"run 'backupfs umount {record.mountpoint}' first to mount it elsewhere")
+    return _start_daemon(args, lambda ready: serve(repo, args.mountpoint, options, ready),
+                         os.path.join(repo, LOG_FILE) if os.path.isdir(repo) else os.devnull)
+
+
+def _mount_remote(args: argparse.Namespace) -> int:
+    """`mount s3://BUCKET/PREFIX MOUNT`: the remote's backups, read-only (backupfs/remotemount.py)."""
+    from backupfs.remotemount import log_path, serve_remote, split_options
+
+    options = [o.strip() for o in (args.options or "").split(",") if o.strip()]
+    split_options(options)  # refused here, in the caller's terminal
+    return _start_daemon(args, lambda ready: serve_remote(args.repo, args.endpoint, args.mountpoint, options, ready),
+                         log_path(args.repo, args.endpoint, options))
+
+
+def _start_daemon(args: argparse.Namespace, serve: Callable[[Callable[[str | None], None]], None],
+                  log_file: str) -> int:
+    """Run ``serve`` in the foreground (-f) or as a detached daemon logging to ``log_file``;
+    return once it says it serves, or fail with what it said."""
+    from engine.access import notices
+
     if args.foreground:
         _logging_to(sys.stderr)
         notices.propagate = False  # on stderr already: once is enough
         errors: list[str] = []
-        serve(repo, args.mountpoint, options, lambda msg: errors.append(msg) if msg else None)
+        serve(lambda msg: errors.append(msg) if msg else None)
         if errors:
             raise BackupfsError(errors[0])
         return 0
@@ -114,7 +142,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             if os.fork() > 0:
                 os._exit(0)
             _detach_stdio()
-            _logging_to(os.path.join(repo, LOG_FILE) if os.path.isdir(repo) else os.devnull)
+            _logging_to(log_file)
             told = [False]
 
             def note(text: str) -> None:
@@ -133,7 +161,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
                 os.close(w)
 
             try:
-                serve(repo, args.mountpoint, options, ready)
+                serve(ready)
             except BaseException as e:  # noqa: BLE001 - the daemon reports, then exits
                 logging.getLogger("backupfs").exception("daemon failed")
                 ready(f"internal error: {type(e).__name__}: {e}")
@@ -182,6 +210,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
     if found is None:
         raise UsageError(f"{args.mountpoint} is not a backupfs mount")
     repo = found[0]
+    if repo.startswith("s3://"):
+        return _umount_remote(args.mountpoint, mp)
     record = read_mount_record(repo)
     # Its daemon already gone (kill -9; a zombie not yet reaped still has
     # a record): a pidfd is readable at once for a process that has exited.
@@ -208,6 +238,21 @@ def cmd_umount(args: argparse.Namespace) -> int:
             f"unmounted {args.mountpoint}, but the bitmaps of {', '.join(unsaved)} are not saved as "
             f"clean (see {os.path.join(repo, LOG_FILE)}); their next backups will scan"
         )
+    return 0
+
+
+def _umount_remote(given: str, mp: str) -> int:
+    """A remote mount: unmount, then wait for its daemon (it saves its cache's records
+    and lets the cache go, so a mount of the same cache right after finds it free)."""
+    from backupfs.remotemount import remote_daemon
+
+    pid = remote_daemon(mp)
+    proc = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
+    if proc.returncode != 0:
+        reason = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "fusermount3 failed"
+        raise BackupfsError(f"cannot unmount {given}: {reason}")
+    if pid is not None and not wait_for_exit(pid, UMOUNT_TIMEOUT):
+        raise BackupfsError(f"unmounted {given}, but daemon pid {pid} has not exited after {UMOUNT_TIMEOUT:.0f} s")
     return 0
 
 

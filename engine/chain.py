@@ -237,6 +237,11 @@ class ChainView:
         self._seq_end = -1  # where the last read that met a compressed cluster ended
         self._ahead_to = 0  # clusters before this offset were handed to the read-ahead
         self._fd_array = array("i", self._fds)  # for the C loop
+        # Layers fetched on demand (a remote mount): their bytes are made
+        # present before a read touches them. Empty for local chains, whose
+        # reads pay one falsy test for it.
+        self._prefetch = [layer.prefetch for layer in layers]
+        self._remote = any(p is not None for p in self._prefetch)
 
     @classmethod
     def open(cls, tip: str, *, confine: Confinement | None = None, tip_format: str | None = None,
@@ -347,6 +352,25 @@ class ChainView:
         )
 
     def _advice_python(self, offset: int, end: int) -> list[tuple[int, int, int]]:
+        runs = self._data_runs_by_depth(offset, end)
+        out = []
+        for depth, mine in runs.items():
+            if self._streaming_mask[depth]:
+                span = max(r[1] for r in mine) - min(r[0] for r in mine)
+                if span >= _STREAMING_SPAN and 2 * sum(r[1] - r[0] for r in mine) >= span:
+                    continue  # mostly in file order: the file's own read-ahead streams it
+            out.extend((depth, a, b - a) for a, b in mine)
+        return out
+
+    def data_runs(self, offset: int, end: int) -> list[tuple[int, int, int]]:
+        """The (layer depth, file offset, length) runs of stored data that reading
+        [offset, end) reads, merged per layer."""
+        end = min(end, self.size)
+        if end <= offset:
+            return []
+        return [(depth, a, b - a) for depth, mine in self._data_runs_by_depth(offset, end).items() for a, b in mine]
+
+    def _data_runs_by_depth(self, offset: int, end: int) -> dict[int, list[list[int]]]:
         starts = self._starts
         last = len(starts) - 1
         i = max(bisect_right(starts, offset) - 1, 0)
@@ -366,14 +390,7 @@ class ChainView:
                     mine.append([host, host + (stop - pos)])
             pos = stop
             i += 1
-        out = []
-        for depth, mine in runs.items():
-            if self._streaming_mask[depth]:
-                span = max(r[1] for r in mine) - min(r[0] for r in mine)
-                if span >= _STREAMING_SPAN and 2 * sum(r[1] - r[0] for r in mine) >= span:
-                    continue  # mostly in file order: the file's own read-ahead streams it
-            out.extend((depth, a, b - a) for a, b in mine)
-        return out
+        return runs
 
     def readinto(self, offset: int, out: memoryview) -> None:
         """Fill all of ``out`` with the disk's bytes from ``offset`` on."""
@@ -384,6 +401,27 @@ class ChainView:
     def _fill(self, offset: int, out: memoryview, zeroed: bool, nowait: bool = False) -> None:
         if not out:
             return
+        if self._remote:
+            self._fill_remote(offset, out, zeroed, nowait)
+            return
+        self._fill_local(offset, out, zeroed, nowait)
+
+    def _fill_remote(self, offset: int, out: memoryview, zeroed: bool, nowait: bool) -> None:
+        """Have each fetched layer make the data runs this read needs present (and
+        keep them until read), then read as from local files. Compressed
+        clusters are fetched by the layer's own reads (``read_compressed``)."""
+        releases = []
+        try:
+            for depth, start, n in self.data_runs(offset, offset + len(out)):
+                fetch = self._prefetch[depth]
+                if fetch is not None:
+                    releases.append(fetch(start, n, nowait))
+            self._fill_local(offset, out, zeroed, nowait)
+        finally:
+            for release in releases:
+                release()
+
+    def _fill_local(self, offset: int, out: memoryview, zeroed: bool, nowait: bool = False) -> None:
         if _fastread is None:
             self._fill_python(offset, out, zeroed, nowait)
             return

@@ -134,6 +134,12 @@ class Layer:
     backing_file: str | None = None
     backing_format: str | None = None
     cluster_size: int = 0
+    # A layer whose bytes are fetched on demand (a remote object through its
+    # cache, engine/remote/objcache.py): called with (offset, length, nowait)
+    # before those bytes of ``fd`` are read (and ahead=False for the layer's
+    # own header and tables); makes them present and returns what to call
+    # once they are read. None for a local file: nothing to do.
+    prefetch: Callable[..., Callable[[], None]] | None = None
 
     def allocation(self) -> list[Extent]:
         """The layer's extents, coalesced, covering its size."""
@@ -222,8 +228,10 @@ class Qcow2Layer(Layer):
 
     format = "qcow2"
 
-    def __init__(self, path: str, fd: int | None = None) -> None:
+    def __init__(self, path: str, fd: int | None = None,
+                 prefetch: Callable[..., Callable[[], None]] | None = None) -> None:
         self.path = path
+        self.prefetch = prefetch
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if fd is None else fd
         try:
             self.file_size = file_size(self.fd)
@@ -253,6 +261,14 @@ class Qcow2Layer(Layer):
 
     def _pread(self, length: int, offset: int, what: str) -> bytes:
         """os.pread, with a failure (a bad sector: EIO) naming the file and what was read."""
+        if self.prefetch is not None:
+            release = self.prefetch(offset, length, False, ahead=False)
+            try:
+                return os.pread(self.fd, length, offset)
+            except OSError as e:
+                raise ImageError(self.path, f"cannot read the {what} at {offset:#x}: {e.strerror}") from None
+            finally:
+                release()
         try:
             return os.pread(self.fd, length, offset)
         except OSError as e:

@@ -65,7 +65,8 @@ class RemoteStore:
     """One remote's bucket and prefix, through one boto3 client (thread-safe)."""
 
     def __init__(self, what: str, location: S3Location, endpoint: str | None = None,
-                 region: str | None = None) -> None:
+                 region: str | None = None, read_timeout: float = READ_TIMEOUT,
+                 attempts: int = ATTEMPTS) -> None:
         import boto3
         from botocore.config import Config
 
@@ -76,13 +77,14 @@ class RemoteStore:
             "s3",
             endpoint_url=endpoint,  # None: AWS_ENDPOINT_URL (boto3 reads it), then AWS's own
             region_name=region or session.region_name or "us-east-1",
-            config=Config(connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT,
-                          retries={"total_max_attempts": ATTEMPTS, "mode": "standard"},
+            config=Config(connect_timeout=CONNECT_TIMEOUT, read_timeout=read_timeout,
+                          retries={"total_max_attempts": attempts, "mode": "standard"},
                           max_pool_connections=PARTS_IN_FLIGHT + 4,
                           request_checksum_calculation="when_required",
                           response_checksum_validation="when_required"),
         )
         self.endpoint = self._client.meta.endpoint_url
+        self.read_timeout = read_timeout
 
     # -- errors ----------------------------------------------------------------------
 
@@ -99,7 +101,7 @@ class RemoteStore:
                                errno.EHOSTUNREACH)
         if isinstance(e, ReadTimeoutError):
             return RemoteError(f"{self.what}: the endpoint {self.endpoint} stopped answering ({doing}; "
-                               f"no answer in {READ_TIMEOUT:.0f} s)", errno.ETIMEDOUT)
+                               f"no answer in {self.read_timeout:.0f} s)", errno.ETIMEDOUT)
         if isinstance(e, ClientError):
             err = e.response.get("Error", {})
             code = str(err.get("Code", ""))
@@ -181,10 +183,13 @@ class RemoteStore:
         except Exception as e:  # a read that times out half-way
             raise self._error(e, f"reading {rel}") from None
 
-    def get_range(self, rel: str, offset: int, length: int) -> bytes:
-        """``length`` bytes of an object from ``offset`` (a ranged GET)."""
+    def get_range(self, rel: str, offset: int, length: int, etag: str | None = None) -> bytes:
+        """``length`` bytes of an object from ``offset`` (a ranged GET); with ``etag``,
+        only from the object with that ETag (a remote mount's reads never mix two
+        versions of an object rewritten by hand)."""
+        kw: dict[str, Any] = {"IfMatch": f'"{etag}"'} if etag else {}
         r = self._call(f"reading {rel}", self._client.get_object, Bucket=self.location.bucket,
-                       Key=self.location.key(rel), Range=f"bytes={offset}-{offset + length - 1}")
+                       Key=self.location.key(rel), Range=f"bytes={offset}-{offset + length - 1}", **kw)
         try:
             return bytes(r["Body"].read())
         except Exception as e:
