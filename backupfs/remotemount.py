@@ -42,6 +42,16 @@ CACHE_SIZE = 10 << 30
 # retry loop (3 attempts of up to READ_TIMEOUT s each, plus connecting).
 READ_TIMEOUT = 10.0
 ATTEMPTS = 2
+
+
+def read_timeout() -> float:
+    """READ_TIMEOUT, or BACKUPFS_S3_READ_TIMEOUT (1-300 s) where a test or an
+    administrator wants a frozen endpoint noticed sooner or later."""
+    try:
+        value = float(os.environ.get("BACKUPFS_S3_READ_TIMEOUT", ""))
+    except ValueError:
+        return READ_TIMEOUT
+    return value if 1 <= value <= 300 else READ_TIMEOUT
 REMOTE_OPTIONS = ("cache", "cache_size")
 FUSE_OPTIONS = {"allow_other", "allow_root", "default_permissions", "noatime", "ro"}
 
@@ -108,7 +118,7 @@ def serve_remote(url: str, endpoint: str | None, mountpoint: str, options: list[
             directory = ours.get("cache") or cache_dir_for(location.url, endpoint)
             mp = check_mountpoint(directory, mountpoint)
             store = RemoteStore(f"remote {location.url}", location, validate_endpoint(endpoint),
-                                read_timeout=READ_TIMEOUT, attempts=ATTEMPTS)
+                                read_timeout=read_timeout(), attempts=ATTEMPTS)
             catalog, listing = read_store_catalog(store)
             cache = ObjectCache(store, directory, limit)
         except BackupfsError as e:
