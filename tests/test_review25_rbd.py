@@ -381,16 +381,19 @@ def test_an_osd_dying_mid_backup_is_one_line_in_bounded_time_and_no_backup(tmp_p
     """A cluster of this test's own: the OSD is killed while a rate-limited full
     copies. The backup must end within a few timeouts with one line naming the
     image, and no backup may appear (the aio read-ahead waits on its pieces)."""
-    cluster = CephCluster(tmp_path / "ceph", memstore_bytes=512 << 20).start()
+    cluster = CephCluster(tmp_path / "ceph", memstore_bytes=768 << 20).start()
     proc = None
     try:
-        image = cluster.create_image(48 * MiB)
+        # Far more than the read-ahead holds (engine/rbdsource.py: 64 MiB in
+        # flight): with less, all of it could arrive before the kill, and the
+        # backup rightly succeed.
+        image = cluster.create_image(192 * MiB)
         with opened(cluster, image) as img:
-            img.write(random.Random(1).randbytes(40 * MiB), 0)
+            img.write(random.Random(1).randbytes(160 * MiB), 0)
         repo_dir = make_repo(tmp_path, cluster, image)
         first = take(repo_dir, "full")
         env = {**os.environ, "BACKUPFS_CEPH_TIMEOUT": "1"}
-        proc = subprocess.Popen(backupfs_cmd() + ["backup", str(repo_dir), "vm", "full", "--rate", "4M"],
+        proc = subprocess.Popen(backupfs_cmd() + ["backup", str(repo_dir), "vm", "full", "--rate", "24M"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         deadline = time.monotonic() + 30
         while len(snapshots(cluster, image)) < 2:  # the second backup's snapshot: it is copying
