@@ -270,7 +270,14 @@ class CachedObject:
             # Not ours (another ETag: a remote rewritten by hand) or unreadable: start empty.
             os.ftruncate(self.fd, 0)
             return
-        self.present = [c == 0x31 for c in bits]
+        present = [c == 0x31 for c in bits]
+        # An eviction punches its hole at once but saves the record later: after a
+        # crash between the two the record says present over a hole (zeros). A
+        # block with no data in the file is not present, whatever the record says.
+        data_blocks = _data_blocks(self.fd, self.blocks)
+        if data_blocks is not None:
+            present = [p and d for p, d in zip(present, data_blocks)]
+        self.present = present
 
     def present_blocks(self) -> list[int]:
         return [i for i, p in enumerate(self.present) if p]
@@ -427,6 +434,31 @@ class CachedObject:
                 f.add_done_callback(_quiet)
                 for b in run:
                     self._inflight[b] = f
+
+
+def _data_blocks(fd: int, blocks: int) -> list[bool] | None:
+    """Which blocks of the file hold any data (SEEK_DATA/SEEK_HOLE); None where the
+    filesystem cannot tell (then it cannot punch holes either: evicted bytes stay)."""
+    out = [False] * blocks
+    pos = 0
+    try:
+        while True:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no data after pos
+                    return out
+                raise
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            for b in range(start // BLOCK, min(-(-end // BLOCK), blocks)):
+                out[b] = True
+            if end <= start:
+                return out
+            pos = end
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return None
+        raise
 
 
 def _runs(blocks: list[int], most: int) -> list[list[int]]:
