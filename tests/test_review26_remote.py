@@ -123,3 +123,21 @@ def test_a_crash_after_an_eviction_never_serves_the_punched_block(tmp_path: Path
             assert f.read(2 * MiB) == data[:2 * MiB]
     finally:
         second.close()
+
+
+def test_an_endpoint_from_the_environment_never_shows_its_password(tmp_path: Path) -> None:
+    """`--endpoint` refuses user:password@, but $AWS_ENDPOINT_URL (what boto3 reads when
+    no --endpoint is given) was taken as it was and printed whole in 'cannot reach the
+    endpoint http://user:hunter2@...'. Quick: port 9 of loopback refuses at once."""
+    from tests.commands import backupfs_cmd
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_ACCESS_KEY_ID="AKIAREVIEW", AWS_SECRET_ACCESS_KEY="not-a-secret-either",
+               AWS_ENDPOINT_URL="http://user:hunter2@127.0.0.1:9", AWS_CONFIG_FILE=os.devnull,
+               AWS_SHARED_CREDENTIALS_FILE=os.devnull, AWS_EC2_METADATA_DISABLED="true")
+    proc = subprocess.run(backupfs_cmd() + ["list", "s3://review-bucket/p"], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert proc.returncode == 1 and "cannot reach the endpoint" in proc.stderr, proc.stderr
+    assert "hunter2" not in proc.stderr + proc.stdout and "not-a-secret" not in proc.stderr, proc.stderr
+    assert "127.0.0.1:9" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
