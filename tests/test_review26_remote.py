@@ -141,3 +141,43 @@ def test_an_endpoint_from_the_environment_never_shows_its_password(tmp_path: Pat
     assert proc.returncode == 1 and "cannot reach the endpoint" in proc.stderr, proc.stderr
     assert "hunter2" not in proc.stderr + proc.stdout and "not-a-secret" not in proc.stderr, proc.stderr
     assert "127.0.0.1:9" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def _env_into(monkeypatch: pytest.MonkeyPatch, s3: S3Remote) -> None:
+    for k, v in s3.env().items():
+        if k.startswith("AWS_"):
+            monkeypatch.setenv(k, v)
+
+
+def test_a_grown_object_is_refused_before_it_fills_the_disk(small_repo: Path, s3_remote: S3Remote,
+                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Someone with write access replaces a pushed image with a far larger object: a
+    remote restore/ls/dump downloaded ALL of it into the temporary directory before
+    comparing its size with the catalog's (a 5 TB object fills /tmp first). What
+    lands on disk must stop at the catalog's size."""
+    from engine.remote.fetch import DamagedObject, fetch_chain
+    from engine.remote.location import parse_s3_url
+    from engine.remote.remotecatalog import read_store_catalog
+    from engine.remote.store import RemoteStore
+
+    s3_remote.cli("push", small_repo, "off")
+    image = next(k for k in s3_remote.keys() if k.endswith(".qcow2"))
+    s3_remote.client.put_object(Bucket=s3_remote.bucket, Key=f"{s3_remote.prefix}/{image}",
+                                Body=os.urandom(24 * MiB))
+    _env_into(monkeypatch, s3_remote)
+    store = RemoteStore("remote t", parse_s3_url(s3_remote.url))
+    catalog = read_store_catalog(store)[0]
+    (ident,) = [b.id for b in catalog.backups()]
+    size = catalog.entry(ident).image.size  # type: ignore[union-attr]
+    work = tmp_path / "work"
+    work.mkdir()
+    received = 0
+
+    def counted(n: int) -> None:
+        nonlocal received
+        received += n
+
+    with pytest.raises(DamagedObject, match="damaged"):
+        fetch_chain(store, catalog, ident, str(work), counted)
+    assert max(p.stat().st_size for p in work.iterdir()) <= size
+    assert received <= size
