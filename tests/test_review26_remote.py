@@ -181,3 +181,26 @@ def test_a_grown_object_is_refused_before_it_fills_the_disk(small_repo: Path, s3
         fetch_chain(store, catalog, ident, str(work), counted)
     assert max(p.stat().st_size for p in work.iterdir()) <= size
     assert received <= size
+
+
+def test_a_cache_dir_given_by_hand_loses_no_file_of_its_own(tmp_path: Path) -> None:
+    """A careless admin mounts with `-o cache=~/work` (a directory holding other files):
+    every `*.data` there was taken as an earlier mount's object, counted against
+    cache_size and, the cache being over its limit, unlinked. Only the cache's own
+    files (40 hex digits .data/.blocks) may ever be evicted. Quick: no GET is made."""
+    from engine.remote.layout import RemoteObject
+    from engine.remote.location import parse_s3_url
+    from engine.remote.objcache import ObjectCache
+    from engine.remote.store import RemoteStore
+
+    work = tmp_path / "work"
+    work.mkdir()
+    precious = work / "results.data"
+    precious.write_bytes(os.urandom(20 * MiB))  # more than the cache's 16 MiB, really on disk
+    store = RemoteStore("remote t", parse_s3_url("s3://review-bucket/p"), "http://127.0.0.1:9")
+    cache = ObjectCache(store, str(work), 16 * MiB)
+    try:
+        cache.open(RemoteObject("devices/vm1/20261206T000000Z-0001-full.qcow2", MiB, SHA), "etag")
+    finally:
+        cache.close()
+    assert precious.exists() and precious.stat().st_size == 20 * MiB
