@@ -34,6 +34,7 @@ import hashlib
 import fcntl
 import logging
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -58,6 +59,7 @@ MIN_CACHE = 16 << 20
 # fdatasyncs the object's file first, and every 256 blocks that cost a
 # sequential reader a third of its speed (measured: 245 -> ~300+ MiB/s).
 SAVE_SECONDS = 30.0
+_OWN_DATA_RE = re.compile(r"[0-9a-f]{40}\.data")  # an object's file: the name open() gives it
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
@@ -120,7 +122,9 @@ class ObjectCache:
     def _find_dormant(self) -> None:
         found = []
         for entry in os.scandir(self.directory):
-            if not entry.name.endswith(".data") or not entry.is_file(follow_symlinks=False):
+            # Only the cache's own files (open() names them): `-o cache=DIR` may be a
+            # directory that holds other files, and eviction unlinks what is found here.
+            if not _OWN_DATA_RE.fullmatch(entry.name) or not entry.is_file(follow_symlinks=False):
                 continue
             st = entry.stat(follow_symlinks=False)
             found.append((st.st_mtime_ns, entry.name[:-len(".data")], st.st_blocks * 512))
