@@ -204,3 +204,36 @@ def test_a_cache_dir_given_by_hand_loses_no_file_of_its_own(tmp_path: Path) -> N
     finally:
         cache.close()
     assert precious.exists() and precious.stat().st_size == 20 * MiB
+
+
+@pytest.mark.mount  # runs `backupfs mount` (refused before FUSE is touched)
+def test_a_cache_dir_of_another_user_gets_no_file_of_ours(tmp_path: Path) -> None:
+    """`-o cache=/tmp/x` where /tmp/x is another (hostile) local user's, world-writable:
+    the cache refuses it (`belongs to uid`), but the daemon's log was opened there first,
+    so our log lines went into whatever file that user planted as backupfs.log (a file
+    of theirs, readable by them). The directory must be refused before anything of
+    ours is written into it. Quick: refused before the endpoint is reached."""
+    import subprocess
+
+    from tests.commands import backupfs_cmd
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a directory of another uid")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    planted = theirs / "backupfs.log"
+    planted.write_text("")
+    for p in (theirs, planted):
+        os.chown(p, 65534, 65534)
+        os.chmod(p, 0o777 if p == theirs else 0o666)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_ACCESS_KEY_ID="AKIAREVIEW", AWS_SECRET_ACCESS_KEY="x", AWS_CONFIG_FILE=os.devnull,
+               AWS_SHARED_CREDENTIALS_FILE=os.devnull, AWS_EC2_METADATA_DISABLED="true")
+    proc = subprocess.run(backupfs_cmd() + ["mount", "s3://review-bucket/p", str(mnt), "--endpoint",
+                                            "http://127.0.0.1:9", "-o", f"cache={theirs}"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode != 0 and "belongs to uid 65534" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert planted.read_text() == "" and sorted(os.listdir(theirs)) == ["backupfs.log"]
