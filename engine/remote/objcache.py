@@ -97,7 +97,7 @@ class ObjectCache:
             raise BackupfsError(f"cache_size {limit} is below the smallest cache ({MIN_CACHE >> 20} MiB)")
         self.store = store
         self.limit = limit
-        self.directory = _private_dir(directory)
+        self.directory = private_dir(directory)
         self._lock_fd = os.open(os.path.join(self.directory, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -222,7 +222,7 @@ class ObjectCache:
                     self._pins.pop(key, None)
 
 
-def _private_dir(path: str) -> str:
+def private_dir(path: str) -> str:
     """The cache directory, made private (0700) and owned by us."""
     path = os.path.abspath(path)
     os.makedirs(path, mode=0o700, exist_ok=True)
