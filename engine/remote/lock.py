@@ -117,7 +117,10 @@ class RemoteLock:
             since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(renewed)) if isinstance(
                 renewed, (int, float)) else "?"
             raise RemoteBusy(f"{self.store.what}: another push holds the remote's lock ({who}, renewed {since}, "
-                             f"lease {lease if isinstance(lease, (int, float)) else '?'} s); try again when it ends")
+                             f"lease {lease if isinstance(lease, (int, float)) else '?'} s); try again when it ends"
+                             + ("" if renewed is not None and lease is not None else
+                                f" (its lease never runs out: if no push runs, delete {LOCK_KEY} from the "
+                                "remote by hand)"))
         try:
             self._etag = self.store.replace_if(LOCK_KEY, self._body(), found[0].etag)
         except ObjectExists:
