@@ -29,7 +29,7 @@ from engine.chain import read_path
 from engine.errors import BackupfsError, UsageError
 from engine.fsutil import atomic_write
 from engine.remote.location import parse_s3_url, validate_endpoint
-from engine.remote.objcache import MIN_CACHE, ObjectCache, default_cache_dir
+from engine.remote.objcache import MIN_CACHE, ObjectCache, default_cache_dir, private_dir
 from engine.remote.remotecatalog import read_store_catalog
 from engine.remote.remoterepo import RemoteRepository
 from engine.remote.store import RemoteStore
@@ -102,8 +102,9 @@ def remote_daemon(mountpoint: str) -> int | None:
 def log_path(url: str, endpoint: str | None, options: list[str]) -> str:
     """Where the daemon logs: beside its cache (the remote has no directory of ours)."""
     ours, _ = split_options(options)
-    directory = os.path.abspath(ours.get("cache") or cache_dir_for(url, endpoint))
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    # The cache's own check first (ours, 0700): -o cache=DIR may name another user's
+    # directory, and nothing of ours (this log) may be written there.
+    directory = private_dir(ours.get("cache") or cache_dir_for(url, endpoint))
     return os.path.join(directory, "backupfs.log")
 
 

@@ -34,8 +34,14 @@ def download_checked(store: RemoteStore, obj: RemoteObject, path: str,
     are the catalog's."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     digest = hashlib.sha256()
+    written = 0
 
     def sink(data: bytes) -> None:
+        nonlocal written
+        written += len(data)
+        if written > obj.size:  # refused before it lands: a grown object never fills the disk
+            raise DamagedObject(f"{store.what}: {obj.key} is damaged: more than the {obj.size} bytes "
+                                "the catalog records")
         digest.update(data)
         view = memoryview(data)
         try:
@@ -64,8 +70,14 @@ def check_object(what: str, obj: RemoteObject, size: int, sha256: str) -> None:
 def verify_object(store: RemoteStore, obj: RemoteObject, on_bytes: Callable[[int], None] | None = None) -> None:
     """Read ``obj`` back whole and check it against the catalog."""
     digest = hashlib.sha256()
+    read = 0
 
     def sink(data: bytes) -> None:
+        nonlocal read
+        read += len(data)
+        if read > obj.size:  # no need to read the rest of a grown object to know
+            raise DamagedObject(f"{store.what}: {obj.key} is damaged: more than the {obj.size} bytes "
+                                "the catalog records")
         digest.update(data)
         if on_bytes:
             on_bytes(len(data))

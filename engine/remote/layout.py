@@ -173,6 +173,8 @@ def decode_snapshot(data: bytes, where: str) -> Snapshot:
             raise RemoteFormatError(f"{where}: a device's name {d.get('name') if isinstance(d, dict) else d!r} "
                                     "breaks the device-name rule")
         w = f"{where}: device {d['name']}"
+        if d["name"] in names:
+            raise RemoteFormatError(f"{w}: listed twice")
         compress = d.get("compress", "none")
         if compress not in ("none", "zstd"):
             raise RemoteFormatError(f"{w}: compress {compress!r} is not none or zstd")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import secrets
 import socket
@@ -55,6 +56,12 @@ def _alive_here(owner: dict[str, Any]) -> bool:
             return f.read().rpartition(")")[2].split()[0] != "Z"
     except OSError:
         return True
+
+
+def _plain_time(value: object) -> bool:
+    """A number of seconds a lock may hold: finite, from 0 to the year 9999."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and 0 <= value < 253402300800)
 
 
 class RemoteLock:
@@ -96,6 +103,12 @@ class RemoteLock:
             owner = {}
         renewed = owner.get("renewed")
         lease = owner.get("lease_seconds")
+        # Someone else's JSON: a time or lease that is not a finite number in range
+        # (NaN, 1e20) reads as unknown, never as expired, and is never formatted.
+        if not _plain_time(renewed):
+            renewed = None
+        if not _plain_time(lease):
+            lease = None
         expired = (isinstance(renewed, (int, float)) and isinstance(lease, (int, float))
                    and time.time() > renewed + lease)
         who = (f"{escape(str(owner.get('host', '?')))} pid {escape(str(owner.get('pid', '?')))}"
@@ -104,7 +117,10 @@ class RemoteLock:
             since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(renewed)) if isinstance(
                 renewed, (int, float)) else "?"
             raise RemoteBusy(f"{self.store.what}: another push holds the remote's lock ({who}, renewed {since}, "
-                             f"lease {lease if isinstance(lease, (int, float)) else '?'} s); try again when it ends")
+                             f"lease {lease if isinstance(lease, (int, float)) else '?'} s); try again when it ends"
+                             + ("" if renewed is not None and lease is not None else
+                                f" (its lease never runs out: if no push runs, delete {LOCK_KEY} from the "
+                                "remote by hand)"))
         try:
             self._etag = self.store.replace_if(LOCK_KEY, self._body(), found[0].etag)
         except ObjectExists:

@@ -34,6 +34,7 @@ import hashlib
 import fcntl
 import logging
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -58,6 +59,7 @@ MIN_CACHE = 16 << 20
 # fdatasyncs the object's file first, and every 256 blocks that cost a
 # sequential reader a third of its speed (measured: 245 -> ~300+ MiB/s).
 SAVE_SECONDS = 30.0
+_OWN_DATA_RE = re.compile(r"[0-9a-f]{40}\.data")  # an object's file: the name open() gives it
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
@@ -95,7 +97,7 @@ class ObjectCache:
             raise BackupfsError(f"cache_size {limit} is below the smallest cache ({MIN_CACHE >> 20} MiB)")
         self.store = store
         self.limit = limit
-        self.directory = _private_dir(directory)
+        self.directory = private_dir(directory)
         self._lock_fd = os.open(os.path.join(self.directory, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -120,7 +122,9 @@ class ObjectCache:
     def _find_dormant(self) -> None:
         found = []
         for entry in os.scandir(self.directory):
-            if not entry.name.endswith(".data") or not entry.is_file(follow_symlinks=False):
+            # Only the cache's own files (open() names them): `-o cache=DIR` may be a
+            # directory that holds other files, and eviction unlinks what is found here.
+            if not _OWN_DATA_RE.fullmatch(entry.name) or not entry.is_file(follow_symlinks=False):
                 continue
             st = entry.stat(follow_symlinks=False)
             found.append((st.st_mtime_ns, entry.name[:-len(".data")], st.st_blocks * 512))
@@ -218,7 +222,7 @@ class ObjectCache:
                     self._pins.pop(key, None)
 
 
-def _private_dir(path: str) -> str:
+def private_dir(path: str) -> str:
     """The cache directory, made private (0700) and owned by us."""
     path = os.path.abspath(path)
     os.makedirs(path, mode=0o700, exist_ok=True)
@@ -270,7 +274,14 @@ class CachedObject:
             # Not ours (another ETag: a remote rewritten by hand) or unreadable: start empty.
             os.ftruncate(self.fd, 0)
             return
-        self.present = [c == 0x31 for c in bits]
+        present = [c == 0x31 for c in bits]
+        # An eviction punches its hole at once but saves the record later: after a
+        # crash between the two the record says present over a hole (zeros). A
+        # block with no data in the file is not present, whatever the record says.
+        data_blocks = _data_blocks(self.fd, self.blocks)
+        if data_blocks is not None:
+            present = [p and d for p, d in zip(present, data_blocks)]
+        self.present = present
 
     def present_blocks(self) -> list[int]:
         return [i for i, p in enumerate(self.present) if p]
@@ -427,6 +438,31 @@ class CachedObject:
                 f.add_done_callback(_quiet)
                 for b in run:
                     self._inflight[b] = f
+
+
+def _data_blocks(fd: int, blocks: int) -> list[bool] | None:
+    """Which blocks of the file hold any data (SEEK_DATA/SEEK_HOLE); None where the
+    filesystem cannot tell (then it cannot punch holes either: evicted bytes stay)."""
+    out = [False] * blocks
+    pos = 0
+    try:
+        while True:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no data after pos
+                    return out
+                raise
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            for b in range(start // BLOCK, min(-(-end // BLOCK), blocks)):
+                out[b] = True
+            if end <= start:
+                return out
+            pos = end
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return None
+        raise
 
 
 def _runs(blocks: list[int], most: int) -> list[list[int]]:

@@ -57,6 +57,19 @@ class ObjectInfo:
     etag: str  # without quotes
 
 
+def _without_userinfo(url: str) -> str:
+    """``url`` with any ``user:password@`` taken out of its host part."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(an endpoint URL that does not parse)"
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 def _unquote(etag: str) -> str:
     return etag.strip('"')
 
@@ -83,7 +96,9 @@ class RemoteStore:
                           request_checksum_calculation="when_required",
                           response_checksum_validation="when_required"),
         )
-        self.endpoint = self._client.meta.endpoint_url
+        # What messages name: without a user:password@ that $AWS_ENDPOINT_URL may carry
+        # (--endpoint refuses one; the environment's is boto3's to use, not ours to print).
+        self.endpoint = _without_userinfo(self._client.meta.endpoint_url)
         self.read_timeout = read_timeout
 
     # -- errors ----------------------------------------------------------------------
