@@ -157,7 +157,27 @@ def handler(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-class BackupOperations(pyfuse3.Operations):
+class HandleTable:
+    """Open files by handle number, for an Operations class (the local mount's
+    and the remote mount's): the class sets ``_handles`` and ``_next_fh``."""
+
+    _handles: dict[int, Handle]
+    _next_fh: int
+
+    def _new_handle(self, handle: Handle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = handle
+        return fh
+
+    def _handle(self, fh: int) -> Handle:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return handle
+
+
+class BackupOperations(HandleTable, pyfuse3.Operations):
     """The filesystem. Built with its repository, so tests can call it unmounted.
 
     Its collaborators: ``tree`` (names, attributes, texts), ``views`` (open
@@ -282,18 +302,6 @@ class BackupOperations(pyfuse3.Operations):
             if attrs.uid is not None and not guest_allows(attrs.mode, os.X_OK):
                 return False
         return True
-
-    def _new_handle(self, handle: Handle) -> int:
-        fh = self._next_fh
-        self._next_fh += 1
-        self._handles[fh] = handle
-        return fh
-
-    def _handle(self, fh: int) -> Handle:
-        handle = self._handles.get(fh)
-        if handle is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
-        return handle
 
     # -- the kernel's read-ahead, and unmount -------------------------------------
 

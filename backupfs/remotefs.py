@@ -26,7 +26,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from backupfs.fs import Handle, handler
+from backupfs.fs import Handle, HandleTable, handler
 from backupfs.mountinfo import find_mount, raise_read_ahead
 from backupfs.tree import BACKUP, BACKUPS, CHAIN, LATEST, ROOT, Attributes, Node, Tree
 from backupfs.views import ViewCache
@@ -42,7 +42,7 @@ def _no_status(device: str) -> Any:
     raise BackupfsError(f"device {device}: a remote has no jobs")
 
 
-class RemoteOperations(pyfuse3.Operations):
+class RemoteOperations(HandleTable, pyfuse3.Operations):
     """Lookups, listings, attributes and reads of a remote's backups."""
 
     supports_dot_lookup = True
@@ -79,18 +79,6 @@ class RemoteOperations(pyfuse3.Operations):
 
     def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
         return self._entry(self.tree.attributes(node))
-
-    def _new_handle(self, handle: Handle) -> int:
-        fh = self._next_fh
-        self._next_fh += 1
-        self._handles[fh] = handle
-        return fh
-
-    def _handle(self, fh: int) -> Handle:
-        handle = self._handles.get(fh)
-        if handle is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
-        return handle
 
     def close_views(self) -> None:
         self.views.close_all()
