@@ -254,6 +254,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
         if is_rbd(args.target):
             raise UsageError("a restore from an s3:// remote writes a file or a block device; restore it into "
                              "an RBD image from a repository (a local one, or a copy of the remote)")
+        if args.include:
+            from backupfs.cli_files import cmd_restore_files
+
+            return cmd_restore_files(args)
         return restore_from_remote(args)
     if args.endpoint is not None:
         raise UsageError("--endpoint goes with an s3:// URL")

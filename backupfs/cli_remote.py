@@ -166,14 +166,11 @@ def _remote_store(url: str, endpoint: str | None) -> tuple[RemoteStore, RemoteCa
 
 
 def restore_from_remote(args: argparse.Namespace) -> int:
-    """`backupfs restore s3://BUCKET/PREFIX NAME ID TARGET`: the whole disk."""
+    """`backupfs restore s3://BUCKET/PREFIX NAME ID TARGET`: the whole disk
+    (with --include, files: backupfs/cli_files.py, which the caller sends it to)."""
     from engine.remote.remoteops import restore_remote
     from engine.text import one_line
 
-    if args.include:
-        from backupfs.cli_files import cmd_restore_files
-
-        return cmd_restore_files(args)
     store, catalog = _remote_store(args.repo, args.endpoint)
     with progress_reporter(sys.stderr.isatty(), f"restore {args.name}") as update:
         result = restore_remote(store, catalog, args.name, args.backup, args.target, force=args.force,
