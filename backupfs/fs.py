@@ -48,7 +48,7 @@ from backupfs.tree import (
     BACKUP, BACKUPS, BITMAP, CHAIN, DEVDIR, DEVICE, ROOT, ROOT_INODE, SNAPSHOT, TREE_TIMEOUT, Attributes, Node,
     RequestError, Tree,
 )
-from backupfs.views import IDLE_VIEW_BYTES, BackupView, ViewCache
+from backupfs.views import IDLE_VIEW_BYTES, BackupView, ViewCache, read_into
 from backupfs.writepolicy import InlineWrites
 from engine.advisor import Advisor
 from engine.chain import WouldBlock
@@ -843,12 +843,7 @@ class BackupOperations(HandleTable, pyfuse3.Operations):
             return None
         try:
             self._advise_sequential(handle, off)
-            wanted = max(0, min(size, view.size - off))
-            target = into[:wanted]
-            data = view.read(off, wanted, into=target)
-            n = len(data)
-            if data is not target and n:
-                into[:n] = data
+            n = read_into(view, off, size, into)
         except (BackupfsError, OSError) as e:
             self._note_read_error(handle.node.backup or "", e)
             if isinstance(e, BackupfsError):

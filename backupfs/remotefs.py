@@ -29,7 +29,7 @@ import trio
 from backupfs.fs import Handle, HandleTable, handler
 from backupfs.mountinfo import find_mount, raise_read_ahead
 from backupfs.tree import BACKUP, BACKUPS, CHAIN, LATEST, ROOT, Attributes, Node, Tree
-from backupfs.views import ViewCache
+from backupfs.views import ViewCache, read_into
 from engine.errors import BackupfsError
 from engine.remote.remoterepo import RemoteRepository
 
@@ -94,13 +94,7 @@ class RemoteOperations(HandleTable, pyfuse3.Operations):
         if handle is None or view is None:
             return None
         try:
-            wanted = max(0, min(size, view.size - off))
-            target = into[:wanted]
-            data = view.read(off, wanted, into=target)
-            n = len(data)
-            if data is not target and n:
-                into[:n] = data
-            return n
+            return read_into(view, off, size, into)
         except (BackupfsError, OSError) as e:
             self._read_failed(handle, off, size, e)
             return -errno.EIO

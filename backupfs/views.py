@@ -152,3 +152,16 @@ class ViewCache:
             self._stale_views.clear()
         for v in views:
             v.close()
+
+
+def read_into(view: BackupView, off: int, size: int, into: memoryview) -> int:
+    """Read up to ``size`` bytes of ``view`` at ``off`` into ``into`` (clipped at
+    its end); the count. What a relay thread's backup read does, for the local
+    mount's and the remote mount's alike."""
+    wanted = max(0, min(size, view.size - off))
+    target = into[:wanted]
+    data = view.read(off, wanted, into=target)
+    n = len(data)
+    if data is not target and n:
+        into[:n] = data
+    return n

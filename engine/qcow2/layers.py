@@ -261,18 +261,15 @@ class Qcow2Layer(Layer):
 
     def _pread(self, length: int, offset: int, what: str) -> bytes:
         """os.pread, with a failure (a bad sector: EIO) naming the file and what was read."""
-        if self.prefetch is not None:
-            release = self.prefetch(offset, length, False, ahead=False)
-            try:
-                return os.pread(self.fd, length, offset)
-            except OSError as e:
-                raise ImageError(self.path, f"cannot read the {what} at {offset:#x}: {e.strerror}") from None
-            finally:
-                release()
+        # A fetched layer makes the bytes present first, and is told when they are read.
+        release = self.prefetch(offset, length, False, ahead=False) if self.prefetch is not None else None
         try:
             return os.pread(self.fd, length, offset)
         except OSError as e:
             raise ImageError(self.path, f"cannot read the {what} at {offset:#x}: {e.strerror}") from None
+        finally:
+            if release is not None:
+                release()
 
     def _pread_exact(self, length: int, offset: int, what: str) -> bytes:
         data = self._pread(length, offset, what)
