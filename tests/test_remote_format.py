@@ -15,6 +15,7 @@ from engine.remote.location import make_spec, parse_s3_url
 from tests.commands import cli
 
 SHA = "ab" * 32
+KEY = "devices/vm1/20261206T000000Z-0001-full.qcow2"
 
 
 def _snapshot(**change: Any) -> dict[str, Any]:
@@ -49,13 +50,71 @@ def test_a_snapshot_round_trips() -> None:
     ({"backup": {"kind": "weird"}}, "kind"),
     ({"backup": {"size": -1}}, "size"),
     ({"backup": {"image": {"key": "devices/vm1/20261206T000000Z-0001-full.qcow2", "size": 5, "sha256": "x"}}},
-     "sha256"),
+     "is not an S3 ETag"),
+    ({"backup": {"image": {"key": KEY, "size": 5, "etag": "ab" * 16 + "-2", "part_size": 8 << 20}}},
+     "counts 2 parts"),
+    ({"backup": {"image": {"key": KEY, "size": 5, "etag": "ab" * 16, "part_size": 8 << 20}}},
+     "single upload"),
+    ({"backup": {"image": {"key": KEY, "size": 20 << 20, "etag": "ab" * 16 + "-20", "part_size": 1}}},
+     "part_size 1 is not"),
+    ({"backup": {"image": {"key": KEY, "size": 5, "etag": "AB" * 16, "part_size": 0}}}, "is not an S3 ETag"),
+    ({"backup": {"image": {"key": KEY, "size": 5, "etag": "ab" * 16, "part_size": True}}}, "not a number"),
     ({"format": 2}, "upgrade backupfs"),
     ({"complete": False}, "not a complete catalog snapshot"),
 ])
 def test_a_hostile_snapshot_is_refused(change: dict[str, Any], words: str) -> None:
     with pytest.raises(RemoteFormatError, match=words):
         decode_snapshot(json.dumps(_snapshot(**change)).encode(), "remote t")
+
+
+@pytest.mark.parametrize("size", [0, 1, 16 << 20, (16 << 20) + 1, 24 << 20])
+def test_the_recorded_checksum_is_the_etag_of_our_upload(tmp_path: Path, size: int) -> None:
+    """What a push records is the ETag S3 computes: MD5 of one PUT's body, or the MD5
+    of the parts' MD5s and -N for a multipart upload; read back in any pieces, it matches,
+    and one flipped byte does not."""
+    import hashlib
+    import os
+
+    from engine.remote.store import MULTIPART_THRESHOLD, PART_SIZE, local_checksum
+
+    data = os.urandom(size)
+    path = tmp_path / "obj"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        checksum = local_checksum(fd, size)
+    finally:
+        os.close(fd)
+    if size <= MULTIPART_THRESHOLD:
+        assert (checksum.etag, checksum.part_size) == (hashlib.md5(data).hexdigest(), 0)
+    else:
+        parts = [hashlib.md5(data[o:o + PART_SIZE]).digest() for o in range(0, size, PART_SIZE)]
+        assert checksum.etag == hashlib.md5(b"".join(parts)).hexdigest() + f"-{len(parts)}"
+        assert checksum.part_size == PART_SIZE
+    for piece in (1 << 20, 3 << 20, 7777777):
+        digest = checksum.digest()
+        for o in range(0, size, piece):
+            digest.update(data[o:o + piece])
+        assert checksum.matches(digest)
+    if size:
+        digest = checksum.digest()
+        digest.update(data[:-1] + bytes([data[-1] ^ 1]))
+        assert not checksum.matches(digest)
+    doc = {"key": KEY, "size": size, **checksum.fields()}
+    snap = decode_snapshot(json.dumps(_snapshot(backup={"image": doc})).encode(), "t")
+    assert snap.backups[0].image.checksum == checksum
+
+
+def test_an_older_snapshots_sha256_still_checks() -> None:
+    import hashlib
+
+    data = b"hello"
+    snap = decode_snapshot(json.dumps(_snapshot(backup={"image": {
+        "key": KEY, "size": 5, "sha256": hashlib.sha256(data).hexdigest()}})).encode(), "t")
+    checksum = snap.backups[0].image.checksum
+    digest = checksum.digest()
+    digest.update(data)
+    assert checksum.matches(digest) and checksum.fields() == {"sha256": hashlib.sha256(data).hexdigest()}
 
 
 def test_keys_and_revisions() -> None:

@@ -83,6 +83,7 @@ def test_a_crash_after_an_eviction_never_serves_the_punched_block(tmp_path: Path
     the next mount served zeros for that block (the qcow2 header or a table read as
     zeros: a broken chain; data: EIO at best). Driven in this process through the
     real cache and radosgw: the 'crash' is closing the cache's files without save."""
+    from engine.remote.digest import Checksum
     from engine.remote.layout import RemoteObject
     from engine.remote.location import parse_s3_url
     from engine.remote.objcache import ObjectCache
@@ -94,7 +95,7 @@ def test_a_crash_after_an_eviction_never_serves_the_punched_block(tmp_path: Path
     data = os.urandom(20 * MiB)
     key = "devices/vm1/20261206T000000Z-0001-full.qcow2"
     s3_remote.client.put_object(Bucket=s3_remote.bucket, Key=f"{s3_remote.prefix}/{key}", Body=data)
-    obj = RemoteObject(key, len(data), hashlib.sha256(data).hexdigest())
+    obj = RemoteObject(key, len(data), Checksum(sha256=hashlib.sha256(data).hexdigest()))
     store = RemoteStore("remote t", parse_s3_url(s3_remote.url))
     etag = store.listing()[key].etag
     cache_dir = tmp_path / "cache"
@@ -189,6 +190,7 @@ def test_a_cache_dir_given_by_hand_loses_no_file_of_its_own(tmp_path: Path) -> N
     every `*.data` there was taken as an earlier mount's object, counted against
     cache_size and, the cache being over its limit, unlinked. Only the cache's own
     files (40 hex digits .data/.blocks) may ever be evicted. Quick: no GET is made."""
+    from engine.remote.digest import Checksum
     from engine.remote.layout import RemoteObject
     from engine.remote.location import parse_s3_url
     from engine.remote.objcache import ObjectCache
@@ -201,7 +203,7 @@ def test_a_cache_dir_given_by_hand_loses_no_file_of_its_own(tmp_path: Path) -> N
     store = RemoteStore("remote t", parse_s3_url("s3://review-bucket/p"), "http://127.0.0.1:9")
     cache = ObjectCache(store, str(work), 16 * MiB)
     try:
-        cache.open(RemoteObject("devices/vm1/20261206T000000Z-0001-full.qcow2", MiB, SHA), "etag")
+        cache.open(RemoteObject("devices/vm1/20261206T000000Z-0001-full.qcow2", MiB, Checksum(sha256=SHA)), "etag")
     finally:
         cache.close()
     assert precious.exists() and precious.stat().st_size == 20 * MiB

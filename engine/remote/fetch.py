@@ -5,13 +5,12 @@ mounts one). The chain is built from the catalog's lineage and object keys,
 never by following the backing names inside the images: those name the
 local files (a pushed rewrite ``<id>.r1.qcow2`` still names its parent by
 the parent's local name). Each object is checked against the size and
-sha256 the catalog records before it is used.
+checksum the catalog records before it is used.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 from collections.abc import Callable
 
@@ -19,21 +18,22 @@ from engine.chain import ChainView
 from engine.errors import ErrnoError
 from engine.layout import image_name
 from engine.qcow2.layers import open_layer
+from engine.remote.digest import StreamDigest
 from engine.remote.layout import RemoteObject
 from engine.remote.remotecatalog import RemoteCatalog
 from engine.remote.store import RemoteError, RemoteStore
 
 
 class DamagedObject(RemoteError):
-    """An object is not what the catalog recorded (size or sha256)."""
+    """An object is not what the catalog recorded (size or checksum)."""
 
 
 def download_checked(store: RemoteStore, obj: RemoteObject, path: str,
                      on_bytes: Callable[[int], None] | None = None) -> None:
-    """``obj`` into a new private file at ``path``, refused unless its size and sha256
+    """``obj`` into a new private file at ``path``, refused unless its size and checksum
     are the catalog's."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    digest = hashlib.sha256()
+    digest = obj.checksum.digest()
     written = 0
 
     def sink(data: bytes) -> None:
@@ -57,19 +57,19 @@ def download_checked(store: RemoteStore, obj: RemoteObject, path: str,
         size = store.stream(obj.key, sink)
     finally:
         os.close(fd)
-    check_object(store.what, obj, size, digest.hexdigest())
+    check_object(store.what, obj, size, digest)
 
 
-def check_object(what: str, obj: RemoteObject, size: int, sha256: str) -> None:
+def check_object(what: str, obj: RemoteObject, size: int, digest: StreamDigest) -> None:
     if size != obj.size:
         raise DamagedObject(f"{what}: {obj.key} is damaged: {size} bytes, the catalog records {obj.size}")
-    if sha256 != obj.sha256:
-        raise DamagedObject(f"{what}: {obj.key} is damaged: its sha256 is not the one the catalog records")
+    if not obj.checksum.matches(digest):
+        raise DamagedObject(f"{what}: {obj.key} is damaged: its checksum is not the one the catalog records")
 
 
 def verify_object(store: RemoteStore, obj: RemoteObject, on_bytes: Callable[[int], None] | None = None) -> None:
     """Read ``obj`` back whole and check it against the catalog."""
-    digest = hashlib.sha256()
+    digest = obj.checksum.digest()
     read = 0
 
     def sink(data: bytes) -> None:
@@ -82,7 +82,7 @@ def verify_object(store: RemoteStore, obj: RemoteObject, on_bytes: Callable[[int
         if on_bytes:
             on_bytes(len(data))
 
-    check_object(store.what, obj, store.stream(obj.key, sink), digest.hexdigest())
+    check_object(store.what, obj, store.stream(obj.key, sink), digest)
 
 
 def fetch_chain(store: RemoteStore, catalog: RemoteCatalog, backup_id: str, directory: str,

@@ -12,7 +12,7 @@
     devices/<dev>/<id>.r<N>.sums    (and its checksums): never over the old object
 
 A snapshot names, per backup, the keys of its image and checksums with
-their sizes and sha256: readers build a chain from the lineage and these
+their sizes and checksums (S3 ETags, engine/remote/digest.py): readers build a chain from the lineage and these
 keys, never from the backing names inside the images (those name the local
 files, which a rewrite does not rename). Everything loaded from a remote is
 checked here before it is used (ids, device names, keys, numbers): a hostile
@@ -29,6 +29,7 @@ from typing import Any
 from engine.catalog import KINDS, BackupRecord, DeviceRecord
 from engine.errors import BackupfsError
 from engine.layout import BACKUP_ID_RE, file_rel, image_name, sums_name
+from engine.remote.digest import Checksum, decode_checksum
 from engine.validate import NAME_RE
 
 FORMAT = 1
@@ -40,7 +41,6 @@ CATALOG_KEY_RE = re.compile(r"catalog/(\d{10})\.json")
 KEEP_SNAPSHOTS = 3
 MAX_CATALOG_BYTES = 256 << 20
 _REVISION_RE = re.compile(r"\.r([1-9][0-9]{0,8})$")
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class RemoteFormatError(BackupfsError):
@@ -75,14 +75,14 @@ def revision_of(device: str, ident: str, key: str) -> int | None:
 
 @dataclass(frozen=True)
 class RemoteObject:
-    """An object a snapshot names: its key, size and sha256."""
+    """An object a snapshot names: its key, size and checksum (engine/remote/digest.py)."""
 
     key: str
     size: int
-    sha256: str
+    checksum: Checksum
 
     def data(self) -> dict[str, Any]:
-        return {"key": self.key, "size": self.size, "sha256": self.sha256}
+        return {"key": self.key, "size": self.size, **self.checksum.fields()}
 
 
 @dataclass(frozen=True)
@@ -147,10 +147,12 @@ def _object(doc: Any, device: str, ident: str, ext: str, where: str) -> RemoteOb
     key = doc.get("key")
     if not isinstance(key, str) or not key.endswith(ext) or revision_of(device, ident, key) is None:
         raise RemoteFormatError(f"{where}: key {key!r} is not one of backup {ident}'s {ext} objects")
-    sha = doc.get("sha256")
-    if not isinstance(sha, str) or not _HEX64.fullmatch(sha):
-        raise RemoteFormatError(f"{where}: sha256 {sha!r} is not 64 hex digits")
-    return RemoteObject(key, _int(doc, "size", where), sha)
+    size = _int(doc, "size", where)
+    try:
+        checksum = decode_checksum(doc, size)
+    except ValueError as e:
+        raise RemoteFormatError(f"{where}: {e}") from None
+    return RemoteObject(key, size, checksum)
 
 
 def decode_snapshot(data: bytes, where: str) -> Snapshot:

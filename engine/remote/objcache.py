@@ -12,7 +12,7 @@ local image (engine/qcow2/layers.py ``Layer.prefetch``).
 
 Objects are written once (developer-notes/remote.md), so a cached block
 never goes stale; what could mix bytes is a remote rewritten by hand. So
-each object's file is named by its key, size and the catalog's sha256, the
+each object's file is named by its key, size and the catalog's checksum, the
 ETag the server gave at open is kept beside its blocks (another ETag: the blocks
 are dropped), and every GET carries ``If-Match`` on that ETag (a rewrite
 during the mount is a failed read, never a mixed one).
@@ -134,7 +134,7 @@ class ObjectCache:
 
     def open(self, obj: RemoteObject, etag: str) -> CachedObject:
         """The cached object for ``obj`` whose server ETag (seen at open) is ``etag``."""
-        name = hashlib.sha256(f"{obj.key}\n{obj.size}\n{obj.sha256}".encode()).hexdigest()[:40]
+        name = hashlib.sha256(f"{obj.key}\n{obj.size}\n{obj.checksum.text}".encode()).hexdigest()[:40]
         with self._mutex:
             self.used -= self._dormant.pop(name, 0)  # counted again by its blocks, below
             found = self._objects.get(name)

@@ -39,7 +39,8 @@ from engine.remote.localread import close_all, file_size, open_backup, still_sam
 from engine.remote.location import RemoteSpec
 from engine.remote.lock import RemoteLock
 from engine.remote.remotecatalog import check_format, newest_snapshot, snapshot_numbers
-from engine.remote.store import ObjectInfo, RemoteError, RemoteStore, local_digests
+from engine.remote.digest import Checksum
+from engine.remote.store import ObjectInfo, RemoteError, RemoteStore, local_checksum
 
 MAX_REVISIONS = 1000
 
@@ -224,15 +225,15 @@ class Push:
         try:
             for revision in range(MAX_REVISIONS):
                 keys = object_keys(rec.device, rec.id, revision)
-                have: dict[str, str] = {}  # key -> sha256 of what a killed push left there
+                have: dict[str, Checksum] = {}  # key -> what a killed push left there
                 for f, key in zip(files, keys):
                     found = listing.get(key)
                     if found is None:
                         continue
                     if found.size == f.size:
-                        sha, etag = local_digests(f.fd, f.size)
-                        if etag == found.etag:
-                            have[key] = sha
+                        checksum = local_checksum(f.fd, f.size)
+                        if checksum.etag == found.etag:
+                            have[key] = checksum
                             continue
                     break  # other bytes hold this key: the next revision
                 else:
@@ -244,11 +245,11 @@ class Push:
                             sent.append(RemoteObject(key, f.size, have[key]))
                             continue
                         lock.check()
-                        info, sha = self.store.upload_fd(key, f.fd, f.size, self._sent, lock.check)
+                        info, checksum = self.store.upload_fd(key, f.fd, f.size, self._sent, lock.check)
                         listing[key] = info
                         self.result.uploaded += 1
                         self.result.bytes_sent += f.size
-                        sent.append(RemoteObject(key, f.size, sha))
+                        sent.append(RemoteObject(key, f.size, checksum))
                     image = sent[0]
                     sums = sent[1] if len(sent) > 1 else None
                     return RemoteBackup(_with_keys(rec, image, sums), image, sums)

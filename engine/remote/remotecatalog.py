@@ -91,7 +91,7 @@ class RemoteCatalog:
         return b.record if b else None
 
     def entry(self, backup_id: str) -> RemoteBackup | None:
-        """The backup with its objects (keys, sizes, sha256)."""
+        """The backup with its objects (keys, sizes, checksums)."""
         return self._backups.get(backup_id)
 
     def lineage(self, backup_id: str) -> list[RemoteBackup]:

@@ -1,10 +1,10 @@
 """`restore` and `verify` of a remote (``s3://BUCKET/PREFIX``), read-only.
 
 Restore downloads the backup's lineage into a private temporary directory
-(each object checked against the catalog's sha256), opens it as one chain
+(each object checked against the catalog's checksum), opens it as one chain
 built from the catalog, writes the disk out with the same code as a local
 restore, and removes the directory. Verify reads every object back and
-checks its size and sha256 against the catalog: damage done in the bucket
+checks its size and checksum against the catalog: damage done in the bucket
 (a rewritten or truncated object) is found and named.
 """
 

@@ -13,7 +13,6 @@ from the backing names inside the images (developer-notes/remote.md).
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 
@@ -120,15 +119,17 @@ class RemoteRepository:
         return VerifiedView(view, rec.id, rec.granularity, hashes, defined)
 
     def _sums_file(self, obj: RemoteObject) -> str:
-        """A checksum object, downloaded whole (checked against the catalog's sha256)
+        """A checksum object, downloaded whole (checked against the catalog's checksum)
         into the cache directory once; it never changes."""
-        path = os.path.join(self.cache.directory, f"{obj.sha256}-{obj.size}.sums")
+        path = os.path.join(self.cache.directory, f"{obj.checksum.text}-{obj.size}.sums")
         if os.path.exists(path):
             return path
         data = self.store.get(obj.key, limit=max(obj.size, 1))
         if data is None:
             raise ErrnoError(f"{self.url}: {obj.key} is missing (the catalog names it)", errno.EIO)
-        check_object(self.store.what, obj, len(data), hashlib.sha256(data).hexdigest())
+        digest = obj.checksum.digest()
+        digest.update(data)
+        check_object(self.store.what, obj, len(data), digest)
         atomic_write(path, data)
         return path
 

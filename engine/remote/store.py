@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.errors import BackupfsError, ErrnoError
+from engine.remote.digest import Checksum, StreamDigest, multipart_etag
 from engine.remote.location import S3Location
 
 CONNECT_TIMEOUT = 5.0
@@ -234,9 +235,14 @@ class RemoteStore:
 
     def put_new(self, rel: str, body: bytes) -> ObjectInfo:
         """Create an object from bytes, never over an existing one; checked after."""
+        return self._put_new(rel, body)[0]
+
+    def _put_new(self, rel: str, body: bytes) -> tuple[ObjectInfo, str]:
+        """put_new, and the body's MD5 (the ETag it was checked against)."""
+        etag = hashlib.md5(body).hexdigest()
         self._call(f"writing {rel}", self._client.put_object, Bucket=self.location.bucket,
                    Key=self.location.key(rel), Body=body, IfNoneMatch="*")
-        return self._check(rel, len(body), hashlib.md5(body).hexdigest())
+        return self._check(rel, len(body), etag), etag
 
     def replace_if(self, rel: str, body: bytes, etag: str) -> str:
         """Replace an object only if it is still the one with ``etag`` (the lock's
@@ -272,23 +278,24 @@ class RemoteStore:
 
     def upload_fd(self, rel: str, fd: int, size: int,
                   on_bytes: Callable[[int], None] | None = None,
-                  on_part: Callable[[], None] | None = None) -> tuple[ObjectInfo, str]:
+                  on_part: Callable[[], None] | None = None) -> tuple[ObjectInfo, Checksum]:
         """Create ``rel`` from the first ``size`` bytes of ``fd`` (read once, with pread);
         parallel multipart above MULTIPART_THRESHOLD. ``on_part`` is called before each
         part is read (the push renews its lock there). Returns the object as checked
-        and the sha256 of the bytes sent (what the catalog records)."""
-        digest = hashlib.sha256()
+        and its checksum (the ETag the server computed, equal to ours: what the catalog
+        records, engine/remote/digest.py)."""
         if size <= MULTIPART_THRESHOLD:
             body = _pread_all(fd, 0, size)
-            digest.update(body)
-            info = self.put_new(rel, body)
+            info, etag = self._put_new(rel, body)
             if on_bytes:
                 on_bytes(size)
-            return info, digest.hexdigest()
-        return self._multipart(rel, fd, size, digest, on_bytes, on_part), digest.hexdigest()
+            return info, Checksum(etag=etag, part_size=0)
+        info, etag = self._multipart(rel, fd, size, on_bytes, on_part)
+        return info, Checksum(etag=etag, part_size=PART_SIZE)
 
-    def _multipart(self, rel: str, fd: int, size: int, digest: Any,
-                   on_bytes: Callable[[int], None] | None, on_part: Callable[[], None] | None) -> ObjectInfo:
+    def _multipart(self, rel: str, fd: int, size: int,
+                   on_bytes: Callable[[int], None] | None, on_part: Callable[[], None] | None
+                   ) -> tuple[ObjectInfo, str]:
         bucket, key = self.location.bucket, self.location.key(rel)
         if self.head(rel) is not None:
             raise ObjectExists(f"{self.what}: writing {rel}: the object exists already (objects are written once)")
@@ -315,7 +322,6 @@ class RemoteStore:
                     if on_part:
                         on_part()
                     body = _pread_all(fd, offset, min(PART_SIZE, size - offset))
-                    digest.update(body)
                     digests.append(b"")
                     slots.acquire()
                     futures.append(pool.submit(send, number, body))
@@ -333,8 +339,8 @@ class RemoteStore:
             except Exception:
                 pass  # the next push aborts what is left (abort_stale_uploads)
             raise
-        etag = hashlib.md5(b"".join(digests)).hexdigest() + f"-{len(digests)}"
-        return self._check(rel, size, etag)
+        etag = multipart_etag(digests)
+        return self._check(rel, size, etag), etag
 
     def _check(self, rel: str, size: int, etag: str) -> ObjectInfo:
         """The object as the server holds it is what was sent: size and ETag (which the
@@ -364,17 +370,11 @@ def _pread_all(fd: int, offset: int, length: int) -> bytes:
     return b"".join(parts)
 
 
-def local_digests(fd: int, size: int) -> tuple[str, str]:
-    """(sha256, the ETag upload_fd's upload of it gets): to tell whether an object a
-    killed push left behind holds these bytes, without sending them again."""
-    sha = hashlib.sha256()
-    if size <= MULTIPART_THRESHOLD:
-        body = _pread_all(fd, 0, size)
-        sha.update(body)
-        return sha.hexdigest(), hashlib.md5(body).hexdigest()
-    digests = []
+def local_checksum(fd: int, size: int) -> Checksum:
+    """The checksum upload_fd's upload of these bytes gets: to tell whether an object
+    a killed push left behind holds them, without sending them again."""
+    part = PART_SIZE if size > MULTIPART_THRESHOLD else 0
+    digest = StreamDigest(part)
     for offset in range(0, size, PART_SIZE):
-        body = _pread_all(fd, offset, min(PART_SIZE, size - offset))
-        sha.update(body)
-        digests.append(hashlib.md5(body).digest())
-    return sha.hexdigest(), hashlib.md5(b"".join(digests)).hexdigest() + f"-{len(digests)}"
+        digest.update(_pread_all(fd, offset, min(PART_SIZE, size - offset)))
+    return Checksum(etag=digest.hexdigest(), part_size=part)
