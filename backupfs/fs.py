@@ -34,7 +34,7 @@ import trio
 from backupfs.control import CONTROL_NAME
 from backupfs.filescache import FilesCache
 from backupfs.filestree import FILES, GUEST_KINDS, VOLUMES, FilesView
-from backupfs.handles import Handle, HandleTable, handler  # noqa: F401 - HandleTable: backupfs/remotefs.py imports it here
+from backupfs.handles import Handle, handler
 from backupfs.historytree import CHANGES, CHANGES_FILE, HISTORY_KINDS, HistoryView
 from backupfs.jobs import JobRunner, SourceFactory
 from backupfs.mountaccess import MountAccess
