@@ -188,7 +188,8 @@ def _list_mounts() -> int:
         if record is None:
             print(f"{escape(repo)} on {escape(point)} (dead mount: its daemon is gone)")
             continue
-        options = describe_options(("nosuid", "nodev") + record.options)
+        remote = ("ro",) if repo.startswith("s3://") else ()  # a remote mount is always read-only
+        options = describe_options(("nosuid", "nodev") + remote + record.options)
         print(f"{escape(repo)} on {escape(point)} (daemon pid {record.pid}; {escape(options)})")
     return 0
 
@@ -244,7 +245,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
 def _umount_remote(given: str, mp: str) -> int:
     """A remote mount: unmount, then wait for its daemon (it saves its cache's records
     and lets the cache go, so a mount of the same cache right after finds it free)."""
-    from backupfs.remotemount import remote_daemon
+    from backupfs.mountinfo import remote_daemon
 
     pid = remote_daemon(mp)
     proc = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)

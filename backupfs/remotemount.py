@@ -15,14 +15,13 @@ import json
 import logging
 import os
 import signal
-import tempfile
 
 import pyfuse3
 import trio
 
 from backupfs.mount import ALWAYS_OPTIONS, _drop_idle_files, _load_parsers, _on_relay_end, allow_other_refused
 from backupfs.relay import start_relay
-from backupfs.mountinfo import MOUNT_RECORD, check_mountpoint
+from backupfs.mountinfo import MOUNT_RECORD, check_mountpoint, runtime_record
 from backupfs.remotefs import RemoteOperations
 from collections.abc import Callable
 from engine.chain import read_path
@@ -81,25 +80,6 @@ def cache_dir_for(url: str, endpoint: str | None) -> str:
     """The default cache of a remote: its own directory under the user's cache."""
     tag = hashlib.sha256(f"{endpoint or ''} {url}".encode()).hexdigest()[:16]
     return os.path.join(default_cache_dir(), f"remote-{tag}")
-
-
-def runtime_record(mountpoint: str) -> str:
-    """Where `umount` finds a remote mount's daemon (the remote has no directory of
-    ours to hold it): a file per mount point in the user's runtime directory."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or ("/run" if os.geteuid() == 0 else tempfile.gettempdir())
-    directory = os.path.join(base, f"backupfs-{os.geteuid()}")
-    tag = hashlib.sha256(os.fsencode(os.path.normpath(mountpoint))).hexdigest()[:32]
-    return os.path.join(directory, f"remote-mount-{tag}.json")
-
-
-def remote_daemon(mountpoint: str) -> int | None:
-    """The pid of the daemon serving a remote mount at ``mountpoint``, if recorded."""
-    try:
-        with open(runtime_record(mountpoint)) as f:
-            data = json.load(f)
-        return int(data["pid"]) if data.get("mountpoint") == os.path.normpath(mountpoint) else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def log_path(url: str, endpoint: str | None, options: list[str]) -> str:
