@@ -118,7 +118,8 @@ def test_remote_mount_serves_the_local_bytes_then_from_the_cache(pushed: tuple[P
         local.start()
         remote.start()
         assert sorted(os.listdir(remote.mnt)) == ["vm1"]
-        assert sorted(os.listdir(remote.mnt / "vm1")) == ["backups", "chain"]  # no device, snapshot, bitmap
+        # No device, snapshot, bitmap.
+        assert sorted(os.listdir(remote.mnt / "vm1")) == ["backups", "chain", "changes", "files", "versions"]
         assert sorted(os.listdir(remote.mnt / "vm1" / "backups")) == sorted(ids + ["latest"])
         assert os.readlink(remote.mnt / "vm1" / "backups" / "latest") == ids[-1]
         assert _read(remote.mnt / "vm1" / "chain") == _read(local.path("vm1", "chain"))
