@@ -8,7 +8,9 @@ to the real radosgw (the ``s3_remote`` fixture). The remote mount's
 and compared with a LOCAL mount of the same repository: every name, mode,
 owner, time, size, symlink target, xattr and byte. Then an endpoint that
 stops answering (a TCP relay of the test's own, stopped) while a guest
-file is read gives EIO in bounded time, and the mount keeps listing.
+file is read gives EIO in bounded time, and the mount keeps listing; and
+another user gets what a local mount gives them (allow_other,
+files_owner_only).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from tests.guesttree import TreeSpec, default_tree, differences, plain, walk_vie
 from tests.mounts import Mounted
 from tests.s3remote import S3Remote
 from tests.test_remote_mount import Relay, RemoteMount, relay  # noqa: F401 - the fixture, used by name
+from tests.users import OtherUser
 
 pytestmark = [pytest.mark.mount, pytest.mark.long]
 
@@ -161,3 +164,29 @@ def test_a_guest_file_read_from_a_remote_that_stops_answering_is_eio(guest_pushe
         assert "Traceback" not in remote.log()
     finally:
         remote.cleanup()
+
+
+def test_other_users_get_the_guests_other_bits_and_files_owner_only_keeps_them_out(
+        guest_pushed: tuple[Path, list[str]], s3_remote: S3Remote, tmp_path: Path, other_user: OtherUser,
+        open_tmp: Path) -> None:
+    """As on a local mount (tests/test_files_mount.py): with allow_other a world-readable
+    guest file reads and alice's 0600 notes do not, whatever the caller's uid; with
+    files_owner_only nobody but the mount's owner gets into files/, changes/, versions/."""
+    _, ids = guest_pushed
+    for options, readable in (("allow_other", True), ("allow_other,files_owner_only", False)):
+        remote = RemoteMount(s3_remote, open_tmp / "mnt", tmp_path / "cache", options=options)
+        try:
+            remote.start()
+            p1 = remote.mnt / "vm" / "files" / ids[0] / "p1"
+            hostname = other_user.run("cat", p1 / "etc" / "hostname")
+            assert (hostname.returncode == 0) == readable, hostname.stderr
+            if readable:
+                assert hostname.stdout == "guest\n"
+            notes = other_user.run("cat", p1 / "home" / "alice" / "notes.txt")
+            assert notes.returncode != 0 and "Permission denied" in notes.stderr
+            changes = other_user.run("cat", remote.mnt / "vm" / "changes" / ids[1])
+            assert (changes.returncode == 0) == readable, changes.stderr
+            assert (p1 / "etc" / "hostname").read_bytes() == b"guest\n"  # the owner (root) always
+            remote.stop()
+        finally:
+            remote.cleanup()
