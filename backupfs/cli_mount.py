@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr")
     p.add_argument("-o", dest="options", metavar="OPTIONS",
                    help="mount options, e.g. allow_other, allow_group=GROUP, gid=GROUP,umask=027, files_owner_only; "
-                        "of an s3:// remote: cache=DIR, cache_size=10G")
+                        "of an s3:// remote: cache=DIR, cache_size=10G, files_owner_only")
     p.add_argument("--endpoint", metavar="URL",
                    help="with an s3:// URL: the S3 endpoint (default: $AWS_ENDPOINT_URL, then AWS's own)")
     p.set_defaults(func=cmd_mount)
