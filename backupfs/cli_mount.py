@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr")
     p.add_argument("-o", dest="options", metavar="OPTIONS",
                    help="mount options, e.g. allow_other, allow_group=GROUP, gid=GROUP,umask=027, files_owner_only; "
-                        "of an s3:// remote: cache=DIR, cache_size=10G")
+                        "of an s3:// remote: cache=DIR, cache_size=10G, files_owner_only")
     p.add_argument("--endpoint", metavar="URL",
                    help="with an s3:// URL: the S3 endpoint (default: $AWS_ENDPOINT_URL, then AWS's own)")
     p.set_defaults(func=cmd_mount)
@@ -188,7 +188,8 @@ def _list_mounts() -> int:
         if record is None:
             print(f"{escape(repo)} on {escape(point)} (dead mount: its daemon is gone)")
             continue
-        options = describe_options(("nosuid", "nodev") + record.options)
+        remote = ("ro",) if repo.startswith("s3://") else ()  # a remote mount is always read-only
+        options = describe_options(("nosuid", "nodev") + remote + record.options)
         print(f"{escape(repo)} on {escape(point)} (daemon pid {record.pid}; {escape(options)})")
     return 0
 
@@ -244,7 +245,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
 def _umount_remote(given: str, mp: str) -> int:
     """A remote mount: unmount, then wait for its daemon (it saves its cache's records
     and lets the cache go, so a mount of the same cache right after finds it free)."""
-    from backupfs.remotemount import remote_daemon
+    from backupfs.mountinfo import remote_daemon
 
     pid = remote_daemon(mp)
     proc = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)

@@ -2,8 +2,9 @@
 
 What the tree shows is backupfs/tree.py (no FUSE there); open backups are
 shared through backupfs/views.py; trigger writes run jobs through
-backupfs/jobs.py. This module holds the open files, the read paths and
-the replies.
+backupfs/jobs.py. This module holds what is the local mount's own: devices,
+triggers, the control file, backup reads; what both mounts answer alike
+(lookups, listings, attributes, guest files) is backupfs/readops.py.
 
 Concurrency rules: handlers run as trio tasks, and code between awaits is
 atomic; everything that blocks (source and image I/O, a whole backup job)
@@ -24,31 +25,31 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import pyfuse3
 import trio
 
 from backupfs.control import CONTROL_NAME
 from backupfs.filescache import FilesCache
-from backupfs.filestree import FILES, GUEST, GUEST_KINDS, VOLUMES, FilesView
-from backupfs.historytree import CHANGES, CHANGES_FILE, HISTORY_KINDS, VERSION_FILE, HistoryView
+from backupfs.filestree import FILES, GUEST_KINDS, VOLUMES, FilesView
+from backupfs.handles import Handle, handler
+from backupfs.historytree import CHANGES, CHANGES_FILE, HISTORY_KINDS, HistoryView
 from backupfs.jobs import JobRunner, SourceFactory
-from backupfs.mountaccess import MountAccess, guest_allows
+from backupfs.mountaccess import MountAccess
 from backupfs.mountinfo import find_mount, raise_read_ahead
 from backupfs.mountstatus import STATUS_XATTR
 from backupfs.readbuffers import ReadBuffers
+from backupfs.readops import GUEST_FILE_KINDS, ReadOperations
 from backupfs.relay import inval_attrs_message, inval_entry_message
 from backupfs.repocontrol import MountHooks, RepositoryControl
 from backupfs.requester import Requester
 from backupfs.tree import (
     BACKUP, BACKUPS, BITMAP, CHAIN, DEVDIR, DEVICE, ROOT, ROOT_INODE, SNAPSHOT, TREE_TIMEOUT, Attributes, Node,
-    RequestError, Tree,
+    Tree,
 )
-from backupfs.views import IDLE_VIEW_BYTES, BackupView, ViewCache, read_into
+from backupfs.views import IDLE_VIEW_BYTES, ViewCache, read_into
 from backupfs.writepolicy import InlineWrites
 from engine.advisor import Advisor
 from engine.chain import WouldBlock
@@ -61,8 +62,6 @@ log = logging.getLogger("backupfs.fs")
 
 assert ROOT_INODE == pyfuse3.ROOT_INODE, "tree.py's root must be the kernel's"
 
-# What shows a guest's names or bytes: ``files_owner_only`` keeps other users out.
-PRIVATE_KINDS = frozenset(GUEST_KINDS + HISTORY_KINDS)
 # What never changes through the mount.
 READ_ONLY_KINDS = frozenset((BACKUP,) + GUEST_KINDS + HISTORY_KINDS)
 # MOUNT/.control: repository commands (backupfs/repocontrol.py); the mount owner's alone.
@@ -104,80 +103,7 @@ async def _all_done(futures: list[Future[Any]]) -> None:
     await done.wait()
 
 
-@dataclass
-class Handle:
-    node: Node
-    content: bytes = b""  # rendered text files, fixed at open
-    view: BackupView | None = None
-    entries: list[tuple[bytes, Node]] = field(default_factory=list)
-    next_off: int = 0  # where a sequential reader of a backup reads next
-    advised_to: int = 0  # how far ahead the kernel has been told to read
-    requester: Requester | None = None  # who opened a trigger file for writing
-    opened: float = field(default_factory=time.monotonic)
-    attrs: list[Attributes | None] = field(default_factory=list)  # a guest listing's, made off the loop
-    guest: GuestFile | None = None  # an open file inside a backup's files
-    pid: int = 0  # who opened it (a refused `device remove` names them)
-
-
-@dataclass
-class GuestFile:
-    """What an open guest file holds: its backup's disk (kept open), volume and data."""
-
-    disk: Any
-    rec: Any
-    volume: Any
-    data: Any
-
-
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
-T = TypeVar("T")
-
-
-def handler(fn: F) -> F:
-    """Every request ends in a reply: FUSEError passes, the rest becomes an errno."""
-
-    @functools.wraps(fn)
-    async def wrapper(self: BackupOperations, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await fn(self, *args, **kwargs)
-        except pyfuse3.FUSEError:
-            raise
-        except RequestError as e:
-            raise pyfuse3.FUSEError(e.errno) from None
-        except BackupfsError as e:
-            log.info("%s: %s", fn.__name__, e)
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
-        except OSError as e:
-            log.warning("%s: %s", fn.__name__, e)
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
-        except Exception:
-            log.exception("%s failed", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-class HandleTable:
-    """Open files by handle number, for an Operations class (the local mount's
-    and the remote mount's): the class sets ``_handles`` and ``_next_fh``."""
-
-    _handles: dict[int, Handle]
-    _next_fh: int
-
-    def _new_handle(self, handle: Handle) -> int:
-        fh = self._next_fh
-        self._next_fh += 1
-        self._handles[fh] = handle
-        return fh
-
-    def _handle(self, fh: int) -> Handle:
-        handle = self._handles.get(fh)
-        if handle is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
-        return handle
-
-
-class BackupOperations(HandleTable, pyfuse3.Operations):
+class BackupOperations(ReadOperations, pyfuse3.Operations):
     """The filesystem. Built with its repository, so tests can call it unmounted.
 
     Its collaborators: ``tree`` (names, attributes, texts), ``views`` (open
@@ -252,56 +178,13 @@ class BackupOperations(HandleTable, pyfuse3.Operations):
         a.st_ctime_ns = attrs.mtime_ns if attrs.ctime_ns is None else attrs.ctime_ns
         return a
 
-    async def _model(self, node: Node, fn: Callable[..., T], *args: Any, attributes: bool = False) -> T:
-        """Ask the tree model: inline, or in a worker for the kinds that read a guest
-        (``attributes``: a getattr or xattr request, inline for the kinds whose
-        attributes read nothing: `ls -l files/` of 1,000 backups hopped 1,000 times)."""
-        if node.kind in self.tree.blocking_kinds and not (
-                attributes and node.kind in self.tree.quick_attribute_kinds):
-            return await trio.to_thread.run_sync(functools.partial(fn, *args), limiter=self._io)
-        return fn(*args)
-
-    def _admit(self, ctx: pyfuse3.RequestContext) -> None:
-        """``allow_group``: the owner, root and the group's members; EACCES for the rest."""
-        if self.access.group is not None and not self.access.lets_in(ctx.uid, ctx.gid, ctx.pid):
-            raise pyfuse3.FUSEError(errno.EACCES)
-
     def _let_in(self, node: Node, ctx: pyfuse3.RequestContext) -> None:
-        """``_admit``; and ``files_owner_only``: a backup's files are the mount owner's (and root's) alone."""
-        self._admit(ctx)
-        if self.files_owner_only and node.kind in PRIVATE_KINDS and ctx.uid not in (0, self.uid):
-            raise pyfuse3.FUSEError(errno.EACCES)
-        # Its commands run with the daemon's rights, on paths the writer names:
-        # the owner's alone, whatever allow_other lets in (root of another mount too).
+        """ReadOperations' rule, and the control file: its commands run with the
+        daemon's rights, on paths the writer names: the owner's alone, whatever
+        allow_other lets in (root of another mount too)."""
+        super()._let_in(node, ctx)
         if node.kind == CONTROL and ctx.uid != self.uid:
             raise pyfuse3.FUSEError(errno.EACCES)
-
-    async def _guest_grants(self, node: Node, ctx: pyfuse3.RequestContext, want: int) -> None:
-        """Anyone but the owner and root gets into a guest's own entries only by
-        their "other" bits (mountaccess.guest_allows says why): the kernel has
-        already checked the modes against the caller's uid and groups, which
-        may coincide with a guest's by chance."""
-        if node.kind not in PRIVATE_KINDS or self.access.privileged(ctx.uid):
-            return
-        if not await self._model(node, self._others_reach, node, want, attributes=True):
-            raise pyfuse3.FUSEError(errno.EACCES)
-
-    def _others_reach(self, node: Node, want: int) -> bool:
-        """Whether the guest lets everyone ``want`` on ``node`` and search every
-        guest directory above it. The directories too: a path the owner has
-        walked is kept by the kernel, and a walk through it is checked only
-        against the modes, where a uid that equals the guest's passes."""
-        attrs = self.tree.attributes(node)
-        if attrs.uid is not None and not guest_allows(attrs.mode, want):
-            return False
-        while attrs.uid is not None:
-            node = self.tree.parent(node)
-            if node.kind not in PRIVATE_KINDS:
-                break
-            attrs = self.tree.attributes(node)
-            if attrs.uid is not None and not guest_allows(attrs.mode, os.X_OK):
-                return False
-        return True
 
     # -- the kernel's read-ahead, and unmount -------------------------------------
 
@@ -337,30 +220,6 @@ class BackupOperations(HandleTable, pyfuse3.Operations):
     # -- lookups and attributes ---------------------------------------------------------
 
     @handler
-    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        parent = self.inodes.node(parent_inode)
-        self._let_in(parent, ctx)
-        await self._guest_grants(parent, ctx, os.X_OK)
-        child, attrs = await self._model(parent, self._child_attrs, parent, name)
-        self.inodes.looked_up(child)
-        return attrs
-
-    def _child_attrs(self, parent: Node, name: bytes) -> tuple[Node, pyfuse3.EntryAttributes]:
-        child = self.tree.child(parent, name)
-        return child, self._attrs(child)
-
-    @handler
-    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        node = self.inodes.node(inode)
-        self._admit(ctx)
-        return await self._model(node, self._existing_attrs, node, attributes=True)
-
-    def _existing_attrs(self, node: Node) -> pyfuse3.EntryAttributes:
-        if not self.tree.exists(node):
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._attrs(node)
-
-    @handler
     async def setattr(
         self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
         fh: int | None, ctx: pyfuse3.RequestContext,
@@ -377,30 +236,6 @@ class BackupOperations(HandleTable, pyfuse3.Operations):
         # ignored (plain `dd of=device` truncates first). O_TRUNC on the
         # snapshot file (`echo full > snapshot`) is ignored too.
         return self._attrs(node)
-
-    @handler
-    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        node = self.inodes.node(inode)
-        self._let_in(node, ctx)
-        return await self._model(node, self.tree.link_target, node)
-
-    @handler
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        node = self.inodes.node(inode)
-        self._let_in(node, ctx)
-        await self._guest_grants(node, ctx, os.R_OK)
-        values = await self._model(node, self.tree.xattrs, node, attributes=True)
-        value = values.get(name)
-        if value is None:
-            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        return value
-
-    @handler
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        node = self.inodes.node(inode)
-        self._let_in(node, ctx)
-        await self._guest_grants(node, ctx, os.R_OK)
-        return list(await self._model(node, self.tree.xattrs, node, attributes=True))
 
     @handler
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -423,59 +258,6 @@ class BackupOperations(HandleTable, pyfuse3.Operations):
         return out
 
     # -- directories ----------------------------------------------------------------------
-
-    @handler
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        node = self.inodes.node(inode)
-        self._let_in(node, ctx)
-        await self._guest_grants(node, ctx, os.R_OK)
-        handle = await self._model(node, self._listed, node)
-        return self._new_handle(handle)
-
-    def _listed(self, node: Node) -> Handle:
-        if not self.tree.exists(node):
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        # `.` and `..` first, as every local file system lists them (`ls -a`,
-        # and tools that count a directory's entries, expect them).
-        dots = [(b".", node), (b"..", self.tree.parent(node))]
-        if node.kind == GUEST:  # described from the one listing (FilesView.described_children says why)
-            described = self.files.described_children(node)
-            handle = Handle(node, entries=dots + [(name, child) for name, child, _ in described])
-            handle.attrs = [self._described(name, child) for name, child in dots]
-            handle.attrs += [attrs for _, _, attrs in described]
-            return handle
-        entries = dots + self.tree.children(node)
-        handle = Handle(node, entries=entries)
-        if node.kind in self.tree.blocking_kinds:  # described here, off the event loop
-            handle.attrs = [self._described(name, child) for name, child in entries]
-        return handle
-
-    def _described(self, name: bytes, node: Node) -> Attributes | None:
-        try:
-            return self.tree.attributes(node)
-        except (RequestError, BackupfsError) as e:
-            # Vanished since opendir, or cannot be described now: the
-            # rest of the listing still shows.
-            log.info("readdir: leaving out %r: %s", name, e)
-            return None
-
-    @handler
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        handle = self._handle(fh)
-        for i, (name, node) in enumerate(handle.entries[start_id:], start_id):
-            attrs = handle.attrs[i] if handle.attrs else self._described(name, node)
-            if attrs is None:
-                continue
-            if not pyfuse3.readdir_reply(token, name, self._entry(attrs, node.kind), i + 1):
-                break
-            if i >= 2:  # the kernel counts a lookup for each entry but `.` and `..`
-                self.inodes.looked_up(node)
-
-    @handler
-    async def releasedir(self, fh: int) -> None:
-        handle = self._handles.pop(fh, None)
-        if handle is not None and handle.attrs:
-            self.inodes.drop_unheld([node for _, node in handle.entries[2:]])
 
     # -- files -------------------------------------------------------------------------------
 
@@ -534,15 +316,8 @@ class BackupOperations(HandleTable, pyfuse3.Operations):
             requester = Requester.of(ctx.pid) if writing else None
             fh = self._new_handle(Handle(node, content=content, requester=requester))
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
-        if node.kind in (GUEST, VERSION_FILE):
-            if writing or flags & os.O_TRUNC:
-                raise pyfuse3.FUSEError(errno.EROFS)
-            await self._guest_grants(node, ctx, os.R_OK)
-            opener = self.files.open_file if node.kind == GUEST else self.history.open_file
-            disk, rec, volume, data = await trio.to_thread.run_sync(opener, node, limiter=self._io)
-            fh = self._new_handle(Handle(node, guest=GuestFile(disk, rec, volume, data)))
-            self._raise_read_ahead()
-            return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=True)  # a backup never changes
+        if node.kind in GUEST_FILE_KINDS:
+            return await self._open_guest(node, flags, ctx)
         if node.kind in (CHAIN, BITMAP, VOLUMES, CHANGES_FILE):
             # A changes file's text is computed here, once per open, and its
             # size in stat is 0: direct_io makes readers read to the end
@@ -550,9 +325,7 @@ class BackupOperations(HandleTable, pyfuse3.Operations):
             if writing:
                 read_only = node.kind == VOLUMES or node.kind in READ_ONLY_KINDS
                 raise pyfuse3.FUSEError(errno.EROFS if read_only else errno.EACCES)
-            content = await trio.to_thread.run_sync(self.tree.text, node, limiter=self._io)
-            fh = self._new_handle(Handle(node, content=content))
-            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+            return await self._open_text(node)
         if node.kind == BACKUP:
             if writing or flags & os.O_TRUNC:
                 raise pyfuse3.FUSEError(errno.EROFS)
@@ -579,8 +352,7 @@ class BackupOperations(HandleTable, pyfuse3.Operations):
         if node.kind == BACKUP:
             return await self._read_backup(handle, off, size)
         if handle.guest is not None:
-            g = handle.guest
-            return await trio.to_thread.run_sync(g.volume.read_data, g.data, off, size, limiter=self._io)
+            return await self._read_guest(handle.guest, off, size)
         if node.kind == DEVICE:
             dev = self.repo.device(node.device or "")
             try:
@@ -874,8 +646,7 @@ class BackupOperations(HandleTable, pyfuse3.Operations):
             await trio.to_thread.run_sync(self.relay.unregister, fh, limiter=self._io)
         if handle is not None and handle.view is not None and handle.node.backup:
             self.views.release(handle.node.backup)
-        if handle is not None and handle.guest is not None:
-            self.files.close_file(handle.guest.rec, handle.guest.disk)
+        self._close_guest(handle)
 
     # -- what the tree does not allow ----------------------------------------------------
 
@@ -921,13 +692,6 @@ class BackupOperations(HandleTable, pyfuse3.Operations):
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         raise self._refuse(new_parent_inode)
-
-    @handler
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
-        # The fixed tree's numbers live as long as the mount; a guest's
-        # files are dropped when the kernel lets go of them.
-        for inode, count in inode_list:
-            self.inodes.forget(inode, count)
 
 
 def _process(pid: int) -> str:

@@ -196,7 +196,7 @@ async def _load_parsers() -> None:
     log.info("guest filesystem parsers loaded in %.2f s", time.monotonic() - started)
 
 
-async def _drop_idle_files(ops: BackupOperations) -> None:
+async def _drop_idle_files(ops: Any) -> None:
     """Close the guest disks nobody used for a while (their parsed volumes
     and listings), even when no later request comes to notice it."""
     while True:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import errno
+import hashlib
 import os
 import re
 import select
 import stat
+import tempfile
 from dataclasses import dataclass
 
 from backupfs.mountaccess import VALUE_OPTIONS, check_value
@@ -220,6 +222,11 @@ def find_mount(mountpoint: str) -> tuple[str, str] | None:
 
 def _backupfs_mounts() -> list[tuple[str, str, str]]:
     """(mount point, source, major:minor) of each backupfs mount, from mountinfo."""
+    return [(point, source, device) for point, source, device, _ in _backupfs_mounts_typed()]
+
+
+def _backupfs_mounts_typed() -> list[tuple[str, str, str, str]]:
+    """``_backupfs_mounts`` with each mount's type ("fuse.backupfs", or "fuse")."""
     try:
         with open("/proc/self/mountinfo", "rb") as f:
             lines = [os.fsdecode(line) for line in f]
@@ -231,7 +238,7 @@ def _backupfs_mounts() -> list[tuple[str, str, str]]:
         fields = left.split()
         rfields = right.split()
         if len(fields) >= 5 and len(rfields) >= 2 and rfields[0] in ("fuse.backupfs", "fuse"):
-            out.append((_unescape(fields[4]), _unescape(rfields[1]), fields[2]))
+            out.append((_unescape(fields[4]), _unescape(rfields[1]), fields[2], rfields[0]))
     return out
 
 
@@ -239,14 +246,65 @@ def listed_mounts() -> list[tuple[str, str, MountRecord | None]]:
     """(mount point, repository, its record if its daemon lives) of each
     backupfs mount, for `backupfs mount` with no arguments. A plain "fuse"
     mount counts only when its source is a directory (another program's
-    export is not ours)."""
+    export is not ours); a remote's (``fuse.backupfs``, its source the
+    s3:// URL) by its daemon's runtime record."""
     out = []
-    for point, source, _ in _backupfs_mounts():
+    for point, source, _, fstype in _backupfs_mounts_typed():
+        if fstype == "fuse.backupfs" and source.startswith(S3_SCHEME):
+            out.append((point, source, remote_mount_record(point)))
+            continue
         if not os.path.isdir(source):
             continue
         rec = read_mount_record(source)
         out.append((point, source, rec if rec is not None and rec.mountpoint == point else None))
     return out
+
+
+S3_SCHEME = "s3://"
+
+
+def runtime_record(mountpoint: str) -> str:
+    """Where `umount` and `mount` (listing) find a remote mount's daemon (the remote has
+    no directory of ours to hold it): a file per mount point in the user's runtime directory."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or ("/run" if os.geteuid() == 0 else tempfile.gettempdir())
+    directory = os.path.join(base, f"backupfs-{os.geteuid()}")
+    tag = hashlib.sha256(os.fsencode(os.path.normpath(mountpoint))).hexdigest()[:32]
+    return os.path.join(directory, f"remote-mount-{tag}.json")
+
+
+def remote_daemon(mountpoint: str) -> int | None:
+    """The pid of the daemon serving a remote mount at ``mountpoint``, if recorded."""
+    rec = _load_remote_record(mountpoint)
+    return None if rec is None else rec.pid
+
+
+def remote_mount_record(mountpoint: str) -> MountRecord | None:
+    """A remote mount's record (its URL as ``repo``), if its daemon lives."""
+    rec = _load_remote_record(mountpoint)
+    if rec is None:
+        return None
+    try:
+        os.kill(rec.pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return rec
+
+
+def _load_remote_record(mountpoint: str) -> MountRecord | None:
+    try:
+        with open(runtime_record(mountpoint)) as f:
+            data = json.load(f)
+        if data.get("mountpoint") != os.path.normpath(mountpoint):
+            return None
+        options = data.get("options", [])
+        if not isinstance(options, list):
+            options = []
+        return MountRecord(int(data["pid"]), str(data["mountpoint"]), str(data["repo"]),
+                           tuple(str(o) for o in options))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def mount_holding(path: str) -> tuple[str, str] | None:

@@ -3,16 +3,21 @@
 The same tree model as a local mount (backupfs/tree.py) over a
 ``RemoteRepository`` (engine/remote/remoterepo.py): ``<device>/backups/<id>``,
 ``latest`` and ``chain``, with the same sizes, times and extended
-attributes. A remote has no live disk, no jobs and no control file, so a
-device's directory shows only ``chain`` and ``backups``; the kernel mount is
-``ro`` (every write is EROFS before it reaches us).
+attributes, and the same files view (``files/``, backupfs/filestree.py)
+and history (``changes/``, ``versions/``, backupfs/historytree.py), built
+from the same pieces over the remote's backups. A remote has no live disk,
+no jobs and no control file, so a device's directory shows no ``device``,
+``snapshot`` or ``bitmap``; the kernel mount is ``ro`` (every write is EROFS
+before it reaches us).
 
 Kept apart from backupfs/fs.py, whose operations are built around a local
-repository's jobs, devices and control file: this one only looks up,
-lists, describes and reads. A backup is always read in a worker thread
-(a read may wait for the network); the chain under it fetches what it is
-about to read through the object cache, and a remote that stops answering
-fails that read with EIO once the store's timeouts run out.
+repository's jobs, devices and control file; what both answer alike
+(lookups, listings, attributes, who may see a guest's files, guest files
+opened and read) is backupfs/readops.py. A backup, and a guest file, is
+always read in a worker thread (a read may wait for the network); the
+chain under it fetches what it is about to read through the object cache,
+and a remote that stops answering fails that read with EIO once the
+store's timeouts run out.
 """
 
 from __future__ import annotations
@@ -20,17 +25,24 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import time
 from typing import Any
 
 import pyfuse3
 import trio
 
-from backupfs.fs import Handle, HandleTable, handler
+from backupfs.filescache import FilesCache
+from backupfs.filestree import FILES_LATEST, VOLUMES, FilesView
+from backupfs.handles import Handle, handler
+from backupfs.historytree import CHANGES_FILE, HistoryView
+from backupfs.mountaccess import MountAccess
 from backupfs.mountinfo import find_mount, raise_read_ahead
+from backupfs.readops import GUEST_FILE_KINDS, ReadOperations
 from backupfs.tree import BACKUP, BACKUPS, CHAIN, LATEST, ROOT, Attributes, Node, Tree
 from backupfs.views import ViewCache, read_into
 from engine.errors import BackupfsError
+from engine.history.history import History
 from engine.remote.remoterepo import RemoteRepository
 
 log = logging.getLogger("backupfs.fs")
@@ -42,45 +54,60 @@ def _no_status(device: str) -> Any:
     raise BackupfsError(f"device {device}: a remote has no jobs")
 
 
-class RemoteOperations(HandleTable, pyfuse3.Operations):
-    """Lookups, listings, attributes and reads of a remote's backups."""
+class RemoteOperations(ReadOperations, pyfuse3.Operations):
+    """Lookups, listings, attributes and reads of a remote's backups and their files."""
 
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, repo: RemoteRepository, mountpoint: str) -> None:
+    def __init__(self, repo: RemoteRepository, mountpoint: str, files_owner_only: bool = False) -> None:
+        """``files_owner_only``: as a local mount's option, the guest's files (files/,
+        changes/, versions/) are the mount owner's and root's alone."""
         super().__init__()
         self.repo = repo
         self.mountpoint = mountpoint
         self.relay: Any = None  # backupfs/relay.py, once mounted (None: reads in workers)
         self._read_ahead_raised = False
         self.tree = Tree(repo, _no_status, time.time_ns())  # type: ignore[arg-type]
-        self.tree.devdir_entries = [("chain", CHAIN), ("backups", BACKUPS)]
+        self.tree.devdir_entries = [("chain", CHAIN), ("backups", BACKUPS)]  # the views add theirs
         self.inodes = self.tree.inodes
         self.views = ViewCache(repo)  # type: ignore[arg-type]
+        files_cache = FilesCache(self.views)
+        self.files = FilesView(self.tree, files_cache, owner_only=files_owner_only)
+        self.history = HistoryView(self.tree, files_cache, History(repo, open_disk=files_cache.using),
+                                   owner_only=files_owner_only)
+        self.files_owner_only = files_owner_only
         self.uid, self.gid = os.getuid(), os.getgid()
+        self.access = MountAccess(self.uid)  # the owner; with allow_other, others by the guest's "other" bits
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._io = trio.CapacityLimiter(WORKERS)
 
-    def _entry(self, attrs: Attributes) -> pyfuse3.EntryAttributes:
+    def _entry(self, attrs: Attributes, kind: str) -> pyfuse3.EntryAttributes:
+        """The mount's own files owned by its user, write bits taken away; a guest's
+        entries with the guest's owners, modes and times, as a local mount shows them."""
         a = pyfuse3.EntryAttributes()
         a.st_ino = attrs.inode
-        a.st_uid, a.st_gid = self.uid, self.gid
+        guest_owned = attrs.uid is not None
+        a.st_uid = self.uid if attrs.uid is None else attrs.uid
+        a.st_gid = self.gid if attrs.gid is None else attrs.gid
+        a.st_rdev = attrs.rdev
         a.st_nlink = attrs.nlink
         a.st_blksize = attrs.blksize
         a.entry_timeout = attrs.entry_timeout
         a.attr_timeout = attrs.attr_timeout
-        a.st_mode = attrs.mode & ~0o222  # nothing is writable here
+        # Nothing is writable here; a guest's modes and symlinks are shown as they are.
+        keep = guest_owned or stat.S_ISLNK(attrs.mode)
+        a.st_mode = attrs.mode if keep else attrs.mode & ~0o222
         a.st_size = attrs.size
         a.st_blocks = attrs.blocks
-        a.st_mtime_ns = a.st_atime_ns = a.st_ctime_ns = attrs.mtime_ns
+        a.st_mtime_ns = attrs.mtime_ns
+        a.st_atime_ns = attrs.mtime_ns if attrs.atime_ns is None else attrs.atime_ns
+        a.st_ctime_ns = attrs.mtime_ns if attrs.ctime_ns is None else attrs.ctime_ns
         return a
 
-    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
-        return self._entry(self.tree.attributes(node))
-
     def close_views(self) -> None:
+        self.files.disks.drop_all()  # the guest disks first: each holds a view
         self.views.close_all()
 
     # -- the relay: backup reads in its threads -------------------------------------
@@ -123,46 +150,17 @@ class RemoteOperations(HandleTable, pyfuse3.Operations):
     # -- names and attributes ------------------------------------------------------------
 
     @handler
-    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        child = self.tree.child(self.inodes.node(parent_inode), name)
-        attrs = self._attrs(child)
-        self.inodes.looked_up(child)
-        return attrs
-
-    @handler
-    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        node = self.inodes.node(inode)
-        if not self.tree.exists(node):
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._attrs(node)
-
-    @handler
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EROFS)
 
-    @handler
-    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return self.tree.link_target(self.inodes.node(inode))
-
     def _xattrs(self, node: Node) -> dict[bytes, bytes]:
-        """A backup's as a local mount's; the root's: what the cache fetched and served
-        (GETs, bytes, reads met from the cache), since this mount started."""
+        """A backup's and a guest file's as a local mount's; the root's: what the cache
+        fetched and served (GETs, bytes, reads met from the cache), since this mount started."""
         if node.kind == ROOT:
             stats = self.repo.cache.stats
             return {f"user.backupfs.remote_{k}".encode(): str(v).encode() for k, v in stats.items()}
         return self.tree.xattrs(node)
-
-    @handler
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        value = self._xattrs(self.inodes.node(inode)).get(name)
-        if value is None:
-            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        return value
-
-    @handler
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return list(self._xattrs(self.inodes.node(inode)))
 
     @handler
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -181,41 +179,20 @@ class RemoteOperations(HandleTable, pyfuse3.Operations):
         out.f_bfree = out.f_bavail = out.f_ffree = out.f_favail = 0  # nothing can be written
         return out
 
-    # -- directories ----------------------------------------------------------------------
-
-    @handler
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        node = self.inodes.node(inode)
-        if not self.tree.exists(node):
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        entries = [(b".", node), (b"..", self.tree.parent(node))] + self.tree.children(node)
-        return self._new_handle(Handle(node, entries=entries))
-
-    @handler
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        handle = self._handle(fh)
-        for i, (name, node) in enumerate(handle.entries[start_id:], start_id):
-            attrs = self._entry(self.tree.attributes(node))
-            if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
-                break
-            if i >= 2:  # the kernel counts a lookup for each entry but `.` and `..`
-                self.inodes.looked_up(node)
-
-    @handler
-    async def releasedir(self, fh: int) -> None:
-        self._handles.pop(fh, None)
-
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
-        for inode, count in inode_list:
-            self.inodes.forget(inode, count)
-
     # -- files -------------------------------------------------------------------------------
 
     @handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self.inodes.node(inode)
+        self._let_in(node, ctx)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise pyfuse3.FUSEError(errno.EROFS)
+        if not await self._model(node, self.tree.exists, node):  # a version's looks into backups: a worker's
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if node.kind in GUEST_FILE_KINDS:
+            return await self._open_guest(node, flags, ctx)
+        if node.kind in (CHAIN, VOLUMES, CHANGES_FILE):
+            return await self._open_text(node)
         handle = Handle(node)
         if node.kind == BACKUP:
             rec = self.tree.backup(node)
@@ -231,18 +208,15 @@ class RemoteOperations(HandleTable, pyfuse3.Operations):
             fi = pyfuse3.FileInfo(fh=fh)
             fi.keep_cache = True  # a backup never changes
             return fi
-        if node.kind == LATEST:
+        if node.kind in (LATEST, FILES_LATEST):
             raise pyfuse3.FUSEError(errno.ELOOP)
-        if node.kind != CHAIN:
-            raise pyfuse3.FUSEError(errno.EISDIR)
-        handle.content = self.tree.text(node)
-        fi = pyfuse3.FileInfo(fh=self._new_handle(handle))
-        fi.direct_io = True  # rendered at open: its size may differ from the last getattr's
-        return fi
+        raise pyfuse3.FUSEError(errno.EISDIR)
 
     @handler
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
         handle = self._handle(fh)
+        if handle.guest is not None:
+            return await self._read_guest(handle.guest, off, size)
         if handle.view is None:
             return handle.content[off:off + size]
         try:
@@ -260,6 +234,7 @@ class RemoteOperations(HandleTable, pyfuse3.Operations):
         self._handles.pop(fh, None)
         if handle is not None and handle.view is not None and handle.node.backup:
             self.views.release(handle.node.backup)
+        self._close_guest(handle)
 
     @handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:

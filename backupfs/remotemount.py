@@ -15,14 +15,13 @@ import json
 import logging
 import os
 import signal
-import tempfile
 
 import pyfuse3
 import trio
 
-from backupfs.mount import ALWAYS_OPTIONS, _on_relay_end, allow_other_refused
+from backupfs.mount import ALWAYS_OPTIONS, _drop_idle_files, _load_parsers, _on_relay_end, allow_other_refused
 from backupfs.relay import start_relay
-from backupfs.mountinfo import MOUNT_RECORD, check_mountpoint
+from backupfs.mountinfo import MOUNT_RECORD, check_mountpoint, runtime_record
 from backupfs.remotefs import RemoteOperations
 from collections.abc import Callable
 from engine.chain import read_path
@@ -53,16 +52,19 @@ def read_timeout() -> float:
         return READ_TIMEOUT
     return value if 1 <= value <= 300 else READ_TIMEOUT
 REMOTE_OPTIONS = ("cache", "cache_size")
+FLAG_OPTIONS = ("files_owner_only",)  # ours, as a local mount's: the guest's files are the owner's alone
 FUSE_OPTIONS = {"allow_other", "allow_root", "default_permissions", "noatime", "ro"}
 
 
 def split_options(options: list[str]) -> tuple[dict[str, str], list[str]]:
-    """-o of a remote mount: (cache, cache_size) and the FUSE options it allows."""
+    """-o of a remote mount: (cache, cache_size, files_owner_only) and the FUSE options it allows."""
     ours: dict[str, str] = {}
     fuse: list[str] = []
     for opt in options:
         name, eq, value = opt.partition("=")
-        if name in REMOTE_OPTIONS and eq and value:
+        if name in FLAG_OPTIONS and not eq:
+            ours[name] = ""
+        elif name in REMOTE_OPTIONS and eq and value:
             ours[name] = value
             if name == "cache_size" and parse_size(value, "cache_size") < MIN_CACHE:
                 raise UsageError(f"cache_size {value} is below the smallest cache ({MIN_CACHE >> 20}M)")
@@ -70,7 +72,7 @@ def split_options(options: list[str]) -> tuple[dict[str, str], list[str]]:
             fuse.append(name)
         else:
             raise UsageError(f"mount option {opt!r} is not one a remote mount takes "
-                             f"(cache=DIR, cache_size=SIZE, {', '.join(sorted(FUSE_OPTIONS))})")
+                             f"(cache=DIR, cache_size=SIZE, {', '.join(sorted(FUSE_OPTIONS | set(FLAG_OPTIONS)))})")
     return ours, fuse
 
 
@@ -78,25 +80,6 @@ def cache_dir_for(url: str, endpoint: str | None) -> str:
     """The default cache of a remote: its own directory under the user's cache."""
     tag = hashlib.sha256(f"{endpoint or ''} {url}".encode()).hexdigest()[:16]
     return os.path.join(default_cache_dir(), f"remote-{tag}")
-
-
-def runtime_record(mountpoint: str) -> str:
-    """Where `umount` finds a remote mount's daemon (the remote has no directory of
-    ours to hold it): a file per mount point in the user's runtime directory."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or ("/run" if os.geteuid() == 0 else tempfile.gettempdir())
-    directory = os.path.join(base, f"backupfs-{os.geteuid()}")
-    tag = hashlib.sha256(os.fsencode(os.path.normpath(mountpoint))).hexdigest()[:32]
-    return os.path.join(directory, f"remote-mount-{tag}.json")
-
-
-def remote_daemon(mountpoint: str) -> int | None:
-    """The pid of the daemon serving a remote mount at ``mountpoint``, if recorded."""
-    try:
-        with open(runtime_record(mountpoint)) as f:
-            data = json.load(f)
-        return int(data["pid"]) if data.get("mountpoint") == os.path.normpath(mountpoint) else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def log_path(url: str, endpoint: str | None, options: list[str]) -> str:
@@ -131,7 +114,7 @@ def serve_remote(url: str, endpoint: str | None, mountpoint: str, options: list[
         if refused:
             ready(refused)
             return
-        ops = RemoteOperations(repo, mp)
+        ops = RemoteOperations(repo, mp, files_owner_only="files_owner_only" in ours)
         fuse_options = (set(pyfuse3.default_options) | set(fuse) | set(ALWAYS_OPTIONS)
                         | {"ro", f"fsname={_fsname(location.url)}", "subtype=backupfs"})
         log.info("backups are read by the %s read loop, through the cache %s (%s at most)", read_path(),
@@ -181,6 +164,8 @@ async def _main(url: str, ready: Callable[[str | None], None], cache: ObjectCach
                 ops: RemoteOperations) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_on_signals)
+        nursery.start_soon(_load_parsers)  # the files view's, as a local mount loads them
+        nursery.start_soon(_drop_idle_files, ops)
         if ops.relay is not None:
             nursery.start_soon(_on_relay_end, ops.relay)
         ready(None)

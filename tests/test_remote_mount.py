@@ -118,7 +118,8 @@ def test_remote_mount_serves_the_local_bytes_then_from_the_cache(pushed: tuple[P
         local.start()
         remote.start()
         assert sorted(os.listdir(remote.mnt)) == ["vm1"]
-        assert sorted(os.listdir(remote.mnt / "vm1")) == ["backups", "chain"]  # no device, snapshot, bitmap
+        # No device, snapshot, bitmap.
+        assert sorted(os.listdir(remote.mnt / "vm1")) == ["backups", "chain", "changes", "files", "versions"]
         assert sorted(os.listdir(remote.mnt / "vm1" / "backups")) == sorted(ids + ["latest"])
         assert os.readlink(remote.mnt / "vm1" / "backups" / "latest") == ids[-1]
         assert _read(remote.mnt / "vm1" / "chain") == _read(local.path("vm1", "chain"))
@@ -362,7 +363,7 @@ def test_an_endpoint_that_hangs_gives_eio_after_the_read_timeout(pushed: tuple[P
 def test_remote_mount_options_are_refused_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "mnt").mkdir()
     for options, says in (("cache_size=1M", "below the smallest cache"), ("cache_size=lots", "is not a size"),
-                          ("files_owner_only", "not one a remote mount takes")):
+                          ("allow_group=0", "not one a remote mount takes")):
         proc = cli("mount", "s3://bkt/p", tmp_path / "mnt", "-o", options, check=False)
         err = proc.stderr.decode()
         assert proc.returncode != 0 and says in err and len(err.strip().splitlines()) == 1, err

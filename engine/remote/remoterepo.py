@@ -2,7 +2,8 @@
 
 `backupfs mount s3://BUCKET/PREFIX MOUNT` serves the same tree a local
 mount does for backups (backupfs/tree.py): devices, their backups, the
-newest, and a backup opened for reading. ``RemoteRepository`` answers
+newest, a backup opened for reading, and through it the files view and
+the history (a backup's chain, for the tables two backups differ in). ``RemoteRepository`` answers
 those from the catalog snapshot read at mount time (a later push is seen
 after a remount) and opens a backup as a chain of its lineage's objects,
 each read through the object cache (engine/remote/objcache.py) by ranged
@@ -78,7 +79,20 @@ class RemoteRepository:
         return self.cache.open(obj, found.etag)
 
     def open_backup(self, backup_id: str) -> ChainView | VerifiedView:
-        """The backup as one chain of its lineage's objects, tip first, read by ranged GETs."""
+        """The backup as one chain of its lineage's objects, tip first, read by ranged GETs,
+        checked against the lineage's checksum files."""
+        view = self.chain(backup_id)
+        try:
+            return self._verified(view, backup_id)
+        except BaseException:
+            view.close()
+            raise
+
+    def chain(self, backup_id: str) -> ChainView:
+        """The backup's chain, unchecked: what the history (engine/history/history.py)
+        asks of a repository to compare two backups' tables (no data read)."""
+        if self.catalog.backup(backup_id) is None:
+            raise ErrnoError(f"{self.url}: no backup {backup_id!r}", errno.ENOENT)
         layers: list[Layer] = []
         try:
             for entry in self.catalog.lineage(backup_id):
@@ -91,15 +105,10 @@ class RemoteRepository:
                     raise ErrnoError(f"{self.url}: {img.key}: {e}", e.errno or errno.EIO) from None
                 layer.path = f"{self.url}/{img.key}"  # what errors and the log name
                 layers.append(layer)
-            view = ChainView(layers)
+            return ChainView(layers)
         except BaseException:
             for layer in layers:
                 layer.close()
-            raise
-        try:
-            return self._verified(view, backup_id)
-        except BaseException:
-            view.close()
             raise
 
     def _verified(self, view: ChainView, backup_id: str) -> ChainView | VerifiedView:
