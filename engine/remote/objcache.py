@@ -52,7 +52,13 @@ log = logging.getLogger("backupfs.remote")
 BLOCK = 1 << 20  # the unit fetched, cached and evicted
 GET_BYTES = 8 << 20  # one ranged GET fetches up to this many contiguous missing blocks
 FETCHERS = 8  # GETs in flight
-AHEAD_BLOCKS = 64  # how far a sequential reader is fetched ahead (at most a quarter of the cache)
+# How far a sequential reader is fetched ahead: FIRST_AHEAD blocks at first, doubled at
+# each refill while it stays sequential, up to AHEAD_BLOCKS (and a quarter of the cache).
+# Measured in one process over radosgw (512 MiB, 4 readers): a fixed 64 blocks read at
+# 204-221 MiB/s, 128 at 284-303, 256 at 292-429, with the fetchers idle between refills;
+# the ramp keeps a reader that stops early (a partition probe) from costing 256 MiB of GETs.
+FIRST_AHEAD = 16
+AHEAD_BLOCKS = 256
 SEQUENTIAL_SLACK = 8 * BLOCK  # a read this near the last one's end is sequential
 MIN_CACHE = 16 << 20
 # Seconds between saves of an object's record while blocks change: a save
@@ -255,6 +261,7 @@ class CachedObject:
         self._saved = time.monotonic()
         self._seq_end = -(2 * BLOCK)  # no read yet: the first is not sequential
         self._ahead_to = 0
+        self._window = FIRST_AHEAD
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             self._load()
@@ -422,10 +429,12 @@ class CachedObject:
         sequential = offset > 0 and abs(offset - self._seq_end) <= SEQUENTIAL_SLACK
         self._seq_end = max(end, self._seq_end) if sequential else end
         if not sequential:
+            self._window = FIRST_AHEAD
             return
-        ahead = min(AHEAD_BLOCKS, max(1, self.cache.limit // BLOCK // 4))
-        if self._ahead_to - end // BLOCK > ahead // 2:
-            return  # far enough ahead still: refill in batches of at least half the window
+        ahead = min(self._window, AHEAD_BLOCKS, max(1, self.cache.limit // BLOCK // 4))
+        if self._ahead_to - end // BLOCK > ahead - min(ahead // 2, GET_BYTES // BLOCK):
+            return  # far enough ahead still: refill once a whole GET fits in the window
+        self._window = min(2 * self._window, AHEAD_BLOCKS)
         first = max(offset // BLOCK, self._ahead_to)
         stop = min(end // BLOCK + 1 + ahead, self.blocks)
         if first >= stop:
