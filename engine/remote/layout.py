@@ -3,7 +3,8 @@
 ::
 
     backupfs-remote.json            {"format": 1}
-    lock.json                       the writer's lock (engine/remote/lock.py)
+    lock/1765000000000012.json      the writer's lock: numbered write-once objects, the
+                                    newest is the lock's state (engine/remote/lock.py)
     catalog/0000000007.json         numbered write-once catalog snapshots; the newest
                                     complete one that parses is the catalog
     devices/<dev>/<id>.qcow2        a backup's image, as pushed first
@@ -34,7 +35,11 @@ from engine.validate import NAME_RE
 
 FORMAT = 1
 FORMAT_KEY = "backupfs-remote.json"
-LOCK_KEY = "lock.json"
+LOCK_DIR = "lock"
+LOCK_KEY_RE = re.compile(r"lock/(\d{16})\.json")
+MAX_LOCK_NUMBER = 10 ** 16 - 1
+# Where backupfs before the numbered lock kept it (rewritten in place); honoured while live.
+LEGACY_LOCK_KEY = "lock.json"
 CATALOG_DIR = "catalog"
 CATALOG_KEY_RE = re.compile(r"catalog/(\d{10})\.json")
 # How many catalog snapshots a push keeps (the newest and a few before it).
@@ -49,6 +54,10 @@ class RemoteFormatError(BackupfsError):
 
 def catalog_key(number: int) -> str:
     return f"{CATALOG_DIR}/{number:010d}.json"
+
+
+def lock_key(number: int) -> str:
+    return f"{LOCK_DIR}/{number:016d}.json"
 
 
 def object_keys(device: str, ident: str, revision: int) -> tuple[str, str]:

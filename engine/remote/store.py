@@ -258,13 +258,6 @@ class RemoteStore:
                    Key=self.location.key(rel), Body=body, IfNoneMatch="*")
         return self._check(rel, len(body), etag), etag
 
-    def replace_if(self, rel: str, body: bytes, etag: str) -> str:
-        """Replace an object only if it is still the one with ``etag`` (the lock's
-        takeover and renewal: the one object ever rewritten); its new ETag."""
-        r = self._call(f"writing {rel}", self._client.put_object, Bucket=self.location.bucket,
-                       Key=self.location.key(rel), Body=body, IfMatch=etag)
-        return _unquote(r.get("ETag", ""))
-
     def delete(self, rels: list[str]) -> None:
         """Delete objects (those the remote no longer needs), a thousand a request."""
         for start in range(0, len(rels), 1000):
