@@ -283,11 +283,16 @@ class RemoteLock:
                         self._lost = self._lost or str(e)
                         raise
 
-    def release(self) -> None:
-        """Delete our lock objects, if ours is still the newest (a lost lock is someone else's)."""
+    def abandon(self) -> None:
+        """Stop renewing and leave the lock object (the endpoint is out of reach): it runs
+        out with its lease, or a push from this host takes it over at once."""
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join()
+
+    def release(self) -> None:
+        """Delete our lock objects, if ours is still the newest (a lost lock is someone else's)."""
+        self.abandon()
         with self._mutex:
             if self._lost or self.number is None:
                 return

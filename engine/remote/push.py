@@ -40,7 +40,7 @@ from engine.remote.location import RemoteSpec
 from engine.remote.lock import RemoteLock
 from engine.remote.remotecatalog import check_format, newest_snapshot, snapshot_numbers
 from engine.remote.digest import Checksum
-from engine.remote.store import ObjectInfo, RemoteError, RemoteStore, local_checksum
+from engine.remote.store import READ_TIMEOUT, ObjectInfo, RemoteError, RemoteStore, env_read_timeout, local_checksum
 
 MAX_REVISIONS = 1000
 
@@ -66,7 +66,8 @@ class PushResult:
 
 def store_for(spec: RemoteSpec) -> RemoteStore:
     """The bucket of a recorded remote, named in errors by the remote's name and URL."""
-    return RemoteStore(f"remote {spec.name} ({spec.url})", spec.location, spec.endpoint, spec.region)
+    return RemoteStore(f"remote {spec.name} ({spec.url})", spec.location, spec.endpoint, spec.region,
+                       read_timeout=env_read_timeout(READ_TIMEOUT))
 
 
 class Push:
@@ -119,7 +120,10 @@ class Push:
             self._run_locked(lock)
         except BaseException:
             try:
-                lock.release()
+                if store.unreachable:  # cut off: the next push takes the lock over
+                    lock.abandon()
+                else:
+                    lock.release()
             except Exception:
                 pass  # the push's own error is the one to tell; a killed lock times out
             raise
