@@ -29,7 +29,7 @@ from typing import Any
 
 from engine.catalog import KINDS, BackupRecord, DeviceRecord
 from engine.errors import BackupfsError
-from engine.layout import BACKUP_ID_RE, file_rel, image_name, sums_name
+from engine.layout import BACKUP_ID_RE, DEVICES, file_rel, image_name, sums_name
 from engine.remote.digest import Checksum, decode_checksum
 from engine.validate import NAME_RE
 
@@ -79,6 +79,24 @@ def revision_of(device: str, ident: str, key: str) -> int | None:
                 return 0
             m = _REVISION_RE.fullmatch(stem)
             return int(m.group(1)) if m else None
+    return None
+
+
+def object_owner(key: str) -> tuple[str, str] | None:
+    """(device, backup id) when ``key`` has the form of a backup's object,
+    ``devices/<dev>/<id>[.r<N>].qcow2`` or ``.sums``; else None. Only keys of
+    this form under devices/ are ever deleted by a push (a user's file beside
+    them, ``devices/notes.txt``, is left alone)."""
+    parts = key.split("/")
+    if len(parts) != 3 or parts[0] != DEVICES or not NAME_RE.fullmatch(parts[1]):
+        return None
+    for ext in (".qcow2", ".sums"):
+        if parts[2].endswith(ext):
+            stem = parts[2][: -len(ext)]
+            m = _REVISION_RE.search(stem)
+            ident = stem[: m.start()] if m else stem
+            if BACKUP_ID_RE.fullmatch(ident) and revision_of(parts[1], ident, key) is not None:
+                return parts[1], ident
     return None
 
 
