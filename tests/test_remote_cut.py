@@ -18,7 +18,7 @@ import pytest
 from tests.commands import backupfs_cmd, cli, repo_with_a_full
 from tests.cutproxy import CutProxy
 from tests.s3remote import S3Remote
-from tests.test_remote_push import _listed, _restores_equal, _summary
+from tests.test_remote_push import _listed, _lock_released, _restores_equal, _summary
 
 MiB = 1 << 20
 READ_TIMEOUT = 2  # seconds, for the stalled push (BACKUPFS_S3_READ_TIMEOUT)
@@ -89,7 +89,7 @@ def test_a_push_cut_by_the_network_resumes(three_devices: Path, s3_remote: S3Rem
     counts = _summary(s3_remote.cli("push", repo, "off").stdout)  # straight to radosgw
     assert counts["resumed"] == len(done_before) and counts["uploaded"] == len(c_files), counts
     assert counts["bytes"] == sum(c_files.values()), counts  # only c's bytes went again
-    assert not [k for k in s3_remote.keys() if k.startswith("lock/")]
+    assert _lock_released(s3_remote)  # the cut push's lock (left, its pid dead) taken over
     assert s3_remote.client.list_multipart_uploads(Bucket=s3_remote.bucket).get("Uploads", []) == []
     assert s3_remote.cli("verify", s3_remote.url).returncode == 0
     assert _listed(s3_remote, s3_remote.url) == _listed(s3_remote, repo)

@@ -24,6 +24,7 @@ from engine.remote.lock import RemoteBusy, RemoteLock
 from engine.remote.store import RemoteStore
 from tests.commands import cli, repo_with_a_full
 from tests.s3remote import S3Remote
+from tests.test_remote_push import _lock_released
 
 MiB = 1 << 20
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -93,12 +94,13 @@ def test_a_slow_owner_loses_the_lock_and_never_writes_again(s3_remote: S3Remote,
         while time.time() <= renewed + 1.5:  # the lease itself is what is waited for
             assert time.monotonic() < deadline
         b.acquire()
-        assert b.number is not None and b.number > int(held[5:21]) >= n
+        assert b.number is not None and b.number > int(held[5:15]) >= n
+        taken = b.number
         if then == "renewed":
             b.renew()
         elif then == "released":
             b.release()
-        expected = [] if then == "released" else [f"lock/{b.number:016d}.json"]
+        expected = [f"lock/{taken + (then != 'took'):010d}.json"]  # a renewal or the released marker
         assert _locks(s3_remote) == expected
         os.kill(a.pid, signal.SIGCONT)
         a.stdin.write("check\n")
@@ -110,7 +112,7 @@ def test_a_slow_owner_loses_the_lock_and_never_writes_again(s3_remote: S3Remote,
             b.check()
             b.renew()
             b.release()
-        assert _locks(s3_remote) == []
+        assert _lock_released(s3_remote)
     finally:
         a.kill()
         a.wait()
@@ -118,11 +120,17 @@ def test_a_slow_owner_loses_the_lock_and_never_writes_again(s3_remote: S3Remote,
     assert "Traceback" not in (a.stderr.read() if a.stderr else "")
 
 
-def test_of_many_pushes_racing_for_a_stale_lock_one_wins(s3_remote: S3Remote,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Eight lockers start together against a stale lock object: exactly one holds."""
+@pytest.mark.parametrize("before", ["stale", "released", "none"])
+def test_of_many_pushes_racing_for_a_free_lock_one_wins(s3_remote: S3Remote, monkeypatch: pytest.MonkeyPatch,
+                                                        before: str) -> None:
+    """Eight lockers start together against a stale lock object, a released one, or
+    none at all: exactly one holds. (Numbering a new lock from the clock, so that
+    numbers never start again, let two of them hold it: each made its own key.)"""
     store = _store(s3_remote, monkeypatch)
-    _put(s3_remote, "lock/0000000000000041.json", _owner(renewed=time.time() - 3600))
+    if before == "stale":
+        _put(s3_remote, "lock/0000000041.json", _owner(renewed=time.time() - 3600))
+    elif before == "released":
+        _put(s3_remote, "lock/0000000041.json", json.dumps({"released": True}).encode())
     locks = [RemoteLock(store) for _ in range(8)]
     start = threading.Barrier(len(locks))
     outcome: dict[int, str] = {}
@@ -143,12 +151,12 @@ def test_of_many_pushes_racing_for_a_stale_lock_one_wins(s3_remote: S3Remote,
     try:
         winners = [i for i, o in outcome.items() if o == "held"]
         assert len(outcome) == len(locks) and len(winners) == 1, outcome
-        assert _locks(s3_remote) == [f"lock/{locks[winners[0]].number:016d}.json"]
+        assert _locks(s3_remote) == [f"lock/{locks[winners[0]].number:010d}.json"]
         locks[winners[0]].check()
     finally:
         for lock in locks:
             lock.release()
-    assert _locks(s3_remote) == []
+    assert _lock_released(s3_remote)
 
 
 def test_no_object_is_ever_rewritten(tmp_path: Path, s3_remote: S3Remote, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -170,7 +178,7 @@ def test_no_object_is_ever_rewritten(tmp_path: Path, s3_remote: S3Remote, monkey
         lock.release()
         dead = {"host": os.uname().nodename, "pid": _dead_pid(), "token": "x", "renewed": time.time(),
                 "lease_seconds": 300}  # a push killed here
-        _put(s3, "lock/0000000000000009.json", json.dumps(dead).encode())
+        _put(s3, "lock/0000000009.json", json.dumps(dead).encode())
         cli("backup", repo, "vm1", "incremental", "--allow-empty")
         s3.cli("push", repo, "off")  # takes the dead push's lock over at once
         versions: dict[str, int] = {}
@@ -178,11 +186,11 @@ def test_no_object_is_ever_rewritten(tmp_path: Path, s3_remote: S3Remote, monkey
                                                                              Prefix=s3.prefix + "/"):
             for v in page.get("Versions", []):
                 key = v["Key"][len(s3.prefix) + 1:]
-                if key != "lock/0000000000000009.json":  # the test's own
+                if key != "lock/0000000009.json":  # the test's own
                     versions[key] = versions.get(key, 0) + 1
         assert any(k.startswith("lock/") for k in versions) and "catalog/0000000002.json" in versions
         assert {k: n for k, n in versions.items() if n != 1} == {}
-        assert _locks(s3) == []
+        assert _lock_released(s3)
     finally:
         _remove_versions(s3)
 
@@ -210,21 +218,21 @@ def test_hostile_lock_objects_are_one_line_and_never_expired_by_accident(tmp_pat
     disk.write_bytes(os.urandom(MiB))
     repo = repo_with_a_full(tmp_path / "repo", "vm1", disk)
     cli("remote", "add", repo, "off", s3.url)
-    others = {"lock/12.json": b"x", "lock/00000000000000099.json": b"x",
-              "lock/0000000000000098.json.bak": b"x", "lock/notes.txt": b"mine"}
+    others = {"lock/12.json": b"x", "lock/00000000099.json": b"x",
+              "lock/0000000098.json.bak": b"x", "lock/notes.txt": b"mine"}
     for key, body in others.items():
         _put(s3, key, body)
-    key = "lock/0000000000000005.json"
+    key = "lock/0000000005.json"
     cases: list[tuple[bytes, str]] = [
         (b"\x1b[31mnot json", "(an unreadable lock"),
         (b"[1, 2]", "(an unreadable lock"),
-        (_owner(renewed="yesterday"), "delete lock/0000000000000005.json from the remote by hand"),
-        (_owner(renewed=True, lease=True), "delete lock/0000000000000005.json from the remote by hand"),
-        (_owner(renewed=-5.0), "delete lock/0000000000000005.json from the remote by hand"),
+        (_owner(renewed="yesterday"), "delete lock/0000000005.json from the remote by hand"),
+        (_owner(renewed=True, lease=True), "delete lock/0000000005.json from the remote by hand"),
+        (_owner(renewed=-5.0), "delete lock/0000000005.json from the remote by hand"),
         (_owner(host="evil\x1b[2J\nhost"), "(evil\\x1b[2J\\nhost pid 4242"),
         (json.dumps({"host": os.uname().nodename, "pid": 10 ** 40, "token": "x", "renewed": time.time(),
                      "lease_seconds": 300}).encode(), "another push holds the remote's lock"),
-        (b" " * (128 << 10), "lock/0000000000000005.json is larger than 65536 bytes"),
+        (b" " * (128 << 10), "lock/0000000005.json is larger than 65536 bytes"),
     ]
     for body, expected in cases:
         _put(s3, key, body)
@@ -233,10 +241,11 @@ def test_hostile_lock_objects_are_one_line_and_never_expired_by_accident(tmp_pat
         assert proc.returncode == 1 and len(err.splitlines()) == 1 and expected in err, (body[:80], err)
         assert "\x1b" not in err
         assert not any(k.startswith("catalog/") for k in s3.keys())
-    _put(s3, "lock/9999999999999999.json", _owner(renewed=time.time() - 3600))
+    _put(s3, "lock/9999999999.json", _owner(renewed=time.time() - 3600))
     proc = s3.cli("push", repo, "off", check=False)
     assert proc.returncode == 1 and "the lock's numbers ran out" in proc.stderr, proc.stderr
-    s3.client.delete_object(Bucket=s3.bucket, Key=f"{s3.prefix}/lock/9999999999999999.json")
+    s3.client.delete_object(Bucket=s3.bucket, Key=f"{s3.prefix}/lock/9999999999.json")
     _put(s3, key, _owner(renewed=time.time() - 3600))  # stale at last: taken over
     s3.cli("push", repo, "off")
-    assert {k for k in s3.keys() if k.startswith("lock/")} == set(others)  # not ours: left alone
+    ours = {k for k in s3.keys() if k.startswith("lock/")} - set(others)
+    assert ours == {"lock/0000000007.json"}, ours  # took 6 over 5, released with 7; the others left alone

@@ -80,7 +80,7 @@ def test_push_then_push_again_uploads_nothing(pushed_repo: Path, s3_remote: S3Re
     local = {str(p.relative_to(pushed_repo)): p.stat().st_size
              for p in (pushed_repo / "devices" / "vm1").iterdir() if p.suffix in (".qcow2", ".sums")}
     assert {k: v for k, v in keys.items() if k.startswith("devices/")} == local
-    assert "catalog/0000000001.json" in keys and not _lock_objects(s3_remote)
+    assert "catalog/0000000001.json" in keys and _lock_released(s3_remote)
     form = json.loads(s3_remote.client.get_object(Bucket=s3_remote.bucket, Key=f"{s3_remote.prefix}/"
                                                   "backupfs-remote.json")["Body"].read())
     assert form["format"] == 1 and len(form["origin"]) == 32
@@ -194,7 +194,7 @@ def test_kill_mid_push_then_resume(tmp_path: Path, s3_remote: S3Remote) -> None:
         proc.wait()
     keys = s3_remote.keys()
     assert "catalog/0000000002.json" not in keys  # the catalog is written last
-    assert len(_lock_objects(s3_remote)) == 1  # the killed push's
+    assert len(_lock_objects(s3_remote)) == 1 and not _lock_released(s3_remote)  # the killed push's
     # The remote still reads as it was: its newest complete catalog names only what exists.
     assert _listed(s3_remote, s3_remote.url) == listed_before
     assert s3_remote.cli("verify", s3_remote.url).returncode == 0
@@ -204,22 +204,32 @@ def test_kill_mid_push_then_resume(tmp_path: Path, s3_remote: S3Remote) -> None:
     assert counts["resumed"] == len(present) and counts["uploaded"] == 4 - len(present)
     assert counts["current"] == 1
     assert _listed(s3_remote, s3_remote.url) == _listed(s3_remote, repo)
-    assert not _lock_objects(s3_remote)
+    assert _lock_released(s3_remote)
     assert s3_remote.cli("verify", s3_remote.url).returncode == 0
 
 
 def _plant_lock(s3: S3Remote, renewed: float, host: str = "elsewhere.example", pid: int = 4242,
-                key: str = "lock/0000000000000007.json") -> None:
+                key: str = "lock/0000000007.json") -> None:
     s3.client.put_object(Bucket=s3.bucket, Key=f"{s3.prefix}/{key}", Body=json.dumps(
         {"host": host, "pid": pid, "token": "x", "renewed": renewed, "lease_seconds": 300}).encode())
 
 
 def _lock_objects(s3: S3Remote) -> list[str]:
-    """The lock's objects on the remote (lock/<16 digits>.json), oldest first."""
+    """The lock's objects on the remote (lock/NNNNNNNNNN.json), oldest first."""
     return sorted(k for k in s3.keys() if k.startswith("lock/"))
 
 
-@pytest.mark.parametrize("key", ["lock/0000000000000007.json", "lock.json"])  # lock.json: older backupfs
+def _lock_released(s3: S3Remote) -> bool:
+    """The lock is one object, saying released: what a push's end leaves (the newest
+    number is never deleted, so that numbers never start again)."""
+    keys = _lock_objects(s3)
+    if len(keys) != 1:
+        return False
+    body = s3.client.get_object(Bucket=s3.bucket, Key=f"{s3.prefix}/{keys[0]}")["Body"].read()
+    return json.loads(body).get("released") is True
+
+
+@pytest.mark.parametrize("key", ["lock/0000000007.json", "lock.json"])  # lock.json: older backupfs
 def test_another_hosts_lock_refuses_and_a_stale_one_is_taken_over(pushed_repo: Path, s3_remote: S3Remote,
                                                                   key: str) -> None:
     s3_remote.cli("push", pushed_repo, "off")
@@ -233,7 +243,7 @@ def test_another_hosts_lock_refuses_and_a_stale_one_is_taken_over(pushed_repo: P
     # A lock whose lease ran out is taken over, and released at the end.
     _plant_lock(s3_remote, time.time() - 3600, key=key)
     assert _summary(s3_remote.cli("push", pushed_repo, "off").stdout)["uploaded"] == 2
-    assert not _lock_objects(s3_remote) and "lock.json" not in s3_remote.keys()
+    assert _lock_released(s3_remote) and "lock.json" not in s3_remote.keys()
 
 
 def test_push_from_a_directory_copy_device_filter(pushed_repo: Path, s3_remote: S3Remote, tmp_path: Path) -> None:
@@ -365,5 +375,5 @@ def test_two_pushes_at_once(tmp_path: Path, s3_remote: S3Remote) -> None:
     finally:
         first.kill()
         first.wait()
-    assert not _lock_objects(s3_remote)
+    assert _lock_released(s3_remote)
     assert _listed(s3_remote, s3_remote.url) == _listed(s3_remote, repo)

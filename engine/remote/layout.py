@@ -3,7 +3,7 @@
 ::
 
     backupfs-remote.json            {"format": 1}
-    lock/1765000000000012.json      the writer's lock: numbered write-once objects, the
+    lock/0000000012.json            the writer's lock: numbered write-once objects, the
                                     newest is the lock's state (engine/remote/lock.py)
     catalog/0000000007.json         numbered write-once catalog snapshots; the newest
                                     complete one that parses is the catalog
@@ -36,8 +36,8 @@ from engine.validate import NAME_RE
 FORMAT = 1
 FORMAT_KEY = "backupfs-remote.json"
 LOCK_DIR = "lock"
-LOCK_KEY_RE = re.compile(r"lock/(\d{16})\.json")
-MAX_LOCK_NUMBER = 10 ** 16 - 1
+LOCK_KEY_RE = re.compile(r"lock/(\d{10})\.json")
+MAX_LOCK_NUMBER = 9_999_999_999
 # Where backupfs before the numbered lock kept it (rewritten in place); honoured while live.
 LEGACY_LOCK_KEY = "lock.json"
 CATALOG_DIR = "catalog"
@@ -57,7 +57,7 @@ def catalog_key(number: int) -> str:
 
 
 def lock_key(number: int) -> str:
-    return f"{LOCK_DIR}/{number:016d}.json"
+    return f"{LOCK_DIR}/{number:010d}.json"
 
 
 def object_keys(device: str, ident: str, revision: int) -> tuple[str, str]:

@@ -1,47 +1,49 @@
 """The remote's writer lock: one push at a time, from objects that are never rewritten.
 
-The lock is a series of write-once objects ``lock/<16 digits>.json``
-(``lock/1765072800000000.json``, ``lock/1765072800000001.json``, ...) each {host, pid, token, renewed, lease_seconds}
-and each created with ``If-None-Match: *`` (of two PUTs of one key the
-second gets 412). The lock's state is the NEWEST number listed:
+The lock is a series of write-once objects ``lock/0000000001.json``,
+``lock/0000000002.json``, ... each {host, pid, token, renewed,
+lease_seconds} (and ``released: true`` for the last one of a push), each
+created with ``If-None-Match: *`` (of two PUTs of one key the second gets
+412). The lock's state is the NEWEST number listed:
 
-* acquire: list ``lock/``; the newest is free when there is none, its lease
-  ran out, or it names this host and a pid that no longer runs (a push
-  killed with -9 here resumes at once); then create newest+1, or the
-  clock's microseconds if higher (after a release deleted every number,
-  the next lock does not make a key used before);
-* renew (every lease/3, and before a write when the last renewal is older
-  than lease/2): create our number+1 with the same token;
+* acquire: list ``lock/``; the newest is free when there is none, it says
+  released, its lease ran out, or it names this host and a pid that no
+  longer runs (a push killed with -9 here resumes at once); then create
+  newest+1. Every contender that saw the same newest makes the same key:
+  one wins, the others get 412 and are refused;
+* renew (every lease/3, and before a write when the last renewal began
+  more than lease/2 ago): create our number+1 with the same token;
 * after each create, *confirm*: a fresh listing must show our new object
-  (our ETag) as the newest, and on a renewal our previous object still
-  there with our ETag. Only then is the lock held; only then are the
-  numbers below ours deleted (so they do not pile up);
-* release: delete our objects (only if ours is still the newest).
+  (our ETag) as the newest, and on a renewal our previous one still there
+  with our ETag. Only then is the lock held; only then are the numbers
+  below ours deleted (so they do not pile up);
+* release: create our number+1 saying ``released`` and delete the numbers
+  below it. The newest object is never deleted (one small object stays):
+  were it deleted, numbers would start again from 1 and a key be made a
+  second time, or -- numbered from the clock instead -- two pushes racing
+  for a stale lock would make different keys and both hold it (the test
+  found that).
 
-The newest object is deleted only by its holder's release, and any other
-number only once a higher one exists. So a number can be made again only
-after its holder released, or when a higher number is there: the
-confirmation catches both (the renewer's previous object is gone, or a
-higher number is listed). A failed confirmation or a 412 means the lock is
-lost: nothing more is written (``check`` raises before every object, part,
-catalog write and deletion).
+So the newest number never goes down, and a number is deleted only below
+a higher one: a number made again (after its deletion) is caught by the
+confirmation, which lists the higher one. A failed confirmation or a 412
+means the lock is lost: nothing more is written (``check`` raises before
+every object, part, catalog write and deletion).
 
 Interleavings (A holds N; B and C are other pushes):
 
-1. B and C find the same stale N and both create N+1: one gets 412 and is
-   refused; the other confirms and deletes N.
+1. B and C find the same stale (or released) N and both create N+1: one
+   gets 412 and is refused; the other confirms and deletes N.
 2. A slow (stopped, or its network stalled) past its lease; B takes over
    with N+1. A's renewal of N+1 gets 412: lost. If B already renewed to
-   N+2 and deleted N+1, A's create of N+1 succeeds, but its listing shows
-   N+2: lost (A deletes its stray N+1). If B also released (nothing left),
-   A's N is gone from the listing: lost.
+   N+2, or released (N+2 says released), and deleted N+1, A's create of
+   N+1 succeeds, but its listing shows N+2: lost (A deletes its stray N+1).
 3. A renews N+1 just before B's takeover lands: B gets 412, refused; A holds.
-4. B listed long ago (saw N-1 stale) and creates N-1+1 = N only after
-   it was deleted: N+1 exists by then (N is deleted only below a higher
-   one), so B's confirmation sees it: B refused.
-5. A stray object left by a loser that crashed before deleting it reads
-   as a live lock until its lease runs out (or at once, its pid dead here):
-   a refusal, never two holders.
+4. B listed long ago (saw N-1 stale) and creates N only after N was
+   deleted: N is deleted only once N+1 exists, and B's confirmation lists
+   it: B refused.
+5. A stray object left by a loser that crashed before deleting it is
+   below the newest: never taken for the lock's state.
 
 A holder stops by its own clock: ``check`` renews first when the last
 confirmed renewal began more than lease/2 ago, so a write starts at least
@@ -78,11 +80,6 @@ MAX_LOCK_BYTES = 64 << 10
 # How often acquire looks again when the newest lock object vanished between
 # its listing and its read (a renewal deleted it): each time a new listing.
 LOOKS = 5
-# A new lock's number is at least the clock's microseconds (renewals add one
-# per lease/3, far slower than the clock): numbers are not reused after a
-# release deleted them. Capped (the year 2128) so that a clock far ahead
-# cannot use the numbers up.
-CLOCK_NUMBERS_END = 5 * 10 ** 15
 
 
 class RemoteBusy(RemoteError):
@@ -142,9 +139,12 @@ class RemoteLock:
 
     # -- the bucket ---------------------------------------------------------------------
 
-    def _body(self) -> bytes:
-        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
-                           "renewed": time.time(), "lease_seconds": self.lease}).encode()
+    def _body(self, released: bool = False) -> bytes:
+        doc = {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token, "renewed": time.time(),
+               "lease_seconds": self.lease}
+        if released:
+            doc["released"] = True
+        return json.dumps(doc).encode()
 
     def _numbers(self) -> dict[int, ObjectInfo]:
         """The lock objects listed, by number (keys of another form under lock/ are not ours)."""
@@ -173,19 +173,21 @@ class RemoteLock:
             self.store.delete(older)
         return True
 
-    def _create(self, number: int) -> tuple[str, float]:
+    def _create(self, number: int, released: bool = False) -> tuple[str, float]:
         """Create lock object ``number``; (its ETag, when the creating began)."""
         if number > MAX_LOCK_NUMBER:
             raise RemoteError(f"{self.store.what}: the lock's numbers ran out ({lock_key(MAX_LOCK_NUMBER)}); "
                               f"delete {LOCK_DIR}/ from the remote by hand when no push runs")
         started = time.monotonic()
-        return self.store.put_new(lock_key(number), self._body()).etag, started
+        return self.store.put_new(lock_key(number), self._body(released)).etag, started
 
     # -- whether someone else holds it --------------------------------------------------
 
     def _refuse_if_live(self, key: str, data: bytes) -> None:
         """Raise RemoteBusy unless the lock object ``key`` (its bytes ``data``) is stale."""
         owner = _owner(data)
+        if owner.get("released") is True:
+            return
         renewed = owner.get("renewed")
         lease = owner.get("lease_seconds")
         # Someone else's JSON: a time or lease that is not a finite number in range
@@ -225,9 +227,7 @@ class RemoteLock:
                 if data is None:
                     continue  # deleted since the listing: a renewal made a newer one
                 self._refuse_if_live(lock_key(newest), data)
-            # Past the clock's microseconds: a lock released (its objects deleted) leaves
-            # no number behind, and the next push's must not be one used before.
-            number = max(newest + 1, min(time.time_ns() // 1000, CLOCK_NUMBERS_END))
+            number = newest + 1  # what every push that saw this newest makes: one wins
             try:
                 etag, started = self._create(number)
             except ObjectExists:
@@ -291,13 +291,18 @@ class RemoteLock:
             self._renewer.join()
 
     def release(self) -> None:
-        """Delete our lock objects, if ours is still the newest (a lost lock is someone else's)."""
+        """Write our next number saying released, then delete ours below it. A 412: someone
+        took the lock over (ours was lost), and theirs is not ours to touch."""
         self.abandon()
         with self._mutex:
             if self._lost or self.number is None:
                 return
+            number, self.number = self.number, None
+            try:
+                self._create(number + 1, released=True)
+            except ObjectExists:
+                return
             listed = self._numbers()
-            mine = listed.get(self.number)
-            if mine is not None and mine.etag == self._etag and max(listed) == self.number:
-                self.store.delete([lock_key(n) for n in sorted(listed) if n <= self.number])
-            self.number = None
+            older = [lock_key(n) for n in sorted(listed) if n <= number]
+            if older:
+                self.store.delete(older)
