@@ -256,7 +256,8 @@ class RemoteLock:
     def _renew_locked(self) -> None:
         if self._lost:
             raise RemoteBusy(f"{self.store.what}: lost the remote's lock: {self._lost}")
-        assert self.number is not None, "renew before acquire"
+        if self.number is None:
+            raise RemoteBusy(f"{self.store.what}: the remote's lock is not held (released, or never taken)")
         previous = (self.number, self._etag)
         try:
             etag, started = self._create(self.number + 1)
