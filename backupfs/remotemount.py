@@ -31,7 +31,7 @@ from engine.remote.location import parse_s3_url, validate_endpoint
 from engine.remote.objcache import MIN_CACHE, ObjectCache, default_cache_dir, private_dir
 from engine.remote.remotecatalog import read_store_catalog
 from engine.remote.remoterepo import RemoteRepository
-from engine.remote.store import RemoteStore
+from engine.remote.store import RemoteStore, env_read_timeout
 from engine.units import format_size, parse_size
 
 log = logging.getLogger("backupfs.mount")
@@ -46,11 +46,7 @@ ATTEMPTS = 2
 def read_timeout() -> float:
     """READ_TIMEOUT, or BACKUPFS_S3_READ_TIMEOUT (1-300 s) where a test or an
     administrator wants a frozen endpoint noticed sooner or later."""
-    try:
-        value = float(os.environ.get("BACKUPFS_S3_READ_TIMEOUT", ""))
-    except ValueError:
-        return READ_TIMEOUT
-    return value if 1 <= value <= 300 else READ_TIMEOUT
+    return env_read_timeout(READ_TIMEOUT)
 REMOTE_OPTIONS = ("cache", "cache_size")
 FLAG_OPTIONS = ("files_owner_only",)  # ours, as a local mount's: the guest's files are the owner's alone
 FUSE_OPTIONS = {"allow_other", "allow_root", "default_permissions", "noatime", "ro"}

@@ -80,7 +80,7 @@ def test_push_then_push_again_uploads_nothing(pushed_repo: Path, s3_remote: S3Re
     local = {str(p.relative_to(pushed_repo)): p.stat().st_size
              for p in (pushed_repo / "devices" / "vm1").iterdir() if p.suffix in (".qcow2", ".sums")}
     assert {k: v for k, v in keys.items() if k.startswith("devices/")} == local
-    assert "catalog/0000000001.json" in keys and "lock.json" not in keys
+    assert "catalog/0000000001.json" in keys and _lock_released(s3_remote)
     form = json.loads(s3_remote.client.get_object(Bucket=s3_remote.bucket, Key=f"{s3_remote.prefix}/"
                                                   "backupfs-remote.json")["Body"].read())
     assert form["format"] == 1 and len(form["origin"]) == 32
@@ -88,7 +88,8 @@ def test_push_then_push_again_uploads_nothing(pushed_repo: Path, s3_remote: S3Re
     again = s3_remote.cli("push", pushed_repo, "off").stdout
     assert _summary(again)["uploaded"] == 0 and _summary(again)["current"] == 2
     assert "the remote's catalog was current" in again
-    assert s3_remote.keys() == keys  # no new catalog snapshot either
+    # No new catalog snapshot either; only the lock moved on (its released marker).
+    assert _without_lock(s3_remote.keys()) == _without_lock(keys) and _lock_released(s3_remote)
 
     # The remote lists as the repository does, directly and from a copy of its prefix.
     expected = _listed(s3_remote, pushed_repo)
@@ -194,7 +195,7 @@ def test_kill_mid_push_then_resume(tmp_path: Path, s3_remote: S3Remote) -> None:
         proc.wait()
     keys = s3_remote.keys()
     assert "catalog/0000000002.json" not in keys  # the catalog is written last
-    assert "lock.json" in keys  # the killed push's
+    assert len(_lock_objects(s3_remote)) == 1 and not _lock_released(s3_remote)  # the killed push's
     # The remote still reads as it was: its newest complete catalog names only what exists.
     assert _listed(s3_remote, s3_remote.url) == listed_before
     assert s3_remote.cli("verify", s3_remote.url).returncode == 0
@@ -204,18 +205,40 @@ def test_kill_mid_push_then_resume(tmp_path: Path, s3_remote: S3Remote) -> None:
     assert counts["resumed"] == len(present) and counts["uploaded"] == 4 - len(present)
     assert counts["current"] == 1
     assert _listed(s3_remote, s3_remote.url) == _listed(s3_remote, repo)
-    assert "lock.json" not in s3_remote.keys()
+    assert _lock_released(s3_remote)
     assert s3_remote.cli("verify", s3_remote.url).returncode == 0
 
 
-def _plant_lock(s3: S3Remote, renewed: float, host: str = "elsewhere.example", pid: int = 4242) -> None:
-    s3.client.put_object(Bucket=s3.bucket, Key=f"{s3.prefix}/lock.json", Body=json.dumps(
+def _plant_lock(s3: S3Remote, renewed: float, host: str = "elsewhere.example", pid: int = 4242,
+                key: str = "lock/0000000007.json") -> None:
+    s3.client.put_object(Bucket=s3.bucket, Key=f"{s3.prefix}/{key}", Body=json.dumps(
         {"host": host, "pid": pid, "token": "x", "renewed": renewed, "lease_seconds": 300}).encode())
 
 
-def test_another_hosts_lock_refuses_and_a_stale_one_is_taken_over(pushed_repo: Path, s3_remote: S3Remote) -> None:
+def _lock_objects(s3: S3Remote) -> list[str]:
+    """The lock's objects on the remote (lock/NNNNNNNNNN.json), oldest first."""
+    return sorted(k for k in s3.keys() if k.startswith("lock/"))
+
+
+def _without_lock(keys: dict[str, int]) -> dict[str, int]:
+    return {k: v for k, v in keys.items() if not k.startswith("lock/")}
+
+
+def _lock_released(s3: S3Remote) -> bool:
+    """The lock is one object, saying released: what a push's end leaves (the newest
+    number is never deleted, so that numbers never start again)."""
+    keys = _lock_objects(s3)
+    if len(keys) != 1:
+        return False
+    body = s3.client.get_object(Bucket=s3.bucket, Key=f"{s3.prefix}/{keys[0]}")["Body"].read()
+    return json.loads(body).get("released") is True
+
+
+@pytest.mark.parametrize("key", ["lock/0000000007.json", "lock.json"])  # lock.json: older backupfs
+def test_another_hosts_lock_refuses_and_a_stale_one_is_taken_over(pushed_repo: Path, s3_remote: S3Remote,
+                                                                  key: str) -> None:
     s3_remote.cli("push", pushed_repo, "off")
-    _plant_lock(s3_remote, time.time())  # a push running on another host
+    _plant_lock(s3_remote, time.time(), key=key)  # a push running on another host
     cli("backup", pushed_repo, "vm1", "incremental", "--allow-empty")
     proc = s3_remote.cli("push", pushed_repo, "off", check=False)
     assert proc.returncode == 1
@@ -223,9 +246,9 @@ def test_another_hosts_lock_refuses_and_a_stale_one_is_taken_over(pushed_repo: P
     assert len(err.splitlines()) == 1 and "another push holds the remote's lock (elsewhere.example pid 4242" in err
     assert "catalog/0000000002.json" not in s3_remote.keys()
     # A lock whose lease ran out is taken over, and released at the end.
-    _plant_lock(s3_remote, time.time() - 3600)
+    _plant_lock(s3_remote, time.time() - 3600, key=key)
     assert _summary(s3_remote.cli("push", pushed_repo, "off").stdout)["uploaded"] == 2
-    assert "lock.json" not in s3_remote.keys()
+    assert _lock_released(s3_remote) and "lock.json" not in s3_remote.keys()
 
 
 def test_push_from_a_directory_copy_device_filter(pushed_repo: Path, s3_remote: S3Remote, tmp_path: Path) -> None:
@@ -339,7 +362,7 @@ def test_two_pushes_at_once(tmp_path: Path, s3_remote: S3Remote) -> None:
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
-        while "lock.json" not in s3_remote.keys():
+        while not _lock_objects(s3_remote):
             assert first.poll() is None, f"the first push ended before it was seen: {first.communicate()}"
             assert time.monotonic() < deadline
         os.kill(first.pid, signal.SIGSTOP)
@@ -357,5 +380,5 @@ def test_two_pushes_at_once(tmp_path: Path, s3_remote: S3Remote) -> None:
     finally:
         first.kill()
         first.wait()
-    assert "lock.json" not in s3_remote.keys()
+    assert _lock_released(s3_remote)
     assert _listed(s3_remote, s3_remote.url) == _listed(s3_remote, repo)

@@ -58,20 +58,21 @@ def small_repo(tmp_path: Path, s3_remote: S3Remote) -> Path:
 
 
 @pytest.mark.parametrize("renewed", [1e20, "NaN"])
+@pytest.mark.parametrize("key", ["lock/0000000003.json", "lock.json"])  # lock.json: older backupfs
 def test_a_lock_with_an_absurd_time_is_one_clear_line(small_repo: Path, s3_remote: S3Remote,
-                                                       renewed: float | str) -> None:
-    """A lock.json someone else wrote, renewed in the year 3e12 (or NaN): the push said
+                                                       renewed: float | str, key: str) -> None:
+    """A lock object someone else wrote, renewed in the year 3e12 (or NaN): the push said
     'internal error: OverflowError: timestamp out of range' (exit 70) while formatting
     the owner's time. It must be the ordinary refusal, naming the lock."""
     body = '{"host": "elsewhere.example", "pid": 4242, "token": "x", "renewed": %s, "lease_seconds": 300}' % (
         renewed,)
-    s3_remote.client.put_object(Bucket=s3_remote.bucket, Key=f"{s3_remote.prefix}/lock.json", Body=body.encode())
+    s3_remote.client.put_object(Bucket=s3_remote.bucket, Key=f"{s3_remote.prefix}/{key}", Body=body.encode())
     proc = s3_remote.cli("push", small_repo, "off", check=False)
     err = proc.stderr.strip()
     assert proc.returncode == 1, err
     assert len(err.splitlines()) == 1 and "internal error" not in err, err
     assert "another push holds the remote's lock (elsewhere.example pid 4242" in err, err
-    assert "delete lock.json from the remote by hand" in err, err  # it would never run out by itself
+    assert f"delete {key} from the remote by hand" in err, err  # it would never run out by itself
     assert not any(k.startswith("catalog/") for k in s3_remote.keys())
 
 

@@ -3,7 +3,8 @@
 ::
 
     backupfs-remote.json            {"format": 1}
-    lock.json                       the writer's lock (engine/remote/lock.py)
+    lock/0000000012.json            the writer's lock: numbered write-once objects, the
+                                    newest is the lock's state (engine/remote/lock.py)
     catalog/0000000007.json         numbered write-once catalog snapshots; the newest
                                     complete one that parses is the catalog
     devices/<dev>/<id>.qcow2        a backup's image, as pushed first
@@ -28,13 +29,17 @@ from typing import Any
 
 from engine.catalog import KINDS, BackupRecord, DeviceRecord
 from engine.errors import BackupfsError
-from engine.layout import BACKUP_ID_RE, file_rel, image_name, sums_name
+from engine.layout import BACKUP_ID_RE, DEVICES, file_rel, image_name, sums_name
 from engine.remote.digest import Checksum, decode_checksum
 from engine.validate import NAME_RE
 
 FORMAT = 1
 FORMAT_KEY = "backupfs-remote.json"
-LOCK_KEY = "lock.json"
+LOCK_DIR = "lock"
+LOCK_KEY_RE = re.compile(r"lock/(\d{10})\.json")
+MAX_LOCK_NUMBER = 9_999_999_999
+# Where backupfs before the numbered lock kept it (rewritten in place); honoured while live.
+LEGACY_LOCK_KEY = "lock.json"
 CATALOG_DIR = "catalog"
 CATALOG_KEY_RE = re.compile(r"catalog/(\d{10})\.json")
 # How many catalog snapshots a push keeps (the newest and a few before it).
@@ -49,6 +54,10 @@ class RemoteFormatError(BackupfsError):
 
 def catalog_key(number: int) -> str:
     return f"{CATALOG_DIR}/{number:010d}.json"
+
+
+def lock_key(number: int) -> str:
+    return f"{LOCK_DIR}/{number:010d}.json"
 
 
 def object_keys(device: str, ident: str, revision: int) -> tuple[str, str]:
@@ -70,6 +79,24 @@ def revision_of(device: str, ident: str, key: str) -> int | None:
                 return 0
             m = _REVISION_RE.fullmatch(stem)
             return int(m.group(1)) if m else None
+    return None
+
+
+def object_owner(key: str) -> tuple[str, str] | None:
+    """(device, backup id) when ``key`` has the form of a backup's object,
+    ``devices/<dev>/<id>[.r<N>].qcow2`` or ``.sums``; else None. Only keys of
+    this form under devices/ are ever deleted by a push (a user's file beside
+    them, ``devices/notes.txt``, is left alone)."""
+    parts = key.split("/")
+    if len(parts) != 3 or parts[0] != DEVICES or not NAME_RE.fullmatch(parts[1]):
+        return None
+    for ext in (".qcow2", ".sums"):
+        if parts[2].endswith(ext):
+            stem = parts[2][: -len(ext)]
+            m = _REVISION_RE.search(stem)
+            ident = stem[: m.start()] if m else stem
+            if BACKUP_ID_RE.fullmatch(ident) and revision_of(parts[1], ident, key) is not None:
+                return parts[1], ident
     return None
 
 

@@ -13,8 +13,10 @@ objects that exist, and every chain it names is whole:
    left (at the key it would get, the same size and ETag as the local file)
    is taken as sent;
 3. write catalog snapshot N+1 (write-once), naming the new keys;
-4. only then delete the objects no catalog kept needs any more, and catalog
-   snapshots older than the last KEEP_SNAPSHOTS.
+4. only then delete every object of our key form (``devices/<dev>/<id>[.r<N>]
+   .qcow2|.sums``) the new catalog does not name -- what older catalogs
+   named, and what a killed push uploaded for a backup pruned here since --
+   and catalog snapshots older than the last KEEP_SNAPSHOTS.
 
 Nothing changed since the last push: no upload and no new snapshot.
 """
@@ -33,14 +35,13 @@ from engine.catalog import BackupRecord, Catalog, DeviceRecord
 from engine.errors import UsageError
 from engine.job import Progress
 from engine.remote.layout import (FORMAT, FORMAT_KEY, KEEP_SNAPSHOTS, MAX_CATALOG_BYTES, RemoteBackup,
-                                  RemoteFormatError, RemoteObject, Snapshot, catalog_key, decode_snapshot,
-                                  object_keys)
+                                  RemoteObject, Snapshot, catalog_key, object_keys, object_owner)
 from engine.remote.localread import close_all, file_size, open_backup, still_same
 from engine.remote.location import RemoteSpec
 from engine.remote.lock import RemoteLock
 from engine.remote.remotecatalog import check_format, newest_snapshot, snapshot_numbers
 from engine.remote.digest import Checksum
-from engine.remote.store import ObjectInfo, RemoteError, RemoteStore, local_checksum
+from engine.remote.store import READ_TIMEOUT, ObjectInfo, RemoteError, RemoteStore, env_read_timeout, local_checksum
 
 MAX_REVISIONS = 1000
 
@@ -66,7 +67,8 @@ class PushResult:
 
 def store_for(spec: RemoteSpec) -> RemoteStore:
     """The bucket of a recorded remote, named in errors by the remote's name and URL."""
-    return RemoteStore(f"remote {spec.name} ({spec.url})", spec.location, spec.endpoint, spec.region)
+    return RemoteStore(f"remote {spec.name} ({spec.url})", spec.location, spec.endpoint, spec.region,
+                       read_timeout=env_read_timeout(READ_TIMEOUT))
 
 
 class Push:
@@ -86,6 +88,7 @@ class Push:
         self.filtered = bool(devices)
         self.local_devices: dict[str, DeviceRecord] = local
         self.result = PushResult()
+        self._ids: dict[str, set[str]] = {}  # a device's local backup ids, read once
         self._progress = Progress(total=0, phase="pushing")
         self._progress_lock = threading.Lock()
 
@@ -119,7 +122,10 @@ class Push:
             self._run_locked(lock)
         except BaseException:
             try:
-                lock.release()
+                if store.unreachable:  # cut off: the next push takes the lock over
+                    lock.abandon()
+                else:
+                    lock.release()
             except Exception:
                 pass  # the push's own error is the one to tell; a killed lock times out
             raise
@@ -171,32 +177,33 @@ class Push:
             self.result.snapshot = snap.number
             numbers = [snap.number] + numbers
             new_keys = snap.keys()
-        # Only now, with the new catalog in place: what no kept catalog names.
-        named = self._named_by_snapshots(prev, numbers)
-        obsolete = sorted(k for k in named if k not in new_keys and k in listing)
+        # Only now, with the new catalog in place: every object of our form that it
+        # does not name -- what the older catalogs named, and what a killed push
+        # uploaded for a backup since pruned here (it would stay forever). Keys of
+        # any other form are not ours (a user's file in the bucket stays).
+        obsolete = sorted(k for k in listing if k not in new_keys and self._obsolete(k))
         old_snapshots = [catalog_key(n) for n in numbers[KEEP_SNAPSHOTS:]]
         if obsolete or old_snapshots:
             lock.check()
             store.delete(obsolete + old_snapshots)
             self.result.deleted = len(obsolete)
 
-    def _named_by_snapshots(self, prev: Snapshot | None, numbers: list[int]) -> set[str]:
-        """Every object key the snapshots on the remote name: the newest and the older
-        ones still there (a push that failed after writing its snapshot left what
-        the one before named; the next push deletes it). Only keys a catalog named
-        are ever deleted."""
-        named = set(prev.keys()) if prev else set()
-        for n in numbers:
-            if prev is not None and n == prev.number or self.result.snapshot == n:
-                continue
-            data = self.store.get(catalog_key(n), MAX_CATALOG_BYTES)
-            if data is None:
-                continue
-            try:
-                named |= decode_snapshot(data, f"{self.store.what}: {catalog_key(n)}").keys()
-            except RemoteFormatError:
-                continue  # unreadable: it names nothing we may delete
-        return named
+    def _obsolete(self, key: str) -> bool:
+        """An object of our form the new catalog does not name may go, unless it is a
+        killed push's upload of a backup this repository still has, on a device this
+        push left out (DEVICE arguments): a later push of that device takes it as sent."""
+        owner = object_owner(key)
+        if owner is None:
+            return False
+        device, ident = owner
+        if device in self.device_names or device not in self.local_devices:
+            return True
+        return ident not in self._local_ids(device)
+
+    def _local_ids(self, device: str) -> set[str]:
+        if device not in self._ids:
+            self._ids[device] = {r.id for r in self.catalog.backups(device)}
+        return self._ids[device]
 
     def _current(self, rec: BackupRecord, kept: RemoteBackup, listing: dict[str, ObjectInfo]) -> bool:
         """The remote holds this backup as it is here: same place in the chain, same sizes.

@@ -41,6 +41,16 @@ PART_SIZE = 8 << 20
 PARTS_IN_FLIGHT = 8
 
 
+def env_read_timeout(default: float) -> float:
+    """``default``, or BACKUPFS_S3_READ_TIMEOUT (1-300 s) where a test or an
+    administrator wants a frozen endpoint noticed sooner or later."""
+    try:
+        value = float(os.environ.get("BACKUPFS_S3_READ_TIMEOUT", ""))
+    except ValueError:
+        return default
+    return value if 1 <= value <= 300 else default
+
+
 class RemoteError(ErrnoError):
     """The remote refused or failed at something; the message names it."""
 
@@ -115,23 +125,31 @@ class RemoteStore:
         # (--endpoint refuses one; the environment's is boto3's to use, not ours to print).
         self.endpoint = _without_userinfo(self._client.meta.endpoint_url)
         self.read_timeout = read_timeout
+        self.unreachable: str | None = None  # set once a request could not reach the endpoint
 
     # -- errors ----------------------------------------------------------------------
 
     def _error(self, e: Exception, doing: str) -> RemoteError:
         """What went wrong, in one line that names the remote and no secret."""
-        from botocore.exceptions import (ClientError, ConnectTimeoutError, EndpointConnectionError,
+        from botocore.exceptions import (ClientError, ConnectTimeoutError, EndpointConnectionError, HTTPClientError,
                                          NoCredentialsError, PartialCredentialsError, ReadTimeoutError)
+        from urllib3.exceptions import ProtocolError
+        from urllib3.exceptions import ReadTimeoutError as BodyReadTimeout
 
         if isinstance(e, (NoCredentialsError, PartialCredentialsError)):
             return RemoteError(f"{self.what}: no S3 credentials found (set AWS_ACCESS_KEY_ID and "
                                "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or ~/.aws/credentials)", errno.EACCES)
         if isinstance(e, (EndpointConnectionError, ConnectTimeoutError)):
-            return RemoteError(f"{self.what}: cannot reach the endpoint {self.endpoint} ({doing})",
-                               errno.EHOSTUNREACH)
-        if isinstance(e, ReadTimeoutError):
-            return RemoteError(f"{self.what}: the endpoint {self.endpoint} stopped answering ({doing}; "
-                               f"no answer in {self.read_timeout:.0f} s)", errno.ETIMEDOUT)
+            return self._cut(RemoteError(f"{self.what}: cannot reach the endpoint {self.endpoint} ({doing})",
+                                         errno.EHOSTUNREACH))
+        if isinstance(e, (ReadTimeoutError, BodyReadTimeout)):
+            return self._cut(RemoteError(f"{self.what}: the endpoint {self.endpoint} stopped answering ({doing}; "
+                                         f"no answer in {self.read_timeout:.0f} s)", errno.ETIMEDOUT))
+        if isinstance(e, (HTTPClientError, ProtocolError)):
+            # ConnectionClosedError and the like: a reset, or a send that stalled past
+            # the timeout. botocore's text is a URL with the upload's id: not for users.
+            return self._cut(RemoteError(f"{self.what}: the connection to the endpoint {self.endpoint} was cut "
+                                         f"or stalled ({doing})", errno.ECONNRESET))
         if isinstance(e, ClientError):
             err = e.response.get("Error", {})
             code = str(err.get("Code", ""))
@@ -150,6 +168,14 @@ class RemoteStore:
         # Anything else botocore or the connection under it raised (a reset, a
         # protocol error half-way through a body): still one line.
         return RemoteError(f"{self.what}: {doing}: {type(e).__name__}: {e}")
+
+    def _cut(self, error: RemoteError) -> RemoteError:
+        """Record that the endpoint is out of reach: clean-ups after the failure (aborting
+        an upload, releasing the lock) are skipped rather than waited out again; the next
+        push does them (a killed push's uploads are aborted; its lock, a dead pid's
+        here, is taken over at once)."""
+        self.unreachable = self.unreachable or str(error)
+        return error
 
     def _call(self, doing: str, fn: Callable[..., Any], **kw: Any) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -258,13 +284,6 @@ class RemoteStore:
                    Key=self.location.key(rel), Body=body, IfNoneMatch="*")
         return self._check(rel, len(body), etag), etag
 
-    def replace_if(self, rel: str, body: bytes, etag: str) -> str:
-        """Replace an object only if it is still the one with ``etag`` (the lock's
-        takeover and renewal: the one object ever rewritten); its new ETag."""
-        r = self._call(f"writing {rel}", self._client.put_object, Bucket=self.location.bucket,
-                       Key=self.location.key(rel), Body=body, IfMatch=etag)
-        return _unquote(r.get("ETag", ""))
-
     def delete(self, rels: list[str]) -> None:
         """Delete objects (those the remote no longer needs), a thousand a request."""
         for start in range(0, len(rels), 1000):
@@ -349,7 +368,8 @@ class RemoteStore:
                        UploadId=upload_id, MultipartUpload={"Parts": parts})
         except BaseException:
             try:
-                self._client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+                if not self.unreachable:  # else: not another round of timeouts
+                    self._client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
             except Exception:
                 pass  # the next push aborts what is left (abort_stale_uploads)
             raise
