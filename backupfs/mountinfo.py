@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from backupfs.mountaccess import VALUE_OPTIONS, check_value
 from engine.ceph import is_rbd
 from engine.errors import BackupfsError, UsageError
+from engine.fsutil import atomic_write
 
 MOUNT_RECORD = "mount.json"
 # Access times: the mount keeps none, so every atime option of fstab means
@@ -292,17 +293,54 @@ def remote_mount_record(mountpoint: str) -> MountRecord | None:
     return rec
 
 
+RUNTIME_RECORD_MAX = 64 * 1024  # a record is a few hundred bytes; a bigger file is not one
+
+
+def _ours_alone(st: os.stat_result) -> bool:
+    """Made by us, and changeable by no one else: a runtime directory may be
+    /tmp/backupfs-<uid>, a name any local user can take first."""
+    return st.st_uid == os.geteuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def write_runtime_record(mountpoint: str, doc: bytes) -> str:
+    """Record a remote mount's daemon where `umount` and the listing look
+    (``runtime_record``); its path. OSError when the directory is someone
+    else's or others may change it: a record there could be swapped for theirs."""
+    path = runtime_record(mountpoint)
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) or not _ours_alone(st):
+        raise OSError(errno.EPERM, "the directory is not ours alone (uid "
+                      f"{st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})", directory)
+    atomic_write(path, doc)
+    return path
+
+
 def _load_remote_record(mountpoint: str) -> MountRecord | None:
+    """The record, if it and its directory are ours alone and it is one: a
+    stranger's (planted in a /tmp directory they took first) would have the
+    listing print their pid and options and `umount` wait for their
+    process; a FIFO would hang both (hence O_NONBLOCK), a link lead elsewhere."""
+    path = runtime_record(mountpoint)
     try:
-        with open(runtime_record(mountpoint)) as f:
-            data = json.load(f)
+        if not _ours_alone(os.lstat(os.path.dirname(path))):
+            return None
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode) or not _ours_alone(st) or st.st_size > RUNTIME_RECORD_MAX:
+                return None
+            data = json.loads(f.read(RUNTIME_RECORD_MAX))
         if data.get("mountpoint") != os.path.normpath(mountpoint):
             return None
         options = data.get("options", [])
         if not isinstance(options, list):
             options = []
-        return MountRecord(int(data["pid"]), str(data["mountpoint"]), str(data["repo"]),
-                           tuple(str(o) for o in options))
+        pid = int(data["pid"])
+        if pid <= 0:
+            return None
+        return MountRecord(pid, str(data["mountpoint"]), str(data["repo"]), tuple(str(o) for o in options))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
