@@ -190,6 +190,9 @@ def test_the_cache_stays_under_cache_size(pushed: tuple[Path, list[str]], s3_rem
         remote.cleanup()
 
 
+TRICKLE_PACE = 0.5  # seconds between two bytes of a trickled answer
+
+
 class Relay:
     """A TCP relay from a local port to the endpoint, that the test can stop: an
     endpoint that stops answering mid-mount (connections then refused)."""
@@ -201,6 +204,9 @@ class Relay:
         self.conns: list[socket.socket] = []
         self.stopped = threading.Event()
         self.frozen = threading.Event()  # connections taken and requests read, nothing answered
+        # Answers sent a byte every TRICKLE_PACE s: each wait shorter than any read
+        # timeout, the whole answer never (a server or middlebox that stalls, connection kept).
+        self.trickling = threading.Event()
         self.thread = threading.Thread(target=self._accept, daemon=True)
         self.thread.start()
 
@@ -215,10 +221,10 @@ class Relay:
                 continue
             upstream = socket.create_connection(self.target, timeout=10)
             self.conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, answers in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(target=self._pipe, args=(a, b, answers), daemon=True).start()
 
-    def _pipe(self, a: socket.socket, b: socket.socket) -> None:
+    def _pipe(self, a: socket.socket, b: socket.socket, answers: bool = False) -> None:
         try:
             while True:
                 data = a.recv(1 << 16)
@@ -227,6 +233,12 @@ class Relay:
                 if self.frozen.is_set():
                     self.stopped.wait()  # an endpoint that stopped answering, connection open
                     break
+                if answers and self.trickling.is_set():
+                    for i in range(len(data)):  # the pace of a stalled server, not a synchronisation
+                        if self.stopped.wait(TRICKLE_PACE):
+                            return
+                        b.sendall(data[i:i + 1])
+                    continue
                 b.sendall(data)
         except OSError:
             pass

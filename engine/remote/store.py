@@ -34,6 +34,9 @@ from engine.remote.location import S3Location
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 30.0
 ATTEMPTS = 3  # the first try and two retries
+# A ranged GET slower than this in all is an endpoint that stalls (RemoteStore.answer_bound):
+# the read timeout bounds each wait for a byte, not the whole answer.
+MIN_ANSWER_RATE = 256 << 10  # bytes a second
 # Objects above this go in parallel multipart uploads of PART_SIZE parts.
 MULTIPART_THRESHOLD = 16 << 20
 PART_SIZE = 8 << 20
@@ -101,6 +104,13 @@ class RemoteStore:
         # (--endpoint refuses one; the environment's is boto3's to use, not ours to print).
         self.endpoint = _without_userinfo(self._client.meta.endpoint_url)
         self.read_timeout = read_timeout
+        self.attempts = attempts
+
+    def answer_bound(self, length: int) -> float:
+        """Seconds a ranged GET of ``length`` bytes may take in all, its retries included.
+        botocore's timeouts bound each wait for a byte: an endpoint (or a middlebox) that
+        trickles a byte within each would hold a reader, and a mount's request, for ever."""
+        return (CONNECT_TIMEOUT + self.read_timeout) * self.attempts + length / MIN_ANSWER_RATE
 
     # -- errors ----------------------------------------------------------------------
 
