@@ -184,7 +184,10 @@ def _start_daemon(args: argparse.Namespace, serve: Callable[[Callable[[str | Non
 def _list_mounts() -> int:
     """One line a mount, as mount(8) lists: where, which repository, its
     daemon and the options it was mounted with (nosuid,nodev always)."""
-    for point, repo, record in listed_mounts():
+    for point, repo, record, stranger in listed_mounts():
+        if stranger is not None:  # its record is theirs to read
+            print(f"{escape(repo)} on {escape(point)} (another user's mount: uid {stranger})")
+            continue
         if record is None:
             print(f"{escape(repo)} on {escape(point)} (dead mount: its daemon is gone)")
             continue

@@ -228,6 +228,12 @@ def _backupfs_mounts() -> list[tuple[str, str, str]]:
 
 def _backupfs_mounts_typed() -> list[tuple[str, str, str, str]]:
     """``_backupfs_mounts`` with each mount's type ("fuse.backupfs", or "fuse")."""
+    return [(point, source, device, fstype) for point, source, device, fstype, _ in _backupfs_mounts_owned()]
+
+
+def _backupfs_mounts_owned() -> list[tuple[str, str, str, str, int | None]]:
+    """``_backupfs_mounts_typed`` with the uid of whoever mounted each (FUSE's
+    ``user_id=`` among the super options), None if not shown."""
     try:
         with open("/proc/self/mountinfo", "rb") as f:
             lines = [os.fsdecode(line) for line in f]
@@ -239,25 +245,33 @@ def _backupfs_mounts_typed() -> list[tuple[str, str, str, str]]:
         fields = left.split()
         rfields = right.split()
         if len(fields) >= 5 and len(rfields) >= 2 and rfields[0] in ("fuse.backupfs", "fuse"):
-            out.append((_unescape(fields[4]), _unescape(rfields[1]), fields[2], rfields[0]))
+            owner = None
+            for opt in (rfields[2] if len(rfields) > 2 else "").split(","):
+                if opt.startswith("user_id=") and opt[8:].isdigit():
+                    owner = int(opt[8:])
+            out.append((_unescape(fields[4]), _unescape(rfields[1]), fields[2], rfields[0], owner))
     return out
 
 
-def listed_mounts() -> list[tuple[str, str, MountRecord | None]]:
-    """(mount point, repository, its record if its daemon lives) of each
-    backupfs mount, for `backupfs mount` with no arguments. A plain "fuse"
-    mount counts only when its source is a directory (another program's
-    export is not ours); a remote's (``fuse.backupfs``, its source the
-    s3:// URL) by its daemon's runtime record."""
+def listed_mounts() -> list[tuple[str, str, MountRecord | None, int | None]]:
+    """(mount point, repository, its record if its daemon lives, the uid of
+    the user who mounted it when that is someone else and no record is
+    readable) of each backupfs mount, for `backupfs mount` with no arguments.
+    A plain "fuse" mount counts only when its source is a directory (another
+    program's export is not ours); a remote's (``fuse.backupfs``, its source
+    the s3:// URL) by its daemon's runtime record, which only its mounter
+    finds: another user's is theirs, not a dead mount."""
     out = []
-    for point, source, _, fstype in _backupfs_mounts_typed():
+    for point, source, _, fstype, owner in _backupfs_mounts_owned():
         if fstype == "fuse.backupfs" and source.startswith(S3_SCHEME):
-            out.append((point, source, remote_mount_record(point)))
+            rec = remote_mount_record(point)
+        elif not os.path.isdir(source):
             continue
-        if not os.path.isdir(source):
-            continue
-        rec = read_mount_record(source)
-        out.append((point, source, rec if rec is not None and rec.mountpoint == point else None))
+        else:
+            rec = read_mount_record(source)
+            rec = rec if rec is not None and rec.mountpoint == point else None
+        stranger = owner if rec is None and owner is not None and owner != os.geteuid() else None
+        out.append((point, source, rec, stranger))
     return out
 
 

@@ -10,7 +10,9 @@ gives EIO in bounded time and the mount still unmounts; nothing writable.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import json
 import os
 import socket
@@ -22,10 +24,12 @@ from pathlib import Path
 
 import pytest
 
+from backupfs.cli import main as cli_main
 from backupfs.mountinfo import wait_for_exit
 from tests.commands import backupfs_cmd, cli, repo_with_a_full
 from tests.mounts import Mounted, _is_mounted
 from tests.s3remote import S3Remote
+from tests.users import OtherUser
 
 pytestmark = [pytest.mark.mount, pytest.mark.long]
 
@@ -381,3 +385,43 @@ def test_remote_mount_options_are_refused_in_one_line(tmp_path: Path) -> None:
         assert proc.returncode != 0 and says in err and len(err.strip().splitlines()) == 1, err
     proc = cli("mount", tmp_path, tmp_path / "mnt", "--endpoint", "http://127.0.0.1:1", check=False)
     assert "--endpoint goes with an s3:// URL" in proc.stderr.decode()
+
+
+def test_another_users_mounts_are_listed_as_theirs_not_as_dead(pushed: tuple[Path, list[str]], s3_remote: S3Remote,
+                                                               tmp_path: Path, other_user: OtherUser) -> None:
+    """`backupfs mount` run by someone else lists the backupfs mounts it can see; it cannot
+    read a remote mount's runtime record (the mounter's), so it must say whose the mount
+    is, not that its daemon is gone (and send them to `umount`)."""
+    repo, _ = pushed
+    (tmp_path / "local").mkdir()
+    local = Mounted(repo, tmp_path / "local")
+    remote = RemoteMount(s3_remote, tmp_path / "remote", tmp_path / "cache")
+    try:
+        local.start()
+        remote.start()
+        # As the other user (this interpreter is not theirs to run: our effective uid is
+        # theirs for the call, as their own `backupfs mount` would run).
+        import ctypes.util  # noqa: F401 - what the command imports late: our interpreter's files are ours alone
+
+        out = io.StringIO()
+        os.setegid(other_user.gid)
+        os.seteuid(other_user.uid)
+        try:
+            with contextlib.redirect_stdout(out):
+                status = cli_main(["mount"])
+        finally:
+            os.seteuid(0)
+            os.setegid(0)
+        assert status == 0
+        lines = [ln for ln in out.getvalue().splitlines() if str(tmp_path) in ln]
+        assert not [ln for ln in lines if "dead mount" in ln], out.getvalue()
+        # (The local mount's repository is beyond their reach: not listed at all.)
+        assert f"{s3_remote.url} on {remote.mnt} (another user's mount: uid {os.geteuid()})" in lines, lines
+        # The mounter's own listing still names each daemon.
+        own = s3_remote.cli("mount").stdout
+        assert f"on {remote.mnt} (daemon pid {remote.pid}; " in own, own
+        remote.stop()
+        local.stop()
+    finally:
+        remote.cleanup()
+        local.cleanup()
