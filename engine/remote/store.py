@@ -34,9 +34,6 @@ from engine.remote.location import S3Location
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 30.0
 ATTEMPTS = 3  # the first try and two retries
-# A ranged GET slower than this in all is an endpoint that stalls (RemoteStore.answer_bound):
-# the read timeout bounds each wait for a byte, not the whole answer.
-MIN_ANSWER_RATE = 256 << 10  # bytes a second
 # Objects above this go in parallel multipart uploads of PART_SIZE parts.
 MULTIPART_THRESHOLD = 16 << 20
 PART_SIZE = 8 << 20
@@ -107,10 +104,13 @@ class RemoteStore:
         self.attempts = attempts
 
     def answer_bound(self, length: int) -> float:
-        """Seconds a ranged GET of ``length`` bytes may take in all, its retries included.
-        botocore's timeouts bound each wait for a byte: an endpoint (or a middlebox) that
-        trickles a byte within each would hold a reader, and a mount's request, for ever."""
-        return (CONNECT_TIMEOUT + self.read_timeout) * self.attempts + length / MIN_ANSWER_RATE
+        """Seconds a ranged GET of ``length`` bytes may take in all: its tries' timeouts, and
+        a read timeout for each MiB of it (a GET's share of a slow link, with others in
+        flight; a slower link raises BACKUPFS_S3_READ_TIMEOUT). botocore's timeouts bound
+        each wait for a byte: an endpoint (or a middlebox) that trickles a byte within
+        each would hold a reader, and a mount's request, for ever."""
+        mib = -(-length // (1 << 20))
+        return (CONNECT_TIMEOUT + self.read_timeout) * self.attempts + self.read_timeout * mib
 
     # -- errors ----------------------------------------------------------------------
 
