@@ -211,6 +211,8 @@ class Relay:
         # Answers sent a byte every TRICKLE_PACE s: each wait shorter than any read
         # timeout, the whole answer never (a server or middlebox that stalls, connection kept).
         self.trickling = threading.Event()
+        # Each answer replaced by a broken one (its headers cut short), the connection closed.
+        self.garbling = threading.Event()
         self.thread = threading.Thread(target=self._accept, daemon=True)
         self.thread.start()
 
@@ -236,6 +238,9 @@ class Relay:
                     break
                 if self.frozen.is_set():
                     self.stopped.wait()  # an endpoint that stopped answering, connection open
+                    break
+                if answers and self.garbling.is_set():
+                    b.sendall(b"HTTP/1.1 200 OK\r\nCont")
                     break
                 if answers and self.trickling.is_set():
                     for i in range(len(data)):  # the pace of a stalled server, not a synchronisation
@@ -425,3 +430,24 @@ def test_another_users_mounts_are_listed_as_theirs_not_as_dead(pushed: tuple[Pat
     finally:
         remote.cleanup()
         local.cleanup()
+
+
+def test_an_endpoint_whose_answers_are_broken_gives_eio_and_one_line_each_in_the_log(
+        pushed: tuple[Path, list[str]], s3_remote: S3Remote, tmp_path: Path, relay: Relay) -> None:
+    """A remote (or a middlebox) that answers with headers cut short: the read is EIO,
+    and what the HTTP library says of it is a line of the daemon's log, not a traceback."""
+    _, ids = pushed
+    remote = RemoteMount(s3_remote, tmp_path / "remote", tmp_path / "cache",
+                         endpoint=f"http://127.0.0.1:{relay.port}", read_timeout=2)
+    try:
+        remote.start()
+        relay.garbling.set()
+        with pytest.raises(OSError) as e:
+            _read(remote.mnt / "vm1" / "backups" / ids[-1])
+        assert e.value.errno == errno.EIO
+        remote.stop()
+        log = remote.log()
+        assert "Failed to parse headers" in log  # the library's word, kept
+        assert "Traceback" not in log
+    finally:
+        remote.cleanup()
