@@ -195,6 +195,7 @@ def test_the_cache_stays_under_cache_size(pushed: tuple[Path, list[str]], s3_rem
 
 
 TRICKLE_PACE = 0.5  # seconds between two bytes of a trickled answer
+OVERSIZE = 256 * MiB  # what an oversize answer claims, and sends unless the client hangs up
 
 
 class Relay:
@@ -213,6 +214,10 @@ class Relay:
         self.trickling = threading.Event()
         # Each answer replaced by a broken one (its headers cut short), the connection closed.
         self.garbling = threading.Event()
+        # Each answer replaced by one that claims OVERSIZE bytes and sends zeros until the
+        # client hangs up (a server that ignores the range, or a hostile one): bytes sent counted.
+        self.oversize = threading.Event()
+        self.oversize_sent = 0
         self.thread = threading.Thread(target=self._accept, daemon=True)
         self.thread.start()
 
@@ -239,6 +244,9 @@ class Relay:
                 if self.frozen.is_set():
                     self.stopped.wait()  # an endpoint that stopped answering, connection open
                     break
+                if answers and self.oversize.is_set():
+                    self._send_oversize(b)
+                    break
                 if answers and self.garbling.is_set():
                     b.sendall(b"HTTP/1.1 200 OK\r\nCont")
                     break
@@ -257,6 +265,14 @@ class Relay:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+    def _send_oversize(self, b: socket.socket) -> None:
+        b.sendall(f"HTTP/1.1 206 Partial Content\r\nContent-Length: {OVERSIZE}\r\n"
+                  f"Content-Range: bytes 0-{OVERSIZE - 1}/{OVERSIZE}\r\n\r\n".encode())
+        zeros = bytes(MiB)
+        while self.oversize_sent < OVERSIZE and not self.stopped.is_set():
+            b.sendall(zeros)  # OSError once the client has hung up
+            self.oversize_sent += len(zeros)
 
     def stop(self) -> None:
         if self.stopped.is_set():
@@ -449,5 +465,27 @@ def test_an_endpoint_whose_answers_are_broken_gives_eio_and_one_line_each_in_the
         log = remote.log()
         assert "Failed to parse headers" in log  # the library's word, kept
         assert "Traceback" not in log
+    finally:
+        remote.cleanup()
+
+
+def test_an_answer_longer_than_the_range_asked_is_not_read_to_its_end(
+        pushed: tuple[Path, list[str]], s3_remote: S3Remote, tmp_path: Path, relay: Relay) -> None:
+    """An endpoint that answers a ranged GET with far more than the range (a server or
+    proxy that ignores Range, or a hostile one): the read is EIO once one byte more
+    than asked has come, not after the whole answer is held in the daemon's memory."""
+    _, ids = pushed
+    remote = RemoteMount(s3_remote, tmp_path / "remote", tmp_path / "cache",
+                         endpoint=f"http://127.0.0.1:{relay.port}", read_timeout=2)
+    try:
+        remote.start()
+        relay.oversize.set()
+        with pytest.raises(OSError) as e:
+            _read(remote.mnt / "vm1" / "backups" / ids[-1])
+        assert e.value.errno == errno.EIO
+        # Each GET asks 8 MiB at most, and a few may be in flight: far below what was offered.
+        assert relay.oversize_sent < OVERSIZE // 4, relay.oversize_sent
+        remote.stop()
+        assert "Traceback" not in remote.log()
     finally:
         remote.cleanup()
