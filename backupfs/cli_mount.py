@@ -53,6 +53,25 @@ class OneLineFormatter(logging.Formatter):
         return "\n".join(one_line(line) for line in super().formatException(ei).split("\n"))
 
 
+# Libraries whose tracebacks tell of what an endpoint answered, not of a fault
+# of ours: urllib3 logs one with its warning about headers a server cut short.
+NETWORK_LOGGERS = frozenset(("urllib3", "botocore", "boto3", "s3transfer"))
+
+
+class NetworkLibraryLines(logging.Filter):
+    """A network library's record as one line, the exception named after its
+    message, no traceback: a broken or hostile endpoint (a remote mount's) would
+    otherwise fill the daemon's log with them, and hide ours among them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.name.split(".")[0] in NETWORK_LOGGERS:
+            exc = record.exc_info[1]
+            record.msg = f"{record.getMessage()} ({type(exc).__name__})" if exc is not None else record.getMessage()
+            record.args = None
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def _logging_to(stream_or_path: object) -> None:
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     root = logging.getLogger()
@@ -62,6 +81,7 @@ def _logging_to(stream_or_path: object) -> None:
     else:
         handler = logging.StreamHandler(stream_or_path)  # type: ignore[arg-type]
     handler.setFormatter(OneLineFormatter(fmt))
+    handler.addFilter(NetworkLibraryLines())
     root.addHandler(handler)
     root.setLevel(logging.INFO)
 
@@ -184,7 +204,10 @@ def _start_daemon(args: argparse.Namespace, serve: Callable[[Callable[[str | Non
 def _list_mounts() -> int:
     """One line a mount, as mount(8) lists: where, which repository, its
     daemon and the options it was mounted with (nosuid,nodev always)."""
-    for point, repo, record in listed_mounts():
+    for point, repo, record, stranger in listed_mounts():
+        if stranger is not None:  # its record is theirs to read
+            print(f"{escape(repo)} on {escape(point)} (another user's mount: uid {stranger})")
+            continue
         if record is None:
             print(f"{escape(repo)} on {escape(point)} (dead mount: its daemon is gone)")
             continue

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from backupfs.mountaccess import VALUE_OPTIONS, check_value
 from engine.ceph import is_rbd
 from engine.errors import BackupfsError, UsageError
+from engine.fsutil import atomic_write
 
 MOUNT_RECORD = "mount.json"
 # Access times: the mount keeps none, so every atime option of fstab means
@@ -227,6 +228,12 @@ def _backupfs_mounts() -> list[tuple[str, str, str]]:
 
 def _backupfs_mounts_typed() -> list[tuple[str, str, str, str]]:
     """``_backupfs_mounts`` with each mount's type ("fuse.backupfs", or "fuse")."""
+    return [(point, source, device, fstype) for point, source, device, fstype, _ in _backupfs_mounts_owned()]
+
+
+def _backupfs_mounts_owned() -> list[tuple[str, str, str, str, int | None]]:
+    """``_backupfs_mounts_typed`` with the uid of whoever mounted each (FUSE's
+    ``user_id=`` among the super options), None if not shown."""
     try:
         with open("/proc/self/mountinfo", "rb") as f:
             lines = [os.fsdecode(line) for line in f]
@@ -238,25 +245,33 @@ def _backupfs_mounts_typed() -> list[tuple[str, str, str, str]]:
         fields = left.split()
         rfields = right.split()
         if len(fields) >= 5 and len(rfields) >= 2 and rfields[0] in ("fuse.backupfs", "fuse"):
-            out.append((_unescape(fields[4]), _unescape(rfields[1]), fields[2], rfields[0]))
+            owner = None
+            for opt in (rfields[2] if len(rfields) > 2 else "").split(","):
+                if opt.startswith("user_id=") and opt[8:].isdigit():
+                    owner = int(opt[8:])
+            out.append((_unescape(fields[4]), _unescape(rfields[1]), fields[2], rfields[0], owner))
     return out
 
 
-def listed_mounts() -> list[tuple[str, str, MountRecord | None]]:
-    """(mount point, repository, its record if its daemon lives) of each
-    backupfs mount, for `backupfs mount` with no arguments. A plain "fuse"
-    mount counts only when its source is a directory (another program's
-    export is not ours); a remote's (``fuse.backupfs``, its source the
-    s3:// URL) by its daemon's runtime record."""
+def listed_mounts() -> list[tuple[str, str, MountRecord | None, int | None]]:
+    """(mount point, repository, its record if its daemon lives, the uid of
+    the user who mounted it when that is someone else and no record is
+    readable) of each backupfs mount, for `backupfs mount` with no arguments.
+    A plain "fuse" mount counts only when its source is a directory (another
+    program's export is not ours); a remote's (``fuse.backupfs``, its source
+    the s3:// URL) by its daemon's runtime record, which only its mounter
+    finds: another user's is theirs, not a dead mount."""
     out = []
-    for point, source, _, fstype in _backupfs_mounts_typed():
+    for point, source, _, fstype, owner in _backupfs_mounts_owned():
         if fstype == "fuse.backupfs" and source.startswith(S3_SCHEME):
-            out.append((point, source, remote_mount_record(point)))
+            rec = remote_mount_record(point)
+        elif not os.path.isdir(source):
             continue
-        if not os.path.isdir(source):
-            continue
-        rec = read_mount_record(source)
-        out.append((point, source, rec if rec is not None and rec.mountpoint == point else None))
+        else:
+            rec = read_mount_record(source)
+            rec = rec if rec is not None and rec.mountpoint == point else None
+        stranger = owner if rec is None and owner is not None and owner != os.geteuid() else None
+        out.append((point, source, rec, stranger))
     return out
 
 
@@ -292,17 +307,54 @@ def remote_mount_record(mountpoint: str) -> MountRecord | None:
     return rec
 
 
+RUNTIME_RECORD_MAX = 64 * 1024  # a record is a few hundred bytes; a bigger file is not one
+
+
+def _ours_alone(st: os.stat_result) -> bool:
+    """Made by us, and changeable by no one else: a runtime directory may be
+    /tmp/backupfs-<uid>, a name any local user can take first."""
+    return st.st_uid == os.geteuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def write_runtime_record(mountpoint: str, doc: bytes) -> str:
+    """Record a remote mount's daemon where `umount` and the listing look
+    (``runtime_record``); its path. OSError when the directory is someone
+    else's or others may change it: a record there could be swapped for theirs."""
+    path = runtime_record(mountpoint)
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) or not _ours_alone(st):
+        raise OSError(errno.EPERM, "the directory is not ours alone (uid "
+                      f"{st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})", directory)
+    atomic_write(path, doc)
+    return path
+
+
 def _load_remote_record(mountpoint: str) -> MountRecord | None:
+    """The record, if it and its directory are ours alone and it is one: a
+    stranger's (planted in a /tmp directory they took first) would have the
+    listing print their pid and options and `umount` wait for their
+    process; a FIFO would hang both (hence O_NONBLOCK), a link lead elsewhere."""
+    path = runtime_record(mountpoint)
     try:
-        with open(runtime_record(mountpoint)) as f:
-            data = json.load(f)
+        if not _ours_alone(os.lstat(os.path.dirname(path))):
+            return None
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode) or not _ours_alone(st) or st.st_size > RUNTIME_RECORD_MAX:
+                return None
+            data = json.loads(f.read(RUNTIME_RECORD_MAX))
         if data.get("mountpoint") != os.path.normpath(mountpoint):
             return None
         options = data.get("options", [])
         if not isinstance(options, list):
             options = []
-        return MountRecord(int(data["pid"]), str(data["mountpoint"]), str(data["repo"]),
-                           tuple(str(o) for o in options))
+        pid = int(data["pid"])
+        if pid <= 0:
+            return None
+        return MountRecord(pid, str(data["mountpoint"]), str(data["repo"]), tuple(str(o) for o in options))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 

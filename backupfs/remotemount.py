@@ -21,7 +21,7 @@ import trio
 
 from backupfs.mount import ALWAYS_OPTIONS, _drop_idle_files, _load_parsers, _on_relay_end, allow_other_refused
 from backupfs.relay import start_relay
-from backupfs.mountinfo import MOUNT_RECORD, check_mountpoint, runtime_record
+from backupfs.mountinfo import MOUNT_RECORD, check_mountpoint, runtime_record, write_runtime_record
 from backupfs.remotefs import RemoteOperations
 from collections.abc import Callable
 from engine.chain import read_path
@@ -131,13 +131,10 @@ def serve_remote(url: str, endpoint: str | None, mountpoint: str, options: list[
             cleanup.callback(ops.stop_relay)
         doc = json.dumps({"pid": os.getpid(), "mountpoint": mp, "repo": location.url, "options": options}).encode()
         atomic_write(record, doc)
-        runtime = runtime_record(mp)
         try:
-            os.makedirs(os.path.dirname(runtime), mode=0o700, exist_ok=True)
-            cleanup.callback(_remove, runtime)
-            atomic_write(runtime, doc)
+            cleanup.callback(_remove, write_runtime_record(mp, doc))
         except OSError as e:  # umount then returns without waiting for the daemon
-            log.warning("cannot record the mount in %s: %s", runtime, e.strerror)
+            log.warning("cannot record the mount in %s: %s", e.filename or runtime_record(mp), e.strerror)
         trio.run(_main, location.url, ready, cache, ops)
 
 

@@ -20,6 +20,7 @@ import json
 import os
 import random
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -163,6 +164,46 @@ def test_a_guest_file_read_from_a_remote_that_stops_answering_is_eio(guest_pushe
         remote.stop()
         assert "Traceback" not in remote.log()
     finally:
+        remote.cleanup()
+
+
+def test_a_guest_directory_listed_from_a_remote_that_trickles_is_eio_in_bounded_time(
+        guest_pushed: tuple[Path, list[str]], s3_remote: S3Remote, tmp_path: Path, relay: Relay) -> None:
+    """An endpoint that answers a byte at a time, each within the read timeout, never
+    times a GET out by itself: a cold guest listing (the backup's chain and its
+    filesystem fetched) must still end in EIO in bounded time, the mount still answering
+    what needs no GET meanwhile."""
+    _, ids = guest_pushed
+    remote = RemoteMount(s3_remote, tmp_path / "remote", tmp_path / "cache", options="cache_size=16M",
+                         endpoint=f"http://127.0.0.1:{relay.port}", read_timeout=2)
+    p1 = remote.mnt / "vm" / "files" / ids[0] / "p1"
+    outcome: list[BaseException | list[str]] = []
+
+    def listing() -> None:
+        try:
+            outcome.append(os.listdir(p1))
+        except OSError as e:
+            outcome.append(e)
+
+    lister = threading.Thread(target=listing, daemon=True)
+    try:
+        remote.start()
+        relay.trickling.set()
+        started = time.monotonic()
+        lister.start()
+        assert sorted(os.listdir(remote.mnt / "vm" / "files")) == sorted(ids + ["latest"])
+        lister.join(120)
+        assert not lister.is_alive(), "a guest listing from a trickling remote still waits after 120 s"
+        [result] = outcome
+        assert isinstance(result, OSError) and result.errno == errno.EIO, result
+        assert time.monotonic() - started < 120
+        relay.stop()  # ends the trickled answers: the daemon's GETs return, and it can exit
+        remote.stop()
+        assert "Traceback" not in remote.log()
+    finally:
+        relay.stop()
+        if lister.ident is not None:
+            lister.join(60)
         remote.cleanup()
 
 

@@ -10,7 +10,9 @@ gives EIO in bounded time and the mount still unmounts; nothing writable.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import json
 import os
 import socket
@@ -22,10 +24,12 @@ from pathlib import Path
 
 import pytest
 
+from backupfs.cli import main as cli_main
 from backupfs.mountinfo import wait_for_exit
 from tests.commands import backupfs_cmd, cli, repo_with_a_full
 from tests.mounts import Mounted, _is_mounted
 from tests.s3remote import S3Remote
+from tests.users import OtherUser
 
 pytestmark = [pytest.mark.mount, pytest.mark.long]
 
@@ -190,6 +194,10 @@ def test_the_cache_stays_under_cache_size(pushed: tuple[Path, list[str]], s3_rem
         remote.cleanup()
 
 
+TRICKLE_PACE = 0.5  # seconds between two bytes of a trickled answer
+OVERSIZE = 256 * MiB  # what an oversize answer claims, and sends unless the client hangs up
+
+
 class Relay:
     """A TCP relay from a local port to the endpoint, that the test can stop: an
     endpoint that stops answering mid-mount (connections then refused)."""
@@ -201,6 +209,15 @@ class Relay:
         self.conns: list[socket.socket] = []
         self.stopped = threading.Event()
         self.frozen = threading.Event()  # connections taken and requests read, nothing answered
+        # Answers sent a byte every TRICKLE_PACE s: each wait shorter than any read
+        # timeout, the whole answer never (a server or middlebox that stalls, connection kept).
+        self.trickling = threading.Event()
+        # Each answer replaced by a broken one (its headers cut short), the connection closed.
+        self.garbling = threading.Event()
+        # Each answer replaced by one that claims OVERSIZE bytes and sends zeros until the
+        # client hangs up (a server that ignores the range, or a hostile one): bytes sent counted.
+        self.oversize = threading.Event()
+        self.oversize_sent = 0
         self.thread = threading.Thread(target=self._accept, daemon=True)
         self.thread.start()
 
@@ -215,10 +232,10 @@ class Relay:
                 continue
             upstream = socket.create_connection(self.target, timeout=10)
             self.conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, answers in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(target=self._pipe, args=(a, b, answers), daemon=True).start()
 
-    def _pipe(self, a: socket.socket, b: socket.socket) -> None:
+    def _pipe(self, a: socket.socket, b: socket.socket, answers: bool = False) -> None:
         try:
             while True:
                 data = a.recv(1 << 16)
@@ -227,6 +244,18 @@ class Relay:
                 if self.frozen.is_set():
                     self.stopped.wait()  # an endpoint that stopped answering, connection open
                     break
+                if answers and self.oversize.is_set():
+                    self._send_oversize(b)
+                    break
+                if answers and self.garbling.is_set():
+                    b.sendall(b"HTTP/1.1 200 OK\r\nCont")
+                    break
+                if answers and self.trickling.is_set():
+                    for i in range(len(data)):  # the pace of a stalled server, not a synchronisation
+                        if self.stopped.wait(TRICKLE_PACE):
+                            return
+                        b.sendall(data[i:i + 1])
+                    continue
                 b.sendall(data)
         except OSError:
             pass
@@ -236,6 +265,14 @@ class Relay:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+    def _send_oversize(self, b: socket.socket) -> None:
+        b.sendall(f"HTTP/1.1 206 Partial Content\r\nContent-Length: {OVERSIZE}\r\n"
+                  f"Content-Range: bytes 0-{OVERSIZE - 1}/{OVERSIZE}\r\n\r\n".encode())
+        zeros = bytes(MiB)
+        while self.oversize_sent < OVERSIZE and not self.stopped.is_set():
+            b.sendall(zeros)  # OSError once the client has hung up
+            self.oversize_sent += len(zeros)
 
     def stop(self) -> None:
         if self.stopped.is_set():
@@ -369,3 +406,86 @@ def test_remote_mount_options_are_refused_in_one_line(tmp_path: Path) -> None:
         assert proc.returncode != 0 and says in err and len(err.strip().splitlines()) == 1, err
     proc = cli("mount", tmp_path, tmp_path / "mnt", "--endpoint", "http://127.0.0.1:1", check=False)
     assert "--endpoint goes with an s3:// URL" in proc.stderr.decode()
+
+
+def test_another_users_mounts_are_listed_as_theirs_not_as_dead(pushed: tuple[Path, list[str]], s3_remote: S3Remote,
+                                                               tmp_path: Path, other_user: OtherUser) -> None:
+    """`backupfs mount` run by someone else lists the backupfs mounts it can see; it cannot
+    read a remote mount's runtime record (the mounter's), so it must say whose the mount
+    is, not that its daemon is gone (and send them to `umount`)."""
+    repo, _ = pushed
+    (tmp_path / "local").mkdir()
+    local = Mounted(repo, tmp_path / "local")
+    remote = RemoteMount(s3_remote, tmp_path / "remote", tmp_path / "cache")
+    try:
+        local.start()
+        remote.start()
+        # As the other user (this interpreter is not theirs to run: our effective uid is
+        # theirs for the call, as their own `backupfs mount` would run).
+        import ctypes.util  # noqa: F401 - what the command imports late: our interpreter's files are ours alone
+
+        out = io.StringIO()
+        os.setegid(other_user.gid)
+        os.seteuid(other_user.uid)
+        try:
+            with contextlib.redirect_stdout(out):
+                status = cli_main(["mount"])
+        finally:
+            os.seteuid(0)
+            os.setegid(0)
+        assert status == 0
+        lines = [ln for ln in out.getvalue().splitlines() if str(tmp_path) in ln]
+        assert not [ln for ln in lines if "dead mount" in ln], out.getvalue()
+        # (The local mount's repository is beyond their reach: not listed at all.)
+        assert f"{s3_remote.url} on {remote.mnt} (another user's mount: uid {os.geteuid()})" in lines, lines
+        # The mounter's own listing still names each daemon.
+        own = s3_remote.cli("mount").stdout
+        assert f"on {remote.mnt} (daemon pid {remote.pid}; " in own, own
+        remote.stop()
+        local.stop()
+    finally:
+        remote.cleanup()
+        local.cleanup()
+
+
+def test_an_endpoint_whose_answers_are_broken_gives_eio_and_one_line_each_in_the_log(
+        pushed: tuple[Path, list[str]], s3_remote: S3Remote, tmp_path: Path, relay: Relay) -> None:
+    """A remote (or a middlebox) that answers with headers cut short: the read is EIO,
+    and what the HTTP library says of it is a line of the daemon's log, not a traceback."""
+    _, ids = pushed
+    remote = RemoteMount(s3_remote, tmp_path / "remote", tmp_path / "cache",
+                         endpoint=f"http://127.0.0.1:{relay.port}", read_timeout=2)
+    try:
+        remote.start()
+        relay.garbling.set()
+        with pytest.raises(OSError) as e:
+            _read(remote.mnt / "vm1" / "backups" / ids[-1])
+        assert e.value.errno == errno.EIO
+        remote.stop()
+        log = remote.log()
+        assert "Failed to parse headers" in log  # the library's word, kept
+        assert "Traceback" not in log
+    finally:
+        remote.cleanup()
+
+
+def test_an_answer_longer_than_the_range_asked_is_not_read_to_its_end(
+        pushed: tuple[Path, list[str]], s3_remote: S3Remote, tmp_path: Path, relay: Relay) -> None:
+    """An endpoint that answers a ranged GET with far more than the range (a server or
+    proxy that ignores Range, or a hostile one): the read is EIO once one byte more
+    than asked has come, not after the whole answer is held in the daemon's memory."""
+    _, ids = pushed
+    remote = RemoteMount(s3_remote, tmp_path / "remote", tmp_path / "cache",
+                         endpoint=f"http://127.0.0.1:{relay.port}", read_timeout=2)
+    try:
+        remote.start()
+        relay.oversize.set()
+        with pytest.raises(OSError) as e:
+            _read(remote.mnt / "vm1" / "backups" / ids[-1])
+        assert e.value.errno == errno.EIO
+        # Each GET asks 8 MiB at most, and a few may be in flight: far below what was offered.
+        assert relay.oversize_sent < OVERSIZE // 4, relay.oversize_sent
+        remote.stop()
+        assert "Traceback" not in remote.log()
+    finally:
+        remote.cleanup()

@@ -40,6 +40,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 
 from engine.errors import BackupfsError, ErrnoError
 from engine.fsutil import atomic_write
@@ -376,6 +377,14 @@ class CachedObject:
                 for b in run:
                     self._inflight[b] = f
                 waits.append(f)
+        # Each GET is bounded in all, not only by its timeouts (RemoteStore.answer_bound):
+        # a trickled answer fails this read in time; its blocks stay in flight (no second
+        # GET of them) until that GET ends.
+        bound = self.cache.store.answer_bound(GET_BYTES)
+        _, late = wait_futures(waits, timeout=bound)
+        if late:
+            raise RemoteError(f"{self.cache.store.what}: {self.obj.key}: no complete answer in {bound:.0f} s "
+                              f"(bytes {missing[0] * BLOCK}-{(missing[-1] + 1) * BLOCK - 1})", errno.EIO)
         for f in waits:
             f.result()  # a RemoteError of the GET is this read's
 

@@ -126,6 +126,16 @@ class RemoteStore:
         self.endpoint = _without_userinfo(self._client.meta.endpoint_url)
         self.read_timeout = read_timeout
         self.unreachable: str | None = None  # set once a request could not reach the endpoint
+        self.attempts = attempts
+
+    def answer_bound(self, length: int) -> float:
+        """Seconds a ranged GET of ``length`` bytes may take in all: its tries' timeouts, and
+        a read timeout for each MiB of it (a GET's share of a slow link, with others in
+        flight; a slower link raises BACKUPFS_S3_READ_TIMEOUT). botocore's timeouts bound
+        each wait for a byte: an endpoint (or a middlebox) that trickles a byte within
+        each would hold a reader, and a mount's request, for ever."""
+        mib = -(-length // (1 << 20))
+        return (CONNECT_TIMEOUT + self.read_timeout) * self.attempts + self.read_timeout * mib
 
     # -- errors ----------------------------------------------------------------------
 
@@ -240,16 +250,22 @@ class RemoteStore:
             raise self._error(e, f"reading {rel}") from None
 
     def get_range(self, rel: str, offset: int, length: int, etag: str | None = None) -> bytes:
-        """``length`` bytes of an object from ``offset`` (a ranged GET); with ``etag``,
+        """``length`` bytes of an object from ``offset`` (a ranged GET; more, up to one byte,
+        from an endpoint that answers with more: the caller checks the length); with ``etag``,
         only from the object with that ETag (a remote mount's reads never mix two
         versions of an object rewritten by hand)."""
         kw: dict[str, Any] = {"IfMatch": f'"{etag}"'} if etag else {}
         r = self._call(f"reading {rel}", self._client.get_object, Bucket=self.location.bucket,
                        Key=self.location.key(rel), Range=f"bytes={offset}-{offset + length - 1}", **kw)
+        body = r["Body"]
         try:
-            return bytes(r["Body"].read())
+            # One byte more than asked tells an answer longer than the range (a server that
+            # ignores Range, or a hostile one) without holding the rest of it in memory.
+            return bytes(body.read(length + 1))
         except Exception as e:
             raise self._error(e, f"reading {rel}") from None
+        finally:
+            body.close()  # an answer not read to its end: its connection is dropped, not reused
 
     def stream(self, rel: str, sink: Callable[[bytes], None], chunk: int = 4 << 20) -> int:
         """Read a whole object, in order, into ``sink``; the bytes read."""
