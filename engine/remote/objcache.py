@@ -401,18 +401,26 @@ class CachedObject:
                     self._inflight.pop(b, None)
             raise
         try:
+            end = start + length
+
+            def land(at: int, piece: memoryview) -> None:
+                piece = piece[:max(0, end - at)]  # never past the run: its count is checked after
+                try:
+                    while piece:
+                        n = os.pwrite(self.fd, piece, at)
+                        piece, at = piece[n:], at + n
+                except OSError as e:  # the cache's disk, not the remote: said as such
+                    raise ErrnoError(f"{self.path}: cannot write the cache: {e.strerror}", e.errno or errno.EIO) \
+                        from None
+
             try:
-                data = self.cache.store.get_range(self.obj.key, start, length, etag=self.etag)
+                got = self.cache.store.get_range(self.obj.key, start, length, land, etag=self.etag)
             except RemoteError as e:  # the reader gets EIO; the log says what and where
                 raise RemoteError(f"{e} (bytes {start}-{start + length - 1} of {self.obj.key})", errno.EIO) \
                     from None
-            if len(data) != length:
-                raise RemoteError(f"{self.cache.store.what}: {self.obj.key}: {len(data)} bytes at offset {start}, "
+            if got != length:
+                raise RemoteError(f"{self.cache.store.what}: {self.obj.key}: {got} bytes at offset {start}, "
                                   f"asked {length}", errno.EIO)
-            view = memoryview(data)
-            done = 0
-            while done < length:
-                done += os.pwrite(self.fd, view[done:], start + done)
             with self.cache._mutex:
                 self.cache.stats["gets"] += 1
                 self.cache.stats["bytes"] += length

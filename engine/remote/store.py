@@ -249,19 +249,35 @@ class RemoteStore:
         except Exception as e:  # a read that times out half-way
             raise self._error(e, f"reading {rel}") from None
 
-    def get_range(self, rel: str, offset: int, length: int, etag: str | None = None) -> bytes:
-        """``length`` bytes of an object from ``offset`` (a ranged GET; more, up to one byte,
-        from an endpoint that answers with more: the caller checks the length); with ``etag``,
-        only from the object with that ETag (a remote mount's reads never mix two
-        versions of an object rewritten by hand)."""
+    def get_range(self, rel: str, offset: int, length: int, sink: Callable[[int, memoryview], None],
+                  etag: str | None = None, chunk: int = 1 << 20) -> int:
+        """``length`` bytes of an object from ``offset`` (a ranged GET), handed to
+        ``sink(position, piece)`` as they arrive, in pieces of up to ``chunk`` bytes;
+        the bytes delivered (the caller checks the count: an endpoint that answers
+        with more gets one byte past ``length`` delivered, never the rest). With
+        ``etag``, only from the object with that ETag (a remote mount's reads never
+        mix two versions of an object rewritten by hand).
+
+        In pieces, not one buffer of the whole range: a fresh 8 MiB buffer a GET
+        (twice, as urllib3 assembles it) was fresh memory to fault in every time,
+        and cost a remote mount's fetchers more CPU than the bytes themselves."""
         kw: dict[str, Any] = {"IfMatch": f'"{etag}"'} if etag else {}
         r = self._call(f"reading {rel}", self._client.get_object, Bucket=self.location.bucket,
                        Key=self.location.key(rel), Range=f"bytes={offset}-{offset + length - 1}", **kw)
         body = r["Body"]
+        done = 0
         try:
-            # One byte more than asked tells an answer longer than the range (a server that
-            # ignores Range, or a hostile one) without holding the rest of it in memory.
-            return bytes(body.read(length + 1))
+            while done <= length:
+                # One byte more than asked tells an answer longer than the range (a server
+                # that ignores Range, or a hostile one) without holding the rest of it.
+                data = body.read(min(chunk, length + 1 - done))
+                if not data:
+                    break
+                sink(offset + done, memoryview(data))
+                done += len(data)
+            return done
+        except BackupfsError:
+            raise  # the sink's own: it says where
         except Exception as e:
             raise self._error(e, f"reading {rel}") from None
         finally:
