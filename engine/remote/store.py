@@ -22,7 +22,7 @@ import errno
 import functools
 import hashlib
 import os
-import threading
+import queue
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -366,30 +366,39 @@ class RemoteStore:
             raise ObjectExists(f"{self.what}: writing {rel}: the object exists already (objects are written once)")
         up = self._call(f"writing {rel}", self._client.create_multipart_upload, Bucket=bucket, Key=key)
         upload_id = up["UploadId"]
-        slots = threading.Semaphore(PARTS_IN_FLIGHT)
+        # PARTS_IN_FLIGHT parts sent while the next is read: each into a buffer kept for
+        # the whole upload, not a fresh 8 MiB each (fresh memory is faulted in page by
+        # page: on this machine that cost more than the part's MD5).
+        free: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
+        for _ in range(PARTS_IN_FLIGHT + 1):
+            free.put(None)  # a buffer made when first needed
         digests: list[bytes] = []
         futures: list[Future[dict[str, Any]]] = []
 
-        def send(number: int, body: bytes) -> dict[str, Any]:
+        def send(number: int, buf: bytearray, length: int) -> dict[str, Any]:
             try:
+                body = buf if length == len(buf) else bytes(memoryview(buf)[:length])
                 digests[number - 1] = hashlib.md5(body).digest()  # here: md5 is the slowest hash
                 r = self._call(f"writing {rel} part {number}", self._client.upload_part, Bucket=bucket, Key=key,
                                UploadId=upload_id, PartNumber=number, Body=body)
                 if on_bytes:
-                    on_bytes(len(body))
+                    on_bytes(length)
                 return {"ETag": r["ETag"], "PartNumber": number}
             finally:
-                slots.release()
+                free.put(buf)
 
         try:
             with ThreadPoolExecutor(PARTS_IN_FLIGHT, thread_name_prefix="push-part") as pool:
                 for number, offset in enumerate(range(0, size, PART_SIZE), start=1):
                     if on_part:
                         on_part()
-                    body = _pread_all(fd, offset, min(PART_SIZE, size - offset))
+                    buf = free.get()
+                    if buf is None:
+                        buf = bytearray(PART_SIZE)
+                    length = min(PART_SIZE, size - offset)
+                    _pread_into(fd, memoryview(buf)[:length], offset)
                     digests.append(b"")
-                    slots.acquire()
-                    futures.append(pool.submit(send, number, body))
+                    futures.append(pool.submit(send, number, buf, length))
                     failed = [f for f in futures if f.done() and f.exception() is not None]
                     if failed:
                         break
@@ -421,6 +430,17 @@ class RemoteStore:
             raise RemoteError(f"{self.what}: {rel}: the server's checksum (ETag {info.etag}) is not that of "
                               f"the bytes sent ({etag})")
         return info
+
+
+def _pread_into(fd: int, into: memoryview, offset: int) -> None:
+    """Fill ``into`` from ``offset``; a file that got shorter is an error."""
+    done = 0
+    while done < len(into):
+        n = os.preadv(fd, [into[done:]], offset + done)
+        if not n:
+            raise ErrnoError(f"a file being pushed ended early at byte {offset + done} "
+                             f"(expected {offset + len(into)})")
+        done += n
 
 
 def _pread_all(fd: int, offset: int, length: int) -> bytes:
