@@ -182,7 +182,10 @@ class Push:
         # uploaded for a backup since pruned here (it would stay forever). Keys of
         # any other form are not ours (a user's file in the bucket stays).
         obsolete = sorted(k for k in listing if k not in new_keys and self._obsolete(k))
-        old_snapshots = [catalog_key(n) for n in numbers[KEEP_SNAPSHOTS:]]
+        # The snapshot the catalog is read from stays, even below KEEP_SNAPSHOTS newer
+        # numbers that do not parse (with nothing new, no snapshot was written above them).
+        current = self.result.snapshot if self.result.snapshot is not None else prev.number if prev else None
+        old_snapshots = [catalog_key(n) for n in numbers[KEEP_SNAPSHOTS:] if n != current]
         if obsolete or old_snapshots:
             lock.check()
             store.delete(obsolete + old_snapshots)
