@@ -40,3 +40,33 @@ def test_a_push_with_nothing_new_keeps_the_only_snapshot_that_reads(tmp_path: Pa
     assert "catalog/0000000001.json" in s3.keys()
     assert _listed(s3, s3.url) == before
     assert s3.cli("verify", s3.url).returncode == 0
+
+
+def test_a_second_sequential_pass_over_an_evicted_object_is_read_ahead(tmp_path: Path, s3_remote: S3Remote,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader that reads an object larger than the cache to its end, then again from
+    the start (cmp, then sha256sum): the second pass is read ahead in large GETs as the
+    first was, not fetched a block a GET (the read-ahead's mark stayed at the end)."""
+    from engine.remote.objcache import ObjectCache
+    from tests.test_remote_readahead import _cache
+
+    size = 64 * MiB
+    data = os.urandom(size)
+    cache, cached = _cache(tmp_path, s3_remote, monkeypatch, data)
+    try:
+        small = ObjectCache(cache.store, str(tmp_path / "small"), 16 * MiB)
+    finally:
+        cache.close()
+    try:
+        cached = small.open(cached.obj, cached.etag)
+        gets = []
+        for _ in range(2):
+            before = small.stats["gets"]
+            for block in range(size // MiB):
+                cached.ensure(block * MiB, MiB)()
+            gets.append(small.stats["gets"] - before)
+        # The cache keeps a quarter of the object: the second pass fetches it all again.
+        assert gets[0] <= size // MiB // 2, gets
+        assert gets[1] <= size // MiB // 2, gets
+    finally:
+        small.close()

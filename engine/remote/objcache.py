@@ -428,8 +428,9 @@ class CachedObject:
         # reader's requests several at a time, served by several threads, not in order.
         sequential = offset > 0 and abs(offset - self._seq_end) <= SEQUENTIAL_SLACK
         self._seq_end = max(end, self._seq_end) if sequential else end
-        if not sequential:
+        if not sequential:  # a new stream: its read-ahead starts from where it reads
             self._window = FIRST_AHEAD
+            self._ahead_to = 0  # (left at the old stream's end, a pass from the start got none)
             return
         ahead = min(self._window, AHEAD_BLOCKS, max(1, self.cache.limit // BLOCK // 4))
         if self._ahead_to - end // BLOCK > ahead - min(ahead // 2, GET_BYTES // BLOCK):
