@@ -70,3 +70,83 @@ def test_a_second_sequential_pass_over_an_evicted_object_is_read_ahead(tmp_path:
         assert gets[1] <= size // MiB // 2, gets
     finally:
         small.close()
+
+
+# A push's multipart upload in its own process, holding the lock with a short lease:
+# once every part is sent it stops itself (SIGSTOP: a process stopped or starved
+# between its last part and the upload's completion), then tells what it did.
+UPLOADER = """
+import os, signal, sys
+from engine.remote.location import parse_s3_url
+from engine.remote.lock import RemoteLock
+from engine.remote.store import RemoteError, RemoteStore
+store = RemoteStore("remote t", parse_s3_url(sys.argv[1]))
+lock = RemoteLock(store, lease=float(sys.argv[2]))
+lock.acquire()
+size = os.path.getsize(sys.argv[4])
+sent = 0
+def on_bytes(n):
+    global sent
+    sent += n
+    if sent == size:
+        print("sent", lock.number, flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+fd = os.open(sys.argv[4], os.O_RDONLY)
+try:
+    store.upload_fd(sys.argv[3], fd, size, on_bytes, lock.check)
+    print("written", flush=True)
+except RemoteError as e:
+    print("lost", e, flush=True)
+"""
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[0] == "T"
+
+
+def test_a_holder_stopped_before_completing_a_multipart_upload_never_completes_it(
+        tmp_path: Path, s3_remote: S3Remote, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every part sent, then the holder is stopped past its lease and another push takes
+    the lock over: woken, it must not complete the upload (radosgw ignores
+    If-None-Match on the completion, so it would replace what the new holder wrote)."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from engine.remote.lock import RemoteLock
+    from tests.test_remote_lock import REPO_ROOT, _store
+
+    store = _store(s3_remote, monkeypatch)
+    image = tmp_path / "image"
+    image.write_bytes(os.urandom(17 * MiB))  # above the single-PUT threshold: three parts
+    key = "devices/vm1/20261206T000000Z-0001-full.qcow2"
+    a = subprocess.Popen([sys.executable, "-c", UPLOADER, s3_remote.url, "1.5", key, str(image)],
+                         env=s3_remote.env(), cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    b = RemoteLock(store)
+    try:
+        assert a.stdout is not None
+        line = a.stdout.readline()
+        assert line.startswith("sent "), line + (a.stderr.read() if a.stderr else "")
+        deadline = time.monotonic() + 30
+        while not _stopped(a.pid):
+            assert time.monotonic() < deadline
+        (held,) = sorted(k for k in s3_remote.keys() if k.startswith("lock/"))
+        renewed = json.loads(s3_remote.client.get_object(Bucket=s3_remote.bucket,
+                                                         Key=f"{s3_remote.prefix}/{held}")["Body"].read())["renewed"]
+        while time.time() <= renewed + 1.5:  # the lease itself is what is waited for
+            assert time.monotonic() < deadline
+        b.acquire()
+        os.kill(a.pid, signal.SIGCONT)
+        answer = a.stdout.readline()
+        assert answer.startswith("lost "), answer
+        assert key not in s3_remote.keys()
+        b.check()
+    finally:
+        a.kill()
+        a.wait()
+        b.release()
+    assert "Traceback" not in (a.stderr.read() if a.stderr else "")
