@@ -80,11 +80,19 @@ def default_cache_dir() -> str:
     return os.path.join(os.path.expanduser("~"), ".cache", "backupfs")
 
 
+_libc: object = None
+
+
 def _punch(fd: int, offset: int, length: int) -> None:
+    """Free the bytes (fallocate PUNCH_HOLE). libc is loaded once: find_library runs
+    ldconfig in a subprocess, and eviction punches under the cache's mutex."""
     import ctypes
     import ctypes.util
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc: ctypes.CDLL = _libc  # type: ignore[assignment]
     if libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, ctypes.c_int64(offset),
                       ctypes.c_int64(length)) != 0:
         e = ctypes.get_errno()
@@ -197,10 +205,13 @@ class ObjectCache:
                 owner = self._objects[key[0]]
                 self.used -= owner.block_len(key[1])
                 owner.present[key[1]] = False  # the bit first: never a bit over a hole
+                # The hole now, under the mutex: punched later, it could land after a GET
+                # that fetched the block again had written it (a present block of zeros).
+                owner.punch(key[1])
                 victims.append((owner, key[1]))
             self.reserved += room
-        for owner, block in victims:
-            owner.punch(block)
+        for owner, _ in victims:
+            owner._note_change()
 
     def _added(self, owner: CachedObject, block: int) -> None:
         with self._mutex:
@@ -297,11 +308,11 @@ class CachedObject:
         return min(BLOCK, self.obj.size - block * BLOCK)
 
     def punch(self, block: int) -> None:
+        """Free an evicted block's bytes (its bit is clear already; the caller notes the change)."""
         try:
             _punch(self.fd, block * BLOCK, self.block_len(block))
         except OSError as e:  # the bit is clear: the block is fetched again if needed
             log.warning("%s: cannot free block %d of the cache: %s", self.path, block, e.strerror)
-        self._note_change()
 
     def save(self) -> None:
         """The record of present blocks, after the data it describes is on disk."""
