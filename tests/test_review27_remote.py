@@ -150,3 +150,52 @@ def test_a_holder_stopped_before_completing_a_multipart_upload_never_completes_i
         a.wait()
         b.release()
     assert "Traceback" not in (a.stderr.read() if a.stderr else "")
+
+
+def test_four_sequential_readers_of_the_smallest_cache_all_read(tmp_path: Path, s3_remote: S3Remote,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four readers (the relay's threads), each sequential in its own object, through a
+    cache of the smallest size: each reads ahead up to a quarter of it, and their GETs'
+    reservations together must make a read wait, never fail it with ENOSPC."""
+    import threading
+
+    from engine.remote.digest import Checksum
+    from engine.remote.layout import RemoteObject
+    from engine.remote.objcache import MIN_CACHE, ObjectCache
+    from tests.test_remote_readahead import _cache
+
+    size = 32 * MiB
+    objects = {f"devices/vm1/20261206T000000Z-000{i}-full.qcow2": os.urandom(size) for i in range(2, 6)}
+    for key, data in objects.items():
+        s3_remote.client.put_object(Bucket=s3_remote.bucket, Key=f"{s3_remote.prefix}/{key}", Body=data)
+    first, _ = _cache(tmp_path, s3_remote, monkeypatch, b"x")  # (the store, with the bucket's credentials)
+    store = first.store
+    first.close()
+    listing = store.listing()
+    cache = ObjectCache(store, str(tmp_path / "small"), MIN_CACHE)
+    problems: list[str] = []
+
+    def read(key: str, data: bytes) -> None:
+        etag = listing[key].etag
+        cached = cache.open(RemoteObject(key, size, Checksum(etag=etag)), etag)
+        try:
+            for block in range(size // MiB):
+                release = cached.ensure(block * MiB, MiB)
+                try:
+                    if os.pread(cached.fd, MiB, block * MiB) != data[block * MiB:(block + 1) * MiB]:
+                        problems.append(f"{key} block {block}: other bytes")
+                finally:
+                    release()
+        except Exception as e:  # the thread's failure is the test's
+            problems.append(f"{key}: {e}")
+
+    threads = [threading.Thread(target=read, args=item) for item in objects.items()]
+    try:
+        for t in threads:
+            t.start()
+    finally:
+        for t in threads:
+            t.join()
+        cache.close()
+    assert not problems, problems
+    assert cache.stats["bytes"] >= len(objects) * size

@@ -120,6 +120,9 @@ class ObjectCache:
             raise BackupfsError(f"{self.directory}: the cache is in use by another mount; give it its own "
                                 "with -o cache=DIR") from None
         self._mutex = threading.Lock()
+        # Signalled when a GET's reserved bytes land or are given back: a GET that finds
+        # the cache full of other GETs' reservations waits for them, not fails.
+        self._room = threading.Condition(self._mutex)
         self._lru: OrderedDict[tuple[str, int], None] = OrderedDict()  # (object name, block), oldest first
         self._pins: dict[tuple[str, int], int] = {}
         self._objects: dict[str, CachedObject] = {}
@@ -186,7 +189,11 @@ class ObjectCache:
 
     def _shrink(self, room: int) -> None:
         """Evict least recently used unpinned blocks until ``room`` more bytes fit, and
-        reserve them (a GET under way counts against the limit before it lands)."""
+        reserve them (a GET under way counts against the limit before it lands).
+        When what is left is pinned and other GETs' reservations, wait for those to
+        land (each is bounded by the store's timeouts, and holds no pin): several
+        sequential readers of a small cache each read ahead up to a quarter of it,
+        and their reservations together had failed a reader with ENOSPC."""
         victims: list[tuple[CachedObject, int]] = []
         with self._mutex:
             while self.used + self.reserved + room > self.limit:
@@ -198,6 +205,9 @@ class ObjectCache:
                             os.unlink(os.path.join(self.directory, name + suffix))
                     continue
                 key = next((k for k in self._lru if k not in self._pins), None)
+                if key is None and self.reserved > 0:
+                    self._room.wait()
+                    continue
                 if key is None:
                     raise ErrnoError(f"{self.directory}: the cache ({self.limit} bytes) is full of blocks being "
                                      "read; mount with a larger cache_size", errno.ENOSPC)
@@ -218,10 +228,12 @@ class ObjectCache:
             self._lru[(owner.name, block)] = None
             self.used += owner.block_len(block)
             self.reserved -= owner.block_len(block)
+            self._room.notify_all()
 
     def _unreserve(self, room: int) -> None:
         with self._mutex:
             self.reserved -= room
+            self._room.notify_all()
 
     def pin(self, name: str, blocks: range) -> None:
         with self._mutex:
