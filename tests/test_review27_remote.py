@@ -199,3 +199,31 @@ def test_four_sequential_readers_of_the_smallest_cache_all_read(tmp_path: Path, 
         cache.close()
     assert not problems, problems
     assert cache.stats["bytes"] >= len(objects) * size
+
+
+def test_a_catalog_number_at_the_last_ten_digit_one_is_refused_not_written_unseen(
+        tmp_path: Path, s3_remote: S3Remote) -> None:
+    """An object at the last snapshot number (put by hand, or by a hostile writer): the
+    next number has eleven digits, a key no reader lists. The push must refuse in one
+    line before it uploads or deletes anything, never write a snapshot nobody reads
+    (and then delete what the catalog readers do see still names)."""
+    s3 = s3_remote
+    disk = tmp_path / "disk"
+    disk.write_bytes(os.urandom(2 * MiB))
+    repo = repo_with_a_full(tmp_path / "repo", "a", disk)
+    cli("remote", "add", repo, "off", s3.url)
+    s3.cli("push", repo, "off")
+    before = _listed(s3, s3.url)
+    s3.client.put_object(Bucket=s3.bucket, Key=f"{s3.prefix}/catalog/9999999999.json", Body=b"{not json")
+    with open(disk, "r+b") as f:
+        f.write(os.urandom(MiB))
+    cli("backup", repo, "a", "incremental")
+    keys = set(s3.keys())
+
+    proc = s3.cli("push", repo, "off", check=False)
+    assert proc.returncode != 0
+    (line,) = proc.stderr.strip().splitlines()
+    assert "catalog/9999999999.json" in line, line
+    assert not any(len(k) > len("catalog/0000000000.json") and k.startswith("catalog/") for k in s3.keys())
+    assert {k for k in s3.keys() if not k.startswith("lock/")} == {k for k in keys if not k.startswith("lock/")}
+    assert _listed(s3, s3.url) == before

@@ -34,8 +34,8 @@ from engine.access import notices
 from engine.catalog import BackupRecord, Catalog, DeviceRecord
 from engine.errors import UsageError
 from engine.job import Progress
-from engine.remote.layout import (FORMAT, FORMAT_KEY, KEEP_SNAPSHOTS, MAX_CATALOG_BYTES, RemoteBackup,
-                                  RemoteObject, Snapshot, catalog_key, object_keys, object_owner)
+from engine.remote.layout import (FORMAT, FORMAT_KEY, KEEP_SNAPSHOTS, MAX_CATALOG_BYTES, MAX_SNAPSHOT_NUMBER,
+                                  RemoteBackup, RemoteObject, Snapshot, catalog_key, object_keys, object_owner)
 from engine.remote.localread import close_all, file_size, open_backup, still_same
 from engine.remote.location import RemoteSpec
 from engine.remote.lock import RemoteLock
@@ -141,6 +141,10 @@ class Push:
         store.abort_stale_uploads()
         listing = store.listing()
         numbers = snapshot_numbers(listing)
+        if numbers and numbers[0] >= MAX_SNAPSHOT_NUMBER:  # refused before anything is sent or deleted
+            raise RemoteError(f"{store.what}: {catalog_key(numbers[0])} is the last catalog snapshot number (the "
+                              "next key would be one no reader lists); if no push of this repository wrote it, "
+                              "delete it from the remote by hand")
         prev = newest_snapshot(numbers, lambda n: store.get(catalog_key(n), MAX_CATALOG_BYTES),
                                lambda n: f"{store.what}: {catalog_key(n)}")
         prev_by_id = {b.record.id: b for b in prev.backups} if prev else {}
