@@ -227,3 +227,48 @@ def test_a_catalog_number_at_the_last_ten_digit_one_is_refused_not_written_unsee
     assert not any(len(k) > len("catalog/0000000000.json") and k.startswith("catalog/") for k in s3.keys())
     assert {k for k in s3.keys() if not k.startswith("lock/")} == {k for k in keys if not k.startswith("lock/")}
     assert _listed(s3, s3.url) == before
+
+
+@pytest.mark.mount
+@pytest.mark.long
+def test_an_unchecked_lineage_on_a_remote_mount_is_still_held_to_the_catalogs_etag(
+        tmp_path: Path, s3_remote: S3Remote) -> None:
+    """A catalog whose backup has no checksum file (an earlier version's, or one written
+    by hand) leaves the mount's reads unchecked block by block; an image replaced by
+    other bytes of the same size must then be refused by the ETag the catalog records
+    (the listing has it for free), not served."""
+    import errno
+    import json
+
+    from tests.test_remote_mount import RemoteMount
+
+    s3 = s3_remote
+    disk = tmp_path / "disk"
+    disk.write_bytes(os.urandom(4 * MiB))
+    repo = repo_with_a_full(tmp_path / "repo", "vm1", disk)
+    cli("remote", "add", repo, "off", s3.url)
+    s3.cli("push", repo, "off")
+    (ident,) = [b["id"] for b in json.loads(cli("list", repo, "vm1", "--json").stdout)]
+    snap = json.loads(s3.client.get_object(Bucket=s3.bucket, Key=f"{s3.prefix}/catalog/0000000001.json")["Body"]
+                      .read())
+    snap["number"] = 2
+    snap["backups"][0]["checksums"] = None
+    s3.client.put_object(Bucket=s3.bucket, Key=f"{s3.prefix}/catalog/0000000002.json",
+                         Body=json.dumps(snap).encode())
+    key = f"{s3.prefix}/devices/vm1/{ident}.qcow2"
+    body = bytearray(s3.client.get_object(Bucket=s3.bucket, Key=key)["Body"].read())
+    at = len(body) - MiB  # guest data, not the header or tables
+    body[at:at + 4096] = bytes(b ^ 0xFF for b in body[at:at + 4096])
+    s3.client.put_object(Bucket=s3.bucket, Key=key, Body=bytes(body))
+
+    remote = RemoteMount(s3, tmp_path / "remote", tmp_path / "cache")
+    try:
+        remote.start()
+        with pytest.raises(OSError) as e:
+            with open(remote.mnt / "vm1" / "backups" / ident, "rb") as f:
+                f.read()
+        assert e.value.errno == errno.EIO
+        remote.stop()
+    finally:
+        remote.cleanup()
+    assert "Traceback" not in remote.log()
