@@ -14,6 +14,17 @@ What this guards against is damage (a flipped bit, a truncated or replaced
 object), not someone who can write the bucket: the catalog lives there too
 (README says so). Snapshots that earlier versions wrote record a sha256
 instead; their objects are still checked by it.
+
+Where a sha256 would not be fooled and this is: MD5 collisions are cheap to
+make (chosen-prefix ones included), so whoever can write the bucket can
+put there an image that differs from what was pushed and has the recorded
+ETag -- but that writer can as well rewrite the catalog naming any bytes,
+so neither hash stops them; only a catalog kept out of their reach (a copy
+elsewhere, an object lock) would make the sha256 the stronger. Against
+damage, MD5 catches what sha256 catches. A server whose ETag is not an MD5
+(AWS S3 with SSE-KMS or SSE-C encryption; a bucket-to-bucket copy made
+with another part size changes a multipart ETag too) fails the check after
+upload: such a push is refused, in one line, not recorded wrong.
 """
 
 from __future__ import annotations

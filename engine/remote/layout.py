@@ -42,6 +42,7 @@ MAX_LOCK_NUMBER = 9_999_999_999
 LEGACY_LOCK_KEY = "lock.json"
 CATALOG_DIR = "catalog"
 CATALOG_KEY_RE = re.compile(r"catalog/(\d{10})\.json")
+MAX_SNAPSHOT_NUMBER = 9_999_999_999  # the next would have eleven digits: a key no reader lists
 # How many catalog snapshots a push keeps (the newest and a few before it).
 KEEP_SNAPSHOTS = 3
 MAX_CATALOG_BYTES = 256 << 20
@@ -193,7 +194,7 @@ def decode_snapshot(data: bytes, where: str) -> Snapshot:
     if doc.get("format") != FORMAT:
         raise RemoteFormatError(f"{where}: catalog format {doc.get('format')!r} is not one this backupfs "
                                 f"reads ({FORMAT}); upgrade backupfs")
-    number = _int(doc, "number", where, 1, 9_999_999_999)
+    number = _int(doc, "number", where, 1, MAX_SNAPSHOT_NUMBER)
     devices: list[DeviceRecord] = []
     names: set[str] = set()
     devices_doc = doc.get("devices")

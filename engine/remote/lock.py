@@ -87,6 +87,13 @@ class RemoteBusy(RemoteError):
         super().__init__(message, errno.EBUSY)
 
 
+def _clock() -> float:
+    """Seconds on a clock that keeps counting while the host is suspended (Linux's
+    CLOCK_BOOTTIME): time.monotonic() stops then, so a push resumed after hours
+    of suspend would have taken its lease for fresh and written past another's takeover."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 def _alive_here(owner: dict[str, Any]) -> bool:
     """Whether the lock's owner is a process on this host that still runs."""
     if owner.get("host") != socket.gethostname():
@@ -131,7 +138,7 @@ class RemoteLock:
         self.token = secrets.token_hex(8)
         self.number: int | None = None  # our newest lock object, confirmed
         self._etag = ""
-        self._renewed_at = 0.0  # time.monotonic() before the create of our newest object
+        self._renewed_at = 0.0  # _clock() before the create of our newest object
         self._lost: str | None = None
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
@@ -178,7 +185,7 @@ class RemoteLock:
         if number > MAX_LOCK_NUMBER:
             raise RemoteError(f"{self.store.what}: the lock's numbers ran out ({lock_key(MAX_LOCK_NUMBER)}); "
                               f"delete {LOCK_DIR}/ from the remote by hand when no push runs")
-        started = time.monotonic()
+        started = _clock()
         return self.store.put_new(lock_key(number), self._body(released)).etag, started
 
     # -- whether someone else holds it --------------------------------------------------
@@ -273,9 +280,9 @@ class RemoteLock:
         (a process stopped, a thread starved) is made first, before the write."""
         if self._lost:
             raise RemoteBusy(f"{self.store.what}: lost the remote's lock: {self._lost}")
-        if time.monotonic() - self._renewed_at > self.lease / 2:
+        if _clock() - self._renewed_at > self.lease / 2:
             with self._mutex:
-                if time.monotonic() - self._renewed_at > self.lease / 2:
+                if _clock() - self._renewed_at > self.lease / 2:
                     try:
                         self._renew_locked()
                     except RemoteBusy:

@@ -81,11 +81,19 @@ def default_cache_dir() -> str:
     return os.path.join(os.path.expanduser("~"), ".cache", "backupfs")
 
 
+_libc: object = None
+
+
 def _punch(fd: int, offset: int, length: int) -> None:
+    """Free the bytes (fallocate PUNCH_HOLE). libc is loaded once: find_library runs
+    ldconfig in a subprocess, and eviction punches under the cache's mutex."""
     import ctypes
     import ctypes.util
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc: ctypes.CDLL = _libc  # type: ignore[assignment]
     if libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, ctypes.c_int64(offset),
                       ctypes.c_int64(length)) != 0:
         e = ctypes.get_errno()
@@ -113,6 +121,9 @@ class ObjectCache:
             raise BackupfsError(f"{self.directory}: the cache is in use by another mount; give it its own "
                                 "with -o cache=DIR") from None
         self._mutex = threading.Lock()
+        # Signalled when a GET's reserved bytes land or are given back: a GET that finds
+        # the cache full of other GETs' reservations waits for them, not fails.
+        self._room = threading.Condition(self._mutex)
         self._lru: OrderedDict[tuple[str, int], None] = OrderedDict()  # (object name, block), oldest first
         self._pins: dict[tuple[str, int], int] = {}
         self._objects: dict[str, CachedObject] = {}
@@ -179,7 +190,11 @@ class ObjectCache:
 
     def _shrink(self, room: int) -> None:
         """Evict least recently used unpinned blocks until ``room`` more bytes fit, and
-        reserve them (a GET under way counts against the limit before it lands)."""
+        reserve them (a GET under way counts against the limit before it lands).
+        When what is left is pinned and other GETs' reservations, wait for those to
+        land (each is bounded by the store's timeouts, and holds no pin): several
+        sequential readers of a small cache each read ahead up to a quarter of it,
+        and their reservations together had failed a reader with ENOSPC."""
         victims: list[tuple[CachedObject, int]] = []
         with self._mutex:
             while self.used + self.reserved + room > self.limit:
@@ -191,6 +206,9 @@ class ObjectCache:
                             os.unlink(os.path.join(self.directory, name + suffix))
                     continue
                 key = next((k for k in self._lru if k not in self._pins), None)
+                if key is None and self.reserved > 0:
+                    self._room.wait()
+                    continue
                 if key is None:
                     raise ErrnoError(f"{self.directory}: the cache ({self.limit} bytes) is full of blocks being "
                                      "read; mount with a larger cache_size", errno.ENOSPC)
@@ -198,20 +216,25 @@ class ObjectCache:
                 owner = self._objects[key[0]]
                 self.used -= owner.block_len(key[1])
                 owner.present[key[1]] = False  # the bit first: never a bit over a hole
+                # The hole now, under the mutex: punched later, it could land after a GET
+                # that fetched the block again had written it (a present block of zeros).
+                owner.punch(key[1])
                 victims.append((owner, key[1]))
             self.reserved += room
-        for owner, block in victims:
-            owner.punch(block)
+        for owner, _ in victims:
+            owner._note_change()
 
     def _added(self, owner: CachedObject, block: int) -> None:
         with self._mutex:
             self._lru[(owner.name, block)] = None
             self.used += owner.block_len(block)
             self.reserved -= owner.block_len(block)
+            self._room.notify_all()
 
     def _unreserve(self, room: int) -> None:
         with self._mutex:
             self.reserved -= room
+            self._room.notify_all()
 
     def pin(self, name: str, blocks: range) -> None:
         with self._mutex:
@@ -298,11 +321,11 @@ class CachedObject:
         return min(BLOCK, self.obj.size - block * BLOCK)
 
     def punch(self, block: int) -> None:
+        """Free an evicted block's bytes (its bit is clear already; the caller notes the change)."""
         try:
             _punch(self.fd, block * BLOCK, self.block_len(block))
         except OSError as e:  # the bit is clear: the block is fetched again if needed
             log.warning("%s: cannot free block %d of the cache: %s", self.path, block, e.strerror)
-        self._note_change()
 
     def save(self) -> None:
         """The record of present blocks, after the data it describes is on disk."""
@@ -445,8 +468,9 @@ class CachedObject:
         # reader's requests several at a time, served by several threads, not in order.
         sequential = offset > 0 and abs(offset - self._seq_end) <= SEQUENTIAL_SLACK
         self._seq_end = max(end, self._seq_end) if sequential else end
-        if not sequential:
+        if not sequential:  # a new stream: its read-ahead starts from where it reads
             self._window = FIRST_AHEAD
+            self._ahead_to = 0  # (left at the old stream's end, a pass from the start got none)
             return
         ahead = min(self._window, AHEAD_BLOCKS, max(1, self.cache.limit // BLOCK // 4))
         if self._ahead_to - end // BLOCK > ahead - min(ahead // 2, GET_BYTES // BLOCK):

@@ -34,8 +34,8 @@ from engine.access import notices
 from engine.catalog import BackupRecord, Catalog, DeviceRecord
 from engine.errors import UsageError
 from engine.job import Progress
-from engine.remote.layout import (FORMAT, FORMAT_KEY, KEEP_SNAPSHOTS, MAX_CATALOG_BYTES, RemoteBackup,
-                                  RemoteObject, Snapshot, catalog_key, object_keys, object_owner)
+from engine.remote.layout import (FORMAT, FORMAT_KEY, KEEP_SNAPSHOTS, MAX_CATALOG_BYTES, MAX_SNAPSHOT_NUMBER,
+                                  RemoteBackup, RemoteObject, Snapshot, catalog_key, object_keys, object_owner)
 from engine.remote.localread import close_all, file_size, open_backup, still_same
 from engine.remote.location import RemoteSpec
 from engine.remote.lock import RemoteLock
@@ -141,6 +141,10 @@ class Push:
         store.abort_stale_uploads()
         listing = store.listing()
         numbers = snapshot_numbers(listing)
+        if numbers and numbers[0] >= MAX_SNAPSHOT_NUMBER:  # refused before anything is sent or deleted
+            raise RemoteError(f"{store.what}: {catalog_key(numbers[0])} is the last catalog snapshot number (the "
+                              "next key would be one no reader lists); if no push of this repository wrote it, "
+                              "delete it from the remote by hand")
         prev = newest_snapshot(numbers, lambda n: store.get(catalog_key(n), MAX_CATALOG_BYTES),
                                lambda n: f"{store.what}: {catalog_key(n)}")
         prev_by_id = {b.record.id: b for b in prev.backups} if prev else {}
@@ -182,7 +186,10 @@ class Push:
         # uploaded for a backup since pruned here (it would stay forever). Keys of
         # any other form are not ours (a user's file in the bucket stays).
         obsolete = sorted(k for k in listing if k not in new_keys and self._obsolete(k))
-        old_snapshots = [catalog_key(n) for n in numbers[KEEP_SNAPSHOTS:]]
+        # The snapshot the catalog is read from stays, even below KEEP_SNAPSHOTS newer
+        # numbers that do not parse (with nothing new, no snapshot was written above them).
+        current = self.result.snapshot if self.result.snapshot is not None else prev.number if prev else None
+        old_snapshots = [catalog_key(n) for n in numbers[KEEP_SNAPSHOTS:] if n != current]
         if obsolete or old_snapshots:
             lock.check()
             store.delete(obsolete + old_snapshots)

@@ -29,6 +29,7 @@ from engine.remote.layout import RemoteObject
 from engine.remote.objcache import CachedObject, ObjectCache
 from engine.remote.remotecatalog import RemoteCatalog
 from engine.remote.store import ObjectInfo, RemoteStore
+from engine.text import escape
 
 log = logging.getLogger("backupfs.remote")
 
@@ -120,12 +121,24 @@ class RemoteRepository:
         records = []
         for entry in reversed(self.catalog.lineage(backup_id)):
             if entry.checksums is None:
+                self._as_recorded(backup_id)
                 log.info("%s: backup %s has no checksum file: reads of %s are not checked", self.url,
                          entry.record.id, backup_id)
                 return view
             records.append(ChecksumRecord.load(self._sums_file(entry.checksums)))
         hashes, defined = overlay(records)
         return VerifiedView(view, rec.id, rec.granularity, hashes, defined)
+
+    def _as_recorded(self, backup_id: str) -> None:
+        """Reads left unchecked block by block are at least of the objects the catalog
+        records: each image's ETag in the mount's listing must be the catalog's (free;
+        a snapshot of an earlier version records a sha256 instead, not comparable)."""
+        for entry in self.catalog.lineage(backup_id):
+            img = entry.image
+            found = self._listing.get(img.key)
+            if img.checksum.etag and found is not None and found.etag != img.checksum.etag:
+                raise ErrnoError(f"{self.url}: {img.key} is not the object the catalog records (ETag "
+                                 f"{escape(found.etag[:80])}, the catalog's {img.checksum.etag})", errno.EIO)
 
     def _sums_file(self, obj: RemoteObject) -> str:
         """A checksum object, downloaded whole (checked against the catalog's checksum)

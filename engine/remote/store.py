@@ -346,7 +346,8 @@ class RemoteStore:
                   on_part: Callable[[], None] | None = None) -> tuple[ObjectInfo, Checksum]:
         """Create ``rel`` from the first ``size`` bytes of ``fd`` (read once, with pread);
         parallel multipart above MULTIPART_THRESHOLD. ``on_part`` is called before each
-        part is read (the push renews its lock there). Returns the object as checked
+        part is read and before the upload is completed (the push checks and renews
+        its lock there). Returns the object as checked
         and its checksum (the ETag the server computed, equal to ours: what the catalog
         records, engine/remote/digest.py)."""
         if size <= MULTIPART_THRESHOLD:
@@ -403,6 +404,8 @@ class RemoteStore:
                     if failed:
                         break
                 parts = [f.result() for f in futures]
+            if on_part:  # the completion writes the object: a lock lost meanwhile stops it
+                on_part()
             if self.head(rel) is not None:
                 raise ObjectExists(f"{self.what}: writing {rel}: the object exists already (objects are written once)")
             self._call(f"writing {rel}", self._client.complete_multipart_upload, Bucket=bucket, Key=key,
