@@ -34,8 +34,11 @@ def _reset(sock: socket.socket) -> None:
 
 
 class CutProxy:
-    def __init__(self, target: tuple[str, int], budget: int, mode: str) -> None:
-        assert mode in MODES
+    def __init__(self, target: tuple[str, int], budget: int, mode: str, counting: str = "to_server") -> None:
+        """``counting``: which way the budget's bytes go: ``to_server`` (what a push
+        sends) or ``to_client`` (what a reader is sent: the cut lands mid-answer)."""
+        assert mode in MODES and counting in ("to_server", "to_client")
+        self.counting = counting
         self.target = target
         self.budget = budget
         self.mode = mode
@@ -94,7 +97,7 @@ class CutProxy:
                 if not data:
                     dst.shutdown(socket.SHUT_WR)
                     return
-                if to_server:
+                if to_server == (self.counting == "to_server"):
                     with self._mutex:
                         room = max(self.budget - self.forwarded, 0)
                         if len(data) >= room:

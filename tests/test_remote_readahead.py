@@ -66,3 +66,42 @@ def test_read_ahead_grows_with_a_sequential_reader_and_not_before(tmp_path: Path
         assert stats["gets"] <= 96 * MiB // GET_BYTES + 8, stats
     finally:
         cache.close()
+
+
+def test_a_get_cut_mid_answer_leaves_no_bytes_in_the_cache(tmp_path: Path, s3_remote: S3Remote,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GET's bytes land as they arrive; one cut half-way (a real TCP reset after
+    4 MiB of the answer) fails the read, and what it had written is freed again:
+    nothing the cache does not count stays on its disk."""
+    from urllib.parse import urlparse
+
+    from engine.errors import BackupfsError
+    from engine.remote.digest import Checksum
+    from engine.remote.layout import RemoteObject
+    from engine.remote.location import parse_s3_url
+    from engine.remote.objcache import BLOCK, ObjectCache, _data_blocks
+    from engine.remote.store import RemoteStore
+    from tests.cutproxy import CutProxy
+
+    for k, v in s3_remote.env().items():
+        if k.startswith("AWS_"):
+            monkeypatch.setenv(k, v)
+    data = os.urandom(16 * MiB)
+    s3_remote.client.put_object(Bucket=s3_remote.bucket, Key=f"{s3_remote.prefix}/{KEY}", Body=data)
+    target = urlparse(s3_remote.env()["AWS_ENDPOINT_URL"])
+    etag = RemoteStore("remote t", parse_s3_url(s3_remote.url)).listing()[KEY].etag
+    proxy = CutProxy((target.hostname or "127.0.0.1", target.port or 80), 4 * MiB, "reset", counting="to_client")
+    try:
+        store = RemoteStore("remote t", parse_s3_url(s3_remote.url), proxy.endpoint, attempts=1)
+        cache = ObjectCache(store, str(tmp_path / "cache"), 1 << 30)
+        try:
+            cached = cache.open(RemoteObject(KEY, len(data), Checksum(etag=etag, part_size=0)), etag)
+            with pytest.raises(BackupfsError):
+                cached.ensure(0, 8 * MiB, ahead=False)()
+            assert proxy.cut.is_set()
+            assert not any(cached.present)
+            assert _data_blocks(cached.fd, len(data) // BLOCK) == [False] * (len(data) // BLOCK)
+        finally:
+            cache.close()
+    finally:
+        proxy.close()

@@ -425,13 +425,16 @@ class CachedObject:
             raise
         try:
             end = start + length
+            reached = start  # how far its bytes have landed (a failed GET's are freed again)
 
             def land(at: int, piece: memoryview) -> None:
+                nonlocal reached
                 piece = piece[:max(0, end - at)]  # never past the run: its count is checked after
                 try:
                     while piece:
                         n = os.pwrite(self.fd, piece, at)
                         piece, at = piece[n:], at + n
+                        reached = max(reached, at)
                 except OSError as e:  # the cache's disk, not the remote: said as such
                     raise ErrnoError(f"{self.path}: cannot write the cache: {e.strerror}", e.errno or errno.EIO) \
                         from None
@@ -456,6 +459,11 @@ class CachedObject:
         finally:
             if not landed:
                 self.cache._unreserve(length)
+                if reached > start:  # its blocks are still ours (in flight): no other GET writes them
+                    try:
+                        _punch(self.fd, start, reached - start)
+                    except OSError as e:
+                        log.warning("%s: cannot free a failed GET's bytes: %s", self.path, e.strerror)
             with self._mutex:
                 for b in run:
                     self._inflight.pop(b, None)
