@@ -367,7 +367,7 @@ class RemoteStore:
             raise ObjectExists(f"{self.what}: writing {rel}: the object exists already (objects are written once)")
         up = self._call(f"writing {rel}", self._client.create_multipart_upload, Bucket=bucket, Key=key)
         upload_id = up["UploadId"]
-        # PARTS_IN_FLIGHT parts sent while the next is read: each into a buffer kept for
+        # PARTS_IN_FLIGHT parts read and sent at once: each into a buffer kept for
         # the whole upload, not a fresh 8 MiB each (fresh memory is faulted in page by
         # page: on this machine that cost more than the part's MD5).
         free: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
@@ -376,8 +376,11 @@ class RemoteStore:
         digests: list[bytes] = []
         futures: list[Future[dict[str, Any]]] = []
 
-        def send(number: int, buf: bytearray, length: int) -> dict[str, Any]:
+        def send(number: int, buf: bytearray, offset: int, length: int) -> dict[str, Any]:
             try:
+                # Read here, in the sending threads, not one part after another in the
+                # submitting one (there it had been a quarter of the upload's time).
+                _pread_into(fd, memoryview(buf)[:length], offset)
                 body = buf if length == len(buf) else bytes(memoryview(buf)[:length])
                 digests[number - 1] = hashlib.md5(body).digest()  # here: md5 is the slowest hash
                 r = self._call(f"writing {rel} part {number}", self._client.upload_part, Bucket=bucket, Key=key,
@@ -396,10 +399,8 @@ class RemoteStore:
                     buf = free.get()
                     if buf is None:
                         buf = bytearray(PART_SIZE)
-                    length = min(PART_SIZE, size - offset)
-                    _pread_into(fd, memoryview(buf)[:length], offset)
                     digests.append(b"")
-                    futures.append(pool.submit(send, number, buf, length))
+                    futures.append(pool.submit(send, number, buf, offset, min(PART_SIZE, size - offset)))
                     failed = [f for f in futures if f.done() and f.exception() is not None]
                     if failed:
                         break
