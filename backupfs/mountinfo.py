@@ -194,9 +194,8 @@ def refuse_dead_mount(repo: str, record: MountRecord, then: str) -> None:
                                 f"gone); run 'backupfs umount {record.mountpoint}', then {then}") from None
 
 
-def read_mount_record(repo_path: str) -> MountRecord | None:
-    """Where the repository is mounted, if the daemon that mounted it lives."""
-    rec = _load_record(repo_path)
+def _living(rec: MountRecord | None) -> MountRecord | None:
+    """The record, if the daemon it names still runs (another user's counts)."""
     if rec is None:
         return None
     try:
@@ -205,7 +204,13 @@ def read_mount_record(repo_path: str) -> MountRecord | None:
         return None
     except PermissionError:
         pass
-    return rec if find_mount(rec.mountpoint) is not None else None
+    return rec
+
+
+def read_mount_record(repo_path: str) -> MountRecord | None:
+    """Where the repository is mounted, if the daemon that mounted it lives."""
+    rec = _living(_load_record(repo_path))
+    return rec if rec is not None and find_mount(rec.mountpoint) is not None else None
 
 
 def find_mount(mountpoint: str) -> tuple[str, str] | None:
@@ -295,16 +300,7 @@ def remote_daemon(mountpoint: str) -> int | None:
 
 def remote_mount_record(mountpoint: str) -> MountRecord | None:
     """A remote mount's record (its URL as ``repo``), if its daemon lives."""
-    rec = _load_remote_record(mountpoint)
-    if rec is None:
-        return None
-    try:
-        os.kill(rec.pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass
-    return rec
+    return _living(_load_remote_record(mountpoint))
 
 
 RUNTIME_RECORD_MAX = 64 * 1024  # a record is a few hundred bytes; a bigger file is not one
