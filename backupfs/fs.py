@@ -156,27 +156,13 @@ class BackupOperations(ReadOperations, pyfuse3.Operations):
     def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
         return self._entry(self.tree.attributes(node), node.kind)
 
-    def _entry(self, attrs: Attributes, kind: str) -> pyfuse3.EntryAttributes:
-        """The model's attributes as the kernel takes them, owned by the mount's
-        user and group (``gid=``), modes masked by ``umask=``; a guest's
-        entries keep the guest's owners and modes."""
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = attrs.inode
-        a.st_uid = self.uid if attrs.uid is None else attrs.uid
-        a.st_gid = self.access.gid(self.gid) if attrs.gid is None else attrs.gid
-        a.st_rdev = attrs.rdev
-        a.st_nlink = attrs.nlink
-        a.st_blksize = attrs.blksize
-        a.entry_timeout = attrs.entry_timeout
-        a.attr_timeout = attrs.attr_timeout
-        a.st_mode = self.access.mode(attrs.mode, guest_owned=attrs.uid is not None,
-                                     group_readable=kind == SNAPSHOT)
-        a.st_size = attrs.size
-        a.st_blocks = attrs.blocks
-        a.st_mtime_ns = attrs.mtime_ns
-        a.st_atime_ns = attrs.mtime_ns if attrs.atime_ns is None else attrs.atime_ns
-        a.st_ctime_ns = attrs.mtime_ns if attrs.ctime_ns is None else attrs.ctime_ns
-        return a
+    def _group(self) -> int:
+        """The mount's group (``gid=``)."""
+        return self.access.gid(self.gid)
+
+    def _mode(self, attrs: Attributes, kind: str) -> int:
+        """Modes masked by ``umask=``; a guest's entries keep the guest's."""
+        return self.access.mode(attrs.mode, guest_owned=attrs.uid is not None, group_readable=kind == SNAPSHOT)
 
     def _let_in(self, node: Node, ctx: pyfuse3.RequestContext) -> None:
         """ReadOperations' rule, and the control file: its commands run with the

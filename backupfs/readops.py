@@ -61,7 +61,35 @@ class ReadOperations(HandleTable):
     files_owner_only: bool
     _io: trio.CapacityLimiter
 
+    uid: int
+    gid: int
+
     def _entry(self, attrs: Attributes, kind: str) -> pyfuse3.EntryAttributes:
+        """The model's attributes as the kernel takes them: the mount's own files
+        owned by its user (and ``_group()``), a guest's entries with the guest's
+        owners and times; each mount says what modes it shows (``_mode``)."""
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = attrs.inode
+        a.st_uid = self.uid if attrs.uid is None else attrs.uid
+        a.st_gid = self._group() if attrs.gid is None else attrs.gid
+        a.st_rdev = attrs.rdev
+        a.st_nlink = attrs.nlink
+        a.st_blksize = attrs.blksize
+        a.entry_timeout = attrs.entry_timeout
+        a.attr_timeout = attrs.attr_timeout
+        a.st_mode = self._mode(attrs, kind)
+        a.st_size = attrs.size
+        a.st_blocks = attrs.blocks
+        a.st_mtime_ns = attrs.mtime_ns
+        a.st_atime_ns = attrs.mtime_ns if attrs.atime_ns is None else attrs.atime_ns
+        a.st_ctime_ns = attrs.mtime_ns if attrs.ctime_ns is None else attrs.ctime_ns
+        return a
+
+    def _group(self) -> int:
+        """The group of the mount's own files."""
+        return self.gid
+
+    def _mode(self, attrs: Attributes, kind: str) -> int:
         raise NotImplementedError
 
     def _raise_read_ahead(self) -> None:

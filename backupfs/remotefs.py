@@ -83,28 +83,11 @@ class RemoteOperations(ReadOperations, pyfuse3.Operations):
         self._next_fh = 1
         self._io = trio.CapacityLimiter(WORKERS)
 
-    def _entry(self, attrs: Attributes, kind: str) -> pyfuse3.EntryAttributes:
-        """The mount's own files owned by its user, write bits taken away; a guest's
-        entries with the guest's owners, modes and times, as a local mount shows them."""
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = attrs.inode
-        guest_owned = attrs.uid is not None
-        a.st_uid = self.uid if attrs.uid is None else attrs.uid
-        a.st_gid = self.gid if attrs.gid is None else attrs.gid
-        a.st_rdev = attrs.rdev
-        a.st_nlink = attrs.nlink
-        a.st_blksize = attrs.blksize
-        a.entry_timeout = attrs.entry_timeout
-        a.attr_timeout = attrs.attr_timeout
-        # Nothing is writable here; a guest's modes and symlinks are shown as they are.
-        keep = guest_owned or stat.S_ISLNK(attrs.mode)
-        a.st_mode = attrs.mode if keep else attrs.mode & ~0o222
-        a.st_size = attrs.size
-        a.st_blocks = attrs.blocks
-        a.st_mtime_ns = attrs.mtime_ns
-        a.st_atime_ns = attrs.mtime_ns if attrs.atime_ns is None else attrs.atime_ns
-        a.st_ctime_ns = attrs.mtime_ns if attrs.ctime_ns is None else attrs.ctime_ns
-        return a
+    def _mode(self, attrs: Attributes, kind: str) -> int:
+        """Nothing is writable here; a guest's modes and symlinks are shown as they are."""
+        if attrs.uid is not None or stat.S_ISLNK(attrs.mode):
+            return attrs.mode
+        return attrs.mode & ~0o222
 
     def close_views(self) -> None:
         self.files.disks.drop_all()  # the guest disks first: each holds a view
