@@ -12,8 +12,9 @@ triggers and the control file locally; the object cache remotely).
 What a class using ``ReadOperations`` provides: ``tree``, ``inodes``,
 ``files`` (a FilesView), ``history`` (a HistoryView), ``access`` (a
 MountAccess), ``files_owner_only``, ``_io`` (the worker limiter),
-``_handles``/``_next_fh`` (HandleTable), ``_entry(attrs, kind)`` (the
-attributes as the kernel takes them) and ``_raise_read_ahead()``.
+``_handles``/``_next_fh`` (HandleTable), ``uid``/``gid`` (the mount's
+owner), ``_mode(attrs, kind)`` (the modes it shows; ``_group()`` if its
+own files take another group) and ``_raise_read_ahead()``.
 
 Everything that reads a guest (a listing, a lookup, an attribute of a
 guest entry, a file's bytes) runs in a worker thread: a cold backup's
