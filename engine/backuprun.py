@@ -31,6 +31,7 @@ does not name; a bitmap persisted as in use is untrusted at the next open.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import signal
 import threading
@@ -186,7 +187,7 @@ class BackupRun:
         self.snaps: RbdSnapshots | None = None
         self.rbd_base: str | None = None
         self.rbd_snap: tuple[str, int] | None = None
-        # The snapshot opened by start to ask RBD what changed, until the job's source takes it.
+        # The snapshot set by start (the device's reader) to ask RBD what changed, then read.
         self.rbd_view: RbdImage | None = None
         self.source: Source | None = None
 
@@ -242,7 +243,8 @@ class BackupRun:
                 f"a backup of {name} is already running: {p.done} of {p.total} bytes done "
                 f"({100 * p.fraction():.0f}%)"
             )
-        dev.check_source()  # replaced: follow it (and scan); resized or gone: refuse
+        if not isinstance(dev, RbdDevice):  # an image's is checked while its snapshot is taken (start)
+            dev.check_source()  # replaced: follow it (and scan); resized or gone: refuse
         self.distrusts = dev.distrust_count  # one while the job runs: the next backup scans
         parent = self._parent_for(kind)
         if parent is None and kind != "full":
@@ -310,6 +312,7 @@ class BackupRun:
         had costs nothing.
         """
         assert dev.image is not None
+        dev.settle()  # the previous backup's removal of older snapshots, if still going
         self.snaps = snaps = RbdSnapshots(self.catalog, self.name, dev.image)
         latest = self.catalog.latest_backup(self.name)
         try:
@@ -370,8 +373,8 @@ class BackupRun:
                 source = self.source_factory(dev)
             elif isinstance(dev, RbdDevice):
                 assert self.rbd_view is not None
-                # The snapshot already opened for the diff (opening one costs 5 ms).
-                source, self.rbd_view = RbdSource(self.rbd_view, dev.size, unit, allocated), None
+                # The snapshot already set for the diff: the device's reader, lent.
+                source = RbdSource(self.rbd_view, dev.size, unit, allocated, own=False)
                 read_ahead = {"read_ahead": IN_FLIGHT_BYTES * 3 // 4}
                 # The run the job claims first, before the read-ahead it asks for
                 # after it; only that under the gate (issuing 48 MiB of aio took 50 ms).
@@ -419,10 +422,16 @@ class BackupRun:
         Under the gate: no write through the mount lands between the
         snapshot and the frozen bitmaps.
         """
-        assert self.snaps is not None
+        snaps = self.snaps
+        assert snaps is not None
+
+        def take() -> None:
+            self.rbd_snap = snaps.take(ident)
+
         try:
-            self.rbd_snap = self.snaps.take(ident)
-            # Kept open for the job's reads (start hands it to the source).
+            dev.check_source_while(take)  # refused: the caller's undo removes the snapshot
+            assert self.rbd_snap is not None
+            # Set for the job's reads (start hands it to the source).
             self.rbd_view = snap = dev.snapshot(self.rbd_snap[0])
             if self.kind == "full" or self.plan_scan:
                 return tracked, snap.allocated_units(unit, dev.size)
@@ -551,7 +560,10 @@ class BackupRun:
             self._unlink(self.files.tmp)
             self._drop_rbd_snapshot()  # the parent's holds this point in time already
         elif self.snaps is not None and self.rec is not None:
-            self.snaps.keep_only(self.rec.id)  # failing, the next backup's tidy removes them
+            # Once the backup has answered (its trigger's write, the CLI's
+            # line): failing, the next backup's tidy removes them.
+            assert isinstance(self.dev, RbdDevice)
+            self.dev.after_backup(functools.partial(self.snaps.keep_only, self.rec.id))
         self.host.forget_intents(self.intents)
 
     def abort(self, failure: BaseException | None, doubt: bool) -> None:
@@ -599,11 +611,13 @@ class BackupRun:
 
     def _close_reads(self) -> None:
         """Close what reads this backup's source: in-flight reads waited for,
-        an RBD snapshot's image closed (before the snapshot is removed). Again: a no-op."""
+        the device's reader back from the RBD snapshot (before the snapshot
+        is removed). Again: a no-op."""
         if self.source is not None:
             self.source.close()
         if self.rbd_view is not None:
-            self.rbd_view.close()
+            assert isinstance(self.dev, RbdDevice)
+            self.dev.leave_snapshot()
             self.rbd_view = None
 
     def _drop_rbd_snapshot(self) -> None:

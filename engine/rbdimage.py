@@ -91,6 +91,11 @@ class RbdImage:
         found = self._call("listing its snapshots", lambda: list(self.image.list_snaps()))
         return {str(s["name"]): int(s["id"]) for s in found}
 
+    def set_snapshot(self, name: str | None) -> None:
+        """Read snapshot ``name`` from now on (None: the head again)."""
+        self._call(f"opening snapshot {name}" if name else "leaving its snapshot", self.image.set_snap, name)
+        self.snapshot = name
+
     def create_snapshot(self, name: str) -> int:
         """Take snapshot ``name`` now; its id."""
         self._call(f"taking snapshot {name}", self.image.create_snap, name)

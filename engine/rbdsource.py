@@ -43,13 +43,15 @@ class _Piece:
 
 
 class RbdSource(Source):
-    """Reads of one RBD snapshot for a backup job; the open ``image`` is its
-    own from here on (``close`` closes it)."""
+    """Reads of one RBD snapshot for a backup job; ``own``: the open
+    ``image`` is its own from here on (``close`` closes it), else it is
+    lent (the device's reader) and left open."""
 
     def __init__(self, image: RbdImage, size: int, unit: int, allocated: bitarray | None,
-                 piece: int | None = None, in_flight: int = IN_FLIGHT_BYTES) -> None:
+                 piece: int | None = None, in_flight: int = IN_FLIGHT_BYTES, own: bool = True) -> None:
         super().__init__(-1, image.spec.source + (f"@{image.snapshot}" if image.snapshot else ""), size)
         self.image = image
+        self.own = own
         self.unit = unit
         # Units holding data (None: unknown, everything is read).
         self.allocated = allocated
@@ -229,8 +231,8 @@ class RbdSource(Source):
     def close(self) -> None:
         """Wait for every aio read still in flight (their buffers belong to
         librbd until done; one dropped as stale too), then close the
-        snapshot: this source opened it for this backup alone, and a
-        daemon running backups for months must not hold one per backup."""
+        snapshot if it is this source's own: a daemon running backups for
+        months must not hold one per backup."""
         with self._lock:
             pending = self._started
             self._started = []
@@ -239,4 +241,5 @@ class RbdSource(Source):
             self._queued = 0
         for p in pending:
             p.ready.wait()
-        self.image.close()
+        if self.own:
+            self.image.close()

@@ -1,0 +1,164 @@
+"""An RBD backup's steps that run beside one another, in a process that lives on (a mount's daemon).
+
+- The older snapshot's removal (a monitor's round) runs after the backup has
+  answered; the device's next backup and its close wait for it, so exactly one
+  snapshot is kept all the same.
+- The image is checked by its name while the snapshot is taken: an image
+  replaced or resized behind the process's back is still refused, and the
+  snapshot taken meanwhile does not stay.
+- One handle reads every backup's snapshot in turn: each backup its own.
+
+Against the session's real cluster; `rbd snap ls` says what is left on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from engine.device import DeviceError
+from engine.rbdsnaps import RbdSnapshots
+from engine.repo import Repository
+from tests.cephcluster import CephCluster, RbdImage
+from tests.test_rbd_source import assert_backup_is, export, opened, snapshots
+from tests.test_review25_rbd import make_repo
+
+MiB = 1024 * 1024
+# How long a step that should be prompt may take before the test says it hung.
+PROMPT = 30.0
+
+
+def write(cluster: CephCluster, image: RbdImage, offset: int, size: int = 4096) -> None:
+    """Another librbd client writes the image, as a VM would."""
+    with opened(cluster, image) as img:
+        img.write(os.urandom(size), offset)
+
+
+def test_the_backup_answers_before_the_older_snapshot_is_removed_and_one_is_kept(
+        ceph_cluster: CephCluster, rbd_image: Callable[..., RbdImage], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    image = rbd_image(8 * MiB)
+    repo_dir = make_repo(tmp_path, ceph_cluster, image)
+    write(ceph_cluster, image, 0, MiB)
+    removing, release = threading.Event(), threading.Event()
+    keep_only = RbdSnapshots.keep_only
+
+    def held_keep_only(self: RbdSnapshots, backup_id: str) -> bool:
+        removing.set()
+        release.wait(PROMPT)
+        return keep_only(self, backup_id)
+
+    with Repository.open(str(repo_dir)) as repo:
+        full = repo.backup("vm", "full").record.id
+        write(ceph_cluster, image, 2 * MiB)
+        monkeypatch.setattr(RbdSnapshots, "keep_only", held_keep_only)
+        answered: list[str] = []
+        first = threading.Thread(target=lambda: answered.append(repo.backup("vm", "incremental").record.id))
+        first.start()
+        try:
+            assert removing.wait(PROMPT), "the backup never came to removing the older snapshot"
+            first.join(PROMPT)
+            assert not first.is_alive(), "the backup waited for the older snapshot's removal to answer"
+            inc = answered[0]
+            # The window: the new backup is there, its snapshot and the older one both.
+            assert sorted(snapshots(ceph_cluster, image)) == sorted([f"backupfs-{full}", f"backupfs-{inc}"])
+            write(ceph_cluster, image, 3 * MiB)
+            # The next backup waits for the removal (its plan settles it first).
+            second: list[str] = []
+            after = threading.Thread(target=lambda: second.append(repo.backup("vm", "incremental").record.id))
+            after.start()
+        finally:
+            release.set()
+            first.join(PROMPT)
+        after.join(PROMPT)
+        assert not after.is_alive()
+        inc2 = second[0]
+        repo.device("vm").settle()  # type: ignore[attr-defined]
+        assert snapshots(ceph_cluster, image) == [f"backupfs-{inc2}"]
+        write(ceph_cluster, image, 4 * MiB)
+        monkeypatch.setattr(RbdSnapshots, "keep_only", keep_only)
+        inc3 = repo.backup("vm", "incremental").record.id
+    # Closed: its removal done before close returned.
+    assert snapshots(ceph_cluster, image) == [f"backupfs-{inc3}"]
+    assert_backup_is(repo_dir, inc3, export(ceph_cluster, image, f"backupfs-{inc3}", tmp_path / "inc3.raw"))
+
+
+def test_a_failing_removal_after_the_answer_is_retried_by_the_next_backup(
+        ceph_cluster: CephCluster, rbd_image: Callable[..., RbdImage], tmp_path: Path) -> None:
+    """The removal after the answer meets a protected snapshot (an admin cloning
+    from it): the backup stands, the snapshot stays until it can go."""
+    image = rbd_image(8 * MiB)
+    repo_dir = make_repo(tmp_path, ceph_cluster, image)
+    write(ceph_cluster, image, 0, MiB)
+    with Repository.open(str(repo_dir)) as repo:
+        full = repo.backup("vm", "full").record.id
+        held = f"{image.spec}@backupfs-{full}"
+        ceph_cluster.rbd("snap", "protect", held)
+        try:
+            write(ceph_cluster, image, 2 * MiB)
+            inc = repo.backup("vm", "incremental").record.id
+            repo.device("vm").settle()  # type: ignore[attr-defined]
+            assert sorted(snapshots(ceph_cluster, image)) == sorted([f"backupfs-{full}", f"backupfs-{inc}"])
+        finally:
+            ceph_cluster.rbd("snap", "unprotect", held)
+        write(ceph_cluster, image, 3 * MiB)
+        inc2 = repo.backup("vm", "incremental").record.id
+    assert snapshots(ceph_cluster, image) == [f"backupfs-{inc2}"]
+
+
+@pytest.mark.parametrize("change", ["replaced", "resized"])
+def test_an_image_changed_behind_a_long_running_process_is_refused_and_its_snapshot_goes(
+        ceph_cluster: CephCluster, rbd_image: Callable[..., RbdImage], tmp_path: Path, change: str) -> None:
+    """The check by name runs while the snapshot is taken: refused all the same,
+    with the snapshot it took removed and the kept one untouched."""
+    image = rbd_image(8 * MiB)
+    repo_dir = make_repo(tmp_path, ceph_cluster, image)
+    write(ceph_cluster, image, 0, MiB)
+    with Repository.open(str(repo_dir)) as repo:
+        full = repo.backup("vm", "full").record.id
+        moved = f"{image.spec}-moved"
+        if change == "replaced":
+            ceph_cluster.rbd("rename", image.spec, moved)
+            ceph_cluster.rbd("create", "--size", "8M", image.spec)
+            watched = moved
+        else:
+            ceph_cluster.rbd("resize", "--no-progress", "--size", "16M", image.spec)
+            watched = image.spec
+        try:
+            with pytest.raises(DeviceError) as failed:
+                repo.backup("vm", "incremental")
+            said = str(failed.value)
+            assert ("changed size" in said) if change == "resized" else ("now leads to" in said), said
+            assert "\n" not in said
+            kept = [s["name"] for s in json.loads(ceph_cluster.rbd("snap", "ls", "--format", "json", watched))]
+            assert kept == [f"backupfs-{full}"], "the refused backup's snapshot stayed"
+            assert [b.id for b in repo.backups("vm")] == [full]
+        finally:
+            if change == "replaced":
+                repo.close()
+                ceph_cluster.rbd("snap", "purge", "--no-progress", moved)
+                ceph_cluster.rbd("rm", "--no-progress", moved)
+
+
+def test_backups_in_one_process_each_read_their_own_snapshot_through_one_reader(
+        ceph_cluster: CephCluster, rbd_image: Callable[..., RbdImage], tmp_path: Path) -> None:
+    """The daemon's one reader is set to each backup's snapshot in turn: each
+    backup holds its own point in time, not the reader's previous one."""
+    image = rbd_image(4 * MiB)
+    repo_dir = make_repo(tmp_path, ceph_cluster, image)
+    write(ceph_cluster, image, 0, MiB)
+    with Repository.open(str(repo_dir)) as repo:
+        dev = repo.device("vm")
+        readers = []
+        for n, kind in enumerate(("full", "incremental", "incremental", "differential")):
+            write(ceph_cluster, image, n * MiB, 64 * 1024)
+            rec = repo.backup("vm", kind).record
+            readers.append(dev.reader)  # type: ignore[attr-defined]
+            assert_backup_is(repo_dir, rec.id, export(ceph_cluster, image, f"backupfs-{rec.id}",
+                                                      tmp_path / f"{rec.id}.raw"))
+        assert readers[0] is not None and all(r is readers[0] for r in readers)
