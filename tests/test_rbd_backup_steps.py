@@ -13,10 +13,11 @@ Against the session's real cluster; `rbd snap ls` says what is left on it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -39,12 +40,21 @@ def write(cluster: CephCluster, image: RbdImage, offset: int, size: int = 4096) 
         img.write(os.urandom(size), offset)
 
 
+@contextlib.contextmanager
+def after_a_full(cluster: CephCluster, rbd_image: Callable[..., RbdImage], tmp_path: Path
+                 ) -> Iterator[tuple[Repository, Path, RbdImage, str]]:
+    """An 8 MiB image with data, its repository open in this process (as a
+    daemon's), a full backup of it taken: (repository, its path, image, full's id)."""
+    image = rbd_image(8 * MiB)
+    repo_dir = make_repo(tmp_path, cluster, image)
+    write(cluster, image, 0, MiB)
+    with Repository.open(str(repo_dir)) as repo:
+        yield repo, repo_dir, image, repo.backup("vm", "full").record.id
+
+
 def test_the_backup_answers_before_the_older_snapshot_is_removed_and_one_is_kept(
         ceph_cluster: CephCluster, rbd_image: Callable[..., RbdImage], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    image = rbd_image(8 * MiB)
-    repo_dir = make_repo(tmp_path, ceph_cluster, image)
-    write(ceph_cluster, image, 0, MiB)
     removing, release = threading.Event(), threading.Event()
     keep_only = RbdSnapshots.keep_only
 
@@ -53,8 +63,7 @@ def test_the_backup_answers_before_the_older_snapshot_is_removed_and_one_is_kept
         release.wait(PROMPT)
         return keep_only(self, backup_id)
 
-    with Repository.open(str(repo_dir)) as repo:
-        full = repo.backup("vm", "full").record.id
+    with after_a_full(ceph_cluster, rbd_image, tmp_path) as (repo, repo_dir, image, full):
         write(ceph_cluster, image, 2 * MiB)
         monkeypatch.setattr(RbdSnapshots, "keep_only", held_keep_only)
         answered: list[str] = []
@@ -92,11 +101,7 @@ def test_a_failing_removal_after_the_answer_is_retried_by_the_next_backup(
         ceph_cluster: CephCluster, rbd_image: Callable[..., RbdImage], tmp_path: Path) -> None:
     """The removal after the answer meets a protected snapshot (an admin cloning
     from it): the backup stands, the snapshot stays until it can go."""
-    image = rbd_image(8 * MiB)
-    repo_dir = make_repo(tmp_path, ceph_cluster, image)
-    write(ceph_cluster, image, 0, MiB)
-    with Repository.open(str(repo_dir)) as repo:
-        full = repo.backup("vm", "full").record.id
+    with after_a_full(ceph_cluster, rbd_image, tmp_path) as (repo, _, image, full):
         held = f"{image.spec}@backupfs-{full}"
         ceph_cluster.rbd("snap", "protect", held)
         try:
@@ -116,11 +121,7 @@ def test_an_image_changed_behind_a_long_running_process_is_refused_and_its_snaps
         ceph_cluster: CephCluster, rbd_image: Callable[..., RbdImage], tmp_path: Path, change: str) -> None:
     """The check by name runs while the snapshot is taken: refused all the same,
     with the snapshot it took removed and the kept one untouched."""
-    image = rbd_image(8 * MiB)
-    repo_dir = make_repo(tmp_path, ceph_cluster, image)
-    write(ceph_cluster, image, 0, MiB)
-    with Repository.open(str(repo_dir)) as repo:
-        full = repo.backup("vm", "full").record.id
+    with after_a_full(ceph_cluster, rbd_image, tmp_path) as (repo, _, image, full):
         moved = f"{image.spec}-moved"
         if change == "replaced":
             ceph_cluster.rbd("rename", image.spec, moved)
