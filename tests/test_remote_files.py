@@ -22,10 +22,12 @@ import random
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.cephcluster import CephCluster
 from tests.commands import cli
 from tests.guestdisks import Part, gpt_disk
 from tests.guesttree import TreeSpec, default_tree, differences, plain, walk_view
@@ -50,10 +52,24 @@ def _debugfs(image: Path, offset: int, commands: list[str], scratch: Path) -> No
     assert proc.returncode == 0 and "error" not in proc.stderr.lower().replace("debugfs 1.", ""), proc.stderr
 
 
-@pytest.fixture
-def guest_pushed(tmp_path: Path, s3_remote: S3Remote) -> tuple[Path, list[str]]:
+@pytest.fixture(scope="module")
+def s3_remote(ceph_cluster: CephCluster) -> Iterator[S3Remote]:
+    """One bucket for this module's tests (and the ``relay`` in front of it):
+    they only read what ``guest_pushed`` put there, and building and pushing
+    it took 4-7 s a test. Removed after the module."""
+    remote = S3Remote.make(ceph_cluster)
+    try:
+        yield remote
+    finally:
+        remote.remove()
+
+
+@pytest.fixture(scope="module")
+def guest_pushed(tmp_path_factory: pytest.TempPathFactory, s3_remote: S3Remote) -> tuple[Path, list[str]]:
     """A repository of a disk with an ext4 p1: a full, then an incremental after /etc/hostname
-    was rewritten and /etc/new.conf added; pushed. Its backup ids, oldest first."""
+    was rewritten and /etc/new.conf added; pushed. Its backup ids, oldest first. Shared by
+    the module's tests, which only read it (their mounts are read-only)."""
+    tmp_path = tmp_path_factory.mktemp("guest_pushed")
     spec = TreeSpec(default_tree().entries + (plain("srv.bin", BLOB, mtime_ns=1_700_000_000_000_000_001),))
     disk = gpt_disk(tmp_path, parts=[Part(48 * MiB, "ext4")], spec=spec)
     repo = tmp_path / "repo"
