@@ -169,6 +169,17 @@ def s3_remote(ceph_cluster: CephCluster) -> Iterator[S3Remote]:
         remote.remove()
 
 
+@pytest.fixture(scope="module")
+def module_s3_remote(ceph_cluster: CephCluster) -> Iterator[S3Remote]:
+    """As ``s3_remote``, one bucket for a whole module: for tests that only read
+    what one pushed repository put there (a module overrides ``s3_remote`` with it)."""
+    remote = S3Remote.make(ceph_cluster)
+    try:
+        yield remote
+    finally:
+        remote.remove()
+
+
 @pytest.fixture
 def rbd_image(ceph_cluster: CephCluster) -> Iterator[Callable[..., RbdImage]]:
     """Makes images in the session's cluster: ``rbd_image(size, pool="rbd", namespace="")``

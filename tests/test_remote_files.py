@@ -22,12 +22,10 @@ import random
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.cephcluster import CephCluster
 from tests.commands import cli
 from tests.guestdisks import Part, gpt_disk
 from tests.guesttree import TreeSpec, default_tree, differences, plain, walk_view
@@ -53,15 +51,10 @@ def _debugfs(image: Path, offset: int, commands: list[str], scratch: Path) -> No
 
 
 @pytest.fixture(scope="module")
-def s3_remote(ceph_cluster: CephCluster) -> Iterator[S3Remote]:
-    """One bucket for this module's tests (and the ``relay`` in front of it):
-    they only read what ``guest_pushed`` put there, and building and pushing
-    it took 4-7 s a test. Removed after the module."""
-    remote = S3Remote.make(ceph_cluster)
-    try:
-        yield remote
-    finally:
-        remote.remove()
+def s3_remote(module_s3_remote: S3Remote) -> S3Remote:
+    """This module's tests (and the ``relay`` in front of it) share one bucket:
+    they only read what ``guest_pushed`` put there."""
+    return module_s3_remote
 
 
 @pytest.fixture(scope="module")

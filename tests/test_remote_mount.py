@@ -26,6 +26,7 @@ import pytest
 
 from backupfs.cli import main as cli_main
 from backupfs.mountinfo import wait_for_exit
+from tests.cephcluster import CephCluster
 from tests.commands import backupfs_cmd, cli, repo_with_a_full
 from tests.mounts import Mounted, _is_mounted
 from tests.s3remote import S3Remote
@@ -89,8 +90,20 @@ def _dirty(disk: Path, offset: int, length: int) -> None:
         f.write(os.urandom(length))
 
 
-@pytest.fixture
-def pushed(tmp_path: Path, s3_remote: S3Remote) -> tuple[Path, list[str]]:
+@pytest.fixture(scope="module")
+def s3_remote(module_s3_remote: S3Remote) -> S3Remote:
+    """This module's tests (and the ``relay`` in front of it) share one bucket:
+    they only read what ``pushed`` put there."""
+    return module_s3_remote
+
+
+@pytest.fixture(scope="module")
+def pushed(tmp_path_factory: pytest.TempPathFactory, s3_remote: S3Remote) -> tuple[Path, list[str]]:
+    """``push_small_repo`` once for the module's tests: each took 2 s to build and push."""
+    return push_small_repo(tmp_path_factory.mktemp("pushed"), s3_remote)
+
+
+def push_small_repo(tmp_path: Path, s3_remote: S3Remote) -> tuple[Path, list[str]]:
     """A repository with a 24 MiB device, a full and an incremental, pushed; its backup ids."""
     disk = tmp_path / "disk"
     data = bytearray(os.urandom(24 * MiB))
@@ -336,11 +349,19 @@ def test_an_endpoint_that_stops_answering_gives_eio_in_bounded_time(pushed: tupl
         remote.cleanup()
 
 
-def test_a_damaged_object_reads_as_eio_not_wrong_bytes(pushed: tuple[Path, list[str]], s3_remote: S3Remote,
-                                                        tmp_path: Path) -> None:
+def test_a_damaged_object_reads_as_eio_not_wrong_bytes(ceph_cluster: CephCluster, tmp_path: Path) -> None:
     """A block of the full rewritten at the server with other bytes of the same size
-    (bit rot, or a hand's edit before the mount): the remote's checksum files catch it."""
-    repo, ids = pushed
+    (bit rot, or a hand's edit before the mount): the remote's checksum files catch it.
+    Its own bucket: the module's shared one must stay as pushed."""
+    s3_remote = S3Remote.make(ceph_cluster)
+    try:
+        _damaged_object_is_eio(s3_remote, tmp_path)
+    finally:
+        s3_remote.remove()
+
+
+def _damaged_object_is_eio(s3_remote: S3Remote, tmp_path: Path) -> None:
+    repo, ids = push_small_repo(tmp_path, s3_remote)
     key = f"{s3_remote.prefix}/devices/vm1/{ids[0]}.qcow2"
     body = bytearray(s3_remote.client.get_object(Bucket=s3_remote.bucket, Key=key)["Body"].read())
     local = (repo / "devices" / "vm1" / f"{ids[0]}.qcow2").read_bytes()
