@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,7 @@ from engine.devio import DeviceIO, PythonDeviceIO
 from engine.nowait import WouldBlock
 from engine.rbdimage import RbdImage
 from engine.sourceid import RBD, SourceId
+from engine.stopsignals import STOP_SIGNALS
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -220,10 +222,24 @@ class RbdDevice(Device):
         thread.start()
 
     def settle(self) -> None:
-        """Wait for what ``after_backup`` started (bounded: each cluster call times out)."""
-        thread, self._after = self._after, None
-        if thread is not None:
+        """Wait for what ``after_backup`` started (bounded: each cluster call times out).
+
+        A stop (Ctrl-C, the CLI's SIGTERM) is held back during the wait and
+        raised after it: raised in the middle, the wait ended with the
+        removal still running, and the close that waited went on (or the
+        repository's, after the stop) to close the image, the connection
+        and the catalog under it. The thread is forgotten only once done.
+        """
+        thread = self._after
+        if thread is None:
+            return
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
             thread.join()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        if self._after is thread:
+            self._after = None
 
     def rebind(self, identity: SourceId) -> None:
         raise DeviceError(f"device {self.name}: an RBD source is not rebound by a restore", errno.EINVAL)
