@@ -1,0 +1,105 @@
+"""An RBD device's backup steps that run beside one another (engine/rbddevice.py):
+what a stop, a close and a restore meet while they do.
+
+- The older snapshot's removal runs in a thread after the backup answers; a
+  close waits for it. A Ctrl-C (or the CLI's SIGTERM) landing during that
+  wait must not end the wait early: the close then went on (or the
+  repository's close after it) with the removal still using the device's
+  image and the catalog, which a closed connection makes fail (or crash).
+- One process holding the image (its head and its reader) is one client to
+  a restore that says who has the image open.
+
+Against the session's real cluster.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from engine.errors import UsageError
+from engine.rbdsnaps import RbdSnapshots
+from engine.repo import Repository
+from tests.cephcluster import CephCluster, RbdImage
+from tests.test_rbd_backup_steps import PROMPT, write
+from tests.test_rbd_source import snapshots
+from tests.test_review25_rbd import make_repo
+
+MiB = 1024 * 1024
+
+
+def _join_removals() -> None:
+    for t in threading.enumerate():
+        if t.name.startswith("backupfs-rbd-tidy"):
+            t.join(PROMPT)
+
+
+def test_a_stop_while_close_waits_for_the_snapshot_removal_does_not_cut_the_wait(
+        ceph_cluster: CephCluster, rbd_image: Callable[..., RbdImage], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    image = rbd_image(8 * MiB)
+    repo_dir = make_repo(tmp_path, ceph_cluster, image)
+    write(ceph_cluster, image, 0, MiB)
+    removing, release = threading.Event(), threading.Event()
+    keep_only = RbdSnapshots.keep_only
+
+    def held_keep_only(self: RbdSnapshots, backup_id: str) -> bool:
+        removing.set()
+        release.wait(PROMPT)
+        return keep_only(self, backup_id)
+
+    repo = Repository.open(str(repo_dir))
+    try:
+        repo.backup("vm", "full")
+        write(ceph_cluster, image, 2 * MiB)
+        monkeypatch.setattr(RbdSnapshots, "keep_only", held_keep_only)
+        inc = repo.backup("vm", "incremental").record.id
+        assert removing.wait(PROMPT)
+        dev = repo.device("vm")
+        main = threading.main_thread().ident
+        assert main == threading.get_ident()
+
+        def ctrl_c_then_release() -> None:
+            time.sleep(0.3)
+            assert main is not None
+            signal.pthread_kill(main, signal.SIGINT)  # a Ctrl-C while close waits
+            time.sleep(0.3)
+            release.set()
+
+        helper = threading.Thread(target=ctrl_c_then_release)
+        helper.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                dev.close()  # the CLI's exit closing the repository
+        finally:
+            helper.join(PROMPT)
+        # The stop is raised once the removal is done, not in its middle.
+        assert not [t for t in threading.enumerate() if t.name.startswith("backupfs-rbd-tidy")], \
+            "close gave up waiting for the removal at the stop, which still runs on the image"
+    finally:
+        release.set()
+        _join_removals()  # never close the cluster under it (librbd would crash the test)
+        repo.close()
+    assert snapshots(ceph_cluster, image) == [f"backupfs-{inc}"]
+
+
+def test_a_restore_counts_the_process_holding_the_image_as_one_client(
+        ceph_cluster: CephCluster, rbd_image: Callable[..., RbdImage], tmp_path: Path) -> None:
+    """After a backup the device holds its head and its reader (both watches
+    of one connection): a restore over the image names one client, not two."""
+    image = rbd_image(4 * MiB)
+    repo_dir = make_repo(tmp_path, ceph_cluster, image)
+    write(ceph_cluster, image, 0, MiB)
+    with Repository.open(str(repo_dir)) as repo:
+        full = repo.backup("vm", "full").record.id
+        repo.device("vm").settle()  # type: ignore[attr-defined]
+        with pytest.raises(UsageError) as refused:
+            repo.restore_rbd("vm", full, image.source, ceph_conf=str(ceph_cluster.conf))
+        said = str(refused.value)
+        assert "is in use: 1 client(s) have it open" in said, said
+        assert "\n" not in said
