@@ -103,3 +103,66 @@ def test_a_restore_counts_the_process_holding_the_image_as_one_client(
         said = str(refused.value)
         assert "is in use: 1 client(s) have it open" in said, said
         assert "\n" not in said
+
+
+def test_a_backup_started_as_the_previous_one_commits_keeps_its_snapshot(
+        ceph_cluster: CephCluster, rbd_image: Callable[..., RbdImage], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two backups of one device in one process (the API from two threads):
+    the second may start as soon as the first's commit lets the device go.
+    The first's removal of older snapshots must be one the second waits for,
+    or it removes the snapshot the second has just taken and reads."""
+    from engine.rbddevice import RbdDevice
+
+    image = rbd_image(8 * MiB)
+    repo_dir = make_repo(tmp_path, ceph_cluster, image)
+    write(ceph_cluster, image, 0, MiB)
+    at_after, second_took, removed = threading.Event(), threading.Event(), threading.Event()
+    after_backup, take, keep_only = RbdDevice.after_backup, RbdSnapshots.take, RbdSnapshots.keep_only
+
+    def slow_after_backup(self: RbdDevice, work: Callable[[], object]) -> None:
+        if not at_after.is_set():
+            at_after.set()
+            second_took.wait(3)  # the second backup's snapshot first, if it can be taken now
+        after_backup(self, work)
+
+    def noted_keep_only(self: RbdSnapshots, backup_id: str) -> bool:
+        try:
+            return keep_only(self, backup_id)
+        finally:
+            removed.set()
+
+    def noted_take(self: RbdSnapshots, backup_id: str) -> tuple[str, int]:
+        try:
+            return take(self, backup_id)
+        finally:
+            if at_after.is_set():
+                second_took.set()
+                removed.wait(PROMPT)  # the first's removal done: what it left, the second reads
+
+    with Repository.open(str(repo_dir)) as repo:
+        repo.backup("vm", "full")
+        write(ceph_cluster, image, 2 * MiB)
+        monkeypatch.setattr(RbdDevice, "after_backup", slow_after_backup)
+        monkeypatch.setattr(RbdSnapshots, "keep_only", noted_keep_only)
+        monkeypatch.setattr(RbdSnapshots, "take", noted_take)
+        results: dict[str, object] = {}
+
+        def backup(key: str) -> None:
+            try:
+                results[key] = repo.backup("vm", "incremental").record.id
+            except Exception as e:  # noqa: BLE001 - the test says what it was
+                results[key] = e
+
+        first = threading.Thread(target=backup, args=("first",))
+        first.start()
+        assert at_after.wait(PROMPT)
+        second = threading.Thread(target=backup, args=("second",))
+        second.start()
+        first.join(PROMPT)
+        second.join(PROMPT)
+        assert not first.is_alive() and not second.is_alive()
+        assert isinstance(results["first"], str), results["first"]
+        assert isinstance(results["second"], str), f"the second backup failed: {results['second']}"
+        repo.device("vm").settle()  # type: ignore[attr-defined]
+        assert snapshots(ceph_cluster, image) == [f"backupfs-{results['second']}"]
