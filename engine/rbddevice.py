@@ -34,7 +34,7 @@ from engine.devio import DeviceIO, PythonDeviceIO
 from engine.nowait import WouldBlock
 from engine.rbdimage import RbdImage
 from engine.sourceid import RBD, SourceId
-from engine.stopsignals import STOP_SIGNALS
+from engine.stopsignals import STOP_SIGNALS, block_stops_in_this_thread, no_stops_in_new_threads
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -161,7 +161,8 @@ class RbdDevice(Device):
         snapshot is of the bound image either way (its handle holds it
         by id), and the caller removes it when the check refuses.
         """
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="backupfs-rbd-check") as pool:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="backupfs-rbd-check",
+                                initializer=block_stops_in_this_thread) as pool:
             probed = pool.submit(self._probe_source)
             done = work()
             found = probed.result()
@@ -218,8 +219,17 @@ class RbdDevice(Device):
                 log.exception("device %s: removing older RBD snapshots failed", self.name)
 
         thread = threading.Thread(target=run, name=f"backupfs-rbd-tidy-{self.name}", daemon=True)
+        try:
+            with no_stops_in_new_threads():  # a Ctrl-C is the main thread's (engine/stopsignals.py)
+                thread.start()
+        except RuntimeError:
+            # No thread to be had (a process at its limit): the backup is
+            # committed all the same, and called from its commit this must
+            # not fail it; the next backup's tidy removes what stays.
+            log.warning("device %s: older RBD snapshots left for the next backup to remove (no thread)",
+                        self.name)
+            return
         self._after = thread
-        thread.start()
 
     def settle(self) -> None:
         """Wait for what ``after_backup`` started (bounded: each cluster call times out).
