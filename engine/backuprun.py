@@ -194,6 +194,11 @@ class BackupRun:
     def run(self) -> BackupResult:
         """Plan, start, prepare, then commit or abort, then clean."""
         dev = self.dev
+        if isinstance(dev, RbdDevice):
+            # The previous backup's removal of older snapshots, waited for
+            # before the gate: under it, writes through the mount waited
+            # too (_plan_rbd settles again, under it, for one started since).
+            dev.settle()
         with dev.gate.exclusive():
             self.plan()
             if not self.unchanged:

@@ -166,3 +166,47 @@ def test_a_backup_started_as_the_previous_one_commits_keeps_its_snapshot(
         assert isinstance(results["second"], str), f"the second backup failed: {results['second']}"
         repo.device("vm").settle()  # type: ignore[attr-defined]
         assert snapshots(ceph_cluster, image) == [f"backupfs-{results['second']}"]
+
+
+def test_writes_through_the_device_go_on_while_a_backup_waits_for_the_previous_removal(
+        ceph_cluster: CephCluster, rbd_image: Callable[..., RbdImage], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backup triggered while the previous one's removal still runs waits
+    for it, but not holding the device's write gate: a VM writing through the
+    mount's device file was stalled for the whole removal (a monitor's round
+    each snapshot, tens of seconds on a cluster that times out)."""
+    image = rbd_image(8 * MiB)
+    repo_dir = make_repo(tmp_path, ceph_cluster, image)
+    write(ceph_cluster, image, 0, MiB)
+    removing, release = threading.Event(), threading.Event()
+    keep_only = RbdSnapshots.keep_only
+
+    def held_keep_only(self: RbdSnapshots, backup_id: str) -> bool:
+        removing.set()
+        release.wait(PROMPT)
+        return keep_only(self, backup_id)
+
+    with Repository.open(str(repo_dir)) as repo:
+        repo.backup("vm", "full")
+        dev = repo.device("vm")
+        monkeypatch.setattr(RbdSnapshots, "keep_only", held_keep_only)
+        try:
+            dev.write(2 * MiB, b"a" * 4096)
+            repo.backup("vm", "incremental")
+            assert removing.wait(PROMPT)
+            monkeypatch.setattr(RbdSnapshots, "keep_only", keep_only)
+            dev.write(3 * MiB, b"b" * 4096)
+            results: list[object] = []
+            nxt = threading.Thread(target=lambda: results.append(repo.backup("vm", "incremental")))
+            nxt.start()
+            time.sleep(0.5)  # the next backup is waiting for the removal now
+            wrote = threading.Thread(target=dev.write, args=(4 * MiB, b"c" * 4096))
+            wrote.start()
+            wrote.join(3)
+            stalled = wrote.is_alive()
+        finally:
+            release.set()
+            nxt.join(PROMPT)
+            wrote.join(PROMPT)
+        assert not stalled, "a write through the device waited for the previous backup's removal"
+        assert results and not isinstance(results[0], Exception)
