@@ -200,8 +200,9 @@ class RbdDevice(Device):
 
     def after_backup(self, work: Callable[[], object]) -> None:
         """Run ``work`` (removing the snapshots older than the backup just
-        committed) in a thread of its own, after the backup's caller has
-        its answer; the device's next backup, and its close, wait for it.
+        committed) in a thread of its own, started by the backup's commit
+        (before it lets the device go) so that the backup answers without
+        waiting for it; the device's next backup, and its close, wait for it.
 
         Removing a snapshot is a monitor's round (45-55 ms on the suite's
         cluster, up to a second on a busy one): a third of what an
