@@ -8,6 +8,9 @@ what a stop, a close and a restore meet while they do.
   image and the catalog, which a closed connection makes fail (or crash).
 - One process holding the image (its head and its reader) is one client to
   a restore that says who has the image open.
+- A backup starting as the previous one commits waits for that one's
+  removal (which otherwise took its new snapshot), and waits for it
+  without holding the device's write gate.
 
 Against the session's real cluster.
 """
