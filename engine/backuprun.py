@@ -194,6 +194,11 @@ class BackupRun:
     def run(self) -> BackupResult:
         """Plan, start, prepare, then commit or abort, then clean."""
         dev = self.dev
+        if isinstance(dev, RbdDevice):
+            # The previous backup's removal of older snapshots, waited for
+            # before the gate: under it, writes through the mount waited
+            # too (_plan_rbd settles again, under it, for one started since).
+            dev.settle()
         with dev.gate.exclusive():
             self.plan()
             if not self.unchanged:
@@ -541,6 +546,15 @@ class BackupRun:
         # Exclusive: waits for writes in flight, whose copy-before-write
         # may still be writing into the image; none starts after this.
         with dev.gate.exclusive():
+            if not self.unchanged and self.snaps is not None and self.rec is not None:
+                # Older snapshots removed once the backup has answered (its
+                # trigger's write, the CLI's line); failing, the next
+                # backup's tidy removes them. Started before the device is
+                # let go (``dev.job``): a next backup starting then settles
+                # it first; started after, it found nothing to wait for,
+                # and the removal took that backup's new snapshot too.
+                assert isinstance(dev, RbdDevice)
+                dev.after_backup(functools.partial(self.snaps.keep_only, self.rec.id))
             dev.job = None
             if self.unchanged and not self._parent_is_latest():
                 # A differential found the device as its full left it, but
@@ -559,11 +573,6 @@ class BackupRun:
             self.writer.abort()  # after the gate: see abort
             self._unlink(self.files.tmp)
             self._drop_rbd_snapshot()  # the parent's holds this point in time already
-        elif self.snaps is not None and self.rec is not None:
-            # Once the backup has answered (its trigger's write, the CLI's
-            # line): failing, the next backup's tidy removes them.
-            assert isinstance(self.dev, RbdDevice)
-            self.dev.after_backup(functools.partial(self.snaps.keep_only, self.rec.id))
         self.host.forget_intents(self.intents)
 
     def abort(self, failure: BaseException | None, doubt: bool) -> None:

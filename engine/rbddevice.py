@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,7 @@ from engine.devio import DeviceIO, PythonDeviceIO
 from engine.nowait import WouldBlock
 from engine.rbdimage import RbdImage
 from engine.sourceid import RBD, SourceId
+from engine.stopsignals import STOP_SIGNALS, block_stops_in_this_thread, no_stops_in_new_threads
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -159,7 +161,8 @@ class RbdDevice(Device):
         snapshot is of the bound image either way (its handle holds it
         by id), and the caller removes it when the check refuses.
         """
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="backupfs-rbd-check") as pool:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="backupfs-rbd-check",
+                                initializer=block_stops_in_this_thread) as pool:
             probed = pool.submit(self._probe_source)
             done = work()
             found = probed.result()
@@ -197,8 +200,9 @@ class RbdDevice(Device):
 
     def after_backup(self, work: Callable[[], object]) -> None:
         """Run ``work`` (removing the snapshots older than the backup just
-        committed) in a thread of its own, after the backup's caller has
-        its answer; the device's next backup, and its close, wait for it.
+        committed) in a thread of its own, started by the backup's commit
+        (before it lets the device go) so that the backup answers without
+        waiting for it; the device's next backup, and its close, wait for it.
 
         Removing a snapshot is a monitor's round (45-55 ms on the suite's
         cluster, up to a second on a busy one): a third of what an
@@ -216,14 +220,37 @@ class RbdDevice(Device):
                 log.exception("device %s: removing older RBD snapshots failed", self.name)
 
         thread = threading.Thread(target=run, name=f"backupfs-rbd-tidy-{self.name}", daemon=True)
+        try:
+            with no_stops_in_new_threads():  # a Ctrl-C is the main thread's (engine/stopsignals.py)
+                thread.start()
+        except RuntimeError:
+            # No thread to be had (a process at its limit): the backup is
+            # committed all the same, and called from its commit this must
+            # not fail it; the next backup's tidy removes what stays.
+            log.warning("device %s: older RBD snapshots left for the next backup to remove (no thread)",
+                        self.name)
+            return
         self._after = thread
-        thread.start()
 
     def settle(self) -> None:
-        """Wait for what ``after_backup`` started (bounded: each cluster call times out)."""
-        thread, self._after = self._after, None
-        if thread is not None:
+        """Wait for what ``after_backup`` started (bounded: each cluster call times out).
+
+        A stop (Ctrl-C, the CLI's SIGTERM) is held back during the wait and
+        raised after it: raised in the middle, the wait ended with the
+        removal still running, and the close that waited went on (or the
+        repository's, after the stop) to close the image, the connection
+        and the catalog under it. The thread is forgotten only once done.
+        """
+        thread = self._after
+        if thread is None:
+            return
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
             thread.join()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        if self._after is thread:
+            self._after = None
 
     def rebind(self, identity: SourceId) -> None:
         raise DeviceError(f"device {self.name}: an RBD source is not rebound by a restore", errno.EINVAL)

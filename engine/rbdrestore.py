@@ -270,11 +270,19 @@ class _Restore:
         self.object_size = image.object_size()
 
     def _watchers(self, image: RbdImage) -> list[str]:
-        """The clients other than this restore's connection that have the image open."""
+        """The clients other than this restore's connection that have the image open.
+
+        One a client, not one a watch: a client with the image open twice
+        (a backupfs device's head and the reader its backups read
+        snapshots through, engine/rbddevice.py) is one client to stop."""
         assert self.cluster is not None
         me = self.cluster.rados.get_instance_id()
         found = image._call("listing its watchers", lambda: list(image.image.watchers_list()))
-        return [str(w.get("addr", "?")) for w in found if w.get("id") != me]
+        clients: dict[object, str] = {}
+        for w in found:
+            if w.get("id") != me:
+                clients.setdefault(w.get("id"), str(w.get("addr", "?")))
+        return list(clients.values())
 
     def _lock(self, rbd: Any) -> None:
         """Hold the image's exclusive lock while writing: another client that
