@@ -65,6 +65,7 @@ class RbdSource(Source):
         # Every aio read started and maybe not done, consumed or dropped as
         # stale alike: close() waits for them all before closing the image.
         self._started: list[_Piece] = []
+        self._prune_at = 64
         # Bytes read there and then, one round trip at a time (what read-ahead missed).
         self.read_now_bytes = 0
 
@@ -147,8 +148,13 @@ class RbdSource(Source):
             self._starts.insert(i, start)
             self._pieces.insert(i, piece)
             self._queued += end - start
-            if len(self._started) >= 64:
+            if len(self._started) >= self._prune_at:
+                # Pruned when it has doubled since, not at every start past 64:
+                # an incremental's scattered pieces are many and in flight
+                # together, and rescanning them all at each start was
+                # quadratic.
                 self._started = [p for p in self._started if not p.ready.is_set()]
+                self._prune_at = max(64, 2 * len(self._started))
             self._started.append(piece)
         try:
             piece.completion = self.image.image.aio_read(start, end - start, done)
