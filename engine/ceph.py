@@ -27,6 +27,7 @@ from types import ModuleType
 from typing import Any
 
 from engine.errors import ErrnoError
+from engine.stopsignals import no_stops_in_new_threads
 from engine.text import escape
 
 PREFIX = "rbd:"
@@ -182,6 +183,14 @@ class Cluster:
     """
 
     def __init__(self, spec: RbdSpec) -> None:
+        # librados starts its threads here: started with the stop signals
+        # blocked (they inherit this thread's mask), they never take a
+        # Ctrl-C or SIGTERM meant for the main thread, which holds stops
+        # back where a stop must not land (engine/stopsignals.py).
+        with no_stops_in_new_threads():
+            self._connect(spec)
+
+    def _connect(self, spec: RbdSpec) -> None:
         rados, _ = bindings()
         self.spec = spec
         if not os.path.isfile(spec.conf):

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from bitarray import bitarray
 
 from engine.ceph import CephError, Cluster, RbdSpec, bindings, describe_error
+from engine.stopsignals import no_stops_in_new_threads
 
 SNAP_PREFIX = "backupfs-"
 T = TypeVar("T")
@@ -41,8 +42,9 @@ class RbdImage:
         self.spec: RbdSpec = cluster.spec
         self.snapshot = snapshot
         try:
-            self.image = rbd.Image(cluster.ioctx, self.spec.image, snapshot=snapshot,
-                                   read_only=read_only or snapshot is not None)
+            with no_stops_in_new_threads():  # librbd starts threads at a first open (engine/ceph.py)
+                self.image = rbd.Image(cluster.ioctx, self.spec.image, snapshot=snapshot,
+                                       read_only=read_only or snapshot is not None)
         except rbd.ImageNotFound:
             where = f"pool {self.spec.pool!r}" + (f", namespace {self.spec.namespace!r}" if self.spec.namespace
                                                   else "")
