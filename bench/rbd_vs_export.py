@@ -381,7 +381,7 @@ def _measured_run(n: int, cluster: CephCluster, image: str, size: int, args: arg
 def least_diff_and_reads(conf: str, image: str, since: str, at: str) -> tuple[float, list[bytes]]:
     """Seconds from asking RBD what changed between ``since`` and ``at`` to having
     every changed byte in memory, the least any reader can take: a client
-    already connected (as a mount's daemon is) with the snapshot open, up to 64
+    already connected and warm (as a mount's daemon is) with the snapshot open, up to 64
     management requests in flight (as ours), and each extent's aio read issued
     from the diff's own callback, so reads overlap the diff; the bytes read."""
     import threading
@@ -407,11 +407,18 @@ def least_diff_and_reads(conf: str, image: str, since: str, at: str) -> tuple[fl
                     started.append(img.aio_read(off, length, landed(off)))
                 return 0
 
-            t0 = time.perf_counter()
-            img.diff_iterate(0, img.size(), since, on_extent)
-            for _ in started:
-                arrived.acquire()
-            took = time.perf_counter() - t0
+            def diff_and_read() -> float:
+                started.clear()
+                t0 = time.perf_counter()
+                img.diff_iterate(0, img.size(), since, on_extent)
+                for _ in started:
+                    arrived.acquire()
+                return time.perf_counter() - t0
+
+            # Once untimed: a new connection's first requests also fetch the
+            # OSD map and connect to the OSD, which a mount's daemon has done.
+            diff_and_read()
+            took = diff_and_read()
     return took, [pieces[k] for k in sorted(pieces)]
 
 
