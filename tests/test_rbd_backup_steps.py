@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -34,6 +36,49 @@ from tests.test_review25_rbd import make_repo
 MiB = 1024 * 1024
 # How long a step that should be prompt may take before the test says it hung.
 PROMPT = 30.0
+
+
+class HeldRemoval:
+    """The older snapshots' removal (``RbdSnapshots.keep_only``) held from
+    ``hold()`` on until ``release`` is set; ``removing`` says it has begun."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.monkeypatch = monkeypatch
+        self.removing, self.release = threading.Event(), threading.Event()
+        self.keep_only = RbdSnapshots.keep_only
+
+    def hold(self) -> None:
+        keep_only, removing, release = self.keep_only, self.removing, self.release
+
+        def held(snaps: RbdSnapshots, backup_id: str) -> bool:
+            removing.set()
+            release.wait(PROMPT)
+            return keep_only(snaps, backup_id)
+
+        self.monkeypatch.setattr(RbdSnapshots, "keep_only", held)
+
+    def let_go(self) -> None:
+        """Removals from now on run at once (one already held still waits for ``release``)."""
+        self.monkeypatch.setattr(RbdSnapshots, "keep_only", self.keep_only)
+
+
+def in_call(thread: threading.Thread | int | None, function: str) -> bool:
+    """Whether ``thread`` (or the thread of that ident) is inside a call of ``function`` now."""
+    ident = thread.ident if isinstance(thread, threading.Thread) else thread
+    frame = sys._current_frames().get(ident) if ident is not None else None
+    while frame is not None:
+        if frame.f_code.co_name == function:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    """Until ``condition()`` holds (looked at every few ms), failing after PROMPT seconds."""
+    deadline = time.monotonic() + PROMPT
+    while not condition():
+        assert time.monotonic() < deadline, f"still not {what} after {PROMPT:g} s"
+        time.sleep(0.005)
 
 
 def write(cluster: CephCluster, image: RbdImage, offset: int, size: int = 4096) -> None:
@@ -57,17 +102,11 @@ def after_a_full(cluster: CephCluster, rbd_image: Callable[..., RbdImage], tmp_p
 def test_the_backup_answers_before_the_older_snapshot_is_removed_and_one_is_kept(
         ceph_cluster: CephCluster, rbd_image: Callable[..., RbdImage], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    removing, release = threading.Event(), threading.Event()
-    keep_only = RbdSnapshots.keep_only
-
-    def held_keep_only(self: RbdSnapshots, backup_id: str) -> bool:
-        removing.set()
-        release.wait(PROMPT)
-        return keep_only(self, backup_id)
-
+    held = HeldRemoval(monkeypatch)
+    removing, release = held.removing, held.release
     with after_a_full(ceph_cluster, rbd_image, tmp_path) as (repo, repo_dir, image, full):
         write(ceph_cluster, image, 2 * MiB)
-        monkeypatch.setattr(RbdSnapshots, "keep_only", held_keep_only)
+        held.hold()
         answered: list[str] = []
         first = threading.Thread(target=lambda: answered.append(repo.backup("vm", "incremental").record.id))
         first.start()
@@ -92,7 +131,7 @@ def test_the_backup_answers_before_the_older_snapshot_is_removed_and_one_is_kept
         repo.device("vm").settle()  # type: ignore[attr-defined]
         assert snapshots(ceph_cluster, image) == [f"backupfs-{inc2}"]
         write(ceph_cluster, image, 4 * MiB)
-        monkeypatch.setattr(RbdSnapshots, "keep_only", keep_only)
+        held.let_go()
         inc3 = repo.backup("vm", "incremental").record.id
     # Closed: its removal done before close returned.
     assert snapshots(ceph_cluster, image) == [f"backupfs-{inc3}"]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,11 +26,9 @@ import pytest
 
 from engine.errors import UsageError
 from engine.rbdsnaps import RbdSnapshots
-from engine.repo import Repository
 from tests.cephcluster import CephCluster, RbdImage
-from tests.test_rbd_backup_steps import PROMPT, write
+from tests.test_rbd_backup_steps import PROMPT, HeldRemoval, after_a_full, in_call, wait_for, write
 from tests.test_rbd_source import snapshots
-from tests.test_review25_rbd import make_repo
 
 MiB = 1024 * 1024
 
@@ -42,52 +39,52 @@ def _join_removals() -> None:
             t.join(PROMPT)
 
 
+def _pending(tid: int, sig: int) -> bool:
+    """Whether ``sig`` waits, sent but blocked, for thread ``tid`` (its SigPnd)."""
+    with open(f"/proc/self/task/{tid}/status") as f:
+        for line in f:
+            if line.startswith("SigPnd:"):
+                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
 def test_a_stop_while_close_waits_for_the_snapshot_removal_does_not_cut_the_wait(
         ceph_cluster: CephCluster, rbd_image: Callable[..., RbdImage], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    image = rbd_image(8 * MiB)
-    repo_dir = make_repo(tmp_path, ceph_cluster, image)
-    write(ceph_cluster, image, 0, MiB)
-    removing, release = threading.Event(), threading.Event()
-    keep_only = RbdSnapshots.keep_only
-
-    def held_keep_only(self: RbdSnapshots, backup_id: str) -> bool:
-        removing.set()
-        release.wait(PROMPT)
-        return keep_only(self, backup_id)
-
-    repo = Repository.open(str(repo_dir))
-    try:
-        repo.backup("vm", "full")
-        write(ceph_cluster, image, 2 * MiB)
-        monkeypatch.setattr(RbdSnapshots, "keep_only", held_keep_only)
-        inc = repo.backup("vm", "incremental").record.id
-        assert removing.wait(PROMPT)
-        dev = repo.device("vm")
-        main = threading.main_thread().ident
-        assert main == threading.get_ident()
-
-        def ctrl_c_then_release() -> None:
-            time.sleep(0.3)
-            assert main is not None
-            signal.pthread_kill(main, signal.SIGINT)  # a Ctrl-C while close waits
-            time.sleep(0.3)
-            release.set()
-
-        helper = threading.Thread(target=ctrl_c_then_release)
-        helper.start()
+    held = HeldRemoval(monkeypatch)
+    with after_a_full(ceph_cluster, rbd_image, tmp_path) as (repo, _, image, _full):
         try:
-            with pytest.raises(KeyboardInterrupt):
-                dev.close()  # the CLI's exit closing the repository
+            write(ceph_cluster, image, 2 * MiB)
+            held.hold()
+            inc = repo.backup("vm", "incremental").record.id
+            assert held.removing.wait(PROMPT)
+            dev = repo.device("vm")
+            main = threading.main_thread()
+            assert main.ident == threading.get_ident() and main.native_id is not None
+
+            def ctrl_c_then_release() -> None:
+                wait_for(lambda: in_call(main, "settle"), "waiting for the removal in close")
+                signal.pthread_kill(main.ident, signal.SIGINT)  # a Ctrl-C while close waits
+                # Either the stop is held back (pending for the main thread) or it
+                # ended the wait (the main thread left it): then let the removal end.
+                wait_for(lambda: _pending(main.native_id, signal.SIGINT) or not in_call(main, "settle"),
+                         "the Ctrl-C taken")
+                held.release.set()
+
+            helper = threading.Thread(target=ctrl_c_then_release)
+            helper.start()
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    dev.close()  # the CLI's exit closing the repository
+            finally:
+                held.release.set()
+                helper.join(PROMPT)
+            # The stop is raised once the removal is done, not in its middle.
+            assert not [t for t in threading.enumerate() if t.name.startswith("backupfs-rbd-tidy")], \
+                "close gave up waiting for the removal at the stop, which still runs on the image"
         finally:
-            helper.join(PROMPT)
-        # The stop is raised once the removal is done, not in its middle.
-        assert not [t for t in threading.enumerate() if t.name.startswith("backupfs-rbd-tidy")], \
-            "close gave up waiting for the removal at the stop, which still runs on the image"
-    finally:
-        release.set()
-        _join_removals()  # never close the cluster under it (librbd would crash the test)
-        repo.close()
+            held.release.set()
+            _join_removals()  # never close the cluster under it (librbd would crash the test)
     assert snapshots(ceph_cluster, image) == [f"backupfs-{inc}"]
 
 
@@ -95,11 +92,7 @@ def test_a_restore_counts_the_process_holding_the_image_as_one_client(
         ceph_cluster: CephCluster, rbd_image: Callable[..., RbdImage], tmp_path: Path) -> None:
     """After a backup the device holds its head and its reader (both watches
     of one connection): a restore over the image names one client, not two."""
-    image = rbd_image(4 * MiB)
-    repo_dir = make_repo(tmp_path, ceph_cluster, image)
-    write(ceph_cluster, image, 0, MiB)
-    with Repository.open(str(repo_dir)) as repo:
-        full = repo.backup("vm", "full").record.id
+    with after_a_full(ceph_cluster, rbd_image, tmp_path) as (repo, _, image, full):
         repo.device("vm").settle()  # type: ignore[attr-defined]
         with pytest.raises(UsageError) as refused:
             repo.restore_rbd("vm", full, image.source, ceph_conf=str(ceph_cluster.conf))
@@ -117,16 +110,17 @@ def test_a_backup_started_as_the_previous_one_commits_keeps_its_snapshot(
     or it removes the snapshot the second has just taken and reads."""
     from engine.rbddevice import RbdDevice
 
-    image = rbd_image(8 * MiB)
-    repo_dir = make_repo(tmp_path, ceph_cluster, image)
-    write(ceph_cluster, image, 0, MiB)
     at_after, second_took, removed = threading.Event(), threading.Event(), threading.Event()
     after_backup, take, keep_only = RbdDevice.after_backup, RbdSnapshots.take, RbdSnapshots.keep_only
+    second: list[threading.Thread] = []
 
     def slow_after_backup(self: RbdDevice, work: Callable[[], object]) -> None:
         if not at_after.is_set():
             at_after.set()
-            second_took.wait(3)  # the second backup's snapshot first, if it can be taken now
+            # The second backup's snapshot first, if it can be taken now; if it
+            # cannot, the second waits for the device (its write gate, held here).
+            wait_for(lambda: second_took.is_set() or (bool(second) and in_call(second[0], "exclusive")),
+                     "the second backup taking its snapshot or waiting for the device")
         after_backup(self, work)
 
     def noted_keep_only(self: RbdSnapshots, backup_id: str) -> bool:
@@ -143,8 +137,7 @@ def test_a_backup_started_as_the_previous_one_commits_keeps_its_snapshot(
                 second_took.set()
                 removed.wait(PROMPT)  # the first's removal done: what it left, the second reads
 
-    with Repository.open(str(repo_dir)) as repo:
-        repo.backup("vm", "full")
+    with after_a_full(ceph_cluster, rbd_image, tmp_path) as (repo, _, image, _full):
         write(ceph_cluster, image, 2 * MiB)
         monkeypatch.setattr(RbdDevice, "after_backup", slow_after_backup)
         monkeypatch.setattr(RbdSnapshots, "keep_only", noted_keep_only)
@@ -160,11 +153,11 @@ def test_a_backup_started_as_the_previous_one_commits_keeps_its_snapshot(
         first = threading.Thread(target=backup, args=("first",))
         first.start()
         assert at_after.wait(PROMPT)
-        second = threading.Thread(target=backup, args=("second",))
-        second.start()
+        second.append(threading.Thread(target=backup, args=("second",)))
+        second[0].start()
         first.join(PROMPT)
-        second.join(PROMPT)
-        assert not first.is_alive() and not second.is_alive()
+        second[0].join(PROMPT)
+        assert not first.is_alive() and not second[0].is_alive()
         assert isinstance(results["first"], str), results["first"]
         assert isinstance(results["second"], str), f"the second backup failed: {results['second']}"
         repo.device("vm").settle()  # type: ignore[attr-defined]
@@ -178,37 +171,28 @@ def test_writes_through_the_device_go_on_while_a_backup_waits_for_the_previous_r
     for it, but not holding the device's write gate: a VM writing through the
     mount's device file was stalled for the whole removal (a monitor's round
     each snapshot, tens of seconds on a cluster that times out)."""
-    image = rbd_image(8 * MiB)
-    repo_dir = make_repo(tmp_path, ceph_cluster, image)
-    write(ceph_cluster, image, 0, MiB)
-    removing, release = threading.Event(), threading.Event()
-    keep_only = RbdSnapshots.keep_only
-
-    def held_keep_only(self: RbdSnapshots, backup_id: str) -> bool:
-        removing.set()
-        release.wait(PROMPT)
-        return keep_only(self, backup_id)
-
-    with Repository.open(str(repo_dir)) as repo:
-        repo.backup("vm", "full")
+    held = HeldRemoval(monkeypatch)
+    with after_a_full(ceph_cluster, rbd_image, tmp_path) as (repo, _, _image, _full):
         dev = repo.device("vm")
-        monkeypatch.setattr(RbdSnapshots, "keep_only", held_keep_only)
+        held.hold()
         try:
             dev.write(2 * MiB, b"a" * 4096)
             repo.backup("vm", "incremental")
-            assert removing.wait(PROMPT)
-            monkeypatch.setattr(RbdSnapshots, "keep_only", keep_only)
+            assert held.removing.wait(PROMPT)
+            held.let_go()
             dev.write(3 * MiB, b"b" * 4096)
             results: list[object] = []
             nxt = threading.Thread(target=lambda: results.append(repo.backup("vm", "incremental")))
             nxt.start()
-            time.sleep(0.5)  # the next backup is waiting for the removal now
+            # The next backup waits for the removal now (before the gate, or,
+            # as it was, under it), not yet past it: the removal is held.
+            wait_for(lambda: in_call(nxt, "settle"), "the next backup waiting for the removal")
             wrote = threading.Thread(target=dev.write, args=(4 * MiB, b"c" * 4096))
             wrote.start()
-            wrote.join(3)
+            wrote.join(PROMPT)
             stalled = wrote.is_alive()
         finally:
-            release.set()
+            held.release.set()
             nxt.join(PROMPT)
             wrote.join(PROMPT)
         assert not stalled, "a write through the device waited for the previous backup's removal"
