@@ -31,7 +31,8 @@ from tests.guestdisks import Part, gpt_disk
 from tests.guesttree import TreeSpec, default_tree, differences, plain, walk_view
 from tests.mounts import Mounted
 from tests.s3remote import S3Remote
-from tests.test_remote_mount import Relay, RemoteMount, relay  # noqa: F401 - the fixture, used by name
+# The fixtures, used by name: one bucket for the module (read only), a relay in front of it.
+from tests.test_remote_mount import Relay, RemoteMount, relay, s3_remote  # noqa: F401
 from tests.users import OtherUser
 
 pytestmark = [pytest.mark.mount, pytest.mark.long]
@@ -48,13 +49,6 @@ def _debugfs(image: Path, offset: int, commands: list[str], scratch: Path) -> No
     proc = subprocess.run(["debugfs", "-w", "-f", str(script), f"{image}?offset={offset}"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "error" not in proc.stderr.lower().replace("debugfs 1.", ""), proc.stderr
-
-
-@pytest.fixture(scope="module")
-def s3_remote(module_s3_remote: S3Remote) -> S3Remote:
-    """This module's tests (and the ``relay`` in front of it) share one bucket:
-    they only read what ``guest_pushed`` put there."""
-    return module_s3_remote
 
 
 @pytest.fixture(scope="module")

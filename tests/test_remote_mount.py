@@ -92,8 +92,9 @@ def _dirty(disk: Path, offset: int, length: int) -> None:
 
 @pytest.fixture(scope="module")
 def s3_remote(module_s3_remote: S3Remote) -> S3Remote:
-    """This module's tests (and the ``relay`` in front of it) share one bucket:
-    they only read what ``pushed`` put there."""
+    """A module's tests (and the ``relay`` in front of it) share one bucket: they
+    only read what one pushed repository put there (``pushed`` here; the files
+    view's tests, tests/test_remote_files.py, import this for theirs)."""
     return module_s3_remote
 
 
