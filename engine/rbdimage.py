@@ -45,6 +45,10 @@ class RbdImage:
             with no_stops_in_new_threads():  # librbd starts threads at a first open (engine/ceph.py)
                 self.image = rbd.Image(cluster.ioctx, self.spec.image, snapshot=snapshot,
                                        read_only=read_only or snapshot is not None)
+                # Registered before a stop held back during the open is raised
+                # (as the block ends): the cluster's close then closes it too,
+                # where librbd crashed the process on an image left open.
+                cluster.images.add(self)
         except rbd.ImageNotFound:
             where = f"pool {self.spec.pool!r}" + (f", namespace {self.spec.namespace!r}" if self.spec.namespace
                                                   else "")
@@ -55,7 +59,6 @@ class RbdImage:
         except rbd.Error as e:
             text, code = describe_error(e)
             raise CephError(f"{self.spec.source}: cannot open the image: {text}", code) from None
-        cluster.images.add(self)
 
     # -- facts -----------------------------------------------------------------------
 
