@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.cephcluster import CephCluster
-from tests.commands import backupfs_cmd
+from tests.commands import backupfs_cmd, cli, repo_with_a_full
 
 
 @dataclass
@@ -88,3 +90,30 @@ class S3Remote:
         for up in uploads:
             self.client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
         self.client.delete_bucket(Bucket=self.bucket)
+
+
+def pushed_full(tmp_path: Path, s3: S3Remote, device: str, size: int) -> tuple[Path, Path]:
+    """A repository with ``device`` on a disk of ``size`` random bytes, one full
+    backup, remote ``off`` = ``s3``, pushed: (its disk, the repository)."""
+    disk = tmp_path / "disk"
+    disk.write_bytes(os.urandom(size))
+    repo = repo_with_a_full(tmp_path / "repo", device, disk)
+    cli("remote", "add", repo, "off", s3.url)
+    s3.cli("push", repo, "off")
+    return disk, repo
+
+
+def kill_push_when(repo: Path, s3: S3Remote, sent: Callable[[dict[str, int]], bool]) -> None:
+    """`backupfs push REPO off`, killed (-9) as soon as ``sent(s3.keys())`` holds,
+    looked at as fast as listings come; fails if it ends first or sends nothing in 60 s."""
+    proc = subprocess.Popen(backupfs_cmd() + ["push", str(repo), "off"], env=s3.env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not sent(s3.keys()):
+            assert proc.poll() is None, "the push ended before it could be killed"
+            assert time.monotonic() < deadline, "the push sent nothing of b in 60 s"
+        proc.kill()
+    finally:
+        proc.kill()
+        proc.wait()

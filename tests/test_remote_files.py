@@ -29,10 +29,9 @@ import pytest
 from tests.commands import cli
 from tests.guestdisks import Part, gpt_disk
 from tests.guesttree import TreeSpec, default_tree, differences, plain, walk_view
-from tests.mounts import Mounted
 from tests.s3remote import S3Remote
 # The fixtures, used by name: one bucket for the module (read only), a relay in front of it.
-from tests.test_remote_mount import Relay, RemoteMount, relay, s3_remote  # noqa: F401
+from tests.test_remote_mount import Relay, RemoteMount, local_and_remote, relay, s3_remote  # noqa: F401
 from tests.users import OtherUser
 
 pytestmark = [pytest.mark.mount, pytest.mark.long]
@@ -91,12 +90,7 @@ def _refused(err: int, fn: object, *args: object) -> None:
 def test_remote_files_changes_and_versions_equal_the_local_mounts(guest_pushed: tuple[Path, list[str]],
                                                                    s3_remote: S3Remote, tmp_path: Path) -> None:
     repo, ids = guest_pushed
-    (tmp_path / "local").mkdir()
-    local = Mounted(repo, tmp_path / "local")
-    remote = RemoteMount(s3_remote, tmp_path / "remote", tmp_path / "cache")
-    try:
-        local.start()
-        remote.start()
+    with local_and_remote(repo, s3_remote, tmp_path) as (local, remote):
         lv, rv = local.mnt / "vm", remote.mnt / "vm"
         assert sorted(os.listdir(rv)) == ["backups", "chain", "changes", "files", "versions"]
         assert sorted(os.listdir(rv / "files")) == sorted(ids + ["latest"])
@@ -139,9 +133,6 @@ def test_remote_files_changes_and_versions_equal_the_local_mounts(guest_pushed: 
         remote.stop()
         local.stop()
         assert "Traceback" not in remote.log()
-    finally:
-        remote.cleanup()
-        local.cleanup()
 
 
 def test_a_guest_file_read_from_a_remote_that_stops_answering_is_eio(guest_pushed: tuple[Path, list[str]],

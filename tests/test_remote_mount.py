@@ -430,18 +430,29 @@ def test_remote_mount_options_are_refused_in_one_line(tmp_path: Path) -> None:
     assert "--endpoint goes with an s3:// URL" in proc.stderr.decode()
 
 
-def test_another_users_mounts_are_listed_as_theirs_not_as_dead(pushed: tuple[Path, list[str]], s3_remote: S3Remote,
-                                                               tmp_path: Path, other_user: OtherUser) -> None:
-    """`backupfs mount` run by someone else lists the backupfs mounts it can see; it cannot
-    read a remote mount's runtime record (the mounter's), so it must say whose the mount
-    is, not that its daemon is gone (and send them to `umount`)."""
-    repo, _ = pushed
+@contextlib.contextmanager
+def local_and_remote(repo: Path, s3_remote: S3Remote, tmp_path: Path) -> Iterator[tuple[Mounted, RemoteMount]]:
+    """``repo`` mounted here and its remote copy mounted beside it, both started;
+    both cleaned up after, whatever happened."""
     (tmp_path / "local").mkdir()
     local = Mounted(repo, tmp_path / "local")
     remote = RemoteMount(s3_remote, tmp_path / "remote", tmp_path / "cache")
     try:
         local.start()
         remote.start()
+        yield local, remote
+    finally:
+        remote.cleanup()
+        local.cleanup()
+
+
+def test_another_users_mounts_are_listed_as_theirs_not_as_dead(pushed: tuple[Path, list[str]], s3_remote: S3Remote,
+                                                               tmp_path: Path, other_user: OtherUser) -> None:
+    """`backupfs mount` run by someone else lists the backupfs mounts it can see; it cannot
+    read a remote mount's runtime record (the mounter's), so it must say whose the mount
+    is, not that its daemon is gone (and send them to `umount`)."""
+    repo, _ = pushed
+    with local_and_remote(repo, s3_remote, tmp_path) as (local, remote):
         # As the other user (this interpreter is not theirs to run: our effective uid is
         # theirs for the call, as their own `backupfs mount` would run).
         import ctypes.util  # noqa: F401 - what the command imports late: our interpreter's files are ours alone
@@ -465,30 +476,36 @@ def test_another_users_mounts_are_listed_as_theirs_not_as_dead(pushed: tuple[Pat
         assert f"on {remote.mnt} (daemon pid {remote.pid}; " in own, own
         remote.stop()
         local.stop()
+
+
+@contextlib.contextmanager
+def _latest_read_is_eio(pushed: tuple[Path, list[str]], s3_remote: S3Remote, tmp_path: Path, relay: Relay,
+                        fault: threading.Event) -> Iterator[RemoteMount]:
+    """The remote mounted through ``relay``, ``fault`` set on it, the newest backup
+    read: EIO. The mount, for what the test checks next; cleaned up after."""
+    _, ids = pushed
+    remote = RemoteMount(s3_remote, tmp_path / "remote", tmp_path / "cache",
+                         endpoint=f"http://127.0.0.1:{relay.port}", read_timeout=2)
+    try:
+        remote.start()
+        fault.set()
+        with pytest.raises(OSError) as e:
+            _read(remote.mnt / "vm1" / "backups" / ids[-1])
+        assert e.value.errno == errno.EIO
+        yield remote
     finally:
         remote.cleanup()
-        local.cleanup()
 
 
 def test_an_endpoint_whose_answers_are_broken_gives_eio_and_one_line_each_in_the_log(
         pushed: tuple[Path, list[str]], s3_remote: S3Remote, tmp_path: Path, relay: Relay) -> None:
     """A remote (or a middlebox) that answers with headers cut short: the read is EIO,
     and what the HTTP library says of it is a line of the daemon's log, not a traceback."""
-    _, ids = pushed
-    remote = RemoteMount(s3_remote, tmp_path / "remote", tmp_path / "cache",
-                         endpoint=f"http://127.0.0.1:{relay.port}", read_timeout=2)
-    try:
-        remote.start()
-        relay.garbling.set()
-        with pytest.raises(OSError) as e:
-            _read(remote.mnt / "vm1" / "backups" / ids[-1])
-        assert e.value.errno == errno.EIO
+    with _latest_read_is_eio(pushed, s3_remote, tmp_path, relay, relay.garbling) as remote:
         remote.stop()
         log = remote.log()
         assert "Failed to parse headers" in log  # the library's word, kept
         assert "Traceback" not in log
-    finally:
-        remote.cleanup()
 
 
 def test_an_answer_longer_than_the_range_asked_is_not_read_to_its_end(
@@ -496,18 +513,8 @@ def test_an_answer_longer_than_the_range_asked_is_not_read_to_its_end(
     """An endpoint that answers a ranged GET with far more than the range (a server or
     proxy that ignores Range, or a hostile one): the read is EIO once one byte more
     than asked has come, not after the whole answer is held in the daemon's memory."""
-    _, ids = pushed
-    remote = RemoteMount(s3_remote, tmp_path / "remote", tmp_path / "cache",
-                         endpoint=f"http://127.0.0.1:{relay.port}", read_timeout=2)
-    try:
-        remote.start()
-        relay.oversize.set()
-        with pytest.raises(OSError) as e:
-            _read(remote.mnt / "vm1" / "backups" / ids[-1])
-        assert e.value.errno == errno.EIO
+    with _latest_read_is_eio(pushed, s3_remote, tmp_path, relay, relay.oversize) as remote:
         # Each GET asks 8 MiB at most, and a few may be in flight: far below what was offered.
         assert relay.oversize_sent < OVERSIZE // 4, relay.oversize_sent
         remote.stop()
         assert "Traceback" not in remote.log()
-    finally:
-        remote.cleanup()

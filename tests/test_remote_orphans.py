@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from engine.remote.location import parse_s3_url
 from engine.remote.store import RemoteStore
-from tests.commands import backupfs_cmd, cli, repo_with_a_full
-from tests.s3remote import S3Remote
+from tests.commands import cli, repo_with_a_full
+from tests.s3remote import S3Remote, kill_push_when
 from tests.test_remote_push import _listed, _restores_equal, _summary
 
 MiB = 1 << 20
@@ -57,17 +55,8 @@ def test_a_killed_push_of_a_backup_pruned_since_leaves_nothing(tmp_path: Path, s
     gone = "devices/zz/20261206T000000Z-0009-full.qcow2"
     s3.client.put_object(Bucket=s3.bucket, Key=f"{s3.prefix}/{gone}", Body=b"x" * 100)
 
-    proc = subprocess.Popen(backupfs_cmd() + ["push", str(repo), "off"], env=s3.env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 60
-        while not any(k.startswith("devices/b/") and k.endswith("full.qcow2") for k in s3.keys()):
-            assert proc.poll() is None, "the push ended before it could be killed"
-            assert time.monotonic() < deadline, "the push sent nothing of b in 60 s"
-        proc.kill()
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_push_when(repo, s3,
+                   lambda keys: any(k.startswith("devices/b/") and k.endswith("full.qcow2") for k in keys))
     full_id = _ids(repo, "b")[0]
     left = {k for k in s3.keys() if k.startswith("devices/b/") and k not in USERS}
     assert f"devices/b/{full_id}.qcow2" in left

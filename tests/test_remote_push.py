@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.commands import backupfs_cmd, cli, repo_with_a_full
-from tests.s3remote import S3Remote
+from tests.s3remote import S3Remote, kill_push_when
 
 MiB = 1 << 20
 
@@ -182,17 +182,7 @@ def test_kill_mid_push_then_resume(tmp_path: Path, s3_remote: S3Remote) -> None:
         cli("backup", repo, name, "full")
     listed_before = _listed(s3_remote, s3_remote.url)
 
-    proc = subprocess.Popen(backupfs_cmd() + ["push", str(repo), "off"], env=s3_remote.env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 60
-        while not any(k.startswith("devices/b/") for k in s3_remote.keys()):  # b's image is up
-            assert proc.poll() is None, "the push ended before it could be killed"
-            assert time.monotonic() < deadline, "the push sent nothing of b in 60 s"
-        proc.kill()
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_push_when(repo, s3_remote, lambda keys: any(k.startswith("devices/b/") for k in keys))  # b's image is up
     keys = s3_remote.keys()
     assert "catalog/0000000002.json" not in keys  # the catalog is written last
     assert len(_lock_objects(s3_remote)) == 1 and not _lock_released(s3_remote)  # the killed push's

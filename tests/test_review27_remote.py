@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.commands import cli, repo_with_a_full
-from tests.s3remote import S3Remote
+from tests.commands import cli
+from tests.s3remote import S3Remote, pushed_full
 from tests.test_remote_push import _listed, _summary
 
 MiB = 1 << 20
@@ -24,11 +24,7 @@ def test_a_push_with_nothing_new_keeps_the_only_snapshot_that_reads(tmp_path: Pa
     does: a push with nothing new writes no snapshot, and its pruning of old
     snapshots must not delete the one the catalog is read from."""
     s3 = s3_remote
-    disk = tmp_path / "disk"
-    disk.write_bytes(os.urandom(2 * MiB))
-    repo = repo_with_a_full(tmp_path / "repo", "a", disk)
-    cli("remote", "add", repo, "off", s3.url)
-    s3.cli("push", repo, "off")
+    disk, repo = pushed_full(tmp_path, s3, "a", 2 * MiB)
     before = _listed(s3, s3.url)
     assert "catalog/0000000001.json" in s3.keys()
     for n in (2, 3, 4):
@@ -208,11 +204,7 @@ def test_a_catalog_number_at_the_last_ten_digit_one_is_refused_not_written_unsee
     line before it uploads or deletes anything, never write a snapshot nobody reads
     (and then delete what the catalog readers do see still names)."""
     s3 = s3_remote
-    disk = tmp_path / "disk"
-    disk.write_bytes(os.urandom(2 * MiB))
-    repo = repo_with_a_full(tmp_path / "repo", "a", disk)
-    cli("remote", "add", repo, "off", s3.url)
-    s3.cli("push", repo, "off")
+    disk, repo = pushed_full(tmp_path, s3, "a", 2 * MiB)
     before = _listed(s3, s3.url)
     s3.client.put_object(Bucket=s3.bucket, Key=f"{s3.prefix}/catalog/9999999999.json", Body=b"{not json")
     with open(disk, "r+b") as f:
@@ -243,11 +235,7 @@ def test_an_unchecked_lineage_on_a_remote_mount_is_still_held_to_the_catalogs_et
     from tests.test_remote_mount import RemoteMount
 
     s3 = s3_remote
-    disk = tmp_path / "disk"
-    disk.write_bytes(os.urandom(4 * MiB))
-    repo = repo_with_a_full(tmp_path / "repo", "vm1", disk)
-    cli("remote", "add", repo, "off", s3.url)
-    s3.cli("push", repo, "off")
+    disk, repo = pushed_full(tmp_path, s3, "vm1", 4 * MiB)
     (ident,) = [b["id"] for b in json.loads(cli("list", repo, "vm1", "--json").stdout)]
     snap = json.loads(s3.client.get_object(Bucket=s3.bucket, Key=f"{s3.prefix}/catalog/0000000001.json")["Body"]
                       .read())
