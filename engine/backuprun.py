@@ -186,7 +186,10 @@ class BackupRun:
         # backup diffs from (set by plan) and the one it takes (by start).
         self.snaps: RbdSnapshots | None = None
         self.rbd_base: str | None = None
-        self.rbd_snap: tuple[str, int] | None = None
+        self.rbd_latest: BackupRecord | None = None
+        # Whether ``rbd_base`` is still to be found (while the snapshot is taken).
+        self.rbd_base_pending = False
+        self.rbd_snap: tuple[str, int | None] | None = None
         # The snapshot set by start (the device's reader) to ask RBD what changed, then read.
         self.rbd_view: RbdImage | None = None
         self.source: Source | None = None
@@ -300,13 +303,16 @@ class BackupRun:
                 scan_reason = f"bitmap untrusted: {dev.untrusted_reason or 'unknown'}"
         self.kind, self.parent, self.scan_reason = kind, parent, scan_reason
         self.plan_scan = scan_reason is not None
-        # An RBD image's incremental compares too (see _plan_rbd), so it needs the chain's checksums.
-        compare = self.plan_scan or (self.snaps is not None and kind != "full")
-        self.parent_hashes = self.host.chain_hashes(parent) if compare and parent else None
+        # An RBD image's incremental compares too (see _plan_rbd), so it needs
+        # the chain's checksums: loaded while its snapshot is taken.
+        if self.plan_scan and parent and self.snaps is None:
+            self.parent_hashes = self.host.chain_hashes(parent)
 
     def _plan_rbd(self, dev: RbdDevice, kind: str) -> str | None:
-        """An RBD image's plan: remove snapshots a killed run left, find the
-        snapshot to ask what changed since; why it must scan, or None.
+        """An RBD image's plan: remove snapshots a killed run left; why it
+        must scan, if asked to (None otherwise). Whether the previous
+        backup's snapshot can say what changed is found out while this
+        backup's own is taken (``_beside_the_snapshot``).
 
         RBD reports an object that did not exist at the older snapshot
         from its start to its last written byte (139 MiB reported for
@@ -319,17 +325,17 @@ class BackupRun:
         assert dev.image is not None
         dev.settle()  # the previous backup's removal of older snapshots, if still going
         self.snaps = snaps = RbdSnapshots(self.catalog, self.name, dev.image)
-        latest = self.catalog.latest_backup(self.name)
+        self.rbd_latest = latest = self.catalog.latest_backup(self.name)
         try:
             snaps.tidy(latest.id if latest is not None else None)
-            if kind == "full":
-                return None
-            if self.scan:
-                return "requested"
-            self.rbd_base, why = snaps.base(latest)
         except CephError as e:
             raise JobError(f"device {self.name}: {e}", e.errno or errno.EIO) from None
-        return why
+        if kind == "full":
+            return None
+        if self.scan:
+            return "requested"
+        self.rbd_base_pending = True
+        return None
 
     def start(self) -> None:
         """Freeze the bitmaps, record the files as intents, build the job and
@@ -429,17 +435,22 @@ class BackupRun:
         """
         snaps = self.snaps
         assert snaps is not None
-
-        def take() -> None:
-            self.rbd_snap = snaps.take(ident)
-
         try:
-            dev.check_source_while(take)  # refused: the caller's undo removes the snapshot
-            assert self.rbd_snap is not None
+            taking = snaps.begin(ident)
+            try:
+                self._beside_the_snapshot(dev, snaps)
+            finally:
+                try:
+                    name = taking.wait()
+                finally:
+                    if taking.made:  # from here on, a failure's undo removes it
+                        self.rbd_snap = (taking.name, None)
             # Set for the job's reads (start hands it to the source).
-            self.rbd_view = snap = dev.snapshot(self.rbd_snap[0])
+            self.rbd_view = snap = dev.snapshot(name)
+            self.rbd_snap = (name, snap.snapshot_id(name))
+            snaps.taken(*self.rbd_snap)
             if self.kind == "full" or self.plan_scan:
-                return tracked, snap.allocated_units(unit, dev.size)
+                return units_of([(0, dev.size)], unit, dev.size), snap.allocated_units(unit, dev.size)
             units = tracked | snap.changed_units(self.rbd_base, unit, dev.size)
             if self.kind == "differential":
                 latest = self.catalog.latest_backup(self.name)
@@ -453,6 +464,22 @@ class BackupRun:
             return units, None
         except CephError as e:
             raise JobError(f"device {self.name}: {e}", e.errno or errno.EIO) from None
+
+    def _beside_the_snapshot(self, dev: RbdDevice, snaps: RbdSnapshots) -> None:
+        """What an RBD backup must know before it reads, found out while its
+        snapshot is taken (``RbdSnapshots.begin``): the image the name leads
+        to is still the one bound, at its size (refused, the snapshot is
+        removed by the undo); whether the previous backup's snapshot can
+        say what changed (if not: a scan, and why); the chain's checksums
+        that what is read is compared with."""
+        listed = dev.checked_snapshots()
+        if self.rbd_base_pending:
+            self.rbd_base, why = snaps.base(self.rbd_latest, listed)
+            self.rbd_base_pending = False
+            if why is not None:
+                self.scan_reason, self.plan_scan = why, True
+        if self.kind != "full" and self.parent is not None and self.parent_hashes is None:
+            self.parent_hashes = self.host.chain_hashes(self.parent)
 
     def _undo_start(self) -> None:
         """Anything (a Ctrl-C included) before the job is under way: undo all of it."""

@@ -596,9 +596,9 @@ class Catalog:
             c.execute("INSERT OR REPLACE INTO rbd_snapshots VALUES (?, ?, NULL, NULL, ?)",
                       (name, device, time.time_ns()))
 
-    def rbd_snapshot_taken(self, device: str, name: str, snap_id: int) -> None:
+    def rbd_snapshot_taken(self, device: str, name: str, snap_id: int, flush: bool = True) -> None:
         """The snapshot is made: its id, which tells it from one made anew under its name."""
-        with self.transaction() as c:
+        with self.transaction(flush=flush) as c:
             c.execute("UPDATE rbd_snapshots SET snap_id = ? WHERE device = ? AND name = ?", (snap_id, device, name))
 
     def rbd_snapshots(self, device: str) -> list[RbdSnapshotRow]:

@@ -23,8 +23,6 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
 
 from engine.bitmap import SourceIdentity
 from engine.catalog import DeviceRecord
@@ -34,9 +32,8 @@ from engine.devio import DeviceIO, PythonDeviceIO
 from engine.nowait import WouldBlock
 from engine.rbdimage import RbdImage
 from engine.sourceid import RBD, SourceId
-from engine.stopsignals import STOP_SIGNALS, block_stops_in_this_thread, no_stops_in_new_threads
+from engine.stopsignals import STOP_SIGNALS, no_stops_in_new_threads
 
-T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
@@ -148,41 +145,35 @@ class RbdDevice(Device):
         as a resized file is (its backups are its registered size), and
         the bitmaps are distrusted for when it is back.
         """
-        self._judge_source(*self._probe_source())
+        self.checked_snapshots()
 
-    def check_source_while(self, work: Callable[[], T]) -> T:
-        """``work()`` (taking a backup's snapshot) in this thread while the
-        source is checked as ``check_source`` does in another; the check's
-        refusal, if any, raised when both are done.
+    def checked_snapshots(self) -> dict[str, int]:
+        """``check_source``, and the image's snapshots (name -> id) as the
+        same open of it by name found them.
 
-        The check opens the image by its name (6-7 ms here) and the
-        snapshot waits for a monitor's round (50-60 ms): one after the
-        other, the check was a tenth of an incremental's wait. The
-        snapshot is of the bound image either way (its handle holds it
-        by id), and the caller removes it when the check refuses.
+        A backup calls this while the device's own handle takes its
+        snapshot (engine/rbdsnaps.py): everything is asked of the handle
+        opened for the check, none of that one, whose size or listing
+        asked meanwhile would read the image's header again in the middle
+        of the snapshot's making.
         """
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="backupfs-rbd-check",
-                                initializer=block_stops_in_this_thread) as pool:
-            probed = pool.submit(self._probe_source)
-            done = work()
-            found = probed.result()
-        self._judge_source(*found)
-        return done
+        found, actual, listed, error = self._probe_source()
+        self._judge_source(found, actual, error)
+        return listed
 
-    def _probe_source(self) -> tuple[SourceId | None, int, CephError | None]:
-        """(identity of the image the name leads to now, its size, None), or
-        (None, 0, why not): no state is touched (it may run in a thread)."""
-        image = self._image()
+    def _probe_source(self) -> tuple[SourceId | None, int, dict[str, int], CephError | None]:
+        """(identity of the image the name leads to now, its size, its
+        snapshots, None), or (None, 0, {}, why not): no state is touched."""
+        self._image()
         try:
             assert self.cluster is not None
             probe = RbdImage(self.cluster)
             try:
-                found = rbd_identity(self.cluster, probe)
+                return rbd_identity(self.cluster, probe), probe.size(), probe.snapshots(), None
             finally:
                 probe.close()
-            return found, image.size(), None
         except CephError as e:
-            return None, 0, e
+            return None, 0, {}, e
 
     def _judge_source(self, found: SourceId | None, actual: int, error: CephError | None) -> None:
         if error is not None:

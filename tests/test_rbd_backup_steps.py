@@ -187,6 +187,112 @@ def test_an_image_changed_behind_a_long_running_process_is_refused_and_its_snaps
                 ceph_cluster.rbd("rm", "--no-progress", moved)
 
 
+def test_the_snapshot_is_taken_while_the_image_is_checked_and_its_handle_is_left_alone(
+        ceph_cluster: CephCluster, rbd_image: Callable[..., RbdImage], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The snapshot (a monitor's round) is taken in a thread while the backup
+    checks the image by its name, finds the snapshot to diff from and loads
+    the chain's checksums: the snapshot's making waits here until the check
+    is under way, which, one after the other, it never would be. Nothing is
+    asked meanwhile of the handle making it (its size or its snapshots,
+    asked then, made it read the image's header again mid-way)."""
+    from engine.rbddevice import RbdDevice
+    from engine.rbdimage import RbdImage as Handle
+
+    create, checked = Handle.create_snapshot, RbdDevice.checked_snapshots
+    main = threading.main_thread()
+    making: set[int] = set()  # ids of the handles making a snapshot now
+    asked: list[str] = []  # what was asked of such a handle meanwhile
+
+    def slow_create(self: Handle, name: str) -> None:
+        wait_for(lambda: in_call(main, "slow_check"), "the image checked by name meanwhile")
+        making.add(id(self))
+        try:
+            create(self, name)
+        finally:
+            making.discard(id(self))
+
+    def noted(method: str) -> Callable[..., object]:
+        original = getattr(Handle, method)
+
+        def call(self: Handle, *args: object) -> object:
+            if id(self) in making:
+                asked.append(method)
+            return original(self, *args)
+        return call
+
+    def slow_check(self: RbdDevice) -> dict[str, int]:
+        listed = checked(self)
+        wait_for(lambda: bool(making), "the snapshot being made while the check runs")
+        return listed
+
+    with after_a_full(ceph_cluster, rbd_image, tmp_path) as (repo, repo_dir, image, full):
+        write(ceph_cluster, image, 2 * MiB, 64 * 1024)
+        monkeypatch.setattr(Handle, "create_snapshot", slow_create)
+        monkeypatch.setattr(RbdDevice, "checked_snapshots", slow_check)
+        for method in ("size", "snapshots", "set_snapshot", "snapshot_id", "image_id"):
+            monkeypatch.setattr(Handle, method, noted(method))
+        result = repo.backup("vm", "incremental")
+        monkeypatch.undo()
+        assert not result.scanned, result.scan_reason  # the full's snapshot found by the check's listing
+        assert asked == []
+        assert result.bytes_written == 64 * 1024
+        repo.device("vm").settle()  # type: ignore[attr-defined]
+        assert snapshots(ceph_cluster, image) == [f"backupfs-{result.record.id}"]
+        assert_backup_is(repo_dir, result.record.id, export(ceph_cluster, image, f"backupfs-{result.record.id}",
+                                                             tmp_path / "inc.raw"))
+
+
+def test_a_failure_beside_the_snapshot_waits_for_it_then_removes_it(
+        ceph_cluster: CephCluster, rbd_image: Callable[..., RbdImage], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check fails (here: the catalog cannot load the chain's checksums)
+    while the snapshot is still being made: the backup waits for it before it
+    undoes anything, so the snapshot made after the failure is removed, not
+    left behind. The making is held until the backup either waits for it or
+    has already tried to remove it, so without the wait it would stay."""
+    from engine.rbdimage import RbdImage as Handle
+    from engine.rbdsnaps import Taking
+
+    create, drop = Handle.create_snapshot, RbdSnapshots.drop
+    main = threading.main_thread()
+    dropping = threading.Event()
+
+    def waiting() -> bool:
+        frame = sys._current_frames().get(main.ident or 0)
+        while frame is not None:
+            if frame.f_code.co_name == "wait" and isinstance(frame.f_locals.get("self"), Taking):
+                return True
+            frame = frame.f_back
+        return False
+
+    def late_create(self: Handle, name: str) -> None:
+        wait_for(lambda: dropping.is_set() or waiting(), "the backup waiting for its snapshot")
+        create(self, name)
+
+    def noted_drop(self: RbdSnapshots, name: str, snap_id: int | None) -> bool:
+        dropping.set()
+        return drop(self, name, snap_id)
+
+    def failing_hashes(*_args: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    with after_a_full(ceph_cluster, rbd_image, tmp_path) as (repo, _, image, full):
+        write(ceph_cluster, image, 2 * MiB, 64 * 1024)
+        monkeypatch.setattr(Handle, "create_snapshot", late_create)
+        monkeypatch.setattr(RbdSnapshots, "drop", noted_drop)
+        monkeypatch.setattr(Repository, "chain_hashes", failing_hashes)
+        with pytest.raises(OSError):
+            repo.backup("vm", "incremental")
+        monkeypatch.undo()
+        assert dropping.is_set(), "the made snapshot was never removed"
+        assert snapshots(ceph_cluster, image) == [f"backupfs-{full}"], "the failed backup's snapshot stayed"
+        assert [row.backup for row in repo.catalog.rbd_snapshots("vm")] == [full]
+        write(ceph_cluster, image, 3 * MiB, 64 * 1024)
+        after = repo.backup("vm", "incremental")
+        assert not after.scanned and after.bytes_written == 2 * 64 * 1024
+
+
 def test_backups_in_one_process_each_read_their_own_snapshot_through_one_reader(
         ceph_cluster: CephCluster, rbd_image: Callable[..., RbdImage], tmp_path: Path) -> None:
     """The daemon's one reader is set to each backup's snapshot in turn: each

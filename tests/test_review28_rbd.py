@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from engine.errors import UsageError
-from engine.rbdsnaps import RbdSnapshots
+from engine.rbdsnaps import RbdSnapshots, Taking
 from tests.cephcluster import CephCluster, RbdImage
 from tests.test_rbd_backup_steps import PROMPT, HeldRemoval, after_a_full, in_call, wait_for, write
 from tests.test_rbd_source import snapshots
@@ -111,7 +111,7 @@ def test_a_backup_started_as_the_previous_one_commits_keeps_its_snapshot(
     from engine.rbddevice import RbdDevice
 
     at_after, second_took, removed = threading.Event(), threading.Event(), threading.Event()
-    after_backup, take, keep_only = RbdDevice.after_backup, RbdSnapshots.take, RbdSnapshots.keep_only
+    after_backup, wait, keep_only = RbdDevice.after_backup, Taking.wait, RbdSnapshots.keep_only
     second: list[threading.Thread] = []
 
     def slow_after_backup(self: RbdDevice, work: Callable[[], object]) -> None:
@@ -129,9 +129,9 @@ def test_a_backup_started_as_the_previous_one_commits_keeps_its_snapshot(
         finally:
             removed.set()
 
-    def noted_take(self: RbdSnapshots, backup_id: str) -> tuple[str, int]:
+    def noted_wait(self: Taking) -> str:
         try:
-            return take(self, backup_id)
+            return wait(self)
         finally:
             if at_after.is_set():
                 second_took.set()
@@ -141,7 +141,7 @@ def test_a_backup_started_as_the_previous_one_commits_keeps_its_snapshot(
         write(ceph_cluster, image, 2 * MiB)
         monkeypatch.setattr(RbdDevice, "after_backup", slow_after_backup)
         monkeypatch.setattr(RbdSnapshots, "keep_only", noted_keep_only)
-        monkeypatch.setattr(RbdSnapshots, "take", noted_take)
+        monkeypatch.setattr(Taking, "wait", noted_wait)
         results: dict[str, object] = {}
 
         def backup(key: str) -> None:
