@@ -121,6 +121,15 @@ osd snap trim sleep hdd = 0
 # A client (rbd, ceph, librados in a test) leaves no socket or log behind.
 admin socket =
 log file =
+# A live client pings its watches every objecter tick (5 s by default),
+# longer than the OSDs' 2 s watch timeout above: every watch was dropped 2 s
+# after its ping and made again under a new cookie, and for that moment an
+# image's lock owner looked dead. A client asking for the lock then broke it
+# and blocklisted the owner's whole connection (about once in 900 backups of
+# a daemon's repository against another client's writes: its next backup
+# failed with "RBD connection was shutdown"). Pinging well within the
+# timeout keeps live watches up; a killed client's still times out in 2 s.
+objecter tick interval = 0.5
 """
     if rgw_port is not None:
         text += f"""

@@ -103,6 +103,32 @@ def test_written_data_is_what_rbd_exports(ceph_cluster: CephCluster, rbd_image: 
 
 @pytest.mark.ceph
 @pytest.mark.long
+def test_a_live_clients_watch_stays_up_past_the_watch_timeout(ceph_cluster: CephCluster,
+                                                               rbd_image: Callable[..., RbdImage]) -> None:
+    """The cluster times out a killed client's watch in 2 s (so its image's
+    lock is free soon); a live client's watch must stay up all the same.
+    With librados pinging every 5 s, each watch was dropped 2 s after its
+    ping and made again under a new cookie, and in that moment another
+    client wanting the image's lock broke it and blocklisted the owner.
+    Watched for longer than a ping interval plus the timeout: the one watch
+    keeps its cookie throughout."""
+    import rados
+    import rbd
+
+    image = rbd_image(4 * 1024 * 1024)
+    with rados.Rados(conffile=str(ceph_cluster.conf)) as conn, conn.open_ioctx(image.pool) as io:
+        io.set_namespace(image.namespace)
+        with rbd.Image(io, image.name) as img:
+            first = [w["cookie"] for w in img.watchers_list()]
+            assert len(first) == 1, first
+            # A time-based property: watched, not waited on. 5 s of pings plus 2 s of timeout.
+            deadline = time.monotonic() + 7.5
+            while time.monotonic() < deadline:
+                now = [w["cookie"] for w in img.watchers_list()]
+                assert now == first, f"the live watch was dropped and made again: {first} then {now}"
+                time.sleep(0.25)
+
+
 def test_rbd_image_removes_its_image_and_snapshots(ceph_cluster: CephCluster) -> None:
     """The image fixture's removal takes snapshots with it (backups leave one behind)."""
     image = ceph_cluster.create_image(1 << 20)
