@@ -382,8 +382,12 @@ def least_diff_and_reads(conf: str, image: str, since: str, at: str) -> tuple[fl
     """Seconds from asking RBD what changed between ``since`` and ``at`` to having
     every changed byte in memory, the least any reader can take: a client
     already connected and warm (as a mount's daemon is) with the snapshot open, up to 64
-    management requests in flight (as ours), and each extent's aio read issued
-    from the diff's own callback, so reads overlap the diff; the bytes read."""
+    management requests in flight (as ours), every read of what the diff
+    reports in flight at once; the lesser of two ways of going about it,
+    each timed warm: each extent's aio read issued from the diff's own
+    callback (reads overlap the diff), or all of them issued once the diff
+    is done (the diff's requests then have the cluster to themselves:
+    measured the faster of the two here, 24 ms against 27); the bytes read."""
     import threading
 
     import rados
@@ -395,6 +399,7 @@ def least_diff_and_reads(conf: str, image: str, since: str, at: str) -> tuple[fl
             arrived = threading.Semaphore(0)
             pieces: dict[int, bytes] = {}
             started: list[Any] = []
+            found: list[tuple[int, int]] = []
 
             def landed(off: int) -> Callable[[Any, bytes | None], None]:
                 def done(_c: Any, data: bytes | None) -> None:
@@ -402,23 +407,31 @@ def least_diff_and_reads(conf: str, image: str, since: str, at: str) -> tuple[fl
                     arrived.release()
                 return done
 
-            def on_extent(off: int, length: int, exists: bool) -> int:
+            def read_at_once(off: int, length: int, exists: bool) -> int:
                 if exists and length:
                     started.append(img.aio_read(off, length, landed(off)))
                 return 0
 
-            def diff_and_read() -> float:
+            def note(off: int, length: int, exists: bool) -> int:
+                if exists and length:
+                    found.append((off, length))
+                return 0
+
+            def diff_and_read(overlap: bool) -> float:
                 started.clear()
+                found.clear()
                 t0 = time.perf_counter()
-                img.diff_iterate(0, img.size(), since, on_extent)
+                img.diff_iterate(0, img.size(), since, read_at_once if overlap else note)
+                for off, length in found:
+                    started.append(img.aio_read(off, length, landed(off)))
                 for _ in started:
                     arrived.acquire()
                 return time.perf_counter() - t0
 
             # Once untimed: a new connection's first requests also fetch the
             # OSD map and connect to the OSD, which a mount's daemon has done.
-            diff_and_read()
-            took = diff_and_read()
+            diff_and_read(True)
+            took = min(diff_and_read(True), diff_and_read(False))
     return took, [pieces[k] for k in sorted(pieces)]
 
 
@@ -514,6 +527,9 @@ def report(size: int, runs: list[Run], through_mount: bool = False) -> tuple[flo
     # as they must be (the diff ends at the new snapshot; the fsync follows the
     # last byte), with nothing else: no tables, no checksums, no catalog.
     floor = [r.snap_inprocess + r.diff_reads + r.fsync_changed for r in runs]
+    # Without the fsync: the least before the last changed byte is even in
+    # memory (writes can overlap the reads, so part of the fsync could too).
+    bound = [r.snap_inprocess + r.diff_reads for r in runs]
     export_diff = statistics.median(r.rbd_incr for r in runs)
     print(f"{'librbd create_snap, client connected':<44} {spread(snap)}")
     print(f"{'export-diff of an empty diff (+ fsync)':<44} {spread(nothing)}")
@@ -524,6 +540,8 @@ def report(size: int, runs: list[Run], through_mount: bool = False) -> tuple[flo
     print(f"{'floor: create_snap + diff/reads + fsync':<44} {spread(floor)}"
           f"   best ratio {export_diff / statistics.median(floor):.2f}"
           f"   ours / floor {statistics.median(r.ours_incr.seconds for r in runs) / statistics.median(floor):.2f}")
+    print(f"{'bound: create_snap + diff/reads (no fsync)':<44} {spread(bound)}"
+          f"   best ratio {export_diff / statistics.median(bound):.2f}")
     print()
     if through_mount:
         print("  ours        = 'echo KIND > MOUNT/vm/snapshot' from the open to the write's return (the mount's")
