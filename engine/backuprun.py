@@ -436,15 +436,37 @@ class BackupRun:
         snaps = self.snaps
         assert snaps is not None
         try:
-            taking = snaps.begin(ident)
+            # Stops held from before the snapshot's thread starts until it
+            # is known whether the snapshot exists (and, if so, the undo
+            # would remove it): raised in between, nothing waited for the
+            # thread, the undo ran while the snapshot was being made (it
+            # stayed), and the wait's own unmasking raised one before it
+            # had noted the snapshot made. What runs beside it is cluster
+            # calls (which a stop cannot cut short anyway: bounded by
+            # their timeout) and the chain's checksums.
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
             try:
-                self._beside_the_snapshot(dev, snaps)
-            finally:
+                taking = snaps.begin(ident)
+                try:
+                    self._beside_the_snapshot(dev, snaps)
+                except BaseException:
+                    # What failed beside it is what is told: the snapshot's
+                    # own failure must not replace it.
+                    try:
+                        taking.wait()
+                    except CephError:
+                        pass  # not made (or not ours): nothing for the undo
+                    finally:
+                        if taking.made:  # the undo removes it
+                            self.rbd_snap = (taking.name, None)
+                    raise
                 try:
                     name = taking.wait()
                 finally:
                     if taking.made:  # from here on, a failure's undo removes it
                         self.rbd_snap = (taking.name, None)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a stop held back is raised here
             # Set for the job's reads (start hands it to the source).
             self.rbd_view = snap = dev.snapshot(name)
             self.rbd_snap = (name, snap.snapshot_id(name))

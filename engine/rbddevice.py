@@ -155,7 +155,8 @@ class RbdDevice(Device):
         snapshot (engine/rbdsnaps.py): everything is asked of the handle
         opened for the check, none of that one, whose size or listing
         asked meanwhile would read the image's header again in the middle
-        of the snapshot's making.
+        of the snapshot's making. (Reads through the mount's device file
+        may still go to it then: librbd serves I/O beside its own work.)
         """
         found, actual, listed, error = self._probe_source()
         self._judge_source(found, actual, error)

@@ -176,15 +176,19 @@ class Taking:
         try:
             error = self._future.exception()
             self._pool.shutdown(wait=True)
+            # Known (and recorded) before the unmasking below, which is
+            # where a held stop is raised.
+            self.made = error is None
+            not_ours = isinstance(error, CephError) and error.errno == errno.EEXIST
+            if not_ours:
+                # Someone else's (another repository on this image took the
+                # same id, or a user): never ours to remove, so not recorded.
+                self.snaps.catalog.forget_rbd_snapshot(self.snaps.device, self.name)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
         if error is None:
-            self.made = True
             return self.name
-        if isinstance(error, CephError) and error.errno == errno.EEXIST:
-            # Someone else's (another repository on this image took the
-            # same id, or a user): never ours to remove, so not recorded.
-            self.snaps.catalog.forget_rbd_snapshot(self.snaps.device, self.name)
+        if not_ours:
             raise CephError(f"{self.snaps.image.spec.source}: a snapshot named {self.name} exists already, not "
                             "made by this repository (another repository backing up this image at the "
                             "same second?); try again", errno.EEXIST) from None

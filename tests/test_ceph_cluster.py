@@ -101,8 +101,6 @@ def test_written_data_is_what_rbd_exports(ceph_cluster: CephCluster, rbd_image: 
         assert image.name not in json.loads(ceph_cluster.rbd("ls", "--format", "json", pool))
 
 
-@pytest.mark.ceph
-@pytest.mark.long
 def test_a_live_clients_watch_stays_up_past_the_watch_timeout(ceph_cluster: CephCluster,
                                                                rbd_image: Callable[..., RbdImage]) -> None:
     """The cluster times out a killed client's watch in 2 s (so its image's
@@ -129,6 +127,8 @@ def test_a_live_clients_watch_stays_up_past_the_watch_timeout(ceph_cluster: Ceph
                 time.sleep(0.25)
 
 
+@pytest.mark.ceph
+@pytest.mark.long
 def test_rbd_image_removes_its_image_and_snapshots(ceph_cluster: CephCluster) -> None:
     """The image fixture's removal takes snapshots with it (backups leave one behind)."""
     image = ceph_cluster.create_image(1 << 20)
