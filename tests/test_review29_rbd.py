@@ -22,6 +22,26 @@ from tests.test_rbd_backup_steps import MiB, after_a_full, in_call, wait_for, wr
 from tests.test_rbd_source import snapshots
 
 
+
+def name_taken_first(cluster: CephCluster, image: RbdImage, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The first snapshot name a backup asks for is made first by someone
+    else (``rbd snap create``: another repository backing up the image in
+    the same second); the list it returns holds that name once asked."""
+    from engine.rbdimage import RbdImage as Handle
+
+    create = Handle.create_snapshot
+    taken: list[str] = []
+
+    def create_taken(self: Handle, name: str) -> None:
+        if not taken:
+            taken.append(name)
+            cluster.rbd("snap", "create", f"{image.spec}@{name}")
+        create(self, name)
+
+    monkeypatch.setattr(Handle, "create_snapshot", create_taken)
+    return taken
+
+
 @pytest.fixture
 def ctrl_c() -> Iterator[None]:
     """SIGINT raises KeyboardInterrupt in this test (as in the CLI), whatever the runner set."""
@@ -72,18 +92,10 @@ def test_a_ctrl_c_beside_the_snapshot_is_not_lost_to_a_name_taken_already(
     KeyboardInterrupt, ``_take_rbd_named`` retries under the next number and
     the backup runs to its end."""
     from engine.rbddevice import RbdDevice
-    from engine.rbdimage import RbdImage as Handle
 
-    create, checked = Handle.create_snapshot, RbdDevice.checked_snapshots
+    checked = RbdDevice.checked_snapshots
     main = threading.main_thread()
-    taken: list[str] = []
     stopped: list[bool] = []
-
-    def create_taken(self: Handle, name: str) -> None:
-        if not taken:  # the first name only: someone else has it
-            taken.append(name)
-            ceph_cluster.rbd("snap", "create", f"{image.spec}@{name}")
-        create(self, name)
 
     def check_then_stop(self: RbdDevice) -> dict[str, int]:
         listed = checked(self)
@@ -94,7 +106,7 @@ def test_a_ctrl_c_beside_the_snapshot_is_not_lost_to_a_name_taken_already(
 
     with after_a_full(ceph_cluster, rbd_image, tmp_path) as (repo, _, image, full):
         write(ceph_cluster, image, 2 * MiB, 64 * 1024)
-        monkeypatch.setattr(Handle, "create_snapshot", create_taken)
+        taken = name_taken_first(ceph_cluster, image, monkeypatch)
         monkeypatch.setattr(RbdDevice, "checked_snapshots", check_then_stop)
         try:
             with pytest.raises(KeyboardInterrupt):
@@ -179,20 +191,9 @@ def test_a_name_taken_already_is_retried_under_the_next_number_and_left_alone(
     """Sanity (passes on HEAD; no other test reaches the retry): the thread's
     EEXIST forgets the intent, the next number is tried, and the other's
     snapshot is neither recorded nor removed, now or by the next backup."""
-    from engine.rbdimage import RbdImage as Handle
-
-    create = Handle.create_snapshot
-    taken: list[str] = []
-
-    def create_taken(self: Handle, name: str) -> None:
-        if not taken:
-            taken.append(name)
-            ceph_cluster.rbd("snap", "create", f"{image.spec}@{name}")
-        create(self, name)
-
     with after_a_full(ceph_cluster, rbd_image, tmp_path) as (repo, _, image, full):
         write(ceph_cluster, image, 2 * MiB, 64 * 1024)
-        monkeypatch.setattr(Handle, "create_snapshot", create_taken)
+        taken = name_taken_first(ceph_cluster, image, monkeypatch)
         inc = repo.backup("vm", "incremental")
         monkeypatch.undo()
         assert taken and f"backupfs-{inc.record.id}" != taken[0]
