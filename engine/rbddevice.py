@@ -165,7 +165,7 @@ class RbdDevice(Device):
     def _probe_source(self) -> tuple[SourceId | None, int, dict[str, int], CephError | None]:
         """(identity of the image the name leads to now, its size, its
         snapshots, None), or (None, 0, {}, why not): no state is touched."""
-        self._image()
+        self._image()  # a closed device says so (DeviceError), not the probe's open
         try:
             assert self.cluster is not None
             probe = RbdImage(self.cluster)
