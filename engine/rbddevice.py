@@ -158,35 +158,24 @@ class RbdDevice(Device):
         of the snapshot's making. (Reads through the mount's device file
         may still go to it then: librbd serves I/O beside its own work.)
         """
-        found, actual, listed, error = self._probe_source()
-        self._judge_source(found, actual, error)
-        return listed
-
-    def _probe_source(self) -> tuple[SourceId | None, int, dict[str, int], CephError | None]:
-        """(identity of the image the name leads to now, its size, its
-        snapshots, None), or (None, 0, {}, why not): no state is touched."""
-        self._image()  # a closed device says so (DeviceError), not the probe's open
+        self._image()  # a closed device says so, not the probe's open
+        assert self.cluster is not None
         try:
-            assert self.cluster is not None
             probe = RbdImage(self.cluster)
             try:
-                return rbd_identity(self.cluster, probe), probe.size(), probe.snapshots(), None
+                found, actual, listed = rbd_identity(self.cluster, probe), probe.size(), probe.snapshots()
             finally:
                 probe.close()
         except CephError as e:
-            return None, 0, {}, e
-
-    def _judge_source(self, found: SourceId | None, actual: int, error: CephError | None) -> None:
-        if error is not None:
-            if error.errno == errno.ENOENT:
+            if e.errno == errno.ENOENT:
                 self.distrust(f"its source {self.spec.source} went away behind backupfs's back")
-            raise DeviceError(f"device {self.name}: {error}", error.errno or errno.EIO) from None
+            raise DeviceError(f"device {self.name}: {e}", e.errno or errno.EIO) from None
         if found != self.source_id:
-            assert found is not None
             raise self._refused(found.describe())
         if actual != self.size:
             self.distrust(f"its source {self.spec.source} changed size behind backupfs's back")
             raise DeviceError(self._resized(actual), errno.EIO)
+        return listed
 
     # -- after a backup -------------------------------------------------------------------
 

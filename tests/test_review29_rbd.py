@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from engine.rbdsnaps import RbdSnapshots, Taking
+from engine.repo import Repository
 from tests.cephcluster import CephCluster, RbdImage
 from tests.test_rbd_backup_steps import MiB, after_a_full, in_call, wait_for, write
 from tests.test_rbd_source import snapshots
@@ -40,6 +41,13 @@ def name_taken_first(cluster: CephCluster, image: RbdImage, monkeypatch: pytest.
 
     monkeypatch.setattr(Handle, "create_snapshot", create_taken)
     return taken
+
+
+
+def stopped_backup(repo: Repository) -> None:
+    """An incremental of device vm that a stop ends, as Ctrl-C ends the CLI's."""
+    with pytest.raises(KeyboardInterrupt):
+        repo.backup("vm", "incremental")
 
 
 @pytest.fixture
@@ -75,8 +83,7 @@ def test_a_ctrl_c_while_the_backup_waits_for_its_snapshot_removes_the_snapshot(
     with after_a_full(ceph_cluster, rbd_image, tmp_path) as (repo, _, image, full):
         write(ceph_cluster, image, 2 * MiB, 64 * 1024)
         monkeypatch.setattr(Handle, "create_snapshot", create_after_a_stop)
-        with pytest.raises(KeyboardInterrupt):
-            repo.backup("vm", "incremental")
+        stopped_backup(repo)
         monkeypatch.undo()
         assert snapshots(ceph_cluster, image) == [f"backupfs-{full}"], "the stopped backup's snapshot stayed"
         assert [row.backup for row in repo.catalog.rbd_snapshots("vm")] == [full]
@@ -109,8 +116,7 @@ def test_a_ctrl_c_beside_the_snapshot_is_not_lost_to_a_name_taken_already(
         taken = name_taken_first(ceph_cluster, image, monkeypatch)
         monkeypatch.setattr(RbdDevice, "checked_snapshots", check_then_stop)
         try:
-            with pytest.raises(KeyboardInterrupt):
-                repo.backup("vm", "incremental")
+            stopped_backup(repo)
         finally:
             monkeypatch.undo()
         assert stopped and taken
@@ -153,8 +159,7 @@ def test_a_stop_just_after_the_snapshot_is_begun_waits_for_it_and_removes_it(
         monkeypatch.setattr(Taking, "__init__", init_then_stop)
         monkeypatch.setattr(Handle, "create_snapshot", slow_create)
         try:
-            with pytest.raises(KeyboardInterrupt):
-                repo.backup("vm", "incremental")
+            stopped_backup(repo)
         finally:
             backup_ran.set()
             assert created.wait(30), "the snapshot's thread never ended"
